@@ -1,0 +1,424 @@
+//! Per-invocation store data: WASI context, limits, quotas and the
+//! implementations of the `plugboard:host` imports.
+
+use crate::bindings::host::plugboard::host::{clock, config, http, kv, log, types};
+use crate::{Limits, PluginEnv};
+use std::time::{Duration, Instant};
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// Most bytes of a kv key.
+const KV_MAX_KEY: usize = 256;
+/// Most bytes of a kv value.
+const KV_MAX_VALUE: usize = 64 * 1024;
+/// Most bytes of an http request body.
+const HTTP_MAX_REQUEST: usize = 1024 * 1024;
+/// Longest log line kept.
+const LOG_MAX_LINE: usize = 4096;
+/// Default http timeout.
+const HTTP_DEFAULT_TIMEOUT_MS: u32 = 2000;
+/// Default http response cap.
+const HTTP_DEFAULT_MAX_RESPONSE: u32 = 1024 * 1024;
+
+/// A log line written by a plugin.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct LogLine {
+    /// `debug`, `info`, `warn` or `error`.
+    pub level: &'static str,
+    /// The message (truncated to 4 KiB).
+    pub message: String,
+}
+
+/// A host call a plugin made, for the timeline.
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct HostCall {
+    /// `http`, `kv.get`, …
+    pub call: String,
+    /// What was asked (URL, key).
+    pub target: String,
+    /// `ok`, or the error.
+    pub outcome: String,
+    /// Time spent, µs.
+    pub micros: u64,
+}
+
+/// Store data of one invocation.
+pub struct Ctx {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) env: PluginEnv,
+    pub(crate) memory_exceeded: bool,
+    pub(crate) timed_out: bool,
+    /// Wall time the plugin spent blocked in host calls (excluded from its CPU deadline).
+    pub(crate) blocked: Duration,
+    pub(crate) started: Instant,
+    pub(crate) logs: Vec<LogLine>,
+    pub(crate) calls: Vec<HostCall>,
+    kv_calls: u32,
+    http_calls: u32,
+}
+
+impl Ctx {
+    pub(crate) fn new(env: PluginEnv) -> Self {
+        Ctx {
+            // A WASI context with nothing inherited: no environment, no
+            // arguments, no files, no stdio, no network (sockets are denied
+            // by the default address check). Clocks and random are allowed.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            env,
+            memory_exceeded: false,
+            timed_out: false,
+            blocked: Duration::ZERO,
+            started: Instant::now(),
+            logs: Vec::new(),
+            calls: Vec::new(),
+            kv_calls: 0,
+            http_calls: 0,
+        }
+    }
+
+    fn limits(&self) -> &Limits {
+        &self.env.limits
+    }
+
+    /// Time the plugin has run, not counting host calls that block on I/O.
+    pub(crate) fn cpu_time(&self) -> Duration {
+        self.started.elapsed().saturating_sub(self.blocked)
+    }
+
+    fn record(&mut self, call: &str, target: &str, outcome: &Result<(), String>, t0: Instant) {
+        if self.calls.len() < 200 {
+            self.calls.push(HostCall {
+                call: call.to_string(),
+                target: target.chars().take(200).collect(),
+                outcome: match outcome {
+                    Ok(()) => "ok".to_string(),
+                    Err(e) => e.clone(),
+                },
+                micros: t0.elapsed().as_micros() as u64,
+            });
+        }
+    }
+}
+
+impl WasiView for Ctx {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl ResourceLimiter for Ctx {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.limits().memory_bytes {
+            self.memory_exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= self.limits().table_elements)
+    }
+}
+
+fn err_text(e: &types::Error) -> String {
+    match e {
+        types::Error::NotGranted(s) => format!("not granted: {s}"),
+        types::Error::QuotaExceeded => "quota exceeded".into(),
+        types::Error::Timeout => "timeout".into(),
+        types::Error::TooLarge => "too large".into(),
+        types::Error::Invalid(s) => format!("invalid: {s}"),
+        types::Error::Failed(s) => format!("failed: {s}"),
+    }
+}
+
+impl types::Host for Ctx {}
+
+impl log::Host for Ctx {
+    fn log(&mut self, level: log::Level, message: String) {
+        if self.logs.len() >= self.limits().log_lines as usize {
+            return;
+        }
+        let mut message = message;
+        if message.len() > LOG_MAX_LINE {
+            let mut cut = LOG_MAX_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        let level = match level {
+            log::Level::Debug => "debug",
+            log::Level::Info => "info",
+            log::Level::Warn => "warn",
+            log::Level::Error => "error",
+        };
+        tracing::debug!(tenant = %self.env.tenant, plugin = %self.env.plugin, level, "{message}");
+        self.logs.push(LogLine { level, message });
+    }
+}
+
+impl Ctx {
+    fn kv_check(&mut self, key: &str) -> Result<std::sync::Arc<dyn plugboard_core::TenantKv>, types::Error> {
+        if !self.env.grants.kv {
+            return Err(types::Error::NotGranted("kv".into()));
+        }
+        let Some(kv) = self.env.kv.clone() else {
+            return Err(types::Error::NotGranted("kv (no store)".into()));
+        };
+        self.kv_calls += 1;
+        if self.kv_calls > self.limits().kv_calls {
+            return Err(types::Error::QuotaExceeded);
+        }
+        if key.is_empty() || key.len() > KV_MAX_KEY {
+            return Err(types::Error::Invalid(format!(
+                "key must be 1-{KV_MAX_KEY} bytes"
+            )));
+        }
+        Ok(kv)
+    }
+
+    fn kv_finish<T>(
+        &mut self,
+        call: &str,
+        key: &str,
+        t0: Instant,
+        r: Result<T, types::Error>,
+    ) -> Result<T, types::Error> {
+        self.blocked += t0.elapsed();
+        let outcome = r.as_ref().map(|_| ()).map_err(err_text);
+        self.record(call, key, &outcome, t0);
+        r
+    }
+}
+
+impl kv::Host for Ctx {
+    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::Error> {
+        let t0 = Instant::now();
+        let r = self.kv_check(&key).and_then(|kv| {
+            kv.kv_get(&self.env.tenant, &key)
+                .map_err(|e| types::Error::Failed(e.to_string()))
+        });
+        self.kv_finish("kv.get", &key, t0, r)
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), types::Error> {
+        let t0 = Instant::now();
+        let r = self.kv_check(&key).and_then(|kv| {
+            if value.len() > KV_MAX_VALUE {
+                return Err(types::Error::TooLarge);
+            }
+            kv.kv_set(&self.env.tenant, &key, &value)
+                .map_err(|e| types::Error::Failed(e.to_string()))
+        });
+        self.kv_finish("kv.set", &key, t0, r)
+    }
+
+    fn delete(&mut self, key: String) -> Result<(), types::Error> {
+        let t0 = Instant::now();
+        let r = self.kv_check(&key).and_then(|kv| {
+            kv.kv_delete(&self.env.tenant, &key)
+                .map_err(|e| types::Error::Failed(e.to_string()))
+        });
+        self.kv_finish("kv.delete", &key, t0, r)
+    }
+}
+
+/// `host:port` of an `http://` URL, with the port defaulted to 80.
+fn http_authority(url: &str) -> Result<String, types::Error> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| types::Error::Invalid("only http:// URLs are supported".into()))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if authority.is_empty() || authority.contains('@') {
+        return Err(types::Error::Invalid(
+            "URL must have a host and no user info".into(),
+        ));
+    }
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
+    };
+    Ok(if has_port {
+        authority.to_ascii_lowercase()
+    } else {
+        format!("{}:80", authority.to_ascii_lowercase())
+    })
+}
+
+impl Ctx {
+    fn http_fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
+        let Some(grant) = self.env.grants.http.clone() else {
+            return Err(types::Error::NotGranted("http".into()));
+        };
+        let authority = http_authority(&req.url)?;
+        if !grant
+            .allow
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&authority))
+        {
+            return Err(types::Error::NotGranted(format!("http to {authority}")));
+        }
+        self.http_calls += 1;
+        if self.http_calls > self.limits().http_calls {
+            return Err(types::Error::QuotaExceeded);
+        }
+        if req.body.len() > HTTP_MAX_REQUEST {
+            return Err(types::Error::TooLarge);
+        }
+        let grant_timeout = grant.timeout_ms.unwrap_or(HTTP_DEFAULT_TIMEOUT_MS);
+        let timeout = req
+            .timeout_ms
+            .map_or(grant_timeout, |t| t.min(grant_timeout))
+            .max(1);
+        let cap = u64::from(grant.max_response_bytes.unwrap_or(HTTP_DEFAULT_MAX_RESPONSE));
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_millis(u64::from(timeout))))
+            .max_redirects(0)
+            .http_status_as_error(false)
+            .build()
+            .into();
+        let method = match req.method {
+            http::Method::Get => "GET",
+            http::Method::Post => "POST",
+            http::Method::Put => "PUT",
+            http::Method::Patch => "PATCH",
+            http::Method::Delete => "DELETE",
+            http::Method::Head => "HEAD",
+        };
+        let mut builder = ureq::http::Request::builder()
+            .method(method)
+            .uri(req.url.as_str());
+        for (k, v) in &req.headers {
+            builder = builder.header(k.as_str(), v.as_str());
+        }
+        let request = builder
+            .body(req.body)
+            .map_err(|e| types::Error::Invalid(e.to_string()))?;
+        let mut resp = agent.run(request).map_err(map_ureq)?;
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(cap)
+            .read_to_vec()
+            .map_err(map_ureq)?;
+        Ok(http::Response {
+            status,
+            headers,
+            body,
+        })
+    }
+}
+
+fn map_ureq(e: ureq::Error) -> types::Error {
+    match e {
+        ureq::Error::Timeout(_) => types::Error::Timeout,
+        ureq::Error::BodyExceedsLimit(_) => types::Error::TooLarge,
+        other => types::Error::Failed(other.to_string()),
+    }
+}
+
+impl http::Host for Ctx {
+    fn fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
+        let t0 = Instant::now();
+        let url = req.url.clone();
+        let r = self.http_fetch(req);
+        self.blocked += t0.elapsed();
+        let outcome = match &r {
+            Ok(resp) => Ok(()).and(if resp.status < 400 {
+                Ok(())
+            } else {
+                Err(format!("status {}", resp.status))
+            }),
+            Err(e) => Err(err_text(e)),
+        };
+        self.record("http", &url, &outcome, t0);
+        r
+    }
+}
+
+impl config::Host for Ctx {
+    fn get(&mut self, key: String) -> Option<String> {
+        match self.env.config.get(&key)? {
+            serde_json::Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        }
+    }
+
+    fn document(&mut self) -> String {
+        if self.env.config.is_null() {
+            "{}".to_string()
+        } else {
+            self.env.config.to_string()
+        }
+    }
+}
+
+impl clock::Host for Ctx {
+    fn now_ms(&mut self) -> u64 {
+        self.env.now_ms.unwrap_or_else(plugboard_core::now_ms)
+    }
+
+    fn time_zone(&mut self) -> String {
+        self.env.time_zone.clone()
+    }
+
+    fn utc_offset_minutes(&mut self) -> i32 {
+        self.env.utc_offset_minutes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authority() {
+        assert_eq!(
+            http_authority("http://127.0.0.1:8081/x?y").ok(),
+            Some("127.0.0.1:8081".to_string())
+        );
+        assert_eq!(
+            http_authority("http://Example.com/x").ok(),
+            Some("example.com:80".to_string())
+        );
+        assert_eq!(
+            http_authority("http://[::1]:9/").ok(),
+            Some("[::1]:9".to_string())
+        );
+        assert!(http_authority("https://x/").is_err());
+        assert!(http_authority("http://user@evil:80/").is_err());
+        assert!(http_authority("http:///x").is_err());
+    }
+}
+
+impl crate::bindings::flow::plugboard::flow::types::Host for Ctx {}
+impl crate::bindings::router::plugboard::router::types::Host for Ctx {}
+impl crate::bindings::tts::plugboard::tts::types::Host for Ctx {}
+impl crate::bindings::crm::plugboard::crm::types::Host for Ctx {}

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds every first-party plugin in plugins/ for wasm32-wasip2 (release).
+# Output: target/wasm32-wasip2/release/<name>.wasm
+set -euo pipefail
+cd "$(dirname "$0")/../plugins"
+rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
+for p in hello-ivr cargo-lookup skills-router hostile probe; do
+    echo "building plugin $p" >&2
+    cargo build --quiet --release -p "$p"
+done
