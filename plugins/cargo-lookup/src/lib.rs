@@ -14,7 +14,7 @@ struct CargoLookup;
 fn lookup(number: &str) -> Result<(String, String), String> {
     let base = host::config::get("mis_url").ok_or("mis_url is not configured")?;
     let url = format!("{}/waybills/{number}", base.trim_end_matches('/'));
-    let resp = host::http_get(&url).map_err(|e| e.to_string())?;
+    let resp = host::http_get(&url).map_err(|e| host::describe(&e))?;
     if resp.status == 404 {
         return Err("unknown".into());
     }

@@ -21,7 +21,7 @@ fn http_probe() -> String {
     };
     match host::http_get(&url) {
         Ok(r) => format!("http {} {}", r.status, String::from_utf8_lossy(&r.body)),
-        Err(e) => format!("http error: {e}"),
+        Err(e) => format!("http error: {}", host::describe(&e)),
     }
 }
 
@@ -31,12 +31,12 @@ fn kv_probe() -> String {
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|s| s.parse::<u64>().ok())
             .unwrap_or(0),
-        Err(e) => return format!("kv error: {e}"),
+        Err(e) => return format!("kv error: {}", host::describe(&e)),
     };
     let next = current + 1;
     match host::kv::set("probe-count", next.to_string().as_bytes()) {
         Ok(()) => format!("kv count {next}"),
-        Err(e) => format!("kv error: {e}"),
+        Err(e) => format!("kv error: {}", host::describe(&e)),
     }
 }
 

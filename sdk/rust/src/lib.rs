@@ -41,6 +41,18 @@ pub mod host {
     pub use plugboard::host::types::Error;
     pub use plugboard::host::{clock, config, http, kv, log};
 
+    /// A plain-language description of a host error, e.g. `not granted: http`.
+    pub fn describe(e: &Error) -> String {
+        match e {
+            Error::NotGranted(s) => format!("not granted: {s}"),
+            Error::QuotaExceeded => "quota exceeded".into(),
+            Error::Timeout => "timeout".into(),
+            Error::TooLarge => "too large".into(),
+            Error::Invalid(s) => format!("invalid: {s}"),
+            Error::Failed(s) => format!("failed: {s}"),
+        }
+    }
+
     /// Logs at info level.
     pub fn info(msg: &str) {
         log::log(log::Level::Info, msg);
