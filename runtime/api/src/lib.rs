@@ -1,1 +1,820 @@
-//! placeholder
+//! Plugboard's HTTP API v1 (axum on hyper): tenants, plugins, grants,
+//! configs, addresses, flow simulation, interaction records, the WebSocket
+//! event stream, Prometheus metrics and the OpenAPI document.
+//!
+//! Auth is `Authorization: Bearer <token>`: the admin token reaches every
+//! path; a tenant API key reaches only its own tenant's paths (anything else
+//! is 403). Errors are JSON: `{"error":{"code","message"}}`.
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use plugboard_core::flow::fallback_actions;
+use plugboard_core::{
+    Address, Channel, Error as CoreError, Event, FlowRef, Grants, Interaction, InteractionState,
+    PluginKind, PluginVersion, Tenant, flow::Action, normalize_address, now_ms, validate_id,
+};
+use plugboard_host::{FlowInput, InvokeError, Limits, LoadedPlugin, PluginEnv, PluginHost, Report};
+use plugboard_store::{Store, hash_key};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use tokio::sync::{Semaphore, broadcast};
+
+mod metrics;
+
+pub use metrics::Metrics;
+
+/// An API error: HTTP status, stable code, human message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    extra: Option<Value>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        match e {
+            CoreError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
+            CoreError::NotFound(m) => ApiError::not_found(format!("{m} not found")),
+            CoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
+            CoreError::Storage(m) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", m)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let (Some(Value::Object(extra)), Some(obj)) = (self.extra, body.as_object_mut()) {
+            obj.extend(extra);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// An interaction event as published on the event stream.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// Tenant it belongs to.
+    pub tenant: String,
+    /// JSON payload.
+    pub payload: Value,
+}
+
+/// Shared state of the API.
+pub struct AppState {
+    store: Arc<dyn Store>,
+    host: Arc<PluginHost>,
+    admin_hash: String,
+    loaded: RwLock<HashMap<(String, String, u64), Arc<LoadedPlugin>>>,
+    permits: Arc<Semaphore>,
+    metrics: Metrics,
+    events: broadcast::Sender<StreamEvent>,
+    limits: Limits,
+}
+
+impl AppState {
+    /// Wires the API to a store and a plugin host. `admin_token` is the
+    /// bearer token of the operator; only its hash is kept.
+    pub fn new(store: Arc<dyn Store>, host: Arc<PluginHost>, admin_token: &str, limits: Limits) -> Self {
+        let permits = Arc::new(Semaphore::new(host.max_concurrent() as usize));
+        AppState {
+            store,
+            host,
+            admin_hash: hash_key(admin_token),
+            loaded: RwLock::new(HashMap::new()),
+            permits,
+            metrics: Metrics::new(),
+            events: broadcast::channel(1024).0,
+            limits,
+        }
+    }
+
+    /// Loads every tenant's active plugin versions (from the compile cache
+    /// where possible), so that the first event after a restart is fast.
+    /// Returns how many were loaded; failures are logged and skipped.
+    pub fn preload(&self) -> Result<usize, CoreError> {
+        let mut n = 0;
+        for t in self.store.tenants()? {
+            for p in self.store.plugins(&t.id)? {
+                match self.loaded_version(&t.id, &p.name, p.active_version) {
+                    Ok(_) => n += 1,
+                    Err(e) => tracing::warn!(
+                        "could not load plugin {}/{} v{}: {}",
+                        t.id,
+                        p.name,
+                        p.active_version,
+                        e.message
+                    ),
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn loaded_version(&self, tenant: &str, name: &str, version: u64) -> ApiResult<Arc<LoadedPlugin>> {
+        let key = (tenant.to_string(), name.to_string(), version);
+        if let Some(p) = self.loaded.read().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(p);
+        }
+        let info = self
+            .store
+            .plugin(tenant, name)?
+            .ok_or_else(|| ApiError::not_found(format!("plugin {name} not found")))?;
+        let v = info
+            .versions
+            .iter()
+            .find(|v| v.version == version)
+            .ok_or_else(|| ApiError::not_found(format!("plugin {name} version {version} not found")))?;
+        let bytes = self
+            .store
+            .plugin_bytes(tenant, &v.sha256)?
+            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", "component bytes missing"))?;
+        let p = Arc::new(
+            self.host
+                .load_with_hash(v.sha256.clone(), &bytes)
+                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_load", e.to_string()))?,
+        );
+        if let Ok(mut m) = self.loaded.write() {
+            m.insert(key, p.clone());
+        }
+        Ok(p)
+    }
+
+    /// Number of plugin versions loaded and ready.
+    pub fn loaded_count(&self) -> usize {
+        self.loaded.read().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+enum Caller {
+    Admin,
+    Tenant(String),
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn caller(state: &AppState, token: Option<&str>) -> ApiResult<Caller> {
+    let Some(token) = token else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing Authorization: Bearer <token>",
+        ));
+    };
+    let h = hash_key(token);
+    if h == state.admin_hash {
+        return Ok(Caller::Admin);
+    }
+    match state.store.tenant_for_key(&h)? {
+        Some(t) => Ok(Caller::Tenant(t)),
+        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")),
+    }
+}
+
+fn admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
+    match caller(state, bearer(headers))? {
+        Caller::Admin => Ok(()),
+        Caller::Tenant(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "admin token required")),
+    }
+}
+
+/// Checks the caller may act on `tenant`, and that the tenant exists.
+fn tenant_access_token(state: &AppState, token: Option<&str>, tenant: &str) -> ApiResult<Tenant> {
+    match caller(state, token)? {
+        Caller::Admin => {}
+        Caller::Tenant(t) if t == tenant => {}
+        Caller::Tenant(_) => {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "this API key belongs to another tenant",
+            ));
+        }
+    }
+    state
+        .store
+        .tenant(tenant)?
+        .ok_or_else(|| ApiError::not_found(format!("tenant {tenant} not found")))
+}
+
+fn tenant_access(state: &AppState, headers: &HeaderMap, tenant: &str) -> ApiResult<Tenant> {
+    tenant_access_token(state, bearer(headers), tenant)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("invalid JSON body: {e}")))
+}
+
+fn random_token(prefix: &str) -> ApiResult<String> {
+    let mut b = [0u8; 24];
+    getrandom::fill(&mut b)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "random", e.to_string()))?;
+    Ok(format!("{prefix}{}", hex::encode(b)))
+}
+
+/// The API's routes.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/tenants", post(create_tenant).get(list_tenants))
+        .route("/v1/tenants/{t}", get(get_tenant))
+        .route("/v1/tenants/{t}/plugins", get(list_plugins))
+        .route(
+            "/v1/tenants/{t}/plugins/{name}",
+            put(deploy_plugin).get(get_plugin).layer(DefaultBodyLimit::max(64 << 20)),
+        )
+        .route("/v1/tenants/{t}/plugins/{name}/rollback", post(rollback))
+        .route("/v1/tenants/{t}/plugins/{name}/grants", put(set_grants).get(get_grants))
+        .route("/v1/tenants/{t}/plugins/{name}/config", put(set_config).get(get_config))
+        .route("/v1/tenants/{t}/addresses", get(list_addresses))
+        .route("/v1/tenants/{t}/addresses/{address}", put(set_address).get(get_address))
+        .route("/v1/tenants/{t}/flows/{name}/simulate", post(simulate))
+        .route("/v1/tenants/{t}/interactions", get(list_interactions))
+        .route("/v1/tenants/{t}/interactions/{id}", get(get_interaction))
+        .route("/v1/tenants/{t}/events", get(events))
+        .fallback(|| async { ApiError::not_found("no such path") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
+        })
+        .with_state(state)
+}
+
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        s.metrics.encode(s.loaded_count()),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewTenant {
+    id: String,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    time_zone: Option<String>,
+}
+
+async fn create_tenant(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+    admin(&s, &headers)?;
+    let req: NewTenant = parse_json(&body)?;
+    validate_id("tenant", &req.id)?;
+    let tenant = Tenant {
+        name: req.name.unwrap_or_else(|| req.id.clone()),
+        id: req.id,
+        time_zone: req.time_zone.unwrap_or_else(|| "UTC".into()),
+        created_ms: now_ms(),
+    };
+    let key = random_token("pbk_")?;
+    s.store.create_tenant(&tenant, &hash_key(&key))?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"id": tenant.id, "name": tenant.name, "api_key": key})),
+    )
+        .into_response())
+}
+
+async fn list_tenants(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+    admin(&s, &headers)?;
+    Ok(Json(json!({"tenants": s.store.tenants()?})))
+}
+
+async fn get_tenant(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(t): Path<String>) -> ApiResult<Json<Tenant>> {
+    Ok(Json(tenant_access(&s, &headers, &t)?))
+}
+
+async fn list_plugins(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(t): Path<String>) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    Ok(Json(json!({"plugins": s.store.plugins(&t)?})))
+}
+
+async fn get_plugin(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    let p = s
+        .store
+        .plugin(&t, &name)?
+        .ok_or_else(|| ApiError::not_found(format!("plugin {name} not found")))?;
+    Ok(Json(serde_json::to_value(p).unwrap_or_default()))
+}
+
+async fn deploy_plugin(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    tenant_access(&s, &headers, &t)?;
+    validate_id("plugin", &name)?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request("body must be a WebAssembly component (application/wasm)"));
+    }
+    let host = s.host.clone();
+    let bytes = body.clone();
+    let loaded = tokio::task::spawn_blocking(move || host.load(&bytes))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_plugin", e.to_string()))?;
+    let version = s.store.add_plugin_version(
+        &t,
+        PluginVersion {
+            name: name.clone(),
+            version: 0,
+            kind: loaded.kind,
+            sha256: loaded.sha256.clone(),
+            size: body.len() as u64,
+            created_ms: now_ms(),
+        },
+        &body,
+    )?;
+    let (source, load_ms) = (loaded.source, loaded.load_ms);
+    if let Ok(mut m) = s.loaded.write() {
+        m.insert((t.clone(), name.clone(), version.version), Arc::new(loaded));
+    }
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "name": name,
+            "version": version.version,
+            "kind": version.kind,
+            "sha256": version.sha256,
+            "size": version.size,
+            "compile": {"source": source, "ms": load_ms},
+        })),
+    )
+        .into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackReq {
+    version: Option<u64>,
+}
+
+async fn rollback(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    let req: RollbackReq = if body.is_empty() { RollbackReq::default() } else { parse_json(&body)? };
+    let v = s.store.set_active_version(&t, &name, req.version)?;
+    Ok(Json(json!({"name": name, "active_version": v})))
+}
+
+async fn set_grants(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Grants>> {
+    tenant_access(&s, &headers, &t)?;
+    let g: Grants = parse_json(&body)?;
+    g.validate()?;
+    s.store.set_grants(&t, &name, &g)?;
+    Ok(Json(g))
+}
+
+async fn get_grants(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+) -> ApiResult<Json<Grants>> {
+    tenant_access(&s, &headers, &t)?;
+    let p = s
+        .store
+        .plugin(&t, &name)?
+        .ok_or_else(|| ApiError::not_found(format!("plugin {name} not found")))?;
+    Ok(Json(p.grants))
+}
+
+async fn set_config(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    let v: Value = parse_json(&body)?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request("config must be a JSON object"));
+    }
+    if body.len() > 64 << 10 {
+        return Err(ApiError::bad_request("config must be at most 64 KiB"));
+    }
+    s.store.set_config(&t, &name, &v)?;
+    Ok(Json(v))
+}
+
+async fn get_config(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    if s.store.plugin(&t, &name)?.is_none() {
+        return Err(ApiError::not_found(format!("plugin {name} not found")));
+    }
+    let v = s.store.config(&t, &name)?;
+    Ok(Json(if v.is_null() { json!({}) } else { v }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddressReq {
+    channel: Channel,
+    flow: String,
+}
+
+async fn set_address(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, address)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Address>> {
+    tenant_access(&s, &headers, &t)?;
+    let req: AddressReq = parse_json(&body)?;
+    let address = normalize_address(&address);
+    if address.is_empty() || address.len() > 256 {
+        return Err(ApiError::bad_request("address must be 1-256 characters"));
+    }
+    match s.store.plugin(&t, &req.flow)? {
+        Some(p) if p.kind == PluginKind::Flow => {}
+        Some(p) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "not_a_flow",
+                format!("plugin {} is a {} plugin, not a flow", req.flow, p.kind),
+            ));
+        }
+        None => return Err(ApiError::not_found(format!("flow {} not found", req.flow))),
+    }
+    let a = Address {
+        address,
+        channel: req.channel,
+        flow: req.flow,
+    };
+    s.store.set_address(&t, &a)?;
+    Ok(Json(a))
+}
+
+async fn get_address(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, address)): Path<(String, String)>,
+) -> ApiResult<Json<Address>> {
+    tenant_access(&s, &headers, &t)?;
+    let a = normalize_address(&address);
+    s.store
+        .address(&t, &a)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("address {a} not found")))
+}
+
+async fn list_addresses(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(t): Path<String>) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    Ok(Json(json!({"addresses": s.store.addresses(&t)?})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SimulateReq {
+    #[serde(default)]
+    channel: Channel,
+    #[serde(default = "default_from")]
+    from: String,
+    #[serde(default)]
+    to: String,
+    #[serde(default)]
+    events: Vec<Event>,
+    #[serde(default)]
+    attributes: BTreeMap<String, String>,
+    /// Pin the plugin's clock (ms since the epoch) for reproducible runs.
+    #[serde(default)]
+    now_ms: Option<u64>,
+    /// Run this version instead of the active one.
+    #[serde(default)]
+    version: Option<u64>,
+}
+
+fn default_from() -> String {
+    "simulator".into()
+}
+
+impl AppState {
+    /// Runs one flow event in a fresh instance on the blocking pool,
+    /// bounded by the host's concurrency, and records metrics.
+    async fn run_flow(
+        &self,
+        plugin: Arc<LoadedPlugin>,
+        env: PluginEnv,
+        input: FlowInput,
+        state: String,
+        event: Event,
+    ) -> Report<plugboard_host::FlowOutput> {
+        let tenant = env.tenant.clone();
+        let name = env.plugin.clone();
+        let permit = self.permits.clone().acquire_owned().await;
+        let host = self.host.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            host.invoke_flow(&plugin, env, &input, &state, &event)
+        })
+        .await
+        .unwrap_or_else(|e| Report {
+            outcome: Err(InvokeError::Instantiate(format!("invocation task failed: {e}"))),
+            logs: Vec::new(),
+            calls: Vec::new(),
+            elapsed_us: 0,
+        });
+        self.metrics.observe(&tenant, &name, "flow", &report);
+        report
+    }
+
+    fn publish(&self, tenant: &str, payload: Value) {
+        let _ = self.events.send(StreamEvent {
+            tenant: tenant.to_string(),
+            payload,
+        });
+    }
+}
+
+fn interaction_nonce() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    u32::from_le_bytes(b)
+}
+
+async fn simulate(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    let tenant = tenant_access(&s, &headers, &t)?;
+    let req: SimulateReq = parse_json(&body)?;
+    let info = s
+        .store
+        .plugin(&t, &name)?
+        .ok_or_else(|| ApiError::not_found(format!("flow {name} not found")))?;
+    let version = req.version.unwrap_or(info.active_version);
+    let plugin = s.loaded_version(&t, &name, version)?;
+    if plugin.kind != PluginKind::Flow {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not_a_flow",
+            format!("plugin {name} is a {} plugin, not a flow", plugin.kind),
+        ));
+    }
+    if req.events.len() > 100 {
+        return Err(ApiError::bad_request("at most 100 events per simulation"));
+    }
+    let mut events = req.events;
+    if events.first() != Some(&Event::Started) {
+        events.insert(0, Event::Started);
+    }
+    let grants = info.grants.clone();
+    let config = s.store.config(&t, &name)?;
+    let created = now_ms();
+    let mut ix = Interaction {
+        id: plugboard_core::interaction_id(created, interaction_nonce()),
+        tenant: t.clone(),
+        channel: req.channel,
+        from: req.from,
+        to: normalize_address(&req.to),
+        flow: Some(FlowRef { name: name.clone(), version }),
+        state: InteractionState::InFlow,
+        attributes: req.attributes,
+        simulated: true,
+        created_ms: created,
+        closed_ms: None,
+        timeline: Vec::new(),
+    };
+    let kv: Arc<dyn plugboard_core::TenantKv> = Arc::new(KvAdapter(s.store.clone()));
+    let mut state = String::new();
+    let mut steps = Vec::new();
+    let mut failure: Option<InvokeError> = None;
+    for event in events {
+        let ev_json = serde_json::to_value(&event).unwrap_or_default();
+        ix.push("event", ev_json.clone());
+        s.publish(&t, json!({"interaction": ix.id, "kind": "event", "data": ev_json}));
+        let env = PluginEnv {
+            tenant: t.clone(),
+            plugin: name.clone(),
+            grants: grants.clone(),
+            config: config.clone(),
+            limits: s.limits.clone(),
+            kv: Some(kv.clone()),
+            time_zone: tenant.time_zone.clone(),
+            utc_offset_minutes: 0,
+            now_ms: req.now_ms,
+        };
+        let input = FlowInput {
+            id: ix.id.clone(),
+            tenant: t.clone(),
+            channel: ix.channel,
+            from: ix.from.clone(),
+            to: ix.to.clone(),
+            attributes: ix.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let report = s.run_flow(plugin.clone(), env, input, state.clone(), event.clone()).await;
+        for l in &report.logs {
+            ix.push("log", json!(l));
+        }
+        for c in &report.calls {
+            ix.push("host_call", json!(c));
+        }
+        match report.outcome {
+            Ok(out) => {
+                let mut hangup = false;
+                for a in &out.actions {
+                    match a {
+                        Action::SetAttribute { name, value } => {
+                            ix.attributes.insert(name.clone(), value.clone());
+                        }
+                        Action::Enqueue { .. } => ix.state = InteractionState::Queued,
+                        Action::Hangup => hangup = true,
+                        _ => {}
+                    }
+                }
+                if let Some(st) = &out.state {
+                    state = st.clone();
+                }
+                let actions = serde_json::to_value(&out.actions).unwrap_or_default();
+                ix.push("actions", json!({"actions": actions, "elapsed_us": report.elapsed_us}));
+                s.publish(&t, json!({"interaction": ix.id, "kind": "actions", "data": actions}));
+                steps.push(json!({"event": event, "actions": actions, "state": out.state, "elapsed_us": report.elapsed_us}));
+                if hangup || event == Event::Hangup {
+                    break;
+                }
+            }
+            Err(e) => {
+                let err = json!({"code": e.code(), "message": e.to_string()});
+                ix.push("error", err.clone());
+                let fallback = serde_json::to_value(fallback_actions()).unwrap_or_default();
+                ix.push("fallback", json!({"actions": fallback}));
+                ix.state = InteractionState::Queued;
+                s.publish(&t, json!({"interaction": ix.id, "kind": "error", "data": err}));
+                steps.push(json!({"event": event, "actions": fallback, "fallback": true, "error": err, "elapsed_us": report.elapsed_us}));
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    ix.state = match ix.state {
+        InteractionState::Queued => InteractionState::Queued,
+        _ => InteractionState::Closed,
+    };
+    ix.closed_ms = Some(now_ms());
+    s.store.put_interaction(&ix)?;
+    match failure {
+        None => Ok(Json(json!({"interaction": ix.id, "flow": {"name": name, "version": version}, "steps": steps})).into_response()),
+        Some(e) => {
+            let mut err = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string());
+            err.extra = Some(json!({"interaction": ix.id, "flow": {"name": name, "version": version}, "steps": steps}));
+            Err(err)
+        }
+    }
+}
+
+/// Lets the host's `kv` import use the store.
+struct KvAdapter(Arc<dyn Store>);
+
+impl plugboard_core::TenantKv for KvAdapter {
+    fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, CoreError> {
+        self.0.kv_get(tenant, key)
+    }
+    fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), CoreError> {
+        self.0.kv_set(tenant, key, value)
+    }
+    fn kv_delete(&self, tenant: &str, key: &str) -> Result<(), CoreError> {
+        self.0.kv_delete(tenant, key)
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    limit: Option<usize>,
+}
+
+async fn list_interactions(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    let limit = q.limit.unwrap_or(50).clamp(1, 1000);
+    Ok(Json(json!({"interactions": s.store.interactions(&t, limit)?})))
+}
+
+async fn get_interaction(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, id)): Path<(String, String)>,
+) -> ApiResult<Json<Interaction>> {
+    tenant_access(&s, &headers, &t)?;
+    s.store
+        .interaction(&t, &id)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("interaction {id} not found")))
+}
+
+#[derive(Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+async fn events(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+    Query(q): Query<TokenQuery>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    // Browsers cannot set headers on a WebSocket: accept `?token=` too.
+    let token = bearer(&headers).map(str::to_string).or(q.token);
+    tenant_access_token(&s, token.as_deref(), &t)?;
+    let ws = ws.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "websocket_required", e.to_string()))?;
+    let rx = s.events.subscribe();
+    Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, t)))
+}
+
+async fn stream_events(mut socket: WebSocket, mut rx: broadcast::Receiver<StreamEvent>, tenant: String) {
+    loop {
+        tokio::select! {
+            ev = rx.recv() => match ev {
+                Ok(ev) if ev.tenant == tenant => {
+                    if socket.send(Message::Text(ev.payload.to_string().into())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let msg = json!({"kind": "lagged", "dropped": n}).to_string();
+                    if socket.send(Message::Text(msg.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,1 +1,451 @@
-fn main() {}
+//! `plugboard`: the server (`plugboard serve`) and a thin command-line
+//! client of its HTTP API (`tenant`, `plugin`, `address`, `flow`).
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use plugboard_api::AppState;
+use plugboard_host::{HostConfig, Limits, PluginHost};
+use plugboard_store::SledStore;
+use serde_json::{Value, json};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Parser)]
+#[command(name = "plugboard", version, about = "Programmable contact-centre platform")]
+struct Cli {
+    /// API base URL (client commands).
+    #[arg(long, global = true, env = "PLUGBOARD_URL", default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Bearer token (client commands): the admin token or a tenant API key.
+    /// Defaults to the admin token file in --data-dir.
+    #[arg(long, global = true, env = "PLUGBOARD_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Data directory (store, compile cache, admin token).
+    #[arg(long, global = true, env = "PLUGBOARD_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the server.
+    Serve {
+        /// HTTP listen address.
+        #[arg(long, env = "PLUGBOARD_HTTP", default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// CPU deadline per plugin invocation, ms.
+        #[arg(long, default_value_t = 50)]
+        deadline_ms: u64,
+        /// Linear memory cap per plugin instance, MiB.
+        #[arg(long, default_value_t = 64)]
+        memory_mib: usize,
+        /// Plugin instances that may run at once.
+        #[arg(long, default_value_t = 64)]
+        max_concurrent: u32,
+    },
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        cmd: TenantCmd,
+    },
+    /// Manage plugins.
+    Plugin {
+        #[command(subcommand)]
+        cmd: PluginCmd,
+    },
+    /// Manage addresses.
+    Address {
+        #[command(subcommand)]
+        cmd: AddressCmd,
+    },
+    /// Work with flows.
+    Flow {
+        #[command(subcommand)]
+        cmd: FlowCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCmd {
+    /// Create a tenant (admin); prints its API key.
+    Create {
+        /// Tenant id.
+        id: String,
+        /// Display name.
+        #[arg(long)]
+        name: Option<String>,
+        /// IANA time zone.
+        #[arg(long)]
+        time_zone: Option<String>,
+    },
+    /// List tenants (admin).
+    List,
+}
+
+#[derive(Subcommand)]
+enum PluginCmd {
+    /// Deploy a component as the next version of a plugin.
+    Deploy {
+        /// Tenant id.
+        tenant: String,
+        /// Plugin name.
+        name: String,
+        /// The component (.wasm).
+        file: PathBuf,
+    },
+    /// List a tenant's plugins.
+    List {
+        /// Tenant id.
+        tenant: String,
+    },
+    /// Roll back to the previous (or a given) version.
+    Rollback {
+        /// Tenant id.
+        tenant: String,
+        /// Plugin name.
+        name: String,
+        /// Version to activate.
+        #[arg(long)]
+        version: Option<u64>,
+    },
+    /// Set a plugin's grants, e.g. '{"http":{"allow":["127.0.0.1:8090"]},"kv":true}'.
+    Grants {
+        /// Tenant id.
+        tenant: String,
+        /// Plugin name.
+        name: String,
+        /// Grants JSON.
+        json: String,
+    },
+    /// Set a plugin's configuration (a JSON object).
+    Config {
+        /// Tenant id.
+        tenant: String,
+        /// Plugin name.
+        name: String,
+        /// Config JSON.
+        json: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AddressCmd {
+    /// Map an address (number, email, chat id) to a flow.
+    Set {
+        /// Tenant id.
+        tenant: String,
+        /// The address.
+        address: String,
+        /// Channel: voice, chat, email, sms or fax.
+        #[arg(long, default_value = "voice")]
+        channel: String,
+        /// Flow plugin name.
+        #[arg(long)]
+        flow: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FlowCmd {
+    /// Run a flow against scripted events and print every step.
+    Simulate {
+        /// Tenant id.
+        tenant: String,
+        /// Flow plugin name.
+        flow: String,
+        /// Events: a JSON array, or @FILE. `started` is sent first if missing.
+        #[arg(long, default_value = "[]")]
+        events: String,
+        /// Channel.
+        #[arg(long, default_value = "voice")]
+        channel: String,
+        /// Customer address.
+        #[arg(long, default_value = "simulator")]
+        from: String,
+        /// Tenant address.
+        #[arg(long, default_value = "")]
+        to: String,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve {
+            http,
+            deadline_ms,
+            memory_mib,
+            max_concurrent,
+        } => serve(&cli.data_dir, http, deadline_ms, memory_mib, max_concurrent),
+        cmd => {
+            let client = Client::new(&cli.url, cli.token, &cli.data_dir)?;
+            run_client(&client, cmd)
+        }
+    }
+}
+
+/// The admin token: `PLUGBOARD_ADMIN_TOKEN`, else the one in the data dir,
+/// else a new one written there (readable by the owner only).
+fn admin_token(data_dir: &Path) -> Result<String> {
+    if let Ok(t) = std::env::var("PLUGBOARD_ADMIN_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok(t.trim().to_string());
+    }
+    let path = data_dir.join("admin_token");
+    if let Ok(t) = std::fs::read_to_string(&path) {
+        return Ok(t.trim().to_string());
+    }
+    let mut b = [0u8; 24];
+    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    let token = format!("pba_{}", hex::encode(b));
+    std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    }
+    eprintln!("generated admin token in {}", path.display());
+    Ok(token)
+}
+
+fn serve(data_dir: &Path, http: SocketAddr, deadline_ms: u64, memory_mib: usize, max_concurrent: u32) -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let token = admin_token(data_dir)?;
+    let store = Arc::new(SledStore::open(&data_dir.join("store")).context("opening the store")?);
+    let host = Arc::new(
+        PluginHost::new(HostConfig {
+            cache_dir: Some(data_dir.join("cache")),
+            max_concurrent,
+            max_memory_bytes: (memory_mib << 20).max(256 << 20),
+            ..HostConfig::default()
+        })
+        .context("starting the plugin host")?,
+    );
+    let limits = Limits {
+        deadline_ms,
+        memory_bytes: memory_mib << 20,
+        ..Limits::default()
+    };
+    let state = Arc::new(AppState::new(store, host, &token, limits));
+    let t0 = Instant::now();
+    let n = state.preload()?;
+    tracing::info!("loaded {n} plugin versions in {} ms", t0.elapsed().as_millis());
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(http)
+            .await
+            .with_context(|| format!("binding {http}"))?;
+        tracing::info!("plugboard listening on http://{}", listener.local_addr()?);
+        axum::serve(listener, plugboard_api::router(state))
+            .with_graceful_shutdown(shutdown())
+            .await?;
+        tracing::info!("shut down");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+struct Client {
+    base: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl Client {
+    fn new(url: &str, token: Option<String>, data_dir: &Path) -> Result<Self> {
+        let token = match token {
+            Some(t) => t,
+            None => std::fs::read_to_string(data_dir.join("admin_token"))
+                .map(|t| t.trim().to_string())
+                .with_context(|| {
+                    format!(
+                        "no token: pass --token or PLUGBOARD_TOKEN, or run where {} exists",
+                        data_dir.join("admin_token").display()
+                    )
+                })?,
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(600)))
+            .build()
+            .into();
+        Ok(Client {
+            base: url.trim_end_matches('/').to_string(),
+            token,
+            agent,
+        })
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>) -> Result<Value> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token));
+        if let Some((ct, _)) = &body {
+            req = req.header("content-type", *ct);
+        }
+        let req = req.body(body.map(|(_, b)| b).unwrap_or_default())?;
+        let mut resp = self
+            .agent
+            .run(req)
+            .with_context(|| format!("cannot reach {url} (is `plugboard serve` running?)"))?;
+        let status = resp.status();
+        let text = resp.body_mut().read_to_string()?;
+        let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if !status.is_success() {
+            let msg = v
+                .pointer("/error/message")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .unwrap_or_else(|| v.to_string());
+            let code = v.pointer("/error/code").and_then(Value::as_str).unwrap_or("error");
+            if let Some(steps) = v.get("steps") {
+                println!("{}", serde_json::to_string_pretty(steps)?);
+            }
+            bail!("{} {code}: {msg}", status.as_u16());
+        }
+        Ok(v)
+    }
+
+    fn json(&self, method: &str, path: &str, body: &Value) -> Result<Value> {
+        self.call(method, path, Some(("application/json", serde_json::to_vec(body)?)))
+    }
+}
+
+fn enc(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn print(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn parse_arg_json(s: &str) -> Result<Value> {
+    let text = match s.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?,
+        None => s.to_string(),
+    };
+    serde_json::from_str(&text).context("invalid JSON argument")
+}
+
+fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Serve { .. } => unreachable!("handled in main"),
+        Cmd::Tenant { cmd: TenantCmd::Create { id, name, time_zone } } => {
+            let mut body = json!({"id": id});
+            if let Some(n) = name {
+                body["name"] = json!(n);
+            }
+            if let Some(tz) = time_zone {
+                body["time_zone"] = json!(tz);
+            }
+            print(&c.json("POST", "/v1/tenants", &body)?)
+        }
+        Cmd::Tenant { cmd: TenantCmd::List } => print(&c.call("GET", "/v1/tenants", None)?),
+        Cmd::Plugin { cmd: PluginCmd::Deploy { tenant, name, file } } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            eprintln!(
+                "uploading {} ({} KiB); the server compiles it, which can take a while for large components…",
+                file.display(),
+                bytes.len() / 1024
+            );
+            let t0 = Instant::now();
+            let v = c.call(
+                "PUT",
+                &format!("/v1/tenants/{}/plugins/{}", enc(&tenant), enc(&name)),
+                Some(("application/wasm", bytes)),
+            )?;
+            eprintln!(
+                "deployed {name} v{} ({}) in {:.1} s",
+                v["version"],
+                v["kind"].as_str().unwrap_or("?"),
+                t0.elapsed().as_secs_f64()
+            );
+            print(&v)
+        }
+        Cmd::Plugin { cmd: PluginCmd::List { tenant } } => {
+            print(&c.call("GET", &format!("/v1/tenants/{}/plugins", enc(&tenant)), None)?)
+        }
+        Cmd::Plugin { cmd: PluginCmd::Rollback { tenant, name, version } } => {
+            let body = match version {
+                Some(v) => json!({"version": v}),
+                None => json!({}),
+            };
+            print(&c.json(
+                "POST",
+                &format!("/v1/tenants/{}/plugins/{}/rollback", enc(&tenant), enc(&name)),
+                &body,
+            )?)
+        }
+        Cmd::Plugin { cmd: PluginCmd::Grants { tenant, name, json } } => print(&c.json(
+            "PUT",
+            &format!("/v1/tenants/{}/plugins/{}/grants", enc(&tenant), enc(&name)),
+            &parse_arg_json(&json)?,
+        )?),
+        Cmd::Plugin { cmd: PluginCmd::Config { tenant, name, json } } => print(&c.json(
+            "PUT",
+            &format!("/v1/tenants/{}/plugins/{}/config", enc(&tenant), enc(&name)),
+            &parse_arg_json(&json)?,
+        )?),
+        Cmd::Address { cmd: AddressCmd::Set { tenant, address, channel, flow } } => print(&c.json(
+            "PUT",
+            &format!("/v1/tenants/{}/addresses/{}", enc(&tenant), enc(&address)),
+            &json!({"channel": channel, "flow": flow}),
+        )?),
+        Cmd::Flow { cmd: FlowCmd::Simulate { tenant, flow, events, channel, from, to } } => print(&c.json(
+            "POST",
+            &format!("/v1/tenants/{}/flows/{}/simulate", enc(&tenant), enc(&flow)),
+            &json!({"events": parse_arg_json(&events)?, "channel": channel, "from": from, "to": to}),
+        )?),
+    }
+}
