@@ -8,3 +8,6 @@ for p in hello-ivr cargo-lookup skills-router hostile probe; do
     echo "building plugin $p" >&2
     cargo build --quiet --release -p "$p"
 done
+# The SDK template must keep building as shipped.
+echo "building sdk/rust/template" >&2
+(cd ../sdk/rust/template && CARGO_TARGET_DIR=../../../target cargo build --quiet --release)

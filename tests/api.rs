@@ -16,11 +16,21 @@ fn deploy_simulate_and_survive_a_kill() {
     assert_eq!(d.status, 201, "{d:?}");
     assert_eq!(d.body["kind"], "flow");
     assert_eq!(d.body["version"], 1);
-    let a = s.json("PUT", "/v1/tenants/acme/addresses/+37052000000", &key, &json!({"channel": "voice", "flow": "ivr"}));
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/acme/addresses/+37052000000",
+        &key,
+        &json!({"channel": "voice", "flow": "ivr"}),
+    );
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["address"], "37052000000");
 
-    let r = s.simulate("acme", &key, "ivr", json!([{"type": "digits", "digits": "2"}]));
+    let r = s.simulate(
+        "acme",
+        &key,
+        "ivr",
+        json!([{"type": "digits", "digits": "2"}]),
+    );
     assert_eq!(r.status, 200, "{r:?}");
     let steps = r.body["steps"].as_array().unwrap();
     assert_eq!(steps.len(), 2);
@@ -39,15 +49,29 @@ fn deploy_simulate_and_survive_a_kill() {
     // SIGKILL, then start again on the same data directory.
     s.kill();
     let s = Server::start(&data, &[]).unwrap();
-    assert_eq!(s.get("/v1/tenants/acme", &key).status, 200, "tenant and key survive");
+    assert_eq!(
+        s.get("/v1/tenants/acme", &key).status,
+        200,
+        "tenant and key survive"
+    );
     let p = s.get("/v1/tenants/acme/plugins/ivr", &key);
     assert_eq!(p.body["active_version"], 1, "{p:?}");
     let a = s.get("/v1/tenants/acme/addresses/37052000000", &key);
     assert_eq!(a.body["flow"], "ivr", "{a:?}");
     let list = s.get("/v1/tenants/acme/interactions", &key);
-    let ids: Vec<_> = list.body["interactions"].as_array().unwrap().iter().map(|i| i["id"].clone()).collect();
+    let ids: Vec<_> = list.body["interactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].clone())
+        .collect();
     assert!(ids.contains(&json!(ix)), "{ids:?}");
-    let r = s.simulate("acme", &key, "ivr", json!([{"type": "digits", "digits": "9"}]));
+    let r = s.simulate(
+        "acme",
+        &key,
+        "ivr",
+        json!([{"type": "digits", "digits": "9"}]),
+    );
     assert_eq!(says(&r.body["steps"][1]), vec!["Goodbye."]);
 
     // A second version, then rollback to the first.
@@ -55,7 +79,12 @@ fn deploy_simulate_and_survive_a_kill() {
     assert_eq!(d.body["version"], 2);
     let r = s.simulate("acme", &key, "ivr", json!([]));
     assert_eq!(says(&r.body["steps"][0]), vec!["probe ready"]);
-    let rb = s.json("POST", "/v1/tenants/acme/plugins/ivr/rollback", &key, &json!({}));
+    let rb = s.json(
+        "POST",
+        "/v1/tenants/acme/plugins/ivr/rollback",
+        &key,
+        &json!({}),
+    );
     assert_eq!(rb.body["active_version"], 1, "{rb:?}");
     let r = s.simulate("acme", &key, "ivr", json!([]));
     assert_eq!(r.body["steps"][0]["actions"][0]["type"], "gather");
@@ -95,62 +124,119 @@ fn tenants_are_isolated_and_errors_are_json() {
         assert!(r.body["error"]["code"].is_string(), "{m} {p}: {r:?}");
         let r = s.call(m, p, None, Some(b"{}".to_vec())).unwrap();
         assert_eq!(r.status, 401, "{m} {p} without a token: {r:?}");
-        let r = s.call(m, p, Some("pbk_forged"), Some(b"{}".to_vec())).unwrap();
+        let r = s
+            .call(m, p, Some("pbk_forged"), Some(b"{}".to_vec()))
+            .unwrap();
         assert_eq!(r.status, 401, "{m} {p} with a forged token: {r:?}");
     }
     // Tenant keys cannot create or list tenants.
-    assert_eq!(s.json("POST", "/v1/tenants", &ka, &json!({"id": "c"})).status, 403);
+    assert_eq!(
+        s.json("POST", "/v1/tenants", &ka, &json!({"id": "c"}))
+            .status,
+        403
+    );
     assert_eq!(s.get("/v1/tenants", &ka).status, 403);
     // Unknown paths, bad JSON, wrong methods: JSON errors.
     let r = s.get("/v2/nothing", &ka);
-    assert_eq!((r.status, r.body["error"]["code"].as_str()), (404, Some("not_found")));
-    let r = s.call("POST", "/v1/tenants", Some(&s.admin), Some(b"{nope".to_vec())).unwrap();
-    assert_eq!((r.status, r.body["error"]["code"].as_str()), (400, Some("bad_json")));
-    let r = s.call("DELETE", "/v1/tenants", Some(&s.admin), None).unwrap();
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let r = s
+        .call(
+            "POST",
+            "/v1/tenants",
+            Some(&s.admin),
+            Some(b"{nope".to_vec()),
+        )
+        .unwrap();
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (400, Some("bad_json"))
+    );
+    let r = s
+        .call("DELETE", "/v1/tenants", Some(&s.admin), None)
+        .unwrap();
     assert_eq!(r.status, 405);
     assert!(r.body["error"]["message"].is_string());
     let r = s.json("POST", "/v1/tenants", &s.admin, &json!({"id": "Bad/Id"}));
     assert_eq!(r.status, 400);
-    let r = s.json("PUT", "/v1/tenants/a/plugins/probe/grants", &ka, &json!({"net": true}));
+    let r = s.json(
+        "PUT",
+        "/v1/tenants/a/plugins/probe/grants",
+        &ka,
+        &json!({"net": true}),
+    );
     assert_eq!(r.status, 400, "unknown grant fields are refused: {r:?}");
     let r = s.deploy("a", &ka, "junk", b"not wasm".to_vec());
-    assert_eq!((r.status, r.body["error"]["code"].as_str()), (422, Some("invalid_plugin")));
+    assert_eq!(
+        (r.status, r.body["error"]["code"].as_str()),
+        (422, Some("invalid_plugin"))
+    );
     let r = s.simulate("a", &ka, "probe", json!([{"type": "nonsense"}]));
     assert_eq!(r.status, 400);
 
     // kv is scoped to the tenant: same key name, separate counters.
     for (t, k) in [("a", &ka), ("b", &kb)] {
-        let r = s.json("PUT", &format!("/v1/tenants/{t}/plugins/probe/grants"), k, &json!({"kv": true}));
+        let r = s.json(
+            "PUT",
+            &format!("/v1/tenants/{t}/plugins/probe/grants"),
+            k,
+            &json!({"kv": true}),
+        );
         assert_eq!(r.status, 200, "{r:?}");
     }
     let two = json!([{"type": "digits", "digits": "2"}, {"type": "digits", "digits": "2"}]);
     let r = s.simulate("a", &ka, "probe", two);
     assert_eq!(says(&r.body["steps"][2]), vec!["kv count 2"], "{r:?}");
-    let r = s.simulate("b", &kb, "probe", json!([{"type": "digits", "digits": "2"}]));
+    let r = s.simulate(
+        "b",
+        &kb,
+        "probe",
+        json!([{"type": "digits", "digits": "2"}]),
+    );
     assert_eq!(says(&r.body["steps"][1]), vec!["kv count 1"], "{r:?}");
     // And b's interactions are not a's.
-    let ia = s.get("/v1/tenants/a/interactions", &ka).body["interactions"].as_array().unwrap().len();
+    let ia = s.get("/v1/tenants/a/interactions", &ka).body["interactions"]
+        .as_array()
+        .unwrap()
+        .len();
     assert_eq!(ia, 1);
 }
 
 #[test]
 fn hostile_plugins_are_contained_while_others_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(&dir.path().join("data"), &["--deadline-ms", "100", "--memory-mib", "32"]).unwrap();
+    let s = Server::start(
+        &dir.path().join("data"),
+        &["--deadline-ms", "100", "--memory-mib", "32"],
+    )
+    .unwrap();
     let ke = s.tenant("evil");
     let kg = s.tenant("good");
     for mode in ["loop", "memory", "trap", "output"] {
         assert_eq!(s.deploy("evil", &ke, mode, plugin("hostile")).status, 201);
-        let r = s.json("PUT", &format!("/v1/tenants/evil/plugins/{mode}/config"), &ke, &json!({"mode": mode}));
+        let r = s.json(
+            "PUT",
+            &format!("/v1/tenants/evil/plugins/{mode}/config"),
+            &ke,
+            &json!({"mode": mode}),
+        );
         assert_eq!(r.status, 200);
     }
-    assert_eq!(s.deploy("good", &kg, "ivr", plugin("hello_ivr")).status, 201);
+    assert_eq!(
+        s.deploy("good", &kg, "ivr", plugin("hello_ivr")).status,
+        201
+    );
 
     let url = s.url();
     let good = std::thread::spawn({
         let kg = kg.clone();
         move || {
-            let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .build()
+                .into();
             let mut ok = 0;
             for _ in 0..40 {
                 let mut resp = agent
@@ -181,29 +267,48 @@ fn hostile_plugins_are_contained_while_others_answer() {
             assert_eq!(r.body["error"]["code"], code, "{mode}: {r:?}");
             let step = &r.body["steps"][0];
             assert_eq!(step["fallback"], true);
-            assert_eq!(step["actions"][1]["type"], "enqueue", "fallback queues the caller");
+            assert_eq!(
+                step["actions"][1]["type"], "enqueue",
+                "fallback queues the caller"
+            );
             if mode == "loop" {
                 let server_ms = step["elapsed_us"].as_u64().unwrap() / 1000;
-                assert!(server_ms <= 100 + 100, "loop stopped after {server_ms} ms for a 100 ms budget");
+                assert!(
+                    server_ms <= 100 + 100,
+                    "loop stopped after {server_ms} ms for a 100 ms budget"
+                );
                 assert!(wall_ms < 100 + 2000, "simulate answered after {wall_ms} ms");
             }
         }
     }
-    assert_eq!(good.join().unwrap(), 40, "the good tenant answered every time");
+    assert_eq!(
+        good.join().unwrap(),
+        40,
+        "the good tenant answered every time"
+    );
     // The failures are on the timeline and in the metrics.
     let list = s.get("/v1/tenants/evil/interactions?limit=1", &ke);
-    let tl = list.body["interactions"][0]["timeline"].as_array().unwrap().clone();
+    let tl = list.body["interactions"][0]["timeline"]
+        .as_array()
+        .unwrap()
+        .clone();
     assert!(tl.iter().any(|e| e["kind"] == "error"), "{tl:?}");
     assert!(tl.iter().any(|e| e["kind"] == "fallback"), "{tl:?}");
     let m = s.call("GET", "/metrics", None, None).unwrap();
     let text = m.body.as_str().unwrap_or_default().to_string();
-    assert!(text.contains(r#"plugboard_plugin_failures_total{tenant="evil",code="plugin_timeout"} 3"#), "{text}");
+    assert!(
+        text.contains(r#"plugboard_plugin_failures_total{tenant="evil",code="plugin_timeout"} 3"#),
+        "{text}"
+    );
     assert!(s.call("GET", "/healthz", None, None).unwrap().status == 200);
 }
 
 fn mis(path: &str) -> (u16, String) {
     match path {
-        "/waybills/123" => (200, r#"{"status":"in transit","location":"Vilnius"}"#.into()),
+        "/waybills/123" => (
+            200,
+            r#"{"status":"in transit","location":"Vilnius"}"#.into(),
+        ),
         "/hello" => (200, "hi".into()),
         _ => (404, "{}".into()),
     }
@@ -216,11 +321,28 @@ fn http_only_to_granted_hosts() {
     let k = s.tenant("integrator");
     let web = TinyHttp::start(mis);
     let other = TinyHttp::start(mis);
-    assert_eq!(s.deploy("integrator", &k, "probe", plugin("probe")).status, 201);
+    assert_eq!(
+        s.deploy("integrator", &k, "probe", plugin("probe")).status,
+        201
+    );
     let cfg = json!({"url": format!("http://127.0.0.1:{}/hello", web.port), "addr": format!("127.0.0.1:{}", web.port)});
-    assert_eq!(s.json("PUT", "/v1/tenants/integrator/plugins/probe/config", &k, &cfg).status, 200);
+    assert_eq!(
+        s.json(
+            "PUT",
+            "/v1/tenants/integrator/plugins/probe/config",
+            &k,
+            &cfg
+        )
+        .status,
+        200
+    );
     let probe = |digit: &str| {
-        let r = s.simulate("integrator", &k, "probe", json!([{"type": "digits", "digits": digit}]));
+        let r = s.simulate(
+            "integrator",
+            &k,
+            "probe",
+            json!([{"type": "digits", "digits": digit}]),
+        );
         says(&r.body["steps"][1]).join(" ")
     };
     // No grant: no request leaves, raw sockets are refused too.
@@ -229,27 +351,65 @@ fn http_only_to_granted_hosts() {
     assert_eq!(web.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     // A grant for another host only.
     let g = json!({"http": {"allow": [format!("127.0.0.1:{}", other.port)]}});
-    assert_eq!(s.json("PUT", "/v1/tenants/integrator/plugins/probe/grants", &k, &g).status, 200);
+    assert_eq!(
+        s.json("PUT", "/v1/tenants/integrator/plugins/probe/grants", &k, &g)
+            .status,
+        200
+    );
     assert!(probe("1").contains(&format!("not granted: http to 127.0.0.1:{}", web.port)));
     assert_eq!(web.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     // The right grant.
     let g = json!({"http": {"allow": [format!("127.0.0.1:{}", web.port)]}});
-    assert_eq!(s.json("PUT", "/v1/tenants/integrator/plugins/probe/grants", &k, &g).status, 200);
+    assert_eq!(
+        s.json("PUT", "/v1/tenants/integrator/plugins/probe/grants", &k, &g)
+            .status,
+        200
+    );
     assert_eq!(probe("1"), "http 200 hi");
     assert_eq!(web.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(other.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
 
     // The cargo-lookup flow asks the MIS and speaks the answer.
-    assert_eq!(s.deploy("integrator", &k, "cargo", plugin("cargo_lookup")).status, 201);
+    assert_eq!(
+        s.deploy("integrator", &k, "cargo", plugin("cargo_lookup"))
+            .status,
+        201
+    );
     let cfg = json!({"mis_url": format!("http://127.0.0.1:{}", web.port)});
-    assert_eq!(s.json("PUT", "/v1/tenants/integrator/plugins/cargo/config", &k, &cfg).status, 200);
-    assert_eq!(s.json("PUT", "/v1/tenants/integrator/plugins/cargo/grants", &k, &g).status, 200);
-    let r = s.simulate("integrator", &k, "cargo", json!([{"type": "digits", "digits": "123", "terminated": true}]));
+    assert_eq!(
+        s.json(
+            "PUT",
+            "/v1/tenants/integrator/plugins/cargo/config",
+            &k,
+            &cfg
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        s.json("PUT", "/v1/tenants/integrator/plugins/cargo/grants", &k, &g)
+            .status,
+        200
+    );
+    let r = s.simulate(
+        "integrator",
+        &k,
+        "cargo",
+        json!([{"type": "digits", "digits": "123", "terminated": true}]),
+    );
     assert_eq!(
         says(&r.body["steps"][1]),
         vec!["Waybill 1 2 3: your cargo is in transit, now in Vilnius."],
         "{r:?}"
     );
-    let r = s.simulate("integrator", &k, "cargo", json!([{"type": "digits", "digits": "999"}]));
-    assert_eq!(says(&r.body["steps"][1]), vec!["Sorry, waybill 9 9 9 was not found."]);
+    let r = s.simulate(
+        "integrator",
+        &k,
+        "cargo",
+        json!([{"type": "digits", "digits": "999"}]),
+    );
+    assert_eq!(
+        says(&r.body["steps"][1]),
+        vec!["Sorry, waybill 9 9 9 was not found."]
+    );
 }

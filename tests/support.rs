@@ -26,19 +26,30 @@ pub fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("plugboard");
-    assert!(bin.exists(), "{} missing: run `cargo build --bins` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} missing: run `cargo build --bins` first",
+        bin.display()
+    );
     bin
 }
 
 /// A first-party plugin component built by scripts/build-plugins.sh.
 pub fn plugin(name: &str) -> Vec<u8> {
-    let p = root().join("target/wasm32-wasip2/release").join(format!("{name}.wasm"));
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-plugins.sh)", p.display()))
+    let p = root()
+        .join("target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&p)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-plugins.sh)", p.display()))
 }
 
 /// A free loopback port.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running server.
@@ -80,7 +91,13 @@ impl Server {
             .timeout_global(Some(Duration::from_secs(60)))
             .build()
             .into();
-        let mut s = Server { child, port, data_dir: data_dir.to_path_buf(), admin, agent };
+        let mut s = Server {
+            child,
+            port,
+            data_dir: data_dir.to_path_buf(),
+            admin,
+            agent,
+        };
         let t0 = Instant::now();
         loop {
             if let Ok(a) = s.call("GET", "/healthz", None, None)
@@ -110,8 +127,16 @@ impl Server {
     }
 
     /// One request; `body` is JSON unless `raw` is given.
-    pub fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Vec<u8>>) -> Result<Answer> {
-        let mut req = ureq::http::Request::builder().method(method).uri(format!("{}{path}", self.url()));
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer> {
+        let mut req = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url()));
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -125,7 +150,13 @@ impl Server {
 
     /// A JSON request.
     pub fn json(&self, method: &str, path: &str, token: &str, body: &Value) -> Answer {
-        self.call(method, path, Some(token), Some(serde_json::to_vec(body).unwrap())).unwrap()
+        self.call(
+            method,
+            path,
+            Some(token),
+            Some(serde_json::to_vec(body).unwrap()),
+        )
+        .unwrap()
     }
 
     /// A GET.
@@ -135,14 +166,25 @@ impl Server {
 
     /// Creates a tenant; returns its API key.
     pub fn tenant(&self, id: &str) -> String {
-        let a = self.json("POST", "/v1/tenants", &self.admin.clone(), &serde_json::json!({"id": id}));
+        let a = self.json(
+            "POST",
+            "/v1/tenants",
+            &self.admin.clone(),
+            &serde_json::json!({"id": id}),
+        );
         assert_eq!(a.status, 201, "{a:?}");
         a.body["api_key"].as_str().unwrap().to_string()
     }
 
     /// Deploys a plugin; returns the answer body.
     pub fn deploy(&self, tenant: &str, token: &str, name: &str, bytes: Vec<u8>) -> Answer {
-        self.call("PUT", &format!("/v1/tenants/{tenant}/plugins/{name}"), Some(token), Some(bytes)).unwrap()
+        self.call(
+            "PUT",
+            &format!("/v1/tenants/{tenant}/plugins/{name}"),
+            Some(token),
+            Some(bytes),
+        )
+        .unwrap()
     }
 
     /// Simulates a flow.

@@ -62,9 +62,7 @@ impl From<CoreError> for ApiError {
             CoreError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", m),
             CoreError::NotFound(m) => ApiError::not_found(format!("{m} not found")),
             CoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "conflict", m),
-            CoreError::Storage(m) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", m)
-            }
+            CoreError::Storage(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", m),
         }
     }
 }
@@ -105,7 +103,12 @@ pub struct AppState {
 impl AppState {
     /// Wires the API to a store and a plugin host. `admin_token` is the
     /// bearer token of the operator; only its hash is kept.
-    pub fn new(store: Arc<dyn Store>, host: Arc<PluginHost>, admin_token: &str, limits: Limits) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        host: Arc<PluginHost>,
+        admin_token: &str,
+        limits: Limits,
+    ) -> Self {
         let permits = Arc::new(Semaphore::new(host.max_concurrent() as usize));
         AppState {
             store,
@@ -141,7 +144,12 @@ impl AppState {
         Ok(n)
     }
 
-    fn loaded_version(&self, tenant: &str, name: &str, version: u64) -> ApiResult<Arc<LoadedPlugin>> {
+    fn loaded_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: u64,
+    ) -> ApiResult<Arc<LoadedPlugin>> {
         let key = (tenant.to_string(), name.to_string(), version);
         if let Some(p) = self.loaded.read().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(p);
@@ -154,15 +162,26 @@ impl AppState {
             .versions
             .iter()
             .find(|v| v.version == version)
-            .ok_or_else(|| ApiError::not_found(format!("plugin {name} version {version} not found")))?;
-        let bytes = self
-            .store
-            .plugin_bytes(tenant, &v.sha256)?
-            .ok_or_else(|| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", "component bytes missing"))?;
+            .ok_or_else(|| {
+                ApiError::not_found(format!("plugin {name} version {version} not found"))
+            })?;
+        let bytes = self.store.plugin_bytes(tenant, &v.sha256)?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "storage",
+                "component bytes missing",
+            )
+        })?;
         let p = Arc::new(
             self.host
                 .load_with_hash(v.sha256.clone(), &bytes)
-                .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "plugin_load", e.to_string()))?,
+                .map_err(|e| {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "plugin_load",
+                        e.to_string(),
+                    )
+                })?,
         );
         if let Ok(mut m) = self.loaded.write() {
             m.insert(key, p.clone());
@@ -204,14 +223,22 @@ fn caller(state: &AppState, token: Option<&str>) -> ApiResult<Caller> {
     }
     match state.store.tenant_for_key(&h)? {
         Some(t) => Ok(Caller::Tenant(t)),
-        None => Err(ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token")),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown token",
+        )),
     }
 }
 
 fn admin(state: &AppState, headers: &HeaderMap) -> ApiResult<()> {
     match caller(state, bearer(headers))? {
         Caller::Admin => Ok(()),
-        Caller::Tenant(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "forbidden", "admin token required")),
+        Caller::Tenant(_) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "admin token required",
+        )),
     }
 }
 
@@ -239,7 +266,13 @@ fn tenant_access(state: &AppState, headers: &HeaderMap, tenant: &str) -> ApiResu
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+            format!("invalid JSON body: {e}"),
+        )
+    })
 }
 
 fn random_token(prefix: &str) -> ApiResult<String> {
@@ -260,27 +293,45 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tenants/{t}/plugins", get(list_plugins))
         .route(
             "/v1/tenants/{t}/plugins/{name}",
-            put(deploy_plugin).get(get_plugin).layer(DefaultBodyLimit::max(64 << 20)),
+            put(deploy_plugin)
+                .get(get_plugin)
+                .layer(DefaultBodyLimit::max(64 << 20)),
         )
         .route("/v1/tenants/{t}/plugins/{name}/rollback", post(rollback))
-        .route("/v1/tenants/{t}/plugins/{name}/grants", put(set_grants).get(get_grants))
-        .route("/v1/tenants/{t}/plugins/{name}/config", put(set_config).get(get_config))
+        .route(
+            "/v1/tenants/{t}/plugins/{name}/grants",
+            put(set_grants).get(get_grants),
+        )
+        .route(
+            "/v1/tenants/{t}/plugins/{name}/config",
+            put(set_config).get(get_config),
+        )
         .route("/v1/tenants/{t}/addresses", get(list_addresses))
-        .route("/v1/tenants/{t}/addresses/{address}", put(set_address).get(get_address))
+        .route(
+            "/v1/tenants/{t}/addresses/{address}",
+            put(set_address).get(get_address),
+        )
         .route("/v1/tenants/{t}/flows/{name}/simulate", post(simulate))
         .route("/v1/tenants/{t}/interactions", get(list_interactions))
         .route("/v1/tenants/{t}/interactions/{id}", get(get_interaction))
         .route("/v1/tenants/{t}/events", get(events))
         .fallback(|| async { ApiError::not_found("no such path") })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this path")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this path",
+            )
         })
         .with_state(state)
 }
 
 async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(s.loaded_count()),
     )
         .into_response()
@@ -304,7 +355,11 @@ struct NewTenant {
     time_zone: Option<String>,
 }
 
-async fn create_tenant(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+async fn create_tenant(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Response> {
     admin(&s, &headers)?;
     let req: NewTenant = parse_json(&body)?;
     validate_id("tenant", &req.id)?;
@@ -323,16 +378,27 @@ async fn create_tenant(State(s): State<Arc<AppState>>, headers: HeaderMap, body:
         .into_response())
 }
 
-async fn list_tenants(State(s): State<Arc<AppState>>, headers: HeaderMap) -> ApiResult<Json<Value>> {
+async fn list_tenants(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
     admin(&s, &headers)?;
     Ok(Json(json!({"tenants": s.store.tenants()?})))
 }
 
-async fn get_tenant(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(t): Path<String>) -> ApiResult<Json<Tenant>> {
+async fn get_tenant(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+) -> ApiResult<Json<Tenant>> {
     Ok(Json(tenant_access(&s, &headers, &t)?))
 }
 
-async fn list_plugins(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(t): Path<String>) -> ApiResult<Json<Value>> {
+async fn list_plugins(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+) -> ApiResult<Json<Value>> {
     tenant_access(&s, &headers, &t)?;
     Ok(Json(json!({"plugins": s.store.plugins(&t)?})))
 }
@@ -359,14 +425,22 @@ async fn deploy_plugin(
     tenant_access(&s, &headers, &t)?;
     validate_id("plugin", &name)?;
     if body.is_empty() {
-        return Err(ApiError::bad_request("body must be a WebAssembly component (application/wasm)"));
+        return Err(ApiError::bad_request(
+            "body must be a WebAssembly component (application/wasm)",
+        ));
     }
     let host = s.host.clone();
     let bytes = body.clone();
     let loaded = tokio::task::spawn_blocking(move || host.load(&bytes))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_plugin", e.to_string()))?;
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_plugin",
+                e.to_string(),
+            )
+        })?;
     let version = s.store.add_plugin_version(
         &t,
         PluginVersion {
@@ -410,7 +484,11 @@ async fn rollback(
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
     tenant_access(&s, &headers, &t)?;
-    let req: RollbackReq = if body.is_empty() { RollbackReq::default() } else { parse_json(&body)? };
+    let req: RollbackReq = if body.is_empty() {
+        RollbackReq::default()
+    } else {
+        parse_json(&body)?
+    };
     let v = s.store.set_active_version(&t, &name, req.version)?;
     Ok(Json(json!({"name": name, "active_version": v})))
 }
@@ -524,7 +602,11 @@ async fn get_address(
         .ok_or_else(|| ApiError::not_found(format!("address {a} not found")))
 }
 
-async fn list_addresses(State(s): State<Arc<AppState>>, headers: HeaderMap, Path(t): Path<String>) -> ApiResult<Json<Value>> {
+async fn list_addresses(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+) -> ApiResult<Json<Value>> {
     tenant_access(&s, &headers, &t)?;
     Ok(Json(json!({"addresses": s.store.addresses(&t)?})))
 }
@@ -575,7 +657,9 @@ impl AppState {
         })
         .await
         .unwrap_or_else(|e| Report {
-            outcome: Err(InvokeError::Instantiate(format!("invocation task failed: {e}"))),
+            outcome: Err(InvokeError::Instantiate(format!(
+                "invocation task failed: {e}"
+            ))),
             logs: Vec::new(),
             calls: Vec::new(),
             elapsed_us: 0,
@@ -635,7 +719,10 @@ async fn simulate(
         channel: req.channel,
         from: req.from,
         to: normalize_address(&req.to),
-        flow: Some(FlowRef { name: name.clone(), version }),
+        flow: Some(FlowRef {
+            name: name.clone(),
+            version,
+        }),
         state: InteractionState::InFlow,
         attributes: req.attributes,
         simulated: true,
@@ -650,7 +737,10 @@ async fn simulate(
     for event in events {
         let ev_json = serde_json::to_value(&event).unwrap_or_default();
         ix.push("event", ev_json.clone());
-        s.publish(&t, json!({"interaction": ix.id, "kind": "event", "data": ev_json}));
+        s.publish(
+            &t,
+            json!({"interaction": ix.id, "kind": "event", "data": ev_json}),
+        );
         let env = PluginEnv {
             tenant: t.clone(),
             plugin: name.clone(),
@@ -668,9 +758,15 @@ async fn simulate(
             channel: ix.channel,
             from: ix.from.clone(),
             to: ix.to.clone(),
-            attributes: ix.attributes.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            attributes: ix
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         };
-        let report = s.run_flow(plugin.clone(), env, input, state.clone(), event.clone()).await;
+        let report = s
+            .run_flow(plugin.clone(), env, input, state.clone(), event.clone())
+            .await;
         for l in &report.logs {
             ix.push("log", json!(l));
         }
@@ -694,8 +790,14 @@ async fn simulate(
                     state = st.clone();
                 }
                 let actions = serde_json::to_value(&out.actions).unwrap_or_default();
-                ix.push("actions", json!({"actions": actions, "elapsed_us": report.elapsed_us}));
-                s.publish(&t, json!({"interaction": ix.id, "kind": "actions", "data": actions}));
+                ix.push(
+                    "actions",
+                    json!({"actions": actions, "elapsed_us": report.elapsed_us}),
+                );
+                s.publish(
+                    &t,
+                    json!({"interaction": ix.id, "kind": "actions", "data": actions}),
+                );
                 steps.push(json!({"event": event, "actions": actions, "state": out.state, "elapsed_us": report.elapsed_us}));
                 if hangup || event == Event::Hangup {
                     break;
@@ -707,7 +809,10 @@ async fn simulate(
                 let fallback = serde_json::to_value(fallback_actions()).unwrap_or_default();
                 ix.push("fallback", json!({"actions": fallback}));
                 ix.state = InteractionState::Queued;
-                s.publish(&t, json!({"interaction": ix.id, "kind": "error", "data": err}));
+                s.publish(
+                    &t,
+                    json!({"interaction": ix.id, "kind": "error", "data": err}),
+                );
                 steps.push(json!({"event": event, "actions": fallback, "fallback": true, "error": err, "elapsed_us": report.elapsed_us}));
                 failure = Some(e);
                 break;
@@ -758,7 +863,9 @@ async fn list_interactions(
 ) -> ApiResult<Json<Value>> {
     tenant_access(&s, &headers, &t)?;
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
-    Ok(Json(json!({"interactions": s.store.interactions(&t, limit)?})))
+    Ok(Json(
+        json!({"interactions": s.store.interactions(&t, limit)?}),
+    ))
 }
 
 async fn get_interaction(
@@ -788,12 +895,17 @@ async fn events(
     // Browsers cannot set headers on a WebSocket: accept `?token=` too.
     let token = bearer(&headers).map(str::to_string).or(q.token);
     tenant_access_token(&s, token.as_deref(), &t)?;
-    let ws = ws.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "websocket_required", e.to_string()))?;
+    let ws = ws
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "websocket_required", e.to_string()))?;
     let rx = s.events.subscribe();
     Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, t)))
 }
 
-async fn stream_events(mut socket: WebSocket, mut rx: broadcast::Receiver<StreamEvent>, tenant: String) {
+async fn stream_events(
+    mut socket: WebSocket,
+    mut rx: broadcast::Receiver<StreamEvent>,
+    tenant: String,
+) {
     loop {
         tokio::select! {
             ev = rx.recv() => match ev {

@@ -224,8 +224,9 @@ pub enum Action {
 pub fn fallback_actions() -> Vec<Action> {
     vec![
         Action::Say {
-            text: "We are sorry, something went wrong. Please hold while we connect you to an agent."
-                .to_string(),
+            text:
+                "We are sorry, something went wrong. Please hold while we connect you to an agent."
+                    .to_string(),
             voice: None,
             language: None,
         },
@@ -243,8 +244,8 @@ mod tests {
 
     #[test]
     fn json_roundtrip() {
-        let e: Event = serde_json::from_str(r#"{"type":"digits","digits":"12"}"#)
-            .unwrap_or(Event::Timeout);
+        let e: Event =
+            serde_json::from_str(r#"{"type":"digits","digits":"12"}"#).unwrap_or(Event::Timeout);
         assert_eq!(
             e,
             Event::Digits {

@@ -328,6 +328,17 @@ pub fn interaction_id(now_ms: u64, nonce: u32) -> String {
     format!("ix-{now_ms:013}-{nonce:08x}")
 }
 
+/// A tenant-scoped key-value store, the backing of the plugins' `kv` import.
+/// Implementations keep each tenant's keys apart whatever the key names.
+pub trait TenantKv: Send + Sync {
+    /// Reads `key` of `tenant`.
+    fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, Error>;
+    /// Writes `key` of `tenant`; durable on return.
+    fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), Error>;
+    /// Deletes `key` of `tenant`; durable on return.
+    fn kv_delete(&self, tenant: &str, key: &str) -> Result<(), Error>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,19 +365,9 @@ mod tests {
             .unwrap_or_default();
         assert!(g.validate().is_ok());
         assert!(g.kv);
-        let bad: Grants = serde_json::from_str(r#"{"http":{"allow":["nohost"]}}"#).unwrap_or_default();
+        let bad: Grants =
+            serde_json::from_str(r#"{"http":{"allow":["nohost"]}}"#).unwrap_or_default();
         assert!(bad.validate().is_err());
         assert!(serde_json::from_str::<Grants>(r#"{"net":true}"#).is_err());
     }
-}
-
-/// A tenant-scoped key-value store, the backing of the plugins' `kv` import.
-/// Implementations keep each tenant's keys apart whatever the key names.
-pub trait TenantKv: Send + Sync {
-    /// Reads `key` of `tenant`.
-    fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, Error>;
-    /// Writes `key` of `tenant`; durable on return.
-    fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), Error>;
-    /// Deletes `key` of `tenant`; durable on return.
-    fn kv_delete(&self, tenant: &str, key: &str) -> Result<(), Error>;
 }

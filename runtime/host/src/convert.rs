@@ -2,8 +2,8 @@
 //! `plugboard-core`.
 
 use crate::bindings::flow::plugboard::flow::types as w;
-use plugboard_core::flow::{Action, Event, Say};
 use plugboard_core::Channel;
+use plugboard_core::flow::{Action, Event, Say};
 
 pub(crate) fn channel_to_wit(c: Channel) -> w::Channel {
     match c {
@@ -54,9 +54,7 @@ pub(crate) fn event_to_wit(e: &Event) -> w::Event {
             waited_secs,
         }),
         Event::AgentConnected { agent } => w::Event::AgentConnected(agent),
-        Event::Recorded { id, duration_ms } => {
-            w::Event::Recorded(w::Recording { id, duration_ms })
-        }
+        Event::Recorded { id, duration_ms } => w::Event::Recorded(w::Recording { id, duration_ms }),
         Event::DialResult { outcome } => w::Event::DialResult(outcome),
         Event::Hangup => w::Event::Hangup,
     }

@@ -174,7 +174,10 @@ impl log::Host for Ctx {
 }
 
 impl Ctx {
-    fn kv_check(&mut self, key: &str) -> Result<std::sync::Arc<dyn plugboard_core::TenantKv>, types::Error> {
+    fn kv_check(
+        &mut self,
+        key: &str,
+    ) -> Result<std::sync::Arc<dyn plugboard_core::TenantKv>, types::Error> {
         if !self.env.grants.kv {
             return Err(types::Error::NotGranted("kv".into()));
         }
@@ -286,7 +289,11 @@ impl Ctx {
             .timeout_ms
             .map_or(grant_timeout, |t| t.min(grant_timeout))
             .max(1);
-        let cap = u64::from(grant.max_response_bytes.unwrap_or(HTTP_DEFAULT_MAX_RESPONSE));
+        let cap = u64::from(
+            grant
+                .max_response_bytes
+                .unwrap_or(HTTP_DEFAULT_MAX_RESPONSE),
+        );
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_millis(u64::from(timeout))))
             .max_redirects(0)
@@ -394,6 +401,11 @@ impl clock::Host for Ctx {
     }
 }
 
+impl crate::bindings::flow::plugboard::flow::types::Host for Ctx {}
+impl crate::bindings::router::plugboard::router::types::Host for Ctx {}
+impl crate::bindings::tts::plugboard::tts::types::Host for Ctx {}
+impl crate::bindings::crm::plugboard::crm::types::Host for Ctx {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,8 +429,3 @@ mod tests {
         assert!(http_authority("http:///x").is_err());
     }
 }
-
-impl crate::bindings::flow::plugboard::flow::types::Host for Ctx {}
-impl crate::bindings::router::plugboard::router::types::Host for Ctx {}
-impl crate::bindings::tts::plugboard::tts::types::Host for Ctx {}
-impl crate::bindings::crm::plugboard::crm::types::Host for Ctx {}

@@ -35,8 +35,8 @@ pub mod bindings;
 mod convert;
 mod ctx;
 
-pub use ctx::{HostCall, LogLine};
 use ctx::Ctx;
+pub use ctx::{HostCall, LogLine};
 
 /// Errors loading a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -468,11 +468,18 @@ impl PluginHost {
     }
 
     fn cache_path(&self, sha: &str) -> Option<PathBuf> {
-        self.cache_dir.as_ref().map(|d| d.join(format!("{sha}.cwasm")))
+        self.cache_dir
+            .as_ref()
+            .map(|d| d.join(format!("{sha}.cwasm")))
     }
 
     fn component(&self, sha: &str, bytes: &[u8]) -> Result<(Component, LoadSource), HostError> {
-        if let Some(c) = self.components.lock().ok().and_then(|m| m.get(sha).cloned()) {
+        if let Some(c) = self
+            .components
+            .lock()
+            .ok()
+            .and_then(|m| m.get(sha).cloned())
+        {
             return Ok((c, LoadSource::Memory));
         }
         let mut source = LoadSource::Compiled;
@@ -514,7 +521,10 @@ impl PluginHost {
     /// Tells which world a component implements from its exports.
     pub fn detect_kind(&self, component: &Component) -> Result<PluginKind, HostError> {
         let ty = component.component_type();
-        let names: Vec<String> = ty.exports(&self.engine).map(|(n, _)| n.to_string()).collect();
+        let names: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
         for (export, kind) in [
             (bindings::FLOW_EXPORT, PluginKind::Flow),
             (bindings::ROUTER_EXPORT, PluginKind::Router),
@@ -554,7 +564,9 @@ impl PluginHost {
         let link = |e: wasmtime::Error| HostError::Link(format!("{e:#}"));
         let pre = match kind {
             PluginKind::Flow => Pre::Flow(bindings::flow::FlowPre::new(ipre).map_err(link)?),
-            PluginKind::Router => Pre::Router(bindings::router::RouterPre::new(ipre).map_err(link)?),
+            PluginKind::Router => {
+                Pre::Router(bindings::router::RouterPre::new(ipre).map_err(link)?)
+            }
             PluginKind::Tts => Pre::Tts(bindings::tts::TtsPre::new(ipre).map_err(link)?),
             PluginKind::Crm => Pre::Crm(bindings::crm::CrmPre::new(ipre).map_err(link)?),
         };
@@ -769,9 +781,11 @@ impl PluginHost {
         let channel = channel.to_string();
         self.run(env, |store| {
             let inst = pre.instantiate(&mut *store)?;
-            let r = inst
-                .plugboard_crm_connector()
-                .call_lookup_customer(&mut *store, &channel, address)?;
+            let r = inst.plugboard_crm_connector().call_lookup_customer(
+                &mut *store,
+                &channel,
+                address,
+            )?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(p) => {
@@ -783,7 +797,10 @@ impl PluginHost {
                     let size = p.as_ref().map_or(0, |p| {
                         p.id.len()
                             + p.name.as_ref().map_or(0, String::len)
-                            + p.attributes.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                            + p.attributes
+                                .iter()
+                                .map(|(k, v)| k.len() + v.len())
+                                .sum::<usize>()
                     });
                     if size > limits.output_bytes {
                         Err(InvokeError::OutputTooLarge {

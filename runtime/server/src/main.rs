@@ -13,17 +13,31 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Parser)]
-#[command(name = "plugboard", version, about = "Programmable contact-centre platform")]
+#[command(
+    name = "plugboard",
+    version,
+    about = "Programmable contact-centre platform"
+)]
 struct Cli {
     /// API base URL (client commands).
-    #[arg(long, global = true, env = "PLUGBOARD_URL", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "PLUGBOARD_URL",
+        default_value = "http://127.0.0.1:8080"
+    )]
     url: String,
     /// Bearer token (client commands): the admin token or a tenant API key.
     /// Defaults to the admin token file in --data-dir.
     #[arg(long, global = true, env = "PLUGBOARD_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Data directory (store, compile cache, admin token).
-    #[arg(long, global = true, env = "PLUGBOARD_DATA_DIR", default_value = "data")]
+    #[arg(
+        long,
+        global = true,
+        env = "PLUGBOARD_DATA_DIR",
+        default_value = "data"
+    )]
     data_dir: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
@@ -222,7 +236,13 @@ fn admin_token(data_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
-fn serve(data_dir: &Path, http: SocketAddr, deadline_ms: u64, memory_mib: usize, max_concurrent: u32) -> Result<()> {
+fn serve(
+    data_dir: &Path,
+    http: SocketAddr,
+    deadline_ms: u64,
+    memory_mib: usize,
+    max_concurrent: u32,
+) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -230,7 +250,8 @@ fn serve(data_dir: &Path, http: SocketAddr, deadline_ms: u64, memory_mib: usize,
         )
         .with_writer(std::io::stderr)
         .init();
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = admin_token(data_dir)?;
     let store = Arc::new(SledStore::open(&data_dir.join("store")).context("opening the store")?);
     let host = Arc::new(
@@ -250,8 +271,13 @@ fn serve(data_dir: &Path, http: SocketAddr, deadline_ms: u64, memory_mib: usize,
     let state = Arc::new(AppState::new(store, host, &token, limits));
     let t0 = Instant::now();
     let n = state.preload()?;
-    tracing::info!("loaded {n} plugin versions in {} ms", t0.elapsed().as_millis());
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    tracing::info!(
+        "loaded {n} plugin versions in {} ms",
+        t0.elapsed().as_millis()
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(http)
             .await
@@ -269,13 +295,14 @@ async fn shutdown() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -339,7 +366,10 @@ impl Client {
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .unwrap_or_else(|| v.to_string());
-            let code = v.pointer("/error/code").and_then(Value::as_str).unwrap_or("error");
+            let code = v
+                .pointer("/error/code")
+                .and_then(Value::as_str)
+                .unwrap_or("error");
             if let Some(steps) = v.get("steps") {
                 println!("{}", serde_json::to_string_pretty(steps)?);
             }
@@ -349,7 +379,11 @@ impl Client {
     }
 
     fn json(&self, method: &str, path: &str, body: &Value) -> Result<Value> {
-        self.call(method, path, Some(("application/json", serde_json::to_vec(body)?)))
+        self.call(
+            method,
+            path,
+            Some(("application/json", serde_json::to_vec(body)?)),
+        )
     }
 }
 

@@ -120,7 +120,10 @@ impl SledStore {
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(tree: &sled::Tree, key: &str) -> Result<Option<T>> {
-        tree.get(key).map_err(storage)?.map(|b| parse(&b)).transpose()
+        tree.get(key)
+            .map_err(storage)?
+            .map(|b| parse(&b))
+            .transpose()
     }
 
     fn plugin_info(&self, space: &sled::Tree, name: &str) -> Result<Option<PluginInfo>> {
@@ -132,7 +135,8 @@ impl SledStore {
         let Some(last) = versions.last() else {
             return Ok(None);
         };
-        let active: u64 = Self::get_json(space, &format!("plugin/{name}/active"))?.unwrap_or(last.version);
+        let active: u64 =
+            Self::get_json(space, &format!("plugin/{name}/active"))?.unwrap_or(last.version);
         let kind = versions
             .iter()
             .find(|v| v.version == active)
@@ -151,7 +155,10 @@ impl SledStore {
 impl TenantKv for SledStore {
     fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>> {
         let space = self.space(tenant)?;
-        Ok(space.get(format!("kv/{key}")).map_err(storage)?.map(|v| v.to_vec()))
+        Ok(space
+            .get(format!("kv/{key}"))
+            .map_err(storage)?
+            .map(|v| v.to_vec()))
     }
 
     fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<()> {
@@ -221,7 +228,10 @@ impl Store for SledStore {
             .insert(version_key(&version.name, version.version), json(&version)?)
             .map_err(storage)?;
         space
-            .insert(format!("plugin/{}/active", version.name), json(&version.version)?)
+            .insert(
+                format!("plugin/{}/active", version.name),
+                json(&version.version)?,
+            )
             .map_err(storage)?;
         self.flush()?;
         Ok(version)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Sets up and runs the server with the embedded store and a seeded demo
+# tenant ("demo"): the first-party plugins built from source and deployed,
+# the demo MIS answering waybill lookups, addresses mapped.
+#
+# Environment: PLUGBOARD_HTTP (default 127.0.0.1:8080), PLUGBOARD_DATA_DIR
+# (default ./data), MIS_PORT (default 8090).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/build-plugins.sh
+cargo build --release --bin plugboard
+BIN=target/release/plugboard
+HTTP=${PLUGBOARD_HTTP:-127.0.0.1:8080}
+DATA=${PLUGBOARD_DATA_DIR:-data}
+MIS_PORT=${MIS_PORT:-8090}
+export PLUGBOARD_URL="http://$HTTP" PLUGBOARD_DATA_DIR="$DATA"
+mkdir -p "$DATA"
+
+python3 examples/demo-mis/mis.py "$MIS_PORT" &
+MIS_PID=$!
+"$BIN" serve --http "$HTTP" &
+SERVER_PID=$!
+trap 'kill $SERVER_PID $MIS_PID 2>/dev/null || true' EXIT INT TERM
+for _ in $(seq 1 100); do
+    curl -fsS "http://$HTTP/healthz" >/dev/null 2>&1 && break
+    sleep 0.1
+done
+
+W=target/wasm32-wasip2/release
+if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 2>/dev/null; then
+    "$BIN" plugin deploy demo hello-ivr "$W/hello_ivr.wasm" >/dev/null
+    "$BIN" plugin deploy demo cargo-lookup "$W/cargo_lookup.wasm" >/dev/null
+    "$BIN" plugin deploy demo skills-router "$W/skills_router.wasm" >/dev/null
+    "$BIN" plugin config demo cargo-lookup "{\"mis_url\":\"http://127.0.0.1:$MIS_PORT\"}" >/dev/null
+    "$BIN" plugin grants demo cargo-lookup "{\"http\":{\"allow\":[\"127.0.0.1:$MIS_PORT\"]}}" >/dev/null
+    "$BIN" address set demo +15550100 --channel voice --flow hello-ivr >/dev/null
+    "$BIN" address set demo +15550199 --channel voice --flow cargo-lookup >/dev/null
+    echo "seeded tenant demo; its API key is in $DATA/demo-tenant.json"
+else
+    echo "tenant demo already exists (data in $DATA)"
+fi
+cat <<MSG
+
+Plugboard is running on http://$HTTP (admin token: $DATA/admin_token).
+Try:
+  $BIN flow simulate demo hello-ivr --events '[{"type":"digits","digits":"1"}]'
+  $BIN flow simulate demo cargo-lookup --events '[{"type":"digits","digits":"123","terminated":true}]'
+Ctrl-C stops it.
+MSG
+wait $SERVER_PID
