@@ -413,3 +413,46 @@ fn http_only_to_granted_hosts() {
         vec!["Sorry, waybill 9 9 9 was not found."]
     );
 }
+
+#[test]
+fn cli_is_a_thin_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    let wasm = dir.path().join("ivr.wasm");
+    std::fs::write(&wasm, plugin("hello_ivr")).unwrap();
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(plugboard_tests::binary())
+            .args(["--url", &s.url(), "--token", &s.admin])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, _) = cli(&["tenant", "create", "shop", "--name", "Shop"]);
+    assert!(ok && out.contains("pbk_"), "{out}");
+    let (ok, out, err) = cli(&["plugin", "deploy", "shop", "ivr", wasm.to_str().unwrap()]);
+    assert!(ok, "{out} {err}");
+    assert!(err.contains("deployed ivr v1 (flow)"), "{err}");
+    let (ok, _, err) = cli(&["address", "set", "shop", "+15550100", "--flow", "ivr"]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&[
+        "flow",
+        "simulate",
+        "shop",
+        "ivr",
+        "--events",
+        r#"[{"type":"digits","digits":"9"}]"#,
+    ]);
+    assert!(ok && out.contains("Goodbye."), "{out}");
+    let (ok, out, _) = cli(&["plugin", "list", "shop"]);
+    assert!(ok && out.contains("\"active_version\": 1"), "{out}");
+    // Failures exit non-zero with the server's message.
+    let (ok, _, err) = cli(&["plugin", "rollback", "shop", "ivr"]);
+    assert!(!ok && err.contains("no version before 1"), "{err}");
+    let (ok, _, err) = cli(&["address", "set", "shop", "200", "--flow", "missing"]);
+    assert!(!ok && err.contains("404"), "{err}");
+}

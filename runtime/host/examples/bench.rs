@@ -26,9 +26,20 @@ fn native_handle(state: &str, event: &Event) -> (Vec<Action>, Option<String>) {
     match event {
         Event::Digits { digits, .. } if digits == "1" => (
             vec![
-                Action::SetAttribute { name: "menu".into(), value: "sales".into() },
-                Action::Say { text: "Connecting you to sales.".into(), voice: None, language: None },
-                Action::Enqueue { queue: "sales".into(), priority: 0, skills: vec![] },
+                Action::SetAttribute {
+                    name: "menu".into(),
+                    value: "sales".into(),
+                },
+                Action::Say {
+                    text: "Connecting you to sales.".into(),
+                    voice: None,
+                    language: None,
+                },
+                Action::Enqueue {
+                    queue: "sales".into(),
+                    priority: 0,
+                    skills: vec![],
+                },
             ],
             None,
         ),
@@ -48,17 +59,33 @@ fn rss_kib() -> u64 {
 }
 
 fn main() {
-    let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/wasm32-wasip2/release/hello_ivr.wasm");
+    let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/wasm32-wasip2/release/hello_ivr.wasm");
     let bytes = std::fs::read(&wasm).expect("build the plugins first: scripts/build-plugins.sh");
     let host = PluginHost::new(HostConfig::default()).unwrap();
     let plugin = host.load(&bytes).unwrap();
-    let ix = FlowInput { id: "ix".into(), tenant: "t".into(), from: "1".into(), to: "2".into(), ..Default::default() };
-    let event = Event::Digits { digits: "1".into(), terminated: false };
-    let env = PluginEnv { tenant: "t".into(), plugin: "ivr".into(), ..Default::default() };
+    let ix = FlowInput {
+        id: "ix".into(),
+        tenant: "t".into(),
+        from: "1".into(),
+        to: "2".into(),
+        ..Default::default()
+    };
+    let event = Event::Digits {
+        digits: "1".into(),
+        terminated: false,
+    };
+    let env = PluginEnv {
+        tenant: "t".into(),
+        plugin: "ivr".into(),
+        ..Default::default()
+    };
 
     let n = 20_000;
     for _ in 0..1000 {
-        host.invoke_flow(&plugin, env.clone(), &ix, "0", &event).outcome.unwrap();
+        host.invoke_flow(&plugin, env.clone(), &ix, "0", &event)
+            .outcome
+            .unwrap();
     }
     let mut wasm_ns = Vec::with_capacity(n);
     for _ in 0..n {
@@ -78,8 +105,16 @@ fn main() {
     let (wp50, wp99) = (percentile(&wasm_ns, 0.5), percentile(&wasm_ns, 0.99));
     let (np50, np99) = (percentile(&native_ns, 0.5), percentile(&native_ns, 0.99));
     println!("flow invocation (instantiate + handle + drop), {n} events, pooling allocator:");
-    println!("  wasm   p50 {:>8.2} µs  p99 {:>8.2} µs", wp50 as f64 / 1e3, wp99 as f64 / 1e3);
-    println!("  native p50 {:>8.2} µs  p99 {:>8.2} µs", np50 as f64 / 1e3, np99 as f64 / 1e3);
+    println!(
+        "  wasm   p50 {:>8.2} µs  p99 {:>8.2} µs",
+        wp50 as f64 / 1e3,
+        wp99 as f64 / 1e3
+    );
+    println!(
+        "  native p50 {:>8.2} µs  p99 {:>8.2} µs",
+        np50 as f64 / 1e3,
+        np99 as f64 / 1e3
+    );
     println!(
         "  ratio wasm/native: p50 {:.0}x  p99 {:.0}x",
         wp50 as f64 / np50.max(1) as f64,
@@ -104,8 +139,15 @@ fn main() {
     // Every one of them answers.
     for i in [0, tenants / 2, tenants - 1] {
         let (p, env) = &loaded[i];
-        host.invoke_flow(p, env.clone(), &ix, "0", &event).outcome.unwrap();
+        host.invoke_flow(p, env.clone(), &ix, "0", &event)
+            .outcome
+            .unwrap();
     }
-    println!("{tenants} tenants resident: RSS {} KiB -> {} KiB, {:.1} KiB per idle tenant ({} compiled component(s) shared)",
-        before, after, (after.saturating_sub(before)) as f64 / tenants as f64, host.resident_components());
+    println!(
+        "{tenants} tenants resident: RSS {} KiB -> {} KiB, {:.1} KiB per idle tenant ({} compiled component(s) shared)",
+        before,
+        after,
+        (after.saturating_sub(before)) as f64 / tenants as f64,
+        host.resident_components()
+    );
 }
