@@ -16,7 +16,8 @@ use axum::{Json, Router};
 use plugboard_core::flow::fallback_actions;
 use plugboard_core::{
     Address, Channel, Error as CoreError, Event, FlowRef, Grants, Interaction, InteractionState,
-    PluginKind, PluginVersion, Tenant, flow::Action, normalize_address, now_ms, validate_id,
+    PluginInfo, PluginKind, PluginVersion, Tenant, flow::Action, normalize_address, now_ms,
+    validate_id,
 };
 use plugboard_host::{FlowInput, InvokeError, Limits, LoadedPlugin, PluginEnv, PluginHost, Report};
 use plugboard_store::{Store, hash_key};
@@ -154,10 +155,7 @@ impl AppState {
         if let Some(p) = self.loaded.read().ok().and_then(|m| m.get(&key).cloned()) {
             return Ok(p);
         }
-        let info = self
-            .store
-            .plugin(tenant, name)?
-            .ok_or_else(|| ApiError::not_found(format!("plugin {name} not found")))?;
+        let info = self.plugin_or_404(tenant, name, "plugin")?;
         let v = info
             .versions
             .iter()
@@ -187,6 +185,13 @@ impl AppState {
             m.insert(key, p.clone());
         }
         Ok(p)
+    }
+
+    /// A tenant's plugin, or a 404 naming it (`what`: "plugin" or "flow").
+    fn plugin_or_404(&self, tenant: &str, name: &str, what: &str) -> ApiResult<PluginInfo> {
+        self.store
+            .plugin(tenant, name)?
+            .ok_or_else(|| ApiError::not_found(format!("{what} {name} not found")))
     }
 
     /// Number of plugin versions loaded and ready.
@@ -273,6 +278,14 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             format!("invalid JSON body: {e}"),
         )
     })
+}
+
+fn not_a_flow(name: &str, kind: PluginKind) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "not_a_flow",
+        format!("plugin {name} is a {kind} plugin, not a flow"),
+    )
 }
 
 fn random_token(prefix: &str) -> ApiResult<String> {
@@ -409,10 +422,7 @@ async fn get_plugin(
     Path((t, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     tenant_access(&s, &headers, &t)?;
-    let p = s
-        .store
-        .plugin(&t, &name)?
-        .ok_or_else(|| ApiError::not_found(format!("plugin {name} not found")))?;
+    let p = s.plugin_or_404(&t, &name, "plugin")?;
     Ok(Json(serde_json::to_value(p).unwrap_or_default()))
 }
 
@@ -512,11 +522,7 @@ async fn get_grants(
     Path((t, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Grants>> {
     tenant_access(&s, &headers, &t)?;
-    let p = s
-        .store
-        .plugin(&t, &name)?
-        .ok_or_else(|| ApiError::not_found(format!("plugin {name} not found")))?;
-    Ok(Json(p.grants))
+    Ok(Json(s.plugin_or_404(&t, &name, "plugin")?.grants))
 }
 
 async fn set_config(
@@ -543,9 +549,7 @@ async fn get_config(
     Path((t, name)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     tenant_access(&s, &headers, &t)?;
-    if s.store.plugin(&t, &name)?.is_none() {
-        return Err(ApiError::not_found(format!("plugin {name} not found")));
-    }
+    s.plugin_or_404(&t, &name, "plugin")?;
     let v = s.store.config(&t, &name)?;
     Ok(Json(if v.is_null() { json!({}) } else { v }))
 }
@@ -569,16 +573,9 @@ async fn set_address(
     if address.is_empty() || address.len() > 256 {
         return Err(ApiError::bad_request("address must be 1-256 characters"));
     }
-    match s.store.plugin(&t, &req.flow)? {
-        Some(p) if p.kind == PluginKind::Flow => {}
-        Some(p) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "not_a_flow",
-                format!("plugin {} is a {} plugin, not a flow", req.flow, p.kind),
-            ));
-        }
-        None => return Err(ApiError::not_found(format!("flow {} not found", req.flow))),
+    let p = s.plugin_or_404(&t, &req.flow, "flow")?;
+    if p.kind != PluginKind::Flow {
+        return Err(not_a_flow(&req.flow, p.kind));
     }
     let a = Address {
         address,
@@ -690,18 +687,11 @@ async fn simulate(
 ) -> ApiResult<Response> {
     let tenant = tenant_access(&s, &headers, &t)?;
     let req: SimulateReq = parse_json(&body)?;
-    let info = s
-        .store
-        .plugin(&t, &name)?
-        .ok_or_else(|| ApiError::not_found(format!("flow {name} not found")))?;
+    let info = s.plugin_or_404(&t, &name, "flow")?;
     let version = req.version.unwrap_or(info.active_version);
     let plugin = s.loaded_version(&t, &name, version)?;
     if plugin.kind != PluginKind::Flow {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "not_a_flow",
-            format!("plugin {name} is a {} plugin, not a flow", plugin.kind),
-        ));
+        return Err(not_a_flow(&name, plugin.kind));
     }
     if req.events.len() > 100 {
         return Err(ApiError::bad_request("at most 100 events per simulation"));

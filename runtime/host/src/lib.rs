@@ -579,10 +579,6 @@ impl PluginHost {
         })
     }
 
-    fn ticks(&self, d: Duration) -> u64 {
-        (d.as_nanos() / self.tick.as_nanos().max(1)) as u64 + 1
-    }
-
     /// Runs `f` in a fresh store with the tenant's limits, then classifies failures.
     fn run<T>(
         &self,
@@ -594,7 +590,7 @@ impl PluginHost {
         let budget = Duration::from_millis(limits.deadline_ms);
         let mut store = Store::new(&self.engine, Ctx::new(env));
         store.limiter(|c| c);
-        store.set_epoch_deadline(self.ticks(budget));
+        store.set_epoch_deadline(ticks(budget, self.tick));
         let tick = self.tick;
         store.epoch_deadline_callback(move |mut ctx| {
             let used = ctx.data().cpu_time();
@@ -603,9 +599,7 @@ impl PluginHost {
                 Ok(wasmtime::UpdateDeadline::Interrupt)
             } else {
                 let left = budget - used;
-                Ok(wasmtime::UpdateDeadline::Continue(
-                    (left.as_nanos() / tick.as_nanos().max(1)) as u64 + 1,
-                ))
+                Ok(wasmtime::UpdateDeadline::Continue(ticks(left, tick)))
             }
         });
         let r = f(&mut store);
@@ -873,6 +867,11 @@ impl Drop for PluginHost {
             let _ = t.join();
         }
     }
+}
+
+/// Epoch ticks that cover `d` (rounded up, at least one).
+fn ticks(d: Duration, tick: Duration) -> u64 {
+    (d.as_nanos() / tick.as_nanos().max(1)) as u64 + 1
 }
 
 fn truncate(mut s: String, max: usize) -> String {

@@ -126,6 +126,41 @@ impl SledStore {
             .transpose()
     }
 
+    /// Writes `value` as JSON at `key` in the tenant's keyspace, durably.
+    fn put<T: serde::Serialize>(&self, tenant: &str, key: &str, value: &T) -> Result<()> {
+        self.space(tenant)?
+            .insert(key, json(value)?)
+            .map_err(storage)?;
+        self.flush()
+    }
+
+    /// Every JSON value under `prefix` in the tenant's keyspace, in key order.
+    fn list<T: serde::de::DeserializeOwned>(&self, tenant: &str, prefix: &str) -> Result<Vec<T>> {
+        self.space(tenant)?
+            .scan_prefix(prefix)
+            .map(|kv| kv.map_err(storage).and_then(|(_, v)| parse(&v)))
+            .collect()
+    }
+
+    /// Writes a per-plugin setting (`grants`, `config`); `NotFound` if the
+    /// plugin was never deployed.
+    fn put_plugin_setting<T: serde::Serialize>(
+        &self,
+        tenant: &str,
+        name: &str,
+        setting: &str,
+        value: &T,
+    ) -> Result<()> {
+        let exists = self
+            .space(tenant)?
+            .contains_key(format!("plugin/{name}/active"))
+            .map_err(storage)?;
+        if !exists {
+            return Err(Error::NotFound(format!("plugin {name}")));
+        }
+        self.put(tenant, &format!("plugin/{name}/{setting}"), value)
+    }
+
     fn plugin_info(&self, space: &sled::Tree, name: &str) -> Result<Option<PluginInfo>> {
         let mut versions = Vec::new();
         for kv in space.scan_prefix(format!("plugin/{name}/v/")) {
@@ -304,25 +339,11 @@ impl Store for SledStore {
     }
 
     fn set_grants(&self, tenant: &str, name: &str, grants: &Grants) -> Result<()> {
-        let space = self.space(tenant)?;
-        if self.plugin_info(&space, name)?.is_none() {
-            return Err(Error::NotFound(format!("plugin {name}")));
-        }
-        space
-            .insert(format!("plugin/{name}/grants"), json(grants)?)
-            .map_err(storage)?;
-        self.flush()
+        self.put_plugin_setting(tenant, name, "grants", grants)
     }
 
     fn set_config(&self, tenant: &str, name: &str, config: &serde_json::Value) -> Result<()> {
-        let space = self.space(tenant)?;
-        if self.plugin_info(&space, name)?.is_none() {
-            return Err(Error::NotFound(format!("plugin {name}")));
-        }
-        space
-            .insert(format!("plugin/{name}/config"), json(config)?)
-            .map_err(storage)?;
-        self.flush()
+        self.put_plugin_setting(tenant, name, "config", config)
     }
 
     fn config(&self, tenant: &str, name: &str) -> Result<serde_json::Value> {
@@ -331,11 +352,7 @@ impl Store for SledStore {
     }
 
     fn set_address(&self, tenant: &str, address: &Address) -> Result<()> {
-        let space = self.space(tenant)?;
-        space
-            .insert(format!("address/{}", address.address), json(address)?)
-            .map_err(storage)?;
-        self.flush()
+        self.put(tenant, &format!("address/{}", address.address), address)
     }
 
     fn address(&self, tenant: &str, address: &str) -> Result<Option<Address>> {
@@ -344,19 +361,11 @@ impl Store for SledStore {
     }
 
     fn addresses(&self, tenant: &str) -> Result<Vec<Address>> {
-        let space = self.space(tenant)?;
-        space
-            .scan_prefix("address/")
-            .map(|kv| kv.map_err(storage).and_then(|(_, v)| parse(&v)))
-            .collect()
+        self.list(tenant, "address/")
     }
 
     fn put_interaction(&self, ix: &Interaction) -> Result<()> {
-        let space = self.space(&ix.tenant)?;
-        space
-            .insert(format!("interaction/{}", ix.id), json(ix)?)
-            .map_err(storage)?;
-        self.flush()
+        self.put(&ix.tenant, &format!("interaction/{}", ix.id), ix)
     }
 
     fn interaction(&self, tenant: &str, id: &str) -> Result<Option<Interaction>> {
