@@ -345,26 +345,22 @@ fn http_only_to_granted_hosts() {
         );
         says(&r.body["steps"][1]).join(" ")
     };
+    let grant = |g: &serde_json::Value| {
+        let r = s.json("PUT", "/v1/tenants/integrator/plugins/probe/grants", &k, g);
+        assert_eq!(r.status, 200, "{r:?}");
+    };
     // No grant: no request leaves, raw sockets are refused too.
     assert!(probe("1").contains("not granted: http"), "{}", probe("1"));
     assert!(probe("3").starts_with("socket refused"));
     assert_eq!(web.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     // A grant for another host only.
     let g = json!({"http": {"allow": [format!("127.0.0.1:{}", other.port)]}});
-    assert_eq!(
-        s.json("PUT", "/v1/tenants/integrator/plugins/probe/grants", &k, &g)
-            .status,
-        200
-    );
+    grant(&g);
     assert!(probe("1").contains(&format!("not granted: http to 127.0.0.1:{}", web.port)));
     assert_eq!(web.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
     // The right grant.
     let g = json!({"http": {"allow": [format!("127.0.0.1:{}", web.port)]}});
-    assert_eq!(
-        s.json("PUT", "/v1/tenants/integrator/plugins/probe/grants", &k, &g)
-            .status,
-        200
-    );
+    grant(&g);
     assert_eq!(probe("1"), "http 200 hi");
     assert_eq!(web.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(other.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
