@@ -452,3 +452,45 @@ fn cli_is_a_thin_client() {
     let (ok, _, err) = cli(&["address", "set", "shop", "200", "--flow", "missing"]);
     assert!(!ok && err.contains("404"), "{err}");
 }
+
+#[test]
+fn event_stream_carries_only_the_tenants_own_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    let ka = s.tenant("a");
+    let kb = s.tenant("b");
+    for (t, k) in [("a", &ka), ("b", &kb)] {
+        assert_eq!(s.deploy(t, k, "ivr", plugin("hello_ivr")).status, 201);
+    }
+    // Browsers cannot set headers on a WebSocket: the key goes in ?token=.
+    let stream = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{}/v1/tenants/a/events?token={ka}", s.port);
+    let (mut ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
+    // Another tenant's key is refused before the upgrade.
+    let other = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let url_b = format!("ws://127.0.0.1:{}/v1/tenants/a/events?token={kb}", s.port);
+    assert!(tungstenite::client(url_b.as_str(), other).is_err());
+
+    let rb = s.simulate("b", &kb, "ivr", json!([{"type": "digits", "digits": "9"}]));
+    let ra = s.simulate("a", &ka, "ivr", json!([{"type": "digits", "digits": "9"}]));
+    let (ia, ib) = (
+        ra.body["interaction"].clone(),
+        rb.body["interaction"].clone(),
+    );
+    // a's run: event, actions, event, actions — and nothing of b's.
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        let msg = ws.read().unwrap();
+        let v: serde_json::Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+        assert_ne!(
+            v["interaction"], ib,
+            "tenant b's event reached tenant a's stream"
+        );
+        assert_eq!(v["interaction"], ia, "{v}");
+        kinds.push(v["kind"].as_str().unwrap().to_string());
+    }
+    assert_eq!(kinds, ["event", "actions", "event", "actions"]);
+}
