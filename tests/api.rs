@@ -494,3 +494,39 @@ fn event_stream_carries_only_the_tenants_own_events() {
     }
     assert_eq!(kinds, ["event", "actions", "event", "actions"]);
 }
+
+#[test]
+fn clock_follows_the_tenants_time_zone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    let bad = s.json(
+        "POST",
+        "/v1/tenants",
+        &s.admin,
+        &json!({"id": "x", "time_zone": "Mars/Olympus"}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let r = s.json(
+        "POST",
+        "/v1/tenants",
+        &s.admin,
+        &json!({"id": "lt", "time_zone": "Europe/Vilnius"}),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let k = r.body["api_key"].as_str().unwrap().to_string();
+    assert_eq!(s.deploy("lt", &k, "probe", plugin("probe")).status, 201);
+    // 2026-01-15T12:00:00Z (winter, UTC+2) and 2026-07-01T12:00:00Z (summer, UTC+3).
+    for (now, offset) in [(1_768_478_400_000u64, 120), (1_782_907_200_000u64, 180)] {
+        let r = s.json(
+            "POST",
+            "/v1/tenants/lt/flows/probe/simulate",
+            &k,
+            &json!({"events": [{"type": "digits", "digits": "5"}], "now_ms": now}),
+        );
+        assert_eq!(
+            says(&r.body["steps"][1]),
+            vec![format!("clock {now} Europe/Vilnius {offset}")],
+            "{r:?}"
+        );
+    }
+}

@@ -6,7 +6,8 @@
 //! - `2`: increment the tenant kv counter `probe-count`;
 //! - `3`: open a raw TCP socket to the config key `addr` through WASI
 //!   (must always be refused: raw sockets are never granted);
-//! - `4`: read the config key `greeting`.
+//! - `4`: read the config key `greeting`;
+//! - `5`: read the clock: `clock NOW_MS ZONE OFFSET_MINUTES`.
 //!
 //! On `started` it says `probe ready`.
 
@@ -57,6 +58,12 @@ impl Guest for Probe {
                 Some('2') => kv_probe(),
                 Some('3') => socket_probe(),
                 Some('4') => host::config::get("greeting").unwrap_or_else(|| "no greeting".into()),
+                Some('5') => format!(
+                    "clock {} {} {}",
+                    host::clock::now_ms(),
+                    host::clock::time_zone(),
+                    host::clock::utc_offset_minutes()
+                ),
                 _ => "unknown probe".to_string(),
             },
             _ => return Ok(Response::actions(vec![])),

@@ -280,6 +280,18 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     })
 }
 
+/// The offset from UTC, in minutes, of time zone `tz` at `at_ms` (0 if the
+/// zone is unknown, which creation refuses).
+fn utc_offset_minutes(tz: &str, at_ms: u64) -> i32 {
+    let Ok(zone) = jiff::tz::TimeZone::get(tz) else {
+        return 0;
+    };
+    let Ok(ts) = jiff::Timestamp::from_millisecond(at_ms as i64) else {
+        return 0;
+    };
+    zone.to_offset(ts).seconds() / 60
+}
+
 fn not_a_flow(name: &str, kind: PluginKind) -> ApiError {
     ApiError::new(
         StatusCode::UNPROCESSABLE_ENTITY,
@@ -376,10 +388,18 @@ async fn create_tenant(
     admin(&s, &headers)?;
     let req: NewTenant = parse_json(&body)?;
     validate_id("tenant", &req.id)?;
+    let time_zone = req.time_zone.unwrap_or_else(|| "UTC".into());
+    if jiff::tz::TimeZone::get(&time_zone).is_err() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            format!("unknown time zone {time_zone:?}: use an IANA name such as Europe/Vilnius"),
+        ));
+    }
     let tenant = Tenant {
         name: req.name.unwrap_or_else(|| req.id.clone()),
         id: req.id,
-        time_zone: req.time_zone.unwrap_or_else(|| "UTC".into()),
+        time_zone,
         created_ms: now_ms(),
     };
     let key = random_token("pbk_")?;
@@ -739,7 +759,10 @@ async fn simulate(
             limits: s.limits.clone(),
             kv: Some(kv.clone()),
             time_zone: tenant.time_zone.clone(),
-            utc_offset_minutes: 0,
+            utc_offset_minutes: utc_offset_minutes(
+                &tenant.time_zone,
+                req.now_ms.unwrap_or_else(now_ms),
+            ),
             now_ms: req.now_ms,
         };
         let input = FlowInput {
