@@ -471,18 +471,20 @@ async fn deploy_plugin(
                 e.to_string(),
             )
         })?;
-    let version = s.store.add_plugin_version(
-        &t,
-        PluginVersion {
-            name: name.clone(),
-            version: 0,
-            kind: loaded.kind,
-            sha256: loaded.sha256.clone(),
-            size: body.len() as u64,
-            created_ms: now_ms(),
-        },
-        &body,
-    )?;
+    let version = tokio::task::block_in_place(|| {
+        s.store.add_plugin_version(
+            &t,
+            PluginVersion {
+                name: name.clone(),
+                version: 0,
+                kind: loaded.kind,
+                sha256: loaded.sha256.clone(),
+                size: body.len() as u64,
+                created_ms: now_ms(),
+            },
+            &body,
+        )
+    })?;
     let (source, load_ms) = (loaded.source, loaded.load_ms);
     if let Ok(mut m) = s.loaded.write() {
         m.insert((t.clone(), name.clone(), version.version), Arc::new(loaded));
@@ -837,7 +839,8 @@ async fn simulate(
         _ => InteractionState::Closed,
     };
     ix.closed_ms = Some(now_ms());
-    s.store.put_interaction(&ix)?;
+    // The durable write (fsync) must not stall the async workers.
+    tokio::task::block_in_place(|| s.store.put_interaction(&ix))?;
     match failure {
         None => Ok(Json(json!({"interaction": ix.id, "flow": {"name": name, "version": version}, "steps": steps})).into_response()),
         Some(e) => {
