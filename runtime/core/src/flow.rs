@@ -85,24 +85,6 @@ pub enum Event {
     Hangup,
 }
 
-impl Event {
-    /// The event's `type` name.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Event::Started => "started",
-            Event::Digits { .. } => "digits",
-            Event::Speech { .. } => "speech",
-            Event::Message { .. } => "message",
-            Event::Timeout => "timeout",
-            Event::QueueUpdate { .. } => "queue_update",
-            Event::AgentConnected { .. } => "agent_connected",
-            Event::Recorded { .. } => "recorded",
-            Event::DialResult { .. } => "dial_result",
-            Event::Hangup => "hangup",
-        }
-    }
-}
-
 /// An action a flow asks for (WIT `action`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

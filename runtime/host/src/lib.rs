@@ -347,6 +347,29 @@ pub struct CrmProfile {
     pub attributes: Vec<(String, String)>,
 }
 
+/// A finished interaction, for a CRM's history (JSON mirror of the crm WIT `summary`).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CrmSummary {
+    /// Interaction id.
+    pub id: String,
+    /// Channel.
+    pub channel: Channel,
+    /// Customer address.
+    pub from: String,
+    /// Tenant address.
+    pub to: String,
+    /// Start, ms since the Unix epoch.
+    pub started_ms: u64,
+    /// End, ms since the Unix epoch.
+    pub ended_ms: u64,
+    /// Agent, if any.
+    pub agent: Option<String>,
+    /// Disposition, if any.
+    pub disposition: Option<String>,
+    /// Attributes.
+    pub attributes: Vec<(String, String)>,
+}
+
 /// What a TTS plugin produced.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TtsOutput {
@@ -814,6 +837,37 @@ impl PluginHost {
                     }
                 }
             })
+        })
+    }
+
+    /// Calls a CRM's `record-interaction` in a fresh instance.
+    pub fn invoke_crm_record(
+        &self,
+        plugin: &LoadedPlugin,
+        env: PluginEnv,
+        summary: &CrmSummary,
+    ) -> Report<()> {
+        use bindings::crm::plugboard::crm::types as ct;
+        let Pre::Crm(pre) = &plugin.pre else {
+            return Self::wrong_kind(PluginKind::Crm, plugin);
+        };
+        let s = ct::Summary {
+            id: summary.id.clone(),
+            channel: summary.channel.to_string(),
+            from: summary.from.clone(),
+            to: summary.to.clone(),
+            started_ms: summary.started_ms,
+            ended_ms: summary.ended_ms,
+            agent: summary.agent.clone(),
+            disposition: summary.disposition.clone(),
+            attributes: summary.attributes.clone(),
+        };
+        self.run(env, |store| {
+            let inst = pre.instantiate(&mut *store)?;
+            let r = inst
+                .plugboard_crm_connector()
+                .call_record_interaction(&mut *store, &s)?;
+            Ok(r.map_err(|msg| InvokeError::Plugin(truncate(msg, 2000))))
         })
     }
 

@@ -227,3 +227,146 @@ fn not_a_plugin() {
     assert!(h.load(b"\0asm\x01\0\0\0").is_err());
     assert!(h.load(b"hello").is_err());
 }
+
+#[test]
+fn tts_rewrites_text_or_returns_audio() {
+    let h = host();
+    let p = h.load(&wasm("speak_digits_tts")).expect("load");
+    assert_eq!(p.kind, PluginKind::Tts);
+    let out = h
+        .invoke_tts(
+            &p,
+            env(serde_json::Value::Null),
+            "waybill 123 is late",
+            None,
+            Some("en-US"),
+        )
+        .outcome
+        .expect("text");
+    assert_eq!(
+        out,
+        plugboard_host::TtsOutput::Text {
+            text: "waybill 1 2 3 is late".into(),
+            voice: None,
+            language: Some("en-US".into())
+        }
+    );
+    match h
+        .invoke_tts(
+            &p,
+            env(serde_json::Value::Null),
+            "one two",
+            Some("beep"),
+            None,
+        )
+        .outcome
+    {
+        Ok(plugboard_host::TtsOutput::Audio {
+            sample_rate,
+            samples,
+        }) => {
+            assert_eq!(sample_rate, 8000);
+            assert_eq!(samples.len(), 2 * 1200);
+            assert!(
+                samples.iter().any(|s| s.abs() > 4000),
+                "a real tone, not silence"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A tenant-scoped in-memory kv for host tests.
+#[derive(Default)]
+struct MemKv(std::sync::Mutex<std::collections::HashMap<(String, String), Vec<u8>>>);
+
+impl plugboard_core::TenantKv for MemKv {
+    fn kv_get(&self, t: &str, k: &str) -> Result<Option<Vec<u8>>, plugboard_core::Error> {
+        Ok(self.0.lock().unwrap().get(&(t.into(), k.into())).cloned())
+    }
+    fn kv_set(&self, t: &str, k: &str, v: &[u8]) -> Result<(), plugboard_core::Error> {
+        self.0
+            .lock()
+            .unwrap()
+            .insert((t.into(), k.into()), v.to_vec());
+        Ok(())
+    }
+    fn kv_delete(&self, t: &str, k: &str) -> Result<(), plugboard_core::Error> {
+        self.0.lock().unwrap().remove(&(t.into(), k.into()));
+        Ok(())
+    }
+}
+
+#[test]
+fn crm_looks_customers_up_in_the_tenants_kv() {
+    use plugboard_core::TenantKv;
+    let h = host();
+    let p = h.load(&wasm("kv_crm")).expect("load");
+    assert_eq!(p.kind, PluginKind::Crm);
+    let kv = std::sync::Arc::new(MemKv::default());
+    kv.kv_set(
+        "t1",
+        "crm/customer/37060000001",
+        br#"{"id":"c-9","name":"Ona","tier":"gold"}"#,
+    )
+    .unwrap();
+    let with_kv = |tenant: &str, kv_granted: bool| PluginEnv {
+        tenant: tenant.into(),
+        plugin: "crm".into(),
+        grants: Grants {
+            http: None,
+            kv: kv_granted,
+        },
+        kv: Some(kv.clone()),
+        ..Default::default()
+    };
+    let found = h
+        .invoke_crm_lookup(
+            &p,
+            with_kv("t1", true),
+            plugboard_core::Channel::Voice,
+            "37060000001",
+        )
+        .outcome
+        .expect("lookup");
+    assert_eq!(
+        found,
+        Some(plugboard_host::CrmProfile {
+            id: "c-9".into(),
+            name: Some("Ona".into()),
+            attributes: vec![("tier".into(), "gold".into())]
+        })
+    );
+    // Another tenant does not see t1's customers; without the grant, an error.
+    let other = h.invoke_crm_lookup(
+        &p,
+        with_kv("t2", true),
+        plugboard_core::Channel::Voice,
+        "37060000001",
+    );
+    assert_eq!(other.outcome, Ok(None));
+    let denied = h.invoke_crm_lookup(
+        &p,
+        with_kv("t1", false),
+        plugboard_core::Channel::Voice,
+        "37060000001",
+    );
+    assert_eq!(
+        denied.outcome,
+        Err(InvokeError::Plugin("not granted: kv".into()))
+    );
+    // Finished interactions go into the customer's history.
+    for id in ["ix-1", "ix-2"] {
+        let summary = plugboard_host::CrmSummary {
+            id: id.into(),
+            from: "37060000001".into(),
+            ..Default::default()
+        };
+        let r = h.invoke_crm_record(&p, with_kv("t1", true), &summary);
+        assert_eq!(r.outcome, Ok(()));
+    }
+    assert_eq!(
+        kv.kv_get("t1", "crm/history/37060000001").unwrap(),
+        Some(br#"["ix-1","ix-2"]"#.to_vec())
+    );
+}
