@@ -530,3 +530,67 @@ fn clock_follows_the_tenants_time_zone() {
         );
     }
 }
+
+#[test]
+fn operator_sets_per_tenant_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    // Generous server defaults, so that the memory bomb meets the memory cap
+    // before the deadline even on a busy machine.
+    let s = Server::start(
+        &dir.path().join("data"),
+        &["--deadline-ms", "300", "--memory-mib", "32"],
+    )
+    .unwrap();
+    let kx = s.tenant("x");
+    let ky = s.tenant("y");
+    for (t, k) in [("x", &kx), ("y", &ky)] {
+        for mode in ["loop", "memory"] {
+            assert_eq!(s.deploy(t, k, mode, plugin("hostile")).status, 201);
+            let r = s.json(
+                "PUT",
+                &format!("/v1/tenants/{t}/plugins/{mode}/config"),
+                k,
+                &json!({"mode": mode}),
+            );
+            assert_eq!(r.status, 200);
+        }
+    }
+    // Only the operator sets limits; the tenant may read them.
+    let tight = json!({"deadline_ms": 30, "memory_mib": 8});
+    assert_eq!(
+        s.json("PUT", "/v1/tenants/x/limits", &kx, &tight).status,
+        403
+    );
+    for bad in [
+        json!({"deadline_ms": 0}),
+        json!({"memory_mib": 100_000}),
+        json!({"cpu": 1}),
+    ] {
+        assert_eq!(
+            s.json("PUT", "/v1/tenants/x/limits", &s.admin, &bad).status,
+            400,
+            "{bad}"
+        );
+    }
+    let r = s.json("PUT", "/v1/tenants/x/limits", &s.admin, &tight);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["deadline_ms"], 30);
+    assert_eq!(r.body["memory_bytes"], 8 << 20);
+    let r = s.get("/v1/tenants/x/limits", &kx);
+    assert_eq!(r.body["deadline_ms"], 30, "{r:?}");
+    // x runs under its own limits, y under the server's defaults.
+    let msg = |t: &str, k: &str, mode: &str| {
+        let r = s.simulate(t, k, mode, json!([]));
+        assert_eq!(r.status, 422, "{r:?}");
+        r.body["error"]["message"].as_str().unwrap().to_string()
+    };
+    for (t, k, mode, expect) in [
+        ("x", &kx, "loop", "its 30 ms CPU deadline".to_string()),
+        ("y", &ky, "loop", "its 300 ms CPU deadline".to_string()),
+        ("x", &kx, "memory", format!("limit of {} bytes", 8 << 20)),
+        ("y", &ky, "memory", format!("limit of {} bytes", 32 << 20)),
+    ] {
+        let m = msg(t, k, mode);
+        assert!(m.contains(&expect), "{t} {mode}: {m}");
+    }
+}

@@ -16,8 +16,8 @@ use axum::{Json, Router};
 use plugboard_core::flow::fallback_actions;
 use plugboard_core::{
     Address, Channel, Error as CoreError, Event, FlowRef, Grants, Interaction, InteractionState,
-    PluginInfo, PluginKind, PluginVersion, Tenant, flow::Action, normalize_address, now_ms,
-    validate_id,
+    PluginInfo, PluginKind, PluginVersion, Tenant, TenantLimits, flow::Action, normalize_address,
+    now_ms, validate_id,
 };
 use plugboard_host::{FlowInput, InvokeError, Limits, LoadedPlugin, PluginEnv, PluginHost, Report};
 use plugboard_store::{Store, hash_key};
@@ -315,6 +315,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi))
         .route("/v1/tenants", post(create_tenant).get(list_tenants))
         .route("/v1/tenants/{t}", get(get_tenant))
+        .route("/v1/tenants/{t}/limits", put(set_limits).get(get_limits))
         .route("/v1/tenants/{t}/plugins", get(list_plugins))
         .route(
             "/v1/tenants/{t}/plugins/{name}",
@@ -401,6 +402,7 @@ async fn create_tenant(
         id: req.id,
         time_zone,
         created_ms: now_ms(),
+        limits: TenantLimits::default(),
     };
     let key = random_token("pbk_")?;
     s.store.create_tenant(&tenant, &hash_key(&key))?;
@@ -425,6 +427,48 @@ async fn get_tenant(
     Path(t): Path<String>,
 ) -> ApiResult<Json<Tenant>> {
     Ok(Json(tenant_access(&s, &headers, &t)?))
+}
+
+impl AppState {
+    /// The limits a tenant's plugins run with: the server's defaults, with
+    /// the tenant's overrides applied.
+    fn limits_for(&self, tenant: &Tenant) -> Limits {
+        let mut l = self.limits.clone();
+        if let Some(d) = tenant.limits.deadline_ms {
+            l.deadline_ms = d;
+        }
+        if let Some(m) = tenant.limits.memory_mib {
+            l.memory_bytes = (m as usize) << 20;
+        }
+        if let Some(o) = tenant.limits.output_kib {
+            l.output_bytes = (o as usize) << 10;
+        }
+        l
+    }
+}
+
+async fn set_limits(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+    body: Bytes,
+) -> ApiResult<Json<Limits>> {
+    admin(&s, &headers)?;
+    let mut tenant = tenant_access(&s, &headers, &t)?;
+    let limits: TenantLimits = parse_json(&body)?;
+    limits.validate((s.host.max_memory_bytes() >> 20) as u32)?;
+    tenant.limits = limits;
+    s.store.update_tenant(&tenant)?;
+    Ok(Json(s.limits_for(&tenant)))
+}
+
+async fn get_limits(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+) -> ApiResult<Json<Limits>> {
+    let tenant = tenant_access(&s, &headers, &t)?;
+    Ok(Json(s.limits_for(&tenant)))
 }
 
 async fn list_plugins(
@@ -743,6 +787,7 @@ async fn simulate(
         timeline: Vec::new(),
     };
     let kv: Arc<dyn plugboard_core::TenantKv> = Arc::new(KvAdapter(s.store.clone()));
+    let limits = s.limits_for(&tenant);
     let mut state = String::new();
     let mut steps = Vec::new();
     let mut failure: Option<InvokeError> = None;
@@ -758,7 +803,7 @@ async fn simulate(
             plugin: name.clone(),
             grants: grants.clone(),
             config: config.clone(),
-            limits: s.limits.clone(),
+            limits: limits.clone(),
             kv: Some(kv.clone()),
             time_zone: tenant.time_zone.clone(),
             utc_offset_minutes: utc_offset_minutes(

@@ -71,6 +71,45 @@ pub struct Tenant {
     pub time_zone: String,
     /// Creation time, ms since the Unix epoch.
     pub created_ms: u64,
+    /// Plugin limits for this tenant; the server's defaults where unset.
+    #[serde(default)]
+    pub limits: TenantLimits,
+}
+
+/// Per-tenant overrides of the plugin execution limits (set by the operator).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantLimits {
+    /// CPU deadline per invocation, ms (1–10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+    /// Linear memory cap per instance, MiB (at most the server's pool maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u32>,
+    /// Output cap per invocation, KiB (1–16384).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_kib: Option<u32>,
+}
+
+impl TenantLimits {
+    /// Checks the ranges; `max_memory_mib` is the server's ceiling.
+    pub fn validate(&self, max_memory_mib: u32) -> Result<(), Error> {
+        if self.deadline_ms.is_some_and(|d| d == 0 || d > 10_000) {
+            return Err(Error::Invalid("deadline_ms must be 1..=10000".into()));
+        }
+        if self
+            .memory_mib
+            .is_some_and(|m| m == 0 || m > max_memory_mib)
+        {
+            return Err(Error::Invalid(format!(
+                "memory_mib must be 1..={max_memory_mib} (the server's pool maximum)"
+            )));
+        }
+        if self.output_kib.is_some_and(|o| o == 0 || o > 16_384) {
+            return Err(Error::Invalid("output_kib must be 1..=16384".into()));
+        }
+        Ok(())
+    }
 }
 
 fn default_tz() -> String {

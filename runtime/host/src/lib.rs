@@ -405,6 +405,7 @@ pub struct PluginHost {
     components: Mutex<HashMap<String, Component>>,
     tick: Duration,
     max_concurrent: u32,
+    max_memory_bytes: usize,
     stop: Arc<AtomicBool>,
     ticker: Option<std::thread::JoinHandle<()>>,
 }
@@ -483,6 +484,7 @@ impl PluginHost {
             components: Mutex::new(HashMap::new()),
             tick: config.epoch_tick,
             max_concurrent: n,
+            max_memory_bytes: config.max_memory_bytes,
             stop,
             ticker: Some(ticker),
         })
@@ -491,6 +493,11 @@ impl PluginHost {
     /// How many invocations may run at once; callers should queue beyond this.
     pub fn max_concurrent(&self) -> u32 {
         self.max_concurrent
+    }
+
+    /// The largest linear memory any tenant may be given, bytes.
+    pub fn max_memory_bytes(&self) -> usize {
+        self.max_memory_bytes
     }
 
     /// Number of distinct compiled components held in memory.

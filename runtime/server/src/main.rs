@@ -97,6 +97,13 @@ enum TenantCmd {
     },
     /// List tenants (admin).
     List,
+    /// Override a tenant's plugin limits (admin), e.g. '{"deadline_ms":20,"memory_mib":16}'.
+    Limits {
+        /// Tenant id.
+        id: String,
+        /// Limits JSON: deadline_ms, memory_mib, output_kib.
+        json: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -426,6 +433,11 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
             print(&c.json("POST", "/v1/tenants", &body)?)
         }
         Cmd::Tenant { cmd: TenantCmd::List } => print(&c.call("GET", "/v1/tenants", None)?),
+        Cmd::Tenant { cmd: TenantCmd::Limits { id, json } } => print(&c.json(
+            "PUT",
+            &format!("/v1/tenants/{}/limits", enc(&id)),
+            &parse_arg_json(&json)?,
+        )?),
         Cmd::Plugin { cmd: PluginCmd::Deploy { tenant, name, file } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             eprintln!(

@@ -26,6 +26,8 @@ pub fn hash_key(key: &str) -> String {
 pub trait Store: TenantKv + Send + Sync {
     /// Creates a tenant with the hash of its API key; `Conflict` if it exists.
     fn create_tenant(&self, tenant: &Tenant, api_key_hash: &str) -> Result<()>;
+    /// Replaces an existing tenant's record; `NotFound` if there is none.
+    fn update_tenant(&self, tenant: &Tenant) -> Result<()>;
     /// A tenant by id.
     fn tenant(&self, id: &str) -> Result<Option<Tenant>>;
     /// All tenants.
@@ -224,6 +226,18 @@ impl Store for SledStore {
         self.flush()
     }
 
+    fn update_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let new = json(tenant)?;
+        let updated = self
+            .tenants
+            .fetch_and_update(&tenant.id, |old| old.map(|_| new.clone()))
+            .map_err(storage)?;
+        if updated.is_none() {
+            return Err(Error::NotFound(format!("tenant {}", tenant.id)));
+        }
+        self.flush()
+    }
+
     fn tenant(&self, id: &str) -> Result<Option<Tenant>> {
         Self::get_json(&self.tenants, id)
     }
@@ -395,6 +409,7 @@ mod tests {
             name: id.into(),
             time_zone: "UTC".into(),
             created_ms: 1,
+            limits: Default::default(),
         }
     }
 
