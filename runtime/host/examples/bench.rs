@@ -81,7 +81,10 @@ fn main() {
         ..Default::default()
     };
 
-    let n = 20_000;
+    let n: usize = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     for _ in 0..1000 {
         host.invoke_flow(&plugin, env.clone(), &ix, "0", &event)
             .outcome

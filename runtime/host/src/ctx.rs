@@ -45,7 +45,8 @@ pub struct HostCall {
 
 /// Store data of one invocation.
 pub struct Ctx {
-    wasi: WasiCtx,
+    /// Built on the first WASI call: most events never make one.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     pub(crate) env: PluginEnv,
     pub(crate) memory_exceeded: bool,
@@ -62,10 +63,7 @@ pub struct Ctx {
 impl Ctx {
     pub(crate) fn new(env: PluginEnv) -> Self {
         Ctx {
-            // A WASI context with nothing inherited: no environment, no
-            // arguments, no files, no stdio, no network (sockets are denied
-            // by the default address check). Clocks and random are allowed.
-            wasi: WasiCtx::builder().build(),
+            wasi: None,
             table: ResourceTable::new(),
             env,
             memory_exceeded: false,
@@ -106,7 +104,10 @@ impl Ctx {
 impl WasiView for Ctx {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            // A WASI context with nothing inherited: no environment, no
+            // arguments, no files, no stdio, no network (sockets are denied
+            // by the default address check). Clocks and random are allowed.
+            ctx: self.wasi.get_or_insert_with(|| WasiCtx::builder().build()),
             table: &mut self.table,
         }
     }
