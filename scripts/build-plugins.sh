@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../plugins"
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || rustup target add wasm32-wasip2
-for p in hello-ivr cargo-lookup skills-router hostile probe speak-digits-tts kv-crm; do
+for p in hello-ivr flow-graph order-hotline cargo-lookup skills-router hostile probe speak-digits-tts kv-crm; do
     echo "building plugin $p" >&2
     cargo build --quiet --release -p "$p"
 done

@@ -99,6 +99,7 @@ pub struct AppState {
     metrics: Metrics,
     events: broadcast::Sender<StreamEvent>,
     limits: Limits,
+    flow_graph: Option<Arc<Vec<u8>>>,
 }
 
 impl AppState {
@@ -120,6 +121,7 @@ impl AppState {
             metrics: Metrics::new(),
             events: broadcast::channel(1024).0,
             limits,
+            flow_graph: None,
         }
     }
 
@@ -143,6 +145,68 @@ impl AppState {
             }
         }
         Ok(n)
+    }
+
+    /// Gives the server the `flow-graph` component that runs declarative
+    /// flow documents (`POST /v1/tenants/{t}/flows/{name}`).
+    pub fn with_flow_graph(mut self, component: Vec<u8>) -> Self {
+        self.flow_graph = Some(Arc::new(component));
+        self
+    }
+
+    /// Compiles (or finds in the cache) a component and stores it as the
+    /// next version of a plugin; answers what the deploy endpoints return.
+    async fn deploy_version(
+        &self,
+        t: &str,
+        name: &str,
+        body: Bytes,
+        document: Option<Value>,
+    ) -> ApiResult<Value> {
+        let host = self.host.clone();
+        let bytes = body.clone();
+        let loaded = tokio::task::spawn_blocking(move || host.load(&bytes))
+            .await
+            .map_err(|e| {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            })?
+            .map_err(|e| {
+                ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_plugin",
+                    e.to_string(),
+                )
+            })?;
+        let version = tokio::task::block_in_place(|| {
+            self.store.add_plugin_version(
+                t,
+                PluginVersion {
+                    name: name.to_string(),
+                    version: 0,
+                    kind: loaded.kind,
+                    sha256: loaded.sha256.clone(),
+                    size: body.len() as u64,
+                    created_ms: now_ms(),
+                    document,
+                },
+                &body,
+            )
+        })?;
+        let (source, load_ms) = (loaded.source, loaded.load_ms);
+        if let Ok(mut m) = self.loaded.write() {
+            m.insert(
+                (t.to_string(), name.to_string(), version.version),
+                Arc::new(loaded),
+            );
+        }
+        Ok(json!({
+            "name": name,
+            "version": version.version,
+            "kind": version.kind,
+            "sha256": version.sha256,
+            "size": version.size,
+            "compile": {"source": source, "ms": load_ms},
+        }))
     }
 
     fn loaded_version(
@@ -337,6 +401,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/tenants/{t}/addresses/{address}",
             put(set_address).get(get_address),
         )
+        .route(
+            "/v1/tenants/{t}/flows/{name}",
+            post(deploy_flow).put(deploy_flow).get(get_flow),
+        )
         .route("/v1/tenants/{t}/flows/{name}/simulate", post(simulate))
         .route("/v1/tenants/{t}/interactions", get(list_interactions))
         .route("/v1/tenants/{t}/interactions/{id}", get(get_interaction))
@@ -503,48 +571,72 @@ async fn deploy_plugin(
             "body must be a WebAssembly component (application/wasm)",
         ));
     }
-    let host = s.host.clone();
-    let bytes = body.clone();
-    let loaded = tokio::task::spawn_blocking(move || host.load(&bytes))
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid_plugin",
-                e.to_string(),
-            )
-        })?;
-    let version = tokio::task::block_in_place(|| {
-        s.store.add_plugin_version(
-            &t,
-            PluginVersion {
-                name: name.clone(),
-                version: 0,
-                kind: loaded.kind,
-                sha256: loaded.sha256.clone(),
-                size: body.len() as u64,
-                created_ms: now_ms(),
-            },
-            &body,
+    let v = s.deploy_version(&t, &name, body, None).await?;
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn deploy_flow(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Response> {
+    tenant_access(&s, &headers, &t)?;
+    validate_id("flow", &name)?;
+    let parsed = plugboard_flowgraph::parse(&body).map_err(|e| {
+        let mut err = ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_flow",
+            e.to_string(),
+        );
+        err.extra = Some(json!({"node": e.node, "reason": e.reason}));
+        err
+    })?;
+    let component = s.flow_graph.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "flow_graph_missing",
+            "this server has no flow-graph component: build it (scripts/build-plugins.sh) or start the server with --flow-graph FILE",
         )
     })?;
-    let (source, load_ms) = (loaded.source, loaded.load_ms);
-    if let Ok(mut m) = s.loaded.write() {
-        m.insert((t.clone(), name.clone(), version.version), Arc::new(loaded));
-    }
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({
-            "name": name,
-            "version": version.version,
-            "kind": version.kind,
-            "sha256": version.sha256,
-            "size": version.size,
-            "compile": {"source": source, "ms": load_ms},
-        })),
-    )
-        .into_response())
+    let document: Value = parse_json(&body)?;
+    let mut v = s
+        .deploy_version(&t, &name, Bytes::from(component.to_vec()), Some(document))
+        .await?;
+    v["warnings"] = json!(parsed.warnings);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct VersionQuery {
+    version: Option<u64>,
+}
+
+async fn get_flow(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+    Query(q): Query<VersionQuery>,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    let info = s.plugin_or_404(&t, &name, "flow")?;
+    let version = q.version.unwrap_or(info.active_version);
+    let v = info
+        .versions
+        .iter()
+        .find(|v| v.version == version)
+        .ok_or_else(|| ApiError::not_found(format!("flow {name} version {version} not found")))?;
+    let document = v.document.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_a_document",
+            format!("{name} version {version} is a compiled plugin, not a flow document"),
+        )
+    })?;
+    Ok(Json(
+        json!({"name": name, "version": version, "active_version": info.active_version, "document": document}),
+    ))
 }
 
 #[derive(Deserialize, Default)]
@@ -767,7 +859,20 @@ async fn simulate(
         events.insert(0, Event::Started);
     }
     let grants = info.grants.clone();
-    let config = s.store.config(&t, &name)?;
+    let mut config = s.store.config(&t, &name)?;
+    if let Some(doc) = info
+        .versions
+        .iter()
+        .find(|v| v.version == version)
+        .and_then(|v| v.document.clone())
+    {
+        // A declarative flow: the flow-graph component reads its document
+        // from the reserved config key `flow`.
+        if !config.is_object() {
+            config = json!({});
+        }
+        config["flow"] = doc;
+    }
     let created = now_ms();
     let mut ix = Interaction {
         id: plugboard_core::interaction_id(created, interaction_nonce()),

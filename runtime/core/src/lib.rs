@@ -156,6 +156,10 @@ pub struct PluginVersion {
     pub size: u64,
     /// Deploy time, ms since the Unix epoch.
     pub created_ms: u64,
+    /// The flow document, for a declarative flow (run by the `flow-graph`
+    /// component); part of the version, so rollback restores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<serde_json::Value>,
 }
 
 /// A plugin as listed: its active version and its history.

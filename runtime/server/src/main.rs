@@ -59,6 +59,10 @@ enum Cmd {
         /// Plugin instances that may run at once.
         #[arg(long, default_value_t = 64)]
         max_concurrent: u32,
+        /// The flow-graph component that runs flow documents; by default
+        /// `flow_graph.wasm` from the build's `wasm32-wasip2/release` directory.
+        #[arg(long, env = "PLUGBOARD_FLOW_GRAPH")]
+        flow_graph: Option<PathBuf>,
     },
     /// Manage tenants.
     Tenant {
@@ -189,6 +193,19 @@ enum FlowCmd {
         /// Tenant address.
         #[arg(long, default_value = "")]
         to: String,
+        /// Pin the clock (ms since the Unix epoch) for time-of-day conditions.
+        #[arg(long)]
+        now_ms: Option<u64>,
+    },
+    /// Deploy a flow document (JSON) as the next version of a flow.
+    Deploy {
+        /// Tenant id.
+        tenant: String,
+        /// The flow document.
+        file: PathBuf,
+        /// Flow name (default: the file name without `.json`).
+        #[arg(long)]
+        name: Option<String>,
     },
 }
 
@@ -210,7 +227,15 @@ fn run() -> Result<()> {
             deadline_ms,
             memory_mib,
             max_concurrent,
-        } => serve(&cli.data_dir, http, deadline_ms, memory_mib, max_concurrent),
+            flow_graph,
+        } => serve(
+            &cli.data_dir,
+            http,
+            deadline_ms,
+            memory_mib,
+            max_concurrent,
+            flow_graph,
+        ),
         cmd => {
             let client = Client::new(&cli.url, cli.token, &cli.data_dir)?;
             run_client(&client, cmd)
@@ -243,12 +268,34 @@ fn admin_token(data_dir: &Path) -> Result<String> {
     Ok(token)
 }
 
+/// The flow-graph component: the given file, else `flow_graph.wasm` next
+/// to this build (`target/wasm32-wasip2/release/`) or under the current
+/// directory's `target/`.
+fn flow_graph_component(given: Option<PathBuf>) -> Result<Option<(PathBuf, Vec<u8>)>> {
+    if let Some(p) = given {
+        let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+        return Ok(Some((p, bytes)));
+    }
+    let rel = Path::new("wasm32-wasip2/release/flow_graph.wasm");
+    let mut candidates = Vec::new();
+    if let Ok(exe) = std::env::current_exe()
+        && let Some(target) = exe.parent().and_then(Path::parent)
+    {
+        candidates.push(target.join(rel));
+    }
+    candidates.push(Path::new("target").join(rel));
+    Ok(candidates
+        .into_iter()
+        .find_map(|p| std::fs::read(&p).ok().map(|b| (p, b))))
+}
+
 fn serve(
     data_dir: &Path,
     http: SocketAddr,
     deadline_ms: u64,
     memory_mib: usize,
     max_concurrent: u32,
+    flow_graph: Option<PathBuf>,
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -275,7 +322,17 @@ fn serve(
         memory_bytes: memory_mib << 20,
         ..Limits::default()
     };
-    let state = Arc::new(AppState::new(store, host, &token, limits));
+    let mut state = AppState::new(store, host, &token, limits);
+    match flow_graph_component(flow_graph)? {
+        Some((path, bytes)) => {
+            tracing::info!("flow documents run by {}", path.display());
+            state = state.with_flow_graph(bytes);
+        }
+        None => tracing::warn!(
+            "no flow-graph component found (build it with scripts/build-plugins.sh or pass --flow-graph): flow documents cannot be deployed"
+        ),
+    }
+    let state = Arc::new(state);
     let t0 = Instant::now();
     let n = state.preload()?;
     tracing::info!(
@@ -488,10 +545,31 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
             &format!("/v1/tenants/{}/addresses/{}", enc(&tenant), enc(&address)),
             &json!({"channel": channel, "flow": flow}),
         )?),
-        Cmd::Flow { cmd: FlowCmd::Simulate { tenant, flow, events, channel, from, to } } => print(&c.json(
+        Cmd::Flow { cmd: FlowCmd::Simulate { tenant, flow, events, channel, from, to, now_ms } } => print(&c.json(
             "POST",
             &format!("/v1/tenants/{}/flows/{}/simulate", enc(&tenant), enc(&flow)),
-            &json!({"events": parse_arg_json(&events)?, "channel": channel, "from": from, "to": to}),
+            &json!({"events": parse_arg_json(&events)?, "channel": channel, "from": from, "to": to, "now_ms": now_ms}),
         )?),
+        Cmd::Flow { cmd: FlowCmd::Deploy { tenant, file, name } } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let name = match name {
+                Some(n) => n,
+                None => file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .context("give the flow a name with --name")?
+                    .to_string(),
+            };
+            let v = c.call(
+                "POST",
+                &format!("/v1/tenants/{}/flows/{}", enc(&tenant), enc(&name)),
+                Some(("application/json", bytes)),
+            )?;
+            for w in v["warnings"].as_array().into_iter().flatten() {
+                eprintln!("warning: {}", w.as_str().unwrap_or_default());
+            }
+            eprintln!("deployed flow {name} v{}", v["version"]);
+            print(&v)
+        }
     }
 }

@@ -421,6 +421,7 @@ mod tests {
             sha256: "abc".into(),
             size: 3,
             created_ms: 1,
+            document: None,
         }
     }
 

@@ -1,0 +1,262 @@
+//! The interpreter and the validator, on the order-hotline example document.
+//! HTTP is answered in process here; the server tests run the same document
+//! in the sandbox against a real HTTP server.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use plugboard_core::Channel;
+use plugboard_core::flow::{Action, Event};
+use plugboard_flowgraph::{FlowHost, HttpRequest, HttpResponse, Input, handle, parse};
+use serde_json::{Map, Value, json};
+
+/// 2026-11-23 (Monday) 10:00 UTC.
+const MONDAY_10: u64 = 1_795_428_000_000;
+/// 2026-11-28 (Saturday) 10:00 UTC.
+const SATURDAY_10: u64 = MONDAY_10 + 5 * 86_400_000;
+
+struct Host {
+    now: u64,
+    offset: i32,
+    requests: Vec<HttpRequest>,
+}
+
+impl FlowHost for Host {
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+        self.requests.push(req.clone());
+        if req.url.ends_with("/orders/1234") {
+            Ok(HttpResponse {
+                status: 200,
+                body: br#"{"status":"out for delivery"}"#.to_vec(),
+            })
+        } else if req.url.contains("/orders/") {
+            Ok(HttpResponse {
+                status: 404,
+                body: b"no such order".to_vec(),
+            })
+        } else {
+            Err("connection refused".into())
+        }
+    }
+    fn now_ms(&mut self) -> u64 {
+        self.now
+    }
+    fn utc_offset_minutes(&mut self) -> i32 {
+        self.offset
+    }
+}
+
+fn doc() -> Vec<u8> {
+    std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/order-hotline/flow.json"
+    ))
+    .unwrap()
+}
+
+fn run(channel: Channel, now: u64, offset: i32, events: &[Event]) -> (Vec<Vec<Action>>, Host) {
+    let flow = parse(&doc()).unwrap().flow;
+    let mut config = Map::new();
+    config.insert("mis_url".into(), json!("http://127.0.0.1:9/base"));
+    let mut host = Host {
+        now,
+        offset,
+        requests: Vec::new(),
+    };
+    let input = Input {
+        channel,
+        from: "+37060000000",
+        to: "+37052000000",
+        attributes: &[],
+    };
+    let mut state = String::new();
+    let mut out = Vec::new();
+    for e in std::iter::once(&Event::Started).chain(events) {
+        let step = handle(&flow, &config, input, &state, e, &mut host).unwrap();
+        state = step.state;
+        out.push(step.actions);
+    }
+    (out, host)
+}
+
+fn digits(d: &str) -> Event {
+    Event::Digits {
+        digits: d.into(),
+        terminated: false,
+    }
+}
+
+fn js(actions: &[Action]) -> Value {
+    serde_json::to_value(actions).unwrap()
+}
+
+#[test]
+fn open_menu_sales() {
+    let (steps, _) = run(Channel::Voice, MONDAY_10, 0, &[digits("1")]);
+    assert_eq!(
+        js(&steps[0]),
+        json!([{"type":"gather","prompt":{"text":"Welcome. Press 1 for sales, 2 to track an order."},"max_digits":1,"timeout_ms":5000,"inter_digit_timeout_ms":3000,"speech":false}])
+    );
+    assert_eq!(
+        js(&steps[1]),
+        json!([{"type":"say","text":"Connecting you to sales."},{"type":"enqueue","queue":"sales","priority":0,"skills":[]}])
+    );
+}
+
+#[test]
+fn order_lookup_found_and_not_found() {
+    let (steps, host) = run(Channel::Voice, MONDAY_10, 0, &[digits("2"), digits("1234")]);
+    assert_eq!(
+        js(&steps[1]),
+        json!([{"type":"gather","prompt":{"text":"Please enter your order number, then press hash."},"max_digits":10,"terminator":"#","timeout_ms":8000,"inter_digit_timeout_ms":3000,"speech":false}])
+    );
+    assert_eq!(
+        js(&steps[2]),
+        json!([{"type":"say","text":"Order 1234 is out for delivery."},{"type":"hangup"}])
+    );
+    assert_eq!(host.requests[0].url, "http://127.0.0.1:9/base/orders/1234");
+    assert_eq!(host.requests[0].method, "GET");
+
+    let (steps, _) = run(Channel::Voice, MONDAY_10, 0, &[digits("2"), digits("9 9")]);
+    assert_eq!(
+        js(&steps[2]),
+        json!([{"type":"say","text":"Sorry, we could not find order 9 9."},{"type":"hangup"}])
+    );
+}
+
+#[test]
+fn closed_hours_weekend_holiday_and_time_zone() {
+    let voicemail = json!([{"type":"say","text":"We are closed. Please leave a message after the tone."},{"type":"record","max_secs":60,"beep":true}]);
+    let (steps, _) = run(
+        Channel::Voice,
+        SATURDAY_10,
+        0,
+        &[Event::Recorded {
+            id: "rec-1".into(),
+            duration_ms: 4000,
+        }],
+    );
+    assert_eq!(js(&steps[0]), voicemail);
+    assert_eq!(
+        js(&steps[1]),
+        json!([{"type":"say","text":"Thank you for your message. Goodbye."},{"type":"hangup"}])
+    );
+    // 10:00 UTC is 19:00 in UTC+9: closed.
+    let (steps, _) = run(Channel::Voice, MONDAY_10, 9 * 60, &[]);
+    assert_eq!(js(&steps[0]), voicemail);
+    // 25 December 2026 is a Friday: a holiday.
+    let christmas = MONDAY_10 + 32 * 86_400_000;
+    let (steps, _) = run(Channel::Voice, christmas, 0, &[]);
+    assert_eq!(js(&steps[0]), voicemail);
+}
+
+#[test]
+fn no_input_goes_to_voicemail_and_hangup_ends() {
+    let (steps, _) = run(
+        Channel::Voice,
+        MONDAY_10,
+        0,
+        &[Event::Timeout, Event::Hangup, digits("1")],
+    );
+    assert_eq!(
+        js(&steps[1]),
+        json!([{"type":"say","text":"Please leave a message after the tone."},{"type":"record","max_secs":60,"beep":true}])
+    );
+    assert!(steps[2].is_empty());
+    assert!(steps[3].is_empty(), "nothing after hangup");
+}
+
+#[test]
+fn chat_channel_replies_and_matches_keywords() {
+    let (steps, _) = run(
+        Channel::Chat,
+        MONDAY_10,
+        0,
+        &[Event::Message {
+            text: " Sales ".into(),
+            subject: None,
+            attachments: vec![],
+        }],
+    );
+    assert_eq!(
+        js(&steps[0]),
+        json!([{"type":"reply","text":"Welcome. Press 1 for sales, 2 to track an order."}])
+    );
+    assert_eq!(
+        js(&steps[1]),
+        json!([{"type":"reply","text":"Connecting you to sales."},{"type":"enqueue","queue":"sales","priority":0,"skills":[]}])
+    );
+}
+
+fn refused(doc: Value) -> (Option<String>, String) {
+    let e = parse(doc.to_string().as_bytes()).unwrap_err();
+    (e.node, e.reason)
+}
+
+#[test]
+fn bad_documents_are_refused_naming_the_node() {
+    let (node, reason) = refused(json!({"start": "a", "nodes": {
+        "a": {"type": "say", "text": "hi", "next": "nowhere"}
+    }}));
+    assert_eq!(node.as_deref(), Some("a"));
+    assert!(reason.contains("\"nowhere\""), "{reason}");
+
+    let (node, reason) = refused(json!({"start": "a", "nodes": {
+        "a": {"type": "say", "text": "hi", "next": "b"},
+        "b": {"type": "teleport"}
+    }}));
+    assert_eq!(node.as_deref(), Some("b"));
+    assert!(
+        reason.contains("unknown node type \"teleport\""),
+        "{reason}"
+    );
+
+    let (node, reason) = refused(json!({"start": "a", "nodes": {
+        "a": {"type": "say", "text": "hi", "next": "b"},
+        "b": {"type": "set", "vars": {"x": "1"}, "next": "c"},
+        "c": {"type": "condition", "if": {"set": "x"}, "then": "a", "else": "d"},
+        "d": {"type": "hangup"}
+    }}));
+    assert!(matches!(node.as_deref(), Some("a" | "b" | "c")), "{node:?}");
+    assert!(reason.contains("never waits for input"), "{reason}");
+
+    // A loop through a menu waits for the caller each time round: fine.
+    let ok = json!({"start": "m", "nodes": {
+        "m": {"type": "menu", "prompt": "1 again", "options": {"1": "s"}},
+        "s": {"type": "say", "text": "again", "next": "m"}
+    }});
+    assert!(parse(ok.to_string().as_bytes()).is_ok());
+
+    let (node, reason) = refused(json!({"start": "a", "nodes": {
+        "a": {"type": "say", "text": "hi {{name", "next": "b"},
+        "b": {"type": "hangup"}
+    }}));
+    assert_eq!(node.as_deref(), Some("a"));
+    assert!(reason.contains("unclosed"), "{reason}");
+
+    let (node, reason) = refused(json!({"start": "a", "nodes": {
+        "a": {"type": "menu", "prompt": "x", "options": {"1": "a"}, "colour": "red"}
+    }}));
+    assert_eq!(node.as_deref(), Some("a"));
+    assert!(reason.contains("colour"), "{reason}");
+
+    let (node, reason) = refused(json!({"start": "zz", "nodes": {"a": {"type": "hangup"}}}));
+    assert_eq!(node, None);
+    assert!(reason.contains("\"zz\""), "{reason}");
+
+    let (_, reason) = refused(json!({"start": "a", "nodes": {
+        "a": {"type": "condition", "if": {"business_hours": {"days": ["mon"], "open": "9am", "close": "17:00"}}, "then": "b", "else": "b"},
+        "b": {"type": "hangup"}
+    }}));
+    assert!(reason.contains("9am"), "{reason}");
+}
+
+#[test]
+fn unreachable_nodes_are_warnings() {
+    let p = parse(
+        json!({"start": "a", "nodes": {"a": {"type": "hangup"}, "b": {"type": "hangup"}}})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(p.warnings.len(), 1);
+}
