@@ -324,3 +324,84 @@ fn cli_deploys_a_flow_document_and_reports_a_bad_one() {
         "{err}"
     );
 }
+
+/// Scaffolds a project with `plugboard plugin new`, builds it with the
+/// commands it prints, and returns the component.
+fn scaffold_and_build(lang: &str, kind: &str, name: &str, dir: &std::path::Path) -> Vec<u8> {
+    let project = dir.join(name);
+    let out = Command::new(binary())
+        .args([
+            "plugin", "new", name, "--lang", lang, "--kind", kind, "--dir",
+        ])
+        .arg(&project)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8_lossy(&out.stdout).to_string();
+    let build_line = printed
+        .lines()
+        .find(|l| l.trim_start().starts_with("cd "))
+        .unwrap_or_else(|| panic!("no build command in {printed}"));
+    let deploy_line = printed
+        .lines()
+        .find(|l| l.contains("plugin deploy"))
+        .unwrap();
+    let wasm = deploy_line.split_whitespace().last().unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(build_line.trim());
+    if lang == "rust" {
+        // Share the checkout's build cache instead of compiling the SDK again.
+        cmd.env("CARGO_TARGET_DIR", root().join("target"));
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{build_line}: {out:?}");
+    let path = if lang == "rust" {
+        root()
+            .join("target")
+            .join(wasm.trim_start_matches("target/"))
+    } else {
+        project.join(wasm)
+    };
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn plugin_new_scaffolds_projects_that_build_and_deploy() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let s = Server::start(&data, &[]).unwrap();
+    let key = s.tenant("dev");
+    let mut cases: Vec<(&str, &str)> = ["flow", "router", "tts", "crm"]
+        .into_iter()
+        .map(|k| ("rust", k))
+        .collect();
+    cases.extend([
+        ("js", "flow"),
+        ("js", "router"),
+        ("python", "flow"),
+        ("python", "router"),
+    ]);
+    for (lang, kind) in cases {
+        let name = format!("scaffold-{lang}-{kind}");
+        let bytes = scaffold_and_build(lang, kind, &name, dir.path());
+        let a = s.deploy("dev", &key, &name, bytes);
+        assert_eq!(a.status, 201, "{lang} {kind}: {a:?}");
+        assert_eq!(a.body["kind"], kind, "{lang} {kind}: {a:?}");
+        if kind == "flow" {
+            let steps = actions(&simulate_at(&s, "dev", &key, &name, MONDAY_10, json!([])));
+            assert!(
+                steps[0].as_array().is_some_and(|a| !a.is_empty()),
+                "{lang}: the template flow answers `started`: {steps:?}"
+            );
+        }
+    }
+    // A second `new` into the same directory is refused, not overwritten.
+    let out = Command::new(binary())
+        .args(["plugin", "new", "scaffold-rust-flow", "--dir"])
+        .arg(dir.path().join("scaffold-rust-flow"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+}

@@ -260,3 +260,66 @@ fn unreachable_nodes_are_warnings() {
     .unwrap();
     assert_eq!(p.warnings.len(), 1);
 }
+
+fn schema() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../plugins/flow-graph/flow.schema.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn the_json_schema_accepts_the_example_and_agrees_with_the_parser() {
+    let schema = schema();
+    let v = jsonschema::validator_for(&schema).unwrap();
+    let example: Value = serde_json::from_slice(&doc()).unwrap();
+    let errors: Vec<String> = v.iter_errors(&example).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    // Documents the parser refuses for their shape, the schema refuses too.
+    for bad in [
+        json!({"start": "a", "nodes": {"a": {"type": "teleport"}}}),
+        json!({"start": "a", "nodes": {"a": {"type": "hangup", "colour": "red"}}}),
+        json!({"start": "a", "nodes": {"a": {"type": "menu", "prompt": "x", "options": {}}}}),
+        json!({"start": "a", "nodes": {"a": {"type": "condition", "if": {"weekday": ["someday"]}, "then": "a", "else": "a"}}}),
+        json!({"nodes": {"a": {"type": "hangup"}}}),
+    ] {
+        assert!(!v.is_valid(&bad), "schema accepted {bad}");
+        assert!(
+            parse(bad.to_string().as_bytes()).is_err(),
+            "parser accepted {bad}"
+        );
+    }
+    // The schema lists exactly the node types the parser knows.
+    let mut in_schema: Vec<String> = schema["$defs"]["node"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            n["properties"]["type"]["const"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    in_schema.sort();
+    let mut known: Vec<String> = in_schema
+        .iter()
+        .filter(|t| {
+            let node = json!({"type": t});
+            let e = parse(
+                json!({"start": "a", "nodes": {"a": node}})
+                    .to_string()
+                    .as_bytes(),
+            );
+            !matches!(e, Err(e) if e.reason.contains("unknown node type"))
+        })
+        .cloned()
+        .collect();
+    known.sort();
+    assert_eq!(known, in_schema);
+    assert_eq!(in_schema.len(), 13);
+}

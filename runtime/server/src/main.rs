@@ -1,6 +1,8 @@
 //! `plugboard`: the server (`plugboard serve`) and a thin command-line
 //! client of its HTTP API (`tenant`, `plugin`, `address`, `flow`).
 
+mod scaffold;
+
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use plugboard_api::AppState;
@@ -112,6 +114,23 @@ enum TenantCmd {
 
 #[derive(Subcommand)]
 enum PluginCmd {
+    /// Start a plugin project (local; nothing is sent to the server).
+    New {
+        /// Plugin name (a-z, 0-9, '-', '_').
+        name: String,
+        /// Language.
+        #[arg(long, value_enum, default_value = "rust")]
+        lang: scaffold::Lang,
+        /// Plugin world.
+        #[arg(long, value_enum, default_value = "flow")]
+        kind: scaffold::Kind,
+        /// Directory to create (default: ./NAME).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// The Plugboard checkout holding the SDKs (default: the one this binary was built in).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
     /// Deploy a component as the next version of a plugin.
     Deploy {
         /// Tenant id.
@@ -236,6 +255,28 @@ fn run() -> Result<()> {
             max_concurrent,
             flow_graph,
         ),
+        Cmd::Plugin {
+            cmd:
+                PluginCmd::New {
+                    name,
+                    lang,
+                    kind,
+                    dir,
+                    sdk,
+                },
+        } => {
+            let dir = dir.unwrap_or_else(|| PathBuf::from(&name));
+            let sdk = scaffold::sdk_root(sdk)?;
+            let (files, commands) = scaffold::scaffold(lang, kind, &name, &dir, &sdk)?;
+            for f in files {
+                eprintln!("wrote {}", f.display());
+            }
+            println!("Build and deploy:");
+            for c in commands {
+                println!("  {c}");
+            }
+            Ok(())
+        }
         cmd => {
             let client = Client::new(&cli.url, cli.token, &cli.data_dir)?;
             run_client(&client, cmd)
@@ -478,7 +519,7 @@ fn parse_arg_json(s: &str) -> Result<Value> {
 
 fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { .. } => unreachable!("handled in main"),
+        Cmd::Serve { .. } | Cmd::Plugin { cmd: PluginCmd::New { .. } } => unreachable!("handled in run"),
         Cmd::Tenant { cmd: TenantCmd::Create { id, name, time_zone } } => {
             let mut body = json!({"id": id});
             if let Some(n) = name {
