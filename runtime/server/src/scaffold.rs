@@ -96,8 +96,7 @@ pub fn scaffold(
             .replace("{{SDK}}", &sdk_s)
     };
     let mut files: Vec<(PathBuf, String)> = Vec::new();
-    let wasm;
-    match lang {
+    let wasm = match lang {
         Lang::Rust => {
             let lib = match kind {
                 Kind::Flow => RUST_FLOW
@@ -137,7 +136,7 @@ panic = "abort"
                 "[build]\ntarget = \"wasm32-wasip2\"\n".into(),
             ));
             files.push((".gitignore".into(), "/target\n".into()));
-            wasm = format!("target/wasm32-wasip2/release/{krate}.wasm");
+            format!("target/wasm32-wasip2/release/{krate}.wasm")
         }
         Lang::Js | Lang::Python => {
             let (sub, src) = if lang == Lang::Js {
@@ -162,9 +161,9 @@ panic = "abort"
                 ),
             ));
             files.push((".gitignore".into(), format!("/{name}.wasm\n")));
-            wasm = format!("{name}.wasm");
+            format!("{name}.wasm")
         }
-    }
+    };
     let build = match lang {
         Lang::Rust => "cargo build --release".to_string(),
         _ => "./build.sh".to_string(),
