@@ -46,6 +46,10 @@ impl FlowHost for Host {
     fn utc_offset_minutes(&mut self) -> i32 {
         clock::utc_offset_minutes()
     }
+
+    fn config(&self, key: &str) -> Option<String> {
+        host::config::get(key)
+    }
 }
 
 fn channel_in(c: Channel) -> C {
@@ -182,13 +186,9 @@ fn action_out(a: A) -> Action {
 
 impl Guest for FlowGraph {
     fn handle(ix: Interaction, state: String, event: Event) -> Result<Response, String> {
-        let mut config: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&host::config::document())
-                .map_err(|e| format!("bad configuration: {e}"))?;
-        let doc = config
-            .remove("flow")
+        let doc = host::config::get("flow")
             .ok_or("no flow document deployed (config key \"flow\")")?;
-        let flow = plugboard_flowgraph::parse(doc.to_string().as_bytes())
+        let flow = plugboard_flowgraph::parse(doc.as_bytes())
             .map_err(|e| e.to_string())?
             .flow;
         let input = Input {
@@ -199,7 +199,6 @@ impl Guest for FlowGraph {
         };
         let step = plugboard_flowgraph::handle(
             &flow,
-            &config,
             input,
             &state,
             &event_in(event),

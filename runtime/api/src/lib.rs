@@ -818,6 +818,7 @@ impl AppState {
             logs: Vec::new(),
             calls: Vec::new(),
             elapsed_us: 0,
+            memory_bytes: 0,
         });
         self.metrics.observe(&tenant, &name, "flow", &report);
         report
@@ -867,11 +868,12 @@ async fn simulate(
         .and_then(|v| v.document.clone())
     {
         // A declarative flow: the flow-graph component reads its document
-        // from the reserved config key `flow`.
+        // from the reserved config key `flow`, as JSON text (serialised once
+        // here rather than on every event).
         if !config.is_object() {
             config = json!({});
         }
-        config["flow"] = doc;
+        config["flow"] = Value::String(doc.to_string());
     }
     let created = now_ms();
     let mut ix = Interaction {
@@ -963,7 +965,7 @@ async fn simulate(
                     &t,
                     json!({"interaction": ix.id, "kind": "actions", "data": actions}),
                 );
-                steps.push(json!({"event": event, "actions": actions, "state": out.state, "elapsed_us": report.elapsed_us}));
+                steps.push(json!({"event": event, "actions": actions, "state": out.state, "elapsed_us": report.elapsed_us, "memory_bytes": report.memory_bytes}));
                 if hangup || event == Event::Hangup {
                     break;
                 }

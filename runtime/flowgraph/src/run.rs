@@ -55,6 +55,9 @@ pub trait FlowHost {
     fn now_ms(&mut self) -> u64;
     /// The tenant's UTC offset now, minutes.
     fn utc_offset_minutes(&mut self) -> i32;
+    /// The plugin's config value at `key`: strings as they are, anything
+    /// else as JSON text (the `config.get` import).
+    fn config(&self, key: &str) -> Option<String>;
 }
 
 /// A step's outcome.
@@ -101,7 +104,6 @@ fn is_zero(n: &u32) -> bool {
 
 struct Run<'a> {
     flow: &'a Flow,
-    config: &'a Map<String, Value>,
     input: Input<'a>,
     host: &'a mut dyn FlowHost,
     st: State,
@@ -112,7 +114,6 @@ struct Run<'a> {
 /// again or ends, and returns the actions and the new state.
 pub fn handle(
     flow: &Flow,
-    config: &Map<String, Value>,
     input: Input<'_>,
     state: &str,
     event: &Event,
@@ -126,7 +127,6 @@ pub fn handle(
     };
     let mut run = Run {
         flow,
-        config,
         input,
         host,
         st,
@@ -558,7 +558,19 @@ impl Run<'_> {
         let mut parts = path.split('.');
         let first = parts.next()?;
         let mut cur: Value = match first {
-            "config" => Value::Object(self.config.clone()),
+            "config" => {
+                let key = parts.next()?;
+                let text = self.host.config(key)?;
+                let mut rest = parts.peekable();
+                if rest.peek().is_none() {
+                    return Some(Value::String(text));
+                }
+                let mut cur: Value = serde_json::from_str(&text).ok()?;
+                for p in rest {
+                    cur = descend(cur, p)?;
+                }
+                return Some(cur);
+            }
             "attr" => Value::Object(
                 self.input
                     .attributes
@@ -683,6 +695,18 @@ impl Run<'_> {
                 day_in(days, t.weekday)
             }
         }
+    }
+}
+
+/// One step down a dotted path: an object key or an array index.
+fn descend(v: Value, p: &str) -> Option<Value> {
+    match v {
+        Value::Object(mut m) => m.remove(p),
+        Value::Array(mut a) => {
+            let i: usize = p.parse().ok()?;
+            (i < a.len()).then(|| a.swap_remove(i))
+        }
+        _ => None,
     }
 }
 

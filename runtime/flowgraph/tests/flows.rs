@@ -7,7 +7,7 @@
 use plugboard_core::Channel;
 use plugboard_core::flow::{Action, Event};
 use plugboard_flowgraph::{FlowHost, HttpRequest, HttpResponse, Input, handle, parse};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 /// 2026-11-23 (Monday) 10:00 UTC.
 const MONDAY_10: u64 = 1_795_428_000_000;
@@ -43,6 +43,9 @@ impl FlowHost for Host {
     fn utc_offset_minutes(&mut self) -> i32 {
         self.offset
     }
+    fn config(&self, key: &str) -> Option<String> {
+        (key == "mis_url").then(|| "http://127.0.0.1:9/base".to_string())
+    }
 }
 
 fn doc() -> Vec<u8> {
@@ -55,8 +58,6 @@ fn doc() -> Vec<u8> {
 
 fn run(channel: Channel, now: u64, offset: i32, events: &[Event]) -> (Vec<Vec<Action>>, Host) {
     let flow = parse(&doc()).unwrap().flow;
-    let mut config = Map::new();
-    config.insert("mis_url".into(), json!("http://127.0.0.1:9/base"));
     let mut host = Host {
         now,
         offset,
@@ -71,7 +72,7 @@ fn run(channel: Channel, now: u64, offset: i32, events: &[Event]) -> (Vec<Vec<Ac
     let mut state = String::new();
     let mut out = Vec::new();
     for e in std::iter::once(&Event::Started).chain(events) {
-        let step = handle(&flow, &config, input, &state, e, &mut host).unwrap();
+        let step = handle(&flow, input, &state, e, &mut host).unwrap();
         state = step.state;
         out.push(step.actions);
     }

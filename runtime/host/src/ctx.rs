@@ -50,6 +50,8 @@ pub struct Ctx {
     table: ResourceTable,
     pub(crate) env: PluginEnv,
     pub(crate) memory_exceeded: bool,
+    /// Linear memory of the instance, all memories together, bytes.
+    pub(crate) memory_bytes: usize,
     pub(crate) timed_out: bool,
     /// Wall time the plugin spent blocked in host calls (excluded from its CPU deadline).
     pub(crate) blocked: Duration,
@@ -67,6 +69,7 @@ impl Ctx {
             table: ResourceTable::new(),
             env,
             memory_exceeded: false,
+            memory_bytes: 0,
             timed_out: false,
             blocked: Duration::ZERO,
             started: Instant::now(),
@@ -116,14 +119,18 @@ impl WasiView for Ctx {
 impl ResourceLimiter for Ctx {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.limits().memory_bytes {
+        // The cap is on the instance's linear memories together: a component
+        // made of several modules (Python, JS) cannot multiply it.
+        let total = self.memory_bytes - current.min(self.memory_bytes) + desired;
+        if total > self.limits().memory_bytes {
             self.memory_exceeded = true;
             return Ok(false);
         }
+        self.memory_bytes = total;
         Ok(true)
     }
 

@@ -260,6 +260,8 @@ pub struct Report<T> {
     pub calls: Vec<HostCall>,
     /// Wall time including instantiation, µs.
     pub elapsed_us: u64,
+    /// Linear memory the instance held (all its memories), bytes.
+    pub memory_bytes: usize,
 }
 
 /// The interaction as a flow sees it.
@@ -663,6 +665,7 @@ impl PluginHost {
             logs: ctx.logs,
             calls: ctx.calls,
             elapsed_us: t0.elapsed().as_micros() as u64,
+            memory_bytes: ctx.memory_bytes,
         }
     }
 
@@ -675,6 +678,7 @@ impl PluginHost {
             logs: Vec::new(),
             calls: Vec::new(),
             elapsed_us: 0,
+            memory_bytes: 0,
         }
     }
 
