@@ -36,6 +36,11 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     "$BIN" plugin grants demo cargo-lookup "{\"http\":{\"allow\":[\"127.0.0.1:$MIS_PORT\"]}}" >/dev/null
     "$BIN" address set demo +15550100 --channel voice --flow hello-ivr >/dev/null
     "$BIN" address set demo +15550199 --channel voice --flow cargo-lookup >/dev/null
+    # A flow without code: the order hotline as a JSON document.
+    "$BIN" flow deploy demo examples/order-hotline/flow.json --name order-hotline >/dev/null
+    "$BIN" plugin config demo order-hotline "{\"mis_url\":\"http://127.0.0.1:$MIS_PORT\"}" >/dev/null
+    "$BIN" plugin grants demo order-hotline "{\"http\":{\"allow\":[\"127.0.0.1:$MIS_PORT\"]}}" >/dev/null
+    "$BIN" address set demo +15550123 --channel voice --flow order-hotline >/dev/null
     echo "seeded tenant demo; its API key is in $DATA/demo-tenant.json"
 else
     echo "tenant demo already exists (data in $DATA)"
@@ -46,6 +51,7 @@ Plugboard is running on http://$HTTP (admin token: $DATA/admin_token).
 Try:
   $BIN flow simulate demo hello-ivr --events '[{"type":"digits","digits":"1"}]'
   $BIN flow simulate demo cargo-lookup --events '[{"type":"digits","digits":"123","terminated":true}]'
+  $BIN flow simulate demo order-hotline --now-ms 1795428000000 --events '[{"type":"digits","digits":"2"},{"type":"digits","digits":"1234"}]'
 Ctrl-C stops it.
 MSG
 wait $SERVER_PID

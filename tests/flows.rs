@@ -405,3 +405,83 @@ fn plugin_new_scaffolds_projects_that_build_and_deploy() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
 }
+
+#[test]
+fn js_and_python_plugins_are_contained_like_rust_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let s = Server::start(&data, &["--deadline-ms", "100", "--memory-mib", "48"]).unwrap();
+    let ke = s.tenant("evil");
+    let kg = s.tenant("good");
+    assert_eq!(
+        deploy_flow(&s, "good", &kg, "hotline", order_hotline_doc()).status,
+        201
+    );
+    for lang in ["js", "py"] {
+        let bytes = polyglot(&format!("hostile_{lang}")).unwrap_or_else(|| {
+            panic!("hostile_{lang}.wasm missing: run scripts/build-polyglot.sh")
+        });
+        for mode in ["loop", "memory", "ok"] {
+            let name = format!("{mode}-{lang}");
+            let a = s.deploy("evil", &ke, &name, bytes.clone());
+            assert_eq!(a.status, 201, "{a:?}");
+            let r = s.json(
+                "PUT",
+                &format!("/v1/tenants/evil/plugins/{name}/config"),
+                &ke,
+                &json!({"mode": mode}),
+            );
+            assert_eq!(r.status, 200);
+        }
+    }
+    // The good tenant keeps answering while the hostile ones run.
+    let url = s.url();
+    let good = std::thread::spawn(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        (0..30)
+            .filter(|_| {
+                let mut resp = agent
+                    .post(format!("{url}/v1/tenants/good/flows/hotline/simulate"))
+                    .header("authorization", format!("Bearer {kg}"))
+                    .send_json(json!({"events": [digits("1")], "now_ms": MONDAY_10}))
+                    .unwrap();
+                let body: Value = resp.body_mut().read_json().unwrap();
+                body["steps"][1]["actions"][1]["queue"] == "sales"
+            })
+            .count()
+    });
+    for _ in 0..2 {
+        for lang in ["js", "py"] {
+            for (mode, code) in [
+                ("loop", "plugin_timeout"),
+                ("memory", "plugin_memory_limit"),
+            ] {
+                let r = s.simulate("evil", &ke, &format!("{mode}-{lang}"), json!([]));
+                assert_eq!(r.status, 422, "{mode}-{lang}: {r:?}");
+                assert_eq!(r.body["error"]["code"], code, "{mode}-{lang}: {r:?}");
+                let step = &r.body["steps"][0];
+                assert_eq!(step["fallback"], true);
+                if mode == "loop" {
+                    let server_ms = step["elapsed_us"].as_u64().unwrap() / 1000;
+                    assert!(
+                        server_ms <= 100 + 100,
+                        "{lang} loop stopped after {server_ms} ms for a 100 ms budget"
+                    );
+                }
+            }
+            // The same component behaves when asked to.
+            let r = s.simulate("evil", &ke, &format!("ok-{lang}"), json!([]));
+            assert_eq!(r.status, 200, "{r:?}");
+            assert_eq!(r.body["steps"][0]["actions"][0]["text"], "ok");
+        }
+    }
+    assert_eq!(
+        good.join().unwrap(),
+        30,
+        "the good tenant answered every time"
+    );
+}

@@ -82,6 +82,11 @@ impl Server {
             .arg(format!("127.0.0.1:{port}"))
             .args(flags)
             .env("PLUGBOARD_ADMIN_TOKEN", &admin)
+            // Compiled components are shared by every test server (keyed by hash).
+            .env(
+                "PLUGBOARD_CACHE_DIR",
+                root().join("target/test-compile-cache"),
+            )
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

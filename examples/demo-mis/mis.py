@@ -4,7 +4,9 @@
 Run with: python3 examples/demo-mis/mis.py 8090
 
 GET /waybills/<number> -> {"status": ..., "location": ...} or 404.
-The cargo-lookup flow calls it through its `http` grant and speaks the answer.
+GET /orders/<number>   -> {"status": ...} or 404 (the order-hotline example).
+The cargo-lookup and order-hotline flows call it through their `http` grant
+and speak the answer.
 """
 import json
 import sys
@@ -16,15 +18,21 @@ WAYBILLS = {
     "789": {"status": "waiting for customs", "location": "Klaipeda port"},
 }
 
+ORDERS = {
+    "1234": {"status": "out for delivery"},
+    "5678": {"status": "packed and waiting for pickup"},
+}
+
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         parts = self.path.strip("/").split("/")
-        if len(parts) == 2 and parts[0] == "waybills" and parts[1] in WAYBILLS:
-            body = json.dumps(WAYBILLS[parts[1]]).encode()
+        tables = {"waybills": WAYBILLS, "orders": ORDERS}
+        if len(parts) == 2 and parts[1] in tables.get(parts[0], {}):
+            body = json.dumps(tables[parts[0]][parts[1]]).encode()
             self.send_response(200)
         else:
-            body = b'{"error":"unknown waybill"}'
+            body = b'{"error":"not found"}'
             self.send_response(404)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))

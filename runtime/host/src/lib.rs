@@ -544,7 +544,15 @@ impl PluginHost {
                     let compiled = c
                         .serialize()
                         .map_err(|e| HostError::Cache(format!("{e:#}")))?;
-                    let tmp = path.with_extension("tmp");
+                    // A name of our own: several processes may share the cache.
+                    let tmp = path.with_extension(format!(
+                        "{}.{}.tmp",
+                        std::process::id(),
+                        std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map(|d| d.subsec_nanos())
+                            .unwrap_or(0)
+                    ));
                     std::fs::write(&tmp, &compiled)
                         .and_then(|()| std::fs::rename(&tmp, &path))
                         .map_err(|e| HostError::Cache(e.to_string()))?;
@@ -645,6 +653,13 @@ impl PluginHost {
         let r = f(&mut store);
         let ctx = store.into_data();
         let outcome = match r {
+            // A guest that catches its own out-of-memory (JavaScript and
+            // Python engines do) and returns an error hit the cap all the same.
+            Ok(Err(InvokeError::Plugin(_))) if ctx.memory_exceeded => {
+                Err(InvokeError::MemoryLimit {
+                    limit_bytes: limits.memory_bytes,
+                })
+            }
             Ok(v) => v,
             Err(e) => Err(if ctx.timed_out {
                 InvokeError::Timeout {

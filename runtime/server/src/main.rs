@@ -65,6 +65,10 @@ enum Cmd {
         /// `flow_graph.wasm` from the build's `wasm32-wasip2/release` directory.
         #[arg(long, env = "PLUGBOARD_FLOW_GRAPH")]
         flow_graph: Option<PathBuf>,
+        /// Compiled-component cache (default: DATA_DIR/cache); may be shared
+        /// by several servers.
+        #[arg(long, env = "PLUGBOARD_CACHE_DIR")]
+        cache_dir: Option<PathBuf>,
     },
     /// Manage tenants.
     Tenant {
@@ -247,6 +251,7 @@ fn run() -> Result<()> {
             memory_mib,
             max_concurrent,
             flow_graph,
+            cache_dir,
         } => serve(
             &cli.data_dir,
             http,
@@ -254,6 +259,7 @@ fn run() -> Result<()> {
             memory_mib,
             max_concurrent,
             flow_graph,
+            cache_dir,
         ),
         Cmd::Plugin {
             cmd:
@@ -337,6 +343,7 @@ fn serve(
     memory_mib: usize,
     max_concurrent: u32,
     flow_graph: Option<PathBuf>,
+    cache_dir: Option<PathBuf>,
 ) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -351,7 +358,7 @@ fn serve(
     let store = Arc::new(SledStore::open(&data_dir.join("store")).context("opening the store")?);
     let host = Arc::new(
         PluginHost::new(HostConfig {
-            cache_dir: Some(data_dir.join("cache")),
+            cache_dir: Some(cache_dir.unwrap_or_else(|| data_dir.join("cache"))),
             max_concurrent,
             max_memory_bytes: (memory_mib << 20).max(256 << 20),
             ..HostConfig::default()
