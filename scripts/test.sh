@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build-plugins.sh
+scripts/build-polyglot.sh
 cargo build --workspace --bins
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

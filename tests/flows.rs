@@ -372,16 +372,10 @@ fn plugin_new_scaffolds_projects_that_build_and_deploy() {
     std::fs::create_dir_all(&data).unwrap();
     let s = Server::start(&data, &[]).unwrap();
     let key = s.tenant("dev");
-    let mut cases: Vec<(&str, &str)> = ["flow", "router", "tts", "crm"]
+    let cases: Vec<(&str, &str)> = ["rust", "js", "python"]
         .into_iter()
-        .map(|k| ("rust", k))
+        .flat_map(|lang| ["flow", "router", "tts", "crm"].map(|k| (lang, k)))
         .collect();
-    cases.extend([
-        ("js", "flow"),
-        ("js", "router"),
-        ("python", "flow"),
-        ("python", "router"),
-    ]);
     for (lang, kind) in cases {
         let name = format!("scaffold-{lang}-{kind}");
         let bytes = scaffold_and_build(lang, kind, &name, dir.path());
