@@ -5,7 +5,8 @@
 
 use plugboard_core::{Event, Grants, PluginKind, flow::Action};
 use plugboard_host::{
-    FlowInput, HostConfig, InvokeError, Limits, PluginEnv, PluginHost, RouteAgent, RouteTask,
+    FlowInput, HostConfig, InvokeError, Limits, LoadedPlugin, PluginEnv, PluginHost, RouteAgent,
+    RouteDecision, RouteTask,
 };
 use std::path::PathBuf;
 use std::time::Instant;
@@ -369,4 +370,89 @@ fn crm_looks_customers_up_in_the_tenants_kv() {
         kv.kv_get("t1", "crm/history/37060000001").unwrap(),
         Some(br#"["ix-1","ix-2"]"#.to_vec())
     );
+}
+
+/// A component from `scripts/build-polyglot.sh`.
+fn polyglot(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/polyglot")
+        .join(format!("{name}.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (build them first: scripts/build-polyglot.sh)",
+            path.display()
+        )
+    })
+}
+
+#[test]
+fn routers_in_rust_js_and_python_rank_alike() {
+    let h = host();
+    let routers: Vec<(&str, LoadedPlugin)> = [
+        ("rust", wasm("skills_router")),
+        ("js", polyglot("router_js")),
+        ("python", polyglot("router_py")),
+    ]
+    .into_iter()
+    .map(|(lang, bytes)| {
+        let p = h.load(&bytes).expect("load");
+        assert_eq!(p.kind, PluginKind::Router, "{lang}");
+        (lang, p)
+    })
+    .collect();
+    let agent = |id: &str, skills: &[(&str, u8)], idle_ms: u64, active_tasks: u32| RouteAgent {
+        id: id.into(),
+        skills: skills.iter().map(|(s, l)| (s.to_string(), *l)).collect(),
+        idle_ms,
+        active_tasks,
+    };
+    let cases = [
+        (
+            RouteTask {
+                id: "t1".into(),
+                channel: "voice".into(),
+                queue: "support".into(),
+                skills: vec!["support".into(), "lang:lt".into()],
+                ..Default::default()
+            },
+            vec![
+                agent("a", &[("support", 5)], 9_000, 0),
+                agent("b", &[("support", 3), ("lang:lt", 9)], 1_000, 0),
+                agent("c", &[("support", 9), ("lang:lt", 9)], 500, 1),
+                agent("d", &[("support", 9), ("lang:lt", 9)], 800, 0),
+            ],
+        ),
+        (
+            // Long wait: the priority goes up.
+            RouteTask {
+                id: "t2".into(),
+                channel: "chat".into(),
+                queue: "sales".into(),
+                priority: 3,
+                waited_ms: 300_000,
+                ..Default::default()
+            },
+            vec![
+                agent("x", &[], u64::MAX / 2, 2),
+                agent("y", &[("sales", 1)], 10, 0),
+                agent("z", &[], 20, 0),
+            ],
+        ),
+        (RouteTask::default(), vec![]),
+    ];
+    for (task, agents) in &cases {
+        let decisions: Vec<(&str, RouteDecision)> = routers
+            .iter()
+            .map(|(lang, p)| {
+                let d = h
+                    .invoke_router(p, env(serde_json::Value::Null), task, agents)
+                    .outcome
+                    .unwrap_or_else(|e| panic!("{lang}: {e}"));
+                (*lang, d)
+            })
+            .collect();
+        for (lang, d) in &decisions[1..] {
+            assert_eq!(d, &decisions[0].1, "{lang} differs from rust on {task:?}");
+        }
+    }
 }
