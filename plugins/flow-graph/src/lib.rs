@@ -4,7 +4,7 @@
 
 use plugboard_core::Channel as C;
 use plugboard_core::flow::{Action as A, Event as E};
-use plugboard_flowgraph::{FlowHost, HttpRequest, HttpResponse, Input};
+use plugboard_flowgraph::{FlowHost, HttpFailure, HttpRequest, HttpResponse, Input};
 use plugboard_sdk::flow::{
     Action, Callback, Channel, Dial, Enqueue, Event, Gather, Guest, Interaction, Outbound,
     RecordOptions, Response, Say,
@@ -16,7 +16,7 @@ struct FlowGraph;
 struct Host;
 
 impl FlowHost for Host {
-    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, HttpFailure> {
         let method = match req.method.as_str() {
             "POST" => http::Method::Post,
             "PUT" => http::Method::Put,
@@ -36,7 +36,10 @@ impl FlowHost for Host {
             status: r.status,
             body: r.body,
         })
-        .map_err(|e| host::describe(&e))
+        .map_err(|e| match e {
+            host::Error::Timeout => HttpFailure::Timeout,
+            other => HttpFailure::Other(host::describe(&other)),
+        })
     }
 
     fn now_ms(&mut self) -> u64 {

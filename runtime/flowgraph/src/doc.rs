@@ -206,6 +206,9 @@ pub enum Node {
         next: String,
         /// Edge on a transport error or a non-2xx status.
         error: String,
+        /// Edge when the service does not answer in time (default: `error`).
+        #[serde(default)]
+        timeout: Option<String>,
     },
     /// Set variables.
     Set {
@@ -375,9 +378,15 @@ impl Node {
                 e.push(("next", next.as_str()));
                 opt("no_input", no_input, &mut e);
             }
-            Node::Http { next, error, .. } => {
+            Node::Http {
+                next,
+                error,
+                timeout,
+                ..
+            } => {
                 e.push(("next", next.as_str()));
                 e.push(("error", error.as_str()));
+                opt("timeout", timeout, &mut e);
             }
             Node::Condition {
                 then, otherwise, ..

@@ -4,7 +4,7 @@
 //! a start node and named nodes — say, play, menu, gather, http, set,
 //! condition, language, enqueue, transfer, record, send, hangup — joined by
 //! edges named for their outcome (`next`, `match`, `no_input`, `no_match`,
-//! `error`, `then`/`else`). Text fields are templates: `{{caller}}`,
+//! `error`, `timeout`, `then`/`else`). Text fields are templates: `{{caller}}`,
 //! `{{order.status}}`, `{{config.mis_url}}`, `{{attr.NAME}}`.
 //!
 //! [`parse`] validates a document at deploy (the server refuses a bad one,
@@ -20,4 +20,6 @@ pub use doc::{
     Cond, Flow, FlowError, MAX_DOCUMENT_BYTES, MAX_NODES, Node, Parsed, SCHEMA_ID, check_template,
     parse,
 };
-pub use run::{FlowHost, HttpRequest, HttpResponse, Input, MAX_STEPS, RunError, Step, handle};
+pub use run::{
+    FlowHost, HttpFailure, HttpRequest, HttpResponse, Input, MAX_STEPS, RunError, Step, handle,
+};

@@ -47,10 +47,19 @@ pub struct HttpResponse {
     pub body: Vec<u8>,
 }
 
+/// Why an HTTP request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpFailure {
+    /// The service did not answer in time.
+    Timeout,
+    /// Anything else (not granted, refused, too large…), described.
+    Other(String),
+}
+
 /// What the interpreter needs from its host.
 pub trait FlowHost {
     /// Performs an HTTP request (through the plugin's grant).
-    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String>;
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, HttpFailure>;
     /// Milliseconds since the Unix epoch.
     fn now_ms(&mut self) -> u64;
     /// The tenant's UTC offset now, minutes.
@@ -325,6 +334,7 @@ impl Run<'_> {
                     timeout_ms,
                     next,
                     error,
+                    timeout,
                 } => {
                     let req = HttpRequest {
                         method: method.to_ascii_uppercase(),
@@ -357,7 +367,13 @@ impl Run<'_> {
                                 Some(error)
                             }
                         }
-                        Err(e) => {
+                        Err(HttpFailure::Timeout) => {
+                            self.st
+                                .vars
+                                .insert("error".into(), Value::String("timeout".into()));
+                            Some(timeout.unwrap_or(error))
+                        }
+                        Err(HttpFailure::Other(e)) => {
                             self.st.vars.insert("error".into(), Value::String(e));
                             Some(error)
                         }

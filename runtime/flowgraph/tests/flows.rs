@@ -6,7 +6,7 @@
 
 use plugboard_core::Channel;
 use plugboard_core::flow::{Action, Event};
-use plugboard_flowgraph::{FlowHost, HttpRequest, HttpResponse, Input, handle, parse};
+use plugboard_flowgraph::{FlowHost, HttpFailure, HttpRequest, HttpResponse, Input, handle, parse};
 use serde_json::{Value, json};
 
 /// 2026-11-23 (Monday) 10:00 UTC.
@@ -21,7 +21,7 @@ struct Host {
 }
 
 impl FlowHost for Host {
-    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, String> {
+    fn http(&mut self, req: HttpRequest) -> Result<HttpResponse, HttpFailure> {
         self.requests.push(req.clone());
         if req.url.ends_with("/orders/1234") {
             Ok(HttpResponse {
@@ -33,8 +33,10 @@ impl FlowHost for Host {
                 status: 404,
                 body: b"no such order".to_vec(),
             })
+        } else if req.url.contains("/slow") {
+            Err(HttpFailure::Timeout)
         } else {
-            Err("connection refused".into())
+            Err(HttpFailure::Other("connection refused".into()))
         }
     }
     fn now_ms(&mut self) -> u64 {
@@ -323,4 +325,45 @@ fn the_json_schema_accepts_the_example_and_agrees_with_the_parser() {
     known.sort();
     assert_eq!(known, in_schema);
     assert_eq!(in_schema.len(), 13);
+}
+
+#[test]
+fn http_outcomes_take_their_edges() {
+    let doc = json!({"start": "a", "nodes": {
+        "a": {"type": "http", "url": "{{config.mis_url}}/{{attr.kind}}/{{attr.id}}", "into": "r",
+              "next": "ok", "error": "err", "timeout": "slow"},
+        "ok": {"type": "say", "text": "ok {{http_status}}", "next": "end"},
+        "err": {"type": "say", "text": "error: {{error}}", "next": "end"},
+        "slow": {"type": "say", "text": "slow: {{error}}", "next": "end"},
+        "end": {"type": "hangup"}
+    }});
+    let flow = parse(doc.to_string().as_bytes()).unwrap().flow;
+    let said = |kind: &str, id: &str| {
+        let attrs = vec![
+            ("kind".to_string(), kind.to_string()),
+            ("id".to_string(), id.to_string()),
+        ];
+        let mut host = Host {
+            now: MONDAY_10,
+            offset: 0,
+            requests: Vec::new(),
+        };
+        let input = Input {
+            channel: Channel::Voice,
+            from: "1",
+            to: "2",
+            attributes: &attrs,
+        };
+        let step = handle(&flow, input, "", &Event::Started, &mut host).unwrap();
+        match &step.actions[0] {
+            Action::Say { text, .. } => text.clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(said("orders", "1234"), "ok 200");
+    assert_eq!(said("orders", "1"), "error: HTTP status 404");
+    // Values are URL-encoded: a slash in a variable cannot change the path.
+    assert_eq!(said("orders", "x/1234"), "error: HTTP status 404");
+    assert_eq!(said("slow", "1"), "slow: timeout");
+    assert_eq!(said("elsewhere", "1"), "error: connection refused");
 }
