@@ -81,6 +81,9 @@ fn main() {
         ..Default::default()
     };
 
+    // A guest that grows its memory on every event pays for it each time.
+    let probe = host.invoke_flow(&plugin, env.clone(), &ix, "0", &event);
+    println!("instance linear memory: {} KiB", probe.memory_bytes / 1024);
     let n: usize = std::env::var("BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
