@@ -41,18 +41,36 @@ impl FlowError {
 }
 
 /// A validated flow document.
+///
+/// Deserialising a document straight into `Flow` (see [`Flow::load`]) reads
+/// the same JSON without the deploy-time checks: the runtime path for
+/// documents [`parse`] already accepted.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Flow {
     /// Node the flow begins at.
     pub start: String,
     /// Variables set when an interaction begins.
+    #[serde(default)]
     pub vars: BTreeMap<String, Value>,
     /// Default language tag for spoken prompts.
+    #[serde(default)]
     pub language: Option<String>,
     /// Default voice for spoken prompts.
+    #[serde(default)]
     pub voice: Option<String>,
     /// The nodes by id.
     pub nodes: BTreeMap<String, Node>,
+}
+
+impl Flow {
+    /// Reads a document that was validated at deploy, skipping the checks
+    /// (unknown top-level keys such as `$schema` are ignored). A document
+    /// that was never validated still cannot misbehave: a missing node or a
+    /// loop without input ends the event with a [`crate::RunError`].
+    pub fn load(text: &[u8]) -> Result<Flow, FlowError> {
+        serde_json::from_slice(text)
+            .map_err(|e| FlowError::doc(format!("not a flow document: {e}")))
+    }
 }
 
 #[derive(Deserialize)]

@@ -367,3 +367,31 @@ fn http_outcomes_take_their_edges() {
     assert_eq!(said("slow", "1"), "slow: timeout");
     assert_eq!(said("elsewhere", "1"), "error: connection refused");
 }
+
+#[test]
+fn load_reads_a_validated_document_as_parse_does() {
+    let parsed = parse(&doc()).unwrap().flow;
+    assert_eq!(plugboard_flowgraph::Flow::load(&doc()).unwrap(), parsed);
+    // Unvalidated input cannot loop forever or run off the graph.
+    let looping = json!({"start": "a", "nodes": {
+        "a": {"type": "set", "vars": {}, "next": "b"},
+        "b": {"type": "set", "vars": {}, "next": "a"}
+    }});
+    let flow = plugboard_flowgraph::Flow::load(looping.to_string().as_bytes()).unwrap();
+    let mut host = Host {
+        now: MONDAY_10,
+        offset: 0,
+        requests: Vec::new(),
+    };
+    let input = Input {
+        channel: Channel::Voice,
+        from: "1",
+        to: "2",
+        attributes: &[],
+    };
+    assert!(handle(&flow, input, "", &Event::Started, &mut host).is_err());
+    let dangling =
+        json!({"start": "a", "nodes": {"a": {"type": "say", "text": "x", "next": "zz"}}});
+    let flow = plugboard_flowgraph::Flow::load(dangling.to_string().as_bytes()).unwrap();
+    assert!(handle(&flow, input, "", &Event::Started, &mut host).is_err());
+}
