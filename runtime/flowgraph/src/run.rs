@@ -6,6 +6,7 @@ use plugboard_core::Channel;
 use plugboard_core::flow::{Action, Event, Say};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 
 /// Most nodes visited while handling one event.
 pub const MAX_STEPS: usize = 200;
@@ -210,37 +211,25 @@ impl Run<'_> {
                 no_input,
                 no_match,
                 ..
-            } => {
-                let choice = match &got {
-                    Input2::Digits(d) => Some(options.get(d.as_str()).cloned()),
-                    Input2::Text(t) => Some(
-                        options
-                            .iter()
-                            .find(|(k, _)| k.eq_ignore_ascii_case(t.trim()))
-                            .map(|(_, v)| v.clone()),
-                    ),
-                    _ => None,
-                };
-                match choice {
-                    Some(Some(to)) => Some(to),
-                    miss => {
-                        if self.st.tries < retries {
-                            self.st.tries += 1;
-                            if let Some(p) = retry_prompt {
-                                let text = self.render(&p);
-                                self.say(text, None, None);
-                            }
-                            self.prompt_node(&at)?;
-                            return Ok(());
+            } => match choose(&options, &got) {
+                Some(Some(to)) => Some(to),
+                miss => {
+                    if self.st.tries < retries {
+                        self.st.tries += 1;
+                        if let Some(p) = retry_prompt {
+                            let text = self.render(&p);
+                            self.say(text, None, None);
                         }
-                        if miss.is_some() {
-                            no_match.or(no_input)
-                        } else {
-                            no_input.or(no_match)
-                        }
+                        self.prompt_node(&at)?;
+                        return Ok(());
+                    }
+                    if miss.is_some() {
+                        no_match.or(no_input)
+                    } else {
+                        no_input.or(no_match)
                     }
                 }
-            }
+            },
             Node::Gather {
                 var,
                 next,
@@ -254,17 +243,7 @@ impl Run<'_> {
                 _ => no_input,
             },
             Node::Language { options, next, .. } => {
-                let key = match &got {
-                    Input2::Digits(d) => Some(d.clone()),
-                    Input2::Text(t) => Some(t.trim().to_string()),
-                    _ => None,
-                };
-                if let Some(lang) = key.and_then(|k| {
-                    options
-                        .iter()
-                        .find(|(o, _)| o.eq_ignore_ascii_case(&k))
-                        .map(|(_, l)| l.clone())
-                }) {
+                if let Some(Some(lang)) = choose(&options, &got) {
                     self.st.vars.insert("language".into(), Value::String(lang));
                 }
                 Some(next)
@@ -712,6 +691,23 @@ impl Run<'_> {
             }
         }
     }
+}
+
+/// The option a choice picks: `None` when there was no choice (no input),
+/// `Some(None)` when it matches no option. Digits and keywords (trimmed,
+/// any case) are both keys.
+fn choose(options: &BTreeMap<String, String>, got: &Input2) -> Option<Option<String>> {
+    let key = match got {
+        Input2::Digits(d) => d.as_str(),
+        Input2::Text(t) => t.trim(),
+        _ => return None,
+    };
+    Some(
+        options
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v.clone()),
+    )
 }
 
 /// One step down a dotted path: an object key or an array index.
