@@ -99,7 +99,7 @@ pub struct AppState {
     metrics: Metrics,
     events: broadcast::Sender<StreamEvent>,
     limits: Limits,
-    flow_graph: Option<Arc<Vec<u8>>>,
+    flow_graph: Option<Bytes>,
 }
 
 impl AppState {
@@ -150,7 +150,7 @@ impl AppState {
     /// Gives the server the `flow-graph` component that runs declarative
     /// flow documents (`POST /v1/tenants/{t}/flows/{name}`).
     pub fn with_flow_graph(mut self, component: Vec<u8>) -> Self {
-        self.flow_graph = Some(Arc::new(component));
+        self.flow_graph = Some(Bytes::from(component));
         self
     }
 
@@ -220,13 +220,9 @@ impl AppState {
             return Ok(p);
         }
         let info = self.plugin_or_404(tenant, name, "plugin")?;
-        let v = info
-            .versions
-            .iter()
-            .find(|v| v.version == version)
-            .ok_or_else(|| {
-                ApiError::not_found(format!("plugin {name} version {version} not found"))
-            })?;
+        let v = info.version(version).ok_or_else(|| {
+            ApiError::not_found(format!("plugin {name} version {version} not found"))
+        })?;
         let bytes = self.store.plugin_bytes(tenant, &v.sha256)?.ok_or_else(|| {
             ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -601,7 +597,7 @@ async fn deploy_flow(
     })?;
     let document: Value = parse_json(&body)?;
     let mut v = s
-        .deploy_version(&t, &name, Bytes::from(component.to_vec()), Some(document))
+        .deploy_version(&t, &name, component, Some(document))
         .await?;
     v["warnings"] = json!(parsed.warnings);
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -623,9 +619,7 @@ async fn get_flow(
     let info = s.plugin_or_404(&t, &name, "flow")?;
     let version = q.version.unwrap_or(info.active_version);
     let v = info
-        .versions
-        .iter()
-        .find(|v| v.version == version)
+        .version(version)
         .ok_or_else(|| ApiError::not_found(format!("flow {name} version {version} not found")))?;
     let document = v.document.clone().ok_or_else(|| {
         ApiError::new(
@@ -861,12 +855,7 @@ async fn simulate(
     }
     let grants = info.grants.clone();
     let mut config = s.store.config(&t, &name)?;
-    if let Some(doc) = info
-        .versions
-        .iter()
-        .find(|v| v.version == version)
-        .and_then(|v| v.document.clone())
-    {
+    if let Some(doc) = info.version(version).and_then(|v| v.document.as_ref()) {
         // A declarative flow: the flow-graph component reads its document
         // from the reserved config key `flow`, as JSON text (serialised once
         // here rather than on every event).

@@ -177,6 +177,13 @@ pub struct PluginInfo {
     pub grants: Grants,
 }
 
+impl PluginInfo {
+    /// The deployed version numbered `n`, if there is one.
+    pub fn version(&self, n: u64) -> Option<&PluginVersion> {
+        self.versions.iter().find(|v| v.version == n)
+    }
+}
+
 /// Capabilities granted to a plugin. Everything is denied by default.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

@@ -327,7 +327,7 @@ impl Store for SledStore {
             .ok_or_else(|| Error::NotFound(format!("plugin {name}")))?;
         let target = match version {
             Some(v) => {
-                if !info.versions.iter().any(|x| x.version == v) {
+                if info.version(v).is_none() {
                     return Err(Error::NotFound(format!("plugin {name} version {v}")));
                 }
                 v
