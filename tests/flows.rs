@@ -408,6 +408,23 @@ fn js_and_python_plugins_are_contained_like_rust_ones() {
     let s = Server::start(&data, &["--deadline-ms", "100", "--memory-mib", "48"]).unwrap();
     let ke = s.tenant("evil");
     let kg = s.tenant("good");
+    // The memory hogs get a long deadline, so that on a loaded machine the
+    // memory cap, not the clock, is what stops them.
+    let kh = s.tenant("hog");
+    let r = s.json(
+        "PUT",
+        "/v1/tenants/hog/limits",
+        &s.admin,
+        &json!({"deadline_ms": 5000}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let tenant_for = |mode: &str| {
+        if mode == "memory" {
+            ("hog", kh.clone())
+        } else {
+            ("evil", ke.clone())
+        }
+    };
     assert_eq!(
         deploy_flow(&s, "good", &kg, "hotline", order_hotline_doc()).status,
         201
@@ -418,12 +435,13 @@ fn js_and_python_plugins_are_contained_like_rust_ones() {
         });
         for mode in ["loop", "memory", "ok"] {
             let name = format!("{mode}-{lang}");
-            let a = s.deploy("evil", &ke, &name, bytes.clone());
+            let (t, k) = tenant_for(mode);
+            let a = s.deploy(t, &k, &name, bytes.clone());
             assert_eq!(a.status, 201, "{a:?}");
             let r = s.json(
                 "PUT",
-                &format!("/v1/tenants/evil/plugins/{name}/config"),
-                &ke,
+                &format!("/v1/tenants/{t}/plugins/{name}/config"),
+                &k,
                 &json!({"mode": mode}),
             );
             assert_eq!(r.status, 200);
@@ -454,7 +472,8 @@ fn js_and_python_plugins_are_contained_like_rust_ones() {
                 ("loop", "plugin_timeout"),
                 ("memory", "plugin_memory_limit"),
             ] {
-                let r = s.simulate("evil", &ke, &format!("{mode}-{lang}"), json!([]));
+                let (t, k) = tenant_for(mode);
+                let r = s.simulate(t, &k, &format!("{mode}-{lang}"), json!([]));
                 assert_eq!(r.status, 422, "{mode}-{lang}: {r:?}");
                 assert_eq!(r.body["error"]["code"], code, "{mode}-{lang}: {r:?}");
                 let step = &r.body["steps"][0];
