@@ -125,9 +125,9 @@ enum PluginCmd {
         /// Language.
         #[arg(long, value_enum, default_value = "rust")]
         lang: scaffold::Lang,
-        /// Plugin world.
-        #[arg(long, value_enum, default_value = "flow")]
-        kind: scaffold::Kind,
+        /// Plugin world: flow, router, tts or crm.
+        #[arg(long, value_parser = scaffold::parse_kind, default_value = "flow")]
+        kind: plugboard_core::PluginKind,
         /// Directory to create (default: ./NAME).
         #[arg(long)]
         dir: Option<PathBuf>,

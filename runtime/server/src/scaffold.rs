@@ -1,8 +1,10 @@
 //! `plugboard plugin new`: writes a plugin project a developer builds and
 //! deploys with two commands. The templates are the SDKs' own (compiled by
-//! the test suite), embedded here.
+//! the test suite): the Rust ones are embedded here, the JavaScript and
+//! Python ones are read from the SDK checkout the project will build with.
 
 use anyhow::{Context, Result, bail};
+use plugboard_core::PluginKind;
 use std::path::{Path, PathBuf};
 
 /// A plugin language.
@@ -16,28 +18,10 @@ pub enum Lang {
     Python,
 }
 
-/// A plugin world.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Kind {
-    /// Call and message flows.
-    Flow,
-    /// Agent selection.
-    Router,
-    /// Text to speech.
-    Tts,
-    /// CRM connector.
-    Crm,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Flow => "flow",
-            Kind::Router => "router",
-            Kind::Tts => "tts",
-            Kind::Crm => "crm",
-        }
-    }
+/// Parses `--kind` (`flow`, `router`, `tts` or `crm`).
+pub fn parse_kind(s: &str) -> Result<PluginKind, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string()))
+        .map_err(|_| format!("{s:?} is not a plugin kind: use flow, router, tts or crm"))
 }
 
 const RUST_FLOW: &str = include_str!("../../../sdk/rust/template/src/lib.rs");
@@ -78,7 +62,7 @@ fn check_name(name: &str) -> Result<()> {
 /// and deploy it.
 pub fn scaffold(
     lang: Lang,
-    kind: Kind,
+    kind: PluginKind,
     name: &str,
     dir: &Path,
     sdk: &Path,
@@ -92,19 +76,19 @@ pub fn scaffold(
     let fill = |t: &str| {
         t.replace("{{NAME}}", name)
             .replace("{{CRATE}}", &krate)
-            .replace("{{KIND}}", kind.name())
+            .replace("{{KIND}}", &kind.to_string())
             .replace("{{SDK}}", &sdk_s)
     };
     let mut files: Vec<(PathBuf, String)> = Vec::new();
     let wasm = match lang {
         Lang::Rust => {
             let lib = match kind {
-                Kind::Flow => RUST_FLOW
+                PluginKind::Flow => RUST_FLOW
                     .replace("my-flow", "{{NAME}}")
                     .replace("my_flow", "{{CRATE}}"),
-                Kind::Router => RUST_ROUTER.to_string(),
-                Kind::Tts => RUST_TTS.to_string(),
-                Kind::Crm => RUST_CRM.to_string(),
+                PluginKind::Router => RUST_ROUTER.to_string(),
+                PluginKind::Tts => RUST_TTS.to_string(),
+                PluginKind::Crm => RUST_CRM.to_string(),
             };
             files.push(("src/lib.rs".into(), fill(&lib)));
             files.push((
@@ -139,25 +123,24 @@ panic = "abort"
             format!("target/wasm32-wasip2/release/{krate}.wasm")
         }
         Lang::Js | Lang::Python => {
-            let (sub, src) = if lang == Lang::Js {
-                ("js", format!("{name}.js"))
+            // (SDK directory, template extension, source file, build input)
+            let (sub, ext, src, input) = if lang == Lang::Js {
+                ("js", "js", format!("{name}.js"), format!("{name}.js"))
             } else {
-                ("python", "app.py".to_string())
+                ("python", "py", "app.py".to_string(), ".".to_string())
             };
-            let template = sdk.join("sdk").join(sub).join("templates").join(format!(
-                "{}.{}",
-                kind.name(),
-                if lang == Lang::Js { "js" } else { "py" }
-            ));
+            let template = sdk
+                .join("sdk")
+                .join(sub)
+                .join("templates")
+                .join(format!("{kind}.{ext}"));
             let text = std::fs::read_to_string(&template)
                 .with_context(|| format!("reading the template {}", template.display()))?;
-            files.push((src.clone().into(), fill(&text)));
-            let input = if lang == Lang::Js { src.as_str() } else { "." };
+            files.push((src.into(), fill(&text)));
             files.push((
                 "build.sh".into(),
                 format!(
-                    "#!/usr/bin/env bash\n# Builds {name}.wasm with the Plugboard {sub} SDK.\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\nexec \"{sdk_s}/sdk/{sub}/build.sh\" --world {} {input} {name}.wasm\n",
-                    kind.name()
+                    "#!/usr/bin/env bash\n# Builds {name}.wasm with the Plugboard {sub} SDK.\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\nexec \"{sdk_s}/sdk/{sub}/build.sh\" --world {kind} {input} {name}.wasm\n"
                 ),
             ));
             files.push((".gitignore".into(), format!("/{name}.wasm\n")));
@@ -175,8 +158,7 @@ panic = "abort"
     files.push((
         "README.md".into(),
         format!(
-            "# {name}\n\nA Plugboard {} plugin ({lang:?}).\n\n```sh\n{build}\nplugboard plugin deploy TENANT {name} {wasm}\n```\n",
-            kind.name()
+            "# {name}\n\nA Plugboard {kind} plugin ({lang:?}).\n\n```sh\n{build}\nplugboard plugin deploy TENANT {name} {wasm}\n```\n"
         ),
     ));
     let mut written = Vec::new();
