@@ -8,6 +8,8 @@
 //!   streams into [`Message`]s; [`Request::to_bytes`] prints them.
 //! * [`check_request`] is what a user agent server checks before acting on
 //!   a request (RFC 3261 §8.2), giving the right 4xx/5xx otherwise.
+//! * [`Transactions`] is the RFC 3261 §17 transaction layer (timers A–M,
+//!   retransmission over UDP, CANCEL matching).
 //! * Typed values for the headers the stack relies on live in [`headers`]
 //!   and [`Uri`].
 //!
@@ -25,6 +27,7 @@
 pub mod headers;
 mod message;
 mod parse;
+pub mod transaction;
 mod uas;
 mod uri;
 
@@ -33,6 +36,9 @@ pub use message::{
     Header, Headers, Message, Method, Request, Response, canonical_name, reason_phrase, split_list,
 };
 pub use parse::{Framed, MAX_MESSAGE_BYTES, ParseError, StreamFramer, is_token, parse_datagram};
+pub use transaction::{
+    ClientTxId, Peer, ServerTxId, TimerConfig, Transactions, Transmit, Transport, TxEvent,
+};
 pub use uas::{
     Inbound, Rejection, RequestInfo, UasPolicy, check_request, new_branch, random_token, reply,
     screen,

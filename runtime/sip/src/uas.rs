@@ -128,8 +128,7 @@ fn media_type(value: &str) -> String {
 
 /// Checks a request as a UAS does before acting on it, in the order of
 /// RFC 3261 §8.2: version (505), syntax of the headers every layer relies
-/// on (400), Request-URI scheme (416), Max-Forwards (483), method
-/// (405/501), Require (420), body type and encoding (415), Accept (406).
+/// on (400), Request-URI scheme (416), method (405/501), Require (420), body type and encoding (415), Accept (406).
 pub fn check_request(req: &Request, policy: &UasPolicy) -> Result<RequestInfo, Rejection> {
     if !req.version.eq_ignore_ascii_case("SIP/2.0") {
         return Err(Rejection::new(505, reason_phrase(505)));
@@ -192,9 +191,8 @@ pub fn check_request(req: &Request, policy: &UasPolicy) -> Result<RequestInfo, R
         }
         Err(e) => return Err(bad(format!("Request-URI: {e}"))),
     };
-    if max_forwards == Some(0) {
-        return Err(Rejection::new(483, reason_phrase(483)));
-    }
+    // Max-Forwards 0 is a proxy's business (483); an endpoint processes
+    // the request as if it were still positive (RFC 4475 §3.3.11).
     if !policy.allow.contains(&req.method) {
         let status = if matches!(req.method, Method::Extension(_)) {
             501
@@ -241,7 +239,11 @@ pub fn check_request(req: &Request, policy: &UasPolicy) -> Result<RequestInfo, R
             });
             if !takes_sdp {
                 return Err(Rejection::new(406, reason_phrase(406))
-                    .with("Accept", "application/sdp".into()));
+                    .with("Accept", "application/sdp".into())
+                    .with(
+                        "Warning",
+                        "399 plugboard \"the answer can only be application/sdp\"".into(),
+                    ));
             }
         }
     }

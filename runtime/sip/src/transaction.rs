@@ -1,0 +1,800 @@
+//! The RFC 3261 §17 transaction layer, sans-IO, with the RFC 6026
+//! "Accepted" states for INVITE.
+//!
+//! Feed it what arrived ([`Transactions::handle`]) and the time
+//! ([`Transactions::handle_timeout`] at [`Transactions::poll_timeout`]);
+//! take what to send from [`Transactions::poll_transmit`] and what the
+//! transaction user must know from [`Transactions::poll_event`]. It
+//! absorbs and answers retransmissions, retransmits over UDP (timers A, E,
+//! G), times out (B, F, H) and keeps finished transactions around long
+//! enough to absorb late copies (D, I, J, K, L, M).
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::headers::{CSeq, MAGIC_COOKIE, NameAddr, Via};
+use crate::message::{Method, Request, Response};
+use crate::uas::{Inbound, RequestInfo, reply};
+
+/// How bytes travel to a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// UDP: unreliable, so requests and final responses are retransmitted.
+    Udp,
+    /// TCP: reliable.
+    Tcp,
+}
+
+impl Transport {
+    /// True for reliable transports.
+    pub fn reliable(self) -> bool {
+        matches!(self, Transport::Tcp)
+    }
+
+    /// The Via transport token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+        }
+    }
+}
+
+/// A remote address and the transport to reach it by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    /// The remote address.
+    pub addr: SocketAddr,
+    /// The transport.
+    pub transport: Transport,
+}
+
+/// Bytes to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to.
+    pub to: Peer,
+    /// The message.
+    pub bytes: Vec<u8>,
+}
+
+/// RFC 3261 timer values.
+#[derive(Debug, Clone, Copy)]
+pub struct TimerConfig {
+    /// Round-trip estimate (T1), 500 ms by default.
+    pub t1: Duration,
+    /// Longest retransmit interval for non-INVITE requests and INVITE
+    /// responses (T2), 4 s.
+    pub t2: Duration,
+    /// Longest time a message stays in the network (T4), 5 s.
+    pub t4: Duration,
+}
+
+impl Default for TimerConfig {
+    fn default() -> TimerConfig {
+        TimerConfig {
+            t1: Duration::from_millis(500),
+            t2: Duration::from_secs(4),
+            t4: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Identifies a server transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServerTxId(u64);
+
+/// Identifies a client transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientTxId(u64);
+
+/// What the transaction user must act on.
+#[derive(Debug)]
+pub enum TxEvent {
+    /// A new request (not a retransmission); answer with
+    /// [`Transactions::respond`].
+    Request {
+        /// The transaction to answer on.
+        id: ServerTxId,
+        /// The request.
+        request: Box<Request>,
+        /// Its parsed essentials.
+        info: Box<RequestInfo>,
+        /// Where it came from.
+        from: Peer,
+    },
+    /// An ACK outside any transaction: the ACK for a 2xx, for the dialog.
+    Ack {
+        /// The ACK.
+        request: Box<Request>,
+        /// Its parsed essentials.
+        info: Box<RequestInfo>,
+        /// Where it came from.
+        from: Peer,
+    },
+    /// A CANCEL matched a pending INVITE; the CANCEL was answered 200.
+    /// The TU should end the INVITE with 487.
+    Cancelled {
+        /// The INVITE's server transaction.
+        invite: ServerTxId,
+    },
+    /// An INVITE answered with a non-2xx final got no ACK (timer H).
+    NoAck {
+        /// The INVITE's server transaction.
+        id: ServerTxId,
+    },
+    /// A response to one of our requests.
+    Response {
+        /// The client transaction.
+        id: ClientTxId,
+        /// The response.
+        response: Box<Response>,
+    },
+    /// Our request got no final response in time (timer B or F).
+    Timeout {
+        /// The client transaction.
+        id: ClientTxId,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    branch: String,
+    sent_by: String,
+    method: Method,
+}
+
+/// The server transaction key (RFC 3261 §17.2.3), with an RFC 2543
+/// fallback built from the dialog identifiers when the branch lacks the
+/// magic cookie.
+fn server_key(req: &Request, info: &RequestInfo) -> Key {
+    let top = &info.vias[0];
+    let sent_by = format!(
+        "{}:{}",
+        top.host.to_ascii_lowercase(),
+        top.port.unwrap_or(0)
+    );
+    let method = match req.method {
+        Method::Ack => Method::Invite,
+        ref m => m.clone(),
+    };
+    let branch = match top.branch() {
+        Some(b) if b.starts_with(MAGIC_COOKIE) => b.to_string(),
+        _ => format!(
+            "2543|{}|{}|{}|{}",
+            info.call_id,
+            info.cseq.seq,
+            info.from.tag().unwrap_or(""),
+            req.uri
+        ),
+    };
+    Key {
+        branch,
+        sent_by,
+        method,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerState {
+    Trying,
+    Proceeding,
+    Completed,
+    Confirmed,
+    Accepted,
+}
+
+#[derive(Debug)]
+struct ServerTx {
+    key: Key,
+    invite: bool,
+    peer: Peer,
+    state: ServerState,
+    last: Option<Vec<u8>>,
+    retransmit: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientState {
+    Calling,
+    Proceeding,
+    Completed,
+    Accepted,
+}
+
+#[derive(Debug)]
+struct ClientTx {
+    invite: bool,
+    peer: Peer,
+    request: Request,
+    bytes: Vec<u8>,
+    state: ClientState,
+    retransmit: Duration,
+    ack: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    /// A/E (client) or G (server): retransmit.
+    Retransmit,
+    /// B/F (client) or H (server): give up.
+    Timeout,
+    /// D/I/J/K/L/M: forget the transaction.
+    Forget,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TxRef {
+    Server(u64),
+    Client(u64),
+}
+
+/// All transactions of one endpoint.
+#[derive(Debug)]
+pub struct Transactions {
+    timers_cfg: TimerConfig,
+    next_id: u64,
+    server_keys: HashMap<Key, u64>,
+    servers: HashMap<u64, ServerTx>,
+    client_keys: HashMap<(String, Method), u64>,
+    clients: HashMap<u64, ClientTx>,
+    heap: BinaryHeap<Reverse<(Instant, u64)>>,
+    timers: HashMap<u64, (TxRef, Timer)>,
+    tx_timers: HashMap<(u64, u8), u64>,
+    out: VecDeque<Transmit>,
+    events: VecDeque<TxEvent>,
+}
+
+impl Transactions {
+    /// An empty transaction layer.
+    pub fn new(timers: TimerConfig) -> Transactions {
+        Transactions {
+            timers_cfg: timers,
+            next_id: 1,
+            server_keys: HashMap::new(),
+            servers: HashMap::new(),
+            client_keys: HashMap::new(),
+            clients: HashMap::new(),
+            heap: BinaryHeap::new(),
+            timers: HashMap::new(),
+            tx_timers: HashMap::new(),
+            out: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    fn timer_slot(kind: Timer) -> u8 {
+        match kind {
+            Timer::Retransmit => 0,
+            Timer::Timeout => 1,
+            Timer::Forget => 2,
+        }
+    }
+
+    fn tx_num(tx: TxRef) -> u64 {
+        match tx {
+            TxRef::Server(n) | TxRef::Client(n) => n,
+        }
+    }
+
+    /// Sets (or replaces) one timer of a transaction.
+    fn set_timer(&mut self, tx: TxRef, kind: Timer, at: Instant) {
+        self.cancel_timer(tx, kind);
+        let id = self.id();
+        self.heap.push(Reverse((at, id)));
+        self.timers.insert(id, (tx, kind));
+        self.tx_timers
+            .insert((Self::tx_num(tx), Self::timer_slot(kind)), id);
+    }
+
+    fn cancel_timer(&mut self, tx: TxRef, kind: Timer) {
+        if let Some(old) = self
+            .tx_timers
+            .remove(&(Self::tx_num(tx), Self::timer_slot(kind)))
+        {
+            self.timers.remove(&old);
+        }
+    }
+
+    fn forget_after(&mut self, tx: TxRef, now: Instant, after: Duration) {
+        self.cancel_timer(tx, Timer::Retransmit);
+        self.cancel_timer(tx, Timer::Timeout);
+        if after.is_zero() {
+            self.remove(tx);
+        } else {
+            self.set_timer(tx, Timer::Forget, now + after);
+        }
+    }
+
+    fn remove(&mut self, tx: TxRef) {
+        for kind in [Timer::Retransmit, Timer::Timeout, Timer::Forget] {
+            self.cancel_timer(tx, kind);
+        }
+        match tx {
+            TxRef::Server(n) => {
+                if let Some(s) = self.servers.remove(&n) {
+                    self.server_keys.remove(&s.key);
+                }
+            }
+            TxRef::Client(n) => {
+                if let Some(c) = self.clients.remove(&n) {
+                    let branch = top_branch(&c.request).unwrap_or_default();
+                    self.client_keys.remove(&(branch, c.request.method.clone()));
+                }
+            }
+        }
+    }
+
+    /// Number of live transactions (server, client).
+    pub fn len(&self) -> (usize, usize) {
+        (self.servers.len(), self.clients.len())
+    }
+
+    /// True when no transaction is live.
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty() && self.clients.is_empty()
+    }
+
+    /// Next bytes to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.out.pop_front()
+    }
+
+    /// Next event for the transaction user.
+    pub fn poll_event(&mut self) -> Option<TxEvent> {
+        self.events.pop_front()
+    }
+
+    /// When [`Transactions::handle_timeout`] should next be called.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, id))) = self.heap.peek().copied() {
+            if self.timers.contains_key(&id) {
+                return Some(at);
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    /// Handles what arrived from `from`, already screened by
+    /// [`crate::screen`].
+    pub fn handle(&mut self, now: Instant, from: Peer, inbound: Inbound) {
+        match inbound {
+            Inbound::Drop(_) => {}
+            Inbound::Reply(resp) => self.out.push_back(Transmit {
+                to: from,
+                bytes: resp.to_bytes(),
+            }),
+            Inbound::Request(req, info) => self.on_request(now, from, req, info),
+            Inbound::Response(resp) => self.on_response(now, resp),
+        }
+    }
+
+    fn on_request(&mut self, now: Instant, from: Peer, req: Box<Request>, info: Box<RequestInfo>) {
+        let key = server_key(&req, &info);
+        if let Some(&n) = self.server_keys.get(&key) {
+            let Some(tx) = self.servers.get_mut(&n) else {
+                return;
+            };
+            if req.method == Method::Ack {
+                if tx.state == ServerState::Completed {
+                    tx.state = ServerState::Confirmed;
+                    let wait = if tx.peer.transport.reliable() {
+                        Duration::ZERO
+                    } else {
+                        self.timers_cfg.t4
+                    };
+                    self.forget_after(TxRef::Server(n), now, wait);
+                } else if tx.state == ServerState::Accepted {
+                    // An ACK for a 2xx that reused the INVITE's branch
+                    // (RFC 2543 peers): the dialog's business.
+                    self.events.push_back(TxEvent::Ack {
+                        request: req,
+                        info,
+                        from,
+                    });
+                }
+                return;
+            }
+            // A retransmission: answer with the last response, if any.
+            if matches!(tx.state, ServerState::Proceeding | ServerState::Completed)
+                && let Some(last) = &tx.last
+            {
+                self.out.push_back(Transmit {
+                    to: from,
+                    bytes: last.clone(),
+                });
+            }
+            return;
+        }
+        match req.method {
+            Method::Ack => self.events.push_back(TxEvent::Ack {
+                request: req,
+                info,
+                from,
+            }),
+            Method::Cancel => self.on_cancel(now, from, req, info, key),
+            _ => {
+                let n = self.id();
+                let invite = req.method == Method::Invite;
+                self.server_keys.insert(key.clone(), n);
+                self.servers.insert(
+                    n,
+                    ServerTx {
+                        key,
+                        invite,
+                        peer: from,
+                        state: ServerState::Trying,
+                        last: None,
+                        retransmit: self.timers_cfg.t1,
+                    },
+                );
+                if invite {
+                    // Sent at once rather than after 200 ms: it stops the
+                    // caller's INVITE retransmissions early (RFC 3261 §17.2.1).
+                    let trying = reply(&req, 100, "Trying", None);
+                    self.respond(now, ServerTxId(n), trying);
+                }
+                self.events.push_back(TxEvent::Request {
+                    id: ServerTxId(n),
+                    request: req,
+                    info,
+                    from,
+                });
+            }
+        }
+    }
+
+    fn on_cancel(
+        &mut self,
+        now: Instant,
+        from: Peer,
+        req: Box<Request>,
+        info: Box<RequestInfo>,
+        key: Key,
+    ) {
+        let invite_key = Key {
+            method: Method::Invite,
+            ..key.clone()
+        };
+        let pending = self.server_keys.get(&invite_key).copied().filter(|n| {
+            self.servers
+                .get(n)
+                .is_some_and(|t| matches!(t.state, ServerState::Trying | ServerState::Proceeding))
+        });
+        // The CANCEL is a non-INVITE transaction of its own.
+        let n = self.id();
+        self.server_keys.insert(key.clone(), n);
+        self.servers.insert(
+            n,
+            ServerTx {
+                key,
+                invite: false,
+                peer: from,
+                state: ServerState::Trying,
+                last: None,
+                retransmit: self.timers_cfg.t1,
+            },
+        );
+        let _ = info;
+        match pending {
+            Some(invite) => {
+                self.respond(now, ServerTxId(n), reply(&req, 200, "OK", None));
+                self.events.push_back(TxEvent::Cancelled {
+                    invite: ServerTxId(invite),
+                });
+            }
+            None => {
+                let resp = reply(&req, 481, crate::reason_phrase(481), None);
+                self.respond(now, ServerTxId(n), resp);
+            }
+        }
+    }
+
+    /// Sends a response on a server transaction. Responses to a
+    /// transaction that has already finished are ignored.
+    pub fn respond(&mut self, now: Instant, id: ServerTxId, resp: Response) {
+        let n = id.0;
+        let t1 = self.timers_cfg.t1;
+        let t4 = self.timers_cfg.t4;
+        let Some(tx) = self.servers.get_mut(&n) else {
+            return;
+        };
+        if !matches!(tx.state, ServerState::Trying | ServerState::Proceeding) {
+            return;
+        }
+        let bytes = resp.to_bytes();
+        self.out.push_back(Transmit {
+            to: tx.peer,
+            bytes: bytes.clone(),
+        });
+        tx.last = Some(bytes);
+        let reliable = tx.peer.transport.reliable();
+        let txr = TxRef::Server(n);
+        if resp.status < 200 {
+            tx.state = ServerState::Proceeding;
+        } else if tx.invite && resp.status < 300 {
+            // RFC 6026: absorb INVITE retransmissions for 64*T1; the 2xx
+            // itself is retransmitted by the dialog until the ACK.
+            tx.state = ServerState::Accepted;
+            self.forget_after(txr, now, 64 * t1);
+        } else if tx.invite {
+            tx.state = ServerState::Completed;
+            if !reliable {
+                let at = now + tx.retransmit;
+                self.set_timer(txr, Timer::Retransmit, at);
+            }
+            self.set_timer(txr, Timer::Timeout, now + 64 * t1);
+        } else {
+            tx.state = ServerState::Completed;
+            let _ = t4;
+            let wait = if reliable { Duration::ZERO } else { 64 * t1 };
+            self.forget_after(txr, now, wait);
+        }
+    }
+
+    /// Sends a request in a new client transaction. The request must carry
+    /// its top Via with a fresh `z9hG4bK` branch (see
+    /// [`crate::new_branch`]). A CANCEL must reuse its INVITE's branch.
+    pub fn send_request(&mut self, now: Instant, to: Peer, request: Request) -> ClientTxId {
+        let n = self.id();
+        let bytes = request.to_bytes();
+        let invite = request.method == Method::Invite;
+        let branch = top_branch(&request).unwrap_or_default();
+        self.client_keys.insert((branch, request.method.clone()), n);
+        self.out.push_back(Transmit {
+            to,
+            bytes: bytes.clone(),
+        });
+        let t1 = self.timers_cfg.t1;
+        self.clients.insert(
+            n,
+            ClientTx {
+                invite,
+                peer: to,
+                request,
+                bytes,
+                state: ClientState::Calling,
+                retransmit: t1,
+                ack: None,
+            },
+        );
+        let txr = TxRef::Client(n);
+        if !to.transport.reliable() {
+            self.set_timer(txr, Timer::Retransmit, now + t1);
+        }
+        self.set_timer(txr, Timer::Timeout, now + 64 * t1);
+        ClientTxId(n)
+    }
+
+    fn on_response(&mut self, now: Instant, resp: Box<Response>) {
+        let branch = resp
+            .headers
+            .get("Via")
+            .and_then(|v| {
+                crate::split_list(v)
+                    .first()
+                    .and_then(|v| Via::parse(v).ok())
+            })
+            .and_then(|v| v.branch().map(str::to_string));
+        let method = resp
+            .headers
+            .get("CSeq")
+            .and_then(|c| CSeq::parse(c).ok())
+            .map(|c| c.method);
+        let (Some(branch), Some(method)) = (branch, method) else {
+            return;
+        };
+        let Some(&n) = self.client_keys.get(&(branch, method)) else {
+            return; // stray response: dropped (RFC 3261 §18.1.2)
+        };
+        let t1 = self.timers_cfg.t1;
+        let t2 = self.timers_cfg.t2;
+        let t4 = self.timers_cfg.t4;
+        let Some(tx) = self.clients.get_mut(&n) else {
+            return;
+        };
+        let txr = TxRef::Client(n);
+        let reliable = tx.peer.transport.reliable();
+        let status = resp.status;
+        match tx.state {
+            ClientState::Calling | ClientState::Proceeding => {
+                if status < 200 {
+                    tx.state = ClientState::Proceeding;
+                    if tx.invite {
+                        self.cancel_timer(txr, Timer::Retransmit);
+                    } else if !reliable {
+                        tx.retransmit = t2;
+                    }
+                } else if tx.invite && status < 300 {
+                    tx.state = ClientState::Accepted;
+                    self.forget_after(txr, now, 64 * t1);
+                } else if tx.invite {
+                    let ack = ack_for(&tx.request, &resp).to_bytes();
+                    self.out.push_back(Transmit {
+                        to: tx.peer,
+                        bytes: ack.clone(),
+                    });
+                    tx.ack = Some(ack);
+                    tx.state = ClientState::Completed;
+                    let wait = if reliable {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_secs(32)
+                    };
+                    self.forget_after(txr, now, wait);
+                } else {
+                    tx.state = ClientState::Completed;
+                    let wait = if reliable { Duration::ZERO } else { t4 };
+                    self.forget_after(txr, now, wait);
+                }
+                self.events.push_back(TxEvent::Response {
+                    id: ClientTxId(n),
+                    response: resp,
+                });
+            }
+            ClientState::Completed => {
+                // A retransmitted final response: repeat the ACK.
+                if let Some(ack) = &tx.ack {
+                    self.out.push_back(Transmit {
+                        to: tx.peer,
+                        bytes: ack.clone(),
+                    });
+                }
+            }
+            ClientState::Accepted => {
+                // RFC 6026: 2xx retransmissions go to the TU, which ACKs again.
+                if (200..300).contains(&status) {
+                    self.events.push_back(TxEvent::Response {
+                        id: ClientTxId(n),
+                        response: resp,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Runs every timer due at `now`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(Reverse((at, id))) = self.heap.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.heap.pop();
+            let Some((tx, kind)) = self.timers.remove(&id) else {
+                continue;
+            };
+            self.tx_timers
+                .remove(&(Self::tx_num(tx), Self::timer_slot(kind)));
+            self.fire(now, tx, kind);
+        }
+    }
+
+    fn fire(&mut self, now: Instant, tx: TxRef, kind: Timer) {
+        let t2 = self.timers_cfg.t2;
+        match (tx, kind) {
+            (_, Timer::Forget) => self.remove(tx),
+            (TxRef::Server(n), Timer::Retransmit) => {
+                let Some(s) = self.servers.get_mut(&n) else {
+                    return;
+                };
+                if s.state != ServerState::Completed {
+                    return;
+                }
+                if let Some(last) = &s.last {
+                    self.out.push_back(Transmit {
+                        to: s.peer,
+                        bytes: last.clone(),
+                    });
+                }
+                s.retransmit = (s.retransmit * 2).min(t2);
+                let at = now + s.retransmit;
+                self.set_timer(tx, Timer::Retransmit, at);
+            }
+            (TxRef::Server(n), Timer::Timeout) => {
+                self.remove(tx);
+                self.events.push_back(TxEvent::NoAck { id: ServerTxId(n) });
+            }
+            (TxRef::Client(n), Timer::Retransmit) => {
+                let Some(c) = self.clients.get_mut(&n) else {
+                    return;
+                };
+                if !matches!(c.state, ClientState::Calling | ClientState::Proceeding) {
+                    return;
+                }
+                self.out.push_back(Transmit {
+                    to: c.peer,
+                    bytes: c.bytes.clone(),
+                });
+                c.retransmit = if c.invite {
+                    c.retransmit * 2
+                } else if c.state == ClientState::Proceeding {
+                    t2
+                } else {
+                    (c.retransmit * 2).min(t2)
+                };
+                let at = now + c.retransmit;
+                self.set_timer(tx, Timer::Retransmit, at);
+            }
+            (TxRef::Client(n), Timer::Timeout) => {
+                let pending = self.clients.get(&n).is_some_and(|c| {
+                    matches!(c.state, ClientState::Calling | ClientState::Proceeding)
+                });
+                self.remove(tx);
+                if pending {
+                    self.events
+                        .push_back(TxEvent::Timeout { id: ClientTxId(n) });
+                }
+            }
+        }
+    }
+}
+
+fn top_branch(req: &Request) -> Option<String> {
+    let via = req.headers.get("Via")?;
+    let first = crate::split_list(via).first().copied()?;
+    Via::parse(first).ok()?.branch().map(str::to_string)
+}
+
+/// The ACK for a non-2xx final response (RFC 3261 §17.1.1.3): same
+/// Request-URI, Call-ID, From, CSeq number and top Via as the INVITE, To
+/// from the response, and the INVITE's Route set.
+pub fn ack_for(invite: &Request, resp: &Response) -> Request {
+    let mut ack = Request::new(Method::Ack, invite.uri.clone());
+    if let Some(via) = invite.headers.get("Via") {
+        let first = crate::split_list(via).first().copied().unwrap_or(via);
+        ack.headers.push("Via", first);
+    }
+    for name in ["From", "Call-ID"] {
+        if let Some(v) = invite.headers.get(name) {
+            ack.headers.push(name, v);
+        }
+    }
+    if let Some(to) = resp.headers.get("To") {
+        ack.headers.push("To", to);
+    }
+    if let Some(cseq) = invite.headers.get("CSeq").and_then(|c| CSeq::parse(c).ok()) {
+        ack.headers.push("CSeq", format!("{} ACK", cseq.seq));
+    }
+    for route in invite.headers.all("Route") {
+        ack.headers.push("Route", route);
+    }
+    ack.headers.push("Max-Forwards", "70");
+    ack
+}
+
+/// The CANCEL for a pending INVITE (RFC 3261 §9.1): same Request-URI,
+/// Call-ID, From, To, CSeq number, top Via (same branch) and Route.
+pub fn cancel_for(invite: &Request) -> Request {
+    let mut cancel = Request::new(Method::Cancel, invite.uri.clone());
+    if let Some(via) = invite.headers.get("Via") {
+        let first = crate::split_list(via).first().copied().unwrap_or(via);
+        cancel.headers.push("Via", first);
+    }
+    for name in ["From", "To", "Call-ID"] {
+        if let Some(v) = invite.headers.get(name) {
+            cancel.headers.push(name, v);
+        }
+    }
+    if let Some(cseq) = invite.headers.get("CSeq").and_then(|c| CSeq::parse(c).ok()) {
+        cancel.headers.push("CSeq", format!("{} CANCEL", cseq.seq));
+    }
+    for route in invite.headers.all("Route") {
+        cancel.headers.push("Route", route);
+    }
+    cancel.headers.push("Max-Forwards", "70");
+    cancel
+}
+
+/// The To tag of a response, if any.
+pub fn to_tag(resp: &Response) -> Option<String> {
+    let to = resp.headers.get("To")?;
+    NameAddr::parse("To", to).ok()?.tag().map(str::to_string)
+}
