@@ -13,11 +13,9 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use plugboard_core::flow::fallback_actions;
 use plugboard_core::{
-    Address, Channel, Error as CoreError, Event, FlowRef, Grants, Interaction, InteractionState,
-    PluginInfo, PluginKind, PluginVersion, Tenant, TenantLimits, flow::Action, normalize_address,
-    now_ms, validate_id,
+    Address, Channel, Error as CoreError, Event, Grants, Interaction, PluginInfo, PluginKind,
+    PluginVersion, Tenant, TenantLimits, flow::Action, normalize_address, now_ms, validate_id,
 };
 use plugboard_host::{FlowInput, InvokeError, Limits, LoadedPlugin, PluginEnv, PluginHost, Report};
 use plugboard_store::{Store, hash_key};
@@ -28,8 +26,10 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::{Semaphore, broadcast};
 
 mod metrics;
+mod session;
 
 pub use metrics::Metrics;
+pub use session::{FlowSession, SessionStart, Step};
 
 /// An API error: HTTP status, stable code, human message.
 #[derive(Debug)]
@@ -838,155 +838,64 @@ async fn simulate(
     Path((t, name)): Path<(String, String)>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let tenant = tenant_access(&s, &headers, &t)?;
+    tenant_access(&s, &headers, &t)?;
     let req: SimulateReq = parse_json(&body)?;
-    let info = s.plugin_or_404(&t, &name, "flow")?;
-    let version = req.version.unwrap_or(info.active_version);
-    let plugin = s.loaded_version(&t, &name, version)?;
-    if plugin.kind != PluginKind::Flow {
-        return Err(not_a_flow(&name, plugin.kind));
-    }
     if req.events.len() > 100 {
         return Err(ApiError::bad_request("at most 100 events per simulation"));
     }
+    let mut session = s.open_session(SessionStart {
+        tenant: t.clone(),
+        flow: name.clone(),
+        version: req.version,
+        channel: req.channel,
+        from: req.from,
+        to: req.to,
+        attributes: req.attributes,
+        simulated: true,
+        now_ms: req.now_ms,
+    })?;
+    let version = session
+        .interaction
+        .flow
+        .as_ref()
+        .map(|f| f.version)
+        .unwrap_or_default();
     let mut events = req.events;
     if events.first() != Some(&Event::Started) {
         events.insert(0, Event::Started);
     }
-    let grants = info.grants.clone();
-    let mut config = s.store.config(&t, &name)?;
-    if let Some(doc) = info.version(version).and_then(|v| v.document.as_ref()) {
-        // A declarative flow: the flow-graph component reads its document
-        // from the reserved config key `flow`, as JSON text (serialised once
-        // here rather than on every event).
-        if !config.is_object() {
-            config = json!({});
-        }
-        config["flow"] = Value::String(doc.to_string());
-    }
-    let created = now_ms();
-    let mut ix = Interaction {
-        id: plugboard_core::interaction_id(created, interaction_nonce()),
-        tenant: t.clone(),
-        channel: req.channel,
-        from: req.from,
-        to: normalize_address(&req.to),
-        flow: Some(FlowRef {
-            name: name.clone(),
-            version,
-        }),
-        state: InteractionState::InFlow,
-        attributes: req.attributes,
-        simulated: true,
-        created_ms: created,
-        closed_ms: None,
-        timeline: Vec::new(),
-    };
-    let kv: Arc<dyn plugboard_core::TenantKv> = Arc::new(KvAdapter(s.store.clone()));
-    let limits = s.limits_for(&tenant);
-    let mut state = String::new();
     let mut steps = Vec::new();
     let mut failure: Option<InvokeError> = None;
     for event in events {
-        let ev_json = serde_json::to_value(&event).unwrap_or_default();
-        ix.push("event", ev_json.clone());
-        s.publish(
-            &t,
-            json!({"interaction": ix.id, "kind": "event", "data": ev_json}),
-        );
-        let env = PluginEnv {
-            tenant: t.clone(),
-            plugin: name.clone(),
-            grants: grants.clone(),
-            config: config.clone(),
-            limits: limits.clone(),
-            kv: Some(kv.clone()),
-            time_zone: tenant.time_zone.clone(),
-            utc_offset_minutes: utc_offset_minutes(
-                &tenant.time_zone,
-                req.now_ms.unwrap_or_else(now_ms),
-            ),
-            now_ms: req.now_ms,
-        };
-        let input = FlowInput {
-            id: ix.id.clone(),
-            tenant: t.clone(),
-            channel: ix.channel,
-            from: ix.from.clone(),
-            to: ix.to.clone(),
-            attributes: ix
-                .attributes
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
-        };
-        let report = s
-            .run_flow(plugin.clone(), env, input, state.clone(), event.clone())
-            .await;
-        for l in &report.logs {
-            ix.push("log", json!(l));
-        }
-        for c in &report.calls {
-            ix.push("host_call", json!(c));
-        }
-        match report.outcome {
-            Ok(out) => {
-                let mut hangup = false;
-                for a in &out.actions {
-                    match a {
-                        Action::SetAttribute { name, value } => {
-                            ix.attributes.insert(name.clone(), value.clone());
-                        }
-                        Action::Enqueue { .. } => ix.state = InteractionState::Queued,
-                        Action::Hangup => hangup = true,
-                        _ => {}
-                    }
-                }
-                if let Some(st) = &out.state {
-                    state = st.clone();
-                }
-                let actions = serde_json::to_value(&out.actions).unwrap_or_default();
-                ix.push(
-                    "actions",
-                    json!({"actions": actions, "elapsed_us": report.elapsed_us}),
-                );
-                s.publish(
-                    &t,
-                    json!({"interaction": ix.id, "kind": "actions", "data": actions}),
-                );
-                steps.push(json!({"event": event, "actions": actions, "state": out.state, "elapsed_us": report.elapsed_us, "memory_bytes": report.memory_bytes}));
-                if hangup || event == Event::Hangup {
+        let step = session.handle(event.clone()).await;
+        let actions = serde_json::to_value(&step.actions).unwrap_or_default();
+        match step.error {
+            None => {
+                steps.push(json!({"event": event, "actions": actions, "state": step.state, "elapsed_us": step.elapsed_us, "memory_bytes": step.memory_bytes}));
+                if step.actions.contains(&Action::Hangup) || event == Event::Hangup {
                     break;
                 }
             }
-            Err(e) => {
+            Some(e) => {
                 let err = json!({"code": e.code(), "message": e.to_string()});
-                ix.push("error", err.clone());
-                let fallback = serde_json::to_value(fallback_actions()).unwrap_or_default();
-                ix.push("fallback", json!({"actions": fallback}));
-                ix.state = InteractionState::Queued;
-                s.publish(
-                    &t,
-                    json!({"interaction": ix.id, "kind": "error", "data": err}),
-                );
-                steps.push(json!({"event": event, "actions": fallback, "fallback": true, "error": err, "elapsed_us": report.elapsed_us}));
+                steps.push(json!({"event": event, "actions": actions, "fallback": true, "error": err, "elapsed_us": step.elapsed_us}));
                 failure = Some(e);
                 break;
             }
         }
     }
-    ix.state = match ix.state {
-        InteractionState::Queued => InteractionState::Queued,
-        _ => InteractionState::Closed,
-    };
-    ix.closed_ms = Some(now_ms());
-    // The durable write (fsync) must not stall the async workers.
-    tokio::task::block_in_place(|| s.store.put_interaction(&ix))?;
+    session.finish()?;
+    let id = session.interaction.id.clone();
     match failure {
-        None => Ok(Json(json!({"interaction": ix.id, "flow": {"name": name, "version": version}, "steps": steps})).into_response()),
+        None => Ok(Json(
+            json!({"interaction": id, "flow": {"name": name, "version": version}, "steps": steps}),
+        )
+        .into_response()),
         Some(e) => {
             let mut err = ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string());
-            err.extra = Some(json!({"interaction": ix.id, "flow": {"name": name, "version": version}, "steps": steps}));
+            err.extra = Some(
+                json!({"interaction": id, "flow": {"name": name, "version": version}, "steps": steps}),
+            );
             Err(err)
         }
     }

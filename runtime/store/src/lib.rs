@@ -64,6 +64,9 @@ pub trait Store: TenantKv + Send + Sync {
     fn address(&self, tenant: &str, address: &str) -> Result<Option<Address>>;
     /// All addresses of a tenant.
     fn addresses(&self, tenant: &str) -> Result<Vec<Address>>;
+    /// Which tenant owns an address (numbers are unique across tenants:
+    /// an inbound call or message must reach exactly one tenant).
+    fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>>;
 
     /// Writes (creates or replaces) an interaction record.
     fn put_interaction(&self, interaction: &Interaction) -> Result<()>;
@@ -78,6 +81,8 @@ pub struct SledStore {
     db: sled::Db,
     tenants: sled::Tree,
     keys: sled::Tree,
+    /// address → owning tenant id, across tenants.
+    owners: sled::Tree,
 }
 
 fn storage(e: impl std::fmt::Display) -> Error {
@@ -106,7 +111,13 @@ impl SledStore {
             .map_err(storage)?;
         let tenants = db.open_tree("tenants").map_err(storage)?;
         let keys = db.open_tree("api_keys").map_err(storage)?;
-        Ok(SledStore { db, tenants, keys })
+        let owners = db.open_tree("address_owners").map_err(storage)?;
+        Ok(SledStore {
+            db,
+            tenants,
+            keys,
+            owners,
+        })
     }
 
     fn flush(&self) -> Result<()> {
@@ -366,7 +377,30 @@ impl Store for SledStore {
     }
 
     fn set_address(&self, tenant: &str, address: &Address) -> Result<()> {
+        self.space(tenant)?;
+        // Claim the address for this tenant unless another tenant has it.
+        let claimed = self
+            .owners
+            .compare_and_swap(&address.address, None::<&[u8]>, Some(tenant.as_bytes()))
+            .map_err(storage)?;
+        if let Err(current) = claimed {
+            let owner = current.current.map(|v| v.to_vec()).unwrap_or_default();
+            if owner != tenant.as_bytes() {
+                return Err(Error::Conflict(format!(
+                    "address {} belongs to another tenant",
+                    address.address
+                )));
+            }
+        }
         self.put(tenant, &format!("address/{}", address.address), address)
+    }
+
+    fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>> {
+        let Some(owner) = self.owners.get(address).map_err(storage)? else {
+            return Ok(None);
+        };
+        let tenant = String::from_utf8_lossy(&owner).into_owned();
+        Ok(self.address(&tenant, address)?.map(|a| (tenant, a)))
     }
 
     fn address(&self, tenant: &str, address: &str) -> Result<Option<Address>> {
@@ -453,6 +487,23 @@ mod tests {
                 },
             )?;
             assert!(s.address("b", "100")?.is_none());
+            // A number reaches one tenant only: b cannot claim a's number,
+            // and a may update its own.
+            let claim = Address {
+                address: "100".into(),
+                channel: Channel::Voice,
+                flow: "other".into(),
+            };
+            assert!(matches!(
+                s.set_address("b", &claim),
+                Err(Error::Conflict(_))
+            ));
+            s.set_address("a", &claim)?;
+            assert_eq!(
+                s.address_owner("100")?.map(|(t, a)| (t, a.flow)),
+                Some(("a".into(), "other".into()))
+            );
+            assert!(s.address_owner("200")?.is_none());
             assert!(matches!(s.plugins("nobody"), Err(Error::NotFound(_))));
         }
         // Reopen: everything is still there.
@@ -461,6 +512,7 @@ mod tests {
         assert_eq!(s.plugin("a", "ivr")?.map(|p| p.active_version), Some(1));
         assert_eq!(s.kv_get("a", "k")?, Some(b"1".to_vec()));
         assert_eq!(s.addresses("a")?.len(), 1);
+        assert_eq!(s.address_owner("100")?.map(|(t, _)| t), Some("a".into()));
         Ok(())
     }
 
