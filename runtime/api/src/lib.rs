@@ -100,6 +100,7 @@ pub struct AppState {
     events: broadcast::Sender<StreamEvent>,
     limits: Limits,
     flow_graph: Option<Bytes>,
+    recordings: Option<std::path::PathBuf>,
 }
 
 impl AppState {
@@ -122,7 +123,50 @@ impl AppState {
             events: broadcast::channel(1024).0,
             limits,
             flow_graph: None,
+            recordings: None,
         }
+    }
+
+    /// Where call recordings are kept (one directory per tenant).
+    pub fn with_recordings_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.recordings = Some(dir);
+        self
+    }
+
+    /// Stores a recording (WAV) of a tenant durably and returns its id
+    /// (`rec-<interaction>-<n>`), served at
+    /// `GET /v1/tenants/{t}/recordings/{id}`.
+    pub fn save_recording(
+        &self,
+        tenant: &str,
+        interaction: &str,
+        wav: &[u8],
+    ) -> Result<String, CoreError> {
+        use std::io::Write as _;
+        let dir = self
+            .recordings
+            .as_ref()
+            .ok_or_else(|| CoreError::Storage("no recordings directory configured".into()))?
+            .join(tenant);
+        std::fs::create_dir_all(&dir).map_err(|e| CoreError::Storage(e.to_string()))?;
+        for n in 1..1000 {
+            let id = format!("rec-{interaction}-{n}");
+            let path = dir.join(format!("{id}.wav"));
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path);
+            let mut file = match file {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(CoreError::Storage(e.to_string())),
+            };
+            file.write_all(wav)
+                .and_then(|_| file.sync_all())
+                .map_err(|e| CoreError::Storage(e.to_string()))?;
+            return Ok(id);
+        }
+        Err(CoreError::Storage("too many recordings for one interaction".into()))
     }
 
     /// Loads every tenant's active plugin versions (from the compile cache
@@ -405,6 +449,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tenants/{t}/interactions", get(list_interactions))
         .route("/v1/tenants/{t}/interactions/{id}", get(get_interaction))
         .route("/v1/tenants/{t}/events", get(events))
+        .route("/v1/tenants/{t}/recordings/{id}", get(get_recording))
         .fallback(|| async { ApiError::not_found("no such path") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -899,6 +944,27 @@ async fn simulate(
             Err(err)
         }
     }
+}
+
+async fn get_recording(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    tenant_access(&s, &headers, &t)?;
+    let valid = id.starts_with("rec-")
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let not_found = || ApiError::not_found(format!("recording {id} not found"));
+    let dir = s.recordings.as_ref().ok_or_else(not_found)?;
+    if !valid {
+        return Err(not_found());
+    }
+    let bytes = tokio::fs::read(dir.join(&t).join(format!("{id}.wav")))
+        .await
+        .map_err(|_| not_found())?;
+    Ok(([(header::CONTENT_TYPE, "audio/wav")], bytes).into_response())
 }
 
 /// Lets the host's `kv` import use the store.

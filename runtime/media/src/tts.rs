@@ -58,6 +58,27 @@ pub fn voice_for(language: Option<&str>, voice: Option<&str>) -> String {
     }
 }
 
+/// espeak-ng writes WAV to a pipe before it knows the length, so the RIFF
+/// and data sizes are placeholders; set them from the bytes received.
+pub fn fix_streamed_wav(mut wav: Vec<u8>) -> Vec<u8> {
+    if wav.len() < 44 || &wav[..4] != b"RIFF" || &wav[8..12] != b"WAVE" {
+        return wav;
+    }
+    let len = wav.len();
+    wav[4..8].copy_from_slice(&((len - 8) as u32).to_le_bytes());
+    let mut pos = 12;
+    while pos + 8 <= len {
+        let size = u32::from_le_bytes([wav[pos + 4], wav[pos + 5], wav[pos + 6], wav[pos + 7]]) as usize;
+        if &wav[pos..pos + 4] == b"data" {
+            let real = (len - pos - 8) as u32;
+            wav[pos + 4..pos + 8].copy_from_slice(&real.to_le_bytes());
+            break;
+        }
+        pos += 8 + size + (size & 1);
+    }
+    wav
+}
+
 impl Espeak {
     /// Uses `program` (normally `espeak-ng`), caching up to
     /// `budget_samples` samples of audio (8 kHz; 16 MiB ≈ 17 min).
@@ -108,7 +129,8 @@ impl Espeak {
                 String::from_utf8_lossy(&out.stderr).trim().to_string(),
             ));
         }
-        let pcm = Arc::new(decode_wav(&out.stdout).map_err(|e| TtsError::Audio(e.to_string()))?);
+        let wav = fix_streamed_wav(out.stdout);
+        let pcm = Arc::new(decode_wav(&wav).map_err(|e| TtsError::Audio(e.to_string()))?);
         if let Ok(mut c) = self.cache.lock() {
             c.misses += 1;
             c.samples += pcm.len();
@@ -124,5 +146,25 @@ impl Espeak {
             }
         }
         Ok(pcm)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs espeak-ng (scripts/setup.sh installs it).
+    #[test]
+    fn espeak_speaks_and_caches() {
+        let tts = Espeak::new("espeak-ng", 1 << 20);
+        let first = tts
+            .speak("Your parcel is in Vilnius.", "en-us")
+            .unwrap_or_else(|e| panic!("{e} (scripts/setup.sh installs espeak-ng)"));
+        // About 1.5 s of speech at 8 kHz, clearly not silence.
+        assert!(first.len() > 8000 && first.len() < 8000 * 5, "{}", first.len());
+        assert!(crate::audio::rms(&first) > 0.02);
+        let again = tts.speak("Your parcel is in Vilnius.", "en-us").unwrap_or_else(|e| panic!("{e}"));
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!(tts.stats(), (1, 1));
     }
 }

@@ -45,31 +45,50 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Flags of `plugboard serve`.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// HTTP listen address.
+    #[arg(long, env = "PLUGBOARD_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// CPU deadline per plugin invocation, ms.
+    #[arg(long, default_value_t = 50)]
+    deadline_ms: u64,
+    /// Linear memory cap per plugin instance, MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mib: usize,
+    /// Plugin instances that may run at once.
+    #[arg(long, default_value_t = 64)]
+    max_concurrent: u32,
+    /// The flow-graph component that runs flow documents; by default
+    /// `flow_graph.wasm` from the build's `wasm32-wasip2/release` directory.
+    #[arg(long, env = "PLUGBOARD_FLOW_GRAPH")]
+    flow_graph: Option<PathBuf>,
+    /// Compiled-component cache (default: DATA_DIR/cache); may be shared
+    /// by several servers.
+    #[arg(long, env = "PLUGBOARD_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// SIP listen address, UDP and TCP (`off`: no voice channel).
+    #[arg(long, env = "PLUGBOARD_SIP", default_value = "127.0.0.1:5060")]
+    sip: String,
+    /// RTP port range, LO-HI (even ports RTP, odd RTCP).
+    #[arg(long, env = "PLUGBOARD_RTP_PORTS", default_value = "20000-20999", value_parser = plugboard_voice::parse_port_range)]
+    rtp_ports: (u16, u16),
+    /// Address to put in SDP and Contact (default: the SIP address).
+    #[arg(long, env = "PLUGBOARD_SIP_PUBLIC_IP")]
+    sip_public_ip: Option<std::net::IpAddr>,
+    /// Ring (180 Ringing) this long before answering a call, ms.
+    #[arg(long, default_value_t = 0)]
+    answer_delay_ms: u64,
+    /// The espeak-ng program for built-in text-to-speech.
+    #[arg(long, env = "PLUGBOARD_ESPEAK", default_value = "espeak-ng")]
+    espeak: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server.
-    Serve {
-        /// HTTP listen address.
-        #[arg(long, env = "PLUGBOARD_HTTP", default_value = "127.0.0.1:8080")]
-        http: SocketAddr,
-        /// CPU deadline per plugin invocation, ms.
-        #[arg(long, default_value_t = 50)]
-        deadline_ms: u64,
-        /// Linear memory cap per plugin instance, MiB.
-        #[arg(long, default_value_t = 64)]
-        memory_mib: usize,
-        /// Plugin instances that may run at once.
-        #[arg(long, default_value_t = 64)]
-        max_concurrent: u32,
-        /// The flow-graph component that runs flow documents; by default
-        /// `flow_graph.wasm` from the build's `wasm32-wasip2/release` directory.
-        #[arg(long, env = "PLUGBOARD_FLOW_GRAPH")]
-        flow_graph: Option<PathBuf>,
-        /// Compiled-component cache (default: DATA_DIR/cache); may be shared
-        /// by several servers.
-        #[arg(long, env = "PLUGBOARD_CACHE_DIR")]
-        cache_dir: Option<PathBuf>,
-    },
+    Serve(ServeArgs),
     /// Manage tenants.
     Tenant {
         #[command(subcommand)]
@@ -245,22 +264,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve {
-            http,
-            deadline_ms,
-            memory_mib,
-            max_concurrent,
-            flow_graph,
-            cache_dir,
-        } => serve(
-            &cli.data_dir,
-            http,
-            deadline_ms,
-            memory_mib,
-            max_concurrent,
-            flow_graph,
-            cache_dir,
-        ),
+        Cmd::Serve(args) => serve(&cli.data_dir, args),
         Cmd::Plugin {
             cmd:
                 PluginCmd::New {
@@ -336,15 +340,29 @@ fn flow_graph_component(given: Option<PathBuf>) -> Result<Option<(PathBuf, Vec<u
         .find_map(|p| std::fs::read(&p).ok().map(|b| (p, b))))
 }
 
-fn serve(
-    data_dir: &Path,
-    http: SocketAddr,
-    deadline_ms: u64,
-    memory_mib: usize,
-    max_concurrent: u32,
-    flow_graph: Option<PathBuf>,
-    cache_dir: Option<PathBuf>,
-) -> Result<()> {
+fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
+    let ServeArgs {
+        http,
+        deadline_ms,
+        memory_mib,
+        max_concurrent,
+        flow_graph,
+        cache_dir,
+        ..
+    } = args;
+    let voice = match args.sip.as_str() {
+        "off" => None,
+        addr => Some(plugboard_voice::VoiceConfig {
+            sip: addr
+                .parse()
+                .with_context(|| format!("--sip {addr:?}: expected ADDR:PORT or off"))?,
+            rtp_ports: args.rtp_ports,
+            public_ip: args.sip_public_ip,
+            answer_delay: Duration::from_millis(args.answer_delay_ms),
+            espeak: args.espeak.clone(),
+            ..plugboard_voice::VoiceConfig::default()
+        }),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -370,7 +388,8 @@ fn serve(
         memory_bytes: memory_mib << 20,
         ..Limits::default()
     };
-    let mut state = AppState::new(store, host, &token, limits);
+    let mut state = AppState::new(store, host, &token, limits)
+        .with_recordings_dir(data_dir.join("recordings"));
     match flow_graph_component(flow_graph)? {
         Some((path, bytes)) => {
             tracing::info!("flow documents run by {}", path.display());
@@ -395,6 +414,10 @@ fn serve(
             .await
             .with_context(|| format!("binding {http}"))?;
         tracing::info!("plugboard listening on http://{}", listener.local_addr()?);
+        let _voice = match voice {
+            Some(cfg) => Some(plugboard_voice::start(cfg, state.clone()).await?),
+            None => None,
+        };
         axum::serve(listener, plugboard_api::router(state))
             .with_graceful_shutdown(shutdown())
             .await?;

@@ -1,0 +1,856 @@
+//! One call: RTP media paced every 20 ms from a monotonic clock, and the
+//! tenant's flow executed on it — say, play, gather (barge-in, terminator,
+//! first-digit and inter-digit timeouts, type-ahead), record, wait, park
+//! with music on hold, hang up. A failing flow gets the spoken apology and
+//! the fallback, never dead air; a flow that stops asking for input ends
+//! the call.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plugboard_api::{AppState, FlowSession, Step};
+use plugboard_core::flow::{Action, Event};
+use plugboard_media::audio::{self, FRAME};
+use plugboard_media::dtmf::{DtmfMerger, DtmfSource, EventDetector, ToneDetector};
+use plugboard_media::rtp::{self, JitterBuffer, RtpSender};
+use plugboard_media::sdp::Negotiated;
+use plugboard_media::tts::{Espeak, voice_for};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use crate::VoiceConfig;
+use crate::endpoint::{CallOut, DialogKey, Input};
+use crate::ports::MediaSockets;
+
+/// What the endpoint tells a call.
+pub(crate) enum CallCmd {
+    /// The ACK arrived: the call is up.
+    Confirmed,
+    /// A digit by SIP INFO.
+    Dtmf(char, DtmfSource),
+    /// A re-INVITE changed the media (hold/resume).
+    Media(Negotiated),
+    /// The caller left (BYE, CANCEL, no ACK).
+    RemoteHangup(String),
+}
+
+/// Everything a call task starts with.
+pub(crate) struct CallSpec {
+    pub key: DialogKey,
+    pub session: FlowSession,
+    pub media: MediaSockets,
+    pub negotiated: Negotiated,
+    pub cmds: mpsc::Receiver<CallCmd>,
+    pub endpoint: mpsc::Sender<Input>,
+    pub app: Arc<AppState>,
+    pub tts: Arc<Espeak>,
+    pub config: Arc<VoiceConfig>,
+    pub cname: String,
+}
+
+/// An action with its audio ready.
+struct Prepared {
+    action: Action,
+    audio: Option<Arc<Vec<i16>>>,
+}
+
+type FlowTask = JoinHandle<(FlowSession, Step, Vec<Prepared>)>;
+
+struct Clip {
+    audio: Arc<Vec<i16>>,
+    pos: usize,
+}
+
+impl Clip {
+    fn new(audio: Arc<Vec<i16>>) -> Clip {
+        Clip { audio, pos: 0 }
+    }
+
+    /// Copies the next frame into `out`; false once the clip is done.
+    fn fill(&mut self, out: &mut [i16; FRAME]) -> bool {
+        let rest = &self.audio[self.pos.min(self.audio.len())..];
+        let n = rest.len().min(FRAME);
+        out[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        self.pos < self.audio.len()
+    }
+}
+
+enum Doing {
+    Nothing,
+    Playing(Clip),
+    Gather {
+        max: usize,
+        terminator: Option<char>,
+        first_timeout: Duration,
+        inter_timeout: Duration,
+        prompt: Option<Clip>,
+        digits: String,
+        deadline: Option<Instant>,
+    },
+    Record {
+        beep: Option<Clip>,
+        until: Option<Instant>,
+        max: Duration,
+        terminator: Option<char>,
+        samples: Vec<i16>,
+    },
+    Wait(Instant),
+    Parked,
+}
+
+struct Call {
+    key: DialogKey,
+    session: Option<FlowSession>,
+    flow_task: Option<FlowTask>,
+    endpoint: mpsc::Sender<Input>,
+    app: Arc<AppState>,
+    tts: Arc<Espeak>,
+    config: Arc<VoiceConfig>,
+    negotiated: Negotiated,
+    remote: SocketAddr,
+    remote_rtcp: SocketAddr,
+    sender: RtpSender,
+    jitter: JitterBuffer,
+    events: EventDetector,
+    tones: ToneDetector,
+    merger: DtmfMerger,
+    queue: VecDeque<Prepared>,
+    doing: Doing,
+    typeahead: String,
+    hold_music: Arc<Vec<i16>>,
+    moh: usize,
+    confirmed: bool,
+    started: Instant,
+    answered: Option<Instant>,
+    last_rtp: Instant,
+    received: u64,
+    digits: String,
+    lateness_us: Vec<u32>,
+    ended: Option<(String, &'static str)>,
+    cname: String,
+}
+
+fn seed() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    u32::from_le_bytes(b)
+}
+
+pub(crate) async fn run(spec: CallSpec) {
+    let CallSpec {
+        key,
+        session,
+        media,
+        negotiated,
+        mut cmds,
+        endpoint,
+        app,
+        tts,
+        config,
+        cname,
+    } = spec;
+    let now = Instant::now();
+    let mut call = Call {
+        key,
+        session: Some(session),
+        flow_task: None,
+        endpoint,
+        app,
+        tts,
+        config,
+        remote: negotiated.remote,
+        remote_rtcp: SocketAddr::new(negotiated.remote.ip(), negotiated.remote.port() | 1),
+        sender: RtpSender::new(seed(), negotiated.law, negotiated.payload_type, seed()),
+        jitter: JitterBuffer::new(3),
+        negotiated,
+        events: EventDetector::new(),
+        tones: ToneDetector::new(),
+        merger: DtmfMerger::new(300),
+        queue: VecDeque::new(),
+        doing: Doing::Nothing,
+        typeahead: String::new(),
+        hold_music: Arc::new(audio::music_on_hold()),
+        moh: 0,
+        confirmed: false,
+        started: now,
+        answered: None,
+        last_rtp: now,
+        received: 0,
+        digits: String::new(),
+        lateness_us: Vec::new(),
+        ended: None,
+        cname,
+    };
+    call.main(&media, &mut cmds).await;
+    call.finish().await;
+    drop(media);
+}
+
+async fn recv_or_pending(
+    task: &mut Option<FlowTask>,
+) -> Result<(FlowSession, Step, Vec<Prepared>), tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Call {
+    async fn main(&mut self, media: &MediaSockets, cmds: &mut mpsc::Receiver<CallCmd>) {
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_millis(20),
+            Duration::from_millis(20),
+        );
+        // Burst keeps the schedule anchored to the start: no drift.
+        tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        let mut rtcp_tick = tokio::time::interval(Duration::from_secs(5));
+        let mut buf = vec![0u8; 2048];
+        let mut rbuf = vec![0u8; 2048];
+        let ring_limit = Instant::now() + Duration::from_secs(64);
+        while self.ended.is_none() {
+            tokio::select! {
+                at = tick.tick() => {
+                    let late = Instant::now().saturating_duration_since(at.into_std());
+                    self.on_tick(late, &media.rtp).await;
+                    if !self.confirmed && Instant::now() > ring_limit {
+                        self.ended = Some(("never answered".into(), "timeout"));
+                    }
+                }
+                r = media.rtp.recv_from(&mut buf) => {
+                    if let Ok((n, src)) = r {
+                        self.on_rtp(&buf[..n], src);
+                    }
+                }
+                r = media.rtcp.recv_from(&mut rbuf) => {
+                    if let Ok((n, src)) = r
+                        && let Some(info) = rtp::parse_rtcp(&rbuf[..n], self.sender.ssrc)
+                    {
+                        self.remote_rtcp = src;
+                        if let Some(sr) = info.sender_report {
+                            self.jitter.last_sr = Some((sr, plugboard_core::now_ms()));
+                        }
+                    }
+                }
+                _ = rtcp_tick.tick() => {
+                    if self.confirmed {
+                        let report = rtp::rtcp_report(&self.sender, &mut self.jitter, plugboard_core::now_ms(), &self.cname);
+                        let _ = media.rtcp.try_send_to(&report, self.remote_rtcp);
+                    }
+                }
+                cmd = cmds.recv() => match cmd {
+                    Some(CallCmd::Confirmed) => {
+                        if !self.confirmed {
+                            self.confirmed = true;
+                            self.answered = Some(Instant::now());
+                            self.last_rtp = Instant::now();
+                            self.note("answered", json!({"after_ms": self.started.elapsed().as_millis() as u64}));
+                            self.dispatch(Event::Started);
+                        }
+                    }
+                    Some(CallCmd::Dtmf(d, src)) => self.on_digit(d, src),
+                    Some(CallCmd::Media(n)) => {
+                        let hold = n.on_hold();
+                        self.note(if hold { "hold" } else { "resume" }, json!({"remote_rtp": n.remote.to_string(), "direction": format!("{:?}", n.remote_direction)}));
+                        if n.remote.port() != self.remote.port() || n.remote.ip() != self.remote.ip() {
+                            self.remote = n.remote;
+                            self.remote_rtcp = SocketAddr::new(n.remote.ip(), n.remote.port() | 1);
+                        }
+                        self.negotiated = n;
+                        self.last_rtp = Instant::now();
+                    }
+                    Some(CallCmd::RemoteHangup(why)) => {
+                        self.ended = Some((why, "caller"));
+                    }
+                    None => self.ended = Some(("endpoint gone".into(), "system")),
+                },
+                r = recv_or_pending(&mut self.flow_task) => {
+                    self.flow_task = None;
+                    match r {
+                        Ok((session, step, prepared)) => self.on_step(session, step, prepared),
+                        Err(e) => {
+                            tracing::error!("flow task failed: {e}");
+                            self.ended = Some(("internal error".into(), "system"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn note(&mut self, kind: &str, data: serde_json::Value) {
+        if let Some(s) = self.session.as_mut() {
+            s.note(kind, data);
+        }
+    }
+
+    /// Sends an event to the flow in the background; audio for the actions
+    /// it returns is prepared before they run.
+    fn dispatch(&mut self, event: Event) {
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        self.queue.clear();
+        self.doing = Doing::Nothing;
+        let tts = self.tts.clone();
+        let tenant = session.interaction.tenant.clone();
+        self.flow_task = Some(tokio::spawn(async move {
+            let step = session.handle(event).await;
+            let prepared = prepare(&tts, &tenant, &step.actions, &mut session).await;
+            (session, step, prepared)
+        }));
+    }
+
+    fn on_step(&mut self, session: FlowSession, step: Step, prepared: Vec<Prepared>) {
+        self.session = Some(session);
+        if step.error.is_some() {
+            tracing::info!("flow failed on call {}: fallback", self.key.0);
+        }
+        self.queue = prepared.into();
+        self.advance();
+    }
+
+    /// Starts the next queued action when nothing is in progress.
+    fn advance(&mut self) {
+        while matches!(self.doing, Doing::Nothing) && self.ended.is_none() {
+            let Some(next) = self.queue.pop_front() else {
+                if self.flow_task.is_none() && self.confirmed {
+                    // The flow asks for nothing more: end the call rather
+                    // than leave the caller in silence.
+                    self.hangup_by_flow("flow finished");
+                }
+                return;
+            };
+            match next.action {
+                Action::Say { .. } | Action::Play { .. } => {
+                    if let Some(a) = next.audio {
+                        self.doing = Doing::Playing(Clip::new(a));
+                    }
+                }
+                Action::Gather {
+                    max_digits,
+                    terminator,
+                    timeout_ms,
+                    inter_digit_timeout_ms,
+                    ..
+                } => {
+                    let terminator = terminator.and_then(|t| t.chars().next());
+                    self.doing = Doing::Gather {
+                        max: max_digits.clamp(1, 64) as usize,
+                        terminator,
+                        first_timeout: Duration::from_millis(u64::from(timeout_ms.clamp(500, 120_000))),
+                        inter_timeout: Duration::from_millis(u64::from(
+                            inter_digit_timeout_ms.clamp(500, 60_000),
+                        )),
+                        prompt: next.audio.map(Clip::new),
+                        digits: String::new(),
+                        deadline: None,
+                    };
+                    // Digits typed ahead during earlier prompts count.
+                    let ahead = std::mem::take(&mut self.typeahead);
+                    for d in ahead.chars() {
+                        self.gather_digit(d);
+                    }
+                }
+                Action::Record {
+                    max_secs,
+                    beep,
+                    terminator,
+                } => {
+                    self.doing = Doing::Record {
+                        beep: beep.then(|| Clip::new(Arc::new(audio::beep()))),
+                        until: None,
+                        max: Duration::from_secs(u64::from(max_secs.clamp(1, 3600))),
+                        terminator: terminator.and_then(|t| t.chars().next()).or(Some('#')),
+                        samples: Vec::new(),
+                    };
+                }
+                Action::Wait { ms } => {
+                    self.doing = Doing::Wait(
+                        Instant::now() + Duration::from_millis(u64::from(ms.min(600_000))),
+                    );
+                }
+                Action::Enqueue {
+                    queue,
+                    priority,
+                    skills,
+                } => {
+                    // Until the ACD exists the caller is parked with music.
+                    self.note(
+                        "parked",
+                        json!({"queue": queue, "priority": priority, "skills": skills,
+                               "note": "waiting in queue with music on hold (no ACD yet)"}),
+                    );
+                    self.doing = Doing::Parked;
+                }
+                Action::Hangup => self.hangup_by_flow("flow hung up"),
+                Action::Transfer { target } | Action::Dial { target, .. } => {
+                    self.note(
+                        "dial_failed",
+                        json!({"target": target, "reason": "outbound calls are not available yet"}),
+                    );
+                    self.dispatch(Event::DialResult {
+                        outcome: "failed".into(),
+                    });
+                    return;
+                }
+                Action::SetAttribute { .. } => {}
+                other => {
+                    let kind = serde_json::to_value(&other).unwrap_or_default();
+                    self.note("ignored_action", json!({"action": kind, "reason": "not a voice action"}));
+                }
+            }
+        }
+    }
+
+    fn hangup_by_flow(&mut self, why: &str) {
+        if self.ended.is_none() {
+            self.ended = Some((why.to_string(), "flow"));
+            let _ = self
+                .endpoint
+                .try_send(Input::Call(CallOut::Hangup(self.key.clone())));
+        }
+    }
+
+    async fn on_tick(&mut self, late: Duration, rtp_sock: &tokio::net::UdpSocket) {
+        self.lateness_us
+            .push(late.as_micros().min(u128::from(u32::MAX)) as u32);
+        if self.lateness_us.len() > 200_000 {
+            self.lateness_us.drain(..100_000);
+        }
+        if !self.confirmed {
+            return;
+        }
+        let now = Instant::now();
+        let mut frame = [0i16; FRAME];
+        let mut finished: Option<Event> = None;
+        match &mut self.doing {
+            Doing::Nothing => {}
+            Doing::Playing(clip) => {
+                if !clip.fill(&mut frame) {
+                    self.doing = Doing::Nothing;
+                }
+            }
+            Doing::Gather {
+                prompt,
+                deadline,
+                first_timeout,
+                inter_timeout,
+                digits,
+                ..
+            } => {
+                if let Some(p) = prompt
+                    && !p.fill(&mut frame)
+                {
+                    *prompt = None;
+                }
+                if prompt.is_none() && deadline.is_none() {
+                    *deadline = Some(
+                        now + if digits.is_empty() {
+                            *first_timeout
+                        } else {
+                            *inter_timeout
+                        },
+                    );
+                }
+                if deadline.is_some_and(|d| now >= d) {
+                    finished = Some(if digits.is_empty() {
+                        Event::Timeout
+                    } else {
+                        Event::Digits {
+                            digits: digits.clone(),
+                            terminated: false,
+                        }
+                    });
+                }
+            }
+            Doing::Record {
+                beep, until, max, ..
+            } => {
+                if let Some(b) = beep
+                    && !b.fill(&mut frame)
+                {
+                    *beep = None;
+                }
+                if beep.is_none() && until.is_none() {
+                    *until = Some(now + *max);
+                }
+            }
+            Doing::Wait(until) => {
+                if now >= *until {
+                    self.doing = Doing::Nothing;
+                }
+            }
+            Doing::Parked => {
+                let music = &self.hold_music;
+                for s in frame.iter_mut() {
+                    *s = music[self.moh % music.len()];
+                    self.moh += 1;
+                }
+            }
+        }
+        if self.negotiated.local_direction.sends() && !self.negotiated.remote.ip().is_unspecified() {
+            let packet = self.sender.frame(&frame);
+            let _ = rtp_sock.try_send_to(&packet, self.remote);
+        } else {
+            self.sender.skip(1);
+        }
+        // Playout of what the caller sent: recording and in-band DTMF.
+        let heard = match self.jitter.pop() {
+            Some(payload) => {
+                let mut pcm = Vec::with_capacity(FRAME);
+                self.negotiated.law.decode(&payload, &mut pcm);
+                pcm
+            }
+            None => vec![0; FRAME],
+        };
+        let record_done = match &mut self.doing {
+            Doing::Record {
+                beep: None,
+                until: Some(until),
+                samples,
+                ..
+            } => {
+                samples.extend_from_slice(&heard);
+                now >= *until
+            }
+            _ => false,
+        };
+        if self.negotiated.dtmf_pt.is_none() {
+            for d in self.tones.push(&heard) {
+                self.on_digit(d, DtmfSource::InBand);
+            }
+        }
+        if let Some(ev) = finished {
+            self.finish_gather(ev);
+        }
+        if record_done {
+            self.finish_record().await;
+        }
+        if matches!(self.doing, Doing::Nothing) && self.flow_task.is_none() {
+            self.advance();
+        }
+        if !self.negotiated.on_hold() && self.last_rtp.elapsed() > self.config.rtp_timeout {
+            self.note("media_timeout", json!({"after_s": self.config.rtp_timeout.as_secs()}));
+            self.hangup_by_flow("no media from the caller");
+        }
+        if self.started.elapsed() > self.config.max_call {
+            self.hangup_by_flow("maximum call length");
+        }
+    }
+
+    fn on_rtp(&mut self, bytes: &[u8], src: SocketAddr) {
+        if rtp::is_rtcp(bytes) {
+            return;
+        }
+        let Some(p) = rtp::parse_rtp(bytes) else {
+            return;
+        };
+        // Symmetric RTP: answer where the caller's media comes from.
+        if src != self.remote {
+            self.remote = src;
+        }
+        self.last_rtp = Instant::now();
+        self.received += 1;
+        if Some(p.payload_type) == self.negotiated.dtmf_pt {
+            if let Some(d) = self.events.packet(p.timestamp, &p.payload) {
+                // Handled on the next poll of the loop (no await here).
+                self.pending_digit(d);
+            }
+            return;
+        }
+        if p.payload_type == self.negotiated.payload_type {
+            let arrival = (self.started.elapsed().as_micros() / 125) as u32;
+            self.jitter.push(&p, arrival);
+        }
+    }
+
+    fn pending_digit(&mut self, d: char) {
+        // RFC 4733 digits are cheap to handle synchronously except for the
+        // end of a recording, which the next tick completes.
+        if !self.merger.accept(d, DtmfSource::Rfc4733, plugboard_core::now_ms()) {
+            return;
+        }
+        self.take_digit(d, DtmfSource::Rfc4733);
+    }
+
+    fn on_digit(&mut self, d: char, source: DtmfSource) {
+        if !self.merger.accept(d, source, plugboard_core::now_ms()) {
+            return;
+        }
+        self.take_digit(d, source);
+    }
+
+    fn take_digit(&mut self, d: char, source: DtmfSource) {
+        self.digits.push(d);
+        let src = match source {
+            DtmfSource::Rfc4733 => "rfc4733",
+            DtmfSource::SipInfo => "sip_info",
+            DtmfSource::InBand => "inband",
+        };
+        self.note("dtmf", json!({"digit": d.to_string(), "source": src}));
+        match &mut self.doing {
+            Doing::Gather { .. } => self.gather_digit(d),
+            Doing::Record {
+                terminator, until, ..
+            } => {
+                if Some(d) == *terminator {
+                    // Mark as done; the tick (or on_digit) saves it.
+                    *until = Some(Instant::now());
+                }
+            }
+            _ => {
+                if self.typeahead.len() < 32 {
+                    self.typeahead.push(d);
+                }
+            }
+        }
+    }
+
+    fn gather_digit(&mut self, d: char) {
+        let Doing::Gather {
+            max,
+            terminator,
+            inter_timeout,
+            prompt,
+            digits,
+            deadline,
+            ..
+        } = &mut self.doing
+        else {
+            return;
+        };
+        // Barge-in: the first digit stops the prompt.
+        *prompt = None;
+        if Some(d) == *terminator {
+            let ev = Event::Digits {
+                digits: digits.clone(),
+                terminated: true,
+            };
+            self.finish_gather(ev);
+            return;
+        }
+        digits.push(d);
+        if digits.len() >= *max {
+            let ev = Event::Digits {
+                digits: digits.clone(),
+                terminated: false,
+            };
+            self.finish_gather(ev);
+            return;
+        }
+        *deadline = Some(Instant::now() + *inter_timeout);
+    }
+
+    fn finish_gather(&mut self, ev: Event) {
+        self.doing = Doing::Nothing;
+        self.dispatch(ev);
+    }
+
+    async fn finish_record(&mut self) {
+        let Doing::Record { samples, .. } = std::mem::replace(&mut self.doing, Doing::Nothing)
+        else {
+            return;
+        };
+        let duration_ms = (samples.len() / 8) as u32;
+        let Some(tenant) = self.session.as_ref().map(|s| s.interaction.tenant.clone()) else {
+            return;
+        };
+        let ix = self
+            .session
+            .as_ref()
+            .map(|s| s.interaction.id.clone())
+            .unwrap_or_default();
+        let app = self.app.clone();
+        let wav = audio::encode_wav(&samples);
+        let saved = tokio::task::spawn_blocking(move || app.save_recording(&tenant, &ix, &wav))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match saved {
+            Ok(id) => {
+                let tenant = self
+                    .session
+                    .as_ref()
+                    .map(|s| s.interaction.tenant.clone())
+                    .unwrap_or_default();
+                self.note(
+                    "recording",
+                    json!({"id": id, "duration_ms": duration_ms,
+                           "url": format!("/v1/tenants/{tenant}/recordings/{id}")}),
+                );
+                if self.ended.is_none() {
+                    self.dispatch(Event::Recorded { id, duration_ms });
+                }
+            }
+            Err(e) => {
+                self.note("recording_failed", json!({"error": e}));
+                if self.ended.is_none() {
+                    self.dispatch(Event::Timeout);
+                }
+            }
+        }
+    }
+
+    /// Ends the call's record: the flow hears `hangup`, the timeline gets
+    /// the cause and media statistics, the record is written durably.
+    async fn finish(&mut self) {
+        if matches!(self.doing, Doing::Record { .. }) {
+            self.finish_record().await;
+        }
+        if let Some(t) = self.flow_task.take()
+            && let Ok((session, _, _)) = t.await
+        {
+            self.session = Some(session);
+        }
+        let (cause, by) = self
+            .ended
+            .clone()
+            .unwrap_or_else(|| ("ended".into(), "system"));
+        let mut session = match self.session.take() {
+            Some(s) => s,
+            None => return,
+        };
+        if by == "caller" && self.confirmed && !session.failed() {
+            // The flow learns that the caller left; what it answers is moot.
+            let _ = session.handle(Event::Hangup).await;
+        }
+        let mut late = self.lateness_us.clone();
+        late.sort_unstable();
+        let pct = |p: f64| late.get(((late.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0);
+        session.note(
+            "media",
+            json!({
+                "codec": self.negotiated.law.name(),
+                "packets_sent": self.sender.packets,
+                "packets_received": self.received,
+                "lost": self.jitter.cumulative_lost(),
+                "jitter_ts": self.jitter.jitter(),
+                "send_lateness_us": {"p50": pct(0.5), "p99": pct(0.99), "max": late.last().copied().unwrap_or(0)},
+            }),
+        );
+        session.note(
+            "hangup",
+            json!({
+                "cause": cause,
+                "by": by,
+                "answered": self.answered.is_some(),
+                "duration_ms": self.answered.map(|a| a.elapsed().as_millis() as u64).unwrap_or(0),
+                "digits": self.digits,
+            }),
+        );
+        session
+            .interaction
+            .attributes
+            .insert("hangup_cause".into(), cause.clone());
+        if let Err(e) = session.finish() {
+            tracing::error!("cannot store the call record: {e}");
+        }
+        let _ = self
+            .endpoint
+            .send(Input::Call(CallOut::Ended(self.key.clone())))
+            .await;
+    }
+}
+
+/// Turns a flow's actions into playable audio: TTS for say and gather
+/// prompts, clips for play. A TTS failure is noted and replaced by a
+/// short tone so the caller is never left in unexplained silence.
+async fn prepare(
+    tts: &Arc<Espeak>,
+    _tenant: &str,
+    actions: &[Action],
+    session: &mut FlowSession,
+) -> Vec<Prepared> {
+    let mut out = Vec::with_capacity(actions.len());
+    for action in actions {
+        let speech = match action {
+            Action::Say {
+                text,
+                voice,
+                language,
+            } => Some((text.clone(), voice_for(language.as_deref(), voice.as_deref()))),
+            Action::Gather {
+                prompt: Some(p), ..
+            } => Some((
+                p.text.clone(),
+                voice_for(p.language.as_deref(), p.voice.as_deref()),
+            )),
+            _ => None,
+        };
+        let audio = if let Some((text, voice)) = speech {
+            let tts = tts.clone();
+            let spoken = tokio::task::spawn_blocking(move || tts.speak(&text, &voice))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            match spoken {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    session.note("tts_failed", json!({"error": e}));
+                    Some(Arc::new(audio::tone(440.0, 300, 0.2)))
+                }
+            }
+        } else if let Action::Play { url } = action {
+            let url = url.clone();
+            let clip = tokio::task::spawn_blocking(move || load_clip(&url))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r);
+            match clip {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    session.note("play_failed", json!({"error": e}));
+                    Some(Arc::new(audio::tone(440.0, 300, 0.2)))
+                }
+            }
+        } else {
+            None
+        };
+        out.push(Prepared {
+            action: action.clone(),
+            audio,
+        });
+    }
+    out
+}
+
+/// A clip for `play`: `beep`, `hold-music`, `silence:MS`, `tone:HZ:MS`, or
+/// an http(s) URL of a WAV file (5 s timeout, 20 MiB at most).
+fn load_clip(url: &str) -> Result<Arc<Vec<i16>>, String> {
+    let num = |s: Option<&str>| -> Result<u32, String> {
+        s.and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("bad clip {url:?}"))
+    };
+    let mut parts = url.split(':');
+    let clip = match parts.next().unwrap_or("") {
+        "beep" => audio::beep(),
+        "hold-music" | "moh" => audio::music_on_hold(),
+        "silence" => audio::silence(num(parts.next())?.min(600_000)),
+        "tone" => {
+            let hz = num(parts.next())?;
+            let ms = num(parts.next())?;
+            audio::tone(hz as f32, ms.min(600_000), 0.3)
+        }
+        "http" | "https" => {
+            let agent: ureq::Agent = ureq::Agent::config_builder()
+                .timeout_global(Some(Duration::from_secs(5)))
+                .build()
+                .into();
+            let mut resp = agent.get(url).call().map_err(|e| e.to_string())?;
+            let bytes = resp
+                .body_mut()
+                .with_config()
+                .limit(20 << 20)
+                .read_to_vec()
+                .map_err(|e| e.to_string())?;
+            audio::decode_wav(&bytes).map_err(|e| e.to_string())?
+        }
+        _ => return Err(format!("unknown clip {url:?}")),
+    };
+    Ok(Arc::new(clip))
+}

@@ -1,0 +1,854 @@
+//! The SIP endpoint: UDP and TCP drivers around the sans-IO transaction
+//! layer, and the user agent core that answers OPTIONS, sets up calls
+//! (INVITE → 100 → [180] → 200 → ACK), handles re-INVITE (hold/resume),
+//! INFO (DTMF), BYE and CANCEL, and sends BYE when a flow hangs up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plugboard_api::{AppState, SessionStart};
+use plugboard_core::Channel;
+use plugboard_media::dtmf::{DtmfSource, parse_info_body};
+use plugboard_media::sdp::{self, LocalMedia, Negotiated, SdpError};
+use plugboard_media::tts::Espeak;
+use plugboard_sip::{
+    Framed, Inbound, Message, Method, Peer, Request, RequestInfo, Response, ServerTxId,
+    StreamFramer, TimerConfig, Transactions, Transmit, Transport, TxEvent, UasPolicy, new_branch,
+    parse_datagram, random_token, reason_phrase, reply, screen,
+};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::call::{self, CallCmd, CallSpec};
+use crate::ports::{MediaSockets, PortPool};
+use crate::{VoiceConfig, VoiceError};
+
+/// A dialog: Call-ID and our tag.
+pub(crate) type DialogKey = (String, String);
+
+/// What the endpoint task reacts to.
+pub(crate) enum Input {
+    /// A UDP datagram.
+    Datagram(Peer, Vec<u8>),
+    /// A message framed on a TCP connection (or a framing error).
+    Framed(Peer, Result<Message, plugboard_sip::ParseError>),
+    /// A TCP connection opened; bytes for it go to the sender.
+    TcpOpen(SocketAddr, mpsc::Sender<Vec<u8>>),
+    /// A TCP connection closed.
+    TcpClosed(SocketAddr),
+    /// From a call task or a timer of ours.
+    Call(CallOut),
+}
+
+/// What call tasks and dialog timers ask of the endpoint.
+pub(crate) enum CallOut {
+    /// The flow hung up (or media died): send BYE.
+    Hangup(DialogKey),
+    /// The call task ended.
+    Ended(DialogKey),
+    /// The ring time passed: answer.
+    Answer(DialogKey),
+    /// No ACK came for our 2xx (RFC 3261 §13.3.1.4): hang up.
+    NoAck(DialogKey),
+}
+
+enum DialogState {
+    /// Ringing (180 sent); the 200 goes out at `Answer`.
+    Early(Box<Response>),
+    /// 200 sent, waiting for the ACK.
+    WaitAck,
+    /// ACK received.
+    Confirmed,
+}
+
+struct Dialog {
+    state: DialogState,
+    invite: Request,
+    invite_tx: ServerTxId,
+    peer: Peer,
+    local_cseq: u32,
+    local: LocalMedia,
+    call: mpsc::Sender<CallCmd>,
+    retransmit: Option<JoinHandle<()>>,
+    /// The `To` value we answer with (our URI and tag).
+    local_party: String,
+}
+
+/// The running voice channel.
+pub struct VoiceHandle {
+    /// Where SIP listens (UDP and TCP).
+    pub sip_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for VoiceHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The methods the server answers (no registrar and no REFER yet).
+fn policy() -> UasPolicy {
+    UasPolicy {
+        allow: vec![
+            Method::Invite,
+            Method::Ack,
+            Method::Bye,
+            Method::Cancel,
+            Method::Options,
+            Method::Info,
+        ],
+        ..UasPolicy::default()
+    }
+}
+
+pub(crate) async fn start(
+    config: VoiceConfig,
+    app: Arc<AppState>,
+) -> Result<VoiceHandle, VoiceError> {
+    let (lo, hi) = config.rtp_ports;
+    if lo > hi || (lo == hi && lo % 2 == 1) {
+        return Err(VoiceError::Ports(lo, hi));
+    }
+    let bind_err = |addr: SocketAddr| {
+        move |e: std::io::Error| VoiceError::Bind {
+            addr,
+            message: e.to_string(),
+        }
+    };
+    let udp = Arc::new(
+        UdpSocket::bind(config.sip)
+            .await
+            .map_err(bind_err(config.sip))?,
+    );
+    let sip_addr = udp.local_addr().map_err(bind_err(config.sip))?;
+    let tcp = TcpListener::bind(sip_addr)
+        .await
+        .map_err(bind_err(sip_addr))?;
+    let (tx, rx) = mpsc::channel::<Input>(4096);
+    let mut tasks = Vec::new();
+    // UDP reader.
+    {
+        let udp = udp.clone();
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match udp.recv_from(&mut buf).await {
+                    Ok((n, addr)) => {
+                        let peer = Peer {
+                            addr,
+                            transport: Transport::Udp,
+                        };
+                        if tx
+                            .send(Input::Datagram(peer, buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    // ICMP errors surface here on Linux; keep serving.
+                    Err(e) => tracing::debug!("sip udp recv: {e}"),
+                }
+            }
+        }));
+    }
+    // TCP acceptor.
+    {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match tcp.accept().await {
+                    Ok((stream, addr)) => {
+                        tokio::spawn(tcp_connection(stream, addr, tx.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!("sip tcp accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    let ip = config.advertised_ip();
+    let pool = PortPool::new(config.sip.ip(), lo, hi);
+    let endpoint = Endpoint {
+        tx: Transactions::new(TimerConfig::default()),
+        policy: policy(),
+        udp,
+        tcp: HashMap::new(),
+        dialogs: HashMap::new(),
+        pending: HashMap::new(),
+        sip_addr: SocketAddr::new(ip, sip_addr.port()),
+        tts: Arc::new(Espeak::new(config.espeak.clone(), 16 << 20)),
+        config: Arc::new(config),
+        app,
+        pool,
+        inbox: tx,
+    };
+    tasks.push(tokio::spawn(endpoint.run(rx)));
+    tracing::info!("SIP listening on {sip_addr} (UDP and TCP)");
+    Ok(VoiceHandle { sip_addr, tasks })
+}
+
+async fn tcp_connection(stream: tokio::net::TcpStream, addr: SocketAddr, tx: mpsc::Sender<Input>) {
+    let (mut rd, mut wr) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(256);
+    if tx.send(Input::TcpOpen(addr, out_tx.clone())).await.is_err() {
+        return;
+    }
+    let writer = tokio::spawn(async move {
+        while let Some(bytes) = out_rx.recv().await {
+            if wr.write_all(&bytes).await.is_err() {
+                break;
+            }
+        }
+    });
+    let peer = Peer {
+        addr,
+        transport: Transport::Tcp,
+    };
+    let mut framer = StreamFramer::new();
+    let mut buf = vec![0u8; 16384];
+    'read: loop {
+        let n = match rd.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        framer.push(&buf[..n]);
+        loop {
+            match framer.next_message() {
+                Ok(Some(Framed::Message(m))) => {
+                    if tx.send(Input::Framed(peer, Ok(m))).await.is_err() {
+                        break 'read;
+                    }
+                }
+                Ok(Some(Framed::KeepAlive)) => {
+                    let _ = out_tx.send(b"\r\n".to_vec()).await;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // The stream cannot be resynchronised: answer if we
+                    // can, then close (RFC 4475 ncl/mcl01 over TCP).
+                    let _ = tx.send(Input::Framed(peer, Err(e))).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    break 'read;
+                }
+            }
+        }
+    }
+    let _ = tx.send(Input::TcpClosed(addr)).await;
+    drop(out_tx);
+    let _ = writer.await;
+}
+
+struct Endpoint {
+    tx: Transactions,
+    policy: UasPolicy,
+    udp: Arc<UdpSocket>,
+    tcp: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    dialogs: HashMap<DialogKey, Dialog>,
+    /// Pending INVITE server transactions → their dialog.
+    pending: HashMap<ServerTxId, DialogKey>,
+    sip_addr: SocketAddr,
+    tts: Arc<Espeak>,
+    config: Arc<VoiceConfig>,
+    app: Arc<AppState>,
+    pool: PortPool,
+    inbox: mpsc::Sender<Input>,
+}
+
+impl Endpoint {
+    async fn run(mut self, mut rx: mpsc::Receiver<Input>) {
+        loop {
+            let deadline = self.tx.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                input = rx.recv() => match input {
+                    Some(input) => self.input(input),
+                    None => break,
+                },
+                _ = sleep => self.tx.handle_timeout(Instant::now()),
+            }
+            self.drain();
+        }
+    }
+
+    fn drain(&mut self) {
+        loop {
+            let mut busy = false;
+            while let Some(t) = self.tx.poll_transmit() {
+                busy = true;
+                self.send(t);
+            }
+            while let Some(ev) = self.tx.poll_event() {
+                busy = true;
+                self.event(ev);
+            }
+            if !busy {
+                break;
+            }
+        }
+    }
+
+    fn send(&mut self, t: Transmit) {
+        match t.to.transport {
+            Transport::Udp => {
+                if let Err(e) = self.udp.try_send_to(&t.bytes, t.to.addr) {
+                    tracing::debug!("sip udp send to {}: {e}", t.to.addr);
+                }
+            }
+            Transport::Tcp => match self.tcp.get(&t.to.addr) {
+                Some(conn) => {
+                    let _ = conn.try_send(t.bytes);
+                }
+                None => tracing::debug!("no TCP connection to {}", t.to.addr),
+            },
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Datagram(peer, bytes) => {
+                let inbound = screen(parse_datagram(&bytes), &self.policy);
+                self.log_refusal(&inbound, peer);
+                self.tx.handle(now, peer, inbound);
+            }
+            Input::Framed(peer, parsed) => {
+                let inbound = screen(parsed, &self.policy);
+                self.log_refusal(&inbound, peer);
+                self.tx.handle(now, peer, inbound);
+            }
+            Input::TcpOpen(addr, conn) => {
+                self.tcp.insert(addr, conn);
+            }
+            Input::TcpClosed(addr) => {
+                self.tcp.remove(&addr);
+            }
+            Input::Call(out) => self.call_out(out),
+        }
+    }
+
+    fn log_refusal(&self, inbound: &Inbound, peer: Peer) {
+        match inbound {
+            Inbound::Reply(r) => tracing::debug!("{} {} to {}", r.status, r.reason, peer.addr),
+            Inbound::Drop(why) => tracing::debug!("dropped from {}: {why}", peer.addr),
+            _ => {}
+        }
+    }
+
+    fn respond(&mut self, id: ServerTxId, resp: Response) {
+        self.tx.respond(Instant::now(), id, resp);
+    }
+
+    fn event(&mut self, ev: TxEvent) {
+        match ev {
+            TxEvent::Request {
+                id,
+                request,
+                info,
+                from,
+            } => self.request(id, *request, *info, from),
+            TxEvent::Ack { info, .. } => {
+                let key = (info.call_id.clone(), info.to.tag().unwrap_or("").to_string());
+                if let Some(d) = self.dialogs.get_mut(&key) {
+                    if let Some(r) = d.retransmit.take() {
+                        r.abort();
+                    }
+                    if matches!(d.state, DialogState::WaitAck) {
+                        d.state = DialogState::Confirmed;
+                        let _ = d.call.try_send(CallCmd::Confirmed);
+                    }
+                }
+            }
+            TxEvent::Cancelled { invite } => {
+                if let Some(key) = self.pending.remove(&invite)
+                    && let Some(d) = self.dialogs.remove(&key)
+                {
+                    let resp = reply(&d.invite, 487, reason_phrase(487), Some(&key.1));
+                    self.respond(invite, resp);
+                    let _ = d
+                        .call
+                        .try_send(CallCmd::RemoteHangup("cancelled by the caller".into()));
+                }
+            }
+            TxEvent::NoAck { .. } | TxEvent::Response { .. } => {}
+            TxEvent::Timeout { id } => tracing::debug!("client transaction {id:?} timed out"),
+        }
+    }
+
+    fn request(&mut self, id: ServerTxId, req: Request, info: RequestInfo, from: Peer) {
+        match req.method {
+            Method::Options => {
+                let mut resp = reply(&req, 200, "OK", Some(&random_token()));
+                resp.headers.push("Allow", self.policy.allow_header());
+                resp.headers.push("Accept", "application/sdp");
+                resp.headers.push("Accept-Encoding", "identity");
+                resp.headers.push("Accept-Language", "en");
+                resp.headers.push("Supported", "");
+                self.respond(id, resp);
+            }
+            Method::Invite if info.to.tag().is_none() => self.new_call(id, req, info, from),
+            Method::Invite => self.reinvite(id, req, info),
+            Method::Bye => {
+                let key = (info.call_id.clone(), info.to.tag().unwrap_or("").to_string());
+                match self.dialogs.remove(&key) {
+                    Some(d) => {
+                        if let Some(r) = d.retransmit {
+                            r.abort();
+                        }
+                        self.pending.remove(&d.invite_tx);
+                        self.respond(id, reply(&req, 200, "OK", None));
+                        let _ = d
+                            .call
+                            .try_send(CallCmd::RemoteHangup("caller hung up (BYE)".into()));
+                    }
+                    None => self.respond(id, reply(&req, 481, reason_phrase(481), None)),
+                }
+            }
+            Method::Info => {
+                let key = (info.call_id.clone(), info.to.tag().unwrap_or("").to_string());
+                let Some(d) = self.dialogs.get(&key) else {
+                    self.respond(id, reply(&req, 481, reason_phrase(481), None));
+                    return;
+                };
+                let ct = req.headers.get("Content-Type").unwrap_or("");
+                let body = String::from_utf8_lossy(&req.body);
+                match parse_info_body(ct, &body) {
+                    Some(digit) => {
+                        let _ = d.call.try_send(CallCmd::Dtmf(digit, DtmfSource::SipInfo));
+                        self.respond(id, reply(&req, 200, "OK", None));
+                    }
+                    None => {
+                        let mut r = reply(&req, 415, reason_phrase(415), None);
+                        r.headers
+                            .push("Accept", "application/dtmf-relay, application/dtmf");
+                        self.respond(id, r);
+                    }
+                }
+            }
+            _ => {
+                let mut r = reply(&req, 405, reason_phrase(405), Some(&random_token()));
+                r.headers.push("Allow", self.policy.allow_header());
+                self.respond(id, r);
+            }
+        }
+    }
+
+    fn contact(&self, user: &str, transport: Transport) -> String {
+        let user: String = user
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "+-_.".contains(*c))
+            .collect();
+        let at = if user.is_empty() {
+            String::new()
+        } else {
+            format!("{user}@")
+        };
+        let t = match transport {
+            Transport::Udp => "",
+            Transport::Tcp => ";transport=tcp",
+        };
+        format!("<sip:{at}{}{t}>", self.sip_addr)
+    }
+
+    fn refuse(&mut self, id: ServerTxId, req: &Request, status: u16, warning: Option<String>) {
+        let mut r = reply(req, status, reason_phrase(status), Some(&random_token()));
+        if let Some(w) = warning {
+            r.headers.push("Warning", format!("399 plugboard \"{w}\""));
+        }
+        if status == 503 {
+            r.headers.push("Retry-After", "5");
+        }
+        self.respond(id, r);
+    }
+
+    fn new_call(&mut self, id: ServerTxId, req: Request, info: RequestInfo, from: Peer) {
+        let dialled = info.uri.user_unescaped().unwrap_or_default();
+        let route = match self.app.route_address(&dialled) {
+            Ok(Some((tenant, address))) if address.channel == Channel::Voice => {
+                Some((tenant, address))
+            }
+            Ok(_) => None,
+            Err(e) => {
+                tracing::error!("address lookup: {e}");
+                return self.refuse(id, &req, 500, Some("address lookup failed".into()));
+            }
+        };
+        let Some((tenant, address)) = route else {
+            return self.refuse(id, &req, 404, Some(format!("no voice address {dialled}")));
+        };
+        let offer = match sdp_body(&req) {
+            Some(text) => sdp::parse(&text),
+            None => Err(SdpError::NotAcceptable(
+                "an SDP offer in the INVITE is required".into(),
+            )),
+        };
+        let offer = match offer {
+            Ok(o) => o,
+            Err(SdpError::Syntax(m)) => return self.refuse(id, &req, 400, Some(m)),
+            Err(SdpError::NotAcceptable(m)) => return self.refuse(id, &req, 488, Some(m)),
+        };
+        let Some(media) = self.pool.take() else {
+            return self.refuse(id, &req, 503, Some("no free RTP ports".into()));
+        };
+        let local = LocalMedia {
+            ip: self.sip_addr.ip(),
+            port: media.port,
+            session_id: u64::from(media.port) * 1_000_003 + (plugboard_core::now_ms() % 1_000_000),
+            version: 1,
+        };
+        let (answer, negotiated) = match sdp::answer(&offer, &local) {
+            Ok(a) => a,
+            Err(e) => return self.refuse(id, &req, 488, Some(e.to_string())),
+        };
+        let caller = info
+            .from
+            .uri
+            .split_once(':')
+            .map(|(_, rest)| rest.split(['@', ';']).next().unwrap_or(rest).to_string())
+            .unwrap_or_default();
+        let start = SessionStart {
+            tenant: tenant.clone(),
+            flow: address.flow.clone(),
+            version: None,
+            channel: Channel::Voice,
+            from: plugboard_sip::unescape(&caller),
+            to: address.address.clone(),
+            attributes: Default::default(),
+            simulated: false,
+            now_ms: None,
+        };
+        let app = self.app.clone();
+        let session = tokio::task::block_in_place(|| app.open_session(start));
+        let mut session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!("cannot start flow {} of {tenant}: {e:?}", address.flow);
+                return self.refuse(id, &req, 480, Some("the flow is not available".into()));
+            }
+        };
+        let tag = random_token();
+        let key: DialogKey = (info.call_id.clone(), tag.clone());
+        session.note(
+            "call",
+            json!({
+                "sip_call_id": info.call_id,
+                "from": info.from.uri,
+                "to": req.uri,
+                "signalling": format!("{} {}", from.transport.as_str(), from.addr),
+                "codec": negotiated.law.name(),
+                "telephone_event": negotiated.dtmf_pt,
+                "remote_rtp": negotiated.remote.to_string(),
+                "local_rtp": media.port,
+            }),
+        );
+        if let Err(e) = session.checkpoint() {
+            tracing::error!("cannot record the call: {e}");
+            return self.refuse(id, &req, 500, Some("cannot store the call record".into()));
+        }
+        let mut ok = reply(&req, 200, "OK", Some(&tag));
+        let local_party = ok.headers.get("To").unwrap_or("").to_string();
+        for rr in req.headers.all("Record-Route") {
+            ok.headers.push("Record-Route", rr);
+        }
+        let dialled_user = info.uri.user.clone().unwrap_or_default();
+        ok.headers
+            .push("Contact", self.contact(&dialled_user, from.transport));
+        ok.headers.push("Allow", self.policy.allow_header());
+        ok.headers.push("Content-Type", "application/sdp");
+        ok.body = answer.into_bytes();
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        self.spawn_call(
+            key.clone(),
+            session,
+            media,
+            negotiated,
+            cmd_rx,
+            local.clone(),
+        );
+        let ring = self.config.answer_delay;
+        let state = if ring.is_zero() {
+            DialogState::WaitAck
+        } else {
+            DialogState::Early(Box::new(ok.clone()))
+        };
+        self.dialogs.insert(
+            key.clone(),
+            Dialog {
+                state,
+                invite: req.clone(),
+                invite_tx: id,
+                peer: from,
+                local_cseq: 1,
+                local,
+                call: cmd_tx,
+                retransmit: None,
+                local_party,
+            },
+        );
+        self.pending.insert(id, key.clone());
+        if ring.is_zero() {
+            self.send_ok(&key, ok);
+        } else {
+            let mut ringing = reply(&req, 180, "Ringing", Some(&tag));
+            ringing
+                .headers
+                .push("Contact", self.contact(&dialled_user, from.transport));
+            self.respond(id, ringing);
+            let inbox = self.inbox.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ring).await;
+                let _ = inbox.send(Input::Call(CallOut::Answer(key))).await;
+            });
+        }
+    }
+
+    fn spawn_call(
+        &self,
+        key: DialogKey,
+        session: plugboard_api::FlowSession,
+        media: MediaSockets,
+        negotiated: Negotiated,
+        cmds: mpsc::Receiver<CallCmd>,
+        local: LocalMedia,
+    ) {
+        let spec = CallSpec {
+            key,
+            session,
+            media,
+            negotiated,
+            cmds,
+            endpoint: self.inbox.clone(),
+            app: self.app.clone(),
+            tts: self.tts.clone(),
+            config: self.config.clone(),
+            cname: format!("plugboard@{}", local.ip),
+        };
+        tokio::spawn(call::run(spec));
+    }
+
+    /// Sends a 2xx on the INVITE transaction and, over UDP, retransmits it
+    /// (T1 doubling to T2) until the ACK or 64·T1 (RFC 3261 §13.3.1.4).
+    fn send_ok(&mut self, key: &DialogKey, ok: Response) {
+        let Some(d) = self.dialogs.get_mut(key) else {
+            return;
+        };
+        let id = d.invite_tx;
+        d.state = DialogState::WaitAck;
+        let peer = d.peer;
+        let bytes = ok.to_bytes();
+        let retx = (peer.transport == Transport::Udp).then(|| {
+            let udp = self.udp.clone();
+            let inbox = self.inbox.clone();
+            let key = key.clone();
+            let bytes = bytes.clone();
+            tokio::spawn(async move {
+                let t1 = Duration::from_millis(500);
+                let mut wait = t1;
+                let mut total = Duration::ZERO;
+                while total < 64 * t1 {
+                    tokio::time::sleep(wait).await;
+                    total += wait;
+                    let _ = udp.send_to(&bytes, peer.addr).await;
+                    wait = (wait * 2).min(Duration::from_secs(4));
+                }
+                let _ = inbox.send(Input::Call(CallOut::NoAck(key))).await;
+            })
+        });
+        if let Some(d) = self.dialogs.get_mut(key) {
+            d.retransmit = retx;
+        }
+        self.pending.remove(&id);
+        self.respond(id, ok);
+    }
+
+    fn reinvite(&mut self, id: ServerTxId, req: Request, info: RequestInfo) {
+        let key = (info.call_id.clone(), info.to.tag().unwrap_or("").to_string());
+        let Some(d) = self.dialogs.get_mut(&key) else {
+            self.respond(id, reply(&req, 481, reason_phrase(481), None));
+            return;
+        };
+        if !matches!(d.state, DialogState::Confirmed) {
+            // RFC 3261 §14.2: an INVITE while ours is pending.
+            self.respond(id, reply(&req, 491, reason_phrase(491), None));
+            return;
+        }
+        let parsed = sdp_body(&req).map(|t| sdp::parse(&t));
+        d.local.version += 1;
+        let (answer, negotiated) = match parsed {
+            Some(Ok(offer)) => match sdp::answer(&offer, &d.local) {
+                Ok(a) => a,
+                Err(e) => {
+                    d.local.version -= 1;
+                    let mut r = reply(&req, 488, reason_phrase(488), None);
+                    r.headers.push("Warning", format!("399 plugboard \"{e}\""));
+                    self.respond(id, r);
+                    return;
+                }
+            },
+            Some(Err(e)) => {
+                d.local.version -= 1;
+                let mut r = reply(&req, 400, reason_phrase(400), None);
+                r.headers.push("Warning", format!("399 plugboard \"{e}\""));
+                self.respond(id, r);
+                return;
+            }
+            None => {
+                // No offer: refresh (session timer style) — answer with
+                // what we have, the media stays as it is.
+                d.local.version -= 1;
+                let mut r = reply(&req, 488, reason_phrase(488), None);
+                r.headers
+                    .push("Warning", "399 plugboard \"re-INVITE without an offer\"");
+                self.respond(id, r);
+                return;
+            }
+        };
+        let _ = d.call.try_send(CallCmd::Media(negotiated));
+        d.invite_tx = id;
+        let mut ok = reply(&req, 200, "OK", None);
+        let user = Some(d.invite.uri.clone())
+            .and_then(|u| plugboard_sip::Uri::parse(&u).ok())
+            .and_then(|u| u.user)
+            .unwrap_or_default();
+        let peer = d.peer;
+        ok.headers.push("Contact", self.contact(&user, peer.transport));
+        ok.headers.push("Content-Type", "application/sdp");
+        ok.body = answer.into_bytes();
+        self.send_ok(&key, ok);
+    }
+
+    fn call_out(&mut self, out: CallOut) {
+        match out {
+            CallOut::Answer(key) => {
+                let ok = match self.dialogs.get(&key).map(|d| &d.state) {
+                    Some(DialogState::Early(ok)) => (**ok).clone(),
+                    _ => return,
+                };
+                self.send_ok(&key, ok);
+            }
+            CallOut::Hangup(key) => self.bye(&key),
+            CallOut::NoAck(key) => {
+                if let Some(d) = self.dialogs.get(&key)
+                    && matches!(d.state, DialogState::WaitAck)
+                {
+                    let _ = d
+                        .call
+                        .try_send(CallCmd::RemoteHangup("no ACK for our 200 OK".into()));
+                    self.bye(&key);
+                }
+            }
+            CallOut::Ended(key) => {
+                if let Some(d) = self.dialogs.remove(&key) {
+                    if let Some(r) = d.retransmit {
+                        r.abort();
+                    }
+                    self.pending.remove(&d.invite_tx);
+                }
+            }
+        }
+    }
+
+    /// Ends a dialog from our side: BYE once confirmed (or waiting for the
+    /// ACK), or a final 480 while still ringing.
+    fn bye(&mut self, key: &DialogKey) {
+        let Some(mut d) = self.dialogs.remove(key) else {
+            return;
+        };
+        if let Some(r) = d.retransmit.take() {
+            r.abort();
+        }
+        if let DialogState::Early(_) = d.state {
+            self.pending.remove(&d.invite_tx);
+            let resp = reply(&d.invite, 480, reason_phrase(480), Some(&key.1));
+            self.respond(d.invite_tx, resp);
+            return;
+        }
+        let inv = &d.invite;
+        let target = inv
+            .headers
+            .get("Contact")
+            .and_then(|c| plugboard_sip::NameAddr::parse("Contact", c).ok())
+            .map(|c| c.uri)
+            .unwrap_or_else(|| {
+                inv.headers
+                    .get("From")
+                    .and_then(|f| plugboard_sip::NameAddr::parse("From", f).ok())
+                    .map(|f| f.uri)
+                    .unwrap_or_default()
+            });
+        d.local_cseq += 1;
+        let mut bye = Request::new(Method::Bye, target);
+        bye.headers.push(
+            "Via",
+            format!(
+                "SIP/2.0/{} {};branch={};rport",
+                d.peer.transport.as_str(),
+                self.sip_addr,
+                new_branch()
+            ),
+        );
+        bye.headers.push("Max-Forwards", "70");
+        bye.headers.push("From", d.local_party.clone());
+        if let Some(from) = inv.headers.get("From") {
+            bye.headers.push("To", from);
+        }
+        bye.headers.push("Call-ID", key.0.clone());
+        bye.headers.push("CSeq", format!("{} BYE", d.local_cseq));
+        for rr in inv.headers.all("Record-Route") {
+            bye.headers.push("Route", rr);
+        }
+        // Sent back the way the INVITE came (symmetric signalling: the
+        // same TCP connection, or the source address over UDP).
+        self.tx.send_request(Instant::now(), d.peer, bye);
+    }
+}
+
+/// The SDP of a request: the body if it is application/sdp, or the
+/// application/sdp part of a multipart/mixed body.
+fn sdp_body(req: &Request) -> Option<String> {
+    if req.body.is_empty() {
+        return None;
+    }
+    let ct = req.headers.get("Content-Type").unwrap_or("application/sdp");
+    let lower = ct.to_ascii_lowercase();
+    if lower.starts_with("application/sdp") {
+        return Some(String::from_utf8_lossy(&req.body).into_owned());
+    }
+    if lower.starts_with("multipart/") {
+        let boundary = ct.split(';').find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("boundary")
+                .then(|| v.trim().trim_matches('"').to_string())
+        })?;
+        let body = String::from_utf8_lossy(&req.body);
+        for part in body.split(&format!("--{boundary}")) {
+            let Some((head, content)) = part
+                .split_once("\r\n\r\n")
+                .or_else(|| part.split_once("\n\n"))
+            else {
+                continue;
+            };
+            if head.to_ascii_lowercase().contains("application/sdp") {
+                return Some(content.trim_end_matches(['\r', '\n', '-']).to_string() + "\r\n");
+            }
+        }
+    }
+    None
+}

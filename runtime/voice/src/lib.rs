@@ -1,0 +1,105 @@
+//! Plugboard's voice channel.
+//!
+//! A customer dials a tenant's number; the SIP endpoint ([`endpoint`])
+//! answers over UDP or TCP, matches the Request-URI user part (with or
+//! without a leading `+`) to a tenant's voice address, negotiates G.711
+//! and telephone-event, and hands the call to a call task ([`call`]) that
+//! runs the tenant's flow on real RTP media: it speaks (espeak-ng), plays
+//! tones and WAV, collects DTMF (RFC 4733, SIP INFO, in-band), records to
+//! WAV, parks callers with music on hold, and hangs up. Every call leaves
+//! an interaction record with its timeline.
+//!
+//! The protocol engines are sans-IO ([`plugboard_sip`],
+//! [`plugboard_media`]); this crate is the thin tokio layer around them.
+
+pub mod call;
+pub mod endpoint;
+mod ports;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use plugboard_api::AppState;
+
+pub use endpoint::VoiceHandle;
+
+/// Settings of the voice channel.
+#[derive(Debug, Clone)]
+pub struct VoiceConfig {
+    /// Where SIP listens (UDP and TCP on the same port).
+    pub sip: SocketAddr,
+    /// RTP ports (inclusive; even ports carry RTP, the next odd one RTCP).
+    pub rtp_ports: (u16, u16),
+    /// The address put in SDP and Contact (default: the SIP address, or
+    /// 127.0.0.1 when SIP listens on all interfaces).
+    pub public_ip: Option<IpAddr>,
+    /// Ring for this long (180 Ringing) before answering.
+    pub answer_delay: Duration,
+    /// The espeak-ng program.
+    pub espeak: PathBuf,
+    /// Hang up a call that has sent no RTP for this long (not on hold).
+    pub rtp_timeout: Duration,
+    /// Longest call.
+    pub max_call: Duration,
+}
+
+impl Default for VoiceConfig {
+    fn default() -> VoiceConfig {
+        VoiceConfig {
+            sip: SocketAddr::from(([127, 0, 0, 1], 5060)),
+            rtp_ports: (20000, 20999),
+            public_ip: None,
+            answer_delay: Duration::ZERO,
+            espeak: PathBuf::from("espeak-ng"),
+            rtp_timeout: Duration::from_secs(60),
+            max_call: Duration::from_secs(4 * 3600),
+        }
+    }
+}
+
+impl VoiceConfig {
+    /// The address we advertise.
+    pub fn advertised_ip(&self) -> IpAddr {
+        match self.public_ip {
+            Some(ip) => ip,
+            None if self.sip.ip().is_unspecified() => IpAddr::from([127, 0, 0, 1]),
+            None => self.sip.ip(),
+        }
+    }
+}
+
+/// Why the voice channel could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum VoiceError {
+    /// A socket could not be bound.
+    #[error("cannot bind {addr}: {message}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        message: String,
+    },
+    /// The RTP port range is empty or odd.
+    #[error("bad RTP port range {0}-{1}: need LO <= HI with at least one even port")]
+    Ports(u16, u16),
+}
+
+/// Starts the voice channel on the current tokio runtime.
+pub async fn start(config: VoiceConfig, app: Arc<AppState>) -> Result<VoiceHandle, VoiceError> {
+    endpoint::start(config, app).await
+}
+
+/// Parses `LO-HI`.
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected LO-HI, got {s:?}"))?;
+    let lo: u16 = lo.trim().parse().map_err(|_| format!("bad port {lo:?}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|_| format!("bad port {hi:?}"))?;
+    if lo > hi || (lo == hi && lo % 2 == 1) {
+        return Err(format!("empty range {s}"));
+    }
+    Ok((lo, hi))
+}
