@@ -52,10 +52,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A loopback port free for both UDP and TCP (for SIP).
+pub fn free_sip_port() -> u16 {
+    for _ in 0..100 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = udp.local_addr().unwrap().port();
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port for SIP");
+}
+
 /// A running server.
 pub struct Server {
     child: Child,
     pub port: u16,
+    /// SIP (UDP and TCP) on 127.0.0.1.
+    pub sip_port: u16,
     pub data_dir: PathBuf,
     pub admin: String,
     agent: ureq::Agent,
@@ -72,6 +86,7 @@ impl Server {
     /// Starts the server on `data_dir` with extra `serve` flags.
     pub fn start(data_dir: &Path, flags: &[&str]) -> Result<Server> {
         let port = free_port();
+        let sip_port = free_sip_port();
         let admin = "test-admin-token".to_string();
         let log = std::fs::File::create(data_dir.with_extension("log")).context("log file")?;
         let child = Command::new(binary())
@@ -80,6 +95,8 @@ impl Server {
             .arg("serve")
             .arg("--http")
             .arg(format!("127.0.0.1:{port}"))
+            .arg("--sip")
+            .arg(format!("127.0.0.1:{sip_port}"))
             .args(flags)
             .env("PLUGBOARD_ADMIN_TOKEN", &admin)
             // Compiled components are shared by every test server (keyed by hash).
@@ -99,6 +116,7 @@ impl Server {
         let mut s = Server {
             child,
             port,
+            sip_port,
             data_dir: data_dir.to_path_buf(),
             admin,
             agent,
