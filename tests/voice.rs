@@ -286,3 +286,205 @@ fn all_49_torture_messages_over_udp_and_tcp_and_the_server_keeps_serving() -> Re
     sipp(&server, dir.path(), "options", "15550100", "t1")?;
     Ok(())
 }
+
+/// A 16-bit mono 8 kHz WAV of silence.
+fn silence_wav(secs: u32) -> Vec<u8> {
+    let data = secs * 8000 * 2;
+    let mut w = Vec::with_capacity(44 + data as usize);
+    w.extend_from_slice(b"RIFF");
+    w.extend_from_slice(&(36 + data).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes());
+    w.extend_from_slice(&8000u32.to_le_bytes());
+    w.extend_from_slice(&16000u32.to_le_bytes());
+    w.extend_from_slice(&2u16.to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&data.to_le_bytes());
+    w.resize(44 + data as usize, 0);
+    w
+}
+
+/// The samples of a 16-bit PCM WAV (data chunk only).
+fn wav_samples(bytes: &[u8]) -> Vec<i16> {
+    let mut pos = 12;
+    while pos + 8 <= bytes.len() {
+        let size = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().unwrap()) as usize;
+        if &bytes[pos..pos + 4] == b"data" {
+            let end = (pos + 8 + size).min(bytes.len());
+            return bytes[pos + 8..end]
+                .chunks_exact(2)
+                .map(|c| i16::from_le_bytes([c[0], c[1]]))
+                .collect();
+        }
+        pos += 8 + size + (size & 1);
+    }
+    Vec::new()
+}
+
+/// baresip's ctrl_tcp: JSON in netstrings.
+struct Ctrl {
+    sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Ctrl {
+    fn send(&mut self, command: &str, params: Option<&str>) -> Result<()> {
+        let mut m = json!({"command": command, "token": command});
+        if let Some(p) = params {
+            m["params"] = json!(p);
+        }
+        let b = serde_json::to_vec(&m)?;
+        self.sock.write_all(format!("{}:", b.len()).as_bytes())?;
+        self.sock.write_all(&b)?;
+        self.sock.write_all(b",")?;
+        Ok(())
+    }
+
+    /// Messages received within the read timeout.
+    fn poll(&mut self) -> Vec<Value> {
+        let mut chunk = [0u8; 8192];
+        if let Ok(n) = self.sock.read(&mut chunk) {
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        let mut out = Vec::new();
+        loop {
+            let Some(colon) = self.buf.iter().position(|b| *b == b':') else {
+                break;
+            };
+            let Ok(n) = String::from_utf8_lossy(&self.buf[..colon]).parse::<usize>() else {
+                self.buf.clear();
+                break;
+            };
+            if self.buf.len() < colon + 1 + n + 1 {
+                break;
+            }
+            if let Ok(v) = serde_json::from_slice(&self.buf[colon + 1..colon + 1 + n]) {
+                out.push(v);
+            }
+            self.buf.drain(..colon + 1 + n + 1);
+        }
+        out
+    }
+}
+
+#[test]
+fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = setup(&server);
+    let cfg = dir.path().join("baresip");
+    let rec = dir.path().join("rec");
+    std::fs::create_dir_all(&cfg)?;
+    std::fs::create_dir_all(&rec)?;
+    std::fs::write(dir.path().join("silence.wav"), silence_wav(60))?;
+    // baresip also listens on SIP port + 1 (TLS).
+    let sip = loop {
+        let p = free_sip_port();
+        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            break p;
+        }
+    };
+    let ctrl_port = plugboard_tests::free_port();
+    let rtp = 42000 + (sip % 500) * 4;
+    std::fs::write(
+        cfg.join("config"),
+        format!(
+            "poll_method epoll\nsip_listen 127.0.0.1:{sip}\ncall_local_timeout 30\n\
+             audio_source aufile,{silence}\naudio_player aubridge,nil\naudio_alert aubridge,nil\n\
+             ausrc_format s16\nauplay_format s16\nauenc_format s16\naudec_format s16\n\
+             rtp_ports {rtp}-{rtp_hi}\nrtcp_mux no\njitter_buffer_delay 5-10\n\
+             module_path /usr/lib/baresip/modules\nmodule g711.so\nmodule sndfile.so\n\
+             module aufile.so\nmodule aubridge.so\nmodule_tmp account.so\nmodule_app menu.so\n\
+             module_app ctrl_tcp.so\nctrl_tcp_listen 127.0.0.1:{ctrl_port}\n\
+             net_interface 127.0.0.1\nsnd_path {rec}\n",
+            silence = dir.path().join("silence.wav").display(),
+            rtp_hi = rtp + 40,
+            rec = rec.display(),
+        ),
+    )?;
+    std::fs::write(cfg.join("accounts"), "<sip:tester@127.0.0.1>;regint=0\n")?;
+    let log = std::fs::File::create(dir.path().join("baresip.log"))?;
+    let mut child = Command::new("baresip")
+        .arg("-f")
+        .arg(&cfg)
+        .args(["-t", "30"])
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("running baresip (scripts/setup.sh installs baresip-core)")?;
+    let t0 = Instant::now();
+    let sock = loop {
+        match TcpStream::connect(("127.0.0.1", ctrl_port)) {
+            Ok(s) => break s,
+            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            Err(e) => bail!("baresip ctrl_tcp: {e}"),
+        }
+    };
+    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut ctrl = Ctrl {
+        sock,
+        buf: Vec::new(),
+    };
+    ctrl.send(
+        "dial",
+        Some(&format!("sip:+15550100@127.0.0.1:{}", server.sip_port)),
+    )?;
+    let mut established = None;
+    let mut dtmf_sent = false;
+    let mut closed = false;
+    while !closed && t0.elapsed() < Duration::from_secs(25) {
+        for m in ctrl.poll() {
+            match m["type"].as_str() {
+                Some("CALL_ESTABLISHED") => established = Some(Instant::now()),
+                Some("CALL_CLOSED") => closed = true,
+                _ => {}
+            }
+        }
+        if let Some(at) = established
+            && !dtmf_sent
+            && at.elapsed() > Duration::from_secs(4)
+        {
+            ctrl.send("sndcode", Some("9"))?;
+            dtmf_sent = true;
+        }
+    }
+    let _ = ctrl.send("quit", None);
+    let t1 = Instant::now();
+    while child.try_wait()?.is_none() && t1.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let log = std::fs::read_to_string(dir.path().join("baresip.log")).unwrap_or_default();
+    assert!(established.is_some(), "call not established:\n{log}");
+    assert!(dtmf_sent && closed, "the IVR did not hang up after 9:\n{log}");
+    // What baresip heard: the spoken menu, not silence, not a steady tone.
+    let heard = std::fs::read_dir(&rec)?
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().ends_with("-dec.wav"))
+        .map(|e| std::fs::read(e.path()))
+        .transpose()?
+        .context("baresip recorded nothing")?;
+    let samples = wav_samples(&heard);
+    assert!(samples.len() > 8000 * 3, "{} samples", samples.len());
+    let window_rms: Vec<f64> = samples[..8000 * 4]
+        .chunks(160)
+        .map(|w| (w.iter().map(|s| f64::from(*s).powi(2)).sum::<f64>() / w.len() as f64).sqrt())
+        .collect();
+    let loud = window_rms.iter().filter(|r| **r > 1000.0).count();
+    let quiet = window_rms.iter().filter(|r| **r < 300.0).count();
+    // Speech: mostly voiced frames with gaps between words.
+    assert!(loud > window_rms.len() / 3, "{loud} loud of {}", window_rms.len());
+    assert!(quiet > window_rms.len() / 50, "no pauses: not speech ({quiet} quiet)");
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    assert_eq!(timeline(ix, "dtmf")[0]["digit"], "9");
+    assert_eq!(timeline(ix, "hangup")[0]["by"], "flow");
+    assert_eq!(ix["to"], "15550100", "+15550100 reaches the address 15550100");
+    Ok(())
+}
