@@ -8,6 +8,11 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 need=()
 command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3 python3-venv)
+# Voice: espeak-ng is the built-in TTS (run as a separate process; GPL,
+# never linked); SIPp and baresip are the SIP peers of the voice tests.
+command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
+command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
+command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo

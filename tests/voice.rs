@@ -20,7 +20,7 @@ fn sipp(server: &Server, dir: &Path, scenario: &str, service: &str, transport: &
     let local = free_sip_port();
     let media = loop {
         let p = free_sip_port();
-        if p % 2 == 0 && p < 65000 {
+        if p.is_multiple_of(2) && p < 65000 {
             break p;
         }
     };
@@ -122,7 +122,9 @@ fn sipp_call_hears_menu_presses_9_and_the_flow_hangs_up_udp_and_tcp() -> Result<
         assert_eq!(dtmf[0]["source"], "rfc4733");
         let events = timeline(ix, "event");
         assert!(
-            events.iter().any(|e| e["type"] == "digits" && e["digits"] == "9"),
+            events
+                .iter()
+                .any(|e| e["type"] == "digits" && e["digits"] == "9"),
             "{events:?}"
         );
         let hangup = timeline(ix, "hangup");
@@ -137,10 +139,21 @@ fn sipp_call_hears_menu_presses_9_and_the_flow_hangs_up_udp_and_tcp() -> Result<
     }
     let signalling: Vec<String> = calls
         .iter()
-        .map(|ix| timeline(ix, "call")[0]["signalling"].as_str().unwrap().to_string())
+        .map(|ix| {
+            timeline(ix, "call")[0]["signalling"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
-    assert!(signalling.iter().any(|s| s.starts_with("UDP")), "{signalling:?}");
-    assert!(signalling.iter().any(|s| s.starts_with("TCP")), "{signalling:?}");
+    assert!(
+        signalling.iter().any(|s| s.starts_with("UDP")),
+        "{signalling:?}"
+    );
+    assert!(
+        signalling.iter().any(|s| s.starts_with("TCP")),
+        "{signalling:?}"
+    );
     Ok(())
 }
 
@@ -159,7 +172,10 @@ fn sipp_options_unknown_number_cancel_and_hold() -> Result<()> {
         .iter()
         .find(|ix| timeline(ix, "answered").is_empty())
         .expect("the cancelled call");
-    assert_eq!(timeline(cancelled, "hangup")[0]["cause"], "cancelled by the caller");
+    assert_eq!(
+        timeline(cancelled, "hangup")[0]["cause"],
+        "cancelled by the caller"
+    );
     let held = calls
         .iter()
         .find(|ix| !timeline(ix, "hold").is_empty())
@@ -211,7 +227,12 @@ fn check(name: &str, got: Option<u16>, transport: &str) -> Option<String> {
         Some(0) => got.is_some_and(|s| s != 400),
         Some(s) => got == Some(s),
     };
-    (!ok).then(|| format!("{name} over {transport}: got {got:?}, want {:?}", expected(name)))
+    (!ok).then(|| {
+        format!(
+            "{name} over {transport}: got {got:?}, want {:?}",
+            expected(name)
+        )
+    })
 }
 
 #[test]
@@ -277,7 +298,9 @@ fn all_49_torture_messages_over_udp_and_tcp_and_the_server_keeps_serving() -> Re
         if !matches!(name.as_str(), "clerr" | "baddn") {
             failures.extend(check(&name, got, "TCP"));
         } else if got.is_some() {
-            failures.push(format!("{name} over TCP answered {got:?} before its bytes arrived"));
+            failures.push(format!(
+                "{name} over TCP answered {got:?} before its bytes arrived"
+            ));
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -350,10 +373,7 @@ impl Ctrl {
             self.buf.extend_from_slice(&chunk[..n]);
         }
         let mut out = Vec::new();
-        loop {
-            let Some(colon) = self.buf.iter().position(|b| *b == b':') else {
-                break;
-            };
+        while let Some(colon) = self.buf.iter().position(|b| *b == b':') {
             let Ok(n) = String::from_utf8_lossy(&self.buf[..colon]).parse::<usize>() else {
                 self.buf.clear();
                 break;
@@ -462,7 +482,10 @@ fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
     let _ = child.kill();
     let log = std::fs::read_to_string(dir.path().join("baresip.log")).unwrap_or_default();
     assert!(established.is_some(), "call not established:\n{log}");
-    assert!(dtmf_sent && closed, "the IVR did not hang up after 9:\n{log}");
+    assert!(
+        dtmf_sent && closed,
+        "the IVR did not hang up after 9:\n{log}"
+    );
     // What baresip heard: the spoken menu, not silence, not a steady tone.
     let heard = std::fs::read_dir(&rec)?
         .flatten()
@@ -479,12 +502,22 @@ fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
     let loud = window_rms.iter().filter(|r| **r > 1000.0).count();
     let quiet = window_rms.iter().filter(|r| **r < 300.0).count();
     // Speech: mostly voiced frames with gaps between words.
-    assert!(loud > window_rms.len() / 3, "{loud} loud of {}", window_rms.len());
-    assert!(quiet > window_rms.len() / 50, "no pauses: not speech ({quiet} quiet)");
+    assert!(
+        loud > window_rms.len() / 3,
+        "{loud} loud of {}",
+        window_rms.len()
+    );
+    assert!(
+        quiet > window_rms.len() / 50,
+        "no pauses: not speech ({quiet} quiet)"
+    );
     let calls = calls(&server, &key, 1);
     let ix = &calls[0];
     assert_eq!(timeline(ix, "dtmf")[0]["digit"], "9");
     assert_eq!(timeline(ix, "hangup")[0]["by"], "flow");
-    assert_eq!(ix["to"], "15550100", "+15550100 reaches the address 15550100");
+    assert_eq!(
+        ix["to"], "15550100",
+        "+15550100 reaches the address 15550100"
+    );
     Ok(())
 }

@@ -166,7 +166,9 @@ impl AppState {
                 .map_err(|e| CoreError::Storage(e.to_string()))?;
             return Ok(id);
         }
-        Err(CoreError::Storage("too many recordings for one interaction".into()))
+        Err(CoreError::Storage(
+            "too many recordings for one interaction".into(),
+        ))
     }
 
     /// Loads every tenant's active plugin versions (from the compile cache

@@ -68,7 +68,8 @@ pub fn fix_streamed_wav(mut wav: Vec<u8>) -> Vec<u8> {
     wav[4..8].copy_from_slice(&((len - 8) as u32).to_le_bytes());
     let mut pos = 12;
     while pos + 8 <= len {
-        let size = u32::from_le_bytes([wav[pos + 4], wav[pos + 5], wav[pos + 6], wav[pos + 7]]) as usize;
+        let size =
+            u32::from_le_bytes([wav[pos + 4], wav[pos + 5], wav[pos + 6], wav[pos + 7]]) as usize;
         if &wav[pos..pos + 4] == b"data" {
             let real = (len - pos - 8) as u32;
             wav[pos + 4..pos + 8].copy_from_slice(&real.to_le_bytes());
@@ -161,9 +162,15 @@ mod tests {
             .speak("Your parcel is in Vilnius.", "en-us")
             .unwrap_or_else(|e| panic!("{e} (scripts/setup.sh installs espeak-ng)"));
         // About 1.5 s of speech at 8 kHz, clearly not silence.
-        assert!(first.len() > 8000 && first.len() < 8000 * 5, "{}", first.len());
+        assert!(
+            first.len() > 8000 && first.len() < 8000 * 5,
+            "{}",
+            first.len()
+        );
         assert!(crate::audio::rms(&first) > 0.02);
-        let again = tts.speak("Your parcel is in Vilnius.", "en-us").unwrap_or_else(|e| panic!("{e}"));
+        let again = tts
+            .speak("Your parcel is in Vilnius.", "en-us")
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!(tts.stats(), (1, 1));
     }

@@ -388,8 +388,8 @@ fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
         memory_bytes: memory_mib << 20,
         ..Limits::default()
     };
-    let mut state = AppState::new(store, host, &token, limits)
-        .with_recordings_dir(data_dir.join("recordings"));
+    let mut state =
+        AppState::new(store, host, &token, limits).with_recordings_dir(data_dir.join("recordings"));
     match flow_graph_component(flow_graph)? {
         Some((path, bytes)) => {
             tracing::info!("flow documents run by {}", path.display());

@@ -342,7 +342,9 @@ impl Call {
                     self.doing = Doing::Gather {
                         max: max_digits.clamp(1, 64) as usize,
                         terminator,
-                        first_timeout: Duration::from_millis(u64::from(timeout_ms.clamp(500, 120_000))),
+                        first_timeout: Duration::from_millis(u64::from(
+                            timeout_ms.clamp(500, 120_000),
+                        )),
                         inter_timeout: Duration::from_millis(u64::from(
                             inter_digit_timeout_ms.clamp(500, 60_000),
                         )),
@@ -401,7 +403,10 @@ impl Call {
                 Action::SetAttribute { .. } => {}
                 other => {
                     let kind = serde_json::to_value(&other).unwrap_or_default();
-                    self.note("ignored_action", json!({"action": kind, "reason": "not a voice action"}));
+                    self.note(
+                        "ignored_action",
+                        json!({"action": kind, "reason": "not a voice action"}),
+                    );
                 }
             }
         }
@@ -493,7 +498,8 @@ impl Call {
                 }
             }
         }
-        if self.negotiated.local_direction.sends() && !self.negotiated.remote.ip().is_unspecified() {
+        if self.negotiated.local_direction.sends() && !self.negotiated.remote.ip().is_unspecified()
+        {
             let packet = self.sender.frame(&frame);
             let _ = rtp_sock.try_send_to(&packet, self.remote);
         } else {
@@ -535,7 +541,10 @@ impl Call {
             self.advance();
         }
         if !self.negotiated.on_hold() && self.last_rtp.elapsed() > self.config.rtp_timeout {
-            self.note("media_timeout", json!({"after_s": self.config.rtp_timeout.as_secs()}));
+            self.note(
+                "media_timeout",
+                json!({"after_s": self.config.rtp_timeout.as_secs()}),
+            );
             self.hangup_by_flow("no media from the caller");
         }
         if self.started.elapsed() > self.config.max_call {
@@ -572,7 +581,10 @@ impl Call {
     fn pending_digit(&mut self, d: char) {
         // RFC 4733 digits are cheap to handle synchronously except for the
         // end of a recording, which the next tick completes.
-        if !self.merger.accept(d, DtmfSource::Rfc4733, plugboard_core::now_ms()) {
+        if !self
+            .merger
+            .accept(d, DtmfSource::Rfc4733, plugboard_core::now_ms())
+        {
             return;
         }
         self.take_digit(d, DtmfSource::Rfc4733);
@@ -721,7 +733,11 @@ impl Call {
         }
         let mut late = self.lateness_us.clone();
         late.sort_unstable();
-        let pct = |p: f64| late.get(((late.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(0);
+        let pct = |p: f64| {
+            late.get(((late.len() as f64 - 1.0) * p) as usize)
+                .copied()
+                .unwrap_or(0)
+        };
         session.note(
             "media",
             json!({
@@ -773,7 +789,10 @@ async fn prepare(
                 text,
                 voice,
                 language,
-            } => Some((text.clone(), voice_for(language.as_deref(), voice.as_deref()))),
+            } => Some((
+                text.clone(),
+                voice_for(language.as_deref(), voice.as_deref()),
+            )),
             Action::Gather {
                 prompt: Some(p), ..
             } => Some((

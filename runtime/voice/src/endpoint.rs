@@ -364,7 +364,10 @@ impl Endpoint {
                 from,
             } => self.request(id, *request, *info, from),
             TxEvent::Ack { info, .. } => {
-                let key = (info.call_id.clone(), info.to.tag().unwrap_or("").to_string());
+                let key = (
+                    info.call_id.clone(),
+                    info.to.tag().unwrap_or("").to_string(),
+                );
                 if let Some(d) = self.dialogs.get_mut(&key) {
                     if let Some(r) = d.retransmit.take() {
                         r.abort();
@@ -405,7 +408,10 @@ impl Endpoint {
             Method::Invite if info.to.tag().is_none() => self.new_call(id, req, info, from),
             Method::Invite => self.reinvite(id, req, info),
             Method::Bye => {
-                let key = (info.call_id.clone(), info.to.tag().unwrap_or("").to_string());
+                let key = (
+                    info.call_id.clone(),
+                    info.to.tag().unwrap_or("").to_string(),
+                );
                 match self.dialogs.remove(&key) {
                     Some(d) => {
                         if let Some(r) = d.retransmit {
@@ -421,7 +427,10 @@ impl Endpoint {
                 }
             }
             Method::Info => {
-                let key = (info.call_id.clone(), info.to.tag().unwrap_or("").to_string());
+                let key = (
+                    info.call_id.clone(),
+                    info.to.tag().unwrap_or("").to_string(),
+                );
                 let Some(d) = self.dialogs.get(&key) else {
                     self.respond(id, reply(&req, 481, reason_phrase(481), None));
                     return;
@@ -678,7 +687,10 @@ impl Endpoint {
     }
 
     fn reinvite(&mut self, id: ServerTxId, req: Request, info: RequestInfo) {
-        let key = (info.call_id.clone(), info.to.tag().unwrap_or("").to_string());
+        let key = (
+            info.call_id.clone(),
+            info.to.tag().unwrap_or("").to_string(),
+        );
         let Some(d) = self.dialogs.get_mut(&key) else {
             self.respond(id, reply(&req, 481, reason_phrase(481), None));
             return;
@@ -727,7 +739,8 @@ impl Endpoint {
             .and_then(|u| u.user)
             .unwrap_or_default();
         let peer = d.peer;
-        ok.headers.push("Contact", self.contact(&user, peer.transport));
+        ok.headers
+            .push("Contact", self.contact(&user, peer.transport));
         ok.headers.push("Content-Type", "application/sdp");
         ok.body = answer.into_bytes();
         self.send_ok(&key, ok);
