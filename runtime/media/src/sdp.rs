@@ -529,3 +529,56 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// Random SDP-alphabet text and mutated real offers: parse never
+    /// panics, and whatever parses either answers or is refused cleanly.
+    #[test]
+    fn random_and_mutated_sdp_never_panics() {
+        let seeds = [
+            "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 6000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-15\r\na=sendrecv\r\n",
+            "v=0\nc=IN IP6 ::1\nm=audio 5000 RTP/AVP 8\na=inactive\nm=video 0 RTP/AVP 31\n",
+        ];
+        let alphabet = b"vocmat=: /\r\n0123456789INP46RTAVPCMUsendrecvrtpmaptelephone-event.";
+        let local = LocalMedia {
+            ip: IpAddr::from([127, 0, 0, 1]),
+            port: 4000,
+            session_id: 1,
+            version: 1,
+        };
+        let mut x: u64 = 0x1234_5678_9abc_def1;
+        let mut rnd = |n: usize| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % n.max(1) as u64) as usize
+        };
+        let mut answered = 0;
+        for round in 0..40_000 {
+            let mut text: Vec<u8> = if round % 2 == 0 {
+                (0..rnd(200)).map(|_| alphabet[rnd(alphabet.len())]).collect()
+            } else {
+                seeds[round % seeds.len()].as_bytes().to_vec()
+            };
+            for _ in 0..rnd(5) {
+                let at = rnd(text.len() + 1);
+                match rnd(3) {
+                    0 if at < text.len() => text[at] = alphabet[rnd(alphabet.len())],
+                    1 => text.insert(at, alphabet[rnd(alphabet.len())]),
+                    _ => text.truncate(at),
+                }
+            }
+            let s = String::from_utf8_lossy(&text);
+            if let Ok(offer) = parse(&s)
+                && let Ok((answer_text, _)) = answer(&offer, &local)
+            {
+                answered += 1;
+                assert!(parse(&answer_text).is_ok(), "our answer must parse: {answer_text}");
+            }
+        }
+        assert!(answered > 1000, "{answered}");
+    }
+}
