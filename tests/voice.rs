@@ -17,6 +17,18 @@ use serde_json::{Value, json};
 
 /// Runs one SIPp scenario from tests/sipp against the server, as one call.
 fn sipp(server: &Server, dir: &Path, scenario: &str, service: &str, transport: &str) -> Result<()> {
+    sipp_with(server, dir, scenario, service, transport, &[])
+}
+
+/// [`sipp`] with extra SIPp arguments.
+fn sipp_with(
+    server: &Server,
+    dir: &Path,
+    scenario: &str,
+    service: &str,
+    transport: &str,
+    extra: &[&str],
+) -> Result<()> {
     let local = free_sip_port();
     let media = loop {
         let p = free_sip_port();
@@ -32,6 +44,7 @@ fn sipp(server: &Server, dir: &Path, scenario: &str, service: &str, transport: &
         .args(["-s", service, "-m", "1", "-i", "127.0.0.1", "-t", transport])
         .args(["-p", &local.to_string(), "-mp", &media.to_string()])
         .args(["-timeout", "60s", "-trace_err", "-nostdin"])
+        .args(extra)
         .arg(format!("127.0.0.1:{}", server.sip_port))
         .output()
         .context("running sipp (scripts/setup.sh installs sip-tester)")?;
@@ -158,11 +171,39 @@ fn sipp_call_hears_menu_presses_9_and_the_flow_hangs_up_udp_and_tcp() -> Result<
 }
 
 #[test]
-fn sipp_options_unknown_number_cancel_and_hold() -> Result<()> {
+fn sipp_register_options_unknown_number_cancel_and_hold() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    // Ring for a second before answering, so that CANCEL has a window.
-    let server = Server::start(&dir.path().join("data"), &["--answer-delay-ms", "1000"])?;
+    // Ring for a second before answering, so that CANCEL has a window;
+    // MD5 challenged first because SIPp reads only the first challenge.
+    let server = Server::start(
+        &dir.path().join("data"),
+        &["--answer-delay-ms", "1000", "--digest-md5-first"],
+    )?;
     let key = setup(&server);
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/sip-users/alice",
+        &key,
+        &json!({"password": "s3cret-pass"}),
+    );
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    let auth = ["-au", "alice", "-ap", "s3cret-pass"];
+    sipp_with(&server, dir.path(), "register", "acme", "u1", &auth)?;
+    let wrong = ["-au", "alice", "-ap", "not-the-password"];
+    sipp_with(&server, dir.path(), "register_bad", "acme", "u1", &wrong)?;
+    let users = server.get("/v1/tenants/acme/sip-users", &key);
+    let regs = &users.body["sip_users"][0]["registrations"];
+    assert_eq!(regs.as_array().map(Vec::len), Some(1), "{users:?}");
+    assert!(
+        regs[0]["contact"]
+            .as_str()
+            .unwrap()
+            .starts_with("sip:alice@127.0.0.1:")
+    );
+    // Another tenant's realm does not know alice.
+    server.tenant("other");
+    let e = sipp_with(&server, dir.path(), "register", "other", "u1", &auth);
+    assert!(e.is_err(), "alice must not register in tenant other");
     sipp(&server, dir.path(), "options", "15550100", "u1")?;
     sipp(&server, dir.path(), "notfound", "15559999", "u1")?;
     sipp(&server, dir.path(), "cancel", "15550100", "u1")?;
@@ -209,9 +250,11 @@ fn expected(name: &str) -> Option<u16> {
         "invut" => Some(415),
         "sdp01" => Some(406),
         "intmeth" | "esc02" => Some(501),
-        // Handled: 404 (no such number), 405 (REGISTER, MESSAGE: no
-        // registrar here yet), 200 (OPTIONS), 481 (in-dialog without a
-        // dialog) — anything but a syntax refusal.
+        // A registrar refuses a non-SIP address of record (RFC 4475 §3.3.4).
+        "unksm2" => Some(400),
+        // Handled: 404 (no such number or tenant), 405 (MESSAGE), 200
+        // (OPTIONS), 401 (REGISTER), 481 (in-dialog without a dialog) —
+        // anything but a syntax refusal.
         _ => Some(0),
     }
 }

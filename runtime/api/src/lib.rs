@@ -101,6 +101,19 @@ pub struct AppState {
     limits: Limits,
     flow_graph: Option<Bytes>,
     recordings: Option<std::path::PathBuf>,
+    registrations: RwLock<HashMap<(String, String), Vec<Binding>>>,
+}
+
+/// A registered contact of a SIP user (an agent's phone), kept in memory
+/// by the registrar until it expires.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct Binding {
+    /// The Contact URI.
+    pub contact: String,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_ms: u64,
+    /// Where the REGISTER came from (transport and address).
+    pub source: String,
 }
 
 impl AppState {
@@ -124,7 +137,57 @@ impl AppState {
             limits,
             flow_graph: None,
             recordings: None,
+            registrations: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// A tenant's SIP user, for the registrar.
+    pub fn sip_user(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Option<plugboard_core::SipUser>, CoreError> {
+        match self.store.tenant(tenant)? {
+            Some(_) => self.store.sip_user(tenant, name),
+            None => Ok(None),
+        }
+    }
+
+    /// True if the tenant exists.
+    pub fn tenant_exists(&self, tenant: &str) -> bool {
+        matches!(self.store.tenant(tenant), Ok(Some(_)))
+    }
+
+    /// Replaces a SIP user's bindings (expired ones are dropped); returns
+    /// the live ones.
+    pub fn set_bindings(&self, tenant: &str, user: &str, bindings: Vec<Binding>) -> Vec<Binding> {
+        let now = now_ms();
+        let live: Vec<Binding> = bindings
+            .into_iter()
+            .filter(|b| b.expires_ms > now)
+            .collect();
+        if let Ok(mut r) = self.registrations.write() {
+            let key = (tenant.to_string(), user.to_string());
+            if live.is_empty() {
+                r.remove(&key);
+            } else {
+                r.insert(key, live.clone());
+            }
+        }
+        live
+    }
+
+    /// A SIP user's live bindings.
+    pub fn bindings(&self, tenant: &str, user: &str) -> Vec<Binding> {
+        let now = now_ms();
+        self.registrations
+            .read()
+            .ok()
+            .and_then(|r| r.get(&(tenant.to_string(), user.to_string())).cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|b| b.expires_ms > now)
+            .collect()
     }
 
     /// Where call recordings are kept (one directory per tenant).
@@ -452,6 +515,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tenants/{t}/interactions/{id}", get(get_interaction))
         .route("/v1/tenants/{t}/events", get(events))
         .route("/v1/tenants/{t}/recordings/{id}", get(get_recording))
+        .route("/v1/tenants/{t}/sip-users", get(list_sip_users))
+        .route("/v1/tenants/{t}/sip-users/{user}", put(set_sip_user))
         .fallback(|| async { ApiError::not_found("no such path") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -946,6 +1011,65 @@ async fn simulate(
             Err(err)
         }
     }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SipUserReq {
+    password: String,
+}
+
+/// Creates or replaces a SIP user (an agent's phone) of the tenant; the
+/// realm is the tenant id, and only digest hashes are stored.
+async fn set_sip_user(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, user)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    let req: SipUserReq = parse_json(&body)?;
+    let valid_user = !user.is_empty()
+        && user.len() <= 64
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+".contains(c));
+    if !valid_user {
+        return Err(ApiError::bad_request(
+            "user names are 1-64 of A-Z a-z 0-9 - _ . +",
+        ));
+    }
+    if req.password.len() < 8 {
+        return Err(ApiError::bad_request(
+            "the password needs at least 8 characters",
+        ));
+    }
+    use plugboard_sip::digest::{Algorithm, ha1};
+    let record = plugboard_core::SipUser {
+        ha1_md5: ha1(Algorithm::Md5, &user, &t, &req.password),
+        ha1_sha256: ha1(Algorithm::Sha256, &user, &t, &req.password),
+        name: user.clone(),
+        created_ms: now_ms(),
+    };
+    tokio::task::block_in_place(|| s.store.set_sip_user(&t, &record))?;
+    Ok(Json(
+        json!({"user": user, "realm": t, "aor": format!("sip:{user}@{t}")}),
+    ))
+}
+
+async fn list_sip_users(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    let users: Vec<Value> = s
+        .store
+        .sip_users(&t)?
+        .into_iter()
+        .map(|u| json!({"user": u.name, "aor": format!("sip:{}@{t}", u.name), "registrations": s.bindings(&t, &u.name)}))
+        .collect();
+    Ok(Json(json!({"sip_users": users})))
 }
 
 async fn get_recording(

@@ -269,6 +269,21 @@ impl fmt::Display for Channel {
     }
 }
 
+/// A SIP user of a tenant (an agent's phone): what the registrar checks.
+/// The realm is the tenant id; only digest hashes are kept, never the
+/// password.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SipUser {
+    /// User name (the user part of the address of record).
+    pub name: String,
+    /// H(name:realm:password) with MD5.
+    pub ha1_md5: String,
+    /// H(name:realm:password) with SHA-256.
+    pub ha1_sha256: String,
+    /// Created, ms since the Unix epoch.
+    pub created_ms: u64,
+}
+
 /// An address of a tenant (number, mailbox, chat widget) and the flow that answers it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Address {

@@ -559,7 +559,9 @@ mod fuzz {
         let mut answered = 0;
         for round in 0..40_000 {
             let mut text: Vec<u8> = if round % 2 == 0 {
-                (0..rnd(200)).map(|_| alphabet[rnd(alphabet.len())]).collect()
+                (0..rnd(200))
+                    .map(|_| alphabet[rnd(alphabet.len())])
+                    .collect()
             } else {
                 seeds[round % seeds.len()].as_bytes().to_vec()
             };
@@ -576,7 +578,10 @@ mod fuzz {
                 && let Ok((answer_text, _)) = answer(&offer, &local)
             {
                 answered += 1;
-                assert!(parse(&answer_text).is_ok(), "our answer must parse: {answer_text}");
+                assert!(
+                    parse(&answer_text).is_ok(),
+                    "our answer must parse: {answer_text}"
+                );
             }
         }
         assert!(answered > 1000, "{answered}");

@@ -80,6 +80,10 @@ struct ServeArgs {
     /// Ring (180 Ringing) this long before answering a call, ms.
     #[arg(long, default_value_t = 0)]
     answer_delay_ms: u64,
+    /// Challenge with MD5 before SHA-256 (for phones that read only the
+    /// first challenge).
+    #[arg(long)]
+    digest_md5_first: bool,
     /// The espeak-ng program for built-in text-to-speech.
     #[arg(long, env = "PLUGBOARD_ESPEAK", default_value = "espeak-ng")]
     espeak: PathBuf,
@@ -360,6 +364,7 @@ fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
             public_ip: args.sip_public_ip,
             answer_delay: Duration::from_millis(args.answer_delay_ms),
             espeak: args.espeak.clone(),
+            digest_md5_first: args.digest_md5_first,
             ..plugboard_voice::VoiceConfig::default()
         }),
     };

@@ -24,6 +24,7 @@
 //! asks for it, and keeps header values as text, parsing only the headers a
 //! layer needs, when it needs them.
 
+pub mod digest;
 pub mod headers;
 mod message;
 mod parse;

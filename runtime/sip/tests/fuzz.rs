@@ -24,9 +24,29 @@ impl Rng {
 }
 
 const INTERESTING: &[&[u8]] = &[
-    b"\r\n", b"\r\n\r\n", b":", b";", b",", b"\"", b"<", b">", b"%", b"%0", b"\\", b" ", b"\t",
-    b"\0", b"\xff", b"SIP/2.0", b"Content-Length: 99999999999999999999\r\n", b"l: -1\r\n",
-    b"v: SIP/2.0/UDP [::1\r\n", b"CSeq: 4294967296 INVITE\r\n", b";branch=", b"sip:", b"@",
+    b"\r\n",
+    b"\r\n\r\n",
+    b":",
+    b";",
+    b",",
+    b"\"",
+    b"<",
+    b">",
+    b"%",
+    b"%0",
+    b"\\",
+    b" ",
+    b"\t",
+    b"\0",
+    b"\xff",
+    b"SIP/2.0",
+    b"Content-Length: 99999999999999999999\r\n",
+    b"l: -1\r\n",
+    b"v: SIP/2.0/UDP [::1\r\n",
+    b"CSeq: 4294967296 INVITE\r\n",
+    b";branch=",
+    b"sip:",
+    b"@",
 ];
 
 fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
@@ -62,7 +82,8 @@ fn mutate(rng: &mut Rng, input: &[u8], other: &[u8]) -> Vec<u8> {
 }
 
 fn corpus() -> Vec<Vec<u8>> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/sip-rfc4475");
+    let dir =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/sip-rfc4475");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .filter_map(|e| e.ok())

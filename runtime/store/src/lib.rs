@@ -8,7 +8,7 @@
 //! whatever the API acknowledged survives a crash.
 
 use plugboard_core::{
-    Address, Error, Grants, Interaction, PluginInfo, PluginVersion, Tenant, TenantKv,
+    Address, Error, Grants, Interaction, PluginInfo, PluginVersion, SipUser, Tenant, TenantKv,
 };
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -64,6 +64,12 @@ pub trait Store: TenantKv + Send + Sync {
     fn address(&self, tenant: &str, address: &str) -> Result<Option<Address>>;
     /// All addresses of a tenant.
     fn addresses(&self, tenant: &str) -> Result<Vec<Address>>;
+    /// Creates or replaces a SIP user (registrar credentials).
+    fn set_sip_user(&self, tenant: &str, user: &SipUser) -> Result<()>;
+    /// A SIP user.
+    fn sip_user(&self, tenant: &str, name: &str) -> Result<Option<SipUser>>;
+    /// All SIP users of a tenant.
+    fn sip_users(&self, tenant: &str) -> Result<Vec<SipUser>>;
     /// Which tenant owns an address (numbers are unique across tenants:
     /// an inbound call or message must reach exactly one tenant).
     fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>>;
@@ -393,6 +399,19 @@ impl Store for SledStore {
             }
         }
         self.put(tenant, &format!("address/{}", address.address), address)
+    }
+
+    fn set_sip_user(&self, tenant: &str, user: &SipUser) -> Result<()> {
+        self.put(tenant, &format!("sipuser/{}", user.name), user)
+    }
+
+    fn sip_user(&self, tenant: &str, name: &str) -> Result<Option<SipUser>> {
+        let space = self.space(tenant)?;
+        Self::get_json(&space, &format!("sipuser/{name}"))
+    }
+
+    fn sip_users(&self, tenant: &str) -> Result<Vec<SipUser>> {
+        self.list(tenant, "sipuser/")
     }
 
     fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>> {

@@ -8,11 +8,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use plugboard_api::Binding;
 use plugboard_api::{AppState, SessionStart};
 use plugboard_core::Channel;
 use plugboard_media::dtmf::{DtmfSource, parse_info_body};
 use plugboard_media::sdp::{self, LocalMedia, Negotiated, SdpError};
 use plugboard_media::tts::Espeak;
+use plugboard_sip::digest::{Algorithm, AuthError, Authenticator, parse_credentials};
 use plugboard_sip::{
     Framed, Inbound, Message, Method, Peer, Request, RequestInfo, Response, ServerTxId,
     StreamFramer, TimerConfig, Transactions, Transmit, Transport, TxEvent, UasPolicy, new_branch,
@@ -104,6 +106,7 @@ fn policy() -> UasPolicy {
             Method::Cancel,
             Method::Options,
             Method::Info,
+            Method::Register,
         ],
         ..UasPolicy::default()
     }
@@ -188,6 +191,13 @@ pub(crate) async fn start(
         dialogs: HashMap::new(),
         pending: HashMap::new(),
         sip_addr: SocketAddr::new(ip, sip_addr.port()),
+        auth: {
+            let mut a = Authenticator::new();
+            if config.digest_md5_first {
+                a.order = vec![Algorithm::Md5, Algorithm::Sha256];
+            }
+            a
+        },
         tts: Arc::new(Espeak::new(config.espeak.clone(), 16 << 20)),
         config: Arc::new(config),
         app,
@@ -259,6 +269,7 @@ struct Endpoint {
     /// Pending INVITE server transactions → their dialog.
     pending: HashMap<ServerTxId, DialogKey>,
     sip_addr: SocketAddr,
+    auth: Authenticator,
     tts: Arc<Espeak>,
     config: Arc<VoiceConfig>,
     app: Arc<AppState>,
@@ -405,6 +416,7 @@ impl Endpoint {
                 resp.headers.push("Supported", "");
                 self.respond(id, resp);
             }
+            Method::Register => self.register(id, req, info, from),
             Method::Invite if info.to.tag().is_none() => self.new_call(id, req, info, from),
             Method::Invite => self.reinvite(id, req, info),
             Method::Bye => {
@@ -456,6 +468,103 @@ impl Endpoint {
                 self.respond(id, r);
             }
         }
+    }
+
+    /// The registrar (RFC 3261 §10.3) for agents' phones: the To URI's
+    /// host names the tenant (the realm), its user the SIP user; digest
+    /// with SHA-256 or MD5; bindings live in memory until they expire.
+    fn register(&mut self, id: ServerTxId, req: Request, info: RequestInfo, from: Peer) {
+        let now_s = plugboard_core::now_ms() / 1000;
+        let aor = plugboard_sip::Uri::parse(&info.to.uri).ok();
+        let (Some(tenant), Some(user)) = (
+            aor.as_ref().map(|u| u.host.to_ascii_lowercase()),
+            aor.as_ref().and_then(|u| u.user_unescaped()),
+        ) else {
+            // RFC 4475 unksm2: the AOR must be a SIP URI with a user.
+            return self.refuse(
+                id,
+                &req,
+                400,
+                Some("the To header must be sip:user@tenant".into()),
+            );
+        };
+        if !self.app.tenant_exists(&tenant) {
+            return self.refuse(id, &req, 404, Some(format!("no tenant {tenant}")));
+        }
+        let challenge = |ep: &mut Endpoint, stale: bool| {
+            let mut r = reply(&req, 401, reason_phrase(401), Some(&random_token()));
+            for c in ep.auth.challenges(&tenant, now_s, stale) {
+                r.headers.push("WWW-Authenticate", c);
+            }
+            ep.respond(id, r);
+        };
+        let creds = req
+            .headers
+            .all("Authorization")
+            .filter_map(parse_credentials)
+            .find(|c| c.realm == tenant);
+        let Some(creds) = creds else {
+            return challenge(self, false);
+        };
+        let stored = self.app.sip_user(&tenant, &user).ok().flatten();
+        let verdict = if creds.username != user {
+            Err(AuthError::Bad)
+        } else {
+            self.auth.verify(&creds, "REGISTER", &tenant, now_s, |alg| {
+                stored.as_ref().map(|u| match alg {
+                    Algorithm::Md5 => u.ha1_md5.clone(),
+                    Algorithm::Sha256 => u.ha1_sha256.clone(),
+                })
+            })
+        };
+        match verdict {
+            Err(AuthError::Stale) => return challenge(self, true),
+            Err(AuthError::Bad) => {
+                return self.refuse(id, &req, 403, Some("wrong user name or password".into()));
+            }
+            Ok(()) => {}
+        }
+        let default_expires: u64 = req
+            .headers
+            .get("Expires")
+            .and_then(|e| e.trim().parse().ok())
+            .unwrap_or(3600);
+        let now_ms = plugboard_core::now_ms();
+        let mut bindings = self.app.bindings(&tenant, &user);
+        if info.contacts.iter().any(|c| c.uri == "*") {
+            if default_expires != 0 || info.contacts.len() != 1 {
+                return self.refuse(id, &req, 400, Some("Contact: * needs Expires: 0".into()));
+            }
+            bindings.clear();
+        }
+        for c in info.contacts.iter().filter(|c| c.uri != "*") {
+            let expires = plugboard_sip::headers::param(&c.params, "expires")
+                .flatten()
+                .and_then(|e| e.parse::<u64>().ok())
+                .unwrap_or(default_expires)
+                .min(3600);
+            if expires > 0 && expires < 60 {
+                let mut r = reply(&req, 423, reason_phrase(423), Some(&random_token()));
+                r.headers.push("Min-Expires", "60");
+                return self.respond(id, r);
+            }
+            bindings.retain(|b| b.contact != c.uri);
+            if expires > 0 {
+                bindings.push(Binding {
+                    contact: c.uri.clone(),
+                    expires_ms: now_ms + expires * 1000,
+                    source: format!("{} {}", from.transport.as_str(), from.addr),
+                });
+            }
+        }
+        let live = self.app.set_bindings(&tenant, &user, bindings);
+        let mut ok = reply(&req, 200, "OK", Some(&random_token()));
+        for b in &live {
+            let left = b.expires_ms.saturating_sub(now_ms) / 1000;
+            ok.headers
+                .push("Contact", format!("<{}>;expires={left}", b.contact));
+        }
+        self.respond(id, ok);
     }
 
     fn contact(&self, user: &str, transport: Transport) -> String {

@@ -43,6 +43,9 @@ pub struct VoiceConfig {
     pub rtp_timeout: Duration,
     /// Longest call.
     pub max_call: Duration,
+    /// Offer MD5 before SHA-256 in digest challenges (for phones that
+    /// only read the first challenge).
+    pub digest_md5_first: bool,
 }
 
 impl Default for VoiceConfig {
@@ -55,6 +58,7 @@ impl Default for VoiceConfig {
             espeak: PathBuf::from("espeak-ng"),
             rtp_timeout: Duration::from_secs(60),
             max_call: Duration::from_secs(4 * 3600),
+            digest_md5_first: false,
         }
     }
 }
