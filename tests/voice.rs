@@ -564,3 +564,91 @@ fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
     );
     Ok(())
 }
+
+/// The example MIS/GPS service (examples/demo-mis/mis.py) on a free port.
+struct Mis {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Mis {
+    fn start() -> Result<Mis> {
+        let port = plugboard_tests::free_port();
+        let child = Command::new("python3")
+            .arg(root().join("examples/demo-mis/mis.py"))
+            .arg(port.to_string())
+            .spawn()
+            .context("python3")?;
+        let t0 = Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("mis.py did not start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Mis { child, port })
+    }
+}
+
+impl Drop for Mis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn logistics_hotline_example_tracks_a_waybill_on_a_real_call() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let mis = Mis::start()?;
+    let key = server.tenant("acme");
+    let doc = std::fs::read(root().join("examples/logistics-hotline/flow.json"))?;
+    let a = server.call(
+        "POST",
+        "/v1/tenants/acme/flows/logistics-hotline",
+        Some(&key),
+        Some(doc),
+    )?;
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    let mis_host = format!("127.0.0.1:{}", mis.port);
+    for (path, body) in [
+        (
+            "/v1/tenants/acme/plugins/logistics-hotline/config",
+            json!({"mis_url": format!("http://{mis_host}")}),
+        ),
+        (
+            "/v1/tenants/acme/plugins/logistics-hotline/grants",
+            json!({"http": {"allow": [mis_host]}}),
+        ),
+        (
+            "/v1/tenants/acme/addresses/+15550142",
+            json!({"channel": "voice", "flow": "logistics-hotline"}),
+        ),
+    ] {
+        let a = server.json("PUT", path, &key, &body);
+        assert_eq!(a.status, 200, "{path}: {a:?}");
+    }
+    sipp(&server, dir.path(), "logistics", "15550142", "u1")?;
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    let digits: String = timeline(ix, "dtmf")
+        .iter()
+        .map(|d| d["digit"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(digits, "1123#");
+    let said: Vec<String> = timeline(ix, "actions")
+        .iter()
+        .flat_map(|a| a["actions"].as_array().cloned().unwrap_or_default())
+        .filter(|a| a["type"] == "say")
+        .map(|a| a["text"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert!(
+        said.iter().any(|t| t.contains("waybill 123 is in transit")
+            && t.contains("43 kilometres south east of Kaunas")),
+        "{said:#?}"
+    );
+    assert!(said.iter().any(|t| t.contains("Goodbye")), "{said:#?}");
+    assert_eq!(timeline(ix, "hangup")[0]["by"], "flow");
+    Ok(())
+}

@@ -67,7 +67,8 @@ impl TelephoneEvent {
 /// sent three times).
 #[derive(Debug, Default)]
 pub struct EventDetector {
-    last_timestamp: Option<u32>,
+    /// Timestamp, end seen, and duration of the last event's packets.
+    last: Option<(u32, bool, u16)>,
 }
 
 impl EventDetector {
@@ -77,14 +78,24 @@ impl EventDetector {
     }
 
     /// Feeds one packet (its RTP timestamp and payload); returns the digit
-    /// the first time an event is seen.
+    /// the first time an event is seen. A packet with the timestamp of an
+    /// event that already ended, no end bit and a shorter duration starts
+    /// a new event too: some senders (replayed captures among them) reuse
+    /// the timestamp for the next press of a key.
     pub fn packet(&mut self, timestamp: u32, payload: &[u8]) -> Option<char> {
         let ev = TelephoneEvent::parse(payload)?;
-        if self.last_timestamp == Some(timestamp) {
-            return None;
-        }
-        self.last_timestamp = Some(timestamp);
-        event_digit(ev.event)
+        let new = match self.last {
+            Some((ts, ended, duration)) if ts == timestamp => {
+                ended && !ev.end && ev.duration < duration
+            }
+            _ => true,
+        };
+        let ended = match self.last {
+            Some((ts, ended, _)) if ts == timestamp && !new => ended || ev.end,
+            _ => ev.end,
+        };
+        self.last = Some((timestamp, ended, ev.duration));
+        if new { event_digit(ev.event) } else { None }
     }
 }
 
@@ -307,6 +318,15 @@ mod tests {
         }
         // The same key again is a new event (new timestamp).
         assert_eq!(det.packet(2600, &start.to_bytes()), Some('5'));
+        // A replayed capture: the same timestamp after the end, restarting.
+        let end2 = TelephoneEvent {
+            end: true,
+            duration: 800,
+            ..start
+        };
+        assert_eq!(det.packet(2600, &end2.to_bytes()), None);
+        assert_eq!(det.packet(2600, &start.to_bytes()), Some('5'));
+        assert_eq!(det.packet(2600, &more.to_bytes()), None);
         assert_eq!(det.packet(4200, &[11, 0, 0, 160]), Some('#'));
         assert_eq!(det.packet(5000, &[1, 2]), None);
     }
