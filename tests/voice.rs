@@ -652,3 +652,121 @@ fn logistics_hotline_example_tracks_a_waybill_on_a_real_call() -> Result<()> {
     assert_eq!(timeline(ix, "hangup")[0]["by"], "flow");
     Ok(())
 }
+
+/// SIPp as the far end of calls Plugboard places, running in the
+/// background on `port`.
+fn sipp_uas(dir: &Path, scenario: &str, port: u16, extra: &[&str]) -> Result<std::process::Child> {
+    let media = loop {
+        let p = free_sip_port();
+        if p.is_multiple_of(2) && p < 65000 {
+            break p;
+        }
+    };
+    Command::new("sipp")
+        .current_dir(dir)
+        .arg("-sf")
+        .arg(root().join("tests/sipp").join(format!("{scenario}.xml")))
+        .args(["-m", "1", "-i", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-mp", &media.to_string(), "-timeout", "60s", "-trace_err", "-nostdin"])
+        .args(extra)
+        .arg("127.0.0.1")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("running sipp")
+}
+
+fn wait_ok(mut child: std::process::Child, what: &str) -> Result<()> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait()? {
+            if status.success() {
+                return Ok(());
+            }
+            bail!("{what} failed: {status}");
+        }
+        if t0.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            bail!("{what} did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A flow that transfers on 1: to `target` (a SIP URI, or a number that
+/// goes out through the tenant's trunk).
+fn deploy_transfer_flow(server: &Server, key: &str, number: &str, target: &str) {
+    let doc = json!({
+        "name": "xfer",
+        "start": "menu",
+        "nodes": {
+            "menu": {"type": "menu", "prompt": "Press 1 to talk to an agent.",
+                     "options": {"1": "go"}, "no_input": "bye", "no_match": "bye"},
+            "go": {"type": "say", "text": "Transferring you now.", "next": "xfer"},
+            "xfer": {"type": "transfer", "target": target},
+            "bye": {"type": "hangup"}
+        }
+    });
+    let a = server.json("POST", "/v1/tenants/acme/flows/xfer", key, &doc);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    let a = server.json(
+        "PUT",
+        &format!("/v1/tenants/acme/addresses/{number}"),
+        key,
+        &json!({"channel": "voice", "flow": "xfer"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+}
+
+#[test]
+fn transfer_through_a_trunk_with_digest_bridges_media_both_ways() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = server.tenant("acme");
+    let carrier = free_sip_port();
+    // The carrier trunk, with the credentials it will challenge for.
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/trunks/default",
+        &key,
+        &json!({"host": format!("127.0.0.1:{carrier}"), "username": "acme-trunk", "password": "trunk-secret"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["password"], "********");
+    deploy_transfer_flow(&server, &key, "+15550177", "+15557777");
+    let far = sipp_uas(dir.path(), "carrier", carrier, &[])?;
+    // The caller presses 1 (the ivr_dtmf scenario with digit 1 waits for
+    // our BYE, which comes when the carrier side hangs up).
+    let caller = std::fs::read_to_string(root().join("tests/sipp/ivr_dtmf.xml"))?
+        .replace("dtmf_2833_9", "dtmf_2833_1");
+    let caller_xml = dir.path().join("caller1.xml");
+    std::fs::write(&caller_xml, caller)?;
+    let local = free_sip_port();
+    let media = loop {
+        let p = free_sip_port();
+        if p.is_multiple_of(2) && p < 65000 {
+            break p;
+        }
+    };
+    let out = Command::new("sipp")
+        .current_dir(dir.path())
+        .arg("-sf")
+        .arg(&caller_xml)
+        .args(["-s", "15550177", "-m", "1", "-i", "127.0.0.1"])
+        .args(["-p", &local.to_string(), "-mp", &media.to_string()])
+        .args(["-timeout", "60s", "-trace_err", "-nostdin"])
+        .arg(format!("127.0.0.1:{}", server.sip_port))
+        .output()?;
+    assert!(out.status.success(), "caller failed");
+    wait_ok(far, "carrier")?;
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    assert_eq!(timeline(ix, "transfer")[0]["target"], "+15557777");
+    assert_eq!(timeline(ix, "dial_answered")[0]["codec"], "PCMA");
+    assert_eq!(timeline(ix, "dial_ended")[0]["by"], "far end");
+    assert_eq!(ix["attributes"]["hangup_cause"], "transferred call ended");
+    // The caller's media kept flowing while bridged (the carrier's audio
+    // was relayed to it), and the caller's went to the carrier.
+    let media = &timeline(ix, "media")[0];
+    assert!(media["packets_sent"].as_u64().unwrap() > 150, "{media}");
+    Ok(())
+}

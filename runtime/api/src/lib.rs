@@ -153,6 +153,11 @@ impl AppState {
         }
     }
 
+    /// A tenant's trunks (with credentials: for the voice channel only).
+    pub fn trunks(&self, tenant: &str) -> Vec<plugboard_core::Trunk> {
+        self.store.trunks(tenant).unwrap_or_default()
+    }
+
     /// True if the tenant exists.
     pub fn tenant_exists(&self, tenant: &str) -> bool {
         matches!(self.store.tenant(tenant), Ok(Some(_)))
@@ -516,6 +521,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/tenants/{t}/events", get(events))
         .route("/v1/tenants/{t}/recordings/{id}", get(get_recording))
         .route("/v1/tenants/{t}/sip-users", get(list_sip_users))
+        .route("/v1/tenants/{t}/trunks", get(list_trunks))
+        .route("/v1/tenants/{t}/trunks/{name}", put(set_trunk))
         .route("/v1/tenants/{t}/sip-users/{user}", put(set_sip_user))
         .fallback(|| async { ApiError::not_found("no such path") })
         .method_not_allowed_fallback(|| async {
@@ -1055,6 +1062,57 @@ async fn set_sip_user(
     Ok(Json(
         json!({"user": user, "realm": t, "aor": format!("sip:{user}@{t}")}),
     ))
+}
+
+/// Creates or replaces a carrier trunk of the tenant.
+async fn set_trunk(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path((t, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    validate_id("trunk", &name)?;
+    let mut trunk: plugboard_core::Trunk = parse_json(&body)?;
+    trunk.name = name;
+    let valid_host = trunk
+        .host
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+    if !valid_host {
+        return Err(ApiError::bad_request("host must be host:port"));
+    }
+    if !matches!(trunk.transport.as_str(), "udp" | "tcp") {
+        return Err(ApiError::bad_request("transport must be udp or tcp"));
+    }
+    if let Some(bad) = trunk
+        .inbound_ips
+        .iter()
+        .find(|ip| ip.parse::<std::net::IpAddr>().is_err())
+    {
+        return Err(ApiError::bad_request(format!("{bad:?} is not an IP address")));
+    }
+    tokio::task::block_in_place(|| s.store.set_trunk(&t, &trunk))?;
+    trunk.password = trunk.password.map(|_| "********".into());
+    Ok(Json(serde_json::to_value(&trunk).unwrap_or_default()))
+}
+
+async fn list_trunks(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(t): Path<String>,
+) -> ApiResult<Json<Value>> {
+    tenant_access(&s, &headers, &t)?;
+    let trunks: Vec<plugboard_core::Trunk> = s
+        .store
+        .trunks(&t)?
+        .into_iter()
+        .map(|mut tr| {
+            tr.password = tr.password.map(|_| "********".into());
+            tr
+        })
+        .collect();
+    Ok(Json(json!({"trunks": trunks})))
 }
 
 async fn list_sip_users(

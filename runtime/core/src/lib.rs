@@ -284,6 +284,36 @@ pub struct SipUser {
     pub created_ms: u64,
 }
 
+/// A carrier trunk of a tenant: where outbound calls to numbers go (with
+/// digest credentials if the carrier asks), and which source addresses may
+/// send inbound calls to the tenant's numbers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Trunk {
+    /// Name (the trunk `default` is used for numbers).
+    #[serde(default)]
+    pub name: String,
+    /// The carrier's SIP address, `host:port`.
+    pub host: String,
+    /// `udp` (default) or `tcp`.
+    #[serde(default = "default_transport")]
+    pub transport: String,
+    /// Digest user name for outbound calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Digest password for outbound calls (never returned by the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// Source IPs allowed to call the tenant's numbers. When any trunk of
+    /// a tenant lists some, calls from elsewhere are refused with 403.
+    #[serde(default)]
+    pub inbound_ips: Vec<String>,
+}
+
+fn default_transport() -> String {
+    "udp".into()
+}
+
 /// An address of a tenant (number, mailbox, chat widget) and the flow that answers it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Address {

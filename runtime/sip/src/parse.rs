@@ -116,12 +116,11 @@ fn parse_head(head: &str) -> Result<Message, ParseError> {
         Ok(msg) => msg,
         Err(e) => {
             // A request line that is only wrong in the middle (whitespace
-            // in the Request-URI) still names a method: read the headers so
-            // the request can be answered with 400.
+            // in the Request-URI, or no Request-URI) still names a method:
+            // read the headers so the request can be answered with 400.
             let words: Vec<&str> = start.split_ascii_whitespace().collect();
             match words.as_slice() {
-                [method, uri @ .., version]
-                    if is_token(method) && version.starts_with("SIP/") && !uri.is_empty() =>
+                [method, uri @ .., version] if is_token(method) && version.starts_with("SIP/") =>
                 {
                     bad = Some(e.reason);
                     Message::Request(Request::new(Method::from_token(method), uri.join(" ")))

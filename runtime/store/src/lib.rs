@@ -8,7 +8,7 @@
 //! whatever the API acknowledged survives a crash.
 
 use plugboard_core::{
-    Address, Error, Grants, Interaction, PluginInfo, PluginVersion, SipUser, Tenant, TenantKv,
+    Address, Error, Grants, Interaction, PluginInfo, PluginVersion, SipUser, Tenant, TenantKv, Trunk,
 };
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -70,6 +70,10 @@ pub trait Store: TenantKv + Send + Sync {
     fn sip_user(&self, tenant: &str, name: &str) -> Result<Option<SipUser>>;
     /// All SIP users of a tenant.
     fn sip_users(&self, tenant: &str) -> Result<Vec<SipUser>>;
+    /// Creates or replaces a trunk.
+    fn set_trunk(&self, tenant: &str, trunk: &Trunk) -> Result<()>;
+    /// All trunks of a tenant.
+    fn trunks(&self, tenant: &str) -> Result<Vec<Trunk>>;
     /// Which tenant owns an address (numbers are unique across tenants:
     /// an inbound call or message must reach exactly one tenant).
     fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>>;
@@ -412,6 +416,14 @@ impl Store for SledStore {
 
     fn sip_users(&self, tenant: &str) -> Result<Vec<SipUser>> {
         self.list(tenant, "sipuser/")
+    }
+
+    fn set_trunk(&self, tenant: &str, trunk: &Trunk) -> Result<()> {
+        self.put(tenant, &format!("trunk/{}", trunk.name), trunk)
+    }
+
+    fn trunks(&self, tenant: &str) -> Result<Vec<Trunk>> {
+        self.list(tenant, "trunk/")
     }
 
     fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>> {

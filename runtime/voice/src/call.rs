@@ -23,8 +23,8 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::VoiceConfig;
-use crate::endpoint::{CallOut, DialogKey, Input};
-use crate::ports::MediaSockets;
+use crate::endpoint::{CallOut, DialogKey, Input, LegEvent};
+use crate::ports::{MediaSockets, PortPool};
 
 /// What the endpoint tells a call.
 pub(crate) enum CallCmd {
@@ -36,6 +36,22 @@ pub(crate) enum CallCmd {
     Media(Negotiated),
     /// The caller left (BYE, CANCEL, no ACK).
     RemoteHangup(String),
+    /// Something happened on our outbound leg.
+    Leg(LegEvent),
+}
+
+/// The other leg of a bridged call (dial, transfer).
+struct OutLeg {
+    key: DialogKey,
+    sockets: Arc<MediaSockets>,
+    sender: Option<RtpSender>,
+    jitter: JitterBuffer,
+    remote: Option<SocketAddr>,
+    payload_type: u8,
+    law: plugboard_media::g711::Law,
+    target: String,
+    transfer: bool,
+    deadline: Instant,
 }
 
 /// Everything a call task starts with.
@@ -50,6 +66,8 @@ pub(crate) struct CallSpec {
     pub tts: Arc<Espeak>,
     pub config: Arc<VoiceConfig>,
     pub cname: String,
+    pub pool: PortPool,
+    pub self_tx: mpsc::Sender<CallCmd>,
 }
 
 /// An action with its audio ready.
@@ -101,6 +119,10 @@ enum Doing {
     },
     Wait(Instant),
     Parked,
+    /// Calling out: the caller hears ringback.
+    Dialing,
+    /// Bridged with the other leg.
+    Bridged,
 }
 
 struct Call {
@@ -133,6 +155,10 @@ struct Call {
     lateness_us: Vec<u32>,
     ended: Option<(String, &'static str)>,
     cname: String,
+    pool: PortPool,
+    leg: Option<OutLeg>,
+    ring_phase: usize,
+    self_tx: mpsc::Sender<CallCmd>,
 }
 
 fn seed() -> u32 {
@@ -153,6 +179,8 @@ pub(crate) async fn run(spec: CallSpec) {
         tts,
         config,
         cname,
+        pool,
+        self_tx,
     } = spec;
     let now = Instant::now();
     let mut call = Call {
@@ -185,10 +213,24 @@ pub(crate) async fn run(spec: CallSpec) {
         lateness_us: Vec::new(),
         ended: None,
         cname,
+        pool,
+        leg: None,
+        ring_phase: 0,
+        self_tx,
     };
     call.main(&media, &mut cmds).await;
     call.finish().await;
     drop(media);
+}
+
+async fn recv_leg(
+    sockets: Option<&MediaSockets>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SocketAddr)> {
+    match sockets {
+        Some(s) => s.rtp.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn recv_or_pending(
@@ -212,8 +254,15 @@ impl Call {
         let mut buf = vec![0u8; 2048];
         let mut rbuf = vec![0u8; 2048];
         let ring_limit = Instant::now() + Duration::from_secs(64);
+        let mut lbuf = vec![0u8; 2048];
         while self.ended.is_none() {
+            let leg_sockets = self.leg.as_ref().map(|l| l.sockets.clone());
             tokio::select! {
+                r = recv_leg(leg_sockets.as_deref(), &mut lbuf) => {
+                    if let Ok((n, src)) = r {
+                        self.on_leg_rtp(n, &lbuf, src);
+                    }
+                }
                 at = tick.tick() => {
                     let late = Instant::now().saturating_duration_since(at.into_std());
                     self.on_tick(late, &media.rtp).await;
@@ -266,6 +315,7 @@ impl Call {
                     Some(CallCmd::RemoteHangup(why)) => {
                         self.ended = Some((why, "caller"));
                     }
+                    Some(CallCmd::Leg(ev)) => self.on_leg(ev),
                     None => self.ended = Some(("endpoint gone".into(), "system")),
                 },
                 r = recv_or_pending(&mut self.flow_task) => {
@@ -390,16 +440,18 @@ impl Call {
                     self.doing = Doing::Parked;
                 }
                 Action::Hangup => self.hangup_by_flow("flow hung up"),
-                Action::Transfer { target } | Action::Dial { target, .. } => {
-                    self.note(
-                        "dial_failed",
-                        json!({"target": target, "reason": "outbound calls are not available yet"}),
-                    );
-                    self.dispatch(Event::DialResult {
-                        outcome: "failed".into(),
-                    });
-                    return;
+                Action::Transfer { target } if target.starts_with("queue:") => {
+                    let queue = target.trim_start_matches("queue:").to_string();
+                    self.note("parked", json!({"queue": queue, "priority": 0, "skills": [],
+                        "note": "transferred to a queue: waiting with music on hold (no ACD yet)"}));
+                    self.doing = Doing::Parked;
                 }
+                Action::Transfer { target } => self.start_dial(target, None, 30, true),
+                Action::Dial {
+                    target,
+                    caller_id,
+                    timeout_secs,
+                } => self.start_dial(target, caller_id, timeout_secs, false),
                 Action::SetAttribute { .. } => {}
                 other => {
                     let kind = serde_json::to_value(&other).unwrap_or_default();
@@ -410,6 +462,118 @@ impl Call {
                 }
             }
         }
+    }
+
+    /// Calls out on a new leg; the caller hears ringback meanwhile.
+    fn start_dial(&mut self, target: String, caller_id: Option<String>, timeout_secs: u32, transfer: bool) {
+        let Some(sockets) = self.pool.take() else {
+            self.note("dial_failed", json!({"target": target, "reason": "no free RTP ports"}));
+            self.dispatch(Event::DialResult { outcome: "failed".into() });
+            return;
+        };
+        let local = plugboard_media::sdp::LocalMedia {
+            ip: self.config.advertised_ip(),
+            port: sockets.port,
+            session_id: u64::from(seed()),
+            version: 1,
+        };
+        let offer = plugboard_media::sdp::offer(&local, 101, plugboard_media::sdp::Direction::SendRecv);
+        let key: DialogKey = (
+            format!("{}@plugboard", plugboard_sip::random_token()),
+            plugboard_sip::random_token(),
+        );
+        let tenant = self
+            .session
+            .as_ref()
+            .map(|s| s.interaction.tenant.clone())
+            .unwrap_or_default();
+        let caller_id = caller_id.or_else(|| self.session.as_ref().map(|s| s.interaction.from.clone()));
+        self.note(
+            if transfer { "transfer" } else { "dial" },
+            json!({"target": target, "leg_call_id": key.0}),
+        );
+        let cmd_tx = self.self_tx.clone();
+        let _ = self.endpoint.try_send(Input::Call(CallOut::Dial {
+            leg: key.clone(),
+            tenant,
+            target: target.clone(),
+            caller_id,
+            offer,
+            call: cmd_tx,
+        }));
+        self.leg = Some(OutLeg {
+            key,
+            sockets: Arc::new(sockets),
+            sender: None,
+            jitter: JitterBuffer::new(3),
+            remote: None,
+            payload_type: 0,
+            law: plugboard_media::g711::Law::Mu,
+            target,
+            transfer,
+            deadline: Instant::now() + Duration::from_secs(u64::from(timeout_secs.clamp(5, 120))),
+        });
+        self.doing = Doing::Dialing;
+    }
+
+    fn on_leg(&mut self, ev: LegEvent) {
+        let Some(leg) = self.leg.as_mut() else {
+            return;
+        };
+        match ev {
+            LegEvent::Ringing => {
+                let target = leg.target.clone();
+                self.note("dial_ringing", json!({"target": target}));
+            }
+            LegEvent::Answered(n) => {
+                leg.sender = Some(RtpSender::new(seed(), n.law, n.payload_type, seed()));
+                leg.remote = Some(n.remote);
+                leg.payload_type = n.payload_type;
+                leg.law = n.law;
+                let target = leg.target.clone();
+                self.note("dial_answered", json!({"target": target, "codec": n.law.name()}));
+                self.doing = Doing::Bridged;
+            }
+            LegEvent::Failed(status, reason) => {
+                let target = leg.target.clone();
+                self.leg = None;
+                let outcome = match status {
+                    486 | 600 | 603 => "busy",
+                    408 | 480 | 487 => "no-answer",
+                    _ => "failed",
+                };
+                self.note(
+                    "dial_failed",
+                    json!({"target": target, "status": status, "reason": reason, "outcome": outcome}),
+                );
+                self.dispatch(Event::DialResult { outcome: outcome.into() });
+            }
+            LegEvent::Hangup => {
+                let (target, transfer) = (leg.target.clone(), leg.transfer);
+                self.leg = None;
+                self.note("dial_ended", json!({"target": target, "by": "far end"}));
+                if transfer {
+                    self.hangup_by_flow("transferred call ended");
+                } else {
+                    self.dispatch(Event::DialResult { outcome: "completed".into() });
+                }
+            }
+        }
+    }
+
+    fn on_leg_rtp(&mut self, n: usize, buf: &[u8], src: SocketAddr) {
+        let Some(leg) = self.leg.as_mut() else {
+            return;
+        };
+        let Some(p) = rtp::parse_rtp(&buf[..n]) else {
+            return;
+        };
+        if p.payload_type != leg.payload_type || leg.sender.is_none() {
+            return;
+        }
+        leg.remote = Some(src);
+        let arrival = (self.started.elapsed().as_micros() / 125) as u32;
+        leg.jitter.push(&p, arrival);
     }
 
     fn hangup_by_flow(&mut self, why: &str) {
@@ -497,6 +661,36 @@ impl Call {
                     self.moh += 1;
                 }
             }
+            Doing::Dialing => {
+                // Ringback: 425 Hz, 1 s on, 4 s off (ITU-T E.180).
+                for s in frame.iter_mut() {
+                    let t = self.ring_phase % 40_000;
+                    *s = if t < 8000 {
+                        ((t as f32 * 2.0 * std::f32::consts::PI * 425.0 / 8000.0).sin() * 6000.0) as i16
+                    } else {
+                        0
+                    };
+                    self.ring_phase += 1;
+                }
+                let expired = self.leg.as_ref().is_some_and(|l| now > l.deadline);
+                if expired && let Some(leg) = self.leg.as_mut() {
+                    // Give up: CANCEL; the 487 comes back as no-answer.
+                    leg.deadline = now + Duration::from_secs(3600);
+                    let _ = self
+                        .endpoint
+                        .try_send(Input::Call(CallOut::CancelLeg(leg.key.clone())));
+                }
+            }
+            Doing::Bridged => {
+                if let Some(leg) = self.leg.as_mut()
+                    && let Some(payload) = leg.jitter.pop()
+                {
+                    let mut pcm = Vec::with_capacity(FRAME);
+                    leg.law.decode(&payload, &mut pcm);
+                    let n = pcm.len().min(FRAME);
+                    frame[..n].copy_from_slice(&pcm[..n]);
+                }
+            }
         }
         if self.negotiated.local_direction.sends() && !self.negotiated.remote.ip().is_unspecified()
         {
@@ -514,6 +708,16 @@ impl Call {
             }
             None => vec![0; FRAME],
         };
+        if matches!(self.doing, Doing::Bridged)
+            && let Some(leg) = self.leg.as_mut()
+            && let (Some(sender), Some(remote)) = (leg.sender.as_mut(), leg.remote)
+        {
+            let mut out = [0i16; FRAME];
+            let n = heard.len().min(FRAME);
+            out[..n].copy_from_slice(&heard[..n]);
+            let packet = sender.frame(&out);
+            let _ = leg.sockets.rtp.try_send_to(&packet, remote);
+        }
         let record_done = match &mut self.doing {
             Doing::Record {
                 beep: None,
@@ -711,6 +915,12 @@ impl Call {
     /// Ends the call's record: the flow hears `hangup`, the timeline gets
     /// the cause and media statistics, the record is written durably.
     async fn finish(&mut self) {
+        if let Some(leg) = self.leg.take() {
+            let _ = self
+                .endpoint
+                .send(Input::Call(CallOut::HangupLeg(leg.key.clone())))
+                .await;
+        }
         if matches!(self.doing, Doing::Record { .. }) {
             self.finish_record().await;
         }

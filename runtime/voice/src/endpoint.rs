@@ -16,7 +16,7 @@ use plugboard_media::sdp::{self, LocalMedia, Negotiated, SdpError};
 use plugboard_media::tts::Espeak;
 use plugboard_sip::digest::{Algorithm, AuthError, Authenticator, parse_credentials};
 use plugboard_sip::{
-    Framed, Inbound, Message, Method, Peer, Request, RequestInfo, Response, ServerTxId,
+    ClientTxId, Framed, Inbound, Message, Method, Peer, Request, RequestInfo, Response, ServerTxId,
     StreamFramer, TimerConfig, Transactions, Transmit, Transport, TxEvent, UasPolicy, new_branch,
     parse_datagram, random_token, reason_phrase, reply, screen,
 };
@@ -57,6 +57,51 @@ pub(crate) enum CallOut {
     Answer(DialogKey),
     /// No ACK came for our 2xx (RFC 3261 §13.3.1.4): hang up.
     NoAck(DialogKey),
+    /// Call out (dial, transfer): a new leg with this key and SDP offer.
+    Dial {
+        /// The new leg's Call-ID and our tag.
+        leg: DialogKey,
+        /// The tenant (for its trunks).
+        tenant: String,
+        /// A number (through the tenant's trunk) or a SIP URI.
+        target: String,
+        /// Caller id to present.
+        caller_id: Option<String>,
+        /// Our SDP offer.
+        offer: String,
+        /// Where leg events go.
+        call: mpsc::Sender<CallCmd>,
+    },
+    /// Give up a leg that has not answered (CANCEL).
+    CancelLeg(DialogKey),
+    /// End a leg (BYE, or CANCEL if it has not answered).
+    HangupLeg(DialogKey),
+}
+
+/// What happens on an outbound leg.
+pub(crate) enum LegEvent {
+    /// 180/183.
+    Ringing,
+    /// 2xx with an SDP answer.
+    Answered(Negotiated),
+    /// Refused, cancelled or timed out: the final status and reason.
+    Failed(u16, String),
+    /// The far end hung up.
+    Hangup,
+}
+
+/// An outbound leg: we are the UAC.
+struct Leg {
+    invite: Request,
+    tx: ClientTxId,
+    peer: Peer,
+    call: mpsc::Sender<CallCmd>,
+    cseq: u32,
+    creds: Option<(String, String)>,
+    auth_tries: u8,
+    ringing: bool,
+    /// To (with the far end's tag) and Contact, once answered.
+    answered: Option<(String, String)>,
 }
 
 enum DialogState {
@@ -190,6 +235,8 @@ pub(crate) async fn start(
         tcp: HashMap::new(),
         dialogs: HashMap::new(),
         pending: HashMap::new(),
+        legs: HashMap::new(),
+        leg_tx: HashMap::new(),
         sip_addr: SocketAddr::new(ip, sip_addr.port()),
         auth: {
             let mut a = Authenticator::new();
@@ -268,6 +315,9 @@ struct Endpoint {
     dialogs: HashMap<DialogKey, Dialog>,
     /// Pending INVITE server transactions → their dialog.
     pending: HashMap<ServerTxId, DialogKey>,
+    /// Outbound legs, and their INVITE transactions.
+    legs: HashMap<DialogKey, Leg>,
+    leg_tx: HashMap<ClientTxId, DialogKey>,
     sip_addr: SocketAddr,
     auth: Authenticator,
     tts: Arc<Espeak>,
@@ -400,8 +450,18 @@ impl Endpoint {
                         .try_send(CallCmd::RemoteHangup("cancelled by the caller".into()));
                 }
             }
-            TxEvent::NoAck { .. } | TxEvent::Response { .. } => {}
-            TxEvent::Timeout { id } => tracing::debug!("client transaction {id:?} timed out"),
+            TxEvent::Response { id, response } => self.leg_response(id, *response),
+            TxEvent::NoAck { .. } => {}
+            TxEvent::Timeout { id } => {
+                if let Some(key) = self.leg_tx.remove(&id)
+                    && let Some(leg) = self.legs.remove(&key)
+                {
+                    let _ = leg.call.try_send(CallCmd::Leg(LegEvent::Failed(
+                        408,
+                        "no answer from the far end".into(),
+                    )));
+                }
+            }
         }
     }
 
@@ -424,6 +484,12 @@ impl Endpoint {
                     info.call_id.clone(),
                     info.to.tag().unwrap_or("").to_string(),
                 );
+                if let Some(leg) = self.legs.remove(&key) {
+                    self.leg_tx.remove(&leg.tx);
+                    self.respond(id, reply(&req, 200, "OK", None));
+                    let _ = leg.call.try_send(CallCmd::Leg(LegEvent::Hangup));
+                    return;
+                }
                 match self.dialogs.remove(&key) {
                     Some(d) => {
                         if let Some(r) = d.retransmit {
@@ -610,6 +676,20 @@ impl Endpoint {
         let Some((tenant, address)) = route else {
             return self.refuse(id, &req, 404, Some(format!("no voice address {dialled}")));
         };
+        let allowed: Vec<std::net::IpAddr> = self
+            .app
+            .trunks(&tenant)
+            .iter()
+            .flat_map(|t| t.inbound_ips.iter().filter_map(|ip| ip.parse().ok()))
+            .collect();
+        if !allowed.is_empty() && !allowed.contains(&from.addr.ip()) {
+            return self.refuse(
+                id,
+                &req,
+                403,
+                Some(format!("{} is not one of the tenant's trunks", from.addr.ip())),
+            );
+        }
         let offer = match sdp_body(&req) {
             Some(text) => sdp::parse(&text),
             None => Err(SdpError::NotAcceptable(
@@ -696,7 +776,7 @@ impl Endpoint {
             session,
             media,
             negotiated,
-            cmd_rx,
+            (cmd_tx.clone(), cmd_rx),
             local.clone(),
         );
         let ring = self.config.answer_delay;
@@ -742,7 +822,7 @@ impl Endpoint {
         session: plugboard_api::FlowSession,
         media: MediaSockets,
         negotiated: Negotiated,
-        cmds: mpsc::Receiver<CallCmd>,
+        (self_tx, cmds): (mpsc::Sender<CallCmd>, mpsc::Receiver<CallCmd>),
         local: LocalMedia,
     ) {
         let spec = CallSpec {
@@ -756,6 +836,8 @@ impl Endpoint {
             tts: self.tts.clone(),
             config: self.config.clone(),
             cname: format!("plugboard@{}", local.ip),
+            pool: self.pool.clone(),
+            self_tx,
         };
         tokio::spawn(call::run(spec));
     }
@@ -875,6 +957,23 @@ impl Endpoint {
                     self.bye(&key);
                 }
             }
+            CallOut::Dial {
+                leg,
+                tenant,
+                target,
+                caller_id,
+                offer,
+                call,
+            } => self.dial(leg, &tenant, &target, caller_id, offer, call),
+            CallOut::CancelLeg(key) => self.cancel_leg(&key),
+            CallOut::HangupLeg(key) => {
+                let answered = self.legs.get(&key).map(|l| l.answered.is_some());
+                match answered {
+                    Some(true) => self.bye_leg(&key),
+                    Some(false) => self.cancel_leg(&key),
+                    None => {}
+                }
+            }
             CallOut::Ended(key) => {
                 if let Some(d) = self.dialogs.remove(&key) {
                     if let Some(r) = d.retransmit {
@@ -938,6 +1037,272 @@ impl Endpoint {
         // Sent back the way the INVITE came (symmetric signalling: the
         // same TCP connection, or the source address over UDP).
         self.tx.send_request(Instant::now(), d.peer, bye);
+    }
+}
+
+impl Endpoint {
+    /// Where a dial target goes: a SIP URI directly, a number through the
+    /// tenant's `default` trunk (or its only one), with the trunk's
+    /// credentials.
+    fn resolve(
+        &self,
+        tenant: &str,
+        target: &str,
+    ) -> Result<(String, Peer, Option<(String, String)>), (u16, String)> {
+        let (uri, hostport, creds, transport) = if target.starts_with("sip:") {
+            let u = plugboard_sip::Uri::parse(target).map_err(|e| (400, e.to_string()))?;
+            let transport = match u.param("transport").flatten() {
+                Some(t) if t.eq_ignore_ascii_case("tcp") => "tcp",
+                _ => "udp",
+            };
+            let hp = format!("{}:{}", u.host, u.port.unwrap_or(5060));
+            (target.to_string(), hp, None, transport.to_string())
+        } else {
+            let number: String = target
+                .chars()
+                .filter(|c| c.is_ascii_digit() || *c == '+' || *c == '*' || *c == '#')
+                .collect();
+            if number.is_empty() {
+                return Err((400, format!("{target:?} is neither a number nor a SIP URI")));
+            }
+            let trunks = self.app.trunks(tenant);
+            let trunk = trunks
+                .iter()
+                .find(|t| t.name == "default")
+                .or(trunks.first())
+                .ok_or((503, "the tenant has no trunk for outbound calls".to_string()))?;
+            let creds = match (&trunk.username, &trunk.password) {
+                (Some(u), Some(p)) => Some((u.clone(), p.clone())),
+                _ => None,
+            };
+            (
+                format!("sip:{number}@{}", trunk.host),
+                trunk.host.clone(),
+                creds,
+                trunk.transport.clone(),
+            )
+        };
+        if transport != "udp" {
+            return Err((503, "outbound calls over TCP are not available yet".into()));
+        }
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or((404, format!("cannot resolve {hostport}")))?;
+        Ok((
+            uri,
+            Peer {
+                addr,
+                transport: Transport::Udp,
+            },
+            creds,
+        ))
+    }
+
+    fn dial(
+        &mut self,
+        key: DialogKey,
+        tenant: &str,
+        target: &str,
+        caller_id: Option<String>,
+        offer: String,
+        call: mpsc::Sender<CallCmd>,
+    ) {
+        let (uri, peer, creds) = match self.resolve(tenant, target) {
+            Ok(r) => r,
+            Err((status, why)) => {
+                let _ = call.try_send(CallCmd::Leg(LegEvent::Failed(status, why)));
+                return;
+            }
+        };
+        let user: String = caller_id
+            .as_deref()
+            .unwrap_or("plugboard")
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '+')
+            .collect();
+        let mut invite = Request::new(Method::Invite, uri.clone());
+        invite.headers.push(
+            "Via",
+            format!("SIP/2.0/UDP {};branch={};rport", self.sip_addr, new_branch()),
+        );
+        invite.headers.push("Max-Forwards", "70");
+        invite.headers.push(
+            "From",
+            format!("<sip:{user}@{}>;tag={}", self.sip_addr.ip(), key.1),
+        );
+        invite.headers.push("To", format!("<{uri}>"));
+        invite.headers.push("Call-ID", key.0.clone());
+        invite.headers.push("CSeq", "1 INVITE");
+        invite
+            .headers
+            .push("Contact", format!("<sip:plugboard@{}>", self.sip_addr));
+        invite.headers.push("Allow", self.policy.allow_header());
+        invite.headers.push("Content-Type", "application/sdp");
+        invite.body = offer.into_bytes();
+        let tx = self.tx.send_request(Instant::now(), peer, invite.clone());
+        self.leg_tx.insert(tx, key.clone());
+        self.legs.insert(
+            key,
+            Leg {
+                invite,
+                tx,
+                peer,
+                call,
+                cseq: 1,
+                creds,
+                auth_tries: 0,
+                ringing: false,
+                answered: None,
+            },
+        );
+    }
+
+    fn leg_response(&mut self, id: ClientTxId, resp: Response) {
+        let Some(key) = self.leg_tx.get(&id).cloned() else {
+            return;
+        };
+        let Some(leg) = self.legs.get_mut(&key) else {
+            return;
+        };
+        let status = resp.status;
+        if status < 200 {
+            if matches!(status, 180 | 183) && !leg.ringing {
+                leg.ringing = true;
+                let _ = leg.call.try_send(CallCmd::Leg(LegEvent::Ringing));
+            }
+            return;
+        }
+        if status < 300 {
+            let to = resp.headers.get("To").unwrap_or("").to_string();
+            let target = resp
+                .headers
+                .get("Contact")
+                .and_then(|c| plugboard_sip::NameAddr::parse("Contact", c).ok())
+                .map(|c| c.uri)
+                .unwrap_or_else(|| leg.invite.uri.clone());
+            let first = leg.answered.is_none();
+            leg.answered = Some((to.clone(), target.clone()));
+            // The ACK for a 2xx is its own request (RFC 3261 §13.2.2.4),
+            // repeated for every retransmitted 2xx.
+            let mut ack = Request::new(Method::Ack, target);
+            ack.headers.push(
+                "Via",
+                format!("SIP/2.0/UDP {};branch={};rport", self.sip_addr, new_branch()),
+            );
+            ack.headers.push("Max-Forwards", "70");
+            if let Some(from) = leg.invite.headers.get("From") {
+                ack.headers.push("From", from);
+            }
+            ack.headers.push("To", to);
+            ack.headers.push("Call-ID", key.0.clone());
+            ack.headers.push("CSeq", format!("{} ACK", leg.cseq));
+            let peer = leg.peer;
+            let call = leg.call.clone();
+            self.send(Transmit {
+                to: peer,
+                bytes: ack.to_bytes(),
+            });
+            if first {
+                let answer = String::from_utf8_lossy(&resp.body).into_owned();
+                match sdp::parse(&answer).and_then(|a| sdp::accept_answer(&a)) {
+                    Ok(n) => {
+                        let _ = call.try_send(CallCmd::Leg(LegEvent::Answered(n)));
+                    }
+                    Err(e) => {
+                        let _ = call.try_send(CallCmd::Leg(LegEvent::Failed(488, e.to_string())));
+                        self.bye_leg(&key);
+                    }
+                }
+            }
+            return;
+        }
+        if matches!(status, 401 | 407) && leg.auth_tries == 0 {
+            let header = if status == 401 {
+                "WWW-Authenticate"
+            } else {
+                "Proxy-Authenticate"
+            };
+            let answer = leg.creds.as_ref().and_then(|(u, p)| {
+                resp.headers.all(header).find_map(|ch| {
+                    plugboard_sip::digest::answer_challenge(
+                        ch,
+                        "INVITE",
+                        &leg.invite.uri,
+                        u,
+                        p,
+                        &random_token(),
+                    )
+                })
+            });
+            if let Some(value) = answer {
+                leg.auth_tries += 1;
+                leg.cseq += 1;
+                let mut invite = leg.invite.clone();
+                invite.headers.set(
+                    "Via",
+                    format!("SIP/2.0/UDP {};branch={};rport", self.sip_addr, new_branch()),
+                );
+                invite.headers.set("CSeq", format!("{} INVITE", leg.cseq));
+                invite.headers.set(
+                    if status == 401 {
+                        "Authorization"
+                    } else {
+                        "Proxy-Authorization"
+                    },
+                    value,
+                );
+                let peer = leg.peer;
+                leg.invite = invite.clone();
+                self.leg_tx.remove(&id);
+                let tx = self.tx.send_request(Instant::now(), peer, invite);
+                if let Some(leg) = self.legs.get_mut(&key) {
+                    leg.tx = tx;
+                }
+                self.leg_tx.insert(tx, key);
+                return;
+            }
+        }
+        self.leg_tx.remove(&id);
+        if let Some(leg) = self.legs.remove(&key) {
+            let _ = leg
+                .call
+                .try_send(CallCmd::Leg(LegEvent::Failed(status, resp.reason.clone())));
+        }
+    }
+
+    fn cancel_leg(&mut self, key: &DialogKey) {
+        if let Some(leg) = self.legs.get(key)
+            && leg.answered.is_none()
+        {
+            let cancel = plugboard_sip::transaction::cancel_for(&leg.invite);
+            let peer = leg.peer;
+            self.tx.send_request(Instant::now(), peer, cancel);
+        }
+    }
+
+    fn bye_leg(&mut self, key: &DialogKey) {
+        let Some(mut leg) = self.legs.remove(key) else {
+            return;
+        };
+        self.leg_tx.remove(&leg.tx);
+        let Some((to, target)) = leg.answered.clone() else {
+            return;
+        };
+        leg.cseq += 1;
+        let mut bye = Request::new(Method::Bye, target);
+        bye.headers.push(
+            "Via",
+            format!("SIP/2.0/UDP {};branch={};rport", self.sip_addr, new_branch()),
+        );
+        bye.headers.push("Max-Forwards", "70");
+        if let Some(from) = leg.invite.headers.get("From") {
+            bye.headers.push("From", from);
+        }
+        bye.headers.push("To", to);
+        bye.headers.push("Call-ID", key.0.clone());
+        bye.headers.push("CSeq", format!("{} BYE", leg.cseq));
+        self.tx.send_request(Instant::now(), leg.peer, bye);
     }
 }
 
