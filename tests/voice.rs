@@ -433,16 +433,24 @@ impl Ctrl {
     }
 }
 
-#[test]
-fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let server = Server::start(&dir.path().join("data"), &[])?;
-    let key = setup(&server);
-    let cfg = dir.path().join("baresip");
-    let rec = dir.path().join("rec");
+/// What a baresip call produced.
+struct BaresipCall {
+    log: String,
+    established: bool,
+    closed: bool,
+    /// The audio baresip received, 8 kHz.
+    heard: Vec<i16>,
+}
+
+/// baresip (its ctrl_tcp interface) calls `number`, sends `digit` as RFC
+/// 4733 four seconds after the call is up, and waits for the far end to
+/// hang up; it records what it hears.
+fn baresip_call(server: &Server, dir: &Path, number: &str, digit: &str) -> Result<BaresipCall> {
+    let cfg = dir.join("baresip");
+    let rec = dir.join("rec");
     std::fs::create_dir_all(&cfg)?;
     std::fs::create_dir_all(&rec)?;
-    std::fs::write(dir.path().join("silence.wav"), silence_wav(60))?;
+    std::fs::write(dir.join("silence.wav"), silence_wav(60))?;
     // baresip also listens on SIP port + 1 (TLS).
     let sip = loop {
         let p = free_sip_port();
@@ -463,17 +471,18 @@ fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
              module aufile.so\nmodule aubridge.so\nmodule_tmp account.so\nmodule_app menu.so\n\
              module_app ctrl_tcp.so\nctrl_tcp_listen 127.0.0.1:{ctrl_port}\n\
              net_interface 127.0.0.1\nsnd_path {rec}\n",
-            silence = dir.path().join("silence.wav").display(),
+            silence = dir.join("silence.wav").display(),
             rtp_hi = rtp + 40,
             rec = rec.display(),
         ),
     )?;
     std::fs::write(cfg.join("accounts"), "<sip:tester@127.0.0.1>;regint=0\n")?;
-    let log = std::fs::File::create(dir.path().join("baresip.log"))?;
+    let log_path = dir.join("baresip.log");
+    let log = std::fs::File::create(&log_path)?;
     let mut child = Command::new("baresip")
         .arg("-f")
         .arg(&cfg)
-        .args(["-t", "30"])
+        .args(["-t", "40"])
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -496,12 +505,12 @@ fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
     };
     ctrl.send(
         "dial",
-        Some(&format!("sip:+15550100@127.0.0.1:{}", server.sip_port)),
+        Some(&format!("sip:{number}@127.0.0.1:{}", server.sip_port)),
     )?;
     let mut established = None;
     let mut dtmf_sent = false;
     let mut closed = false;
-    while !closed && t0.elapsed() < Duration::from_secs(25) {
+    while !closed && t0.elapsed() < Duration::from_secs(35) {
         for m in ctrl.poll() {
             match m["type"].as_str() {
                 Some("CALL_ESTABLISHED") => established = Some(Instant::now()),
@@ -513,7 +522,7 @@ fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
             && !dtmf_sent
             && at.elapsed() > Duration::from_secs(4)
         {
-            ctrl.send("sndcode", Some("9"))?;
+            ctrl.send("sndcode", Some(digit))?;
             dtmf_sent = true;
         }
     }
@@ -523,35 +532,50 @@ fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
         std::thread::sleep(Duration::from_millis(100));
     }
     let _ = child.kill();
-    let log = std::fs::read_to_string(dir.path().join("baresip.log")).unwrap_or_default();
-    assert!(established.is_some(), "call not established:\n{log}");
-    assert!(
-        dtmf_sent && closed,
-        "the IVR did not hang up after 9:\n{log}"
-    );
-    // What baresip heard: the spoken menu, not silence, not a steady tone.
     let heard = std::fs::read_dir(&rec)?
         .flatten()
         .find(|e| e.file_name().to_string_lossy().ends_with("-dec.wav"))
         .map(|e| std::fs::read(e.path()))
         .transpose()?
-        .context("baresip recorded nothing")?;
-    let samples = wav_samples(&heard);
-    assert!(samples.len() > 8000 * 3, "{} samples", samples.len());
-    let window_rms: Vec<f64> = samples[..8000 * 4]
+        .map(|b| wav_samples(&b))
+        .unwrap_or_default();
+    Ok(BaresipCall {
+        log: std::fs::read_to_string(&log_path).unwrap_or_default(),
+        established: established.is_some(),
+        closed: closed && dtmf_sent,
+        heard,
+    })
+}
+
+/// RMS of each 20 ms window.
+fn window_rms(samples: &[i16]) -> Vec<f64> {
+    samples
         .chunks(160)
         .map(|w| (w.iter().map(|s| f64::from(*s).powi(2)).sum::<f64>() / w.len() as f64).sqrt())
-        .collect();
-    let loud = window_rms.iter().filter(|r| **r > 1000.0).count();
-    let quiet = window_rms.iter().filter(|r| **r < 300.0).count();
-    // Speech: mostly voiced frames with gaps between words.
+        .collect()
+}
+
+#[test]
+fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = setup(&server);
+    let call = baresip_call(&server, dir.path(), "+15550100", "9")?;
+    assert!(call.established, "call not established:\n{}", call.log);
     assert!(
-        loud > window_rms.len() / 3,
-        "{loud} loud of {}",
-        window_rms.len()
+        call.closed,
+        "the IVR did not hang up after 9:\n{}",
+        call.log
     );
+    // What baresip heard: the spoken menu, not silence, not a steady tone.
+    assert!(call.heard.len() > 8000 * 3, "{} samples", call.heard.len());
+    let rms = window_rms(&call.heard[..8000 * 4]);
+    let loud = rms.iter().filter(|r| **r > 1000.0).count();
+    let quiet = rms.iter().filter(|r| **r < 300.0).count();
+    // Speech: mostly voiced frames with gaps between words.
+    assert!(loud > rms.len() / 3, "{loud} loud of {}", rms.len());
     assert!(
-        quiet > window_rms.len() / 50,
+        quiet > rms.len() / 50,
         "no pauses: not speech ({quiet} quiet)"
     );
     let calls = calls(&server, &key, 1);
@@ -561,6 +585,62 @@ fn baresip_hears_spoken_prompt_sends_dtmf_and_is_hung_up() -> Result<()> {
     assert_eq!(
         ix["to"], "15550100",
         "+15550100 reaches the address 15550100"
+    );
+    Ok(())
+}
+
+#[test]
+fn baresip_is_transferred_to_an_agent_and_hears_them() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = server.tenant("acme");
+    let agent_port = free_sip_port();
+    deploy_transfer_flow(
+        &server,
+        &key,
+        "+15550177",
+        &format!("sip:agent@127.0.0.1:{agent_port}"),
+    );
+    // The agent answers, talks for 3 s (SIPp's A-law capture) and hangs up.
+    let agent = sipp_uas(dir.path(), "agent", agent_port, &[])?;
+    let call = baresip_call(&server, dir.path(), "15550177", "1")?;
+    wait_ok(agent, "agent")?;
+    assert!(call.established, "{}", call.log);
+    assert!(
+        call.closed,
+        "the call did not end when the agent hung up:\n{}",
+        call.log
+    );
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    let answered_at = ix["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "dial_answered")
+        .map(|e| e["at_ms"].as_u64().unwrap())
+        .expect("the agent answered");
+    let ended_at = ix["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "dial_ended")
+        .map(|e| e["at_ms"].as_u64().unwrap())
+        .expect("the agent hung up");
+    assert!(
+        ended_at - answered_at >= 2500,
+        "bridged for {} ms",
+        ended_at - answered_at
+    );
+    assert_eq!(ix["attributes"]["hangup_cause"], "transferred call ended");
+    // The last two seconds baresip heard are the agent's voice, relayed.
+    let tail = &call.heard[call.heard.len().saturating_sub(8000 * 2)..];
+    let rms = window_rms(tail);
+    let loud = rms.iter().filter(|r| **r > 500.0).count();
+    assert!(
+        loud > rms.len() / 3,
+        "agent audio not heard: {loud} loud of {}",
+        rms.len()
     );
     Ok(())
 }
@@ -667,7 +747,14 @@ fn sipp_uas(dir: &Path, scenario: &str, port: u16, extra: &[&str]) -> Result<std
         .arg("-sf")
         .arg(root().join("tests/sipp").join(format!("{scenario}.xml")))
         .args(["-m", "1", "-i", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-mp", &media.to_string(), "-timeout", "60s", "-trace_err", "-nostdin"])
+        .args([
+            "-mp",
+            &media.to_string(),
+            "-timeout",
+            "60s",
+            "-trace_err",
+            "-nostdin",
+        ])
         .args(extra)
         .arg("127.0.0.1")
         .stdout(std::process::Stdio::null())

@@ -1090,7 +1090,9 @@ async fn set_trunk(
         .iter()
         .find(|ip| ip.parse::<std::net::IpAddr>().is_err())
     {
-        return Err(ApiError::bad_request(format!("{bad:?} is not an IP address")));
+        return Err(ApiError::bad_request(format!(
+            "{bad:?} is not an IP address"
+        )));
     }
     tokio::task::block_in_place(|| s.store.set_trunk(&t, &trunk))?;
     trunk.password = trunk.password.map(|_| "********".into());

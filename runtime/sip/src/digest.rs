@@ -343,7 +343,11 @@ mod tests {
                 .unwrap_or_else(|| panic!("cannot answer {ch}"));
             let c = parse_credentials(&value).unwrap_or_else(|| panic!("{value}"));
             let lookup = |a: Algorithm| Some(ha1(a, "alice", "acme", "s3cret"));
-            assert_eq!(auth.verify(&c, "INVITE", "acme", now, lookup), Ok(()), "{value}");
+            assert_eq!(
+                auth.verify(&c, "INVITE", "acme", now, lookup),
+                Ok(()),
+                "{value}"
+            );
         }
         let other = Authenticator::new();
         assert!(!other.nonce_ok(&auth.nonce(now), now));

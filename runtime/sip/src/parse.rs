@@ -120,8 +120,7 @@ fn parse_head(head: &str) -> Result<Message, ParseError> {
             // read the headers so the request can be answered with 400.
             let words: Vec<&str> = start.split_ascii_whitespace().collect();
             match words.as_slice() {
-                [method, uri @ .., version] if is_token(method) && version.starts_with("SIP/") =>
-                {
+                [method, uri @ .., version] if is_token(method) && version.starts_with("SIP/") => {
                     bad = Some(e.reason);
                     Message::Request(Request::new(Method::from_token(method), uri.join(" ")))
                 }

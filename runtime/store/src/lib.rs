@@ -8,7 +8,8 @@
 //! whatever the API acknowledged survives a crash.
 
 use plugboard_core::{
-    Address, Error, Grants, Interaction, PluginInfo, PluginVersion, SipUser, Tenant, TenantKv, Trunk,
+    Address, Error, Grants, Interaction, PluginInfo, PluginVersion, SipUser, Tenant, TenantKv,
+    Trunk,
 };
 use sha2::{Digest, Sha256};
 use std::path::Path;

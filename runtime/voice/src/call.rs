@@ -442,8 +442,11 @@ impl Call {
                 Action::Hangup => self.hangup_by_flow("flow hung up"),
                 Action::Transfer { target } if target.starts_with("queue:") => {
                     let queue = target.trim_start_matches("queue:").to_string();
-                    self.note("parked", json!({"queue": queue, "priority": 0, "skills": [],
-                        "note": "transferred to a queue: waiting with music on hold (no ACD yet)"}));
+                    self.note(
+                        "parked",
+                        json!({"queue": queue, "priority": 0, "skills": [],
+                        "note": "transferred to a queue: waiting with music on hold (no ACD yet)"}),
+                    );
                     self.doing = Doing::Parked;
                 }
                 Action::Transfer { target } => self.start_dial(target, None, 30, true),
@@ -465,10 +468,21 @@ impl Call {
     }
 
     /// Calls out on a new leg; the caller hears ringback meanwhile.
-    fn start_dial(&mut self, target: String, caller_id: Option<String>, timeout_secs: u32, transfer: bool) {
+    fn start_dial(
+        &mut self,
+        target: String,
+        caller_id: Option<String>,
+        timeout_secs: u32,
+        transfer: bool,
+    ) {
         let Some(sockets) = self.pool.take() else {
-            self.note("dial_failed", json!({"target": target, "reason": "no free RTP ports"}));
-            self.dispatch(Event::DialResult { outcome: "failed".into() });
+            self.note(
+                "dial_failed",
+                json!({"target": target, "reason": "no free RTP ports"}),
+            );
+            self.dispatch(Event::DialResult {
+                outcome: "failed".into(),
+            });
             return;
         };
         let local = plugboard_media::sdp::LocalMedia {
@@ -477,7 +491,8 @@ impl Call {
             session_id: u64::from(seed()),
             version: 1,
         };
-        let offer = plugboard_media::sdp::offer(&local, 101, plugboard_media::sdp::Direction::SendRecv);
+        let offer =
+            plugboard_media::sdp::offer(&local, 101, plugboard_media::sdp::Direction::SendRecv);
         let key: DialogKey = (
             format!("{}@plugboard", plugboard_sip::random_token()),
             plugboard_sip::random_token(),
@@ -487,7 +502,8 @@ impl Call {
             .as_ref()
             .map(|s| s.interaction.tenant.clone())
             .unwrap_or_default();
-        let caller_id = caller_id.or_else(|| self.session.as_ref().map(|s| s.interaction.from.clone()));
+        let caller_id =
+            caller_id.or_else(|| self.session.as_ref().map(|s| s.interaction.from.clone()));
         self.note(
             if transfer { "transfer" } else { "dial" },
             json!({"target": target, "leg_call_id": key.0}),
@@ -531,7 +547,10 @@ impl Call {
                 leg.payload_type = n.payload_type;
                 leg.law = n.law;
                 let target = leg.target.clone();
-                self.note("dial_answered", json!({"target": target, "codec": n.law.name()}));
+                self.note(
+                    "dial_answered",
+                    json!({"target": target, "codec": n.law.name()}),
+                );
                 self.doing = Doing::Bridged;
             }
             LegEvent::Failed(status, reason) => {
@@ -546,7 +565,9 @@ impl Call {
                     "dial_failed",
                     json!({"target": target, "status": status, "reason": reason, "outcome": outcome}),
                 );
-                self.dispatch(Event::DialResult { outcome: outcome.into() });
+                self.dispatch(Event::DialResult {
+                    outcome: outcome.into(),
+                });
             }
             LegEvent::Hangup => {
                 let (target, transfer) = (leg.target.clone(), leg.transfer);
@@ -555,7 +576,9 @@ impl Call {
                 if transfer {
                     self.hangup_by_flow("transferred call ended");
                 } else {
-                    self.dispatch(Event::DialResult { outcome: "completed".into() });
+                    self.dispatch(Event::DialResult {
+                        outcome: "completed".into(),
+                    });
                 }
             }
         }
@@ -666,7 +689,8 @@ impl Call {
                 for s in frame.iter_mut() {
                     let t = self.ring_phase % 40_000;
                     *s = if t < 8000 {
-                        ((t as f32 * 2.0 * std::f32::consts::PI * 425.0 / 8000.0).sin() * 6000.0) as i16
+                        ((t as f32 * 2.0 * std::f32::consts::PI * 425.0 / 8000.0).sin() * 6000.0)
+                            as i16
                     } else {
                         0
                     };

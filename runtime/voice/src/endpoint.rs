@@ -687,7 +687,10 @@ impl Endpoint {
                 id,
                 &req,
                 403,
-                Some(format!("{} is not one of the tenant's trunks", from.addr.ip())),
+                Some(format!(
+                    "{} is not one of the tenant's trunks",
+                    from.addr.ip()
+                )),
             );
         }
         let offer = match sdp_body(&req) {
@@ -1070,7 +1073,10 @@ impl Endpoint {
                 .iter()
                 .find(|t| t.name == "default")
                 .or(trunks.first())
-                .ok_or((503, "the tenant has no trunk for outbound calls".to_string()))?;
+                .ok_or((
+                    503,
+                    "the tenant has no trunk for outbound calls".to_string(),
+                ))?;
             let creds = match (&trunk.username, &trunk.password) {
                 (Some(u), Some(p)) => Some((u.clone(), p.clone())),
                 _ => None,
@@ -1124,7 +1130,11 @@ impl Endpoint {
         let mut invite = Request::new(Method::Invite, uri.clone());
         invite.headers.push(
             "Via",
-            format!("SIP/2.0/UDP {};branch={};rport", self.sip_addr, new_branch()),
+            format!(
+                "SIP/2.0/UDP {};branch={};rport",
+                self.sip_addr,
+                new_branch()
+            ),
         );
         invite.headers.push("Max-Forwards", "70");
         invite.headers.push(
@@ -1188,7 +1198,11 @@ impl Endpoint {
             let mut ack = Request::new(Method::Ack, target);
             ack.headers.push(
                 "Via",
-                format!("SIP/2.0/UDP {};branch={};rport", self.sip_addr, new_branch()),
+                format!(
+                    "SIP/2.0/UDP {};branch={};rport",
+                    self.sip_addr,
+                    new_branch()
+                ),
             );
             ack.headers.push("Max-Forwards", "70");
             if let Some(from) = leg.invite.headers.get("From") {
@@ -1241,7 +1255,11 @@ impl Endpoint {
                 let mut invite = leg.invite.clone();
                 invite.headers.set(
                     "Via",
-                    format!("SIP/2.0/UDP {};branch={};rport", self.sip_addr, new_branch()),
+                    format!(
+                        "SIP/2.0/UDP {};branch={};rport",
+                        self.sip_addr,
+                        new_branch()
+                    ),
                 );
                 invite.headers.set("CSeq", format!("{} INVITE", leg.cseq));
                 invite.headers.set(
@@ -1293,7 +1311,11 @@ impl Endpoint {
         let mut bye = Request::new(Method::Bye, target);
         bye.headers.push(
             "Via",
-            format!("SIP/2.0/UDP {};branch={};rport", self.sip_addr, new_branch()),
+            format!(
+                "SIP/2.0/UDP {};branch={};rport",
+                self.sip_addr,
+                new_branch()
+            ),
         );
         bye.headers.push("Max-Forwards", "70");
         if let Some(from) = leg.invite.headers.get("From") {
