@@ -78,6 +78,9 @@ pub(crate) enum CallOut {
     HangupLeg(DialogKey),
 }
 
+/// Digest user name and password for a trunk.
+type Credentials = (String, String);
+
 /// What happens on an outbound leg.
 pub(crate) enum LegEvent {
     /// 180/183.
@@ -97,7 +100,7 @@ struct Leg {
     peer: Peer,
     call: mpsc::Sender<CallCmd>,
     cseq: u32,
-    creds: Option<(String, String)>,
+    creds: Option<Credentials>,
     auth_tries: u8,
     ringing: bool,
     /// To (with the far end's tag) and Contact, once answered.
@@ -1051,7 +1054,7 @@ impl Endpoint {
         &self,
         tenant: &str,
         target: &str,
-    ) -> Result<(String, Peer, Option<(String, String)>), (u16, String)> {
+    ) -> Result<(String, Peer, Option<Credentials>), (u16, String)> {
         let (uri, hostport, creds, transport) = if target.starts_with("sip:") {
             let u = plugboard_sip::Uri::parse(target).map_err(|e| (400, e.to_string()))?;
             let transport = match u.param("transport").flatten() {
