@@ -857,3 +857,91 @@ fn transfer_through_a_trunk_with_digest_bridges_media_both_ways() -> Result<()> 
     assert!(media["packets_sent"].as_u64().unwrap() > 150, "{media}");
     Ok(())
 }
+
+#[test]
+fn sip_info_dtmf_and_a_voicemail_recorded_to_wav() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = setup(&server);
+    sipp(&server, dir.path(), "info_dtmf", "15550100", "u1")?;
+    let doc = json!({
+        "name": "voicemail",
+        "start": "record",
+        "nodes": {
+            "record": {"type": "record", "prompt": "Please leave a message after the tone.",
+                       "max_secs": 3, "next": "thanks"},
+            "thanks": {"type": "say", "text": "Thank you. Goodbye.", "next": "end"},
+            "end": {"type": "hangup"}
+        }
+    });
+    let a = server.json("POST", "/v1/tenants/acme/flows/voicemail", &key, &doc);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/addresses/15550155",
+        &key,
+        &json!({"channel": "voice", "flow": "voicemail"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    sipp(&server, dir.path(), "voicemail", "15550155", "u1")?;
+    let calls = calls(&server, &key, 2);
+    let info_call = calls
+        .iter()
+        .find(|ix| ix["to"] == "15550100")
+        .expect("the INFO call");
+    let dtmf = timeline(info_call, "dtmf");
+    assert_eq!(
+        (&dtmf[0]["digit"], &dtmf[0]["source"]),
+        (&json!("9"), &json!("sip_info"))
+    );
+    let vm = calls
+        .iter()
+        .find(|ix| ix["to"] == "15550155")
+        .expect("the voicemail call");
+    let rec = &timeline(vm, "recording")[0];
+    let duration = rec["duration_ms"].as_u64().unwrap();
+    assert!((2900..=3100).contains(&duration), "{rec}");
+    let events = timeline(vm, "event");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["type"] == "recorded" && e["id"] == rec["id"]),
+        "{events:?}"
+    );
+    // The WAV is served, 8 kHz mono, and holds the caller's audio.
+    let url = rec["url"].as_str().unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(format!("{}{url}", server.url()))
+        .header("Authorization", format!("Bearer {key}"))
+        .call()?;
+    assert_eq!(resp.status().as_u16(), 200);
+    let wav = resp.body_mut().read_to_vec()?;
+    assert_eq!(&wav[..4], b"RIFF");
+    assert_eq!(u32::from_le_bytes(wav[24..28].try_into().unwrap()), 8000);
+    let samples = wav_samples(&wav);
+    assert!(
+        (samples.len() as i64 - 24_000).abs() < 800,
+        "{}",
+        samples.len()
+    );
+    let rms = window_rms(&samples);
+    let loud = rms.iter().filter(|r| **r > 500.0).count();
+    // The capture is speech-like: about 60% of its 20 ms frames are loud.
+    assert!(
+        loud > rms.len() / 4,
+        "recording is silent: {loud} loud of {}",
+        rms.len()
+    );
+    // Another tenant cannot fetch it.
+    let other = server.tenant("other");
+    let resp = agent
+        .get(format!("{}{url}", server.url()))
+        .header("Authorization", format!("Bearer {other}"))
+        .call()?;
+    assert_eq!(resp.status().as_u16(), 403);
+    Ok(())
+}

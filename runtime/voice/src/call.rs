@@ -747,10 +747,15 @@ impl Call {
                 beep: None,
                 until: Some(until),
                 samples,
+                max,
                 ..
             } => {
-                samples.extend_from_slice(&heard);
-                now >= *until
+                // The limit counts media, not wall time (a late tick must
+                // not lengthen the recording); the terminator sets `until`.
+                let limit = (max.as_millis() as usize) * 8;
+                let room = limit.saturating_sub(samples.len());
+                samples.extend_from_slice(&heard[..heard.len().min(room)]);
+                now >= *until || samples.len() >= limit
             }
             _ => false,
         };

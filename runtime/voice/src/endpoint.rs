@@ -144,7 +144,7 @@ impl Drop for VoiceHandle {
     }
 }
 
-/// The methods the server answers (no registrar and no REFER yet).
+/// The methods the server answers (no REFER yet) and the bodies it reads.
 fn policy() -> UasPolicy {
     UasPolicy {
         allow: vec![
@@ -156,7 +156,14 @@ fn policy() -> UasPolicy {
             Method::Info,
             Method::Register,
         ],
-        ..UasPolicy::default()
+        supported: Vec::new(),
+        // SDP for calls, DTMF bodies for INFO.
+        accept: vec![
+            "application/sdp".into(),
+            "multipart/mixed".into(),
+            "application/dtmf-relay".into(),
+            "application/dtmf".into(),
+        ],
     }
 }
 

@@ -1,0 +1,272 @@
+#!/usr/bin/env python3
+"""Voice benchmark: Plugboard against SIPp on loopback, and Kamailio as a
+baseline for signalling CPU per call. Prints numbers; asserts nothing.
+
+1. Call rate: SIPp places calls at rising rates; each call is INVITE → 200 →
+   ACK → the flow speaks a short prompt and hangs up (one flow invocation) →
+   BYE. For each rate: calls, failures, server CPU-µs per call. The highest
+   rate with zero failures is reported.
+2. Concurrency: N calls each hearing a menu prompt (gather, listening for
+   DTMF) for 20 s. Server CPU (share of the 2 cores) in the steady part and
+   RTP send lateness (per-call p99 from the call records).
+3. Kamailio as a stateful proxy (t_relay) between a SIPp UAC and a SIPp UAS
+   at the same rates: its CPU-µs per call, and the ratio.
+
+Usage: scripts/bench-voice.sh (builds the release binary, then runs this).
+BENCH_QUICK=1 runs fewer steps.
+"""
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target/release/plugboard")
+SIPP_DIR = os.path.join(ROOT, "tests/sipp")
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    while True:
+        u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        u.bind(("127.0.0.1", 0))
+        port = u.getsockname()[1]
+        t = socket.socket()
+        try:
+            t.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            t.close()
+            u.close()
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def api(base, token, method, path, body=None, raw=None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read() or b"null")
+
+
+def sipp(args, cwd, timeout=300):
+    cmd = ["sipp", "-i", "127.0.0.1", "-nostdin", "-trace_stat", "-fd", "1"] + args
+    p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
+    out = p.stdout.decode(errors="replace")
+    stats = {"success": 0, "failed": 0}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if line.strip().startswith("Successful call") and len(cells) >= 3:
+            stats["success"] = int(cells[2].split()[0])
+        if line.strip().startswith("Failed call") and len(cells) >= 3:
+            stats["failed"] = int(cells[2].split()[0])
+    return stats, p.returncode
+
+
+def start_server(tmp):
+    http, sip = free_port(), free_port()
+    token = "bench-admin"
+    env = dict(os.environ, PLUGBOARD_ADMIN_TOKEN=token, RUST_LOG="warn")
+    proc = subprocess.Popen(
+        [BIN, "--data-dir", os.path.join(tmp, "data"), "serve", "--http", f"127.0.0.1:{http}",
+         "--sip", f"127.0.0.1:{sip}", "--rtp-ports", "20000-29999", "--max-concurrent", "64"],
+        env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "server.log"), "w"))
+    base = f"http://127.0.0.1:{http}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(base + "/healthz", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    key = api(base, token, "POST", "/v1/tenants", {"id": "bench"})["api_key"]
+    flows = {
+        "short": {"name": "short", "start": "hi", "nodes": {
+            "hi": {"type": "say", "text": "Hello.", "next": "end"},
+            "end": {"type": "hangup"}}},
+        "menu": {"name": "menu", "start": "menu", "nodes": {
+            "menu": {"type": "gather", "prompt": "For sales press 1. For support press 2. For anything else, stay on the line.",
+                     "var": "choice", "max_digits": 1, "timeout_ms": 60000, "next": "end", "no_input": "menu"},
+            "end": {"type": "hangup"}}},
+    }
+    for name, doc in flows.items():
+        api(base, key, "POST", f"/v1/tenants/bench/flows/{name}", doc)
+    api(base, key, "PUT", "/v1/tenants/bench/addresses/1000", {"channel": "voice", "flow": "short"})
+    api(base, key, "PUT", "/v1/tenants/bench/addresses/2000", {"channel": "voice", "flow": "menu"})
+    return proc, base, key, sip
+
+
+def concurrency(proc, base, key, sip, tmp, levels, hold_s=20):
+    print(f"\n## Concurrent calls, each hearing a menu prompt and listening for DTMF for {hold_s} s")
+    print(f"{'calls':>6} {'ok':>5} {'server CPU (of 2 cores)':>24} {'send lateness p99 (µs): median call':>36} {'worst call':>11}")
+    results = []
+    for n in levels:
+        ramp = max(n // 5, 1)
+        p = subprocess.Popen(
+            ["sipp", "-i", "127.0.0.1", "-nostdin", "-sf", os.path.join(SIPP_DIR, "bench_hold.xml"),
+             "-s", "2000", "-r", str(ramp), "-m", str(n), "-l", str(n), "-d", str(hold_s * 1000),
+             "-p", str(free_port()), "-mp", "45000", "-timeout", "180s", f"127.0.0.1:{sip}"],
+            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        time.sleep(5 + 3)  # ramp, then settle
+        t0, c0 = time.time(), cpu_ticks([proc.pid])
+        time.sleep(min(hold_s - 10, 10))
+        share = (cpu_ticks([proc.pid]) - c0) / TICKS / (time.time() - t0) / 2
+        out, _ = p.communicate(timeout=240)
+        ok = 0
+        for line in out.decode(errors="replace").splitlines():
+            if line.strip().startswith("Successful call"):
+                ok = int([c.strip() for c in line.split("|")][2].split()[0])
+        time.sleep(2)
+        ixs = api(base, key, "GET", f"/v1/tenants/bench/interactions?limit={n}")["interactions"]
+        p99s = sorted(e["data"]["send_lateness_us"]["p99"] for ix in ixs if ix["to"] == "2000"
+                      for e in ix["timeline"] if e["kind"] == "media")
+        med = p99s[len(p99s) // 2] if p99s else 0
+        worst = p99s[-1] if p99s else 0
+        print(f"{n:>6} {ok:>5} {share * 100:>23.0f}% {med:>36} {worst:>11}")
+        results.append((n, ok, share, med, worst))
+        time.sleep(3)
+    return results
+
+
+KAMAILIO_CFG = """#!KAMAILIO
+debug=0
+log_stderror=yes
+fork=yes
+children={children}
+listen=udp:127.0.0.1:{port}
+mpath="/usr/lib/x86_64-linux-gnu/kamailio/modules/"
+loadmodule "tm.so"
+loadmodule "sl.so"
+loadmodule "rr.so"
+loadmodule "maxfwd.so"
+loadmodule "pv.so"
+loadmodule "textops.so"
+loadmodule "siputils.so"
+request_route {{
+    if (!mf_process_maxfwd_header("10")) {{ sl_send_reply("483", "Too Many Hops"); exit; }}
+    if (has_totag()) {{
+        # SIPp's built-in UAC ignores Record-Route: route in-dialog
+        # requests to the UAS when they carry no Route.
+        if (!loose_route()) {{ $du = "sip:127.0.0.1:{uas}"; }}
+        t_relay(); exit;
+    }}
+    if (is_method("CANCEL")) {{ if (t_check_trans()) {{ t_relay(); }} exit; }}
+    record_route();
+    $du = "sip:127.0.0.1:{uas}";
+    if (!t_relay()) {{ sl_reply_error(); }}
+}}
+"""
+
+
+def kamailio(tmp, rates, ours):
+    exe = shutil.which("kamailio")
+    if not exe:
+        print("\nkamailio not installed (apt-get install kamailio): baseline skipped")
+        return
+    port, uas = free_port(), free_port()
+    cfg = os.path.join(tmp, "kamailio.cfg")
+    with open(cfg, "w") as f:
+        f.write(KAMAILIO_CFG.format(port=port, uas=uas, children=2))
+    pidfile = os.path.join(tmp, "kamailio.pid")
+    k = subprocess.Popen([exe, "-f", cfg, "-P", pidfile, "-DD", "-E", "-m", "256", "-M", "16"],
+                         stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "kamailio.log"), "w"))
+    time.sleep(2)
+    if k.poll() is not None:
+        print("\nkamailio did not start; see", os.path.join(tmp, "kamailio.log"))
+        return
+    uas_p = subprocess.Popen(["sipp", "-i", "127.0.0.1", "-nostdin", "-sn", "uas", "-p", str(uas), "-bg"],
+                             cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+
+    def kam_pids():
+        out = subprocess.run(["pgrep", "-f", f"kamailio -f {cfg}"], stdout=subprocess.PIPE).stdout.decode()
+        return [int(x) for x in out.split()]
+
+    print("\n## Kamailio 5 as a stateful proxy (t_relay, record-route), SIPp UAC → Kamailio → SIPp UAS")
+    print(f"{'rate/s':>7} {'ok':>6} {'failed':>6} {'Kamailio CPU-µs/call':>21} {'Plugboard / Kamailio':>21}")
+    for rate in rates:
+        calls = rate * (3 if QUICK else 6)
+        pids = kam_pids()
+        before = cpu_ticks(pids)
+        stats, _ = sipp(["-sn", "uac", "-s", "1000", "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
+                         "-d", "200", "-p", str(free_port()), "-timeout", "120s", f"127.0.0.1:{port}"], tmp)
+        per_call = (cpu_ticks(pids) - before) / TICKS * 1e6 / max(stats["success"], 1)
+        mine = ours.get(rate)
+        ratio = f"{mine / per_call:.1f}x" if mine and per_call > 0 else "-"
+        print(f"{rate:>7} {stats['success']:>6} {stats['failed']:>6} {per_call:>21.0f} {ratio:>21}")
+        time.sleep(1)
+    k.send_signal(signal.SIGTERM)
+    subprocess.run(["pkill", "-f", f"sipp .* -p {uas}"])
+    try:
+        k.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        k.kill()
+
+
+def main():
+    if not os.path.exists(BIN):
+        sys.exit(f"{BIN} missing: cargo build --release --bin plugboard")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    print(f"# Plugboard voice benchmark ({os.cpu_count()} cores, loopback, SIPp {subprocess.run(['sipp', '-v'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout.decode().split()[1]})")
+    tmp = tempfile.mkdtemp(prefix="pb-bench-")
+    proc, base, key, sip = start_server(tmp)
+    try:
+        # Warm the TTS cache and the compiled flow.
+        sipp(["-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000", "-m", "2",
+              "-p", str(free_port()), "-mp", "39000", f"127.0.0.1:{sip}"], tmp)
+        rates = [50, 100, 200] if QUICK else [50, 100, 200, 300, 400, 500, 600, 800, 1000]
+        ours = {}
+        best = None
+        print("\n## Call rate (INVITE → 200 → ACK → prompt \"Hello.\" → our BYE; 1 flow invocation/call)")
+        print(f"{'rate/s':>7} {'calls':>6} {'ok':>6} {'failed':>6} {'server CPU-µs/call':>19}")
+        for rate in rates:
+            calls = rate * (3 if QUICK else 6)
+            before = cpu_ticks([proc.pid])
+            stats, _ = sipp(["-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000",
+                             "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
+                             "-p", str(free_port()), "-mp", str(40000 + (rate % 97) * 20),
+                             "-timeout", "120s", f"127.0.0.1:{sip}"], tmp)
+            per_call = (cpu_ticks([proc.pid]) - before) / TICKS * 1e6 / max(stats["success"], 1)
+            ours[rate] = per_call
+            print(f"{rate:>7} {calls:>6} {stats['success']:>6} {stats['failed']:>6} {per_call:>19.0f}")
+            if stats["failed"] or stats["success"] != calls:
+                break
+            best = rate
+            time.sleep(2)
+        print(f"\nhighest rate with zero failed calls: {best} calls/s")
+        levels = [100, 250] if QUICK else [250, 500, 1000]
+        concurrency(proc, base, key, sip, tmp, levels)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    kamailio(tmp, [r for r in rates if r in ours and (best is None or r <= best)], ours)
+    print(f"\n(work files in {tmp})")
+
+
+if __name__ == "__main__":
+    main()
