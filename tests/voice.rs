@@ -120,6 +120,10 @@ fn sipp_call_hears_menu_presses_9_and_the_flow_hangs_up_udp_and_tcp() -> Result<
     let dir = tempfile::tempdir()?;
     let server = Server::start(&dir.path().join("data"), &[])?;
     let key = setup(&server);
+    // The tenant's own TTS hook (a `tts` plugin named `tts`) rewrites what
+    // is spoken before the built-in engine speaks it.
+    let a = server.deploy("acme", &key, "tts", plugin("speak_digits_tts"));
+    assert_eq!(a.status, 201, "{:?}", a.body);
     for transport in ["u1", "t1"] {
         sipp(&server, dir.path(), "ivr_dtmf", "15550100", transport)?;
     }
@@ -149,6 +153,13 @@ fn sipp_call_hears_menu_presses_9_and_the_flow_hangs_up_udp_and_tcp() -> Result<
         assert!(media["packets_sent"].as_u64().unwrap() > 50, "{media}");
         assert!(media["packets_received"].as_u64().unwrap() > 0, "{media}");
         assert!(timeline(ix, "tts_failed").is_empty(), "TTS must work");
+        let hooked = timeline(ix, "tts_plugin");
+        assert!(
+            hooked.iter().any(|h| h["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("Welcome to Acme"))),
+            "the tenant's tts plugin ran: {hooked:?}"
+        );
     }
     let signalling: Vec<String> = calls
         .iter()

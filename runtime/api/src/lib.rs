@@ -29,7 +29,7 @@ mod metrics;
 mod session;
 
 pub use metrics::Metrics;
-pub use session::{FlowSession, SessionStart, Step};
+pub use session::{FlowSession, SessionStart, Step, TTS_PLUGIN};
 
 /// An API error: HTTP status, stable code, human message.
 #[derive(Debug)]

@@ -133,6 +133,59 @@ impl AppState {
     }
 }
 
+/// The name of the tenant plugin that speaks for the tenant's calls when
+/// it exists and is a `tts` plugin.
+pub const TTS_PLUGIN: &str = "tts";
+
+impl AppState {
+    /// Runs the tenant's `tts` plugin (if it has one) on a text to speak:
+    /// `None` without such a plugin, else its audio, its rewritten text, or
+    /// the failure (the caller then uses the built-in engine).
+    pub async fn tenant_tts(
+        self: &Arc<Self>,
+        tenant: &str,
+        text: &str,
+        voice: Option<&str>,
+        language: Option<&str>,
+    ) -> Option<Result<plugboard_host::TtsOutput, String>> {
+        let info = self.store.plugin(tenant, TTS_PLUGIN).ok().flatten()?;
+        if info.kind != PluginKind::Tts {
+            return None;
+        }
+        let t = self.store.tenant(tenant).ok().flatten()?;
+        let plugin = match self.loaded_version(tenant, TTS_PLUGIN, info.active_version) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(e.message)),
+        };
+        let env = PluginEnv {
+            tenant: tenant.to_string(),
+            plugin: TTS_PLUGIN.to_string(),
+            grants: info.grants.clone(),
+            config: self.store.config(tenant, TTS_PLUGIN).unwrap_or_default(),
+            limits: self.limits_for(&t),
+            kv: Some(Arc::new(KvAdapter(self.store.clone()))),
+            time_zone: t.time_zone.clone(),
+            utc_offset_minutes: utc_offset_minutes(&t.time_zone, now_ms()),
+            now_ms: None,
+        };
+        let host = self.host.clone();
+        let (text, voice, language) = (
+            text.to_string(),
+            voice.map(str::to_string),
+            language.map(str::to_string),
+        );
+        let permit = self.permits.clone().acquire_owned().await;
+        let report = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            host.invoke_tts(&plugin, env, &text, voice.as_deref(), language.as_deref())
+        })
+        .await
+        .ok()?;
+        self.metrics.observe(tenant, TTS_PLUGIN, "tts", &report);
+        Some(report.outcome.map_err(|e| e.to_string()))
+    }
+}
+
 impl FlowSession {
     /// Adds a timeline entry and publishes it on the event stream.
     pub fn note(&mut self, kind: &str, data: Value) {

@@ -347,10 +347,10 @@ impl Call {
         self.queue.clear();
         self.doing = Doing::Nothing;
         let tts = self.tts.clone();
-        let tenant = session.interaction.tenant.clone();
+        let app = self.app.clone();
         self.flow_task = Some(tokio::spawn(async move {
             let step = session.handle(event).await;
-            let prepared = prepare(&tts, &tenant, &step.actions, &mut session).await;
+            let prepared = prepare(&tts, &app, &step.actions, &mut session).await;
             (session, step, prepared)
         }));
     }
@@ -1012,12 +1012,63 @@ impl Call {
     }
 }
 
-/// Turns a flow's actions into playable audio: TTS for say and gather
-/// prompts, clips for play. A TTS failure is noted and replaced by a
-/// short tone so the caller is never left in unexplained silence.
+/// Speech for a text: the tenant's `tts` plugin first (finished audio, or
+/// text rewritten for the built-in engine), else espeak-ng.
+async fn speak(
+    tts: &Arc<Espeak>,
+    app: &Arc<AppState>,
+    session: &mut FlowSession,
+    text: String,
+    voice: Option<String>,
+    language: Option<String>,
+) -> Result<Arc<Vec<i16>>, String> {
+    let tenant = session.interaction.tenant.clone();
+    let (mut text, mut voice, mut language) = (text, voice, language);
+    match app
+        .tenant_tts(&tenant, &text, voice.as_deref(), language.as_deref())
+        .await
+    {
+        Some(Ok(plugboard_host::TtsOutput::Audio {
+            sample_rate,
+            samples,
+        })) => {
+            let f: Vec<f32> = samples.iter().map(|s| f32::from(*s) / 32768.0).collect();
+            let pcm = audio::resample(&f, sample_rate.clamp(4000, 192_000), audio::RATE)
+                .map_err(|e| e.to_string())?;
+            session.note("tts_plugin", json!({"audio_ms": pcm.len() / 8}));
+            return Ok(Arc::new(
+                pcm.iter()
+                    .map(|s| (s * 32768.0).clamp(-32768.0, 32767.0) as i16)
+                    .collect(),
+            ));
+        }
+        Some(Ok(plugboard_host::TtsOutput::Text {
+            text: t,
+            voice: v,
+            language: l,
+        })) => {
+            session.note("tts_plugin", json!({"text": t}));
+            text = t;
+            voice = v.or(voice);
+            language = l.or(language);
+        }
+        Some(Err(e)) => session.note("tts_plugin_failed", json!({"error": e})),
+        None => {}
+    }
+    let voice = voice_for(language.as_deref(), voice.as_deref());
+    let tts = tts.clone();
+    tokio::task::spawn_blocking(move || tts.speak(&text, &voice))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
+}
+
+/// Turns a flow's actions into playable audio: speech for say and gather
+/// prompts, clips for play. A failure is noted and replaced by a short
+/// tone so the caller is never left in unexplained silence.
 async fn prepare(
     tts: &Arc<Espeak>,
-    _tenant: &str,
+    app: &Arc<AppState>,
     actions: &[Action],
     session: &mut FlowSession,
 ) -> Vec<Prepared> {
@@ -1028,25 +1079,14 @@ async fn prepare(
                 text,
                 voice,
                 language,
-            } => Some((
-                text.clone(),
-                voice_for(language.as_deref(), voice.as_deref()),
-            )),
+            } => Some((text.clone(), voice.clone(), language.clone())),
             Action::Gather {
                 prompt: Some(p), ..
-            } => Some((
-                p.text.clone(),
-                voice_for(p.language.as_deref(), p.voice.as_deref()),
-            )),
+            } => Some((p.text.clone(), p.voice.clone(), p.language.clone())),
             _ => None,
         };
-        let audio = if let Some((text, voice)) = speech {
-            let tts = tts.clone();
-            let spoken = tokio::task::spawn_blocking(move || tts.speak(&text, &voice))
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()));
-            match spoken {
+        let audio = if let Some((text, voice, language)) = speech {
+            match speak(tts, app, session, text, voice, language).await {
                 Ok(a) => Some(a),
                 Err(e) => {
                     session.note("tts_failed", json!({"error": e}));
