@@ -82,7 +82,7 @@ fn setup(server: &Server) -> String {
     key
 }
 
-/// The newest voice interactions (waits for `n` closed ones).
+/// The newest voice interactions (waits for `n` finished ones).
 fn calls(server: &Server, key: &str, n: usize) -> Vec<Value> {
     let t0 = Instant::now();
     loop {
@@ -94,7 +94,7 @@ fn calls(server: &Server, key: &str, n: usize) -> Vec<Value> {
             .into_iter()
             .filter(|ix| ix["channel"] == "voice" && ix["simulated"] == false)
             .collect();
-        if all.iter().filter(|ix| ix["state"] == "closed").count() >= n
+        if all.iter().filter(|ix| !ix["closed_ms"].is_null()).count() >= n
             || t0.elapsed() > Duration::from_secs(20)
         {
             return all;
@@ -954,5 +954,40 @@ fn sip_info_dtmf_and_a_voicemail_recorded_to_wav() -> Result<()> {
         .header("Authorization", format!("Bearer {other}"))
         .call()?;
     assert_eq!(resp.status().as_u16(), 403);
+    Ok(())
+}
+
+#[test]
+fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = server.tenant("acme");
+    let a = server.deploy("acme", &key, "broken", plugin("hostile"));
+    assert_eq!(a.status, 201, "{a:?}");
+    for (path, body) in [
+        ("/v1/tenants/acme/plugins/broken/config", json!({"mode": "loop"})),
+        (
+            "/v1/tenants/acme/addresses/15550166",
+            json!({"channel": "voice", "flow": "broken"}),
+        ),
+    ] {
+        let a = server.json("PUT", path, &key, &body);
+        assert_eq!(a.status, 200, "{path}: {a:?}");
+    }
+    // The caller stays 6 s, then hangs up.
+    sipp_with(&server, dir.path(), "bench_hold", "15550166", "u1", &["-d", "6000"])?;
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    let errors = timeline(ix, "error");
+    assert_eq!(errors[0]["code"], "plugin_timeout", "{errors:?}");
+    let fallback = timeline(ix, "fallback");
+    let said = fallback[0]["actions"][0]["text"].as_str().unwrap_or("");
+    assert!(said.contains("sorry"), "{fallback:?}");
+    assert_eq!(timeline(ix, "parked").len(), 1, "parked with music, not dead air");
+    let media = &timeline(ix, "media")[0];
+    // Apology and hold music were sent for the whole call (~50 packets/s).
+    assert!(media["packets_sent"].as_u64().unwrap() > 250, "{media}");
+    assert_eq!(timeline(ix, "hangup")[0]["by"], "caller");
+    assert_eq!(ix["state"], "queued");
     Ok(())
 }
