@@ -125,7 +125,15 @@ pub fn beep() -> Vec<i16> {
 
 /// Built-in music on hold: a slow, soft arpeggio (C major, A minor, F, G)
 /// with a gentle fade on each note, about 8 s long, meant to loop.
-pub fn music_on_hold() -> Vec<i16> {
+/// Synthesised once per process and shared.
+pub fn music_on_hold() -> std::sync::Arc<Vec<i16>> {
+    static MUSIC: std::sync::OnceLock<std::sync::Arc<Vec<i16>>> = std::sync::OnceLock::new();
+    MUSIC
+        .get_or_init(|| std::sync::Arc::new(synthesise_hold_music()))
+        .clone()
+}
+
+fn synthesise_hold_music() -> Vec<i16> {
     const CHORDS: [[f32; 3]; 4] = [
         [261.63, 329.63, 392.00],
         [220.00, 261.63, 329.63],

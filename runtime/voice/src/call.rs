@@ -24,7 +24,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::VoiceConfig;
 use crate::endpoint::{CallOut, DialogKey, Input, LegEvent};
-use crate::ports::{MediaSockets, PortPool};
+use crate::ports::{MediaSockets, PortPair, PortPool};
 
 /// What the endpoint tells a call.
 pub(crate) enum CallCmd {
@@ -58,7 +58,7 @@ struct OutLeg {
 pub(crate) struct CallSpec {
     pub key: DialogKey,
     pub session: FlowSession,
-    pub media: MediaSockets,
+    pub media: PortPair,
     pub negotiated: Negotiated,
     pub cmds: mpsc::Receiver<CallCmd>,
     pub endpoint: mpsc::Sender<Input>,
@@ -182,6 +182,16 @@ pub(crate) async fn run(spec: CallSpec) {
         pool,
         self_tx,
     } = spec;
+    // The sockets belong to the runtime this task runs on (the media one).
+    let media = match media.register() {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::error!("cannot register RTP sockets: {e}");
+            let _ = endpoint.send(Input::Call(CallOut::Hangup(key.clone()))).await;
+            let _ = endpoint.send(Input::Call(CallOut::Ended(key))).await;
+            return;
+        }
+    };
     let now = Instant::now();
     let mut call = Call {
         key,
@@ -202,7 +212,7 @@ pub(crate) async fn run(spec: CallSpec) {
         queue: VecDeque::new(),
         doing: Doing::Nothing,
         typeahead: String::new(),
-        hold_music: Arc::new(audio::music_on_hold()),
+        hold_music: audio::music_on_hold(),
         moh: 0,
         confirmed: false,
         started: now,
@@ -475,7 +485,7 @@ impl Call {
         timeout_secs: u32,
         transfer: bool,
     ) {
-        let Some(sockets) = self.pool.take() else {
+        let Some(sockets) = self.pool.take().and_then(|p| p.register().ok()) else {
             self.note(
                 "dial_failed",
                 json!({"target": target, "reason": "no free RTP ports"}),
@@ -1127,7 +1137,7 @@ fn load_clip(url: &str) -> Result<Arc<Vec<i16>>, String> {
     let mut parts = url.split(':');
     let clip = match parts.next().unwrap_or("") {
         "beep" => audio::beep(),
-        "hold-music" | "moh" => audio::music_on_hold(),
+        "hold-music" | "moh" => return Ok(audio::music_on_hold()),
         "silence" => audio::silence(num(parts.next())?.min(600_000)),
         "tone" => {
             let hz = num(parts.next())?;

@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::call::{self, CallCmd, CallSpec};
-use crate::ports::{MediaSockets, PortPool};
+use crate::ports::{PortPair, PortPool};
 use crate::{VoiceConfig, VoiceError};
 
 /// A dialog: Call-ID and our tag.
@@ -238,6 +238,7 @@ pub(crate) async fn start(
     }
     let ip = config.advertised_ip();
     let pool = PortPool::new(config.sip.ip(), lo, hi);
+
     let endpoint = Endpoint {
         tx: Transactions::new(TimerConfig::default()),
         policy: policy(),
@@ -833,7 +834,7 @@ impl Endpoint {
         &self,
         key: DialogKey,
         session: plugboard_api::FlowSession,
-        media: MediaSockets,
+        media: PortPair,
         negotiated: Negotiated,
         (self_tx, cmds): (mpsc::Sender<CallCmd>, mpsc::Receiver<CallCmd>),
         local: LocalMedia,

@@ -6,7 +6,43 @@ use std::sync::{Arc, Mutex};
 
 use tokio::net::UdpSocket;
 
-/// A pair of bound sockets; the ports go back to the pool on drop.
+/// Returns its port to the pool when dropped.
+struct PortGuard {
+    port: u16,
+    pool: Arc<Mutex<VecDeque<u16>>>,
+}
+
+impl Drop for PortGuard {
+    fn drop(&mut self) {
+        if let Ok(mut p) = self.pool.lock() {
+            p.push_back(self.port);
+        }
+    }
+}
+
+/// A bound RTP/RTCP pair, not yet registered with a runtime: it is handed
+/// to the media runtime, which registers it there.
+pub struct PortPair {
+    rtp: std::net::UdpSocket,
+    rtcp: std::net::UdpSocket,
+    /// The RTP port.
+    pub port: u16,
+    guard: PortGuard,
+}
+
+impl PortPair {
+    /// Registers the sockets with the current tokio runtime.
+    pub fn register(self) -> std::io::Result<MediaSockets> {
+        Ok(MediaSockets {
+            rtp: UdpSocket::from_std(self.rtp)?,
+            rtcp: UdpSocket::from_std(self.rtcp)?,
+            port: self.port,
+            _guard: self.guard,
+        })
+    }
+}
+
+/// A pair of sockets in use by a call; the ports go back to the pool on drop.
 pub struct MediaSockets {
     /// RTP.
     pub rtp: UdpSocket,
@@ -14,15 +50,7 @@ pub struct MediaSockets {
     pub rtcp: UdpSocket,
     /// The RTP port.
     pub port: u16,
-    pool: Arc<Mutex<VecDeque<u16>>>,
-}
-
-impl Drop for MediaSockets {
-    fn drop(&mut self) {
-        if let Ok(mut p) = self.pool.lock() {
-            p.push_back(self.port);
-        }
-    }
+    _guard: PortGuard,
 }
 
 /// Free even ports of the configured range.
@@ -50,22 +78,24 @@ impl PortPool {
 
     /// Binds the next free pair (ports taken by other programs are skipped
     /// and returned to the end of the queue).
-    pub fn take(&self) -> Option<MediaSockets> {
+    pub fn take(&self) -> Option<PortPair> {
         let n = self.available();
         for _ in 0..n {
             let port = self.free.lock().ok()?.pop_front()?;
             let bind = |p: u16| {
                 std::net::UdpSocket::bind(SocketAddr::new(self.ip, p))
                     .and_then(|s| s.set_nonblocking(true).map(|_| s))
-                    .and_then(UdpSocket::from_std)
             };
             match (bind(port), bind(port + 1)) {
                 (Ok(rtp), Ok(rtcp)) => {
-                    return Some(MediaSockets {
+                    return Some(PortPair {
                         rtp,
                         rtcp,
                         port,
-                        pool: self.free.clone(),
+                        guard: PortGuard {
+                            port,
+                            pool: self.free.clone(),
+                        },
                     });
                 }
                 _ => {
