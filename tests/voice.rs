@@ -965,7 +965,10 @@ fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
     let a = server.deploy("acme", &key, "broken", plugin("hostile"));
     assert_eq!(a.status, 201, "{a:?}");
     for (path, body) in [
-        ("/v1/tenants/acme/plugins/broken/config", json!({"mode": "loop"})),
+        (
+            "/v1/tenants/acme/plugins/broken/config",
+            json!({"mode": "loop"}),
+        ),
         (
             "/v1/tenants/acme/addresses/15550166",
             json!({"channel": "voice", "flow": "broken"}),
@@ -975,7 +978,14 @@ fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
         assert_eq!(a.status, 200, "{path}: {a:?}");
     }
     // The caller stays 6 s, then hangs up.
-    sipp_with(&server, dir.path(), "bench_hold", "15550166", "u1", &["-d", "6000"])?;
+    sipp_with(
+        &server,
+        dir.path(),
+        "bench_hold",
+        "15550166",
+        "u1",
+        &["-d", "6000"],
+    )?;
     let calls = calls(&server, &key, 1);
     let ix = &calls[0];
     let errors = timeline(ix, "error");
@@ -983,7 +993,11 @@ fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
     let fallback = timeline(ix, "fallback");
     let said = fallback[0]["actions"][0]["text"].as_str().unwrap_or("");
     assert!(said.contains("sorry"), "{fallback:?}");
-    assert_eq!(timeline(ix, "parked").len(), 1, "parked with music, not dead air");
+    assert_eq!(
+        timeline(ix, "parked").len(),
+        1,
+        "parked with music, not dead air"
+    );
     let media = &timeline(ix, "media")[0];
     // Apology and hold music were sent for the whole call (~50 packets/s).
     assert!(media["packets_sent"].as_u64().unwrap() > 250, "{media}");

@@ -187,7 +187,9 @@ pub(crate) async fn run(spec: CallSpec) {
         Ok(m) => m,
         Err(e) => {
             tracing::error!("cannot register RTP sockets: {e}");
-            let _ = endpoint.send(Input::Call(CallOut::Hangup(key.clone()))).await;
+            let _ = endpoint
+                .send(Input::Call(CallOut::Hangup(key.clone())))
+                .await;
             let _ = endpoint.send(Input::Call(CallOut::Ended(key))).await;
             return;
         }
