@@ -1005,3 +1005,57 @@ fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
     assert_eq!(ix["state"], "queued");
     Ok(())
 }
+
+#[test]
+fn an_agent_passes_the_caller_on_with_refer() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = server.tenant("acme");
+    let (first, second) = (free_sip_port(), free_sip_port());
+    deploy_transfer_flow(
+        &server,
+        &key,
+        "+15550177",
+        &format!("sip:agent@127.0.0.1:{first}"),
+    );
+    let next = format!("127.0.0.1:{second}");
+    let agent1 = sipp_uas(
+        dir.path(),
+        "agent_refer",
+        first,
+        &["-key", "next_agent", &next],
+    )?;
+    let agent2 = sipp_uas(dir.path(), "agent", second, &[])?;
+    // The caller presses 1 and waits for our BYE (after agent 2 hangs up).
+    let caller = std::fs::read_to_string(root().join("tests/sipp/ivr_dtmf.xml"))?
+        .replace("dtmf_2833_9", "dtmf_2833_1");
+    std::fs::write(dir.path().join("caller1.xml"), caller)?;
+    let local = free_sip_port();
+    let out = Command::new("sipp")
+        .current_dir(dir.path())
+        .arg("-sf")
+        .arg(dir.path().join("caller1.xml"))
+        .args(["-s", "15550177", "-m", "1", "-i", "127.0.0.1"])
+        .args(["-p", &local.to_string(), "-mp", "46000"])
+        .args(["-timeout", "60s", "-trace_err", "-nostdin"])
+        .arg(format!("127.0.0.1:{}", server.sip_port))
+        .output()?;
+    assert!(out.status.success(), "caller failed");
+    wait_ok(agent1, "agent 1 (REFER)")?;
+    wait_ok(agent2, "agent 2")?;
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    let refer = timeline(ix, "refer");
+    assert_eq!(
+        refer[0]["target"],
+        format!("sip:agent2@{next}"),
+        "{refer:?}"
+    );
+    assert_eq!(
+        timeline(ix, "dial_answered").len(),
+        2,
+        "both agents answered"
+    );
+    assert_eq!(ix["attributes"]["hangup_cause"], "transferred call ended");
+    Ok(())
+}

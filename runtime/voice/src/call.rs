@@ -36,8 +36,8 @@ pub(crate) enum CallCmd {
     Media(Negotiated),
     /// The caller left (BYE, CANCEL, no ACK).
     RemoteHangup(String),
-    /// Something happened on our outbound leg.
-    Leg(LegEvent),
+    /// Something happened on an outbound leg.
+    Leg(DialogKey, LegEvent),
 }
 
 /// The other leg of a bridged call (dial, transfer).
@@ -327,7 +327,7 @@ impl Call {
                     Some(CallCmd::RemoteHangup(why)) => {
                         self.ended = Some((why, "caller"));
                     }
-                    Some(CallCmd::Leg(ev)) => self.on_leg(ev),
+                    Some(CallCmd::Leg(key, ev)) => self.on_leg(key, ev),
                     None => self.ended = Some(("endpoint gone".into(), "system")),
                 },
                 r = recv_or_pending(&mut self.flow_task) => {
@@ -544,8 +544,9 @@ impl Call {
         self.doing = Doing::Dialing;
     }
 
-    fn on_leg(&mut self, ev: LegEvent) {
-        let Some(leg) = self.leg.as_mut() else {
+    fn on_leg(&mut self, key: DialogKey, ev: LegEvent) {
+        // Events of a leg we already left (after a REFER) are stale.
+        let Some(leg) = self.leg.as_mut().filter(|l| l.key == key) else {
             return;
         };
         match ev {
@@ -580,6 +581,15 @@ impl Call {
                 self.dispatch(Event::DialResult {
                     outcome: outcome.into(),
                 });
+            }
+            LegEvent::Refer(target) => {
+                // The agent passes the caller on: the agent's leg is left
+                // to end (its BYE follows) and the caller is connected to
+                // the new target.
+                let from = leg.target.clone();
+                self.leg = None;
+                self.note("refer", json!({"from": from, "target": target}));
+                self.start_dial(target, None, 30, true);
             }
             LegEvent::Hangup => {
                 let (target, transfer) = (leg.target.clone(), leg.transfer);

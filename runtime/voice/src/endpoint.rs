@@ -91,6 +91,8 @@ pub(crate) enum LegEvent {
     Failed(u16, String),
     /// The far end hung up.
     Hangup,
+    /// The far end asked for a blind transfer (REFER) to this target.
+    Refer(String),
 }
 
 /// An outbound leg: we are the UAC.
@@ -144,7 +146,7 @@ impl Drop for VoiceHandle {
     }
 }
 
-/// The methods the server answers (no REFER yet) and the bodies it reads.
+/// The methods the server answers and the bodies it reads.
 fn policy() -> UasPolicy {
     UasPolicy {
         allow: vec![
@@ -155,11 +157,14 @@ fn policy() -> UasPolicy {
             Method::Options,
             Method::Info,
             Method::Register,
+            Method::Refer,
+            Method::Notify,
         ],
         supported: Vec::new(),
         // SDP for calls, DTMF bodies for INFO.
         accept: vec![
             "application/sdp".into(),
+            "message/sipfrag".into(),
             "multipart/mixed".into(),
             "application/dtmf-relay".into(),
             "application/dtmf".into(),
@@ -467,10 +472,10 @@ impl Endpoint {
                 if let Some(key) = self.leg_tx.remove(&id)
                     && let Some(leg) = self.legs.remove(&key)
                 {
-                    let _ = leg.call.try_send(CallCmd::Leg(LegEvent::Failed(
-                        408,
-                        "no answer from the far end".into(),
-                    )));
+                    let _ = leg.call.try_send(CallCmd::Leg(
+                        key,
+                        LegEvent::Failed(408, "no answer from the far end".into()),
+                    ));
                 }
             }
         }
@@ -498,7 +503,7 @@ impl Endpoint {
                 if let Some(leg) = self.legs.remove(&key) {
                     self.leg_tx.remove(&leg.tx);
                     self.respond(id, reply(&req, 200, "OK", None));
-                    let _ = leg.call.try_send(CallCmd::Leg(LegEvent::Hangup));
+                    let _ = leg.call.try_send(CallCmd::Leg(key, LegEvent::Hangup));
                     return;
                 }
                 match self.dialogs.remove(&key) {
@@ -514,6 +519,11 @@ impl Endpoint {
                     }
                     None => self.respond(id, reply(&req, 481, reason_phrase(481), None)),
                 }
+            }
+            Method::Refer => self.refer(id, req, info),
+            Method::Notify => {
+                // NOTIFYs of our own REFERs: nothing to act on.
+                self.respond(id, reply(&req, 200, "OK", None));
             }
             Method::Info => {
                 let key = (
@@ -1128,7 +1138,7 @@ impl Endpoint {
         let (uri, peer, creds) = match self.resolve(tenant, target) {
             Ok(r) => r,
             Err((status, why)) => {
-                let _ = call.try_send(CallCmd::Leg(LegEvent::Failed(status, why)));
+                let _ = call.try_send(CallCmd::Leg(key, LegEvent::Failed(status, why)));
                 return;
             }
         };
@@ -1190,7 +1200,9 @@ impl Endpoint {
         if status < 200 {
             if matches!(status, 180 | 183) && !leg.ringing {
                 leg.ringing = true;
-                let _ = leg.call.try_send(CallCmd::Leg(LegEvent::Ringing));
+                let _ = leg
+                    .call
+                    .try_send(CallCmd::Leg(key.clone(), LegEvent::Ringing));
             }
             return;
         }
@@ -1232,10 +1244,13 @@ impl Endpoint {
                 let answer = String::from_utf8_lossy(&resp.body).into_owned();
                 match sdp::parse(&answer).and_then(|a| sdp::accept_answer(&a)) {
                     Ok(n) => {
-                        let _ = call.try_send(CallCmd::Leg(LegEvent::Answered(n)));
+                        let _ = call.try_send(CallCmd::Leg(key.clone(), LegEvent::Answered(n)));
                     }
                     Err(e) => {
-                        let _ = call.try_send(CallCmd::Leg(LegEvent::Failed(488, e.to_string())));
+                        let _ = call.try_send(CallCmd::Leg(
+                            key.clone(),
+                            LegEvent::Failed(488, e.to_string()),
+                        ));
                         self.bye_leg(&key);
                     }
                 }
@@ -1294,10 +1309,80 @@ impl Endpoint {
         }
         self.leg_tx.remove(&id);
         if let Some(leg) = self.legs.remove(&key) {
-            let _ = leg
-                .call
-                .try_send(CallCmd::Leg(LegEvent::Failed(status, resp.reason.clone())));
+            let _ = leg.call.try_send(CallCmd::Leg(
+                key,
+                LegEvent::Failed(status, resp.reason.clone()),
+            ));
         }
+    }
+
+    /// A blind transfer asked by the far end of one of our legs (an agent
+    /// passing the caller on): accepted with 202 and a final NOTIFY, and
+    /// the call task calls the target and bridges the caller to it. A
+    /// REFER from the caller's side is refused (403).
+    fn refer(&mut self, id: ServerTxId, req: Request, info: RequestInfo) {
+        let key = (
+            info.call_id.clone(),
+            info.to.tag().unwrap_or("").to_string(),
+        );
+        let target = req
+            .headers
+            .get("Refer-To")
+            .and_then(|r| plugboard_sip::NameAddr::parse("Refer-To", r).ok())
+            .map(|n| n.uri.split('?').next().unwrap_or("").to_string());
+        let Some(leg) = self.legs.get_mut(&key) else {
+            let status = if self.dialogs.contains_key(&key) {
+                403
+            } else {
+                481
+            };
+            return self.respond(id, reply(&req, status, reason_phrase(status), None));
+        };
+        let Some(target) = target.filter(|t| t.starts_with("sip:")) else {
+            return self.respond(id, reply(&req, 400, "Refer-To must be a SIP URI", None));
+        };
+        let call = leg.call.clone();
+        self.respond(id, reply(&req, 202, "Accepted", None));
+        // RFC 3515 §2.4.4/2.4.5: report the outcome. The transfer is blind,
+        // so the referrer learns only that it was accepted.
+        if let Some(notify) = self.in_leg_request(&key, Method::Notify) {
+            let mut notify = notify;
+            notify.headers.push("Event", "refer");
+            notify
+                .headers
+                .push("Subscription-State", "terminated;reason=noresource");
+            notify
+                .headers
+                .push("Content-Type", "message/sipfrag;version=2.0");
+            notify.body = b"SIP/2.0 200 OK\r\n".to_vec();
+            let peer = self.legs.get(&key).map(|l| l.peer);
+            if let Some(peer) = peer {
+                self.tx.send_request(Instant::now(), peer, notify);
+            }
+        }
+        let _ = call.try_send(CallCmd::Leg(key, LegEvent::Refer(target)));
+    }
+
+    /// A new request inside an answered leg (BYE, NOTIFY): next CSeq,
+    /// the leg's tags and remote target.
+    fn in_leg_request(&mut self, key: &DialogKey, method: Method) -> Option<Request> {
+        let sip_addr = self.sip_addr;
+        let leg = self.legs.get_mut(key)?;
+        let (to, target) = leg.answered.clone()?;
+        leg.cseq += 1;
+        let mut r = Request::new(method.clone(), target);
+        r.headers.push(
+            "Via",
+            format!("SIP/2.0/UDP {sip_addr};branch={};rport", new_branch()),
+        );
+        r.headers.push("Max-Forwards", "70");
+        if let Some(from) = leg.invite.headers.get("From") {
+            r.headers.push("From", from);
+        }
+        r.headers.push("To", to);
+        r.headers.push("Call-ID", key.0.clone());
+        r.headers.push("CSeq", format!("{} {method}", leg.cseq));
+        Some(r)
     }
 
     fn cancel_leg(&mut self, key: &DialogKey) {
