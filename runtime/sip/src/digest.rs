@@ -68,24 +68,35 @@ pub struct Credentials {
     pub cnonce: Option<String>,
 }
 
-/// Parses a `Digest` credentials header value; `None` for other schemes
-/// or missing fields.
-pub fn parse_credentials(value: &str) -> Option<Credentials> {
-    let rest = value.trim();
-    let (scheme, params) = rest.split_once(char::is_whitespace)?;
+/// The `name=value` parameters of a `Digest …` header value (names
+/// lowercased, quotes removed); `None` for other schemes.
+fn digest_params(value: &str) -> Option<Vec<(String, String)>> {
+    let (scheme, params) = value.trim().split_once(char::is_whitespace)?;
     if !scheme.eq_ignore_ascii_case("Digest") {
         return None;
     }
+    Some(
+        crate::split_list(params)
+            .into_iter()
+            .filter_map(|part| {
+                let (k, v) = part.split_once('=')?;
+                let v = v.trim();
+                let v = v
+                    .strip_prefix('"')
+                    .and_then(|v| v.strip_suffix('"'))
+                    .unwrap_or(v);
+                Some((k.trim().to_ascii_lowercase(), v.to_string()))
+            })
+            .collect(),
+    )
+}
+
+/// Parses a `Digest` credentials header value; `None` for other schemes
+/// or missing fields.
+pub fn parse_credentials(value: &str) -> Option<Credentials> {
     let mut c = Credentials::default();
-    for part in crate::split_list(params) {
-        let (k, v) = part.split_once('=')?;
-        let v = v.trim();
-        let v = v
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(v)
-            .to_string();
-        match k.trim().to_ascii_lowercase().as_str() {
+    for (k, v) in digest_params(value)? {
+        match k.as_str() {
             "username" => c.username = v,
             "realm" => c.realm = v,
             "nonce" => c.nonce = v,
@@ -218,29 +229,17 @@ pub fn answer_challenge(
     password: &str,
     cnonce: &str,
 ) -> Option<String> {
-    let (scheme, params) = challenge.trim().split_once(char::is_whitespace)?;
-    if !scheme.eq_ignore_ascii_case("Digest") {
-        return None;
-    }
     let mut realm = String::new();
     let mut nonce = String::new();
     let mut algorithm = String::new();
     let mut opaque = None;
     let mut qop_auth = false;
-    for part in crate::split_list(params) {
-        let Some((k, v)) = part.split_once('=') else {
-            continue;
-        };
-        let v = v.trim();
-        let v = v
-            .strip_prefix('"')
-            .and_then(|v| v.strip_suffix('"'))
-            .unwrap_or(v);
-        match k.trim().to_ascii_lowercase().as_str() {
-            "realm" => realm = v.to_string(),
-            "nonce" => nonce = v.to_string(),
-            "algorithm" => algorithm = v.to_string(),
-            "opaque" => opaque = Some(v.to_string()),
+    for (k, v) in digest_params(challenge)? {
+        match k.as_str() {
+            "realm" => realm = v,
+            "nonce" => nonce = v,
+            "algorithm" => algorithm = v,
+            "opaque" => opaque = Some(v),
             "qop" => qop_auth = v.split(',').any(|q| q.trim().eq_ignore_ascii_case("auth")),
             _ => {}
         }

@@ -743,54 +743,43 @@ fn top_branch(req: &Request) -> Option<String> {
     Via::parse(first).ok()?.branch().map(str::to_string)
 }
 
-/// The ACK for a non-2xx final response (RFC 3261 §17.1.1.3): same
-/// Request-URI, Call-ID, From, CSeq number and top Via as the INVITE, To
-/// from the response, and the INVITE's Route set.
-pub fn ack_for(invite: &Request, resp: &Response) -> Request {
-    let mut ack = Request::new(Method::Ack, invite.uri.clone());
+/// A request that shares an INVITE's transaction identity (RFC 3261
+/// §9.1, §17.1.1.3): same Request-URI, top Via (same branch), From,
+/// Call-ID, CSeq number and Route set, with `method` and the given To.
+fn same_transaction(invite: &Request, method: Method, to: Option<&str>) -> Request {
+    let mut req = Request::new(method.clone(), invite.uri.clone());
     if let Some(via) = invite.headers.get("Via") {
         let first = crate::split_list(via).first().copied().unwrap_or(via);
-        ack.headers.push("Via", first);
+        req.headers.push("Via", first);
     }
-    for name in ["From", "Call-ID"] {
-        if let Some(v) = invite.headers.get(name) {
-            ack.headers.push(name, v);
+    for (name, value) in [
+        ("From", invite.headers.get("From")),
+        ("To", to),
+        ("Call-ID", invite.headers.get("Call-ID")),
+    ] {
+        if let Some(v) = value {
+            req.headers.push(name, v);
         }
     }
-    if let Some(to) = resp.headers.get("To") {
-        ack.headers.push("To", to);
-    }
     if let Some(cseq) = invite.headers.get("CSeq").and_then(|c| CSeq::parse(c).ok()) {
-        ack.headers.push("CSeq", format!("{} ACK", cseq.seq));
+        req.headers.push("CSeq", format!("{} {method}", cseq.seq));
     }
     for route in invite.headers.all("Route") {
-        ack.headers.push("Route", route);
+        req.headers.push("Route", route);
     }
-    ack.headers.push("Max-Forwards", "70");
-    ack
+    req.headers.push("Max-Forwards", "70");
+    req
 }
 
-/// The CANCEL for a pending INVITE (RFC 3261 §9.1): same Request-URI,
-/// Call-ID, From, To, CSeq number, top Via (same branch) and Route.
+/// The ACK for a non-2xx final response (RFC 3261 §17.1.1.3): To from the
+/// response (with its tag), the rest from the INVITE.
+pub fn ack_for(invite: &Request, resp: &Response) -> Request {
+    same_transaction(invite, Method::Ack, resp.headers.get("To"))
+}
+
+/// The CANCEL for a pending INVITE (RFC 3261 §9.1).
 pub fn cancel_for(invite: &Request) -> Request {
-    let mut cancel = Request::new(Method::Cancel, invite.uri.clone());
-    if let Some(via) = invite.headers.get("Via") {
-        let first = crate::split_list(via).first().copied().unwrap_or(via);
-        cancel.headers.push("Via", first);
-    }
-    for name in ["From", "To", "Call-ID"] {
-        if let Some(v) = invite.headers.get(name) {
-            cancel.headers.push(name, v);
-        }
-    }
-    if let Some(cseq) = invite.headers.get("CSeq").and_then(|c| CSeq::parse(c).ok()) {
-        cancel.headers.push("CSeq", format!("{} CANCEL", cseq.seq));
-    }
-    for route in invite.headers.all("Route") {
-        cancel.headers.push("Route", route);
-    }
-    cancel.headers.push("Max-Forwards", "70");
-    cancel
+    same_transaction(invite, Method::Cancel, invite.headers.get("To"))
 }
 
 /// The To tag of a response, if any.
