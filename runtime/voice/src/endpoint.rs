@@ -1218,28 +1218,15 @@ impl Endpoint {
             leg.answered = Some((to.clone(), target.clone()));
             // The ACK for a 2xx is its own request (RFC 3261 §13.2.2.4),
             // repeated for every retransmitted 2xx.
-            let mut ack = Request::new(Method::Ack, target);
-            ack.headers.push(
-                "Via",
-                format!(
-                    "SIP/2.0/UDP {};branch={};rport",
-                    self.sip_addr,
-                    new_branch()
-                ),
-            );
-            ack.headers.push("Max-Forwards", "70");
-            if let Some(from) = leg.invite.headers.get("From") {
-                ack.headers.push("From", from);
-            }
-            ack.headers.push("To", to);
-            ack.headers.push("Call-ID", key.0.clone());
-            ack.headers.push("CSeq", format!("{} ACK", leg.cseq));
+            let ack = leg_request(self.sip_addr, &key.0, leg, Method::Ack, leg.cseq);
             let peer = leg.peer;
             let call = leg.call.clone();
-            self.send(Transmit {
-                to: peer,
-                bytes: ack.to_bytes(),
-            });
+            if let Some(ack) = ack {
+                self.send(Transmit {
+                    to: peer,
+                    bytes: ack.to_bytes(),
+                });
+            }
             if first {
                 let answer = String::from_utf8_lossy(&resp.body).into_owned();
                 match sdp::parse(&answer).and_then(|a| sdp::accept_answer(&a)) {
@@ -1368,21 +1355,9 @@ impl Endpoint {
     fn in_leg_request(&mut self, key: &DialogKey, method: Method) -> Option<Request> {
         let sip_addr = self.sip_addr;
         let leg = self.legs.get_mut(key)?;
-        let (to, target) = leg.answered.clone()?;
+        leg.answered.as_ref()?;
         leg.cseq += 1;
-        let mut r = Request::new(method.clone(), target);
-        r.headers.push(
-            "Via",
-            format!("SIP/2.0/UDP {sip_addr};branch={};rport", new_branch()),
-        );
-        r.headers.push("Max-Forwards", "70");
-        if let Some(from) = leg.invite.headers.get("From") {
-            r.headers.push("From", from);
-        }
-        r.headers.push("To", to);
-        r.headers.push("Call-ID", key.0.clone());
-        r.headers.push("CSeq", format!("{} {method}", leg.cseq));
-        Some(r)
+        leg_request(sip_addr, &key.0, leg, method, leg.cseq)
     }
 
     fn cancel_leg(&mut self, key: &DialogKey) {
@@ -1396,32 +1371,40 @@ impl Endpoint {
     }
 
     fn bye_leg(&mut self, key: &DialogKey) {
-        let Some(mut leg) = self.legs.remove(key) else {
+        let bye = self.in_leg_request(key, Method::Bye);
+        let Some(leg) = self.legs.remove(key) else {
             return;
         };
         self.leg_tx.remove(&leg.tx);
-        let Some((to, target)) = leg.answered.clone() else {
-            return;
-        };
-        leg.cseq += 1;
-        let mut bye = Request::new(Method::Bye, target);
-        bye.headers.push(
-            "Via",
-            format!(
-                "SIP/2.0/UDP {};branch={};rport",
-                self.sip_addr,
-                new_branch()
-            ),
-        );
-        bye.headers.push("Max-Forwards", "70");
-        if let Some(from) = leg.invite.headers.get("From") {
-            bye.headers.push("From", from);
+        if let Some(bye) = bye {
+            self.tx.send_request(Instant::now(), leg.peer, bye);
         }
-        bye.headers.push("To", to);
-        bye.headers.push("Call-ID", key.0.clone());
-        bye.headers.push("CSeq", format!("{} BYE", leg.cseq));
-        self.tx.send_request(Instant::now(), leg.peer, bye);
     }
+}
+
+/// A request inside an answered leg (ACK, BYE, NOTIFY): the leg's From,
+/// the far end's To and Contact, and the given CSeq number.
+fn leg_request(
+    sip_addr: SocketAddr,
+    call_id: &str,
+    leg: &Leg,
+    method: Method,
+    cseq: u32,
+) -> Option<Request> {
+    let (to, target) = leg.answered.clone()?;
+    let mut r = Request::new(method.clone(), target);
+    r.headers.push(
+        "Via",
+        format!("SIP/2.0/UDP {sip_addr};branch={};rport", new_branch()),
+    );
+    r.headers.push("Max-Forwards", "70");
+    if let Some(from) = leg.invite.headers.get("From") {
+        r.headers.push("From", from);
+    }
+    r.headers.push("To", to);
+    r.headers.push("Call-ID", call_id.to_string());
+    r.headers.push("CSeq", format!("{cseq} {method}"));
+    Some(r)
 }
 
 /// The SDP of a request: the body if it is application/sdp, or the
