@@ -15,6 +15,16 @@ use anyhow::{Context, Result, bail};
 use plugboard_tests::{Server, free_sip_port, plugin, root};
 use serde_json::{Value, json};
 
+/// A free even port for SIPp's RTP.
+fn free_media_port() -> u16 {
+    loop {
+        let p = free_sip_port();
+        if p.is_multiple_of(2) && p < 65000 {
+            return p;
+        }
+    }
+}
+
 /// Runs one SIPp scenario from tests/sipp against the server, as one call.
 fn sipp(server: &Server, dir: &Path, scenario: &str, service: &str, transport: &str) -> Result<()> {
     sipp_with(server, dir, scenario, service, transport, &[])
@@ -29,18 +39,30 @@ fn sipp_with(
     transport: &str,
     extra: &[&str],
 ) -> Result<()> {
-    let local = free_sip_port();
-    let media = loop {
-        let p = free_sip_port();
-        if p.is_multiple_of(2) && p < 65000 {
-            break p;
-        }
-    };
     let xml = root().join("tests/sipp").join(format!("{scenario}.xml"));
+    run_sipp(server, dir, &xml, service, transport, extra)
+}
+
+/// Runs a SIPp scenario file against the server, as one call; on failure
+/// the error carries SIPp's summary and error log.
+fn run_sipp(
+    server: &Server,
+    dir: &Path,
+    xml: &Path,
+    service: &str,
+    transport: &str,
+    extra: &[&str],
+) -> Result<()> {
+    let local = free_sip_port();
+    let media = free_media_port();
+    let scenario = xml
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let out = Command::new("sipp")
         .current_dir(dir)
         .arg("-sf")
-        .arg(&xml)
+        .arg(xml)
         .args(["-s", service, "-m", "1", "-i", "127.0.0.1", "-t", transport])
         .args(["-p", &local.to_string(), "-mp", &media.to_string()])
         .args(["-timeout", "60s", "-trace_err", "-nostdin"])
@@ -747,12 +769,7 @@ fn logistics_hotline_example_tracks_a_waybill_on_a_real_call() -> Result<()> {
 /// SIPp as the far end of calls Plugboard places, running in the
 /// background on `port`.
 fn sipp_uas(dir: &Path, scenario: &str, port: u16, extra: &[&str]) -> Result<std::process::Child> {
-    let media = loop {
-        let p = free_sip_port();
-        if p.is_multiple_of(2) && p < 65000 {
-            break p;
-        }
-    };
+    let media = free_media_port();
     Command::new("sipp")
         .current_dir(dir)
         .arg("-sf")
@@ -788,6 +805,16 @@ fn wait_ok(mut child: std::process::Child, what: &str) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A caller dials `number`, presses 1 (ivr_dtmf.xml with digit 1) and
+/// waits for our BYE.
+fn caller_presses_1(server: &Server, dir: &Path, number: &str) -> Result<()> {
+    let caller = std::fs::read_to_string(root().join("tests/sipp/ivr_dtmf.xml"))?
+        .replace("dtmf_2833_9", "dtmf_2833_1");
+    let xml = dir.join("caller1.xml");
+    std::fs::write(&xml, caller)?;
+    run_sipp(server, dir, &xml, number, "u1", &[])
 }
 
 /// A flow that transfers on 1: to `target` (a SIP URI, or a number that
@@ -832,29 +859,9 @@ fn transfer_through_a_trunk_with_digest_bridges_media_both_ways() -> Result<()> 
     assert_eq!(a.body["password"], "********");
     deploy_transfer_flow(&server, &key, "+15550177", "+15557777");
     let far = sipp_uas(dir.path(), "carrier", carrier, &[])?;
-    // The caller presses 1 (the ivr_dtmf scenario with digit 1 waits for
-    // our BYE, which comes when the carrier side hangs up).
-    let caller = std::fs::read_to_string(root().join("tests/sipp/ivr_dtmf.xml"))?
-        .replace("dtmf_2833_9", "dtmf_2833_1");
-    let caller_xml = dir.path().join("caller1.xml");
-    std::fs::write(&caller_xml, caller)?;
-    let local = free_sip_port();
-    let media = loop {
-        let p = free_sip_port();
-        if p.is_multiple_of(2) && p < 65000 {
-            break p;
-        }
-    };
-    let out = Command::new("sipp")
-        .current_dir(dir.path())
-        .arg("-sf")
-        .arg(&caller_xml)
-        .args(["-s", "15550177", "-m", "1", "-i", "127.0.0.1"])
-        .args(["-p", &local.to_string(), "-mp", &media.to_string()])
-        .args(["-timeout", "60s", "-trace_err", "-nostdin"])
-        .arg(format!("127.0.0.1:{}", server.sip_port))
-        .output()?;
-    assert!(out.status.success(), "caller failed");
+    // The caller presses 1 and waits for our BYE, which comes when the
+    // carrier side hangs up.
+    caller_presses_1(&server, dir.path(), "15550177")?;
     wait_ok(far, "carrier")?;
     let calls = calls(&server, &key, 1);
     let ix = &calls[0];
@@ -1027,20 +1034,7 @@ fn an_agent_passes_the_caller_on_with_refer() -> Result<()> {
     )?;
     let agent2 = sipp_uas(dir.path(), "agent", second, &[])?;
     // The caller presses 1 and waits for our BYE (after agent 2 hangs up).
-    let caller = std::fs::read_to_string(root().join("tests/sipp/ivr_dtmf.xml"))?
-        .replace("dtmf_2833_9", "dtmf_2833_1");
-    std::fs::write(dir.path().join("caller1.xml"), caller)?;
-    let local = free_sip_port();
-    let out = Command::new("sipp")
-        .current_dir(dir.path())
-        .arg("-sf")
-        .arg(dir.path().join("caller1.xml"))
-        .args(["-s", "15550177", "-m", "1", "-i", "127.0.0.1"])
-        .args(["-p", &local.to_string(), "-mp", "46000"])
-        .args(["-timeout", "60s", "-trace_err", "-nostdin"])
-        .arg(format!("127.0.0.1:{}", server.sip_port))
-        .output()?;
-    assert!(out.status.success(), "caller failed");
+    caller_presses_1(&server, dir.path(), "15550177")?;
     wait_ok(agent1, "agent 1 (REFER)")?;
     wait_ok(agent2, "agent 2")?;
     let calls = calls(&server, &key, 1);
