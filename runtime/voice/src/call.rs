@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 
 use crate::VoiceConfig;
+use crate::clock::{DEPTH, Frame, MediaClock, PTIME, Packet, Stream};
 use crate::endpoint::{CallOut, DialogKey, Input, LegEvent};
 use crate::ports::{MediaSockets, PortPair, PortPool};
 
@@ -68,6 +69,7 @@ pub(crate) struct CallSpec {
     pub cname: String,
     pub pool: PortPool,
     pub self_tx: mpsc::Sender<CallCmd>,
+    pub clock: MediaClock,
 }
 
 /// An action with its audio ready.
@@ -152,7 +154,7 @@ struct Call {
     last_rtp: Instant,
     received: u64,
     digits: String,
-    lateness_us: Vec<u32>,
+    stream: Arc<Stream>,
     ended: Option<(String, &'static str)>,
     cname: String,
     pool: PortPool,
@@ -181,10 +183,14 @@ pub(crate) async fn run(spec: CallSpec) {
         cname,
         pool,
         self_tx,
+        clock,
     } = spec;
-    // The sockets belong to the runtime this task runs on (the media one).
-    let media = match media.register() {
-        Ok(m) => m,
+    // The clock thread sends through a clone of the RTP socket.
+    let registered = media
+        .try_clone_rtp()
+        .and_then(|rtp| Ok((clock.register(rtp), media.register()?)));
+    let (stream, media) = match registered {
+        Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot register RTP sockets: {e}");
             let _ = endpoint
@@ -222,7 +228,7 @@ pub(crate) async fn run(spec: CallSpec) {
         last_rtp: now,
         received: 0,
         digits: String::new(),
-        lateness_us: Vec::new(),
+        stream,
         ended: None,
         cname,
         pool,
@@ -256,12 +262,10 @@ async fn recv_or_pending(
 
 impl Call {
     async fn main(&mut self, media: &MediaSockets, cmds: &mut mpsc::Receiver<CallCmd>) {
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_millis(20),
-            Duration::from_millis(20),
-        );
-        // Burst keeps the schedule anchored to the start: no drift.
-        tick.set_missed_tick_behavior(MissedTickBehavior::Burst);
+        // The call's own pace only has to keep the media clock's queue
+        // filled; the clock sends on time.
+        let mut tick = tokio::time::interval(PTIME);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut rtcp_tick = tokio::time::interval(Duration::from_secs(5));
         let mut buf = vec![0u8; 2048];
         let mut rbuf = vec![0u8; 2048];
@@ -275,9 +279,8 @@ impl Call {
                         self.on_leg_rtp(n, &lbuf, src);
                     }
                 }
-                at = tick.tick() => {
-                    let late = Instant::now().saturating_duration_since(at.into_std());
-                    self.on_tick(late, &media.rtp).await;
+                _ = tick.tick() => {
+                    self.refill().await;
                     if !self.confirmed && Instant::now() > ring_limit {
                         self.ended = Some(("never answered".into(), "timeout"));
                     }
@@ -630,14 +633,29 @@ impl Call {
         }
     }
 
-    async fn on_tick(&mut self, late: Duration, rtp_sock: &tokio::net::UdpSocket) {
-        self.lateness_us
-            .push(late.as_micros().min(u128::from(u32::MAX)) as u32);
-        if self.lateness_us.len() > 200_000 {
-            self.lateness_us.drain(..100_000);
+    /// Keeps [`DEPTH`] frames ready for the media clock. Frames the clock
+    /// found missing are prepared and dropped, so the call's timeline (and
+    /// its RTP timestamps) stays on the clock's.
+    async fn refill(&mut self) {
+        let missed = self.stream.take_missed().min(50);
+        for _ in 0..missed {
+            let _ = self.on_tick().await;
         }
+        for _ in 0..DEPTH {
+            if self.stream.queued() >= DEPTH || self.ended.is_some() {
+                break;
+            }
+            let frame = self.on_tick().await;
+            if !self.stream.push(frame) {
+                break;
+            }
+        }
+    }
+
+    /// Runs one frame period of the call and returns the packet to send.
+    async fn on_tick(&mut self) -> Frame {
         if !self.confirmed {
-            return;
+            return None;
         }
         let now = Instant::now();
         let mut frame = [0i16; FRAME];
@@ -738,13 +756,14 @@ impl Call {
                 }
             }
         }
-        if self.negotiated.local_direction.sends() && !self.negotiated.remote.ip().is_unspecified()
+        let out = if self.negotiated.local_direction.sends()
+            && !self.negotiated.remote.ip().is_unspecified()
         {
-            let packet = self.sender.frame(&frame);
-            let _ = rtp_sock.try_send_to(&packet, self.remote);
+            Packet::new(&self.sender.frame(&frame), self.remote)
         } else {
             self.sender.skip(1);
-        }
+            None
+        };
         // Playout of what the caller sent: recording and in-band DTMF.
         let heard = match self.jitter.pop() {
             Some(payload) => {
@@ -805,6 +824,7 @@ impl Call {
         if self.started.elapsed() > self.config.max_call {
             self.hangup_by_flow("maximum call length");
         }
+        out
     }
 
     fn on_rtp(&mut self, bytes: &[u8], src: SocketAddr) {
@@ -966,6 +986,9 @@ impl Call {
     /// Ends the call's record: the flow hears `hangup`, the timeline gets
     /// the cause and media statistics, the record is written durably.
     async fn finish(&mut self) {
+        // Media ends with the call: what the clock finds after this is not
+        // lateness.
+        let late = self.stream.stats();
         if let Some(leg) = self.leg.take() {
             let _ = self
                 .endpoint
@@ -992,13 +1015,6 @@ impl Call {
             // The flow learns that the caller left; what it answers is moot.
             let _ = session.handle(Event::Hangup).await;
         }
-        let mut late = self.lateness_us.clone();
-        late.sort_unstable();
-        let pct = |p: f64| {
-            late.get(((late.len() as f64 - 1.0) * p) as usize)
-                .copied()
-                .unwrap_or(0)
-        };
         session.note(
             "media",
             json!({
@@ -1007,7 +1023,8 @@ impl Call {
                 "packets_received": self.received,
                 "lost": self.jitter.cumulative_lost(),
                 "jitter_ts": self.jitter.jitter(),
-                "send_lateness_us": {"p50": pct(0.5), "p99": pct(0.99), "max": late.last().copied().unwrap_or(0)},
+                "send_lateness_us": {"p50": late.p50_us, "p99": late.p99_us, "max": late.max_us},
+                "frames_not_ready": late.underruns,
             }),
         );
         session.note(

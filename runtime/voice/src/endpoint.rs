@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::call::{self, CallCmd, CallSpec};
+use crate::clock::MediaClock;
 use crate::ports::{PortPair, PortPool};
 use crate::{VoiceConfig, VoiceError};
 
@@ -265,6 +266,7 @@ pub(crate) async fn start(
         config: Arc::new(config),
         app,
         pool,
+        clock: MediaClock::start().map_err(|e| VoiceError::Clock(e.to_string()))?,
         inbox: tx,
     };
     tasks.push(tokio::spawn(endpoint.run(rx)));
@@ -340,6 +342,7 @@ struct Endpoint {
     config: Arc<VoiceConfig>,
     app: Arc<AppState>,
     pool: PortPool,
+    clock: MediaClock,
     inbox: mpsc::Sender<Input>,
 }
 
@@ -862,6 +865,7 @@ impl Endpoint {
             cname: format!("plugboard@{}", local.ip),
             pool: self.pool.clone(),
             self_tx,
+            clock: self.clock.clone(),
         };
         tokio::spawn(call::run(spec));
     }

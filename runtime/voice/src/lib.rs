@@ -7,12 +7,14 @@
 //! runs the tenant's flow on real RTP media: it speaks (espeak-ng), plays
 //! tones and WAV, collects DTMF (RFC 4733, SIP INFO, in-band), records to
 //! WAV, parks callers with music on hold, and hangs up. Every call leaves
-//! an interaction record with its timeline.
+//! an interaction record with its timeline. Every call's RTP leaves on
+//! time from one media clock thread ([`clock`]).
 //!
 //! The protocol engines are sans-IO ([`plugboard_sip`],
 //! [`plugboard_media`]); this crate is the thin tokio layer around them.
 
 pub mod call;
+pub mod clock;
 pub mod endpoint;
 mod ports;
 
@@ -88,6 +90,9 @@ pub enum VoiceError {
     /// The RTP port range is empty or odd.
     #[error("bad RTP port range {0}-{1}: need LO <= HI with at least one even port")]
     Ports(u16, u16),
+    /// The media clock thread could not be started.
+    #[error("cannot start the media clock thread: {0}")]
+    Clock(String),
 }
 
 /// Starts the voice channel on the current tokio runtime.

@@ -31,6 +31,11 @@ pub struct PortPair {
 }
 
 impl PortPair {
+    /// A second handle on the RTP socket (for the media clock's sends).
+    pub fn try_clone_rtp(&self) -> std::io::Result<std::net::UdpSocket> {
+        self.rtp.try_clone()
+    }
+
     /// Registers the sockets with the current tokio runtime.
     pub fn register(self) -> std::io::Result<MediaSockets> {
         Ok(MediaSockets {
