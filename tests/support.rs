@@ -87,17 +87,44 @@ impl Server {
     pub fn start(data_dir: &Path, flags: &[&str]) -> Result<Server> {
         let port = free_port();
         let sip_port = free_sip_port();
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "serve".into(),
+            "--http".into(),
+            format!("127.0.0.1:{port}"),
+            "--sip".into(),
+            format!("127.0.0.1:{sip_port}"),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        Server::spawn(data_dir, &args, port, sip_port)
+    }
+
+    /// Starts the server with nothing but a config file: `config` is its
+    /// text, with `{data}`, `{http}` and `{sip}` replaced by the data
+    /// directory and two free ports.
+    pub fn start_configured(data_dir: &Path, config: &str) -> Result<Server> {
+        let port = free_port();
+        let sip_port = free_sip_port();
+        let text = config
+            .replace("{data}", &data_dir.display().to_string())
+            .replace("{http}", &port.to_string())
+            .replace("{sip}", &sip_port.to_string());
+        let file = data_dir.with_extension("toml");
+        std::fs::write(&file, text)?;
+        let args = [
+            "serve".to_string(),
+            "--config".into(),
+            file.display().to_string(),
+        ];
+        Server::spawn(data_dir, &args, port, sip_port)
+    }
+
+    fn spawn(data_dir: &Path, args: &[String], port: u16, sip_port: u16) -> Result<Server> {
         let admin = "test-admin-token".to_string();
         let log = std::fs::File::create(data_dir.with_extension("log")).context("log file")?;
         let child = Command::new(binary())
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("serve")
-            .arg("--http")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--sip")
-            .arg(format!("127.0.0.1:{sip_port}"))
-            .args(flags)
+            .args(args)
             .env("PLUGBOARD_ADMIN_TOKEN", &admin)
             // Compiled components are shared by every test server (keyed by hash).
             .env(

@@ -845,18 +845,44 @@ fn deploy_transfer_flow(server: &Server, key: &str, number: &str, target: &str) 
 #[test]
 fn transfer_through_a_trunk_with_digest_bridges_media_both_ways() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = Server::start(&dir.path().join("data"), &[])?;
-    let key = server.tenant("acme");
     let carrier = free_sip_port();
-    // The carrier trunk, with the credentials it will challenge for.
+    // Everything from the config file: addresses, the RTP range and the
+    // carrier trunk with the credentials the carrier will challenge for.
+    let config = format!(
+        r#"
+[server]
+data_dir = "{{data}}"
+http = "127.0.0.1:{{http}}"
+[sip]
+listen = "127.0.0.1:{{sip}}"
+rtp_ports = "24100-24299"
+[[trunk]]
+tenant = "acme"
+name = "default"
+host = "127.0.0.1:{carrier}"
+username = "acme-trunk"
+password = "trunk-secret"
+"#
+    );
+    let server = Server::start_configured(&dir.path().join("data"), &config)?;
+    let key = server.tenant("acme");
+    let a = server.get("/v1/tenants/acme/trunks", &key);
+    assert_eq!(a.status, 200, "{a:?}");
+    let trunk = &a.body["trunks"][0];
+    assert_eq!(trunk["source"], "config", "{a:?}");
+    assert_eq!(trunk["password"], "********");
+    // The API cannot replace a trunk of the config file.
     let a = server.json(
         "PUT",
         "/v1/tenants/acme/trunks/default",
         &key,
-        &json!({"host": format!("127.0.0.1:{carrier}"), "username": "acme-trunk", "password": "trunk-secret"}),
+        &json!({"host": "127.0.0.1:9", "username": "x", "password": "y"}),
     );
-    assert_eq!(a.status, 200, "{a:?}");
-    assert_eq!(a.body["password"], "********");
+    assert_eq!(a.status, 409, "{a:?}");
+    // Another tenant does not see it.
+    let other = server.tenant("other");
+    let a = server.get("/v1/tenants/other/trunks", &other);
+    assert_eq!(a.body["trunks"], json!([]), "{a:?}");
     deploy_transfer_flow(&server, &key, "+15550177", "+15557777");
     let far = sipp_uas(dir.path(), "carrier", carrier, &[])?;
     // The caller presses 1 and waits for our BYE, which comes when the
@@ -869,10 +895,46 @@ fn transfer_through_a_trunk_with_digest_bridges_media_both_ways() -> Result<()> 
     assert_eq!(timeline(ix, "dial_answered")[0]["codec"], "PCMA");
     assert_eq!(timeline(ix, "dial_ended")[0]["by"], "far end");
     assert_eq!(ix["attributes"]["hangup_cause"], "transferred call ended");
+    let port = timeline(ix, "call")[0]["local_rtp"].as_u64().unwrap();
+    assert!(
+        (24100..=24299).contains(&port),
+        "RTP port {port} outside the configured range"
+    );
     // The caller's media kept flowing while bridged (the carrier's audio
     // was relayed to it), and the caller's went to the carrier.
     let media = &timeline(ix, "media")[0];
     assert!(media["packets_sent"].as_u64().unwrap() > 150, "{media}");
+    Ok(())
+}
+
+#[test]
+fn transfer_to_a_carrier_over_tcp() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = server.tenant("acme");
+    let carrier = free_sip_port();
+    // A trunk created over the API, reached over TCP (we connect).
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/trunks/default",
+        &key,
+        &json!({"host": format!("127.0.0.1:{carrier}"), "transport": "tcp",
+                "username": "acme-trunk", "password": "trunk-secret"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["password"], "********");
+    assert_eq!(
+        server.get("/v1/tenants/acme/trunks", &key).body["trunks"][0]["source"],
+        "api"
+    );
+    deploy_transfer_flow(&server, &key, "+15550178", "+15557777");
+    let far = sipp_uas(dir.path(), "carrier", carrier, &["-t", "t1"])?;
+    caller_presses_1(&server, dir.path(), "15550178")?;
+    wait_ok(far, "carrier over TCP")?;
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    assert_eq!(timeline(ix, "dial_answered")[0]["codec"], "PCMA", "{ix}");
+    assert_eq!(timeline(ix, "dial_ended")[0]["by"], "far end");
     Ok(())
 }
 

@@ -102,6 +102,7 @@ pub struct AppState {
     flow_graph: Option<Bytes>,
     recordings: Option<std::path::PathBuf>,
     registrations: RwLock<HashMap<(String, String), Vec<Binding>>>,
+    config_trunks: HashMap<String, Vec<plugboard_core::Trunk>>,
 }
 
 /// A registered contact of a SIP user (an agent's phone), kept in memory
@@ -138,6 +139,7 @@ impl AppState {
             flow_graph: None,
             recordings: None,
             registrations: RwLock::new(HashMap::new()),
+            config_trunks: HashMap::new(),
         }
     }
 
@@ -153,9 +155,35 @@ impl AppState {
         }
     }
 
-    /// A tenant's trunks (with credentials: for the voice channel only).
+    /// A tenant's trunks (with credentials: for the voice channel only):
+    /// those of the config file, then those created over the API.
     pub fn trunks(&self, tenant: &str) -> Vec<plugboard_core::Trunk> {
-        self.store.trunks(tenant).unwrap_or_default()
+        let mut all = self.config_trunks.get(tenant).cloned().unwrap_or_default();
+        for t in self.store.trunks(tenant).unwrap_or_default() {
+            if !all.iter().any(|c| c.name == t.name) {
+                all.push(t);
+            }
+        }
+        all
+    }
+
+    /// A trunk from the server's config file.
+    pub fn configured_trunk(&self, tenant: &str, name: &str) -> Option<&plugboard_core::Trunk> {
+        self.config_trunks
+            .get(tenant)?
+            .iter()
+            .find(|t| t.name == name)
+    }
+
+    /// Trunks from the server's config file, by tenant. They are not
+    /// stored: their passwords stay in the file, and the API cannot
+    /// replace them.
+    pub fn with_config_trunks(
+        mut self,
+        trunks: HashMap<String, Vec<plugboard_core::Trunk>>,
+    ) -> Self {
+        self.config_trunks = trunks;
+        self
     }
 
     /// True if the tenant exists.
@@ -1075,24 +1103,16 @@ async fn set_trunk(
     validate_id("trunk", &name)?;
     let mut trunk: plugboard_core::Trunk = parse_json(&body)?;
     trunk.name = name;
-    let valid_host = trunk
-        .host
-        .rsplit_once(':')
-        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-    if !valid_host {
-        return Err(ApiError::bad_request("host must be host:port"));
-    }
-    if !matches!(trunk.transport.as_str(), "udp" | "tcp") {
-        return Err(ApiError::bad_request("transport must be udp or tcp"));
-    }
-    if let Some(bad) = trunk
-        .inbound_ips
-        .iter()
-        .find(|ip| ip.parse::<std::net::IpAddr>().is_err())
-    {
-        return Err(ApiError::bad_request(format!(
-            "{bad:?} is not an IP address"
-        )));
+    trunk.validate().map_err(ApiError::bad_request)?;
+    if s.configured_trunk(&t, &trunk.name).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "trunk {} is defined in the server's config file; change it there",
+                trunk.name
+            ),
+        ));
     }
     tokio::task::block_in_place(|| s.store.set_trunk(&t, &trunk))?;
     trunk.password = trunk.password.map(|_| "********".into());
@@ -1105,13 +1125,21 @@ async fn list_trunks(
     Path(t): Path<String>,
 ) -> ApiResult<Json<Value>> {
     tenant_access(&s, &headers, &t)?;
-    let trunks: Vec<plugboard_core::Trunk> = s
-        .store
-        .trunks(&t)?
+    let trunks: Vec<Value> = s
+        .trunks(&t)
         .into_iter()
         .map(|mut tr| {
+            let source = if s.configured_trunk(&t, &tr.name).is_some() {
+                "config"
+            } else {
+                "api"
+            };
             tr.password = tr.password.map(|_| "********".into());
-            tr
+            let mut v = serde_json::to_value(&tr).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.insert("source".into(), source.into());
+            }
+            v
         })
         .collect();
     Ok(Json(json!({"trunks": trunks})))

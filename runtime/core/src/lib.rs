@@ -314,6 +314,34 @@ fn default_transport() -> String {
     "udp".into()
 }
 
+impl Trunk {
+    /// Checks the fields a carrier needs: `host:port`, `udp` or `tcp`, and
+    /// IP addresses in `inbound_ips`. The error says what is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        let valid_host = self
+            .host
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !valid_host {
+            return Err(format!("host must be host:port, got {:?}", self.host));
+        }
+        if !matches!(self.transport.as_str(), "udp" | "tcp") {
+            return Err(format!(
+                "transport must be udp or tcp, got {:?}",
+                self.transport
+            ));
+        }
+        if let Some(bad) = self
+            .inbound_ips
+            .iter()
+            .find(|ip| ip.parse::<std::net::IpAddr>().is_err())
+        {
+            return Err(format!("{bad:?} is not an IP address"));
+        }
+        Ok(())
+    }
+}
+
 /// An address of a tenant (number, mailbox, chat widget) and the flow that answers it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Address {

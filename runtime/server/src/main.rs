@@ -1,10 +1,12 @@
 //! `plugboard`: the server (`plugboard serve`) and a thin command-line
 //! client of its HTTP API (`tenant`, `plugin`, `address`, `flow`).
 
+mod config;
 mod scaffold;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use config::ConfigFile;
 use plugboard_api::AppState;
 use plugboard_host::{HostConfig, Limits, PluginHost};
 use plugboard_store::SledStore;
@@ -33,60 +35,62 @@ struct Cli {
     /// Defaults to the admin token file in --data-dir.
     #[arg(long, global = true, env = "PLUGBOARD_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// Data directory (store, compile cache, admin token).
-    #[arg(
-        long,
-        global = true,
-        env = "PLUGBOARD_DATA_DIR",
-        default_value = "data"
-    )]
-    data_dir: PathBuf,
+    /// Data directory (store, compile cache, admin token) [default: data,
+    /// or `data_dir` in the config file].
+    #[arg(long, global = true, env = "PLUGBOARD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
-/// Flags of `plugboard serve`.
+/// Flags of `plugboard serve`. Each overrides the same key of the config
+/// file; unset in both, the default in brackets applies.
 #[derive(clap::Args)]
 struct ServeArgs {
-    /// HTTP listen address.
-    #[arg(long, env = "PLUGBOARD_HTTP", default_value = "127.0.0.1:8080")]
-    http: SocketAddr,
-    /// CPU deadline per plugin invocation, ms.
-    #[arg(long, default_value_t = 50)]
-    deadline_ms: u64,
-    /// Linear memory cap per plugin instance, MiB.
-    #[arg(long, default_value_t = 64)]
-    memory_mib: usize,
-    /// Plugin instances that may run at once.
-    #[arg(long, default_value_t = 64)]
-    max_concurrent: u32,
-    /// The flow-graph component that runs flow documents; by default
-    /// `flow_graph.wasm` from the build's `wasm32-wasip2/release` directory.
+    /// Config file (TOML; see plugboard.example.toml): settings and
+    /// carrier trunks.
+    #[arg(long, env = "PLUGBOARD_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "PLUGBOARD_HTTP")]
+    http: Option<SocketAddr>,
+    /// CPU deadline per plugin invocation, ms [default: 50].
+    #[arg(long)]
+    deadline_ms: Option<u64>,
+    /// Linear memory cap per plugin instance, MiB [default: 64].
+    #[arg(long)]
+    memory_mib: Option<usize>,
+    /// Plugin instances that may run at once [default: 64].
+    #[arg(long)]
+    max_concurrent: Option<u32>,
+    /// The flow-graph component that runs flow documents [default:
+    /// `flow_graph.wasm` from the build's `wasm32-wasip2/release` directory].
     #[arg(long, env = "PLUGBOARD_FLOW_GRAPH")]
     flow_graph: Option<PathBuf>,
-    /// Compiled-component cache (default: DATA_DIR/cache); may be shared
-    /// by several servers.
+    /// Compiled-component cache, may be shared by several servers
+    /// [default: DATA_DIR/cache].
     #[arg(long, env = "PLUGBOARD_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
-    /// SIP listen address, UDP and TCP (`off`: no voice channel).
-    #[arg(long, env = "PLUGBOARD_SIP", default_value = "127.0.0.1:5060")]
-    sip: String,
-    /// RTP port range, LO-HI (even ports RTP, odd RTCP).
-    #[arg(long, env = "PLUGBOARD_RTP_PORTS", default_value = "20000-20999", value_parser = plugboard_voice::parse_port_range)]
-    rtp_ports: (u16, u16),
-    /// Address to put in SDP and Contact (default: the SIP address).
+    /// SIP listen address, UDP and TCP, or `off` for no voice channel
+    /// [default: 127.0.0.1:5060].
+    #[arg(long, env = "PLUGBOARD_SIP")]
+    sip: Option<String>,
+    /// RTP port range, LO-HI; even ports RTP, odd RTCP [default: 20000-20999].
+    #[arg(long, env = "PLUGBOARD_RTP_PORTS")]
+    rtp_ports: Option<String>,
+    /// Address to put in SDP and Contact [default: the SIP address].
     #[arg(long, env = "PLUGBOARD_SIP_PUBLIC_IP")]
     sip_public_ip: Option<std::net::IpAddr>,
-    /// Ring (180 Ringing) this long before answering a call, ms.
-    #[arg(long, default_value_t = 0)]
-    answer_delay_ms: u64,
+    /// Ring (180 Ringing) this long before answering a call, ms [default: 0].
+    #[arg(long)]
+    answer_delay_ms: Option<u64>,
     /// Challenge with MD5 before SHA-256 (for phones that read only the
     /// first challenge).
     #[arg(long)]
     digest_md5_first: bool,
-    /// The espeak-ng program for built-in text-to-speech.
-    #[arg(long, env = "PLUGBOARD_ESPEAK", default_value = "espeak-ng")]
-    espeak: PathBuf,
+    /// The espeak-ng program for built-in text-to-speech [default: espeak-ng].
+    #[arg(long, env = "PLUGBOARD_ESPEAK")]
+    espeak: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -268,7 +272,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve(args) => serve(&cli.data_dir, args),
+        Cmd::Serve(args) => serve(cli.data_dir, args),
         Cmd::Plugin {
             cmd:
                 PluginCmd::New {
@@ -292,7 +296,8 @@ fn run() -> Result<()> {
             Ok(())
         }
         cmd => {
-            let client = Client::new(&cli.url, cli.token, &cli.data_dir)?;
+            let data_dir = cli.data_dir.unwrap_or_else(|| PathBuf::from("data"));
+            let client = Client::new(&cli.url, cli.token, &data_dir)?;
             run_client(&client, cmd)
         }
     }
@@ -344,29 +349,62 @@ fn flow_graph_component(given: Option<PathBuf>) -> Result<Option<(PathBuf, Vec<u
         .find_map(|p| std::fs::read(&p).ok().map(|b| (p, b))))
 }
 
-fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
-    let ServeArgs {
-        http,
-        deadline_ms,
-        memory_mib,
-        max_concurrent,
-        flow_graph,
-        cache_dir,
-        ..
-    } = args;
-    let voice = match args.sip.as_str() {
+fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let (server, sip) = (&file.server, &file.sip);
+    let data_dir = data_dir
+        .or_else(|| server.data_dir.clone())
+        .unwrap_or_else(|| PathBuf::from("data"));
+    let data_dir = data_dir.as_path();
+    let http = args
+        .http
+        .or(server.http)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+    let deadline_ms = args.deadline_ms.or(server.deadline_ms).unwrap_or(50);
+    let memory_mib = args.memory_mib.or(server.memory_mib).unwrap_or(64);
+    let max_concurrent = args.max_concurrent.or(server.max_concurrent).unwrap_or(64);
+    let flow_graph = args.flow_graph.or_else(|| server.flow_graph.clone());
+    let cache_dir = args.cache_dir.or_else(|| server.cache_dir.clone());
+    let sip_listen = args
+        .sip
+        .or_else(|| sip.listen.clone())
+        .unwrap_or_else(|| "127.0.0.1:5060".into());
+    let voice = match sip_listen.as_str() {
         "off" => None,
-        addr => Some(plugboard_voice::VoiceConfig {
-            sip: addr
-                .parse()
-                .with_context(|| format!("--sip {addr:?}: expected ADDR:PORT or off"))?,
-            rtp_ports: args.rtp_ports,
-            public_ip: args.sip_public_ip,
-            answer_delay: Duration::from_millis(args.answer_delay_ms),
-            espeak: args.espeak.clone(),
-            digest_md5_first: args.digest_md5_first,
-            ..plugboard_voice::VoiceConfig::default()
-        }),
+        addr => {
+            let defaults = plugboard_voice::VoiceConfig::default();
+            let rtp_ports = match args.rtp_ports.or_else(|| sip.rtp_ports.clone()) {
+                Some(r) => plugboard_voice::parse_port_range(&r)
+                    .map_err(|e| anyhow::anyhow!("RTP ports {r:?}: {e}"))?,
+                None => defaults.rtp_ports,
+            };
+            Some(plugboard_voice::VoiceConfig {
+                sip: addr
+                    .parse()
+                    .with_context(|| format!("SIP address {addr:?}: expected ADDR:PORT or off"))?,
+                rtp_ports,
+                public_ip: args.sip_public_ip.or(sip.public_ip),
+                answer_delay: Duration::from_millis(
+                    args.answer_delay_ms.or(sip.answer_delay_ms).unwrap_or(0),
+                ),
+                espeak: args
+                    .espeak
+                    .or_else(|| sip.espeak.clone())
+                    .unwrap_or(defaults.espeak),
+                digest_md5_first: args.digest_md5_first || sip.digest_md5_first.unwrap_or(false),
+                rtp_timeout: sip
+                    .rtp_timeout_s
+                    .map(Duration::from_secs)
+                    .unwrap_or(defaults.rtp_timeout),
+                max_call: sip
+                    .max_call_s
+                    .map(Duration::from_secs)
+                    .unwrap_or(defaults.max_call),
+            })
+        }
     };
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -393,8 +431,12 @@ fn serve(data_dir: &Path, args: ServeArgs) -> Result<()> {
         memory_bytes: memory_mib << 20,
         ..Limits::default()
     };
-    let mut state =
-        AppState::new(store, host, &token, limits).with_recordings_dir(data_dir.join("recordings"));
+    let mut state = AppState::new(store, host, &token, limits)
+        .with_recordings_dir(data_dir.join("recordings"))
+        .with_config_trunks(file.trunks_by_tenant());
+    if !file.trunks.is_empty() {
+        tracing::info!("{} trunks from the config file", file.trunks.len());
+    }
     match flow_graph_component(flow_graph)? {
         Some((path, bytes)) => {
             tracing::info!("flow documents run by {}", path.display());

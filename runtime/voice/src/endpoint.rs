@@ -44,6 +44,8 @@ pub(crate) enum Input {
     TcpOpen(SocketAddr, mpsc::Sender<Vec<u8>>),
     /// A TCP connection closed.
     TcpClosed(SocketAddr),
+    /// An outbound TCP connection could not be made.
+    TcpFailed(SocketAddr, String),
     /// From a call task or a timer of ours.
     Call(CallOut),
 }
@@ -250,6 +252,7 @@ pub(crate) async fn start(
         policy: policy(),
         udp,
         tcp: HashMap::new(),
+        connecting: HashMap::new(),
         dialogs: HashMap::new(),
         pending: HashMap::new(),
         legs: HashMap::new(),
@@ -330,6 +333,8 @@ struct Endpoint {
     policy: UasPolicy,
     udp: Arc<UdpSocket>,
     tcp: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    /// Messages for outbound TCP connections still being made.
+    connecting: HashMap<SocketAddr, Vec<Vec<u8>>>,
     dialogs: HashMap<DialogKey, Dialog>,
     /// Pending INVITE server transactions → their dialog.
     pending: HashMap<ServerTxId, DialogKey>,
@@ -395,9 +400,35 @@ impl Endpoint {
                 Some(conn) => {
                     let _ = conn.try_send(t.bytes);
                 }
-                None => tracing::debug!("no TCP connection to {}", t.to.addr),
+                None => self.connect_tcp(t.to.addr, t.bytes),
             },
         }
+    }
+
+    /// Queues a message for a peer we have no TCP connection to, and
+    /// connects (once) in the background; the connection is then served
+    /// like an accepted one.
+    fn connect_tcp(&mut self, addr: SocketAddr, bytes: Vec<u8>) {
+        let queued = self.connecting.entry(addr).or_default();
+        queued.push(bytes);
+        if queued.len() > 1 {
+            return;
+        }
+        let inbox = self.inbox.clone();
+        tokio::spawn(async move {
+            let connect = tokio::net::TcpStream::connect(addr);
+            match tokio::time::timeout(Duration::from_secs(5), connect).await {
+                Ok(Ok(stream)) => tcp_connection(stream, addr, inbox).await,
+                Ok(Err(e)) => {
+                    let _ = inbox.send(Input::TcpFailed(addr, e.to_string())).await;
+                }
+                Err(_) => {
+                    let _ = inbox
+                        .send(Input::TcpFailed(addr, "connect timed out".into()))
+                        .await;
+                }
+            }
+        });
     }
 
     fn input(&mut self, input: Input) {
@@ -414,7 +445,35 @@ impl Endpoint {
                 self.tx.handle(now, peer, inbound);
             }
             Input::TcpOpen(addr, conn) => {
+                for bytes in self.connecting.remove(&addr).unwrap_or_default() {
+                    let _ = conn.try_send(bytes);
+                }
                 self.tcp.insert(addr, conn);
+            }
+            Input::TcpFailed(addr, why) => {
+                self.connecting.remove(&addr);
+                tracing::info!("SIP over TCP to {addr}: {why}");
+                // Legs waiting on that connection fail now, as a 503
+                // (RFC 3261 §8.1.3.1), instead of at timer B.
+                let failed: Vec<DialogKey> = self
+                    .legs
+                    .iter()
+                    .filter(|(_, l)| {
+                        l.peer.addr == addr
+                            && l.peer.transport == Transport::Tcp
+                            && l.answered.is_none()
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in failed {
+                    if let Some(leg) = self.legs.remove(&key) {
+                        self.leg_tx.remove(&leg.tx);
+                        let _ = leg.call.try_send(CallCmd::Leg(
+                            key,
+                            LegEvent::Failed(503, format!("cannot reach {addr} over TCP: {why}")),
+                        ));
+                    }
+                }
             }
             Input::TcpClosed(addr) => {
                 self.tcp.remove(&addr);
@@ -667,11 +726,7 @@ impl Endpoint {
         } else {
             format!("{user}@")
         };
-        let t = match transport {
-            Transport::Udp => "",
-            Transport::Tcp => ";transport=tcp",
-        };
-        format!("<sip:{at}{}{t}>", self.sip_addr)
+        format!("<sip:{at}{}{}>", self.sip_addr, transport_param(transport))
     }
 
     fn refuse(&mut self, id: ServerTxId, req: &Request, status: u16, warning: Option<String>) {
@@ -1113,21 +1168,16 @@ impl Endpoint {
                 trunk.transport.clone(),
             )
         };
-        if transport != "udp" {
-            return Err((503, "outbound calls over TCP are not available yet".into()));
-        }
+        let transport = if transport.eq_ignore_ascii_case("tcp") {
+            Transport::Tcp
+        } else {
+            Transport::Udp
+        };
         let addr = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
             .ok()
             .and_then(|mut a| a.next())
             .ok_or((404, format!("cannot resolve {hostport}")))?;
-        Ok((
-            uri,
-            Peer {
-                addr,
-                transport: Transport::Udp,
-            },
-            creds,
-        ))
+        Ok((uri, Peer { addr, transport }, creds))
     }
 
     fn dial(
@@ -1153,14 +1203,9 @@ impl Endpoint {
             .filter(|c| c.is_ascii_alphanumeric() || *c == '+')
             .collect();
         let mut invite = Request::new(Method::Invite, uri.clone());
-        invite.headers.push(
-            "Via",
-            format!(
-                "SIP/2.0/UDP {};branch={};rport",
-                self.sip_addr,
-                new_branch()
-            ),
-        );
+        invite
+            .headers
+            .push("Via", via(peer.transport, self.sip_addr));
         invite.headers.push("Max-Forwards", "70");
         invite.headers.push(
             "From",
@@ -1169,9 +1214,14 @@ impl Endpoint {
         invite.headers.push("To", format!("<{uri}>"));
         invite.headers.push("Call-ID", key.0.clone());
         invite.headers.push("CSeq", "1 INVITE");
-        invite
-            .headers
-            .push("Contact", format!("<sip:plugboard@{}>", self.sip_addr));
+        invite.headers.push(
+            "Contact",
+            format!(
+                "<sip:plugboard@{}{}>",
+                self.sip_addr,
+                transport_param(peer.transport)
+            ),
+        );
         invite.headers.push("Allow", self.policy.allow_header());
         invite.headers.push("Content-Type", "application/sdp");
         invite.body = offer.into_bytes();
@@ -1270,14 +1320,9 @@ impl Endpoint {
                 leg.auth_tries += 1;
                 leg.cseq += 1;
                 let mut invite = leg.invite.clone();
-                invite.headers.set(
-                    "Via",
-                    format!(
-                        "SIP/2.0/UDP {};branch={};rport",
-                        self.sip_addr,
-                        new_branch()
-                    ),
-                );
+                invite
+                    .headers
+                    .set("Via", via(leg.peer.transport, self.sip_addr));
                 invite.headers.set("CSeq", format!("{} INVITE", leg.cseq));
                 invite.headers.set(
                     if status == 401 {
@@ -1386,6 +1431,23 @@ impl Endpoint {
     }
 }
 
+/// A Via header for a request we send over `transport`.
+fn via(transport: Transport, sip_addr: SocketAddr) -> String {
+    let t = match transport {
+        Transport::Udp => "UDP",
+        Transport::Tcp => "TCP",
+    };
+    format!("SIP/2.0/{t} {sip_addr};branch={};rport", new_branch())
+}
+
+/// The `;transport=` URI parameter for a Contact (none for UDP).
+fn transport_param(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Udp => "",
+        Transport::Tcp => ";transport=tcp",
+    }
+}
+
 /// A request inside an answered leg (ACK, BYE, NOTIFY): the leg's From,
 /// the far end's To and Contact, and the given CSeq number.
 fn leg_request(
@@ -1397,10 +1459,7 @@ fn leg_request(
 ) -> Option<Request> {
     let (to, target) = leg.answered.clone()?;
     let mut r = Request::new(method.clone(), target);
-    r.headers.push(
-        "Via",
-        format!("SIP/2.0/UDP {sip_addr};branch={};rport", new_branch()),
-    );
+    r.headers.push("Via", via(leg.peer.transport, sip_addr));
     r.headers.push("Max-Forwards", "70");
     if let Some(from) = leg.invite.headers.get("From") {
         r.headers.push("From", from);

@@ -1,0 +1,172 @@
+//! The server's config file (`plugboard serve --config FILE`, TOML).
+//!
+//! Every setting may also be given as a flag or an environment variable;
+//! a flag wins over the file, the file over the built-in default. Carrier
+//! trunks may be declared here per tenant: they are kept in memory, not in
+//! the store (their passwords stay in the file), listed by the API with
+//! `"source": "config"`, and cannot be replaced over the API.
+//! `plugboard.example.toml` at the top of the repository shows every key.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+/// The whole file. Unknown keys are errors, so a typo is not silently
+/// ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// `[server]`.
+    #[serde(default)]
+    pub server: ServerSection,
+    /// `[sip]`.
+    #[serde(default)]
+    pub sip: SipSection,
+    /// `[[trunk]]` tables.
+    #[serde(default, rename = "trunk")]
+    pub trunks: Vec<TrunkEntry>,
+}
+
+/// HTTP, store and plugin limits.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Data directory (store, compile cache, recordings, admin token).
+    pub data_dir: Option<PathBuf>,
+    /// HTTP listen address.
+    pub http: Option<SocketAddr>,
+    /// CPU deadline per plugin invocation, ms.
+    pub deadline_ms: Option<u64>,
+    /// Linear memory cap per plugin instance, MiB.
+    pub memory_mib: Option<usize>,
+    /// Plugin instances that may run at once.
+    pub max_concurrent: Option<u32>,
+    /// The flow-graph component.
+    pub flow_graph: Option<PathBuf>,
+    /// Compiled-component cache directory.
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The voice channel.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SipSection {
+    /// SIP listen address (UDP and TCP), or `off`.
+    pub listen: Option<String>,
+    /// RTP port range, `LO-HI`.
+    pub rtp_ports: Option<String>,
+    /// Address to advertise in SDP and Contact.
+    pub public_ip: Option<IpAddr>,
+    /// Ring this long before answering, ms.
+    pub answer_delay_ms: Option<u64>,
+    /// Challenge with MD5 before SHA-256.
+    pub digest_md5_first: Option<bool>,
+    /// The espeak-ng program.
+    pub espeak: Option<PathBuf>,
+    /// Hang up after this long without RTP from the caller, s.
+    pub rtp_timeout_s: Option<u64>,
+    /// Longest call, s.
+    pub max_call_s: Option<u64>,
+}
+
+/// A `[[trunk]]`: a [`plugboard_core::Trunk`] and the tenant it belongs to.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrunkEntry {
+    /// The tenant.
+    pub tenant: String,
+    /// The trunk itself (`name`, `host`, `transport`, `username`,
+    /// `password`, `inbound_ips`).
+    #[serde(flatten)]
+    pub trunk: plugboard_core::Trunk,
+}
+
+impl ConfigFile {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<ConfigFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        ConfigFile::parse(&text).with_context(|| format!("config file {}", path.display()))
+    }
+
+    /// Parses and checks the text of a config file.
+    pub fn parse(text: &str) -> Result<ConfigFile> {
+        let config: ConfigFile = toml::from_str(text)?;
+        if let Some(r) = &config.sip.rtp_ports {
+            plugboard_voice::parse_port_range(r)
+                .map_err(|e| anyhow::anyhow!("[sip] rtp_ports: {e}"))?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for entry in &config.trunks {
+            let t = &entry.trunk;
+            let what = format!("[[trunk]] {}/{}", entry.tenant, t.name);
+            if t.name.is_empty() {
+                bail!("[[trunk]] of tenant {:?}: name is missing", entry.tenant);
+            }
+            t.validate().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+            if !seen.insert((entry.tenant.clone(), t.name.clone())) {
+                bail!("{what} is declared twice");
+            }
+        }
+        Ok(config)
+    }
+
+    /// The trunks by tenant.
+    pub fn trunks_by_tenant(&self) -> HashMap<String, Vec<plugboard_core::Trunk>> {
+        let mut map: HashMap<String, Vec<plugboard_core::Trunk>> = HashMap::new();
+        for e in &self.trunks {
+            map.entry(e.tenant.clone())
+                .or_default()
+                .push(e.trunk.clone());
+        }
+        map
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_parses() -> Result<()> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugboard.example.toml");
+        let c = ConfigFile::load(&path)?;
+        assert_eq!(c.sip.rtp_ports.as_deref(), Some("20000-20999"));
+        let trunks = c.trunks_by_tenant();
+        assert_eq!(trunks["demo"][0].name, "default");
+        assert_eq!(trunks["demo"][0].transport, "udp");
+        Ok(())
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err = |text: &str| {
+            format!(
+                "{:#}",
+                ConfigFile::parse(text)
+                    .err()
+                    .unwrap_or_else(|| panic!("{text} parsed"))
+            )
+        };
+        assert!(err("[sip]\nlisten_on = \"x\"").contains("listen_on"));
+        assert!(err("[sip]\nrtp_ports = \"9-3\"").contains("rtp_ports"));
+        assert!(
+            err("[[trunk]]\ntenant = \"a\"\nname = \"t\"\nhost = \"nope\"")
+                .contains("a/t: host must be host:port")
+        );
+        assert!(
+            err(
+                "[[trunk]]\ntenant = \"a\"\nname = \"t\"\nhost = \"h:5060\"\ninbound_ips = [\"x\"]"
+            )
+            .contains("not an IP")
+        );
+        let twice = "[[trunk]]\ntenant = \"a\"\nname = \"t\"\nhost = \"h:1\"\n[[trunk]]\ntenant = \"a\"\nname = \"t\"\nhost = \"h:2\"";
+        assert!(err(twice).contains("twice"));
+        let typo = "[[trunk]]\ntenant = \"a\"\nname = \"t\"\nhost = \"h:1\"\npasswrd = \"x\"";
+        assert!(err(typo).contains("passwrd"), "{}", err(typo));
+        assert!(err("[server]\nhttp = \"not an address\"").contains("http"));
+    }
+}
