@@ -138,7 +138,7 @@ fn timeline<'a>(ix: &'a Value, kind: &str) -> Vec<&'a Value> {
 }
 
 #[test]
-fn sipp_call_hears_menu_presses_9_and_the_flow_hangs_up_udp_and_tcp() -> Result<()> {
+fn sipp_calls_hear_the_menu_press_9_and_the_flow_hangs_up_udp_tcp_and_late_offer() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let server = Server::start(&dir.path().join("data"), &[])?;
     let key = setup(&server);
@@ -149,7 +149,34 @@ fn sipp_call_hears_menu_presses_9_and_the_flow_hangs_up_udp_and_tcp() -> Result<
     for transport in ["u1", "t1"] {
         sipp(&server, dir.path(), "ivr_dtmf", "15550100", transport)?;
     }
-    let calls = calls(&server, &key, 2);
+    // A late offer: no SDP in the INVITE, ours in the 200, the answer in
+    // the ACK; the call then goes as the others.
+    sipp(&server, dir.path(), "late_offer", "15550100", "u1")?;
+    // A late offer whose ACK brings no answer: we hang up at once.
+    sipp(
+        &server,
+        dir.path(),
+        "late_offer_no_answer",
+        "15550100",
+        "u1",
+    )?;
+    let all = calls(&server, &key, 4);
+    let (late, calls): (Vec<Value>, Vec<Value>) = all
+        .into_iter()
+        .partition(|ix| !timeline(ix, "sdp_answer").is_empty());
+    assert_eq!(late.len(), 2, "{late:#?}");
+    let answered: Vec<&Value> = late
+        .iter()
+        .filter(|ix| timeline(ix, "sdp_answer")[0]["error"].is_null())
+        .collect();
+    assert_eq!(answered.len(), 1, "{late:#?}");
+    assert_eq!(timeline(answered[0], "sdp_answer")[0]["codec"], "PCMU");
+    assert_eq!(timeline(answered[0], "dtmf")[0]["digit"], "9");
+    let refused = late
+        .iter()
+        .find(|ix| !timeline(ix, "sdp_answer")[0]["error"].is_null());
+    let refused = refused.expect("the call without an answer");
+    assert_eq!(timeline(refused, "hangup")[0]["by"], "system", "{refused}");
     assert_eq!(calls.len(), 2, "{calls:#?}");
     for ix in &calls {
         assert_eq!(ix["state"], "closed");

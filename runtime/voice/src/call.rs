@@ -35,6 +35,9 @@ pub(crate) enum CallCmd {
     Dtmf(char, DtmfSource),
     /// A re-INVITE changed the media (hold/resume).
     Media(Negotiated),
+    /// The ACK's answer to the offer we made in our 200 (late offer), or
+    /// why there is none we can use.
+    Answer(Result<Negotiated, String>),
     /// The caller left (BYE, CANCEL, no ACK).
     RemoteHangup(String),
     /// Something happened on an outbound leg.
@@ -327,6 +330,7 @@ impl Call {
                         self.negotiated = n;
                         self.last_rtp = Instant::now();
                     }
+                    Some(CallCmd::Answer(answer)) => self.on_answer(answer),
                     Some(CallCmd::RemoteHangup(why)) => {
                         self.ended = Some((why, "caller"));
                     }
@@ -622,6 +626,31 @@ impl Call {
         leg.remote = Some(src);
         let arrival = (self.started.elapsed().as_micros() / 125) as u32;
         leg.jitter.push(&p, arrival);
+    }
+
+    /// The caller's answer to our offer (late offer): media can start.
+    fn on_answer(&mut self, answer: Result<Negotiated, String>) {
+        match answer {
+            Ok(n) => {
+                self.note(
+                    "sdp_answer",
+                    json!({"codec": n.law.name(), "telephone_event": n.dtmf_pt, "remote_rtp": n.remote.to_string()}),
+                );
+                self.sender = RtpSender::new(seed(), n.law, n.payload_type, seed());
+                self.remote = n.remote;
+                self.remote_rtcp = SocketAddr::new(n.remote.ip(), n.remote.port() | 1);
+                self.negotiated = n;
+            }
+            Err(why) => {
+                self.note("sdp_answer", json!({"error": why}));
+                if self.ended.is_none() {
+                    self.ended = Some((why, "system"));
+                    let _ = self
+                        .endpoint
+                        .try_send(Input::Call(CallOut::Hangup(self.key.clone())));
+                }
+            }
+        }
     }
 
     fn hangup_by_flow(&mut self, why: &str) {

@@ -132,6 +132,8 @@ struct Dialog {
     retransmit: Option<JoinHandle<()>>,
     /// The `To` value we answer with (our URI and tag).
     local_party: String,
+    /// We offered in the 200; the ACK must carry the answer.
+    late_offer: bool,
 }
 
 /// The running voice channel.
@@ -502,7 +504,7 @@ impl Endpoint {
                 info,
                 from,
             } => self.request(id, *request, *info, from),
-            TxEvent::Ack { info, .. } => {
+            TxEvent::Ack { info, request, .. } => {
                 let key = (
                     info.call_id.clone(),
                     info.to.tag().unwrap_or("").to_string(),
@@ -512,6 +514,15 @@ impl Endpoint {
                         r.abort();
                     }
                     if matches!(d.state, DialogState::WaitAck) {
+                        if d.late_offer {
+                            let answer = match sdp_body(&request) {
+                                Some(text) => sdp::parse(&text)
+                                    .and_then(|a| sdp::accept_answer(&a))
+                                    .map_err(|e| e.to_string()),
+                                None => Err("the ACK carries no SDP answer to our offer".into()),
+                            };
+                            let _ = d.call.try_send(CallCmd::Answer(answer));
+                        }
                         d.state = DialogState::Confirmed;
                         let _ = d.call.try_send(CallCmd::Confirmed);
                     }
@@ -772,16 +783,15 @@ impl Endpoint {
                 )),
             );
         }
-        let offer = match sdp_body(&req) {
-            Some(text) => sdp::parse(&text),
-            None => Err(SdpError::NotAcceptable(
-                "an SDP offer in the INVITE is required".into(),
-            )),
-        };
-        let offer = match offer {
-            Ok(o) => o,
-            Err(SdpError::Syntax(m)) => return self.refuse(id, &req, 400, Some(m)),
-            Err(SdpError::NotAcceptable(m)) => return self.refuse(id, &req, 488, Some(m)),
+        // No SDP in the INVITE is a late offer (RFC 3261 §13.2.1): we offer
+        // in the 200 and the answer comes in the ACK.
+        let offer = match sdp_body(&req).map(|text| sdp::parse(&text)) {
+            None => None,
+            Some(Ok(o)) => Some(o),
+            Some(Err(SdpError::Syntax(m))) => return self.refuse(id, &req, 400, Some(m)),
+            Some(Err(SdpError::NotAcceptable(m))) => {
+                return self.refuse(id, &req, 488, Some(m));
+            }
         };
         let Some(media) = self.pool.take() else {
             return self.refuse(id, &req, 503, Some("no free RTP ports".into()));
@@ -792,9 +802,23 @@ impl Endpoint {
             session_id: u64::from(media.port) * 1_000_003 + (plugboard_core::now_ms() % 1_000_000),
             version: 1,
         };
-        let (answer, negotiated) = match sdp::answer(&offer, &local) {
-            Ok(a) => a,
-            Err(e) => return self.refuse(id, &req, 488, Some(e.to_string())),
+        let (body, negotiated) = match &offer {
+            Some(offer) => match sdp::answer(offer, &local) {
+                Ok(a) => a,
+                Err(e) => return self.refuse(id, &req, 488, Some(e.to_string())),
+            },
+            None => (
+                sdp::offer(&local, LATE_OFFER_DTMF_PT, sdp::Direction::SendRecv),
+                // Nowhere to send until the ACK brings the answer.
+                Negotiated {
+                    law: plugboard_media::g711::Law::Mu,
+                    payload_type: 0,
+                    dtmf_pt: Some(LATE_OFFER_DTMF_PT),
+                    remote: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    remote_direction: sdp::Direction::SendRecv,
+                    local_direction: sdp::Direction::SendRecv,
+                },
+            ),
         };
         let caller = info
             .from
@@ -835,6 +859,7 @@ impl Endpoint {
                 "telephone_event": negotiated.dtmf_pt,
                 "remote_rtp": negotiated.remote.to_string(),
                 "local_rtp": media.port,
+                "sdp": if offer.is_some() { "offer in INVITE" } else { "late offer: ours in the 200, answer in the ACK" },
             }),
         );
         if let Err(e) = session.checkpoint() {
@@ -851,7 +876,7 @@ impl Endpoint {
             .push("Contact", self.contact(&dialled_user, from.transport));
         ok.headers.push("Allow", self.policy.allow_header());
         ok.headers.push("Content-Type", "application/sdp");
-        ok.body = answer.into_bytes();
+        ok.body = body.into_bytes();
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         self.spawn_call(
             key.clone(),
@@ -879,6 +904,7 @@ impl Endpoint {
                 call: cmd_tx,
                 retransmit: None,
                 local_party,
+                late_offer: offer.is_none(),
             },
         );
         self.pending.insert(id, key.clone());
@@ -1430,6 +1456,9 @@ impl Endpoint {
         }
     }
 }
+
+/// The telephone-event payload type we offer.
+const LATE_OFFER_DTMF_PT: u8 = 101;
 
 /// A Via header for a request we send over `transport`.
 fn via(transport: Transport, sip_addr: SocketAddr) -> String {
