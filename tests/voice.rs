@@ -282,6 +282,8 @@ fn sipp_register_options_unknown_number_cancel_and_hold() -> Result<()> {
         .find(|ix| !timeline(ix, "hold").is_empty())
         .expect("the held call");
     assert_eq!(timeline(held, "resume").len(), 1);
+    // The re-INVITE without SDP got our offer; the ACK's answer was taken.
+    assert_eq!(timeline(held, "sdp_answer")[0]["codec"], "PCMU", "{held}");
     assert_eq!(timeline(held, "hangup")[0]["by"], "caller");
     Ok(())
 }

@@ -628,15 +628,19 @@ impl Call {
         leg.jitter.push(&p, arrival);
     }
 
-    /// The caller's answer to our offer (late offer): media can start.
+    /// The caller's answer to an offer of ours (an INVITE or re-INVITE
+    /// without SDP): media starts, or goes on with what was agreed.
     fn on_answer(&mut self, answer: Result<Negotiated, String>) {
         match answer {
             Ok(n) => {
                 self.note(
                     "sdp_answer",
-                    json!({"codec": n.law.name(), "telephone_event": n.dtmf_pt, "remote_rtp": n.remote.to_string()}),
+                    json!({"codec": n.law.name(), "telephone_event": n.dtmf_pt, "remote_rtp": n.remote.to_string(), "direction": format!("{:?}", n.remote_direction)}),
                 );
-                self.sender = RtpSender::new(seed(), n.law, n.payload_type, seed());
+                if n.law != self.negotiated.law || n.payload_type != self.negotiated.payload_type {
+                    // Another codec: a new stream (a new SSRC).
+                    self.sender = RtpSender::new(seed(), n.law, n.payload_type, seed());
+                }
                 self.remote = n.remote;
                 self.remote_rtcp = SocketAddr::new(n.remote.ip(), n.remote.port() | 1);
                 self.negotiated = n;

@@ -132,7 +132,8 @@ struct Dialog {
     retransmit: Option<JoinHandle<()>>,
     /// The `To` value we answer with (our URI and tag).
     local_party: String,
-    /// We offered in the 200; the ACK must carry the answer.
+    /// We offered in a 200 (to the INVITE or a re-INVITE); the ACK must
+    /// carry the answer.
     late_offer: bool,
 }
 
@@ -513,16 +514,17 @@ impl Endpoint {
                     if let Some(r) = d.retransmit.take() {
                         r.abort();
                     }
+                    if d.late_offer {
+                        d.late_offer = false;
+                        let answer = match sdp_body(&request) {
+                            Some(text) => sdp::parse(&text)
+                                .and_then(|a| sdp::accept_answer(&a))
+                                .map_err(|e| e.to_string()),
+                            None => Err("the ACK carries no SDP answer to our offer".into()),
+                        };
+                        let _ = d.call.try_send(CallCmd::Answer(answer));
+                    }
                     if matches!(d.state, DialogState::WaitAck) {
-                        if d.late_offer {
-                            let answer = match sdp_body(&request) {
-                                Some(text) => sdp::parse(&text)
-                                    .and_then(|a| sdp::accept_answer(&a))
-                                    .map_err(|e| e.to_string()),
-                                None => Err("the ACK carries no SDP answer to our offer".into()),
-                            };
-                            let _ = d.call.try_send(CallCmd::Answer(answer));
-                        }
                         d.state = DialogState::Confirmed;
                         let _ = d.call.try_send(CallCmd::Confirmed);
                     }
@@ -1004,7 +1006,7 @@ impl Endpoint {
         d.local.version += 1;
         let (answer, negotiated) = match parsed {
             Some(Ok(offer)) => match sdp::answer(&offer, &d.local) {
-                Ok(a) => a,
+                Ok((a, n)) => (a, Some(n)),
                 Err(e) => {
                     d.local.version -= 1;
                     let mut r = reply(&req, 488, reason_phrase(488), None);
@@ -1021,17 +1023,19 @@ impl Endpoint {
                 return;
             }
             None => {
-                // No offer: refresh (session timer style) — answer with
-                // what we have, the media stays as it is.
-                d.local.version -= 1;
-                let mut r = reply(&req, 488, reason_phrase(488), None);
-                r.headers
-                    .push("Warning", "399 plugboard \"re-INVITE without an offer\"");
-                self.respond(id, r);
-                return;
+                // No offer (a session refresh, or a peer asking for ours):
+                // we offer what we have and the answer comes in the ACK
+                // (RFC 3261 §14.2); the media stays as it is until then.
+                d.late_offer = true;
+                (
+                    sdp::offer(&d.local, LATE_OFFER_DTMF_PT, sdp::Direction::SendRecv),
+                    None,
+                )
             }
         };
-        let _ = d.call.try_send(CallCmd::Media(negotiated));
+        if let Some(n) = negotiated {
+            let _ = d.call.try_send(CallCmd::Media(n));
+        }
         d.invite_tx = id;
         let mut ok = reply(&req, 200, "OK", None);
         let user = Some(d.invite.uri.clone())
