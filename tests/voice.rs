@@ -252,7 +252,7 @@ fn sipp_register_options_unknown_number_cancel_and_hold() -> Result<()> {
     let wrong = ["-au", "alice", "-ap", "not-the-password"];
     sipp_with(&server, dir.path(), "register_bad", "acme", "u1", &wrong)?;
     let users = server.get("/v1/tenants/acme/sip-users", &key);
-    let regs = &users.body["sip_users"][0]["registrations"];
+    let regs = users.body["sip_users"][0]["registrations"].clone();
     assert_eq!(regs.as_array().map(Vec::len), Some(1), "{users:?}");
     assert!(
         regs[0]["contact"]
@@ -285,6 +285,13 @@ fn sipp_register_options_unknown_number_cancel_and_hold() -> Result<()> {
     // The re-INVITE without SDP got our offer; the ACK's answer was taken.
     assert_eq!(timeline(held, "sdp_answer")[0]["codec"], "PCMU", "{held}");
     assert_eq!(timeline(held, "hangup")[0]["by"], "caller");
+    // alice's registration outlives a crash of the server: her phone is
+    // reachable at once after the restart, not only when it registers again.
+    server.kill();
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let users = server.get("/v1/tenants/acme/sip-users", &key);
+    let after = &users.body["sip_users"][0]["registrations"];
+    assert_eq!(after, &regs, "{users:?}");
     Ok(())
 }
 

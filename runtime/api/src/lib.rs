@@ -105,17 +105,7 @@ pub struct AppState {
     config_trunks: HashMap<String, Vec<plugboard_core::Trunk>>,
 }
 
-/// A registered contact of a SIP user (an agent's phone), kept in memory
-/// by the registrar until it expires.
-#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
-pub struct Binding {
-    /// The Contact URI.
-    pub contact: String,
-    /// When it expires, ms since the Unix epoch.
-    pub expires_ms: u64,
-    /// Where the REGISTER came from (transport and address).
-    pub source: String,
-}
+pub use plugboard_core::Binding;
 
 impl AppState {
     /// Wires the API to a store and a plugin host. `admin_token` is the
@@ -207,7 +197,30 @@ impl AppState {
                 r.insert(key, live.clone());
             }
         }
+        if let Err(e) = self.store.set_bindings(tenant, user, &live) {
+            tracing::warn!("cannot store the registrations of {user}@{tenant}: {e}");
+        }
         live
+    }
+
+    /// Loads the stored registrations that have not expired (at start).
+    fn load_bindings(&self) {
+        let now = now_ms();
+        let tenants = self.store.tenants().unwrap_or_default();
+        let Ok(mut r) = self.registrations.write() else {
+            return;
+        };
+        for t in tenants {
+            for (user, bindings) in self.store.bindings(&t.id).unwrap_or_default() {
+                let live: Vec<Binding> = bindings
+                    .into_iter()
+                    .filter(|b| b.expires_ms > now)
+                    .collect();
+                if !live.is_empty() {
+                    r.insert((t.id.clone(), user), live);
+                }
+            }
+        }
     }
 
     /// A SIP user's live bindings.
@@ -268,9 +281,11 @@ impl AppState {
     }
 
     /// Loads every tenant's active plugin versions (from the compile cache
-    /// where possible), so that the first event after a restart is fast.
-    /// Returns how many were loaded; failures are logged and skipped.
+    /// where possible), so that the first event after a restart is fast,
+    /// and the SIP registrations that have not expired. Returns how many
+    /// plugin versions were loaded; failures are logged and skipped.
     pub fn preload(&self) -> Result<usize, CoreError> {
+        self.load_bindings();
         let mut n = 0;
         for t in self.store.tenants()? {
             for p in self.store.plugins(&t.id)? {

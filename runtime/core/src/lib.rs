@@ -269,6 +269,20 @@ impl fmt::Display for Channel {
     }
 }
 
+/// A registered contact of a SIP user (an agent's phone). Registrations
+/// are soft state: kept by the registrar until they expire, and stored so
+/// that a restart does not make agents unreachable until their phones
+/// register again.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Binding {
+    /// The Contact URI.
+    pub contact: String,
+    /// When it expires, ms since the Unix epoch.
+    pub expires_ms: u64,
+    /// Where the REGISTER came from (transport and address).
+    pub source: String,
+}
+
 /// A SIP user of a tenant (an agent's phone): what the registrar checks.
 /// The realm is the tenant id; only digest hashes are kept, never the
 /// password.

@@ -8,8 +8,8 @@
 //! whatever the API acknowledged survives a crash.
 
 use plugboard_core::{
-    Address, Error, Grants, Interaction, PluginInfo, PluginVersion, SipUser, Tenant, TenantKv,
-    Trunk,
+    Address, Binding, Error, Grants, Interaction, PluginInfo, PluginVersion, SipUser, Tenant,
+    TenantKv, Trunk,
 };
 use sha2::{Digest, Sha256};
 use std::path::Path;
@@ -75,6 +75,11 @@ pub trait Store: TenantKv + Send + Sync {
     fn set_trunk(&self, tenant: &str, trunk: &Trunk) -> Result<()>;
     /// All trunks of a tenant.
     fn trunks(&self, tenant: &str) -> Result<Vec<Trunk>>;
+    /// Replaces a SIP user's registrations (none: removes them). Soft
+    /// state: written without waiting for the disk.
+    fn set_bindings(&self, tenant: &str, user: &str, bindings: &[Binding]) -> Result<()>;
+    /// The stored registrations of a tenant's SIP users, by user.
+    fn bindings(&self, tenant: &str) -> Result<Vec<(String, Vec<Binding>)>>;
     /// Which tenant owns an address (numbers are unique across tenants:
     /// an inbound call or message must reach exactly one tenant).
     fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>>;
@@ -425,6 +430,28 @@ impl Store for SledStore {
 
     fn trunks(&self, tenant: &str) -> Result<Vec<Trunk>> {
         self.list(tenant, "trunk/")
+    }
+
+    fn set_bindings(&self, tenant: &str, user: &str, bindings: &[Binding]) -> Result<()> {
+        let space = self.space(tenant)?;
+        let key = format!("reg/{user}");
+        if bindings.is_empty() {
+            space.remove(key).map_err(storage)?;
+        } else {
+            space.insert(key, json(&bindings)?).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    fn bindings(&self, tenant: &str) -> Result<Vec<(String, Vec<Binding>)>> {
+        self.space(tenant)?
+            .scan_prefix("reg/")
+            .map(|kv| {
+                let (k, v) = kv.map_err(storage)?;
+                let user = String::from_utf8_lossy(&k["reg/".len()..]).into_owned();
+                Ok((user, parse(&v)?))
+            })
+            .collect()
     }
 
     fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>> {
