@@ -902,6 +902,17 @@ password = "trunk-secret"
     );
     let server = Server::start_configured(&dir.path().join("data"), &config)?;
     let key = server.tenant("acme");
+    // The effective settings, for the operator only.
+    let settings = server.get("/v1/settings", &server.admin);
+    assert_eq!(settings.status, 200, "{settings:?}");
+    assert_eq!(settings.body["sip"]["rtp_ports"], "24100-24299");
+    assert_eq!(
+        settings.body["sip"]["listen"],
+        format!("127.0.0.1:{}", server.sip_port)
+    );
+    assert_eq!(settings.body["config_trunks"], json!(["acme/default"]));
+    assert!(!settings.body.to_string().contains("trunk-secret"));
+    assert_eq!(server.get("/v1/settings", &key).status, 403);
     let a = server.get("/v1/tenants/acme/trunks", &key);
     assert_eq!(a.status, 200, "{a:?}");
     let trunk = &a.body["trunks"][0];

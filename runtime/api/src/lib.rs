@@ -103,6 +103,7 @@ pub struct AppState {
     recordings: Option<std::path::PathBuf>,
     registrations: RwLock<HashMap<(String, String), Vec<Binding>>>,
     config_trunks: HashMap<String, Vec<plugboard_core::Trunk>>,
+    settings: Value,
 }
 
 pub use plugboard_core::Binding;
@@ -130,6 +131,7 @@ impl AppState {
             recordings: None,
             registrations: RwLock::new(HashMap::new()),
             config_trunks: HashMap::new(),
+            settings: json!({}),
         }
     }
 
@@ -155,6 +157,12 @@ impl AppState {
             }
         }
         all
+    }
+
+    /// The effective settings shown at `GET /v1/settings` (admin).
+    pub fn with_settings(mut self, settings: Value) -> Self {
+        self.settings = settings;
+        self
     }
 
     /// A trunk from the server's config file.
@@ -531,6 +539,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
         .route("/v1/tenants", post(create_tenant).get(list_tenants))
+        .route("/v1/settings", get(get_settings))
         .route("/v1/tenants/{t}", get(get_tenant))
         .route("/v1/tenants/{t}/limits", put(set_limits).get(get_limits))
         .route("/v1/tenants/{t}/plugins", get(list_plugins))
@@ -645,6 +654,16 @@ async fn list_tenants(
 ) -> ApiResult<Json<Value>> {
     admin(&s, &headers)?;
     Ok(Json(json!({"tenants": s.store.tenants()?})))
+}
+
+/// The server's effective settings (flags, config file and defaults
+/// merged), for the operator; secrets are never part of them.
+async fn get_settings(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Value>> {
+    admin(&s, &headers)?;
+    Ok(Json(s.settings.clone()))
 }
 
 async fn get_tenant(

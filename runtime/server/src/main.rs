@@ -417,9 +417,28 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = admin_token(data_dir)?;
     let store = Arc::new(SledStore::open(&data_dir.join("store")).context("opening the store")?);
+    let cache_dir = cache_dir.unwrap_or_else(|| data_dir.join("cache"));
+    let settings = json!({
+        "config_file": args.config.as_ref().map(|p| p.display().to_string()),
+        "data_dir": data_dir.display().to_string(),
+        "http": http.to_string(),
+        "cache_dir": cache_dir.display().to_string(),
+        "plugins": {"deadline_ms": deadline_ms, "memory_mib": memory_mib, "max_concurrent": max_concurrent},
+        "sip": voice.as_ref().map(|v| json!({
+            "listen": v.sip.to_string(),
+            "rtp_ports": format!("{}-{}", v.rtp_ports.0, v.rtp_ports.1),
+            "public_ip": v.public_ip.map(|ip| ip.to_string()),
+            "answer_delay_ms": v.answer_delay.as_millis() as u64,
+            "digest_md5_first": v.digest_md5_first,
+            "espeak": v.espeak.display().to_string(),
+            "rtp_timeout_s": v.rtp_timeout.as_secs(),
+            "max_call_s": v.max_call.as_secs(),
+        })),
+        "config_trunks": file.trunks.iter().map(|t| format!("{}/{}", t.tenant, t.trunk.name)).collect::<Vec<_>>(),
+    });
     let host = Arc::new(
         PluginHost::new(HostConfig {
-            cache_dir: Some(cache_dir.unwrap_or_else(|| data_dir.join("cache"))),
+            cache_dir: Some(cache_dir),
             max_concurrent,
             max_memory_bytes: (memory_mib << 20).max(256 << 20),
             ..HostConfig::default()
@@ -433,7 +452,8 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     };
     let mut state = AppState::new(store, host, &token, limits)
         .with_recordings_dir(data_dir.join("recordings"))
-        .with_config_trunks(file.trunks_by_tenant());
+        .with_config_trunks(file.trunks_by_tenant())
+        .with_settings(settings);
     if !file.trunks.is_empty() {
         tracing::info!("{} trunks from the config file", file.trunks.len());
     }
