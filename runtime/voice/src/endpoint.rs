@@ -1128,15 +1128,7 @@ impl Endpoint {
             });
         d.local_cseq += 1;
         let mut bye = Request::new(Method::Bye, target);
-        bye.headers.push(
-            "Via",
-            format!(
-                "SIP/2.0/{} {};branch={};rport",
-                d.peer.transport.as_str(),
-                self.sip_addr,
-                new_branch()
-            ),
-        );
+        bye.headers.push("Via", via(d.peer.transport, self.sip_addr));
         bye.headers.push("Max-Forwards", "70");
         bye.headers.push("From", d.local_party.clone());
         if let Some(from) = inv.headers.get("From") {
@@ -1466,11 +1458,11 @@ const LATE_OFFER_DTMF_PT: u8 = 101;
 
 /// A Via header for a request we send over `transport`.
 fn via(transport: Transport, sip_addr: SocketAddr) -> String {
-    let t = match transport {
-        Transport::Udp => "UDP",
-        Transport::Tcp => "TCP",
-    };
-    format!("SIP/2.0/{t} {sip_addr};branch={};rport", new_branch())
+    format!(
+        "SIP/2.0/{} {sip_addr};branch={};rport",
+        transport.as_str(),
+        new_branch()
+    )
 }
 
 /// The `;transport=` URI parameter for a Contact (none for UDP).
