@@ -511,15 +511,13 @@ struct BaresipCall {
     heard: Vec<i16>,
 }
 
-/// baresip (its ctrl_tcp interface) calls `number`, sends `digit` as RFC
-/// 4733 four seconds after the call is up, and waits for the far end to
-/// hang up; it records what it hears.
-fn baresip_call(server: &Server, dir: &Path, number: &str, digit: &str) -> Result<BaresipCall> {
-    let cfg = dir.join("baresip");
-    let rec = dir.join("rec");
-    std::fs::create_dir_all(&cfg)?;
-    std::fs::create_dir_all(&rec)?;
-    std::fs::write(dir.join("silence.wav"), silence_wav(60))?;
+/// Writes baresip's config with fresh ports and starts it; returns the
+/// process, its control port and its log file.
+fn start_baresip(
+    dir: &Path,
+    cfg: &Path,
+    rec: &Path,
+) -> Result<(std::process::Child, u16, std::path::PathBuf)> {
     // baresip also listens on SIP port + 1 (TLS).
     let sip = loop {
         let p = free_sip_port();
@@ -548,7 +546,7 @@ fn baresip_call(server: &Server, dir: &Path, number: &str, digit: &str) -> Resul
     std::fs::write(cfg.join("accounts"), "<sip:tester@127.0.0.1>;regint=0\n")?;
     let log_path = dir.join("baresip.log");
     let log = std::fs::File::create(&log_path)?;
-    let mut child = Command::new("baresip")
+    let child = Command::new("baresip")
         .arg("-f")
         .arg(&cfg)
         .args(["-t", "40"])
@@ -557,6 +555,57 @@ fn baresip_call(server: &Server, dir: &Path, number: &str, digit: &str) -> Resul
         .stderr(log)
         .spawn()
         .context("running baresip (scripts/setup.sh installs baresip-core)")?;
+    Ok((child, ctrl_port, log_path))
+}
+
+/// Waits until baresip is ready. `None` (the process stopped) when it could
+/// not bind one of its ports.
+fn baresip_ready(
+    mut child: std::process::Child,
+    log: &Path,
+) -> Result<Option<std::process::Child>> {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(10) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text.contains("Address already in use") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(None);
+        }
+        if text.contains("baresip is ready") {
+            return Ok(Some(child));
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("baresip exited early ({status}):\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Some(child))
+}
+
+/// baresip (its ctrl_tcp interface) calls `number`, sends `digit` as RFC
+/// 4733 four seconds after the call is up, and waits for the far end to
+/// hang up; it records what it hears.
+fn baresip_call(server: &Server, dir: &Path, number: &str, digit: &str) -> Result<BaresipCall> {
+    let cfg = dir.join("baresip");
+    let rec = dir.join("rec");
+    std::fs::create_dir_all(&cfg)?;
+    std::fs::create_dir_all(&rec)?;
+    std::fs::write(dir.join("silence.wav"), silence_wav(60))?;
+    // Free ports are picked before baresip binds them, so another test can
+    // take one in between: start again with new ports when baresip says
+    // "Address already in use" (else the control connection could reach
+    // another program on that port).
+    let mut attempt = 0;
+    let (mut child, ctrl_port, log_path) = loop {
+        attempt += 1;
+        let (child, ctrl_port, log) = start_baresip(dir, &cfg, &rec)?;
+        match baresip_ready(child, &log)? {
+            Some(child) => break (child, ctrl_port, log),
+            None if attempt < 5 => continue,
+            None => bail!("baresip could not bind its ports in 5 attempts"),
+        }
+    };
     let t0 = Instant::now();
     let sock = loop {
         match TcpStream::connect(("127.0.0.1", ctrl_port)) {
