@@ -548,7 +548,7 @@ fn start_baresip(
     let log = std::fs::File::create(&log_path)?;
     let child = Command::new("baresip")
         .arg("-f")
-        .arg(&cfg)
+        .arg(cfg)
         .args(["-t", "40"])
         .stdin(std::process::Stdio::null())
         .stdout(log.try_clone()?)

@@ -1128,7 +1128,8 @@ impl Endpoint {
             });
         d.local_cseq += 1;
         let mut bye = Request::new(Method::Bye, target);
-        bye.headers.push("Via", via(d.peer.transport, self.sip_addr));
+        bye.headers
+            .push("Via", via(d.peer.transport, self.sip_addr));
         bye.headers.push("Max-Forwards", "70");
         bye.headers.push("From", d.local_party.clone());
         if let Some(from) = inv.headers.get("From") {
