@@ -184,6 +184,10 @@ def concurrency(proc, base, key, sip, tmp, levels, hold_s=20):
         ixs = api(base, key, "GET", f"/v1/tenants/bench/interactions?limit={n}")["interactions"]
         p99s = sorted(e["data"]["send_lateness_us"]["p99"] for ix in ixs if ix["to"] == "2000"
                       for e in ix["timeline"] if e["kind"] == "media")
+        medias = [e["data"] for ix in ixs if ix["to"] == "2000" for e in ix["timeline"] if e["kind"] == "media"]
+        not_ready = sum(m.get("frames_not_ready", 0) for m in medias)
+        frames = sum(m.get("packets_sent", 0) for m in medias) + not_ready
+        print(f"       frames not ready in time: {not_ready} of {frames} ({not_ready / max(frames, 1):.4%})")
         med = p99s[len(p99s) // 2] if p99s else 0
         worst = p99s[-1] if p99s else 0
         print(f"{n:>6} {ok:>5} {share * 100:>23.0f}% {steal * 100:>5.0f}% {med:>36} {worst:>11} {baseline:>19} {med / max(baseline, 1):>6.1f}")

@@ -36,8 +36,9 @@ use crossbeam_queue::ArrayQueue;
 pub const PTIME: Duration = Duration::from_millis(20);
 /// Phases per frame period.
 pub const SLOTS: usize = 20;
-/// Frames a call keeps prepared ahead of the clock.
-pub const DEPTH: usize = 2;
+/// Frames a call keeps prepared ahead of the clock (60 ms: with two,
+/// frames were not ready 10–20 times as often at 1,000 calls).
+pub const DEPTH: usize = 3;
 /// How far behind the clock may fall before it restarts its timeline.
 const RESYNC: Duration = Duration::from_millis(200);
 
