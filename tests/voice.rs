@@ -285,6 +285,33 @@ fn sipp_register_options_unknown_number_cancel_and_hold() -> Result<()> {
     // The re-INVITE without SDP got our offer; the ACK's answer was taken.
     assert_eq!(timeline(held, "sdp_answer")[0]["codec"], "PCMU", "{held}");
     assert_eq!(timeline(held, "hangup")[0]["by"], "caller");
+    // Inbound calls restricted to a carrier that authenticates with digest
+    // (a trunk with inbound_digest): challenged with 401, answered when the
+    // credentials are right, 403 when wrong, no call without them.
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/trunks/carrier",
+        &key,
+        &json!({"host": "127.0.0.1:5999", "username": "carrier-in",
+                "password": "in-secret", "inbound_digest": true}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let good = ["-au", "carrier-in", "-ap", "in-secret"];
+    sipp_with(&server, dir.path(), "invite_auth", "15550100", "u1", &good)?;
+    let bad = ["-au", "carrier-in", "-ap", "not-it"];
+    let e = sipp_with(&server, dir.path(), "invite_auth", "15550100", "u1", &bad);
+    assert!(e.is_err(), "a wrong trunk password must be refused");
+    let e = sipp(&server, dir.path(), "options", "15550100", "u1");
+    assert!(e.is_ok(), "OPTIONS is not a call: {e:?}");
+    let e = sipp(&server, dir.path(), "ivr_dtmf", "15550100", "u1");
+    assert!(e.is_err(), "a call without credentials must be challenged");
+    let all = self::calls(&server, &key, 3);
+    assert_eq!(
+        all.len(),
+        3,
+        "only the authenticated call was added: {all:#?}"
+    );
+    assert!(all.iter().any(|ix| ix["from"] == "carrier"), "{all:#?}");
     // alice's registration outlives a crash of the server: her phone is
     // reachable at once after the restart, not only when it registers again.
     server.kill();

@@ -319,9 +319,15 @@ pub struct Trunk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
     /// Source IPs allowed to call the tenant's numbers. When any trunk of
-    /// a tenant lists some, calls from elsewhere are refused with 403.
+    /// a tenant lists some (or asks for `inbound_digest`), calls from
+    /// elsewhere must authenticate, or are refused with 403.
     #[serde(default)]
     pub inbound_ips: Vec<String>,
+    /// Calls from addresses not in any `inbound_ips` may authenticate with
+    /// digest (challenged with 401, realm: the tenant id) as this trunk's
+    /// `username` and `password`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub inbound_digest: bool,
 }
 
 fn default_transport() -> String {
@@ -351,6 +357,9 @@ impl Trunk {
             .find(|ip| ip.parse::<std::net::IpAddr>().is_err())
         {
             return Err(format!("{bad:?} is not an IP address"));
+        }
+        if self.inbound_digest && (self.username.is_none() || self.password.is_none()) {
+            return Err("inbound_digest needs a username and a password".into());
         }
         Ok(())
     }

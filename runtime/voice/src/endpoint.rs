@@ -753,6 +753,74 @@ impl Endpoint {
         self.respond(id, r);
     }
 
+    /// Whether a call to the tenant's numbers from `from` may go on: always
+    /// when no trunk of the tenant restricts inbound calls; else when it
+    /// comes from a trunk's `inbound_ips`, or authenticates with digest as
+    /// a trunk that has `inbound_digest`. Otherwise the INVITE has been
+    /// answered (401 challenge, or 403) and this returns false.
+    fn inbound_allowed(&mut self, id: ServerTxId, req: &Request, tenant: &str, from: Peer) -> bool {
+        let trunks = self.app.trunks(tenant);
+        let ips: Vec<std::net::IpAddr> = trunks
+            .iter()
+            .flat_map(|t| t.inbound_ips.iter().filter_map(|ip| ip.parse().ok()))
+            .collect();
+        let digest: Vec<&plugboard_core::Trunk> =
+            trunks.iter().filter(|t| t.inbound_digest).collect();
+        if (ips.is_empty() && digest.is_empty()) || ips.contains(&from.addr.ip()) {
+            return true;
+        }
+        if digest.is_empty() {
+            self.refuse(
+                id,
+                req,
+                403,
+                Some(format!(
+                    "{} is not one of the tenant's trunks",
+                    from.addr.ip()
+                )),
+            );
+            return false;
+        }
+        let now_s = plugboard_core::now_ms() / 1000;
+        let creds = req
+            .headers
+            .all("Authorization")
+            .filter_map(parse_credentials)
+            .find(|c| c.realm == tenant);
+        let verdict = match &creds {
+            None => Err(AuthError::Stale),
+            Some(c) => {
+                let trunk = digest
+                    .iter()
+                    .find(|t| t.username.as_deref() == Some(c.username.as_str()));
+                self.auth.verify(c, "INVITE", tenant, now_s, |alg| {
+                    let t = trunk?;
+                    Some(plugboard_sip::digest::ha1(
+                        alg,
+                        t.username.as_deref()?,
+                        tenant,
+                        t.password.as_deref()?,
+                    ))
+                })
+            }
+        };
+        match verdict {
+            Ok(()) => true,
+            Err(AuthError::Stale) => {
+                let mut r = reply(req, 401, reason_phrase(401), Some(&random_token()));
+                for c in self.auth.challenges(tenant, now_s, creds.is_some()) {
+                    r.headers.push("WWW-Authenticate", c);
+                }
+                self.respond(id, r);
+                false
+            }
+            Err(AuthError::Bad) => {
+                self.refuse(id, req, 403, Some("wrong trunk credentials".into()));
+                false
+            }
+        }
+    }
+
     fn new_call(&mut self, id: ServerTxId, req: Request, info: RequestInfo, from: Peer) {
         let dialled = info.uri.user_unescaped().unwrap_or_default();
         let route = match self.app.route_address(&dialled) {
@@ -768,22 +836,8 @@ impl Endpoint {
         let Some((tenant, address)) = route else {
             return self.refuse(id, &req, 404, Some(format!("no voice address {dialled}")));
         };
-        let allowed: Vec<std::net::IpAddr> = self
-            .app
-            .trunks(&tenant)
-            .iter()
-            .flat_map(|t| t.inbound_ips.iter().filter_map(|ip| ip.parse().ok()))
-            .collect();
-        if !allowed.is_empty() && !allowed.contains(&from.addr.ip()) {
-            return self.refuse(
-                id,
-                &req,
-                403,
-                Some(format!(
-                    "{} is not one of the tenant's trunks",
-                    from.addr.ip()
-                )),
-            );
+        if !self.inbound_allowed(id, &req, &tenant, from) {
+            return;
         }
         // No SDP in the INVITE is a late offer (RFC 3261 §13.2.1): we offer
         // in the 200 and the answer comes in the ACK.
