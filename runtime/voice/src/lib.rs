@@ -8,7 +8,7 @@
 //! tones and WAV, collects DTMF (RFC 4733, SIP INFO, in-band), records to
 //! WAV, parks callers with music on hold, and hangs up. Every call leaves
 //! an interaction record with its timeline. Every call's RTP leaves on
-//! time from one media clock thread ([`clock`]).
+//! time from the media clock threads ([`clock`]).
 //!
 //! The protocol engines are sans-IO ([`plugboard_sip`],
 //! [`plugboard_media`]); this crate is the thin tokio layer around them.
