@@ -17,7 +17,8 @@ baseline for signalling CPU per call. Prints numbers; asserts nothing.
 
 Usage: scripts/bench-voice.sh (builds the release binary, then runs this).
 BENCH_QUICK=1 runs fewer steps; BENCH_ONLY=rate or BENCH_ONLY=concurrency
-runs one part (the Kamailio baseline comes with the rate part).
+runs one part (the Kamailio baseline comes with the rate part);
+BENCH_RATES=500,800 and BENCH_LEVELS=1000 choose the steps.
 """
 import json
 import os
@@ -283,7 +284,7 @@ def main():
         # Warm the TTS cache and the compiled flow.
         sipp(["-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000", "-m", "2",
               "-p", str(free_port()), "-mp", "39000", f"127.0.0.1:{sip}"], tmp)
-        rates = [] if ONLY == "concurrency" else [50, 100, 200] if QUICK else [50, 100, 200, 300, 400, 500, 600, 800, 1000]
+        rates = [] if ONLY == "concurrency" else [int(r) for r in os.environ["BENCH_RATES"].split(",")] if os.environ.get("BENCH_RATES") else [50, 100, 200] if QUICK else [50, 100, 200, 300, 400, 500, 600, 800, 1000]
         ours = {}
         best = None
         if rates:
