@@ -1139,14 +1139,11 @@ async fn set_trunk(
     trunk.name = name;
     trunk.validate().map_err(ApiError::bad_request)?;
     if s.configured_trunk(&t, &trunk.name).is_some() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!(
-                "trunk {} is defined in the server's config file; change it there",
-                trunk.name
-            ),
-        ));
+        return Err(CoreError::Conflict(format!(
+            "trunk {} is defined in the server's config file; change it there",
+            trunk.name
+        ))
+        .into());
     }
     tokio::task::block_in_place(|| s.store.set_trunk(&t, &trunk))?;
     trunk.password = trunk.password.map(|_| "********".into());

@@ -166,6 +166,11 @@ struct Call {
     self_tx: mpsc::Sender<CallCmd>,
 }
 
+/// Where RTCP goes for an RTP address: the odd port above (RFC 3550).
+fn rtcp_for(rtp: SocketAddr) -> SocketAddr {
+    SocketAddr::new(rtp.ip(), rtp.port() | 1)
+}
+
 fn seed() -> u32 {
     let mut b = [0u8; 4];
     let _ = getrandom::fill(&mut b);
@@ -213,7 +218,7 @@ pub(crate) async fn run(spec: CallSpec) {
         tts,
         config,
         remote: negotiated.remote,
-        remote_rtcp: SocketAddr::new(negotiated.remote.ip(), negotiated.remote.port() | 1),
+        remote_rtcp: rtcp_for(negotiated.remote),
         sender: RtpSender::new(seed(), negotiated.law, negotiated.payload_type, seed()),
         jitter: JitterBuffer::new(3),
         negotiated,
@@ -325,7 +330,7 @@ impl Call {
                         self.note(if hold { "hold" } else { "resume" }, json!({"remote_rtp": n.remote.to_string(), "direction": format!("{:?}", n.remote_direction)}));
                         if n.remote.port() != self.remote.port() || n.remote.ip() != self.remote.ip() {
                             self.remote = n.remote;
-                            self.remote_rtcp = SocketAddr::new(n.remote.ip(), n.remote.port() | 1);
+                            self.remote_rtcp = rtcp_for(n.remote);
                         }
                         self.negotiated = n;
                         self.last_rtp = Instant::now();
@@ -642,7 +647,7 @@ impl Call {
                     self.sender = RtpSender::new(seed(), n.law, n.payload_type, seed());
                 }
                 self.remote = n.remote;
-                self.remote_rtcp = SocketAddr::new(n.remote.ip(), n.remote.port() | 1);
+                self.remote_rtcp = rtcp_for(n.remote);
                 self.negotiated = n;
             }
             Err(why) => {

@@ -469,13 +469,7 @@ impl Endpoint {
                     .map(|(k, _)| k.clone())
                     .collect();
                 for key in failed {
-                    if let Some(leg) = self.legs.remove(&key) {
-                        self.leg_tx.remove(&leg.tx);
-                        let _ = leg.call.try_send(CallCmd::Leg(
-                            key,
-                            LegEvent::Failed(503, format!("cannot reach {addr} over TCP: {why}")),
-                        ));
-                    }
+                    self.fail_leg(key, 503, format!("cannot reach {addr} over TCP: {why}"));
                 }
             }
             Input::TcpClosed(addr) => {
@@ -544,13 +538,8 @@ impl Endpoint {
             TxEvent::Response { id, response } => self.leg_response(id, *response),
             TxEvent::NoAck { .. } => {}
             TxEvent::Timeout { id } => {
-                if let Some(key) = self.leg_tx.remove(&id)
-                    && let Some(leg) = self.legs.remove(&key)
-                {
-                    let _ = leg.call.try_send(CallCmd::Leg(
-                        key,
-                        LegEvent::Failed(408, "no answer from the far end".into()),
-                    ));
+                if let Some(key) = self.leg_tx.remove(&id) {
+                    self.fail_leg(key, 408, "no answer from the far end".into());
                 }
             }
         }
@@ -653,20 +642,8 @@ impl Endpoint {
         if !self.app.tenant_exists(&tenant) {
             return self.refuse(id, &req, 404, Some(format!("no tenant {tenant}")));
         }
-        let challenge = |ep: &mut Endpoint, stale: bool| {
-            let mut r = reply(&req, 401, reason_phrase(401), Some(&random_token()));
-            for c in ep.auth.challenges(&tenant, now_s, stale) {
-                r.headers.push("WWW-Authenticate", c);
-            }
-            ep.respond(id, r);
-        };
-        let creds = req
-            .headers
-            .all("Authorization")
-            .filter_map(parse_credentials)
-            .find(|c| c.realm == tenant);
-        let Some(creds) = creds else {
-            return challenge(self, false);
+        let Some(creds) = credentials_for(&req, &tenant) else {
+            return self.challenge(id, &req, &tenant, false);
         };
         let stored = self.app.sip_user(&tenant, &user).ok().flatten();
         let verdict = if creds.username != user {
@@ -680,7 +657,7 @@ impl Endpoint {
             })
         };
         match verdict {
-            Err(AuthError::Stale) => return challenge(self, true),
+            Err(AuthError::Stale) => return self.challenge(id, &req, &tenant, true),
             Err(AuthError::Bad) => {
                 return self.refuse(id, &req, 403, Some("wrong user name or password".into()));
             }
@@ -742,6 +719,16 @@ impl Endpoint {
         format!("<sip:{at}{}{}>", self.sip_addr, transport_param(transport))
     }
 
+    /// Answers 401 with our digest challenges for `realm` (a tenant id).
+    fn challenge(&mut self, id: ServerTxId, req: &Request, realm: &str, stale: bool) {
+        let now_s = plugboard_core::now_ms() / 1000;
+        let mut r = reply(req, 401, reason_phrase(401), Some(&random_token()));
+        for c in self.auth.challenges(realm, now_s, stale) {
+            r.headers.push("WWW-Authenticate", c);
+        }
+        self.respond(id, r);
+    }
+
     fn refuse(&mut self, id: ServerTxId, req: &Request, status: u16, warning: Option<String>) {
         let mut r = reply(req, status, reason_phrase(status), Some(&random_token()));
         if let Some(w) = warning {
@@ -782,11 +769,7 @@ impl Endpoint {
             return false;
         }
         let now_s = plugboard_core::now_ms() / 1000;
-        let creds = req
-            .headers
-            .all("Authorization")
-            .filter_map(parse_credentials)
-            .find(|c| c.realm == tenant);
+        let creds = credentials_for(req, tenant);
         let verdict = match &creds {
             None => Err(AuthError::Stale),
             Some(c) => {
@@ -807,11 +790,7 @@ impl Endpoint {
         match verdict {
             Ok(()) => true,
             Err(AuthError::Stale) => {
-                let mut r = reply(req, 401, reason_phrase(401), Some(&random_token()));
-                for c in self.auth.challenges(tenant, now_s, creds.is_some()) {
-                    r.headers.push("WWW-Authenticate", c);
-                }
-                self.respond(id, r);
+                self.challenge(id, req, tenant, creds.is_some());
                 false
             }
             Err(AuthError::Bad) => {
@@ -1421,11 +1400,16 @@ impl Endpoint {
             }
         }
         self.leg_tx.remove(&id);
+        self.fail_leg(key, status, resp.reason.clone());
+    }
+
+    /// Ends an outbound leg that was not answered and tells its call why.
+    fn fail_leg(&mut self, key: DialogKey, status: u16, why: String) {
         if let Some(leg) = self.legs.remove(&key) {
-            let _ = leg.call.try_send(CallCmd::Leg(
-                key,
-                LegEvent::Failed(status, resp.reason.clone()),
-            ));
+            self.leg_tx.remove(&leg.tx);
+            let _ = leg
+                .call
+                .try_send(CallCmd::Leg(key, LegEvent::Failed(status, why)));
         }
     }
 
@@ -1506,6 +1490,14 @@ impl Endpoint {
             self.tx.send_request(Instant::now(), leg.peer, bye);
         }
     }
+}
+
+/// The request's digest credentials for `realm`, if any.
+fn credentials_for(req: &Request, realm: &str) -> Option<plugboard_sip::digest::Credentials> {
+    req.headers
+        .all("Authorization")
+        .filter_map(parse_credentials)
+        .find(|c| c.realm == realm)
 }
 
 /// The telephone-event payload type we offer.
