@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Installs what Plugboard needs to build on a fresh Debian machine with rustup:
-# the wasm32-wasip2 target and the components for formatting and linting.
+# the Wasm targets (wasm32-wasip2 for components that use WASI,
+# wasm32-unknown-unknown for lean Rust plugins) and the components for
+# formatting and linting.
 set -euo pipefail
-rustup target add wasm32-wasip2
+rustup target add wasm32-wasip2 wasm32-unknown-unknown
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 # The JavaScript and Python plugin SDKs need Node.js (npm) and Python's venv.
 need=()

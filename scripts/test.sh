@@ -10,3 +10,6 @@ cargo build --workspace --bins
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The Rust SDK lives outside the workspace (plugins build it for Wasm); its
+# own unit tests (the event arena) run natively.
+(cd sdk/rust && CARGO_TARGET_DIR=../../target cargo test --quiet --features flow)

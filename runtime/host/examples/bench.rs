@@ -4,9 +4,12 @@
 //!
 //! Prints, in one run:
 //! - instantiate + handle + drop of the hello-ivr flow (pooling allocator),
-//!   p50/p99 over many events, next to the same menu logic compiled natively;
+//!   p50/p99 over many events, for its lean build (a `wasm32-unknown-unknown`
+//!   core module with the SDK's event arena, as `plugboard plugin new --lang
+//!   rust` builds) and its `wasm32-wasip2` build, next to the same menu logic
+//!   compiled natively, with the ratios;
 //! - resident memory for 10,000 tenants each with their own loaded plugin
-//!   version (`InstancePre` + environment) of the same component.
+//!   version (`InstancePre` + environment) of the lean build.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -58,12 +61,34 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// Sorted per-event times of one variant, ns.
+struct Times(Vec<u64>);
+
+impl Times {
+    fn p(&self, q: f64) -> f64 {
+        percentile(&self.0, q) as f64 / 1e3
+    }
+}
+
 fn main() {
-    let wasm = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/wasm32-wasip2/release/hello_ivr.wasm");
-    let bytes = std::fs::read(&wasm).expect("build the plugins first: scripts/build-plugins.sh");
+    let release = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target");
+    let read = |target: &str| {
+        let path = release.join(target).join("release/hello_ivr.wasm");
+        std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}; build the plugins first: scripts/build-plugins.sh",
+                path.display()
+            )
+        })
+    };
+    // The same flow two ways: a lean core module (wasm32-unknown-unknown, the
+    // SDK's event arena; the host wraps it into a component) as
+    // `plugboard plugin new --lang rust` builds, and a wasm32-wasip2 component.
+    let lean_bytes = read("wasm32-unknown-unknown");
+    let p2_bytes = read("wasm32-wasip2");
     let host = PluginHost::new(HostConfig::default()).unwrap();
-    let plugin = host.load(&bytes).unwrap();
+    let lean = host.load(&lean_bytes).unwrap();
+    let p2 = host.load(&p2_bytes).unwrap();
     let ix = FlowInput {
         id: "ix".into(),
         tenant: "t".into(),
@@ -80,51 +105,73 @@ fn main() {
         plugin: "ivr".into(),
         ..Default::default()
     };
+    let native = native_handle("0", &event).0;
+    for (name, p) in [("lean", &lean), ("wasip2", &p2)] {
+        let probe = host.invoke_flow(p, env.clone(), &ix, "0", &event);
+        let actions = probe.outcome.unwrap().actions;
+        assert_eq!(actions, native, "{name} build and native logic agree");
+        println!(
+            "{name:>6}: component instance linear memory {} KiB",
+            probe.memory_bytes / 1024
+        );
+    }
 
-    // A guest that grows its memory on every event pays for it each time.
-    let probe = host.invoke_flow(&plugin, env.clone(), &ix, "0", &event);
-    println!("instance linear memory: {} KiB", probe.memory_bytes / 1024);
+    // Rounds of 1,000 events, the variants taking turns, so that a noisy
+    // neighbour on this shared machine hits them alike.
     let n: usize = std::env::var("BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    for _ in 0..1000 {
-        host.invoke_flow(&plugin, env.clone(), &ix, "0", &event)
-            .outcome
-            .unwrap();
-    }
-    let mut wasm_ns = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t0 = Instant::now();
-        let out = host.invoke_flow(&plugin, env.clone(), &ix, "0", &event);
-        black_box(out.outcome.unwrap());
-        wasm_ns.push(t0.elapsed().as_nanos() as u64);
-    }
-    wasm_ns.sort_unstable();
+    const ROUND: usize = 1000;
+    let mut wasm: [Vec<u64>; 2] = [Vec::with_capacity(n), Vec::with_capacity(n)];
     let mut native_ns = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t0 = Instant::now();
-        black_box(native_handle(black_box("0"), black_box(&event)));
-        native_ns.push(t0.elapsed().as_nanos() as u64);
+    for round in 0..=n.div_ceil(ROUND) {
+        for (i, p) in [&lean, &p2].into_iter().enumerate() {
+            for _ in 0..ROUND {
+                let t0 = Instant::now();
+                let out = host.invoke_flow(p, env.clone(), &ix, "0", &event);
+                black_box(out.outcome.unwrap());
+                // Round 0 warms up.
+                if round > 0 {
+                    wasm[i].push(t0.elapsed().as_nanos() as u64);
+                }
+            }
+        }
+        for _ in 0..ROUND {
+            let t0 = Instant::now();
+            black_box(native_handle(black_box("0"), black_box(&event)));
+            if round > 0 {
+                native_ns.push(t0.elapsed().as_nanos() as u64);
+            }
+        }
     }
-    native_ns.sort_unstable();
-    let (wp50, wp99) = (percentile(&wasm_ns, 0.5), percentile(&wasm_ns, 0.99));
-    let (np50, np99) = (percentile(&native_ns, 0.5), percentile(&native_ns, 0.99));
-    println!("flow invocation (instantiate + handle + drop), {n} events, pooling allocator:");
+    let [mut lean_ns, mut p2_ns] = wasm;
+    for v in [&mut lean_ns, &mut p2_ns, &mut native_ns] {
+        v.sort_unstable();
+    }
+    let (lean_t, p2_t, native_t) = (Times(lean_ns), Times(p2_ns), Times(native_ns));
     println!(
-        "  wasm   p50 {:>8.2} µs  p99 {:>8.2} µs",
-        wp50 as f64 / 1e3,
-        wp99 as f64 / 1e3
+        "flow invocation (instantiate + handle + drop), {} events each, pooling allocator:",
+        lean_t.0.len()
     );
+    for (name, t) in [("lean", &lean_t), ("wasip2", &p2_t), ("native", &native_t)] {
+        println!(
+            "  {name:>6} p50 {:>8.2} µs  p99 {:>8.2} µs",
+            t.p(0.5),
+            t.p(0.99)
+        );
+    }
+    for (name, t) in [("lean", &lean_t), ("wasip2", &p2_t)] {
+        println!(
+            "  ratio {name}/native: p50 {:.0}x  p99 {:.0}x",
+            t.p(0.5) / native_t.p(0.5).max(0.001),
+            t.p(0.99) / native_t.p(0.99).max(0.001)
+        );
+    }
     println!(
-        "  native p50 {:>8.2} µs  p99 {:>8.2} µs",
-        np50 as f64 / 1e3,
-        np99 as f64 / 1e3
-    );
-    println!(
-        "  ratio wasm/native: p50 {:.0}x  p99 {:.0}x",
-        wp50 as f64 / np50.max(1) as f64,
-        wp99 as f64 / np99.max(1) as f64
+        "  ratio lean/wasip2: p50 {:.2}  p99 {:.2}",
+        lean_t.p(0.5) / p2_t.p(0.5),
+        lean_t.p(0.99) / p2_t.p(0.99)
     );
 
     // 10,000 tenants, each with its own loaded version of the component.
@@ -138,7 +185,9 @@ fn main() {
     let before = rss_kib();
     let mut loaded = Vec::with_capacity(tenants);
     for i in 0..tenants {
-        let p = host.load_with_hash(plugin.sha256.clone(), &bytes).unwrap();
+        let p = host
+            .load_with_hash(lean.sha256.clone(), &lean_bytes)
+            .unwrap();
         let env = PluginEnv {
             tenant: format!("tenant-{i:05}"),
             plugin: "ivr".into(),

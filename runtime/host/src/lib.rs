@@ -28,15 +28,17 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 pub mod bindings;
 mod convert;
 mod ctx;
+mod export;
 
 use ctx::Ctx;
 pub use ctx::{HostCall, LogLine};
+use export::{Export, Exports};
 
 /// Errors loading a plugin.
 #[derive(Debug, thiserror::Error)]
@@ -220,13 +222,6 @@ pub enum LoadSource {
     Compiled,
 }
 
-enum Pre {
-    Flow(bindings::flow::FlowPre<Ctx>),
-    Router(bindings::router::RouterPre<Ctx>),
-    Tts(bindings::tts::TtsPre<Ctx>),
-    Crm(bindings::crm::CrmPre<Ctx>),
-}
-
 /// A plugin version ready to run: compiled, kind known, imports resolved.
 pub struct LoadedPlugin {
     /// SHA-256 of the component (hex).
@@ -237,7 +232,8 @@ pub struct LoadedPlugin {
     pub source: LoadSource,
     /// Time taken to load (compile or deserialize), ms.
     pub load_ms: u64,
-    pre: Pre,
+    pre: InstancePre<Ctx>,
+    exports: Exports,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -538,7 +534,7 @@ impl PluginHost {
         let component = match component {
             Some(c) => c,
             None => {
-                let c = Component::new(&self.engine, bytes)
+                let c = Component::new(&self.engine, &componentize(bytes)?)
                     .map_err(|e| HostError::Compile(format!("{e:#}")))?;
                 if let Some(path) = self.cache_path(sha) {
                     let compiled = c
@@ -609,21 +605,22 @@ impl PluginHost {
             .linker
             .instantiate_pre(&component)
             .map_err(|e| HostError::Link(format!("{e:#}")))?;
-        let link = |e: wasmtime::Error| HostError::Link(format!("{e:#}"));
-        let pre = match kind {
-            PluginKind::Flow => Pre::Flow(bindings::flow::FlowPre::new(ipre).map_err(link)?),
-            PluginKind::Router => {
-                Pre::Router(bindings::router::RouterPre::new(ipre).map_err(link)?)
+        let exports = match kind {
+            PluginKind::Flow => Export::find(&ipre).map(Exports::Flow),
+            PluginKind::Router => Export::find(&ipre).map(Exports::Router),
+            PluginKind::Tts => Export::find(&ipre).map(Exports::Tts),
+            PluginKind::Crm => {
+                Export::find(&ipre).and_then(|l| Ok(Exports::Crm(l, Export::find(&ipre)?)))
             }
-            PluginKind::Tts => Pre::Tts(bindings::tts::TtsPre::new(ipre).map_err(link)?),
-            PluginKind::Crm => Pre::Crm(bindings::crm::CrmPre::new(ipre).map_err(link)?),
-        };
+        }
+        .map_err(|e| HostError::Link(format!("{e:#}")))?;
         Ok(LoadedPlugin {
             sha256,
             kind,
             source,
             load_ms: t0.elapsed().as_millis() as u64,
-            pre,
+            pre: ipre,
+            exports,
         })
     }
 
@@ -706,7 +703,7 @@ impl PluginHost {
         state: &str,
         event: &Event,
     ) -> Report<FlowOutput> {
-        let Pre::Flow(pre) = &plugin.pre else {
+        let Exports::Flow(handle) = &plugin.exports else {
             return Self::wrong_kind(PluginKind::Flow, plugin);
         };
         let limits = env.limits.clone();
@@ -720,10 +717,8 @@ impl PluginHost {
         };
         let ev = convert::event_to_wit(event);
         self.run(env, |store| {
-            let inst = pre.instantiate(&mut *store)?;
-            let r = inst
-                .plugboard_flow_handler()
-                .call_handle(&mut *store, &ix, state, &ev)?;
+            let inst = plugin.pre.instantiate(&mut *store)?;
+            let (r,) = handle.call(store, &inst, (&ix, state, &ev))?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(resp) => {
@@ -763,7 +758,7 @@ impl PluginHost {
         candidates: &[RouteAgent],
     ) -> Report<RouteDecision> {
         use bindings::router::plugboard::router::types as rt;
-        let Pre::Router(pre) = &plugin.pre else {
+        let Exports::Router(route) = &plugin.exports else {
             return Self::wrong_kind(PluginKind::Router, plugin);
         };
         let limits = env.limits.clone();
@@ -793,10 +788,8 @@ impl PluginHost {
             })
             .collect();
         self.run(env, |store| {
-            let inst = pre.instantiate(&mut *store)?;
-            let r = inst
-                .plugboard_router_routing()
-                .call_route(&mut *store, &t, &agents)?;
+            let inst = plugin.pre.instantiate(&mut *store)?;
+            let (r,) = route.call(store, &inst, (&t, &agents))?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(d) => {
@@ -825,18 +818,14 @@ impl PluginHost {
         channel: Channel,
         address: &str,
     ) -> Report<Option<CrmProfile>> {
-        let Pre::Crm(pre) = &plugin.pre else {
+        let Exports::Crm(lookup, _) = &plugin.exports else {
             return Self::wrong_kind(PluginKind::Crm, plugin);
         };
         let limits = env.limits.clone();
         let channel = channel.to_string();
         self.run(env, |store| {
-            let inst = pre.instantiate(&mut *store)?;
-            let r = inst.plugboard_crm_connector().call_lookup_customer(
-                &mut *store,
-                &channel,
-                address,
-            )?;
+            let inst = plugin.pre.instantiate(&mut *store)?;
+            let (r,) = lookup.call(store, &inst, (&channel, address))?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(p) => {
@@ -874,7 +863,7 @@ impl PluginHost {
         summary: &CrmSummary,
     ) -> Report<()> {
         use bindings::crm::plugboard::crm::types as ct;
-        let Pre::Crm(pre) = &plugin.pre else {
+        let Exports::Crm(_, record) = &plugin.exports else {
             return Self::wrong_kind(PluginKind::Crm, plugin);
         };
         let s = ct::Summary {
@@ -889,10 +878,8 @@ impl PluginHost {
             attributes: summary.attributes.clone(),
         };
         self.run(env, |store| {
-            let inst = pre.instantiate(&mut *store)?;
-            let r = inst
-                .plugboard_crm_connector()
-                .call_record_interaction(&mut *store, &s)?;
+            let inst = plugin.pre.instantiate(&mut *store)?;
+            let (r,) = record.call(store, &inst, (&s,))?;
             Ok(r.map_err(|msg| InvokeError::Plugin(truncate(msg, 2000))))
         })
     }
@@ -908,7 +895,7 @@ impl PluginHost {
         language: Option<&str>,
     ) -> Report<TtsOutput> {
         use bindings::tts::plugboard::tts::types as tt;
-        let Pre::Tts(pre) = &plugin.pre else {
+        let Exports::Tts(synthesize) = &plugin.exports else {
             return Self::wrong_kind(PluginKind::Tts, plugin);
         };
         let limits = env.limits.clone();
@@ -918,10 +905,8 @@ impl PluginHost {
             language: language.map(str::to_string),
         };
         self.run(env, |store| {
-            let inst = pre.instantiate(&mut *store)?;
-            let r = inst
-                .plugboard_tts_synthesizer()
-                .call_synthesize(&mut *store, &req)?;
+            let inst = plugin.pre.instantiate(&mut *store)?;
+            let (r,) = synthesize.call(store, &inst, (&req,))?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(tt::Output::Audio(a)) => {
@@ -972,6 +957,33 @@ fn truncate(mut s: String, max: usize) -> String {
         s.push('…');
     }
     s
+}
+
+/// The component for `bytes`: a component as it is, or a core module (a
+/// plugin built for `wasm32-unknown-unknown`, whose WIT world `wit-bindgen`
+/// embedded in a custom section) wrapped into one.
+///
+/// A core module imports exactly the plugin functions it calls and nothing
+/// from WASI, so its component has one core instance instead of the three
+/// (module, shim, fixup) and 19 WASI imports a `wasm32-wasip2` build of the
+/// same plugin carries; each event instantiates less.
+pub fn componentize(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, HostError> {
+    const CORE_VERSION: [u8; 4] = [1, 0, 0, 0];
+    if bytes.get(..4) != Some(b"\0asm") || bytes.get(4..8) != Some(&CORE_VERSION) {
+        return Ok(std::borrow::Cow::Borrowed(bytes));
+    }
+    wit_component::ComponentEncoder::default()
+        .validate(true)
+        .module(bytes)
+        .and_then(|mut e| e.encode())
+        .map(std::borrow::Cow::Owned)
+        .map_err(|e| {
+            HostError::Compile(format!(
+                "a core module must carry its WIT world (built with plugboard-sdk or \
+                 wit-bindgen for wasm32-unknown-unknown) and import nothing from WASI; \
+                 use wasm32-wasip2 for a plugin that needs WASI: {e:#}"
+            ))
+        })
 }
 
 /// Loads a compiled artifact this host wrote itself.

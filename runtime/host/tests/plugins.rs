@@ -1,19 +1,27 @@
 //! The host against the real first-party plugins (built by
-//! `scripts/build-plugins.sh` into `target/wasm32-wasip2/release/`).
+//! `scripts/build-plugins.sh` into `target/wasm32-wasip2/release/`, and
+//! hello-ivr also as a lean core module into
+//! `target/wasm32-unknown-unknown/release/`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use plugboard_core::{Event, Grants, PluginKind, flow::Action};
 use plugboard_host::{
-    FlowInput, HostConfig, InvokeError, Limits, LoadedPlugin, PluginEnv, PluginHost, RouteAgent,
-    RouteDecision, RouteTask,
+    FlowInput, HostConfig, HostError, InvokeError, Limits, LoadedPlugin, PluginEnv, PluginHost,
+    RouteAgent, RouteDecision, RouteTask,
 };
 use std::path::PathBuf;
 use std::time::Instant;
 
 fn wasm(name: &str) -> Vec<u8> {
+    built("wasm32-wasip2", name)
+}
+
+fn built(target: &str, name: &str) -> Vec<u8> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/wasm32-wasip2/release")
+        .join("../../target")
+        .join(target)
+        .join("release")
         .join(format!("{name}.wasm"));
     std::fs::read(&path).unwrap_or_else(|e| {
         panic!(
@@ -227,6 +235,70 @@ fn not_a_plugin() {
     let h = host();
     assert!(h.load(b"\0asm\x01\0\0\0").is_err());
     assert!(h.load(b"hello").is_err());
+    // A core module that wants WASI preview 1 (no WIT world, one import of
+    // `wasi_snapshot_preview1.proc_exit`) cannot be wrapped: a clear error.
+    let mut m = b"\0asm\x01\0\0\0".to_vec();
+    m.extend([1, 5, 1, 0x60, 1, 0x7f, 0]); // type 0: (i32) -> ()
+    let (module, field) = (b"wasi_snapshot_preview1", b"proc_exit");
+    let body_len = 1 + 1 + module.len() + 1 + field.len() + 2;
+    m.extend([2, body_len as u8, 1, module.len() as u8]);
+    m.extend(module);
+    m.push(field.len() as u8);
+    m.extend(field);
+    m.extend([0, 0]); // a function of type 0
+    match h.load(&m) {
+        Err(HostError::Compile(msg)) => {
+            assert!(msg.contains("wasm32-wasip2"), "{msg}");
+            assert!(msg.contains("wasi_snapshot_preview1"), "{msg}");
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a WASI preview 1 module loaded"),
+    }
+}
+
+#[test]
+fn lean_core_module_answers_like_the_wasip2_component() {
+    // The same hello-ivr source built as a core module for
+    // wasm32-unknown-unknown (wrapped into a component by the host) and as a
+    // wasm32-wasip2 component must act alike, event by event.
+    let h = host();
+    let core = built("wasm32-unknown-unknown", "hello_ivr");
+    assert_eq!(&core[4..8], &[1, 0, 0, 0], "a core module, not a component");
+    let lean = h.load(&core).expect("load the core module");
+    let p2 = h.load(&wasm("hello_ivr")).expect("load the component");
+    assert_eq!(lean.kind, PluginKind::Flow);
+    let digits = |d: &str| Event::Digits {
+        digits: d.into(),
+        terminated: false,
+    };
+    let script = [
+        ("", Event::Started),
+        ("0", digits("1")),
+        ("0", digits("2")),
+        ("0", digits("9")),
+        ("0", digits("7")),
+        ("1", Event::Timeout),
+        ("2", Event::Timeout),
+    ];
+    for (state, event) in &script {
+        let a = h.invoke_flow(&lean, env(serde_json::Value::Null), &ix(), state, event);
+        let b = h.invoke_flow(&p2, env(serde_json::Value::Null), &ix(), state, event);
+        let (a, b) = (a.outcome.expect("lean"), b.outcome.expect("wasip2"));
+        assert_eq!(a.actions, b.actions, "{event:?} in state {state:?}");
+        assert_eq!(a.state, b.state, "{event:?} in state {state:?}");
+        assert!(!a.actions.is_empty(), "{event:?}");
+    }
+    // An event far larger than the SDK's 256 KiB arena still works: the
+    // arena falls back to the system allocator (memory grows).
+    let mut big = ix();
+    big.attributes = vec![("note".into(), "x".repeat(600 * 1024))];
+    let r = h.invoke_flow(&lean, env(serde_json::Value::Null), &big, "0", &digits("1"));
+    assert!(r.outcome.is_ok(), "{:?}", r.outcome.err());
+    assert!(
+        r.memory_bytes > 1024 * 1024 + 600 * 1024,
+        "{}",
+        r.memory_bytes
+    );
 }
 
 #[test]

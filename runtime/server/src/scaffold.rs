@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// A plugin language.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lang {
-    /// Rust (cargo, wasm32-wasip2).
+    /// Rust (cargo, wasm32-unknown-unknown; the server wraps the module into a component).
     Rust,
     /// JavaScript (componentize-js).
     Js,
@@ -103,7 +103,7 @@ edition = "2024"
 crate-type = ["cdylib"]
 
 [dependencies]
-plugboard-sdk = { path = "{{SDK}}/sdk/rust", default-features = false, features = ["{{KIND}}"] }
+plugboard-sdk = { path = "{{SDK}}/sdk/rust", features = ["{{KIND}}"] }
 
 [profile.release]
 opt-level = "s"
@@ -117,10 +117,10 @@ panic = "abort"
             ));
             files.push((
                 ".cargo/config.toml".into(),
-                "[build]\ntarget = \"wasm32-wasip2\"\n".into(),
+                "[build]\ntarget = \"wasm32-unknown-unknown\"\n".into(),
             ));
             files.push((".gitignore".into(), "/target\n".into()));
-            format!("target/wasm32-wasip2/release/{krate}.wasm")
+            format!("target/wasm32-unknown-unknown/release/{krate}.wasm")
         }
         Lang::Js | Lang::Python => {
             // (SDK directory, template extension, source file, build input)

@@ -30,6 +30,18 @@
 
 #![allow(missing_docs, clippy::too_many_arguments)]
 
+pub mod arena;
+
+/// One event per instance: a bump arena in static memory (see [`arena`]).
+#[cfg(all(
+    feature = "arena",
+    target_arch = "wasm32",
+    target_os = "unknown",
+    not(target_feature = "atomics")
+))]
+#[global_allocator]
+static ALLOCATOR: arena::EventArena = arena::EventArena::new();
+
 /// The host imports every plugin may call (`plugboard:host@0.1.0`).
 #[allow(missing_docs)]
 pub mod host {

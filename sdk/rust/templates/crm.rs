@@ -4,7 +4,7 @@
 //! `http` (grant the CRM's host:port).
 //!
 //! Build: `cargo build --release` (the target is set in .cargo/config.toml)
-//! Deploy: `plugboard plugin deploy TENANT {{NAME}} target/wasm32-wasip2/release/{{CRATE}}.wasm`
+//! Deploy: `plugboard plugin deploy TENANT {{NAME}} target/wasm32-unknown-unknown/release/{{CRATE}}.wasm`
 
 use plugboard_sdk::crm::{Guest, Profile, Summary};
 use plugboard_sdk::host;

@@ -3,7 +3,7 @@
 //! out `&` and `%` so that they are spoken.
 //!
 //! Build: `cargo build --release` (the target is set in .cargo/config.toml)
-//! Deploy: `plugboard plugin deploy TENANT {{NAME}} target/wasm32-wasip2/release/{{CRATE}}.wasm`
+//! Deploy: `plugboard plugin deploy TENANT {{NAME}} target/wasm32-unknown-unknown/release/{{CRATE}}.wasm`
 
 use plugboard_sdk::tts::{Guest, Output, Request};
 

@@ -2,7 +2,7 @@
 //! queues for sales on 1 and says goodbye otherwise.
 //!
 //! Build: `cargo build --release` (the target is set in .cargo/config.toml)
-//! Deploy: `plugboard plugin deploy TENANT my-flow target/wasm32-wasip2/release/my_flow.wasm`
+//! Deploy: `plugboard plugin deploy TENANT my-flow target/wasm32-unknown-unknown/release/my_flow.wasm`
 //! Try it: `plugboard flow simulate TENANT my-flow --events '[{"type":"digits","digits":"1"}]'`
 
 use plugboard_sdk::flow::{Action, Event, Guest, Interaction, Response};
