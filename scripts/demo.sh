@@ -31,7 +31,8 @@ done
 
 W=target/wasm32-wasip2/release
 if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 2>/dev/null; then
-    "$BIN" plugin deploy demo hello-ivr "$W/hello_ivr.wasm" >/dev/null
+    # The lean build (a core module; the server wraps it into a component).
+    "$BIN" plugin deploy demo hello-ivr target/wasm32-unknown-unknown/release/hello_ivr.wasm >/dev/null
     "$BIN" plugin deploy demo cargo-lookup "$W/cargo_lookup.wasm" >/dev/null
     "$BIN" plugin deploy demo skills-router "$W/skills_router.wasm" >/dev/null
     "$BIN" plugin config demo cargo-lookup "{\"mis_url\":\"http://127.0.0.1:$MIS_PORT\"}" >/dev/null

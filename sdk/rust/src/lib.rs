@@ -21,9 +21,13 @@
 //! plugboard_sdk::flow::export_flow!(Hello);
 //! ```
 //!
-//! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` in
-//! `target/wasm32-wasip2/release/` is the component to deploy with
-//! `plugboard plugin deploy TENANT NAME FILE`.
+//! Build with `cargo build --release --target wasm32-unknown-unknown` and
+//! deploy the `.wasm` in `target/wasm32-unknown-unknown/release/` with
+//! `plugboard plugin deploy TENANT NAME FILE`: it is a core module carrying
+//! its WIT world, which the server wraps into a component. Such a plugin
+//! imports nothing from WASI and allocates from the [`arena`], the cheapest
+//! way to run per event. A plugin that needs WASI (files, sockets, the system
+//! clock) builds for `wasm32-wasip2` instead, which gives a component.
 //!
 //! Host capabilities (`http`, `kv`) are denied unless the plugin is granted
 //! them; see [`host`] for the helpers.
