@@ -12,4 +12,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 # The Rust SDK lives outside the workspace (plugins build it for Wasm); its
 # own unit tests (the event arena) run natively.
-(cd sdk/rust && CARGO_TARGET_DIR=../../target cargo test --quiet --features flow)
+(cd sdk/rust && export CARGO_TARGET_DIR=../../target &&
+    cargo fmt -- --check &&
+    cargo clippy --quiet --features flow --all-targets -- -D warnings &&
+    cargo test --quiet --features flow)

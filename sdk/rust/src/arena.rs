@@ -94,9 +94,10 @@ pub struct EventArena {
     bump: UnsafeCell<Bump>,
 }
 
-// SAFETY: only installed on `wasm32-unknown-unknown` without the `atomics`
-// feature, where there is exactly one thread; the native unit tests use it
-// from one thread.
+// SAFETY: Wasm without the `atomics` feature has exactly one thread; the
+// native unit tests use their arena from one thread. Elsewhere the arena is
+// not `Sync`, so it cannot be made a global allocator.
+#[cfg(any(test, all(target_arch = "wasm32", not(target_feature = "atomics"))))]
 unsafe impl Sync for EventArena {}
 
 impl Default for EventArena {
