@@ -8,8 +8,13 @@
 //!   artifact cached on disk under its SHA-256, so restarts deserialize
 //!   instead of compiling; identical components share one compiled copy in
 //!   memory, whichever tenants deployed them;
+//! - **core modules accepted** ([`componentize`]): a plugin built for
+//!   `wasm32-unknown-unknown` (WIT world embedded by `wit-bindgen`) is wrapped
+//!   into a component before compiling; with no WASI it instantiates one core
+//!   module instead of three;
 //! - **`InstancePre` per version** ([`LoadedPlugin`]): imports are resolved
-//!   once, leaving instantiate + call per event;
+//!   and exports found and type-checked once, leaving instantiate + call per
+//!   event;
 //! - **limits per tenant** ([`Limits`]): linear memory cap (a resource
 //!   limiter), CPU deadline (epoch interruption; time blocked in host I/O is
 //!   not counted), output size, action count and host-call quotas;
