@@ -9,11 +9,14 @@ for p in hello-ivr flow-graph order-hotline cargo-lookup skills-router hostile p
     echo "building plugin $p" >&2
     cargo build --quiet --release -p "$p"
 done
-# hello-ivr again as a lean core module (no WASI; the SDK's event arena),
-# as `plugboard plugin new --lang rust` builds: the server wraps it into a
-# component on deploy. Output: target/wasm32-unknown-unknown/release/hello_ivr.wasm
-echo "building plugin hello-ivr (wasm32-unknown-unknown)" >&2
-cargo build --quiet --release -p hello-ivr --target wasm32-unknown-unknown
+# hello-ivr and order-hotline again as lean core modules (no WASI; the SDK's
+# event arena), as `plugboard plugin new --lang rust` builds: the server wraps
+# them into components on deploy. The benches compare both builds.
+# Output: target/wasm32-unknown-unknown/release/<name>.wasm
+for p in hello-ivr order-hotline; do
+    echo "building plugin $p (wasm32-unknown-unknown)" >&2
+    cargo build --quiet --release -p "$p" --target wasm32-unknown-unknown
+done
 # The SDK template must keep building as shipped (wasm32-unknown-unknown).
 echo "building sdk/rust/template" >&2
 (cd ../sdk/rust/template && CARGO_TARGET_DIR=../../../target cargo build --quiet --release)

@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{Answer, Server, TinyHttp, binary, plugin, root};
+use plugboard_tests::{Answer, Server, TinyHttp, binary, lean_plugin, plugin, root};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::Command;
@@ -242,7 +242,11 @@ fn the_same_scenario_gives_the_same_steps_as_json_rust_js_and_python() {
         201
     );
     let mut flows = vec!["json"];
-    let mut components = vec![("rust", plugin("order_hotline"))];
+    let mut components = vec![
+        ("rust", plugin("order_hotline")),
+        // The same Rust source as a lean core module (the default Rust build).
+        ("rust-lean", lean_plugin("order_hotline")),
+    ];
     for (lang, file) in [("js", "order_hotline_js"), ("python", "order_hotline_py")] {
         components.push((
             lang,

@@ -36,8 +36,20 @@ pub fn binary() -> PathBuf {
 
 /// A first-party plugin component built by scripts/build-plugins.sh.
 pub fn plugin(name: &str) -> Vec<u8> {
+    built("wasm32-wasip2", name)
+}
+
+/// A first-party plugin built lean by scripts/build-plugins.sh: a core
+/// module for wasm32-unknown-unknown, which the server wraps on deploy.
+pub fn lean_plugin(name: &str) -> Vec<u8> {
+    built("wasm32-unknown-unknown", name)
+}
+
+fn built(target: &str, name: &str) -> Vec<u8> {
     let p = root()
-        .join("target/wasm32-wasip2/release")
+        .join("target")
+        .join(target)
+        .join("release")
         .join(format!("{name}.wasm"));
     std::fs::read(&p)
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-plugins.sh)", p.display()))

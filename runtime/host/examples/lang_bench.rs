@@ -1,6 +1,7 @@
 //! The order-hotline scenario in each plugin language, side by side: the
-//! JSON flow document (run by the flow-graph component), Rust, JavaScript
-//! and Python. Every interaction is `started` then `digits 1` (menu, then
+//! JSON flow document (run by the flow-graph component), Rust (built for
+//! wasm32-wasip2, and lean: a core module for wasm32-unknown-unknown),
+//! JavaScript and Python. Every interaction is `started` then `digits 1` (menu, then
 //! sales), each event in a fresh instance as the server runs it.
 //!
 //! Run with: `scripts/build-plugins.sh && scripts/build-polyglot.sh &&
@@ -38,6 +39,7 @@ struct Row {
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let release = root.join("target/wasm32-wasip2/release");
+    let lean = root.join("target/wasm32-unknown-unknown/release");
     let polyglot = root.join("target/polyglot");
     let doc: serde_json::Value = serde_json::from_slice(
         &std::fs::read(root.join("examples/order-hotline/flow.json")).unwrap(),
@@ -46,6 +48,8 @@ fn main() {
     let candidates = [
         ("json", release.join("flow_graph.wasm"), true),
         ("rust", release.join("order_hotline.wasm"), false),
+        // The default Rust build: a core module for wasm32-unknown-unknown.
+        ("rust-lean", lean.join("order_hotline.wasm"), false),
         ("js", polyglot.join("order_hotline_js.wasm"), false),
         ("python", polyglot.join("order_hotline_py.wasm"), false),
     ];
@@ -71,7 +75,7 @@ fn main() {
     let mut rows = Vec::new();
     for (name, path, with_doc) in candidates {
         let Ok(bytes) = std::fs::read(&path) else {
-            println!("{name:>7}: {} not built, skipped", path.display());
+            println!("{name:>9}: {} not built, skipped", path.display());
             continue;
         };
         let t0 = Instant::now();
@@ -131,7 +135,7 @@ fn main() {
         events.len()
     );
     println!(
-        "{:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "{:>9} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8}",
         "lang", "size KiB", "load ms", "p50 µs", "p99 µs", "events/s", "mem KiB", "p50 x", "mem x"
     );
     let base = rows
@@ -141,7 +145,7 @@ fn main() {
     for r in &rows {
         let (bp, bm) = base.unwrap_or((r.p50, r.memory));
         println!(
-            "{:>7} {:>9} {:>8} {:>10.1} {:>10.1} {:>10.0} {:>10} {:>8.1} {:>8.1}",
+            "{:>9} {:>9} {:>8} {:>10.1} {:>10.1} {:>10.0} {:>10} {:>8.1} {:>8.1}",
             r.name,
             r.size / 1024,
             r.load_ms,
@@ -153,5 +157,5 @@ fn main() {
             r.memory as f64 / bm.max(1) as f64,
         );
     }
-    println!("(ratios: against the Rust plugin in this run)");
+    println!("(ratios: against the Rust plugin built for wasm32-wasip2 in this run)");
 }
