@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds every first-party plugin in plugins/ for wasm32-wasip2 (release).
+# Builds every first-party plugin in plugins/ for wasm32-wasip2 (release),
+# and some again lean for wasm32-unknown-unknown (below).
 # Output: target/wasm32-wasip2/release/<name>.wasm
 set -euo pipefail
 cd "$(dirname "$0")/../plugins"
