@@ -21,7 +21,9 @@ mkdir -p "$DATA"
 
 python3 examples/demo-mis/mis.py "$MIS_PORT" &
 MIS_PID=$!
-"$BIN" serve --http "$HTTP" --sip "$SIP" &
+# The demo MIS runs on this machine: let tenants' HTTP reach loopback
+# (refused by default).
+"$BIN" serve --http "$HTTP" --sip "$SIP" --allow-network 127.0.0.1/32 &
 SERVER_PID=$!
 trap 'kill $SERVER_PID $MIS_PID 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq 1 100); do

@@ -15,6 +15,11 @@ command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' >/dev/
 command -v espeak-ng >/dev/null 2>&1 || need+=(espeak-ng)
 command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
 command -v baresip >/dev/null 2>&1 || need+=(baresip-core)
+# The PostgreSQL store's tests start a server of their own (no service).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+# Nodes on one store share events and plugin deploys through NATS; its
+# tests and notice_bench start a nats-server of their own (no service).
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo

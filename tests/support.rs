@@ -55,6 +55,10 @@ fn built(target: &str, name: &str) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/build-plugins.sh)", p.display()))
 }
 
+/// Server flags for tests whose tenants call local web services: the
+/// operator lets tenants' HTTP reach loopback (refused by default).
+pub const LOOPBACK: &[&str] = &["--allow-network", "127.0.0.1/32"];
+
 /// A free loopback port.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -135,7 +139,14 @@ impl Server {
     fn spawn(data_dir: &Path, args: &[String], port: u16, sip_port: u16) -> Result<Server> {
         let admin = "test-admin-token".to_string();
         let log = std::fs::File::create(data_dir.with_extension("log")).context("log file")?;
-        let child = Command::new(binary())
+        let mut cmd = Command::new(binary());
+        // PLUGBOARD_TEST_STORE=postgres runs the same tests on PostgreSQL:
+        // each data directory gets a database of its own (the same one
+        // again when a test restarts its server).
+        if std::env::var("PLUGBOARD_TEST_STORE").as_deref() == Ok("postgres") {
+            cmd.env("PLUGBOARD_STORE", postgres().database_for(data_dir));
+        }
+        let child = cmd
             .args(args)
             .env("PLUGBOARD_ADMIN_TOKEN", &admin)
             // Compiled components are shared by every test server (keyed by hash).
@@ -147,9 +158,15 @@ impl Server {
             .stderr(log)
             .spawn()
             .context("spawning plugboard")?;
+        // A fresh connection per request: a server may close a kept-alive
+        // connection after answering a request whose body it did not read
+        // (a 401 before the body), and a pooled connection reused in that
+        // instant fails with "peer disconnected" (CI saw it once).
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(60)))
+            .max_idle_connections(0)
+            .max_idle_connections_per_host(0)
             .build()
             .into();
         let mut s = Server {
@@ -165,6 +182,12 @@ impl Server {
             if let Ok(a) = s.call("GET", "/healthz", None, None)
                 && a.status == 200
             {
+                // Runs meant for PostgreSQL really run on it.
+                if std::env::var("PLUGBOARD_TEST_STORE").as_deref() == Ok("postgres") {
+                    let settings = s.get("/v1/settings", &s.admin.clone());
+                    let store = settings.body["store"].as_str().unwrap_or("");
+                    assert!(store.starts_with("postgres://"), "{settings:?}");
+                }
                 return Ok(s);
             }
             if let Some(status) = s.child.try_wait()? {
@@ -181,6 +204,33 @@ impl Server {
     pub fn kill(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// Sends a signal (`KILL`, `TERM`, …) to the server without waiting.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()?
+            .success();
+        if !ok {
+            bail!("kill -{signal} failed");
+        }
+        Ok(())
+    }
+
+    /// Waits (at most `limit`) for the server to exit; its exit status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if t0.elapsed() > limit {
+                let _ = self.child.kill();
+                bail!("the server did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Base URL.
@@ -318,5 +368,379 @@ impl TinyHttp {
             }
         });
         TinyHttp { port, hits }
+    }
+}
+
+/// A test certificate authority and a server certificate it issued for
+/// `127.0.0.1` and `localhost` (rcgen).
+pub struct TestCa {
+    /// The CA certificate, PEM (what a grant's `ca_pem` trusts).
+    pub ca_pem: String,
+    /// The server's certificate chain and key, for [`TlsHttp`].
+    pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    key: Vec<u8>,
+}
+
+impl TestCa {
+    /// A new CA and a server certificate signed by it.
+    pub fn new() -> TestCa {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "Plugboard test CA");
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        TestCa {
+            ca_pem: ca_cert.pem(),
+            chain: vec![leaf.der().clone(), ca_cert.der().clone()],
+            key: key.serialize_der(),
+        }
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        TestCa::new()
+    }
+}
+
+/// An HTTPS/1.1 server with keep-alive (rustls): it counts TLS handshakes
+/// (connections) and requests.
+pub struct TlsHttp {
+    pub port: u16,
+    /// TLS connections accepted, each with its own handshake.
+    pub handshakes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests answered.
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsHttp {
+    /// Serves `respond(path) -> (status, body)` with `ca`'s server
+    /// certificate, a thread per connection.
+    pub fn start(ca: &TestCa, respond: fn(&str) -> (u16, String)) -> TlsHttp {
+        use std::io::{BufRead, BufReader, Write};
+        use std::sync::atomic::Ordering::SeqCst;
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ca.key.clone().into());
+        let config = std::sync::Arc::new(
+            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(ca.chain.clone(), key)
+            .unwrap(),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (hs, h) = (handshakes.clone(), hits.clone());
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(1000) {
+                let Ok(stream) = stream else { continue };
+                let (config, hs, h) = (config.clone(), hs.clone(), h.clone());
+                std::thread::spawn(move || {
+                    let Ok(conn) = rustls::ServerConnection::new(config) else {
+                        return;
+                    };
+                    let mut tls = rustls::StreamOwned::new(conn, stream);
+                    // The handshake completes on the first read.
+                    let mut reader = BufReader::new(&mut tls);
+                    let mut counted = false;
+                    // Requests on this connection, until the client closes it.
+                    for _ in 0..10_000 {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if !counted {
+                            hs.fetch_add(1, SeqCst);
+                            counted = true;
+                        }
+                        let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                        let mut length = 0usize;
+                        loop {
+                            let mut l = String::new();
+                            if reader.read_line(&mut l).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if l == "\r\n" {
+                                break;
+                            }
+                            if let Some((k, v)) = l.split_once(':')
+                                && k.eq_ignore_ascii_case("content-length")
+                            {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+                            return;
+                        }
+                        h.fetch_add(1, SeqCst);
+                        let (status, body) = respond(&path);
+                        let out = format!(
+                            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        let tls = reader.get_mut();
+                        if tls
+                            .write_all(out.as_bytes())
+                            .and_then(|_| tls.flush())
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        TlsHttp {
+            port,
+            handshakes,
+            hits,
+        }
+    }
+}
+
+/// A PostgreSQL server of this test binary's own: started once (Debian's
+/// `postgresql` binaries, a temporary cluster on a free loopback port) and
+/// stopped by a watchdog when the binary exits.
+pub struct Postgres {
+    pub port: u16,
+    bin: PathBuf,
+    databases: std::sync::Mutex<std::collections::HashMap<PathBuf, String>>,
+    next: std::sync::atomic::AtomicU32,
+}
+
+static POSTGRES: std::sync::OnceLock<Postgres> = std::sync::OnceLock::new();
+
+/// The test binary's PostgreSQL server (started on first use).
+pub fn postgres() -> &'static Postgres {
+    POSTGRES.get_or_init(|| Postgres::start().expect("starting PostgreSQL"))
+}
+
+fn run(cmd: &mut Command, what: &str) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+impl Postgres {
+    fn start() -> Result<Postgres> {
+        // The newest installed server (scripts/setup.sh installs it).
+        let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .context("PostgreSQL is not installed (scripts/setup.sh installs it)")?
+            .flatten()
+            .map(|e| e.path().join("bin"))
+            .filter(|b| b.join("initdb").exists())
+            .collect();
+        versions.sort();
+        let bin = versions.pop().context("no PostgreSQL server binaries")?;
+        let dir = std::env::temp_dir().join(format!("plugboard-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        // initdb refuses to run as root: run the server as `postgres`.
+        let root = Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let as_server = |program: &Path| {
+            if root {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            } else {
+                Command::new(program)
+            }
+        };
+        if root {
+            run(
+                Command::new("chown").args(["-R", "postgres"]).arg(&dir),
+                "chown",
+            )?;
+        }
+        let data = dir.join("data");
+        run(
+            as_server(&bin.join("initdb"))
+                .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "-D"])
+                .arg(&data),
+            "initdb",
+        )?;
+        let port = free_port();
+        run(
+            as_server(&bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(&data)
+                .arg("-o")
+                .arg(format!(
+                    "-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=300",
+                    dir.display()
+                ))
+                .arg("-l")
+                .arg(dir.join("log"))
+                .args(["start", "-w"]),
+            "pg_ctl start",
+        )?;
+        // Stop it when this test binary is gone, however it ends.
+        let watchdog = format!(
+            "while [ -d /proc/{pid} ]; do sleep 1; done; {pg_ctl} -D {data} stop -m immediate; rm -rf {dir}",
+            pid = std::process::id(),
+            pg_ctl = bin.join("pg_ctl").display(),
+            data = data.display(),
+            dir = dir.display(),
+        );
+        as_server(Path::new("sh"))
+            .args(["-c", &watchdog])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the PostgreSQL watchdog")?;
+        Ok(Postgres {
+            port,
+            bin,
+            databases: Default::default(),
+            next: Default::default(),
+        })
+    }
+
+    /// A new, empty database; its URL.
+    pub fn database(&self) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("t{n}");
+        run(
+            Command::new(self.bin.join("createdb"))
+                .args(["-h", "127.0.0.1", "-U", "postgres", "-p"])
+                .arg(self.port.to_string())
+                .arg(&name),
+            "createdb",
+        )
+        .expect("createdb");
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// The database of a server's data directory (new the first time).
+    pub fn database_for(&self, data_dir: &Path) -> String {
+        let mut dbs = self.databases.lock().unwrap();
+        dbs.entry(data_dir.to_path_buf())
+            .or_insert_with(|| self.database())
+            .clone()
+    }
+}
+
+/// A NATS server (Debian's `nats-server`) on loopback, its log in a
+/// temporary directory: killed when dropped or [`Nats::stop`]ped, and by a
+/// watchdog when the test binary exits, however it ends.
+pub struct Nats {
+    pub port: u16,
+    child: std::sync::Mutex<Child>,
+    dir: PathBuf,
+}
+
+static NATS: std::sync::OnceLock<Nats> = std::sync::OnceLock::new();
+
+/// The test binary's NATS server, shared by its tests (started on first
+/// use). A test that stops its server starts one of its own instead.
+pub fn nats() -> &'static Nats {
+    NATS.get_or_init(|| Nats::start().expect("starting nats-server"))
+}
+
+impl Nats {
+    /// A NATS server of its own on a free port.
+    pub fn start() -> Result<Nats> {
+        Nats::start_on(free_port())
+    }
+
+    /// A NATS server on `port` (the port of one stopped earlier: its
+    /// clients reconnect).
+    pub fn start_on(port: u16) -> Result<Nats> {
+        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("plugboard-nats-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let log = dir.join("log");
+        // Debian puts it in /usr/sbin, which is not on every PATH.
+        let program = ["/usr/sbin/nats-server", "/usr/bin/nats-server"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("nats-server"));
+        let mut child = Command::new(program)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-l"])
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("nats-server is not installed (scripts/setup.sh installs it)")?;
+        // Kill it when this test binary is gone, unless it is gone first.
+        let watchdog = format!(
+            "while [ -d /proc/{pid} ]; do [ -d /proc/{nats} ] || exit 0; sleep 1; done; kill {nats}; rm -rf {dir}",
+            pid = std::process::id(),
+            nats = child.id(),
+            dir = dir.display(),
+        );
+        Command::new("sh")
+            .args(["-c", &watchdog])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the NATS watchdog")?;
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                bail!(
+                    "nats-server exited at start ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = child.kill();
+                bail!("nats-server did not listen on port {port} in 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Nats {
+            port,
+            child: std::sync::Mutex::new(child),
+            dir,
+        })
+    }
+
+    /// The URL servers are given (`--nats`).
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (its clients see the connection drop).
+    pub fn stop(&self) {
+        if let Ok(mut child) = self.child.lock() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

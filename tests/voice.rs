@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use plugboard_tests::{Server, free_sip_port, plugin, root};
+use plugboard_tests::{LOOPBACK, Server, free_sip_port, plugin, postgres, root};
 use serde_json::{Value, json};
 
 /// A free even port for SIPp's RTP.
@@ -59,12 +59,23 @@ fn run_sipp(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // Defaults for one call from 127.0.0.1, unless `extra` says otherwise.
+    let (local, media) = (local.to_string(), media.to_string());
+    let mut defaults = vec!["-s", service, "-t", transport, "-mp", &media];
+    if !extra.contains(&"-p") {
+        defaults.extend(["-p", &local]);
+    }
+    if !extra.contains(&"-m") {
+        defaults.extend(["-m", "1"]);
+    }
+    if !extra.contains(&"-i") {
+        defaults.extend(["-i", "127.0.0.1"]);
+    }
     let out = Command::new("sipp")
         .current_dir(dir)
         .arg("-sf")
         .arg(xml)
-        .args(["-s", service, "-m", "1", "-i", "127.0.0.1", "-t", transport])
-        .args(["-p", &local.to_string(), "-mp", &media.to_string()])
+        .args(defaults)
         .args(["-timeout", "60s", "-trace_err", "-nostdin"])
         .args(extra)
         .arg(format!("127.0.0.1:{}", server.sip_port))
@@ -122,6 +133,25 @@ fn calls(server: &Server, key: &str, n: usize) -> Vec<Value> {
             return all;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Creates the SIP user alice (password `s3cret-pass`) in tenant acme.
+fn alice(server: &Server, key: &str) {
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/sip-users/alice",
+        key,
+        &json!({"password": "s3cret-pass"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+}
+
+/// PUTs each JSON body to its path; each must answer 200.
+fn put_all<const N: usize>(server: &Server, key: &str, items: [(&str, Value); N]) {
+    for (path, body) in items {
+        let a = server.json("PUT", path, key, &body);
+        assert_eq!(a.status, 200, "{path}: {a:?}");
     }
 }
 
@@ -240,13 +270,7 @@ fn sipp_register_options_unknown_number_cancel_and_hold() -> Result<()> {
         &["--answer-delay-ms", "1000", "--digest-md5-first"],
     )?;
     let key = setup(&server);
-    let a = server.json(
-        "PUT",
-        "/v1/tenants/acme/sip-users/alice",
-        &key,
-        &json!({"password": "s3cret-pass"}),
-    );
-    assert_eq!(a.status, 200, "{:?}", a.body);
+    alice(&server, &key);
     let auth = ["-au", "alice", "-ap", "s3cret-pass"];
     sipp_with(&server, dir.path(), "register", "acme", "u1", &auth)?;
     let wrong = ["-au", "alice", "-ap", "not-the-password"];
@@ -262,8 +286,9 @@ fn sipp_register_options_unknown_number_cancel_and_hold() -> Result<()> {
     );
     // Another tenant's realm does not know alice.
     server.tenant("other");
-    let e = sipp_with(&server, dir.path(), "register", "other", "u1", &auth);
-    assert!(e.is_err(), "alice must not register in tenant other");
+    let e = sipp_with(&server, dir.path(), "register", "other", "u1", &auth)
+        .expect_err("alice must not register in tenant other");
+    assert!(e.to_string().contains("403"), "refused with 403: {e}");
     sipp(&server, dir.path(), "options", "15550100", "u1")?;
     sipp(&server, dir.path(), "notfound", "15559999", "u1")?;
     sipp(&server, dir.path(), "cancel", "15550100", "u1")?;
@@ -299,12 +324,14 @@ fn sipp_register_options_unknown_number_cancel_and_hold() -> Result<()> {
     let good = ["-au", "carrier-in", "-ap", "in-secret"];
     sipp_with(&server, dir.path(), "invite_auth", "15550100", "u1", &good)?;
     let bad = ["-au", "carrier-in", "-ap", "not-it"];
-    let e = sipp_with(&server, dir.path(), "invite_auth", "15550100", "u1", &bad);
-    assert!(e.is_err(), "a wrong trunk password must be refused");
+    let e = sipp_with(&server, dir.path(), "invite_auth", "15550100", "u1", &bad)
+        .expect_err("a wrong trunk password must be refused");
+    assert!(e.to_string().contains("403"), "refused with 403: {e}");
     let e = sipp(&server, dir.path(), "options", "15550100", "u1");
     assert!(e.is_ok(), "OPTIONS is not a call: {e:?}");
-    let e = sipp(&server, dir.path(), "ivr_dtmf", "15550100", "u1");
-    assert!(e.is_err(), "a call without credentials must be challenged");
+    let e = sipp(&server, dir.path(), "ivr_dtmf", "15550100", "u1")
+        .expect_err("a call without credentials must be challenged");
+    assert!(e.to_string().contains("401"), "challenged with 401: {e}");
     let all = self::calls(&server, &key, 3);
     assert_eq!(
         all.len(),
@@ -825,7 +852,7 @@ impl Drop for Mis {
 #[test]
 fn logistics_hotline_example_tracks_a_waybill_on_a_real_call() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = Server::start(&dir.path().join("data"), &[])?;
+    let server = Server::start(&dir.path().join("data"), LOOPBACK)?;
     let mis = Mis::start()?;
     let key = server.tenant("acme");
     let doc = std::fs::read(root().join("examples/logistics-hotline/flow.json"))?;
@@ -837,23 +864,24 @@ fn logistics_hotline_example_tracks_a_waybill_on_a_real_call() -> Result<()> {
     )?;
     assert!(a.status == 200 || a.status == 201, "{a:?}");
     let mis_host = format!("127.0.0.1:{}", mis.port);
-    for (path, body) in [
-        (
-            "/v1/tenants/acme/plugins/logistics-hotline/config",
-            json!({"mis_url": format!("http://{mis_host}")}),
-        ),
-        (
-            "/v1/tenants/acme/plugins/logistics-hotline/grants",
-            json!({"http": {"allow": [mis_host]}}),
-        ),
-        (
-            "/v1/tenants/acme/addresses/+15550142",
-            json!({"channel": "voice", "flow": "logistics-hotline"}),
-        ),
-    ] {
-        let a = server.json("PUT", path, &key, &body);
-        assert_eq!(a.status, 200, "{path}: {a:?}");
-    }
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/plugins/logistics-hotline/config",
+                json!({"mis_url": format!("http://{mis_host}")}),
+            ),
+            (
+                "/v1/tenants/acme/plugins/logistics-hotline/grants",
+                json!({"http": {"allow": [mis_host]}}),
+            ),
+            (
+                "/v1/tenants/acme/addresses/+15550142",
+                json!({"channel": "voice", "flow": "logistics-hotline"}),
+            ),
+        ],
+    );
     sipp(&server, dir.path(), "logistics", "15550142", "u1")?;
     let calls = calls(&server, &key, 1);
     let ix = &calls[0];
@@ -1156,19 +1184,20 @@ fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
     let key = server.tenant("acme");
     let a = server.deploy("acme", &key, "broken", plugin("hostile"));
     assert_eq!(a.status, 201, "{a:?}");
-    for (path, body) in [
-        (
-            "/v1/tenants/acme/plugins/broken/config",
-            json!({"mode": "loop"}),
-        ),
-        (
-            "/v1/tenants/acme/addresses/15550166",
-            json!({"channel": "voice", "flow": "broken"}),
-        ),
-    ] {
-        let a = server.json("PUT", path, &key, &body);
-        assert_eq!(a.status, 200, "{path}: {a:?}");
-    }
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/plugins/broken/config",
+                json!({"mode": "loop"}),
+            ),
+            (
+                "/v1/tenants/acme/addresses/15550166",
+                json!({"channel": "voice", "flow": "broken"}),
+            ),
+        ],
+    );
     // The caller stays 6 s, then hangs up.
     sipp_with(
         &server,
@@ -1194,7 +1223,14 @@ fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
     // Apology and hold music were sent for the whole call (~50 packets/s).
     assert!(media["packets_sent"].as_u64().unwrap() > 250, "{media}");
     assert_eq!(timeline(ix, "hangup")[0]["by"], "caller");
-    assert_eq!(ix["state"], "queued");
+    // Parked in the fallback queue when the caller hung up: abandoned,
+    // through the state machine (in_flow -> queued -> abandoned).
+    assert_eq!(ix["state"], "abandoned");
+    let states: Vec<&Value> = timeline(ix, "state")
+        .into_iter()
+        .map(|s| &s["to"])
+        .collect();
+    assert_eq!(states, [&json!("queued"), &json!("abandoned")], "{ix}");
     Ok(())
 }
 
@@ -1236,5 +1272,560 @@ fn an_agent_passes_the_caller_on_with_refer() -> Result<()> {
         "both agents answered"
     );
     assert_eq!(ix["attributes"]["hangup_cause"], "transferred call ended");
+    Ok(())
+}
+
+/// A WebSocket on the operator's event stream (admin token).
+fn operator_stream(server: &Server) -> tungstenite::WebSocket<TcpStream> {
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/events?token={}",
+        server.port, server.admin
+    );
+    tungstenite::client(url.as_str(), stream).unwrap().0
+}
+
+/// The value of a Prometheus counter line starting with `prefix`.
+fn counter(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn password_guessing_is_throttled_but_the_real_phone_keeps_registering() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
+    let key = setup(&server);
+    alice(&server, &key);
+    let mut ops = operator_stream(&server);
+    let right = ["-au", "alice", "-ap", "s3cret-pass"];
+    // Alice's phone registers from its own address.
+    sipp_with(&server, dir.path(), "register", "acme", "u1", &right)?;
+    // Ten wrong guesses from 127.0.0.2: each is challenged and refused...
+    let guess = |ip: &'static str| {
+        [
+            "-au",
+            "alice",
+            "-ap",
+            "not-the-password",
+            "-i",
+            ip,
+            "-m",
+            "10",
+        ]
+    };
+    sipp_with(
+        &server,
+        dir.path(),
+        "register_bad",
+        "acme",
+        "u1",
+        &guess("127.0.0.2"),
+    )?;
+    // ...then that address is refused unchecked, even the right password.
+    let right_from = |ip: &'static str| {
+        let args = ["-au", "alice", "-ap", "s3cret-pass", "-i", ip];
+        sipp_with(
+            &server,
+            dir.path(),
+            "register_throttled",
+            "acme",
+            "u1",
+            &args,
+        )
+    };
+    right_from("127.0.0.2")?;
+    // Ten more from 127.0.0.3: twenty for alice, so she is refused from
+    // addresses she has not registered from...
+    sipp_with(
+        &server,
+        dir.path(),
+        "register_bad",
+        "acme",
+        "u1",
+        &guess("127.0.0.3"),
+    )?;
+    right_from("127.0.0.4")?;
+    // ...but her phone's own address keeps working.
+    sipp_with(&server, dir.path(), "register", "acme", "u1", &right)?;
+    // Both of the phone's registrations (SIPp took a new port each time),
+    // none from the guessing addresses.
+    let users = server.get("/v1/tenants/acme/sip-users", &key);
+    let regs = users.body["sip_users"][0]["registrations"].clone();
+    assert_eq!(regs.as_array().map(Vec::len), Some(2), "{users:?}");
+    assert!(
+        regs.as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["source"].as_str().unwrap().starts_with("UDP 127.0.0.1:")),
+        "{users:?}"
+    );
+
+    let metrics = server.get("/metrics", "").body;
+    let text = metrics.as_str().unwrap_or_default();
+    assert_eq!(
+        counter(
+            text,
+            "plugboard_auth_failures_total{channel=\"sip\",outcome=\"failed\"}"
+        ),
+        20.0,
+        "{text}"
+    );
+    assert!(
+        counter(
+            text,
+            "plugboard_auth_failures_total{channel=\"sip\",outcome=\"refused\"}"
+        ) >= 2.0,
+        "{text}"
+    );
+    assert_eq!(
+        counter(
+            text,
+            "plugboard_security_events_total{kind=\"sip_auth_lockout\"}"
+        ),
+        3.0,
+        "{text}"
+    );
+    // The lockouts are on the operator's stream: two addresses, one user.
+    let mut lockouts = Vec::new();
+    while lockouts.len() < 3 {
+        let msg = ops.read()?;
+        let v: Value = serde_json::from_str(msg.to_text()?)?;
+        if v["kind"] == "security" {
+            lockouts.push(v["data"].clone());
+        }
+    }
+    let mut seen: Vec<(String, String)> = lockouts
+        .iter()
+        .map(|l| {
+            (
+                l["scope"].as_str().unwrap_or("").to_string(),
+                l["source"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            ("address".to_string(), "127.0.0.2".to_string()),
+            ("address".to_string(), "127.0.0.3".to_string()),
+            ("user".to_string(), "127.0.0.3".to_string()),
+        ],
+        "{lockouts:?}"
+    );
+    assert!(lockouts.iter().all(|l| l["user"] == "alice@acme"));
+    Ok(())
+}
+
+#[test]
+fn play_urls_are_fetched_only_through_the_flows_http_grant() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), LOOPBACK)?;
+    let key = server.tenant("acme");
+    // A web server the tenant is granted, answering something that is not
+    // audio; the server's own admin port is not granted.
+    let granted = plugboard_tests::TinyHttp::start(|_| (200, "{}".into()));
+    let admin_url = format!("http://127.0.0.1:{}/v1/settings", server.port);
+    let granted_url = format!("http://127.0.0.1:{}/clip.wav", granted.port);
+    let flow = json!({
+        "start": "internal",
+        "nodes": {
+            "internal": {"type": "play", "url": admin_url, "next": "granted"},
+            "granted": {"type": "play", "url": granted_url, "next": "bye"},
+            "bye": {"type": "say", "text": "Goodbye.", "next": "end"},
+            "end": {"type": "hangup"}
+        }
+    });
+    let a = server.json("PUT", "/v1/tenants/acme/flows/player", &key, &flow);
+    assert_eq!(a.status, 201, "{a:?}");
+    let grant = json!({"http": {"allow": [format!("127.0.0.1:{}", granted.port)]}});
+    put_all(
+        &server,
+        &key,
+        [
+            ("/v1/tenants/acme/plugins/player/grants", grant),
+            (
+                "/v1/tenants/acme/addresses/15550177",
+                json!({"channel": "voice", "flow": "player"}),
+            ),
+        ],
+    );
+    // The caller waits for our BYE: the flow goes on after both plays.
+    sipp(&server, dir.path(), "bench_call", "15550177", "u1")?;
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    let failed = timeline(ix, "play_failed");
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert_eq!(failed[0]["code"], "not_granted", "{failed:?}");
+    assert!(
+        failed[0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&format!("127.0.0.1:{}", server.port)),
+        "{failed:?}"
+    );
+    // The granted one was fetched (once) and was not audio.
+    assert_eq!(failed[1]["code"], "failed", "{failed:?}");
+    assert_eq!(granted.hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(timeline(ix, "hangup")[0]["by"], "flow", "{ix}");
+    Ok(())
+}
+
+#[test]
+fn two_nodes_on_one_postgres_serve_one_tenant() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let url = postgres().database();
+    // MD5 challenged first: SIPp answers only the first challenge.
+    let a = Server::start(
+        &dir.path().join("a"),
+        &["--store", &url, "--digest-md5-first"],
+    )?;
+    let b = Server::start(&dir.path().join("b"), &["--store", &url])?;
+    // A tenant created on node A: its key works on node B.
+    let key = a.tenant("acme");
+    assert_eq!(b.get("/v1/tenants/acme", &key).status, 200);
+    assert_eq!(b.get("/v1/tenants/acme", "pbk_wrong").status, 401);
+    // Deployed on A, served by B without a restart.
+    let d = a.deploy("acme", &key, "hello-ivr", plugin("hello_ivr"));
+    assert_eq!(d.status, 201, "{d:?}");
+    let sim = b.simulate(
+        "acme",
+        &key,
+        "hello-ivr",
+        json!([{"type": "digits", "digits": "2"}]),
+    );
+    assert_eq!(sim.status, 200, "{sim:?}");
+    assert_eq!(sim.body["flow"]["version"], 1, "{sim:?}");
+    // Alice's phone registers on node A...
+    alice(&a, &key);
+    let phone = free_sip_port();
+    let port = phone.to_string();
+    let auth = ["-au", "alice", "-ap", "s3cret-pass", "-p", &port];
+    sipp_with(&a, dir.path(), "register", "acme", "u1", &auth)?;
+    let users = b.get("/v1/tenants/acme/sip-users", &key);
+    let regs = &users.body["sip_users"][0]["registrations"];
+    assert_eq!(
+        regs.as_array().map(Vec::len),
+        Some(1),
+        "B sees it: {users:?}"
+    );
+    // ...and a caller on node B is put through to it: the phone rings.
+    deploy_transfer_flow(&b, &key, "+15550188", "sip:alice@acme");
+    let alice = sipp_uas(dir.path(), "agent", phone, &[])?;
+    caller_presses_1(&b, dir.path(), "15550188")?;
+    wait_ok(alice, "alice's phone")?;
+    let calls = calls(&b, &key, 1);
+    let ix = &calls[0];
+    assert_eq!(
+        timeline(ix, "transfer")[0]["target"],
+        "sip:alice@acme",
+        "{ix}"
+    );
+    // The call's record is in the shared store: node A lists it too.
+    let on_a = a.get(
+        &format!(
+            "/v1/tenants/acme/interactions/{}",
+            ix["id"].as_str().unwrap()
+        ),
+        &key,
+    );
+    assert_eq!(on_a.status, 200, "{on_a:?}");
+    Ok(())
+}
+
+#[test]
+fn sigterm_during_50_calls_ends_each_with_a_bye_and_closes_every_record() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[])?;
+    let key = server.tenant("acme");
+    // Callers are parked in a queue (music on hold) until someone ends it.
+    let flow = json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "support"}}});
+    let a = server.json("PUT", "/v1/tenants/acme/flows/park", &key, &flow);
+    assert_eq!(a.status, 201, "{a:?}");
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/addresses/15550199",
+        &key,
+        &json!({"channel": "voice", "flow": "park"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let t_term = std::thread::scope(|scope| -> Result<Instant> {
+        // 50 callers at once, each waiting for our BYE (SIPp fails a call
+        // that gets none within 20 s).
+        let callers = scope.spawn(|| {
+            sipp_with(
+                &server,
+                dir.path(),
+                "bench_call",
+                "15550199",
+                "u1",
+                &["-m", "50", "-l", "50", "-r", "50"],
+            )
+        });
+        let t0 = Instant::now();
+        loop {
+            let list = server.get("/v1/tenants/acme/interactions?limit=100", &key);
+            let live = list.body["interactions"]
+                .as_array()
+                .map(|a| a.len())
+                .unwrap_or(0);
+            if live >= 50 {
+                break;
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                bail!("only {live} of 50 calls up");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // Let every call hear its hold music for a moment, then SIGTERM.
+        std::thread::sleep(Duration::from_millis(500));
+        server.signal("TERM")?;
+        let t = Instant::now();
+        callers
+            .join()
+            .map_err(|_| anyhow::anyhow!("sipp thread"))?
+            .context("every caller gets a BYE")?;
+        Ok(t)
+    })?;
+    let status = server.wait_exit(Duration::from_secs(30))?;
+    eprintln!(
+        "exited {status} {} ms after SIGTERM",
+        t_term.elapsed().as_millis()
+    );
+    assert!(status.success(), "{status}");
+    // Every record was closed and written before the process exited.
+    let server = Server::start(&data, &[])?;
+    let list = server.get("/v1/tenants/acme/interactions?limit=100", &key);
+    let all = list.body["interactions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(all.len(), 50, "{list:?}");
+    for ix in &all {
+        assert!(!ix["closed_ms"].is_null(), "{ix}");
+        assert_eq!(ix["state"], "closed", "{ix}");
+        let hangup = &timeline(ix, "hangup")[0];
+        assert_eq!(hangup["by"], "system", "{ix}");
+        assert_eq!(hangup["cause"], "server shutting down", "{ix}");
+    }
+    Ok(())
+}
+
+/// A WebSocket on a tenant's event stream (its key in `?token=`).
+fn tenant_stream(server: &Server, tenant: &str, key: &str) -> tungstenite::WebSocket<TcpStream> {
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/tenants/{tenant}/events?token={key}",
+        server.port
+    );
+    tungstenite::client(url.as_str(), stream).unwrap().0
+}
+
+/// The next `n` events of a stream, as (interaction, kind).
+fn next_events(ws: &mut tungstenite::WebSocket<TcpStream>, n: usize) -> Vec<(String, String)> {
+    (0..n)
+        .map(|_| {
+            let msg = ws.read().expect("an event within 10 s");
+            let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
+            (
+                v["interaction"].as_str().unwrap_or_default().to_string(),
+                v["kind"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// What one run of hello-ivr (press 9) puts on the stream.
+fn hello_run(interaction: &Value) -> Vec<(String, String)> {
+    let ix = interaction.as_str().unwrap().to_string();
+    ["event", "actions", "event", "actions"]
+        .iter()
+        .map(|k| (ix.clone(), k.to_string()))
+        .collect()
+}
+
+/// Plugin versions compiled and ready on a node.
+fn loaded_plugins(server: &Server) -> f64 {
+    let metrics = server.get("/metrics", "").body;
+    counter(
+        metrics.as_str().unwrap_or_default(),
+        "plugboard_plugin_versions_loaded ",
+    )
+}
+
+/// Waits (generously: up to 600 polls 100 ms apart) for `check`,
+/// failing with `what` at the bound.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..600 {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}");
+}
+
+#[test]
+fn two_nodes_share_events_and_plugin_deploys_through_nats() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let store = postgres().database();
+    let bus = plugboard_tests::nats().url();
+    let node = |name: &str| {
+        let flags = ["--store", &store, "--nats", &bus, "--node-id", name];
+        Server::start(&dir.path().join(name), &flags)
+    };
+    let (a, b) = (node("a")?, node("b")?);
+    let settings = b.get("/v1/settings", &b.admin);
+    assert_eq!(settings.body["nats"], bus.as_str(), "{settings:?}");
+    assert_eq!(settings.body["node_id"], "b", "{settings:?}");
+    let key = a.tenant("acme");
+    let zeta = a.tenant("zeta");
+    // A deploy on A is loaded on B without any call on B.
+    assert_eq!(loaded_plugins(&b), 0.0);
+    for (t, k) in [("acme", &key), ("zeta", &zeta)] {
+        let d = a.deploy(t, k, "hello-ivr", plugin("hello_ivr"));
+        assert_eq!(d.status, 201, "{d:?}");
+    }
+    eventually("B loads both versions deployed on A", || {
+        loaded_plugins(&b) == 2.0
+    });
+    // Streams on A: acme's (its own key) and the operator's.
+    let mut acme = tenant_stream(&a, "acme", &key);
+    let mut operator = operator_stream(&a);
+    let press_9 = json!([{"type": "digits", "digits": "9"}]);
+    let run_a = a.simulate("acme", &key, "hello-ivr", press_9.clone());
+    let run_zeta = b.simulate("zeta", &zeta, "hello-ivr", press_9.clone());
+    let run_b = b.simulate("acme", &key, "hello-ivr", press_9);
+    for r in [&run_a, &run_zeta, &run_b] {
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let (ia, iz, ib) = (
+        &run_a.body["interaction"],
+        &run_zeta.body["interaction"],
+        &run_b.body["interaction"],
+    );
+    // acme's stream on A: A's own run once (not echoed back by NATS), then
+    // the run on B; nothing of zeta's.
+    let mut want = hello_run(ia);
+    want.extend(hello_run(ib));
+    assert_eq!(next_events(&mut acme, 8), want);
+    // The operator's stream on A: every tenant's, from both nodes.
+    let mut want = hello_run(ia);
+    want.extend(hello_run(iz));
+    want.extend(hello_run(ib));
+    assert_eq!(next_events(&mut operator, 12), want);
+    // B's eight events reached A through NATS, counted on both sides.
+    let text = |s: &Server| {
+        s.get("/metrics", "")
+            .body
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    let sent = counter(
+        &text(&b),
+        "plugboard_cluster_notices_total{outcome=\"sent\"}",
+    );
+    let got = counter(
+        &text(&a),
+        "plugboard_cluster_notices_total{outcome=\"received\"}",
+    );
+    assert_eq!((sent, got), (8.0, 8.0));
+    Ok(())
+}
+
+#[test]
+fn nodes_serve_and_stream_locally_while_nats_is_down_and_relink_when_it_is_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let press_9 = json!([{"type": "digits", "digits": "9"}]);
+    // NATS unreachable from the start (nothing listens there): the node
+    // starts, serves and streams its own events.
+    let nowhere = format!("nats://127.0.0.1:{}", plugboard_tests::free_port());
+    let solo = Server::start(&dir.path().join("solo"), &["--nats", &nowhere])?;
+    let key = solo.tenant("acme");
+    let d = solo.deploy("acme", &key, "hello-ivr", plugin("hello_ivr"));
+    assert_eq!(d.status, 201, "{d:?}");
+    let mut events = tenant_stream(&solo, "acme", &key);
+    let run = solo.simulate("acme", &key, "hello-ivr", press_9.clone());
+    assert_eq!(run.status, 200, "{run:?}");
+    assert_eq!(
+        next_events(&mut events, 4),
+        hello_run(&run.body["interaction"])
+    );
+    drop(solo);
+
+    // Two linked nodes on a NATS server of this test's own.
+    let bus = plugboard_tests::Nats::start()?;
+    let store = postgres().database();
+    let url = bus.url();
+    let node = |name: &str| {
+        let flags = ["--store", &store, "--nats", &url, "--node-id", name];
+        Server::start(&dir.path().join(name), &flags)
+    };
+    let (a, b) = (node("a")?, node("b")?);
+    let key = a.tenant("acme");
+    let d = a.deploy("acme", &key, "hello-ivr", plugin("hello_ivr"));
+    assert_eq!(d.status, 201, "{d:?}");
+    let mut on_a = tenant_stream(&a, "acme", &key);
+    let mut on_b = tenant_stream(&b, "acme", &key);
+    let run = b.simulate("acme", &key, "hello-ivr", press_9.clone());
+    assert_eq!(run.status, 200, "{run:?}");
+    assert_eq!(
+        next_events(&mut on_b, 4),
+        hello_run(&run.body["interaction"])
+    );
+    assert_eq!(
+        next_events(&mut on_a, 4),
+        hello_run(&run.body["interaction"])
+    );
+
+    // NATS stops: B still serves, and its own stream still gets its events.
+    bus.stop();
+    let mut runs_on_b = Vec::new();
+    for _ in 0..3 {
+        let run = b.simulate("acme", &key, "hello-ivr", press_9.clone());
+        assert_eq!(run.status, 200, "{run:?}");
+        assert_eq!(
+            next_events(&mut on_b, 4),
+            hello_run(&run.body["interaction"])
+        );
+        runs_on_b.push(run.body["interaction"].as_str().unwrap().to_string());
+    }
+    let d = a.deploy("acme", &key, "hello-ivr", plugin("hello_ivr"));
+    assert_eq!(d.status, 201, "{d:?}");
+
+    // NATS is back on the same port: both clients reconnect by themselves,
+    // and B's events reach A again (those B published meanwhile may come
+    // first: the client buffers them).
+    let _bus = plugboard_tests::Nats::start_on(bus.port)?;
+    on_a.get_mut()
+        .set_read_timeout(Some(Duration::from_millis(500)))?;
+    // Bounded by attempts (each waits up to 500 ms for A to hear B).
+    let mut relinked = false;
+    for _ in 0..120 {
+        let run = b.simulate("acme", &key, "hello-ivr", press_9.clone());
+        assert_eq!(run.status, 200, "{run:?}");
+        runs_on_b.push(run.body["interaction"].as_str().unwrap().to_string());
+        if let Ok(msg) = on_a.read() {
+            let v: Value = serde_json::from_str(msg.to_text()?)?;
+            let ix = v["interaction"].as_str().unwrap_or_default();
+            assert!(runs_on_b.iter().any(|r| r == ix), "{v}");
+            relinked = true;
+            break;
+        }
+    }
+    assert!(relinked, "B's events never reached A again");
     Ok(())
 }

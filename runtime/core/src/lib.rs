@@ -10,8 +10,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub mod flow;
+pub mod origin;
 
 pub use flow::{Action, Event};
+pub use origin::{Origin, Scheme};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -89,6 +91,10 @@ pub struct TenantLimits {
     /// Output cap per invocation, KiB (1–16384).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_kib: Option<u32>,
+    /// Plugin invocations the tenant may run at once (its share of the
+    /// server's pool; default a quarter of it, at most all of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
 }
 
 impl TenantLimits {
@@ -107,6 +113,9 @@ impl TenantLimits {
         }
         if self.output_kib.is_some_and(|o| o == 0 || o > 16_384) {
             return Err(Error::Invalid("output_kib must be 1..=16384".into()));
+        }
+        if self.max_concurrent == Some(0) {
+            return Err(Error::Invalid("max_concurrent must be at least 1".into()));
         }
         Ok(())
     }
@@ -194,14 +203,23 @@ pub struct Grants {
     /// Access to the tenant's key-value store.
     #[serde(default)]
     pub kv: bool,
+    /// The tenant's secrets the plugin may read (through config entries
+    /// `{"secret": "NAME"}`), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<String>,
 }
 
 /// The outbound HTTP grant.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HttpGrant {
-    /// Allowed `host:port` pairs, e.g. `127.0.0.1:8081` or `crm.example.com:80`.
+    /// Allowed origins: `https://crm.example.com`, `http://10.0.0.5:8081`,
+    /// or `host:port` for plain HTTP (`127.0.0.1:8081`). See [`Origin`].
     pub allow: Vec<String>,
+    /// CA certificates (PEM) trusted for this grant's `https` origins,
+    /// instead of the public roots: for services with a private CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
     /// Timeout per request in ms (default 2000, at most 30000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u32>,
@@ -211,18 +229,23 @@ pub struct HttpGrant {
 }
 
 impl Grants {
-    /// Checks the grant for obvious mistakes (malformed `host:port`).
+    /// Checks the grant for obvious mistakes (malformed origins, limits).
     pub fn validate(&self) -> Result<(), Error> {
+        for name in &self.secrets {
+            validate_id("secret", name)?;
+        }
         if let Some(http) = &self.http {
-            for hp in &http.allow {
-                let valid = hp
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
-                if !valid {
-                    return Err(Error::Invalid(format!(
-                        "http.allow entry {hp:?} must be host:port"
-                    )));
-                }
+            for entry in &http.allow {
+                Origin::of_allow_entry(entry).map_err(Error::Invalid)?;
+            }
+            if http
+                .ca_pem
+                .as_ref()
+                .is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----"))
+            {
+                return Err(Error::Invalid(
+                    "http.ca_pem must hold PEM certificates".into(),
+                ));
             }
             if http.timeout_ms.is_some_and(|t| t == 0 || t > 30_000) {
                 return Err(Error::Invalid("http.timeout_ms must be 1..=30000".into()));
@@ -387,8 +410,12 @@ pub fn normalize_address(a: &str) -> String {
     }
 }
 
-/// State of an interaction.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+/// State of an interaction: a state machine,
+/// `new → in_flow → queued → offered → connected → wrap_up → closed`, with
+/// `abandoned` (the customer left while queued or offered) and `failed`
+/// (it could not be handled) as the other ends. [`Interaction::set_state`]
+/// refuses a transition the machine does not have.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]
 pub enum InteractionState {
     /// Just arrived.
@@ -397,7 +424,7 @@ pub enum InteractionState {
     InFlow,
     /// Waiting in a queue.
     Queued,
-    /// Offered to an agent.
+    /// Offered to an agent (reserved, not yet accepted).
     Offered,
     /// Connected to an agent.
     Connected,
@@ -405,6 +432,149 @@ pub enum InteractionState {
     WrapUp,
     /// Finished.
     Closed,
+    /// The customer left while waiting (queued or offered).
+    Abandoned,
+    /// It could not be handled (a system failure before it was served).
+    Failed,
+}
+
+impl InteractionState {
+    /// True for the ends: closed, abandoned, failed.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            InteractionState::Closed | InteractionState::Abandoned | InteractionState::Failed
+        )
+    }
+
+    /// Whether the machine goes from `self` to `next` (staying is not a
+    /// transition).
+    pub fn can_become(self, next: InteractionState) -> bool {
+        use InteractionState::*;
+        match (self, next) {
+            (a, b) if a == b => false,
+            (Closed | Abandoned | Failed, _) => false,
+            // Anything open can fail, and be closed by the system.
+            (_, Failed | Closed) => true,
+            (New, InFlow | Queued | Abandoned) => true,
+            // The flow enqueues, or connects the customer straight to an
+            // agent (transfer to a known agent).
+            (InFlow, Queued | Connected) => true,
+            // Offered to an agent, left, or back to a flow (queue timeout,
+            // callback offer).
+            (Queued, Offered | Abandoned | InFlow) => true,
+            // Accepted; rejected or timed out (back to the queue); left.
+            (Offered, Connected | Queued | Abandoned) => true,
+            // Wrap-up; transfer to a queue or a flow.
+            (Connected, WrapUp | Queued | InFlow) => true,
+            _ => false,
+        }
+    }
+
+    /// The stable name (as serialised).
+    pub fn name(self) -> &'static str {
+        match self {
+            InteractionState::New => "new",
+            InteractionState::InFlow => "in_flow",
+            InteractionState::Queued => "queued",
+            InteractionState::Offered => "offered",
+            InteractionState::Connected => "connected",
+            InteractionState::WrapUp => "wrap_up",
+            InteractionState::Closed => "closed",
+            InteractionState::Abandoned => "abandoned",
+            InteractionState::Failed => "failed",
+        }
+    }
+}
+
+impl fmt::Display for InteractionState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a timeline entry records. Each kind has a stable name (its
+/// serialised form, snake_case) that records, the event stream and
+/// reports rely on; the entry's `data` carries the details.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    // The flow: what it was told, what it answered, how it failed.
+    /// `event`: an event given to the flow.
+    Event,
+    /// `actions`: the actions the flow answered.
+    Actions,
+    /// `error`: the flow failed (code and message).
+    Error,
+    /// `fallback`: the safe actions used instead.
+    Fallback,
+    /// `log`: a line the plugin logged.
+    Log,
+    /// `host_call`: a host import the plugin called (http, kv, …).
+    HostCall,
+    /// `state`: the interaction moved through its state machine.
+    State,
+    // A call's life.
+    /// `call`: the call arrived (signalling, codec, media addresses).
+    Call,
+    /// `answered`: the caller's ACK arrived.
+    Answered,
+    /// `dtmf`: a digit and how it came.
+    Dtmf,
+    /// `sdp_answer`: the answer to an offer of ours.
+    SdpAnswer,
+    /// `hold`: the caller put the call on hold.
+    Hold,
+    /// `resume`: the caller took it off hold.
+    Resume,
+    /// `parked`: the caller waits with music (queued).
+    Parked,
+    /// `media`: media statistics at the end.
+    Media,
+    /// `media_timeout`: no RTP for too long.
+    MediaTimeout,
+    /// `hangup`: how it ended, and who ended it.
+    Hangup,
+    // Outbound legs.
+    /// `dial`: a dial started.
+    Dial,
+    /// `transfer`: a transfer started.
+    Transfer,
+    /// `dial_ringing`: the far end rings.
+    DialRinging,
+    /// `dial_answered`: the far end answered.
+    DialAnswered,
+    /// `dial_failed`: the leg could not be made.
+    DialFailed,
+    /// `dial_ended`: the leg ended.
+    DialEnded,
+    /// `refer`: the far end passed the call on (REFER).
+    Refer,
+    // Audio.
+    /// `play_failed`: a clip could not be played (with a code).
+    PlayFailed,
+    /// `recording`: a recording was stored.
+    Recording,
+    /// `recording_failed`: a recording could not be stored.
+    RecordingFailed,
+    /// `tts_plugin`: the tenant's tts plugin spoke or rewrote the text.
+    TtsPlugin,
+    /// `tts_plugin_failed`: the tenant's tts plugin failed.
+    TtsPluginFailed,
+    /// `tts_failed`: no speech could be made.
+    TtsFailed,
+    /// `ignored_action`: an action the channel does not carry out.
+    IgnoredAction,
+}
+
+impl EntryKind {
+    /// The stable name.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
 }
 
 /// One entry on an interaction's append-only timeline.
@@ -412,8 +582,8 @@ pub enum InteractionState {
 pub struct TimelineEntry {
     /// When, ms since the Unix epoch.
     pub at_ms: u64,
-    /// What kind of entry: `event`, `actions`, `error`, `fallback`, `log`, `state`.
-    pub kind: String,
+    /// What kind of entry.
+    pub kind: EntryKind,
     /// Details.
     pub data: serde_json::Value,
 }
@@ -458,11 +628,32 @@ pub struct FlowRef {
 }
 
 impl Interaction {
+    /// Moves the interaction to `next`, with a `state` entry on the
+    /// timeline; staying in the same state is a no-op. A transition the
+    /// state machine does not have is an error and changes nothing.
+    pub fn set_state(&mut self, next: InteractionState) -> Result<(), Error> {
+        if self.state == next {
+            return Ok(());
+        }
+        if !self.state.can_become(next) {
+            return Err(Error::Invalid(format!(
+                "interaction {} cannot go from {} to {next}",
+                self.id, self.state
+            )));
+        }
+        self.push(
+            EntryKind::State,
+            serde_json::json!({"from": self.state, "to": next}),
+        );
+        self.state = next;
+        Ok(())
+    }
+
     /// Appends a timeline entry stamped now.
-    pub fn push(&mut self, kind: &str, data: serde_json::Value) {
+    pub fn push(&mut self, kind: EntryKind, data: serde_json::Value) {
         self.timeline.push(TimelineEntry {
             at_ms: now_ms(),
-            kind: kind.to_string(),
+            kind,
             data,
         });
     }
@@ -497,6 +688,58 @@ mod tests {
         assert!(validate_id("tenant", "Acme").is_err());
         assert!(validate_id("tenant", "a/b").is_err());
         assert!(validate_id("tenant", &"a".repeat(65)).is_err());
+    }
+
+    #[test]
+    fn interaction_state_machine() {
+        use InteractionState::*;
+        let all = [
+            New, InFlow, Queued, Offered, Connected, WrapUp, Closed, Abandoned, Failed,
+        ];
+        // The ends are final.
+        for end in [Closed, Abandoned, Failed] {
+            assert!(all.iter().all(|s| !end.can_become(*s)), "{end}");
+        }
+        // The happy path.
+        let path = [New, InFlow, Queued, Offered, Connected, WrapUp, Closed];
+        for w in path.windows(2) {
+            assert!(w[0].can_become(w[1]), "{} -> {}", w[0], w[1]);
+        }
+        // Only waiting customers abandon; nothing goes back to new.
+        for s in all {
+            assert_eq!(
+                s.can_become(Abandoned),
+                matches!(s, New | Queued | Offered),
+                "{s}"
+            );
+            assert!(!s.can_become(New), "{s}");
+        }
+        assert!(!InFlow.can_become(WrapUp));
+        assert!(!Queued.can_become(Connected), "an agent is offered first");
+
+        let mut ix = Interaction {
+            id: "ix-1".into(),
+            tenant: "t".into(),
+            channel: Channel::Voice,
+            from: "1".into(),
+            to: "2".into(),
+            flow: None,
+            state: InFlow,
+            attributes: BTreeMap::new(),
+            simulated: false,
+            created_ms: 0,
+            closed_ms: None,
+            timeline: Vec::new(),
+        };
+        assert!(ix.set_state(Queued).is_ok());
+        assert!(ix.set_state(Queued).is_ok(), "staying is a no-op");
+        assert!(matches!(ix.set_state(WrapUp), Err(Error::Invalid(_))));
+        assert_eq!(ix.state, Queued, "a refused transition changes nothing");
+        assert!(ix.set_state(Abandoned).is_ok());
+        assert!(ix.set_state(Closed).is_err());
+        let states: Vec<_> = ix.timeline.iter().map(|e| e.data["to"].clone()).collect();
+        assert_eq!(states, ["queued", "abandoned"]);
+        assert_eq!(serde_json::to_value(InFlow).unwrap_or_default(), "in_flow");
     }
 
     #[test]

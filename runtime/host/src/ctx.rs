@@ -2,6 +2,7 @@
 //! implementations of the `plugboard:host` imports.
 
 use crate::bindings::host::plugboard::host::{clock, config, http, kv, log, types};
+use crate::fetch::{self, FetchError, FetchRequest};
 use crate::{Limits, PluginEnv};
 use std::time::{Duration, Instant};
 use wasmtime::ResourceLimiter;
@@ -16,10 +17,6 @@ const KV_MAX_VALUE: usize = 64 * 1024;
 const HTTP_MAX_REQUEST: usize = 1024 * 1024;
 /// Longest log line kept.
 const LOG_MAX_LINE: usize = 4096;
-/// Default http timeout.
-const HTTP_DEFAULT_TIMEOUT_MS: u32 = 2000;
-/// Default http response cap.
-const HTTP_DEFAULT_MAX_RESPONSE: u32 = 1024 * 1024;
 
 /// A log line written by a plugin.
 #[derive(Debug, Clone, serde::Serialize, PartialEq)]
@@ -60,10 +57,11 @@ pub struct Ctx {
     pub(crate) calls: Vec<HostCall>,
     kv_calls: u32,
     http_calls: u32,
+    fetcher: std::sync::Arc<fetch::Fetcher>,
 }
 
 impl Ctx {
-    pub(crate) fn new(env: PluginEnv) -> Self {
+    pub(crate) fn new(env: PluginEnv, fetcher: std::sync::Arc<fetch::Fetcher>) -> Self {
         Ctx {
             wasi: None,
             table: ResourceTable::new(),
@@ -77,6 +75,7 @@ impl Ctx {
             calls: Vec::new(),
             kv_calls: 0,
             http_calls: 0,
+            fetcher,
         }
     }
 
@@ -250,41 +249,11 @@ impl kv::Host for Ctx {
     }
 }
 
-/// `host:port` of an `http://` URL, with the port defaulted to 80.
-fn http_authority(url: &str) -> Result<String, types::Error> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| types::Error::Invalid("only http:// URLs are supported".into()))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    if authority.is_empty() || authority.contains('@') {
-        return Err(types::Error::Invalid(
-            "URL must have a host and no user info".into(),
-        ));
-    }
-    let has_port = match authority.rfind(':') {
-        Some(i) => !authority[i..].contains(']'),
-        None => false,
-    };
-    Ok(if has_port {
-        authority.to_ascii_lowercase()
-    } else {
-        format!("{}:80", authority.to_ascii_lowercase())
-    })
-}
-
 impl Ctx {
     fn http_fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
-        let Some(grant) = self.env.grants.http.clone() else {
-            return Err(types::Error::NotGranted("http".into()));
-        };
-        let authority = http_authority(&req.url)?;
-        if !grant
-            .allow
-            .iter()
-            .any(|a| a.eq_ignore_ascii_case(&authority))
-        {
-            return Err(types::Error::NotGranted(format!("http to {authority}")));
-        }
+        let grant = fetch::check(self.env.grants.http.as_ref(), &req.url)
+            .map_err(fetch_error)?
+            .clone();
         self.http_calls += 1;
         if self.http_calls > self.limits().http_calls {
             return Err(types::Error::QuotaExceeded);
@@ -292,22 +261,6 @@ impl Ctx {
         if req.body.len() > HTTP_MAX_REQUEST {
             return Err(types::Error::TooLarge);
         }
-        let grant_timeout = grant.timeout_ms.unwrap_or(HTTP_DEFAULT_TIMEOUT_MS);
-        let timeout = req
-            .timeout_ms
-            .map_or(grant_timeout, |t| t.min(grant_timeout))
-            .max(1);
-        let cap = u64::from(
-            grant
-                .max_response_bytes
-                .unwrap_or(HTTP_DEFAULT_MAX_RESPONSE),
-        );
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_millis(u64::from(timeout))))
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .build()
-            .into();
         let method = match req.method {
             http::Method::Get => "GET",
             http::Method::Post => "POST",
@@ -316,46 +269,39 @@ impl Ctx {
             http::Method::Delete => "DELETE",
             http::Method::Head => "HEAD",
         };
-        let mut builder = ureq::http::Request::builder()
-            .method(method)
-            .uri(req.url.as_str());
-        for (k, v) in &req.headers {
-            builder = builder.header(k.as_str(), v.as_str());
-        }
-        let request = builder
-            .body(req.body)
-            .map_err(|e| types::Error::Invalid(e.to_string()))?;
-        let mut resp = agent.run(request).map_err(map_ureq)?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(cap)
-            .read_to_vec()
-            .map_err(map_ureq)?;
+        let resp = self
+            .fetcher
+            .send(
+                &self.env.tenant,
+                &grant,
+                FetchRequest {
+                    method,
+                    url: req.url,
+                    headers: req.headers,
+                    body: req.body,
+                    timeout_ms: req.timeout_ms,
+                },
+            )
+            .map_err(fetch_error)?;
         Ok(http::Response {
-            status,
-            headers,
-            body,
+            status: resp.status,
+            headers: resp.headers,
+            body: resp.body,
         })
     }
 }
 
-fn map_ureq(e: ureq::Error) -> types::Error {
+fn fetch_error(e: FetchError) -> types::Error {
     match e {
-        ureq::Error::Timeout(_) => types::Error::Timeout,
-        ureq::Error::BodyExceedsLimit(_) => types::Error::TooLarge,
-        other => types::Error::Failed(other.to_string()),
+        FetchError::NotGranted(m) => types::Error::NotGranted(m),
+        FetchError::Invalid(m) => types::Error::Invalid(m),
+        FetchError::Timeout => types::Error::Timeout,
+        FetchError::TooLarge => types::Error::TooLarge,
+        FetchError::Failed(m) => types::Error::Failed(m),
+        // host@0.1.0 has no variants for these: a stable prefix in
+        // `failed` tells them apart.
+        FetchError::Tls(m) => types::Error::Failed(format!("tls: {m}")),
+        FetchError::PrivateAddress(m) => types::Error::Failed(format!("private_address: {m}")),
     }
 }
 
@@ -413,27 +359,3 @@ impl crate::bindings::flow::plugboard::flow::types::Host for Ctx {}
 impl crate::bindings::router::plugboard::router::types::Host for Ctx {}
 impl crate::bindings::tts::plugboard::tts::types::Host for Ctx {}
 impl crate::bindings::crm::plugboard::crm::types::Host for Ctx {}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn authority() {
-        assert_eq!(
-            http_authority("http://127.0.0.1:8081/x?y").ok(),
-            Some("127.0.0.1:8081".to_string())
-        );
-        assert_eq!(
-            http_authority("http://Example.com/x").ok(),
-            Some("example.com:80".to_string())
-        );
-        assert_eq!(
-            http_authority("http://[::1]:9/").ok(),
-            Some("[::1]:9".to_string())
-        );
-        assert!(http_authority("https://x/").is_err());
-        assert!(http_authority("http://user@evil:80/").is_err());
-        assert!(http_authority("http:///x").is_err());
-    }
-}

@@ -40,6 +40,7 @@ pub mod bindings;
 mod convert;
 mod ctx;
 mod export;
+pub mod fetch;
 
 use ctx::Ctx;
 pub use ctx::{HostCall, LogLine};
@@ -202,6 +203,8 @@ pub struct HostConfig {
     pub max_memory_bytes: usize,
     /// Epoch tick (deadline granularity).
     pub epoch_tick: Duration,
+    /// Networks besides the public internet that tenants' HTTP may reach.
+    pub net: fetch::NetPolicy,
 }
 
 impl Default for HostConfig {
@@ -211,6 +214,7 @@ impl Default for HostConfig {
             max_concurrent: 64,
             max_memory_bytes: 256 << 20,
             epoch_tick: Duration::from_millis(2),
+            net: fetch::NetPolicy::default(),
         }
     }
 }
@@ -409,11 +413,18 @@ pub struct PluginHost {
     tick: Duration,
     max_concurrent: u32,
     max_memory_bytes: usize,
+    fetcher: Arc<fetch::Fetcher>,
     stop: Arc<AtomicBool>,
     ticker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl PluginHost {
+    /// Outbound HTTP(S) on tenants' behalf (plugins, media URLs), with
+    /// the operator's network policy and pooled connections.
+    pub fn fetcher(&self) -> &Arc<fetch::Fetcher> {
+        &self.fetcher
+    }
+
     /// Creates the engine (pooling allocator, epoch interruption), links
     /// WASI and the `plugboard:host` imports, and starts the epoch ticker.
     pub fn new(config: HostConfig) -> Result<Self, HostError> {
@@ -488,6 +499,7 @@ impl PluginHost {
             tick: config.epoch_tick,
             max_concurrent: n,
             max_memory_bytes: config.max_memory_bytes,
+            fetcher: Arc::new(fetch::Fetcher::new(config.net.clone())),
             stop,
             ticker: Some(ticker),
         })
@@ -638,7 +650,7 @@ impl PluginHost {
         let t0 = Instant::now();
         let limits = env.limits.clone();
         let budget = Duration::from_millis(limits.deadline_ms);
-        let mut store = Store::new(&self.engine, Ctx::new(env));
+        let mut store = Store::new(&self.engine, Ctx::new(env, self.fetcher.clone()));
         store.limiter(|c| c);
         store.set_epoch_deadline(ticks(budget, self.tick));
         let tick = self.tick;

@@ -38,6 +38,12 @@ pub struct ServerSection {
     pub data_dir: Option<PathBuf>,
     /// HTTP listen address.
     pub http: Option<SocketAddr>,
+    /// The store: `sled` or a PostgreSQL URL.
+    pub store: Option<String>,
+    /// NATS server URL(s) shared by the nodes of one store.
+    pub nats: Option<String>,
+    /// This node's id on NATS.
+    pub node_id: Option<String>,
     /// CPU deadline per plugin invocation, ms.
     pub deadline_ms: Option<u64>,
     /// Linear memory cap per plugin instance, MiB.
@@ -48,6 +54,11 @@ pub struct ServerSection {
     pub flow_graph: Option<PathBuf>,
     /// Compiled-component cache directory.
     pub cache_dir: Option<PathBuf>,
+    /// Networks besides the public internet that tenants' outbound HTTP
+    /// (plugins, media URLs) may reach, e.g. `["127.0.0.1/32"]` for a
+    /// local MIS. Loopback, private, link-local and metadata addresses
+    /// are refused unless listed here.
+    pub allow_networks: Option<Vec<String>>,
 }
 
 /// The voice channel.

@@ -7,9 +7,11 @@ mod scaffold;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use config::ConfigFile;
-use plugboard_api::AppState;
+use plugboard_engine::Engine;
+use plugboard_engine::secrets::SecretKey;
+use plugboard_host::fetch::NetPolicy;
 use plugboard_host::{HostConfig, Limits, PluginHost};
-use plugboard_store::SledStore;
+use plugboard_store::{PgStore, SledStore, Store};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,6 +56,19 @@ struct ServeArgs {
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = "PLUGBOARD_HTTP")]
     http: Option<SocketAddr>,
+    /// The store: `sled` (embedded, in DATA_DIR/store) or a PostgreSQL URL
+    /// (`postgres://user@host:port/db`) shared by several nodes
+    /// [default: sled].
+    #[arg(long, env = "PLUGBOARD_STORE")]
+    store: Option<String>,
+    /// NATS server URL (`nats://host:4222`; several comma-separated) through
+    /// which nodes on one PostgreSQL store share their events and plugin
+    /// deploys [default: none: this node's events stay on it].
+    #[arg(long, env = "PLUGBOARD_NATS")]
+    nats: Option<String>,
+    /// This node's id among the nodes on NATS [default: random at each start].
+    #[arg(long, env = "PLUGBOARD_NODE_ID")]
+    node_id: Option<String>,
     /// CPU deadline per plugin invocation, ms [default: 50].
     #[arg(long)]
     deadline_ms: Option<u64>,
@@ -71,6 +86,16 @@ struct ServeArgs {
     /// [default: DATA_DIR/cache].
     #[arg(long, env = "PLUGBOARD_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// A network tenants' outbound HTTP may reach besides the public
+    /// internet (repeat, or comma-separate in the variable), e.g.
+    /// `127.0.0.1/32` [default: none: loopback, private, link-local and
+    /// metadata addresses are refused].
+    #[arg(
+        long = "allow-network",
+        env = "PLUGBOARD_ALLOW_NETWORKS",
+        value_delimiter = ','
+    )]
+    allow_networks: Vec<String>,
     /// SIP listen address, UDP and TCP, or `off` for no voice channel
     /// [default: 127.0.0.1:5060].
     #[arg(long, env = "PLUGBOARD_SIP")]
@@ -303,29 +328,79 @@ fn run() -> Result<()> {
     }
 }
 
+/// A store URL without its password (for `/v1/settings`).
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{user}:********{}", &url[..scheme + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// NATS server URLs without their credentials (a user alone is a token).
+fn redact_nats(urls: &str) -> String {
+    urls.split(',')
+        .map(|url| match (url.find("://"), url.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}********{}", &url[..scheme + 3], &url[at..])
+            }
+            _ => url.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The admin token: `PLUGBOARD_ADMIN_TOKEN`, else the one in the data dir,
 /// else a new one written there (readable by the owner only).
 fn admin_token(data_dir: &Path) -> Result<String> {
-    if let Ok(t) = std::env::var("PLUGBOARD_ADMIN_TOKEN")
+    kept_secret(
+        "PLUGBOARD_ADMIN_TOKEN",
+        &data_dir.join("admin_token"),
+        || {
+            let mut b = [0u8; 24];
+            getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+            Ok(format!("pba_{}", hex::encode(b)))
+        },
+    )
+}
+
+/// The key tenants' secrets are sealed with: `PLUGBOARD_SECRET_KEY` (64
+/// hex digits; every node on one store needs the same), else
+/// `DATA_DIR/secret_key`, generated at first start.
+fn secret_key(data_dir: &Path) -> Result<SecretKey> {
+    let hex = kept_secret("PLUGBOARD_SECRET_KEY", &data_dir.join("secret_key"), || {
+        Ok(SecretKey::generate()?.1)
+    })?;
+    SecretKey::from_hex(&hex).context("PLUGBOARD_SECRET_KEY or secret_key")
+}
+
+/// A value from the environment, else from a file in the data directory,
+/// else generated and written there (mode 0600).
+fn kept_secret(
+    var: &str,
+    path: &Path,
+    generate: impl FnOnce() -> Result<String>,
+) -> Result<String> {
+    if let Ok(t) = std::env::var(var)
         && !t.trim().is_empty()
     {
         return Ok(t.trim().to_string());
     }
-    let path = data_dir.join("admin_token");
-    if let Ok(t) = std::fs::read_to_string(&path) {
+    if let Ok(t) = std::fs::read_to_string(path) {
         return Ok(t.trim().to_string());
     }
-    let mut b = [0u8; 24];
-    getrandom::fill(&mut b).map_err(|e| anyhow::anyhow!("random: {e}"))?;
-    let token = format!("pba_{}", hex::encode(b));
-    std::fs::write(&path, &token).with_context(|| format!("writing {}", path.display()))?;
+    let value = generate()?;
+    std::fs::write(path, &value).with_context(|| format!("writing {}", path.display()))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
-    eprintln!("generated admin token in {}", path.display());
-    Ok(token)
+    eprintln!("generated {}", path.display());
+    Ok(value)
 }
 
 /// The flow-graph component: the given file, else `flow_graph.wasm` next
@@ -366,8 +441,26 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     let deadline_ms = args.deadline_ms.or(server.deadline_ms).unwrap_or(50);
     let memory_mib = args.memory_mib.or(server.memory_mib).unwrap_or(64);
     let max_concurrent = args.max_concurrent.or(server.max_concurrent).unwrap_or(64);
+    let allow_networks = if args.allow_networks.is_empty() {
+        server.allow_networks.clone().unwrap_or_default()
+    } else {
+        args.allow_networks.clone()
+    };
+    let net = NetPolicy::allowing(&allow_networks).context("allow_networks")?;
     let flow_graph = args.flow_graph.or_else(|| server.flow_graph.clone());
     let cache_dir = args.cache_dir.or_else(|| server.cache_dir.clone());
+    let store_url = args
+        .store
+        .or_else(|| server.store.clone())
+        .unwrap_or_else(|| "sled".into());
+    let nats_url = args
+        .nats
+        .or_else(|| server.nats.clone())
+        .filter(|u| !u.trim().is_empty());
+    let node_id = match args.node_id.or_else(|| server.node_id.clone()) {
+        Some(id) => id,
+        None => plugboard_engine::random_node_id()?,
+    };
     let sip_listen = args
         .sip
         .or_else(|| sip.listen.clone())
@@ -409,18 +502,36 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // The NATS client's own events are logged by the engine.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = admin_token(data_dir)?;
-    let store = Arc::new(SledStore::open(&data_dir.join("store")).context("opening the store")?);
+    let secret_key = secret_key(data_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let store: Arc<dyn Store> = if store_url == "sled" {
+        Arc::new(SledStore::open(&data_dir.join("store")).context("opening the store")?)
+    } else if store_url.starts_with("postgres://") || store_url.starts_with("postgresql://") {
+        let pg = rt
+            .block_on(PgStore::connect(&store_url, 16))
+            .context("connecting to the PostgreSQL store")?;
+        tracing::info!("store: PostgreSQL");
+        Arc::new(pg)
+    } else {
+        anyhow::bail!("--store must be sled or a postgres:// URL, got {store_url:?}");
+    };
     let cache_dir = cache_dir.unwrap_or_else(|| data_dir.join("cache"));
     let settings = json!({
         "config_file": args.config.as_ref().map(|p| p.display().to_string()),
         "data_dir": data_dir.display().to_string(),
+        "store": if store_url == "sled" { "sled".to_string() } else { redact_url(&store_url) },
+        "nats": nats_url.as_deref().map(redact_nats),
+        "node_id": nats_url.as_ref().map(|_| &node_id),
         "http": http.to_string(),
         "cache_dir": cache_dir.display().to_string(),
         "plugins": {"deadline_ms": deadline_ms, "memory_mib": memory_mib, "max_concurrent": max_concurrent},
@@ -434,6 +545,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             "rtp_timeout_s": v.rtp_timeout.as_secs(),
             "max_call_s": v.max_call.as_secs(),
         })),
+        "allow_networks": allow_networks,
         "config_trunks": file.trunks.iter().map(|t| format!("{}/{}", t.tenant, t.trunk.name)).collect::<Vec<_>>(),
     });
     let host = Arc::new(
@@ -441,6 +553,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             cache_dir: Some(cache_dir),
             max_concurrent,
             max_memory_bytes: (memory_mib << 20).max(256 << 20),
+            net,
             ..HostConfig::default()
         })
         .context("starting the plugin host")?,
@@ -450,7 +563,8 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         memory_bytes: memory_mib << 20,
         ..Limits::default()
     };
-    let mut state = AppState::new(store, host, &token, limits)
+    let mut state = Engine::new(store, host, &token, limits)
+        .with_secret_key(secret_key)
         .with_recordings_dir(data_dir.join("recordings"))
         .with_config_trunks(file.trunks_by_tenant())
         .with_settings(settings);
@@ -467,32 +581,64 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         ),
     }
     let state = Arc::new(state);
+    if let Some(url) = nats_url {
+        let cluster = plugboard_engine::ClusterConfig {
+            url: url.clone(),
+            node: node_id.clone(),
+            connect_wait: Duration::from_secs(3),
+        };
+        let shown = redact_nats(&url);
+        if rt.block_on(state.join_cluster(cluster)).context("--nats")? {
+            tracing::info!("node {node_id}: events and plugin deploys shared on NATS {shown}");
+        } else {
+            tracing::warn!(
+                "node {node_id}: NATS {shown} is not reachable yet; serving without it meanwhile"
+            );
+        }
+    }
     let t0 = Instant::now();
-    let n = state.preload()?;
+    let n = rt.block_on(state.preload())?;
     tracing::info!(
         "loaded {n} plugin versions in {} ms",
         t0.elapsed().as_millis()
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(http)
             .await
             .with_context(|| format!("binding {http}"))?;
         tracing::info!("plugboard listening on http://{}", listener.local_addr()?);
-        let _voice = match voice {
-            Some(cfg) => Some(plugboard_voice::start(cfg, state.clone()).await?),
+        let voice = match voice {
+            Some(cfg) => Some(Arc::new(plugboard_voice::start(cfg, state.clone()).await?)),
             None => None,
         };
+        // SIGTERM (or Ctrl-C): new calls are refused, live calls end with
+        // a BYE after their flow's current event and their records are
+        // closed; then HTTP stops. At most DRAIN_LIMIT for the calls.
+        let draining = voice.clone();
+        let stop = async move {
+            shutdown().await;
+            let t0 = Instant::now();
+            tracing::info!("shutting down");
+            if let Some(v) = draining
+                && !v.drain(DRAIN_LIMIT).await
+            {
+                tracing::warn!("calls still up after {DRAIN_LIMIT:?}: leaving them");
+            }
+            tracing::info!("calls drained in {} ms", t0.elapsed().as_millis());
+        };
         axum::serve(listener, plugboard_api::router(state))
-            .with_graceful_shutdown(shutdown())
+            .with_graceful_shutdown(stop)
             .await?;
+        drop(voice);
         tracing::info!("shut down");
         anyhow::Ok(())
     })
 }
 
+/// How long a graceful shutdown waits for live calls to end.
+const DRAIN_LIMIT: Duration = Duration::from_secs(8);
+
+/// Waits for SIGTERM or Ctrl-C.
 async fn shutdown() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]

@@ -28,6 +28,7 @@ pub mod digest;
 pub mod headers;
 mod message;
 mod parse;
+pub mod throttle;
 pub mod transaction;
 mod uas;
 mod uri;
@@ -41,7 +42,7 @@ pub use transaction::{
     ClientTxId, Peer, ServerTxId, TimerConfig, Transactions, Transmit, Transport, TxEvent,
 };
 pub use uas::{
-    Inbound, Rejection, RequestInfo, UasPolicy, check_request, new_branch, random_token, reply,
-    screen,
+    Inbound, RandomError, Rejection, RequestInfo, UasPolicy, check_request, new_branch,
+    random_token, reply, screen, seed_random,
 };
 pub use uri::{Uri, UriError, scheme_of, unescape};

@@ -4,6 +4,7 @@
 use crate::headers::{CSeq, NameAddr, Via, check_call_id, parse_scalar};
 use crate::message::{Method, Request, Response, reason_phrase};
 use crate::uri::{Uri, UriError};
+use sha2::{Digest, Sha256};
 
 /// What this UAS supports; decides 405/501, 420, 415 and 406.
 #[derive(Debug, Clone)]
@@ -294,18 +295,48 @@ pub fn reply(req: &Request, status: u16, reason: &str, to_tag: Option<&str>) -> 
     resp
 }
 
-/// A random token for tags and branches (hex, 64 bits of entropy).
-pub fn random_token() -> String {
-    let mut b = [0u8; 8];
-    // Falls back to a time-based value if the OS refuses randomness.
-    if getrandom::fill(&mut b).is_err() {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        b = (t as u64).to_le_bytes();
+/// The operating system gave no randomness.
+#[derive(Debug, thiserror::Error)]
+#[error("no randomness from the operating system: {0}")]
+pub struct RandomError(String);
+
+static TOKEN_SEED: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+static TOKEN_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn os_seed() -> Result<[u8; 32], RandomError> {
+    let mut s = [0u8; 32];
+    getrandom::fill(&mut s).map_err(|e| RandomError(e.to_string()))?;
+    Ok(s)
+}
+
+/// Seeds [`random_token`] from the operating system's generator. A SIP
+/// endpoint calls it once at start and refuses to start on an error:
+/// tags, branches and nonces are never derived from the clock.
+pub fn seed_random() -> Result<(), RandomError> {
+    if TOKEN_SEED.get().is_none() {
+        let _ = TOKEN_SEED.set(os_seed()?);
     }
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    Ok(())
+}
+
+/// A random token for tags and branches (hex, 64 bits): SHA-256 of a
+/// 256-bit secret seed from the operating system and a counter, so each
+/// token costs no system call.
+///
+/// # Panics
+/// If [`seed_random`] was not called and the operating system has no
+/// randomness to seed it now (there is no weaker fallback).
+pub fn random_token() -> String {
+    let seed = TOKEN_SEED.get_or_init(|| match os_seed() {
+        Ok(s) => s,
+        Err(e) => panic!("{e}"),
+    });
+    let n = TOKEN_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let h = Sha256::new()
+        .chain_update(seed)
+        .chain_update(n.to_le_bytes())
+        .finalize();
+    hex::encode(&h[..8])
 }
 
 /// A fresh RFC 3261 branch (`z9hG4bK` + random).

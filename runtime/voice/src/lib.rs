@@ -16,14 +16,17 @@
 pub mod call;
 pub mod clock;
 pub mod endpoint;
+pub mod ivr;
 mod ports;
+mod route;
+mod signal;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use plugboard_api::AppState;
+use plugboard_engine::Engine;
 
 pub use endpoint::VoiceHandle;
 
@@ -93,10 +96,14 @@ pub enum VoiceError {
     /// The media clock thread could not be started.
     #[error("cannot start the media clock thread: {0}")]
     Clock(String),
+    /// The operating system has no randomness for tags, branches and nonces.
+    #[error(transparent)]
+    Random(#[from] plugboard_sip::RandomError),
 }
 
 /// Starts the voice channel on the current tokio runtime.
-pub async fn start(config: VoiceConfig, app: Arc<AppState>) -> Result<VoiceHandle, VoiceError> {
+pub async fn start(config: VoiceConfig, app: Arc<Engine>) -> Result<VoiceHandle, VoiceError> {
+    plugboard_sip::seed_random()?;
     endpoint::start(config, app).await
 }
 

@@ -7,13 +7,13 @@ use std::sync::Arc;
 
 use plugboard_core::flow::{Action, Event, fallback_actions};
 use plugboard_core::{
-    Channel, Error as CoreError, FlowRef, Grants, Interaction, InteractionState, PluginKind,
-    Tenant, normalize_address, now_ms,
+    Channel, EntryKind, Error as CoreError, FlowRef, Grants, Interaction, InteractionState,
+    PluginKind, Tenant, normalize_address, now_ms,
 };
 use plugboard_host::{FlowInput, InvokeError, Limits, LoadedPlugin, PluginEnv};
 use serde_json::{Value, json};
 
-use crate::{ApiError, ApiResult, AppState, KvAdapter, not_a_flow, utc_offset_minutes};
+use crate::{Engine, EngineError, EngineResult, KvAdapter, utc_offset_minutes};
 
 /// Where a session starts: the tenant's flow and who contacted whom.
 #[derive(Debug, Clone)]
@@ -53,9 +53,23 @@ pub struct Step {
     pub memory_bytes: u64,
 }
 
+/// Who ended a live interaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The customer (hung up, left the chat).
+    Customer,
+    /// The flow (hang-up action, nothing left to do).
+    Flow,
+    /// The system (shutdown, media timeout, failure).
+    System {
+        /// Whether the contact had been answered.
+        answered: bool,
+    },
+}
+
 /// One interaction in progress.
 pub struct FlowSession {
-    app: Arc<AppState>,
+    app: Arc<Engine>,
     tenant: Tenant,
     plugin: Arc<LoadedPlugin>,
     grants: Grants,
@@ -64,33 +78,29 @@ pub struct FlowSession {
     now_ms: Option<u64>,
     flow_state: String,
     failed: bool,
+    /// Masks the values of the secrets the flow was given.
+    redactor: crate::secrets::Redactor,
+    /// How many timeline entries are in the store.
+    stored: usize,
     /// The interaction record, timeline included.
     pub interaction: Interaction,
 }
 
-impl AppState {
-    /// The tenant and address an inbound address belongs to, if any.
-    pub fn route_address(
-        &self,
-        address: &str,
-    ) -> Result<Option<(String, plugboard_core::Address)>, CoreError> {
-        self.store.address_owner(&normalize_address(address))
-    }
-
+impl Engine {
     /// Starts a session on a tenant's flow; the plugin is loaded (from the
     /// compile cache where possible) if it is not yet.
-    pub fn open_session(self: &Arc<Self>, start: SessionStart) -> ApiResult<FlowSession> {
-        let tenant = self
-            .store
-            .tenant(&start.tenant)?
-            .ok_or_else(|| ApiError::not_found(format!("tenant {} not found", start.tenant)))?;
-        let info = self.plugin_or_404(&start.tenant, &start.flow, "flow")?;
+    pub async fn open_session(self: &Arc<Self>, start: SessionStart) -> EngineResult<FlowSession> {
+        let tenant = self.tenant(&start.tenant).await?;
+        let info = self.plugin(&start.tenant, &start.flow, "flow").await?;
         let version = start.version.unwrap_or(info.active_version);
-        let plugin = self.loaded_version(&start.tenant, &start.flow, version)?;
+        let plugin = self.loaded_version(&start.tenant, &info, version).await?;
         if plugin.kind != PluginKind::Flow {
-            return Err(not_a_flow(&start.flow, plugin.kind));
+            return Err(EngineError::NotAFlow {
+                name: start.flow,
+                kind: plugin.kind,
+            });
         }
-        let mut config = self.store.config(&start.tenant, &start.flow)?;
+        let mut config = self.store.config(&start.tenant, &start.flow).await?;
         if let Some(doc) = info.version(version).and_then(|v| v.document.as_ref()) {
             // A declarative flow: the flow-graph component reads its document
             // from the reserved config key `flow`, as JSON text (serialised
@@ -100,9 +110,12 @@ impl AppState {
             }
             config["flow"] = Value::String(doc.to_string());
         }
+        let (config, redactor) = self
+            .resolve_config(&start.tenant, &info.grants, config)
+            .await?;
         let created = now_ms();
         let interaction = Interaction {
-            id: plugboard_core::interaction_id(created, crate::interaction_nonce()),
+            id: plugboard_core::interaction_id(created, crate::interaction_nonce()?),
             tenant: start.tenant.clone(),
             channel: start.channel,
             from: start.from,
@@ -128,6 +141,8 @@ impl AppState {
             now_ms: start.now_ms,
             flow_state: String::new(),
             failed: false,
+            redactor,
+            stored: 0,
             interaction,
         })
     }
@@ -137,7 +152,7 @@ impl AppState {
 /// it exists and is a `tts` plugin.
 pub const TTS_PLUGIN: &str = "tts";
 
-impl AppState {
+impl Engine {
     /// Runs the tenant's `tts` plugin (if it has one) on a text to speak:
     /// `None` without such a plugin, else its audio, its rewritten text, or
     /// the failure (the caller then uses the built-in engine).
@@ -148,22 +163,38 @@ impl AppState {
         voice: Option<&str>,
         language: Option<&str>,
     ) -> Option<Result<plugboard_host::TtsOutput, String>> {
-        let info = self.store.plugin(tenant, TTS_PLUGIN).ok().flatten()?;
+        let info = self.store.plugin(tenant, TTS_PLUGIN).await.ok().flatten()?;
         if info.kind != PluginKind::Tts {
             return None;
         }
-        let t = self.store.tenant(tenant).ok().flatten()?;
-        let plugin = match self.loaded_version(tenant, TTS_PLUGIN, info.active_version) {
+        let t = self.store.tenant(tenant).await.ok().flatten()?;
+        let plugin = match self
+            .loaded_version(tenant, &info, info.active_version)
+            .await
+        {
             Ok(p) => p,
-            Err(e) => return Some(Err(e.message)),
+            Err(e) => return Some(Err(e.to_string())),
         };
         let env = PluginEnv {
             tenant: tenant.to_string(),
             plugin: TTS_PLUGIN.to_string(),
             grants: info.grants.clone(),
-            config: self.store.config(tenant, TTS_PLUGIN).unwrap_or_default(),
+            config: match self
+                .resolve_config(
+                    tenant,
+                    &info.grants,
+                    self.store
+                        .config(tenant, TTS_PLUGIN)
+                        .await
+                        .unwrap_or_default(),
+                )
+                .await
+            {
+                Ok((config, _)) => config,
+                Err(e) => return Some(Err(e.to_string())),
+            },
             limits: self.limits_for(&t),
-            kv: Some(Arc::new(KvAdapter(self.store.clone()))),
+            kv: Some(Arc::new(KvAdapter::new(self.store.clone()))),
             time_zone: t.time_zone.clone(),
             utc_offset_minutes: utc_offset_minutes(&t.time_zone, now_ms()),
             now_ms: None,
@@ -174,7 +205,7 @@ impl AppState {
             voice.map(str::to_string),
             language.map(str::to_string),
         );
-        let permit = self.permits.clone().acquire_owned().await;
+        let permit = self.fair.acquire(tenant, self.share_for(&t)).await;
         let report = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             host.invoke_tts(&plugin, env, &text, voice.as_deref(), language.as_deref())
@@ -188,12 +219,31 @@ impl AppState {
 
 impl FlowSession {
     /// Adds a timeline entry and publishes it on the event stream.
-    pub fn note(&mut self, kind: &str, data: Value) {
+    pub fn note(&mut self, kind: EntryKind, data: Value) {
+        let data = self.redactor.value(data);
         self.app.publish(
             &self.interaction.tenant,
             json!({"interaction": self.interaction.id, "kind": kind, "data": data}),
         );
         self.interaction.push(kind, data);
+    }
+
+    /// Adds a timeline entry (secrets masked) without publishing it.
+    fn push(&mut self, kind: EntryKind, data: Value) {
+        let data = self.redactor.value(data);
+        self.interaction.push(kind, data);
+    }
+
+    /// A value with the secrets the flow was given masked: for whatever
+    /// leaves the server (simulation output).
+    pub fn redact(&self, v: Value) -> Value {
+        self.redactor.value(v)
+    }
+
+    /// The flow plugin's `http` grant: what the channel may fetch on the
+    /// flow's behalf (media URLs to play).
+    pub fn http_grant(&self) -> Option<plugboard_core::HttpGrant> {
+        self.grants.http.clone()
     }
 
     /// True once the flow has failed; later events are not sent to it.
@@ -205,8 +255,9 @@ impl FlowSession {
     /// output) the step carries the fallback actions and the error, and
     /// the session stops calling the flow.
     pub async fn handle(&mut self, event: Event) -> Step {
+        let hangup = event == Event::Hangup;
         let ev_json = serde_json::to_value(&event).unwrap_or_default();
-        self.note("event", ev_json);
+        self.note(EntryKind::Event, ev_json);
         if self.failed {
             return Step {
                 actions: Vec::new(),
@@ -223,7 +274,7 @@ impl FlowSession {
             grants: self.grants.clone(),
             config: self.config.clone(),
             limits: self.limits.clone(),
-            kv: Some(Arc::new(KvAdapter(self.app.store.clone()))),
+            kv: Some(Arc::new(KvAdapter::new(self.app.store.clone()))),
             time_zone: self.tenant.time_zone.clone(),
             utc_offset_minutes: utc_offset_minutes(
                 &self.tenant.time_zone,
@@ -246,6 +297,7 @@ impl FlowSession {
         let report = self
             .app
             .run_flow(
+                self.app.share_for(&self.tenant),
                 self.plugin.clone(),
                 env,
                 input,
@@ -254,22 +306,23 @@ impl FlowSession {
             )
             .await;
         for l in &report.logs {
-            self.interaction.push("log", json!(l));
+            self.push(EntryKind::Log, json!(l));
         }
         for c in &report.calls {
-            self.interaction.push("host_call", json!(c));
+            self.push(EntryKind::HostCall, json!(c));
         }
         match report.outcome {
             Ok(out) => {
                 for a in &out.actions {
                     match a {
                         Action::SetAttribute { name, value } => {
-                            self.interaction
-                                .attributes
-                                .insert(name.clone(), value.clone());
+                            let value = self.redactor.text(value);
+                            self.interaction.attributes.insert(name.clone(), value);
                         }
-                        Action::Enqueue { .. } => {
-                            self.interaction.state = InteractionState::Queued;
+                        // What the flow answers to the customer's hang-up
+                        // changes nothing: they are gone.
+                        Action::Enqueue { .. } if !hangup => {
+                            self.transition(InteractionState::Queued);
                         }
                         _ => {}
                     }
@@ -277,9 +330,9 @@ impl FlowSession {
                 if let Some(st) = &out.state {
                     self.flow_state = st.clone();
                 }
-                let actions = serde_json::to_value(&out.actions).unwrap_or_default();
-                self.interaction.push(
-                    "actions",
+                let actions = self.redact(serde_json::to_value(&out.actions).unwrap_or_default());
+                self.push(
+                    EntryKind::Actions,
                     json!({"actions": actions, "elapsed_us": report.elapsed_us}),
                 );
                 self.app.publish(
@@ -296,13 +349,15 @@ impl FlowSession {
             }
             Err(e) => {
                 let err = json!({"code": e.code(), "message": e.to_string()});
-                self.note("error", err);
+                self.note(EntryKind::Error, err);
                 let fallback = fallback_actions();
-                self.interaction.push(
-                    "fallback",
+                self.push(
+                    EntryKind::Fallback,
                     json!({"actions": serde_json::to_value(&fallback).unwrap_or_default()}),
                 );
-                self.interaction.state = InteractionState::Queued;
+                if !hangup {
+                    self.transition(InteractionState::Queued);
+                }
                 self.failed = true;
                 Step {
                     actions: fallback,
@@ -315,6 +370,14 @@ impl FlowSession {
         }
     }
 
+    /// Moves the interaction through its state machine; a transition it
+    /// does not have is logged and changes nothing.
+    fn transition(&mut self, next: InteractionState) {
+        if let Err(e) = self.interaction.set_state(next) {
+            tracing::warn!("{e}");
+        }
+    }
+
     fn plugin_name(&self) -> String {
         self.interaction
             .flow
@@ -323,19 +386,56 @@ impl FlowSession {
             .unwrap_or_default()
     }
 
-    /// Writes the record as it stands, durably (for a long call: the
-    /// record exists from the start, not only at the end).
-    pub fn checkpoint(&self) -> Result<(), CoreError> {
-        tokio::task::block_in_place(|| self.app.store.put_interaction(&self.interaction))
+    /// Writes the record as it stands without waiting for the disk (for
+    /// a first record nobody was promised; the next durable write covers
+    /// it).
+    pub async fn checkpoint_soft(&mut self) -> Result<(), CoreError> {
+        self.stored = self
+            .app
+            .store
+            .save_interaction_soft(&self.interaction, self.stored)
+            .await?;
+        Ok(())
     }
 
-    /// Closes the interaction (queued ones stay queued) and writes it
-    /// durably.
-    pub fn finish(&mut self) -> Result<(), CoreError> {
+    /// Writes the record as it stands, durably (for a long call: the
+    /// record exists from the start, not only at the end).
+    pub async fn checkpoint(&mut self) -> Result<(), CoreError> {
+        // Only the timeline entries not yet stored are written.
+        self.stored = self
+            .app
+            .store
+            .save_interaction(&self.interaction, self.stored)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a simulation and writes its record durably: closed, except
+    /// where the flow left it queued (there is no customer to leave).
+    pub async fn finish(&mut self) -> Result<(), CoreError> {
         if self.interaction.state != InteractionState::Queued {
-            self.interaction.state = InteractionState::Closed;
+            self.transition(InteractionState::Closed);
         }
         self.interaction.closed_ms = Some(now_ms());
-        self.checkpoint()
+        self.checkpoint().await
+    }
+
+    /// Ends a live interaction and writes its record durably: a customer
+    /// who leaves while waiting (queued or offered) has abandoned; the
+    /// system ending one that was never answered has failed it; anything
+    /// else is closed.
+    pub async fn close(&mut self, ending: Ending) -> Result<(), CoreError> {
+        let waiting = matches!(
+            self.interaction.state,
+            InteractionState::Queued | InteractionState::Offered
+        );
+        let end = match ending {
+            Ending::Customer if waiting => InteractionState::Abandoned,
+            Ending::System { answered: false } => InteractionState::Failed,
+            _ => InteractionState::Closed,
+        };
+        self.transition(end);
+        self.interaction.closed_ms = Some(now_ms());
+        self.checkpoint().await
     }
 }

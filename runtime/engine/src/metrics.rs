@@ -18,6 +18,9 @@ pub struct Metrics {
     failures: Family<Labels, Counter>,
     latency: Family<Labels, Histogram>,
     loaded: Gauge,
+    auth: Family<Labels, Counter>,
+    security: Family<Labels, Counter>,
+    cluster: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -36,6 +39,19 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.000_005, 2.0, 20))
         });
         let loaded = Gauge::default();
+        let auth = Family::<Labels, Counter>::default();
+        let security = Family::<Labels, Counter>::default();
+        let cluster = Family::<Labels, Counter>::default();
+        registry.register(
+            "auth_failures",
+            "Failed authentications by channel and outcome (failed: wrong credentials; refused: cooling off, unchecked)",
+            auth.clone(),
+        );
+        registry.register(
+            "security_events",
+            "Security events (lockouts) by kind",
+            security.clone(),
+        );
         registry.register(
             "plugin_invocations",
             "Plugin invocations by tenant, plugin, kind and outcome",
@@ -56,12 +72,20 @@ impl Metrics {
             "Plugin versions compiled and ready in this process",
             loaded.clone(),
         );
+        registry.register(
+            "cluster_notices",
+            "Cross-node notices (events, plugin deploys) over NATS by outcome: sent, received, dropped (NATS behind or unreachable), failed",
+            cluster.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
             invocations,
             failures,
             latency,
             loaded,
+            auth,
+            security,
+            cluster,
         }
     }
 
@@ -90,6 +114,31 @@ impl Metrics {
         self.latency
             .get_or_create(&vec![("tenant".into(), tenant.into())])
             .observe(report.elapsed_us as f64 / 1e6);
+    }
+
+    /// Counts a failed (`failed`) or throttled (`refused`) authentication.
+    pub fn auth_failure(&self, channel: &str, outcome: &str) {
+        self.auth
+            .get_or_create(&vec![
+                ("channel".into(), channel.into()),
+                ("outcome".into(), outcome.into()),
+            ])
+            .inc();
+    }
+
+    /// Counts a security event.
+    pub fn security_event(&self, kind: &str) {
+        self.security
+            .get_or_create(&vec![("kind".into(), kind.into())])
+            .inc();
+    }
+
+    /// Counts `n` cross-node notices with an outcome (`sent`, `received`,
+    /// `dropped`, `failed`).
+    pub fn cluster_notices(&self, outcome: &str, n: u64) {
+        self.cluster
+            .get_or_create(&vec![("outcome".into(), outcome.into())])
+            .inc_by(n);
     }
 
     /// The text exposition.

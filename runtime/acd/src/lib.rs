@@ -1,0 +1,1014 @@
+//! Plugboard's automatic call distributor, sans-IO.
+//!
+//! A deterministic state machine of queues, agents and tasks. It decides;
+//! the channels carry out. Feed it what happened — a task enqueued
+//! ([`Acd::enqueue`]), an agent's presence ([`Acd::set_presence`]), an
+//! offer accepted or rejected ([`Acd::accept`], [`Acd::reject`]), a
+//! conversation over ([`Acd::complete`]), a customer gone
+//! ([`Acd::abandon`]), a router's ranking ([`Acd::decided`]) — and the
+//! time ([`Acd::handle_timeout`] at [`Acd::poll_timeout`]); take what to do
+//! from [`Acd::poll_output`]: offer a task to an agent (ring their phone,
+//! show the chat), withdraw an offer, ask the queue's router to rank the
+//! candidates, tell the flow a task timed out, and the events to record.
+//!
+//! Routing: the waiting task that comes first — highest priority, aged by
+//! its wait (one step per the queue's `aging`), then first in — is offered
+//! to an eligible agent: available, with free capacity on the task's
+//! channel (offers, conversations and wrap-up count), holding every
+//! required skill, serving the queue. Among several, the queue's router
+//! plugin ranks them ([`Output::Route`]); without one, the longest idle
+//! wins. An offer not accepted in time goes to the next agent and the
+//! task keeps its place; an agent who lets `missed_after` offers in a row
+//! go unanswered is set `missed` (not offered until they are available
+//! again). A task waits at most the queue's `max_wait`, then overflows
+//! to another queue or goes back to its flow.
+//!
+//! Written here: no crate models contact-centre routing.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use plugboard_core::Channel;
+use serde::{Deserialize, Serialize};
+
+/// What happens to a task that waited too long, or found its queue full.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "to", content = "queue")]
+pub enum Overflow {
+    /// Back to its flow (a `queue-timeout` event: voicemail, callback, …).
+    #[default]
+    Flow,
+    /// Into another queue (its wait there starts again).
+    Queue(String),
+}
+
+/// A queue's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    /// Queue id.
+    pub id: String,
+    /// Skills every task of the queue needs.
+    #[serde(default)]
+    pub skills: Vec<String>,
+    /// Added to every task's own priority.
+    #[serde(default)]
+    pub priority: u32,
+    /// Longest wait before the task overflows.
+    #[serde(default, with = "opt_secs")]
+    pub max_wait: Option<Duration>,
+    /// Most tasks waiting; a task beyond overflows at once.
+    #[serde(default)]
+    pub max_size: Option<usize>,
+    /// Where a task goes after `max_wait`.
+    #[serde(default)]
+    pub on_timeout: Overflow,
+    /// Where a task goes when the queue is full.
+    #[serde(default)]
+    pub on_full: Overflow,
+    /// One priority step per this much waiting (none: no aging).
+    #[serde(default, with = "opt_secs")]
+    pub aging: Option<Duration>,
+    /// How long an offer rings before it goes to the next agent.
+    #[serde(with = "secs")]
+    pub offer_timeout: Duration,
+    /// Wrap-up after each task, during which the slot stays taken.
+    #[serde(default, with = "secs")]
+    pub wrap_up: Duration,
+    /// The tenant's router plugin that ranks the candidates (none: the
+    /// built-in rule, longest idle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<String>,
+    /// Unanswered offers in a row after which an agent is set `missed`.
+    pub missed_after: u32,
+}
+
+impl QueueConfig {
+    /// A queue with the defaults: 20 s offers, no wrap-up, no limits, an
+    /// agent missed after 3 unanswered offers.
+    pub fn new(id: &str) -> QueueConfig {
+        QueueConfig {
+            id: id.to_string(),
+            skills: Vec::new(),
+            priority: 0,
+            max_wait: None,
+            max_size: None,
+            on_timeout: Overflow::Flow,
+            on_full: Overflow::Flow,
+            aging: None,
+            offer_timeout: Duration::from_secs(20),
+            wrap_up: Duration::ZERO,
+            router: None,
+            missed_after: 3,
+        }
+    }
+}
+
+mod secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let v = f64::deserialize(d)?;
+        Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_some(&d.as_secs_f64()),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<f64>::deserialize(d)?
+            .map(|v| Duration::try_from_secs_f64(v).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// An agent's settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// Agent id.
+    pub id: String,
+    /// Skills with levels 1–10.
+    #[serde(default)]
+    pub skills: BTreeMap<String, u8>,
+    /// Tasks at once per channel (a channel not listed: none).
+    pub capacity: HashMap<Channel, u32>,
+    /// The queues the agent serves (`None`: every queue whose skills they
+    /// have).
+    #[serde(default)]
+    pub queues: Option<BTreeSet<String>>,
+}
+
+/// What an agent said about themselves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum Presence {
+    /// Not working.
+    Offline,
+    /// Ready for tasks.
+    Available,
+    /// On a break, in a meeting, …: the reason code.
+    Away(String),
+    /// Set by the ACD after unanswered offers; offered nothing until the
+    /// agent is available again.
+    Missed,
+}
+
+/// A task to route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskSpec {
+    /// Task id (the interaction's).
+    pub id: String,
+    /// Queue id.
+    pub queue: String,
+    /// Channel (capacity is per channel).
+    pub channel: Channel,
+    /// Priority (higher first).
+    pub priority: u32,
+    /// Skills needed beyond the queue's.
+    pub skills: Vec<String>,
+}
+
+/// What happened to a task, for its timeline and the reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum TaskEvent {
+    /// Waiting in a queue.
+    Enqueued {
+        /// The queue.
+        queue: String,
+    },
+    /// Offered to an agent.
+    Offered {
+        /// The agent.
+        agent: String,
+    },
+    /// Accepted: the conversation starts.
+    Accepted {
+        /// The agent.
+        agent: String,
+    },
+    /// Refused by the agent; the task waits again, in its place.
+    Rejected {
+        /// The agent.
+        agent: String,
+    },
+    /// Not answered in time; the task waits again, in its place.
+    NoAnswer {
+        /// The agent.
+        agent: String,
+    },
+    /// Moved to another queue (waited too long, or the queue was full).
+    Overflowed {
+        /// The queue it left.
+        from: String,
+        /// The queue it joined.
+        to: String,
+    },
+    /// Handed back to its flow (waited too long, or the queue was full).
+    TimedOut {
+        /// The queue.
+        queue: String,
+        /// `max_wait` or `full`.
+        why: &'static str,
+    },
+    /// The customer left before the conversation.
+    Abandoned {
+        /// The queue.
+        queue: String,
+    },
+    /// The conversation is over.
+    Completed {
+        /// The agent.
+        agent: String,
+    },
+}
+
+/// What the ACD asks of the channels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Offer the task to the agent (ring their phone, show the chat).
+    Offer {
+        /// Task id.
+        task: String,
+        /// Agent id.
+        agent: String,
+        /// The task's channel.
+        channel: Channel,
+    },
+    /// Withdraw an offer (it timed out, or the customer left).
+    Rescind {
+        /// Task id.
+        task: String,
+        /// Agent id.
+        agent: String,
+    },
+    /// Ask the queue's router to rank these agents for the task; answer
+    /// with [`Acd::decided`]. The candidates are in the built-in order
+    /// (longest idle first).
+    Route {
+        /// Task id.
+        task: String,
+        /// Queue id.
+        queue: String,
+        /// Eligible agents.
+        candidates: Vec<String>,
+    },
+    /// The task leaves the ACD back to its flow (`queue-timeout`).
+    BackToFlow {
+        /// Task id.
+        task: String,
+        /// `max_wait` or `full`.
+        why: &'static str,
+    },
+    /// A task event to record.
+    Event {
+        /// Task id.
+        task: String,
+        /// What happened.
+        event: TaskEvent,
+    },
+    /// An agent's presence changed by the ACD's own decision (`missed`).
+    Presence {
+        /// Agent id.
+        agent: String,
+        /// The new presence.
+        presence: Presence,
+    },
+}
+
+/// Why an input was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcdError {
+    /// No such queue, agent or task.
+    #[error("unknown {0}")]
+    Unknown(String),
+    /// A task id already routed.
+    #[error("task {0} exists")]
+    Exists(String),
+    /// The task is not in the state the input needs (accepting a task not
+    /// offered to this agent, …).
+    #[error("task {task} is not {expected}")]
+    State {
+        /// Task id.
+        task: String,
+        /// What it should have been.
+        expected: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TaskState {
+    Waiting,
+    /// The router is ranking the candidates.
+    Routing,
+    Offered {
+        agent: String,
+        until: Instant,
+    },
+    Connected {
+        agent: String,
+    },
+}
+
+#[derive(Debug)]
+struct Task {
+    spec: TaskSpec,
+    /// Order of arrival (ties broken by this, FIFO).
+    seq: u64,
+    /// When it started waiting (its place is kept across offers).
+    since: Instant,
+    /// When it overflows.
+    deadline: Option<Instant>,
+    state: TaskState,
+    /// Agents who rejected or missed it: tried last.
+    passed: BTreeSet<String>,
+}
+
+#[derive(Debug)]
+struct Agent {
+    config: AgentConfig,
+    presence: Presence,
+    /// Offered and connected tasks.
+    tasks: BTreeMap<String, Channel>,
+    /// Wrap-ups in progress: channel and end.
+    wrap: Vec<(Channel, Instant)>,
+    /// Since when the agent has had nothing to do (longest idle first).
+    idle_since: Instant,
+    missed: u32,
+}
+
+impl Agent {
+    fn load(&self, channel: Channel) -> u32 {
+        let tasks = self.tasks.values().filter(|c| **c == channel).count();
+        let wrap = self.wrap.iter().filter(|(c, _)| *c == channel).count();
+        (tasks + wrap) as u32
+    }
+
+    fn free_for(&self, channel: Channel) -> bool {
+        self.presence == Presence::Available
+            && self.load(channel) < self.config.capacity.get(&channel).copied().unwrap_or(0)
+    }
+
+    fn can_do(&self, queue: &QueueConfig, task: &TaskSpec) -> bool {
+        let serves = self
+            .config
+            .queues
+            .as_ref()
+            .is_none_or(|q| q.contains(&queue.id));
+        serves
+            && queue
+                .skills
+                .iter()
+                .chain(&task.skills)
+                .all(|s| self.config.skills.get(s).is_some_and(|l| *l >= 1))
+    }
+}
+
+/// A task as a router sees it ([`Acd::task_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskInfo {
+    /// Its queue's settings.
+    pub queue: QueueConfig,
+    /// Its channel.
+    pub channel: Channel,
+    /// Its priority.
+    pub priority: u32,
+    /// Every skill it needs (the queue's and its own).
+    pub skills: Vec<String>,
+    /// How long it has waited.
+    pub waited: Duration,
+}
+
+/// An agent as a router sees it ([`Acd::agent_info`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    /// Skills with levels.
+    pub skills: BTreeMap<String, u8>,
+    /// How long the agent has had nothing to do.
+    pub idle: Duration,
+    /// Tasks in hand (offers, conversations, wrap-ups).
+    pub active: u32,
+}
+
+/// Waiting, offered and connected tasks and available agents of a queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct QueueStats {
+    /// Tasks waiting (not yet offered or connected).
+    pub waiting: usize,
+    /// Tasks being offered.
+    pub offered: usize,
+    /// Tasks in conversation.
+    pub connected: usize,
+    /// Longest current wait, ms.
+    pub longest_wait_ms: u64,
+}
+
+/// The ACD (see the crate documentation).
+#[derive(Debug, Default)]
+pub struct Acd {
+    queues: HashMap<String, QueueConfig>,
+    agents: HashMap<String, Agent>,
+    tasks: HashMap<String, Task>,
+    seq: u64,
+    out: VecDeque<Output>,
+}
+
+/// How many overflows in a row one task may take (a loop of queues
+/// pointing at each other ends back at the flow).
+const MAX_OVERFLOWS: usize = 8;
+
+impl Acd {
+    /// An empty ACD.
+    pub fn new() -> Acd {
+        Acd::default()
+    }
+
+    /// Adds or replaces a queue's settings.
+    pub fn set_queue(&mut self, config: QueueConfig) {
+        self.queues.insert(config.id.clone(), config);
+    }
+
+    /// Adds or replaces an agent's settings (their presence and tasks are
+    /// kept). A new agent starts offline.
+    pub fn set_agent(&mut self, now: Instant, config: AgentConfig) {
+        match self.agents.get_mut(&config.id) {
+            Some(a) => a.config = config,
+            None => {
+                self.agents.insert(
+                    config.id.clone(),
+                    Agent {
+                        config,
+                        presence: Presence::Offline,
+                        tasks: BTreeMap::new(),
+                        wrap: Vec::new(),
+                        idle_since: now,
+                        missed: 0,
+                    },
+                );
+            }
+        }
+        self.dispatch(now);
+    }
+
+    /// An agent's presence. Available (again) clears `missed`.
+    pub fn set_presence(
+        &mut self,
+        now: Instant,
+        agent: &str,
+        presence: Presence,
+    ) -> Result<(), AcdError> {
+        let a = self
+            .agents
+            .get_mut(agent)
+            .ok_or_else(|| AcdError::Unknown(format!("agent {agent}")))?;
+        if presence == Presence::Available && a.presence != Presence::Available {
+            a.missed = 0;
+            if a.tasks.is_empty() {
+                a.idle_since = now;
+            }
+        }
+        a.presence = presence;
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// An agent's presence.
+    pub fn presence(&self, agent: &str) -> Option<&Presence> {
+        self.agents.get(agent).map(|a| &a.presence)
+    }
+
+    /// Routes a new task: it waits in its queue (or overflows at once if
+    /// the queue is full).
+    pub fn enqueue(&mut self, now: Instant, spec: TaskSpec) -> Result<(), AcdError> {
+        if self.tasks.contains_key(&spec.id) {
+            return Err(AcdError::Exists(spec.id));
+        }
+        if !self.queues.contains_key(&spec.queue) {
+            return Err(AcdError::Unknown(format!("queue {}", spec.queue)));
+        }
+        self.seq += 1;
+        let task = Task {
+            seq: self.seq,
+            since: now,
+            deadline: None,
+            state: TaskState::Waiting,
+            passed: BTreeSet::new(),
+            spec,
+        };
+        let id = task.spec.id.clone();
+        let queue = task.spec.queue.clone();
+        self.tasks.insert(id.clone(), task);
+        self.join(now, &id, &queue, 0);
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// Puts a task (already in the map) into `queue`, or overflows it.
+    fn join(&mut self, now: Instant, id: &str, queue: &str, hops: usize) {
+        let Some(q) = self.queues.get(queue).cloned() else {
+            self.back_to_flow(id, queue, "max_wait");
+            return;
+        };
+        let waiting = self
+            .tasks
+            .values()
+            .filter(|t| t.spec.queue == q.id && t.state == TaskState::Waiting && t.spec.id != id)
+            .count();
+        if q.max_size.is_some_and(|m| waiting >= m) {
+            self.overflow(now, id, &q, q.on_full.clone(), "full", hops);
+            return;
+        }
+        if let Some(t) = self.tasks.get_mut(id) {
+            t.spec.queue = q.id.clone();
+            t.deadline = q.max_wait.map(|w| now + w);
+            t.state = TaskState::Waiting;
+        }
+        self.event(id, TaskEvent::Enqueued { queue: q.id });
+    }
+
+    fn overflow(
+        &mut self,
+        now: Instant,
+        id: &str,
+        from: &QueueConfig,
+        to: Overflow,
+        why: &'static str,
+        hops: usize,
+    ) {
+        match to {
+            Overflow::Queue(next) if hops < MAX_OVERFLOWS && next != from.id => {
+                self.event(
+                    id,
+                    TaskEvent::Overflowed {
+                        from: from.id.clone(),
+                        to: next.clone(),
+                    },
+                );
+                self.join(now, id, &next, hops + 1);
+            }
+            _ => self.back_to_flow(id, &from.id, why),
+        }
+    }
+
+    fn back_to_flow(&mut self, id: &str, queue: &str, why: &'static str) {
+        self.tasks.remove(id);
+        self.event(
+            id,
+            TaskEvent::TimedOut {
+                queue: queue.to_string(),
+                why,
+            },
+        );
+        self.out.push_back(Output::BackToFlow {
+            task: id.to_string(),
+            why,
+        });
+    }
+
+    /// The router's answer for a task in [`Output::Route`]: agents best
+    /// first (`None`, or none of them still eligible: the built-in rule),
+    /// and a new priority if it raised it.
+    pub fn decided(
+        &mut self,
+        now: Instant,
+        task: &str,
+        ranking: Option<Vec<String>>,
+        priority: Option<u32>,
+    ) -> Result<(), AcdError> {
+        let t = self
+            .tasks
+            .get_mut(task)
+            .ok_or_else(|| AcdError::Unknown(format!("task {task}")))?;
+        if t.state != TaskState::Routing {
+            return Err(AcdError::State {
+                task: task.to_string(),
+                expected: "being routed",
+            });
+        }
+        if let Some(p) = priority {
+            t.spec.priority = p;
+        }
+        t.state = TaskState::Waiting;
+        let eligible = self.eligible(task);
+        let pick = ranking
+            .unwrap_or_default()
+            .into_iter()
+            .find(|a| eligible.contains(a))
+            .or_else(|| eligible.first().cloned());
+        match pick {
+            Some(agent) => self.offer(now, task, &agent),
+            None => self.dispatch(now),
+        }
+        Ok(())
+    }
+
+    /// The agent takes the offered task: the conversation starts.
+    pub fn accept(&mut self, now: Instant, task: &str, agent: &str) -> Result<(), AcdError> {
+        self.offered_to(task, agent)?;
+        if let Some(t) = self.tasks.get_mut(task) {
+            t.state = TaskState::Connected {
+                agent: agent.to_string(),
+            };
+        }
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.missed = 0;
+        }
+        self.event(
+            task,
+            TaskEvent::Accepted {
+                agent: agent.to_string(),
+            },
+        );
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// The agent refuses the offered task (or their phone was busy): the
+    /// task waits again in its place, for another agent first.
+    pub fn reject(&mut self, now: Instant, task: &str, agent: &str) -> Result<(), AcdError> {
+        self.offered_to(task, agent)?;
+        self.pass(task, agent);
+        self.event(
+            task,
+            TaskEvent::Rejected {
+                agent: agent.to_string(),
+            },
+        );
+        self.dispatch(now);
+        Ok(())
+    }
+
+    fn offered_to(&self, task: &str, agent: &str) -> Result<(), AcdError> {
+        match self.tasks.get(task).map(|t| &t.state) {
+            Some(TaskState::Offered { agent: a, .. }) if a == agent => Ok(()),
+            Some(_) => Err(AcdError::State {
+                task: task.to_string(),
+                expected: "offered to this agent",
+            }),
+            None => Err(AcdError::Unknown(format!("task {task}"))),
+        }
+    }
+
+    /// Takes an offer back from the agent; the task waits again.
+    fn pass(&mut self, task: &str, agent: &str) {
+        if let Some(t) = self.tasks.get_mut(task) {
+            t.state = TaskState::Waiting;
+            t.passed.insert(agent.to_string());
+        }
+        self.free(agent, task);
+    }
+
+    /// The agent's slot for the task is free (no wrap-up).
+    fn free(&mut self, agent: &str, task: &str) {
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.tasks.remove(task);
+        }
+    }
+
+    /// The conversation is over: the agent wraps up (the queue's time),
+    /// then takes the next task.
+    pub fn complete(&mut self, now: Instant, task: &str) -> Result<(), AcdError> {
+        let agent = match self.tasks.get(task).map(|t| &t.state) {
+            Some(TaskState::Connected { agent }) => agent.clone(),
+            Some(_) => {
+                return Err(AcdError::State {
+                    task: task.to_string(),
+                    expected: "connected",
+                });
+            }
+            None => return Err(AcdError::Unknown(format!("task {task}"))),
+        };
+        let Some(t) = self.tasks.remove(task) else {
+            return Err(AcdError::Unknown(format!("task {task}")));
+        };
+        let wrap = self
+            .queues
+            .get(&t.spec.queue)
+            .map(|q| q.wrap_up)
+            .unwrap_or_default();
+        if let Some(a) = self.agents.get_mut(&agent) {
+            a.tasks.remove(task);
+            if wrap > Duration::ZERO {
+                a.wrap.push((t.spec.channel, now + wrap));
+            } else if a.tasks.is_empty() && a.wrap.is_empty() {
+                a.idle_since = now;
+            }
+        }
+        self.event(task, TaskEvent::Completed { agent });
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// The customer left before the conversation (or during it, which
+    /// completes it).
+    pub fn abandon(&mut self, now: Instant, task: &str) -> Result<(), AcdError> {
+        let state = self
+            .tasks
+            .get(task)
+            .map(|t| t.state.clone())
+            .ok_or_else(|| AcdError::Unknown(format!("task {task}")))?;
+        match state {
+            TaskState::Connected { .. } => return self.complete(now, task),
+            TaskState::Offered { agent, .. } => {
+                self.free(&agent, task);
+                self.out.push_back(Output::Rescind {
+                    task: task.to_string(),
+                    agent,
+                });
+            }
+            TaskState::Waiting | TaskState::Routing => {}
+        }
+        if let Some(t) = self.tasks.remove(task) {
+            self.event(
+                task,
+                TaskEvent::Abandoned {
+                    queue: t.spec.queue,
+                },
+            );
+        }
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// When [`Acd::handle_timeout`] should next run.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let tasks = self.tasks.values().filter_map(|t| match &t.state {
+            TaskState::Offered { until, .. } => Some(*until),
+            TaskState::Waiting | TaskState::Routing => t.deadline,
+            TaskState::Connected { .. } => None,
+        });
+        let wraps = self
+            .agents
+            .values()
+            .flat_map(|a| a.wrap.iter().map(|(_, u)| *u));
+        tasks.chain(wraps).min()
+    }
+
+    /// Offers that rang out, wrap-ups that ended, tasks that waited too
+    /// long.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        // Wrap-ups.
+        for a in self.agents.values_mut() {
+            let before = a.wrap.len();
+            a.wrap.retain(|(_, until)| *until > now);
+            if a.wrap.len() < before && a.wrap.is_empty() && a.tasks.is_empty() {
+                a.idle_since = now;
+            }
+        }
+        // Offers not answered.
+        let rang_out: Vec<(String, String)> = self
+            .tasks
+            .values()
+            .filter_map(|t| match &t.state {
+                TaskState::Offered { agent, until } if *until <= now => {
+                    Some((t.spec.id.clone(), agent.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        for (task, agent) in rang_out {
+            self.pass(&task, &agent);
+            self.out.push_back(Output::Rescind {
+                task: task.clone(),
+                agent: agent.clone(),
+            });
+            self.event(
+                &task,
+                TaskEvent::NoAnswer {
+                    agent: agent.clone(),
+                },
+            );
+            let limit = self
+                .tasks
+                .get(&task)
+                .and_then(|t| self.queues.get(&t.spec.queue))
+                .map(|q| q.missed_after)
+                .unwrap_or(u32::MAX);
+            if let Some(a) = self.agents.get_mut(&agent) {
+                a.missed += 1;
+                if limit > 0 && a.missed >= limit && a.presence == Presence::Available {
+                    a.presence = Presence::Missed;
+                    self.out.push_back(Output::Presence {
+                        agent,
+                        presence: Presence::Missed,
+                    });
+                }
+            }
+        }
+        // Waited too long (an offer in progress finishes first).
+        let mut expired: Vec<(u64, String)> = self
+            .tasks
+            .values()
+            .filter(|t| {
+                matches!(t.state, TaskState::Waiting | TaskState::Routing)
+                    && t.deadline.is_some_and(|d| d <= now)
+            })
+            .map(|t| (t.seq, t.spec.id.clone()))
+            .collect();
+        expired.sort();
+        for (_, id) in expired {
+            let Some(q) = self
+                .tasks
+                .get(&id)
+                .and_then(|t| self.queues.get(&t.spec.queue))
+                .cloned()
+            else {
+                continue;
+            };
+            self.overflow(now, &id, &q, q.on_timeout.clone(), "max_wait", 0);
+        }
+        self.dispatch(now);
+    }
+
+    /// The next thing to do.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// What a router needs to know of a task: its queue's settings, all
+    /// the skills it needs, its priority and how long it has waited.
+    pub fn task_info(&self, now: Instant, task: &str) -> Option<TaskInfo> {
+        let t = self.tasks.get(task)?;
+        let q = self.queues.get(&t.spec.queue)?;
+        Some(TaskInfo {
+            queue: q.clone(),
+            channel: t.spec.channel,
+            priority: t.spec.priority,
+            skills: q.skills.iter().chain(&t.spec.skills).cloned().collect(),
+            waited: now.saturating_duration_since(t.since),
+        })
+    }
+
+    /// What a router needs to know of an agent: skills, idle time and
+    /// tasks in hand.
+    pub fn agent_info(&self, now: Instant, agent: &str) -> Option<AgentInfo> {
+        let a = self.agents.get(agent)?;
+        Some(AgentInfo {
+            skills: a.config.skills.clone(),
+            idle: if a.tasks.is_empty() && a.wrap.is_empty() {
+                now.saturating_duration_since(a.idle_since)
+            } else {
+                Duration::ZERO
+            },
+            active: (a.tasks.len() + a.wrap.len()) as u32,
+        })
+    }
+
+    /// A queue's current numbers.
+    pub fn queue_stats(&self, now: Instant, queue: &str) -> QueueStats {
+        let mut s = QueueStats::default();
+        for t in self.tasks.values().filter(|t| t.spec.queue == queue) {
+            match t.state {
+                TaskState::Waiting | TaskState::Routing => {
+                    s.waiting += 1;
+                    s.longest_wait_ms = s
+                        .longest_wait_ms
+                        .max(now.saturating_duration_since(t.since).as_millis() as u64);
+                }
+                TaskState::Offered { .. } => s.offered += 1,
+                TaskState::Connected { .. } => s.connected += 1,
+            }
+        }
+        s
+    }
+
+    fn event(&mut self, task: &str, event: TaskEvent) {
+        self.out.push_back(Output::Event {
+            task: task.to_string(),
+            event,
+        });
+    }
+
+    /// A task's effective priority at `now`: its own, its queue's, and
+    /// one step per `aging` waited.
+    fn rank(&self, t: &Task, now: Instant) -> u64 {
+        let q = self.queues.get(&t.spec.queue);
+        let base = u64::from(t.spec.priority) + u64::from(q.map_or(0, |q| q.priority));
+        let aged = q
+            .and_then(|q| q.aging)
+            .filter(|a| !a.is_zero())
+            .map_or(0, |a| {
+                (now.saturating_duration_since(t.since).as_millis() / a.as_millis().max(1)) as u64
+            });
+        base + aged
+    }
+
+    /// The agents a task may be offered to now, longest idle first; those
+    /// who passed on it only when nobody else can take it.
+    fn eligible(&self, task: &str) -> Vec<String> {
+        let Some(t) = self.tasks.get(task) else {
+            return Vec::new();
+        };
+        let Some(q) = self.queues.get(&t.spec.queue) else {
+            return Vec::new();
+        };
+        let mut all: Vec<&Agent> = self
+            .agents
+            .values()
+            .filter(|a| a.free_for(t.spec.channel) && a.can_do(q, &t.spec))
+            .collect();
+        all.sort_by(|a, b| {
+            a.idle_since
+                .cmp(&b.idle_since)
+                .then(a.config.id.cmp(&b.config.id))
+        });
+        let fresh: Vec<String> = all
+            .iter()
+            .filter(|a| !t.passed.contains(&a.config.id))
+            .map(|a| a.config.id.clone())
+            .collect();
+        if fresh.is_empty() {
+            all.iter().map(|a| a.config.id.clone()).collect()
+        } else {
+            fresh
+        }
+    }
+
+    fn offer(&mut self, now: Instant, task: &str, agent: &str) {
+        let Some(t) = self.tasks.get_mut(task) else {
+            return;
+        };
+        let timeout = self
+            .queues
+            .get(&t.spec.queue)
+            .map_or(Duration::from_secs(20), |q| q.offer_timeout);
+        t.state = TaskState::Offered {
+            agent: agent.to_string(),
+            until: now + timeout,
+        };
+        let channel = t.spec.channel;
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.tasks.insert(task.to_string(), channel);
+        }
+        self.event(
+            task,
+            TaskEvent::Offered {
+                agent: agent.to_string(),
+            },
+        );
+        self.out.push_back(Output::Offer {
+            task: task.to_string(),
+            agent: agent.to_string(),
+            channel,
+        });
+    }
+
+    /// Offers waiting tasks, first come first (by rank, then arrival), to
+    /// the agents free for them.
+    fn dispatch(&mut self, now: Instant) {
+        let mut waiting: Vec<(std::cmp::Reverse<u64>, u64, String)> = self
+            .tasks
+            .values()
+            .filter(|t| t.state == TaskState::Waiting)
+            .map(|t| {
+                (
+                    std::cmp::Reverse(self.rank(t, now)),
+                    t.seq,
+                    t.spec.id.clone(),
+                )
+            })
+            .collect();
+        waiting.sort();
+        for (_, _, id) in waiting {
+            let candidates = self.eligible(&id);
+            if candidates.is_empty() {
+                continue;
+            }
+            let Some(t) = self.tasks.get_mut(&id) else {
+                continue;
+            };
+            let router = self
+                .queues
+                .get(&t.spec.queue)
+                .is_some_and(|q| q.router.is_some());
+            if router {
+                t.state = TaskState::Routing;
+                let queue = t.spec.queue.clone();
+                self.out.push_back(Output::Route {
+                    task: id,
+                    queue,
+                    candidates,
+                });
+            } else {
+                let agent = candidates[0].clone();
+                self.offer(now, &id, &agent);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,187 @@
+//! Origins (scheme, host, port) of outbound HTTP: what an `http` grant's
+//! allow-list names and what a URL reaches. One parser serves the grant's
+//! validation and every fetch, so both read an entry the same way.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// `http` or `https`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+impl Scheme {
+    /// The scheme's default port.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+
+    /// `http` or `https`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+}
+
+/// A scheme, a lower-cased host (IPv6 in brackets) and a port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    /// The scheme.
+    pub scheme: Scheme,
+    /// The host, lower-cased.
+    pub host: String,
+    /// The port (the scheme's default when none was written).
+    pub port: u16,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme.as_str(), self.host, self.port)
+    }
+}
+
+impl Origin {
+    /// The origin a URL reaches: `http://` or `https://`, a host, no user
+    /// info.
+    pub fn of_url(url: &str) -> Result<Origin, String> {
+        let (scheme, rest) = split_scheme(url)
+            .ok_or_else(|| format!("{url:?}: only http:// and https:// URLs are supported"))?;
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        Origin::parse_authority(scheme, authority).map_err(|e| format!("{url:?}: {e}"))
+    }
+
+    /// An allow-list entry: `https://host[:port]`, `http://host[:port]`,
+    /// or `host:port` (plain HTTP, the older form). A path is not part of
+    /// an origin and is refused.
+    pub fn of_allow_entry(entry: &str) -> Result<Origin, String> {
+        let bad = |why: &str| format!("http.allow entry {entry:?}: {why}");
+        match split_scheme(entry) {
+            Some((scheme, rest)) => {
+                let rest = rest.strip_suffix('/').unwrap_or(rest);
+                if rest.contains(['/', '?', '#']) {
+                    return Err(bad("an origin has no path"));
+                }
+                Origin::parse_authority(scheme, rest).map_err(|e| bad(&e))
+            }
+            None => {
+                let has_port = entry.rsplit_once(':').is_some_and(|(h, p)| {
+                    !h.is_empty() && !p.contains(']') && p.parse::<u16>().is_ok()
+                });
+                if !has_port || entry.contains(['/', '?', '#']) {
+                    return Err(bad(
+                        "must be https://host[:port], http://host[:port] or host:port",
+                    ));
+                }
+                Origin::parse_authority(Scheme::Http, entry).map_err(|e| bad(&e))
+            }
+        }
+    }
+
+    fn parse_authority(scheme: Scheme, authority: &str) -> Result<Origin, String> {
+        if authority.is_empty() || authority.contains('@') {
+            return Err("must have a host and no user info".into());
+        }
+        let (host, port) = match authority.rfind(':') {
+            Some(i) if !authority[i..].contains(']') => {
+                let port = authority[i + 1..]
+                    .parse::<u16>()
+                    .map_err(|_| "bad port".to_string())?;
+                (&authority[..i], port)
+            }
+            _ => (authority, scheme.default_port()),
+        };
+        if host.is_empty() || host.contains(|c: char| c.is_whitespace()) {
+            return Err("bad host".into());
+        }
+        Ok(Origin {
+            scheme,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+fn split_scheme(s: &str) -> Option<(Scheme, &str)> {
+    let (scheme, rest) = s.split_once("://")?;
+    let scheme = match scheme.to_ascii_lowercase().as_str() {
+        "http" => Scheme::Http,
+        "https" => Scheme::Https,
+        _ => return None,
+    };
+    Some((scheme, rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn o(scheme: Scheme, host: &str, port: u16) -> Origin {
+        Origin {
+            scheme,
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            Origin::of_url("http://Example.com/x"),
+            Ok(o(Scheme::Http, "example.com", 80))
+        );
+        assert_eq!(
+            Origin::of_url("https://crm.example.com/api?q=1"),
+            Ok(o(Scheme::Https, "crm.example.com", 443))
+        );
+        assert_eq!(
+            Origin::of_url("http://10.0.0.1:8080?q"),
+            Ok(o(Scheme::Http, "10.0.0.1", 8080))
+        );
+        assert_eq!(
+            Origin::of_url("https://[::1]:9/"),
+            Ok(o(Scheme::Https, "[::1]", 9))
+        );
+        assert_eq!(
+            Origin::of_url("http://[::1]/"),
+            Ok(o(Scheme::Http, "[::1]", 80))
+        );
+        for bad in [
+            "http:///x",
+            "ftp://a/",
+            "a/b",
+            "http://u@a/",
+            "http://a:99999/",
+        ] {
+            assert!(Origin::of_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn allow_entries() {
+        assert_eq!(
+            Origin::of_allow_entry("crm:80"),
+            Ok(o(Scheme::Http, "crm", 80))
+        );
+        assert_eq!(
+            Origin::of_allow_entry("https://CRM.example.com"),
+            Ok(o(Scheme::Https, "crm.example.com", 443))
+        );
+        assert_eq!(
+            Origin::of_allow_entry("https://crm.example.com:8443/"),
+            Ok(o(Scheme::Https, "crm.example.com", 8443))
+        );
+        for bad in ["crm", "crm:x", "https://crm/api", ":80", "crm/a:80"] {
+            assert!(Origin::of_allow_entry(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! The ACD in the engine: each tenant's queues and agents (stored as
+//! records, so they survive a restart), one sans-IO
+//! [`plugboard_acd::Acd`] per tenant driven here, its timers run by one
+//! background task, its decisions published on the tenant's event stream
+//! (`{"kind": "acd", …}`) and kept as task records.
+//!
+//! Tasks are created by the API (`POST /v1/tenants/{t}/tasks`) and, as
+//! the channels are wired to it, by the flows' `enqueue`. Offers are
+//! answered over the API (accept, reject), as an agent desktop does;
+//! the voice channel will ring the agent's phone.
+//!
+//! One node runs a tenant's ACD: several nodes on one store share the
+//! queue and agent settings, not the live routing (a lease per queue is
+//! the next step).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Instant;
+
+use plugboard_acd::{Acd, AgentConfig, Output, Presence, QueueConfig, QueueStats, TaskSpec};
+use plugboard_core::{Error as CoreError, validate_id};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+use crate::{Engine, EngineResult};
+
+/// Record kind of queues in the store.
+const QUEUE: &str = "queue";
+/// Record kind of agents in the store.
+const AGENT: &str = "agent";
+
+/// An agent as the API shows it: the routing settings, the SIP user whose
+/// phone rings for voice tasks, and the current presence.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AgentRecord {
+    /// Routing settings (id, skills, capacity per channel, queues).
+    #[serde(flatten)]
+    pub config: AgentConfig,
+    /// The SIP user (of the tenant) whose registered phone rings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sip_user: Option<String>,
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TaskView {
+    /// Task id.
+    pub id: String,
+    /// Queue id.
+    pub queue: String,
+    /// `waiting`, `offered`, `connected`, or how it ended.
+    pub state: String,
+    /// The agent offered or connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+/// The per-tenant ACDs and their timer task.
+#[derive(Default)]
+pub struct AcdHub {
+    started: std::sync::atomic::AtomicBool,
+    tenants: Mutex<HashMap<String, Arc<Mutex<Acd>>>>,
+    /// Last known state of every task (for `GET` and for agents' views).
+    tasks: Mutex<HashMap<(String, String), TaskView>>,
+    wake: Arc<Notify>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl AcdHub {
+    /// Runs the ACDs' timers until the engine is dropped (once).
+    fn start(engine: &Arc<Engine>) {
+        if engine
+            .acd
+            .started
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            return;
+        }
+        let weak: Weak<Engine> = Arc::downgrade(engine);
+        let notify = engine.acd.wake.clone();
+        tokio::spawn(async move {
+            loop {
+                let Some(engine) = weak.upgrade() else { return };
+                let next = engine.acd.next_timeout();
+                drop(engine);
+                let wake = notify.notified();
+                match next {
+                    Some(at) => {
+                        let at = tokio::time::Instant::from_std(at);
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(at) => {}
+                            _ = wake => {}
+                        }
+                    }
+                    // Checked again now and then so that the task ends
+                    // soon after the engine.
+                    None => {
+                        tokio::select! {
+                            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
+                            _ = wake => {}
+                        }
+                    }
+                }
+                let Some(engine) = weak.upgrade() else { return };
+                let now = Instant::now();
+                let due: Vec<(String, Arc<Mutex<Acd>>)> = lock(&engine.acd.tenants)
+                    .iter()
+                    .filter(|(_, a)| lock(a).poll_timeout().is_some_and(|t| t <= now))
+                    .map(|(t, a)| (t.clone(), a.clone()))
+                    .collect();
+                for (tenant, acd) in due {
+                    let outputs = {
+                        let mut a = lock(&acd);
+                        a.handle_timeout(now);
+                        settle(&mut a)
+                    };
+                    engine.acd_outputs(&tenant, outputs);
+                }
+            }
+        });
+    }
+
+    fn next_timeout(&self) -> Option<Instant> {
+        lock(&self.tenants)
+            .values()
+            .filter_map(|a| lock(a).poll_timeout())
+            .min()
+    }
+}
+
+/// What the ACD decided.
+fn settle(acd: &mut Acd) -> Vec<Output> {
+    std::iter::from_fn(|| acd.poll_output()).collect()
+}
+
+fn acd_error(e: plugboard_acd::AcdError) -> CoreError {
+    match e {
+        plugboard_acd::AcdError::Unknown(m) => CoreError::NotFound(m),
+        plugboard_acd::AcdError::Exists(m) => CoreError::Conflict(format!("task {m} exists")),
+        e @ plugboard_acd::AcdError::State { .. } => CoreError::Conflict(e.to_string()),
+    }
+}
+
+impl Engine {
+    /// The tenant's ACD, loaded from the store on first use.
+    async fn tenant_acd(self: &Arc<Self>, tenant: &str) -> EngineResult<Arc<Mutex<Acd>>> {
+        AcdHub::start(self);
+        if let Some(a) = lock(&self.acd.tenants).get(tenant) {
+            return Ok(a.clone());
+        }
+        let now = Instant::now();
+        let mut acd = Acd::new();
+        for q in self.store.records(tenant, QUEUE).await? {
+            acd.set_queue(parse(q)?);
+        }
+        for a in self.store.records(tenant, AGENT).await? {
+            let r: AgentRecord = parse(a)?;
+            acd.set_agent(now, r.config);
+        }
+        let acd = Arc::new(Mutex::new(acd));
+        Ok(lock(&self.acd.tenants)
+            .entry(tenant.to_string())
+            .or_insert(acd)
+            .clone())
+    }
+
+    /// Runs an input on the tenant's ACD and carries out what it decided.
+    async fn with_acd<T>(
+        self: &Arc<Self>,
+        tenant: &str,
+        f: impl FnOnce(&mut Acd, Instant) -> Result<T, plugboard_acd::AcdError>,
+    ) -> EngineResult<T> {
+        let acd = self.tenant_acd(tenant).await?;
+        let (r, outputs) = {
+            let mut a = lock(&acd);
+            let now = Instant::now();
+            let r = f(&mut a, now);
+            (r, settle(&mut a))
+        };
+        self.acd_outputs(tenant, outputs);
+        self.acd.wake.notify_one();
+        r.map_err(|e| acd_error(e).into())
+    }
+
+    /// Publishes the ACD's decisions, keeps each task's last state, and
+    /// asks the queue's router plugin to rank the candidates.
+    fn acd_outputs(self: &Arc<Self>, tenant: &str, outputs: Vec<Output>) {
+        for o in outputs {
+            if let Output::Route {
+                task, candidates, ..
+            } = &o
+            {
+                let (engine, tenant, task, candidates) = (
+                    self.clone(),
+                    tenant.to_string(),
+                    task.clone(),
+                    candidates.clone(),
+                );
+                tokio::spawn(async move { engine.route(&tenant, &task, candidates).await });
+            }
+            if let Some((task, state, agent, queue)) = view_change(&o) {
+                let mut tasks = lock(&self.acd.tasks);
+                if let Some(v) = tasks.get_mut(&(tenant.to_string(), task.to_string())) {
+                    v.state = state.to_string();
+                    v.agent = agent.map(str::to_string);
+                    if let Some(q) = queue {
+                        v.queue = q.to_string();
+                    }
+                }
+            }
+            self.publish(tenant, json!({"kind": "acd", "data": output_json(&o)}));
+        }
+    }
+
+    /// Runs the queue's router plugin on a task and its candidates and
+    /// hands its ranking to the ACD. A router that is missing, traps,
+    /// overruns its deadline or answers garbage is recorded, and the
+    /// built-in rule decides.
+    async fn route(self: &Arc<Self>, tenant: &str, task: &str, candidates: Vec<String>) {
+        let ranking = match self.run_router(tenant, task, &candidates).await {
+            Ok(decision) => Some(decision),
+            Err(e) => {
+                tracing::warn!(
+                    "router for task {task} of {tenant}: {e}; the built-in rule decides"
+                );
+                self.publish(
+                    tenant,
+                    json!({"kind": "acd", "data": {"type": "router_failed", "task": task, "error": e.to_string()}}),
+                );
+                None
+            }
+        };
+        let (ranked, priority) = match ranking {
+            Some(d) => (Some(d.ranked), d.priority),
+            None => (None, None),
+        };
+        // The task may have gone meanwhile (abandoned): nothing to decide.
+        let _ = self
+            .with_acd(tenant, |a, now| a.decided(now, task, ranked, priority))
+            .await;
+    }
+
+    async fn run_router(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        candidates: &[String],
+    ) -> EngineResult<plugboard_host::RouteDecision> {
+        let acd = self.tenant_acd(tenant).await?;
+        let (info, agents) = {
+            let a = lock(&acd);
+            let now = Instant::now();
+            let info = a
+                .task_info(now, task)
+                .ok_or_else(|| CoreError::NotFound(format!("task {task}")))?;
+            let agents: Vec<plugboard_host::RouteAgent> = candidates
+                .iter()
+                .filter_map(|id| {
+                    a.agent_info(now, id).map(|i| plugboard_host::RouteAgent {
+                        id: id.clone(),
+                        skills: i.skills.into_iter().collect(),
+                        idle_ms: i.idle.as_millis() as u64,
+                        active_tasks: i.active,
+                    })
+                })
+                .collect();
+            (info, agents)
+        };
+        let name = info
+            .queue
+            .router
+            .clone()
+            .ok_or_else(|| CoreError::Invalid("the queue has no router".into()))?;
+        let t = self.tenant(tenant).await?;
+        let plugin_info = self.plugin(tenant, &name, "router").await?;
+        let plugin = self
+            .loaded_version(tenant, &plugin_info, plugin_info.active_version)
+            .await?;
+        if plugin.kind != plugboard_core::PluginKind::Router {
+            return Err(CoreError::Invalid(format!(
+                "plugin {name} is a {} plugin, not a router",
+                plugin.kind
+            ))
+            .into());
+        }
+        let (config, _) = self
+            .resolve_config(
+                tenant,
+                &plugin_info.grants,
+                self.store.config(tenant, &name).await?,
+            )
+            .await?;
+        let env = plugboard_host::PluginEnv {
+            tenant: tenant.to_string(),
+            plugin: name.clone(),
+            grants: plugin_info.grants.clone(),
+            config,
+            limits: self.limits_for(&t),
+            kv: None,
+            time_zone: t.time_zone.clone(),
+            utc_offset_minutes: 0,
+            now_ms: None,
+        };
+        let route_task = plugboard_host::RouteTask {
+            id: task.to_string(),
+            channel: info.channel.to_string(),
+            queue: info.queue.id.clone(),
+            priority: info.priority,
+            skills: info.skills,
+            attributes: Vec::new(),
+            waited_ms: info.waited.as_millis() as u64,
+        };
+        let permit = self.fair.acquire(tenant, self.share_for(&t)).await;
+        let host = self.host.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            host.invoke_router(&plugin, env, &route_task, &agents)
+        })
+        .await
+        .map_err(|e| crate::EngineError::Internal(e.to_string()))?;
+        self.metrics.observe(tenant, &name, "router", &report);
+        report
+            .outcome
+            .map_err(|e| crate::EngineError::Internal(format!("router {name}: {e}")))
+    }
+
+    /// Adds or replaces a queue.
+    pub async fn set_queue(
+        self: &Arc<Self>,
+        tenant: &str,
+        queue: QueueConfig,
+    ) -> EngineResult<QueueConfig> {
+        validate_id("queue", &queue.id)?;
+        if queue.offer_timeout.is_zero() {
+            return Err(CoreError::Invalid("offer_timeout must be more than 0".into()).into());
+        }
+        let record = serde_json::to_value(&queue).map_err(|e| CoreError::Invalid(e.to_string()))?;
+        self.store
+            .set_record(tenant, QUEUE, &queue.id, &record)
+            .await?;
+        let q = queue.clone();
+        self.with_acd(tenant, move |a, _| {
+            a.set_queue(q);
+            Ok(())
+        })
+        .await?;
+        Ok(queue)
+    }
+
+    /// A tenant's queues.
+    pub async fn queues(&self, tenant: &str) -> EngineResult<Vec<QueueConfig>> {
+        self.store
+            .records(tenant, QUEUE)
+            .await?
+            .into_iter()
+            .map(parse)
+            .collect()
+    }
+
+    /// A queue's current numbers.
+    pub async fn queue_stats(
+        self: &Arc<Self>,
+        tenant: &str,
+        queue: &str,
+    ) -> EngineResult<QueueStats> {
+        if self.store.record(tenant, QUEUE, queue).await?.is_none() {
+            return Err(CoreError::NotFound(format!("queue {queue}")).into());
+        }
+        let acd = self.tenant_acd(tenant).await?;
+        let stats = lock(&acd).queue_stats(Instant::now(), queue);
+        Ok(stats)
+    }
+
+    /// Adds or replaces an agent (their presence is kept; a new agent is
+    /// offline).
+    pub async fn set_agent(
+        self: &Arc<Self>,
+        tenant: &str,
+        agent: AgentRecord,
+    ) -> EngineResult<AgentRecord> {
+        validate_id("agent", &agent.config.id)?;
+        if agent.config.skills.values().any(|l| !(1..=10).contains(l)) {
+            return Err(CoreError::Invalid("skill levels are 1..=10".into()).into());
+        }
+        let record = serde_json::to_value(&agent).map_err(|e| CoreError::Invalid(e.to_string()))?;
+        self.store
+            .set_record(tenant, AGENT, &agent.config.id, &record)
+            .await?;
+        let config = agent.config.clone();
+        self.with_acd(tenant, move |a, now| {
+            a.set_agent(now, config);
+            Ok(())
+        })
+        .await?;
+        Ok(agent)
+    }
+
+    /// A tenant's agents, each with their presence.
+    pub async fn agents(self: &Arc<Self>, tenant: &str) -> EngineResult<Vec<Value>> {
+        let acd = self.tenant_acd(tenant).await?;
+        let records = self.store.records(tenant, AGENT).await?;
+        let a = lock(&acd);
+        Ok(records
+            .into_iter()
+            .map(|mut r| {
+                let id = r["id"].as_str().unwrap_or_default().to_string();
+                r["presence"] = json!(a.presence(&id).unwrap_or(&Presence::Offline));
+                r
+            })
+            .collect())
+    }
+
+    /// An agent's presence.
+    pub async fn set_presence(
+        self: &Arc<Self>,
+        tenant: &str,
+        agent: &str,
+        presence: Presence,
+    ) -> EngineResult<()> {
+        self.with_acd(tenant, |a, now| a.set_presence(now, agent, presence))
+            .await
+    }
+
+    /// Routes a new task in a queue.
+    pub async fn create_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        spec: TaskSpec,
+    ) -> EngineResult<TaskView> {
+        validate_id("task", &spec.id)?;
+        let key = (tenant.to_string(), spec.id.clone());
+        let view = TaskView {
+            id: spec.id.clone(),
+            queue: spec.queue.clone(),
+            state: "waiting".into(),
+            agent: None,
+        };
+        {
+            let mut tasks = lock(&self.acd.tasks);
+            if tasks
+                .get(&key)
+                .is_some_and(|t| matches!(t.state.as_str(), "waiting" | "offered" | "connected"))
+            {
+                return Err(CoreError::Conflict(format!("task {} exists", spec.id)).into());
+            }
+            tasks.insert(key.clone(), view);
+        }
+        let r = self.with_acd(tenant, |a, now| a.enqueue(now, spec)).await;
+        if r.is_err() {
+            lock(&self.acd.tasks).remove(&key);
+        }
+        r?;
+        self.task(tenant, &key.1)
+    }
+
+    /// A task's last known state.
+    pub fn task(&self, tenant: &str, id: &str) -> EngineResult<TaskView> {
+        lock(&self.acd.tasks)
+            .get(&(tenant.to_string(), id.to_string()))
+            .cloned()
+            .ok_or_else(|| CoreError::NotFound(format!("task {id}")).into())
+    }
+
+    /// The agent takes the task offered to them.
+    pub async fn accept_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        agent: &str,
+    ) -> EngineResult<TaskView> {
+        self.with_acd(tenant, |a, now| a.accept(now, task, agent))
+            .await?;
+        self.task(tenant, task)
+    }
+
+    /// The agent refuses the task offered to them.
+    pub async fn reject_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        agent: &str,
+    ) -> EngineResult<TaskView> {
+        self.with_acd(tenant, |a, now| a.reject(now, task, agent))
+            .await?;
+        self.task(tenant, task)
+    }
+
+    /// The conversation is over (the agent wraps up).
+    pub async fn complete_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+    ) -> EngineResult<TaskView> {
+        self.with_acd(tenant, |a, now| a.complete(now, task))
+            .await?;
+        self.task(tenant, task)
+    }
+
+    /// The customer left.
+    pub async fn abandon_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+    ) -> EngineResult<TaskView> {
+        self.with_acd(tenant, |a, now| a.abandon(now, task)).await?;
+        self.task(tenant, task)
+    }
+}
+
+/// How an output changes a task's view: the task, its new state, its
+/// agent, and the queue it now waits in (an overflow is followed by
+/// `enqueued` in the new queue).
+fn view_change(o: &Output) -> Option<(&str, &'static str, Option<&str>, Option<&str>)> {
+    use plugboard_acd::TaskEvent as E;
+    match o {
+        Output::Offer { task, agent, .. } => Some((task, "offered", Some(agent), None)),
+        Output::Event { task, event } => {
+            let (state, agent, queue) = match event {
+                E::Enqueued { queue } => ("waiting", None, Some(queue.as_str())),
+                E::Rejected { .. } | E::NoAnswer { .. } | E::Overflowed { .. } => {
+                    ("waiting", None, None)
+                }
+                E::Accepted { agent } => ("connected", Some(agent.as_str()), None),
+                E::Completed { agent } => ("completed", Some(agent.as_str()), None),
+                E::Abandoned { .. } => ("abandoned", None, None),
+                E::TimedOut { .. } => ("timed_out", None, None),
+                E::Offered { .. } => return None,
+            };
+            Some((task, state, agent, queue))
+        }
+        _ => None,
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(v: Value) -> EngineResult<T> {
+    serde_json::from_value(v).map_err(|e| CoreError::Storage(format!("bad ACD record: {e}")).into())
+}
+
+/// An output as JSON for the event stream.
+fn output_json(o: &Output) -> Value {
+    match o {
+        Output::Offer {
+            task,
+            agent,
+            channel,
+        } => json!({"type": "offer", "task": task, "agent": agent, "channel": channel}),
+        Output::Rescind { task, agent } => json!({"type": "rescind", "task": task, "agent": agent}),
+        Output::Route {
+            task,
+            queue,
+            candidates,
+        } => json!({"type": "route", "task": task, "queue": queue, "candidates": candidates}),
+        Output::BackToFlow { task, why } => {
+            json!({"type": "back_to_flow", "task": task, "why": why})
+        }
+        Output::Event { task, event } => json!({"type": "task", "task": task, "event": event}),
+        Output::Presence { agent, presence } => {
+            json!({"type": "presence", "agent": agent, "presence": presence})
+        }
+    }
+}

@@ -1,0 +1,1066 @@
+//! Plugboard's application core: what the HTTP API and every channel share.
+//!
+//! [`Engine`] owns tenants and their API keys, the plugin registry (deploy,
+//! compile cache, loaded versions, rollback, grants, configs), address
+//! routing, flow sessions ([`FlowSession`]: one interaction driven event by
+//! event through a tenant's flow), interaction records, the event bus,
+//! the registrar's bindings, carrier trunks, call recordings (blobs) and
+//! the metrics. Nodes sharing a store share their events and plugin
+//! deploys through NATS ([`Engine::join_cluster`], [`cluster`]). It knows nothing of HTTP or SIP: `plugboard-api` is an
+//! adapter over it, and channel crates (`plugboard-voice`, and the digital
+//! channels to come) are thin drivers that call it. Channel crates depend
+//! on this crate, never on the API nor on each other.
+//!
+//! Authorisation fails closed: [`Engine::authenticate`] and
+//! [`Engine::tenant_access`] deny on any store error, and so does every
+//! lookup a channel makes to admit a caller ([`Engine::trunks`] returns the
+//! error rather than "no trunks").
+
+use plugboard_core::{
+    Address, Binding, Channel, Error as CoreError, Event, Grants, Interaction, PluginInfo,
+    PluginKind, PluginVersion, SipUser, Tenant, TenantLimits, Trunk, flow::Action,
+    normalize_address, now_ms, validate_id,
+};
+use plugboard_host::{FlowInput, InvokeError, Limits, LoadedPlugin, PluginHost, Report};
+use plugboard_store::{Store, hash_key};
+use serde::Serialize;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+use tokio::sync::broadcast;
+
+pub mod acd;
+pub mod cluster;
+pub mod fair;
+mod metrics;
+pub mod secrets;
+mod session;
+
+pub use cluster::{ClusterConfig, ClusterError, random_node_id};
+pub use metrics::Metrics;
+pub use session::{Ending, FlowSession, SessionStart, Step, TTS_PLUGIN};
+
+/// Why an engine operation failed. The HTTP API maps each to a status and
+/// a stable code; channels log it and refuse the contact.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Invalid input, a missing thing, a conflict, or a store failure.
+    #[error(transparent)]
+    Core(#[from] CoreError),
+    /// No credentials, or unknown ones.
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    /// Credentials that do not reach this tenant or path.
+    #[error("{0}")]
+    Forbidden(&'static str),
+    /// The uploaded bytes are not a plugin this server can run.
+    #[error("{0}")]
+    InvalidPlugin(String),
+    /// A stored plugin version could not be loaded.
+    #[error("{0}")]
+    PluginLoad(String),
+    /// A flow was asked of a plugin of another kind.
+    #[error("plugin {name} is a {kind} plugin, not a flow")]
+    NotAFlow {
+        /// Plugin name.
+        name: String,
+        /// Its kind.
+        kind: PluginKind,
+    },
+    /// A declarative flow document was refused.
+    #[error("{message}")]
+    InvalidFlow {
+        /// The whole message.
+        message: String,
+        /// The node at fault, if one is.
+        node: Option<String>,
+        /// Why.
+        reason: String,
+    },
+    /// The server was started without the `flow-graph` component.
+    #[error(
+        "this server has no flow-graph component: build it (scripts/build-plugins.sh) or start the server with --flow-graph FILE"
+    )]
+    FlowGraphMissing,
+    /// A flow version is a compiled plugin, not a document.
+    #[error("{0}")]
+    NotADocument(String),
+    /// The operating system's random number generator failed.
+    #[error("no randomness from the operating system: {0}")]
+    Random(String),
+    /// An internal task failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Result of engine operations.
+pub type EngineResult<T> = Result<T, EngineError>;
+
+/// The pseudo-tenant of events for the operator only (security events):
+/// no tenant id can be empty, so no tenant's stream carries them.
+pub const OPERATOR: &str = "";
+
+/// An interaction event as published on the event bus.
+#[derive(Debug, Clone)]
+pub struct StreamEvent {
+    /// Tenant it belongs to.
+    pub tenant: String,
+    /// JSON payload.
+    pub payload: Value,
+    /// The node it happened on, when not this one (received through the
+    /// cluster link).
+    pub node: Option<Arc<str>>,
+}
+
+/// Who presented a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The operator (admin token).
+    Admin,
+    /// A tenant's API key.
+    Tenant(String),
+}
+
+/// A deployed plugin version, as the deploy endpoints answer it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Deployed {
+    /// Plugin name.
+    pub name: String,
+    /// The new version number.
+    pub version: u64,
+    /// Detected kind.
+    pub kind: PluginKind,
+    /// SHA-256 of the bytes.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Where the compiled code came from (`compiled`, `cache`) and how long it took.
+    pub compile: Value,
+    /// Warnings about a flow document (unreachable nodes, …); only for
+    /// flow documents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warnings: Option<Vec<String>>,
+}
+
+/// A scripted run of a flow (`simulate`).
+#[derive(Debug, Clone)]
+pub struct SimulateRequest {
+    /// Channel.
+    pub channel: Channel,
+    /// Customer address.
+    pub from: String,
+    /// Tenant address contacted.
+    pub to: String,
+    /// The events, in order (`started` is put first if missing).
+    pub events: Vec<Event>,
+    /// Initial attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// The plugin's clock, pinned.
+    pub now_ms: Option<u64>,
+    /// A version other than the active one.
+    pub version: Option<u64>,
+}
+
+/// What a simulation produced.
+#[derive(Debug)]
+pub struct SimulateOutcome {
+    /// The interaction recorded for it.
+    pub interaction: String,
+    /// The flow version run.
+    pub version: u64,
+    /// One entry per event handled.
+    pub steps: Vec<Value>,
+    /// Set when the flow failed (the last step carries the fallback).
+    pub failure: Option<InvokeError>,
+}
+
+/// The application core: one per process, shared by the API and channels.
+pub struct Engine {
+    store: Arc<dyn Store>,
+    host: Arc<PluginHost>,
+    admin_hash: String,
+    loaded: RwLock<HashMap<(String, String, u64), Arc<LoadedPlugin>>>,
+    fair: Arc<fair::FairPermits>,
+    acd: acd::AcdHub,
+    secret_key: Option<secrets::SecretKey>,
+    metrics: Metrics,
+    events: broadcast::Sender<StreamEvent>,
+    limits: Limits,
+    flow_graph: Option<Arc<[u8]>>,
+    recordings: Option<std::path::PathBuf>,
+    config_trunks: HashMap<String, Vec<Trunk>>,
+    settings: Value,
+    cluster: std::sync::OnceLock<cluster::Link>,
+}
+
+impl Engine {
+    /// Wires the engine to a store and a plugin host. `admin_token` is the
+    /// bearer token of the operator; only its hash is kept.
+    pub fn new(
+        store: Arc<dyn Store>,
+        host: Arc<PluginHost>,
+        admin_token: &str,
+        limits: Limits,
+    ) -> Self {
+        let fair = fair::FairPermits::new(host.max_concurrent() as usize);
+        Engine {
+            store,
+            host,
+            admin_hash: hash_key(admin_token),
+            loaded: RwLock::new(HashMap::new()),
+            fair,
+            acd: acd::AcdHub::default(),
+            secret_key: None,
+            metrics: Metrics::new(),
+            events: broadcast::channel(1024).0,
+            limits,
+            flow_graph: None,
+            recordings: None,
+            config_trunks: HashMap::new(),
+            settings: json!({}),
+            cluster: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The effective settings shown at `GET /v1/settings` (admin).
+    pub fn with_settings(mut self, settings: Value) -> Self {
+        self.settings = settings;
+        self
+    }
+
+    /// The effective settings (no secrets).
+    pub fn settings(&self) -> &Value {
+        &self.settings
+    }
+
+    /// Trunks from the server's config file, by tenant. They are not
+    /// stored: their passwords stay in the file, and the API cannot
+    /// replace them.
+    pub fn with_config_trunks(mut self, trunks: HashMap<String, Vec<Trunk>>) -> Self {
+        self.config_trunks = trunks;
+        self
+    }
+
+    /// Where earlier versions kept call recordings (one directory per
+    /// tenant): read when a recording is not in the store.
+    pub fn with_recordings_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.recordings = Some(dir);
+        self
+    }
+
+    /// Gives the server the `flow-graph` component that runs declarative
+    /// flow documents.
+    pub fn with_flow_graph(mut self, component: Vec<u8>) -> Self {
+        self.flow_graph = Some(component.into());
+        self
+    }
+
+    // ----- authentication and tenants -----
+
+    /// Who a bearer token belongs to. No token, an unknown token or a
+    /// failing store: denied.
+    pub async fn authenticate(&self, token: Option<&str>) -> EngineResult<Caller> {
+        let Some(token) = token else {
+            return Err(EngineError::Unauthenticated(
+                "missing Authorization: Bearer <token>",
+            ));
+        };
+        let h = hash_key(token);
+        if h == self.admin_hash {
+            return Ok(Caller::Admin);
+        }
+        match self.store.tenant_for_key(&h).await? {
+            Some(t) => Ok(Caller::Tenant(t)),
+            None => Err(EngineError::Unauthenticated("unknown token")),
+        }
+    }
+
+    /// Checks that a token is the admin token.
+    pub async fn require_admin(&self, token: Option<&str>) -> EngineResult<()> {
+        match self.authenticate(token).await? {
+            Caller::Admin => Ok(()),
+            Caller::Tenant(_) => Err(EngineError::Forbidden("admin token required")),
+        }
+    }
+
+    /// Checks the token may act on `tenant`, and that the tenant exists.
+    pub async fn tenant_access(&self, token: Option<&str>, tenant: &str) -> EngineResult<Tenant> {
+        match self.authenticate(token).await? {
+            Caller::Admin => {}
+            Caller::Tenant(t) if t == tenant => {}
+            Caller::Tenant(_) => {
+                return Err(EngineError::Forbidden(
+                    "this API key belongs to another tenant",
+                ));
+            }
+        }
+        self.tenant(tenant).await
+    }
+
+    /// Creates a tenant and its API key (returned once; only its hash is
+    /// stored).
+    pub async fn create_tenant(
+        &self,
+        id: String,
+        name: Option<String>,
+        time_zone: Option<String>,
+    ) -> EngineResult<(Tenant, String)> {
+        validate_id("tenant", &id)?;
+        let time_zone = time_zone.unwrap_or_else(|| "UTC".into());
+        if jiff::tz::TimeZone::get(&time_zone).is_err() {
+            return Err(CoreError::Invalid(format!(
+                "unknown time zone {time_zone:?}: use an IANA name such as Europe/Vilnius"
+            ))
+            .into());
+        }
+        let tenant = Tenant {
+            name: name.unwrap_or_else(|| id.clone()),
+            id,
+            time_zone,
+            created_ms: now_ms(),
+            limits: TenantLimits::default(),
+        };
+        let key = random_token("pbk_")?;
+        self.store.create_tenant(&tenant, &hash_key(&key)).await?;
+        Ok((tenant, key))
+    }
+
+    /// All tenants.
+    pub async fn tenants(&self) -> EngineResult<Vec<Tenant>> {
+        Ok(self.store.tenants().await?)
+    }
+
+    /// A tenant, or `NotFound`.
+    pub async fn tenant(&self, tenant: &str) -> EngineResult<Tenant> {
+        self.store
+            .tenant(tenant)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("tenant {tenant}")).into())
+    }
+
+    /// True if the tenant exists; a failing store answers an error.
+    pub async fn tenant_exists(&self, tenant: &str) -> EngineResult<bool> {
+        Ok(self.store.tenant(tenant).await?.is_some())
+    }
+
+    /// Sets a tenant's plugin limits; returns the limits now in effect.
+    pub async fn set_limits(&self, tenant: &str, limits: TenantLimits) -> EngineResult<Limits> {
+        let mut t = self.tenant(tenant).await?;
+        limits.validate((self.host.max_memory_bytes() >> 20) as u32)?;
+        t.limits = limits;
+        self.store.update_tenant(&t).await?;
+        Ok(self.limits_for(&t))
+    }
+
+    /// Seals tenants' secrets with this key (the server's; every node on
+    /// one store needs the same).
+    pub fn with_secret_key(mut self, key: secrets::SecretKey) -> Self {
+        self.secret_key = Some(key);
+        self
+    }
+
+    fn secret_key(&self) -> EngineResult<&secrets::SecretKey> {
+        self.secret_key
+            .as_ref()
+            .ok_or_else(|| EngineError::Internal("no secret key is configured".into()))
+    }
+
+    /// Stores a tenant's secret, sealed; its value is never returned.
+    pub async fn set_secret(&self, tenant: &str, name: &str, value: &str) -> EngineResult<()> {
+        plugboard_core::validate_id("secret", name)?;
+        if value.is_empty() || value.len() > secrets::MAX_SECRET {
+            return Err(CoreError::Invalid(format!(
+                "a secret's value is 1..={} bytes",
+                secrets::MAX_SECRET
+            ))
+            .into());
+        }
+        let sealed = self.secret_key()?.seal(tenant, name, value)?;
+        self.store.set_secret(tenant, name, &sealed).await?;
+        Ok(())
+    }
+
+    /// The names of a tenant's secrets.
+    pub async fn secret_names(&self, tenant: &str) -> EngineResult<Vec<String>> {
+        Ok(self.store.secret_names(tenant).await?)
+    }
+
+    /// Deletes a tenant's secret.
+    pub async fn delete_secret(&self, tenant: &str, name: &str) -> EngineResult<()> {
+        if self.store.delete_secret(tenant, name).await? {
+            Ok(())
+        } else {
+            Err(CoreError::NotFound(format!("secret {name}")).into())
+        }
+    }
+
+    /// A plugin's configuration with the secrets it is granted filled in
+    /// (entries naming a secret it is not granted, or that does not
+    /// exist, are left out), and a redactor for their values.
+    pub async fn resolve_config(
+        &self,
+        tenant: &str,
+        grants: &Grants,
+        mut config: Value,
+    ) -> EngineResult<(Value, secrets::Redactor)> {
+        let refs = secrets::references(&config);
+        let mut values = Vec::new();
+        for (key, name) in refs {
+            let value = if grants.secrets.contains(&name) {
+                match self.store.secret(tenant, &name).await? {
+                    Some(sealed) => Some(self.secret_key()?.open(tenant, &name, &sealed)?),
+                    None => None,
+                }
+            } else {
+                None
+            };
+            if let Some(o) = config.as_object_mut() {
+                match value {
+                    Some(v) => {
+                        o.insert(key, Value::String(v.clone()));
+                        values.push(v);
+                    }
+                    None => {
+                        o.remove(&key);
+                    }
+                }
+            }
+        }
+        Ok((config, secrets::Redactor::new(values)))
+    }
+
+    /// How many plugin invocations a tenant may run at once: its
+    /// `max_concurrent` limit, else a quarter of the pool.
+    pub fn share_for(&self, tenant: &Tenant) -> usize {
+        tenant
+            .limits
+            .max_concurrent
+            .map_or_else(|| self.fair.default_share(), |m| m as usize)
+    }
+
+    /// The limits a tenant's plugins run with: the server's defaults, with
+    /// the tenant's overrides applied.
+    pub fn limits_for(&self, tenant: &Tenant) -> Limits {
+        let mut l = self.limits.clone();
+        if let Some(d) = tenant.limits.deadline_ms {
+            l.deadline_ms = d;
+        }
+        if let Some(m) = tenant.limits.memory_mib {
+            l.memory_bytes = (m as usize) << 20;
+        }
+        if let Some(o) = tenant.limits.output_kib {
+            l.output_bytes = (o as usize) << 10;
+        }
+        l
+    }
+
+    // ----- plugins -----
+
+    /// All plugins of a tenant.
+    pub async fn plugins(&self, tenant: &str) -> EngineResult<Vec<PluginInfo>> {
+        Ok(self.store.plugins(tenant).await?)
+    }
+
+    /// A tenant's plugin, or `NotFound` naming it (`what`: "plugin" or "flow").
+    pub async fn plugin(&self, tenant: &str, name: &str, what: &str) -> EngineResult<PluginInfo> {
+        self.store
+            .plugin(tenant, name)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("{what} {name}")).into())
+    }
+
+    /// Compiles (or finds in the cache) a component and stores it as the
+    /// next version of a plugin, active at once.
+    pub async fn deploy(
+        &self,
+        tenant: &str,
+        name: &str,
+        bytes: Arc<[u8]>,
+        document: Option<Value>,
+    ) -> EngineResult<Deployed> {
+        validate_id("plugin", name)?;
+        if bytes.is_empty() {
+            return Err(CoreError::Invalid(
+                "body must be a WebAssembly component (application/wasm)".into(),
+            )
+            .into());
+        }
+        let host = self.host.clone();
+        let b = bytes.clone();
+        let loaded = tokio::task::spawn_blocking(move || host.load(&b))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))?
+            .map_err(|e| EngineError::InvalidPlugin(e.to_string()))?;
+        let record = PluginVersion {
+            name: name.to_string(),
+            version: 0,
+            kind: loaded.kind,
+            sha256: loaded.sha256.clone(),
+            size: bytes.len() as u64,
+            created_ms: now_ms(),
+            document,
+        };
+        let version = self
+            .store
+            .add_plugin_version(tenant, record, &bytes)
+            .await?;
+        let compile = json!({"source": loaded.source, "ms": loaded.load_ms});
+        if let Ok(mut m) = self.loaded.write() {
+            m.insert(
+                (tenant.to_string(), name.to_string(), version.version),
+                Arc::new(loaded),
+            );
+        }
+        self.announce_plugin(tenant, name, version.version);
+        Ok(Deployed {
+            name: name.to_string(),
+            version: version.version,
+            kind: version.kind,
+            sha256: version.sha256,
+            size: version.size,
+            compile,
+            warnings: None,
+        })
+    }
+
+    /// Validates a declarative flow document and deploys it as the next
+    /// version of `name`, run by the `flow-graph` component.
+    pub async fn deploy_flow(
+        &self,
+        tenant: &str,
+        name: &str,
+        document: &[u8],
+    ) -> EngineResult<Deployed> {
+        validate_id("flow", name)?;
+        let parsed =
+            plugboard_flowgraph::parse(document).map_err(|e| EngineError::InvalidFlow {
+                message: e.to_string(),
+                node: e.node.clone(),
+                reason: e.reason.clone(),
+            })?;
+        let component = self
+            .flow_graph
+            .clone()
+            .ok_or(EngineError::FlowGraphMissing)?;
+        let doc: Value = serde_json::from_slice(document)
+            .map_err(|e| CoreError::Invalid(format!("invalid JSON body: {e}")))?;
+        let mut d = self.deploy(tenant, name, component, Some(doc)).await?;
+        d.warnings = Some(parsed.warnings);
+        Ok(d)
+    }
+
+    /// A flow's document at a version (default: the active one), with the
+    /// active version number.
+    pub async fn flow_document(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<u64>,
+    ) -> EngineResult<(u64, u64, Value)> {
+        let info = self.plugin(tenant, name, "flow").await?;
+        let version = version.unwrap_or(info.active_version);
+        let v = info
+            .version(version)
+            .ok_or_else(|| CoreError::NotFound(format!("flow {name} version {version}")))?;
+        let document = v.document.clone().ok_or_else(|| {
+            EngineError::NotADocument(format!(
+                "{name} version {version} is a compiled plugin, not a flow document"
+            ))
+        })?;
+        Ok((version, info.active_version, document))
+    }
+
+    /// Makes `version` active (`None`: the one before the active one).
+    pub async fn rollback(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<u64>,
+    ) -> EngineResult<u64> {
+        let active = self.store.set_active_version(tenant, name, version).await?;
+        self.announce_plugin(tenant, name, active);
+        Ok(active)
+    }
+
+    /// Replaces a plugin's grants.
+    pub async fn set_grants(&self, tenant: &str, name: &str, grants: &Grants) -> EngineResult<()> {
+        grants.validate()?;
+        Ok(self.store.set_grants(tenant, name, grants).await?)
+    }
+
+    /// Replaces a plugin's config (a JSON object of at most 64 KiB).
+    pub async fn set_config(&self, tenant: &str, name: &str, config: &Value) -> EngineResult<()> {
+        if !config.is_object() {
+            return Err(CoreError::Invalid("config must be a JSON object".into()).into());
+        }
+        if config.to_string().len() > 64 << 10 {
+            return Err(CoreError::Invalid("config must be at most 64 KiB".into()).into());
+        }
+        Ok(self.store.set_config(tenant, name, config).await?)
+    }
+
+    /// A plugin's config (`{}` if none).
+    pub async fn config(&self, tenant: &str, name: &str) -> EngineResult<Value> {
+        self.plugin(tenant, name, "plugin").await?;
+        let v = self.store.config(tenant, name).await?;
+        Ok(if v.is_null() { json!({}) } else { v })
+    }
+
+    /// Loads every tenant's active plugin versions (from the compile cache
+    /// where possible), so that the first event after a restart is fast.
+    /// Returns how many plugin versions were loaded; failures are logged
+    /// and skipped.
+    pub async fn preload(&self) -> EngineResult<usize> {
+        let mut n = 0;
+        for t in self.store.tenants().await? {
+            for p in self.store.plugins(&t.id).await? {
+                match self.loaded_version(&t.id, &p, p.active_version).await {
+                    Ok(_) => n += 1,
+                    Err(e) => tracing::warn!(
+                        "could not load plugin {}/{} v{}: {e}",
+                        t.id,
+                        p.name,
+                        p.active_version,
+                    ),
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// A version of a plugin (whose record the caller has just read),
+    /// compiled and ready: from memory, else loaded from the store.
+    async fn loaded_version(
+        &self,
+        tenant: &str,
+        info: &PluginInfo,
+        version: u64,
+    ) -> EngineResult<Arc<LoadedPlugin>> {
+        let name = &info.name;
+        let key = (tenant.to_string(), name.clone(), version);
+        if let Some(p) = self.loaded.read().ok().and_then(|m| m.get(&key).cloned()) {
+            return Ok(p);
+        }
+        let v = info
+            .version(version)
+            .ok_or_else(|| CoreError::NotFound(format!("plugin {name} version {version}")))?;
+        let bytes = self
+            .store
+            .plugin_bytes(tenant, &v.sha256)
+            .await?
+            .ok_or_else(|| CoreError::Storage("component bytes missing".into()))?;
+        // Compiling (or reading the compile cache) is slow: off the
+        // async threads.
+        let host = self.host.clone();
+        let sha = v.sha256.clone();
+        let p = Arc::new(
+            tokio::task::spawn_blocking(move || host.load_with_hash(sha, &bytes))
+                .await
+                .map_err(|e| EngineError::Internal(e.to_string()))?
+                .map_err(|e| EngineError::PluginLoad(e.to_string()))?,
+        );
+        if let Ok(mut m) = self.loaded.write() {
+            m.insert(key, p.clone());
+        }
+        Ok(p)
+    }
+
+    /// Number of plugin versions loaded and ready.
+    pub fn loaded_count(&self) -> usize {
+        self.loaded.read().map(|m| m.len()).unwrap_or(0)
+    }
+
+    // ----- addresses -----
+
+    /// Maps an address of the tenant to one of its flows.
+    pub async fn set_address(
+        &self,
+        tenant: &str,
+        address: &str,
+        channel: Channel,
+        flow: String,
+    ) -> EngineResult<Address> {
+        let address = normalize_address(address);
+        if address.is_empty() || address.len() > 256 {
+            return Err(CoreError::Invalid("address must be 1-256 characters".into()).into());
+        }
+        let p = self.plugin(tenant, &flow, "flow").await?;
+        if p.kind != PluginKind::Flow {
+            return Err(EngineError::NotAFlow {
+                name: flow,
+                kind: p.kind,
+            });
+        }
+        let a = Address {
+            address,
+            channel,
+            flow,
+        };
+        self.store.set_address(tenant, &a).await?;
+        Ok(a)
+    }
+
+    /// One address of a tenant.
+    pub async fn address(&self, tenant: &str, address: &str) -> EngineResult<Address> {
+        let a = normalize_address(address);
+        self.store
+            .address(tenant, &a)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("address {a}")).into())
+    }
+
+    /// All addresses of a tenant.
+    pub async fn addresses(&self, tenant: &str) -> EngineResult<Vec<Address>> {
+        Ok(self.store.addresses(tenant).await?)
+    }
+
+    /// The tenant and address an inbound address belongs to, if any.
+    pub async fn route_address(&self, address: &str) -> EngineResult<Option<(String, Address)>> {
+        Ok(self
+            .store
+            .address_owner(&normalize_address(address))
+            .await?)
+    }
+
+    // ----- SIP users, registrations, trunks -----
+
+    /// Creates or replaces a SIP user (an agent's phone) of the tenant.
+    /// Only the digest hashes are stored.
+    pub async fn set_sip_user(&self, tenant: &str, user: SipUser) -> EngineResult<()> {
+        self.tenant(tenant).await?;
+        Ok(self.store.set_sip_user(tenant, &user).await?)
+    }
+
+    /// A tenant's SIP user, for the registrar (`None`: no such tenant or user).
+    pub async fn sip_user(&self, tenant: &str, name: &str) -> EngineResult<Option<SipUser>> {
+        match self.store.tenant(tenant).await? {
+            Some(_) => Ok(self.store.sip_user(tenant, name).await?),
+            None => Ok(None),
+        }
+    }
+
+    /// All SIP users of a tenant.
+    pub async fn sip_users(&self, tenant: &str) -> EngineResult<Vec<SipUser>> {
+        Ok(self.store.sip_users(tenant).await?)
+    }
+
+    /// A tenant's trunks (with credentials: for channels only): those of
+    /// the config file, then those created over the API. A store error is
+    /// returned, never read as "no trunks": trunks decide who may call in.
+    pub async fn trunks(&self, tenant: &str) -> EngineResult<Vec<Trunk>> {
+        let mut all = self.config_trunks.get(tenant).cloned().unwrap_or_default();
+        for t in self.store.trunks(tenant).await? {
+            if !all.iter().any(|c| c.name == t.name) {
+                all.push(t);
+            }
+        }
+        Ok(all)
+    }
+
+    /// A trunk from the server's config file.
+    pub fn configured_trunk(&self, tenant: &str, name: &str) -> Option<&Trunk> {
+        self.config_trunks
+            .get(tenant)?
+            .iter()
+            .find(|t| t.name == name)
+    }
+
+    /// Creates or replaces a trunk over the API (`Conflict` for one from
+    /// the config file).
+    pub async fn set_trunk(&self, tenant: &str, trunk: &Trunk) -> EngineResult<()> {
+        validate_id("trunk", &trunk.name)?;
+        trunk.validate().map_err(CoreError::Invalid)?;
+        if self.configured_trunk(tenant, &trunk.name).is_some() {
+            return Err(CoreError::Conflict(format!(
+                "trunk {} is defined in the server's config file; change it there",
+                trunk.name
+            ))
+            .into());
+        }
+        Ok(self.store.set_trunk(tenant, trunk).await?)
+    }
+
+    /// Replaces a SIP user's bindings (expired ones are dropped); returns
+    /// the live ones. Registrations are in the store (soft state), so
+    /// every node sharing it reaches the phone, and a restart keeps them.
+    pub async fn set_bindings(
+        &self,
+        tenant: &str,
+        user: &str,
+        bindings: Vec<Binding>,
+    ) -> EngineResult<Vec<Binding>> {
+        let now = now_ms();
+        let live: Vec<Binding> = bindings
+            .into_iter()
+            .filter(|b| b.expires_ms > now)
+            .collect();
+        self.store.set_bindings(tenant, user, &live).await?;
+        Ok(live)
+    }
+
+    /// A SIP user's live bindings.
+    pub async fn bindings(&self, tenant: &str, user: &str) -> EngineResult<Vec<Binding>> {
+        let now = now_ms();
+        Ok(self
+            .store
+            .user_bindings(tenant, user)
+            .await?
+            .into_iter()
+            .filter(|b| b.expires_ms > now)
+            .collect())
+    }
+
+    // ----- recordings -----
+
+    /// Stores a recording (WAV) of a tenant durably as a blob and returns
+    /// its id (`rec-<interaction>-<n>`).
+    pub async fn save_recording(
+        &self,
+        tenant: &str,
+        interaction: &str,
+        wav: &[u8],
+    ) -> EngineResult<String> {
+        for n in 1..1000 {
+            let id = format!("rec-{interaction}-{n}");
+            match self.store.put_blob(tenant, &id, wav).await {
+                Ok(()) => return Ok(id),
+                Err(CoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CoreError::Storage("too many recordings for one interaction".into()).into())
+    }
+
+    /// A tenant's recording (WAV bytes), or `NotFound`. Recordings made
+    /// before they moved into the store are read from the recordings
+    /// directory, if one is configured.
+    pub async fn recording(&self, tenant: &str, id: &str) -> EngineResult<Vec<u8>> {
+        let valid = id.starts_with("rec-")
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        let not_found = || EngineError::from(CoreError::NotFound(format!("recording {id}")));
+        if !valid {
+            return Err(not_found());
+        }
+        if let Some(b) = self.store.blob(tenant, id).await? {
+            return Ok(b);
+        }
+        let dir = self.recordings.as_ref().ok_or_else(not_found)?;
+        tokio::fs::read(dir.join(tenant).join(format!("{id}.wav")))
+            .await
+            .map_err(|_| not_found())
+    }
+
+    // ----- interactions and events -----
+
+    /// The newest `limit` interactions of a tenant, newest first.
+    pub async fn interactions(&self, tenant: &str, limit: usize) -> EngineResult<Vec<Interaction>> {
+        Ok(self.store.interactions(tenant, limit).await?)
+    }
+
+    /// One interaction of a tenant.
+    pub async fn interaction(&self, tenant: &str, id: &str) -> EngineResult<Interaction> {
+        self.store
+            .interaction(tenant, id)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("interaction {id}")).into())
+    }
+
+    /// Subscribes to the event bus (every tenant's events: filter by
+    /// [`StreamEvent::tenant`]).
+    pub fn subscribe(&self) -> broadcast::Receiver<StreamEvent> {
+        self.events.subscribe()
+    }
+
+    fn publish(&self, tenant: &str, payload: Value) {
+        let _ = self.events.send(StreamEvent {
+            tenant: tenant.to_string(),
+            payload,
+            node: None,
+        });
+    }
+
+    /// Outbound HTTP(S) on tenants' behalf (media URLs, webhooks): the
+    /// plugins' own path, with the same grants, pools and network policy.
+    pub fn fetcher(&self) -> &Arc<plugboard_host::fetch::Fetcher> {
+        self.host.fetcher()
+    }
+
+    /// The metrics registry (channels count what they see in it).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Counts a security event (a lockout, …) and puts it on the
+    /// operator's event stream (`GET /v1/events`, admin), not on any
+    /// tenant's.
+    pub fn security_event(&self, kind: &str, data: Value) {
+        tracing::warn!("security event {kind}: {data}");
+        self.metrics.security_event(kind);
+        self.publish(
+            OPERATOR,
+            json!({"kind": "security", "event": kind, "at_ms": now_ms(), "data": data}),
+        );
+    }
+
+    /// The Prometheus text exposition of the metrics.
+    pub fn metrics_text(&self) -> String {
+        let text = self.metrics.encode(self.loaded_count());
+        // The fair-share gauges go before the OpenMetrics end marker.
+        let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
+        format!("{body}{}# EOF\n", self.fair.encode())
+    }
+
+    /// Runs a flow against scripted events, as `simulate` does, and
+    /// records the interaction (marked simulated).
+    pub async fn simulate(
+        self: &Arc<Self>,
+        tenant: &str,
+        flow: &str,
+        req: SimulateRequest,
+    ) -> EngineResult<SimulateOutcome> {
+        if req.events.len() > 100 {
+            return Err(CoreError::Invalid("at most 100 events per simulation".into()).into());
+        }
+        let mut session = self
+            .open_session(SessionStart {
+                tenant: tenant.to_string(),
+                flow: flow.to_string(),
+                version: req.version,
+                channel: req.channel,
+                from: req.from,
+                to: req.to,
+                attributes: req.attributes,
+                simulated: true,
+                now_ms: req.now_ms,
+            })
+            .await?;
+        let version = session
+            .interaction
+            .flow
+            .as_ref()
+            .map(|f| f.version)
+            .unwrap_or_default();
+        let mut events = req.events;
+        if events.first() != Some(&Event::Started) {
+            events.insert(0, Event::Started);
+        }
+        let mut steps = Vec::new();
+        let mut failure: Option<InvokeError> = None;
+        for event in events {
+            let step = session.handle(event.clone()).await;
+            let actions = serde_json::to_value(&step.actions).unwrap_or_default();
+            let actions = session.redact(actions);
+            let state = session.redact(json!(step.state));
+            match step.error {
+                None => {
+                    steps.push(json!({"event": event, "actions": actions, "state": state, "elapsed_us": step.elapsed_us, "memory_bytes": step.memory_bytes}));
+                    if step.actions.contains(&Action::Hangup) || event == Event::Hangup {
+                        break;
+                    }
+                }
+                Some(e) => {
+                    let err = json!({"code": e.code(), "message": e.to_string()});
+                    steps.push(json!({"event": event, "actions": actions, "fallback": true, "error": err, "elapsed_us": step.elapsed_us}));
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        session.finish().await?;
+        Ok(SimulateOutcome {
+            interaction: session.interaction.id.clone(),
+            version,
+            steps,
+            failure,
+        })
+    }
+
+    /// Runs one flow event in a fresh instance on the blocking pool,
+    /// bounded by the host's concurrency, and records metrics.
+    async fn run_flow(
+        &self,
+        share: usize,
+        plugin: Arc<LoadedPlugin>,
+        env: plugboard_host::PluginEnv,
+        input: FlowInput,
+        state: String,
+        event: Event,
+    ) -> Report<plugboard_host::FlowOutput> {
+        let tenant = env.tenant.clone();
+        let name = env.plugin.clone();
+        let permit = self.fair.acquire(&tenant, share).await;
+        let host = self.host.clone();
+        let report = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            host.invoke_flow(&plugin, env, &input, &state, &event)
+        })
+        .await
+        .unwrap_or_else(|e| Report {
+            outcome: Err(InvokeError::Instantiate(format!(
+                "invocation task failed: {e}"
+            ))),
+            logs: Vec::new(),
+            calls: Vec::new(),
+            elapsed_us: 0,
+            memory_bytes: 0,
+        });
+        self.metrics.observe(&tenant, &name, "flow", &report);
+        report
+    }
+}
+
+/// A random token (`prefix` + 48 hex digits) from the operating system's
+/// generator; an error if it has none (never a weaker fallback).
+pub fn random_token(prefix: &str) -> EngineResult<String> {
+    let mut b = [0u8; 24];
+    getrandom::fill(&mut b).map_err(|e| EngineError::Random(e.to_string()))?;
+    Ok(format!("{prefix}{}", hex::encode(b)))
+}
+
+/// The offset from UTC, in minutes, of time zone `tz` at `at_ms` (0 if the
+/// zone is unknown, which creation refuses).
+fn utc_offset_minutes(tz: &str, at_ms: u64) -> i32 {
+    let Ok(zone) = jiff::tz::TimeZone::get(tz) else {
+        return 0;
+    };
+    let Ok(ts) = jiff::Timestamp::from_millisecond(at_ms as i64) else {
+        return 0;
+    };
+    zone.to_offset(ts).seconds() / 60
+}
+
+fn interaction_nonce() -> EngineResult<u32> {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).map_err(|e| EngineError::Random(e.to_string()))?;
+    Ok(u32::from_le_bytes(b))
+}
+
+/// Lets the host's `kv` import (synchronous: called from a plugin running
+/// on a blocking thread) use the async store.
+struct KvAdapter {
+    store: Arc<dyn Store>,
+    rt: tokio::runtime::Handle,
+}
+
+impl KvAdapter {
+    fn new(store: Arc<dyn Store>) -> Self {
+        KvAdapter {
+            store,
+            rt: tokio::runtime::Handle::current(),
+        }
+    }
+}
+
+impl plugboard_core::TenantKv for KvAdapter {
+    fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, CoreError> {
+        self.rt.block_on(self.store.kv_get(tenant, key))
+    }
+    fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), CoreError> {
+        self.rt.block_on(self.store.kv_set(tenant, key, value))
+    }
+    fn kv_delete(&self, tenant: &str, key: &str) -> Result<(), CoreError> {
+        self.rt.block_on(self.store.kv_delete(tenant, key))
+    }
+}

@@ -1,0 +1,517 @@
+//! The conformance suite every [`Store`] implementation must pass: the
+//! same checks run against sled and PostgreSQL (`tests/store.rs`). Each
+//! check returns an error naming what went wrong; [`run`] runs them all.
+
+use crate::{Result as StoreResult, Store, hash_key};
+use plugboard_core::{
+    Address, Binding, Channel, EntryKind, Error, FlowRef, Grants, HttpGrant, Interaction,
+    InteractionState, PluginKind, PluginVersion, SipUser, Tenant, TimelineEntry, Trunk,
+};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// A failed check.
+pub type Failure = String;
+
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!("{}:{}: {}", file!(), line!(), format!($($msg)+)));
+        }
+    };
+}
+
+fn ok<T>(r: StoreResult<T>, what: &str) -> Result<T, Failure> {
+    r.map_err(|e| format!("{what}: {e}"))
+}
+
+/// A tenant record named `id`.
+pub fn tenant(id: &str) -> Tenant {
+    Tenant {
+        id: id.into(),
+        name: id.into(),
+        time_zone: "UTC".into(),
+        created_ms: 1,
+        limits: Default::default(),
+    }
+}
+
+fn version(name: &str, sha: &str) -> PluginVersion {
+    PluginVersion {
+        name: name.into(),
+        version: 0,
+        kind: PluginKind::Flow,
+        sha256: sha.into(),
+        size: 3,
+        created_ms: 1,
+        document: None,
+    }
+}
+
+/// An interaction of `tenant` from `from` on `channel`, created at `at`.
+pub fn interaction(tenant: &str, id: &str, from: &str, channel: Channel) -> Interaction {
+    Interaction {
+        id: id.into(),
+        tenant: tenant.into(),
+        channel,
+        from: from.into(),
+        to: "100".into(),
+        flow: Some(FlowRef {
+            name: "ivr".into(),
+            version: 1,
+        }),
+        state: InteractionState::InFlow,
+        attributes: BTreeMap::new(),
+        simulated: false,
+        created_ms: 1,
+        closed_ms: None,
+        timeline: Vec::new(),
+    }
+}
+
+fn entry(kind: EntryKind, n: u64) -> TimelineEntry {
+    TimelineEntry {
+        at_ms: n,
+        kind,
+        data: json!({"n": n}),
+    }
+}
+
+/// Runs every check on a fresh, empty store.
+pub async fn run(s: Arc<dyn Store>) -> Result<(), Failure> {
+    tenants(&*s).await?;
+    plugins(&*s).await?;
+    addresses(&*s).await?;
+    registrar(&*s).await?;
+    interactions(&*s).await?;
+    kv_and_blobs(&*s).await?;
+    secrets(&*s).await?;
+    records(&*s).await?;
+    concurrent_writers(s).await?;
+    Ok(())
+}
+
+/// Tenants and keys: creation is all or nothing, ids are unique.
+pub async fn tenants(s: &dyn Store) -> Result<(), Failure> {
+    ok(
+        s.create_tenant(&tenant("a"), &hash_key("ka")).await,
+        "create a",
+    )?;
+    ok(
+        s.create_tenant(&tenant("b"), &hash_key("kb")).await,
+        "create b",
+    )?;
+    let again = s.create_tenant(&tenant("a"), &hash_key("other")).await;
+    ensure!(
+        matches!(again, Err(Error::Conflict(_))),
+        "second a: {again:?}"
+    );
+    // The refused creation stored no key.
+    ensure!(
+        ok(s.tenant_for_key(&hash_key("other")).await, "key")?.is_none(),
+        "a refused tenant's key was stored"
+    );
+    ensure!(
+        ok(s.tenant_for_key(&hash_key("kb")).await, "key b")? == Some("b".into()),
+        "key b"
+    );
+    let mut a = tenant("a");
+    a.name = "Acme".into();
+    ok(s.update_tenant(&a).await, "update")?;
+    ensure!(
+        ok(s.tenant("a").await, "tenant a")?.map(|t| t.name) == Some("Acme".into()),
+        "update lost"
+    );
+    let missing = s.update_tenant(&tenant("zz")).await;
+    ensure!(matches!(missing, Err(Error::NotFound(_))), "{missing:?}");
+    let ids: Vec<String> = ok(s.tenants().await, "tenants")?
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    ensure!(ids == ["a", "b"], "tenants {ids:?}");
+    Ok(())
+}
+
+/// Plugin versions with their blobs, rollback, grants, configs, isolation.
+pub async fn plugins(s: &dyn Store) -> Result<(), Failure> {
+    let v1 = ok(
+        s.add_plugin_version("a", version("ivr", "h1"), b"one")
+            .await,
+        "v1",
+    )?;
+    let v2 = ok(
+        s.add_plugin_version("a", version("ivr", "h2"), b"two")
+            .await,
+        "v2",
+    )?;
+    ensure!(
+        v1.version == 1 && v2.version == 2,
+        "numbering {v1:?} {v2:?}"
+    );
+    ensure!(
+        ok(s.plugin_bytes("a", "h2").await, "bytes")? == Some(b"two".to_vec()),
+        "blob"
+    );
+    let p = ok(s.plugin("a", "ivr").await, "plugin")?;
+    ensure!(p.as_ref().map(|p| p.active_version) == Some(2), "{p:?}");
+    ensure!(
+        ok(s.set_active_version("a", "ivr", None).await, "rollback")? == 1,
+        "rollback"
+    );
+    let again = s.set_active_version("a", "ivr", None).await;
+    ensure!(
+        matches!(again, Err(Error::Conflict(_))),
+        "nothing before 1: {again:?}"
+    );
+    ensure!(
+        ok(s.set_active_version("a", "ivr", Some(2)).await, "forward")? == 2,
+        "roll forward"
+    );
+    let bad = s.set_active_version("a", "ivr", Some(9)).await;
+    ensure!(matches!(bad, Err(Error::NotFound(_))), "{bad:?}");
+    let grants = Grants {
+        http: Some(HttpGrant {
+            allow: vec!["crm:80".into()],
+            ..HttpGrant::default()
+        }),
+        kv: true,
+        secrets: vec!["crm".into()],
+    };
+    ok(s.set_grants("a", "ivr", &grants).await, "grants")?;
+    ok(s.set_config("a", "ivr", &json!({"x": 1})).await, "config")?;
+    ensure!(
+        ok(s.config("a", "ivr").await, "config")? == json!({"x": 1}),
+        "config"
+    );
+    ensure!(
+        ok(s.config("a", "none").await, "config")?.is_null(),
+        "no config"
+    );
+    let p = ok(s.plugin("a", "ivr").await, "plugin")?;
+    ensure!(p.as_ref().map(|p| &p.grants) == Some(&grants), "{p:?}");
+    let unknown = s.set_grants("a", "nope", &grants).await;
+    ensure!(matches!(unknown, Err(Error::NotFound(_))), "{unknown:?}");
+    // Another tenant sees none of it.
+    ensure!(
+        ok(s.plugin("b", "ivr").await, "b")?.is_none(),
+        "b sees a's plugin"
+    );
+    ensure!(
+        ok(s.plugin_bytes("b", "h1").await, "b")?.is_none(),
+        "b sees a's blob"
+    );
+    ok(
+        s.add_plugin_version("a", version("tts", "h3"), b"3").await,
+        "tts",
+    )?;
+    let names: Vec<String> = ok(s.plugins("a").await, "plugins")?
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    ensure!(names == ["ivr", "tts"], "{names:?}");
+    let nobody = s.plugins("nobody").await;
+    ensure!(matches!(nobody, Err(Error::NotFound(_))), "{nobody:?}");
+    Ok(())
+}
+
+/// An address belongs to one tenant.
+pub async fn addresses(s: &dyn Store) -> Result<(), Failure> {
+    let addr = |flow: &str| Address {
+        address: "100".into(),
+        channel: Channel::Voice,
+        flow: flow.into(),
+    };
+    ok(s.set_address("a", &addr("ivr")).await, "claim")?;
+    let claim = s.set_address("b", &addr("other")).await;
+    ensure!(matches!(claim, Err(Error::Conflict(_))), "{claim:?}");
+    ensure!(
+        ok(s.address("b", "100").await, "b")?.is_none(),
+        "b got a's address"
+    );
+    ok(s.set_address("a", &addr("menu")).await, "update")?;
+    let owner = ok(s.address_owner("100").await, "owner")?;
+    ensure!(
+        owner.map(|(t, a)| (t, a.flow)) == Some(("a".into(), "menu".into())),
+        "owner"
+    );
+    ensure!(
+        ok(s.address_owner("200").await, "none")?.is_none(),
+        "200 owned"
+    );
+    ensure!(ok(s.addresses("a").await, "list")?.len() == 1, "list");
+    Ok(())
+}
+
+/// SIP users, trunks, registrations.
+pub async fn registrar(s: &dyn Store) -> Result<(), Failure> {
+    let user = SipUser {
+        name: "alice".into(),
+        ha1_md5: "m".into(),
+        ha1_sha256: "s".into(),
+        created_ms: 1,
+    };
+    ok(s.set_sip_user("a", &user).await, "user")?;
+    ensure!(
+        ok(s.sip_user("a", "alice").await, "user")? == Some(user.clone()),
+        "user"
+    );
+    ensure!(
+        ok(s.sip_user("b", "alice").await, "b")?.is_none(),
+        "b has alice"
+    );
+    ensure!(ok(s.sip_users("a").await, "users")?.len() == 1, "users");
+    let trunk = Trunk {
+        name: "default".into(),
+        host: "carrier:5060".into(),
+        transport: "udp".into(),
+        username: Some("u".into()),
+        password: Some("p".into()),
+        inbound_ips: vec!["127.0.0.9".into()],
+        inbound_digest: false,
+    };
+    ok(s.set_trunk("a", &trunk).await, "trunk")?;
+    ensure!(ok(s.trunks("a").await, "trunks")? == vec![trunk], "trunks");
+    ensure!(ok(s.trunks("b").await, "b")?.is_empty(), "b has a's trunk");
+    let b = Binding {
+        contact: "sip:alice@127.0.0.1:5070".into(),
+        expires_ms: 99,
+        source: "UDP 127.0.0.1:5070".into(),
+    };
+    ok(
+        s.set_bindings("a", "alice", std::slice::from_ref(&b)).await,
+        "bind",
+    )?;
+    ensure!(
+        ok(s.user_bindings("a", "alice").await, "get")? == vec![b.clone()],
+        "binding"
+    );
+    ensure!(
+        ok(s.bindings("a").await, "all")? == vec![("alice".to_string(), vec![b])],
+        "bindings"
+    );
+    ok(s.set_bindings("a", "alice", &[]).await, "unbind")?;
+    ensure!(ok(s.bindings("a").await, "all")?.is_empty(), "unbind");
+    Ok(())
+}
+
+/// Header + append-only timeline, indexes by state and customer.
+pub async fn interactions(s: &dyn Store) -> Result<(), Failure> {
+    let mut ix = interaction("a", "ix-0000000000001-00000001", "+370600", Channel::Voice);
+    ix.timeline.push(entry(EntryKind::Event, 1));
+    let stored = ok(s.save_interaction(&ix, 0).await, "save")?;
+    ensure!(stored == 1, "stored {stored}");
+    ix.timeline.push(entry(EntryKind::Actions, 2));
+    ix.timeline.push(entry(EntryKind::Event, 3));
+    ix.attributes.insert("menu".into(), "sales".into());
+    let stored = ok(s.save_interaction(&ix, stored).await, "append")?;
+    ensure!(stored == 3, "stored {stored}");
+    let back = ok(s.interaction("a", &ix.id).await, "load")?;
+    ensure!(back.as_ref() == Some(&ix), "round trip: {back:?}");
+    // Open interactions are a query on the state index.
+    let open = ok(
+        s.interactions_in_state("a", InteractionState::InFlow, 10)
+            .await,
+        "open",
+    )?;
+    ensure!(open.len() == 1 && open[0].id == ix.id, "open {open:?}");
+    ix.state = InteractionState::Closed;
+    ix.closed_ms = Some(5);
+    ok(s.save_interaction(&ix, stored).await, "close")?;
+    let open = ok(
+        s.interactions_in_state("a", InteractionState::InFlow, 10)
+            .await,
+        "open",
+    )?;
+    ensure!(open.is_empty(), "closed still open: {open:?}");
+    let closed = ok(
+        s.interactions_in_state("a", InteractionState::Closed, 10)
+            .await,
+        "closed",
+    )?;
+    ensure!(
+        closed.len() == 1 && closed[0].timeline.is_empty(),
+        "{closed:?}"
+    );
+    // A customer's history across channels, newest first; not another's.
+    // A soft write is a write like any other, only not waited for.
+    let chat = interaction("a", "ix-0000000000002-00000002", "+370600", Channel::Chat);
+    ok(s.save_interaction_soft(&chat, 0).await, "soft")?;
+    ensure!(
+        ok(s.interaction("a", &chat.id).await, "soft")?.as_ref() == Some(&chat),
+        "a soft write is not there"
+    );
+    let other = interaction("a", "ix-0000000000003-00000003", "+370699", Channel::Voice);
+    ok(s.save_interaction(&chat, 0).await, "chat")?;
+    ok(s.save_interaction(&other, 0).await, "other")?;
+    let history = ok(s.customer_history("a", "+370600", 10).await, "history")?;
+    let ids: Vec<&str> = history.iter().map(|i| i.id.as_str()).collect();
+    ensure!(ids == [chat.id.as_str(), ix.id.as_str()], "history {ids:?}");
+    let newest = ok(s.interactions("a", 2).await, "list")?;
+    let ids: Vec<&str> = newest.iter().map(|i| i.id.as_str()).collect();
+    ensure!(
+        ids == [other.id.as_str(), chat.id.as_str()],
+        "newest {ids:?}"
+    );
+    ensure!(
+        ok(s.interaction("b", &ix.id).await, "b")?.is_none(),
+        "b sees a's"
+    );
+    ensure!(
+        ok(s.customer_history("b", "+370600", 10).await, "b")?.is_empty(),
+        "b"
+    );
+    Ok(())
+}
+
+/// The plugins' kv and blobs, per tenant.
+pub async fn kv_and_blobs(s: &dyn Store) -> Result<(), Failure> {
+    ok(s.kv_set("a", "k", b"1").await, "set")?;
+    ensure!(
+        ok(s.kv_get("a", "k").await, "get")? == Some(b"1".to_vec()),
+        "kv"
+    );
+    ensure!(
+        ok(s.kv_get("b", "k").await, "b")?.is_none(),
+        "b sees a's kv"
+    );
+    ok(s.kv_delete("a", "k").await, "delete")?;
+    ensure!(ok(s.kv_get("a", "k").await, "get")?.is_none(), "deleted");
+    ok(s.put_blob("a", "rec-1", b"wav").await, "blob")?;
+    let again = s.put_blob("a", "rec-1", b"other").await;
+    ensure!(matches!(again, Err(Error::Conflict(_))), "{again:?}");
+    ensure!(
+        ok(s.blob("a", "rec-1").await, "blob")? == Some(b"wav".to_vec()),
+        "blob"
+    );
+    ensure!(
+        ok(s.blob("b", "rec-1").await, "b")?.is_none(),
+        "b sees a's blob"
+    );
+    Ok(())
+}
+
+/// Sealed secrets: per tenant, replaced in place, listed by name.
+pub async fn secrets(s: &dyn Store) -> Result<(), Failure> {
+    ok(s.set_secret("a", "crm", b"sealed-1").await, "set")?;
+    ok(s.set_secret("a", "crm", b"sealed-2").await, "replace")?;
+    ok(s.set_secret("a", "billing", b"sealed-3").await, "set")?;
+    ensure!(
+        ok(s.secret("a", "crm").await, "get")? == Some(b"sealed-2".to_vec()),
+        "replaced"
+    );
+    ensure!(
+        ok(s.secret_names("a").await, "names")? == vec!["billing".to_string(), "crm".to_string()],
+        "names"
+    );
+    ensure!(
+        ok(s.secret("b", "crm").await, "b")?.is_none(),
+        "b sees a's secret"
+    );
+    ensure!(
+        ok(s.secret_names("b").await, "b names")?.is_empty(),
+        "b names"
+    );
+    ensure!(
+        ok(s.delete_secret("a", "billing").await, "delete")?,
+        "deleted"
+    );
+    ensure!(
+        !ok(s.delete_secret("a", "billing").await, "again")?,
+        "deleted twice"
+    );
+    ensure!(
+        ok(s.secret_names("a").await, "names")? == vec!["crm".to_string()],
+        "names after delete"
+    );
+    let missing = s.secret_names("nobody").await;
+    ensure!(
+        matches!(missing, Err(Error::NotFound(_))),
+        "unknown tenant: {missing:?}"
+    );
+    Ok(())
+}
+
+/// Configuration records: per tenant and kind, replaced in place.
+pub async fn records(s: &dyn Store) -> Result<(), Failure> {
+    ok(
+        s.set_record("a", "queue", "sales", &json!({"id": "sales", "v": 1}))
+            .await,
+        "set",
+    )?;
+    ok(
+        s.set_record("a", "queue", "sales", &json!({"id": "sales", "v": 2}))
+            .await,
+        "replace",
+    )?;
+    ok(
+        s.set_record("a", "queue", "billing", &json!({"id": "billing"}))
+            .await,
+        "set",
+    )?;
+    ok(
+        s.set_record(
+            "a",
+            "agent",
+            "sales",
+            &json!({"id": "sales", "agent": true}),
+        )
+        .await,
+        "other kind",
+    )?;
+    ensure!(
+        ok(s.record("a", "queue", "sales").await, "get")? == Some(json!({"id": "sales", "v": 2})),
+        "replaced"
+    );
+    let queues = ok(s.records("a", "queue").await, "list")?;
+    ensure!(
+        queues == vec![json!({"id": "billing"}), json!({"id": "sales", "v": 2})],
+        "by id, one kind: {queues:?}"
+    );
+    ensure!(
+        ok(s.records("b", "queue").await, "b")?.is_empty(),
+        "b sees a's records"
+    );
+    ensure!(
+        ok(s.record("b", "queue", "sales").await, "b")?.is_none(),
+        "b sees a's record"
+    );
+    ensure!(
+        ok(s.delete_record("a", "queue", "billing").await, "delete")?,
+        "deleted"
+    );
+    ensure!(
+        !ok(s.delete_record("a", "queue", "billing").await, "again")?,
+        "deleted twice"
+    );
+    ensure!(
+        ok(s.records("a", "queue").await, "list")?.len() == 1,
+        "one left"
+    );
+    Ok(())
+}
+
+/// Many writers at once: every acknowledged write is there.
+pub async fn concurrent_writers(s: Arc<dyn Store>) -> Result<(), Failure> {
+    let mut tasks = Vec::new();
+    for n in 0..200u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ix = interaction(
+                "b",
+                &format!("ix-{:013}-{n:08x}", 100 + n),
+                "+1",
+                Channel::Sms,
+            );
+            ix.timeline.push(entry(EntryKind::Event, u64::from(n)));
+            s.save_interaction(&ix, 0).await
+        }));
+    }
+    for t in tasks {
+        ok(t.await.map_err(|e| e.to_string())?, "write")?;
+    }
+    let all = ok(s.interactions("b", 1000).await, "list")?;
+    ensure!(all.len() == 200, "{} of 200", all.len());
+    ensure!(all.iter().all(|i| i.timeline.len() == 1), "timelines");
+    Ok(())
+}

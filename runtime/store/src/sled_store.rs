@@ -1,0 +1,746 @@
+//! The embedded store: sled in a directory.
+//!
+//! Layout: global trees `tenants` (id → tenant), `api_keys` (SHA-256 of a
+//! key → tenant id) and `address_owners` (address → tenant id); one tree
+//! per tenant (`t/{id}`), its keyspace:
+//!
+//! | key | value |
+//! |---|---|
+//! | `plugin/{name}/v/{version:012}` | a plugin version |
+//! | `plugin/{name}/active`, `…/grants`, `…/config` | plugin settings |
+//! | `blob/{sha256}` | component bytes |
+//! | `address/{address}`, `sipuser/{name}`, `trunk/{name}`, `reg/{user}` | records |
+//! | `kv/{key}` | the plugins' kv |
+//! | `rec/{id}` | recordings (blobs) |
+//! | `ix/{id}` | an interaction's header |
+//! | `ixt/{id}/{seq:08}` | its timeline, one key per entry |
+//! | `ixs/{state}/{id}` | index: interactions by state |
+//! | `ixc/{customer}\0{id}` | index: interactions by customer address |
+//! | `ixm/{id}` | where the indexes point and a hash of the stored header |
+//!
+//! Writes that belong together are one sled transaction or batch (a
+//! checkpoint that only appends one timeline entry is one insert: sled
+//! serialises batches behind one lock, which capped checkpoints at a
+//! quarter of the rate). A write
+//! is acknowledged after a flush that covers it; concurrent writers share
+//! flushes (group commit): a flusher thread takes every waiter queued
+//! since its last flush, flushes once, and wakes them all.
+
+use crate::{
+    AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RegistrarStore,
+    Result, SecretStore, TenantStore, header, new_entries, plugin_info, rollback_target, storage,
+};
+use async_trait::async_trait;
+use plugboard_core::{
+    Address, Binding, Error, Grants, Interaction, InteractionState, PluginInfo, PluginVersion,
+    SipUser, Tenant, TimelineEntry, Trunk,
+};
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use std::path::Path;
+use std::sync::mpsc;
+use tokio::sync::oneshot;
+
+type Waiter = oneshot::Sender<std::result::Result<(), String>>;
+
+/// The embedded store: sled in a directory, with group commit.
+pub struct SledStore {
+    db: sled::Db,
+    tenants: sled::Tree,
+    keys: sled::Tree,
+    owners: sled::Tree,
+    /// Waiters for the flusher thread (`None` once closing).
+    flusher: Option<mpsc::Sender<Waiter>>,
+    /// The flusher thread, joined on drop so the database is closed when
+    /// the store is.
+    flush_thread: Option<std::thread::JoinHandle<()>>,
+    /// Open tenant keyspaces (a tenant is never deleted while open).
+    spaces: std::sync::RwLock<std::collections::HashMap<String, sled::Tree>>,
+    /// Serialises version numbering of plugin deploys.
+    deploys: tokio::sync::Mutex<()>,
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(v).map_err(storage)
+}
+
+fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
+    serde_json::from_slice(b).map_err(storage)
+}
+
+fn version_key(name: &str, v: u64) -> String {
+    format!("plugin/{name}/v/{v:012}")
+}
+
+fn state_key(state: InteractionState, id: &str) -> String {
+    format!("ixs/{}/{id}", state.name())
+}
+
+fn customer_key(customer: &str, id: &str) -> Vec<u8> {
+    let mut k = format!("ixc/{customer}").into_bytes();
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+fn customer_prefix(customer: &str) -> Vec<u8> {
+    let mut k = format!("ixc/{customer}").into_bytes();
+    k.push(0);
+    k
+}
+
+fn tx_error(e: TransactionError<Error>) -> Error {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => storage(e),
+    }
+}
+
+/// The flusher thread: one flush for every waiter queued before it.
+fn flusher(db: sled::Db, rx: mpsc::Receiver<Waiter>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let r = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        for w in waiters {
+            let _ = w.send(r.clone());
+        }
+    }
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(storage)?;
+        let tenants = db.open_tree("tenants").map_err(storage)?;
+        let keys = db.open_tree("api_keys").map_err(storage)?;
+        let owners = db.open_tree("address_owners").map_err(storage)?;
+        let (tx, rx) = mpsc::channel();
+        let d = db.clone();
+        let thread = std::thread::Builder::new()
+            .name("sled-flush".into())
+            .spawn(move || flusher(d, rx))
+            .map_err(storage)?;
+        let store = SledStore {
+            db,
+            tenants,
+            keys,
+            owners,
+            flusher: Some(tx),
+            flush_thread: Some(thread),
+            deploys: tokio::sync::Mutex::new(()),
+            spaces: Default::default(),
+        };
+        store.migrate_v1()?;
+        Ok(store)
+    }
+
+    /// Waits until everything written before the call is on disk.
+    async fn durable(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.flusher
+            .as_ref()
+            .ok_or_else(|| Error::Storage("the store is closing".into()))?
+            .send(tx)
+            .map_err(|_| Error::Storage("the flusher has stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Storage("the flusher has stopped".into()))?
+            .map_err(Error::Storage)
+    }
+
+    /// The tenant's keyspace; `NotFound` if the tenant does not exist.
+    fn space(&self, tenant: &str) -> Result<sled::Tree> {
+        if let Some(t) = self.spaces.read().ok().and_then(|m| m.get(tenant).cloned()) {
+            return Ok(t);
+        }
+        if !self.tenants.contains_key(tenant).map_err(storage)? {
+            return Err(Error::NotFound(format!("tenant {tenant}")));
+        }
+        let tree = self.db.open_tree(format!("t/{tenant}")).map_err(storage)?;
+        if let Ok(mut m) = self.spaces.write() {
+            m.insert(tenant.to_string(), tree.clone());
+        }
+        Ok(tree)
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(
+        tree: &sled::Tree,
+        key: impl AsRef<[u8]>,
+    ) -> Result<Option<T>> {
+        tree.get(key)
+            .map_err(storage)?
+            .map(|b| parse(&b))
+            .transpose()
+    }
+
+    /// Writes `value` as JSON at `key` in the tenant's keyspace, durably.
+    async fn put<T: serde::Serialize + Sync>(
+        &self,
+        tenant: &str,
+        key: &str,
+        value: &T,
+    ) -> Result<()> {
+        self.space(tenant)?
+            .insert(key, json(value)?)
+            .map_err(storage)?;
+        self.durable().await
+    }
+
+    /// The raw bytes at `key` in the tenant's keyspace.
+    fn bytes(&self, tenant: &str, key: String) -> Result<Option<Vec<u8>>> {
+        Ok(self
+            .space(tenant)?
+            .get(key)
+            .map_err(storage)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Every JSON value under `prefix` in the tenant's keyspace, in key order.
+    fn list<T: serde::de::DeserializeOwned>(&self, tenant: &str, prefix: &str) -> Result<Vec<T>> {
+        self.space(tenant)?
+            .scan_prefix(prefix)
+            .map(|kv| kv.map_err(storage).and_then(|(_, v)| parse(&v)))
+            .collect()
+    }
+
+    /// Writes a per-plugin setting; `NotFound` if the plugin was never
+    /// deployed.
+    async fn put_plugin_setting<T: serde::Serialize + Sync>(
+        &self,
+        tenant: &str,
+        name: &str,
+        setting: &str,
+        value: &T,
+    ) -> Result<()> {
+        let exists = self
+            .space(tenant)?
+            .contains_key(format!("plugin/{name}/active"))
+            .map_err(storage)?;
+        if !exists {
+            return Err(Error::NotFound(format!("plugin {name}")));
+        }
+        self.put(tenant, &format!("plugin/{name}/{setting}"), value)
+            .await
+    }
+
+    fn plugin_info(space: &sled::Tree, name: &str) -> Result<Option<PluginInfo>> {
+        let versions = space
+            .scan_prefix(format!("plugin/{name}/v/"))
+            .map(|kv| kv.map_err(storage).and_then(|(_, v)| parse(&v)))
+            .collect::<Result<Vec<PluginVersion>>>()?;
+        let active = Self::get_json(space, format!("plugin/{name}/active"))?;
+        let grants = Self::get_json(space, format!("plugin/{name}/grants"))?.unwrap_or_default();
+        Ok(plugin_info(name, versions, active, grants))
+    }
+
+    fn timeline(space: &sled::Tree, id: &str) -> Result<Vec<TimelineEntry>> {
+        space
+            .scan_prefix(format!("ixt/{id}/"))
+            .map(|kv| kv.map_err(storage).and_then(|(_, v)| parse(&v)))
+            .collect()
+    }
+
+    /// Headers of the interactions whose ids an index scan yields, newest
+    /// first.
+    fn headers_by_index(
+        space: &sled::Tree,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Interaction>> {
+        let mut out = Vec::new();
+        for kv in space.scan_prefix(prefix).rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, _) = kv.map_err(storage)?;
+            let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            if let Some(h) = Self::get_json(space, format!("ix/{id}"))? {
+                out.push(h);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Converts interactions stored whole by the first store (one JSON
+    /// record at `interaction/{id}`) to a header, a timeline and indexes.
+    fn migrate_v1(&self) -> Result<()> {
+        for name in self.db.tree_names() {
+            if !name.starts_with(b"t/") {
+                continue;
+            }
+            let space = self.db.open_tree(&name).map_err(storage)?;
+            for kv in space.scan_prefix("interaction/") {
+                let (k, v) = kv.map_err(storage)?;
+                let ix: Interaction = parse(&v)?;
+                // Idempotent: a crash in between migrates it again.
+                Self::write_interaction(&space, &ix, 0)?;
+                space.remove(k).map_err(storage)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes an interaction's header, its new timeline entries and its
+    /// index keys, atomically. `ixm/{id}` records what the indexes and the
+    /// stored header are (state, customer, a hash of the header), so that
+    /// a checkpoint that only appends one entry is one plain insert, and
+    /// the others are one batch.
+    fn write_interaction(space: &sled::Tree, ix: &Interaction, stored: usize) -> Result<()> {
+        use std::hash::{Hash, Hasher};
+        let id = &ix.id;
+        let head = json(&header(ix))?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        head.hash(&mut h);
+        let meta_key = format!("ixm/{id}");
+        let meta = format!("{}\0{}\0{:016x}", ix.state.name(), ix.from, h.finish());
+        let old = space.get(&meta_key).map_err(storage)?;
+        let entries: Vec<(usize, &TimelineEntry)> = new_entries(ix, stored).collect();
+        if old.as_deref() == Some(meta.as_bytes())
+            && let [(seq, entry)] = entries.as_slice()
+        {
+            space
+                .insert(format!("ixt/{id}/{seq:08}"), json(entry)?)
+                .map_err(storage)?;
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let new_index = format!("{}\0{}\0", ix.state.name(), ix.from);
+        let index_moves = !old
+            .as_deref()
+            .is_some_and(|o| o.starts_with(new_index.as_bytes()));
+        if index_moves {
+            if let Some(old) = &old {
+                let old = String::from_utf8_lossy(old);
+                let mut parts = old.split('\0');
+                let (state, from) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                batch.remove(format!("ixs/{state}/{id}").as_bytes());
+                batch.remove(customer_key(from, id));
+            }
+            batch.insert(state_key(ix.state, id).as_bytes(), &[] as &[u8]);
+            batch.insert(customer_key(&ix.from, id), &[] as &[u8]);
+        }
+        batch.insert(meta_key.as_bytes(), meta.as_bytes());
+        batch.insert(format!("ix/{id}").as_bytes(), head);
+        for (seq, entry) in entries {
+            batch.insert(format!("ixt/{id}/{seq:08}").as_bytes(), json(entry)?);
+        }
+        space.apply_batch(batch).map_err(storage)
+    }
+}
+
+impl Drop for SledStore {
+    fn drop(&mut self) {
+        self.flusher = None;
+        if let Some(t) = self.flush_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[async_trait]
+impl TenantStore for SledStore {
+    async fn create_tenant(&self, tenant: &Tenant, api_key_hash: &str) -> Result<()> {
+        let record = json(tenant)?;
+        (&self.tenants, &self.keys)
+            .transaction(|(t, k)| {
+                if t.get(tenant.id.as_bytes())?.is_some() {
+                    return Err(ConflictableTransactionError::Abort(Error::Conflict(
+                        format!("tenant {} exists", tenant.id),
+                    )));
+                }
+                t.insert(tenant.id.as_bytes(), record.as_slice())?;
+                k.insert(api_key_hash.as_bytes(), tenant.id.as_bytes())?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.durable().await
+    }
+
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<()> {
+        let new = json(tenant)?;
+        let updated = self
+            .tenants
+            .fetch_and_update(&tenant.id, |old| old.map(|_| new.clone()))
+            .map_err(storage)?;
+        if updated.is_none() {
+            return Err(Error::NotFound(format!("tenant {}", tenant.id)));
+        }
+        self.durable().await
+    }
+
+    async fn tenant(&self, id: &str) -> Result<Option<Tenant>> {
+        Self::get_json(&self.tenants, id)
+    }
+
+    async fn tenants(&self) -> Result<Vec<Tenant>> {
+        self.tenants
+            .iter()
+            .map(|kv| kv.map_err(storage).and_then(|(_, v)| parse(&v)))
+            .collect()
+    }
+
+    async fn tenant_for_key(&self, api_key_hash: &str) -> Result<Option<String>> {
+        Ok(self
+            .keys
+            .get(api_key_hash)
+            .map_err(storage)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+}
+
+#[async_trait]
+impl PluginStore for SledStore {
+    async fn add_plugin_version(
+        &self,
+        tenant: &str,
+        mut version: PluginVersion,
+        bytes: &[u8],
+    ) -> Result<PluginVersion> {
+        let space = self.space(tenant)?;
+        {
+            let _one_at_a_time = self.deploys.lock().await;
+            let prefix = format!("plugin/{}/v/", version.name);
+            let last = match space.scan_prefix(&prefix).next_back() {
+                Some(kv) => parse::<PluginVersion>(&kv.map_err(storage)?.1)?.version,
+                None => 0,
+            };
+            version.version = last + 1;
+            // The blob, the version and the active pointer: all or nothing.
+            let mut batch = sled::Batch::default();
+            batch.insert(format!("blob/{}", version.sha256).as_bytes(), bytes);
+            batch.insert(
+                version_key(&version.name, version.version).as_bytes(),
+                json(&version)?,
+            );
+            batch.insert(
+                format!("plugin/{}/active", version.name).as_bytes(),
+                json(&version.version)?,
+            );
+            space.apply_batch(batch).map_err(storage)?;
+        }
+        self.durable().await?;
+        Ok(version)
+    }
+
+    async fn plugin(&self, tenant: &str, name: &str) -> Result<Option<PluginInfo>> {
+        Self::plugin_info(&self.space(tenant)?, name)
+    }
+
+    async fn plugins(&self, tenant: &str) -> Result<Vec<PluginInfo>> {
+        let space = self.space(tenant)?;
+        let mut names: Vec<String> = Vec::new();
+        for kv in space.scan_prefix("plugin/") {
+            let (k, _) = kv.map_err(storage)?;
+            let k = String::from_utf8_lossy(&k);
+            if let Some(name) = k.strip_prefix("plugin/").and_then(|r| r.split('/').next())
+                && names.last().is_none_or(|n| n != name)
+            {
+                names.push(name.to_string());
+            }
+        }
+        let mut out = Vec::new();
+        for n in names {
+            if let Some(p) = Self::plugin_info(&space, &n)? {
+                out.push(p);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn plugin_bytes(&self, tenant: &str, sha256: &str) -> Result<Option<Vec<u8>>> {
+        self.bytes(tenant, format!("blob/{sha256}"))
+    }
+
+    async fn set_active_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: Option<u64>,
+    ) -> Result<u64> {
+        let space = self.space(tenant)?;
+        let info = Self::plugin_info(&space, name)?
+            .ok_or_else(|| Error::NotFound(format!("plugin {name}")))?;
+        let target = rollback_target(&info, version)?;
+        space
+            .insert(format!("plugin/{name}/active"), json(&target)?)
+            .map_err(storage)?;
+        self.durable().await?;
+        Ok(target)
+    }
+
+    async fn set_grants(&self, tenant: &str, name: &str, grants: &Grants) -> Result<()> {
+        self.put_plugin_setting(tenant, name, "grants", grants)
+            .await
+    }
+
+    async fn set_config(&self, tenant: &str, name: &str, config: &serde_json::Value) -> Result<()> {
+        self.put_plugin_setting(tenant, name, "config", config)
+            .await
+    }
+
+    async fn config(&self, tenant: &str, name: &str) -> Result<serde_json::Value> {
+        let space = self.space(tenant)?;
+        Ok(Self::get_json(&space, format!("plugin/{name}/config"))?.unwrap_or_default())
+    }
+}
+
+#[async_trait]
+impl AddressStore for SledStore {
+    async fn set_address(&self, tenant: &str, address: &Address) -> Result<()> {
+        let space = self.space(tenant)?;
+        let record = json(address)?;
+        let key = format!("address/{}", address.address);
+        (&self.owners, &space)
+            .transaction(|(o, s)| {
+                if let Some(owner) = o.get(address.address.as_bytes())?
+                    && owner != tenant.as_bytes()
+                {
+                    return Err(ConflictableTransactionError::Abort(Error::Conflict(
+                        format!("address {} belongs to another tenant", address.address),
+                    )));
+                }
+                o.insert(address.address.as_bytes(), tenant.as_bytes())?;
+                s.insert(key.as_bytes(), record.as_slice())?;
+                Ok(())
+            })
+            .map_err(tx_error)?;
+        self.durable().await
+    }
+
+    async fn address(&self, tenant: &str, address: &str) -> Result<Option<Address>> {
+        Self::get_json(&self.space(tenant)?, format!("address/{address}"))
+    }
+
+    async fn addresses(&self, tenant: &str) -> Result<Vec<Address>> {
+        self.list(tenant, "address/")
+    }
+
+    async fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>> {
+        let Some(owner) = self.owners.get(address).map_err(storage)? else {
+            return Ok(None);
+        };
+        let tenant = String::from_utf8_lossy(&owner).into_owned();
+        Ok(self.address(&tenant, address).await?.map(|a| (tenant, a)))
+    }
+}
+
+#[async_trait]
+impl RegistrarStore for SledStore {
+    async fn set_sip_user(&self, tenant: &str, user: &SipUser) -> Result<()> {
+        self.put(tenant, &format!("sipuser/{}", user.name), user)
+            .await
+    }
+
+    async fn sip_user(&self, tenant: &str, name: &str) -> Result<Option<SipUser>> {
+        Self::get_json(&self.space(tenant)?, format!("sipuser/{name}"))
+    }
+
+    async fn sip_users(&self, tenant: &str) -> Result<Vec<SipUser>> {
+        self.list(tenant, "sipuser/")
+    }
+
+    async fn set_trunk(&self, tenant: &str, trunk: &Trunk) -> Result<()> {
+        self.put(tenant, &format!("trunk/{}", trunk.name), trunk)
+            .await
+    }
+
+    async fn trunks(&self, tenant: &str) -> Result<Vec<Trunk>> {
+        self.list(tenant, "trunk/")
+    }
+
+    async fn set_bindings(&self, tenant: &str, user: &str, bindings: &[Binding]) -> Result<()> {
+        let space = self.space(tenant)?;
+        let key = format!("reg/{user}");
+        if bindings.is_empty() {
+            space.remove(key).map_err(storage)?;
+        } else {
+            space.insert(key, json(&bindings)?).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    async fn user_bindings(&self, tenant: &str, user: &str) -> Result<Vec<Binding>> {
+        Ok(Self::get_json(&self.space(tenant)?, format!("reg/{user}"))?.unwrap_or_default())
+    }
+
+    async fn bindings(&self, tenant: &str) -> Result<Vec<(String, Vec<Binding>)>> {
+        self.space(tenant)?
+            .scan_prefix("reg/")
+            .map(|kv| {
+                let (k, v) = kv.map_err(storage)?;
+                let user = String::from_utf8_lossy(&k["reg/".len()..]).into_owned();
+                Ok((user, parse(&v)?))
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl InteractionStore for SledStore {
+    async fn save_interaction(&self, ix: &Interaction, stored: usize) -> Result<usize> {
+        let n = self.save_interaction_soft(ix, stored).await?;
+        self.durable().await?;
+        Ok(n)
+    }
+
+    async fn save_interaction_soft(&self, ix: &Interaction, stored: usize) -> Result<usize> {
+        let space = self.space(&ix.tenant)?;
+        Self::write_interaction(&space, ix, stored)?;
+        Ok(ix.timeline.len().max(stored))
+    }
+
+    async fn interaction(&self, tenant: &str, id: &str) -> Result<Option<Interaction>> {
+        let space = self.space(tenant)?;
+        let Some(mut ix) = Self::get_json::<Interaction>(&space, format!("ix/{id}"))? else {
+            return Ok(None);
+        };
+        ix.timeline = Self::timeline(&space, id)?;
+        Ok(Some(ix))
+    }
+
+    async fn interactions(&self, tenant: &str, limit: usize) -> Result<Vec<Interaction>> {
+        let space = self.space(tenant)?;
+        let mut out = Vec::new();
+        for kv in space.scan_prefix("ix/").rev().take(limit) {
+            let (_, v) = kv.map_err(storage)?;
+            let mut ix: Interaction = parse(&v)?;
+            ix.timeline = Self::timeline(&space, &ix.id)?;
+            out.push(ix);
+        }
+        Ok(out)
+    }
+
+    async fn interactions_in_state(
+        &self,
+        tenant: &str,
+        state: InteractionState,
+        limit: usize,
+    ) -> Result<Vec<Interaction>> {
+        let space = self.space(tenant)?;
+        let prefix = format!("ixs/{}/", state.name());
+        Self::headers_by_index(&space, prefix.as_bytes(), limit)
+    }
+
+    async fn customer_history(
+        &self,
+        tenant: &str,
+        customer: &str,
+        limit: usize,
+    ) -> Result<Vec<Interaction>> {
+        let space = self.space(tenant)?;
+        Self::headers_by_index(&space, &customer_prefix(customer), limit)
+    }
+}
+
+#[async_trait]
+impl RecordStore for SledStore {
+    async fn set_record(
+        &self,
+        tenant: &str,
+        kind: &str,
+        id: &str,
+        record: &serde_json::Value,
+    ) -> Result<()> {
+        self.put(tenant, &format!("rec/{kind}/{id}"), record).await
+    }
+
+    async fn record(
+        &self,
+        tenant: &str,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<serde_json::Value>> {
+        Self::get_json(&self.space(tenant)?, format!("rec/{kind}/{id}"))
+    }
+
+    async fn records(&self, tenant: &str, kind: &str) -> Result<Vec<serde_json::Value>> {
+        self.list(tenant, &format!("rec/{kind}/"))
+    }
+
+    async fn delete_record(&self, tenant: &str, kind: &str, id: &str) -> Result<bool> {
+        let old = self
+            .space(tenant)?
+            .remove(format!("rec/{kind}/{id}"))
+            .map_err(storage)?;
+        self.durable().await?;
+        Ok(old.is_some())
+    }
+}
+
+#[async_trait]
+impl SecretStore for SledStore {
+    async fn set_secret(&self, tenant: &str, name: &str, sealed: &[u8]) -> Result<()> {
+        self.space(tenant)?
+            .insert(format!("sec/{name}"), sealed)
+            .map_err(storage)?;
+        self.durable().await
+    }
+
+    async fn secret(&self, tenant: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        self.bytes(tenant, format!("sec/{name}"))
+    }
+
+    async fn secret_names(&self, tenant: &str) -> Result<Vec<String>> {
+        self.space(tenant)?
+            .scan_prefix("sec/")
+            .keys()
+            .map(|k| {
+                let k = k.map_err(storage)?;
+                Ok(String::from_utf8_lossy(&k["sec/".len()..]).into_owned())
+            })
+            .collect()
+    }
+
+    async fn delete_secret(&self, tenant: &str, name: &str) -> Result<bool> {
+        let old = self
+            .space(tenant)?
+            .remove(format!("sec/{name}"))
+            .map_err(storage)?;
+        self.durable().await?;
+        Ok(old.is_some())
+    }
+}
+
+#[async_trait]
+impl KvStore for SledStore {
+    async fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        self.bytes(tenant, format!("kv/{key}"))
+    }
+
+    async fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<()> {
+        self.space(tenant)?
+            .insert(format!("kv/{key}"), value)
+            .map_err(storage)?;
+        self.durable().await
+    }
+
+    async fn kv_delete(&self, tenant: &str, key: &str) -> Result<()> {
+        self.space(tenant)?
+            .remove(format!("kv/{key}"))
+            .map_err(storage)?;
+        self.durable().await
+    }
+}
+
+#[async_trait]
+impl BlobStore for SledStore {
+    async fn put_blob(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<()> {
+        let r = self
+            .space(tenant)?
+            .compare_and_swap(format!("rec/{id}"), None::<&[u8]>, Some(bytes))
+            .map_err(storage)?;
+        if r.is_err() {
+            return Err(Error::Conflict(format!("blob {id} exists")));
+        }
+        self.durable().await
+    }
+
+    async fn blob(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>> {
+        self.bytes(tenant, format!("rec/{id}"))
+    }
+}

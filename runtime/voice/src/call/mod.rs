@@ -1,0 +1,559 @@
+//! One call's task: the thin tokio driver around the call's media legs
+//! ([`media`]) and its IVR executor ([`crate::ivr`]). RTP is paced every
+//! 20 ms by the media clock ([`crate::clock`]); the task keeps the clock's
+//! queue filled with what the IVR plays, feeds it what the caller sent,
+//! runs the tenant's flow in the background with its audio prepared
+//! ([`prepare`]), and carries out what the IVR asks (timeline entries,
+//! legs, recordings, the end of the call). A failing flow gets the spoken
+//! apology and the fallback, never dead air; a flow that stops asking for
+//! input ends the call.
+
+mod media;
+mod prepare;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plugboard_core::EntryKind;
+use plugboard_core::flow::Event;
+use plugboard_engine::{Ending, Engine, FlowSession, Step};
+use plugboard_media::audio;
+use plugboard_media::dtmf::DtmfSource;
+use plugboard_media::sdp::Negotiated;
+use plugboard_media::tts::Espeak;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio::task::{JoinError, JoinHandle};
+use tokio::time::MissedTickBehavior;
+
+use crate::VoiceConfig;
+use crate::clock::{DEPTH, Frame, MediaClock, PTIME, Stream};
+use crate::ivr::{Effect, Ivr, Leg, Prepared, Saved};
+use crate::ports::{MediaSockets, PortPair, PortPool};
+use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
+use media::{CallerMedia, OutLeg, seed};
+
+/// Everything a call task starts with.
+pub(crate) struct CallSpec {
+    pub key: DialogKey,
+    pub session: FlowSession,
+    pub media: PortPair,
+    pub negotiated: Negotiated,
+    pub cmds: mpsc::UnboundedReceiver<CallCmd>,
+    /// Lifecycle messages to the endpoint: unbounded, never dropped.
+    pub endpoint: mpsc::UnboundedSender<CallOut>,
+    pub app: Arc<Engine>,
+    pub tts: Arc<Espeak>,
+    pub config: Arc<VoiceConfig>,
+    pub cname: String,
+    pub pool: PortPool,
+    pub self_tx: mpsc::UnboundedSender<CallCmd>,
+    pub clock: MediaClock,
+}
+
+type FlowTask = JoinHandle<(FlowSession, Step, Vec<Prepared>)>;
+type SaveTask = JoinHandle<Result<Saved, String>>;
+
+struct Call {
+    key: DialogKey,
+    /// The flow session, unless it is out handling an event.
+    session: Option<FlowSession>,
+    /// Timeline entries made while the session was out.
+    notes: Vec<(EntryKind, Value)>,
+    flow_task: Option<FlowTask>,
+    save_task: Option<SaveTask>,
+    endpoint: mpsc::UnboundedSender<CallOut>,
+    app: Arc<Engine>,
+    tts: Arc<Espeak>,
+    config: Arc<VoiceConfig>,
+    media: CallerMedia,
+    ivr: Ivr,
+    confirmed: bool,
+    started: Instant,
+    answered: Option<Instant>,
+    stream: Arc<Stream>,
+    ended: Option<(String, &'static str)>,
+    cname: String,
+    pool: PortPool,
+    leg: Option<OutLeg>,
+    self_tx: mpsc::UnboundedSender<CallCmd>,
+}
+
+pub(crate) async fn run(spec: CallSpec) {
+    let CallSpec {
+        key,
+        session,
+        media,
+        negotiated,
+        mut cmds,
+        endpoint,
+        app,
+        tts,
+        config,
+        cname,
+        pool,
+        self_tx,
+        clock,
+    } = spec;
+    // The clock thread sends through a clone of the RTP socket.
+    let registered = media
+        .try_clone_rtp()
+        .and_then(|rtp| Ok((clock.register(rtp), media.register()?)));
+    let (stream, sockets) = match registered {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot register RTP sockets: {e}");
+            let _ = endpoint.send(CallOut::Hangup(key.clone()));
+            let _ = endpoint.send(CallOut::Ended(key));
+            return;
+        }
+    };
+    let now = Instant::now();
+    let mut call = Call {
+        key,
+        session: Some(session),
+        notes: Vec::new(),
+        flow_task: None,
+        save_task: None,
+        endpoint,
+        app,
+        tts,
+        config,
+        media: CallerMedia::new(negotiated, now),
+        ivr: Ivr::new(now, audio::music_on_hold()),
+        confirmed: false,
+        started: now,
+        answered: None,
+        stream,
+        ended: None,
+        cname,
+        pool,
+        leg: None,
+        self_tx,
+    };
+    call.main(&sockets, &mut cmds).await;
+    call.finish().await;
+    drop(sockets);
+}
+
+async fn recv_leg(
+    sockets: Option<&MediaSockets>,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, std::net::SocketAddr)> {
+    match sockets {
+        Some(s) => s.rtp.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A background task's result, or never when there is none.
+async fn finished<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Call {
+    async fn main(&mut self, media: &MediaSockets, cmds: &mut mpsc::UnboundedReceiver<CallCmd>) {
+        // The call's own pace only has to keep the media clock's queue
+        // filled; the clock sends on time.
+        let mut tick = tokio::time::interval(PTIME);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut rtcp_tick = tokio::time::interval(Duration::from_secs(5));
+        let mut buf = vec![0u8; 2048];
+        let mut rbuf = vec![0u8; 2048];
+        let ring_limit = Instant::now() + Duration::from_secs(64);
+        let mut lbuf = vec![0u8; 2048];
+        while self.ended.is_none() {
+            let leg_sockets = self.leg.as_ref().map(|l| l.sockets.clone());
+            tokio::select! {
+                r = recv_leg(leg_sockets.as_deref(), &mut lbuf) => {
+                    if let (Ok((n, src)), Some(leg)) = (r, self.leg.as_mut()) {
+                        leg.rtp(&lbuf[..n], src, self.started);
+                    }
+                }
+                _ = tick.tick() => {
+                    self.refill();
+                    if !self.confirmed && Instant::now() > ring_limit {
+                        self.ended = Some(("never answered".into(), "timeout"));
+                    }
+                }
+                r = media.rtp.recv_from(&mut buf) => {
+                    if let Ok((n, src)) = r
+                        && let Some(d) = self.media.rtp(&buf[..n], src)
+                    {
+                        self.ivr.digit(Instant::now(), d, DtmfSource::Rfc4733);
+                        self.run_effects();
+                    }
+                }
+                r = media.rtcp.recv_from(&mut rbuf) => {
+                    if let Ok((n, src)) = r {
+                        self.media.rtcp(&rbuf[..n], src);
+                    }
+                }
+                _ = rtcp_tick.tick() => {
+                    if self.confirmed {
+                        let (report, to) = self.media.rtcp_report(&self.cname);
+                        let _ = media.rtcp.try_send_to(&report, to);
+                    }
+                }
+                cmd = cmds.recv() => self.on_cmd(cmd),
+                r = finished(&mut self.flow_task) => {
+                    self.flow_task = None;
+                    match r {
+                        Ok((session, step, prepared)) => self.on_step(session, step, prepared),
+                        Err(e) => {
+                            tracing::error!("flow task failed: {e}");
+                            self.ended = Some(("internal error".into(), "system"));
+                        }
+                    }
+                }
+                r = finished(&mut self.save_task) => {
+                    self.save_task = None;
+                    self.ivr.recorded(r.unwrap_or_else(|e| Err(e.to_string())));
+                    self.run_effects();
+                }
+            }
+        }
+    }
+
+    fn on_cmd(&mut self, cmd: Option<CallCmd>) {
+        match cmd {
+            Some(CallCmd::Confirmed) => {
+                if !self.confirmed {
+                    self.confirmed = true;
+                    self.answered = Some(Instant::now());
+                    self.media.last_rtp = Instant::now();
+                    self.note(
+                        EntryKind::Answered,
+                        json!({"after_ms": self.started.elapsed().as_millis() as u64}),
+                    );
+                    self.ivr.answer();
+                }
+            }
+            Some(CallCmd::Dtmf(d, src)) => self.ivr.digit(Instant::now(), d, src),
+            Some(CallCmd::Media(n)) => {
+                let hold = n.on_hold();
+                self.note(
+                    if hold {
+                        EntryKind::Hold
+                    } else {
+                        EntryKind::Resume
+                    },
+                    json!({"remote_rtp": n.remote.to_string(), "direction": format!("{:?}", n.remote_direction)}),
+                );
+                self.media.changed(n);
+            }
+            Some(CallCmd::Answer(Ok(n))) => {
+                self.note(
+                    EntryKind::SdpAnswer,
+                    json!({"codec": n.law.name(), "telephone_event": n.dtmf_pt, "remote_rtp": n.remote.to_string(), "direction": format!("{:?}", n.remote_direction)}),
+                );
+                self.media.answered(n);
+            }
+            Some(CallCmd::Answer(Err(why))) => {
+                self.note(EntryKind::SdpAnswer, json!({"error": why}));
+                self.hang_up(&why, "system");
+            }
+            Some(CallCmd::RemoteHangup(why)) => self.ended = Some((why, "caller")),
+            Some(CallCmd::Leg(key, ev)) => self.on_leg(key, ev),
+            Some(CallCmd::Shutdown) => self.hang_up("server shutting down", "system"),
+            None => self.ended = Some(("endpoint gone".into(), "system")),
+        }
+        self.run_effects();
+    }
+
+    /// A timeline entry; kept aside while the session is out handling an
+    /// event, so that none is lost.
+    fn note(&mut self, kind: EntryKind, data: Value) {
+        match self.session.as_mut() {
+            Some(s) => s.note(kind, data),
+            None => self.notes.push((kind, data)),
+        }
+    }
+
+    /// Carries out what the IVR asks, in order.
+    fn run_effects(&mut self) {
+        while let Some(effect) = self.ivr.poll_effect() {
+            match effect {
+                Effect::Flow(event) => self.dispatch(event),
+                Effect::Note(kind, data) => self.note(kind, data),
+                Effect::Dial {
+                    target,
+                    caller_id,
+                    transfer,
+                } => self.start_dial(target, caller_id, transfer),
+                Effect::CancelLeg => {
+                    if let Some(leg) = &self.leg {
+                        let _ = self.endpoint.send(CallOut::CancelLeg(leg.key.clone()));
+                    }
+                }
+                Effect::SaveRecording(samples) => self.save(samples),
+                Effect::Hangup(why) => self.hang_up(&why, "flow"),
+            }
+        }
+    }
+
+    /// Sends an event to the flow in the background; audio for the actions
+    /// it returns is prepared before they run.
+    fn dispatch(&mut self, event: Event) {
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        let tts = self.tts.clone();
+        let app = self.app.clone();
+        self.flow_task = Some(tokio::spawn(async move {
+            let step = session.handle(event).await;
+            let prepared = prepare::prepare(&tts, &app, &step.actions, &mut session).await;
+            (session, step, prepared)
+        }));
+    }
+
+    /// The session is back from the flow.
+    fn restore(&mut self, mut session: FlowSession) {
+        for (kind, data) in self.notes.drain(..) {
+            session.note(kind, data);
+        }
+        self.session = Some(session);
+    }
+
+    fn on_step(&mut self, session: FlowSession, step: Step, prepared: Vec<Prepared>) {
+        self.restore(session);
+        if step.error.is_some() {
+            tracing::info!("flow failed on call {}: fallback", self.key.0);
+        }
+        self.ivr.step(Instant::now(), prepared);
+        self.run_effects();
+    }
+
+    /// Stores a recording in the background.
+    fn save(&mut self, samples: Vec<i16>) {
+        let Some(s) = self.session.as_ref().map(|s| &s.interaction) else {
+            return;
+        };
+        let (tenant, ix, app) = (s.tenant.clone(), s.id.clone(), self.app.clone());
+        self.save_task = Some(tokio::spawn(async move {
+            let wav = audio::encode_wav(&samples);
+            let id = app
+                .save_recording(&tenant, &ix, &wav)
+                .await
+                .map_err(|e| e.to_string())?;
+            let url = format!("/v1/tenants/{tenant}/recordings/{id}");
+            Ok(Saved { id, url })
+        }));
+    }
+
+    /// Calls out on a new leg; the caller hears ringback meanwhile.
+    fn start_dial(&mut self, target: String, caller_id: Option<String>, transfer: bool) {
+        let Some(sockets) = self.pool.take().and_then(|p| p.register().ok()) else {
+            self.ivr
+                .leg(Instant::now(), Leg::Unavailable("no free RTP ports".into()));
+            return;
+        };
+        let local = plugboard_media::sdp::LocalMedia {
+            ip: self.config.advertised_ip(),
+            port: sockets.port,
+            session_id: u64::from(seed()),
+            version: 1,
+        };
+        let offer =
+            plugboard_media::sdp::offer(&local, 101, plugboard_media::sdp::Direction::SendRecv);
+        let key: DialogKey = (
+            format!("{}@plugboard", plugboard_sip::random_token()),
+            plugboard_sip::random_token(),
+        );
+        let interaction = self.session.as_ref().map(|s| &s.interaction);
+        let tenant = interaction.map(|i| i.tenant.clone()).unwrap_or_default();
+        let caller_id = caller_id.or_else(|| interaction.map(|i| i.from.clone()));
+        self.note(
+            if transfer {
+                EntryKind::Transfer
+            } else {
+                EntryKind::Dial
+            },
+            json!({"target": target, "leg_call_id": key.0}),
+        );
+        let call = self.self_tx.clone();
+        // The trunk lookup and DNS happen here, off the SIP loop.
+        let (app, endpoint, leg) = (self.app.clone(), self.endpoint.clone(), key.clone());
+        tokio::spawn(async move {
+            let route = crate::route::resolve(&app, &tenant, &target).await;
+            let _ = endpoint.send(CallOut::Dial {
+                leg,
+                route,
+                caller_id,
+                offer,
+                call,
+            });
+        });
+        self.leg = Some(OutLeg::new(key, sockets));
+    }
+
+    fn on_leg(&mut self, key: DialogKey, ev: LegEvent) {
+        // Events of a leg we already left (after a REFER) are stale.
+        let Some(leg) = self.leg.as_mut().filter(|l| l.key == key) else {
+            return;
+        };
+        let news = match ev {
+            LegEvent::Ringing => Leg::Ringing,
+            LegEvent::Answered(n) => {
+                leg.answered(&n);
+                Leg::Answered(n.law.name())
+            }
+            // The leg is over (or, after a REFER, left to end: its BYE
+            // follows).
+            LegEvent::Failed(status, reason) => {
+                self.leg = None;
+                Leg::Failed(status, reason)
+            }
+            LegEvent::Refer(target) => {
+                self.leg = None;
+                Leg::Refer(target)
+            }
+            LegEvent::Hangup => {
+                self.leg = None;
+                Leg::Hangup
+            }
+        };
+        self.ivr.leg(Instant::now(), news);
+    }
+
+    /// Ends the call from our side (BYE), unless it has already ended;
+    /// `by` is who is recorded as ending it.
+    fn hang_up(&mut self, why: &str, by: &'static str) {
+        if self.ended.is_none() {
+            self.ended = Some((why.to_string(), by));
+            let _ = self.endpoint.send(CallOut::Hangup(self.key.clone()));
+        }
+    }
+
+    /// Keeps [`DEPTH`] frames ready for the media clock. Frames the clock
+    /// found missing are prepared and dropped, so the call's timeline (and
+    /// its RTP timestamps) stays on the clock's.
+    fn refill(&mut self) {
+        let missed = self.stream.take_missed().min(50);
+        for _ in 0..missed {
+            let _ = self.on_tick();
+        }
+        for _ in 0..DEPTH {
+            if self.stream.queued() >= DEPTH || self.ended.is_some() {
+                break;
+            }
+            let frame = self.on_tick();
+            if !self.stream.push(frame) {
+                break;
+            }
+        }
+    }
+
+    /// Runs one frame period of the call and returns the packet to send.
+    fn on_tick(&mut self) -> Frame {
+        if !self.confirmed {
+            return None;
+        }
+        let now = Instant::now();
+        // What the caller sent: to the IVR (recording, in-band DTMF) or,
+        // when bridged, to the other leg.
+        let heard = self.media.heard();
+        let bridged = self.ivr.bridged();
+        let leg_audio = self
+            .leg
+            .as_mut()
+            .filter(|_| bridged)
+            .and_then(|l| l.audio());
+        let frame = self.ivr.tick(now, &heard, leg_audio.as_deref());
+        let out = self.media.frame(&frame);
+        if self.ivr.bridged()
+            && let Some(leg) = self.leg.as_mut()
+        {
+            leg.send(&heard);
+        }
+        for d in self.media.inband(&heard) {
+            self.ivr.digit(now, d, DtmfSource::InBand);
+        }
+        self.run_effects();
+        if !self.media.negotiated.on_hold()
+            && self.media.last_rtp.elapsed() > self.config.rtp_timeout
+        {
+            self.note(
+                EntryKind::MediaTimeout,
+                json!({"after_s": self.config.rtp_timeout.as_secs()}),
+            );
+            self.hang_up("no media from the caller", "flow");
+        }
+        if self.started.elapsed() > self.config.max_call {
+            self.hang_up("maximum call length", "flow");
+        }
+        out
+    }
+
+    /// Ends the call's record: a recording in progress is stored, the
+    /// flow hears `hangup`, the timeline gets the cause and media
+    /// statistics, the record is written durably.
+    async fn finish(&mut self) {
+        // Media ends with the call: what the clock finds after this is not
+        // lateness.
+        let late = self.stream.stats();
+        if let Some(leg) = self.leg.take() {
+            let _ = self.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
+        }
+        if let Some(t) = self.flow_task.take()
+            && let Ok((session, _, _)) = t.await
+        {
+            self.restore(session);
+        }
+        self.ivr.end();
+        self.run_effects();
+        if let Some(t) = self.save_task.take() {
+            self.ivr
+                .recorded(t.await.unwrap_or_else(|e| Err(e.to_string())));
+            self.run_effects();
+        }
+        let (cause, by) = self
+            .ended
+            .clone()
+            .unwrap_or_else(|| ("ended".into(), "system"));
+        let Some(mut session) = self.session.take() else {
+            // The endpoint still learns that the call is over.
+            let _ = self.endpoint.send(CallOut::Ended(self.key.clone()));
+            return;
+        };
+        if by == "caller" && self.confirmed && !session.failed() {
+            // The flow learns that the caller left; what it answers is moot.
+            let _ = session.handle(Event::Hangup).await;
+        }
+        let mut stats = self.media.stats();
+        stats["send_lateness_us"] =
+            json!({"p50": late.p50_us, "p99": late.p99_us, "max": late.max_us});
+        stats["frames_not_ready"] = json!(late.underruns);
+        session.note(EntryKind::Media, stats);
+        session.note(
+            EntryKind::Hangup,
+            json!({
+                "cause": cause,
+                "by": by,
+                "answered": self.answered.is_some(),
+                "duration_ms": self.answered.map(|a| a.elapsed().as_millis() as u64).unwrap_or(0),
+                "digits": self.ivr.digits(),
+            }),
+        );
+        session
+            .interaction
+            .attributes
+            .insert("hangup_cause".into(), cause.clone());
+        // A caller who leaves while queued has abandoned; a call the
+        // system ended before it was ever answered has failed.
+        let ending = match by {
+            "caller" => Ending::Customer,
+            "flow" => Ending::Flow,
+            _ => Ending::System {
+                answered: self.answered.is_some(),
+            },
+        };
+        if let Err(e) = session.close(ending).await {
+            tracing::error!("cannot store the call record: {e}");
+        }
+        let _ = self.endpoint.send(CallOut::Ended(self.key.clone()));
+    }
+}

@@ -1,0 +1,806 @@
+//! The SIP endpoint: UDP and TCP drivers around the sans-IO transaction
+//! layer, and the user agent core that answers OPTIONS, sets up calls
+//! (INVITE → 100 → [180] → 200 → ACK), handles re-INVITE (hold/resume),
+//! INFO (DTMF), BYE and CANCEL, and sends BYE when a flow hangs up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plugboard_core::Binding;
+use plugboard_core::{Channel, EntryKind};
+use plugboard_engine::{Engine, SessionStart};
+use plugboard_media::dtmf::{DtmfSource, parse_info_body};
+use plugboard_media::sdp::{self, LocalMedia, Negotiated, SdpError};
+use plugboard_media::tts::Espeak;
+use plugboard_sip::digest::{Algorithm, AuthError, Authenticator, parse_credentials};
+use plugboard_sip::throttle::{AuthThrottle, Lockout, Scope, ThrottleConfig, Verdict};
+use plugboard_sip::{
+    ClientTxId, Framed, Inbound, Message, Method, Peer, Request, RequestInfo, Response, ServerTxId,
+    StreamFramer, TimerConfig, Transactions, Transmit, Transport, TxEvent, UasPolicy, new_branch,
+    parse_datagram, random_token, reason_phrase, reply, screen,
+};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+mod admission;
+mod registrar;
+mod transport;
+mod uac;
+
+use admission::{Opened, Routed};
+use registrar::{RegisterLookup, RegisterStored, credentials_for};
+use transport::tcp_connection;
+
+use crate::call::{self, CallSpec};
+use crate::clock::MediaClock;
+use crate::ports::{PortPair, PortPool};
+use crate::route::{Credentials, Resolved};
+use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
+use crate::{VoiceConfig, VoiceError};
+
+/// What the endpoint task reacts to.
+pub(crate) enum Input {
+    /// A UDP datagram.
+    Datagram(Peer, Vec<u8>),
+    /// A message framed on a TCP connection (or a framing error).
+    Framed(Peer, Result<Message, plugboard_sip::ParseError>),
+    /// A TCP connection opened; bytes for it go to the sender.
+    TcpOpen(SocketAddr, mpsc::Sender<Vec<u8>>),
+    /// A TCP connection closed.
+    TcpClosed(SocketAddr),
+    /// An outbound TCP connection could not be made.
+    TcpFailed(SocketAddr, String),
+    /// A REGISTER's store lookups are done.
+    Registrar(Box<RegisterLookup>),
+    /// A REGISTER's bindings are stored.
+    Registered(Box<RegisterStored>),
+    /// An INVITE's address and trunks are looked up.
+    Routed(Box<Routed>),
+    /// An INVITE's flow session is open, or could not be.
+    Opened(Box<Opened>),
+    /// Graceful shutdown: refuse new calls, end the live ones (their
+    /// records closed), then answer on the sender.
+    Drain(tokio::sync::oneshot::Sender<()>),
+}
+
+/// An outbound leg: we are the UAC.
+struct Leg {
+    invite: Request,
+    tx: ClientTxId,
+    peer: Peer,
+    call: mpsc::UnboundedSender<CallCmd>,
+    cseq: u32,
+    creds: Option<Credentials>,
+    auth_tries: u8,
+    ringing: bool,
+    /// To (with the far end's tag) and Contact, once answered.
+    answered: Option<(String, String)>,
+}
+
+enum DialogState {
+    /// Ringing (180 sent); the 200 goes out at `Answer`.
+    Early(Box<Response>),
+    /// 200 sent, waiting for the ACK.
+    WaitAck,
+    /// ACK received.
+    Confirmed,
+}
+
+struct Dialog {
+    state: DialogState,
+    invite: Request,
+    invite_tx: ServerTxId,
+    peer: Peer,
+    local_cseq: u32,
+    local: LocalMedia,
+    call: mpsc::UnboundedSender<CallCmd>,
+    retransmit: Option<JoinHandle<()>>,
+    /// The `To` value we answer with (our URI and tag).
+    local_party: String,
+    /// We offered in a 200 (to the INVITE or a re-INVITE); the ACK must
+    /// carry the answer.
+    late_offer: bool,
+}
+
+/// The running voice channel.
+pub struct VoiceHandle {
+    /// Where SIP listens (UDP and TCP).
+    pub sip_addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+    inbox: mpsc::Sender<Input>,
+}
+
+impl VoiceHandle {
+    /// Graceful shutdown: new calls are refused (503), every live call is
+    /// ended with a BYE once its flow has finished the event it is
+    /// handling, and its record is closed and written. Returns when no
+    /// call is left, or after `limit` (false then).
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inbox.send(Input::Drain(tx)).await.is_err() {
+            return true;
+        }
+        tokio::time::timeout(limit, rx).await.is_ok()
+    }
+}
+
+impl Drop for VoiceHandle {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The methods the server answers and the bodies it reads.
+fn policy() -> UasPolicy {
+    UasPolicy {
+        allow: vec![
+            Method::Invite,
+            Method::Ack,
+            Method::Bye,
+            Method::Cancel,
+            Method::Options,
+            Method::Info,
+            Method::Register,
+            Method::Refer,
+            Method::Notify,
+        ],
+        supported: Vec::new(),
+        // SDP for calls, DTMF bodies for INFO.
+        accept: vec![
+            "application/sdp".into(),
+            "message/sipfrag".into(),
+            "multipart/mixed".into(),
+            "application/dtmf-relay".into(),
+            "application/dtmf".into(),
+        ],
+    }
+}
+
+pub(crate) async fn start(
+    config: VoiceConfig,
+    app: Arc<Engine>,
+) -> Result<VoiceHandle, VoiceError> {
+    let (lo, hi) = config.rtp_ports;
+    if lo > hi || (lo == hi && lo % 2 == 1) {
+        return Err(VoiceError::Ports(lo, hi));
+    }
+    let bind_err = |addr: SocketAddr| {
+        move |e: std::io::Error| VoiceError::Bind {
+            addr,
+            message: e.to_string(),
+        }
+    };
+    let udp = Arc::new(
+        UdpSocket::bind(config.sip)
+            .await
+            .map_err(bind_err(config.sip))?,
+    );
+    let sip_addr = udp.local_addr().map_err(bind_err(config.sip))?;
+    let tcp = TcpListener::bind(sip_addr)
+        .await
+        .map_err(bind_err(sip_addr))?;
+    let (tx, rx) = mpsc::channel::<Input>(4096);
+    let drain_inbox = tx.clone();
+    let (calls_tx, calls_rx) = mpsc::unbounded_channel::<CallOut>();
+    let mut tasks = Vec::new();
+    // UDP reader.
+    {
+        let udp = udp.clone();
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match udp.recv_from(&mut buf).await {
+                    Ok((n, addr)) => {
+                        let peer = Peer {
+                            addr,
+                            transport: Transport::Udp,
+                        };
+                        if tx
+                            .send(Input::Datagram(peer, buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    // ICMP errors surface here on Linux; keep serving.
+                    Err(e) => tracing::debug!("sip udp recv: {e}"),
+                }
+            }
+        }));
+    }
+    // TCP acceptor.
+    {
+        let tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match tcp.accept().await {
+                    Ok((stream, addr)) => {
+                        tokio::spawn(tcp_connection(stream, addr, tx.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!("sip tcp accept: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }));
+    }
+    let ip = config.advertised_ip();
+    let pool = PortPool::new(config.sip.ip(), lo, hi);
+
+    let endpoint = Endpoint {
+        tx: Transactions::new(TimerConfig::default()),
+        policy: policy(),
+        throttle: AuthThrottle::new(ThrottleConfig::default()),
+        udp,
+        tcp: HashMap::new(),
+        connecting: HashMap::new(),
+        dialogs: HashMap::new(),
+        pending: HashMap::new(),
+        starting: HashMap::new(),
+        live_calls: 0,
+        draining: None,
+        legs: HashMap::new(),
+        leg_tx: HashMap::new(),
+        sip_addr: SocketAddr::new(ip, sip_addr.port()),
+        auth: {
+            let mut a = Authenticator::new();
+            if config.digest_md5_first {
+                a.order = vec![Algorithm::Md5, Algorithm::Sha256];
+            }
+            a
+        },
+        tts: Arc::new(Espeak::new(config.espeak.clone(), 16 << 20)),
+        config: Arc::new(config),
+        app,
+        pool,
+        clock: MediaClock::start().map_err(|e| VoiceError::Clock(e.to_string()))?,
+        inbox: tx,
+        calls: calls_tx,
+    };
+    tasks.push(tokio::spawn(endpoint.run(rx, calls_rx)));
+    tracing::info!("SIP listening on {sip_addr} (UDP and TCP)");
+    Ok(VoiceHandle {
+        sip_addr,
+        tasks,
+        inbox: drain_inbox,
+    })
+}
+
+struct Endpoint {
+    tx: Transactions,
+    /// Failed digest authentication, throttled per address and per user.
+    throttle: AuthThrottle,
+    policy: UasPolicy,
+    udp: Arc<UdpSocket>,
+    tcp: HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>,
+    /// Messages for outbound TCP connections still being made.
+    connecting: HashMap<SocketAddr, Vec<Vec<u8>>>,
+    dialogs: HashMap<DialogKey, Dialog>,
+    /// Pending INVITE server transactions → their dialog.
+    pending: HashMap<ServerTxId, DialogKey>,
+    /// INVITEs being looked up or opened (no dialog yet), for CANCEL.
+    starting: HashMap<ServerTxId, Request>,
+    /// Call tasks running (spawned, not yet ended).
+    live_calls: usize,
+    /// Shutting down: new calls are refused; answered when none is left.
+    draining: Option<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// Outbound legs, and their INVITE transactions.
+    legs: HashMap<DialogKey, Leg>,
+    leg_tx: HashMap<ClientTxId, DialogKey>,
+    sip_addr: SocketAddr,
+    auth: Authenticator,
+    tts: Arc<Espeak>,
+    config: Arc<VoiceConfig>,
+    app: Arc<Engine>,
+    pool: PortPool,
+    clock: MediaClock,
+    inbox: mpsc::Sender<Input>,
+    /// Calls' lifecycle messages (hang up, dial, ended): unbounded, so
+    /// that none is ever dropped for a full channel.
+    calls: mpsc::UnboundedSender<CallOut>,
+}
+
+impl Endpoint {
+    async fn run(
+        mut self,
+        mut rx: mpsc::Receiver<Input>,
+        mut calls: mpsc::UnboundedReceiver<CallOut>,
+    ) {
+        loop {
+            let deadline = self.tx.poll_timeout();
+            let sleep = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                out = calls.recv() => match out {
+                    Some(out) => self.call_out(out),
+                    None => break,
+                },
+                input = rx.recv() => match input {
+                    Some(input) => self.input(input),
+                    None => break,
+                },
+                _ = sleep => self.tx.handle_timeout(Instant::now()),
+            }
+            self.drain();
+        }
+    }
+
+    fn drain(&mut self) {
+        loop {
+            let mut busy = false;
+            while let Some(t) = self.tx.poll_transmit() {
+                busy = true;
+                self.send(t);
+            }
+            while let Some(ev) = self.tx.poll_event() {
+                busy = true;
+                self.event(ev);
+            }
+            if !busy {
+                break;
+            }
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let now = Instant::now();
+        match input {
+            Input::Datagram(peer, bytes) => {
+                let inbound = screen(parse_datagram(&bytes), &self.policy);
+                self.log_refusal(&inbound, peer);
+                self.tx.handle(now, peer, inbound);
+            }
+            Input::Framed(peer, parsed) => {
+                let inbound = screen(parsed, &self.policy);
+                self.log_refusal(&inbound, peer);
+                self.tx.handle(now, peer, inbound);
+            }
+            Input::TcpOpen(addr, conn) => {
+                for bytes in self.connecting.remove(&addr).unwrap_or_default() {
+                    let _ = conn.try_send(bytes);
+                }
+                self.tcp.insert(addr, conn);
+            }
+            Input::Registrar(r) => self.register_looked_up(*r),
+            Input::Registered(r) => self.register_stored(*r),
+            Input::Routed(r) => self.routed(*r),
+            Input::Opened(o) => self.opened(*o),
+            Input::Drain(done) => {
+                tracing::info!("draining: {} calls to end", self.live_calls);
+                self.draining = Some(Some(done));
+                for d in self.dialogs.values() {
+                    let _ = d.call.send(CallCmd::Shutdown);
+                }
+                self.check_drained();
+            }
+            Input::TcpFailed(addr, why) => {
+                self.connecting.remove(&addr);
+                tracing::info!("SIP over TCP to {addr}: {why}");
+                // Legs waiting on that connection fail now, as a 503
+                // (RFC 3261 §8.1.3.1), instead of at timer B.
+                let failed: Vec<DialogKey> = self
+                    .legs
+                    .iter()
+                    .filter(|(_, l)| {
+                        l.peer.addr == addr
+                            && l.peer.transport == Transport::Tcp
+                            && l.answered.is_none()
+                    })
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for key in failed {
+                    self.fail_leg(key, 503, format!("cannot reach {addr} over TCP: {why}"));
+                }
+            }
+            Input::TcpClosed(addr) => {
+                self.tcp.remove(&addr);
+            }
+        }
+    }
+
+    fn log_refusal(&self, inbound: &Inbound, peer: Peer) {
+        match inbound {
+            Inbound::Reply(r) => tracing::debug!("{} {} to {}", r.status, r.reason, peer.addr),
+            Inbound::Drop(why) => tracing::debug!("dropped from {}: {why}", peer.addr),
+            _ => {}
+        }
+    }
+
+    fn respond(&mut self, id: ServerTxId, resp: Response) {
+        self.tx.respond(Instant::now(), id, resp);
+    }
+
+    fn event(&mut self, ev: TxEvent) {
+        match ev {
+            TxEvent::Request {
+                id,
+                request,
+                info,
+                from,
+            } => self.request(id, *request, *info, from),
+            TxEvent::Ack { info, request, .. } => {
+                let key = (
+                    info.call_id.clone(),
+                    info.to.tag().unwrap_or("").to_string(),
+                );
+                if let Some(d) = self.dialogs.get_mut(&key) {
+                    if let Some(r) = d.retransmit.take() {
+                        r.abort();
+                    }
+                    if d.late_offer {
+                        d.late_offer = false;
+                        let answer = match sdp_body(&request) {
+                            Some(text) => sdp::parse(&text)
+                                .and_then(|a| sdp::accept_answer(&a))
+                                .map_err(|e| e.to_string()),
+                            None => Err("the ACK carries no SDP answer to our offer".into()),
+                        };
+                        let _ = d.call.send(CallCmd::Answer(answer));
+                    }
+                    if matches!(d.state, DialogState::WaitAck) {
+                        d.state = DialogState::Confirmed;
+                        let _ = d.call.send(CallCmd::Confirmed);
+                    }
+                }
+            }
+            TxEvent::Cancelled { invite } => {
+                if let Some(req) = self.starting.remove(&invite) {
+                    // Still being looked up or opened: answered now; the
+                    // lookup's answer finds it gone.
+                    let resp = reply(&req, 487, reason_phrase(487), Some(&random_token()));
+                    self.respond(invite, resp);
+                } else if let Some(key) = self.pending.remove(&invite)
+                    && let Some(d) = self.dialogs.remove(&key)
+                {
+                    let resp = reply(&d.invite, 487, reason_phrase(487), Some(&key.1));
+                    self.respond(invite, resp);
+                    let _ = d
+                        .call
+                        .send(CallCmd::RemoteHangup("cancelled by the caller".into()));
+                }
+            }
+            TxEvent::Response { id, response } => self.leg_response(id, *response),
+            TxEvent::NoAck { .. } => {}
+            TxEvent::Timeout { id } => {
+                if let Some(key) = self.leg_tx.remove(&id) {
+                    self.fail_leg(key, 408, "no answer from the far end".into());
+                }
+            }
+        }
+    }
+
+    fn request(&mut self, id: ServerTxId, req: Request, info: RequestInfo, from: Peer) {
+        match req.method {
+            Method::Options => {
+                let mut resp = reply(&req, 200, "OK", Some(&random_token()));
+                resp.headers.push("Allow", self.policy.allow_header());
+                resp.headers.push("Accept", "application/sdp");
+                resp.headers.push("Accept-Encoding", "identity");
+                resp.headers.push("Accept-Language", "en");
+                resp.headers.push("Supported", "");
+                self.respond(id, resp);
+            }
+            Method::Register => self.register(id, req, info, from),
+            Method::Invite if info.to.tag().is_none() => self.new_call(id, req, info, from),
+            Method::Invite => self.reinvite(id, req, info),
+            Method::Bye => {
+                let key = (
+                    info.call_id.clone(),
+                    info.to.tag().unwrap_or("").to_string(),
+                );
+                if let Some(leg) = self.legs.remove(&key) {
+                    self.leg_tx.remove(&leg.tx);
+                    self.respond(id, reply(&req, 200, "OK", None));
+                    let _ = leg.call.send(CallCmd::Leg(key, LegEvent::Hangup));
+                    return;
+                }
+                match self.dialogs.remove(&key) {
+                    Some(d) => {
+                        if let Some(r) = d.retransmit {
+                            r.abort();
+                        }
+                        self.pending.remove(&d.invite_tx);
+                        self.respond(id, reply(&req, 200, "OK", None));
+                        let _ = d
+                            .call
+                            .send(CallCmd::RemoteHangup("caller hung up (BYE)".into()));
+                    }
+                    None => self.respond(id, reply(&req, 481, reason_phrase(481), None)),
+                }
+            }
+            Method::Refer => self.refer(id, req, info),
+            Method::Notify => {
+                // NOTIFYs of our own REFERs: nothing to act on.
+                self.respond(id, reply(&req, 200, "OK", None));
+            }
+            Method::Info => {
+                let key = (
+                    info.call_id.clone(),
+                    info.to.tag().unwrap_or("").to_string(),
+                );
+                let Some(d) = self.dialogs.get(&key) else {
+                    self.respond(id, reply(&req, 481, reason_phrase(481), None));
+                    return;
+                };
+                let ct = req.headers.get("Content-Type").unwrap_or("");
+                let body = String::from_utf8_lossy(&req.body);
+                match parse_info_body(ct, &body) {
+                    Some(digit) => {
+                        let _ = d.call.send(CallCmd::Dtmf(digit, DtmfSource::SipInfo));
+                        self.respond(id, reply(&req, 200, "OK", None));
+                    }
+                    None => {
+                        let mut r = reply(&req, 415, reason_phrase(415), None);
+                        r.headers
+                            .push("Accept", "application/dtmf-relay, application/dtmf");
+                        self.respond(id, r);
+                    }
+                }
+            }
+            _ => {
+                let mut r = reply(&req, 405, reason_phrase(405), Some(&random_token()));
+                r.headers.push("Allow", self.policy.allow_header());
+                self.respond(id, r);
+            }
+        }
+    }
+
+    fn contact(&self, user: &str, transport: Transport) -> String {
+        let user: String = user
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || "+-_.".contains(*c))
+            .collect();
+        let at = if user.is_empty() {
+            String::new()
+        } else {
+            format!("{user}@")
+        };
+        format!("<sip:{at}{}{}>", self.sip_addr, transport_param(transport))
+    }
+
+    fn refuse(&mut self, id: ServerTxId, req: &Request, status: u16, warning: Option<String>) {
+        let mut r = reply(req, status, reason_phrase(status), Some(&random_token()));
+        if let Some(w) = warning {
+            r.headers.push("Warning", format!("399 plugboard \"{w}\""));
+        }
+        if status == 503 {
+            r.headers.push("Retry-After", "5");
+        }
+        self.respond(id, r);
+    }
+
+    /// While draining, answers the drain once no call is left.
+    fn check_drained(&mut self) {
+        if self.live_calls == 0
+            && let Some(done) = self.draining.as_mut().and_then(Option::take)
+        {
+            let _ = done.send(());
+        }
+    }
+
+    fn reinvite(&mut self, id: ServerTxId, req: Request, info: RequestInfo) {
+        let key = (
+            info.call_id.clone(),
+            info.to.tag().unwrap_or("").to_string(),
+        );
+        let Some(d) = self.dialogs.get_mut(&key) else {
+            self.respond(id, reply(&req, 481, reason_phrase(481), None));
+            return;
+        };
+        if !matches!(d.state, DialogState::Confirmed) {
+            // RFC 3261 §14.2: an INVITE while ours is pending.
+            self.respond(id, reply(&req, 491, reason_phrase(491), None));
+            return;
+        }
+        let parsed = sdp_body(&req).map(|t| sdp::parse(&t));
+        d.local.version += 1;
+        let (answer, negotiated) = match parsed {
+            Some(Ok(offer)) => match sdp::answer(&offer, &d.local) {
+                Ok((a, n)) => (a, Some(n)),
+                Err(e) => {
+                    d.local.version -= 1;
+                    let mut r = reply(&req, 488, reason_phrase(488), None);
+                    r.headers.push("Warning", format!("399 plugboard \"{e}\""));
+                    self.respond(id, r);
+                    return;
+                }
+            },
+            Some(Err(e)) => {
+                d.local.version -= 1;
+                let mut r = reply(&req, 400, reason_phrase(400), None);
+                r.headers.push("Warning", format!("399 plugboard \"{e}\""));
+                self.respond(id, r);
+                return;
+            }
+            None => {
+                // No offer (a session refresh, or a peer asking for ours):
+                // we offer what we have and the answer comes in the ACK
+                // (RFC 3261 §14.2); the media stays as it is until then.
+                d.late_offer = true;
+                (
+                    sdp::offer(&d.local, LATE_OFFER_DTMF_PT, sdp::Direction::SendRecv),
+                    None,
+                )
+            }
+        };
+        if let Some(n) = negotiated {
+            let _ = d.call.send(CallCmd::Media(n));
+        }
+        d.invite_tx = id;
+        let mut ok = reply(&req, 200, "OK", None);
+        let user = Some(d.invite.uri.clone())
+            .and_then(|u| plugboard_sip::Uri::parse(&u).ok())
+            .and_then(|u| u.user)
+            .unwrap_or_default();
+        let peer = d.peer;
+        ok.headers
+            .push("Contact", self.contact(&user, peer.transport));
+        ok.headers.push("Content-Type", "application/sdp");
+        ok.body = answer.into_bytes();
+        self.send_ok(&key, ok);
+    }
+
+    fn call_out(&mut self, out: CallOut) {
+        match out {
+            CallOut::Answer(key) => {
+                let ok = match self.dialogs.get(&key).map(|d| &d.state) {
+                    Some(DialogState::Early(ok)) => (**ok).clone(),
+                    _ => return,
+                };
+                self.send_ok(&key, ok);
+            }
+            CallOut::Hangup(key) => self.bye(&key),
+            CallOut::NoAck(key) => {
+                if let Some(d) = self.dialogs.get(&key)
+                    && matches!(d.state, DialogState::WaitAck)
+                {
+                    let _ = d
+                        .call
+                        .send(CallCmd::RemoteHangup("no ACK for our 200 OK".into()));
+                    self.bye(&key);
+                }
+            }
+            CallOut::Dial {
+                leg,
+                route,
+                caller_id,
+                offer,
+                call,
+            } => self.dial(leg, route, caller_id, offer, call),
+            CallOut::CancelLeg(key) => self.cancel_leg(&key),
+            CallOut::HangupLeg(key) => {
+                let answered = self.legs.get(&key).map(|l| l.answered.is_some());
+                match answered {
+                    Some(true) => self.bye_leg(&key),
+                    Some(false) => self.cancel_leg(&key),
+                    None => {}
+                }
+            }
+            CallOut::Ended(key) => {
+                if let Some(d) = self.dialogs.remove(&key) {
+                    if let Some(r) = d.retransmit {
+                        r.abort();
+                    }
+                    self.pending.remove(&d.invite_tx);
+                }
+                self.live_calls = self.live_calls.saturating_sub(1);
+                self.check_drained();
+            }
+        }
+    }
+
+    /// Ends a dialog from our side: BYE once confirmed (or waiting for the
+    /// ACK), or a final 480 while still ringing.
+    fn bye(&mut self, key: &DialogKey) {
+        let Some(mut d) = self.dialogs.remove(key) else {
+            return;
+        };
+        if let Some(r) = d.retransmit.take() {
+            r.abort();
+        }
+        if let DialogState::Early(_) = d.state {
+            self.pending.remove(&d.invite_tx);
+            let resp = reply(&d.invite, 480, reason_phrase(480), Some(&key.1));
+            self.respond(d.invite_tx, resp);
+            return;
+        }
+        let inv = &d.invite;
+        let target = inv
+            .headers
+            .get("Contact")
+            .and_then(|c| plugboard_sip::NameAddr::parse("Contact", c).ok())
+            .map(|c| c.uri)
+            .unwrap_or_else(|| {
+                inv.headers
+                    .get("From")
+                    .and_then(|f| plugboard_sip::NameAddr::parse("From", f).ok())
+                    .map(|f| f.uri)
+                    .unwrap_or_default()
+            });
+        d.local_cseq += 1;
+        let mut bye = Request::new(Method::Bye, target);
+        bye.headers
+            .push("Via", via(d.peer.transport, self.sip_addr));
+        bye.headers.push("Max-Forwards", "70");
+        bye.headers.push("From", d.local_party.clone());
+        if let Some(from) = inv.headers.get("From") {
+            bye.headers.push("To", from);
+        }
+        bye.headers.push("Call-ID", key.0.clone());
+        bye.headers.push("CSeq", format!("{} BYE", d.local_cseq));
+        for rr in inv.headers.all("Record-Route") {
+            bye.headers.push("Route", rr);
+        }
+        // Sent back the way the INVITE came (symmetric signalling: the
+        // same TCP connection, or the source address over UDP).
+        self.tx.send_request(Instant::now(), d.peer, bye);
+    }
+}
+
+/// The telephone-event payload type we offer.
+const LATE_OFFER_DTMF_PT: u8 = 101;
+
+/// A Via header for a request we send over `transport`.
+fn via(transport: Transport, sip_addr: SocketAddr) -> String {
+    format!(
+        "SIP/2.0/{} {sip_addr};branch={};rport",
+        transport.as_str(),
+        new_branch()
+    )
+}
+
+/// The `;transport=` URI parameter for a Contact (none for UDP).
+fn transport_param(transport: Transport) -> &'static str {
+    match transport {
+        Transport::Udp => "",
+        Transport::Tcp => ";transport=tcp",
+    }
+}
+
+/// The SDP of a request: the body if it is application/sdp, or the
+/// application/sdp part of a multipart/mixed body.
+fn sdp_body(req: &Request) -> Option<String> {
+    if req.body.is_empty() {
+        return None;
+    }
+    let ct = req.headers.get("Content-Type").unwrap_or("application/sdp");
+    let lower = ct.to_ascii_lowercase();
+    if lower.starts_with("application/sdp") {
+        return Some(String::from_utf8_lossy(&req.body).into_owned());
+    }
+    if lower.starts_with("multipart/") {
+        let boundary = ct.split(';').find_map(|p| {
+            let (k, v) = p.split_once('=')?;
+            k.trim()
+                .eq_ignore_ascii_case("boundary")
+                .then(|| v.trim().trim_matches('"').to_string())
+        })?;
+        let body = String::from_utf8_lossy(&req.body);
+        for part in body.split(&format!("--{boundary}")) {
+            let Some((head, content)) = part
+                .split_once("\r\n\r\n")
+                .or_else(|| part.split_once("\n\n"))
+            else {
+                continue;
+            };
+            if head.to_ascii_lowercase().contains("application/sdp") {
+                return Some(content.trim_end_matches(['\r', '\n', '-']).to_string() + "\r\n");
+            }
+        }
+    }
+    None
+}

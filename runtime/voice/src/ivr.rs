@@ -1,0 +1,1201 @@
+//! The IVR executor of one call, sans-IO: it runs the flow's actions on
+//! the call's audio — say and play, gather (barge-in, terminator,
+//! first-digit and inter-digit timeouts, type-ahead), record, wait, park
+//! with music on hold, dial with ringback and a bridge, hang up.
+//!
+//! It does no I/O and reads no clock. Its driver (the call task,
+//! [`crate::call`]) feeds it the time and what happened — the answer
+//! ([`Ivr::answer`]), each 20 ms frame the caller sent ([`Ivr::tick`],
+//! which returns the frame to play), digits ([`Ivr::digit`]), the flow's
+//! prepared actions ([`Ivr::step`]), the dial leg's progress
+//! ([`Ivr::leg`]), a stored recording ([`Ivr::recorded`]) — and carries
+//! out what it asks ([`Ivr::poll_effect`]): hand an event to the flow,
+//! write a timeline entry, call out, cancel a leg, store a recording, end
+//! the call. Tests drive it in virtual time.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plugboard_core::EntryKind;
+use plugboard_core::flow::{Action, Event};
+use plugboard_media::audio::{self, FRAME};
+use plugboard_media::dtmf::{DtmfMerger, DtmfSource};
+use serde_json::{Value, json};
+
+/// An action with its audio ready: speech for `say` and gather prompts,
+/// the clip for `play` (or the short tone that replaces one that failed).
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The flow's action.
+    pub action: Action,
+    /// Its audio (8 kHz samples), where it has any.
+    pub audio: Option<Arc<Vec<i16>>>,
+}
+
+/// What the IVR asks of its driver, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Hand this event to the flow and answer with [`Ivr::step`] and the
+    /// flow's actions, prepared.
+    Flow(Event),
+    /// Write this entry on the call's timeline.
+    Note(EntryKind, Value),
+    /// Call out on a new leg (the caller hears ringback meanwhile) and
+    /// report its progress with [`Ivr::leg`].
+    Dial {
+        /// Whom to call.
+        target: String,
+        /// Caller id to present (`None`: the caller's).
+        caller_id: Option<String>,
+        /// A transfer (the call ends with the leg) rather than a dial
+        /// (the flow goes on after it).
+        transfer: bool,
+    },
+    /// The leg rang too long: give up on it (CANCEL); its failure comes
+    /// back through [`Ivr::leg`].
+    CancelLeg,
+    /// Store this recording (8 kHz samples) and answer with
+    /// [`Ivr::recorded`].
+    SaveRecording(Vec<i16>),
+    /// The flow ends the call, for this reason.
+    Hangup(String),
+}
+
+/// The dial leg's progress, as the IVR needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leg {
+    /// The leg could not be started (no media ports, …).
+    Unavailable(String),
+    /// 180/183.
+    Ringing,
+    /// Answered with this codec: the caller is bridged to the leg.
+    Answered(&'static str),
+    /// Refused, cancelled or timed out: the final status and reason.
+    Failed(u16, String),
+    /// The far end asks for a blind transfer (REFER) to this target.
+    Refer(String),
+    /// The far end hung up.
+    Hangup,
+}
+
+/// A stored recording, as [`Ivr::recorded`] is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Saved {
+    /// The recording's id.
+    pub id: String,
+    /// Where the API serves it.
+    pub url: String,
+}
+
+/// A clip being played.
+#[derive(Debug)]
+struct Clip {
+    audio: Arc<Vec<i16>>,
+    pos: usize,
+}
+
+impl Clip {
+    fn new(audio: Arc<Vec<i16>>) -> Clip {
+        Clip { audio, pos: 0 }
+    }
+
+    /// Copies the next frame into `out`; false once the clip is done.
+    fn fill(&mut self, out: &mut [i16; FRAME]) -> bool {
+        let rest = &self.audio[self.pos.min(self.audio.len())..];
+        let n = rest.len().min(FRAME);
+        out[..n].copy_from_slice(&rest[..n]);
+        self.pos += n;
+        self.pos < self.audio.len()
+    }
+}
+
+/// What the call is doing now.
+#[derive(Debug)]
+enum Doing {
+    Nothing,
+    Playing(Clip),
+    Gather {
+        max: usize,
+        terminator: Option<char>,
+        first_timeout: Duration,
+        inter_timeout: Duration,
+        prompt: Option<Clip>,
+        digits: String,
+        deadline: Option<Instant>,
+    },
+    Record {
+        beep: Option<Clip>,
+        until: Option<Instant>,
+        max: Duration,
+        terminator: Option<char>,
+        samples: Vec<i16>,
+    },
+    /// A finished recording is being stored.
+    Saving {
+        duration_ms: u32,
+    },
+    Wait(Instant),
+    Parked,
+    /// Calling out: the caller hears ringback.
+    Dialing,
+    /// Bridged with the other leg.
+    Bridged,
+}
+
+/// The leg being dialled or bridged.
+#[derive(Debug)]
+struct Dialled {
+    target: String,
+    transfer: bool,
+    deadline: Instant,
+}
+
+/// The IVR executor of one call (see the module documentation).
+#[derive(Debug)]
+pub struct Ivr {
+    epoch: Instant,
+    queue: VecDeque<Prepared>,
+    doing: Doing,
+    /// An event is with the flow: its actions have not come back yet.
+    flow_busy: bool,
+    answered: bool,
+    ended: bool,
+    typeahead: String,
+    digits: String,
+    merger: DtmfMerger,
+    hold_music: Arc<Vec<i16>>,
+    moh: usize,
+    ring_phase: usize,
+    dialled: Option<Dialled>,
+    effects: VecDeque<Effect>,
+}
+
+/// Digits typed ahead of a gather that are kept.
+const TYPEAHEAD: usize = 32;
+/// A digit heard by two means (RFC 4733 and in-band) within this window
+/// counts once.
+const DTMF_MERGE_MS: u64 = 300;
+
+impl Ivr {
+    /// An IVR for a call that starts at `now`, with this music on hold.
+    pub fn new(now: Instant, hold_music: Arc<Vec<i16>>) -> Ivr {
+        Ivr {
+            epoch: now,
+            queue: VecDeque::new(),
+            doing: Doing::Nothing,
+            flow_busy: false,
+            answered: false,
+            ended: false,
+            typeahead: String::new(),
+            digits: String::new(),
+            merger: DtmfMerger::new(DTMF_MERGE_MS),
+            hold_music,
+            moh: 0,
+            ring_phase: 0,
+            dialled: None,
+            effects: VecDeque::new(),
+        }
+    }
+
+    /// The next thing to do, in order; `None` when there is nothing.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// Every digit the caller pressed, in order.
+    pub fn digits(&self) -> &str {
+        &self.digits
+    }
+
+    /// True while the caller is bridged to the dial leg (its audio goes
+    /// to the leg).
+    pub fn bridged(&self) -> bool {
+        matches!(self.doing, Doing::Bridged)
+    }
+
+    /// The call is answered: the flow hears `started`.
+    pub fn answer(&mut self) {
+        if !self.answered {
+            self.answered = true;
+            self.flow(Event::Started);
+        }
+    }
+
+    /// The flow's actions for the last event, prepared: they run in order.
+    pub fn step(&mut self, now: Instant, prepared: Vec<Prepared>) {
+        self.flow_busy = false;
+        self.queue = prepared.into();
+        self.advance(now);
+    }
+
+    /// A digit, by any means; the same digit heard by a second means at
+    /// once counts once.
+    pub fn digit(&mut self, now: Instant, d: char, source: DtmfSource) {
+        let at = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        if !self.merger.accept(d, source, at) {
+            return;
+        }
+        self.digits.push(d);
+        let src = match source {
+            DtmfSource::Rfc4733 => "rfc4733",
+            DtmfSource::SipInfo => "sip_info",
+            DtmfSource::InBand => "inband",
+        };
+        self.note(
+            EntryKind::Dtmf,
+            json!({"digit": d.to_string(), "source": src}),
+        );
+        match &mut self.doing {
+            Doing::Gather { .. } => self.gather_digit(now, d),
+            Doing::Record {
+                terminator, until, ..
+            } => {
+                if Some(d) == *terminator {
+                    // Done; the next frame stores it.
+                    *until = Some(now);
+                }
+            }
+            _ => {
+                if self.typeahead.len() < TYPEAHEAD {
+                    self.typeahead.push(d);
+                }
+            }
+        }
+    }
+
+    /// One 20 ms frame: `heard` is what the caller sent, `leg_audio` what
+    /// the bridged leg sent; returns what the caller hears.
+    pub fn tick(&mut self, now: Instant, heard: &[i16], leg_audio: Option<&[i16]>) -> [i16; FRAME] {
+        let mut frame = [0i16; FRAME];
+        if !self.answered {
+            return frame;
+        }
+        let mut finished: Option<Event> = None;
+        match &mut self.doing {
+            Doing::Nothing | Doing::Saving { .. } => {}
+            Doing::Playing(clip) => {
+                if !clip.fill(&mut frame) {
+                    self.doing = Doing::Nothing;
+                }
+            }
+            Doing::Gather {
+                prompt,
+                deadline,
+                first_timeout,
+                inter_timeout,
+                digits,
+                ..
+            } => {
+                if let Some(p) = prompt
+                    && !p.fill(&mut frame)
+                {
+                    *prompt = None;
+                }
+                if prompt.is_none() && deadline.is_none() {
+                    *deadline = Some(
+                        now + if digits.is_empty() {
+                            *first_timeout
+                        } else {
+                            *inter_timeout
+                        },
+                    );
+                }
+                if deadline.is_some_and(|d| now >= d) {
+                    finished = Some(if digits.is_empty() {
+                        Event::Timeout
+                    } else {
+                        Event::Digits {
+                            digits: digits.clone(),
+                            terminated: false,
+                        }
+                    });
+                }
+            }
+            Doing::Record {
+                beep,
+                until,
+                max,
+                samples,
+                ..
+            } => {
+                if let Some(b) = beep {
+                    // Recording starts with the frame after the beep.
+                    if !b.fill(&mut frame) {
+                        *beep = None;
+                    }
+                } else {
+                    let until = *until.get_or_insert(now + *max);
+                    // The limit counts media, not wall time (a late frame
+                    // must not lengthen the recording); the terminator
+                    // sets `until`.
+                    let limit = (max.as_millis() as usize) * 8;
+                    let room = limit.saturating_sub(samples.len());
+                    samples.extend_from_slice(&heard[..heard.len().min(room)]);
+                    if now >= until || samples.len() >= limit {
+                        self.finish_record();
+                    }
+                }
+            }
+            Doing::Wait(until) => {
+                if now >= *until {
+                    self.doing = Doing::Nothing;
+                }
+            }
+            Doing::Parked => {
+                let music = &self.hold_music;
+                for s in frame.iter_mut() {
+                    *s = music[self.moh % music.len()];
+                    self.moh += 1;
+                }
+            }
+            Doing::Dialing => {
+                // Ringback: 425 Hz, 1 s on, 4 s off (ITU-T E.180).
+                for s in frame.iter_mut() {
+                    let t = self.ring_phase % 40_000;
+                    *s = if t < 8000 {
+                        ((t as f32 * 2.0 * std::f32::consts::PI * 425.0 / 8000.0).sin() * 6000.0)
+                            as i16
+                    } else {
+                        0
+                    };
+                    self.ring_phase += 1;
+                }
+                if let Some(d) = self.dialled.as_mut()
+                    && now > d.deadline
+                {
+                    // Give up: CANCEL; the 487 comes back as no-answer.
+                    d.deadline = now + Duration::from_secs(3600);
+                    self.effects.push_back(Effect::CancelLeg);
+                }
+            }
+            Doing::Bridged => {
+                if let Some(a) = leg_audio {
+                    let n = a.len().min(FRAME);
+                    frame[..n].copy_from_slice(&a[..n]);
+                }
+            }
+        }
+        if let Some(ev) = finished {
+            self.flow(ev);
+        }
+        if matches!(self.doing, Doing::Nothing) && !self.flow_busy {
+            self.advance(now);
+        }
+        frame
+    }
+
+    /// The dial leg's progress.
+    pub fn leg(&mut self, now: Instant, news: Leg) {
+        let Some(d) = self.dialled.as_ref() else {
+            return;
+        };
+        let target = d.target.clone();
+        match news {
+            Leg::Ringing => self.note(EntryKind::DialRinging, json!({"target": target})),
+            Leg::Answered(codec) => {
+                self.note(
+                    EntryKind::DialAnswered,
+                    json!({"target": target, "codec": codec}),
+                );
+                self.doing = Doing::Bridged;
+            }
+            Leg::Unavailable(reason) => {
+                self.dialled = None;
+                self.note(
+                    EntryKind::DialFailed,
+                    json!({"target": target, "reason": reason}),
+                );
+                self.flow(Event::DialResult {
+                    outcome: "failed".into(),
+                });
+            }
+            Leg::Failed(status, reason) => {
+                self.dialled = None;
+                let outcome = match status {
+                    486 | 600 | 603 => "busy",
+                    408 | 480 | 487 => "no-answer",
+                    _ => "failed",
+                };
+                self.note(
+                    EntryKind::DialFailed,
+                    json!({"target": target, "status": status, "reason": reason, "outcome": outcome}),
+                );
+                self.flow(Event::DialResult {
+                    outcome: outcome.into(),
+                });
+            }
+            Leg::Refer(to) => {
+                // The agent passes the caller on: the agent's leg is left
+                // to end and the caller is connected to the new target.
+                self.dialled = None;
+                self.note(EntryKind::Refer, json!({"from": target, "target": to}));
+                self.dial(now, to, None, 30, true);
+            }
+            Leg::Hangup => {
+                let transfer = self.dialled.take().is_some_and(|d| d.transfer);
+                self.note(
+                    EntryKind::DialEnded,
+                    json!({"target": target, "by": "far end"}),
+                );
+                if transfer {
+                    self.hang_up("transferred call ended");
+                } else {
+                    self.flow(Event::DialResult {
+                        outcome: "completed".into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// The recording asked for by [`Effect::SaveRecording`] was stored
+    /// (or could not be): the flow hears `recorded` (or `timeout`).
+    pub fn recorded(&mut self, saved: Result<Saved, String>) {
+        let duration_ms = match self.doing {
+            Doing::Saving { duration_ms } => {
+                self.doing = Doing::Nothing;
+                duration_ms
+            }
+            _ => 0,
+        };
+        match saved {
+            Ok(Saved { id, url }) => {
+                self.note(
+                    EntryKind::Recording,
+                    json!({"id": id, "duration_ms": duration_ms, "url": url}),
+                );
+                self.flow(Event::Recorded { id, duration_ms });
+            }
+            Err(e) => {
+                self.note(EntryKind::RecordingFailed, json!({"error": e}));
+                self.flow(Event::Timeout);
+            }
+        }
+    }
+
+    /// The call is over (for any reason): nothing more runs. A recording
+    /// in progress is handed over to be stored ([`Effect::SaveRecording`]).
+    pub fn end(&mut self) {
+        self.ended = true;
+        self.queue.clear();
+        if matches!(self.doing, Doing::Record { .. }) {
+            self.finish_record();
+        }
+    }
+
+    fn note(&mut self, kind: EntryKind, data: Value) {
+        self.effects.push_back(Effect::Note(kind, data));
+    }
+
+    /// Hands an event to the flow; what was queued or going on stops.
+    fn flow(&mut self, event: Event) {
+        if self.ended || self.flow_busy {
+            return;
+        }
+        self.queue.clear();
+        self.doing = Doing::Nothing;
+        self.flow_busy = true;
+        self.effects.push_back(Effect::Flow(event));
+    }
+
+    fn hang_up(&mut self, why: &str) {
+        if !self.ended {
+            self.ended = true;
+            self.effects.push_back(Effect::Hangup(why.to_string()));
+        }
+    }
+
+    /// Starts the next queued action when nothing is in progress.
+    fn advance(&mut self, now: Instant) {
+        while matches!(self.doing, Doing::Nothing) && !self.ended {
+            let Some(next) = self.queue.pop_front() else {
+                if !self.flow_busy && self.answered {
+                    // The flow asks for nothing more: end the call rather
+                    // than leave the caller in silence.
+                    self.hang_up("flow finished");
+                }
+                return;
+            };
+            match next.action {
+                Action::Say { .. } | Action::Play { .. } => {
+                    if let Some(a) = next.audio {
+                        self.doing = Doing::Playing(Clip::new(a));
+                    }
+                }
+                Action::Gather {
+                    max_digits,
+                    terminator,
+                    timeout_ms,
+                    inter_digit_timeout_ms,
+                    ..
+                } => {
+                    self.doing = Doing::Gather {
+                        max: max_digits.clamp(1, 64) as usize,
+                        terminator: terminator.and_then(|t| t.chars().next()),
+                        first_timeout: Duration::from_millis(u64::from(
+                            timeout_ms.clamp(500, 120_000),
+                        )),
+                        inter_timeout: Duration::from_millis(u64::from(
+                            inter_digit_timeout_ms.clamp(500, 60_000),
+                        )),
+                        prompt: next.audio.map(Clip::new),
+                        digits: String::new(),
+                        deadline: None,
+                    };
+                    // Digits typed ahead during earlier prompts count.
+                    let ahead = std::mem::take(&mut self.typeahead);
+                    for d in ahead.chars() {
+                        self.gather_digit(now, d);
+                    }
+                }
+                Action::Record {
+                    max_secs,
+                    beep,
+                    terminator,
+                } => {
+                    self.doing = Doing::Record {
+                        beep: beep.then(|| Clip::new(Arc::new(audio::beep()))),
+                        until: None,
+                        max: Duration::from_secs(u64::from(max_secs.clamp(1, 3600))),
+                        terminator: terminator.and_then(|t| t.chars().next()).or(Some('#')),
+                        samples: Vec::new(),
+                    };
+                }
+                Action::Wait { ms } => {
+                    self.doing =
+                        Doing::Wait(now + Duration::from_millis(u64::from(ms.min(600_000))));
+                }
+                Action::Enqueue {
+                    queue,
+                    priority,
+                    skills,
+                } => {
+                    // Until the ACD exists the caller is parked with music.
+                    self.note(
+                        EntryKind::Parked,
+                        json!({"queue": queue, "priority": priority, "skills": skills,
+                               "note": "waiting in queue with music on hold (no ACD yet)"}),
+                    );
+                    self.doing = Doing::Parked;
+                }
+                Action::Hangup => self.hang_up("flow hung up"),
+                Action::Transfer { target } if target.starts_with("queue:") => {
+                    let queue = target.trim_start_matches("queue:").to_string();
+                    self.note(
+                        EntryKind::Parked,
+                        json!({"queue": queue, "priority": 0, "skills": [],
+                        "note": "transferred to a queue: waiting with music on hold (no ACD yet)"}),
+                    );
+                    self.doing = Doing::Parked;
+                }
+                Action::Transfer { target } => self.dial(now, target, None, 30, true),
+                Action::Dial {
+                    target,
+                    caller_id,
+                    timeout_secs,
+                } => self.dial(now, target, caller_id, timeout_secs, false),
+                Action::SetAttribute { .. } => {}
+                other => {
+                    let kind = serde_json::to_value(&other).unwrap_or_default();
+                    self.note(
+                        EntryKind::IgnoredAction,
+                        json!({"action": kind, "reason": "not a voice action"}),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Calls out; the caller hears ringback until the leg answers or the
+    /// ring time passes.
+    fn dial(
+        &mut self,
+        now: Instant,
+        target: String,
+        caller_id: Option<String>,
+        timeout_secs: u32,
+        transfer: bool,
+    ) {
+        self.dialled = Some(Dialled {
+            target: target.clone(),
+            transfer,
+            deadline: now + Duration::from_secs(u64::from(timeout_secs.clamp(5, 120))),
+        });
+        self.doing = Doing::Dialing;
+        self.effects.push_back(Effect::Dial {
+            target,
+            caller_id,
+            transfer,
+        });
+    }
+
+    fn gather_digit(&mut self, now: Instant, d: char) {
+        let Doing::Gather {
+            max,
+            terminator,
+            inter_timeout,
+            prompt,
+            digits,
+            deadline,
+            ..
+        } = &mut self.doing
+        else {
+            return;
+        };
+        // Barge-in: the first digit stops the prompt.
+        *prompt = None;
+        if Some(d) == *terminator {
+            let ev = Event::Digits {
+                digits: digits.clone(),
+                terminated: true,
+            };
+            self.flow(ev);
+            return;
+        }
+        digits.push(d);
+        if digits.len() >= *max {
+            let ev = Event::Digits {
+                digits: digits.clone(),
+                terminated: false,
+            };
+            self.flow(ev);
+            return;
+        }
+        *deadline = Some(now + *inter_timeout);
+    }
+
+    /// Hands the recording over to be stored; the flow waits for it.
+    fn finish_record(&mut self) {
+        if let Doing::Record { samples, .. } = &mut self.doing {
+            let samples = std::mem::take(samples);
+            self.doing = Doing::Saving {
+                duration_ms: (samples.len() / 8) as u32,
+            };
+            self.effects.push_back(Effect::SaveRecording(samples));
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    //! The IVR in virtual time: every frame is 20 ms later than the last,
+    //! whatever the machine does.
+
+    use super::*;
+
+    const PTIME: Duration = Duration::from_millis(20);
+
+    /// An answered call's IVR and its virtual clock.
+    struct Sim {
+        ivr: Ivr,
+        now: Instant,
+        t0: Instant,
+    }
+
+    impl Sim {
+        /// Answered; the flow has been asked for `started`.
+        fn new() -> Sim {
+            let t0 = Instant::now();
+            let mut ivr = Ivr::new(t0, Arc::new(vec![1000; 16_000]));
+            ivr.answer();
+            let mut sim = Sim { ivr, now: t0, t0 };
+            assert_eq!(sim.effects(), vec![Effect::Flow(Event::Started)]);
+            sim
+        }
+
+        fn effects(&mut self) -> Vec<Effect> {
+            std::iter::from_fn(|| self.ivr.poll_effect()).collect()
+        }
+
+        /// Effects other than timeline entries.
+        fn acts(&mut self) -> Vec<Effect> {
+            let mut e = self.effects();
+            e.retain(|e| !matches!(e, Effect::Note(..)));
+            e
+        }
+
+        fn step(&mut self, actions: Vec<Prepared>) {
+            self.ivr.step(self.now, actions);
+        }
+
+        /// One frame of the caller sending `heard`; returns what it hears.
+        fn frame_with(&mut self, heard: i16, leg: Option<&[i16]>) -> [i16; FRAME] {
+            let out = self.ivr.tick(self.now, &[heard; FRAME], leg);
+            self.now += PTIME;
+            out
+        }
+
+        fn frame(&mut self) -> [i16; FRAME] {
+            self.frame_with(0, None)
+        }
+
+        /// Frames until an effect other than a note; how many it took.
+        fn frames_until_act(&mut self, limit: usize) -> (usize, Vec<Effect>) {
+            for n in 1..=limit {
+                self.frame();
+                let acts = self.acts();
+                if !acts.is_empty() {
+                    return (n, acts);
+                }
+            }
+            panic!("nothing happened in {limit} frames");
+        }
+
+        fn digit(&mut self, d: char) {
+            self.ivr.digit(self.now, d, DtmfSource::Rfc4733);
+        }
+
+        fn ms(&self) -> u128 {
+            (self.now - self.t0).as_millis()
+        }
+    }
+
+    fn clip(frames: usize, level: i16) -> Option<Arc<Vec<i16>>> {
+        Some(Arc::new(vec![level; frames * FRAME]))
+    }
+
+    fn say(frames: usize) -> Prepared {
+        Prepared {
+            action: Action::Say {
+                text: "hello".into(),
+                voice: None,
+                language: None,
+            },
+            audio: clip(frames, 500),
+        }
+    }
+
+    fn gather(max: u32, prompt_frames: usize, timeout_ms: u32, inter_ms: u32) -> Prepared {
+        Prepared {
+            action: Action::Gather {
+                prompt: None,
+                max_digits: max,
+                terminator: Some("#".into()),
+                timeout_ms,
+                inter_digit_timeout_ms: inter_ms,
+                speech: false,
+            },
+            audio: (prompt_frames > 0)
+                .then(|| clip(prompt_frames, 700))
+                .flatten(),
+        }
+    }
+
+    fn action(action: Action) -> Prepared {
+        Prepared {
+            action,
+            audio: None,
+        }
+    }
+
+    fn digits(d: &str, terminated: bool) -> Vec<Effect> {
+        vec![Effect::Flow(Event::Digits {
+            digits: d.into(),
+            terminated,
+        })]
+    }
+
+    #[test]
+    fn plays_the_prompt_then_times_out_on_the_first_digit() {
+        let mut sim = Sim::new();
+        sim.step(vec![say(3), gather(4, 2, 1000, 500)]);
+        // Three frames of speech, two of the prompt, then silence.
+        for _ in 0..3 {
+            assert_eq!(sim.frame(), [500; FRAME]);
+        }
+        for _ in 0..2 {
+            assert_eq!(sim.frame(), [700; FRAME]);
+        }
+        let prompt_end = sim.ms();
+        let (_, acts) = sim.frames_until_act(200);
+        assert_eq!(acts, vec![Effect::Flow(Event::Timeout)]);
+        // The first-digit timeout runs from the end of the prompt.
+        let waited = sim.ms() - prompt_end;
+        assert!(
+            (1000..=1040).contains(&waited),
+            "timed out after {waited} ms"
+        );
+        // Nothing more is played while the flow decides.
+        assert_eq!(sim.frame(), [0; FRAME]);
+        assert!(sim.acts().is_empty());
+    }
+
+    #[test]
+    fn a_digit_barges_in_and_the_inter_digit_timeout_ends_the_gather() {
+        let mut sim = Sim::new();
+        sim.step(vec![gather(4, 100, 5000, 600)]);
+        for _ in 0..5 {
+            assert_eq!(sim.frame(), [700; FRAME]);
+        }
+        sim.digit('1');
+        let typed = sim.ms();
+        // The prompt stops at once.
+        assert_eq!(sim.frame(), [0; FRAME]);
+        let (_, acts) = sim.frames_until_act(100);
+        assert_eq!(acts, digits("1", false));
+        let waited = sim.ms() - typed;
+        assert!((600..=640).contains(&waited), "ended after {waited} ms");
+    }
+
+    #[test]
+    fn the_terminator_and_the_maximum_end_a_gather() {
+        let mut sim = Sim::new();
+        sim.step(vec![gather(4, 0, 5000, 3000)]);
+        for d in ['4', '2', '#'] {
+            sim.frame();
+            sim.digit(d);
+        }
+        assert_eq!(sim.acts(), digits("42", true));
+        sim.step(vec![gather(3, 0, 5000, 3000)]);
+        for d in ['7', '8', '9'] {
+            sim.frame();
+            sim.digit(d);
+        }
+        assert_eq!(sim.acts(), digits("789", false));
+        assert_eq!(sim.ivr.digits(), "42#789");
+    }
+
+    #[test]
+    fn digits_typed_during_a_prompt_count_for_the_next_gather() {
+        let mut sim = Sim::new();
+        sim.step(vec![say(50), gather(2, 50, 5000, 3000)]);
+        sim.frame();
+        sim.digit('3');
+        sim.frame();
+        sim.digit('1');
+        // Still speaking: type-ahead is kept, not acted on.
+        assert!(sim.acts().is_empty());
+        assert_eq!(sim.frame(), [500; FRAME]);
+        // The gather starts with both digits: it is complete at once.
+        let (n, acts) = sim.frames_until_act(100);
+        assert_eq!(acts, digits("31", false));
+        // Frames 4 to 50 are speech; the gather starts as it ends.
+        assert_eq!(n, 47, "the gather started when the speech ended");
+    }
+
+    #[test]
+    fn a_digit_heard_twice_counts_once() {
+        let mut sim = Sim::new();
+        sim.step(vec![gather(5, 0, 5000, 3000)]);
+        sim.ivr.digit(sim.now, '5', DtmfSource::Rfc4733);
+        sim.frame();
+        sim.ivr.digit(sim.now, '5', DtmfSource::InBand);
+        assert_eq!(sim.ivr.digits(), "5");
+        // The same key again, later, is a new press.
+        for _ in 0..20 {
+            sim.frame();
+        }
+        sim.ivr.digit(sim.now, '5', DtmfSource::InBand);
+        assert_eq!(sim.ivr.digits(), "55");
+    }
+
+    #[test]
+    fn a_recording_keeps_what_was_heard_until_the_terminator() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Record {
+            max_secs: 60,
+            beep: true,
+            terminator: None,
+        })]);
+        // The beep first: what the caller says over it is not recorded.
+        let mut beep_frames = 0;
+        while sim.frame_with(9, None) != [0; FRAME] {
+            beep_frames += 1;
+        }
+        assert!(beep_frames > 0);
+        for _ in 0..49 {
+            sim.frame_with(42, None);
+        }
+        sim.digit('#');
+        assert!(sim.acts().is_empty());
+        sim.frame_with(42, None);
+        let acts = sim.acts();
+        let [Effect::SaveRecording(samples)] = acts.as_slice() else {
+            panic!("expected a recording, got {acts:?}");
+        };
+        // From the frame after the beep: one frame of 9 (the loop's
+        // last), 49 of 42, and the frame the terminator ended.
+        assert_eq!(samples.len(), 51 * FRAME);
+        assert!(samples[..FRAME].iter().all(|s| *s == 9));
+        assert!(samples[FRAME..].iter().all(|s| *s == 42));
+        // The flow waits for the store, then hears `recorded`.
+        assert!(sim.frames_until_act_or_none(10).is_empty());
+        sim.ivr.recorded(Ok(Saved {
+            id: "r1".into(),
+            url: "/r1".into(),
+        }));
+        let effects = sim.effects();
+        assert!(
+            matches!(&effects[0], Effect::Note(EntryKind::Recording, d) if d["duration_ms"] == 1020)
+        );
+        assert_eq!(
+            effects[1],
+            Effect::Flow(Event::Recorded {
+                id: "r1".into(),
+                duration_ms: 1020
+            })
+        );
+    }
+
+    #[test]
+    fn a_recording_stops_at_its_maximum_length_of_media() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Record {
+            max_secs: 1,
+            beep: false,
+            terminator: None,
+        })]);
+        let (n, acts) = sim.frames_until_act(100);
+        assert_eq!(n, 50);
+        let [Effect::SaveRecording(samples)] = acts.as_slice() else {
+            panic!("expected a recording, got {acts:?}");
+        };
+        assert_eq!(samples.len(), 8000);
+        // A store failure tells the flow `timeout`.
+        sim.ivr.recorded(Err("disk full".into()));
+        assert_eq!(sim.acts(), vec![Effect::Flow(Event::Timeout)]);
+    }
+
+    #[test]
+    fn a_call_ending_while_recording_stores_it_and_asks_nothing_more() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Record {
+            max_secs: 60,
+            beep: false,
+            terminator: None,
+        })]);
+        for _ in 0..10 {
+            sim.frame_with(5, None);
+        }
+        sim.ivr.end();
+        let acts = sim.acts();
+        assert!(matches!(acts.as_slice(), [Effect::SaveRecording(s)] if s.len() == 10 * FRAME));
+        sim.ivr.recorded(Ok(Saved {
+            id: "r".into(),
+            url: "/r".into(),
+        }));
+        assert!(sim.acts().is_empty(), "no event after the end");
+    }
+
+    #[test]
+    fn a_wait_then_the_end_of_the_actions_hangs_up() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Wait { ms: 200 })]);
+        let (n, acts) = sim.frames_until_act(100);
+        assert_eq!(acts, vec![Effect::Hangup("flow finished".into())]);
+        assert_eq!(n, 11, "the wait lasted 200 ms");
+        // Ended: nothing else runs.
+        sim.step(vec![say(5)]);
+        assert_eq!(sim.frame(), [0; FRAME]);
+    }
+
+    #[test]
+    fn a_hangup_action_ends_the_call_and_later_actions_do_not_run() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Hangup), say(5)]);
+        assert_eq!(sim.acts(), vec![Effect::Hangup("flow hung up".into())]);
+        assert_eq!(sim.frame(), [0; FRAME]);
+    }
+
+    #[test]
+    fn a_queued_caller_hears_music_until_the_flow_moves_it() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Enqueue {
+            queue: "sales".into(),
+            priority: 1,
+            skills: vec![],
+        })]);
+        let effects = sim.effects();
+        assert!(
+            matches!(&effects[..], [Effect::Note(EntryKind::Parked, d)] if d["queue"] == "sales")
+        );
+        for _ in 0..500 {
+            assert_eq!(sim.frame(), [1000; FRAME]);
+        }
+        assert!(sim.acts().is_empty());
+    }
+
+    #[test]
+    fn a_dial_rings_back_gives_up_at_its_timeout_and_reports_no_answer() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Dial {
+            target: "1001".into(),
+            caller_id: None,
+            timeout_secs: 5,
+        })]);
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Dial {
+                target: "1001".into(),
+                caller_id: None,
+                transfer: false
+            }]
+        );
+        sim.ivr.leg(sim.now, Leg::Ringing);
+        // Ringback: a second of tone, then silence.
+        assert_ne!(sim.frame(), [0; FRAME]);
+        for _ in 0..49 {
+            sim.frame();
+        }
+        assert_eq!(sim.frame(), [0; FRAME]);
+        let (n, acts) = sim.frames_until_act(1000);
+        assert_eq!(acts, vec![Effect::CancelLeg]);
+        // The first frame after 5 s (frame k is at (k - 1) × 20 ms).
+        assert_eq!(51 + n, 252, "cancelled once 5 s had passed");
+        // Cancelled once only.
+        for _ in 0..100 {
+            sim.frame();
+        }
+        assert!(sim.acts().is_empty());
+        sim.ivr
+            .leg(sim.now, Leg::Failed(487, "Request Terminated".into()));
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Flow(Event::DialResult {
+                outcome: "no-answer".into()
+            })]
+        );
+    }
+
+    #[test]
+    fn an_answered_dial_bridges_and_its_end_resumes_the_flow() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Dial {
+            target: "1001".into(),
+            caller_id: Some("+1555".into()),
+            timeout_secs: 30,
+        })]);
+        sim.acts();
+        sim.ivr.leg(sim.now, Leg::Answered("PCMA"));
+        assert!(sim.ivr.bridged());
+        assert_eq!(sim.frame_with(0, Some(&[77; FRAME])), [77; FRAME]);
+        // A frame lost on the leg is silence, not ringback.
+        assert_eq!(sim.frame_with(0, None), [0; FRAME]);
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert!(!sim.ivr.bridged());
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Flow(Event::DialResult {
+                outcome: "completed".into()
+            })]
+        );
+    }
+
+    #[test]
+    fn a_transfer_follows_a_refer_and_ends_with_the_leg() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Transfer {
+            target: "agent".into(),
+        })]);
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Dial {
+                target: "agent".into(),
+                caller_id: None,
+                transfer: true
+            }]
+        );
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        assert!(sim.ivr.bridged());
+        sim.effects();
+        sim.ivr.leg(sim.now, Leg::Refer("supervisor".into()));
+        let effects = sim.effects();
+        assert!(matches!(&effects[0], Effect::Note(EntryKind::Refer, d) if d["from"] == "agent"));
+        assert_eq!(
+            effects[1],
+            Effect::Dial {
+                target: "supervisor".into(),
+                caller_id: None,
+                transfer: true
+            }
+        );
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Hangup("transferred call ended".into())]
+        );
+    }
+
+    #[test]
+    fn a_dial_without_media_ports_fails_to_the_flow() {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Dial {
+            target: "1001".into(),
+            caller_id: None,
+            timeout_secs: 30,
+        })]);
+        sim.acts();
+        sim.ivr
+            .leg(sim.now, Leg::Unavailable("no free RTP ports".into()));
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Flow(Event::DialResult {
+                outcome: "failed".into()
+            })]
+        );
+    }
+
+    #[test]
+    fn a_busy_leg_is_busy_and_stale_leg_news_is_ignored() {
+        let mut sim = Sim::new();
+        // No leg: news about one changes nothing.
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert!(sim.effects().is_empty());
+        sim.step(vec![action(Action::Dial {
+            target: "1001".into(),
+            caller_id: None,
+            timeout_secs: 30,
+        })]);
+        sim.acts();
+        sim.ivr.leg(sim.now, Leg::Failed(486, "Busy Here".into()));
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Flow(Event::DialResult {
+                outcome: "busy".into()
+            })]
+        );
+    }
+
+    #[test]
+    fn actions_that_are_not_for_voice_are_noted_and_skipped() {
+        let mut sim = Sim::new();
+        sim.step(vec![
+            action(Action::Reply { text: "hi".into() }),
+            action(Action::SetAttribute {
+                name: "a".into(),
+                value: "b".into(),
+            }),
+            say(1),
+        ]);
+        let effects = sim.effects();
+        assert!(
+            matches!(&effects[..], [Effect::Note(EntryKind::IgnoredAction, d)] if d["action"]["type"] == "reply")
+        );
+        assert_eq!(sim.frame(), [500; FRAME]);
+    }
+
+    #[test]
+    fn nothing_plays_before_the_answer() {
+        let t0 = Instant::now();
+        let mut ivr = Ivr::new(t0, Arc::new(vec![1; 8000]));
+        assert_eq!(ivr.tick(t0, &[0; FRAME], None), [0; FRAME]);
+        assert!(ivr.poll_effect().is_none());
+    }
+
+    impl Sim {
+        /// Up to `limit` frames; the first non-note effects, or none.
+        fn frames_until_act_or_none(&mut self, limit: usize) -> Vec<Effect> {
+            for _ in 0..limit {
+                self.frame();
+                let acts = self.acts();
+                if !acts.is_empty() {
+                    return acts;
+                }
+            }
+            Vec::new()
+        }
+    }
+}
