@@ -68,6 +68,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The port of the first `IP:PORT` that follows `marker` in a log.
+fn logged_port(log: &str, marker: &str) -> Option<u16> {
+    let rest = &log[log.find(marker)? + marker.len()..];
+    let addr: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.' || *c == ':')
+        .collect();
+    addr.rsplit_once(':')?.1.parse().ok()
+}
+
 /// A loopback port free for both UDP and TCP (for SIP).
 pub fn free_sip_port() -> u16 {
     for _ in 0..100 {
@@ -101,31 +111,28 @@ pub struct Answer {
 impl Server {
     /// Starts the server on `data_dir` with extra `serve` flags.
     pub fn start(data_dir: &Path, flags: &[&str]) -> Result<Server> {
-        let port = free_port();
-        let sip_port = free_sip_port();
         let mut args: Vec<String> = vec![
             "--data-dir".into(),
             data_dir.display().to_string(),
             "serve".into(),
             "--http".into(),
-            format!("127.0.0.1:{port}"),
+            "127.0.0.1:0".into(),
             "--sip".into(),
-            format!("127.0.0.1:{sip_port}"),
+            "127.0.0.1:0".into(),
         ];
         args.extend(flags.iter().map(|f| f.to_string()));
-        Server::spawn(data_dir, &args, port, sip_port)
+        Server::spawn(data_dir, &args, true)
     }
 
     /// Starts the server with nothing but a config file: `config` is its
-    /// text, with `{data}`, `{http}` and `{sip}` replaced by the data
-    /// directory and two free ports.
+    /// text, with `{data}` replaced by the data directory and `{http}`
+    /// and `{sip}` by port 0 (the server picks free ports and logs them).
     pub fn start_configured(data_dir: &Path, config: &str) -> Result<Server> {
-        let port = free_port();
-        let sip_port = free_sip_port();
+        let has_sip = config.contains("{sip}");
         let text = config
             .replace("{data}", &data_dir.display().to_string())
-            .replace("{http}", &port.to_string())
-            .replace("{sip}", &sip_port.to_string());
+            .replace("{http}", "0")
+            .replace("{sip}", "0");
         let file = data_dir.with_extension("toml");
         std::fs::write(&file, text)?;
         let args = [
@@ -133,12 +140,17 @@ impl Server {
             "--config".into(),
             file.display().to_string(),
         ];
-        Server::spawn(data_dir, &args, port, sip_port)
+        Server::spawn(data_dir, &args, has_sip)
     }
 
-    fn spawn(data_dir: &Path, args: &[String], port: u16, sip_port: u16) -> Result<Server> {
+    /// Spawns the server on port 0 and learns its ports from its log: a
+    /// port picked here and bound later by the server could be taken in
+    /// between by a server of a parallel test, which would then answer
+    /// this test's requests (CI once saw a 401 that way).
+    fn spawn(data_dir: &Path, args: &[String], has_sip: bool) -> Result<Server> {
         let admin = "test-admin-token".to_string();
-        let log = std::fs::File::create(data_dir.with_extension("log")).context("log file")?;
+        let log_path = data_dir.with_extension("log");
+        let log = std::fs::File::create(&log_path).context("log file")?;
         let mut cmd = Command::new(binary());
         // PLUGBOARD_TEST_STORE=postgres runs the same tests on PostgreSQL:
         // each data directory gets a database of its own (the same one
@@ -171,15 +183,22 @@ impl Server {
             .into();
         let mut s = Server {
             child,
-            port,
-            sip_port,
+            port: 0,
+            sip_port: 0,
             data_dir: data_dir.to_path_buf(),
             admin,
             agent,
         };
         let t0 = Instant::now();
         loop {
-            if let Ok(a) = s.call("GET", "/healthz", None, None)
+            if s.port == 0 || (has_sip && s.sip_port == 0) {
+                let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+                s.port = logged_port(&text, "listening on http://").unwrap_or(0);
+                s.sip_port = logged_port(&text, "SIP listening on ").unwrap_or(0);
+            }
+            if s.port != 0
+                && (s.sip_port != 0 || !has_sip)
+                && let Ok(a) = s.call("GET", "/healthz", None, None)
                 && a.status == 200
             {
                 // Runs meant for PostgreSQL really run on it.

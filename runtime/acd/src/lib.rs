@@ -80,6 +80,15 @@ pub struct QueueConfig {
     pub router: Option<String>,
     /// Unanswered offers in a row after which an agent is set `missed`.
     pub missed_after: u32,
+    /// After an agent rejects or misses a task, how long before the task
+    /// may be offered to them again (Asterisk's `retry`): one agent whose
+    /// phone is busy is not rung in a loop.
+    #[serde(default = "default_retry", with = "secs")]
+    pub retry: Duration,
+}
+
+fn default_retry() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl QueueConfig {
@@ -99,6 +108,7 @@ impl QueueConfig {
             wrap_up: Duration::ZERO,
             router: None,
             missed_after: 3,
+            retry: default_retry(),
         }
     }
 }
@@ -335,6 +345,9 @@ struct Task {
     state: TaskState,
     /// Agents who rejected or missed it: tried last.
     passed: BTreeSet<String>,
+    /// Agents who passed on it lately, and when they may be offered it
+    /// again.
+    resting: BTreeMap<String, Instant>,
 }
 
 #[derive(Debug)]
@@ -506,6 +519,7 @@ impl Acd {
             deadline: None,
             state: TaskState::Waiting,
             passed: BTreeSet::new(),
+            resting: BTreeMap::new(),
             spec,
         };
         let id = task.spec.id.clone();
@@ -640,7 +654,7 @@ impl Acd {
     /// task waits again in its place, for another agent first.
     pub fn reject(&mut self, now: Instant, task: &str, agent: &str) -> Result<(), AcdError> {
         self.offered_to(task, agent)?;
-        self.pass(task, agent);
+        self.pass(now, task, agent);
         self.event(
             task,
             TaskEvent::Rejected {
@@ -662,13 +676,60 @@ impl Acd {
         }
     }
 
-    /// Takes an offer back from the agent; the task waits again.
-    fn pass(&mut self, task: &str, agent: &str) {
+    /// Takes an offer back from the agent; the task waits again, and is
+    /// not offered to them again for the queue's `retry`.
+    fn pass(&mut self, now: Instant, task: &str, agent: &str) {
+        let retry = self
+            .tasks
+            .get(task)
+            .and_then(|t| self.queues.get(&t.spec.queue))
+            .map_or_else(default_retry, |q| q.retry);
         if let Some(t) = self.tasks.get_mut(task) {
             t.state = TaskState::Waiting;
             t.passed.insert(agent.to_string());
+            if !retry.is_zero() {
+                t.resting.insert(agent.to_string(), now + retry);
+            }
         }
         self.free(agent, task);
+    }
+
+    /// The channel could not reach the agent for an offered task (their
+    /// phone was busy, unreachable or rang out before the offer timeout):
+    /// counted as an unanswered offer, as if the offer had rung out.
+    pub fn missed(&mut self, now: Instant, task: &str, agent: &str) -> Result<(), AcdError> {
+        self.offered_to(task, agent)?;
+        self.no_answer(now, task, agent);
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// An offer went unanswered: the task waits again, the agent's missed
+    /// count grows, and at the queue's limit the agent is set `missed`.
+    fn no_answer(&mut self, now: Instant, task: &str, agent: &str) {
+        self.pass(now, task, agent);
+        self.event(
+            task,
+            TaskEvent::NoAnswer {
+                agent: agent.to_string(),
+            },
+        );
+        let limit = self
+            .tasks
+            .get(task)
+            .and_then(|t| self.queues.get(&t.spec.queue))
+            .map(|q| q.missed_after)
+            .unwrap_or(u32::MAX);
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.missed += 1;
+            if limit > 0 && a.missed >= limit && a.presence == Presence::Available {
+                a.presence = Presence::Missed;
+                self.out.push_back(Output::Presence {
+                    agent: agent.to_string(),
+                    presence: Presence::Missed,
+                });
+            }
+        }
     }
 
     /// The agent's slot for the task is free (no wrap-up).
@@ -747,7 +808,9 @@ impl Acd {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let tasks = self.tasks.values().filter_map(|t| match &t.state {
             TaskState::Offered { until, .. } => Some(*until),
-            TaskState::Waiting | TaskState::Routing => t.deadline,
+            TaskState::Waiting | TaskState::Routing => {
+                t.deadline.into_iter().chain(t.resting.values().copied()).min()
+            }
             TaskState::Connected { .. } => None,
         });
         let wraps = self
@@ -780,33 +843,15 @@ impl Acd {
             })
             .collect();
         for (task, agent) in rang_out {
-            self.pass(&task, &agent);
             self.out.push_back(Output::Rescind {
                 task: task.clone(),
                 agent: agent.clone(),
             });
-            self.event(
-                &task,
-                TaskEvent::NoAnswer {
-                    agent: agent.clone(),
-                },
-            );
-            let limit = self
-                .tasks
-                .get(&task)
-                .and_then(|t| self.queues.get(&t.spec.queue))
-                .map(|q| q.missed_after)
-                .unwrap_or(u32::MAX);
-            if let Some(a) = self.agents.get_mut(&agent) {
-                a.missed += 1;
-                if limit > 0 && a.missed >= limit && a.presence == Presence::Available {
-                    a.presence = Presence::Missed;
-                    self.out.push_back(Output::Presence {
-                        agent,
-                        presence: Presence::Missed,
-                    });
-                }
-            }
+            self.no_answer(now, &task, &agent);
+        }
+        // Agents who passed on a task may be offered it again.
+        for t in self.tasks.values_mut() {
+            t.resting.retain(|_, until| *until > now);
         }
         // Waited too long (an offer in progress finishes first).
         let mut expired: Vec<(u64, String)> = self
@@ -918,7 +963,11 @@ impl Acd {
         let mut all: Vec<&Agent> = self
             .agents
             .values()
-            .filter(|a| a.free_for(t.spec.channel) && a.can_do(q, &t.spec))
+            .filter(|a| {
+                a.free_for(t.spec.channel)
+                    && a.can_do(q, &t.spec)
+                    && !t.resting.contains_key(&a.config.id)
+            })
             .collect();
         all.sort_by(|a, b| {
             a.idle_since

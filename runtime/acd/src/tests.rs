@@ -107,6 +107,44 @@ fn priority_overtakes_equal_priority_is_first_in_first_out_and_aging_prevents_st
 }
 
 #[test]
+fn a_busy_phone_counts_as_missed_and_the_agent_is_not_rung_again_until_the_retry() {
+    let t0 = Instant::now();
+    let mut acd = Acd::new();
+    let mut q = QueueConfig::new("q");
+    q.missed_after = 2;
+    q.retry = Duration::from_secs(5);
+    acd.set_queue(q);
+    acd.set_agent(t0, agent("ann", &[], 1, 0));
+    acd.set_presence(t0, "ann", Presence::Available).unwrap();
+    acd.enqueue(t0, task("t", "q", 0, &[])).unwrap();
+    assert_eq!(offers(&drain(&mut acd)), vec![pair("t", "ann")]);
+    // Her phone is busy: no rescind (the channel knows), the task waits.
+    acd.missed(t0 + Duration::from_secs(1), "t", "ann").unwrap();
+    let out = drain(&mut acd);
+    assert!(!out.iter().any(|o| matches!(o, Output::Rescind { .. })));
+    assert!(out.contains(&Output::Event {
+        task: "t".into(),
+        event: TaskEvent::NoAnswer { agent: "ann".into() }
+    }));
+    assert!(offers(&out).is_empty(), "not rung again at once: {out:?}");
+    // A second report for an offer no longer hers is refused.
+    assert!(acd.missed(t0 + Duration::from_secs(1), "t", "ann").is_err());
+    assert_eq!(acd.poll_timeout(), Some(t0 + Duration::from_secs(6)));
+    acd.handle_timeout(t0 + Duration::from_secs(6));
+    assert_eq!(offers(&drain(&mut acd)), vec![pair("t", "ann")]);
+    // Missed twice in a row: she is set missed, and rung no more.
+    acd.missed(t0 + Duration::from_secs(7), "t", "ann").unwrap();
+    let out = drain(&mut acd);
+    assert!(out.contains(&Output::Presence {
+        agent: "ann".into(),
+        presence: Presence::Missed
+    }));
+    acd.handle_timeout(t0 + Duration::from_secs(13));
+    assert!(offers(&drain(&mut acd)).is_empty());
+    assert_eq!(acd.queue_stats(t0, "q").waiting, 1);
+}
+
+#[test]
 fn an_unanswered_offer_goes_to_the_next_agent_and_the_task_keeps_its_place() {
     let t0 = Instant::now();
     let mut acd = Acd::new();
@@ -379,6 +417,13 @@ fn check(acd: &mut Acd, m: &mut Model, now: Instant, wrap: Duration) {
                 TaskEvent::Rejected { agent } => {
                     assert_eq!(m.offered.remove(&task).as_deref(), Some(agent.as_str()));
                 }
+                // A channel's report (no rescind before it); after a
+                // rescind the offer is already gone.
+                TaskEvent::NoAnswer { agent } => {
+                    if let Some(a) = m.offered.remove(&task) {
+                        assert_eq!(a, agent);
+                    }
+                }
                 TaskEvent::Completed { agent } => {
                     assert_eq!(m.connected.remove(&task).as_deref(), Some(agent.as_str()));
                     if !wrap.is_zero() {
@@ -516,7 +561,11 @@ fn random_run(seed: u64, ops: usize) {
             5 => {
                 let offered = m.offers();
                 if let Some((t, a)) = rng.pick(&offered) {
-                    acd.reject(now, t, a).unwrap();
+                    if rng.below(2) == 0 {
+                        acd.reject(now, t, a).unwrap();
+                    } else {
+                        acd.missed(now, t, a).unwrap();
+                    }
                 }
             }
             6 => {

@@ -527,8 +527,21 @@ pub enum EntryKind {
     Hold,
     /// `resume`: the caller took it off hold.
     Resume,
-    /// `parked`: the caller waits with music (queued).
+    /// `parked`: the caller waits with music where no queue takes them
+    /// (the queue does not exist).
     Parked,
+    // The ACD.
+    /// `queued`: the interaction waits in an ACD queue.
+    Queued,
+    /// `offered`: an agent was offered it (on voice: their phone rings).
+    Offered,
+    /// `agent_missed`: the agent offered it did not take it (busy, no
+    /// answer, rang out, no phone).
+    AgentMissed,
+    /// `agent_connected`: an agent took it.
+    AgentConnected,
+    /// `queue_left`: it left the queue for its flow (`max_wait`, `full`).
+    QueueLeft,
     /// `media`: media statistics at the end.
     Media,
     /// `media_timeout`: no RTP for too long.

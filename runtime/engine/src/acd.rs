@@ -4,10 +4,13 @@
 //! background task, its decisions published on the tenant's event stream
 //! (`{"kind": "acd", …}`) and kept as task records.
 //!
-//! Tasks are created by the API (`POST /v1/tenants/{t}/tasks`) and, as
-//! the channels are wired to it, by the flows' `enqueue`. Offers are
-//! answered over the API (accept, reject), as an agent desktop does;
-//! the voice channel will ring the agent's phone.
+//! Tasks are created by the API (`POST /v1/tenants/{t}/tasks`) and by
+//! the flows' `enqueue` on a channel ([`Engine::enqueue_watched`]). A
+//! channel that enqueues watches its task: it is told of offers,
+//! rescinded offers and the task leaving for its flow ([`TaskNews`]), and
+//! carries them out (the voice channel rings the agent's registered
+//! phone and bridges on answer). Offers of tasks nobody watches are
+//! answered over the API (accept, reject), as an agent desktop does.
 //!
 //! One node runs a tenant's ACD: several nodes on one store share the
 //! queue and agent settings, not the live routing (a lease per queue is
@@ -56,6 +59,32 @@ pub struct TaskView {
     pub agent: Option<String>,
 }
 
+/// What the channel that enqueued a task is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskNews {
+    /// Offer the task to this agent (on voice: ring their phone).
+    Offer {
+        /// Agent id.
+        agent: String,
+        /// The tenant's SIP user whose registered phone rings, if the
+        /// agent has one.
+        sip_user: Option<String>,
+    },
+    /// The offer to this agent rang out: stop ringing them.
+    Rescind {
+        /// Agent id.
+        agent: String,
+    },
+    /// The task left the ACD for its flow (`max_wait` or `full`).
+    BackToFlow {
+        /// Why.
+        why: &'static str,
+    },
+}
+
+/// Where a task's news goes.
+pub type TaskWatcher = tokio::sync::mpsc::UnboundedSender<TaskNews>;
+
 /// The per-tenant ACDs and their timer task.
 #[derive(Default)]
 pub struct AcdHub {
@@ -63,6 +92,10 @@ pub struct AcdHub {
     tenants: Mutex<HashMap<String, Arc<Mutex<Acd>>>>,
     /// Last known state of every task (for `GET` and for agents' views).
     tasks: Mutex<HashMap<(String, String), TaskView>>,
+    /// Channels watching their tasks, by tenant and task.
+    watchers: Mutex<HashMap<(String, String), TaskWatcher>>,
+    /// Each agent's SIP user, by tenant and agent.
+    sip_users: Mutex<HashMap<(String, String), String>>,
     wake: Arc<Notify>,
 }
 
@@ -159,6 +192,7 @@ impl Engine {
         }
         for a in self.store.records(tenant, AGENT).await? {
             let r: AgentRecord = parse(a)?;
+            self.remember_sip_user(tenant, &r);
             acd.set_agent(now, r.config);
         }
         let acd = Arc::new(Mutex::new(acd));
@@ -186,10 +220,69 @@ impl Engine {
         r.map_err(|e| acd_error(e).into())
     }
 
-    /// Publishes the ACD's decisions, keeps each task's last state, and
-    /// asks the queue's router plugin to rank the candidates.
+    fn remember_sip_user(&self, tenant: &str, agent: &AgentRecord) {
+        let key = (tenant.to_string(), agent.config.id.clone());
+        let mut users = lock(&self.acd.sip_users);
+        match &agent.sip_user {
+            Some(u) => users.insert(key, u.clone()),
+            None => users.remove(&key),
+        };
+    }
+
+    /// Tells the channel watching the task (if any) what it must do; a
+    /// task that has left the ACD is no longer watched.
+    fn tell_watcher(self: &Arc<Self>, tenant: &str, o: &Output) {
+        use plugboard_acd::TaskEvent as E;
+        let (task, news, ends) = match o {
+            Output::Offer { task, agent, .. } => {
+                let sip_user = lock(&self.acd.sip_users)
+                    .get(&(tenant.to_string(), agent.clone()))
+                    .cloned();
+                let news = TaskNews::Offer {
+                    agent: agent.clone(),
+                    sip_user,
+                };
+                (task, Some(news), false)
+            }
+            Output::Rescind { task, agent } => (
+                task,
+                Some(TaskNews::Rescind {
+                    agent: agent.clone(),
+                }),
+                false,
+            ),
+            Output::BackToFlow { task, why } => (task, Some(TaskNews::BackToFlow { why }), true),
+            Output::Event {
+                task,
+                event: E::Completed { .. } | E::Abandoned { .. } | E::TimedOut { .. },
+            } => (task, None, true),
+            _ => return,
+        };
+        let key = (tenant.to_string(), task.clone());
+        let mut watchers = lock(&self.acd.watchers);
+        if let Some(news) = news
+            && let Some(w) = watchers.get(&key)
+            && w.send(news).is_err()
+        {
+            // The channel is gone (the customer left while the task was
+            // being created): nobody is waiting any more.
+            watchers.remove(&key);
+            let (engine, tenant, task) = (self.clone(), tenant.to_string(), task.clone());
+            tokio::spawn(async move {
+                let _ = engine.abandon_task(&tenant, &task).await;
+            });
+        }
+        if ends {
+            watchers.remove(&key);
+        }
+    }
+
+    /// Publishes the ACD's decisions, keeps each task's last state, tells
+    /// the channels watching their tasks, and asks the queue's router
+    /// plugin to rank the candidates.
     fn acd_outputs(self: &Arc<Self>, tenant: &str, outputs: Vec<Output>) {
         for o in outputs {
+            self.tell_watcher(tenant, &o);
             if let Output::Route {
                 task, candidates, ..
             } = &o
@@ -390,6 +483,7 @@ impl Engine {
         self.store
             .set_record(tenant, AGENT, &agent.config.id, &record)
             .await?;
+        self.remember_sip_user(tenant, &agent);
         let config = agent.config.clone();
         self.with_acd(tenant, move |a, now| {
             a.set_agent(now, config);
@@ -455,6 +549,37 @@ impl Engine {
         }
         r?;
         self.task(tenant, &key.1)
+    }
+
+    /// Routes a new task for a channel that carries out its offers: what
+    /// the channel must do comes to `watcher` ([`TaskNews`]) until the task
+    /// ends.
+    pub async fn enqueue_watched(
+        self: &Arc<Self>,
+        tenant: &str,
+        spec: TaskSpec,
+        watcher: TaskWatcher,
+    ) -> EngineResult<TaskView> {
+        let key = (tenant.to_string(), spec.id.clone());
+        lock(&self.acd.watchers).insert(key.clone(), watcher);
+        let r = self.create_task(tenant, spec).await;
+        if r.is_err() {
+            lock(&self.acd.watchers).remove(&key);
+        }
+        r
+    }
+
+    /// The channel could not reach the agent offered the task (busy,
+    /// unreachable, not answered): the next agent is tried.
+    pub async fn missed_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        agent: &str,
+    ) -> EngineResult<TaskView> {
+        self.with_acd(tenant, |a, now| a.missed(now, task, agent))
+            .await?;
+        self.task(tenant, task)
     }
 
     /// A task's last known state.

@@ -36,6 +36,8 @@ mod metrics;
 pub mod secrets;
 mod session;
 
+pub use acd::{TaskNews, TaskWatcher};
+pub use plugboard_acd::TaskSpec;
 pub use cluster::{ClusterConfig, ClusterError, random_node_id};
 pub use metrics::Metrics;
 pub use session::{Ending, FlowSession, SessionStart, Step, TTS_PLUGIN};

@@ -370,6 +370,13 @@ impl FlowSession {
         }
     }
 
+    /// Moves the interaction through its state machine (a channel's
+    /// doing: offered, connected to an agent, back in the queue); a
+    /// transition it does not have is logged and changes nothing.
+    pub fn set_state(&mut self, next: InteractionState) {
+        self.transition(next);
+    }
+
     /// Moves the interaction through its state machine; a transition it
     /// does not have is logged and changes nothing.
     fn transition(&mut self, next: InteractionState) {

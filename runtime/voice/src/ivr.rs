@@ -1,23 +1,27 @@
 //! The IVR executor of one call, sans-IO: it runs the flow's actions on
 //! the call's audio — say and play, gather (barge-in, terminator,
-//! first-digit and inter-digit timeouts, type-ahead), record, wait, park
-//! with music on hold, dial with ringback and a bridge, hang up.
+//! first-digit and inter-digit timeouts, type-ahead), record, wait, wait
+//! in an ACD queue with music on hold while agents' phones are rung (and
+//! bridge to the one who answers), dial with ringback and a bridge, hang
+//! up.
 //!
 //! It does no I/O and reads no clock. Its driver (the call task,
 //! [`crate::call`]) feeds it the time and what happened — the answer
 //! ([`Ivr::answer`]), each 20 ms frame the caller sent ([`Ivr::tick`],
 //! which returns the frame to play), digits ([`Ivr::digit`]), the flow's
 //! prepared actions ([`Ivr::step`]), the dial leg's progress
-//! ([`Ivr::leg`]), a stored recording ([`Ivr::recorded`]) — and carries
+//! ([`Ivr::leg`]), what the ACD decided for the queued call
+//! ([`Ivr::queue`]), a stored recording ([`Ivr::recorded`]) — and carries
 //! out what it asks ([`Ivr::poll_effect`]): hand an event to the flow,
-//! write a timeline entry, call out, cancel a leg, store a recording, end
-//! the call. Tests drive it in virtual time.
+//! write a timeline entry, enqueue, ring an agent, tell the ACD what the
+//! agent did, call out, cancel a leg, store a recording, end the call.
+//! Tests drive it in virtual time.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plugboard_core::EntryKind;
+use plugboard_core::{EntryKind, InteractionState};
 use plugboard_core::flow::{Action, Event};
 use plugboard_media::audio::{self, FRAME};
 use plugboard_media::dtmf::{DtmfMerger, DtmfSource};
@@ -55,6 +59,44 @@ pub enum Effect {
     /// The leg rang too long: give up on it (CANCEL); its failure comes
     /// back through [`Ivr::leg`].
     CancelLeg,
+    /// End the leg now (BYE, or CANCEL if it has not answered); nothing
+    /// more of it is reported.
+    DropLeg,
+    /// Put the call in this ACD queue (the caller hears music) and report
+    /// what the ACD decides with [`Ivr::queue`].
+    Enqueue {
+        /// Queue id.
+        queue: String,
+        /// Priority (higher first).
+        priority: u32,
+        /// Skills an agent needs.
+        skills: Vec<String>,
+    },
+    /// Ring the agent offered the call on a new leg (the caller keeps
+    /// hearing music) and report its progress with [`Ivr::leg`].
+    Ring {
+        /// Agent id.
+        agent: String,
+        /// Their phone (the tenant's SIP user's address of record).
+        target: String,
+    },
+    /// Tell the ACD the agent could not be reached (busy, no answer, no
+    /// phone): it offers the call to the next.
+    Missed {
+        /// Agent id.
+        agent: String,
+    },
+    /// Tell the ACD the agent answered; if it no longer lets them take
+    /// the call, report [`Queue::AcceptFailed`].
+    Accept {
+        /// Agent id.
+        agent: String,
+    },
+    /// Tell the ACD the agent's conversation is over (they wrap up).
+    TaskDone,
+    /// The interaction moves to this state (offered, connected, back in
+    /// the queue or the flow).
+    State(InteractionState),
     /// Store this recording (8 kHz samples) and answer with
     /// [`Ivr::recorded`].
     SaveRecording(Vec<i16>),
@@ -77,6 +119,50 @@ pub enum Leg {
     Refer(String),
     /// The far end hung up.
     Hangup,
+}
+
+/// What the ACD decided for a queued call, as [`Ivr::queue`] is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queue {
+    /// The ACD could not take the call (no such queue, …): the caller
+    /// waits with music until they leave, never in silence.
+    Refused(String),
+    /// Ring this agent's phone (`None`: the agent has none).
+    Offer {
+        /// Agent id.
+        agent: String,
+        /// Their phone's address of record.
+        target: Option<String>,
+    },
+    /// The offer to this agent rang out: stop ringing.
+    Rescind(String),
+    /// The call leaves the queue for the flow (`max_wait`, `full`): the
+    /// flow hears `timeout`.
+    BackToFlow(String),
+    /// The ACD did not let the agent who answered take the call (the
+    /// offer had already rung out): the call waits again.
+    AcceptFailed(String),
+}
+
+/// Where a queued call is with the ACD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskPhase {
+    /// Not in the ACD.
+    None,
+    /// Waiting, or being offered.
+    Waiting,
+    /// Talking to an agent.
+    Connected,
+}
+
+/// The call's task in the ACD.
+#[derive(Debug)]
+struct AcdTask {
+    queue: String,
+    /// The agent whose phone rings.
+    ringing: Option<String>,
+    /// The agent the caller talks to.
+    agent: Option<String>,
 }
 
 /// A stored recording, as [`Ivr::recorded`] is told.
@@ -136,6 +222,7 @@ enum Doing {
         duration_ms: u32,
     },
     Wait(Instant),
+    /// Waiting with music on hold (in a queue, or where there is none).
     Parked,
     /// Calling out: the caller hears ringback.
     Dialing,
@@ -168,6 +255,7 @@ pub struct Ivr {
     moh: usize,
     ring_phase: usize,
     dialled: Option<Dialled>,
+    acd: Option<AcdTask>,
     effects: VecDeque<Effect>,
 }
 
@@ -194,6 +282,7 @@ impl Ivr {
             moh: 0,
             ring_phase: 0,
             dialled: None,
+            acd: None,
             effects: VecDeque::new(),
         }
     }
@@ -212,6 +301,15 @@ impl Ivr {
     /// to the leg).
     pub fn bridged(&self) -> bool {
         matches!(self.doing, Doing::Bridged)
+    }
+
+    /// Where the call is with the ACD.
+    pub fn task(&self) -> TaskPhase {
+        match &self.acd {
+            None => TaskPhase::None,
+            Some(AcdTask { agent: Some(_), .. }) => TaskPhase::Connected,
+            Some(_) => TaskPhase::Waiting,
+        }
     }
 
     /// The call is answered: the flow hears `started`.
@@ -385,8 +483,12 @@ impl Ivr {
         frame
     }
 
-    /// The dial leg's progress.
+    /// The dial leg's (or the rung agent's leg's) progress.
     pub fn leg(&mut self, now: Instant, news: Leg) {
+        if self.acd.is_some() {
+            self.agent_leg(now, news);
+            return;
+        }
         let Some(d) = self.dialled.as_ref() else {
             return;
         };
@@ -447,6 +549,170 @@ impl Ivr {
                 }
             }
         }
+    }
+
+    /// What the ACD decided for the queued call.
+    pub fn queue(&mut self, news: Queue) {
+        if self.ended {
+            return;
+        }
+        let Some(t) = self.acd.as_mut() else {
+            return;
+        };
+        let queue = t.queue.clone();
+        match news {
+            Queue::Refused(why) => {
+                self.acd = None;
+                self.note(
+                    EntryKind::Parked,
+                    json!({"queue": queue, "note": format!("waiting with music on hold: {why}")}),
+                );
+            }
+            Queue::Offer { agent, target } => {
+                if t.agent.is_some() {
+                    return;
+                }
+                match target {
+                    Some(target) => {
+                        t.ringing = Some(agent.clone());
+                        self.note(
+                            EntryKind::Offered,
+                            json!({"queue": queue, "agent": agent, "target": target}),
+                        );
+                        self.effects
+                            .push_back(Effect::State(InteractionState::Offered));
+                        self.effects.push_back(Effect::Ring { agent, target });
+                    }
+                    None => {
+                        self.note(
+                            EntryKind::AgentMissed,
+                            json!({"queue": queue, "agent": agent, "reason": "the agent has no SIP phone"}),
+                        );
+                        self.effects.push_back(Effect::Missed { agent });
+                    }
+                }
+            }
+            Queue::Rescind(agent) => {
+                if t.ringing.as_deref() == Some(agent.as_str()) {
+                    t.ringing = None;
+                    self.note(
+                        EntryKind::AgentMissed,
+                        json!({"queue": queue, "agent": agent, "reason": "rang out"}),
+                    );
+                    self.effects.push_back(Effect::DropLeg);
+                    self.effects
+                        .push_back(Effect::State(InteractionState::Queued));
+                }
+            }
+            Queue::BackToFlow(why) => {
+                let ringing = t.ringing.is_some();
+                self.acd = None;
+                if ringing {
+                    self.effects.push_back(Effect::DropLeg);
+                }
+                self.note(EntryKind::QueueLeft, json!({"queue": queue, "why": why}));
+                self.effects
+                    .push_back(Effect::State(InteractionState::InFlow));
+                self.flow(Event::Timeout);
+            }
+            Queue::AcceptFailed(why) => {
+                if let Some(agent) = t.agent.take() {
+                    t.ringing = None;
+                    self.doing = Doing::Parked;
+                    self.note(
+                        EntryKind::AgentMissed,
+                        json!({"queue": queue, "agent": agent, "reason": why}),
+                    );
+                    self.effects.push_back(Effect::DropLeg);
+                    self.effects
+                        .push_back(Effect::State(InteractionState::Queued));
+                }
+            }
+        }
+    }
+
+    /// The rung agent's leg, or the agent's in conversation.
+    fn agent_leg(&mut self, now: Instant, news: Leg) {
+        let Some(t) = self.acd.as_mut() else {
+            return;
+        };
+        let queue = t.queue.clone();
+        match (news, t.ringing.clone(), t.agent.clone()) {
+            (Leg::Ringing, Some(agent), None) => {
+                self.note(EntryKind::DialRinging, json!({"agent": agent}));
+            }
+            (Leg::Answered(codec), Some(agent), None) => {
+                t.ringing = None;
+                t.agent = Some(agent.clone());
+                self.doing = Doing::Bridged;
+                self.note(
+                    EntryKind::AgentConnected,
+                    json!({"queue": queue, "agent": agent, "codec": codec}),
+                );
+                self.effects
+                    .push_back(Effect::State(InteractionState::Connected));
+                self.effects.push_back(Effect::Accept {
+                    agent: agent.clone(),
+                });
+                // The flow learns who took the call; what it answers runs
+                // when the agent hangs up (a survey, say).
+                self.notify_flow(Event::AgentConnected { agent });
+            }
+            (Leg::Unavailable(reason), Some(agent), None) => {
+                t.ringing = None;
+                self.note(
+                    EntryKind::AgentMissed,
+                    json!({"queue": queue, "agent": agent, "reason": reason}),
+                );
+                self.effects
+                    .push_back(Effect::State(InteractionState::Queued));
+                self.effects.push_back(Effect::Missed { agent });
+            }
+            (Leg::Failed(status, reason), Some(agent), None) => {
+                t.ringing = None;
+                self.note(
+                    EntryKind::AgentMissed,
+                    json!({"queue": queue, "agent": agent, "status": status, "reason": reason}),
+                );
+                self.effects
+                    .push_back(Effect::State(InteractionState::Queued));
+                self.effects.push_back(Effect::Missed { agent });
+            }
+            (Leg::Hangup, _, Some(agent)) => {
+                self.acd = None;
+                self.note(
+                    EntryKind::DialEnded,
+                    json!({"agent": agent, "by": "agent"}),
+                );
+                self.effects.push_back(Effect::TaskDone);
+                self.doing = Doing::Nothing;
+                if self.queue.is_empty() && !self.flow_busy {
+                    self.hang_up("the agent hung up");
+                } else {
+                    self.advance(now);
+                }
+            }
+            (Leg::Refer(to), _, Some(agent)) => {
+                // The agent passes the caller on (blind): their part is
+                // done, and the caller is connected to the new target.
+                self.acd = None;
+                self.note(EntryKind::Refer, json!({"from": agent, "target": to}));
+                self.effects.push_back(Effect::TaskDone);
+                self.dial(now, to, None, 30, true);
+            }
+            // News of a leg given up (rescinded) or of another phase.
+            _ => {}
+        }
+    }
+
+    /// Tells the flow an event without stopping what the call does (its
+    /// answer is queued).
+    fn notify_flow(&mut self, event: Event) {
+        if self.ended || self.flow_busy {
+            return;
+        }
+        self.flow_busy = true;
+        self.effects.push_back(Effect::Flow(event));
     }
 
     /// The recording asked for by [`Effect::SaveRecording`] was stored
@@ -570,24 +836,11 @@ impl Ivr {
                     queue,
                     priority,
                     skills,
-                } => {
-                    // Until the ACD exists the caller is parked with music.
-                    self.note(
-                        EntryKind::Parked,
-                        json!({"queue": queue, "priority": priority, "skills": skills,
-                               "note": "waiting in queue with music on hold (no ACD yet)"}),
-                    );
-                    self.doing = Doing::Parked;
-                }
+                } => self.enqueue(queue, priority, skills),
                 Action::Hangup => self.hang_up("flow hung up"),
                 Action::Transfer { target } if target.starts_with("queue:") => {
                     let queue = target.trim_start_matches("queue:").to_string();
-                    self.note(
-                        EntryKind::Parked,
-                        json!({"queue": queue, "priority": 0, "skills": [],
-                        "note": "transferred to a queue: waiting with music on hold (no ACD yet)"}),
-                    );
-                    self.doing = Doing::Parked;
+                    self.enqueue(queue, 0, Vec::new());
                 }
                 Action::Transfer { target } => self.dial(now, target, None, 30, true),
                 Action::Dial {
@@ -627,6 +880,26 @@ impl Ivr {
             target,
             caller_id,
             transfer,
+        });
+    }
+
+    /// Waits in an ACD queue with music; the ACD's decisions come back
+    /// through [`Ivr::queue`].
+    fn enqueue(&mut self, queue: String, priority: u32, skills: Vec<String>) {
+        self.note(
+            EntryKind::Queued,
+            json!({"queue": queue, "priority": priority, "skills": skills}),
+        );
+        self.acd = Some(AcdTask {
+            queue: queue.clone(),
+            ringing: None,
+            agent: None,
+        });
+        self.doing = Doing::Parked;
+        self.effects.push_back(Effect::Enqueue {
+            queue,
+            priority,
+            skills,
         });
     }
 
@@ -999,6 +1272,43 @@ mod tests {
         assert_eq!(sim.frame(), [0; FRAME]);
     }
 
+    /// An answered call the flow put in queue `sales`.
+    fn queued() -> Sim {
+        let mut sim = Sim::new();
+        sim.step(vec![action(Action::Enqueue {
+            queue: "sales".into(),
+            priority: 1,
+            skills: vec!["lt".into()],
+        })]);
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Enqueue {
+                queue: "sales".into(),
+                priority: 1,
+                skills: vec!["lt".into()]
+            }]
+        );
+        assert_eq!(sim.ivr.task(), TaskPhase::Waiting);
+        sim
+    }
+
+    fn offer(agent: &str) -> Queue {
+        Queue::Offer {
+            agent: agent.into(),
+            target: Some(format!("sip:{agent}@acme")),
+        }
+    }
+
+    fn ring(agent: &str) -> Vec<Effect> {
+        vec![
+            Effect::State(InteractionState::Offered),
+            Effect::Ring {
+                agent: agent.into(),
+                target: format!("sip:{agent}@acme"),
+            },
+        ]
+    }
+
     #[test]
     fn a_queued_caller_hears_music_until_the_flow_moves_it() {
         let mut sim = Sim::new();
@@ -1009,12 +1319,184 @@ mod tests {
         })]);
         let effects = sim.effects();
         assert!(
-            matches!(&effects[..], [Effect::Note(EntryKind::Parked, d)] if d["queue"] == "sales")
+            matches!(&effects[..], [Effect::Note(EntryKind::Queued, d), Effect::Enqueue { .. }] if d["queue"] == "sales"),
+            "{effects:?}"
         );
         for _ in 0..500 {
             assert_eq!(sim.frame(), [1000; FRAME]);
         }
         assert!(sim.acts().is_empty());
+    }
+
+    #[test]
+    fn a_queue_that_refuses_the_call_leaves_it_with_music_not_silence() {
+        let mut sim = queued();
+        sim.ivr.queue(Queue::Refused("queue sales not found".into()));
+        let effects = sim.effects();
+        assert!(
+            matches!(&effects[..], [Effect::Note(EntryKind::Parked, d)] if d["note"].as_str().unwrap().contains("not found")),
+            "{effects:?}"
+        );
+        assert_eq!(sim.ivr.task(), TaskPhase::None);
+        for _ in 0..100 {
+            assert_eq!(sim.frame(), [1000; FRAME]);
+        }
+        assert!(sim.acts().is_empty());
+    }
+
+    #[test]
+    fn agents_phones_ring_while_the_caller_hears_music_and_the_one_who_answers_is_bridged() {
+        let mut sim = queued();
+        sim.ivr.queue(offer("ann"));
+        assert_eq!(sim.acts(), ring("ann"));
+        assert_eq!(sim.frame(), [1000; FRAME], "music while the agent's phone rings");
+        // Ann is busy: the ACD hears she missed it, the caller keeps music.
+        sim.ivr.leg(sim.now, Leg::Failed(486, "Busy Here".into()));
+        assert_eq!(
+            sim.acts(),
+            vec![
+                Effect::State(InteractionState::Queued),
+                Effect::Missed {
+                    agent: "ann".into()
+                }
+            ]
+        );
+        assert_eq!(sim.frame(), [1000; FRAME]);
+        sim.ivr.queue(offer("bob"));
+        assert_eq!(sim.acts(), ring("bob"));
+        sim.ivr.leg(sim.now, Leg::Ringing);
+        assert!(sim.acts().is_empty());
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        assert_eq!(
+            sim.acts(),
+            vec![
+                Effect::State(InteractionState::Connected),
+                Effect::Accept {
+                    agent: "bob".into()
+                },
+                Effect::Flow(Event::AgentConnected {
+                    agent: "bob".into()
+                })
+            ]
+        );
+        assert_eq!(sim.ivr.task(), TaskPhase::Connected);
+        // Bridged: the caller hears the agent.
+        assert_eq!(sim.frame_with(0, Some(&[77; FRAME])), [77; FRAME]);
+        // The flow's answer to agent-connected waits for the agent to hang
+        // up: then the survey plays, and the call ends after it.
+        sim.step(vec![say(3)]);
+        assert_eq!(sim.frame_with(0, Some(&[77; FRAME])), [77; FRAME]);
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert_eq!(sim.acts(), vec![Effect::TaskDone]);
+        assert_eq!(sim.ivr.task(), TaskPhase::None);
+        for _ in 0..3 {
+            assert_eq!(sim.frame(), [500; FRAME]);
+        }
+        let (_, acts) = sim.frames_until_act(5);
+        assert_eq!(acts, vec![Effect::Hangup("flow finished".into())]);
+    }
+
+    #[test]
+    fn an_agent_hanging_up_ends_the_call_when_the_flow_has_nothing_more() {
+        let mut sim = queued();
+        sim.ivr.queue(offer("ann"));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMA"));
+        sim.acts();
+        sim.step(vec![]);
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert_eq!(
+            sim.acts(),
+            vec![
+                Effect::TaskDone,
+                Effect::Hangup("the agent hung up".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_rescinded_offer_stops_the_ringing_and_its_late_failure_is_ignored() {
+        let mut sim = queued();
+        sim.ivr.queue(offer("ann"));
+        sim.acts();
+        sim.ivr.queue(Queue::Rescind("ann".into()));
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::DropLeg, Effect::State(InteractionState::Queued)]
+        );
+        // A rescind for someone else changes nothing.
+        sim.ivr.queue(Queue::Rescind("bob".into()));
+        assert!(sim.acts().is_empty());
+        sim.ivr.leg(sim.now, Leg::Failed(487, "Request Terminated".into()));
+        assert!(sim.acts().is_empty(), "the ACD already moved on");
+        assert_eq!(sim.frame(), [1000; FRAME]);
+    }
+
+    #[test]
+    fn an_agent_without_a_phone_is_reported_missed() {
+        let mut sim = queued();
+        sim.ivr.queue(Queue::Offer {
+            agent: "ann".into(),
+            target: None,
+        });
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Missed {
+                agent: "ann".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn an_accept_the_acd_refuses_drops_the_agent_and_the_caller_waits_again() {
+        let mut sim = queued();
+        sim.ivr.queue(offer("ann"));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        sim.acts();
+        sim.ivr.queue(Queue::AcceptFailed("task is not offered".into()));
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::DropLeg, Effect::State(InteractionState::Queued)]
+        );
+        assert_eq!(sim.ivr.task(), TaskPhase::Waiting);
+        assert_eq!(sim.frame_with(0, Some(&[77; FRAME])), [1000; FRAME]);
+    }
+
+    #[test]
+    fn a_queue_timeout_goes_back_to_the_flow_as_timeout() {
+        let mut sim = queued();
+        sim.ivr.queue(offer("ann"));
+        sim.acts();
+        sim.ivr.queue(Queue::BackToFlow("max_wait".into()));
+        assert_eq!(
+            sim.acts(),
+            vec![
+                Effect::DropLeg,
+                Effect::State(InteractionState::InFlow),
+                Effect::Flow(Event::Timeout)
+            ]
+        );
+        assert_eq!(sim.ivr.task(), TaskPhase::None);
+    }
+
+    #[test]
+    fn an_agent_refer_passes_the_caller_on_and_ends_the_agents_task() {
+        let mut sim = queued();
+        sim.ivr.queue(offer("ann"));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        sim.acts();
+        sim.step(vec![]);
+        sim.ivr.leg(sim.now, Leg::Refer("sip:bob@acme".into()));
+        assert_eq!(
+            sim.acts(),
+            vec![
+                Effect::TaskDone,
+                Effect::Dial {
+                    target: "sip:bob@acme".into(),
+                    caller_id: None,
+                    transfer: true
+                }
+            ]
+        );
     }
 
     #[test]

@@ -71,6 +71,8 @@ pub(crate) enum CallCmd {
     RemoteHangup(String),
     /// Something happened on an outbound leg.
     Leg(DialogKey, LegEvent),
+    /// The ACD's answer about the call's task (refused, accept failed).
+    Queue(crate::ivr::Queue),
     /// The server is shutting down: end the call (BYE) once the flow has
     /// finished its event, and close the record.
     Shutdown,

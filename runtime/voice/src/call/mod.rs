@@ -7,6 +7,13 @@
 //! legs, recordings, the end of the call). A failing flow gets the spoken
 //! apology and the fallback, never dead air; a flow that stops asking for
 //! input ends the call.
+//!
+//! A call the flow enqueues becomes a task of the tenant's ACD, watched by
+//! this task: each offer rings the agent's registered phone on a new leg
+//! while the caller hears music, the agent who answers is bridged (and
+//! the ACD told), a busy or silent phone is reported as missed so the next
+//! agent is tried, and the task is completed when the agent hangs up or
+//! abandoned when the caller leaves first.
 
 mod media;
 mod prepare;
@@ -14,9 +21,9 @@ mod prepare;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plugboard_core::EntryKind;
 use plugboard_core::flow::Event;
-use plugboard_engine::{Ending, Engine, FlowSession, Step};
+use plugboard_core::{Channel, EntryKind, InteractionState};
+use plugboard_engine::{Ending, Engine, FlowSession, Step, TaskNews, TaskSpec};
 use plugboard_media::audio;
 use plugboard_media::dtmf::DtmfSource;
 use plugboard_media::sdp::Negotiated;
@@ -28,7 +35,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::VoiceConfig;
 use crate::clock::{DEPTH, Frame, MediaClock, PTIME, Stream};
-use crate::ivr::{Effect, Ivr, Leg, Prepared, Saved};
+use crate::ivr::{Effect, Ivr, Leg, Prepared, Queue, Saved, TaskPhase};
 use crate::ports::{MediaSockets, PortPair, PortPool};
 use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
 use media::{CallerMedia, OutLeg, seed};
@@ -60,6 +67,10 @@ struct Call {
     session: Option<FlowSession>,
     /// Timeline entries made while the session was out.
     notes: Vec<(EntryKind, Value)>,
+    /// State changes made while the session was out.
+    states: Vec<InteractionState>,
+    /// What the ACD decides for the call's task.
+    acd: Option<mpsc::UnboundedReceiver<TaskNews>>,
     flow_task: Option<FlowTask>,
     save_task: Option<SaveTask>,
     endpoint: mpsc::UnboundedSender<CallOut>,
@@ -113,6 +124,8 @@ pub(crate) async fn run(spec: CallSpec) {
         key,
         session: Some(session),
         notes: Vec::new(),
+        states: Vec::new(),
+        acd: None,
         flow_task: None,
         save_task: None,
         endpoint,
@@ -142,6 +155,14 @@ async fn recv_leg(
 ) -> std::io::Result<(usize, std::net::SocketAddr)> {
     match sockets {
         Some(s) => s.rtp.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The ACD's next news of the call's task, or never when there is none.
+async fn acd_news(rx: &mut Option<mpsc::UnboundedReceiver<TaskNews>>) -> Option<TaskNews> {
+    match rx {
+        Some(r) => r.recv().await,
         None => std::future::pending().await,
     }
 }
@@ -199,6 +220,10 @@ impl Call {
                     }
                 }
                 cmd = cmds.recv() => self.on_cmd(cmd),
+                news = acd_news(&mut self.acd) => match news {
+                    Some(news) => self.on_task_news(news),
+                    None => self.acd = None,
+                },
                 r = finished(&mut self.flow_task) => {
                     self.flow_task = None;
                     match r {
@@ -258,6 +283,7 @@ impl Call {
             }
             Some(CallCmd::RemoteHangup(why)) => self.ended = Some((why, "caller")),
             Some(CallCmd::Leg(key, ev)) => self.on_leg(key, ev),
+            Some(CallCmd::Queue(news)) => self.ivr.queue(news),
             Some(CallCmd::Shutdown) => self.hang_up("server shutting down", "system"),
             None => self.ended = Some(("endpoint gone".into(), "system")),
         }
@@ -273,6 +299,98 @@ impl Call {
         }
     }
 
+    /// What the ACD decided for the call's task.
+    fn on_task_news(&mut self, news: TaskNews) {
+        let tenant = self.tenant();
+        let news = match news {
+            TaskNews::Offer { agent, sip_user } => Queue::Offer {
+                agent,
+                target: sip_user.map(|u| format!("sip:{u}@{tenant}")),
+            },
+            TaskNews::Rescind { agent } => Queue::Rescind(agent),
+            TaskNews::BackToFlow { why } => Queue::BackToFlow(why.to_string()),
+        };
+        self.ivr.queue(news);
+        self.run_effects();
+    }
+
+    fn tenant(&self) -> String {
+        self.session
+            .as_ref()
+            .map(|s| s.interaction.tenant.clone())
+            .unwrap_or_default()
+    }
+
+    /// The call's task id in the ACD: its interaction's id.
+    fn task_id(&self) -> String {
+        self.session
+            .as_ref()
+            .map(|s| s.interaction.id.clone())
+            .unwrap_or_default()
+    }
+
+    /// Moves the interaction through its state machine (kept aside while
+    /// the session is out).
+    fn set_state(&mut self, state: InteractionState) {
+        match self.session.as_mut() {
+            Some(s) => s.set_state(state),
+            None => self.states.push(state),
+        }
+    }
+
+    /// Puts the call's task in the ACD; its news comes to this task.
+    fn enqueue(&mut self, queue: String, priority: u32, skills: Vec<String>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.acd = Some(rx);
+        let spec = TaskSpec {
+            id: self.task_id(),
+            queue,
+            channel: Channel::Voice,
+            priority,
+            skills,
+        };
+        let (app, tenant, me) = (self.app.clone(), self.tenant(), self.self_tx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = app.enqueue_watched(&tenant, spec, tx).await {
+                let _ = me.send(CallCmd::Queue(Queue::Refused(e.to_string())));
+            }
+        });
+    }
+
+    /// Tells the ACD what happened to the call's task, in the background;
+    /// a refused accept comes back to the IVR.
+    fn tell_acd(&self, what: &'static str, agent: Option<String>) {
+        let (app, tenant, task, me) = (
+            self.app.clone(),
+            self.tenant(),
+            self.task_id(),
+            self.self_tx.clone(),
+        );
+        tokio::spawn(async move {
+            let r = match (what, agent) {
+                ("accept", Some(a)) => app.accept_task(&tenant, &task, &a).await,
+                ("missed", Some(a)) => app.missed_task(&tenant, &task, &a).await,
+                ("complete", _) => app.complete_task(&tenant, &task).await,
+                _ => app.abandon_task(&tenant, &task).await,
+            };
+            match r {
+                Err(e) if what == "accept" => {
+                    let _ = me.send(CallCmd::Queue(Queue::AcceptFailed(e.to_string())));
+                }
+                // An offer the ACD already took back, a task already over.
+                Err(e) => tracing::debug!("ACD {what} for task {task}: {e}"),
+                Ok(_) => {}
+            }
+        });
+    }
+
+    /// Ends the leg now, if there is one.
+    fn drop_leg(&mut self) {
+        if let Some(leg) = self.leg.take() {
+            let _ = self.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
+        }
+    }
+
     /// Carries out what the IVR asks, in order.
     fn run_effects(&mut self) {
         while let Some(effect) = self.ivr.poll_effect() {
@@ -283,12 +401,34 @@ impl Call {
                     target,
                     caller_id,
                     transfer,
-                } => self.start_dial(target, caller_id, transfer),
+                } => {
+                    let kind = if transfer {
+                        EntryKind::Transfer
+                    } else {
+                        EntryKind::Dial
+                    };
+                    self.start_dial(target, caller_id, Some(kind));
+                }
                 Effect::CancelLeg => {
                     if let Some(leg) = &self.leg {
                         let _ = self.endpoint.send(CallOut::CancelLeg(leg.key.clone()));
                     }
                 }
+                Effect::DropLeg => self.drop_leg(),
+                Effect::Enqueue {
+                    queue,
+                    priority,
+                    skills,
+                } => self.enqueue(queue, priority, skills),
+                Effect::Ring { target, .. } => {
+                    // A leg still being given up is ended first.
+                    self.drop_leg();
+                    self.start_dial(target, None, None);
+                }
+                Effect::Missed { agent } => self.tell_acd("missed", Some(agent)),
+                Effect::Accept { agent } => self.tell_acd("accept", Some(agent)),
+                Effect::TaskDone => self.tell_acd("complete", None),
+                Effect::State(state) => self.set_state(state),
                 Effect::SaveRecording(samples) => self.save(samples),
                 Effect::Hangup(why) => self.hang_up(&why, "flow"),
             }
@@ -314,6 +454,9 @@ impl Call {
     fn restore(&mut self, mut session: FlowSession) {
         for (kind, data) in self.notes.drain(..) {
             session.note(kind, data);
+        }
+        for state in self.states.drain(..) {
+            session.set_state(state);
         }
         self.session = Some(session);
     }
@@ -344,8 +487,9 @@ impl Call {
         }));
     }
 
-    /// Calls out on a new leg; the caller hears ringback meanwhile.
-    fn start_dial(&mut self, target: String, caller_id: Option<String>, transfer: bool) {
+    /// Calls out on a new leg (noted as `kind`, if any); the caller hears
+    /// ringback meanwhile, or music when an agent's phone is rung.
+    fn start_dial(&mut self, target: String, caller_id: Option<String>, kind: Option<EntryKind>) {
         let Some(sockets) = self.pool.take().and_then(|p| p.register().ok()) else {
             self.ivr
                 .leg(Instant::now(), Leg::Unavailable("no free RTP ports".into()));
@@ -366,14 +510,9 @@ impl Call {
         let interaction = self.session.as_ref().map(|s| &s.interaction);
         let tenant = interaction.map(|i| i.tenant.clone()).unwrap_or_default();
         let caller_id = caller_id.or_else(|| interaction.map(|i| i.from.clone()));
-        self.note(
-            if transfer {
-                EntryKind::Transfer
-            } else {
-                EntryKind::Dial
-            },
-            json!({"target": target, "leg_call_id": key.0}),
-        );
+        if let Some(kind) = kind {
+            self.note(kind, json!({"target": target, "leg_call_id": key.0}));
+        }
         let call = self.self_tx.clone();
         // The trunk lookup and DNS happen here, off the SIP loop.
         let (app, endpoint, leg) = (self.app.clone(), self.endpoint.clone(), key.clone());
@@ -495,8 +634,13 @@ impl Call {
         // Media ends with the call: what the clock finds after this is not
         // lateness.
         let late = self.stream.stats();
-        if let Some(leg) = self.leg.take() {
-            let _ = self.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
+        self.drop_leg();
+        // The ACD learns the call is over: a caller who leaves while
+        // waiting has abandoned; a conversation ends the agent's task.
+        match self.ivr.task() {
+            TaskPhase::Waiting => self.tell_acd("abandon", None),
+            TaskPhase::Connected => self.tell_acd("complete", None),
+            TaskPhase::None => {}
         }
         if let Some(t) = self.flow_task.take()
             && let Ok((session, _, _)) = t.await
