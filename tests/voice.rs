@@ -1827,3 +1827,205 @@ fn nodes_serve_and_stream_locally_while_nats_is_down_and_relink_when_it_is_back(
     assert!(relinked, "B's events never reached A again");
     Ok(())
 }
+
+/// A copy of register.xml for `user` (the scenario names alice).
+fn register_as(server: &Server, dir: &Path, user: &str, port: u16) -> Result<()> {
+    let xml =
+        std::fs::read_to_string(root().join("tests/sipp/register.xml"))?.replace("alice", user);
+    let path = dir.join(format!("register_{user}.xml"));
+    std::fs::write(&path, xml)?;
+    let port = port.to_string();
+    let auth = ["-au", user, "-ap", "s3cret-pass", "-p", &port];
+    run_sipp(server, dir, &path, "acme", "u1", &auth)
+}
+
+/// A caller dials `number`, presses `digit` after the greeting and waits
+/// for our BYE (ivr_dtmf.xml with another digit).
+fn caller_presses(server: &Server, dir: &Path, number: &str, digit: char) -> Result<()> {
+    let caller = std::fs::read_to_string(root().join("tests/sipp/ivr_dtmf.xml"))?
+        .replace("dtmf_2833_9", &format!("dtmf_2833_{digit}"));
+    let xml = dir.join(format!("caller_{digit}.xml"));
+    std::fs::write(&xml, caller)?;
+    run_sipp(server, dir, &xml, number, "u1", &[])
+}
+
+#[test]
+fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_caller_who_leaves_abandons()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // SIPp's digest is MD5 only.
+    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
+    let key = server.tenant("acme");
+    // Queues by skill; an agent who misses one offer is set missed.
+    for (q, skill) in [
+        ("sales", "sales"),
+        ("support", "support"),
+        ("night", "night"),
+    ] {
+        let body = json!({"skills": [skill], "offer_timeout": 10, "missed_after": 1});
+        let a = server.json("PUT", &format!("/v1/tenants/acme/queues/{q}"), &key, &body);
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    // Dan (sales) has been idle longest, but his phone is busy; Ann does
+    // sales, Bob support. Each has a SIP phone registered from its port.
+    let mut phones = Vec::new();
+    for (agent, skill) in [("dan", "sales"), ("ann", "sales"), ("bob", "support")] {
+        let a = server.json(
+            "PUT",
+            &format!("/v1/tenants/acme/sip-users/{agent}"),
+            &key,
+            &json!({"password": "s3cret-pass"}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        let port = free_sip_port();
+        register_as(&server, dir.path(), agent, port)?;
+        let body = json!({"skills": {skill: 5}, "sip_user": agent});
+        let a = server.json(
+            "PUT",
+            &format!("/v1/tenants/acme/agents/{agent}"),
+            &key,
+            &body,
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        let a = server.json(
+            "PUT",
+            &format!("/v1/tenants/acme/agents/{agent}/presence"),
+            &key,
+            &json!({"state": "available"}),
+        );
+        assert_eq!(a.status, 204, "{a:?}");
+        std::thread::sleep(Duration::from_millis(20));
+        phones.push((agent, port));
+    }
+    // The phones answer: Dan's with 486, Ann's and Bob's pick up, talk
+    // 3 s and hang up.
+    let dan = sipp_uas(dir.path(), "agent_busy", phones[0].1, &[])?;
+    let ann = sipp_uas(dir.path(), "agent", phones[1].1, &[])?;
+    let bob = sipp_uas(dir.path(), "agent", phones[2].1, &[])?;
+    let doc = json!({
+        "name": "front",
+        "start": "menu",
+        "nodes": {
+            "menu": {"type": "menu", "prompt": "Press 1 for sales, 2 for support.",
+                     "options": {"1": "sales", "2": "support"}, "no_input": "bye", "no_match": "bye"},
+            "sales": {"type": "enqueue", "queue": "sales"},
+            "support": {"type": "enqueue", "queue": "support"},
+            "bye": {"type": "hangup"}
+        }
+    });
+    let a = server.json("POST", "/v1/tenants/acme/flows/front", &key, &doc);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    let night = json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "night"}}});
+    let a = server.json("PUT", "/v1/tenants/acme/flows/night", &key, &night);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/addresses/15550301",
+                json!({"channel": "voice", "flow": "front"}),
+            ),
+            (
+                "/v1/tenants/acme/addresses/15550302",
+                json!({"channel": "voice", "flow": "night"}),
+            ),
+        ],
+    );
+    // Two callers at once, one for each queue, and one for a queue nobody
+    // serves who leaves after 4 s.
+    std::thread::scope(|s| -> Result<()> {
+        let d = dir.path();
+        let sales = s.spawn(|| caller_presses(&server, d, "15550301", '1'));
+        let support = s.spawn(|| caller_presses(&server, d, "15550301", '2'));
+        let leaver =
+            s.spawn(|| sipp_with(&server, d, "bench_hold", "15550302", "u1", &["-d", "4000"]));
+        for (what, h) in [
+            ("sales caller", sales),
+            ("support caller", support),
+            ("leaver", leaver),
+        ] {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("{what} panicked"))?
+                .with_context(|| what.to_string())?;
+        }
+        Ok(())
+    })?;
+    wait_ok(dan, "dan's busy phone")?;
+    wait_ok(ann, "ann's phone")?;
+    wait_ok(bob, "bob's phone")?;
+    let calls = calls(&server, &key, 3);
+    assert_eq!(calls.len(), 3, "{calls:#?}");
+    let by_agent = |agent: &str| {
+        calls
+            .iter()
+            .find(|ix| {
+                timeline(ix, "agent_connected")
+                    .first()
+                    .is_some_and(|c| c["agent"] == agent)
+            })
+            .unwrap_or_else(|| panic!("no call reached {agent}: {calls:#?}"))
+    };
+    let sales = by_agent("ann");
+    let support = by_agent("bob");
+    // The sales call rang Dan first: busy, so he was skipped.
+    let missed = timeline(sales, "agent_missed");
+    assert_eq!(missed.len(), 1, "{sales}");
+    assert_eq!(
+        (missed[0]["agent"].as_str(), missed[0]["status"].as_u64()),
+        (Some("dan"), Some(486))
+    );
+    assert_eq!(timeline(sales, "queued")[0]["queue"], "sales");
+    assert_eq!(timeline(support, "queued")[0]["queue"], "support");
+    assert!(timeline(support, "agent_missed").is_empty(), "{support}");
+    for ix in [sales, support] {
+        // The agent hung up; we ended the caller's leg; the record went
+        // queued -> offered -> (queued -> offered ->) connected -> closed.
+        assert_eq!(timeline(ix, "hangup")[0]["by"], "flow", "{ix}");
+        assert_eq!(ix["state"], "closed", "{ix}");
+        let states: Vec<&str> = timeline(ix, "state")
+            .iter()
+            .filter_map(|s| s["to"].as_str())
+            .collect();
+        assert!(
+            states.ends_with(&["offered", "connected", "closed"]),
+            "{states:?}"
+        );
+        let id = ix["id"].as_str().unwrap();
+        let task = server.get(&format!("/v1/tenants/acme/tasks/{id}"), &key);
+        assert_eq!(task.body["state"], "completed", "{task:?}");
+    }
+    assert_eq!(
+        server
+            .get(
+                &format!("/v1/tenants/acme/tasks/{}", sales["id"].as_str().unwrap()),
+                &key
+            )
+            .body["agent"],
+        "ann"
+    );
+    // Dan missed his one offer: he is set missed, not offered more.
+    let agents = server.get("/v1/tenants/acme/agents", &key);
+    let presence = |a: &str| {
+        agents.body["agents"]
+            .as_array()
+            .and_then(|all| all.iter().find(|x| x["id"] == a))
+            .map(|x| x["presence"]["state"].clone())
+            .unwrap_or_default()
+    };
+    assert_eq!(presence("dan"), json!("missed"), "{agents:?}");
+    // The caller who waited where nobody serves left: abandoned.
+    let leaver = calls
+        .iter()
+        .find(|ix| {
+            timeline(ix, "queued")
+                .first()
+                .is_some_and(|q| q["queue"] == "night")
+        })
+        .expect("the night caller");
+    assert_eq!(leaver["state"], "abandoned", "{leaver}");
+    let id = leaver["id"].as_str().unwrap();
+    let task = server.get(&format!("/v1/tenants/acme/tasks/{id}"), &key);
+    assert_eq!(task.body["state"], "abandoned", "{task:?}");
+    Ok(())
+}

@@ -808,9 +808,11 @@ impl Acd {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let tasks = self.tasks.values().filter_map(|t| match &t.state {
             TaskState::Offered { until, .. } => Some(*until),
-            TaskState::Waiting | TaskState::Routing => {
-                t.deadline.into_iter().chain(t.resting.values().copied()).min()
-            }
+            TaskState::Waiting | TaskState::Routing => t
+                .deadline
+                .into_iter()
+                .chain(t.resting.values().copied())
+                .min(),
             TaskState::Connected { .. } => None,
         });
         let wraps = self

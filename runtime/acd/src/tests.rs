@@ -124,7 +124,9 @@ fn a_busy_phone_counts_as_missed_and_the_agent_is_not_rung_again_until_the_retry
     assert!(!out.iter().any(|o| matches!(o, Output::Rescind { .. })));
     assert!(out.contains(&Output::Event {
         task: "t".into(),
-        event: TaskEvent::NoAnswer { agent: "ann".into() }
+        event: TaskEvent::NoAnswer {
+            agent: "ann".into()
+        }
     }));
     assert!(offers(&out).is_empty(), "not rung again at once: {out:?}");
     // A second report for an offer no longer hers is refused.

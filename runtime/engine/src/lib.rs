@@ -37,9 +37,9 @@ pub mod secrets;
 mod session;
 
 pub use acd::{TaskNews, TaskWatcher};
-pub use plugboard_acd::TaskSpec;
 pub use cluster::{ClusterConfig, ClusterError, random_node_id};
 pub use metrics::Metrics;
+pub use plugboard_acd::TaskSpec;
 pub use session::{Ending, FlowSession, SessionStart, Step, TTS_PLUGIN};
 
 /// Why an engine operation failed. The HTTP API maps each to a status and

@@ -21,8 +21,8 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plugboard_core::{EntryKind, InteractionState};
 use plugboard_core::flow::{Action, Event};
+use plugboard_core::{EntryKind, InteractionState};
 use plugboard_media::audio::{self, FRAME};
 use plugboard_media::dtmf::{DtmfMerger, DtmfSource};
 use serde_json::{Value, json};
@@ -680,10 +680,7 @@ impl Ivr {
             }
             (Leg::Hangup, _, Some(agent)) => {
                 self.acd = None;
-                self.note(
-                    EntryKind::DialEnded,
-                    json!({"agent": agent, "by": "agent"}),
-                );
+                self.note(EntryKind::DialEnded, json!({"agent": agent, "by": "agent"}));
                 self.effects.push_back(Effect::TaskDone);
                 self.doing = Doing::Nothing;
                 if self.queue.is_empty() && !self.flow_busy {
@@ -1331,7 +1328,8 @@ mod tests {
     #[test]
     fn a_queue_that_refuses_the_call_leaves_it_with_music_not_silence() {
         let mut sim = queued();
-        sim.ivr.queue(Queue::Refused("queue sales not found".into()));
+        sim.ivr
+            .queue(Queue::Refused("queue sales not found".into()));
         let effects = sim.effects();
         assert!(
             matches!(&effects[..], [Effect::Note(EntryKind::Parked, d)] if d["note"].as_str().unwrap().contains("not found")),
@@ -1349,7 +1347,11 @@ mod tests {
         let mut sim = queued();
         sim.ivr.queue(offer("ann"));
         assert_eq!(sim.acts(), ring("ann"));
-        assert_eq!(sim.frame(), [1000; FRAME], "music while the agent's phone rings");
+        assert_eq!(
+            sim.frame(),
+            [1000; FRAME],
+            "music while the agent's phone rings"
+        );
         // Ann is busy: the ACD hears she missed it, the caller keeps music.
         sim.ivr.leg(sim.now, Leg::Failed(486, "Busy Here".into()));
         assert_eq!(
@@ -1406,10 +1408,7 @@ mod tests {
         sim.ivr.leg(sim.now, Leg::Hangup);
         assert_eq!(
             sim.acts(),
-            vec![
-                Effect::TaskDone,
-                Effect::Hangup("the agent hung up".into())
-            ]
+            vec![Effect::TaskDone, Effect::Hangup("the agent hung up".into())]
         );
     }
 
@@ -1426,7 +1425,8 @@ mod tests {
         // A rescind for someone else changes nothing.
         sim.ivr.queue(Queue::Rescind("bob".into()));
         assert!(sim.acts().is_empty());
-        sim.ivr.leg(sim.now, Leg::Failed(487, "Request Terminated".into()));
+        sim.ivr
+            .leg(sim.now, Leg::Failed(487, "Request Terminated".into()));
         assert!(sim.acts().is_empty(), "the ACD already moved on");
         assert_eq!(sim.frame(), [1000; FRAME]);
     }
@@ -1452,7 +1452,8 @@ mod tests {
         sim.ivr.queue(offer("ann"));
         sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
         sim.acts();
-        sim.ivr.queue(Queue::AcceptFailed("task is not offered".into()));
+        sim.ivr
+            .queue(Queue::AcceptFailed("task is not offered".into()));
         assert_eq!(
             sim.acts(),
             vec![Effect::DropLeg, Effect::State(InteractionState::Queued)]
