@@ -1395,3 +1395,190 @@ fn a_queues_router_plugin_ranks_the_agents_and_a_broken_one_falls_back() {
         "{text}"
     );
 }
+
+#[test]
+fn agent_and_supervisor_tokens_follow_the_role_matrix() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    let k = s.tenant("helpdesk");
+    let other = s.tenant("elsewhere");
+    let status = |method: &str, path: &str, token: &str, body: Value| {
+        s.json(method, &format!("/v1/tenants/{path}"), token, &body)
+            .status
+    };
+    let get = |path: &str, token: &str| s.get(&format!("/v1/tenants/{path}"), token);
+    assert_eq!(
+        status(
+            "PUT",
+            "helpdesk/queues/support",
+            &k,
+            json!({"offer_timeout": 30})
+        ),
+        200
+    );
+    for a in ["ann", "bob", "sue"] {
+        assert_eq!(
+            status("PUT", &format!("helpdesk/agents/{a}"), &k, json!({})),
+            200
+        );
+    }
+    let token = |agent: &str, role: &str| {
+        let r = s.json(
+            "POST",
+            &format!("/v1/tenants/helpdesk/agents/{agent}/token"),
+            &k,
+            &json!({ "role": role }),
+        );
+        assert_eq!(r.status, 201, "{r:?}");
+        r.body["token"].as_str().unwrap().to_string()
+    };
+    let old_ann = token("ann", "agent");
+    let ann = token("ann", "agent");
+    let bob = token("bob", "agent");
+    let sue = token("sue", "supervisor");
+    // A new token replaces the old; made-up ones are unknown.
+    assert_eq!(get("helpdesk/agents/ann", &old_ann).status, 401);
+    for fake in ["pbt.helpdesk.00", "pbt.nosuch.00", "pbt.", "pbt.HELPDESK.x"] {
+        assert_eq!(get("helpdesk/agents/ann", fake).status, 401, "{fake}");
+    }
+    // Nobody but the tenant's key issues tokens, for an agent that exists.
+    assert_eq!(
+        status("POST", "helpdesk/agents/bob/token", &sue, json!({})),
+        403
+    );
+    assert_eq!(
+        status("POST", "helpdesk/agents/bob/token", &ann, json!({})),
+        403
+    );
+    assert_eq!(
+        status("POST", "helpdesk/agents/nobody/token", &k, json!({})),
+        404
+    );
+
+    // An agent: their own presence and record, nothing of the others'.
+    let avail = json!({"state": "available"});
+    assert_eq!(
+        status("PUT", "helpdesk/agents/ann/presence", &ann, avail.clone()),
+        204
+    );
+    assert_eq!(
+        status("PUT", "helpdesk/agents/bob/presence", &ann, avail.clone()),
+        403
+    );
+    assert_eq!(
+        get("helpdesk/agents/ann", &ann).body["presence"]["state"],
+        "available"
+    );
+    assert_eq!(get("helpdesk/agents/bob", &ann).status, 403);
+    for path in [
+        "helpdesk/agents",
+        "helpdesk/queues",
+        "helpdesk/queues/support/stats",
+    ] {
+        assert_eq!(get(path, &ann).status, 403, "{path}");
+    }
+    // ...and none of the tenant's other endpoints, nor another tenant.
+    for path in [
+        "helpdesk",
+        "helpdesk/plugins",
+        "helpdesk/interactions",
+        "elsewhere/agents",
+    ] {
+        assert_eq!(get(path, &ann).status, 403, "{path}");
+    }
+    let d = s.deploy("helpdesk", &ann, "x", plugin("hello_ivr"));
+    assert_eq!(d.status, 403, "{d:?}");
+    assert_eq!(
+        status("PUT", "helpdesk/queues/support", &ann, json!({})),
+        403
+    );
+
+    // A task offered to Ann: she sees and takes it; Bob can do neither.
+    let t = s.json(
+        "POST",
+        "/v1/tenants/helpdesk/tasks",
+        &k,
+        &json!({"id": "t1", "queue": "support"}),
+    );
+    assert_eq!(t.body["agent"], "ann", "{t:?}");
+    assert_eq!(get("helpdesk/tasks/t1", &bob).status, 403);
+    assert_eq!(
+        status("POST", "helpdesk/tasks/t1/accept", &bob, json!({})),
+        403
+    );
+    assert_eq!(
+        status(
+            "POST",
+            "helpdesk/tasks/t1/accept",
+            &bob,
+            json!({"agent": "ann"})
+        ),
+        403
+    );
+    assert_eq!(get("helpdesk/tasks", &bob).body["tasks"], json!([]));
+    assert_eq!(get("helpdesk/tasks/t1", &ann).body["state"], "offered");
+    // Acting as someone else is refused even on her own task.
+    assert_eq!(
+        status(
+            "POST",
+            "helpdesk/tasks/t1/accept",
+            &ann,
+            json!({"agent": "bob"})
+        ),
+        403
+    );
+    assert_eq!(
+        status("POST", "helpdesk/tasks/t1/abandon", &ann, json!({})),
+        403
+    );
+    let r = s.json(
+        "POST",
+        "/v1/tenants/helpdesk/tasks/t1/accept",
+        &ann,
+        &json!({}),
+    );
+    assert_eq!(
+        (r.status, &r.body["state"]),
+        (200, &json!("connected")),
+        "{r:?}"
+    );
+    let mine = get("helpdesk/tasks", &ann);
+    assert_eq!(
+        mine.body["tasks"].as_array().map(Vec::len),
+        Some(1),
+        "{mine:?}"
+    );
+    // Creating tasks is for the tenant's systems.
+    assert_eq!(
+        status("POST", "helpdesk/tasks", &ann, json!({"queue": "support"})),
+        403
+    );
+
+    // A supervisor: every queue, agent and task of the tenant...
+    assert_eq!(get("helpdesk/agents", &sue).status, 200);
+    assert_eq!(get("helpdesk/queues", &sue).status, 200);
+    assert_eq!(
+        get("helpdesk/queues/support/stats", &sue).body["connected"],
+        1
+    );
+    assert_eq!(get("helpdesk/tasks/t1", &sue).body["agent"], "ann");
+    assert_eq!(
+        status("PUT", "helpdesk/agents/bob/presence", &sue, avail.clone()),
+        204
+    );
+    // ...but no plugins, settings, queues' or agents' set-up, tokens, or
+    // another tenant.
+    let d = s.deploy("helpdesk", &sue, "x", plugin("hello_ivr"));
+    assert_eq!(d.status, 403, "{d:?}");
+    assert_eq!(
+        status("PUT", "helpdesk/queues/support", &sue, json!({})),
+        403
+    );
+    assert_eq!(status("PUT", "helpdesk/agents/bob", &sue, json!({})), 403);
+    assert_eq!(get("helpdesk/plugins", &sue).status, 403);
+    assert_eq!(get("elsewhere/agents", &sue).status, 403);
+    assert_eq!(get("elsewhere/agents", &other).status, 200);
+    // The other tenant's key reaches nothing of this one's ACD.
+    assert_eq!(get("helpdesk/tasks/t1", &other).status, 403);
+    assert_eq!(get("helpdesk/agents/ann", &other).status, 403);
+}

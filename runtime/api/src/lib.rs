@@ -20,6 +20,7 @@ use axum::{Json, Router};
 use plugboard_core::{
     Address, Channel, Error as CoreError, Event, Grants, Interaction, Tenant, TenantLimits, now_ms,
 };
+use plugboard_engine::acd::AcdRole;
 use plugboard_engine::{Engine, EngineError, SimulateRequest, StreamEvent};
 use plugboard_host::Limits;
 use serde::Deserialize;
@@ -148,6 +149,40 @@ impl FromRequestParts<Arc<Engine>> for TenantScope {
     }
 }
 
+/// Extractor: the request's token reaches the ACD of the tenant named by
+/// the path's `{t}`, in a role: the tenant's API key (or the operator), a
+/// supervisor's token or an agent's token (see [`AcdRole`]).
+pub struct AcdScope(pub Tenant, pub AcdRole);
+
+impl FromRequestParts<Arc<Engine>> for AcdScope {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, e: &Arc<Engine>) -> ApiResult<Self> {
+        let params = RawPathParams::from_request_parts(parts, e)
+            .await
+            .map_err(|r| ApiError::bad_request(r.body_text()))?;
+        let tenant = params
+            .iter()
+            .find(|(k, _)| *k == "t")
+            .map(|(_, v)| v.to_string())
+            .ok_or_else(|| ApiError::not_found("no tenant in the path"))?;
+        let (t, role) = e.acd_access(bearer(&parts.headers), &tenant).await?;
+        Ok(AcdScope(t, role))
+    }
+}
+
+/// 403 unless `allowed`.
+fn allow(allowed: bool, why: &'static str) -> ApiResult<()> {
+    if allowed {
+        Ok(())
+    } else {
+        Err(EngineError::Forbidden(why).into())
+    }
+}
+
+const SUPERVISORS_ONLY: &str = "a supervisor's token or the tenant's API key is required";
+const OWN_ONLY: &str = "an agent's token reaches only that agent's own presence and tasks";
+
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     serde_json::from_slice(body).map_err(|e| {
         ApiError::new(
@@ -205,9 +240,10 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/tenants/{t}/queues/{q}", put(set_queue))
         .route("/v1/tenants/{t}/queues/{q}/stats", get(queue_stats))
         .route("/v1/tenants/{t}/agents", get(list_agents))
-        .route("/v1/tenants/{t}/agents/{a}", put(set_agent))
+        .route("/v1/tenants/{t}/agents/{a}", put(set_agent).get(get_agent))
         .route("/v1/tenants/{t}/agents/{a}/presence", put(set_presence))
-        .route("/v1/tenants/{t}/tasks", post(create_task))
+        .route("/v1/tenants/{t}/agents/{a}/token", post(agent_token))
+        .route("/v1/tenants/{t}/tasks", post(create_task).get(list_tasks))
         .route("/v1/tenants/{t}/tasks/{id}", get(get_task))
         .route("/v1/tenants/{t}/tasks/{id}/{action}", post(task_action))
         .route("/v1/tenants/{t}/secrets", get(list_secrets))
@@ -322,16 +358,18 @@ async fn set_queue(
 
 async fn list_queues(
     State(s): State<Arc<Engine>>,
-    TenantScope(t): TenantScope,
+    AcdScope(t, role): AcdScope,
 ) -> ApiResult<Json<Value>> {
+    allow(role.sees_all(), SUPERVISORS_ONLY)?;
     Ok(Json(json!({"queues": s.queues(&t.id).await?})))
 }
 
 async fn queue_stats(
     State(s): State<Arc<Engine>>,
-    TenantScope(t): TenantScope,
+    AcdScope(t, role): AcdScope,
     Path((_, q)): Path<(String, String)>,
 ) -> ApiResult<Json<plugboard_acd::QueueStats>> {
+    allow(role.sees_all(), SUPERVISORS_ONLY)?;
     Ok(Json(s.queue_stats(&t.id, &q).await?))
 }
 
@@ -357,17 +395,57 @@ async fn set_agent(
 
 async fn list_agents(
     State(s): State<Arc<Engine>>,
-    TenantScope(t): TenantScope,
+    AcdScope(t, role): AcdScope,
 ) -> ApiResult<Json<Value>> {
+    allow(role.sees_all(), SUPERVISORS_ONLY)?;
     Ok(Json(json!({"agents": s.agents(&t.id).await?})))
 }
 
-async fn set_presence(
+async fn get_agent(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, a)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    allow(role.may_act_for(&a), OWN_ONLY)?;
+    Ok(Json(s.agent(&t.id, &a).await?))
+}
+
+/// `POST /v1/tenants/{t}/agents/{a}/token` with `{"role": "agent" |
+/// "supervisor"}` (tenant API key only): a new token for the agent, shown
+/// once; their earlier one stops working.
+async fn agent_token(
     State(s): State<Arc<Engine>>,
     TenantScope(t): TenantScope,
     Path((_, a)): Path<(String, String)>,
     body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Body {
+        #[serde(default)]
+        role: plugboard_engine::acd::Role,
+    }
+    let b: Body = if body.is_empty() {
+        Body {
+            role: Default::default(),
+        }
+    } else {
+        parse_json(&body)?
+    };
+    let token = s.issue_agent_token(&t.id, &a, b.role).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"agent": a, "role": b.role, "token": token})),
+    ))
+}
+
+async fn set_presence(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, a)): Path<(String, String)>,
+    body: Bytes,
 ) -> ApiResult<StatusCode> {
+    allow(role.may_act_for(&a), OWN_ONLY)?;
     let presence: plugboard_acd::Presence = parse_json(&body)?;
     s.set_presence(&t.id, &a, presence).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -413,23 +491,60 @@ async fn create_task(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+/// `GET /v1/tenants/{t}/tasks[?agent=ID]`: an agent sees only theirs.
+async fn list_tasks(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let agent = match &role {
+        AcdRole::Agent(me) => Some(me.as_str()),
+        _ => q.get("agent").map(String::as_str),
+    };
+    Ok(Json(json!({"tasks": s.tasks(&t.id, agent)})))
+}
+
 async fn get_task(
     State(s): State<Arc<Engine>>,
-    TenantScope(t): TenantScope,
+    AcdScope(t, role): AcdScope,
     Path((_, id)): Path<(String, String)>,
 ) -> ApiResult<Json<plugboard_engine::acd::TaskView>> {
-    Ok(Json(s.task(&t.id, &id)?))
+    let view = s.task(&t.id, &id)?;
+    allow(
+        role.sees_all() || view.agent.as_deref().is_some_and(|a| role.may_act_for(a)),
+        OWN_ONLY,
+    )?;
+    Ok(Json(view))
 }
 
 /// `POST /v1/tenants/{t}/tasks/{id}/{accept|reject}` with `{"agent"}`,
 /// or `{complete|abandon}`.
 async fn task_action(
     State(s): State<Arc<Engine>>,
-    TenantScope(t): TenantScope,
+    AcdScope(t, role): AcdScope,
     Path((_, id, action)): Path<(String, String, String)>,
     body: Bytes,
 ) -> ApiResult<Json<plugboard_engine::acd::TaskView>> {
+    // An agent acts as themselves (the body's agent may be left out) and
+    // only on a task offered to or connected with them; abandoning is for
+    // the tenant's systems and supervisors.
+    if let AcdRole::Agent(me) = &role {
+        let view = s.task(&t.id, &id)?;
+        allow(
+            action != "abandon" && view.agent.as_deref() == Some(me.as_str()),
+            OWN_ONLY,
+        )?;
+    }
     let agent = || -> ApiResult<String> {
+        if let AcdRole::Agent(me) = &role {
+            let v: Value = if body.is_empty() {
+                json!({})
+            } else {
+                parse_json(&body)?
+            };
+            allow(v["agent"].is_null() || v["agent"] == me.as_str(), OWN_ONLY)?;
+            return Ok(me.clone());
+        }
         let v: Value = parse_json(&body)?;
         v["agent"].as_str().map(str::to_string).ok_or_else(|| {
             ApiError::new(

@@ -26,12 +26,63 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 
-use crate::{Engine, EngineResult};
+use crate::{Caller, Engine, EngineError, EngineResult};
 
 /// Record kind of queues in the store.
 const QUEUE: &str = "queue";
 /// Record kind of agents in the store.
 const AGENT: &str = "agent";
+/// Record kind of agents' tokens (by the token's hash).
+const TOKEN: &str = "agent_token";
+/// Agents' tokens start with this, then the tenant and a `.`: the tenant
+/// tells the store where to look the token up.
+const TOKEN_PREFIX: &str = "pbt.";
+
+/// What an agent's token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Their own presence and their own tasks.
+    #[default]
+    Agent,
+    /// The tenant's queues, agents and tasks (no plugins, settings or
+    /// tokens).
+    Supervisor,
+}
+
+/// Who acts on a tenant's ACD, and so what they may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcdRole {
+    /// The tenant's API key (or the operator): everything.
+    Tenant,
+    /// A supervisor (agent id): every queue, agent and task.
+    Supervisor(String),
+    /// An agent (id): their own presence and tasks only.
+    Agent(String),
+}
+
+impl AcdRole {
+    /// Whether this caller may act as or on `agent` (presence, offers).
+    pub fn may_act_for(&self, agent: &str) -> bool {
+        match self {
+            AcdRole::Tenant | AcdRole::Supervisor(_) => true,
+            AcdRole::Agent(me) => me == agent,
+        }
+    }
+
+    /// Whether this caller sees the whole tenant's ACD (queues, every
+    /// agent and task).
+    pub fn sees_all(&self) -> bool {
+        !matches!(self, AcdRole::Agent(_))
+    }
+}
+
+/// The tenant an agent's token names, if it is one.
+pub(crate) fn token_tenant(token: &str) -> Option<&str> {
+    let (tenant, _) = token.strip_prefix(TOKEN_PREFIX)?.split_once('.')?;
+    validate_id("tenant", tenant).ok()?;
+    Some(tenant)
+}
 
 /// An agent as the API shows it: the routing settings, the SIP user whose
 /// phone rings for voice tasks, and the current presence.
@@ -549,6 +600,107 @@ impl Engine {
         }
         r?;
         self.task(tenant, &key.1)
+    }
+
+    /// The agent and role of an agent's token (by its hash), if the token
+    /// is current and its agent still exists.
+    pub(crate) async fn agent_token(
+        &self,
+        tenant: &str,
+        hash: &str,
+    ) -> EngineResult<Option<(String, Role)>> {
+        let record = match self.store.record(tenant, TOKEN, hash).await {
+            Ok(r) => r,
+            // No such tenant: no such token.
+            Err(CoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let agent = record["agent"].as_str().unwrap_or_default().to_string();
+        let role: Role = serde_json::from_value(record["role"].clone()).unwrap_or_default();
+        if self.store.record(tenant, AGENT, &agent).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some((agent, role)))
+    }
+
+    /// Issues a token for an agent with this role (shown once, only its
+    /// hash is kept); the agent's earlier token stops working.
+    pub async fn issue_agent_token(
+        self: &Arc<Self>,
+        tenant: &str,
+        agent: &str,
+        role: Role,
+    ) -> EngineResult<String> {
+        if self.store.record(tenant, AGENT, agent).await?.is_none() {
+            return Err(CoreError::NotFound(format!("agent {agent}")).into());
+        }
+        for old in self.store.records(tenant, TOKEN).await? {
+            if old["agent"] == agent
+                && let Some(h) = old["hash"].as_str()
+            {
+                self.store.delete_record(tenant, TOKEN, h).await?;
+            }
+        }
+        let token = crate::random_token(&format!("{TOKEN_PREFIX}{tenant}."))?;
+        let hash = plugboard_store::hash_key(&token);
+        let record = json!({"agent": agent, "role": role, "hash": hash});
+        self.store.set_record(tenant, TOKEN, &hash, &record).await?;
+        Ok(token)
+    }
+
+    /// Checks the token may act on `tenant`'s ACD and says in which role.
+    pub async fn acd_access(
+        &self,
+        token: Option<&str>,
+        tenant: &str,
+    ) -> EngineResult<(plugboard_core::Tenant, AcdRole)> {
+        let role = match self.authenticate(token).await? {
+            Caller::Admin => AcdRole::Tenant,
+            Caller::Tenant(t) if t == tenant => AcdRole::Tenant,
+            Caller::Agent {
+                tenant: t,
+                agent,
+                role,
+            } if t == tenant => match role {
+                Role::Agent => AcdRole::Agent(agent),
+                Role::Supervisor => AcdRole::Supervisor(agent),
+            },
+            _ => {
+                return Err(EngineError::Forbidden(
+                    "this token belongs to another tenant",
+                ));
+            }
+        };
+        Ok((self.tenant(tenant).await?, role))
+    }
+
+    /// One agent with their presence.
+    pub async fn agent(self: &Arc<Self>, tenant: &str, agent: &str) -> EngineResult<Value> {
+        let acd = self.tenant_acd(tenant).await?;
+        let mut r = self
+            .store
+            .record(tenant, AGENT, agent)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("agent {agent}")))?;
+        r["presence"] = json!(lock(&acd).presence(agent).unwrap_or(&Presence::Offline));
+        Ok(r)
+    }
+
+    /// The tenant's tasks as last known, newest state; only `agent`'s if
+    /// given.
+    pub fn tasks(&self, tenant: &str, agent: Option<&str>) -> Vec<TaskView> {
+        let mut v: Vec<TaskView> = lock(&self.acd.tasks)
+            .iter()
+            .filter(|((t, _), v)| {
+                t == tenant && agent.is_none_or(|a| v.agent.as_deref() == Some(a))
+            })
+            .map(|(_, v)| v.clone())
+            .collect();
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
     }
 
     /// Routes a new task for a channel that carries out its offers: what

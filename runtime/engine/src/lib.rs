@@ -121,6 +121,16 @@ pub enum Caller {
     Admin,
     /// A tenant's API key.
     Tenant(String),
+    /// An agent's (or supervisor's) own token: it reaches only the ACD
+    /// endpoints its role allows ([`acd::AcdRole`]).
+    Agent {
+        /// The tenant.
+        tenant: String,
+        /// The agent.
+        agent: String,
+        /// `agent` or `supervisor`.
+        role: acd::Role,
+    },
 }
 
 /// A deployed plugin version, as the deploy endpoints answer it.
@@ -271,6 +281,16 @@ impl Engine {
         if h == self.admin_hash {
             return Ok(Caller::Admin);
         }
+        if let Some(tenant) = acd::token_tenant(token) {
+            return match self.agent_token(tenant, &h).await? {
+                Some((agent, role)) => Ok(Caller::Agent {
+                    tenant: tenant.to_string(),
+                    agent,
+                    role,
+                }),
+                None => Err(EngineError::Unauthenticated("unknown token")),
+            };
+        }
         match self.store.tenant_for_key(&h).await? {
             Some(t) => Ok(Caller::Tenant(t)),
             None => Err(EngineError::Unauthenticated("unknown token")),
@@ -281,7 +301,9 @@ impl Engine {
     pub async fn require_admin(&self, token: Option<&str>) -> EngineResult<()> {
         match self.authenticate(token).await? {
             Caller::Admin => Ok(()),
-            Caller::Tenant(_) => Err(EngineError::Forbidden("admin token required")),
+            Caller::Tenant(_) | Caller::Agent { .. } => {
+                Err(EngineError::Forbidden("admin token required"))
+            }
         }
     }
 
@@ -293,6 +315,11 @@ impl Engine {
             Caller::Tenant(_) => {
                 return Err(EngineError::Forbidden(
                     "this API key belongs to another tenant",
+                ));
+            }
+            Caller::Agent { .. } => {
+                return Err(EngineError::Forbidden(
+                    "an agent's or supervisor's token reaches only the ACD endpoints of its role",
                 ));
             }
         }
