@@ -2029,3 +2029,105 @@ fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_call
     assert_eq!(task.body["state"], "abandoned", "{task:?}");
     Ok(())
 }
+
+#[test]
+fn a_caller_who_gives_up_is_called_back_even_after_a_sigkill() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &["--digest-md5-first"])?;
+    let key = server.tenant("acme");
+    // The customer's phone is reached through the tenant's trunk.
+    let customer_port = free_sip_port();
+    let queue = json!({"offer_timeout": 10, "callback_after": 2});
+    let wait = json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "callme"}}});
+    let a = server.json("PUT", "/v1/tenants/acme/flows/wait", &key, &wait);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/trunks/default",
+                json!({"host": format!("127.0.0.1:{customer_port}")}),
+            ),
+            ("/v1/tenants/acme/queues/callme", queue),
+            (
+                "/v1/tenants/acme/sip-users/ann",
+                json!({"password": "s3cret-pass"}),
+            ),
+            ("/v1/tenants/acme/agents/ann", json!({"sip_user": "ann"})),
+            (
+                "/v1/tenants/acme/addresses/15550303",
+                json!({"channel": "voice", "flow": "wait"}),
+            ),
+        ],
+    );
+    // Nobody is available: a caller from +37060000001 waits 4 s and
+    // hangs up.
+    let caller = std::fs::read_to_string(root().join("tests/sipp/bench_hold.xml"))?
+        .replace("sip:sipp@", "sip:+37060000001@");
+    let xml = dir.path().join("caller_number.xml");
+    std::fs::write(&xml, caller)?;
+    run_sipp(&server, dir.path(), &xml, "15550303", "u1", &["-d", "4000"])?;
+    let calls = calls(&server, &key, 1);
+    assert_eq!(calls[0]["state"], "abandoned", "{:#}", calls[0]);
+    let id = calls[0]["id"].as_str().unwrap().to_string();
+    let callbacks = server.get("/v1/tenants/acme/callbacks", &key);
+    let cb = &callbacks.body["callbacks"][0];
+    assert_eq!(
+        (
+            cb["id"].as_str(),
+            cb["number"].as_str(),
+            cb["state"].as_str()
+        ),
+        (Some(id.as_str()), Some("+37060000001"), Some("waiting")),
+        "{callbacks:?}"
+    );
+    // SIGKILL: the callback is still there after the restart, in its
+    // queue.
+    server.kill();
+    let server = Server::start(&data, &["--digest-md5-first"])?;
+    let callbacks = server.get("/v1/tenants/acme/callbacks", &key);
+    assert_eq!(
+        callbacks.body["callbacks"][0]["state"], "waiting",
+        "{callbacks:?}"
+    );
+    let task = server.get(&format!("/v1/tenants/acme/tasks/{id}"), &key);
+    assert_eq!(task.body["state"], "waiting", "{task:?}");
+    // Ann's phone registers and she becomes available: her phone rings,
+    // she answers, Plugboard calls the customer and bridges them; she
+    // hangs up after 3 s and the customer gets our BYE.
+    let phone = free_sip_port();
+    register_as(&server, dir.path(), "ann", phone)?;
+    let customer = sipp_uas(dir.path(), "customer", customer_port, &[])?;
+    let ann = sipp_uas(dir.path(), "agent", phone, &[])?;
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/agents/ann/presence",
+        &key,
+        &json!({"state": "available"}),
+    );
+    assert_eq!(a.status, 204, "{a:?}");
+    wait_ok(ann, "ann's phone")?;
+    wait_ok(customer, "the customer's phone")?;
+    let t0 = Instant::now();
+    loop {
+        let callbacks = server.get("/v1/tenants/acme/callbacks", &key);
+        let cb = &callbacks.body["callbacks"][0];
+        if cb["state"] == "done" {
+            assert_eq!(
+                cb["attempts"].as_array().map(Vec::len),
+                Some(1),
+                "{callbacks:?}"
+            );
+            assert_eq!(cb["attempts"][0]["agent"], "ann");
+            assert_eq!(cb["attempts"][0]["outcome"], "answered");
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{callbacks:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let task = server.get(&format!("/v1/tenants/acme/tasks/{id}"), &key);
+    assert_eq!(task.body["state"], "completed", "{task:?}");
+    Ok(())
+}

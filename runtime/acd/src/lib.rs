@@ -85,6 +85,10 @@ pub struct QueueConfig {
     /// phone is busy is not rung in a loop.
     #[serde(default = "default_retry", with = "secs")]
     pub retry: Duration,
+    /// A caller who hangs up after waiting this long is called back: the
+    /// task stays in its place as a callback (none: no callbacks).
+    #[serde(default, with = "opt_secs")]
+    pub callback_after: Option<Duration>,
 }
 
 fn default_retry() -> Duration {
@@ -109,6 +113,7 @@ impl QueueConfig {
             router: None,
             missed_after: 3,
             retry: default_retry(),
+            callback_after: None,
         }
     }
 }
@@ -506,6 +511,17 @@ impl Acd {
     /// Routes a new task: it waits in its queue (or overflows at once if
     /// the queue is full).
     pub fn enqueue(&mut self, now: Instant, spec: TaskSpec) -> Result<(), AcdError> {
+        self.enqueue_waited(now, spec, Duration::ZERO)
+    }
+
+    /// Routes a task that has already waited `waited` (a callback reloaded
+    /// after a restart): it takes the place that wait gives it.
+    pub fn enqueue_waited(
+        &mut self,
+        now: Instant,
+        spec: TaskSpec,
+        waited: Duration,
+    ) -> Result<(), AcdError> {
         if self.tasks.contains_key(&spec.id) {
             return Err(AcdError::Exists(spec.id));
         }
@@ -515,7 +531,7 @@ impl Acd {
         self.seq += 1;
         let task = Task {
             seq: self.seq,
-            since: now,
+            since: now.checked_sub(waited).unwrap_or(now),
             deadline: None,
             state: TaskState::Waiting,
             passed: BTreeSet::new(),

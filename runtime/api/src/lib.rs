@@ -244,6 +244,7 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/tenants/{t}/agents/{a}/presence", put(set_presence))
         .route("/v1/tenants/{t}/agents/{a}/token", post(agent_token))
         .route("/v1/tenants/{t}/tasks", post(create_task).get(list_tasks))
+        .route("/v1/tenants/{t}/callbacks", get(list_callbacks))
         .route("/v1/tenants/{t}/tasks/{id}", get(get_task))
         .route("/v1/tenants/{t}/tasks/{id}/{action}", post(task_action))
         .route("/v1/tenants/{t}/secrets", get(list_secrets))
@@ -489,6 +490,16 @@ async fn create_task(
         )
         .await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// `GET /v1/tenants/{t}/callbacks`: customers to call back, with their
+/// attempts (tenant API key or a supervisor).
+async fn list_callbacks(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+) -> ApiResult<Json<Value>> {
+    allow(role.sees_all(), SUPERVISORS_ONLY)?;
+    Ok(Json(json!({"callbacks": s.callbacks(&t.id).await?})))
 }
 
 /// `GET /v1/tenants/{t}/tasks[?agent=ID]`: an agent sees only theirs.

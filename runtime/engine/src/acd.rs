@@ -144,13 +144,17 @@ pub struct AcdHub {
     /// Last known state of every task (for `GET` and for agents' views).
     tasks: Mutex<HashMap<(String, String), TaskView>>,
     /// Channels watching their tasks, by tenant and task.
-    watchers: Mutex<HashMap<(String, String), TaskWatcher>>,
+    pub(crate) watchers: Mutex<HashMap<(String, String), TaskWatcher>>,
     /// Each agent's SIP user, by tenant and agent.
     sip_users: Mutex<HashMap<(String, String), String>>,
+    /// Callback tasks and the numbers to call, by tenant and task.
+    pub(crate) callbacks: Mutex<HashMap<(String, String), String>>,
+    /// The voice channel's callback runner.
+    pub(crate) runner: Mutex<Option<crate::callback::CallbackRunner>>,
     wake: Arc<Notify>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -231,7 +235,10 @@ fn acd_error(e: plugboard_acd::AcdError) -> CoreError {
 
 impl Engine {
     /// The tenant's ACD, loaded from the store on first use.
-    async fn tenant_acd(self: &Arc<Self>, tenant: &str) -> EngineResult<Arc<Mutex<Acd>>> {
+    pub(crate) async fn tenant_acd(
+        self: &Arc<Self>,
+        tenant: &str,
+    ) -> EngineResult<Arc<Mutex<Acd>>> {
         AcdHub::start(self);
         if let Some(a) = lock(&self.acd.tenants).get(tenant) {
             return Ok(a.clone());
@@ -245,6 +252,20 @@ impl Engine {
             let r: AgentRecord = parse(a)?;
             self.remember_sip_user(tenant, &r);
             acd.set_agent(now, r.config);
+        }
+        // Callbacks still to make take their places again.
+        let callbacks = self.waiting_callbacks(tenant).await?;
+        for (spec, waited) in self.callback_specs(tenant, callbacks) {
+            let view = TaskView {
+                id: spec.id.clone(),
+                queue: spec.queue.clone(),
+                state: "waiting".into(),
+                agent: None,
+            };
+            let id = spec.id.clone();
+            if acd.enqueue_waited(now, spec, waited).is_ok() {
+                lock(&self.acd.tasks).insert((tenant.to_string(), id), view);
+            }
         }
         let acd = Arc::new(Mutex::new(acd));
         Ok(lock(&self.acd.tenants)
@@ -310,6 +331,13 @@ impl Engine {
             _ => return,
         };
         let key = (tenant.to_string(), task.clone());
+        if !lock(&self.acd.watchers).contains_key(&key) {
+            let number = lock(&self.acd.callbacks).get(&key).cloned();
+            if let (Some(number), Some(news)) = (number, news) {
+                self.tell_runner(tenant, task, number, news);
+            }
+            return;
+        }
         let mut watchers = lock(&self.acd.watchers);
         if let Some(news) = news
             && let Some(w) = watchers.get(&key)
@@ -325,6 +353,34 @@ impl Engine {
         }
         if ends {
             watchers.remove(&key);
+        }
+    }
+
+    /// Hands a callback task's news to the voice channel's runner; a
+    /// callback that left its queue (`max_wait`, `full`) has failed.
+    fn tell_runner(self: &Arc<Self>, tenant: &str, task: &str, number: String, news: TaskNews) {
+        if let TaskNews::BackToFlow { why } = news {
+            let (engine, tenant, task) = (self.clone(), tenant.to_string(), task.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = engine.fail_callback(&tenant, &task, why).await {
+                    tracing::warn!("callback {task} of {tenant}: {e}");
+                }
+            });
+            return;
+        }
+        let job = crate::callback::CallbackJob {
+            tenant: tenant.to_string(),
+            task: task.to_string(),
+            number,
+            news,
+        };
+        let sent = lock(&self.acd.runner)
+            .as_ref()
+            .is_some_and(|r| r.send(job).is_ok());
+        if !sent {
+            tracing::warn!(
+                "callback {task} of {tenant} offered, but no voice channel runs callbacks here"
+            );
         }
     }
 

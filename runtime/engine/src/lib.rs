@@ -30,6 +30,7 @@ use std::sync::{Arc, RwLock};
 use tokio::sync::broadcast;
 
 pub mod acd;
+pub mod callback;
 pub mod cluster;
 pub mod fair;
 mod metrics;
@@ -37,6 +38,7 @@ pub mod secrets;
 mod session;
 
 pub use acd::{TaskNews, TaskWatcher};
+pub use callback::{Callback, CallbackJob, CallbackRunner};
 pub use cluster::{ClusterConfig, ClusterError, random_node_id};
 pub use metrics::Metrics;
 pub use plugboard_acd::TaskSpec;

@@ -611,6 +611,13 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             Some(cfg) => Some(Arc::new(plugboard_voice::start(cfg, state.clone()).await?)),
             None => None,
         };
+        // Callbacks still to make are back in their queues (after the
+        // voice channel, which carries them out).
+        match state.preload_callbacks().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("{n} callbacks waiting in their queues"),
+            Err(e) => tracing::error!("loading callbacks: {e}"),
+        }
         // SIGTERM (or Ctrl-C): new calls are refused, live calls end with
         // a BYE after their flow's current event and their records are
         // closed; then HTTP stops. At most DRAIN_LIMIT for the calls.

@@ -15,6 +15,7 @@
 //! agent is tried, and the task is completed when the agent hangs up or
 //! abandoned when the caller leaves first.
 
+pub(crate) mod callback;
 mod media;
 mod prepare;
 
@@ -368,10 +369,17 @@ impl Call {
         );
         tokio::spawn(async move {
             let r = match (what, agent) {
-                ("accept", Some(a)) => app.accept_task(&tenant, &task, &a).await,
-                ("missed", Some(a)) => app.missed_task(&tenant, &task, &a).await,
-                ("complete", _) => app.complete_task(&tenant, &task).await,
-                _ => app.abandon_task(&tenant, &task).await,
+                ("accept", Some(a)) => app.accept_task(&tenant, &task, &a).await.map(drop),
+                ("missed", Some(a)) => app.missed_task(&tenant, &task, &a).await.map(drop),
+                ("complete", _) => app.complete_task(&tenant, &task).await.map(drop),
+                (_, number) => app
+                    .abandon_or_call_back(&tenant, &task, &number.unwrap_or_default())
+                    .await
+                    .map(|called_back| {
+                        if called_back {
+                            tracing::info!("task {task} of {tenant}: the caller left, call back");
+                        }
+                    }),
             };
             match r {
                 Err(e) if what == "accept" => {
@@ -638,7 +646,12 @@ impl Call {
         // The ACD learns the call is over: a caller who leaves while
         // waiting has abandoned; a conversation ends the agent's task.
         match self.ivr.task() {
-            TaskPhase::Waiting => self.tell_acd("abandon", None),
+            TaskPhase::Waiting => {
+                // Called back instead, if the queue says so and they
+                // waited long enough.
+                let number = self.session.as_ref().map(|s| s.interaction.from.clone());
+                self.tell_acd("abandon", number);
+            }
             TaskPhase::Connected => self.tell_acd("complete", None),
             TaskPhase::None => {}
         }

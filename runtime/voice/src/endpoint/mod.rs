@@ -267,6 +267,12 @@ pub(crate) async fn start(
         inbox: tx,
         calls: calls_tx,
     };
+    crate::call::callback::spawn_runner(crate::call::callback::Ctx {
+        app: endpoint.app.clone(),
+        endpoint: endpoint.calls.clone(),
+        pool: endpoint.pool.clone(),
+        config: endpoint.config.clone(),
+    });
     tasks.push(tokio::spawn(endpoint.run(rx, calls_rx)));
     tracing::info!("SIP listening on {sip_addr} (UDP and TCP)");
     Ok(VoiceHandle {
