@@ -23,9 +23,17 @@
 //! again). A task waits at most the queue's `max_wait`, then overflows
 //! to another queue or goes back to its flow.
 //!
+//! Cost: waiting tasks are indexed in groups that share a queue,
+//! priority, channel and skills (within a group the first in always ranks
+//! first), and the agents free to take something are kept in a set, so a
+//! decision looks at the head of each group and at the free agents only —
+//! not at every task and every agent (`examples/acd_bench.rs`).
+//!
 //! Written here: no crate models contact-centre routing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::ops::Bound;
 use std::time::{Duration, Instant};
 
 use plugboard_core::Channel;
@@ -353,7 +361,23 @@ struct Task {
     /// Agents who passed on it lately, and when they may be offered it
     /// again.
     resting: BTreeMap<String, Instant>,
+    /// Where it is in the waiting index, while it waits.
+    indexed: Option<(Group, Place)>,
 }
+
+/// Waiting tasks that route alike: same queue, priority, channel and
+/// skills. Within a group, the task that has waited longest (then the
+/// first in) ranks first.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Group {
+    queue: String,
+    priority: u32,
+    channel: Channel,
+    skills: Vec<String>,
+}
+
+/// A task's place in its group: since when it waits, then arrival.
+type Place = (Instant, u64);
 
 #[derive(Debug)]
 struct Agent {
@@ -380,7 +404,7 @@ impl Agent {
             && self.load(channel) < self.config.capacity.get(&channel).copied().unwrap_or(0)
     }
 
-    fn can_do(&self, queue: &QueueConfig, task: &TaskSpec) -> bool {
+    fn can_do(&self, queue: &QueueConfig, skills: &[String]) -> bool {
         let serves = self
             .config
             .queues
@@ -390,7 +414,7 @@ impl Agent {
             && queue
                 .skills
                 .iter()
-                .chain(&task.skills)
+                .chain(skills)
                 .all(|s| self.config.skills.get(s).is_some_and(|l| *l >= 1))
     }
 }
@@ -442,6 +466,10 @@ pub struct Acd {
     tasks: HashMap<String, Task>,
     seq: u64,
     out: VecDeque<Output>,
+    /// Waiting tasks by group, in order.
+    waiting: BTreeMap<Group, BTreeMap<Place, String>>,
+    /// Agents available with room on some channel.
+    free: BTreeSet<String>,
 }
 
 /// How many overflows in a row one task may take (a loop of queues
@@ -462,6 +490,7 @@ impl Acd {
     /// Adds or replaces an agent's settings (their presence and tasks are
     /// kept). A new agent starts offline.
     pub fn set_agent(&mut self, now: Instant, config: AgentConfig) {
+        let id = config.id.clone();
         match self.agents.get_mut(&config.id) {
             Some(a) => a.config = config,
             None => {
@@ -478,6 +507,7 @@ impl Acd {
                 );
             }
         }
+        self.refresh(&id);
         self.dispatch(now);
     }
 
@@ -499,6 +529,7 @@ impl Acd {
             }
         }
         a.presence = presence;
+        self.refresh(agent);
         self.dispatch(now);
         Ok(())
     }
@@ -536,6 +567,7 @@ impl Acd {
             state: TaskState::Waiting,
             passed: BTreeSet::new(),
             resting: BTreeMap::new(),
+            indexed: None,
             spec,
         };
         let id = task.spec.id.clone();
@@ -548,15 +580,17 @@ impl Acd {
 
     /// Puts a task (already in the map) into `queue`, or overflows it.
     fn join(&mut self, now: Instant, id: &str, queue: &str, hops: usize) {
+        self.unindex(id);
         let Some(q) = self.queues.get(queue).cloned() else {
             self.back_to_flow(id, queue, "max_wait");
             return;
         };
-        let waiting = self
-            .tasks
-            .values()
-            .filter(|t| t.spec.queue == q.id && t.state == TaskState::Waiting && t.spec.id != id)
-            .count();
+        let waiting: usize = self
+            .waiting
+            .iter()
+            .filter(|(g, _)| g.queue == q.id)
+            .map(|(_, tasks)| tasks.len())
+            .sum();
         if q.max_size.is_some_and(|m| waiting >= m) {
             self.overflow(now, id, &q, q.on_full.clone(), "full", hops);
             return;
@@ -566,6 +600,7 @@ impl Acd {
             t.deadline = q.max_wait.map(|w| now + w);
             t.state = TaskState::Waiting;
         }
+        self.reindex(id);
         self.event(id, TaskEvent::Enqueued { queue: q.id });
     }
 
@@ -594,6 +629,7 @@ impl Acd {
     }
 
     fn back_to_flow(&mut self, id: &str, queue: &str, why: &'static str) {
+        self.unindex(id);
         self.tasks.remove(id);
         self.event(
             id,
@@ -632,6 +668,7 @@ impl Acd {
             t.spec.priority = p;
         }
         t.state = TaskState::Waiting;
+        self.reindex(task);
         let eligible = self.eligible(task);
         let pick = ranking
             .unwrap_or_default()
@@ -707,6 +744,7 @@ impl Acd {
                 t.resting.insert(agent.to_string(), now + retry);
             }
         }
+        self.reindex(task);
         self.free(agent, task);
     }
 
@@ -740,6 +778,7 @@ impl Acd {
             a.missed += 1;
             if limit > 0 && a.missed >= limit && a.presence == Presence::Available {
                 a.presence = Presence::Missed;
+                self.refresh(agent);
                 self.out.push_back(Output::Presence {
                     agent: agent.to_string(),
                     presence: Presence::Missed,
@@ -753,6 +792,7 @@ impl Acd {
         if let Some(a) = self.agents.get_mut(agent) {
             a.tasks.remove(task);
         }
+        self.refresh(agent);
     }
 
     /// The conversation is over: the agent wraps up (the queue's time),
@@ -784,6 +824,7 @@ impl Acd {
                 a.idle_since = now;
             }
         }
+        self.refresh(&agent);
         self.event(task, TaskEvent::Completed { agent });
         self.dispatch(now);
         Ok(())
@@ -808,6 +849,7 @@ impl Acd {
             }
             TaskState::Waiting | TaskState::Routing => {}
         }
+        self.unindex(task);
         if let Some(t) = self.tasks.remove(task) {
             self.event(
                 task,
@@ -842,12 +884,19 @@ impl Acd {
     /// long.
     pub fn handle_timeout(&mut self, now: Instant) {
         // Wrap-ups.
+        let mut unwrapped = Vec::new();
         for a in self.agents.values_mut() {
             let before = a.wrap.len();
             a.wrap.retain(|(_, until)| *until > now);
-            if a.wrap.len() < before && a.wrap.is_empty() && a.tasks.is_empty() {
-                a.idle_since = now;
+            if a.wrap.len() < before {
+                unwrapped.push(a.config.id.clone());
+                if a.wrap.is_empty() && a.tasks.is_empty() {
+                    a.idle_since = now;
+                }
             }
+        }
+        for a in unwrapped {
+            self.refresh(&a);
         }
         // Offers not answered.
         let rang_out: Vec<(String, String)> = self
@@ -955,16 +1004,17 @@ impl Acd {
         });
     }
 
-    /// A task's effective priority at `now`: its own, its queue's, and
-    /// one step per `aging` waited.
-    fn rank(&self, t: &Task, now: Instant) -> u64 {
-        let q = self.queues.get(&t.spec.queue);
-        let base = u64::from(t.spec.priority) + u64::from(q.map_or(0, |q| q.priority));
+    /// The effective priority at `now` of a task of group `g` waiting
+    /// since `since`: its own, its queue's, and one step per `aging`
+    /// waited.
+    fn rank(&self, g: &Group, since: Instant, now: Instant) -> u64 {
+        let q = self.queues.get(&g.queue);
+        let base = u64::from(g.priority) + u64::from(q.map_or(0, |q| q.priority));
         let aged = q
             .and_then(|q| q.aging)
             .filter(|a| !a.is_zero())
             .map_or(0, |a| {
-                (now.saturating_duration_since(t.since).as_millis() / a.as_millis().max(1)) as u64
+                (now.saturating_duration_since(since).as_millis() / a.as_millis().max(1)) as u64
             });
         base + aged
     }
@@ -979,11 +1029,12 @@ impl Acd {
             return Vec::new();
         };
         let mut all: Vec<&Agent> = self
-            .agents
-            .values()
+            .free
+            .iter()
+            .filter_map(|id| self.agents.get(id))
             .filter(|a| {
                 a.free_for(t.spec.channel)
-                    && a.can_do(q, &t.spec)
+                    && a.can_do(q, &t.spec.skills)
                     && !t.resting.contains_key(&a.config.id)
             })
             .collect();
@@ -1004,6 +1055,67 @@ impl Acd {
         }
     }
 
+    /// Whether some free agent could take a task of this group (whoever
+    /// the task's own rests exclude).
+    fn group_servable(&self, g: &Group) -> bool {
+        let Some(q) = self.queues.get(&g.queue) else {
+            return false;
+        };
+        self.free
+            .iter()
+            .filter_map(|id| self.agents.get(id))
+            .any(|a| a.free_for(g.channel) && a.can_do(q, &g.skills))
+    }
+
+    /// Keeps the agent's place in the free set right.
+    fn refresh(&mut self, agent: &str) {
+        let free = self.agents.get(agent).is_some_and(|a| {
+            a.presence == Presence::Available
+                && a.config.capacity.keys().any(|c| a.free_for(*c))
+        });
+        if free {
+            self.free.insert(agent.to_string());
+        } else {
+            self.free.remove(agent);
+        }
+    }
+
+    /// Takes the task out of the waiting index.
+    fn unindex(&mut self, id: &str) {
+        let Some((g, place)) = self.tasks.get_mut(id).and_then(|t| t.indexed.take()) else {
+            return;
+        };
+        if let Some(tasks) = self.waiting.get_mut(&g) {
+            tasks.remove(&place);
+            if tasks.is_empty() {
+                self.waiting.remove(&g);
+            }
+        }
+    }
+
+    /// Puts the task in the waiting index where it belongs (if it waits).
+    fn reindex(&mut self, id: &str) {
+        self.unindex(id);
+        let Some(t) = self.tasks.get_mut(id) else {
+            return;
+        };
+        if t.state != TaskState::Waiting {
+            return;
+        }
+        let g = Group {
+            queue: t.spec.queue.clone(),
+            priority: t.spec.priority,
+            channel: t.spec.channel,
+            skills: t.spec.skills.clone(),
+        };
+        let place = (t.since, t.seq);
+        t.indexed = Some((g.clone(), place));
+        self.waiting
+            .entry(g)
+            .or_default()
+            .insert(place, id.to_string());
+    }
+
     fn offer(&mut self, now: Instant, task: &str, agent: &str) {
         let Some(t) = self.tasks.get_mut(task) else {
             return;
@@ -1020,6 +1132,8 @@ impl Acd {
         if let Some(a) = self.agents.get_mut(agent) {
             a.tasks.insert(task.to_string(), channel);
         }
+        self.unindex(task);
+        self.refresh(agent);
         self.event(
             task,
             TaskEvent::Offered {
@@ -1034,44 +1148,62 @@ impl Acd {
     }
 
     /// Offers waiting tasks, first come first (by rank, then arrival), to
-    /// the agents free for them.
+    /// the agents free for them. Only the head of each group of alike
+    /// tasks is a candidate at a time (the next one comes up when the
+    /// head is offered, or is held back only by its own rests); a group
+    /// no free agent can serve is skipped whole.
     fn dispatch(&mut self, now: Instant) {
-        let mut waiting: Vec<(std::cmp::Reverse<u64>, u64, String)> = self
-            .tasks
-            .values()
-            .filter(|t| t.state == TaskState::Waiting)
-            .map(|t| {
-                (
-                    std::cmp::Reverse(self.rank(t, now)),
-                    t.seq,
-                    t.spec.id.clone(),
-                )
-            })
-            .collect();
-        waiting.sort();
-        for (_, _, id) in waiting {
-            let candidates = self.eligible(&id);
-            if candidates.is_empty() {
+        if self.free.is_empty() {
+            return;
+        }
+        type Entry = (u64, Reverse<u64>, Group, Place);
+        let mut heap: BinaryHeap<Entry> = BinaryHeap::new();
+        for (g, tasks) in &self.waiting {
+            if !self.group_servable(g) {
                 continue;
             }
-            let Some(t) = self.tasks.get_mut(&id) else {
+            if let Some((place, _)) = tasks.iter().next() {
+                heap.push((self.rank(g, place.0, now), Reverse(place.1), g.clone(), *place));
+            }
+        }
+        while let Some((_, _, g, place)) = heap.pop() {
+            if self.free.is_empty() {
+                break;
+            }
+            let Some(id) = self.waiting.get(&g).and_then(|t| t.get(&place)).cloned() else {
                 continue;
             };
-            let router = self
-                .queues
-                .get(&t.spec.queue)
-                .is_some_and(|q| q.router.is_some());
-            if router {
-                t.state = TaskState::Routing;
-                let queue = t.spec.queue.clone();
-                self.out.push_back(Output::Route {
-                    task: id,
-                    queue,
-                    candidates,
-                });
-            } else {
-                let agent = candidates[0].clone();
-                self.offer(now, &id, &agent);
+            let candidates = self.eligible(&id);
+            if candidates.is_empty() && !self.group_servable(&g) {
+                continue;
+            }
+            if !candidates.is_empty() {
+                let router = self
+                    .queues
+                    .get(&g.queue)
+                    .is_some_and(|q| q.router.is_some());
+                if router {
+                    if let Some(t) = self.tasks.get_mut(&id) {
+                        t.state = TaskState::Routing;
+                    }
+                    self.unindex(&id);
+                    self.out.push_back(Output::Route {
+                        task: id,
+                        queue: g.queue.clone(),
+                        candidates,
+                    });
+                } else {
+                    let agent = candidates[0].clone();
+                    self.offer(now, &id, &agent);
+                }
+            }
+            let next = self.waiting.get(&g).and_then(|t| {
+                t.range((Bound::Excluded(place), Bound::Unbounded))
+                    .next()
+                    .map(|(p, _)| *p)
+            });
+            if let Some(p) = next {
+                heap.push((self.rank(&g, p.0, now), Reverse(p.1), g, p));
             }
         }
     }
