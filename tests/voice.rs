@@ -2027,6 +2027,39 @@ fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_call
     let id = leaver["id"].as_str().unwrap();
     let task = server.get(&format!("/v1/tenants/acme/tasks/{id}"), &key);
     assert_eq!(task.body["state"], "abandoned", "{task:?}");
+    // The queues' numbers, over the API and as metrics.
+    let sales = server.get("/v1/tenants/acme/queues/sales/stats", &key).body;
+    assert_eq!(
+        (
+            &sales["answered"],
+            &sales["abandoned"],
+            &sales["service_level_percent"]
+        ),
+        (&json!(1), &json!(0), &json!(100.0)),
+        "{sales}"
+    );
+    assert_eq!(
+        (&sales["agents_available"], &sales["agents_away"]),
+        (&json!(1), &json!(1)),
+        "Ann available, Dan missed: {sales}"
+    );
+    let night = server.get("/v1/tenants/acme/queues/night/stats", &key).body;
+    assert_eq!(
+        (&night["abandoned"], &night["answered"]),
+        (&json!(1), &json!(0)),
+        "{night}"
+    );
+    let m = server.call("GET", "/metrics", None, None)?;
+    let text = m.body.as_str().unwrap_or_default().to_string();
+    for line in [
+        r#"plugboard_queue_answered_total{tenant="acme",queue="sales"} 1"#,
+        r#"plugboard_queue_answered_total{tenant="acme",queue="support"} 1"#,
+        r#"plugboard_queue_abandoned_total{tenant="acme",queue="night"} 1"#,
+        r#"plugboard_queue_agents{tenant="acme",queue="sales",state="away"} 1"#,
+        r#"plugboard_queue_waiting{tenant="acme",queue="sales"} 0"#,
+    ] {
+        assert!(text.contains(line), "{line} in {text}");
+    }
     Ok(())
 }
 

@@ -97,6 +97,14 @@ pub struct QueueConfig {
     /// task stays in its place as a callback (none: no callbacks).
     #[serde(default, with = "opt_secs")]
     pub callback_after: Option<Duration>,
+    /// The service-level target: a task answered within this wait counts
+    /// as answered in service level (e.g. 80 % in 20 s).
+    #[serde(default = "default_service_level", with = "secs")]
+    pub service_level: Duration,
+}
+
+fn default_service_level() -> Duration {
+    Duration::from_secs(20)
 }
 
 fn default_retry() -> Duration {
@@ -122,6 +130,7 @@ impl QueueConfig {
             missed_after: 3,
             retry: default_retry(),
             callback_after: None,
+            service_level: default_service_level(),
         }
     }
 }
@@ -445,8 +454,9 @@ pub struct AgentInfo {
     pub active: u32,
 }
 
-/// Waiting, offered and connected tasks and available agents of a queue.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+/// A queue's numbers now (tasks, agents) and since the ACD started
+/// (answered, abandoned, timed out, service level).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueueStats {
     /// Tasks waiting (not yet offered or connected).
     pub waiting: usize,
@@ -456,6 +466,33 @@ pub struct QueueStats {
     pub connected: usize,
     /// Longest current wait, ms.
     pub longest_wait_ms: u64,
+    /// Agents who serve the queue and are available with room.
+    pub agents_available: usize,
+    /// Agents who serve the queue, available but full (offers,
+    /// conversations, wrap-up).
+    pub agents_busy: usize,
+    /// Agents who serve the queue and are away or missed.
+    pub agents_away: usize,
+    /// Tasks answered by an agent.
+    pub answered: u64,
+    /// Of those, answered within the queue's service-level wait.
+    pub answered_in_service_level: u64,
+    /// Customers who left while waiting.
+    pub abandoned: u64,
+    /// Tasks that left for their flow (`max_wait`, `full`).
+    pub timed_out: u64,
+    /// Answered in service level, in percent of answered and abandoned
+    /// (none before the first).
+    pub service_level_percent: Option<f64>,
+}
+
+/// A queue's counts since the ACD started.
+#[derive(Debug, Clone, Copy, Default)]
+struct Counts {
+    answered: u64,
+    answered_in_sl: u64,
+    abandoned: u64,
+    timed_out: u64,
 }
 
 /// The ACD (see the crate documentation).
@@ -470,6 +507,8 @@ pub struct Acd {
     waiting: BTreeMap<Group, BTreeMap<Place, String>>,
     /// Agents available with room on some channel.
     free: BTreeSet<String>,
+    /// Counts per queue.
+    counts: HashMap<String, Counts>,
 }
 
 /// How many overflows in a row one task may take (a loop of queues
@@ -629,6 +668,7 @@ impl Acd {
     }
 
     fn back_to_flow(&mut self, id: &str, queue: &str, why: &'static str) {
+        self.counts.entry(queue.to_string()).or_default().timed_out += 1;
         self.unindex(id);
         self.tasks.remove(id);
         self.event(
@@ -685,6 +725,17 @@ impl Acd {
     /// The agent takes the offered task: the conversation starts.
     pub fn accept(&mut self, now: Instant, task: &str, agent: &str) -> Result<(), AcdError> {
         self.offered_to(task, agent)?;
+        if let Some(t) = self.tasks.get(task) {
+            let sl = self
+                .queues
+                .get(&t.spec.queue)
+                .map_or_else(default_service_level, |q| q.service_level);
+            let c = self.counts.entry(t.spec.queue.clone()).or_default();
+            c.answered += 1;
+            if now.saturating_duration_since(t.since) <= sl {
+                c.answered_in_sl += 1;
+            }
+        }
         if let Some(t) = self.tasks.get_mut(task) {
             t.state = TaskState::Connected {
                 agent: agent.to_string(),
@@ -851,6 +902,10 @@ impl Acd {
         }
         self.unindex(task);
         if let Some(t) = self.tasks.remove(task) {
+            self.counts
+                .entry(t.spec.queue.clone())
+                .or_default()
+                .abandoned += 1;
             self.event(
                 task,
                 TaskEvent::Abandoned {
@@ -980,8 +1035,35 @@ impl Acd {
     }
 
     /// A queue's current numbers.
+    /// The queues' ids.
+    pub fn queue_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self.queues.keys().cloned().collect();
+        ids.sort();
+        ids
+    }
+
+    /// A queue's numbers.
     pub fn queue_stats(&self, now: Instant, queue: &str) -> QueueStats {
         let mut s = QueueStats::default();
+        if let Some(q) = self.queues.get(queue) {
+            for a in self.agents.values().filter(|a| a.can_do(q, &[])) {
+                match a.presence {
+                    Presence::Available if self.free.contains(&a.config.id) => {
+                        s.agents_available += 1
+                    }
+                    Presence::Available => s.agents_busy += 1,
+                    Presence::Away(_) | Presence::Missed => s.agents_away += 1,
+                    Presence::Offline => {}
+                }
+            }
+        }
+        let c = self.counts.get(queue).copied().unwrap_or_default();
+        s.answered = c.answered;
+        s.answered_in_service_level = c.answered_in_sl;
+        s.abandoned = c.abandoned;
+        s.timed_out = c.timed_out;
+        let base = c.answered + c.abandoned;
+        s.service_level_percent = (base > 0).then(|| 100.0 * c.answered_in_sl as f64 / base as f64);
         for t in self.tasks.values().filter(|t| t.spec.queue == queue) {
             match t.state {
                 TaskState::Waiting | TaskState::Routing => {
@@ -1070,8 +1152,7 @@ impl Acd {
     /// Keeps the agent's place in the free set right.
     fn refresh(&mut self, agent: &str) {
         let free = self.agents.get(agent).is_some_and(|a| {
-            a.presence == Presence::Available
-                && a.config.capacity.keys().any(|c| a.free_for(*c))
+            a.presence == Presence::Available && a.config.capacity.keys().any(|c| a.free_for(*c))
         });
         if free {
             self.free.insert(agent.to_string());
@@ -1163,7 +1244,12 @@ impl Acd {
                 continue;
             }
             if let Some((place, _)) = tasks.iter().next() {
-                heap.push((self.rank(g, place.0, now), Reverse(place.1), g.clone(), *place));
+                heap.push((
+                    self.rank(g, place.0, now),
+                    Reverse(place.1),
+                    g.clone(),
+                    *place,
+                ));
             }
         }
         while let Some((_, _, g, place)) = heap.pop() {

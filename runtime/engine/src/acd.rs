@@ -212,6 +212,101 @@ impl AcdHub {
         });
     }
 
+    /// Every loaded queue's numbers as Prometheus text, labelled by
+    /// tenant and queue.
+    pub(crate) fn encode(&self) -> String {
+        use std::fmt::Write;
+        let now = Instant::now();
+        let mut rows: Vec<(String, String, QueueStats)> = Vec::new();
+        for (tenant, acd) in lock(&self.tenants).iter() {
+            let a = lock(acd);
+            for q in a.queue_ids() {
+                let stats = a.queue_stats(now, &q);
+                rows.push((tenant.clone(), q, stats));
+            }
+        }
+        rows.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
+        let mut out = String::new();
+        let gauges: [(&str, &str, fn(&QueueStats) -> f64); 4] = [
+            (
+                "plugboard_queue_waiting",
+                "Tasks waiting in the queue.",
+                |s| s.waiting as f64,
+            ),
+            (
+                "plugboard_queue_offered",
+                "Tasks being offered to an agent.",
+                |s| s.offered as f64,
+            ),
+            (
+                "plugboard_queue_connected",
+                "Tasks in conversation with an agent.",
+                |s| s.connected as f64,
+            ),
+            (
+                "plugboard_queue_longest_wait_seconds",
+                "The longest current wait.",
+                |s| s.longest_wait_ms as f64 / 1000.0,
+            ),
+        ];
+        for (metric, help, pick) in gauges {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+            for (t, q, s) in &rows {
+                let _ = writeln!(out, "{metric}{{tenant=\"{t}\",queue=\"{q}\"}} {}", pick(s));
+            }
+        }
+        let metric = "plugboard_queue_agents";
+        let _ = writeln!(
+            out,
+            "# HELP {metric} Agents who serve the queue, by state (available, busy, away).\n# TYPE {metric} gauge"
+        );
+        for (t, q, s) in &rows {
+            for (state, n) in [
+                ("available", s.agents_available),
+                ("busy", s.agents_busy),
+                ("away", s.agents_away),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{metric}{{tenant=\"{t}\",queue=\"{q}\",state=\"{state}\"}} {n}"
+                );
+            }
+        }
+        let counters: [(&str, &str, fn(&QueueStats) -> u64); 4] = [
+            (
+                "plugboard_queue_answered",
+                "Tasks answered by an agent.",
+                |s| s.answered,
+            ),
+            (
+                "plugboard_queue_answered_in_service_level",
+                "Tasks answered within the queue's service-level wait.",
+                |s| s.answered_in_service_level,
+            ),
+            (
+                "plugboard_queue_abandoned",
+                "Customers who left while waiting.",
+                |s| s.abandoned,
+            ),
+            (
+                "plugboard_queue_timed_out",
+                "Tasks that left for their flow (max_wait, full).",
+                |s| s.timed_out,
+            ),
+        ];
+        for (metric, help, pick) in counters {
+            let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} counter");
+            for (t, q, s) in &rows {
+                let _ = writeln!(
+                    out,
+                    "{metric}_total{{tenant=\"{t}\",queue=\"{q}\"}} {}",
+                    pick(s)
+                );
+            }
+        }
+        out
+    }
+
     fn next_timeout(&self) -> Option<Instant> {
         lock(&self.tenants)
             .values()

@@ -940,7 +940,7 @@ impl Engine {
         let text = self.metrics.encode(self.loaded_count());
         // The fair-share gauges go before the OpenMetrics end marker.
         let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
-        format!("{body}{}# EOF\n", self.fair.encode())
+        format!("{body}{}{}# EOF\n", self.fair.encode(), self.acd.encode())
     }
 
     /// Runs a flow against scripted events, as `simulate` does, and
