@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{LOOPBACK, Server, TestCa, TinyHttp, TlsHttp, plugin, says};
+use plugboard_tests::{LOOPBACK, Server, TestCa, TinyHttp, TlsHttp, plugin, polyglot, says};
 use serde_json::Value;
 use serde_json::json;
 use std::time::Instant;
@@ -1336,7 +1336,20 @@ fn a_queues_router_plugin_ranks_the_agents_and_a_broken_one_falls_back() {
         201
     );
     assert_eq!(s.deploy("routed", &k, "probe", plugin("probe")).status, 201);
-    for (q, router) in [("ranked", "skills-router"), ("broken", "probe")] {
+    // The same router in JavaScript and Python.
+    for (name, file) in [("router-js", "router_js"), ("router-py", "router_py")] {
+        let bytes = polyglot(file).unwrap_or_else(|| {
+            panic!("target/polyglot/{file}.wasm missing: run scripts/build-polyglot.sh")
+        });
+        let d = s.deploy("routed", &k, name, bytes);
+        assert_eq!(d.status, 201, "{d:?}");
+    }
+    for (q, router) in [
+        ("ranked", "skills-router"),
+        ("ranked-js", "router-js"),
+        ("ranked-py", "router-py"),
+        ("broken", "probe"),
+    ] {
         let body = json!({"skills": ["english"], "router": router});
         let r = s.json("PUT", &format!("/v1/tenants/routed/queues/{q}"), &k, &body);
         assert_eq!(r.status, 200, "{r:?}");
@@ -1374,15 +1387,18 @@ fn a_queues_router_plugin_ranks_the_agents_and_a_broken_one_falls_back() {
         }
         panic!("task {id} was never offered");
     };
-    assert_eq!(offered_to("t1", "ranked"), "cat");
-    for action in ["accept", "complete"] {
-        let r = s.json(
-            "POST",
-            &format!("/v1/tenants/routed/tasks/t1/{action}"),
-            &k,
-            &json!({"agent": "cat"}),
-        );
-        assert_eq!(r.status, 200, "{r:?}");
+    // Rust, JavaScript and Python make the same choice.
+    for (task, queue) in [("t1", "ranked"), ("tjs", "ranked-js"), ("tpy", "ranked-py")] {
+        assert_eq!(offered_to(task, queue), "cat", "{queue}");
+        for action in ["accept", "complete"] {
+            let r = s.json(
+                "POST",
+                &format!("/v1/tenants/routed/tasks/{task}/{action}"),
+                &k,
+                &json!({"agent": "cat"}),
+            );
+            assert_eq!(r.status, 200, "{r:?}");
+        }
     }
     // Both are free again. The other queue's router is not a router: it is
     // recorded, and the built-in rule offers the task to Ann, idle the

@@ -4,7 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{Answer, LOOPBACK, Server, TinyHttp, binary, lean_plugin, plugin, root};
+use plugboard_tests::{
+    Answer, LOOPBACK, Server, TinyHttp, binary, lean_plugin, plugin, polyglot, root,
+};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::Command;
@@ -221,12 +223,6 @@ fn flow_documents_deploy_simulate_roll_back_and_survive_restart() {
     assert_eq!(say(&s), "Connecting you to sales.");
     let g = s.get("/v1/tenants/shop/flows/hotline", &key);
     assert_eq!(g.body["version"], 1, "{g:?}");
-}
-
-/// The component built for each language, if its toolchain built it.
-fn polyglot(name: &str) -> Option<Vec<u8>> {
-    let p = root().join("target/polyglot").join(format!("{name}.wasm"));
-    std::fs::read(p).ok()
 }
 
 #[test]

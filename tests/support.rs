@@ -39,6 +39,12 @@ pub fn plugin(name: &str) -> Vec<u8> {
     built("wasm32-wasip2", name)
 }
 
+/// A JavaScript or Python component built by scripts/build-polyglot.sh
+/// (`target/polyglot/NAME.wasm`), if its toolchain built it.
+pub fn polyglot(name: &str) -> Option<Vec<u8>> {
+    std::fs::read(root().join("target/polyglot").join(format!("{name}.wasm"))).ok()
+}
+
 /// A first-party plugin built lean by scripts/build-plugins.sh: a core
 /// module for wasm32-unknown-unknown, which the server wraps on deploy.
 pub fn lean_plugin(name: &str) -> Vec<u8> {

@@ -117,6 +117,11 @@ fn setup(server: &Server) -> String {
 
 /// The newest voice interactions (waits for `n` finished ones).
 fn calls(server: &Server, key: &str, n: usize) -> Vec<Value> {
+    calls_with(server, key, n)
+}
+
+/// [`calls`], by another name where `calls` is a local.
+fn calls_with(server: &Server, key: &str, n: usize) -> Vec<Value> {
     let t0 = Instant::now();
     loop {
         let a = server.get("/v1/tenants/acme/interactions?limit=50", key);
@@ -2071,7 +2076,7 @@ fn a_caller_who_gives_up_is_called_back_even_after_a_sigkill() -> Result<()> {
     let key = server.tenant("acme");
     // The customer's phone is reached through the tenant's trunk.
     let customer_port = free_sip_port();
-    let queue = json!({"offer_timeout": 10, "callback_after": 2});
+    let queue = json!({"offer_timeout": 10, "callback_after": 2, "callback_digit": "1"});
     let wait = json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "callme"}}});
     let a = server.json("PUT", "/v1/tenants/acme/flows/wait", &key, &wait);
     assert!(a.status == 200 || a.status == 201, "{a:?}");
@@ -2105,17 +2110,44 @@ fn a_caller_who_gives_up_is_called_back_even_after_a_sigkill() -> Result<()> {
     let calls = calls(&server, &key, 1);
     assert_eq!(calls[0]["state"], "abandoned", "{:#}", calls[0]);
     let id = calls[0]["id"].as_str().unwrap().to_string();
+    // A second caller, from +37060000002, presses 1 while waiting: told
+    // they will be called back, then hung up by us.
+    let caller = std::fs::read_to_string(root().join("tests/sipp/ivr_dtmf.xml"))?
+        .replace("dtmf_2833_9", "dtmf_2833_1")
+        .replace("sip:sipp@", "sip:+37060000002@");
+    let xml = dir.path().join("caller_presses_1.xml");
+    std::fs::write(&xml, caller)?;
+    run_sipp(&server, dir.path(), &xml, "15550303", "u1", &[])?;
     let callbacks = server.get("/v1/tenants/acme/callbacks", &key);
-    let cb = &callbacks.body["callbacks"][0];
+    let list = callbacks.body["callbacks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(list.len(), 2, "{callbacks:?}");
     assert_eq!(
         (
-            cb["id"].as_str(),
-            cb["number"].as_str(),
-            cb["state"].as_str()
+            list[0]["id"].as_str(),
+            list[0]["number"].as_str(),
+            list[0]["state"].as_str()
         ),
         (Some(id.as_str()), Some("+37060000001"), Some("waiting")),
         "{callbacks:?}"
     );
+    assert_eq!(
+        (list[1]["number"].as_str(), list[1]["state"].as_str()),
+        (Some("+37060000002"), Some("waiting")),
+        "{callbacks:?}"
+    );
+    let pressed = calls_with(&server, &key, 2)
+        .into_iter()
+        .find(|ix| ix["from"] == "+37060000002")
+        .expect("the second call");
+    assert_eq!(
+        timeline(&pressed, "queue_left")[0]["why"],
+        "callback",
+        "{pressed}"
+    );
+    assert_eq!(timeline(&pressed, "hangup")[0]["by"], "flow", "{pressed}");
     // SIGKILL: the callback is still there after the restart, in its
     // queue.
     server.kill();
@@ -2132,8 +2164,8 @@ fn a_caller_who_gives_up_is_called_back_even_after_a_sigkill() -> Result<()> {
     // hangs up after 3 s and the customer gets our BYE.
     let phone = free_sip_port();
     register_as(&server, dir.path(), "ann", phone)?;
-    let customer = sipp_uas(dir.path(), "customer", customer_port, &[])?;
-    let ann = sipp_uas(dir.path(), "agent", phone, &[])?;
+    let customer = sipp_uas(dir.path(), "customer", customer_port, &["-m", "2"])?;
+    let ann = sipp_uas(dir.path(), "agent", phone, &["-m", "2"])?;
     let a = server.json(
         "PUT",
         "/v1/tenants/acme/agents/ann/presence",
@@ -2146,15 +2178,20 @@ fn a_caller_who_gives_up_is_called_back_even_after_a_sigkill() -> Result<()> {
     let t0 = Instant::now();
     loop {
         let callbacks = server.get("/v1/tenants/acme/callbacks", &key);
-        let cb = &callbacks.body["callbacks"][0];
-        if cb["state"] == "done" {
-            assert_eq!(
-                cb["attempts"].as_array().map(Vec::len),
-                Some(1),
-                "{callbacks:?}"
-            );
-            assert_eq!(cb["attempts"][0]["agent"], "ann");
-            assert_eq!(cb["attempts"][0]["outcome"], "answered");
+        let list = callbacks.body["callbacks"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if !list.is_empty() && list.iter().all(|cb| cb["state"] == "done") {
+            for cb in &list {
+                assert_eq!(
+                    cb["attempts"].as_array().map(Vec::len),
+                    Some(1),
+                    "{callbacks:?}"
+                );
+                assert_eq!(cb["attempts"][0]["agent"], "ann");
+                assert_eq!(cb["attempts"][0]["outcome"], "answered");
+            }
             break;
         }
         assert!(t0.elapsed() < Duration::from_secs(10), "{callbacks:?}");
@@ -2162,5 +2199,265 @@ fn a_caller_who_gives_up_is_called_back_even_after_a_sigkill() -> Result<()> {
     }
     let task = server.get(&format!("/v1/tenants/acme/tasks/{id}"), &key);
     assert_eq!(task.body["state"], "completed", "{task:?}");
+    Ok(())
+}
+
+#[test]
+fn a_vip_caller_overtakes_and_the_agents_wrap_up_is_respected() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
+    let key = server.tenant("acme");
+    let queue = json!({"offer_timeout": 10, "wrap_up": 3});
+    let normal = json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "line"}}});
+    let vip =
+        json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "line", "priority": 5}}});
+    for (name, doc) in [("normal", normal), ("vip", vip)] {
+        let a = server.json("PUT", &format!("/v1/tenants/acme/flows/{name}"), &key, &doc);
+        assert!(a.status == 200 || a.status == 201, "{a:?}");
+    }
+    put_all(
+        &server,
+        &key,
+        [
+            ("/v1/tenants/acme/queues/line", queue),
+            (
+                "/v1/tenants/acme/sip-users/ann",
+                json!({"password": "s3cret-pass"}),
+            ),
+            ("/v1/tenants/acme/agents/ann", json!({"sip_user": "ann"})),
+            (
+                "/v1/tenants/acme/addresses/15550304",
+                json!({"channel": "voice", "flow": "normal"}),
+            ),
+            (
+                "/v1/tenants/acme/addresses/15550305",
+                json!({"channel": "voice", "flow": "vip"}),
+            ),
+        ],
+    );
+    // One agent, whose phone takes three calls one after the other (each:
+    // answer, talk 3 s, hang up).
+    let phone = free_sip_port();
+    register_as(&server, dir.path(), "ann", phone)?;
+    let ann = sipp_uas(dir.path(), "agent", phone, &["-m", "3"])?;
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/agents/ann/presence",
+        &key,
+        &json!({"state": "available"}),
+    );
+    assert_eq!(a.status, 204, "{a:?}");
+    // First a normal caller (Ann takes it), then while she talks another
+    // normal caller, then a VIP.
+    std::thread::scope(|s| -> Result<()> {
+        let d = dir.path();
+        let first = s.spawn(|| caller_presses(&server, d, "15550304", '1'));
+        std::thread::sleep(Duration::from_millis(1500));
+        let second = s.spawn(|| caller_presses(&server, d, "15550304", '2'));
+        std::thread::sleep(Duration::from_millis(700));
+        let vip = s.spawn(|| caller_presses(&server, d, "15550305", '3'));
+        for (what, h) in [("first", first), ("second", second), ("vip", vip)] {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("{what} panicked"))?
+                .with_context(|| what.to_string())?;
+        }
+        Ok(())
+    })?;
+    wait_ok(ann, "ann's phone")?;
+    let calls = calls(&server, &key, 3);
+    assert_eq!(calls.len(), 3);
+    let at = |ix: &Value, kind: &str| -> u64 {
+        ix["timeline"]
+            .as_array()
+            .and_then(|t| t.iter().find(|e| e["kind"] == kind))
+            .and_then(|e| e["at_ms"].as_u64())
+            .unwrap_or_else(|| panic!("no {kind} in {ix}"))
+    };
+    let mut by_arrival: Vec<&Value> = calls.iter().collect();
+    by_arrival.sort_by_key(|ix| at(ix, "queued"));
+    let (first, second, vip) = (by_arrival[0], by_arrival[1], by_arrival[2]);
+    assert_eq!(
+        timeline(vip, "queued")[0]["priority"],
+        5,
+        "the VIP came last: {vip}"
+    );
+    // The VIP, though last in, reached Ann before the second caller...
+    assert!(
+        at(vip, "agent_connected") < at(second, "agent_connected"),
+        "VIP first"
+    );
+    // ...and each only after Ann's 3 s of wrap-up after the call before.
+    let ended = |ix: &Value| at(ix, "dial_ended");
+    assert!(
+        at(vip, "offered") >= ended(first) + 3000,
+        "wrap-up after the first call: offered {} ended {}",
+        at(vip, "offered"),
+        ended(first)
+    );
+    assert!(
+        at(second, "offered") >= ended(vip) + 3000,
+        "wrap-up after the VIP"
+    );
+    for ix in [first, second, vip] {
+        assert_eq!(timeline(ix, "agent_connected")[0]["agent"], "ann");
+        assert_eq!(ix["state"], "closed", "{ix}");
+    }
+    Ok(())
+}
+
+#[test]
+fn an_agent_transfers_the_caller_to_another_queue_and_the_data_goes_along() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
+    let key = setup(&server);
+    // hello-ivr: digit 2 sets the attribute menu=support and enqueues in
+    // "support" with the skill "support".
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/queues/support",
+                json!({"offer_timeout": 10}),
+            ),
+            (
+                "/v1/tenants/acme/queues/second",
+                json!({"offer_timeout": 10}),
+            ),
+            (
+                "/v1/tenants/acme/agents/ann",
+                json!({"skills": {"support": 5}, "sip_user": "ann", "queues": ["support"]}),
+            ),
+            (
+                "/v1/tenants/acme/agents/bob",
+                json!({"sip_user": "bob", "queues": ["second"]}),
+            ),
+        ],
+    );
+    let mut tokens = std::collections::HashMap::new();
+    let mut phones = std::collections::HashMap::new();
+    for agent in ["ann", "bob"] {
+        let a = server.json(
+            "PUT",
+            &format!("/v1/tenants/acme/sip-users/{agent}"),
+            &key,
+            &json!({"password": "s3cret-pass"}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        let port = free_sip_port();
+        register_as(&server, dir.path(), agent, port)?;
+        phones.insert(agent, port);
+        let t = server.json(
+            "POST",
+            &format!("/v1/tenants/acme/agents/{agent}/token"),
+            &key,
+            &json!({}),
+        );
+        assert_eq!(t.status, 201, "{t:?}");
+        tokens.insert(agent, t.body["token"].as_str().unwrap().to_string());
+        let a = server.json(
+            "PUT",
+            &format!("/v1/tenants/acme/agents/{agent}/presence"),
+            &tokens[agent],
+            &json!({"state": "available"}),
+        );
+        assert_eq!(a.status, 204, "{a:?}");
+    }
+    // Ann's phone answers and stays until we hang it up; Bob's answers,
+    // talks 3 s and hangs up.
+    let ann = sipp_uas(dir.path(), "customer", phones["ann"], &[])?;
+    let bob = sipp_uas(dir.path(), "agent", phones["bob"], &[])?;
+    let connected_to = |agent: &str| -> Result<String> {
+        let t0 = Instant::now();
+        loop {
+            let tasks = server.get(&format!("/v1/tenants/acme/tasks?agent={agent}"), &key);
+            if let Some(t) = tasks.body["tasks"]
+                .as_array()
+                .and_then(|all| all.iter().find(|t| t["state"] == "connected"))
+            {
+                return Ok(t["id"].as_str().unwrap_or_default().to_string());
+            }
+            if t0.elapsed() > Duration::from_secs(15) {
+                bail!("no task connected to {agent}: {tasks:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    std::thread::scope(|s| -> Result<()> {
+        let d = dir.path();
+        let caller = s.spawn(|| caller_presses(&server, d, "15550100", '2'));
+        let id = connected_to("ann")?;
+        // Ann's screen: the customer's data.
+        let screen = server.get(
+            &format!("/v1/tenants/acme/tasks/{id}/interaction"),
+            &tokens["ann"],
+        );
+        assert_eq!(screen.status, 200, "{screen:?}");
+        assert_eq!(screen.body["attributes"]["menu"], "support");
+        assert_eq!(
+            server
+                .get(
+                    &format!("/v1/tenants/acme/tasks/{id}/interaction"),
+                    &tokens["bob"]
+                )
+                .status,
+            403,
+            "not Bob's yet"
+        );
+        // She passes the caller on to the second queue (Bob's).
+        let t = server.json(
+            "POST",
+            &format!("/v1/tenants/acme/tasks/{id}/transfer"),
+            &tokens["ann"],
+            &json!({"to": "queue:second"}),
+        );
+        assert_eq!(t.status, 200, "{t:?}");
+        let again = connected_to("bob")?;
+        assert_eq!(again, id, "the same interaction goes on");
+        let screen = server.get(
+            &format!("/v1/tenants/acme/tasks/{id}/interaction"),
+            &tokens["bob"],
+        );
+        assert_eq!(screen.status, 200, "{screen:?}");
+        assert_eq!(
+            screen.body["attributes"]["menu"], "support",
+            "the data went along"
+        );
+        let timeline_has = |kind: &str| {
+            screen.body["timeline"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|e| e["kind"] == kind))
+        };
+        assert!(
+            timeline_has("transfer") && timeline_has("agent_connected"),
+            "{screen:?}"
+        );
+        assert_eq!(
+            server
+                .get(
+                    &format!("/v1/tenants/acme/tasks/{id}/interaction"),
+                    &tokens["ann"]
+                )
+                .status,
+            403,
+            "no longer Ann's"
+        );
+        caller
+            .join()
+            .map_err(|_| anyhow::anyhow!("caller panicked"))?
+            .context("caller")?;
+        Ok(())
+    })?;
+    wait_ok(ann, "ann's phone (hung up by the transfer)")?;
+    wait_ok(bob, "bob's phone")?;
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    let connected: Vec<&Value> = timeline(ix, "agent_connected")
+        .iter()
+        .map(|c| &c["agent"])
+        .collect();
+    assert_eq!(connected, [&json!("ann"), &json!("bob")], "{ix}");
+    assert_eq!(timeline(ix, "transfer")[0]["target"], "queue:second");
+    assert_eq!(ix["state"], "closed", "{ix}");
     Ok(())
 }

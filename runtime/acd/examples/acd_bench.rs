@@ -69,6 +69,7 @@ fn main() {
                 channel: Channel::Voice,
                 priority: 0,
                 skills: vec![skills[s1].clone()],
+                agent: None,
             },
         )
         .unwrap();
@@ -89,6 +90,7 @@ fn main() {
                 channel: Channel::Voice,
                 priority: next(3) as u32,
                 skills: vec![skills[next(10)].clone()],
+                agent: None,
             },
         )
         .unwrap();
@@ -133,6 +135,7 @@ fn main() {
                 channel: Channel::Voice,
                 priority: next(3) as u32,
                 skills: vec![skills[next(10)].clone()],
+                agent: None,
             },
         )
         .unwrap();

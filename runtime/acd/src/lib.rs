@@ -97,6 +97,10 @@ pub struct QueueConfig {
     /// task stays in its place as a callback (none: no callbacks).
     #[serde(default, with = "opt_secs")]
     pub callback_after: Option<Duration>,
+    /// A digit a waiting caller may press to leave and be called back,
+    /// keeping their place (none: no such option).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub callback_digit: Option<char>,
     /// The service-level target: a task answered within this wait counts
     /// as answered in service level (e.g. 80 % in 20 s).
     #[serde(default = "default_service_level", with = "secs")]
@@ -130,6 +134,7 @@ impl QueueConfig {
             missed_after: 3,
             retry: default_retry(),
             callback_after: None,
+            callback_digit: None,
             service_level: default_service_level(),
         }
     }
@@ -211,6 +216,8 @@ pub struct TaskSpec {
     pub priority: u32,
     /// Skills needed beyond the queue's.
     pub skills: Vec<String>,
+    /// Only this agent may take it (a transfer to an agent).
+    pub agent: Option<String>,
 }
 
 /// What happened to a task, for its timeline and the reports.
@@ -383,6 +390,7 @@ struct Group {
     priority: u32,
     channel: Channel,
     skills: Vec<String>,
+    agent: Option<String>,
 }
 
 /// A task's place in its group: since when it waits, then arrival.
@@ -1117,6 +1125,7 @@ impl Acd {
             .filter(|a| {
                 a.free_for(t.spec.channel)
                     && a.can_do(q, &t.spec.skills)
+                    && t.spec.agent.as_ref().is_none_or(|x| *x == a.config.id)
                     && !t.resting.contains_key(&a.config.id)
             })
             .collect();
@@ -1146,7 +1155,11 @@ impl Acd {
         self.free
             .iter()
             .filter_map(|id| self.agents.get(id))
-            .any(|a| a.free_for(g.channel) && a.can_do(q, &g.skills))
+            .any(|a| {
+                a.free_for(g.channel)
+                    && a.can_do(q, &g.skills)
+                    && g.agent.as_ref().is_none_or(|x| *x == a.config.id)
+            })
     }
 
     /// Keeps the agent's place in the free set right.
@@ -1188,6 +1201,7 @@ impl Acd {
             priority: t.spec.priority,
             channel: t.spec.channel,
             skills: t.spec.skills.clone(),
+            agent: t.spec.agent.clone(),
         };
         let place = (t.since, t.seq);
         t.indexed = Some((g.clone(), place));

@@ -24,6 +24,7 @@ fn task(id: &str, queue: &str, priority: u32, skills: &[&str]) -> TaskSpec {
         channel: Channel::Voice,
         priority,
         skills: skills.iter().map(|s| s.to_string()).collect(),
+        agent: None,
     }
 }
 

@@ -246,7 +246,10 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/tenants/{t}/tasks", post(create_task).get(list_tasks))
         .route("/v1/tenants/{t}/callbacks", get(list_callbacks))
         .route("/v1/tenants/{t}/tasks/{id}", get(get_task))
-        .route("/v1/tenants/{t}/tasks/{id}/{action}", post(task_action))
+        .route(
+            "/v1/tenants/{t}/tasks/{id}/{action}",
+            post(task_action).get(task_detail),
+        )
         .route("/v1/tenants/{t}/secrets", get(list_secrets))
         .route(
             "/v1/tenants/{t}/secrets/{name}",
@@ -465,6 +468,8 @@ struct NewTask {
     priority: u32,
     #[serde(default)]
     skills: Vec<String>,
+    #[serde(default)]
+    agent: Option<String>,
 }
 
 async fn create_task(
@@ -486,6 +491,7 @@ async fn create_task(
                 channel: n.channel,
                 priority: n.priority,
                 skills: n.skills,
+                agent: n.agent,
             },
         )
         .await?;
@@ -569,16 +575,49 @@ async fn task_action(
         "accept" => s.accept_task(&t.id, &id, &agent()?).await?,
         "reject" => s.reject_task(&t.id, &id, &agent()?).await?,
         "complete" => s.complete_task(&t.id, &id).await?,
+        "transfer" => {
+            let v: Value = parse_json(&body)?;
+            let to = v["to"].as_str().ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_json",
+                    "{\"to\": \"queue:NAME\" | \"agent:ID\" | number | SIP URI} is required"
+                        .to_string(),
+                )
+            })?;
+            s.transfer_task(&t.id, &id, to).await?
+        }
         "abandon" => s.abandon_task(&t.id, &id).await?,
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("no task action {other:?} (accept, reject, complete, abandon)"),
+                format!("no task action {other:?} (accept, reject, complete, transfer, abandon)"),
             ));
         }
     };
     Ok(Json(view))
+}
+
+/// `GET /v1/tenants/{t}/tasks/{id}/interaction`: the task's interaction
+/// (the customer's attributes and timeline: the agent's "screen"), for
+/// the agent it is offered to or connected with, a supervisor or the
+/// tenant.
+async fn task_detail(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, id, what)): Path<(String, String, String)>,
+) -> ApiResult<Json<Value>> {
+    if what != "interaction" {
+        return Err(ApiError::not_found("no such task resource (interaction)"));
+    }
+    let view = s.task(&t.id, &id)?;
+    allow(
+        role.sees_all() || view.agent.as_deref().is_some_and(|a| role.may_act_for(a)),
+        OWN_ONLY,
+    )?;
+    let ix = s.interaction(&t.id, &id).await?;
+    Ok(Json(serde_json::to_value(ix).unwrap_or_default()))
 }
 
 /// `PUT /v1/tenants/{t}/secrets/{name}` with `{"value": "..."}`.

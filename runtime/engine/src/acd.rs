@@ -110,6 +110,15 @@ pub struct TaskView {
     pub agent: Option<String>,
 }
 
+/// How long the view of an ended task is kept (for `GET`), and how many
+/// ended tasks at most: the history is in the store, not in memory.
+const ENDED_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
+/// See [`ENDED_KEPT`].
+const ENDED_MAX: usize = 100_000;
+
+/// A metric of queue numbers: name, help, and how to read it.
+type Column<T> = (&'static str, &'static str, fn(&QueueStats) -> T);
+
 /// What the channel that enqueued a task is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskNews {
@@ -131,6 +140,19 @@ pub enum TaskNews {
         /// Why.
         why: &'static str,
     },
+    /// The queue lets a waiting caller press this digit to be called
+    /// back instead of waiting ([`Engine::call_back_now`]).
+    CallbackDigit {
+        /// The digit.
+        digit: char,
+    },
+    /// The agent (or a supervisor) passed the customer on, blind: to
+    /// `queue:Q` or `agent:A` (the channel enqueues the task again, with
+    /// everything on its interaction), or to a number or SIP URI.
+    Transfer {
+        /// Where to.
+        target: String,
+    },
 }
 
 /// Where a task's news goes.
@@ -141,8 +163,11 @@ pub type TaskWatcher = tokio::sync::mpsc::UnboundedSender<TaskNews>;
 pub struct AcdHub {
     started: std::sync::atomic::AtomicBool,
     tenants: Mutex<HashMap<String, Arc<Mutex<Acd>>>>,
-    /// Last known state of every task (for `GET` and for agents' views).
+    /// Last known state of every task (for `GET` and for agents' views);
+    /// ended ones are kept for [`ENDED_KEPT`], at most [`ENDED_MAX`].
     tasks: Mutex<HashMap<(String, String), TaskView>>,
+    /// Ended tasks, oldest first, with when they ended.
+    ended: Mutex<std::collections::VecDeque<(Instant, (String, String))>>,
     /// Channels watching their tasks, by tenant and task.
     pub(crate) watchers: Mutex<HashMap<(String, String), TaskWatcher>>,
     /// Each agent's SIP user, by tenant and agent.
@@ -227,7 +252,7 @@ impl AcdHub {
         }
         rows.sort_by(|x, y| (&x.0, &x.1).cmp(&(&y.0, &y.1)));
         let mut out = String::new();
-        let gauges: [(&str, &str, fn(&QueueStats) -> f64); 4] = [
+        let gauges: [Column<f64>; 4] = [
             (
                 "plugboard_queue_waiting",
                 "Tasks waiting in the queue.",
@@ -272,7 +297,7 @@ impl AcdHub {
                 );
             }
         }
-        let counters: [(&str, &str, fn(&QueueStats) -> u64); 4] = [
+        let counters: [Column<u64>; 4] = [
             (
                 "plugboard_queue_answered",
                 "Tasks answered by an agent.",
@@ -498,12 +523,34 @@ impl Engine {
                 tokio::spawn(async move { engine.route(&tenant, &task, candidates).await });
             }
             if let Some((task, state, agent, queue)) = view_change(&o) {
+                let key = (tenant.to_string(), task.to_string());
                 let mut tasks = lock(&self.acd.tasks);
-                if let Some(v) = tasks.get_mut(&(tenant.to_string(), task.to_string())) {
+                if let Some(v) = tasks.get_mut(&key) {
                     v.state = state.to_string();
                     v.agent = agent.map(str::to_string);
                     if let Some(q) = queue {
                         v.queue = q.to_string();
+                    }
+                }
+                if matches!(state, "completed" | "abandoned" | "timed_out") {
+                    let now = Instant::now();
+                    let mut ended = lock(&self.acd.ended);
+                    ended.push_back((now, key));
+                    // Forget the oldest ended views (a task enqueued again
+                    // since, such as a callback tried again, is kept).
+                    while let Some((at, _)) = ended.front() {
+                        if now.saturating_duration_since(*at) < ENDED_KEPT
+                            && ended.len() <= ENDED_MAX
+                        {
+                            break;
+                        }
+                        if let Some((_, old)) = ended.pop_front()
+                            && tasks.get(&old).is_some_and(|v| {
+                                matches!(v.state.as_str(), "completed" | "abandoned" | "timed_out")
+                            })
+                        {
+                            tasks.remove(&old);
+                        }
                     }
                 }
             }
@@ -864,12 +911,73 @@ impl Engine {
         watcher: TaskWatcher,
     ) -> EngineResult<TaskView> {
         let key = (tenant.to_string(), spec.id.clone());
-        lock(&self.acd.watchers).insert(key.clone(), watcher);
+        let queue = spec.queue.clone();
+        lock(&self.acd.watchers).insert(key.clone(), watcher.clone());
         let r = self.create_task(tenant, spec).await;
         if r.is_err() {
             lock(&self.acd.watchers).remove(&key);
         }
-        r
+        let view = r?;
+        let digit = self
+            .store
+            .record(tenant, QUEUE, &queue)
+            .await?
+            .and_then(|q| serde_json::from_value::<QueueConfig>(q).ok())
+            .and_then(|q| q.callback_digit);
+        if let Some(digit) = digit {
+            let _ = watcher.send(TaskNews::CallbackDigit { digit });
+        }
+        Ok(view)
+    }
+
+    /// Passes a connected task on, blind: to `queue:Q`, `agent:A` (the
+    /// same queue, only that agent), or a number or SIP URI. The agent's
+    /// part ends (they wrap up); the channel carries the customer on, and
+    /// the interaction — attributes and timeline — goes with them.
+    pub async fn transfer_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        target: &str,
+    ) -> EngineResult<TaskView> {
+        let view = self.task(tenant, task)?;
+        if view.state != "connected" {
+            return Err(CoreError::Conflict(format!("task {task} is not connected")).into());
+        }
+        if let Some(q) = target.strip_prefix("queue:") {
+            if self.store.record(tenant, QUEUE, q).await?.is_none() {
+                return Err(CoreError::NotFound(format!("queue {q}")).into());
+            }
+        } else if let Some(a) = target.strip_prefix("agent:") {
+            if self.store.record(tenant, AGENT, a).await?.is_none() {
+                return Err(CoreError::NotFound(format!("agent {a}")).into());
+            }
+        } else if target.trim().is_empty() {
+            return Err(CoreError::Invalid(
+                "transfer to queue:NAME, agent:ID, a number or a SIP URI".into(),
+            )
+            .into());
+        }
+        let key = (tenant.to_string(), task.to_string());
+        // Kept aside while the task completes, so that the channel hears
+        // where to take the customer.
+        let watcher = lock(&self.acd.watchers).remove(&key).ok_or_else(|| {
+            CoreError::Conflict(format!(
+                "task {task} has no live channel to transfer (a task made over the API)"
+            ))
+        })?;
+        if let Err(e) = self.complete_task(tenant, task).await {
+            lock(&self.acd.watchers).insert(key, watcher);
+            return Err(e);
+        }
+        let _ = watcher.send(TaskNews::Transfer {
+            target: target.to_string(),
+        });
+        self.publish(
+            tenant,
+            json!({"kind": "acd", "data": {"type": "transfer", "task": task, "from": view.agent, "target": target}}),
+        );
+        self.task(tenant, task)
     }
 
     /// The channel could not reach the agent offered the task (busy,

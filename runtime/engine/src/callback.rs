@@ -88,12 +88,40 @@ impl Engine {
         task: &str,
         number: &str,
     ) -> EngineResult<bool> {
+        self.to_callback(tenant, task, number, false).await
+    }
+
+    /// The waiting caller asked to be called back (the queue's
+    /// `callback_digit`): their task keeps its place as a callback to
+    /// `number`. If that cannot be (no number), the task is abandoned and
+    /// this says so.
+    pub async fn call_back_now(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        number: &str,
+    ) -> EngineResult<()> {
+        if self.to_callback(tenant, task, number, true).await? {
+            Ok(())
+        } else {
+            Err(CoreError::Invalid("no number to call back".into()).into())
+        }
+    }
+
+    async fn to_callback(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        number: &str,
+        asked: bool,
+    ) -> EngineResult<bool> {
         let acd = self.tenant_acd(tenant).await?;
         let info = lock(&acd).task_info(Instant::now(), task);
         let wants = info.as_ref().is_some_and(|i| {
-            i.queue
-                .callback_after
-                .is_some_and(|after| i.waited >= after)
+            asked
+                || i.queue
+                    .callback_after
+                    .is_some_and(|after| i.waited >= after)
         }) && !number.is_empty();
         let Some(info) = info.filter(|_| wants) else {
             self.abandon_task(tenant, task).await?;
@@ -219,6 +247,7 @@ impl Engine {
                 channel: Channel::Voice,
                 priority: cb.priority,
                 skills: cb.skills.clone(),
+                agent: None,
             };
             lock(&self.acd.callbacks).insert(key, cb.number.clone());
             self.create_task(tenant, spec).await?;
@@ -275,6 +304,7 @@ impl Engine {
                         channel: Channel::Voice,
                         priority: cb.priority,
                         skills: cb.skills,
+                        agent: None,
                     },
                     waited,
                 )

@@ -71,6 +71,8 @@ pub enum Effect {
         priority: u32,
         /// Skills an agent needs.
         skills: Vec<String>,
+        /// Only this agent (a transfer to an agent).
+        agent: Option<String>,
     },
     /// Ring the agent offered the call on a new leg (the caller keeps
     /// hearing music) and report its progress with [`Ivr::leg`].
@@ -94,6 +96,10 @@ pub enum Effect {
     },
     /// Tell the ACD the agent's conversation is over (they wrap up).
     TaskDone,
+    /// The waiting caller pressed the queue's callback digit: make the
+    /// task a callback, tell the caller, and hang up (answer with
+    /// [`Ivr::step`] and what to say).
+    CallMeBack,
     /// The interaction moves to this state (offered, connected, back in
     /// the queue or the flow).
     State(InteractionState),
@@ -142,6 +148,12 @@ pub enum Queue {
     /// The ACD did not let the agent who answered take the call (the
     /// offer had already rung out): the call waits again.
     AcceptFailed(String),
+    /// The agent's part is over and the caller goes on, blind: to
+    /// `queue:Q`, `agent:A` (the same queue, that agent only), or a
+    /// number or SIP URI.
+    Transfer(String),
+    /// The caller may press this digit to be called back.
+    CallbackDigit(char),
 }
 
 /// Where a queued call is with the ACD.
@@ -159,6 +171,9 @@ pub enum TaskPhase {
 #[derive(Debug)]
 struct AcdTask {
     queue: String,
+    priority: u32,
+    /// The digit that asks for a callback, if the queue offers one.
+    callback_digit: Option<char>,
     /// The agent whose phone rings.
     ringing: Option<String>,
     /// The agent the caller talks to.
@@ -344,6 +359,27 @@ impl Ivr {
             EntryKind::Dtmf,
             json!({"digit": d.to_string(), "source": src}),
         );
+        if let Some(t) = self.acd.as_ref()
+            && t.agent.is_none()
+            && t.callback_digit == Some(d)
+        {
+            // The caller would rather be called back than wait.
+            let ringing = t.ringing.is_some();
+            let queue = t.queue.clone();
+            self.acd = None;
+            if ringing {
+                self.effects.push_back(Effect::DropLeg);
+            }
+            self.note(
+                EntryKind::QueueLeft,
+                json!({"queue": queue, "why": "callback"}),
+            );
+            self.doing = Doing::Nothing;
+            self.queue.clear();
+            self.flow_busy = true;
+            self.effects.push_back(Effect::CallMeBack);
+            return;
+        }
         match &mut self.doing {
             Doing::Gather { .. } => self.gather_digit(now, d),
             Doing::Record {
@@ -552,7 +588,7 @@ impl Ivr {
     }
 
     /// What the ACD decided for the queued call.
-    pub fn queue(&mut self, news: Queue) {
+    pub fn queue(&mut self, now: Instant, news: Queue) {
         if self.ended {
             return;
         }
@@ -614,6 +650,33 @@ impl Ivr {
                 self.effects
                     .push_back(Effect::State(InteractionState::InFlow));
                 self.flow(Event::Timeout);
+            }
+            Queue::CallbackDigit(d) => t.callback_digit = Some(d),
+            Queue::Transfer(target) => {
+                let Some(agent) = t.agent.take() else {
+                    return;
+                };
+                // The priority stays; the skills asked for were for the
+                // first queue: the new queue (or agent) decides.
+                let priority = t.priority;
+                self.acd = None;
+                self.effects.push_back(Effect::DropLeg);
+                self.note(
+                    EntryKind::Transfer,
+                    json!({"from": agent, "target": target}),
+                );
+                self.doing = Doing::Nothing;
+                if let Some(q) = target.strip_prefix("queue:") {
+                    self.effects
+                        .push_back(Effect::State(InteractionState::Queued));
+                    self.enqueue(q.to_string(), priority, Vec::new(), None);
+                } else if let Some(a) = target.strip_prefix("agent:") {
+                    self.effects
+                        .push_back(Effect::State(InteractionState::Queued));
+                    self.enqueue(queue, priority, Vec::new(), Some(a.to_string()));
+                } else {
+                    self.dial(now, target, None, 30, true);
+                }
             }
             Queue::AcceptFailed(why) => {
                 if let Some(agent) = t.agent.take() {
@@ -833,11 +896,11 @@ impl Ivr {
                     queue,
                     priority,
                     skills,
-                } => self.enqueue(queue, priority, skills),
+                } => self.enqueue(queue, priority, skills, None),
                 Action::Hangup => self.hang_up("flow hung up"),
                 Action::Transfer { target } if target.starts_with("queue:") => {
                     let queue = target.trim_start_matches("queue:").to_string();
-                    self.enqueue(queue, 0, Vec::new());
+                    self.enqueue(queue, 0, Vec::new(), None);
                 }
                 Action::Transfer { target } => self.dial(now, target, None, 30, true),
                 Action::Dial {
@@ -882,13 +945,21 @@ impl Ivr {
 
     /// Waits in an ACD queue with music; the ACD's decisions come back
     /// through [`Ivr::queue`].
-    fn enqueue(&mut self, queue: String, priority: u32, skills: Vec<String>) {
+    fn enqueue(
+        &mut self,
+        queue: String,
+        priority: u32,
+        skills: Vec<String>,
+        agent: Option<String>,
+    ) {
         self.note(
             EntryKind::Queued,
-            json!({"queue": queue, "priority": priority, "skills": skills}),
+            json!({"queue": queue, "priority": priority, "skills": skills, "agent": agent}),
         );
         self.acd = Some(AcdTask {
             queue: queue.clone(),
+            priority,
+            callback_digit: None,
             ringing: None,
             agent: None,
         });
@@ -897,6 +968,7 @@ impl Ivr {
             queue,
             priority,
             skills,
+            agent,
         });
     }
 
@@ -1282,7 +1354,8 @@ mod tests {
             vec![Effect::Enqueue {
                 queue: "sales".into(),
                 priority: 1,
-                skills: vec!["lt".into()]
+                skills: vec!["lt".into()],
+                agent: None
             }]
         );
         assert_eq!(sim.ivr.task(), TaskPhase::Waiting);
@@ -1329,7 +1402,7 @@ mod tests {
     fn a_queue_that_refuses_the_call_leaves_it_with_music_not_silence() {
         let mut sim = queued();
         sim.ivr
-            .queue(Queue::Refused("queue sales not found".into()));
+            .queue(sim.now, Queue::Refused("queue sales not found".into()));
         let effects = sim.effects();
         assert!(
             matches!(&effects[..], [Effect::Note(EntryKind::Parked, d)] if d["note"].as_str().unwrap().contains("not found")),
@@ -1345,7 +1418,7 @@ mod tests {
     #[test]
     fn agents_phones_ring_while_the_caller_hears_music_and_the_one_who_answers_is_bridged() {
         let mut sim = queued();
-        sim.ivr.queue(offer("ann"));
+        sim.ivr.queue(sim.now, offer("ann"));
         assert_eq!(sim.acts(), ring("ann"));
         assert_eq!(
             sim.frame(),
@@ -1364,7 +1437,7 @@ mod tests {
             ]
         );
         assert_eq!(sim.frame(), [1000; FRAME]);
-        sim.ivr.queue(offer("bob"));
+        sim.ivr.queue(sim.now, offer("bob"));
         assert_eq!(sim.acts(), ring("bob"));
         sim.ivr.leg(sim.now, Leg::Ringing);
         assert!(sim.acts().is_empty());
@@ -1401,7 +1474,7 @@ mod tests {
     #[test]
     fn an_agent_hanging_up_ends_the_call_when_the_flow_has_nothing_more() {
         let mut sim = queued();
-        sim.ivr.queue(offer("ann"));
+        sim.ivr.queue(sim.now, offer("ann"));
         sim.ivr.leg(sim.now, Leg::Answered("PCMA"));
         sim.acts();
         sim.step(vec![]);
@@ -1415,15 +1488,15 @@ mod tests {
     #[test]
     fn a_rescinded_offer_stops_the_ringing_and_its_late_failure_is_ignored() {
         let mut sim = queued();
-        sim.ivr.queue(offer("ann"));
+        sim.ivr.queue(sim.now, offer("ann"));
         sim.acts();
-        sim.ivr.queue(Queue::Rescind("ann".into()));
+        sim.ivr.queue(sim.now, Queue::Rescind("ann".into()));
         assert_eq!(
             sim.acts(),
             vec![Effect::DropLeg, Effect::State(InteractionState::Queued)]
         );
         // A rescind for someone else changes nothing.
-        sim.ivr.queue(Queue::Rescind("bob".into()));
+        sim.ivr.queue(sim.now, Queue::Rescind("bob".into()));
         assert!(sim.acts().is_empty());
         sim.ivr
             .leg(sim.now, Leg::Failed(487, "Request Terminated".into()));
@@ -1434,10 +1507,13 @@ mod tests {
     #[test]
     fn an_agent_without_a_phone_is_reported_missed() {
         let mut sim = queued();
-        sim.ivr.queue(Queue::Offer {
-            agent: "ann".into(),
-            target: None,
-        });
+        sim.ivr.queue(
+            sim.now,
+            Queue::Offer {
+                agent: "ann".into(),
+                target: None,
+            },
+        );
         assert_eq!(
             sim.acts(),
             vec![Effect::Missed {
@@ -1449,11 +1525,11 @@ mod tests {
     #[test]
     fn an_accept_the_acd_refuses_drops_the_agent_and_the_caller_waits_again() {
         let mut sim = queued();
-        sim.ivr.queue(offer("ann"));
+        sim.ivr.queue(sim.now, offer("ann"));
         sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
         sim.acts();
         sim.ivr
-            .queue(Queue::AcceptFailed("task is not offered".into()));
+            .queue(sim.now, Queue::AcceptFailed("task is not offered".into()));
         assert_eq!(
             sim.acts(),
             vec![Effect::DropLeg, Effect::State(InteractionState::Queued)]
@@ -1465,9 +1541,9 @@ mod tests {
     #[test]
     fn a_queue_timeout_goes_back_to_the_flow_as_timeout() {
         let mut sim = queued();
-        sim.ivr.queue(offer("ann"));
+        sim.ivr.queue(sim.now, offer("ann"));
         sim.acts();
-        sim.ivr.queue(Queue::BackToFlow("max_wait".into()));
+        sim.ivr.queue(sim.now, Queue::BackToFlow("max_wait".into()));
         assert_eq!(
             sim.acts(),
             vec![
@@ -1480,9 +1556,29 @@ mod tests {
     }
 
     #[test]
+    fn the_callback_digit_leaves_the_queue_and_the_call_ends_after_the_confirmation() {
+        let mut sim = queued();
+        sim.ivr.digit(sim.now, '1', DtmfSource::Rfc4733);
+        sim.acts();
+        assert_eq!(sim.ivr.task(), TaskPhase::Waiting, "no callback digit yet");
+        sim.ivr.queue(sim.now, Queue::CallbackDigit('1'));
+        sim.ivr.queue(sim.now, offer("ann"));
+        sim.acts();
+        sim.ivr.digit(sim.now, '1', DtmfSource::Rfc4733);
+        assert_eq!(sim.acts(), vec![Effect::DropLeg, Effect::CallMeBack]);
+        assert_eq!(sim.ivr.task(), TaskPhase::None);
+        // The confirmation plays, then the call ends.
+        sim.step(vec![say(2), action(Action::Hangup)]);
+        assert_eq!(sim.frame(), [500; FRAME]);
+        assert_eq!(sim.frame(), [500; FRAME]);
+        let (_, acts) = sim.frames_until_act(3);
+        assert_eq!(acts, vec![Effect::Hangup("flow hung up".into())]);
+    }
+
+    #[test]
     fn an_agent_refer_passes_the_caller_on_and_ends_the_agents_task() {
         let mut sim = queued();
-        sim.ivr.queue(offer("ann"));
+        sim.ivr.queue(sim.now, offer("ann"));
         sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
         sim.acts();
         sim.step(vec![]);

@@ -66,7 +66,9 @@ pub(crate) fn spawn_runner(ctx: Ctx) {
                         let _ = tx.send(CallCmd::Queue(Queue::Rescind(agent)));
                     }
                 }
-                TaskNews::BackToFlow { .. } => {}
+                TaskNews::BackToFlow { .. }
+                | TaskNews::Transfer { .. }
+                | TaskNews::CallbackDigit { .. } => {}
             }
         }
     });

@@ -72,6 +72,8 @@ struct Call {
     states: Vec<InteractionState>,
     /// What the ACD decides for the call's task.
     acd: Option<mpsc::UnboundedReceiver<TaskNews>>,
+    /// The record should be written (soft) at the next turn.
+    checkpoint_due: bool,
     flow_task: Option<FlowTask>,
     save_task: Option<SaveTask>,
     endpoint: mpsc::UnboundedSender<CallOut>,
@@ -127,6 +129,7 @@ pub(crate) async fn run(spec: CallSpec) {
         notes: Vec::new(),
         states: Vec::new(),
         acd: None,
+        checkpoint_due: false,
         flow_task: None,
         save_task: None,
         endpoint,
@@ -188,6 +191,16 @@ impl Call {
         let ring_limit = Instant::now() + Duration::from_secs(64);
         let mut lbuf = vec![0u8; 2048];
         while self.ended.is_none() {
+            // The record as it stands is written when an agent is offered
+            // or takes the call: their screen shows it (and other nodes).
+            if self.checkpoint_due
+                && let Some(s) = self.session.as_mut()
+            {
+                self.checkpoint_due = false;
+                if let Err(e) = s.checkpoint_soft().await {
+                    tracing::warn!("checkpoint of call {}: {e}", self.key.0);
+                }
+            }
             let leg_sockets = self.leg.as_ref().map(|l| l.sockets.clone());
             tokio::select! {
                 r = recv_leg(leg_sockets.as_deref(), &mut lbuf) => {
@@ -284,7 +297,7 @@ impl Call {
             }
             Some(CallCmd::RemoteHangup(why)) => self.ended = Some((why, "caller")),
             Some(CallCmd::Leg(key, ev)) => self.on_leg(key, ev),
-            Some(CallCmd::Queue(news)) => self.ivr.queue(news),
+            Some(CallCmd::Queue(news)) => self.ivr.queue(Instant::now(), news),
             Some(CallCmd::Shutdown) => self.hang_up("server shutting down", "system"),
             None => self.ended = Some(("endpoint gone".into(), "system")),
         }
@@ -310,8 +323,10 @@ impl Call {
             },
             TaskNews::Rescind { agent } => Queue::Rescind(agent),
             TaskNews::BackToFlow { why } => Queue::BackToFlow(why.to_string()),
+            TaskNews::Transfer { target } => Queue::Transfer(target),
+            TaskNews::CallbackDigit { digit } => Queue::CallbackDigit(digit),
         };
-        self.ivr.queue(news);
+        self.ivr.queue(Instant::now(), news);
         self.run_effects();
     }
 
@@ -333,6 +348,12 @@ impl Call {
     /// Moves the interaction through its state machine (kept aside while
     /// the session is out).
     fn set_state(&mut self, state: InteractionState) {
+        if matches!(
+            state,
+            InteractionState::Offered | InteractionState::Connected
+        ) {
+            self.checkpoint_due = true;
+        }
         match self.session.as_mut() {
             Some(s) => s.set_state(state),
             None => self.states.push(state),
@@ -340,7 +361,13 @@ impl Call {
     }
 
     /// Puts the call's task in the ACD; its news comes to this task.
-    fn enqueue(&mut self, queue: String, priority: u32, skills: Vec<String>) {
+    fn enqueue(
+        &mut self,
+        queue: String,
+        priority: u32,
+        skills: Vec<String>,
+        agent: Option<String>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         self.acd = Some(rx);
         let spec = TaskSpec {
@@ -349,6 +376,7 @@ impl Call {
             channel: Channel::Voice,
             priority,
             skills,
+            agent,
         };
         let (app, tenant, me) = (self.app.clone(), self.tenant(), self.self_tx.clone());
         tokio::spawn(async move {
@@ -392,6 +420,46 @@ impl Call {
         });
     }
 
+    /// The waiting caller asked to be called back: the task becomes a
+    /// callback, the caller hears so, and the call ends.
+    fn call_me_back(&mut self) {
+        let Some(mut session) = self.session.take() else {
+            return;
+        };
+        let (app, tts) = (self.app.clone(), self.tts.clone());
+        self.flow_task = Some(tokio::spawn(async move {
+            let (tenant, task, number) = (
+                session.interaction.tenant.clone(),
+                session.interaction.id.clone(),
+                session.interaction.from.clone(),
+            );
+            let text = match app.call_back_now(&tenant, &task, &number).await {
+                Ok(()) => "Thank you. We will call you back. Goodbye.",
+                Err(e) => {
+                    tracing::warn!("callback for {task} of {tenant}: {e}");
+                    "Sorry, we cannot call you back. Please call again. Goodbye."
+                }
+            };
+            let actions = vec![
+                plugboard_core::flow::Action::Say {
+                    text: text.into(),
+                    voice: None,
+                    language: None,
+                },
+                plugboard_core::flow::Action::Hangup,
+            ];
+            let prepared = prepare::prepare(&tts, &app, &actions, &mut session).await;
+            let step = Step {
+                actions,
+                state: None,
+                error: None,
+                elapsed_us: 0,
+                memory_bytes: 0,
+            };
+            (session, step, prepared)
+        }));
+    }
+
     /// Ends the leg now, if there is one.
     fn drop_leg(&mut self) {
         if let Some(leg) = self.leg.take() {
@@ -427,7 +495,8 @@ impl Call {
                     queue,
                     priority,
                     skills,
-                } => self.enqueue(queue, priority, skills),
+                    agent,
+                } => self.enqueue(queue, priority, skills, agent),
                 Effect::Ring { target, .. } => {
                     // A leg still being given up is ended first.
                     self.drop_leg();
@@ -436,6 +505,7 @@ impl Call {
                 Effect::Missed { agent } => self.tell_acd("missed", Some(agent)),
                 Effect::Accept { agent } => self.tell_acd("accept", Some(agent)),
                 Effect::TaskDone => self.tell_acd("complete", None),
+                Effect::CallMeBack => self.call_me_back(),
                 Effect::State(state) => self.set_state(state),
                 Effect::SaveRecording(samples) => self.save(samples),
                 Effect::Hangup(why) => self.hang_up(&why, "flow"),
