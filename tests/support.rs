@@ -216,7 +216,12 @@ impl Server {
                 return Ok(s);
             }
             if let Some(status) = s.child.try_wait()? {
-                bail!("server exited early: {status}");
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                bail!(
+                    "server exited early: {status}; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             if t0.elapsed() > Duration::from_secs(30) {
                 bail!("server did not become healthy in 30 s");

@@ -126,6 +126,18 @@ impl FromRequestParts<Arc<Engine>> for Admin {
     }
 }
 
+/// The tenant named by the path's `{t}`.
+async fn path_tenant(parts: &mut Parts, e: &Arc<Engine>) -> ApiResult<String> {
+    let params = RawPathParams::from_request_parts(parts, e)
+        .await
+        .map_err(|r| ApiError::bad_request(r.body_text()))?;
+    params
+        .iter()
+        .find(|(k, _)| *k == "t")
+        .map(|(_, v)| v.to_string())
+        .ok_or_else(|| ApiError::not_found("no tenant in the path"))
+}
+
 /// Extractor: the request's token reaches the tenant named by the path's
 /// `{t}` (the admin token, or that tenant's API key), and the tenant
 /// exists. Holds the tenant's record.
@@ -135,14 +147,7 @@ impl FromRequestParts<Arc<Engine>> for TenantScope {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, e: &Arc<Engine>) -> ApiResult<Self> {
-        let params = RawPathParams::from_request_parts(parts, e)
-            .await
-            .map_err(|r| ApiError::bad_request(r.body_text()))?;
-        let tenant = params
-            .iter()
-            .find(|(k, _)| *k == "t")
-            .map(|(_, v)| v.to_string())
-            .ok_or_else(|| ApiError::not_found("no tenant in the path"))?;
+        let tenant = path_tenant(parts, e).await?;
         Ok(TenantScope(
             e.tenant_access(bearer(&parts.headers), &tenant).await?,
         ))
@@ -158,14 +163,7 @@ impl FromRequestParts<Arc<Engine>> for AcdScope {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, e: &Arc<Engine>) -> ApiResult<Self> {
-        let params = RawPathParams::from_request_parts(parts, e)
-            .await
-            .map_err(|r| ApiError::bad_request(r.body_text()))?;
-        let tenant = params
-            .iter()
-            .find(|(k, _)| *k == "t")
-            .map(|(_, v)| v.to_string())
-            .ok_or_else(|| ApiError::not_found("no tenant in the path"))?;
+        let tenant = path_tenant(parts, e).await?;
         let (t, role) = e.acd_access(bearer(&parts.headers), &tenant).await?;
         Ok(AcdScope(t, role))
     }

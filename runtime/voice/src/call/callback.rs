@@ -17,11 +17,11 @@ use plugboard_engine::{CallbackJob, Engine, TaskNews};
 use plugboard_media::audio::{self, FRAME};
 use tokio::sync::mpsc;
 
-use super::media::{OutLeg, seed};
+use super::media::{OutLeg, new_leg};
 use crate::VoiceConfig;
 use crate::ivr::Queue;
 use crate::ports::{MediaSockets, PortPool};
-use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
+use crate::signal::{CallCmd, CallOut, LegEvent};
 
 /// What a callback task needs from the endpoint.
 #[derive(Clone)]
@@ -158,28 +158,16 @@ impl Callback {
 
     /// Starts a leg to `target`; `None` if no media ports are free.
     async fn dial(&self, target: &str, caller_id: Option<String>) -> Option<OutLeg> {
-        let sockets = self.ctx.pool.take().and_then(|p| p.register().ok())?;
-        let local = plugboard_media::sdp::LocalMedia {
-            ip: self.ctx.config.advertised_ip(),
-            port: sockets.port,
-            session_id: u64::from(seed()),
-            version: 1,
-        };
-        let offer =
-            plugboard_media::sdp::offer(&local, 101, plugboard_media::sdp::Direction::SendRecv);
-        let key: DialogKey = (
-            format!("{}@plugboard", plugboard_sip::random_token()),
-            plugboard_sip::random_token(),
-        );
+        let (leg, offer) = new_leg(&self.ctx.pool, &self.ctx.config)?;
         let route = crate::route::resolve(&self.ctx.app, &self.tenant, target).await;
         let _ = self.ctx.endpoint.send(CallOut::Dial {
-            leg: key.clone(),
+            leg: leg.key.clone(),
             route,
             caller_id,
             offer,
             call: self.me.clone(),
         });
-        Some(OutLeg::new(key, sockets))
+        Some(leg)
     }
 
     /// Rings the agent, calls the customer, bridges them; how it ended.

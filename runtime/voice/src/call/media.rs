@@ -176,6 +176,27 @@ impl CallerMedia {
     }
 }
 
+/// A new outbound leg: media ports from the pool, a fresh dialog key,
+/// and our SDP offer; `None` if no ports are free.
+pub(super) fn new_leg(
+    pool: &crate::ports::PortPool,
+    config: &crate::VoiceConfig,
+) -> Option<(OutLeg, String)> {
+    let sockets = pool.take().and_then(|p| p.register().ok())?;
+    let local = plugboard_media::sdp::LocalMedia {
+        ip: config.advertised_ip(),
+        port: sockets.port,
+        session_id: u64::from(seed()),
+        version: 1,
+    };
+    let offer = plugboard_media::sdp::offer(&local, 101, plugboard_media::sdp::Direction::SendRecv);
+    let key: DialogKey = (
+        format!("{}@plugboard", plugboard_sip::random_token()),
+        plugboard_sip::random_token(),
+    );
+    Some((OutLeg::new(key, sockets), offer))
+}
+
 /// The other leg of a bridged call (dial, transfer).
 pub(super) struct OutLeg {
     /// Its dialog.

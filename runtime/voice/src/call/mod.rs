@@ -39,7 +39,7 @@ use crate::clock::{DEPTH, Frame, MediaClock, PTIME, Stream};
 use crate::ivr::{Effect, Ivr, Leg, Prepared, Queue, Saved, TaskPhase};
 use crate::ports::{MediaSockets, PortPair, PortPool};
 use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
-use media::{CallerMedia, OutLeg, seed};
+use media::{CallerMedia, OutLeg};
 
 /// Everything a call task starts with.
 pub(crate) struct CallSpec {
@@ -568,23 +568,12 @@ impl Call {
     /// Calls out on a new leg (noted as `kind`, if any); the caller hears
     /// ringback meanwhile, or music when an agent's phone is rung.
     fn start_dial(&mut self, target: String, caller_id: Option<String>, kind: Option<EntryKind>) {
-        let Some(sockets) = self.pool.take().and_then(|p| p.register().ok()) else {
+        let Some((out_leg, offer)) = media::new_leg(&self.pool, &self.config) else {
             self.ivr
                 .leg(Instant::now(), Leg::Unavailable("no free RTP ports".into()));
             return;
         };
-        let local = plugboard_media::sdp::LocalMedia {
-            ip: self.config.advertised_ip(),
-            port: sockets.port,
-            session_id: u64::from(seed()),
-            version: 1,
-        };
-        let offer =
-            plugboard_media::sdp::offer(&local, 101, plugboard_media::sdp::Direction::SendRecv);
-        let key: DialogKey = (
-            format!("{}@plugboard", plugboard_sip::random_token()),
-            plugboard_sip::random_token(),
-        );
+        let key = out_leg.key.clone();
         let interaction = self.session.as_ref().map(|s| &s.interaction);
         let tenant = interaction.map(|i| i.tenant.clone()).unwrap_or_default();
         let caller_id = caller_id.or_else(|| interaction.map(|i| i.from.clone()));
@@ -604,7 +593,7 @@ impl Call {
                 call,
             });
         });
-        self.leg = Some(OutLeg::new(key, sockets));
+        self.leg = Some(out_leg);
     }
 
     fn on_leg(&mut self, key: DialogKey, ev: LegEvent) {

@@ -177,15 +177,32 @@ pub(crate) async fn start(
             message: e.to_string(),
         }
     };
-    let udp = Arc::new(
-        UdpSocket::bind(config.sip)
+    // UDP and TCP share the port. With port 0 the system picks a UDP port
+    // whose TCP twin may be taken (an outgoing connection's port, say):
+    // then another one is tried.
+    let tries = if config.sip.port() == 0 { 50 } else { 1 };
+    let mut bound = None;
+    for attempt in 1..=tries {
+        let udp = UdpSocket::bind(config.sip)
             .await
-            .map_err(bind_err(config.sip))?,
-    );
-    let sip_addr = udp.local_addr().map_err(bind_err(config.sip))?;
-    let tcp = TcpListener::bind(sip_addr)
-        .await
-        .map_err(bind_err(sip_addr))?;
+            .map_err(bind_err(config.sip))?;
+        let sip_addr = udp.local_addr().map_err(bind_err(config.sip))?;
+        match TcpListener::bind(sip_addr).await {
+            Ok(tcp) => {
+                bound = Some((udp, sip_addr, tcp));
+                break;
+            }
+            Err(e) if attempt == tries => return Err(bind_err(sip_addr)(e)),
+            Err(_) => continue,
+        }
+    }
+    let Some((udp, sip_addr, tcp)) = bound else {
+        return Err(VoiceError::Bind {
+            addr: config.sip,
+            message: "no port free for both UDP and TCP".into(),
+        });
+    };
+    let udp = Arc::new(udp);
     let (tx, rx) = mpsc::channel::<Input>(4096);
     let drain_inbox = tx.clone();
     let (calls_tx, calls_rx) = mpsc::unbounded_channel::<CallOut>();
