@@ -2175,8 +2175,8 @@ fn a_caller_who_gives_up_is_called_back_even_after_a_sigkill() -> Result<()> {
     assert_eq!(a.status, 204, "{a:?}");
     wait_ok(ann, "ann's phone")?;
     wait_ok(customer, "the customer's phone")?;
-    let t0 = Instant::now();
-    loop {
+    // Polled at most 100 times, 100 ms apart.
+    for attempt in 1.. {
         let callbacks = server.get("/v1/tenants/acme/callbacks", &key);
         let list = callbacks.body["callbacks"]
             .as_array()
@@ -2194,7 +2194,7 @@ fn a_caller_who_gives_up_is_called_back_even_after_a_sigkill() -> Result<()> {
             }
             break;
         }
-        assert!(t0.elapsed() < Duration::from_secs(10), "{callbacks:?}");
+        assert!(attempt < 100, "callbacks not all done: {callbacks:?}");
         std::thread::sleep(Duration::from_millis(100));
     }
     let task = server.get(&format!("/v1/tenants/acme/tasks/{id}"), &key);

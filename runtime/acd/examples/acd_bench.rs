@@ -17,6 +17,19 @@ use std::time::{Duration, Instant};
 use plugboard_acd::{Acd, AgentConfig, Output, Presence, QueueConfig, TaskSpec};
 use plugboard_core::Channel;
 
+/// A waiting task in one of 5 queues, priority 0–2, needing one of the
+/// skills.
+fn random_task(id: String, next: &mut impl FnMut(usize) -> usize, skills: &[String]) -> TaskSpec {
+    TaskSpec {
+        id,
+        queue: format!("q{}", next(5)),
+        channel: Channel::Voice,
+        priority: next(3) as u32,
+        skills: vec![skills[next(10)].clone()],
+        agent: None,
+    }
+}
+
 fn main() {
     let args: Vec<usize> = std::env::args()
         .skip(1)
@@ -82,18 +95,8 @@ fn main() {
         }
     }
     for i in 0..tasks {
-        acd.enqueue(
-            t0,
-            TaskSpec {
-                id: format!("w{i}"),
-                queue: format!("q{}", next(5)),
-                channel: Channel::Voice,
-                priority: next(3) as u32,
-                skills: vec![skills[next(10)].clone()],
-                agent: None,
-            },
-        )
-        .unwrap();
+        acd.enqueue(t0, random_task(format!("w{i}"), &mut next, &skills))
+            .unwrap();
     }
     while acd.poll_output().is_some() {}
     println!(
@@ -127,18 +130,8 @@ fn main() {
             connected.push((task, agent));
             offered += 1;
         }
-        acd.enqueue(
-            now,
-            TaskSpec {
-                id: format!("n{d}"),
-                queue: format!("q{}", next(5)),
-                channel: Channel::Voice,
-                priority: next(3) as u32,
-                skills: vec![skills[next(10)].clone()],
-                agent: None,
-            },
-        )
-        .unwrap();
+        acd.enqueue(now, random_task(format!("n{d}"), &mut next, &skills))
+            .unwrap();
         while acd.poll_output().is_some() {}
     }
     let total = start.elapsed();

@@ -911,19 +911,17 @@ impl Engine {
         watcher: TaskWatcher,
     ) -> EngineResult<TaskView> {
         let key = (tenant.to_string(), spec.id.clone());
-        let queue = spec.queue.clone();
         lock(&self.acd.watchers).insert(key.clone(), watcher.clone());
         let r = self.create_task(tenant, spec).await;
         if r.is_err() {
             lock(&self.acd.watchers).remove(&key);
         }
         let view = r?;
-        let digit = self
-            .store
-            .record(tenant, QUEUE, &queue)
-            .await?
-            .and_then(|q| serde_json::from_value::<QueueConfig>(q).ok())
-            .and_then(|q| q.callback_digit);
+        // The queue's settings are in the ACD already (no store read).
+        let acd = self.tenant_acd(tenant).await?;
+        let digit = lock(&acd)
+            .task_info(Instant::now(), &view.id)
+            .and_then(|i| i.queue.callback_digit);
         if let Some(digit) = digit {
             let _ = watcher.send(TaskNews::CallbackDigit { digit });
         }

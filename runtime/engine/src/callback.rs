@@ -171,6 +171,15 @@ impl Engine {
         Ok(())
     }
 
+    /// One stored callback.
+    async fn callback(&self, tenant: &str, task: &str) -> EngineResult<Option<Callback>> {
+        Ok(self
+            .store
+            .record(tenant, CALLBACK, task)
+            .await?
+            .and_then(|r| serde_json::from_value(r).ok()))
+    }
+
     /// A tenant's callbacks (waiting, done and failed).
     pub async fn callbacks(&self, tenant: &str) -> EngineResult<Vec<Callback>> {
         let mut v: Vec<Callback> = self
@@ -219,11 +228,9 @@ impl Engine {
         agent: &str,
         outcome: &str,
     ) -> EngineResult<Callback> {
-        let mut cb: Callback = self
-            .store
-            .record(tenant, CALLBACK, task)
+        let mut cb = self
+            .callback(tenant, task)
             .await?
-            .and_then(|r| serde_json::from_value(r).ok())
             .ok_or_else(|| CoreError::NotFound(format!("callback {task}")))?;
         cb.attempts.push(Attempt {
             at_ms: now_ms(),
@@ -266,12 +273,7 @@ impl Engine {
         why: &str,
     ) -> EngineResult<()> {
         lock(&self.acd.callbacks).remove(&(tenant.to_string(), task.to_string()));
-        let Some(mut cb) = self
-            .store
-            .record(tenant, CALLBACK, task)
-            .await?
-            .and_then(|r| serde_json::from_value::<Callback>(r).ok())
-        else {
+        let Some(mut cb) = self.callback(tenant, task).await? else {
             return Ok(());
         };
         cb.state = "failed".into();

@@ -60,6 +60,20 @@ pub(crate) struct CallSpec {
 }
 
 type FlowTask = JoinHandle<(FlowSession, Step, Vec<Prepared>)>;
+
+/// What a call tells the ACD about its task.
+#[derive(Debug)]
+enum AcdNews {
+    /// This agent answered.
+    Accept(String),
+    /// This agent's phone could not be reached.
+    Missed(String),
+    /// The conversation is over.
+    Complete,
+    /// The caller left while waiting (from this number: a callback, if
+    /// the queue says so).
+    Left(String),
+}
 type SaveTask = JoinHandle<Result<Saved, String>>;
 
 struct Call {
@@ -388,7 +402,7 @@ impl Call {
 
     /// Tells the ACD what happened to the call's task, in the background;
     /// a refused accept comes back to the IVR.
-    fn tell_acd(&self, what: &'static str, agent: Option<String>) {
+    fn tell_acd(&self, news: AcdNews) {
         let (app, tenant, task, me) = (
             self.app.clone(),
             self.tenant(),
@@ -396,12 +410,12 @@ impl Call {
             self.self_tx.clone(),
         );
         tokio::spawn(async move {
-            let r = match (what, agent) {
-                ("accept", Some(a)) => app.accept_task(&tenant, &task, &a).await.map(drop),
-                ("missed", Some(a)) => app.missed_task(&tenant, &task, &a).await.map(drop),
-                ("complete", _) => app.complete_task(&tenant, &task).await.map(drop),
-                (_, number) => app
-                    .abandon_or_call_back(&tenant, &task, &number.unwrap_or_default())
+            let r = match &news {
+                AcdNews::Accept(a) => app.accept_task(&tenant, &task, a).await.map(drop),
+                AcdNews::Missed(a) => app.missed_task(&tenant, &task, a).await.map(drop),
+                AcdNews::Complete => app.complete_task(&tenant, &task).await.map(drop),
+                AcdNews::Left(number) => app
+                    .abandon_or_call_back(&tenant, &task, number)
                     .await
                     .map(|called_back| {
                         if called_back {
@@ -410,11 +424,11 @@ impl Call {
                     }),
             };
             match r {
-                Err(e) if what == "accept" => {
+                Err(e) if matches!(news, AcdNews::Accept(_)) => {
                     let _ = me.send(CallCmd::Queue(Queue::AcceptFailed(e.to_string())));
                 }
                 // An offer the ACD already took back, a task already over.
-                Err(e) => tracing::debug!("ACD {what} for task {task}: {e}"),
+                Err(e) => tracing::debug!("ACD {news:?} for task {task}: {e}"),
                 Ok(_) => {}
             }
         });
@@ -502,9 +516,9 @@ impl Call {
                     self.drop_leg();
                     self.start_dial(target, None, None);
                 }
-                Effect::Missed { agent } => self.tell_acd("missed", Some(agent)),
-                Effect::Accept { agent } => self.tell_acd("accept", Some(agent)),
-                Effect::TaskDone => self.tell_acd("complete", None),
+                Effect::Missed { agent } => self.tell_acd(AcdNews::Missed(agent)),
+                Effect::Accept { agent } => self.tell_acd(AcdNews::Accept(agent)),
+                Effect::TaskDone => self.tell_acd(AcdNews::Complete),
                 Effect::CallMeBack => self.call_me_back(),
                 Effect::State(state) => self.set_state(state),
                 Effect::SaveRecording(samples) => self.save(samples),
@@ -708,10 +722,14 @@ impl Call {
             TaskPhase::Waiting => {
                 // Called back instead, if the queue says so and they
                 // waited long enough.
-                let number = self.session.as_ref().map(|s| s.interaction.from.clone());
-                self.tell_acd("abandon", number);
+                let number = self
+                    .session
+                    .as_ref()
+                    .map(|s| s.interaction.from.clone())
+                    .unwrap_or_default();
+                self.tell_acd(AcdNews::Left(number));
             }
-            TaskPhase::Connected => self.tell_acd("complete", None),
+            TaskPhase::Connected => self.tell_acd(AcdNews::Complete),
             TaskPhase::None => {}
         }
         if let Some(t) = self.flow_task.take()
