@@ -10,11 +10,11 @@ for p in hello-ivr flow-graph order-hotline cargo-lookup skills-router hostile p
     echo "building plugin $p" >&2
     cargo build --quiet --release -p "$p"
 done
-# hello-ivr and order-hotline again as lean core modules (no WASI; the SDK's
+# hello-ivr, order-hotline and skills-router again as lean core modules (no WASI; the SDK's
 # event arena), as `plugboard plugin new --lang rust` builds: the server wraps
 # them into components on deploy. The benches compare both builds.
 # Output: target/wasm32-unknown-unknown/release/<name>.wasm
-for p in hello-ivr order-hotline; do
+for p in hello-ivr order-hotline skills-router; do
     echo "building plugin $p (wasm32-unknown-unknown)" >&2
     cargo build --quiet --release -p "$p" --target wasm32-unknown-unknown
 done

@@ -51,6 +51,20 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     "$BIN" plugin config demo logistics-hotline "{\"mis_url\":\"http://127.0.0.1:$MIS_PORT\"}" >/dev/null
     "$BIN" plugin grants demo logistics-hotline "{\"http\":{\"allow\":[\"127.0.0.1:$MIS_PORT\"]}}" >/dev/null
     "$BIN" address set demo +15550142 --channel voice --flow logistics-hotline >/dev/null
+    # The contact centre: two queues routed by the skills router, three
+    # agents with SIP phones, and a front desk that asks sales or support.
+    KEY=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["api_key"])' "$DATA/demo-tenant.json")
+    api() { curl -fsS -o /dev/null -X "$1" -H "Authorization: Bearer $KEY" -d "$3" "http://$HTTP/v1/tenants/demo/$2"; }
+    api PUT queues/sales '{"skills":["sales"],"router":"skills-router","offer_timeout":20,"wrap_up":5,"callback_after":60,"announce_every":30,"whisper":true}'
+    api PUT queues/support '{"skills":["support"],"router":"skills-router","offer_timeout":20,"wrap_up":5,"announce_every":30,"whisper":true}'
+    for a in ann:'{"sales":8,"support":5}' bob:'{"support":9}' carol:'{"sales":6}'; do
+        id=${a%%:*}
+        api PUT "sip-users/$id" "{\"password\":\"demo-$id-pass\"}"
+        api PUT "agents/$id" "{\"skills\":${a#*:},\"sip_user\":\"$id\"}"
+        api PUT "agents/$id/presence" '{"state":"available"}'
+    done
+    "$BIN" flow deploy demo examples/front-desk/flow.json --name front-desk >/dev/null
+    "$BIN" address set demo +15550150 --channel voice --flow front-desk >/dev/null
     echo "seeded tenant demo; its API key is in $DATA/demo-tenant.json"
 else
     echo "tenant demo already exists (data in $DATA)"
@@ -61,6 +75,10 @@ Plugboard is running on http://$HTTP (admin token: $DATA/admin_token),
 SIP on $SIP (UDP and TCP). Call from a softphone or SIPp:
   sip:15550142@$SIP   logistics hotline (1, waybill 123#)
   sip:15550100@$SIP   hello IVR
+  sip:15550150@$SIP   front desk: 1 sales, 2 support (queued for an agent)
+Register a second softphone as an agent (user ann, bob or carol, domain
+demo, password demo-ann-pass …, outbound proxy $SIP) and call the front
+desk: the agent's phone rings, hears the queue's name, and is connected.
   sipp -sf tests/sipp/logistics.xml -s 15550142 $SIP -m 1 -i 127.0.0.1
 Try:
   $BIN flow simulate demo hello-ivr --events '[{"type":"digits","digits":"1"}]'

@@ -1314,9 +1314,84 @@ fn queues_agents_and_tasks_route_over_the_api_and_settings_survive_a_restart() {
         ),
         404,
     );
-    // Queues and agents are stored; a restart finds them.
+    // Every step is in the stored queue event log, in order (written in
+    // the background: read until it is all there).
+    let story = |s: &Server| -> Vec<String> {
+        let events = ok(s.get("/v1/tenants/helpdesk/queue-events?task=t2", &k), 200);
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                let kind = e["event"]["kind"]
+                    .as_str()
+                    .unwrap_or(e["type"].as_str().unwrap_or(""));
+                let who = e["agent"]
+                    .as_str()
+                    .or(e["event"]["agent"].as_str())
+                    .unwrap_or("");
+                assert_eq!(e["queue"], "support", "{e}");
+                assert!(e["at_ms"].as_u64().is_some(), "{e}");
+                format!("{kind} {who}").trim().to_string()
+            })
+            .collect()
+    };
+    let want = [
+        "enqueued",
+        "offered cat",
+        "no_answer cat",
+        "offered ann",
+        "accepted ann",
+    ];
+    let mut got = Vec::new();
+    for _ in 0..100 {
+        got = story(&s);
+        if got.len() >= want.len() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(got, want);
+    // Ann's own token reads her timeline only.
+    let ann = ok(
+        s.json(
+            "POST",
+            "/v1/tenants/helpdesk/agents/ann/token",
+            &k,
+            &json!({}),
+        ),
+        201,
+    )["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mine = ok(s.get("/v1/tenants/helpdesk/queue-events", &ann), 200);
+    let mine = mine["events"].as_array().unwrap();
+    assert!(mine.iter().any(|e| e["type"] == "presence"), "{mine:?}");
+    assert!(
+        mine.iter().all(|e| e.to_string().contains("\"ann\"")),
+        "{mine:?}"
+    );
+    ok(
+        s.get("/v1/tenants/helpdesk/queue-events?agent=cat", &ann),
+        403,
+    );
+    ok(s.get("/v1/tenants/helpdesk/queue-events", &other), 403);
+    // Pages follow on from `next`.
+    let first = ok(s.get("/v1/tenants/helpdesk/queue-events?limit=2", &k), 200);
+    let next = first["next"].as_str().unwrap().to_string();
+    let second = ok(
+        s.get(
+            &format!("/v1/tenants/helpdesk/queue-events?after={next}&limit=2"),
+            &k,
+        ),
+        200,
+    );
+    assert!(second["events"][0]["id"].as_str().unwrap() > next.as_str());
+    // Queues and agents are stored; a restart finds them, and the log.
     s.kill();
     s = Server::start(&data, &[]).unwrap();
+    assert_eq!(story(&s), want);
     let queues = ok(s.get("/v1/tenants/helpdesk/queues", &k), 200);
     assert_eq!(queues["queues"][0]["id"], "support");
     assert_eq!(queues["queues"][0]["skills"], json!(["english"]));

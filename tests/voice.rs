@@ -483,6 +483,12 @@ fn all_49_torture_messages_over_udp_and_tcp_and_the_server_keeps_serving() -> Re
 
 /// A 16-bit mono 8 kHz WAV of silence.
 fn silence_wav(secs: u32) -> Vec<u8> {
+    tone_wav(0.0, secs)
+}
+
+/// A 16-bit mono 8 kHz WAV of a steady tone (0 Hz: silence) at a fifth of
+/// full scale.
+fn tone_wav(hz: f32, secs: u32) -> Vec<u8> {
     let data = secs * 8000 * 2;
     let mut w = Vec::with_capacity(44 + data as usize);
     w.extend_from_slice(b"RIFF");
@@ -497,7 +503,10 @@ fn silence_wav(secs: u32) -> Vec<u8> {
     w.extend_from_slice(&16u16.to_le_bytes());
     w.extend_from_slice(b"data");
     w.extend_from_slice(&data.to_le_bytes());
-    w.resize(44 + data as usize, 0);
+    for i in 0..secs * 8000 {
+        let v = (2.0 * std::f32::consts::PI * hz * i as f32 / 8000.0).sin() * 6500.0;
+        w.extend_from_slice(&(v as i16).to_le_bytes());
+    }
     w
 }
 
@@ -573,9 +582,10 @@ struct BaresipCall {
 /// Writes baresip's config with fresh ports and starts it; returns the
 /// process, its control port and its log file.
 fn start_baresip(
-    dir: &Path,
     cfg: &Path,
     rec: &Path,
+    source: &Path,
+    account: &str,
 ) -> Result<(std::process::Child, u16, std::path::PathBuf)> {
     // baresip also listens on SIP port + 1 (TLS).
     let sip = loop {
@@ -590,20 +600,20 @@ fn start_baresip(
         cfg.join("config"),
         format!(
             "poll_method epoll\nsip_listen 127.0.0.1:{sip}\ncall_local_timeout 30\n\
-             audio_source aufile,{silence}\naudio_player aubridge,nil\naudio_alert aubridge,nil\n\
+             audio_source aufile,{source}\naudio_player aubridge,nil\naudio_alert aubridge,nil\n\
              ausrc_format s16\nauplay_format s16\nauenc_format s16\naudec_format s16\n\
              rtp_ports {rtp}-{rtp_hi}\nrtcp_mux no\njitter_buffer_delay 5-10\n\
              module_path /usr/lib/baresip/modules\nmodule g711.so\nmodule sndfile.so\n\
              module aufile.so\nmodule aubridge.so\nmodule_tmp account.so\nmodule_app menu.so\n\
              module_app ctrl_tcp.so\nctrl_tcp_listen 127.0.0.1:{ctrl_port}\n\
              net_interface 127.0.0.1\nsnd_path {rec}\n",
-            silence = dir.join("silence.wav").display(),
+            source = source.display(),
             rtp_hi = rtp + 40,
             rec = rec.display(),
         ),
     )?;
-    std::fs::write(cfg.join("accounts"), "<sip:tester@127.0.0.1>;regint=0\n")?;
-    let log_path = dir.join("baresip.log");
+    std::fs::write(cfg.join("accounts"), format!("{account}\n"))?;
+    let log_path = cfg.join("baresip.log");
     let log = std::fs::File::create(&log_path)?;
     let child = Command::new("baresip")
         .arg("-f")
@@ -642,83 +652,147 @@ fn baresip_ready(
     Ok(Some(child))
 }
 
+/// A baresip softphone under test control (ctrl_tcp): it sends a WAV as
+/// its microphone and records what it hears.
+struct Softphone {
+    child: std::process::Child,
+    ctrl: Ctrl,
+    rec: PathBuf,
+    log: PathBuf,
+    /// When its call was established.
+    established: Option<Instant>,
+    closed: bool,
+    registered: bool,
+}
+
+impl Softphone {
+    /// Starts baresip in `dir/name` with `source` as its microphone and
+    /// this accounts line.
+    fn start(dir: &Path, name: &str, source: &Path, account: &str) -> Result<Softphone> {
+        let cfg = dir.join(name);
+        let rec = cfg.join("rec");
+        std::fs::create_dir_all(&rec)?;
+        // Free ports are picked before baresip binds them, so another test
+        // can take one in between: start again with new ports when baresip
+        // says "Address already in use" (else the control connection could
+        // reach another program on that port).
+        let mut attempt = 0;
+        let (child, ctrl_port, log) = loop {
+            attempt += 1;
+            let (child, ctrl_port, log) = start_baresip(&cfg, &rec, source, account)?;
+            match baresip_ready(child, &log)? {
+                Some(child) => break (child, ctrl_port, log),
+                None if attempt < 5 => continue,
+                None => bail!("baresip could not bind its ports in 5 attempts"),
+            }
+        };
+        let t0 = Instant::now();
+        let sock = loop {
+            match TcpStream::connect(("127.0.0.1", ctrl_port)) {
+                Ok(s) => break s,
+                Err(_) if t0.elapsed() < Duration::from_secs(10) => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(e) => bail!("baresip ctrl_tcp: {e}"),
+            }
+        };
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
+        Ok(Softphone {
+            child,
+            ctrl: Ctrl {
+                sock,
+                buf: Vec::new(),
+            },
+            rec,
+            log,
+            established: None,
+            closed: false,
+            registered: false,
+        })
+    }
+
+    /// Reads the events baresip sent; true if any arrived.
+    fn poll(&mut self) -> bool {
+        let events = self.ctrl.poll();
+        for m in &events {
+            match m["type"].as_str() {
+                Some("CALL_ESTABLISHED") => self.established = Some(Instant::now()),
+                Some("CALL_CLOSED") => self.closed = true,
+                Some("REGISTER_OK") => self.registered = true,
+                _ => {}
+            }
+        }
+        !events.is_empty()
+    }
+
+    /// Polls until `done` holds, for at most `secs`.
+    fn wait(&mut self, secs: u64, what: &str, done: impl Fn(&Softphone) -> bool) -> Result<()> {
+        let t0 = Instant::now();
+        while !done(self) {
+            if t0.elapsed() > Duration::from_secs(secs) {
+                bail!("{what}: not within {secs} s:\n{}", self.log_text());
+            }
+            self.poll();
+        }
+        Ok(())
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops baresip and returns what it heard (8 kHz).
+    fn finish(mut self) -> Result<(Vec<i16>, String)> {
+        let _ = self.ctrl.send("quit", None);
+        let t1 = Instant::now();
+        while self.child.try_wait()?.is_none() && t1.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let heard = std::fs::read_dir(&self.rec)?
+            .flatten()
+            .find(|e| e.file_name().to_string_lossy().ends_with("-dec.wav"))
+            .map(|e| std::fs::read(e.path()))
+            .transpose()?
+            .map(|b| wav_samples(&b))
+            .unwrap_or_default();
+        Ok((heard, self.log_text()))
+    }
+}
+
 /// baresip (its ctrl_tcp interface) calls `number`, sends `digit` as RFC
 /// 4733 four seconds after the call is up, and waits for the far end to
 /// hang up; it records what it hears.
 fn baresip_call(server: &Server, dir: &Path, number: &str, digit: &str) -> Result<BaresipCall> {
-    let cfg = dir.join("baresip");
-    let rec = dir.join("rec");
-    std::fs::create_dir_all(&cfg)?;
-    std::fs::create_dir_all(&rec)?;
     std::fs::write(dir.join("silence.wav"), silence_wav(60))?;
-    // Free ports are picked before baresip binds them, so another test can
-    // take one in between: start again with new ports when baresip says
-    // "Address already in use" (else the control connection could reach
-    // another program on that port).
-    let mut attempt = 0;
-    let (mut child, ctrl_port, log_path) = loop {
-        attempt += 1;
-        let (child, ctrl_port, log) = start_baresip(dir, &cfg, &rec)?;
-        match baresip_ready(child, &log)? {
-            Some(child) => break (child, ctrl_port, log),
-            None if attempt < 5 => continue,
-            None => bail!("baresip could not bind its ports in 5 attempts"),
-        }
-    };
+    let mut phone = Softphone::start(
+        dir,
+        "baresip",
+        &dir.join("silence.wav"),
+        "<sip:tester@127.0.0.1>;regint=0",
+    )?;
     let t0 = Instant::now();
-    let sock = loop {
-        match TcpStream::connect(("127.0.0.1", ctrl_port)) {
-            Ok(s) => break s,
-            Err(_) if t0.elapsed() < Duration::from_secs(10) => {
-                std::thread::sleep(Duration::from_millis(100))
-            }
-            Err(e) => bail!("baresip ctrl_tcp: {e}"),
-        }
-    };
-    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut ctrl = Ctrl {
-        sock,
-        buf: Vec::new(),
-    };
-    ctrl.send(
+    phone.ctrl.send(
         "dial",
         Some(&format!("sip:{number}@127.0.0.1:{}", server.sip_port)),
     )?;
-    let mut established = None;
     let mut dtmf_sent = false;
-    let mut closed = false;
-    while !closed && t0.elapsed() < Duration::from_secs(35) {
-        for m in ctrl.poll() {
-            match m["type"].as_str() {
-                Some("CALL_ESTABLISHED") => established = Some(Instant::now()),
-                Some("CALL_CLOSED") => closed = true,
-                _ => {}
-            }
-        }
-        if let Some(at) = established
+    while !phone.closed && t0.elapsed() < Duration::from_secs(35) {
+        phone.poll();
+        if let Some(at) = phone.established
             && !dtmf_sent
             && at.elapsed() > Duration::from_secs(4)
         {
-            ctrl.send("sndcode", Some(digit))?;
+            phone.ctrl.send("sndcode", Some(digit))?;
             dtmf_sent = true;
         }
     }
-    let _ = ctrl.send("quit", None);
-    let t1 = Instant::now();
-    while child.try_wait()?.is_none() && t1.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let heard = std::fs::read_dir(&rec)?
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().ends_with("-dec.wav"))
-        .map(|e| std::fs::read(e.path()))
-        .transpose()?
-        .map(|b| wav_samples(&b))
-        .unwrap_or_default();
+    let (established, closed) = (phone.established.is_some(), phone.closed);
+    let (heard, log) = phone.finish()?;
     Ok(BaresipCall {
-        log: std::fs::read_to_string(&log_path).unwrap_or_default(),
-        established: established.is_some(),
+        log,
+        established,
         closed: closed && dtmf_sent,
         heard,
     })
@@ -2459,5 +2533,344 @@ fn an_agent_transfers_the_caller_to_another_queue_and_the_data_goes_along() -> R
     assert_eq!(connected, [&json!("ann"), &json!("bob")], "{ix}");
     assert_eq!(timeline(ix, "transfer")[0]["target"], "queue:second");
     assert_eq!(ix["state"], "closed", "{ix}");
+    Ok(())
+}
+
+/// Amplitude of `hz` in each 100 ms window of 8 kHz audio (Goertzel).
+fn tone_levels(samples: &[i16], hz: f64) -> Vec<f64> {
+    let k = 2.0 * (2.0 * std::f64::consts::PI * hz / 8000.0).cos();
+    samples
+        .chunks_exact(800)
+        .map(|w| {
+            let (mut s1, mut s2) = (0.0f64, 0.0f64);
+            for x in w {
+                let s0 = f64::from(*x) + k * s1 - s2;
+                s2 = s1;
+                s1 = s0;
+            }
+            let power = s1 * s1 + s2 * s2 - k * s1 * s2;
+            2.0 * power.max(0.0).sqrt() / w.len() as f64
+        })
+        .collect()
+}
+
+/// The share of 100 ms windows in `[from, to)` (seconds since the phone's
+/// call was up) where `hz` is heard (amplitude above 1,000 of 32,767).
+fn heard_share(samples: &[i16], hz: f64, from: f64, to: f64) -> f64 {
+    let levels = tone_levels(samples, hz);
+    let (a, b) = (
+        (from * 10.0) as usize,
+        ((to * 10.0) as usize).min(levels.len()),
+    );
+    if b <= a {
+        return 0.0;
+    }
+    levels[a..b].iter().filter(|l| **l > 1000.0).count() as f64 / (b - a) as f64
+}
+
+/// Seconds from a phone's call being up to `at`.
+fn since(phone_up: Instant, at: Instant) -> f64 {
+    at.saturating_duration_since(phone_up).as_secs_f64()
+}
+
+#[test]
+fn a_supervisor_listens_whispers_and_barges_and_a_warm_transfer_takes_the_data_along() -> Result<()>
+{
+    let dir = tempfile::tempdir()?;
+    // baresip 1.0's digest is MD5 only.
+    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
+    let key = setup(&server);
+    // hello-ivr: digit 2 sets menu=support and queues for "support", which
+    // whispers its name to the agent.
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/queues/support",
+                json!({"offer_timeout": 15, "whisper": true}),
+            ),
+            (
+                "/v1/tenants/acme/agents/ann",
+                json!({"skills": {"support": 5}, "sip_user": "ann", "queues": ["support"]}),
+            ),
+            (
+                "/v1/tenants/acme/agents/bob",
+                json!({"sip_user": "bob", "queues": ["billing"]}),
+            ),
+            (
+                "/v1/tenants/acme/agents/sam",
+                json!({"sip_user": "sam", "queues": []}),
+            ),
+        ],
+    );
+    // Each party sends its own tone: the caller 500 Hz, Ann 1,100, Sam
+    // (the supervisor) 1,700, Bob 2,300.
+    let mut tokens = std::collections::HashMap::new();
+    let mut phones = std::collections::HashMap::new();
+    for (who, hz) in [("ann", 1100.0), ("sam", 1700.0), ("bob", 2300.0)] {
+        let a = server.json(
+            "PUT",
+            &format!("/v1/tenants/acme/sip-users/{who}"),
+            &key,
+            &json!({"password": "s3cret-pass"}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        let role = if who == "sam" { "supervisor" } else { "agent" };
+        let t = server.json(
+            "POST",
+            &format!("/v1/tenants/acme/agents/{who}/token"),
+            &key,
+            &json!({"role": role}),
+        );
+        assert_eq!(t.status, 201, "{t:?}");
+        tokens.insert(
+            who,
+            t.body["token"].as_str().unwrap_or_default().to_string(),
+        );
+        let wav = dir.path().join(format!("{who}.wav"));
+        std::fs::write(&wav, tone_wav(hz, 90))?;
+        let account = format!(
+            "<sip:{who}@acme>;auth_pass=s3cret-pass;outbound=\"sip:127.0.0.1:{};lr\";regint=600;answermode=auto",
+            server.sip_port
+        );
+        let mut phone = Softphone::start(dir.path(), who, &wav, &account)?;
+        phone.wait(10, &format!("{who} registers"), |p| p.registered)?;
+        phones.insert(who, phone);
+    }
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/agents/ann/presence",
+        &tokens["ann"],
+        &json!({"state": "available"}),
+    );
+    assert_eq!(a.status, 204, "{a:?}");
+    let caller_wav = dir.path().join("caller.wav");
+    std::fs::write(&caller_wav, tone_wav(500.0, 90))?;
+    let mut caller = Softphone::start(
+        dir.path(),
+        "caller",
+        &caller_wav,
+        "<sip:customer@127.0.0.1>;regint=0",
+    )?;
+    caller.ctrl.send(
+        "dial",
+        Some(&format!("sip:15550100@127.0.0.1:{}", server.sip_port)),
+    )?;
+    caller.wait(10, "the call is up", |p| p.established.is_some())?;
+    std::thread::sleep(Duration::from_secs(3));
+    caller.ctrl.send("sndcode", Some("2"))?;
+    // Ann's phone rings and answers by itself; she hears the whisper,
+    // then the caller.
+    let id = {
+        let t0 = Instant::now();
+        loop {
+            for p in phones.values_mut() {
+                p.poll();
+            }
+            caller.poll();
+            let tasks = server.get("/v1/tenants/acme/tasks?agent=ann", &key);
+            if let Some(t) = tasks.body["tasks"]
+                .as_array()
+                .and_then(|all| all.iter().find(|t| t["state"] == "connected"))
+            {
+                break t["id"].as_str().unwrap_or_default().to_string();
+            }
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!(
+                    "no task connected to ann: {tasks:?}\n{}",
+                    phones["ann"].log_text()
+                );
+            }
+        }
+    };
+    // Lets every phone's events in while time passes.
+    let pause = |phones: &mut std::collections::HashMap<&str, Softphone>,
+                 caller: &mut Softphone,
+                 secs: u64| {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(secs) {
+            for p in phones.values_mut() {
+                p.poll();
+            }
+            caller.poll();
+        }
+    };
+    pause(&mut phones, &mut caller, 3);
+    let monitor = |mode: &str, token: &str| {
+        server.json(
+            "POST",
+            &format!("/v1/tenants/acme/tasks/{id}/monitor"),
+            token,
+            &json!({"mode": mode}),
+        )
+    };
+    // An agent may not listen in.
+    assert_eq!(monitor("listen", &tokens["bob"]).status, 403);
+    let a = monitor("listen", &tokens["sam"]);
+    assert_eq!(a.status, 200, "{a:?}");
+    phones
+        .get_mut("sam")
+        .map(|p| p.wait(10, "sam's phone answers", |p| p.established.is_some()))
+        .transpose()?;
+    let listen_at = Instant::now();
+    pause(&mut phones, &mut caller, 3);
+    let a = monitor("whisper", &tokens["sam"]);
+    assert_eq!(a.status, 200, "{a:?}");
+    let whisper_at = Instant::now();
+    pause(&mut phones, &mut caller, 3);
+    let a = monitor("barge", &tokens["sam"]);
+    assert_eq!(a.status, 200, "{a:?}");
+    let barge_at = Instant::now();
+    pause(&mut phones, &mut caller, 3);
+    let a = monitor("stop", &tokens["sam"]);
+    assert_eq!(a.status, 200, "{a:?}");
+    // Ann consults Bob (warm) while the caller holds, then hands over.
+    let a = server.json(
+        "POST",
+        &format!("/v1/tenants/acme/tasks/{id}/transfer"),
+        &tokens["ann"],
+        &json!({"to": "agent:bob", "warm": true}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    phones
+        .get_mut("bob")
+        .map(|p| p.wait(10, "bob's phone answers", |p| p.established.is_some()))
+        .transpose()?;
+    let consult_at = Instant::now();
+    pause(&mut phones, &mut caller, 3);
+    let a = server.json(
+        "POST",
+        &format!("/v1/tenants/acme/tasks/{id}/complete-transfer"),
+        &tokens["ann"],
+        &json!({}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let handed_at = Instant::now();
+    phones
+        .get_mut("ann")
+        .map(|p| p.wait(10, "ann's phone is hung up", |p| p.closed))
+        .transpose()?;
+    pause(&mut phones, &mut caller, 3);
+    // Bob has the task and the customer's data; Ann no longer sees it.
+    let view = server.get(&format!("/v1/tenants/acme/tasks/{id}"), &key);
+    assert_eq!(view.body["agent"], "bob", "{view:?}");
+    assert_eq!(view.body["state"], "connected", "{view:?}");
+    let screen = server.get(
+        &format!("/v1/tenants/acme/tasks/{id}/interaction"),
+        &tokens["bob"],
+    );
+    assert_eq!(screen.status, 200, "{screen:?}");
+    assert_eq!(screen.body["attributes"]["menu"], "support");
+    let old = server.get(
+        &format!("/v1/tenants/acme/tasks/{id}/interaction"),
+        &tokens["ann"],
+    );
+    assert_eq!(old.status, 403, "{old:?}");
+    let ann_stats = server.get("/v1/tenants/acme/agents/ann", &key);
+    assert_eq!(ann_stats.body["stats"]["tasks_today"], 1, "{ann_stats:?}");
+    let end_at = Instant::now();
+    caller.ctrl.send("hangup", None)?;
+    caller.wait(10, "the caller hangs up", |p| p.closed)?;
+    let caller_up = caller.established.unwrap_or(end_at);
+    let ups: std::collections::HashMap<&str, Instant> = phones
+        .iter()
+        .map(|(w, p)| (*w, p.established.unwrap_or(end_at)))
+        .collect();
+    let (heard_by_caller, caller_log) = caller.finish()?;
+    let mut heard = std::collections::HashMap::new();
+    for (who, p) in phones.drain() {
+        heard.insert(who, p.finish()?);
+    }
+    let (ann, sam, bob) = (&heard["ann"].0, &heard["sam"].0, &heard["bob"].0);
+    // Windows with a margin for jitter buffers on both sides.
+    let m = 0.7;
+    let span = |up: Instant, a: Instant, b: Instant| (since(up, a) + m, since(up, b) - m);
+    let report = format!(
+        "caller {} s, ann {} s, sam {} s, bob {} s\n{caller_log}",
+        heard_by_caller.len() / 8000,
+        ann.len() / 8000,
+        sam.len() / 8000,
+        bob.len() / 8000
+    );
+    // Listening: Sam hears the caller and Ann; nobody hears Sam.
+    let (a, b) = span(ups["sam"], listen_at, whisper_at);
+    assert!(
+        heard_share(sam, 500.0, a, b) > 0.8,
+        "sam hears the caller\n{report}"
+    );
+    assert!(
+        heard_share(sam, 1100.0, a, b) > 0.8,
+        "sam hears ann\n{report}"
+    );
+    let (a, b) = span(ups["ann"], listen_at, whisper_at);
+    assert!(
+        heard_share(ann, 500.0, a, b) > 0.8,
+        "ann hears the caller\n{report}"
+    );
+    assert!(
+        heard_share(ann, 1700.0, a, b) < 0.1,
+        "ann does not hear sam listening\n{report}"
+    );
+    // Whispering: Ann hears Sam, the caller does not.
+    let (a, b) = span(ups["ann"], whisper_at, barge_at);
+    assert!(
+        heard_share(ann, 1700.0, a, b) > 0.8,
+        "ann hears the whisper\n{report}"
+    );
+    let (a, b) = span(caller_up, whisper_at, barge_at);
+    assert!(
+        heard_share(&heard_by_caller, 1700.0, a, b) < 0.1,
+        "the caller hears no whisper\n{report}"
+    );
+    assert!(
+        heard_share(&heard_by_caller, 1100.0, a, b) > 0.8,
+        "the caller hears ann\n{report}"
+    );
+    // Barging: the caller hears Sam too.
+    let (a, b) = span(caller_up, barge_at, barge_at + Duration::from_secs(3));
+    assert!(
+        heard_share(&heard_by_caller, 1700.0, a, b) > 0.8,
+        "the caller hears the barge\n{report}"
+    );
+    // The consultation: the caller holds (no Ann, no Bob), Ann and Bob
+    // talk; after the hand-over the caller hears Bob.
+    let (a, b) = span(caller_up, consult_at, handed_at);
+    assert!(
+        heard_share(&heard_by_caller, 1100.0, a, b) < 0.1,
+        "the caller holds\n{report}"
+    );
+    assert!(
+        heard_share(&heard_by_caller, 2300.0, a, b) < 0.1,
+        "the caller holds\n{report}"
+    );
+    let (a, b) = span(ups["ann"], consult_at, handed_at);
+    assert!(
+        heard_share(ann, 2300.0, a, b) > 0.8,
+        "ann hears bob\n{report}"
+    );
+    let (a, b) = span(caller_up, handed_at + Duration::from_secs(1), end_at);
+    assert!(
+        heard_share(&heard_by_caller, 2300.0, a, b) > 0.8,
+        "the caller hears bob\n{report}"
+    );
+    // Ann heard the whisper (speech, not the caller's tone) before the
+    // caller: the first half second is not the caller's tone.
+    let first = tone_levels(ann, 500.0);
+    let loud = window_rms(&ann[..4000.min(ann.len())]);
+    assert!(
+        first.iter().take(4).all(|l| *l < 1000.0) && loud.iter().any(|r| *r > 300.0),
+        "ann hears the whisper first\n{report}"
+    );
+    // The record tells the story.
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    let monitor_events: Vec<&str> = timeline(ix, "monitor")
+        .iter()
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    assert!(monitor_events.contains(&"joined"), "{monitor_events:?}");
+    assert!(!timeline(ix, "whisper").is_empty());
+    assert!(!timeline(ix, "consult").is_empty());
     Ok(())
 }

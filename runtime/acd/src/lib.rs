@@ -105,6 +105,15 @@ pub struct QueueConfig {
     /// as answered in service level (e.g. 80 % in 20 s).
     #[serde(default = "default_service_level", with = "secs")]
     pub service_level: Duration,
+    /// Whisper to the agent before the customer is connected: the flow's
+    /// `whisper` attribute, or else the queue's id, spoken to the agent
+    /// alone.
+    #[serde(default)]
+    pub whisper: bool,
+    /// Tell a waiting customer their position and expected wait this
+    /// often (none: never).
+    #[serde(default, with = "opt_secs")]
+    pub announce_every: Option<Duration>,
 }
 
 fn default_service_level() -> Duration {
@@ -136,6 +145,8 @@ impl QueueConfig {
             callback_after: None,
             callback_digit: None,
             service_level: default_service_level(),
+            whisper: false,
+            announce_every: None,
         }
     }
 }
@@ -273,6 +284,14 @@ pub enum TaskEvent {
         /// The agent.
         agent: String,
     },
+    /// Handed from one agent to another after a warm transfer: the first
+    /// wraps up, the second goes on with the customer.
+    HandedOver {
+        /// The agent who passed it on.
+        from: String,
+        /// The agent who has it now.
+        to: String,
+    },
 }
 
 /// What the ACD asks of the channels.
@@ -318,6 +337,18 @@ pub enum Output {
         task: String,
         /// What happened.
         event: TaskEvent,
+    },
+    /// Tell the waiting customer where they are (the queue's
+    /// `announce_every`).
+    Position {
+        /// Task id.
+        task: String,
+        /// 1-based position among the queue's waiting tasks.
+        position: u32,
+        /// Expected wait: the position over the agents staffing the queue,
+        /// times the queue's average handling time (none before the first
+        /// task is handled, or with nobody staffing).
+        expected_wait: Option<Duration>,
     },
     /// An agent's presence changed by the ACD's own decision (`missed`).
     Presence {
@@ -379,6 +410,10 @@ struct Task {
     resting: BTreeMap<String, Instant>,
     /// Where it is in the waiting index, while it waits.
     indexed: Option<(Group, Place)>,
+    /// When the customer is next told their position.
+    announce: Option<Instant>,
+    /// When the conversation started.
+    connected_at: Option<Instant>,
 }
 
 /// Waiting tasks that route alike: same queue, priority, channel and
@@ -407,6 +442,11 @@ struct Agent {
     /// Since when the agent has had nothing to do (longest idle first).
     idle_since: Instant,
     missed: u32,
+    /// Since when the agent is in their present state (presence, or
+    /// working).
+    state_since: Instant,
+    /// Tasks completed since the day began ([`Acd::new_day`]).
+    done_today: u32,
 }
 
 impl Agent {
@@ -462,8 +502,23 @@ pub struct AgentInfo {
     pub active: u32,
 }
 
-/// A queue's numbers now (tasks, agents) and since the ACD started
-/// (answered, abandoned, timed out, service level).
+/// An agent's numbers ([`Acd::agent_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AgentStats {
+    /// `available`, `busy` (offers or conversations), `wrap_up`, `away`,
+    /// `missed` or `offline`.
+    pub state: &'static str,
+    /// Time in that state, ms.
+    pub in_state_ms: u64,
+    /// Tasks offered or in conversation.
+    pub tasks: Vec<String>,
+    /// Tasks completed today.
+    pub tasks_today: u32,
+}
+
+/// A queue's numbers now (tasks, agents) and today (answered, abandoned,
+/// timed out, service level: since the ACD started or the day began,
+/// [`Acd::new_day`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct QueueStats {
     /// Tasks waiting (not yet offered or connected).
@@ -492,6 +547,9 @@ pub struct QueueStats {
     /// Answered in service level, in percent of answered and abandoned
     /// (none before the first).
     pub service_level_percent: Option<f64>,
+    /// Moving average of handling times, ms (none before the first task
+    /// is completed).
+    pub average_handle_ms: Option<u64>,
 }
 
 /// A queue's counts since the ACD started.
@@ -501,7 +559,13 @@ struct Counts {
     answered_in_sl: u64,
     abandoned: u64,
     timed_out: u64,
+    /// Moving average of handling times (connected to completed), ms.
+    handle_ms: Option<f64>,
 }
+
+/// The weight of the newest handling time in the moving average
+/// (Asterisk's queue hold time uses 1/4 too).
+const HANDLE_WEIGHT: f64 = 0.25;
 
 /// The ACD (see the crate documentation).
 #[derive(Debug, Default)]
@@ -550,6 +614,8 @@ impl Acd {
                         wrap: Vec::new(),
                         idle_since: now,
                         missed: 0,
+                        state_since: now,
+                        done_today: 0,
                     },
                 );
             }
@@ -569,6 +635,9 @@ impl Acd {
             .agents
             .get_mut(agent)
             .ok_or_else(|| AcdError::Unknown(format!("agent {agent}")))?;
+        if presence != a.presence {
+            a.state_since = now;
+        }
         if presence == Presence::Available && a.presence != Presence::Available {
             a.missed = 0;
             if a.tasks.is_empty() {
@@ -615,6 +684,8 @@ impl Acd {
             passed: BTreeSet::new(),
             resting: BTreeMap::new(),
             indexed: None,
+            announce: None,
+            connected_at: None,
             spec,
         };
         let id = task.spec.id.clone();
@@ -645,6 +716,7 @@ impl Acd {
         if let Some(t) = self.tasks.get_mut(id) {
             t.spec.queue = q.id.clone();
             t.deadline = q.max_wait.map(|w| now + w);
+            t.announce = q.announce_every.filter(|e| !e.is_zero()).map(|e| now + e);
             t.state = TaskState::Waiting;
         }
         self.reindex(id);
@@ -748,9 +820,12 @@ impl Acd {
             t.state = TaskState::Connected {
                 agent: agent.to_string(),
             };
+            t.connected_at = Some(now);
+            t.announce = None;
         }
         if let Some(a) = self.agents.get_mut(agent) {
             a.missed = 0;
+            a.state_since = now;
         }
         self.event(
             task,
@@ -875,8 +950,15 @@ impl Acd {
             .get(&t.spec.queue)
             .map(|q| q.wrap_up)
             .unwrap_or_default();
+        if let Some(at) = t.connected_at {
+            let ms = now.saturating_duration_since(at).as_millis() as f64;
+            let c = self.counts.entry(t.spec.queue.clone()).or_default();
+            c.handle_ms = Some(c.handle_ms.map_or(ms, |h| h + HANDLE_WEIGHT * (ms - h)));
+        }
         if let Some(a) = self.agents.get_mut(&agent) {
             a.tasks.remove(task);
+            a.done_today += 1;
+            a.state_since = now;
             if wrap > Duration::ZERO {
                 a.wrap.push((t.spec.channel, now + wrap));
             } else if a.tasks.is_empty() && a.wrap.is_empty() {
@@ -885,6 +967,76 @@ impl Acd {
         }
         self.refresh(&agent);
         self.event(task, TaskEvent::Completed { agent });
+        self.dispatch(now);
+        Ok(())
+    }
+
+    /// A connected task passes to another agent, who is already talking
+    /// to the customer (a warm transfer completed): the first agent wraps
+    /// up, the second takes the slot. Refused if the second agent has no
+    /// room on the task's channel (capacity is never exceeded); their
+    /// presence does not matter, since they took the consultation.
+    pub fn hand_over(&mut self, now: Instant, task: &str, to: &str) -> Result<(), AcdError> {
+        let (from, channel, queue) = match self.tasks.get(task) {
+            Some(Task {
+                state: TaskState::Connected { agent },
+                spec,
+                ..
+            }) => (agent.clone(), spec.channel, spec.queue.clone()),
+            Some(_) => {
+                return Err(AcdError::State {
+                    task: task.to_string(),
+                    expected: "connected",
+                });
+            }
+            None => return Err(AcdError::Unknown(format!("task {task}"))),
+        };
+        if from == to {
+            return Ok(());
+        }
+        let target = self
+            .agents
+            .get(to)
+            .ok_or_else(|| AcdError::Unknown(format!("agent {to}")))?;
+        if target.load(channel) >= target.config.capacity.get(&channel).copied().unwrap_or(0) {
+            return Err(AcdError::State {
+                task: task.to_string(),
+                expected: "handed to an agent with room",
+            });
+        }
+        let wrap = self
+            .queues
+            .get(&queue)
+            .map(|q| q.wrap_up)
+            .unwrap_or_default();
+        if let Some(a) = self.agents.get_mut(&from) {
+            a.tasks.remove(task);
+            a.done_today += 1;
+            a.state_since = now;
+            if wrap > Duration::ZERO {
+                a.wrap.push((channel, now + wrap));
+            } else if a.tasks.is_empty() && a.wrap.is_empty() {
+                a.idle_since = now;
+            }
+        }
+        if let Some(a) = self.agents.get_mut(to) {
+            a.tasks.insert(task.to_string(), channel);
+            a.state_since = now;
+        }
+        if let Some(t) = self.tasks.get_mut(task) {
+            t.state = TaskState::Connected {
+                agent: to.to_string(),
+            };
+        }
+        self.refresh(&from);
+        self.refresh(to);
+        self.event(
+            task,
+            TaskEvent::HandedOver {
+                from,
+                to: to.to_string(),
+            },
+        );
         self.dispatch(now);
         Ok(())
     }
@@ -933,6 +1085,7 @@ impl Acd {
                 .deadline
                 .into_iter()
                 .chain(t.resting.values().copied())
+                .chain(t.announce)
                 .min(),
             TaskState::Connected { .. } => None,
         });
@@ -1006,6 +1159,101 @@ impl Acd {
             self.overflow(now, &id, &q, q.on_timeout.clone(), "max_wait", 0);
         }
         self.dispatch(now);
+        self.announce(now);
+    }
+
+    /// Tells waiting customers whose announcement is due their position
+    /// and expected wait.
+    fn announce(&mut self, now: Instant) {
+        let mut due: BTreeSet<String> = BTreeSet::new();
+        for t in self.tasks.values() {
+            if matches!(t.state, TaskState::Waiting | TaskState::Routing)
+                && t.announce.is_some_and(|a| a <= now)
+            {
+                due.insert(t.spec.queue.clone());
+            }
+        }
+        for queue in due {
+            let Some(q) = self.queues.get(&queue) else {
+                continue;
+            };
+            let every = q.announce_every.unwrap_or(Duration::from_secs(60));
+            // The queue's waiting tasks in the order they will be served.
+            let mut line: Vec<(std::cmp::Reverse<u64>, Place, String)> = self
+                .tasks
+                .values()
+                .filter(|t| t.spec.queue == queue)
+                .filter(|t| matches!(t.state, TaskState::Waiting | TaskState::Routing))
+                .filter_map(|t| {
+                    let (g, place) = t.indexed.clone()?;
+                    Some((
+                        std::cmp::Reverse(self.rank(&g, t.since, now)),
+                        place,
+                        t.spec.id.clone(),
+                    ))
+                })
+                .collect();
+            line.sort();
+            let staffed = self
+                .agents
+                .values()
+                .filter(|a| a.presence == Presence::Available && a.can_do(q, &[]))
+                .count() as u32;
+            let handle = self.counts.get(&queue).and_then(|c| c.handle_ms);
+            for (i, (_, _, id)) in line.into_iter().enumerate() {
+                let Some(t) = self.tasks.get_mut(&id) else {
+                    continue;
+                };
+                if !t.announce.is_some_and(|a| a <= now) {
+                    continue;
+                }
+                t.announce = Some(now + every);
+                let position = i as u32 + 1;
+                let expected_wait = handle.filter(|_| staffed > 0).map(|h| {
+                    Duration::from_millis((f64::from(position.div_ceil(staffed)) * h) as u64)
+                });
+                self.out.push_back(Output::Position {
+                    task: id,
+                    position,
+                    expected_wait,
+                });
+            }
+        }
+    }
+
+    /// A new day begins (the caller decides when, in the tenant's time):
+    /// the queues' counts and the agents' tasks done start again from
+    /// zero. The handling-time average is kept.
+    pub fn new_day(&mut self) {
+        for c in self.counts.values_mut() {
+            *c = Counts {
+                handle_ms: c.handle_ms,
+                ..Counts::default()
+            };
+        }
+        for a in self.agents.values_mut() {
+            a.done_today = 0;
+        }
+    }
+
+    /// An agent's numbers now: their state, since when, and tasks done
+    /// today.
+    pub fn agent_stats(&self, now: Instant, agent: &str) -> Option<AgentStats> {
+        let a = self.agents.get(agent)?;
+        let state = match &a.presence {
+            Presence::Available if !a.tasks.is_empty() => "busy",
+            Presence::Available if !a.wrap.is_empty() => "wrap_up",
+            Presence::Available => "available",
+            Presence::Away(_) => "away",
+            Presence::Missed => "missed",
+            Presence::Offline => "offline",
+        };
+        Some(AgentStats {
+            state,
+            in_state_ms: now.saturating_duration_since(a.state_since).as_millis() as u64,
+            tasks: a.tasks.keys().cloned().collect(),
+            tasks_today: a.done_today,
+        })
     }
 
     /// The next thing to do.
@@ -1072,6 +1320,7 @@ impl Acd {
         s.timed_out = c.timed_out;
         let base = c.answered + c.abandoned;
         s.service_level_percent = (base > 0).then(|| 100.0 * c.answered_in_sl as f64 / base as f64);
+        s.average_handle_ms = c.handle_ms.map(|h| h as u64);
         for t in self.tasks.values().filter(|t| t.spec.queue == queue) {
             match t.state {
                 TaskState::Waiting | TaskState::Routing => {

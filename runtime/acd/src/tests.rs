@@ -436,6 +436,29 @@ fn check(acd: &mut Acd, m: &mut Model, now: Instant, wrap: Duration) {
                     m.open.remove(&task);
                     m.ended.insert(task, "completed");
                 }
+                TaskEvent::HandedOver { from, to } => {
+                    assert_eq!(m.connected.remove(&task).as_deref(), Some(from.as_str()));
+                    let c = m.open[&task].0.channel;
+                    if !wrap.is_zero() {
+                        m.wrapping.entry(from).or_default().push((c, now + wrap));
+                    }
+                    m.connected.insert(task, to.clone());
+                    let load = m
+                        .offered
+                        .iter()
+                        .chain(m.connected.iter())
+                        .filter(|(t, ag)| **ag == to && m.open[*t].0.channel == c)
+                        .count()
+                        + m.wrapping.get(&to).map_or(0, |w| {
+                            w.iter()
+                                .filter(|(ch, until)| *ch == c && *until > now)
+                                .count()
+                        });
+                    assert!(
+                        load as u32 <= m.agents[&to].capacity.get(&c).copied().unwrap_or(0),
+                        "{to} over capacity on {c:?} after a hand-over"
+                    );
+                }
                 TaskEvent::Abandoned { .. } => {
                     assert!(!m.connected.contains_key(&task));
                     m.open.remove(&task);
@@ -448,6 +471,15 @@ fn check(acd: &mut Acd, m: &mut Model, now: Instant, wrap: Duration) {
                 }
                 _ => {}
             },
+            Output::Position { task, position, .. } => {
+                assert!(position >= 1);
+                assert!(
+                    m.open.contains_key(&task)
+                        && !m.offered.contains_key(&task)
+                        && !m.connected.contains_key(&task),
+                    "position told to {task}, which is not waiting"
+                );
+            }
             Output::Route { .. } | Output::BackToFlow { .. } | Output::Presence { .. } => {}
         }
     }
@@ -502,6 +534,7 @@ fn random_run(seed: u64, ops: usize) {
         c.skills = queue_skills[q].clone();
         c.wrap_up = wrap;
         c.offer_timeout = Duration::from_secs(10);
+        c.announce_every = Some(Duration::from_secs(15));
         acd.set_queue(c);
     }
     let mut next_task = 0u64;
@@ -573,8 +606,17 @@ fn random_run(seed: u64, ops: usize) {
             }
             6 => {
                 let connected: Vec<String> = m.connected.keys().cloned().collect();
+                let agents: Vec<String> = m.agents.keys().cloned().collect();
                 if let Some(t) = rng.pick(&connected) {
-                    acd.complete(now, t).unwrap();
+                    if rng.below(4) == 0
+                        && let Some(to) = rng.pick(&agents)
+                    {
+                        // Refused when the agent has no room: that is checked
+                        // by the capacity invariant, not here.
+                        let _ = acd.hand_over(now, t, to);
+                    } else {
+                        acd.complete(now, t).unwrap();
+                    }
                 }
             }
             7 => {
@@ -659,4 +701,107 @@ fn thousands_of_random_operations_keep_every_invariant() {
     for seed in 1..=12u64 {
         random_run(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15), 2_000);
     }
+}
+
+#[test]
+fn a_warm_transfer_hands_the_task_over_and_the_first_agent_wraps_up() {
+    let t0 = Instant::now();
+    let mut acd = Acd::new();
+    let mut q = QueueConfig::new("q");
+    q.wrap_up = Duration::from_secs(30);
+    acd.set_queue(q);
+    for a in ["ann", "bob"] {
+        acd.set_agent(t0, agent(a, &[], 1, 0));
+    }
+    acd.set_presence(t0, "ann", Presence::Available).unwrap();
+    acd.enqueue(t0, task("t1", "q", 0, &[])).unwrap();
+    acd.accept(t0, "t1", "ann").unwrap();
+    drain(&mut acd);
+    // Bob is away but took the consultation: he may have it.
+    acd.set_presence(t0, "bob", Presence::Away("meeting".into()))
+        .unwrap();
+    let now = t0 + Duration::from_secs(40);
+    acd.hand_over(now, "t1", "bob").unwrap();
+    let out = drain(&mut acd);
+    assert!(out.contains(&Output::Event {
+        task: "t1".into(),
+        event: TaskEvent::HandedOver {
+            from: "ann".into(),
+            to: "bob".into()
+        }
+    }));
+    let ann = acd.agent_stats(now, "ann").unwrap();
+    assert_eq!((ann.state, ann.tasks_today), ("wrap_up", 1));
+    assert_eq!(acd.agent_stats(now, "bob").unwrap().tasks, vec!["t1"]);
+    // Bob is full: nobody else can hand him a second call.
+    acd.set_presence(now, "ann", Presence::Available).unwrap();
+    acd.enqueue(now, task("t2", "q", 0, &[])).unwrap();
+    acd.handle_timeout(now + Duration::from_secs(31));
+    let t2_agent = offers(&drain(&mut acd));
+    assert_eq!(t2_agent, vec![pair("t2", "ann")]);
+    acd.accept(now, "t2", "ann").unwrap();
+    assert!(acd.hand_over(now, "t2", "bob").is_err(), "over capacity");
+    assert!(acd.hand_over(now, "t9", "bob").is_err());
+    acd.complete(now + Duration::from_secs(100), "t1").unwrap();
+    let bob = acd
+        .agent_stats(now + Duration::from_secs(100), "bob")
+        .unwrap();
+    assert_eq!(bob.tasks_today, 1);
+    acd.new_day();
+    assert_eq!(acd.agent_stats(now, "bob").unwrap().tasks_today, 0);
+}
+
+#[test]
+fn waiting_customers_hear_their_position_and_the_expected_wait() {
+    let t0 = Instant::now();
+    let mut acd = Acd::new();
+    let mut q = QueueConfig::new("q");
+    q.announce_every = Some(Duration::from_secs(30));
+    q.offer_timeout = Duration::from_secs(1000);
+    acd.set_queue(q);
+    acd.set_agent(t0, agent("ann", &[], 1, 0));
+    acd.set_presence(t0, "ann", Presence::Available).unwrap();
+    // One handled call of 120 s gives the average.
+    acd.enqueue(t0, task("t0", "q", 0, &[])).unwrap();
+    acd.accept(t0, "t0", "ann").unwrap();
+    for (i, id) in ["t1", "t2", "t3"].iter().enumerate() {
+        acd.enqueue(t0 + Duration::from_secs(i as u64), task(id, "q", 0, &[]))
+            .unwrap();
+    }
+    // A VIP comes later but is served first.
+    acd.enqueue(t0 + Duration::from_secs(5), task("vip", "q", 5, &[]))
+        .unwrap();
+    acd.complete(t0 + Duration::from_secs(120), "t0").unwrap();
+    drain(&mut acd);
+    let at = t0 + Duration::from_secs(200);
+    acd.handle_timeout(at);
+    let positions: Vec<(String, u32, Option<Duration>)> = drain(&mut acd)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Position {
+                task,
+                position,
+                expected_wait,
+            } => Some((task, position, expected_wait)),
+            _ => None,
+        })
+        .collect();
+    let m = |n: u64| Some(Duration::from_secs(120 * n));
+    assert_eq!(
+        positions,
+        vec![
+            ("t1".to_string(), 1, m(1)),
+            ("t2".to_string(), 2, m(2)),
+            ("t3".to_string(), 3, m(3))
+        ],
+        "the VIP is being offered, so not told; the rest in order"
+    );
+    assert_eq!(acd.queue_stats(at, "q").average_handle_ms, Some(120_000));
+    // Not again before 30 s.
+    acd.handle_timeout(at + Duration::from_secs(10));
+    assert!(
+        !drain(&mut acd)
+            .iter()
+            .any(|o| matches!(o, Output::Position { .. }))
+    );
 }

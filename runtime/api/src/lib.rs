@@ -243,6 +243,7 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/tenants/{t}/agents/{a}/token", post(agent_token))
         .route("/v1/tenants/{t}/tasks", post(create_task).get(list_tasks))
         .route("/v1/tenants/{t}/callbacks", get(list_callbacks))
+        .route("/v1/tenants/{t}/queue-events", get(list_queue_events))
         .route("/v1/tenants/{t}/tasks/{id}", get(get_task))
         .route(
             "/v1/tenants/{t}/tasks/{id}/{action}",
@@ -506,6 +507,37 @@ async fn list_callbacks(
     Ok(Json(json!({"callbacks": s.callbacks(&t.id).await?})))
 }
 
+/// `GET /v1/tenants/{t}/queue-events[?after=ID&limit=N&queue=Q&agent=A&task=T]`:
+/// the stored queue events (offers, answers, abandons, transfers,
+/// presence …) for the reports, oldest first; `next` continues after the
+/// last. An agent reads only their own timeline.
+async fn list_queue_events(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Json<Value>> {
+    let agent = match &role {
+        AcdRole::Agent(me) => {
+            allow(q.get("agent").is_none_or(|a| a == me), OWN_ONLY)?;
+            Some(me.clone())
+        }
+        _ => q.get("agent").cloned(),
+    };
+    let filter = plugboard_engine::acd::EventFilter {
+        queue: q.get("queue").cloned(),
+        agent,
+        task: q.get("task").cloned(),
+    };
+    let limit = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(100);
+    let after = q.get("after").map(String::as_str).unwrap_or("");
+    let events = s.queue_events(&t.id, after, limit, &filter).await?;
+    let next = events
+        .last()
+        .and_then(|e| e["id"].as_str())
+        .map(str::to_string);
+    Ok(Json(json!({"events": events, "next": next})))
+}
+
 /// `GET /v1/tenants/{t}/tasks[?agent=ID]`: an agent sees only theirs.
 async fn list_tasks(
     State(s): State<Arc<Engine>>,
@@ -546,7 +578,8 @@ async fn task_action(
     if let AcdRole::Agent(me) = &role {
         let view = s.task(&t.id, &id)?;
         allow(
-            action != "abandon" && view.agent.as_deref() == Some(me.as_str()),
+            !matches!(action.as_str(), "abandon" | "monitor")
+                && view.agent.as_deref() == Some(me.as_str()),
             OWN_ONLY,
         )?;
     }
@@ -583,14 +616,66 @@ async fn task_action(
                         .to_string(),
                 )
             })?;
-            s.transfer_task(&t.id, &id, to).await?
+            if v["warm"].as_bool() == Some(true) {
+                s.consult_task(&t.id, &id, to).await?
+            } else {
+                s.transfer_task(&t.id, &id, to).await?
+            }
+        }
+        "complete-transfer" => s.end_consult(&t.id, &id, true).await?,
+        "cancel-transfer" => s.end_consult(&t.id, &id, false).await?,
+        "monitor" => {
+            let v: Value = parse_json(&body)?;
+            let mode = match v["mode"].as_str() {
+                Some("stop") => None,
+                Some(m) => Some(
+                    serde_json::from_value::<plugboard_core::MonitorMode>(json!(m)).map_err(
+                        |_| {
+                            ApiError::new(
+                                StatusCode::BAD_REQUEST,
+                                "bad_json",
+                                format!("mode {m:?}: listen, whisper, barge or stop"),
+                            )
+                        },
+                    )?,
+                ),
+                None => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_json",
+                        "{\"mode\": \"listen\" | \"whisper\" | \"barge\" | \"stop\"} is required"
+                            .to_string(),
+                    ));
+                }
+            };
+            // A supervisor joins from their own phone; the tenant's key
+            // names the supervisor.
+            let supervisor = match (&role, v["supervisor"].as_str()) {
+                (AcdRole::Supervisor(me), None) => me.clone(),
+                (AcdRole::Supervisor(me), Some(x)) => {
+                    allow(x == me, OWN_ONLY)?;
+                    me.clone()
+                }
+                (_, Some(x)) => x.to_string(),
+                (_, None) => {
+                    return Err(ApiError::new(
+                        StatusCode::BAD_REQUEST,
+                        "bad_json",
+                        "{\"supervisor\": agent id} is required with the tenant's key".to_string(),
+                    ));
+                }
+            };
+            s.monitor_task(&t.id, &id, &supervisor, mode).await?
         }
         "abandon" => s.abandon_task(&t.id, &id).await?,
         other => {
             return Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                format!("no task action {other:?} (accept, reject, complete, transfer, abandon)"),
+                format!(
+                    "no task action {other:?} (accept, reject, complete, transfer, \
+                     complete-transfer, cancel-transfer, monitor, abandon)"
+                ),
             ));
         }
     };

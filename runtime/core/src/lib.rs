@@ -263,6 +263,18 @@ impl Grants {
     }
 }
 
+/// How a supervisor joins an agent's call (Asterisk's ChanSpy modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MonitorMode {
+    /// Hears both parties; nobody hears the supervisor.
+    Listen,
+    /// Hears both parties; only the agent hears the supervisor (coaching).
+    Whisper,
+    /// Three-way: everyone hears everyone.
+    Barge,
+}
+
 /// Channels an interaction can arrive on.
 #[derive(
     Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord, Hash, Default,
@@ -544,6 +556,18 @@ pub enum EntryKind {
     AgentConnected,
     /// `queue_left`: it left the queue for its flow (`max_wait`, `full`).
     QueueLeft,
+    /// `whisper`: the queue's whisper was played to the agent before the
+    /// customer was connected.
+    Whisper,
+    /// `position`: the waiting customer was told their place and
+    /// expected wait.
+    Position,
+    /// `consult`: a warm transfer's consultation (started, answered,
+    /// failed, completed, cancelled).
+    Consult,
+    /// `monitor`: a supervisor listened, whispered or barged in (or
+    /// stopped, or their phone could not be reached).
+    Monitor,
     /// `media`: media statistics at the end.
     Media,
     /// `media_timeout`: no RTP for too long.

@@ -153,15 +153,131 @@ pub enum TaskNews {
         /// Where to.
         target: String,
     },
+    /// A warm transfer starts: call this target (a number, SIP URI, or
+    /// an agent's phone) for the agent to consult while the customer
+    /// holds.
+    Consult {
+        /// Where to call.
+        target: String,
+        /// The agent consulted, when the target is one: completing hands
+        /// the task to them.
+        agent: Option<String>,
+    },
+    /// The warm transfer ends: completed (the customer goes on with the
+    /// consulted party, the agent leaves) or cancelled (the consulted
+    /// party is hung up, the agent and customer talk again).
+    ConsultEnd {
+        /// Completed rather than cancelled.
+        complete: bool,
+    },
+    /// A supervisor joins the conversation, or changes how (`None`: they
+    /// leave).
+    Monitor {
+        /// The supervisor (an agent id).
+        supervisor: String,
+        /// Their phone's address of record.
+        sip_user: String,
+        /// How; `None` ends it.
+        mode: Option<plugboard_core::MonitorMode>,
+    },
+    /// The queue whispers to the agent before the customer is connected:
+    /// the interaction's `whisper` attribute if the flow set one, else
+    /// the queue's name.
+    Whisper {
+        /// The queue.
+        queue: String,
+    },
+    /// The waiting customer's place (the queue's `announce_every`).
+    Position {
+        /// 1-based position.
+        position: u32,
+        /// Expected wait, if known.
+        expected_wait: Option<std::time::Duration>,
+    },
 }
 
 /// Where a task's news goes.
 pub type TaskWatcher = tokio::sync::mpsc::UnboundedSender<TaskNews>;
 
+/// Record kind of the queue event log.
+const QUEUE_EVENT: &str = "queue_event";
+
+/// An event for the log: tenant, id, the event.
+type Logged = (String, String, Value);
+
+/// Which queue events to read ([`Engine::queue_events`]).
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only this queue's.
+    pub queue: Option<String>,
+    /// Only those naming this agent.
+    pub agent: Option<String>,
+    /// Only this task's.
+    pub task: Option<String>,
+}
+
+impl EventFilter {
+    fn matches(&self, e: &Value) -> bool {
+        let is = |field: &str, want: &Option<String>| {
+            want.as_deref().is_none_or(|w| e[field].as_str() == Some(w))
+        };
+        let agent = self.agent.as_deref().is_none_or(|a| {
+            ["agent", "supervisor", "to", "from"]
+                .iter()
+                .any(|f| e[*f].as_str() == Some(a))
+                || e["event"]["agent"].as_str() == Some(a)
+                || e["event"]["to"].as_str() == Some(a)
+                || e["event"]["from"].as_str() == Some(a)
+        });
+        is("queue", &self.queue) && is("task", &self.task) && agent
+    }
+}
+
+/// Writes the queue event log in the background, in batches (one flush
+/// for all the events that came meanwhile), until the engine is gone.
+fn spawn_event_writer(engine: Weak<Engine>) -> tokio::sync::mpsc::UnboundedSender<Logged> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Logged>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch: HashMap<String, Vec<(String, Value)>> = HashMap::new();
+            let mut add = |(tenant, id, e): Logged| batch.entry(tenant).or_default().push((id, e));
+            add(first);
+            for _ in 0..1000 {
+                match rx.try_recv() {
+                    Ok(e) => add(e),
+                    Err(_) => break,
+                }
+            }
+            let Some(engine) = engine.upgrade() else {
+                return;
+            };
+            for (tenant, events) in batch {
+                if let Err(e) = engine
+                    .store
+                    .set_records(&tenant, QUEUE_EVENT, &events)
+                    .await
+                {
+                    tracing::warn!(
+                        "queue events of {tenant} not stored ({} lost): {e}",
+                        events.len()
+                    );
+                }
+            }
+        }
+    });
+    tx
+}
+
 /// The per-tenant ACDs and their timer task.
 #[derive(Default)]
 pub struct AcdHub {
     started: std::sync::atomic::AtomicBool,
+    /// The UTC day the counts are for (days since the epoch).
+    day: std::sync::atomic::AtomicU64,
+    /// The queue event log's writer.
+    log: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Logged>>>,
+    /// Events logged by this process (part of their ids).
+    logged: std::sync::atomic::AtomicU64,
     tenants: Mutex<HashMap<String, Arc<Mutex<Acd>>>>,
     /// Last known state of every task (for `GET` and for agents' views);
     /// ended ones are kept for [`ENDED_KEPT`], at most [`ENDED_MAX`].
@@ -179,6 +295,24 @@ pub struct AcdHub {
     wake: Arc<Notify>,
 }
 
+impl AcdHub {
+    /// A queue event's id: fixed-width digits that sort by time (ms),
+    /// then by node (a random number per process), then by order here.
+    fn event_id(&self, at_ms: u64) -> String {
+        static NODE: std::sync::OnceLock<u16> = std::sync::OnceLock::new();
+        let node = NODE.get_or_init(|| {
+            let mut b = [0u8; 2];
+            let _ = getrandom::fill(&mut b);
+            u16::from_le_bytes(b) % 10_000
+        });
+        let n = self
+            .logged
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % 1_000_000;
+        format!("{at_ms:013}{node:04}{n:06}")
+    }
+}
+
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -193,6 +327,10 @@ impl AcdHub {
         {
             return;
         }
+        engine.acd.day.store(
+            plugboard_core::now_ms() / 86_400_000,
+            std::sync::atomic::Ordering::SeqCst,
+        );
         let weak: Weak<Engine> = Arc::downgrade(engine);
         let notify = engine.acd.wake.clone();
         tokio::spawn(async move {
@@ -220,6 +358,19 @@ impl AcdHub {
                 }
                 let Some(engine) = weak.upgrade() else { return };
                 let now = Instant::now();
+                // "Today" is the UTC day: the counts start again at
+                // midnight.
+                let day = plugboard_core::now_ms() / 86_400_000;
+                if engine
+                    .acd
+                    .day
+                    .swap(day, std::sync::atomic::Ordering::SeqCst)
+                    != day
+                {
+                    for acd in lock(&engine.acd.tenants).values() {
+                        lock(acd).new_day();
+                    }
+                }
                 let due: Vec<(String, Arc<Mutex<Acd>>)> = lock(&engine.acd.tenants)
                     .iter()
                     .filter(|(_, a)| lock(a).poll_timeout().is_some_and(|t| t <= now))
@@ -444,6 +595,24 @@ impl Engine {
                 false,
             ),
             Output::BackToFlow { task, why } => (task, Some(TaskNews::BackToFlow { why }), true),
+            Output::Position {
+                task,
+                position,
+                expected_wait,
+            } => {
+                if !lock(&self.acd.watchers).contains_key(&(tenant.to_string(), task.clone())) {
+                    // A callback is not on the line: nobody to tell.
+                    return;
+                }
+                (
+                    task,
+                    Some(TaskNews::Position {
+                        position: *position,
+                        expected_wait: *expected_wait,
+                    }),
+                    false,
+                )
+            }
             Output::Event {
                 task,
                 event: E::Completed { .. } | E::Abandoned { .. } | E::TimedOut { .. },
@@ -554,7 +723,7 @@ impl Engine {
                     }
                 }
             }
-            self.publish(tenant, json!({"kind": "acd", "data": output_json(&o)}));
+            self.acd_event(tenant, output_json(&o));
         }
     }
 
@@ -569,9 +738,9 @@ impl Engine {
                 tracing::warn!(
                     "router for task {task} of {tenant}: {e}; the built-in rule decides"
                 );
-                self.publish(
+                self.acd_event(
                     tenant,
-                    json!({"kind": "acd", "data": {"type": "router_failed", "task": task, "error": e.to_string()}}),
+                    json!({"type": "router_failed", "task": task, "error": e.to_string()}),
                 );
                 None
             }
@@ -747,11 +916,13 @@ impl Engine {
         let acd = self.tenant_acd(tenant).await?;
         let records = self.store.records(tenant, AGENT).await?;
         let a = lock(&acd);
+        let now = Instant::now();
         Ok(records
             .into_iter()
             .map(|mut r| {
                 let id = r["id"].as_str().unwrap_or_default().to_string();
                 r["presence"] = json!(a.presence(&id).unwrap_or(&Presence::Offline));
+                r["stats"] = json!(a.agent_stats(now, &id));
                 r
             })
             .collect())
@@ -764,8 +935,80 @@ impl Engine {
         agent: &str,
         presence: Presence,
     ) -> EngineResult<()> {
+        let logged =
+            json!({"type": "presence", "agent": agent, "presence": presence, "by": "agent"});
         self.with_acd(tenant, |a, now| a.set_presence(now, agent, presence))
-            .await
+            .await?;
+        self.acd_event(tenant, logged);
+        Ok(())
+    }
+
+    /// Publishes an ACD event on the tenant's stream and, unless it is
+    /// routing chatter (route, position) or said again by a task event,
+    /// appends it to the tenant's
+    /// queue event log for the reports, with its time and the task's
+    /// queue.
+    pub(crate) fn acd_event(self: &Arc<Self>, tenant: &str, mut data: Value) {
+        self.publish(tenant, json!({"kind": "acd", "data": data.clone()}));
+        // Offers and rescinds are logged as the task events `offered` and
+        // `no_answer`.
+        if matches!(
+            data["type"].as_str(),
+            Some("route" | "position" | "offer" | "rescind")
+        ) {
+            return;
+        }
+        if data["queue"].is_null()
+            && let Some(task) = data["task"].as_str()
+            && let Some(v) = lock(&self.acd.tasks).get(&(tenant.to_string(), task.to_string()))
+        {
+            data["queue"] = json!(v.queue);
+        }
+        let at = plugboard_core::now_ms();
+        let id = self.acd.event_id(at);
+        data["id"] = json!(id);
+        data["at_ms"] = json!(at);
+        let mut log = lock(&self.acd.log);
+        let tx = log.get_or_insert_with(|| spawn_event_writer(Arc::downgrade(self)));
+        let _ = tx.send((tenant.to_string(), id, data));
+    }
+
+    /// The tenant's queue event log after `after` (an event id; from the
+    /// start when empty): at most `limit` events, only those matching
+    /// every filter given (queue, agent — as the agent, the supervisor or
+    /// the one handed to — task).
+    pub async fn queue_events(
+        &self,
+        tenant: &str,
+        after: &str,
+        limit: usize,
+        filter: &EventFilter,
+    ) -> EngineResult<Vec<Value>> {
+        let limit = limit.clamp(1, 1000);
+        let mut out = Vec::new();
+        let mut cursor = after.to_string();
+        // Filtered pages are read until enough match, at most 20 pages.
+        for _ in 0..20 {
+            let page = self
+                .store
+                .records_after(tenant, QUEUE_EVENT, &cursor, 500)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            cursor = last.clone();
+            let full = page.len() < 500;
+            for (_, e) in page {
+                if filter.matches(&e) {
+                    out.push(e);
+                    if out.len() == limit {
+                        return Ok(out);
+                    }
+                }
+            }
+            if full {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     /// Routes a new task in a queue.
@@ -883,7 +1126,9 @@ impl Engine {
             .record(tenant, AGENT, agent)
             .await?
             .ok_or_else(|| CoreError::NotFound(format!("agent {agent}")))?;
-        r["presence"] = json!(lock(&acd).presence(agent).unwrap_or(&Presence::Offline));
+        let a = lock(&acd);
+        r["presence"] = json!(a.presence(agent).unwrap_or(&Presence::Offline));
+        r["stats"] = json!(a.agent_stats(Instant::now(), agent));
         Ok(r)
     }
 
@@ -919,11 +1164,14 @@ impl Engine {
         let view = r?;
         // The queue's settings are in the ACD already (no store read).
         let acd = self.tenant_acd(tenant).await?;
-        let digit = lock(&acd)
+        let queue = lock(&acd)
             .task_info(Instant::now(), &view.id)
-            .and_then(|i| i.queue.callback_digit);
-        if let Some(digit) = digit {
+            .map(|i| i.queue);
+        if let Some(digit) = queue.as_ref().and_then(|q| q.callback_digit) {
             let _ = watcher.send(TaskNews::CallbackDigit { digit });
+        }
+        if let Some(q) = queue.filter(|q| q.whisper) {
+            let _ = watcher.send(TaskNews::Whisper { queue: q.id });
         }
         Ok(view)
     }
@@ -971,9 +1219,139 @@ impl Engine {
         let _ = watcher.send(TaskNews::Transfer {
             target: target.to_string(),
         });
-        self.publish(
+        self.acd_event(
             tenant,
-            json!({"kind": "acd", "data": {"type": "transfer", "task": task, "from": view.agent, "target": target}}),
+            json!({"type": "transfer", "task": task, "agent": view.agent, "target": target}),
+        );
+        self.task(tenant, task)
+    }
+
+    /// The live channel of a connected task, or why there is none.
+    fn live_watcher(&self, tenant: &str, task: &str) -> EngineResult<TaskWatcher> {
+        let view = self.task(tenant, task)?;
+        if view.state != "connected" {
+            return Err(CoreError::Conflict(format!("task {task} is not connected")).into());
+        }
+        lock(&self.acd.watchers)
+            .get(&(tenant.to_string(), task.to_string()))
+            .cloned()
+            .ok_or_else(|| {
+                CoreError::Conflict(format!(
+                    "task {task} has no live call (a task made over the API)"
+                ))
+                .into()
+            })
+    }
+
+    /// An agent's phone, as the address of record a call rings.
+    fn agent_phone(&self, tenant: &str, agent: &str) -> EngineResult<String> {
+        lock(&self.acd.sip_users)
+            .get(&(tenant.to_string(), agent.to_string()))
+            .map(|u| format!("sip:{u}@{tenant}"))
+            .ok_or_else(|| {
+                CoreError::Invalid(format!("agent {agent} has no sip_user (their phone)")).into()
+            })
+    }
+
+    /// Starts a warm transfer of a connected call: the customer holds
+    /// (music) while the agent consults `target` — `agent:A` (their
+    /// phone), a number or a SIP URI — and then completes or cancels it
+    /// ([`Engine::end_consult`]).
+    pub async fn consult_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        target: &str,
+    ) -> EngineResult<TaskView> {
+        let watcher = self.live_watcher(tenant, task)?;
+        let news = if let Some(a) = target.strip_prefix("agent:") {
+            if self.store.record(tenant, AGENT, a).await?.is_none() {
+                return Err(CoreError::NotFound(format!("agent {a}")).into());
+            }
+            TaskNews::Consult {
+                target: self.agent_phone(tenant, a)?,
+                agent: Some(a.to_string()),
+            }
+        } else if target.starts_with("queue:") || target.trim().is_empty() {
+            return Err(CoreError::Invalid(
+                "a warm transfer goes to agent:ID, a number or a SIP URI (to a queue: blind)"
+                    .into(),
+            )
+            .into());
+        } else {
+            TaskNews::Consult {
+                target: target.to_string(),
+                agent: None,
+            }
+        };
+        let _ = watcher.send(news);
+        let agent = self.task(tenant, task).ok().and_then(|v| v.agent);
+        self.acd_event(
+            tenant,
+            json!({"type": "consult", "task": task, "agent": agent, "target": target}),
+        );
+        self.task(tenant, task)
+    }
+
+    /// Ends a warm transfer: `complete` passes the customer to the
+    /// consulted party (the agent leaves and wraps up; a consulted agent
+    /// gets the task), else the consulted party is hung up and the agent
+    /// has the customer back.
+    pub async fn end_consult(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        complete: bool,
+    ) -> EngineResult<TaskView> {
+        let watcher = self.live_watcher(tenant, task)?;
+        let _ = watcher.send(TaskNews::ConsultEnd { complete });
+        self.acd_event(
+            tenant,
+            json!({"type": if complete { "consult_completed" } else { "consult_cancelled" }, "task": task}),
+        );
+        self.task(tenant, task)
+    }
+
+    /// Hands a connected task to the agent a warm transfer consulted.
+    pub async fn hand_over_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        to: &str,
+    ) -> EngineResult<TaskView> {
+        self.with_acd(tenant, |a, now| a.hand_over(now, task, to))
+            .await?;
+        self.task(tenant, task)
+    }
+
+    /// A supervisor joins a connected call from their own phone — to
+    /// listen, whisper to the agent, or barge in — or changes mode, or
+    /// leaves (`None`).
+    pub async fn monitor_task(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        supervisor: &str,
+        mode: Option<plugboard_core::MonitorMode>,
+    ) -> EngineResult<TaskView> {
+        let watcher = self.live_watcher(tenant, task)?;
+        if self
+            .store
+            .record(tenant, AGENT, supervisor)
+            .await?
+            .is_none()
+        {
+            return Err(CoreError::NotFound(format!("agent {supervisor}")).into());
+        }
+        let phone = self.agent_phone(tenant, supervisor)?;
+        let _ = watcher.send(TaskNews::Monitor {
+            supervisor: supervisor.to_string(),
+            sip_user: phone,
+            mode,
+        });
+        self.acd_event(
+            tenant,
+            json!({"type": "monitor", "task": task, "supervisor": supervisor, "mode": mode}),
         );
         self.task(tenant, task)
     }
@@ -1058,7 +1436,9 @@ fn view_change(o: &Output) -> Option<(&str, &'static str, Option<&str>, Option<&
                 E::Rejected { .. } | E::NoAnswer { .. } | E::Overflowed { .. } => {
                     ("waiting", None, None)
                 }
-                E::Accepted { agent } => ("connected", Some(agent.as_str()), None),
+                E::Accepted { agent } | E::HandedOver { to: agent, .. } => {
+                    ("connected", Some(agent.as_str()), None)
+                }
                 E::Completed { agent } => ("completed", Some(agent.as_str()), None),
                 E::Abandoned { .. } => ("abandoned", None, None),
                 E::TimedOut { .. } => ("timed_out", None, None),
@@ -1095,5 +1475,15 @@ fn output_json(o: &Output) -> Value {
         Output::Presence { agent, presence } => {
             json!({"type": "presence", "agent": agent, "presence": presence})
         }
+        Output::Position {
+            task,
+            position,
+            expected_wait,
+        } => json!({
+            "type": "position",
+            "task": task,
+            "position": position,
+            "expected_wait_s": expected_wait.map(|w| w.as_secs()),
+        }),
     }
 }

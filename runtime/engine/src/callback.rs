@@ -156,9 +156,9 @@ impl Engine {
         if let Some(agent) = offered {
             let _ = self.reject_task(tenant, task, &agent).await;
         }
-        self.publish(
+        self.acd_event(
             tenant,
-            serde_json::json!({"kind": "acd", "data": {"type": "callback", "task": task, "queue": cb.queue}}),
+            serde_json::json!({"type": "callback", "task": task, "queue": cb.queue}),
         );
         Ok(true)
     }

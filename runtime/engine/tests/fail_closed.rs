@@ -167,6 +167,18 @@ impl RecordStore for Broken {
     async fn delete_record(&self, _: &str, _: &str, _: &str) -> R<bool> {
         gone()
     }
+    async fn set_records(&self, _: &str, _: &str, _: &[(String, serde_json::Value)]) -> R<()> {
+        gone()
+    }
+    async fn records_after(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: usize,
+    ) -> R<Vec<(String, serde_json::Value)>> {
+        gone()
+    }
 }
 
 #[async_trait]

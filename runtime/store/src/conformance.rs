@@ -488,6 +488,37 @@ pub async fn records(s: &dyn Store) -> Result<(), Failure> {
         ok(s.records("a", "queue").await, "list")?.len() == 1,
         "one left"
     );
+    // A log: a batch at once, then read page by page in id order.
+    let batch: Vec<(String, serde_json::Value)> = (0..25u32)
+        .rev()
+        .map(|n| (format!("{n:06}"), json!({"n": n})))
+        .collect();
+    ok(s.set_records("a", "event", &batch).await, "batch")?;
+    let first = ok(s.records_after("a", "event", "", 10).await, "page 1")?;
+    ensure!(
+        first.len() == 10 && first[0] == ("000000".to_string(), json!({"n": 0})),
+        "first page: {first:?}"
+    );
+    let rest = ok(
+        s.records_after("a", "event", &first[9].0, 100).await,
+        "page 2",
+    )?;
+    ensure!(
+        rest.len() == 15 && rest[0].0 == "000010" && rest[14].0 == "000024",
+        "rest: {rest:?}"
+    );
+    ensure!(
+        ok(s.records_after("a", "event", "000024", 10).await, "end")?.is_empty(),
+        "nothing after the last"
+    );
+    ensure!(
+        ok(s.records_after("a", "queue", "", 10).await, "kind")?.len() == 1,
+        "only that kind"
+    );
+    ensure!(
+        ok(s.records_after("b", "event", "", 10).await, "b")?.is_empty(),
+        "b sees a's log"
+    );
     Ok(())
 }
 

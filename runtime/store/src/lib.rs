@@ -217,6 +217,25 @@ pub trait RecordStore: Send + Sync {
     async fn records(&self, tenant: &str, kind: &str) -> Result<Vec<serde_json::Value>>;
     /// Deletes a record; false if there was none. Durable on return.
     async fn delete_record(&self, tenant: &str, kind: &str, id: &str) -> Result<bool>;
+    /// Stores several records of a kind at once (a log's batch); durable
+    /// on return, with one flush for all.
+    async fn set_records(
+        &self,
+        tenant: &str,
+        kind: &str,
+        records: &[(String, serde_json::Value)],
+    ) -> Result<()>;
+    /// Up to `limit` records of a kind whose ids come after `after` (from
+    /// the first when it is empty), in id order, with their ids: a log
+    /// read page by page when its ids are fixed-width digits that sort by
+    /// time.
+    async fn records_after(
+        &self,
+        tenant: &str,
+        kind: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Value)>>;
 }
 
 /// Everything the runtime stores. Messages get their own trait here as

@@ -813,6 +813,53 @@ impl RecordStore for PgStore {
         .await
         .map(|n| n > 0)
     }
+
+    async fn set_records(
+        &self,
+        tenant: &str,
+        kind: &str,
+        records: &[(String, serde_json::Value)],
+    ) -> Result<()> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let stmt = tx
+            .prepare(
+                "INSERT INTO records (tenant, kind, id, record) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (tenant, kind, id) DO UPDATE SET record = EXCLUDED.record",
+            )
+            .await
+            .map_err(pg)?;
+        for (id, record) in records {
+            let text = record.to_string();
+            tx.execute(&stmt, &[&tenant, &kind, id, &text])
+                .await
+                .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+
+    async fn records_after(
+        &self,
+        tenant: &str,
+        kind: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Value)>> {
+        let c = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = c
+            .query(
+                "SELECT id, record FROM records WHERE tenant = $1 AND kind = $2 AND id > $3
+                 ORDER BY id COLLATE \"C\" LIMIT $4",
+                &[&tenant, &kind, &after, &limit],
+            )
+            .await
+            .map_err(pg)?;
+        self.tenant_if_empty(&c, tenant, rows.is_empty()).await?;
+        rows.iter()
+            .map(|r| Ok((r.get::<_, String>(0), parse(r.get(1))?)))
+            .collect()
+    }
 }
 
 #[async_trait]

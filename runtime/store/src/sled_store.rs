@@ -670,6 +670,49 @@ impl RecordStore for SledStore {
         self.durable().await?;
         Ok(old.is_some())
     }
+
+    async fn set_records(
+        &self,
+        tenant: &str,
+        kind: &str,
+        records: &[(String, serde_json::Value)],
+    ) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        for (id, record) in records {
+            batch.insert(format!("rec/{kind}/{id}").as_bytes(), json(record)?);
+        }
+        self.space(tenant)?.apply_batch(batch).map_err(storage)?;
+        self.durable().await
+    }
+
+    async fn records_after(
+        &self,
+        tenant: &str,
+        kind: &str,
+        after: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, serde_json::Value)>> {
+        use std::ops::Bound;
+        let prefix = format!("rec/{kind}/");
+        let start = if after.is_empty() {
+            Bound::Included(prefix.clone().into_bytes())
+        } else {
+            Bound::Excluded(format!("{prefix}{after}").into_bytes())
+        };
+        self.space(tenant)?
+            .range::<Vec<u8>, _>((start, Bound::Unbounded))
+            .take_while(|kv| {
+                kv.as_ref()
+                    .map_or(true, |(k, _)| k.starts_with(prefix.as_bytes()))
+            })
+            .take(limit)
+            .map(|kv| {
+                let (k, v) = kv.map_err(storage)?;
+                let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                Ok((id, parse(&v)?))
+            })
+            .collect()
+    }
 }
 
 #[async_trait]

@@ -22,9 +22,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plugboard_core::flow::{Action, Event};
-use plugboard_core::{EntryKind, InteractionState};
+use plugboard_core::{EntryKind, InteractionState, MonitorMode};
 use plugboard_media::audio::{self, FRAME};
 use plugboard_media::dtmf::{DtmfMerger, DtmfSource};
+use plugboard_media::mix;
 use serde_json::{Value, json};
 
 /// An action with its audio ready: speech for `say` and gather prompts,
@@ -96,6 +97,27 @@ pub enum Effect {
     },
     /// Tell the ACD the agent's conversation is over (they wrap up).
     TaskDone,
+    /// Call a third party into the agent's conversation on a leg of its
+    /// own (a supervisor, or the party a warm transfer consults) and
+    /// report its progress with [`Ivr::side_leg`].
+    RingSide {
+        /// Which third party.
+        side: Side,
+        /// Whom to call.
+        target: String,
+    },
+    /// End that third party's leg.
+    DropSide(Side),
+    /// A warm transfer completes: the consulted party's leg becomes the
+    /// call's leg (its news comes through [`Ivr::leg`] from now on) and
+    /// the agent's leg ends.
+    PromoteConsult,
+    /// Tell the ACD the task now belongs to the agent a warm transfer
+    /// consulted.
+    HandOver {
+        /// Agent id.
+        agent: String,
+    },
     /// The waiting caller pressed the queue's callback digit: make the
     /// task a callback, tell the caller, and hang up (answer with
     /// [`Ivr::step`] and what to say).
@@ -154,6 +176,67 @@ pub enum Queue {
     Transfer(String),
     /// The caller may press this digit to be called back.
     CallbackDigit(char),
+    /// What to whisper to the agent who answers, before the caller is
+    /// connected (spoken audio).
+    Whisper(Arc<Vec<i16>>),
+    /// Play this to the waiting caller now (their position), then music
+    /// again.
+    Announce(Arc<Vec<i16>>),
+    /// A warm transfer starts: the caller holds while the agent consults
+    /// this target.
+    Consult {
+        /// Whom to call.
+        target: String,
+        /// The agent consulted, if the target is one.
+        agent: Option<String>,
+    },
+    /// The warm transfer completes (true) or is cancelled (false).
+    ConsultEnd(bool),
+    /// A supervisor joins with this mode, changes it, or leaves (`None`).
+    Monitor {
+        /// The supervisor (an agent id).
+        supervisor: String,
+        /// Their phone's address of record.
+        target: String,
+        /// How.
+        mode: Option<MonitorMode>,
+    },
+}
+
+/// A third party in an agent's conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// A supervisor listening, whispering or barging in.
+    Supervisor,
+    /// The party a warm transfer consults.
+    Consult,
+}
+
+/// What each party sent this frame ([`Ivr::tick_all`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Sound<'a> {
+    /// The caller.
+    pub heard: &'a [i16],
+    /// The call's leg (a dialled party, or the agent).
+    pub leg: Option<&'a [i16]>,
+    /// A supervisor's leg.
+    pub supervisor: Option<&'a [i16]>,
+    /// A consulted party's leg.
+    pub consult: Option<&'a [i16]>,
+}
+
+/// What to send each party this frame ([`Ivr::tick_all`]); `None`: nothing
+/// (the leg is not up, or not part of the conversation now).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frames {
+    /// To the caller.
+    pub caller: [i16; FRAME],
+    /// To the call's leg.
+    pub leg: Option<[i16; FRAME]>,
+    /// To a supervisor.
+    pub supervisor: Option<[i16; FRAME]>,
+    /// To a consulted party.
+    pub consult: Option<[i16; FRAME]>,
 }
 
 /// Where a queued call is with the ACD.
@@ -241,8 +324,64 @@ enum Doing {
     Parked,
     /// Calling out: the caller hears ringback.
     Dialing,
+    /// The agent answered and hears the queue's whisper; the caller
+    /// still hears music.
+    Whispering(Clip),
     /// Bridged with the other leg.
     Bridged,
+}
+
+/// A third party's leg in an agent's conversation.
+#[derive(Debug)]
+struct SideLeg {
+    target: String,
+    answered: bool,
+}
+
+/// A supervisor on the call.
+#[derive(Debug)]
+struct Monitoring {
+    leg: SideLeg,
+    supervisor: String,
+    mode: MonitorMode,
+}
+
+/// A warm transfer's consultation.
+#[derive(Debug)]
+struct Consulting {
+    leg: SideLeg,
+    agent: Option<String>,
+}
+
+/// Copies up to a frame of `audio` into a frame (the rest silent).
+fn framed(audio: Option<&[i16]>) -> [i16; FRAME] {
+    let mut f = [0i16; FRAME];
+    if let Some(a) = audio {
+        let n = a.len().min(FRAME);
+        f[..n].copy_from_slice(&a[..n]);
+    }
+    f
+}
+
+/// The next frame of looping music.
+fn music(clip: &[i16], pos: &mut usize, out: &mut [i16; FRAME]) {
+    for s in out.iter_mut() {
+        *s = clip[*pos % clip.len()];
+        *pos += 1;
+    }
+}
+
+/// The next frame of ringback: 425 Hz, 1 s on, 4 s off (ITU-T E.180).
+fn ringback(phase: &mut usize, out: &mut [i16; FRAME]) {
+    for s in out.iter_mut() {
+        let t = *phase % 40_000;
+        *s = if t < 8000 {
+            ((t as f32 * 2.0 * std::f32::consts::PI * 425.0 / 8000.0).sin() * 6000.0) as i16
+        } else {
+            0
+        };
+        *phase += 1;
+    }
 }
 
 /// The leg being dialled or bridged.
@@ -271,6 +410,12 @@ pub struct Ivr {
     ring_phase: usize,
     dialled: Option<Dialled>,
     acd: Option<AcdTask>,
+    /// What the queue whispers to the agent who answers.
+    whisper: Option<Arc<Vec<i16>>>,
+    /// An announcement interrupting the music.
+    announcement: Option<Clip>,
+    monitor: Option<Monitoring>,
+    consult: Option<Consulting>,
     effects: VecDeque<Effect>,
 }
 
@@ -298,6 +443,10 @@ impl Ivr {
             ring_phase: 0,
             dialled: None,
             acd: None,
+            whisper: None,
+            announcement: None,
+            monitor: None,
+            consult: None,
             effects: VecDeque::new(),
         }
     }
@@ -401,10 +550,32 @@ impl Ivr {
     /// One 20 ms frame: `heard` is what the caller sent, `leg_audio` what
     /// the bridged leg sent; returns what the caller hears.
     pub fn tick(&mut self, now: Instant, heard: &[i16], leg_audio: Option<&[i16]>) -> [i16; FRAME] {
+        let sound = Sound {
+            heard,
+            leg: leg_audio,
+            supervisor: None,
+            consult: None,
+        };
+        self.tick_all(now, sound).caller
+    }
+
+    /// One 20 ms frame with every party's audio: returns what each one
+    /// hears. The caller and the agent hear each other; a supervisor is
+    /// mixed in by their mode ([`mix::supervise`]); during a warm
+    /// transfer's consultation the caller hears music while the agent
+    /// talks to the consulted party (ringback until they answer).
+    pub fn tick_all(&mut self, now: Instant, sound: Sound<'_>) -> Frames {
         let mut frame = [0i16; FRAME];
+        let mut out = Frames {
+            caller: frame,
+            leg: None,
+            supervisor: None,
+            consult: None,
+        };
         if !self.answered {
-            return frame;
+            return out;
         }
+        let heard = sound.heard;
         let mut finished: Option<Event> = None;
         match &mut self.doing {
             Doing::Nothing | Doing::Saving { .. } => {}
@@ -476,25 +647,25 @@ impl Ivr {
                     self.doing = Doing::Nothing;
                 }
             }
-            Doing::Parked => {
-                let music = &self.hold_music;
-                for s in frame.iter_mut() {
-                    *s = music[self.moh % music.len()];
-                    self.moh += 1;
+            Doing::Parked => match self.announcement.as_mut() {
+                Some(a) => {
+                    if !a.fill(&mut frame) {
+                        self.announcement = None;
+                    }
+                }
+                None => music(&self.hold_music, &mut self.moh, &mut frame),
+            },
+            Doing::Whispering(clip) => {
+                music(&self.hold_music, &mut self.moh, &mut frame);
+                let mut w = [0i16; FRAME];
+                let more = clip.fill(&mut w);
+                out.leg = Some(w);
+                if !more {
+                    self.doing = Doing::Bridged;
                 }
             }
             Doing::Dialing => {
-                // Ringback: 425 Hz, 1 s on, 4 s off (ITU-T E.180).
-                for s in frame.iter_mut() {
-                    let t = self.ring_phase % 40_000;
-                    *s = if t < 8000 {
-                        ((t as f32 * 2.0 * std::f32::consts::PI * 425.0 / 8000.0).sin() * 6000.0)
-                            as i16
-                    } else {
-                        0
-                    };
-                    self.ring_phase += 1;
-                }
+                ringback(&mut self.ring_phase, &mut frame);
                 if let Some(d) = self.dialled.as_mut()
                     && now > d.deadline
                 {
@@ -504,9 +675,30 @@ impl Ivr {
                 }
             }
             Doing::Bridged => {
-                if let Some(a) = leg_audio {
-                    let n = a.len().min(FRAME);
-                    frame[..n].copy_from_slice(&a[..n]);
+                let supervised = self
+                    .monitor
+                    .as_ref()
+                    .filter(|m| m.leg.answered && self.consult.is_none())
+                    .map(|m| m.mode);
+                if let Some(c) = &self.consult {
+                    // The agent consults; the caller holds.
+                    music(&self.hold_music, &mut self.moh, &mut frame);
+                    if c.leg.answered {
+                        out.leg = Some(framed(sound.consult));
+                        out.consult = Some(framed(sound.leg));
+                    } else {
+                        let mut ring = [0i16; FRAME];
+                        ringback(&mut self.ring_phase, &mut ring);
+                        out.leg = Some(ring);
+                    }
+                } else if let Some(mode) = supervised {
+                    let h = mix::supervise(mode, Some(heard), sound.leg, sound.supervisor);
+                    frame = h.customer;
+                    out.leg = Some(h.agent);
+                    out.supervisor = Some(h.supervisor);
+                } else {
+                    frame = framed(sound.leg);
+                    out.leg = Some(framed(Some(heard)));
                 }
             }
         }
@@ -516,7 +708,8 @@ impl Ivr {
         if matches!(self.doing, Doing::Nothing) && !self.flow_busy {
             self.advance(now);
         }
-        frame
+        out.caller = frame;
+        out
     }
 
     /// The dial leg's (or the rung agent's leg's) progress.
@@ -652,6 +845,55 @@ impl Ivr {
                 self.flow(Event::Timeout);
             }
             Queue::CallbackDigit(d) => t.callback_digit = Some(d),
+            Queue::Whisper(audio) => self.whisper = Some(audio),
+            Queue::Announce(audio) => {
+                if t.agent.is_none() {
+                    self.note(
+                        EntryKind::Position,
+                        json!({"queue": queue, "ms": audio.len() / 8}),
+                    );
+                    self.announcement = Some(Clip::new(audio));
+                }
+            }
+            Queue::Consult { target, agent } => {
+                if t.agent.is_none() || self.consult.is_some() || !self.bridged() {
+                    self.note(
+                        EntryKind::Consult,
+                        json!({"event": "refused", "target": target, "why": "no conversation, or a consultation already"}),
+                    );
+                    return;
+                }
+                self.note(
+                    EntryKind::Consult,
+                    json!({"event": "started", "target": target, "agent": agent}),
+                );
+                self.consult = Some(Consulting {
+                    leg: SideLeg {
+                        target: target.clone(),
+                        answered: false,
+                    },
+                    agent,
+                });
+                self.effects.push_back(Effect::RingSide {
+                    side: Side::Consult,
+                    target,
+                });
+            }
+            Queue::ConsultEnd(true) => self.complete_consult(now),
+            Queue::ConsultEnd(false) => {
+                if let Some(c) = self.consult.take() {
+                    self.note(
+                        EntryKind::Consult,
+                        json!({"event": "cancelled", "target": c.leg.target}),
+                    );
+                    self.effects.push_back(Effect::DropSide(Side::Consult));
+                }
+            }
+            Queue::Monitor {
+                supervisor,
+                target,
+                mode,
+            } => self.monitor(supervisor, target, mode),
             Queue::Transfer(target) => {
                 let Some(agent) = t.agent.take() else {
                     return;
@@ -660,6 +902,7 @@ impl Ivr {
                 // first queue: the new queue (or agent) decides.
                 let priority = t.priority;
                 self.acd = None;
+                self.end_sides("the call was transferred");
                 self.effects.push_back(Effect::DropLeg);
                 self.note(
                     EntryKind::Transfer,
@@ -707,11 +950,22 @@ impl Ivr {
             (Leg::Answered(codec), Some(agent), None) => {
                 t.ringing = None;
                 t.agent = Some(agent.clone());
-                self.doing = Doing::Bridged;
                 self.note(
                     EntryKind::AgentConnected,
                     json!({"queue": queue, "agent": agent, "codec": codec}),
                 );
+                // The queue's whisper first (the caller hears music until
+                // it ends), then the bridge.
+                match self.whisper.clone() {
+                    Some(w) => {
+                        self.note(
+                            EntryKind::Whisper,
+                            json!({"agent": agent, "ms": w.len() / 8}),
+                        );
+                        self.doing = Doing::Whispering(Clip::new(w));
+                    }
+                    None => self.doing = Doing::Bridged,
+                }
                 self.effects
                     .push_back(Effect::State(InteractionState::Connected));
                 self.effects.push_back(Effect::Accept {
@@ -741,8 +995,15 @@ impl Ivr {
                     .push_back(Effect::State(InteractionState::Queued));
                 self.effects.push_back(Effect::Missed { agent });
             }
+            (Leg::Hangup, _, Some(_)) if self.consult.as_ref().is_some_and(|c| c.leg.answered) => {
+                // The agent hung up on a consultation that was answered:
+                // the transfer completes (as with an attended transfer
+                // on a desk phone).
+                self.complete_consult(now);
+            }
             (Leg::Hangup, _, Some(agent)) => {
                 self.acd = None;
+                self.end_sides("the agent hung up");
                 self.note(EntryKind::DialEnded, json!({"agent": agent, "by": "agent"}));
                 self.effects.push_back(Effect::TaskDone);
                 self.doing = Doing::Nothing;
@@ -756,12 +1017,189 @@ impl Ivr {
                 // The agent passes the caller on (blind): their part is
                 // done, and the caller is connected to the new target.
                 self.acd = None;
+                self.end_sides("the agent transferred the call");
                 self.note(EntryKind::Refer, json!({"from": agent, "target": to}));
                 self.effects.push_back(Effect::TaskDone);
                 self.dial(now, to, None, 30, true);
             }
             // News of a leg given up (rescinded) or of another phase.
             _ => {}
+        }
+    }
+
+    /// A supervisor joins, changes mode or leaves.
+    fn monitor(&mut self, supervisor: String, target: String, mode: Option<MonitorMode>) {
+        let talking = self.acd.as_ref().is_some_and(|t| t.agent.is_some());
+        match (mode, self.monitor.as_mut()) {
+            (None, Some(_)) => self.end_monitor("the supervisor left"),
+            (None, None) => {}
+            (Some(_), _) if !talking => {
+                self.note(
+                    EntryKind::Monitor,
+                    json!({"event": "refused", "supervisor": supervisor, "why": "no conversation"}),
+                );
+            }
+            (Some(mode), Some(m)) if m.supervisor == supervisor => {
+                m.mode = mode;
+                self.note(
+                    EntryKind::Monitor,
+                    json!({"event": "mode", "supervisor": supervisor, "mode": mode}),
+                );
+            }
+            (Some(mode), _) => {
+                // Another supervisor takes over.
+                self.end_monitor("another supervisor joined");
+                self.note(
+                    EntryKind::Monitor,
+                    json!({"event": "calling", "supervisor": supervisor, "mode": mode, "target": target}),
+                );
+                self.monitor = Some(Monitoring {
+                    leg: SideLeg {
+                        target: target.clone(),
+                        answered: false,
+                    },
+                    supervisor,
+                    mode,
+                });
+                self.effects.push_back(Effect::RingSide {
+                    side: Side::Supervisor,
+                    target,
+                });
+            }
+        }
+    }
+
+    fn end_monitor(&mut self, why: &str) {
+        if let Some(m) = self.monitor.take() {
+            self.note(
+                EntryKind::Monitor,
+                json!({"event": "ended", "supervisor": m.supervisor, "why": why}),
+            );
+            self.effects.push_back(Effect::DropSide(Side::Supervisor));
+        }
+    }
+
+    /// The agent's conversation ends: third parties leave with it.
+    fn end_sides(&mut self, why: &str) {
+        self.end_monitor(why);
+        if let Some(c) = self.consult.take() {
+            self.note(
+                EntryKind::Consult,
+                json!({"event": "cancelled", "target": c.leg.target, "why": why}),
+            );
+            self.effects.push_back(Effect::DropSide(Side::Consult));
+        }
+    }
+
+    /// The warm transfer completes: the consulted party has the caller.
+    fn complete_consult(&mut self, now: Instant) {
+        let Some(c) = self.consult.take() else {
+            return;
+        };
+        if !c.leg.answered {
+            self.note(
+                EntryKind::Consult,
+                json!({"event": "not_completed", "target": c.leg.target, "why": "not answered yet"}),
+            );
+            self.consult = Some(c);
+            return;
+        }
+        self.end_monitor("the call was transferred");
+        let from = self.acd.as_ref().and_then(|t| t.agent.clone());
+        self.note(
+            EntryKind::Consult,
+            json!({"event": "completed", "target": c.leg.target, "from": from, "agent": c.agent}),
+        );
+        self.note(
+            EntryKind::Transfer,
+            json!({"from": from, "target": c.leg.target, "warm": true}),
+        );
+        self.effects.push_back(Effect::PromoteConsult);
+        self.doing = Doing::Bridged;
+        match (c.agent, self.acd.as_mut()) {
+            (Some(agent), Some(t)) => {
+                // The consulted agent has the task (and its data) now.
+                t.agent = Some(agent.clone());
+                self.effects.push_back(Effect::HandOver { agent });
+            }
+            _ => {
+                // Out of the ACD: the call ends with the new party.
+                self.acd = None;
+                self.effects.push_back(Effect::TaskDone);
+                self.dialled = Some(Dialled {
+                    target: c.leg.target,
+                    transfer: true,
+                    deadline: now + Duration::from_secs(3600),
+                });
+            }
+        }
+    }
+
+    /// A third party's leg: a supervisor's, or a consulted party's.
+    pub fn side_leg(&mut self, side: Side, news: Leg) {
+        match side {
+            Side::Supervisor => {
+                let Some(m) = self.monitor.as_mut() else {
+                    return;
+                };
+                let supervisor = m.supervisor.clone();
+                match news {
+                    Leg::Answered(_) => {
+                        m.leg.answered = true;
+                        let mode = m.mode;
+                        self.note(
+                            EntryKind::Monitor,
+                            json!({"event": "joined", "supervisor": supervisor, "mode": mode}),
+                        );
+                    }
+                    Leg::Unavailable(why) | Leg::Failed(_, why) => {
+                        self.monitor = None;
+                        self.note(
+                            EntryKind::Monitor,
+                            json!({"event": "failed", "supervisor": supervisor, "why": why}),
+                        );
+                    }
+                    Leg::Hangup => {
+                        self.monitor = None;
+                        self.note(
+                            EntryKind::Monitor,
+                            json!({"event": "ended", "supervisor": supervisor, "why": "the supervisor hung up"}),
+                        );
+                    }
+                    Leg::Ringing | Leg::Refer(_) => {}
+                }
+            }
+            Side::Consult => {
+                let Some(c) = self.consult.as_mut() else {
+                    return;
+                };
+                let target = c.leg.target.clone();
+                match news {
+                    Leg::Answered(_) => {
+                        c.leg.answered = true;
+                        self.note(
+                            EntryKind::Consult,
+                            json!({"event": "answered", "target": target}),
+                        );
+                    }
+                    // The agent has the caller back.
+                    Leg::Unavailable(why) | Leg::Failed(_, why) => {
+                        self.consult = None;
+                        self.note(
+                            EntryKind::Consult,
+                            json!({"event": "failed", "target": target, "why": why}),
+                        );
+                    }
+                    Leg::Hangup => {
+                        self.consult = None;
+                        self.note(
+                            EntryKind::Consult,
+                            json!({"event": "ended", "target": target, "by": "consulted party"}),
+                        );
+                    }
+                    Leg::Ringing | Leg::Refer(_) => {}
+                }
+            }
         }
     }
 
@@ -963,6 +1401,9 @@ impl Ivr {
             ringing: None,
             agent: None,
         });
+        // The new queue tells whether it whispers.
+        self.whisper = None;
+        self.announcement = None;
         self.doing = Doing::Parked;
         self.effects.push_back(Effect::Enqueue {
             queue,
@@ -1469,6 +1910,210 @@ mod tests {
         }
         let (_, acts) = sim.frames_until_act(5);
         assert_eq!(acts, vec![Effect::Hangup("flow finished".into())]);
+    }
+
+    /// A queued call connected with `agent` (news drained).
+    fn connected(agent: &str) -> Sim {
+        let mut sim = queued();
+        sim.ivr.queue(sim.now, offer(agent));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        sim.acts();
+        sim.step(vec![]);
+        sim
+    }
+
+    /// One frame with every party's audio (constant values).
+    fn all(sim: &mut Sim, caller: i16, leg: i16, sup: i16, consult: i16) -> Frames {
+        let (c, l, s, k) = (
+            [caller; FRAME],
+            [leg; FRAME],
+            [sup; FRAME],
+            [consult; FRAME],
+        );
+        let out = sim.ivr.tick_all(
+            sim.now,
+            Sound {
+                heard: &c,
+                leg: Some(&l),
+                supervisor: Some(&s),
+                consult: Some(&k),
+            },
+        );
+        sim.now += PTIME;
+        out
+    }
+
+    #[test]
+    fn the_agent_hears_the_whisper_before_the_caller_is_connected() {
+        let mut sim = queued();
+        sim.ivr
+            .queue(sim.now, Queue::Whisper(Arc::new(vec![321; FRAME * 2])));
+        sim.ivr.queue(sim.now, offer("ann"));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        let effects = sim.effects();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Note(EntryKind::Whisper, d) if d["agent"] == "ann"))
+        );
+        for _ in 0..2 {
+            let f = all(&mut sim, 5, 7, 0, 0);
+            assert_eq!(f.caller, [1000; FRAME], "the caller still hears music");
+            assert_eq!(f.leg, Some([321; FRAME]), "the agent hears the whisper");
+        }
+        let f = all(&mut sim, 5, 7, 0, 0);
+        assert_eq!((f.caller, f.leg), ([7; FRAME], Some([5; FRAME])));
+    }
+
+    #[test]
+    fn a_position_announcement_interrupts_the_music_then_it_resumes() {
+        let mut sim = queued();
+        sim.ivr
+            .queue(sim.now, Queue::Announce(Arc::new(vec![42; FRAME])));
+        assert_eq!(sim.frame(), [42; FRAME]);
+        assert_eq!(sim.frame(), [1000; FRAME]);
+        // Not while talking to an agent.
+        let mut sim = connected("ann");
+        sim.ivr
+            .queue(sim.now, Queue::Announce(Arc::new(vec![42; FRAME])));
+        assert_eq!(sim.frame_with(0, Some(&[9; FRAME])), [9; FRAME]);
+    }
+
+    #[test]
+    fn a_supervisor_listens_whispers_and_barges() {
+        let mut sim = connected("ann");
+        let monitor = |mode| Queue::Monitor {
+            supervisor: "sam".into(),
+            target: "sip:sam@acme".into(),
+            mode,
+        };
+        sim.ivr.queue(sim.now, monitor(Some(MonitorMode::Listen)));
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::RingSide {
+                side: Side::Supervisor,
+                target: "sip:sam@acme".into()
+            }]
+        );
+        // Until Sam answers, nothing changes.
+        let f = all(&mut sim, 1, 10, 100, 0);
+        assert_eq!(
+            (f.caller, f.leg, f.supervisor),
+            ([10; FRAME], Some([1; FRAME]), None)
+        );
+        sim.ivr.side_leg(Side::Supervisor, Leg::Answered("PCMU"));
+        let f = all(&mut sim, 1, 10, 100, 0);
+        assert_eq!(f.caller, [10; FRAME]);
+        assert_eq!(f.leg, Some([1; FRAME]));
+        assert_eq!(f.supervisor, Some([11; FRAME]), "Sam hears both");
+        sim.ivr.queue(sim.now, monitor(Some(MonitorMode::Whisper)));
+        let f = all(&mut sim, 1, 10, 100, 0);
+        assert_eq!(f.caller, [10; FRAME], "the caller does not hear a whisper");
+        assert_eq!(f.leg, Some([101; FRAME]));
+        sim.ivr.queue(sim.now, monitor(Some(MonitorMode::Barge)));
+        let f = all(&mut sim, 1, 10, 100, 0);
+        assert_eq!(f.caller, [110; FRAME]);
+        sim.ivr.queue(sim.now, monitor(None));
+        assert_eq!(sim.acts(), vec![Effect::DropSide(Side::Supervisor)]);
+        let f = all(&mut sim, 1, 10, 100, 0);
+        assert_eq!((f.caller, f.supervisor), ([10; FRAME], None));
+        // The agent hanging up ends a supervisor's part too.
+        sim.ivr.queue(sim.now, monitor(Some(MonitorMode::Listen)));
+        sim.acts();
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert_eq!(
+            sim.acts(),
+            vec![
+                Effect::DropSide(Side::Supervisor),
+                Effect::TaskDone,
+                Effect::Hangup("the agent hung up".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_warm_transfer_to_an_agent_consults_then_hands_the_task_over() {
+        let mut sim = connected("ann");
+        sim.ivr.queue(
+            sim.now,
+            Queue::Consult {
+                target: "sip:bob@acme".into(),
+                agent: Some("bob".into()),
+            },
+        );
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::RingSide {
+                side: Side::Consult,
+                target: "sip:bob@acme".into()
+            }]
+        );
+        // Ringing: the caller holds with music, Ann hears ringback.
+        let f = all(&mut sim, 1, 10, 0, 1000);
+        assert_eq!(f.caller, [1000; FRAME]);
+        assert_ne!(f.leg, Some([1; FRAME]));
+        // Completing before Bob answers does nothing yet.
+        sim.ivr.queue(sim.now, Queue::ConsultEnd(true));
+        assert!(sim.acts().is_empty());
+        sim.ivr.side_leg(Side::Consult, Leg::Answered("PCMU"));
+        let f = all(&mut sim, 1, 10, 0, 1000);
+        assert_eq!(f.caller, [1000; FRAME], "the caller still holds");
+        assert_eq!((f.leg, f.consult), (Some([1000; FRAME]), Some([10; FRAME])));
+        sim.ivr.queue(sim.now, Queue::ConsultEnd(true));
+        assert_eq!(
+            sim.acts(),
+            vec![
+                Effect::PromoteConsult,
+                Effect::HandOver {
+                    agent: "bob".into()
+                }
+            ]
+        );
+        // Bob's leg is the call's leg now; the caller talks to Bob, and
+        // his hanging up ends the task.
+        assert_eq!(sim.frame_with(0, Some(&[55; FRAME])), [55; FRAME]);
+        assert_eq!(sim.ivr.task(), TaskPhase::Connected);
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::TaskDone, Effect::Hangup("the agent hung up".into())]
+        );
+    }
+
+    #[test]
+    fn a_cancelled_or_failed_consultation_gives_the_agent_the_caller_back() {
+        let mut sim = connected("ann");
+        let consult = Queue::Consult {
+            target: "+15550999".into(),
+            agent: None,
+        };
+        sim.ivr.queue(sim.now, consult.clone());
+        sim.acts();
+        sim.ivr
+            .side_leg(Side::Consult, Leg::Failed(486, "Busy Here".into()));
+        let f = all(&mut sim, 1, 10, 0, 0);
+        assert_eq!((f.caller, f.leg), ([10; FRAME], Some([1; FRAME])));
+        sim.ivr.queue(sim.now, consult.clone());
+        sim.acts();
+        sim.ivr.side_leg(Side::Consult, Leg::Answered("PCMA"));
+        sim.ivr.queue(sim.now, Queue::ConsultEnd(false));
+        assert_eq!(sim.acts(), vec![Effect::DropSide(Side::Consult)]);
+        let f = all(&mut sim, 1, 10, 0, 0);
+        assert_eq!((f.caller, f.leg), ([10; FRAME], Some([1; FRAME])));
+        // To a number, completing ends Ann's task; the call goes on with
+        // the number and ends with it.
+        sim.ivr.queue(sim.now, consult);
+        sim.acts();
+        sim.ivr.side_leg(Side::Consult, Leg::Answered("PCMA"));
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert_eq!(sim.acts(), vec![Effect::PromoteConsult, Effect::TaskDone]);
+        assert_eq!(sim.ivr.task(), TaskPhase::None);
+        assert_eq!(sim.frame_with(0, Some(&[66; FRAME])), [66; FRAME]);
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        assert_eq!(
+            sim.acts(),
+            vec![Effect::Hangup("transferred call ended".into())]
+        );
     }
 
     #[test]

@@ -66,9 +66,16 @@ pub(crate) fn spawn_runner(ctx: Ctx) {
                         let _ = tx.send(CallCmd::Queue(Queue::Rescind(agent)));
                     }
                 }
+                // A callback's conversation is not transferred or
+                // supervised over the API yet; it has nobody waiting.
                 TaskNews::BackToFlow { .. }
                 | TaskNews::Transfer { .. }
-                | TaskNews::CallbackDigit { .. } => {}
+                | TaskNews::CallbackDigit { .. }
+                | TaskNews::Consult { .. }
+                | TaskNews::ConsultEnd { .. }
+                | TaskNews::Monitor { .. }
+                | TaskNews::Whisper { .. }
+                | TaskNews::Position { .. } => {}
             }
         }
     });

@@ -36,7 +36,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::VoiceConfig;
 use crate::clock::{DEPTH, Frame, MediaClock, PTIME, Stream};
-use crate::ivr::{Effect, Ivr, Leg, Prepared, Queue, Saved, TaskPhase};
+use crate::ivr::{Effect, Ivr, Leg, Prepared, Queue, Saved, Side, Sound, TaskPhase};
 use crate::ports::{MediaSockets, PortPair, PortPool};
 use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
 use media::{CallerMedia, OutLeg};
@@ -73,6 +73,8 @@ enum AcdNews {
     /// The caller left while waiting (from this number: a callback, if
     /// the queue says so).
     Left(String),
+    /// A warm transfer gave the task to this agent.
+    HandOver(String),
 }
 type SaveTask = JoinHandle<Result<Saved, String>>;
 
@@ -104,6 +106,10 @@ struct Call {
     cname: String,
     pool: PortPool,
     leg: Option<OutLeg>,
+    /// A supervisor's leg.
+    sup: Option<OutLeg>,
+    /// A warm transfer's consulted party.
+    consult: Option<OutLeg>,
     self_tx: mpsc::UnboundedSender<CallCmd>,
 }
 
@@ -160,6 +166,8 @@ pub(crate) async fn run(spec: CallSpec) {
         cname,
         pool,
         leg: None,
+        sup: None,
+        consult: None,
         self_tx,
     };
     call.main(&sockets, &mut cmds).await;
@@ -204,6 +212,8 @@ impl Call {
         let mut rbuf = vec![0u8; 2048];
         let ring_limit = Instant::now() + Duration::from_secs(64);
         let mut lbuf = vec![0u8; 2048];
+        let mut sbuf = vec![0u8; 2048];
+        let mut cbuf = vec![0u8; 2048];
         while self.ended.is_none() {
             // The record as it stands is written when an agent is offered
             // or takes the call: their screen shows it (and other nodes).
@@ -216,10 +226,22 @@ impl Call {
                 }
             }
             let leg_sockets = self.leg.as_ref().map(|l| l.sockets.clone());
+            let sup_sockets = self.sup.as_ref().map(|l| l.sockets.clone());
+            let consult_sockets = self.consult.as_ref().map(|l| l.sockets.clone());
             tokio::select! {
                 r = recv_leg(leg_sockets.as_deref(), &mut lbuf) => {
                     if let (Ok((n, src)), Some(leg)) = (r, self.leg.as_mut()) {
                         leg.rtp(&lbuf[..n], src, self.started);
+                    }
+                }
+                r = recv_leg(sup_sockets.as_deref(), &mut sbuf) => {
+                    if let (Ok((n, src)), Some(leg)) = (r, self.sup.as_mut()) {
+                        leg.rtp(&sbuf[..n], src, self.started);
+                    }
+                }
+                r = recv_leg(consult_sockets.as_deref(), &mut cbuf) => {
+                    if let (Ok((n, src)), Some(leg)) = (r, self.consult.as_mut()) {
+                        leg.rtp(&cbuf[..n], src, self.started);
                     }
                 }
                 _ = tick.tick() => {
@@ -339,9 +361,60 @@ impl Call {
             TaskNews::BackToFlow { why } => Queue::BackToFlow(why.to_string()),
             TaskNews::Transfer { target } => Queue::Transfer(target),
             TaskNews::CallbackDigit { digit } => Queue::CallbackDigit(digit),
+            TaskNews::Consult { target, agent } => Queue::Consult { target, agent },
+            TaskNews::ConsultEnd { complete } => Queue::ConsultEnd(complete),
+            TaskNews::Monitor {
+                supervisor,
+                sip_user,
+                mode,
+            } => Queue::Monitor {
+                supervisor,
+                target: sip_user,
+                mode,
+            },
+            TaskNews::Whisper { queue } => {
+                // The flow's own words for the agent, else the queue's name.
+                let text = self
+                    .session
+                    .as_ref()
+                    .and_then(|s| s.interaction.attributes.get("whisper").cloned())
+                    .unwrap_or(queue);
+                self.speak_then(text, Queue::Whisper);
+                return;
+            }
+            TaskNews::Position {
+                position,
+                expected_wait,
+            } => {
+                let mut text = format!("You are number {position} in the queue.");
+                if let Some(w) = expected_wait {
+                    let minutes = w.as_secs().div_ceil(60).max(1);
+                    let unit = if minutes == 1 { "minute" } else { "minutes" };
+                    text.push_str(&format!(" The expected wait is about {minutes} {unit}."));
+                }
+                text.push_str(" Thank you for waiting.");
+                self.speak_then(text, Queue::Announce);
+                return;
+            }
         };
         self.ivr.queue(Instant::now(), news);
         self.run_effects();
+    }
+
+    /// Speaks `text` (the built-in voice) in the background and hands the
+    /// audio to the IVR as `news`; nothing if speech fails.
+    fn speak_then(&self, text: String, news: fn(Arc<Vec<i16>>) -> Queue) {
+        let (tts, me) = (self.tts.clone(), self.self_tx.clone());
+        let voice = plugboard_media::tts::voice_for(None, None);
+        tokio::spawn(async move {
+            match tokio::task::spawn_blocking(move || tts.speak(&text, &voice)).await {
+                Ok(Ok(audio)) => {
+                    let _ = me.send(CallCmd::Queue(news(audio)));
+                }
+                Ok(Err(e)) => tracing::warn!("speech for the queue: {e}"),
+                Err(e) => tracing::warn!("speech for the queue: {e}"),
+            }
+        });
     }
 
     fn tenant(&self) -> String {
@@ -414,6 +487,7 @@ impl Call {
                 AcdNews::Accept(a) => app.accept_task(&tenant, &task, a).await.map(drop),
                 AcdNews::Missed(a) => app.missed_task(&tenant, &task, a).await.map(drop),
                 AcdNews::Complete => app.complete_task(&tenant, &task).await.map(drop),
+                AcdNews::HandOver(a) => app.hand_over_task(&tenant, &task, a).await.map(drop),
                 AcdNews::Left(number) => app
                     .abandon_or_call_back(&tenant, &task, number)
                     .await
@@ -428,6 +502,10 @@ impl Call {
                     let _ = me.send(CallCmd::Queue(Queue::AcceptFailed(e.to_string())));
                 }
                 // An offer the ACD already took back, a task already over.
+                Err(e) if matches!(news, AcdNews::HandOver(_)) => {
+                    // The consulted agent has the caller all the same.
+                    tracing::warn!("ACD {news:?} for task {task}: {e}");
+                }
                 Err(e) => tracing::debug!("ACD {news:?} for task {task}: {e}"),
                 Ok(_) => {}
             }
@@ -481,6 +559,21 @@ impl Call {
         }
     }
 
+    /// A third party's leg.
+    fn side(&mut self, side: Side) -> &mut Option<OutLeg> {
+        match side {
+            Side::Supervisor => &mut self.sup,
+            Side::Consult => &mut self.consult,
+        }
+    }
+
+    /// Ends a third party's leg now, if there is one.
+    fn drop_side(&mut self, side: Side) {
+        if let Some(leg) = self.side(side).take() {
+            let _ = self.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
+        }
+    }
+
     /// Carries out what the IVR asks, in order.
     fn run_effects(&mut self) {
         while let Some(effect) = self.ivr.poll_effect() {
@@ -516,6 +609,23 @@ impl Call {
                     self.drop_leg();
                     self.start_dial(target, None, None);
                 }
+                Effect::RingSide { side, target } => {
+                    self.drop_side(side);
+                    match self.dial_leg(target, None, None) {
+                        Some(leg) => *self.side(side) = Some(leg),
+                        None => self
+                            .ivr
+                            .side_leg(side, Leg::Unavailable("no free RTP ports".into())),
+                    }
+                }
+                Effect::DropSide(side) => self.drop_side(side),
+                Effect::PromoteConsult => {
+                    if let Some(leg) = self.consult.take() {
+                        self.drop_leg();
+                        self.leg = Some(leg);
+                    }
+                }
+                Effect::HandOver { agent } => self.tell_acd(AcdNews::HandOver(agent)),
                 Effect::Missed { agent } => self.tell_acd(AcdNews::Missed(agent)),
                 Effect::Accept { agent } => self.tell_acd(AcdNews::Accept(agent)),
                 Effect::TaskDone => self.tell_acd(AcdNews::Complete),
@@ -582,11 +692,23 @@ impl Call {
     /// Calls out on a new leg (noted as `kind`, if any); the caller hears
     /// ringback meanwhile, or music when an agent's phone is rung.
     fn start_dial(&mut self, target: String, caller_id: Option<String>, kind: Option<EntryKind>) {
-        let Some((out_leg, offer)) = media::new_leg(&self.pool, &self.config) else {
-            self.ivr
-                .leg(Instant::now(), Leg::Unavailable("no free RTP ports".into()));
-            return;
-        };
+        match self.dial_leg(target, caller_id, kind) {
+            Some(leg) => self.leg = Some(leg),
+            None => self
+                .ivr
+                .leg(Instant::now(), Leg::Unavailable("no free RTP ports".into())),
+        }
+    }
+
+    /// A new outbound leg calling `target` (noted as `kind`, if any);
+    /// `None` if no media ports are free.
+    fn dial_leg(
+        &mut self,
+        target: String,
+        caller_id: Option<String>,
+        kind: Option<EntryKind>,
+    ) -> Option<OutLeg> {
+        let (out_leg, offer) = media::new_leg(&self.pool, &self.config)?;
         let key = out_leg.key.clone();
         let interaction = self.session.as_ref().map(|s| &s.interaction);
         let tenant = interaction.map(|i| i.tenant.clone()).unwrap_or_default();
@@ -607,10 +729,16 @@ impl Call {
                 call,
             });
         });
-        self.leg = Some(out_leg);
+        Some(out_leg)
     }
 
     fn on_leg(&mut self, key: DialogKey, ev: LegEvent) {
+        for side in [Side::Supervisor, Side::Consult] {
+            if self.side(side).as_ref().is_some_and(|l| l.key == key) {
+                self.on_side_leg(side, ev);
+                return;
+            }
+        }
         // Events of a leg we already left (after a REFER) are stale.
         let Some(leg) = self.leg.as_mut().filter(|l| l.key == key) else {
             return;
@@ -637,6 +765,30 @@ impl Call {
             }
         };
         self.ivr.leg(Instant::now(), news);
+    }
+
+    /// News of a third party's leg.
+    fn on_side_leg(&mut self, side: Side, ev: LegEvent) {
+        let news = match ev {
+            LegEvent::Ringing => Leg::Ringing,
+            LegEvent::Answered(n) => {
+                if let Some(leg) = self.side(side).as_mut() {
+                    leg.answered(&n);
+                }
+                Leg::Answered(n.law.name())
+            }
+            LegEvent::Failed(status, reason) => {
+                *self.side(side) = None;
+                Leg::Failed(status, reason)
+            }
+            // A third party does not transfer the call: their REFER ends
+            // their part.
+            LegEvent::Refer(_) | LegEvent::Hangup => {
+                *self.side(side) = None;
+                Leg::Hangup
+            }
+        };
+        self.ivr.side_leg(side, news);
     }
 
     /// Ends the call from our side (BYE), unless it has already ended;
@@ -676,18 +828,27 @@ impl Call {
         // What the caller sent: to the IVR (recording, in-band DTMF) or,
         // when bridged, to the other leg.
         let heard = self.media.heard();
-        let bridged = self.ivr.bridged();
-        let leg_audio = self
-            .leg
-            .as_mut()
-            .filter(|_| bridged)
-            .and_then(|l| l.audio());
-        let frame = self.ivr.tick(now, &heard, leg_audio.as_deref());
-        let out = self.media.frame(&frame);
-        if self.ivr.bridged()
-            && let Some(leg) = self.leg.as_mut()
-        {
-            leg.send(&heard);
+        let leg = self.leg.as_mut().and_then(|l| l.audio());
+        let sup = self.sup.as_mut().and_then(|l| l.audio());
+        let consult = self.consult.as_mut().and_then(|l| l.audio());
+        let frames = self.ivr.tick_all(
+            now,
+            Sound {
+                heard: &heard,
+                leg: leg.as_deref(),
+                supervisor: sup.as_deref(),
+                consult: consult.as_deref(),
+            },
+        );
+        let out = self.media.frame(&frames.caller);
+        for (to, frame) in [
+            (self.leg.as_mut(), frames.leg),
+            (self.sup.as_mut(), frames.supervisor),
+            (self.consult.as_mut(), frames.consult),
+        ] {
+            if let (Some(to), Some(frame)) = (to, frame) {
+                to.send(&frame);
+            }
         }
         for d in self.media.inband(&heard) {
             self.ivr.digit(now, d, DtmfSource::InBand);
@@ -716,6 +877,8 @@ impl Call {
         // lateness.
         let late = self.stream.stats();
         self.drop_leg();
+        self.drop_side(Side::Supervisor);
+        self.drop_side(Side::Consult);
         // The ACD learns the call is over: a caller who leaves while
         // waiting has abandoned; a conversation ends the agent's task.
         match self.ivr.task() {
