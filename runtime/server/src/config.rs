@@ -75,6 +75,8 @@ pub struct SipSection {
     pub answer_delay_ms: Option<u64>,
     /// Challenge with MD5 before SHA-256.
     pub digest_md5_first: Option<bool>,
+    /// Challenge with MD5 only.
+    pub digest_md5_only: Option<bool>,
     /// The espeak-ng program.
     pub espeak: Option<PathBuf>,
     /// Hang up after this long without RTP from the caller, s.

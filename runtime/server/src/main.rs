@@ -113,6 +113,10 @@ struct ServeArgs {
     /// first challenge).
     #[arg(long)]
     digest_md5_first: bool,
+    /// Challenge with MD5 only (for phones that refuse a request when any
+    /// challenge names an algorithm they lack, such as baresip 1.0).
+    #[arg(long)]
+    digest_md5_only: bool,
     /// The espeak-ng program for built-in text-to-speech [default: espeak-ng].
     #[arg(long, env = "PLUGBOARD_ESPEAK")]
     espeak: Option<PathBuf>,
@@ -488,6 +492,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
                     .or_else(|| sip.espeak.clone())
                     .unwrap_or(defaults.espeak),
                 digest_md5_first: args.digest_md5_first || sip.digest_md5_first.unwrap_or(false),
+                digest_md5_only: args.digest_md5_only || sip.digest_md5_only.unwrap_or(false),
                 rtp_timeout: sip
                     .rtp_timeout_s
                     .map(Duration::from_secs)
@@ -541,6 +546,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             "public_ip": v.public_ip.map(|ip| ip.to_string()),
             "answer_delay_ms": v.answer_delay.as_millis() as u64,
             "digest_md5_first": v.digest_md5_first,
+            "digest_md5_only": v.digest_md5_only,
             "espeak": v.espeak.display().to_string(),
             "rtp_timeout_s": v.rtp_timeout.as_secs(),
             "max_call_s": v.max_call.as_secs(),

@@ -176,6 +176,10 @@ pub enum Queue {
     Transfer(String),
     /// The caller may press this digit to be called back.
     CallbackDigit(char),
+    /// The queue whispers to the agent who answers: its audio is being
+    /// prepared (an agent who answers before it is ready waits for it,
+    /// for up to [`WHISPER_WAIT`]).
+    WhisperComing,
     /// What to whisper to the agent who answers, before the caller is
     /// connected (spoken audio).
     Whisper(Arc<Vec<i16>>),
@@ -327,6 +331,9 @@ enum Doing {
     /// The agent answered and hears the queue's whisper; the caller
     /// still hears music.
     Whispering(Clip),
+    /// The agent answered before the whisper's audio was ready: it is
+    /// awaited until then (music for the caller, silence for the agent).
+    AwaitWhisper(Instant),
     /// Bridged with the other leg.
     Bridged,
 }
@@ -410,14 +417,19 @@ pub struct Ivr {
     ring_phase: usize,
     dialled: Option<Dialled>,
     acd: Option<AcdTask>,
-    /// What the queue whispers to the agent who answers.
-    whisper: Option<Arc<Vec<i16>>>,
+    /// What the queue whispers to the agent who answers (`Some` with no
+    /// audio: being prepared).
+    whisper: Option<Option<Arc<Vec<i16>>>>,
     /// An announcement interrupting the music.
     announcement: Option<Clip>,
     monitor: Option<Monitoring>,
     consult: Option<Consulting>,
     effects: VecDeque<Effect>,
 }
+
+/// How long an agent who answered waits for the whisper's audio before
+/// the caller is connected without it.
+pub const WHISPER_WAIT: Duration = Duration::from_secs(2);
 
 /// Digits typed ahead of a gather that are kept.
 const TYPEAHEAD: usize = 32;
@@ -655,6 +667,17 @@ impl Ivr {
                 }
                 None => music(&self.hold_music, &mut self.moh, &mut frame),
             },
+            Doing::AwaitWhisper(until) => {
+                music(&self.hold_music, &mut self.moh, &mut frame);
+                out.leg = Some([0; FRAME]);
+                if now >= *until {
+                    self.note(
+                        EntryKind::Whisper,
+                        json!({"skipped": "its speech was not ready"}),
+                    );
+                    self.doing = Doing::Bridged;
+                }
+            }
             Doing::Whispering(clip) => {
                 music(&self.hold_music, &mut self.moh, &mut frame);
                 let mut w = [0i16; FRAME];
@@ -845,7 +868,13 @@ impl Ivr {
                 self.flow(Event::Timeout);
             }
             Queue::CallbackDigit(d) => t.callback_digit = Some(d),
-            Queue::Whisper(audio) => self.whisper = Some(audio),
+            Queue::WhisperComing => self.whisper = Some(None),
+            Queue::Whisper(audio) => {
+                self.whisper = Some(Some(audio.clone()));
+                if matches!(self.doing, Doing::AwaitWhisper(_)) {
+                    self.start_whisper(audio);
+                }
+            }
             Queue::Announce(audio) => {
                 if t.agent.is_none() {
                     self.note(
@@ -957,13 +986,8 @@ impl Ivr {
                 // The queue's whisper first (the caller hears music until
                 // it ends), then the bridge.
                 match self.whisper.clone() {
-                    Some(w) => {
-                        self.note(
-                            EntryKind::Whisper,
-                            json!({"agent": agent, "ms": w.len() / 8}),
-                        );
-                        self.doing = Doing::Whispering(Clip::new(w));
-                    }
+                    Some(Some(w)) => self.start_whisper(w),
+                    Some(None) => self.doing = Doing::AwaitWhisper(now + WHISPER_WAIT),
                     None => self.doing = Doing::Bridged,
                 }
                 self.effects
@@ -1025,6 +1049,16 @@ impl Ivr {
             // News of a leg given up (rescinded) or of another phase.
             _ => {}
         }
+    }
+
+    /// The agent hears the whisper, then the caller.
+    fn start_whisper(&mut self, audio: Arc<Vec<i16>>) {
+        let agent = self.acd.as_ref().and_then(|t| t.agent.clone());
+        self.note(
+            EntryKind::Whisper,
+            json!({"agent": agent, "ms": audio.len() / 8}),
+        );
+        self.doing = Doing::Whispering(Clip::new(audio));
     }
 
     /// A supervisor joins, changes mode or leaves.
@@ -1963,6 +1997,32 @@ mod tests {
         }
         let f = all(&mut sim, 5, 7, 0, 0);
         assert_eq!((f.caller, f.leg), ([7; FRAME], Some([5; FRAME])));
+    }
+
+    #[test]
+    fn an_agent_who_answers_before_the_whisper_is_ready_waits_for_it_briefly() {
+        let mut sim = queued();
+        sim.ivr.queue(sim.now, Queue::WhisperComing);
+        sim.ivr.queue(sim.now, offer("ann"));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        sim.acts();
+        let f = all(&mut sim, 5, 7, 0, 0);
+        assert_eq!((f.caller, f.leg), ([1000; FRAME], Some([0; FRAME])));
+        sim.ivr
+            .queue(sim.now, Queue::Whisper(Arc::new(vec![321; FRAME])));
+        assert_eq!(all(&mut sim, 5, 7, 0, 0).leg, Some([321; FRAME]));
+        assert_eq!(all(&mut sim, 5, 7, 0, 0).caller, [7; FRAME]);
+        // Speech that never comes delays the caller by WHISPER_WAIT only.
+        let mut sim = queued();
+        sim.ivr.queue(sim.now, Queue::WhisperComing);
+        sim.ivr.queue(sim.now, offer("ann"));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        let frames = (WHISPER_WAIT.as_millis() / PTIME.as_millis()) as usize;
+        for _ in 0..frames {
+            assert_eq!(all(&mut sim, 5, 7, 0, 0).caller, [1000; FRAME]);
+        }
+        all(&mut sim, 5, 7, 0, 0);
+        assert_eq!(all(&mut sim, 5, 7, 0, 0).caller, [7; FRAME]);
     }
 
     #[test]

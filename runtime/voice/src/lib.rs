@@ -51,6 +51,9 @@ pub struct VoiceConfig {
     /// Offer MD5 before SHA-256 in digest challenges (for phones that
     /// only read the first challenge).
     pub digest_md5_first: bool,
+    /// Offer MD5 alone (for phones that refuse a request when any
+    /// challenge names an algorithm they lack).
+    pub digest_md5_only: bool,
 }
 
 impl Default for VoiceConfig {
@@ -64,6 +67,7 @@ impl Default for VoiceConfig {
             rtp_timeout: Duration::from_secs(60),
             max_call: Duration::from_secs(4 * 3600),
             digest_md5_first: false,
+            digest_md5_only: false,
         }
     }
 }

@@ -379,6 +379,7 @@ impl Call {
                     .as_ref()
                     .and_then(|s| s.interaction.attributes.get("whisper").cloned())
                     .unwrap_or(queue);
+                self.ivr.queue(Instant::now(), Queue::WhisperComing);
                 self.speak_then(text, Queue::Whisper);
                 return;
             }

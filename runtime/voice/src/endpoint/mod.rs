@@ -271,7 +271,9 @@ pub(crate) async fn start(
         sip_addr: SocketAddr::new(ip, sip_addr.port()),
         auth: {
             let mut a = Authenticator::new();
-            if config.digest_md5_first {
+            if config.digest_md5_only {
+                a.order = vec![Algorithm::Md5];
+            } else if config.digest_md5_first {
                 a.order = vec![Algorithm::Md5, Algorithm::Sha256];
             }
             a
