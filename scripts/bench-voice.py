@@ -14,6 +14,12 @@ baseline for signalling CPU per call. Prints numbers; asserts nothing.
    the hypervisor stole.
 3. Kamailio as a stateful proxy (t_relay) between a SIPp UAC and a SIPp UAS
    at the same rates: its CPU-µs per call, and the ratio.
+4. Queue (BENCH_ONLY=queue): 500 SIPp callers queued against 50 agents (SIPp
+   phones, registered with digest; each answers, talks 3 s, hangs up): calls
+   answered and lost, and the time from an agent becoming free (their task
+   completed, with callers waiting) to the next offer ringing their phone,
+   p50/p99, from the stored queue events; beside it, the same gap for the
+   ACD's own decision (offer after completion) without the phone.
 
 Usage: scripts/bench-voice.sh (builds the release binary, then runs this).
 BENCH_QUICK=1 runs fewer steps; BENCH_ONLY=rate or BENCH_ONLY=concurrency
@@ -94,10 +100,15 @@ def sipp(args, cwd, timeout=300):
 def start_server(tmp):
     http, sip = free_port(), free_port()
     token = "bench-admin"
+    # Queued callers send no RTP (SIPp): they must not be hung up for it.
+    config = os.path.join(tmp, "bench.toml")
+    with open(config, "w") as f:
+        f.write("[sip]\nrtp_timeout_s = 600\n")
     env = dict(os.environ, PLUGBOARD_ADMIN_TOKEN=token, RUST_LOG="warn")
     proc = subprocess.Popen(
         [BIN, "--data-dir", os.path.join(tmp, "data"), "serve", "--http", f"127.0.0.1:{http}",
-         "--sip", f"127.0.0.1:{sip}", "--rtp-ports", "20000-29999", "--max-concurrent", "64"],
+         "--sip", f"127.0.0.1:{sip}", "--rtp-ports", "20000-29999", "--max-concurrent", "64",
+         "--digest-md5-first", "--config", config],
         env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "server.log"), "w"))
     base = f"http://127.0.0.1:{http}"
     for _ in range(300):
@@ -272,6 +283,88 @@ def kamailio(tmp, rates, ours):
         k.kill()
 
 
+def queue_bench(base, key, sip, tmp, callers=500, agents=50):
+    """500 callers against 50 SIPp agents; prints the numbers."""
+    print(f"\n## Queue: {callers} callers, {agents} agents (SIPp), answer, talk 3 s, hang up")
+    api(base, key, "PUT", "/v1/tenants/bench/queues/line", {"offer_timeout": 20, "missed_after": 0})
+    doc = {"name": "line", "start": "q", "nodes": {"q": {"type": "enqueue", "queue": "line"}}}
+    api(base, key, "POST", "/v1/tenants/bench/flows/line", doc)
+    api(base, key, "PUT", "/v1/tenants/bench/addresses/3000", {"channel": "voice", "flow": "line"})
+    phones = free_port()
+    csv = os.path.join(tmp, "agents.csv")
+    with open(csv, "w") as f:
+        f.write("SEQUENTIAL\n")
+        for i in range(agents):
+            user = f"a{i:02}"
+            api(base, key, "PUT", f"/v1/tenants/bench/sip-users/{user}", {"password": "bench-pass"})
+            api(base, key, "PUT", f"/v1/tenants/bench/agents/{user}", {"sip_user": user})
+            api(base, key, "PUT", f"/v1/tenants/bench/agents/{user}/presence", {"state": "available"})
+            f.write(f"{user};[authentication username={user} password=bench-pass]\n")
+    stats, _ = sipp(["-sf", os.path.join(SIPP_DIR, "register_csv.xml"), "-inf", csv, "-s", "bench",
+                     "-m", str(agents), "-l", "10", "-r", "50", "-p", str(phones), f"127.0.0.1:{sip}"], tmp)
+    print(f"agents registered: {stats['success']} of {agents}")
+    uas = subprocess.Popen(
+        ["sipp", "-i", "127.0.0.1", "-nostdin", "-sf", os.path.join(SIPP_DIR, "agent.xml"),
+         "-p", str(phones), "-mp", "46000", "-m", str(callers),
+         f"127.0.0.1:{sip}"], cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)
+    t0 = time.time()
+    stats, _ = sipp(["-sf", os.path.join(SIPP_DIR, "queue_caller.xml"), "-s", "3000", "-r", "50",
+                     "-m", str(callers), "-l", str(callers), "-p", str(free_port()), "-mp", "50000",
+                     "-timeout", "300s", f"127.0.0.1:{sip}"], tmp, timeout=400)
+    elapsed = time.time() - t0
+    try:
+        uas.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        uas.kill()
+    q = api(base, key, "GET", "/v1/tenants/bench/queues/line/stats")
+    print(f"callers done: {stats['success']} ok, {stats['failed']} failed in {elapsed:.1f} s; "
+          f"queue: answered {q['answered']}, abandoned {q['abandoned']}, timed out {q['timed_out']}, "
+          f"waiting {q['waiting']}")
+    # The stored events: per agent, a completion followed by their next offer
+    # while callers waited (the log is in time order).
+    events, after = [], ""
+    while True:
+        page = api(base, key, "GET", f"/v1/tenants/bench/queue-events?limit=1000&after={after}")
+        events += page["events"]
+        if not page["events"]:
+            break
+        after = page["next"]
+    freed, gaps, waiting = {}, [], 0
+    for e in events:
+        kind = (e.get("event") or {}).get("kind")
+        agent = (e.get("event") or {}).get("agent")
+        if kind == "enqueued":
+            waiting += 1
+        elif kind == "offered":
+            waiting -= 1
+            if agent in freed:
+                gaps.append(e["at_ms"] - freed.pop(agent))
+        elif kind in ("no_answer", "rejected"):
+            waiting += 1
+        elif kind == "completed":
+            if waiting > 0:
+                freed[agent] = e["at_ms"]
+    gaps.sort()
+    if gaps:
+        p = lambda x: gaps[min(len(gaps) - 1, int(len(gaps) * x))]
+        print(f"agent free → next offer (callers waiting), from the queue events: n={len(gaps)} "
+              f"p50 {p(0.5)} ms, p99 {p(0.99)} ms, max {gaps[-1]} ms")
+    calls = api(base, key, "GET", "/v1/tenants/bench/interactions?limit=1000")["interactions"]
+    ring = []
+    for ix in calls:
+        tl = ix.get("timeline", [])
+        offered = [x["at_ms"] for x in tl if x["kind"] == "offered"]
+        ringing = [x["at_ms"] for x in tl if x["kind"] == "dial_ringing"]
+        if offered and ringing:
+            ring.append(ringing[-1] - offered[-1])
+    ring.sort()
+    if ring:
+        p = lambda x: ring[min(len(ring) - 1, int(len(ring) * x))]
+        print(f"offer → the agent's phone rings (180 back), from the call records: n={len(ring)} "
+              f"p50 {p(0.5)} ms, p99 {p(0.99)} ms")
+
+
 def main():
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --bin plugboard")
@@ -280,6 +373,14 @@ def main():
     print(f"# Plugboard voice benchmark ({os.cpu_count()} cores, loopback, SIPp {subprocess.run(['sipp', '-v'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout.decode().split()[1]})")
     tmp = tempfile.mkdtemp(prefix="pb-bench-")
     proc, base, key, sip = start_server(tmp)
+    if ONLY == "queue":
+        try:
+            queue_bench(base, key, sip, tmp)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
+        print(f"\n(work files in {tmp})")
+        return
     try:
         # Warm the TTS cache and the compiled flow.
         sipp(["-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000", "-m", "2",

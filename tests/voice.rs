@@ -2865,11 +2865,12 @@ fn a_supervisor_listens_whispers_and_barges_and_a_warm_transfer_takes_the_data_a
         "the caller hears bob\n{report}"
     );
     // Ann heard the whisper (speech, not the caller's tone) before the
-    // caller: the first half second is not the caller's tone.
+    // caller: the first 400 ms are not the caller's steady tone (about
+    // 6,400 at 500 Hz; speech has some energy there too, well below).
     let first = tone_levels(ann, 500.0);
     let loud = window_rms(&ann[..4000.min(ann.len())]);
     assert!(
-        first.iter().take(4).all(|l| *l < 1000.0) && loud.iter().any(|r| *r > 300.0),
+        first.iter().take(4).all(|l| *l < 3000.0) && loud.iter().any(|r| *r > 300.0),
         "ann hears the whisper first: 500 Hz {:?}, rms {:?}\n{report}",
         &first[..first.len().min(10)],
         &loud[..loud.len().min(25)]
