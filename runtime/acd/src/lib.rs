@@ -1204,7 +1204,7 @@ impl Acd {
                 let Some(t) = self.tasks.get_mut(&id) else {
                     continue;
                 };
-                if !t.announce.is_some_and(|a| a <= now) {
+                if t.announce.is_none_or(|a| a > now) {
                     continue;
                 }
                 t.announce = Some(now + every);
