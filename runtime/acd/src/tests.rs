@@ -359,6 +359,23 @@ struct Model {
 }
 
 impl Model {
+    /// An agent's slots taken on a channel: offers, conversations and
+    /// wrap-ups.
+    fn load(&self, agent: &str, channel: Channel, now: Instant) -> u32 {
+        let tasks = self
+            .offered
+            .iter()
+            .chain(self.connected.iter())
+            .filter(|(t, a)| *a == agent && self.open[*t].0.channel == channel)
+            .count();
+        let wraps = self.wrapping.get(agent).map_or(0, |w| {
+            w.iter()
+                .filter(|(c, until)| *c == channel && *until > now)
+                .count()
+        });
+        (tasks + wraps) as u32
+    }
+
     /// The outstanding offers, as (task, agent) pairs.
     fn offers(&self) -> Vec<(String, String)> {
         self.offered
@@ -390,19 +407,8 @@ fn check(acd: &mut Acd, m: &mut Model, now: Instant, wrap: Duration) {
                     assert!(a.skills.contains_key(s), "{agent} lacks {s} for {task}");
                 }
                 m.offered.insert(task.clone(), agent.clone());
-                let load = m
-                    .offered
-                    .iter()
-                    .chain(m.connected.iter())
-                    .filter(|(t, ag)| **ag == agent && m.open[*t].0.channel == channel)
-                    .count()
-                    + m.wrapping.get(&agent).map_or(0, |w| {
-                        w.iter()
-                            .filter(|(c, until)| *c == channel && *until > now)
-                            .count()
-                    });
                 assert!(
-                    load as u32 <= a.capacity.get(&channel).copied().unwrap_or(0),
+                    m.load(&agent, channel, now) <= a.capacity.get(&channel).copied().unwrap_or(0),
                     "{agent} over capacity on {channel:?}"
                 );
                 if !m.first_offers.contains(&task) {
@@ -443,19 +449,8 @@ fn check(acd: &mut Acd, m: &mut Model, now: Instant, wrap: Duration) {
                         m.wrapping.entry(from).or_default().push((c, now + wrap));
                     }
                     m.connected.insert(task, to.clone());
-                    let load = m
-                        .offered
-                        .iter()
-                        .chain(m.connected.iter())
-                        .filter(|(t, ag)| **ag == to && m.open[*t].0.channel == c)
-                        .count()
-                        + m.wrapping.get(&to).map_or(0, |w| {
-                            w.iter()
-                                .filter(|(ch, until)| *ch == c && *until > now)
-                                .count()
-                        });
                     assert!(
-                        load as u32 <= m.agents[&to].capacity.get(&c).copied().unwrap_or(0),
+                        m.load(&to, c, now) <= m.agents[&to].capacity.get(&c).copied().unwrap_or(0),
                         "{to} over capacity on {c:?} after a hand-over"
                     );
                 }
