@@ -1186,6 +1186,16 @@ fn queues_agents_and_tasks_route_over_the_api_and_settings_survive_a_restart() {
         s.json("PUT", "/v1/tenants/helpdesk/queues/support", &k, &q),
         200,
     );
+    // The queue's numbers come on the tenant's event stream as they change.
+    let stream = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/tenants/helpdesk/events?token={k}",
+        s.port
+    );
+    let (mut ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
     for (a, body) in [
         ("ann", json!({"skills": {"english": 5}})),
         ("bob", json!({"skills": {"french": 5}})),
@@ -1276,6 +1286,20 @@ fn queues_agents_and_tasks_route_over_the_api_and_settings_survive_a_restart() {
     }
     assert_eq!(agent, "ann", "the unanswered offer went to the next agent");
     assert_eq!(ok(accept("t2", "ann"), 200)["state"], "connected");
+    let mut last = Value::Null;
+    for _ in 0..1000 {
+        let msg = ws.read().expect("queue numbers within 10 s");
+        let v: Value = serde_json::from_str(msg.to_text().unwrap_or("{}")).unwrap_or_default();
+        if v["data"]["type"] == "stats" {
+            assert_eq!(v["data"]["queue"], "support");
+            last = v["data"]["stats"].clone();
+            if last["answered"] == 2 {
+                break;
+            }
+        }
+    }
+    assert_eq!(last["answered"], 2, "{last}");
+    assert_eq!(last["connected"], 1, "t1 is over: {last}");
     let agents = ok(s.get("/v1/tenants/helpdesk/agents", &k), 200);
     assert_eq!(agents["agents"].as_array().map(Vec::len), Some(3));
     // Another tenant reaches none of it.

@@ -276,6 +276,9 @@ pub struct AcdHub {
     day: std::sync::atomic::AtomicU64,
     /// The queue event log's writer.
     log: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Logged>>>,
+    /// Queues whose numbers changed since they were last published, and
+    /// when that was.
+    stats_due: Mutex<(std::collections::HashSet<(String, String)>, Option<Instant>)>,
     /// Events logged by this process (part of their ids).
     logged: std::sync::atomic::AtomicU64,
     tenants: Mutex<HashMap<String, Arc<Mutex<Acd>>>>,
@@ -384,6 +387,7 @@ impl AcdHub {
                     };
                     engine.acd_outputs(&tenant, outputs);
                 }
+                engine.publish_stats(now);
             }
         });
     }
@@ -484,12 +488,21 @@ impl AcdHub {
     }
 
     fn next_timeout(&self) -> Option<Instant> {
+        let stats = {
+            let due = lock(&self.stats_due);
+            (!due.0.is_empty()).then(|| due.1.map_or_else(Instant::now, |t| t + STATS_EVERY))
+        };
         lock(&self.tenants)
             .values()
             .filter_map(|a| lock(a).poll_timeout())
+            .chain(stats)
             .min()
     }
 }
+
+/// Queue numbers go on the event stream at most this often per queue
+/// that changed.
+const STATS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What the ACD decided.
 fn settle(acd: &mut Acd) -> Vec<Output> {
@@ -673,10 +686,82 @@ impl Engine {
         }
     }
 
+    /// These queues' numbers changed: they go on the event stream soon.
+    fn stats_changed(&self, tenant: &str, queues: Vec<String>) {
+        if queues.is_empty() {
+            return;
+        }
+        let mut due = lock(&self.acd.stats_due);
+        for q in queues {
+            due.0.insert((tenant.to_string(), q));
+        }
+        drop(due);
+        self.acd.wake.notify_one();
+    }
+
+    /// Every queue of the tenant may have changed (an agent's presence).
+    fn all_stats_changed(&self, tenant: &str) {
+        let acd = lock(&self.acd.tenants).get(tenant).cloned();
+        if let Some(acd) = acd {
+            let ids = lock(&acd).queue_ids();
+            self.stats_changed(tenant, ids);
+        }
+    }
+
+    /// The numbers of the queues that changed, on their tenants' event
+    /// streams (`kind: acd`, `type: stats`), at most every
+    /// [`STATS_EVERY`].
+    fn publish_stats(self: &Arc<Self>, now: Instant) {
+        let due: Vec<(String, String)> = {
+            let mut d = lock(&self.acd.stats_due);
+            if d.0.is_empty() || d.1.is_some_and(|t| now < t + STATS_EVERY) {
+                return;
+            }
+            d.1 = Some(now);
+            d.0.drain().collect()
+        };
+        for (tenant, queue) in due {
+            let Some(acd) = lock(&self.acd.tenants).get(&tenant).cloned() else {
+                continue;
+            };
+            let stats = lock(&acd).queue_stats(now, &queue);
+            self.publish(
+                &tenant,
+                json!({"kind": "acd", "data": {"type": "stats", "queue": queue, "stats": stats}}),
+            );
+        }
+    }
+
     /// Publishes the ACD's decisions, keeps each task's last state, tells
     /// the channels watching their tasks, and asks the queue's router
     /// plugin to rank the candidates.
     fn acd_outputs(self: &Arc<Self>, tenant: &str, outputs: Vec<Output>) {
+        let mut changed = Vec::new();
+        for o in &outputs {
+            let task = match o {
+                Output::Event {
+                    event: plugboard_acd::TaskEvent::Enqueued { queue },
+                    ..
+                } => {
+                    changed.push(queue.clone());
+                    continue;
+                }
+                Output::Offer { task, .. }
+                | Output::Rescind { task, .. }
+                | Output::BackToFlow { task, .. }
+                | Output::Event { task, .. } => task,
+                Output::Presence { .. } => {
+                    self.all_stats_changed(tenant);
+                    continue;
+                }
+                Output::Route { .. } | Output::Position { .. } => continue,
+            };
+            let queue = lock(&self.acd.tasks)
+                .get(&(tenant.to_string(), task.clone()))
+                .map(|v| v.queue.clone());
+            changed.extend(queue);
+        }
+        self.stats_changed(tenant, changed);
         for o in outputs {
             self.tell_watcher(tenant, &o);
             if let Output::Route {
@@ -940,6 +1025,7 @@ impl Engine {
         self.with_acd(tenant, |a, now| a.set_presence(now, agent, presence))
             .await?;
         self.acd_event(tenant, logged);
+        self.all_stats_changed(tenant);
         Ok(())
     }
 
