@@ -1974,10 +1974,10 @@ fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_call
         phones.push((agent, port));
     }
     // The phones answer: Dan's with 486, Ann's and Bob's pick up, talk
-    // 3 s and hang up.
+    // 3 s and hang up, for each of their callers.
     let dan = sipp_uas(dir.path(), "agent_busy", phones[0].1, &[])?;
-    let ann = sipp_uas(dir.path(), "agent", phones[1].1, &[])?;
-    let bob = sipp_uas(dir.path(), "agent", phones[2].1, &[])?;
+    let ann = sipp_uas(dir.path(), "agent", phones[1].1, &["-m", "4"])?;
+    let bob = sipp_uas(dir.path(), "agent", phones[2].1, &["-m", "5"])?;
     let doc = json!({
         "name": "front",
         "start": "menu",
@@ -2008,53 +2008,76 @@ fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_call
             ),
         ],
     );
-    // Two callers at once, one for each queue, and one for a queue nobody
-    // serves who leaves after 4 s.
+    // Ten callers at once: four press 1 (sales), five press 2 (support),
+    // and one waits where nobody serves and leaves after 4 s.
     std::thread::scope(|s| -> Result<()> {
         let d = dir.path();
-        let sales = s.spawn(|| caller_presses(&server, d, "15550301", '1'));
-        let support = s.spawn(|| caller_presses(&server, d, "15550301", '2'));
-        let leaver =
-            s.spawn(|| sipp_with(&server, d, "bench_hold", "15550302", "u1", &["-d", "4000"]));
-        for (what, h) in [
-            ("sales caller", sales),
-            ("support caller", support),
-            ("leaver", leaver),
-        ] {
+        let mut callers = Vec::new();
+        for digit in ['1', '1', '1', '1', '2', '2', '2', '2', '2'] {
+            let srv = &server;
+            callers.push((
+                format!("caller pressing {digit}"),
+                s.spawn(move || caller_presses(srv, d, "15550301", digit)),
+            ));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        callers.push((
+            "leaver".to_string(),
+            s.spawn(|| sipp_with(&server, d, "bench_hold", "15550302", "u1", &["-d", "4000"])),
+        ));
+        for (what, h) in callers {
             h.join()
                 .map_err(|_| anyhow::anyhow!("{what} panicked"))?
-                .with_context(|| what.to_string())?;
+                .with_context(|| what.clone())?;
         }
         Ok(())
     })?;
     wait_ok(dan, "dan's busy phone")?;
     wait_ok(ann, "ann's phone")?;
     wait_ok(bob, "bob's phone")?;
-    let calls = calls(&server, &key, 3);
-    assert_eq!(calls.len(), 3, "{calls:#?}");
-    let by_agent = |agent: &str| {
+    let calls = calls(&server, &key, 10);
+    assert_eq!(calls.len(), 10, "{calls:#?}");
+    let by_agent = |agent: &str| -> Vec<&Value> {
         calls
             .iter()
-            .find(|ix| {
+            .filter(|ix| {
                 timeline(ix, "agent_connected")
                     .first()
                     .is_some_and(|c| c["agent"] == agent)
             })
-            .unwrap_or_else(|| panic!("no call reached {agent}: {calls:#?}"))
+            .collect()
     };
-    let sales = by_agent("ann");
-    let support = by_agent("bob");
-    // The sales call rang Dan first: busy, so he was skipped.
-    let missed = timeline(sales, "agent_missed");
-    assert_eq!(missed.len(), 1, "{sales}");
+    // Every caller reached the agent with the skill they asked for.
+    let (sales_calls, support_calls) = (by_agent("ann"), by_agent("bob"));
+    assert_eq!(
+        (sales_calls.len(), support_calls.len()),
+        (4, 5),
+        "{calls:#?}"
+    );
+    for ix in &sales_calls {
+        assert_eq!(timeline(ix, "queued")[0]["queue"], "sales", "{ix}");
+    }
+    for ix in &support_calls {
+        assert_eq!(timeline(ix, "queued")[0]["queue"], "support", "{ix}");
+        assert!(timeline(ix, "agent_missed").is_empty(), "{ix}");
+    }
+    // One sales call rang Dan first: busy, so he was skipped (and then
+    // set missed: no other call rang him).
+    let missed: Vec<&Value> = sales_calls
+        .iter()
+        .flat_map(|ix| timeline(ix, "agent_missed"))
+        .collect();
+    assert_eq!(missed.len(), 1, "{missed:?}");
     assert_eq!(
         (missed[0]["agent"].as_str(), missed[0]["status"].as_u64()),
         (Some("dan"), Some(486))
     );
-    assert_eq!(timeline(sales, "queued")[0]["queue"], "sales");
-    assert_eq!(timeline(support, "queued")[0]["queue"], "support");
-    assert!(timeline(support, "agent_missed").is_empty(), "{support}");
-    for ix in [sales, support] {
+    let sales = sales_calls
+        .iter()
+        .find(|ix| !timeline(ix, "agent_missed").is_empty())
+        .copied()
+        .expect("the call that rang Dan");
+    for ix in sales_calls.iter().chain(&support_calls) {
         // The agent hung up; we ended the caller's leg; the record went
         // queued -> offered -> (queued -> offered ->) connected -> closed.
         assert_eq!(timeline(ix, "hangup")[0]["by"], "flow", "{ix}");
@@ -2111,7 +2134,7 @@ fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_call
             &sales["abandoned"],
             &sales["service_level_percent"]
         ),
-        (&json!(1), &json!(0), &json!(100.0)),
+        (&json!(4), &json!(0), &json!(100.0)),
         "{sales}"
     );
     assert_eq!(
@@ -2128,8 +2151,8 @@ fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_call
     let m = server.call("GET", "/metrics", None, None)?;
     let text = m.body.as_str().unwrap_or_default().to_string();
     for line in [
-        r#"plugboard_queue_answered_total{tenant="acme",queue="sales"} 1"#,
-        r#"plugboard_queue_answered_total{tenant="acme",queue="support"} 1"#,
+        r#"plugboard_queue_answered_total{tenant="acme",queue="sales"} 4"#,
+        r#"plugboard_queue_answered_total{tenant="acme",queue="support"} 5"#,
         r#"plugboard_queue_abandoned_total{tenant="acme",queue="night"} 1"#,
         r#"plugboard_queue_agents{tenant="acme",queue="sales",state="away"} 1"#,
         r#"plugboard_queue_waiting{tenant="acme",queue="sales"} 0"#,
