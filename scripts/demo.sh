@@ -23,7 +23,9 @@ python3 examples/demo-mis/mis.py "$MIS_PORT" &
 MIS_PID=$!
 # The demo MIS runs on this machine: let tenants' HTTP reach loopback
 # (refused by default).
-"$BIN" serve --http "$HTTP" --sip "$SIP" --allow-network 127.0.0.1/32 &
+# MD5 is offered before SHA-256 for softphones that read only the first
+# digest challenge.
+"$BIN" serve --http "$HTTP" --sip "$SIP" --allow-network 127.0.0.1/32 --digest-md5-first &
 SERVER_PID=$!
 trap 'kill $SERVER_PID $MIS_PID 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq 1 100); do
@@ -32,6 +34,10 @@ for _ in $(seq 1 100); do
 done
 
 W=target/wasm32-wasip2/release
+api() {
+    KEY=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["api_key"])' "$DATA/demo-tenant.json")
+    curl -fsS -o /dev/null -X "$1" -H "Authorization: Bearer $KEY" -d "$3" "http://$HTTP/v1/tenants/demo/$2"
+}
 if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 2>/dev/null; then
     # The lean build (a core module; the server wraps it into a component).
     "$BIN" plugin deploy demo hello-ivr target/wasm32-unknown-unknown/release/hello_ivr.wasm >/dev/null
@@ -53,15 +59,12 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     "$BIN" address set demo +15550142 --channel voice --flow logistics-hotline >/dev/null
     # The contact centre: two queues routed by the skills router, three
     # agents with SIP phones, and a front desk that asks sales or support.
-    KEY=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["api_key"])' "$DATA/demo-tenant.json")
-    api() { curl -fsS -o /dev/null -X "$1" -H "Authorization: Bearer $KEY" -d "$3" "http://$HTTP/v1/tenants/demo/$2"; }
     api PUT queues/sales '{"skills":["sales"],"router":"skills-router","offer_timeout":20,"wrap_up":5,"callback_after":60,"announce_every":30,"whisper":true}'
     api PUT queues/support '{"skills":["support"],"router":"skills-router","offer_timeout":20,"wrap_up":5,"announce_every":30,"whisper":true}'
     for a in ann:'{"sales":8,"support":5}' bob:'{"support":9}' carol:'{"sales":6}'; do
         id=${a%%:*}
         api PUT "sip-users/$id" "{\"password\":\"demo-$id-pass\"}"
         api PUT "agents/$id" "{\"skills\":${a#*:},\"sip_user\":\"$id\"}"
-        api PUT "agents/$id/presence" '{"state":"available"}'
     done
     "$BIN" flow deploy demo examples/front-desk/flow.json --name front-desk >/dev/null
     "$BIN" address set demo +15550150 --channel voice --flow front-desk >/dev/null
@@ -69,6 +72,11 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
 else
     echo "tenant demo already exists (data in $DATA)"
 fi
+# Agents are offline after a restart until they say otherwise: the demo's
+# are available at once.
+for id in ann bob carol; do
+    api PUT "agents/$id/presence" '{"state":"available"}' || true
+done
 cat <<MSG
 
 Plugboard is running on http://$HTTP (admin token: $DATA/admin_token),
