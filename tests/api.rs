@@ -836,6 +836,73 @@ fn https_lookups_use_the_grants_ca_and_one_pooled_connection() {
     assert_eq!(r.status, 400, "{r:?}");
 }
 
+/// A CRM that is down: every request gets 503.
+fn down(path: &str) -> (u16, String) {
+    match path {
+        "/hello" => (503, "down".into()),
+        _ => (404, "{}".into()),
+    }
+}
+
+#[test]
+fn grants_limit_methods_and_paths_and_a_failing_service_trips_the_breaker() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), LOOPBACK).unwrap();
+    let k = s.tenant("lim");
+    assert_eq!(s.deploy("lim", &k, "probe", plugin("probe")).status, 201);
+    let web = TinyHttp::start(mis);
+    let url = format!("http://127.0.0.1:{}/hello", web.port);
+    let origin = format!("http://127.0.0.1:{}", web.port);
+    // The probe GETs /hello: a grant for /api only, or for POST only,
+    // refuses it before anything is sent.
+    for limits in [
+        json!({"paths": ["/api"]}),
+        json!({"methods": ["POST"]}),
+        json!({"paths": ["/hel"]}),
+    ] {
+        let mut grant = json!({"http": {"allow": [origin]}});
+        for (k, v) in limits.as_object().unwrap() {
+            grant["http"][k] = v.clone();
+        }
+        let said = http_probe(&s, "lim", &k, &url, &grant);
+        assert!(
+            said.starts_with("http error: not granted"),
+            "{limits}: {said}"
+        );
+    }
+    assert_eq!(web.hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let within = json!({"http": {"allow": [origin], "methods": ["GET"], "paths": ["/hello"]}});
+    assert_eq!(http_probe(&s, "lim", &k, &url, &within), "http 200 hi");
+    // Bad limits are refused when set.
+    for bad in [json!({"methods": ["BREW"]}), json!({"paths": ["api"]})] {
+        let mut grant = json!({"http": {"allow": [origin]}});
+        for (k, v) in bad.as_object().unwrap() {
+            grant["http"][k] = v.clone();
+        }
+        let r = s.json("PUT", "/v1/tenants/lim/plugins/probe/grants", &k, &grant);
+        assert_eq!(r.status, 400, "{bad}: {r:?}");
+    }
+    // A service that keeps failing: after 5 failures in a row, requests
+    // fail fast for a while and do not reach it.
+    let crm = TinyHttp::start(down);
+    let url = format!("http://127.0.0.1:{}/hello", crm.port);
+    let grant = json!({"http": {"allow": [format!("http://127.0.0.1:{}", crm.port)]}});
+    for _ in 0..5 {
+        assert_eq!(http_probe(&s, "lim", &k, &url, &grant), "http 503 down");
+    }
+    let said = http_probe(&s, "lim", &k, &url, &grant);
+    assert!(
+        said.starts_with("http error: failed: circuit_open: "),
+        "{said}"
+    );
+    assert_eq!(crm.hits.load(std::sync::atomic::Ordering::SeqCst), 5);
+    // Another tenant's requests to the same service are not held back.
+    let k2 = s.tenant("other");
+    assert_eq!(s.deploy("other", &k2, "probe", plugin("probe")).status, 201);
+    assert_eq!(http_probe(&s, "other", &k2, &url, &grant), "http 503 down");
+    assert_eq!(crm.hits.load(std::sync::atomic::Ordering::SeqCst), 6);
+}
+
 #[test]
 fn private_addresses_are_refused_unless_the_operator_allows_them() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ pub mod flow;
 pub mod origin;
 
 pub use flow::{Action, Event};
-pub use origin::{Origin, Scheme};
+pub use origin::{Origin, Scheme, path_within, url_path};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
@@ -226,6 +226,13 @@ pub struct HttpGrant {
     /// Response body cap in bytes (default 1 MiB, at most 16 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_response_bytes: Option<u32>,
+    /// Methods allowed (`GET`, `POST`, `PUT`, `PATCH`, `DELETE`,
+    /// `HEAD`); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Path prefixes allowed (`/api/customers`); empty: any path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
 }
 
 impl Grants {
@@ -246,6 +253,23 @@ impl Grants {
                 return Err(Error::Invalid(
                     "http.ca_pem must hold PEM certificates".into(),
                 ));
+            }
+            for m in &http.methods {
+                if !matches!(
+                    m.as_str(),
+                    "GET" | "POST" | "PUT" | "PATCH" | "DELETE" | "HEAD"
+                ) {
+                    return Err(Error::Invalid(format!(
+                        "http.methods: {m:?} is not GET, POST, PUT, PATCH, DELETE or HEAD"
+                    )));
+                }
+            }
+            for p in &http.paths {
+                if !p.starts_with('/') || p.contains(['?', '#']) {
+                    return Err(Error::Invalid(format!(
+                        "http.paths: {p:?} must be a path starting with /"
+                    )));
+                }
             }
             if http.timeout_ms.is_some_and(|t| t == 0 || t > 30_000) {
                 return Err(Error::Invalid("http.timeout_ms must be 1..=30000".into()));

@@ -111,6 +111,39 @@ impl Origin {
     }
 }
 
+/// The path of an `http(s)://` URL (`/` when it has none), without its
+/// query or fragment; `None` for another kind of URL.
+pub fn url_path(url: &str) -> Option<&str> {
+    let (_, rest) = split_scheme(url)?;
+    let start = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let tail = &rest[start..];
+    let path = &tail[..tail.find(['?', '#']).unwrap_or(tail.len())];
+    Some(if path.is_empty() { "/" } else { path })
+}
+
+/// Whether `path` lies under `prefix` (on a segment boundary: `/api`
+/// covers `/api` and `/api/x`, not `/apix`) with no dot segment, plain or
+/// percent-encoded, that could climb out of it.
+pub fn path_within(path: &str, prefix: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    let climbs = lower
+        .split('/')
+        .any(|seg| matches!(seg, "." | ".." | "%2e" | "%2e%2e" | ".%2e" | "%2e."))
+        || lower.contains("%2f")
+        || lower.contains('\\');
+    if climbs {
+        return false;
+    }
+    if prefix.ends_with('/') {
+        path.starts_with(prefix)
+    } else {
+        path == prefix
+            || path
+                .strip_prefix(prefix)
+                .is_some_and(|r| r.starts_with('/'))
+    }
+}
+
 fn split_scheme(s: &str) -> Option<(Scheme, &str)> {
     let (scheme, rest) = s.split_once("://")?;
     let scheme = match scheme.to_ascii_lowercase().as_str() {
@@ -124,6 +157,23 @@ fn split_scheme(s: &str) -> Option<(Scheme, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_of_urls_and_prefixes() {
+        assert_eq!(url_path("https://crm.example.com"), Some("/"));
+        assert_eq!(url_path("https://crm.example.com?q=1"), Some("/"));
+        assert_eq!(url_path("http://h:81/api/v1/x?q=/y#z"), Some("/api/v1/x"));
+        assert_eq!(url_path("ftp://h/x"), None);
+        assert!(path_within("/api", "/api"));
+        assert!(path_within("/api/customers/7", "/api"));
+        assert!(path_within("/api/customers/7", "/api/"));
+        assert!(!path_within("/apix", "/api"));
+        assert!(!path_within("/api/../admin", "/api"));
+        assert!(!path_within("/api/%2E%2E/admin", "/api"));
+        assert!(!path_within("/api/%2e./admin", "/api"));
+        assert!(!path_within("/api/x%2F..%2Fadmin", "/api"));
+        assert!(!path_within("/admin", "/api"));
+    }
 
     fn o(scheme: Scheme, host: &str, port: u16) -> Origin {
         Origin {

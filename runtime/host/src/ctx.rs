@@ -251,7 +251,15 @@ impl kv::Host for Ctx {
 
 impl Ctx {
     fn http_fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
-        let grant = fetch::check(self.env.grants.http.as_ref(), &req.url)
+        let method = match req.method {
+            http::Method::Get => "GET",
+            http::Method::Post => "POST",
+            http::Method::Put => "PUT",
+            http::Method::Patch => "PATCH",
+            http::Method::Delete => "DELETE",
+            http::Method::Head => "HEAD",
+        };
+        let grant = fetch::check(self.env.grants.http.as_ref(), method, &req.url)
             .map_err(fetch_error)?
             .clone();
         self.http_calls += 1;
@@ -261,14 +269,6 @@ impl Ctx {
         if req.body.len() > HTTP_MAX_REQUEST {
             return Err(types::Error::TooLarge);
         }
-        let method = match req.method {
-            http::Method::Get => "GET",
-            http::Method::Post => "POST",
-            http::Method::Put => "PUT",
-            http::Method::Patch => "PATCH",
-            http::Method::Delete => "DELETE",
-            http::Method::Head => "HEAD",
-        };
         let resp = self
             .fetcher
             .send(
@@ -302,6 +302,8 @@ fn fetch_error(e: FetchError) -> types::Error {
         // `failed` tells them apart.
         FetchError::Tls(m) => types::Error::Failed(format!("tls: {m}")),
         FetchError::PrivateAddress(m) => types::Error::Failed(format!("private_address: {m}")),
+        FetchError::Busy(n) => types::Error::Failed(format!("busy: {n} requests in flight")),
+        FetchError::CircuitOpen(o) => types::Error::Failed(format!("circuit_open: {o}")),
     }
 }
 

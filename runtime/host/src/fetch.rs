@@ -14,12 +14,19 @@
 //!   resolves to is checked after resolution, so an allowed name that
 //!   points at loopback, a private, link-local, shared or metadata address
 //!   is refused unless the operator allowed that network.
+//! - **Methods and paths**: a grant may name the methods and path
+//!   prefixes it allows (dot segments that could climb out are refused).
+//! - **Fair shares**: a tenant has at most [`TENANT_IN_FLIGHT`] requests in
+//!   flight (more fail at once with [`FetchError::Busy`]), and a circuit
+//!   breaker per tenant and origin ([`Breaker`]) fails requests fast for a
+//!   while after repeated failures, so one dead CRM does not tie up a
+//!   tenant's events waiting on timeouts.
 
-use plugboard_core::{HttpGrant, Origin, Scheme};
+use plugboard_core::{HttpGrant, Origin, Scheme, path_within, url_path};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use ureq::config::Config;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
 use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
@@ -33,6 +40,14 @@ pub const DEFAULT_MAX_RESPONSE: u32 = 1024 * 1024;
 const MAX_POOLS: usize = 4096;
 /// Idle connections kept per host in a pool.
 const IDLE_PER_HOST: usize = 8;
+/// Requests one tenant may have in flight at once, over all its plugins
+/// and hosts.
+pub const TENANT_IN_FLIGHT: usize = 32;
+/// Failures in a row (no answer, or 5xx) after which an origin's circuit
+/// opens for a tenant.
+pub const BREAKER_FAILURES: u32 = 5;
+/// How long an open circuit fails requests fast before one is tried.
+pub const BREAKER_OPEN: Duration = Duration::from_secs(30);
 
 /// Why a fetch was refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -60,6 +75,13 @@ pub enum FetchError {
     /// Anything else (connection refused, protocol error, …).
     #[error("failed: {0}")]
     Failed(String),
+    /// The tenant already has [`TENANT_IN_FLIGHT`] requests in flight.
+    #[error("busy: {0} requests of this tenant are in flight")]
+    Busy(usize),
+    /// The origin failed [`BREAKER_FAILURES`] times in a row: requests to
+    /// it fail fast until the circuit tries again.
+    #[error("circuit open: {0} failed repeatedly; retried after a pause")]
+    CircuitOpen(String),
 }
 
 impl FetchError {
@@ -75,6 +97,8 @@ impl FetchError {
             FetchError::TooLarge => "too_large",
             FetchError::Tls(_) => "tls",
             FetchError::Failed(_) => "failed",
+            FetchError::Busy(_) => "busy",
+            FetchError::CircuitOpen(_) => "circuit_open",
         }
     }
 }
@@ -116,22 +140,97 @@ pub struct FetchResponse {
     pub body: Vec<u8>,
 }
 
-/// Checks `url` against a grant: the grant if the URL's origin is in its
-/// allow-list, else `NotGranted` (also when there is no grant).
-pub fn check<'g>(grant: Option<&'g HttpGrant>, url: &str) -> Result<&'g HttpGrant, FetchError> {
+/// Checks a request against a grant: the grant if the URL's origin is in
+/// its allow-list and the method and path are within its limits, else
+/// `NotGranted` (also when there is no grant).
+pub fn check<'g>(
+    grant: Option<&'g HttpGrant>,
+    method: &str,
+    url: &str,
+) -> Result<&'g HttpGrant, FetchError> {
     let Some(grant) = grant else {
         return Err(FetchError::NotGranted("http".into()));
     };
     let origin = Origin::of_url(url).map_err(FetchError::Invalid)?;
-    if grant
+    if !grant
         .allow
         .iter()
         .filter_map(|a| Origin::of_allow_entry(a).ok())
         .any(|a| a == origin)
     {
-        Ok(grant)
-    } else {
-        Err(FetchError::NotGranted(format!("http to {origin}")))
+        return Err(FetchError::NotGranted(format!("http to {origin}")));
+    }
+    if !grant.methods.is_empty() && !grant.methods.iter().any(|m| m == method) {
+        return Err(FetchError::NotGranted(format!("{method} to {origin}")));
+    }
+    let path = url_path(url).unwrap_or("/");
+    if !grant.paths.is_empty() && !grant.paths.iter().any(|p| path_within(path, p)) {
+        return Err(FetchError::NotGranted(format!("path {path} on {origin}")));
+    }
+    Ok(grant)
+}
+
+/// A circuit breaker for one tenant's requests to one origin, sans-IO
+/// (time passed in): closed until [`BREAKER_FAILURES`] failures in a row,
+/// then open for [`BREAKER_OPEN`] (requests fail fast), then half-open
+/// (one request is let through; its success closes the circuit, its
+/// failure opens it again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Breaker {
+    /// Requests go through; failures in a row so far.
+    #[default]
+    Closed,
+    /// Failures in a row, below the limit.
+    Failing(u32),
+    /// Requests fail fast until then.
+    Open(Instant),
+    /// One trial request is in flight.
+    Trying,
+}
+
+impl Breaker {
+    /// Whether a request may go now (taking the trial slot when the open
+    /// time is over).
+    pub fn allow(&mut self, now: Instant) -> bool {
+        match *self {
+            Breaker::Closed | Breaker::Failing(_) => true,
+            Breaker::Open(until) if now >= until => {
+                *self = Breaker::Trying;
+                true
+            }
+            Breaker::Open(_) | Breaker::Trying => false,
+        }
+    }
+
+    /// A request's outcome: `ok` unless it got no answer or a 5xx.
+    pub fn record(&mut self, now: Instant, ok: bool) {
+        *self = match (*self, ok) {
+            (_, true) => Breaker::Closed,
+            (Breaker::Closed, false) => Breaker::Failing(1),
+            (Breaker::Failing(n), false) if n + 1 < BREAKER_FAILURES => Breaker::Failing(n + 1),
+            (Breaker::Failing(_) | Breaker::Trying, false) => Breaker::Open(now + BREAKER_OPEN),
+            // A late outcome while open changes nothing.
+            (open @ Breaker::Open(_), false) => open,
+        };
+    }
+}
+
+/// A tenant's request in flight: counted until dropped.
+struct InFlight<'a> {
+    fetcher: &'a Fetcher,
+    tenant: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.fetcher.in_flight.lock()
+            && let Some(n) = m.get_mut(&self.tenant)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.tenant);
+            }
+        }
     }
 }
 
@@ -254,6 +353,10 @@ impl Resolver for GuardedResolver {
 pub struct Fetcher {
     policy: Arc<NetPolicy>,
     pools: Mutex<HashMap<(String, String), ureq::Agent>>,
+    /// Requests in flight per tenant.
+    in_flight: Mutex<HashMap<String, usize>>,
+    /// Circuit breakers per tenant and origin.
+    breakers: Mutex<HashMap<(String, String), Breaker>>,
 }
 
 impl Fetcher {
@@ -262,6 +365,8 @@ impl Fetcher {
         Fetcher {
             policy: Arc::new(policy),
             pools: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -277,8 +382,63 @@ impl Fetcher {
         grant: Option<&HttpGrant>,
         req: FetchRequest,
     ) -> Result<FetchResponse, FetchError> {
-        let grant = check(grant, &req.url)?;
+        let grant = check(grant, req.method, &req.url)?;
         self.send(tenant, grant, req)
+    }
+
+    /// Counts a request in flight for the tenant, or refuses it.
+    fn enter(&self, tenant: &str) -> Result<InFlight<'_>, FetchError> {
+        let mut m = self
+            .in_flight
+            .lock()
+            .map_err(|_| FetchError::Failed("in-flight counts poisoned".into()))?;
+        let n = m.entry(tenant.to_string()).or_insert(0);
+        if *n >= TENANT_IN_FLIGHT {
+            return Err(FetchError::Busy(*n));
+        }
+        *n += 1;
+        Ok(InFlight {
+            fetcher: self,
+            tenant: tenant.to_string(),
+        })
+    }
+
+    /// Runs `f` under the tenant's breaker for `origin`.
+    fn guarded(
+        &self,
+        tenant: &str,
+        origin: &str,
+        f: impl FnOnce() -> Result<FetchResponse, FetchError>,
+    ) -> Result<FetchResponse, FetchError> {
+        let key = (tenant.to_string(), origin.to_string());
+        let allowed = self
+            .breakers
+            .lock()
+            .map(|mut b| b.entry(key.clone()).or_default().allow(Instant::now()))
+            .unwrap_or(true);
+        if !allowed {
+            return Err(FetchError::CircuitOpen(origin.to_string()));
+        }
+        let r = f();
+        let ok = match &r {
+            Ok(resp) => resp.status < 500,
+            // The service answered, or never was asked.
+            Err(
+                FetchError::TooLarge
+                | FetchError::Invalid(_)
+                | FetchError::NotGranted(_)
+                | FetchError::PrivateAddress(_),
+            ) => true,
+            Err(_) => false,
+        };
+        if let Ok(mut b) = self.breakers.lock() {
+            let entry = b.entry(key).or_default();
+            entry.record(Instant::now(), ok);
+            if *entry == Breaker::Closed {
+                b.retain(|_, v| *v != Breaker::Closed);
+            }
+        }
+        r
     }
 
     /// Sends a request that [`check`] allowed, on the tenant's pooled
@@ -296,7 +456,23 @@ impl Fetcher {
             .map_or(grant_timeout, |t| t.min(grant_timeout))
             .max(1);
         let cap = u64::from(grant.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE));
-        let https = Origin::of_url(&req.url).is_ok_and(|o| o.scheme == Scheme::Https);
+        let origin = Origin::of_url(&req.url).map_err(FetchError::Invalid)?;
+        let https = origin.scheme == Scheme::Https;
+        let _slot = self.enter(tenant)?;
+        self.guarded(tenant, &origin.to_string(), || {
+            self.send_now(tenant, grant, req, timeout, cap, https)
+        })
+    }
+
+    fn send_now(
+        &self,
+        tenant: &str,
+        grant: &HttpGrant,
+        req: FetchRequest,
+        timeout: u32,
+        cap: u64,
+        https: bool,
+    ) -> Result<FetchResponse, FetchError> {
         let agent = self.agent(tenant, grant)?;
         let mut builder = ureq::http::Request::builder()
             .method(req.method)
@@ -418,27 +594,106 @@ mod tests {
             allow: vec!["crm:80".into(), "https://api.example.com".into()],
             ..HttpGrant::default()
         };
-        assert!(check(Some(&g), "http://crm/a").is_ok());
-        assert!(check(Some(&g), "https://API.example.com/v1").is_ok());
+        assert!(check(Some(&g), "GET", "http://crm/a").is_ok());
+        assert!(check(Some(&g), "GET", "https://API.example.com/v1").is_ok());
         // Same host, another scheme or port: not granted.
-        assert!(check(Some(&g), "http://api.example.com/v1").is_err());
-        assert!(check(Some(&g), "https://crm/a").is_err());
+        assert!(check(Some(&g), "GET", "http://api.example.com/v1").is_err());
+        assert!(check(Some(&g), "GET", "https://crm/a").is_err());
         assert_eq!(
-            check(Some(&g), "http://127.0.0.1:8080/").map(|_| ()),
+            check(Some(&g), "GET", "http://127.0.0.1:8080/").map(|_| ()),
             Err(FetchError::NotGranted(
                 "http to http://127.0.0.1:8080".into()
             ))
         );
         assert_eq!(
-            check(None, "http://crm/").map(|_| ()).map_err(|e| e.code()),
+            check(None, "GET", "http://crm/")
+                .map(|_| ())
+                .map_err(|e| e.code()),
             Err("not_granted")
         );
         assert_eq!(
-            check(Some(&g), "ftp://crm/")
+            check(Some(&g), "GET", "ftp://crm/")
                 .map(|_| ())
                 .map_err(|e| e.code()),
             Err("invalid")
         );
+    }
+
+    #[test]
+    fn a_grant_limits_methods_and_paths() {
+        let g = HttpGrant {
+            allow: vec!["https://crm.example.com".into()],
+            methods: vec!["GET".into()],
+            paths: vec!["/api/customers".into()],
+            ..HttpGrant::default()
+        };
+        let url = "https://crm.example.com/api/customers/7?x=1";
+        assert!(check(Some(&g), "GET", url).is_ok());
+        assert_eq!(
+            check(Some(&g), "DELETE", url).map(|_| ()),
+            Err(FetchError::NotGranted(
+                "DELETE to https://crm.example.com:443".into()
+            ))
+        );
+        for bad in [
+            "https://crm.example.com/api/orders",
+            "https://crm.example.com/api/customers/../orders",
+            "https://crm.example.com/",
+        ] {
+            assert_eq!(
+                check(Some(&g), "GET", bad)
+                    .map_err(|e| e.code())
+                    .map(|_| ()),
+                Err("not_granted"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_breaker_opens_after_failures_in_a_row_and_tries_again_later() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        // Failures with a success between them do not add up.
+        for _ in 0..BREAKER_FAILURES - 1 {
+            assert!(b.allow(t0));
+            b.record(t0, false);
+        }
+        b.record(t0, true);
+        assert_eq!(b, Breaker::Closed);
+        for _ in 0..BREAKER_FAILURES {
+            assert!(b.allow(t0));
+            b.record(t0, false);
+        }
+        assert_eq!(b, Breaker::Open(t0 + BREAKER_OPEN));
+        assert!(!b.allow(t0 + BREAKER_OPEN / 2), "fails fast while open");
+        // After the pause one trial goes; others wait for its outcome.
+        let later = t0 + BREAKER_OPEN;
+        assert!(b.allow(later));
+        assert!(!b.allow(later));
+        b.record(later, false);
+        assert_eq!(b, Breaker::Open(later + BREAKER_OPEN), "failed: open again");
+        let again = later + BREAKER_OPEN;
+        assert!(b.allow(again));
+        b.record(again, true);
+        assert_eq!(b, Breaker::Closed);
+        assert!(b.allow(again));
+    }
+
+    #[test]
+    fn a_tenant_has_a_bounded_number_of_requests_in_flight() {
+        let f = Fetcher::new(NetPolicy::default());
+        let held: Vec<InFlight<'_>> = (0..TENANT_IN_FLIGHT)
+            .map(|_| f.enter("a").unwrap_or_else(|e| panic!("{e}")))
+            .collect();
+        assert_eq!(
+            f.enter("a").map(|_| ()),
+            Err(FetchError::Busy(TENANT_IN_FLIGHT))
+        );
+        // Another tenant is not held back.
+        assert!(f.enter("b").is_ok());
+        drop(held);
+        assert!(f.enter("a").is_ok());
     }
 
     #[test]
