@@ -199,6 +199,9 @@ pub enum TaskNews {
 /// Where a task's news goes.
 pub type TaskWatcher = tokio::sync::mpsc::UnboundedSender<TaskNews>;
 
+/// A tenant's queue: tenant and queue ids.
+type QueueKey = (String, String);
+
 /// Record kind of the queue event log.
 const QUEUE_EVENT: &str = "queue_event";
 
@@ -278,7 +281,7 @@ pub struct AcdHub {
     log: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Logged>>>,
     /// Queues whose numbers changed since they were last published, and
     /// when that was.
-    stats_due: Mutex<(std::collections::HashSet<(String, String)>, Option<Instant>)>,
+    stats_due: Mutex<(std::collections::HashSet<QueueKey>, Option<Instant>)>,
     /// Events logged by this process (part of their ids).
     logged: std::sync::atomic::AtomicU64,
     tenants: Mutex<HashMap<String, Arc<Mutex<Acd>>>>,
