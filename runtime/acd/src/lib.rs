@@ -431,6 +431,23 @@ struct Group {
 /// A task's place in its group: since when it waits, then arrival.
 type Place = (Instant, u64);
 
+/// A timer the ACD set: which task's (or agent's) and what for. Entries in
+/// the timer heap are checked against the state when they come up, so one
+/// made stale by a later change is dropped then.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// The task's offer rings out.
+    Offer(String),
+    /// The task waited `max_wait`.
+    Deadline(String),
+    /// The agent (second) may be offered the task (first) again.
+    Rest(String, String),
+    /// The waiting customer is told their position.
+    Announce(String),
+    /// The agent's wrap-up ends.
+    Wrap(String),
+}
+
 #[derive(Debug)]
 struct Agent {
     config: AgentConfig,
@@ -581,6 +598,8 @@ pub struct Acd {
     free: BTreeSet<String>,
     /// Counts per queue.
     counts: HashMap<String, Counts>,
+    /// Every timer set, soonest first (some stale; see [`Timer`]).
+    timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, Timer)>>,
 }
 
 /// How many overflows in a row one task may take (a loop of queues
@@ -719,6 +738,7 @@ impl Acd {
             t.announce = q.announce_every.filter(|e| !e.is_zero()).map(|e| now + e);
             t.state = TaskState::Waiting;
         }
+        self.arm(id);
         self.reindex(id);
         self.event(id, TaskEvent::Enqueued { queue: q.id });
     }
@@ -878,6 +898,7 @@ impl Acd {
                 t.resting.insert(agent.to_string(), now + retry);
             }
         }
+        self.arm(task);
         self.reindex(task);
         self.free(agent, task);
     }
@@ -961,6 +982,8 @@ impl Acd {
             a.state_since = now;
             if wrap > Duration::ZERO {
                 a.wrap.push((t.spec.channel, now + wrap));
+                self.timers
+                    .push(std::cmp::Reverse((now + wrap, Timer::Wrap(agent.clone()))));
             } else if a.tasks.is_empty() && a.wrap.is_empty() {
                 a.idle_since = now;
             }
@@ -1015,6 +1038,8 @@ impl Acd {
             a.state_since = now;
             if wrap > Duration::ZERO {
                 a.wrap.push((channel, now + wrap));
+                self.timers
+                    .push(std::cmp::Reverse((now + wrap, Timer::Wrap(from.clone()))));
             } else if a.tasks.is_empty() && a.wrap.is_empty() {
                 a.idle_since = now;
             }
@@ -1078,22 +1103,61 @@ impl Acd {
     }
 
     /// When [`Acd::handle_timeout`] should next run.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let tasks = self.tasks.values().filter_map(|t| match &t.state {
-            TaskState::Offered { until, .. } => Some(*until),
-            TaskState::Waiting | TaskState::Routing => t
-                .deadline
-                .into_iter()
-                .chain(t.resting.values().copied())
-                .chain(t.announce)
-                .min(),
-            TaskState::Connected { .. } => None,
-        });
-        let wraps = self
-            .agents
-            .values()
-            .flat_map(|a| a.wrap.iter().map(|(_, u)| *u));
-        tasks.chain(wraps).min()
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        while let Some(std::cmp::Reverse((at, timer))) = self.timers.peek() {
+            if self.current(*at, timer) {
+                return Some(*at);
+            }
+            self.timers.pop();
+        }
+        None
+    }
+
+    /// Whether a timer from the heap is still set as it was.
+    fn current(&self, at: Instant, timer: &Timer) -> bool {
+        let waiting = |t: &Task| matches!(t.state, TaskState::Waiting | TaskState::Routing);
+        match timer {
+            Timer::Offer(task) => self.tasks.get(task).is_some_and(
+                |t| matches!(&t.state, TaskState::Offered { until, .. } if *until == at),
+            ),
+            Timer::Deadline(task) => self
+                .tasks
+                .get(task)
+                .is_some_and(|t| waiting(t) && t.deadline == Some(at)),
+            Timer::Announce(task) => self
+                .tasks
+                .get(task)
+                .is_some_and(|t| waiting(t) && t.announce == Some(at)),
+            Timer::Rest(task, agent) => self
+                .tasks
+                .get(task)
+                .is_some_and(|t| waiting(t) && t.resting.get(agent) == Some(&at)),
+            Timer::Wrap(agent) => self
+                .agents
+                .get(agent)
+                .is_some_and(|a| a.wrap.iter().any(|(_, u)| *u == at)),
+        }
+    }
+
+    /// Puts a waiting task's timers (overflow, announcement, agents
+    /// resting) on the heap again: those of a task that was being offered
+    /// were dropped as stale meanwhile.
+    fn arm(&mut self, task: &str) {
+        let Some(t) = self.tasks.get(task) else {
+            return;
+        };
+        let id = || task.to_string();
+        let mut add: Vec<(Instant, Timer)> = Vec::new();
+        if let Some(d) = t.deadline {
+            add.push((d, Timer::Deadline(id())));
+        }
+        if let Some(a) = t.announce {
+            add.push((a, Timer::Announce(id())));
+        }
+        for (agent, until) in &t.resting {
+            add.push((*until, Timer::Rest(id(), agent.clone())));
+        }
+        self.timers.extend(add.into_iter().map(std::cmp::Reverse));
     }
 
     /// Offers that rang out, wrap-ups that ended, tasks that waited too
@@ -1208,6 +1272,10 @@ impl Acd {
                     continue;
                 }
                 t.announce = Some(now + every);
+                self.timers.push(std::cmp::Reverse((
+                    now + every,
+                    Timer::Announce(id.clone()),
+                )));
                 let position = i as u32 + 1;
                 let expected_wait = handle.filter(|_| staffed > 0).map(|h| {
                     Duration::from_millis((f64::from(position.div_ceil(staffed)) * h) as u64)
@@ -1217,6 +1285,20 @@ impl Acd {
                     position,
                     expected_wait,
                 });
+            }
+            // A task being routed is not in the line: it is told next time.
+            let late: Vec<String> = self
+                .tasks
+                .values()
+                .filter(|t| t.spec.queue == queue && t.announce.is_some_and(|a| a <= now))
+                .map(|t| t.spec.id.clone())
+                .collect();
+            for id in late {
+                if let Some(t) = self.tasks.get_mut(&id) {
+                    t.announce = Some(now + every);
+                }
+                self.timers
+                    .push(std::cmp::Reverse((now + every, Timer::Announce(id))));
             }
         }
     }
@@ -1472,6 +1554,10 @@ impl Acd {
             agent: agent.to_string(),
             until: now + timeout,
         };
+        self.timers.push(std::cmp::Reverse((
+            now + timeout,
+            Timer::Offer(task.to_string()),
+        )));
         let channel = t.spec.channel;
         if let Some(a) = self.agents.get_mut(agent) {
             a.tasks.insert(task.to_string(), channel);

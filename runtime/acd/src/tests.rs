@@ -530,6 +530,11 @@ fn random_run(seed: u64, ops: usize) {
         c.wrap_up = wrap;
         c.offer_timeout = Duration::from_secs(10);
         c.announce_every = Some(Duration::from_secs(15));
+        if q == "support" {
+            // Back to the flow after a minute (never to another queue, so
+            // first-in-first-out still holds for the offers).
+            c.max_wait = Some(Duration::from_secs(60));
+        }
         acd.set_queue(c);
     }
     let mut next_task = 0u64;
@@ -642,6 +647,10 @@ fn random_run(seed: u64, ops: usize) {
             acd.handle_timeout(t.max(now));
             check(&mut acd, &mut m, now, wrap);
         }
+        // No timer was lost: nobody waits in support beyond its max_wait
+        // (an offer in progress finishes first, and is not waiting).
+        let longest = acd.queue_stats(now, "support").longest_wait_ms;
+        assert!(longest <= 60_000, "seed {seed}: waited {longest} ms");
     }
     check_fifo(&m);
     // Drain: a capable agent for everything, everyone available, every
