@@ -414,6 +414,8 @@ struct Task {
     announce: Option<Instant>,
     /// When the conversation started.
     connected_at: Option<Instant>,
+    /// The agents held for this task while its router ranks them.
+    routing: Vec<String>,
 }
 
 /// Waiting tasks that route alike: same queue, priority, channel and
@@ -600,6 +602,10 @@ pub struct Acd {
     counts: HashMap<String, Counts>,
     /// Every timer set, soonest first (some stale; see [`Timer`]).
     timers: std::collections::BinaryHeap<std::cmp::Reverse<(Instant, Timer)>>,
+    /// Agents held by routers ranking them for a task, and by how many
+    /// (they are offered nothing else meanwhile, so a free agent is not
+    /// ranked for every waiting task at once).
+    held: HashMap<String, u32>,
 }
 
 /// How many overflows in a row one task may take (a loop of queues
@@ -705,6 +711,7 @@ impl Acd {
             indexed: None,
             announce: None,
             connected_at: None,
+            routing: Vec::new(),
             spec,
         };
         let id = task.spec.id.clone();
@@ -717,6 +724,7 @@ impl Acd {
 
     /// Puts a task (already in the map) into `queue`, or overflows it.
     fn join(&mut self, now: Instant, id: &str, queue: &str, hops: usize) {
+        self.release(id);
         self.unindex(id);
         let Some(q) = self.queues.get(queue).cloned() else {
             self.back_to_flow(id, queue, "max_wait");
@@ -769,6 +777,7 @@ impl Acd {
 
     fn back_to_flow(&mut self, id: &str, queue: &str, why: &'static str) {
         self.counts.entry(queue.to_string()).or_default().timed_out += 1;
+        self.release(id);
         self.unindex(id);
         self.tasks.remove(id);
         self.event(
@@ -808,6 +817,7 @@ impl Acd {
             t.spec.priority = p;
         }
         t.state = TaskState::Waiting;
+        self.release(task);
         self.reindex(task);
         let eligible = self.eligible(task);
         let pick = ranking
@@ -1083,7 +1093,7 @@ impl Acd {
                     agent,
                 });
             }
-            TaskState::Waiting | TaskState::Routing => {}
+            TaskState::Waiting | TaskState::Routing => self.release(task),
         }
         self.unindex(task);
         if let Some(t) = self.tasks.remove(task) {
@@ -1495,13 +1505,33 @@ impl Acd {
 
     /// Keeps the agent's place in the free set right.
     fn refresh(&mut self, agent: &str) {
-        let free = self.agents.get(agent).is_some_and(|a| {
-            a.presence == Presence::Available && a.config.capacity.keys().any(|c| a.free_for(*c))
-        });
+        let free = !self.held.contains_key(agent)
+            && self.agents.get(agent).is_some_and(|a| {
+                a.presence == Presence::Available
+                    && a.config.capacity.keys().any(|c| a.free_for(*c))
+            });
         if free {
             self.free.insert(agent.to_string());
         } else {
             self.free.remove(agent);
+        }
+    }
+
+    /// Lets go of the agents held for a task's router.
+    fn release(&mut self, task: &str) {
+        let held = self
+            .tasks
+            .get_mut(task)
+            .map(|t| std::mem::take(&mut t.routing))
+            .unwrap_or_default();
+        for a in held {
+            if let Some(n) = self.held.get_mut(&a) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.held.remove(&a);
+                }
+            }
+            self.refresh(&a);
         }
     }
 
@@ -1620,6 +1650,11 @@ impl Acd {
                 if router {
                     if let Some(t) = self.tasks.get_mut(&id) {
                         t.state = TaskState::Routing;
+                        t.routing = candidates.clone();
+                    }
+                    for a in &candidates {
+                        *self.held.entry(a.clone()).or_default() += 1;
+                        self.refresh(a);
                     }
                     self.unindex(&id);
                     self.out.push_back(Output::Route {

@@ -809,3 +809,63 @@ fn waiting_customers_hear_their_position_and_the_expected_wait() {
             .any(|o| matches!(o, Output::Position { .. }))
     );
 }
+
+#[test]
+fn a_free_agent_is_ranked_for_one_task_at_a_time() {
+    let t0 = Instant::now();
+    let mut acd = Acd::new();
+    let mut q = QueueConfig::new("q");
+    q.router = Some("r".into());
+    acd.set_queue(q);
+    for i in 0..5 {
+        acd.enqueue(t0, task(&format!("t{i}"), "q", 0, &[]))
+            .unwrap();
+    }
+    acd.set_agent(t0, agent("ann", &[], 1, 0));
+    acd.set_presence(t0, "ann", Presence::Available).unwrap();
+    let routes = |out: &[Output]| -> Vec<(String, Vec<String>)> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Route {
+                    task, candidates, ..
+                } => Some((task.clone(), candidates.clone())),
+                _ => None,
+            })
+            .collect()
+    };
+    // Ann is held for t0's router: the other four wait, unranked.
+    let out = drain(&mut acd);
+    assert_eq!(
+        routes(&out),
+        vec![("t0".to_string(), vec!["ann".to_string()])]
+    );
+    // Bob comes: he is ranked for the next task, not for t0 again.
+    acd.set_agent(t0, agent("bob", &[], 1, 0));
+    acd.set_presence(t0, "bob", Presence::Available).unwrap();
+    let out = drain(&mut acd);
+    assert_eq!(
+        routes(&out),
+        vec![("t1".to_string(), vec!["bob".to_string()])]
+    );
+    // The routers answer: each gets their offer, nobody else is ranked.
+    acd.decided(t0, "t0", Some(vec!["ann".into()]), None)
+        .unwrap();
+    acd.decided(t0, "t1", None, None).unwrap();
+    let out = drain(&mut acd);
+    assert!(routes(&out).is_empty(), "{out:?}");
+    assert_eq!(offers(&out), vec![pair("t0", "ann"), pair("t1", "bob")]);
+    // A task abandoned while its router ranks lets the agent go.
+    acd.accept(t0, "t0", "ann").unwrap();
+    acd.complete(t0, "t0").unwrap();
+    let out = drain(&mut acd);
+    assert_eq!(
+        routes(&out),
+        vec![("t2".to_string(), vec!["ann".to_string()])]
+    );
+    acd.abandon(t0, "t2").unwrap();
+    let out = drain(&mut acd);
+    assert_eq!(
+        routes(&out),
+        vec![("t3".to_string(), vec!["ann".to_string()])]
+    );
+}
