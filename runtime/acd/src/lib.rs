@@ -976,29 +976,12 @@ impl Acd {
         let Some(t) = self.tasks.remove(task) else {
             return Err(AcdError::Unknown(format!("task {task}")));
         };
-        let wrap = self
-            .queues
-            .get(&t.spec.queue)
-            .map(|q| q.wrap_up)
-            .unwrap_or_default();
         if let Some(at) = t.connected_at {
             let ms = now.saturating_duration_since(at).as_millis() as f64;
             let c = self.counts.entry(t.spec.queue.clone()).or_default();
             c.handle_ms = Some(c.handle_ms.map_or(ms, |h| h + HANDLE_WEIGHT * (ms - h)));
         }
-        if let Some(a) = self.agents.get_mut(&agent) {
-            a.tasks.remove(task);
-            a.done_today += 1;
-            a.state_since = now;
-            if wrap > Duration::ZERO {
-                a.wrap.push((t.spec.channel, now + wrap));
-                self.timers
-                    .push(std::cmp::Reverse((now + wrap, Timer::Wrap(agent.clone()))));
-            } else if a.tasks.is_empty() && a.wrap.is_empty() {
-                a.idle_since = now;
-            }
-        }
-        self.refresh(&agent);
+        self.leave(now, &agent, task, &t.spec);
         self.event(task, TaskEvent::Completed { agent });
         self.dispatch(now);
         Ok(())
@@ -1010,12 +993,12 @@ impl Acd {
     /// room on the task's channel (capacity is never exceeded); their
     /// presence does not matter, since they took the consultation.
     pub fn hand_over(&mut self, now: Instant, task: &str, to: &str) -> Result<(), AcdError> {
-        let (from, channel, queue) = match self.tasks.get(task) {
+        let (from, spec) = match self.tasks.get(task) {
             Some(Task {
                 state: TaskState::Connected { agent },
                 spec,
                 ..
-            }) => (agent.clone(), spec.channel, spec.queue.clone()),
+            }) => (agent.clone(), spec.clone()),
             Some(_) => {
                 return Err(AcdError::State {
                     task: task.to_string(),
@@ -1031,29 +1014,14 @@ impl Acd {
             .agents
             .get(to)
             .ok_or_else(|| AcdError::Unknown(format!("agent {to}")))?;
+        let channel = spec.channel;
         if target.load(channel) >= target.config.capacity.get(&channel).copied().unwrap_or(0) {
             return Err(AcdError::State {
                 task: task.to_string(),
                 expected: "handed to an agent with room",
             });
         }
-        let wrap = self
-            .queues
-            .get(&queue)
-            .map(|q| q.wrap_up)
-            .unwrap_or_default();
-        if let Some(a) = self.agents.get_mut(&from) {
-            a.tasks.remove(task);
-            a.done_today += 1;
-            a.state_since = now;
-            if wrap > Duration::ZERO {
-                a.wrap.push((channel, now + wrap));
-                self.timers
-                    .push(std::cmp::Reverse((now + wrap, Timer::Wrap(from.clone()))));
-            } else if a.tasks.is_empty() && a.wrap.is_empty() {
-                a.idle_since = now;
-            }
-        }
+        self.leave(now, &from, task, &spec);
         if let Some(a) = self.agents.get_mut(to) {
             a.tasks.insert(task.to_string(), channel);
             a.state_since = now;
@@ -1063,7 +1031,6 @@ impl Acd {
                 agent: to.to_string(),
             };
         }
-        self.refresh(&from);
         self.refresh(to);
         self.event(
             task,
@@ -1074,6 +1041,32 @@ impl Acd {
         );
         self.dispatch(now);
         Ok(())
+    }
+
+    /// The agent's conversation on a task is over: one more task done
+    /// today, and the queue's wrap-up (the slot stays taken until it ends)
+    /// or they are idle from now.
+    fn leave(&mut self, now: Instant, agent: &str, task: &str, spec: &TaskSpec) {
+        let wrap = self
+            .queues
+            .get(&spec.queue)
+            .map(|q| q.wrap_up)
+            .unwrap_or_default();
+        if let Some(a) = self.agents.get_mut(agent) {
+            a.tasks.remove(task);
+            a.done_today += 1;
+            a.state_since = now;
+            if wrap > Duration::ZERO {
+                a.wrap.push((spec.channel, now + wrap));
+                self.timers.push(std::cmp::Reverse((
+                    now + wrap,
+                    Timer::Wrap(agent.to_string()),
+                )));
+            } else if a.tasks.is_empty() && a.wrap.is_empty() {
+                a.idle_since = now;
+            }
+        }
+        self.refresh(agent);
     }
 
     /// The customer left before the conversation (or during it, which
