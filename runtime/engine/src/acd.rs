@@ -1088,7 +1088,7 @@ impl Engine {
                 .await?;
             let Some((last, _)) = page.last() else { break };
             cursor = last.clone();
-            let full = page.len() < 500;
+            let last_page = page.len() < 500;
             for (_, e) in page {
                 if filter.matches(&e) {
                     out.push(e);
@@ -1097,7 +1097,7 @@ impl Engine {
                     }
                 }
             }
-            if full {
+            if last_page {
                 break;
             }
         }
@@ -1336,8 +1336,12 @@ impl Engine {
             })
     }
 
-    /// An agent's phone, as the address of record a call rings.
-    fn agent_phone(&self, tenant: &str, agent: &str) -> EngineResult<String> {
+    /// An agent's phone, as the address of record a call rings: the agent
+    /// must exist (else `NotFound`) and have a SIP user.
+    async fn agent_phone(&self, tenant: &str, agent: &str) -> EngineResult<String> {
+        if self.store.record(tenant, AGENT, agent).await?.is_none() {
+            return Err(CoreError::NotFound(format!("agent {agent}")).into());
+        }
         lock(&self.acd.sip_users)
             .get(&(tenant.to_string(), agent.to_string()))
             .map(|u| format!("sip:{u}@{tenant}"))
@@ -1358,11 +1362,8 @@ impl Engine {
     ) -> EngineResult<TaskView> {
         let watcher = self.live_watcher(tenant, task)?;
         let news = if let Some(a) = target.strip_prefix("agent:") {
-            if self.store.record(tenant, AGENT, a).await?.is_none() {
-                return Err(CoreError::NotFound(format!("agent {a}")).into());
-            }
             TaskNews::Consult {
-                target: self.agent_phone(tenant, a)?,
+                target: self.agent_phone(tenant, a).await?,
                 agent: Some(a.to_string()),
             }
         } else if target.starts_with("queue:") || target.trim().is_empty() {
@@ -1428,15 +1429,7 @@ impl Engine {
         mode: Option<plugboard_core::MonitorMode>,
     ) -> EngineResult<TaskView> {
         let watcher = self.live_watcher(tenant, task)?;
-        if self
-            .store
-            .record(tenant, AGENT, supervisor)
-            .await?
-            .is_none()
-        {
-            return Err(CoreError::NotFound(format!("agent {supervisor}")).into());
-        }
-        let phone = self.agent_phone(tenant, supervisor)?;
+        let phone = self.agent_phone(tenant, supervisor).await?;
         let _ = watcher.send(TaskNews::Monitor {
             supervisor: supervisor.to_string(),
             sip_user: phone,
