@@ -50,6 +50,9 @@ impl ApiError {
     fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
+    fn bad_json(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_json", message)
+    }
     fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
@@ -182,13 +185,7 @@ const SUPERVISORS_ONLY: &str = "a supervisor's token or the tenant's API key is 
 const OWN_ONLY: &str = "an agent's token reaches only that agent's own presence and tasks";
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("invalid JSON body: {e}"),
-        )
-    })
+    serde_json::from_slice(body).map_err(|e| ApiError::bad_json(format!("invalid JSON body: {e}")))
 }
 
 /// The API's routes.
@@ -328,9 +325,7 @@ fn over_defaults<T: serde::Serialize + serde::de::DeserializeOwned>(
     let mut base = serde_json::to_value(defaults).unwrap_or_default();
     let given: Value = parse_json(body)?;
     let Some(given) = given.as_object() else {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
+        return Err(ApiError::bad_json(
             "the body must be a JSON object".to_string(),
         ));
     };
@@ -339,13 +334,7 @@ fn over_defaults<T: serde::Serialize + serde::de::DeserializeOwned>(
             b.insert(k.clone(), v.clone());
         }
     }
-    serde_json::from_value(base).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "bad_json",
-            format!("invalid body: {e}"),
-        )
-    })
+    serde_json::from_value(base).map_err(|e| ApiError::bad_json(format!("invalid body: {e}")))
 }
 
 async fn set_queue(
@@ -594,13 +583,10 @@ async fn task_action(
             return Ok(me.clone());
         }
         let v: Value = parse_json(&body)?;
-        v["agent"].as_str().map(str::to_string).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_json",
-                "{\"agent\"} is required".to_string(),
-            )
-        })
+        v["agent"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::bad_json("{\"agent\"} is required".to_string()))
     };
     let view = match action.as_str() {
         "accept" => s.accept_task(&t.id, &id, &agent()?).await?,
@@ -609,9 +595,7 @@ async fn task_action(
         "transfer" => {
             let v: Value = parse_json(&body)?;
             let to = v["to"].as_str().ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_json",
+                ApiError::bad_json(
                     "{\"to\": \"queue:NAME\" | \"agent:ID\" | number | SIP URI} is required"
                         .to_string(),
                 )
@@ -631,18 +615,14 @@ async fn task_action(
                 Some(m) => Some(
                     serde_json::from_value::<plugboard_core::MonitorMode>(json!(m)).map_err(
                         |_| {
-                            ApiError::new(
-                                StatusCode::BAD_REQUEST,
-                                "bad_json",
-                                format!("mode {m:?}: listen, whisper, barge or stop"),
-                            )
+                            ApiError::bad_json(format!(
+                                "mode {m:?}: listen, whisper, barge or stop"
+                            ))
                         },
                     )?,
                 ),
                 None => {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "bad_json",
+                    return Err(ApiError::bad_json(
                         "{\"mode\": \"listen\" | \"whisper\" | \"barge\" | \"stop\"} is required"
                             .to_string(),
                     ));
@@ -656,11 +636,12 @@ async fn task_action(
                     allow(x == me, OWN_ONLY)?;
                     me.clone()
                 }
-                (_, Some(x)) => x.to_string(),
-                (_, None) => {
-                    return Err(ApiError::new(
-                        StatusCode::BAD_REQUEST,
-                        "bad_json",
+                (AcdRole::Agent(_), _) => {
+                    return Err(EngineError::Forbidden(SUPERVISORS_ONLY).into());
+                }
+                (AcdRole::Tenant, Some(x)) => x.to_string(),
+                (AcdRole::Tenant, None) => {
+                    return Err(ApiError::bad_json(
                         "{\"supervisor\": agent id} is required with the tenant's key".to_string(),
                     ));
                 }
