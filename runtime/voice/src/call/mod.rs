@@ -408,11 +408,10 @@ impl Call {
         let (tts, me) = (self.tts.clone(), self.self_tx.clone());
         let voice = plugboard_media::tts::voice_for(None, None);
         tokio::spawn(async move {
-            match tokio::task::spawn_blocking(move || tts.speak(&text, &voice)).await {
-                Ok(Ok(audio)) => {
+            match prepare::espeak(&tts, text, voice).await {
+                Ok(audio) => {
                     let _ = me.send(CallCmd::Queue(news(audio)));
                 }
-                Ok(Err(e)) => tracing::warn!("speech for the queue: {e}"),
                 Err(e) => tracing::warn!("speech for the queue: {e}"),
             }
         });

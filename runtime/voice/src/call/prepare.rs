@@ -58,7 +58,15 @@ async fn speak(
         Some(Err(e)) => session.note(EntryKind::TtsPluginFailed, json!({"error": e})),
         None => {}
     }
-    let voice = voice_for(language.as_deref(), voice.as_deref());
+    espeak(tts, text, voice_for(language.as_deref(), voice.as_deref())).await
+}
+
+/// Speech from the built-in engine (espeak-ng), off the async threads.
+pub(super) async fn espeak(
+    tts: &Arc<Espeak>,
+    text: String,
+    voice: String,
+) -> Result<Arc<Vec<i16>>, String> {
     let tts = tts.clone();
     tokio::task::spawn_blocking(move || tts.speak(&text, &voice))
         .await
