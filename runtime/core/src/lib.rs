@@ -233,6 +233,19 @@ pub struct HttpGrant {
     /// Path prefixes allowed (`/api/customers`); empty: any path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// A client certificate chain (PEM) presented to `https` origins that
+    /// ask for one (mutual TLS). Its key is `client_key_secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_pem: Option<String>,
+    /// The name of a tenant secret, also listed in `secrets`, holding the
+    /// client certificate's private key (PEM): the key is sealed at rest
+    /// like every secret and never returned by the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_secret: Option<String>,
+    /// The key itself, filled in from the secret when a plugin runs;
+    /// never stored or serialised.
+    #[serde(skip)]
+    pub client_key_pem: Option<String>,
 }
 
 impl Grants {
@@ -270,6 +283,28 @@ impl Grants {
                         "http.paths: {p:?} must be a path starting with /"
                     )));
                 }
+            }
+            if http
+                .client_cert_pem
+                .as_ref()
+                .is_some_and(|p| !p.contains("-----BEGIN CERTIFICATE-----"))
+            {
+                return Err(Error::Invalid(
+                    "http.client_cert_pem must hold a PEM certificate chain".into(),
+                ));
+            }
+            match (&http.client_cert_pem, &http.client_key_secret) {
+                (Some(_), None) | (None, Some(_)) => {
+                    return Err(Error::Invalid(
+                        "http.client_cert_pem and http.client_key_secret go together".into(),
+                    ));
+                }
+                (_, Some(k)) if !self.secrets.contains(k) => {
+                    return Err(Error::Invalid(format!(
+                        "http.client_key_secret {k:?} must also be listed in secrets"
+                    )));
+                }
+                _ => {}
             }
             if http.timeout_ms.is_some_and(|t| t == 0 || t > 30_000) {
                 return Err(Error::Invalid("http.timeout_ms must be 1..=30000".into()));
@@ -730,13 +765,15 @@ pub fn interaction_id(now_ms: u64, nonce: u32) -> String {
 
 /// A tenant-scoped key-value store, the backing of the plugins' `kv` import.
 /// Implementations keep each tenant's keys apart whatever the key names.
+/// Async: a plugin waiting on the store is a parked future.
+#[async_trait::async_trait]
 pub trait TenantKv: Send + Sync {
     /// Reads `key` of `tenant`.
-    fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, Error>;
+    async fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, Error>;
     /// Writes `key` of `tenant`; durable on return.
-    fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), Error>;
+    async fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), Error>;
     /// Deletes `key` of `tenant`; durable on return.
-    fn kv_delete(&self, tenant: &str, key: &str) -> Result<(), Error>;
+    async fn kv_delete(&self, tenant: &str, key: &str) -> Result<(), Error>;
 }
 
 #[cfg(test)]

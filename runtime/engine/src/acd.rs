@@ -890,17 +890,14 @@ impl Engine {
             ))
             .into());
         }
+        let mut grants = plugin_info.grants.clone();
         let (config, _) = self
-            .resolve_config(
-                tenant,
-                &plugin_info.grants,
-                self.store.config(tenant, &name).await?,
-            )
+            .resolve_config(tenant, &mut grants, self.store.config(tenant, &name).await?)
             .await?;
         let env = plugboard_host::PluginEnv {
             tenant: tenant.to_string(),
             plugin: name.clone(),
-            grants: plugin_info.grants.clone(),
+            grants,
             config,
             limits: self.limits_for(&t),
             kv: None,
@@ -919,9 +916,11 @@ impl Engine {
         };
         let permit = self.fair.acquire(tenant, self.share_for(&t)).await;
         let host = self.host.clone();
-        let report = tokio::task::spawn_blocking(move || {
+        // A task of its own: the invocation runs to its end even if the
+        // caller stops waiting.
+        let report = tokio::spawn(async move {
             let _permit = permit;
-            host.invoke_router(&plugin, env, &route_task, &agents)
+            host.invoke_router(&plugin, env, &route_task, &agents).await
         })
         .await
         .map_err(|e| crate::EngineError::Internal(e.to_string()))?;

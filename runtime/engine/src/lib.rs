@@ -427,15 +427,26 @@ impl Engine {
 
     /// A plugin's configuration with the secrets it is granted filled in
     /// (entries naming a secret it is not granted, or that does not
-    /// exist, are left out), and a redactor for their values.
+    /// exist, are left out), and a redactor for their values. The http
+    /// grant's client certificate key is filled in from its secret too.
     pub async fn resolve_config(
         &self,
         tenant: &str,
-        grants: &Grants,
+        grants: &mut Grants,
         mut config: Value,
     ) -> EngineResult<(Value, secrets::Redactor)> {
         let refs = secrets::references(&config);
         let mut values = Vec::new();
+        let granted = grants.secrets.clone();
+        if let Some(http) = grants.http.as_mut()
+            && let Some(name) = http.client_key_secret.clone()
+            && granted.contains(&name)
+            && let Some(sealed) = self.store.secret(tenant, &name).await?
+        {
+            let key = self.secret_key()?.open(tenant, &name, &sealed)?;
+            http.client_key_pem = Some(key.clone());
+            values.push(key);
+        }
         for (key, name) in refs {
             let value = if grants.secrets.contains(&name) {
                 match self.store.secret(tenant, &name).await? {
@@ -482,6 +493,8 @@ impl Engine {
         if let Some(o) = tenant.limits.output_kib {
             l.output_bytes = (o as usize) << 10;
         }
+        // Each instance the tenant may run can have a request in flight.
+        l.http_in_flight = l.http_in_flight.max(self.share_for(tenant) as u32);
         l
     }
 
@@ -1008,8 +1021,9 @@ impl Engine {
         })
     }
 
-    /// Runs one flow event in a fresh instance on the blocking pool,
-    /// bounded by the host's concurrency, and records metrics.
+    /// Runs one flow event in a fresh instance, bounded by the tenant's
+    /// fair share of the host, and records metrics. A flow waiting on a
+    /// host call (HTTP, the store) is a parked task, not a held thread.
     async fn run_flow(
         &self,
         share: usize,
@@ -1023,9 +1037,11 @@ impl Engine {
         let name = env.plugin.clone();
         let permit = self.fair.acquire(&tenant, share).await;
         let host = self.host.clone();
-        let report = tokio::task::spawn_blocking(move || {
+        // A task of its own: the invocation runs to its end even if the
+        // caller stops waiting.
+        let report = tokio::spawn(async move {
             let _permit = permit;
-            host.invoke_flow(&plugin, env, &input, &state, &event)
+            host.invoke_flow(&plugin, env, &input, &state, &event).await
         })
         .await
         .unwrap_or_else(|e| Report {
@@ -1068,30 +1084,26 @@ fn interaction_nonce() -> EngineResult<u32> {
     Ok(u32::from_le_bytes(b))
 }
 
-/// Lets the host's `kv` import (synchronous: called from a plugin running
-/// on a blocking thread) use the async store.
+/// The host's `kv` import on the tenant's store.
 struct KvAdapter {
     store: Arc<dyn Store>,
-    rt: tokio::runtime::Handle,
 }
 
 impl KvAdapter {
     fn new(store: Arc<dyn Store>) -> Self {
-        KvAdapter {
-            store,
-            rt: tokio::runtime::Handle::current(),
-        }
+        KvAdapter { store }
     }
 }
 
+#[async_trait::async_trait]
 impl plugboard_core::TenantKv for KvAdapter {
-    fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, CoreError> {
-        self.rt.block_on(self.store.kv_get(tenant, key))
+    async fn kv_get(&self, tenant: &str, key: &str) -> Result<Option<Vec<u8>>, CoreError> {
+        self.store.kv_get(tenant, key).await
     }
-    fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), CoreError> {
-        self.rt.block_on(self.store.kv_set(tenant, key, value))
+    async fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<(), CoreError> {
+        self.store.kv_set(tenant, key, value).await
     }
-    fn kv_delete(&self, tenant: &str, key: &str) -> Result<(), CoreError> {
-        self.rt.block_on(self.store.kv_delete(tenant, key))
+    async fn kv_delete(&self, tenant: &str, key: &str) -> Result<(), CoreError> {
+        self.store.kv_delete(tenant, key).await
     }
 }

@@ -91,7 +91,7 @@ impl Engine {
     /// compile cache where possible) if it is not yet.
     pub async fn open_session(self: &Arc<Self>, start: SessionStart) -> EngineResult<FlowSession> {
         let tenant = self.tenant(&start.tenant).await?;
-        let info = self.plugin(&start.tenant, &start.flow, "flow").await?;
+        let mut info = self.plugin(&start.tenant, &start.flow, "flow").await?;
         let version = start.version.unwrap_or(info.active_version);
         let plugin = self.loaded_version(&start.tenant, &info, version).await?;
         if plugin.kind != PluginKind::Flow {
@@ -111,7 +111,7 @@ impl Engine {
             config["flow"] = Value::String(doc.to_string());
         }
         let (config, redactor) = self
-            .resolve_config(&start.tenant, &info.grants, config)
+            .resolve_config(&start.tenant, &mut info.grants, config)
             .await?;
         let created = now_ms();
         let interaction = Interaction {
@@ -175,24 +175,26 @@ impl Engine {
             Ok(p) => p,
             Err(e) => return Some(Err(e.to_string())),
         };
+        let mut grants = info.grants.clone();
+        let config = match self
+            .resolve_config(
+                tenant,
+                &mut grants,
+                self.store
+                    .config(tenant, TTS_PLUGIN)
+                    .await
+                    .unwrap_or_default(),
+            )
+            .await
+        {
+            Ok((config, _)) => config,
+            Err(e) => return Some(Err(e.to_string())),
+        };
         let env = PluginEnv {
             tenant: tenant.to_string(),
             plugin: TTS_PLUGIN.to_string(),
-            grants: info.grants.clone(),
-            config: match self
-                .resolve_config(
-                    tenant,
-                    &info.grants,
-                    self.store
-                        .config(tenant, TTS_PLUGIN)
-                        .await
-                        .unwrap_or_default(),
-                )
-                .await
-            {
-                Ok((config, _)) => config,
-                Err(e) => return Some(Err(e.to_string())),
-            },
+            grants,
+            config,
             limits: self.limits_for(&t),
             kv: Some(Arc::new(KvAdapter::new(self.store.clone()))),
             time_zone: t.time_zone.clone(),
@@ -206,9 +208,10 @@ impl Engine {
             language.map(str::to_string),
         );
         let permit = self.fair.acquire(tenant, self.share_for(&t)).await;
-        let report = tokio::task::spawn_blocking(move || {
+        let report = tokio::spawn(async move {
             let _permit = permit;
             host.invoke_tts(&plugin, env, &text, voice.as_deref(), language.as_deref())
+                .await
         })
         .await
         .ok()?;

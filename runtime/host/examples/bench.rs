@@ -71,6 +71,12 @@ impl Times {
 }
 
 fn main() {
+    // The host is async (plugins' host calls park, not block): events are
+    // driven from a single-threaded runtime, as one executor thread would.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let release = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target");
     let read = |target: &str| {
         let path = release.join(target).join("release/hello_ivr.wasm");
@@ -107,7 +113,7 @@ fn main() {
     };
     let native = native_handle("0", &event).0;
     for (name, p) in [("lean", &lean), ("wasip2", &p2)] {
-        let probe = host.invoke_flow(p, env.clone(), &ix, "0", &event);
+        let probe = rt.block_on(host.invoke_flow(p, env.clone(), &ix, "0", &event));
         let actions = probe.outcome.unwrap().actions;
         assert_eq!(actions, native, "{name} build and native logic agree");
         println!(
@@ -129,7 +135,7 @@ fn main() {
         for (i, p) in [&lean, &p2].into_iter().enumerate() {
             for _ in 0..ROUND {
                 let t0 = Instant::now();
-                let out = host.invoke_flow(p, env.clone(), &ix, "0", &event);
+                let out = rt.block_on(host.invoke_flow(p, env.clone(), &ix, "0", &event));
                 black_box(out.outcome.unwrap());
                 // Round 0 warms up.
                 if round > 0 {
@@ -200,7 +206,7 @@ fn main() {
     // Every one of them answers.
     for i in [0, tenants / 2, tenants - 1] {
         let (p, env) = &loaded[i];
-        host.invoke_flow(p, env.clone(), &ix, "0", &event)
+        rt.block_on(host.invoke_flow(p, env.clone(), &ix, "0", &event))
             .outcome
             .unwrap();
     }

@@ -37,6 +37,12 @@ struct Row {
 }
 
 fn main() {
+    // The host is async (plugins' host calls park, not block): events are
+    // driven from a single-threaded runtime, as one executor thread would.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let release = root.join("target/wasm32-wasip2/release");
     let lean = root.join("target/wasm32-unknown-unknown/release");
@@ -102,7 +108,7 @@ fn main() {
             let mut state = String::new();
             for e in &events {
                 let t = Instant::now();
-                let r = host.invoke_flow(&plugin, env.clone(), &ix, &state, e);
+                let r = rt.block_on(host.invoke_flow(&plugin, env.clone(), &ix, &state, e));
                 let ns = t.elapsed().as_nanos() as u64;
                 let out = r.outcome.unwrap_or_else(|err| panic!("{name}: {err}"));
                 state = out.state.unwrap_or(state);

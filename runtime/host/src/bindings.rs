@@ -10,6 +10,14 @@ pub mod host {
     wasmtime::component::bindgen!({
         world: "plugboard:host/imports",
         path: ["../../wit/host@0.1.0"],
+        // Host calls that wait on I/O are async: a plugin waiting on them
+        // is a parked future, not a blocked thread.
+        imports: {
+            "plugboard:host/http": async,
+            "plugboard:host/kv": async,
+        },
+        // Host calls that wait on I/O are async: a plugin waiting on them
+        // is a parked future, not a blocked thread.
     });
 }
 
@@ -21,6 +29,9 @@ pub mod flow {
         with: {
             "plugboard:host": crate::bindings::host::plugboard::host,
         },
+        // The host imports are async (see `host`), so the store's data
+        // must be `Send`.
+        require_store_data_send: true,
     });
 }
 
@@ -32,6 +43,9 @@ pub mod router {
         with: {
             "plugboard:host": crate::bindings::host::plugboard::host,
         },
+        // The host imports are async (see `host`), so the store's data
+        // must be `Send`.
+        require_store_data_send: true,
     });
 }
 
@@ -43,6 +57,9 @@ pub mod tts {
         with: {
             "plugboard:host": crate::bindings::host::plugboard::host,
         },
+        // The host imports are async (see `host`), so the store's data
+        // must be `Send`.
+        require_store_data_send: true,
     });
 }
 
@@ -54,6 +71,9 @@ pub mod crm {
         with: {
             "plugboard:host": crate::bindings::host::plugboard::host,
         },
+        // The host imports are async (see `host`), so the store's data
+        // must be `Send`.
+        require_store_data_send: true,
     });
 }
 

@@ -52,6 +52,10 @@ pub struct Ctx {
     pub(crate) timed_out: bool,
     /// Wall time the plugin spent blocked in host calls (excluded from its CPU deadline).
     pub(crate) blocked: Duration,
+    /// Wall time the plugin spent yielded to other tasks at its epoch
+    /// checks, ns (excluded from its CPU deadline too); shared with the
+    /// yield futures, which cannot reach the store.
+    pub(crate) yielded_ns: std::sync::Arc<std::sync::atomic::AtomicU64>,
     pub(crate) started: Instant,
     pub(crate) logs: Vec<LogLine>,
     pub(crate) calls: Vec<HostCall>,
@@ -70,6 +74,7 @@ impl Ctx {
             memory_bytes: 0,
             timed_out: false,
             blocked: Duration::ZERO,
+            yielded_ns: Default::default(),
             started: Instant::now(),
             logs: Vec::new(),
             calls: Vec::new(),
@@ -83,9 +88,17 @@ impl Ctx {
         &self.env.limits
     }
 
-    /// Time the plugin has run, not counting host calls that block on I/O.
+    /// Time the plugin has run, not counting host calls that wait on I/O
+    /// nor time yielded to other tasks.
     pub(crate) fn cpu_time(&self) -> Duration {
-        self.started.elapsed().saturating_sub(self.blocked)
+        let yielded = Duration::from_nanos(
+            self.yielded_ns
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
+        self.started
+            .elapsed()
+            .saturating_sub(self.blocked)
+            .saturating_sub(yielded)
     }
 
     fn record(&mut self, call: &str, target: &str, outcome: &Result<(), String>, t0: Instant) {
@@ -217,40 +230,45 @@ impl Ctx {
     }
 }
 
+fn kv_error(e: plugboard_core::Error) -> types::Error {
+    types::Error::Failed(e.to_string())
+}
+
 impl kv::Host for Ctx {
-    fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::Error> {
+    async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::Error> {
         let t0 = Instant::now();
-        let r = self.kv_check(&key).and_then(|kv| {
-            kv.kv_get(&self.env.tenant, &key)
-                .map_err(|e| types::Error::Failed(e.to_string()))
-        });
+        let r = match self.kv_check(&key) {
+            Ok(kv) => kv.kv_get(&self.env.tenant, &key).await.map_err(kv_error),
+            Err(e) => Err(e),
+        };
         self.kv_finish("kv.get", &key, t0, r)
     }
 
-    fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), types::Error> {
+    async fn set(&mut self, key: String, value: Vec<u8>) -> Result<(), types::Error> {
         let t0 = Instant::now();
-        let r = self.kv_check(&key).and_then(|kv| {
-            if value.len() > KV_MAX_VALUE {
-                return Err(types::Error::TooLarge);
-            }
-            kv.kv_set(&self.env.tenant, &key, &value)
-                .map_err(|e| types::Error::Failed(e.to_string()))
-        });
+        let r = match self.kv_check(&key) {
+            Ok(_) if value.len() > KV_MAX_VALUE => Err(types::Error::TooLarge),
+            Ok(kv) => kv
+                .kv_set(&self.env.tenant, &key, &value)
+                .await
+                .map_err(kv_error),
+            Err(e) => Err(e),
+        };
         self.kv_finish("kv.set", &key, t0, r)
     }
 
-    fn delete(&mut self, key: String) -> Result<(), types::Error> {
+    async fn delete(&mut self, key: String) -> Result<(), types::Error> {
         let t0 = Instant::now();
-        let r = self.kv_check(&key).and_then(|kv| {
-            kv.kv_delete(&self.env.tenant, &key)
-                .map_err(|e| types::Error::Failed(e.to_string()))
-        });
+        let r = match self.kv_check(&key) {
+            Ok(kv) => kv.kv_delete(&self.env.tenant, &key).await.map_err(kv_error),
+            Err(e) => Err(e),
+        };
         self.kv_finish("kv.delete", &key, t0, r)
     }
 }
 
 impl Ctx {
-    fn http_fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
+    async fn http_fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
         let method = match req.method {
             http::Method::Get => "GET",
             http::Method::Post => "POST",
@@ -269,9 +287,9 @@ impl Ctx {
         if req.body.len() > HTTP_MAX_REQUEST {
             return Err(types::Error::TooLarge);
         }
-        let resp = self
-            .fetcher
-            .send(
+        let fetcher = self.fetcher.clone();
+        let resp = fetcher
+            .send_within(
                 &self.env.tenant,
                 &grant,
                 FetchRequest {
@@ -281,7 +299,9 @@ impl Ctx {
                     body: req.body,
                     timeout_ms: req.timeout_ms,
                 },
+                self.env.limits.http_in_flight as usize,
             )
+            .await
             .map_err(fetch_error)?;
         Ok(http::Response {
             status: resp.status,
@@ -308,10 +328,10 @@ fn fetch_error(e: FetchError) -> types::Error {
 }
 
 impl http::Host for Ctx {
-    fn fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
+    async fn fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
         let t0 = Instant::now();
         let url = req.url.clone();
-        let r = self.http_fetch(req);
+        let r = self.http_fetch(req).await;
         self.blocked += t0.elapsed();
         let outcome = match &r {
             Ok(resp) => Ok(()).and(if resp.status < 400 {

@@ -26,7 +26,7 @@ pub(crate) trait Sig {
     /// Parameters as passed to the call.
     type Params<'a>: ComponentNamedList + Lower;
     /// Results.
-    type Return: ComponentNamedList + Lift;
+    type Return: ComponentNamedList + Lift + Send + 'static;
 }
 
 /// An export of a loaded plugin version whose type matched [`Sig`].
@@ -63,7 +63,7 @@ impl<S: Sig> Export<S> {
     /// Calls the export on `instance`, an instance of the component `find`
     /// checked.
     #[allow(unsafe_code)]
-    pub(crate) fn call(
+    pub(crate) async fn call(
         &self,
         store: &mut Store<Ctx>,
         instance: &Instance,
@@ -76,7 +76,7 @@ impl<S: Sig> Export<S> {
         // `S::Params` and `S::Return` (lifetimes do not change the check), and
         // `instance` was instantiated from it.
         let typed = unsafe { TypedFunc::<S::Params<'_>, S::Return>::new_unchecked(func) };
-        typed.call(store, params)
+        typed.call_async(store, params).await
     }
 }
 

@@ -8,8 +8,13 @@
 //! - **HTTPS** with rustls: the public (webpki) roots, or the CA
 //!   certificates the grant names (`ca_pem`) for a service with a private
 //!   CA. A certificate the client cannot verify is a [`FetchError::Tls`].
-//! - **Pooled connections**: one keep-alive pool per tenant and grant,
-//!   reused across events; tenants never share a connection.
+//! - **Pooled connections**: one keep-alive pool per tenant and grant
+//!   (HTTP/1.1, or HTTP/2 where the server offers it), reused across
+//!   events; tenants never share a connection.
+//! - **Client certificates** (mTLS): a grant may name a certificate and a
+//!   granted secret holding its key.
+//! - **Async**: a request in flight is a parked future, so thousands of
+//!   events waiting on slow services hold no thread.
 //! - **Private-network guard** ([`NetPolicy`]): every address a host name
 //!   resolves to is checked after resolution, so an allowed name that
 //!   points at loopback, a private, link-local, shared or metadata address
@@ -27,10 +32,6 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use ureq::config::Config;
-use ureq::tls::{Certificate, RootCerts, TlsConfig};
-use ureq::unversioned::resolver::{DefaultResolver, ResolvedSocketAddrs, Resolver};
-use ureq::unversioned::transport::{DefaultConnector, NextTimeout};
 
 /// Timeout when the grant names none, ms.
 pub const DEFAULT_TIMEOUT_MS: u32 = 2000;
@@ -301,58 +302,47 @@ pub fn is_internal(ip: IpAddr) -> bool {
     }
 }
 
-/// Resolves as usual, then keeps only the addresses the policy permits:
-/// the check holds for every address a name resolves to, at connect time.
+/// Resolves as usual, then refuses the name if any address it resolves to
+/// is one the policy does not permit: the check holds for every address a
+/// name resolves to, at connect time.
 #[derive(Debug)]
 struct GuardedResolver {
     policy: Arc<NetPolicy>,
-    inner: DefaultResolver,
 }
 
-/// The message a refused resolution carries, to tell it from other I/O
-/// errors.
-const PRIVATE: &str = "plugboard: private address refused";
+/// A refusal by the private-network guard, told apart from other errors
+/// when the client reports it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct PrivateRefused(String);
 
-impl Resolver for GuardedResolver {
-    fn resolve(
-        &self,
-        uri: &ureq::http::Uri,
-        config: &Config,
-        timeout: NextTimeout,
-    ) -> Result<ResolvedSocketAddrs, ureq::Error> {
-        let all = self.inner.resolve(uri, config, timeout)?;
-        let mut kept = self.inner.empty();
-        let mut refused: Option<SocketAddr> = None;
-        for a in all.iter().copied() {
-            if self.policy.permits(a.ip()) {
-                kept.push(a);
-            } else {
-                refused = Some(a);
-            }
-        }
-        match refused {
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
+                .await?
+                .collect();
             // One refused address refuses the name: a name that resolves
             // to a public and a private address is not let through on the
             // public one (the next resolution may differ).
-            Some(a) => Err(ureq::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "{PRIVATE}: {} resolves to {}",
-                    uri.host().unwrap_or(""),
-                    a.ip()
-                ),
-            ))),
-            None => Ok(kept),
-        }
+            if let Some(a) = all.iter().find(|a| !policy.permits(a.ip())) {
+                return Err(Box::new(PrivateRefused(format!("{host} resolves to {}", a.ip())))
+                    as Box<dyn std::error::Error + Send + Sync>);
+            }
+            Ok(Box::new(all.into_iter()) as reqwest::dns::Addrs)
+        })
     }
 }
 
 /// Outbound HTTP(S) for every tenant: pooled connections per tenant and
 /// grant, the operator's [`NetPolicy`] (see the module documentation).
+/// Async: a request in flight is a parked future, not a blocked thread.
 #[derive(Debug)]
 pub struct Fetcher {
     policy: Arc<NetPolicy>,
-    pools: Mutex<HashMap<(String, String), ureq::Agent>>,
+    pools: Mutex<HashMap<(String, String), reqwest::Client>>,
     /// Requests in flight per tenant.
     in_flight: Mutex<HashMap<String, usize>>,
     /// Circuit breakers per tenant and origin.
@@ -376,24 +366,25 @@ impl Fetcher {
     }
 
     /// [`check`], then [`Fetcher::send`].
-    pub fn fetch(
+    pub async fn fetch(
         &self,
         tenant: &str,
         grant: Option<&HttpGrant>,
         req: FetchRequest,
     ) -> Result<FetchResponse, FetchError> {
         let grant = check(grant, req.method, &req.url)?;
-        self.send(tenant, grant, req)
+        self.send(tenant, grant, req).await
     }
 
-    /// Counts a request in flight for the tenant, or refuses it.
-    fn enter(&self, tenant: &str) -> Result<InFlight<'_>, FetchError> {
+    /// Counts a request in flight for the tenant, or refuses it beyond
+    /// `limit`.
+    fn enter(&self, tenant: &str, limit: usize) -> Result<InFlight<'_>, FetchError> {
         let mut m = self
             .in_flight
             .lock()
             .map_err(|_| FetchError::Failed("in-flight counts poisoned".into()))?;
         let n = m.entry(tenant.to_string()).or_insert(0);
-        if *n >= TENANT_IN_FLIGHT {
+        if *n >= limit.max(1) {
             return Err(FetchError::Busy(*n));
         }
         *n += 1;
@@ -403,24 +394,21 @@ impl Fetcher {
         })
     }
 
-    /// Runs `f` under the tenant's breaker for `origin`.
-    fn guarded(
-        &self,
-        tenant: &str,
-        origin: &str,
-        f: impl FnOnce() -> Result<FetchResponse, FetchError>,
-    ) -> Result<FetchResponse, FetchError> {
-        let key = (tenant.to_string(), origin.to_string());
-        let allowed = self
-            .breakers
+    /// Whether the tenant's breaker for `origin` lets a request go now.
+    fn breaker_allows(&self, tenant: &str, origin: &str) -> bool {
+        self.breakers
             .lock()
-            .map(|mut b| b.entry(key.clone()).or_default().allow(Instant::now()))
-            .unwrap_or(true);
-        if !allowed {
-            return Err(FetchError::CircuitOpen(origin.to_string()));
-        }
-        let r = f();
-        let ok = match &r {
+            .map(|mut b| {
+                b.entry((tenant.to_string(), origin.to_string()))
+                    .or_default()
+                    .allow(Instant::now())
+            })
+            .unwrap_or(true)
+    }
+
+    /// Records a request's outcome in the tenant's breaker for `origin`.
+    fn breaker_record(&self, tenant: &str, origin: &str, r: &Result<FetchResponse, FetchError>) {
+        let ok = match r {
             Ok(resp) => resp.status < 500,
             // The service answered, or never was asked.
             Err(
@@ -432,156 +420,265 @@ impl Fetcher {
             Err(_) => false,
         };
         if let Ok(mut b) = self.breakers.lock() {
-            let entry = b.entry(key).or_default();
+            let entry = b
+                .entry((tenant.to_string(), origin.to_string()))
+                .or_default();
             entry.record(Instant::now(), ok);
             if *entry == Breaker::Closed {
                 b.retain(|_, v| *v != Breaker::Closed);
             }
         }
-        r
     }
 
     /// Sends a request that [`check`] allowed, on the tenant's pooled
     /// connections, with the grant's timeout and response cap, without
-    /// following redirects. Blocks: call it on a blocking thread.
-    pub fn send(
+    /// following redirects; at most [`TENANT_IN_FLIGHT`] of the tenant's
+    /// requests at once.
+    pub async fn send(
         &self,
         tenant: &str,
         grant: &HttpGrant,
         req: FetchRequest,
+    ) -> Result<FetchResponse, FetchError> {
+        self.send_within(tenant, grant, req, TENANT_IN_FLIGHT).await
+    }
+
+    /// [`Fetcher::send`] with the tenant's own cap on requests in flight
+    /// (a tenant allowed many plugin instances at once may need more).
+    pub async fn send_within(
+        &self,
+        tenant: &str,
+        grant: &HttpGrant,
+        req: FetchRequest,
+        in_flight: usize,
     ) -> Result<FetchResponse, FetchError> {
         let grant_timeout = grant.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
         let timeout = req
             .timeout_ms
             .map_or(grant_timeout, |t| t.min(grant_timeout))
             .max(1);
-        let cap = u64::from(grant.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE));
+        let cap = grant.max_response_bytes.unwrap_or(DEFAULT_MAX_RESPONSE) as usize;
         let origin = Origin::of_url(&req.url).map_err(FetchError::Invalid)?;
         let https = origin.scheme == Scheme::Https;
-        let _slot = self.enter(tenant)?;
-        self.guarded(tenant, &origin.to_string(), || {
-            self.send_now(tenant, grant, req, timeout, cap, https)
-        })
-    }
-
-    fn send_now(
-        &self,
-        tenant: &str,
-        grant: &HttpGrant,
-        req: FetchRequest,
-        timeout: u32,
-        cap: u64,
-        https: bool,
-    ) -> Result<FetchResponse, FetchError> {
-        let agent = self.agent(tenant, grant)?;
-        let mut builder = ureq::http::Request::builder()
-            .method(req.method)
-            .uri(req.url.as_str());
-        for (k, v) in &req.headers {
-            builder = builder.header(k.as_str(), v.as_str());
+        // The client resolves names through the guard; an address written
+        // in the URL is never resolved, so it is checked here.
+        if let Ok(ip) = origin
+            .host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            && !self.policy.permits(ip)
+        {
+            return Err(FetchError::PrivateAddress(format!("{ip}")));
         }
-        let request = builder
-            .body(req.body)
-            .map_err(|e| FetchError::Invalid(e.to_string()))?;
-        let request = agent
-            .configure_request(request)
-            .timeout_global(Some(Duration::from_millis(u64::from(timeout))))
-            .build();
-        let mut resp = agent.run(request).map_err(|e| map_ureq(e, https))?;
-        let status = resp.status().as_u16();
-        let headers = resp
-            .headers()
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(cap)
-            .read_to_vec()
-            .map_err(|e| map_ureq(e, https))?;
-        Ok(FetchResponse {
-            status,
-            headers,
-            body,
-        })
+        let _slot = self.enter(tenant, in_flight)?;
+        let origin = origin.to_string();
+        if !self.breaker_allows(tenant, &origin) {
+            return Err(FetchError::CircuitOpen(origin));
+        }
+        let client = self.client(tenant, grant)?;
+        let r = tokio::time::timeout(
+            Duration::from_millis(u64::from(timeout)),
+            send_now(&client, req, cap, https),
+        )
+        .await
+        .unwrap_or(Err(FetchError::Timeout));
+        self.breaker_record(tenant, &origin, &r);
+        r
     }
 
-    /// The tenant's connection pool for this grant (its TLS roots).
-    fn agent(&self, tenant: &str, grant: &HttpGrant) -> Result<ureq::Agent, FetchError> {
-        let key = (tenant.to_string(), grant.ca_pem.clone().unwrap_or_default());
+    /// The tenant's connection pool for this grant (its TLS roots and
+    /// client certificate).
+    fn client(&self, tenant: &str, grant: &HttpGrant) -> Result<reqwest::Client, FetchError> {
+        let key = (
+            tenant.to_string(),
+            format!(
+                "{}\u{0}{}\u{0}{}",
+                grant.ca_pem.as_deref().unwrap_or_default(),
+                grant.client_cert_pem.as_deref().unwrap_or_default(),
+                grant.client_key_pem.as_deref().map_or(0, str::len)
+            ),
+        );
         let mut pools = self
             .pools
             .lock()
             .map_err(|_| FetchError::Failed("connection pools poisoned".into()))?;
-        if let Some(a) = pools.get(&key) {
-            return Ok(a.clone());
+        if let Some(c) = pools.get(&key) {
+            return Ok(c.clone());
         }
-        let roots = match &grant.ca_pem {
-            Some(pem) => {
-                let certs = ureq::tls::parse_pem(pem.as_bytes())
-                    .filter_map(|item| match item {
-                        Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
-                        Ok(_) => None,
-                        Err(e) => Some(Err(e)),
-                    })
-                    .collect::<Result<Vec<Certificate<'static>>, _>>()
-                    .map_err(|e| FetchError::Invalid(format!("http.ca_pem: {e}")))?;
-                if certs.is_empty() {
-                    return Err(FetchError::Invalid(
-                        "http.ca_pem holds no certificate".into(),
-                    ));
-                }
-                RootCerts::new_with_certs(&certs)
-            }
-            None => RootCerts::WebPki,
-        };
-        let config = ureq::Agent::config_builder()
-            .max_redirects(0)
-            .http_status_as_error(false)
-            .max_idle_connections_per_host(IDLE_PER_HOST)
-            .tls_config(TlsConfig::builder().root_certs(roots).build())
-            .build();
-        let agent = ureq::Agent::with_parts(
-            config,
-            DefaultConnector::default(),
-            GuardedResolver {
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls_config(grant)?)
+            .dns_resolver(Arc::new(GuardedResolver {
                 policy: self.policy.clone(),
-                inner: DefaultResolver::default(),
-            },
-        );
+            }))
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(IDLE_PER_HOST)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .no_proxy()
+            .build()
+            .map_err(|e| FetchError::Failed(format!("http client: {e}")))?;
         if pools.len() >= MAX_POOLS {
             pools.clear();
         }
-        pools.insert(key, agent.clone());
-        Ok(agent)
+        pools.insert(key, client.clone());
+        Ok(client)
     }
 }
 
-fn map_ureq(e: ureq::Error, https: bool) -> FetchError {
-    match e {
-        ureq::Error::Timeout(_) => FetchError::Timeout,
-        ureq::Error::BodyExceedsLimit(_) => FetchError::TooLarge,
-        ureq::Error::Io(io)
-            if io.kind() == std::io::ErrorKind::PermissionDenied
-                && io.to_string().starts_with(PRIVATE) =>
-        {
-            let why = io.to_string();
-            FetchError::PrivateAddress(why[PRIVATE.len()..].trim_start_matches(": ").to_string())
+/// The grant's TLS client configuration: rustls with the ring provider,
+/// the grant's CA certificates or the public (webpki) roots, the grant's
+/// client certificate if it names one (mTLS), HTTP/2 or HTTP/1.1 by ALPN.
+fn tls_config(grant: &HttpGrant) -> Result<rustls::ClientConfig, FetchError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    match &grant.ca_pem {
+        Some(pem) => {
+            let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| FetchError::Invalid(format!("http.ca_pem: {e}")))?;
+            if certs.is_empty() {
+                return Err(FetchError::Invalid(
+                    "http.ca_pem holds no certificate".into(),
+                ));
+            }
+            for c in certs {
+                roots
+                    .add(c)
+                    .map_err(|e| FetchError::Invalid(format!("http.ca_pem: {e}")))?;
+            }
         }
-        ureq::Error::Tls(m) => FetchError::Tls(m.to_string()),
-        ureq::Error::Rustls(e) => FetchError::Tls(e.to_string()),
-        // rustls reports a bad certificate as an I/O error of the stream.
-        ureq::Error::Io(io) if https && io.kind() == std::io::ErrorKind::InvalidData => {
-            FetchError::Tls(io.to_string())
-        }
-        other => FetchError::Failed(other.to_string()),
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| FetchError::Tls(e.to_string()))?
+    .with_root_certificates(roots);
+    let mut config = match (&grant.client_cert_pem, &grant.client_key_pem) {
+        (Some(cert), Some(key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| FetchError::Invalid(format!("http.client_cert_pem: {e}")))?;
+            // The key comes from a secret: its text never goes in an error.
+            let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|_| {
+                FetchError::Invalid("http.client_key_secret holds no PEM private key".into())
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| FetchError::Invalid(format!("client certificate: {e}")))?
+        }
+        (Some(_), None) => {
+            return Err(FetchError::Invalid(
+                "http.client_cert_pem needs client_key_secret (a granted secret)".into(),
+            ));
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}
+
+/// Sends one request and reads at most `cap` bytes of its body.
+async fn send_now(
+    client: &reqwest::Client,
+    req: FetchRequest,
+    cap: usize,
+    https: bool,
+) -> Result<FetchResponse, FetchError> {
+    let method = reqwest::Method::from_bytes(req.method.as_bytes())
+        .map_err(|e| FetchError::Invalid(e.to_string()))?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    for (k, v) in &req.headers {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes())
+            .map_err(|e| FetchError::Invalid(format!("header {k:?}: {e}")))?;
+        let value = reqwest::header::HeaderValue::from_str(v)
+            .map_err(|e| FetchError::Invalid(format!("header {k:?}: {e}")))?;
+        headers.append(name, value);
+    }
+    let mut resp = client
+        .request(method, req.url.as_str())
+        .headers(headers)
+        .body(req.body)
+        .send()
+        .await
+        .map_err(|e| map_error(&e, https))?;
+    let status = resp.status().as_u16();
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(FetchError::TooLarge);
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| map_error(&e, https))? {
+        if body.len() + chunk.len() > cap {
+            return Err(FetchError::TooLarge);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(FetchResponse {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// Classifies a client error by what is in its chain of causes.
+fn map_error(e: &reqwest::Error, https: bool) -> FetchError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut io_invalid_data = None;
+    while let Some(c) = cause {
+        if let Some(p) = c.downcast_ref::<PrivateRefused>() {
+            return FetchError::PrivateAddress(p.0.clone());
+        }
+        if let Some(t) = c.downcast_ref::<rustls::Error>() {
+            return FetchError::Tls(t.to_string());
+        }
+        // An I/O error hides the error it wraps from `source()`.
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if let Some(inner) = io.get_ref() {
+                if let Some(t) = inner.downcast_ref::<rustls::Error>() {
+                    return FetchError::Tls(t.to_string());
+                }
+                if let Some(p) = inner.downcast_ref::<PrivateRefused>() {
+                    return FetchError::PrivateAddress(p.0.clone());
+                }
+            }
+            if io.kind() == std::io::ErrorKind::InvalidData {
+                io_invalid_data = Some(io.to_string());
+            }
+        }
+        cause = c.source();
+    }
+    match io_invalid_data {
+        Some(m) if https => FetchError::Tls(m),
+        _ if e.is_timeout() => FetchError::Timeout,
+        _ => FetchError::Failed(chain_text(e)),
+    }
+}
+
+/// An error and its causes, `: `-joined (the client's own text is terse).
+fn chain_text(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -684,16 +781,16 @@ mod tests {
     fn a_tenant_has_a_bounded_number_of_requests_in_flight() {
         let f = Fetcher::new(NetPolicy::default());
         let held: Vec<InFlight<'_>> = (0..TENANT_IN_FLIGHT)
-            .map(|_| f.enter("a").unwrap_or_else(|e| panic!("{e}")))
+            .map(|_| f.enter("a", TENANT_IN_FLIGHT).unwrap_or_else(|e| panic!("{e}")))
             .collect();
         assert_eq!(
-            f.enter("a").map(|_| ()),
+            f.enter("a", TENANT_IN_FLIGHT).map(|_| ()),
             Err(FetchError::Busy(TENANT_IN_FLIGHT))
         );
         // Another tenant is not held back.
-        assert!(f.enter("b").is_ok());
+        assert!(f.enter("b", TENANT_IN_FLIGHT).is_ok());
         drop(held);
-        assert!(f.enter("a").is_ok());
+        assert!(f.enter("a", TENANT_IN_FLIGHT).is_ok());
     }
 
     #[test]

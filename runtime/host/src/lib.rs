@@ -152,6 +152,9 @@ pub struct Limits {
     pub kv_calls: u32,
     /// `log` lines kept per invocation.
     pub log_lines: u32,
+    /// The tenant's HTTP requests in flight at once, over all its
+    /// invocations (at least its share of plugin instances).
+    pub http_in_flight: u32,
 }
 
 impl Default for Limits {
@@ -165,6 +168,7 @@ impl Default for Limits {
             http_calls: 10,
             kv_calls: 100,
             log_lines: 100,
+            http_in_flight: fetch::TENANT_IN_FLIGHT as u32,
         }
     }
 }
@@ -459,19 +463,19 @@ impl PluginHost {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&cfg).map_err(|e| HostError::Engine(format!("{e:#}")))?;
         let mut linker: Linker<Ctx> = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         bindings::host::Imports::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         // The worlds' own type-only interfaces (e.g. `plugboard:flow/types`).
         linker.allow_shadowing(true);
-        bindings::flow::Flow::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
+        bindings::flow::plugboard::flow::types::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        bindings::router::Router::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
+        bindings::router::plugboard::router::types::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        bindings::tts::Tts::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
+        bindings::tts::plugboard::tts::types::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        bindings::crm::Crm::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
+        bindings::crm::plugboard::crm::types::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         if let Some(dir) = &config.cache_dir {
             std::fs::create_dir_all(dir).map_err(|e| HostError::Cache(e.to_string()))?;
@@ -641,31 +645,46 @@ impl PluginHost {
         })
     }
 
-    /// Runs `f` in a fresh store with the tenant's limits, then classifies failures.
-    fn run<T>(
-        &self,
-        env: PluginEnv,
-        f: impl FnOnce(&mut Store<Ctx>) -> wasmtime::Result<Result<T, InvokeError>>,
-    ) -> Report<T> {
+    /// A fresh store with the tenant's limits. The CPU deadline is checked
+    /// at every epoch tick, where a plugin that has not used it up yields
+    /// to other tasks, so a busy plugin cannot hold an executor thread for
+    /// its whole budget; time yielded or waiting in host calls is not
+    /// counted against it.
+    fn store(&self, env: PluginEnv) -> (Store<Ctx>, Instant) {
         let t0 = Instant::now();
-        let limits = env.limits.clone();
-        let budget = Duration::from_millis(limits.deadline_ms);
+        let budget = Duration::from_millis(env.limits.deadline_ms);
         let mut store = Store::new(&self.engine, Ctx::new(env, self.fetcher.clone()));
         store.limiter(|c| c);
-        store.set_epoch_deadline(ticks(budget, self.tick));
+        store.set_epoch_deadline(ticks(budget, self.tick).min(YIELD_TICKS));
         let tick = self.tick;
         store.epoch_deadline_callback(move |mut ctx| {
             let used = ctx.data().cpu_time();
             if used >= budget {
                 ctx.data_mut().timed_out = true;
-                Ok(wasmtime::UpdateDeadline::Interrupt)
-            } else {
-                let left = budget - used;
-                Ok(wasmtime::UpdateDeadline::Continue(ticks(left, tick)))
+                return Ok(wasmtime::UpdateDeadline::Interrupt);
             }
+            let left = ticks(budget - used, tick).min(YIELD_TICKS);
+            let yielded = ctx.data().yielded_ns.clone();
+            Ok(wasmtime::UpdateDeadline::YieldCustom(
+                left,
+                Box::pin(async move {
+                    let t = Instant::now();
+                    tokio::task::yield_now().await;
+                    yielded.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }),
+            ))
         });
-        let r = f(&mut store);
+        (store, t0)
+    }
+
+    /// The report of an invocation run in `store`: failures classified.
+    fn finish<T>(
+        store: Store<Ctx>,
+        t0: Instant,
+        r: wasmtime::Result<Result<T, InvokeError>>,
+    ) -> Report<T> {
         let ctx = store.into_data();
+        let limits = &ctx.env.limits;
         let outcome = match r {
             // A guest that catches its own out-of-memory (JavaScript and
             // Python engines do) and returns an error hit the cap all the same.
@@ -712,7 +731,7 @@ impl PluginHost {
     }
 
     /// Calls a flow's `handle` for one event in a fresh instance.
-    pub fn invoke_flow(
+    pub async fn invoke_flow(
         &self,
         plugin: &LoadedPlugin,
         env: PluginEnv,
@@ -733,9 +752,10 @@ impl PluginHost {
             attributes: interaction.attributes.clone(),
         };
         let ev = convert::event_to_wit(event);
-        self.run(env, |store| {
-            let inst = plugin.pre.instantiate(&mut *store)?;
-            let (r,) = handle.call(store, &inst, (&ix, state, &ev))?;
+        let (mut store, t0) = self.store(env);
+        let r = async {
+            let inst = plugin.pre.instantiate_async(&mut store).await?;
+            let (r,) = handle.call(&mut store, &inst, (&ix, state, &ev)).await?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(resp) => {
@@ -763,11 +783,13 @@ impl PluginHost {
                     }
                 }
             })
-        })
+        }
+        .await;
+        Self::finish(store, t0, r)
     }
 
     /// Calls a router's `route` in a fresh instance.
-    pub fn invoke_router(
+    pub async fn invoke_router(
         &self,
         plugin: &LoadedPlugin,
         env: PluginEnv,
@@ -804,9 +826,10 @@ impl PluginHost {
                 active_tasks: a.active_tasks,
             })
             .collect();
-        self.run(env, |store| {
-            let inst = plugin.pre.instantiate(&mut *store)?;
-            let (r,) = route.call(store, &inst, (&t, &agents))?;
+        let (mut store, t0) = self.store(env);
+        let r = async {
+            let inst = plugin.pre.instantiate_async(&mut store).await?;
+            let (r,) = route.call(&mut store, &inst, (&t, &agents)).await?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(d) => {
@@ -824,11 +847,13 @@ impl PluginHost {
                     }
                 }
             })
-        })
+        }
+        .await;
+        Self::finish(store, t0, r)
     }
 
     /// Calls a CRM's `lookup` in a fresh instance.
-    pub fn invoke_crm_lookup(
+    pub async fn invoke_crm_lookup(
         &self,
         plugin: &LoadedPlugin,
         env: PluginEnv,
@@ -840,9 +865,10 @@ impl PluginHost {
         };
         let limits = env.limits.clone();
         let channel = channel.to_string();
-        self.run(env, |store| {
-            let inst = plugin.pre.instantiate(&mut *store)?;
-            let (r,) = lookup.call(store, &inst, (&channel, address))?;
+        let (mut store, t0) = self.store(env);
+        let r = async {
+            let inst = plugin.pre.instantiate_async(&mut store).await?;
+            let (r,) = lookup.call(&mut store, &inst, (&channel, address)).await?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(p) => {
@@ -869,11 +895,13 @@ impl PluginHost {
                     }
                 }
             })
-        })
+        }
+        .await;
+        Self::finish(store, t0, r)
     }
 
     /// Calls a CRM's `record-interaction` in a fresh instance.
-    pub fn invoke_crm_record(
+    pub async fn invoke_crm_record(
         &self,
         plugin: &LoadedPlugin,
         env: PluginEnv,
@@ -894,16 +922,19 @@ impl PluginHost {
             disposition: summary.disposition.clone(),
             attributes: summary.attributes.clone(),
         };
-        self.run(env, |store| {
-            let inst = plugin.pre.instantiate(&mut *store)?;
-            let (r,) = record.call(store, &inst, (&s,))?;
+        let (mut store, t0) = self.store(env);
+        let r = async {
+            let inst = plugin.pre.instantiate_async(&mut store).await?;
+            let (r,) = record.call(&mut store, &inst, (&s,)).await?;
             Ok(r.map_err(|msg| InvokeError::Plugin(truncate(msg, 2000))))
-        })
+        }
+        .await;
+        Self::finish(store, t0, r)
     }
 
     /// Calls a TTS plugin's `synthesize` in a fresh instance. Audio may be
     /// up to 16× the output cap (it is binary and bulky by nature).
-    pub fn invoke_tts(
+    pub async fn invoke_tts(
         &self,
         plugin: &LoadedPlugin,
         env: PluginEnv,
@@ -921,9 +952,10 @@ impl PluginHost {
             voice: voice.map(str::to_string),
             language: language.map(str::to_string),
         };
-        self.run(env, |store| {
-            let inst = plugin.pre.instantiate(&mut *store)?;
-            let (r,) = synthesize.call(store, &inst, (&req,))?;
+        let (mut store, t0) = self.store(env);
+        let r = async {
+            let inst = plugin.pre.instantiate_async(&mut store).await?;
+            let (r,) = synthesize.call(&mut store, &inst, (&req,)).await?;
             Ok(match r {
                 Err(msg) => Err(InvokeError::Plugin(truncate(msg, 2000))),
                 Ok(tt::Output::Audio(a)) => {
@@ -946,7 +978,9 @@ impl PluginHost {
                     language: t.language,
                 }),
             })
-        })
+        }
+        .await;
+        Self::finish(store, t0, r)
     }
 }
 
@@ -958,6 +992,10 @@ impl Drop for PluginHost {
         }
     }
 }
+
+/// Epoch ticks between two checks of a running plugin's deadline, where
+/// it yields to other tasks.
+const YIELD_TICKS: u64 = 1;
 
 /// Epoch ticks that cover `d` (rounded up, at least one).
 fn ticks(d: Duration, tick: Duration) -> u64 {

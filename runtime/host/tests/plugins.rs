@@ -54,12 +54,12 @@ fn ix() -> FlowInput {
     }
 }
 
-#[test]
-fn hello_ivr_menu() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_ivr_menu() {
     let h = host();
     let p = h.load(&wasm("hello_ivr")).expect("load");
     assert_eq!(p.kind, PluginKind::Flow);
-    let r = h.invoke_flow(&p, env(serde_json::Value::Null), &ix(), "", &Event::Started);
+    let r = h.invoke_flow(&p, env(serde_json::Value::Null), &ix(), "", &Event::Started).await;
     let out = r.outcome.expect("started");
     assert_eq!(out.state.as_deref(), Some("0"));
     assert!(
@@ -75,7 +75,7 @@ fn hello_ivr_menu() {
             digits: "2".into(),
             terminated: false,
         },
-    );
+    ).await;
     let out = r.outcome.expect("digits");
     assert!(out.actions.contains(&Action::Enqueue {
         queue: "support".into(),
@@ -84,8 +84,8 @@ fn hello_ivr_menu() {
     }));
 }
 
-#[test]
-fn router_ranks_by_skill() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_ranks_by_skill() {
     let h = host();
     let p = h.load(&wasm("skills_router")).expect("load");
     assert_eq!(p.kind, PluginKind::Router);
@@ -114,16 +114,16 @@ fn router_ranks_by_skill() {
         },
     ];
     let d = h
-        .invoke_router(&p, env(serde_json::Value::Null), &task, &agents)
+        .invoke_router(&p, env(serde_json::Value::Null), &task, &agents).await
         .outcome
         .expect("route");
     assert_eq!(d.ranked, vec!["c".to_string(), "b".to_string()]);
     // A router is not a flow.
-    let r = h.invoke_flow(&p, env(serde_json::Value::Null), &ix(), "", &Event::Started);
+    let r = h.invoke_flow(&p, env(serde_json::Value::Null), &ix(), "", &Event::Started).await;
     assert!(matches!(r.outcome, Err(InvokeError::WrongKind { .. })));
 }
 
-fn hostile(
+async fn hostile(
     h: &PluginHost,
     mode: &str,
     limits: Limits,
@@ -134,32 +134,24 @@ fn hostile(
     // Containment, not speed: the call must come back at all (a deadline
     // that never fires fails here instead of hanging the test run).
     let t0 = Instant::now();
-    let r = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        scope.spawn(move || {
-            let _ = tx.send(h.invoke_flow(&p, e, &ix(), "", &Event::Started));
-        });
-        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
-            Ok(r) => r,
-            Err(_) => {
-                // The scope would wait for the runaway thread forever.
-                eprintln!("{mode}: the plugin was not stopped within 30 s");
-                std::process::exit(101);
-            }
-        }
-    });
+    let r = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        h.invoke_flow(&p, e, &ix(), "", &Event::Started),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("{mode}: the plugin was not stopped within 30 s"));
     (r.outcome, t0.elapsed().as_millis())
 }
 
-#[test]
-fn hostile_plugins_are_contained() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_plugins_are_contained() {
     let h = host();
     let limits = Limits {
         deadline_ms: 100,
         memory_bytes: 32 << 20,
         ..Default::default()
     };
-    let (r, ms) = hostile(&h, "loop", limits.clone());
+    let (r, ms) = hostile(&h, "loop", limits.clone()).await;
     assert_eq!(r, Err(InvokeError::Timeout { budget_ms: 100 }));
     // A generous bound: the 100 ms deadline fired (speed is for benches).
     assert!(ms < 5_000, "loop stopped after {ms} ms");
@@ -170,7 +162,7 @@ fn hostile_plugins_are_contained() {
         deadline_ms: 10_000,
         ..limits
     };
-    let (r, _) = hostile(&h, "memory", limits.clone());
+    let (r, _) = hostile(&h, "memory", limits.clone()).await;
     assert_eq!(
         r,
         Err(InvokeError::MemoryLimit {
@@ -184,19 +176,19 @@ fn hostile_plugins_are_contained() {
             memory_bytes: 64 << 20,
             ..limits.clone()
         },
-    );
+    ).await;
     assert!(
         matches!(r, Err(InvokeError::OutputTooLarge { .. })),
         "{r:?}"
     );
-    let (r, _) = hostile(&h, "actions", limits.clone());
+    let (r, _) = hostile(&h, "actions", limits.clone()).await;
     assert!(
         matches!(r, Err(InvokeError::TooManyActions { count: 10_000, .. })),
         "{r:?}"
     );
-    let (r, _) = hostile(&h, "trap", limits.clone());
+    let (r, _) = hostile(&h, "trap", limits.clone()).await;
     assert!(matches!(r, Err(InvokeError::Trap(_))), "{r:?}");
-    let (r, _) = hostile(&h, "stack", limits.clone());
+    let (r, _) = hostile(&h, "stack", limits.clone()).await;
     assert!(
         matches!(
             r,
@@ -204,18 +196,18 @@ fn hostile_plugins_are_contained() {
         ),
         "{r:?}"
     );
-    let (r, _) = hostile(&h, "error", limits.clone());
+    let (r, _) = hostile(&h, "error", limits.clone()).await;
     assert_eq!(r, Err(InvokeError::Plugin("hostile plugin refuses".into())));
     // And the host still serves.
-    let (r, _) = hostile(&h, "", limits);
+    let (r, _) = hostile(&h, "", limits).await;
     assert!(r.is_ok());
 }
 
-#[test]
-fn grants_deny_by_default() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_deny_by_default() {
     let h = host();
     let p = h.load(&wasm("probe")).expect("load");
-    let say = |e: PluginEnv, digits: &str| -> String {
+    let say = async |e: PluginEnv, digits: &str| -> String {
         let r = h.invoke_flow(
             &p,
             e,
@@ -225,21 +217,21 @@ fn grants_deny_by_default() {
                 digits: digits.into(),
                 terminated: false,
             },
-        );
+        ).await;
         match r.outcome.expect("probe").actions.first() {
             Some(Action::Say { text, .. }) => text.clone(),
             other => panic!("{other:?}"),
         }
     };
     let cfg = serde_json::json!({ "url": "http://127.0.0.1:9/x", "addr": "127.0.0.1:9" });
-    let s = say(env(cfg.clone()), "1");
+    let s = say(env(cfg.clone()), "1").await;
     assert!(s.contains("not granted"), "http without grant: {s}");
     assert!(
-        say(env(cfg.clone()), "2").contains("not granted"),
+        say(env(cfg.clone()), "2").await.contains("not granted"),
         "kv without grant"
     );
     assert!(
-        say(env(cfg.clone()), "3").starts_with("socket refused"),
+        say(env(cfg.clone()), "3").await.starts_with("socket refused"),
         "raw sockets"
     );
     let mut e = env(cfg);
@@ -250,11 +242,11 @@ fn grants_deny_by_default() {
         }),
         ..Grants::default()
     };
-    assert!(say(e, "1").contains("not granted: http to http://127.0.0.1:9"));
+    assert!(say(e, "1").await.contains("not granted: http to http://127.0.0.1:9"));
 }
 
-#[test]
-fn not_a_plugin() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_a_plugin() {
     let h = host();
     assert!(h.load(b"\0asm\x01\0\0\0").is_err());
     assert!(h.load(b"hello").is_err());
@@ -279,8 +271,8 @@ fn not_a_plugin() {
     }
 }
 
-#[test]
-fn lean_core_module_answers_like_the_wasip2_component() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lean_core_module_answers_like_the_wasip2_component() {
     // The same hello-ivr source built as a core module for
     // wasm32-unknown-unknown (wrapped into a component by the host) and as a
     // wasm32-wasip2 component must act alike, event by event.
@@ -304,8 +296,8 @@ fn lean_core_module_answers_like_the_wasip2_component() {
         ("2", Event::Timeout),
     ];
     for (state, event) in &script {
-        let a = h.invoke_flow(&lean, env(serde_json::Value::Null), &ix(), state, event);
-        let b = h.invoke_flow(&p2, env(serde_json::Value::Null), &ix(), state, event);
+        let a = h.invoke_flow(&lean, env(serde_json::Value::Null), &ix(), state, event).await;
+        let b = h.invoke_flow(&p2, env(serde_json::Value::Null), &ix(), state, event).await;
         let (a, b) = (a.outcome.expect("lean"), b.outcome.expect("wasip2"));
         assert_eq!(a.actions, b.actions, "{event:?} in state {state:?}");
         assert_eq!(a.state, b.state, "{event:?} in state {state:?}");
@@ -315,7 +307,7 @@ fn lean_core_module_answers_like_the_wasip2_component() {
     // arena falls back to the system allocator (memory grows).
     let mut big = ix();
     big.attributes = vec![("note".into(), "x".repeat(600 * 1024))];
-    let r = h.invoke_flow(&lean, env(serde_json::Value::Null), &big, "0", &digits("1"));
+    let r = h.invoke_flow(&lean, env(serde_json::Value::Null), &big, "0", &digits("1")).await;
     assert!(r.outcome.is_ok(), "{:?}", r.outcome.err());
     assert!(
         r.memory_bytes > 1024 * 1024 + 600 * 1024,
@@ -324,8 +316,8 @@ fn lean_core_module_answers_like_the_wasip2_component() {
     );
 }
 
-#[test]
-fn tts_rewrites_text_or_returns_audio() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tts_rewrites_text_or_returns_audio() {
     let h = host();
     let p = h.load(&wasm("speak_digits_tts")).expect("load");
     assert_eq!(p.kind, PluginKind::Tts);
@@ -336,7 +328,7 @@ fn tts_rewrites_text_or_returns_audio() {
             "waybill 123 is late",
             None,
             Some("en-US"),
-        )
+        ).await
         .outcome
         .expect("text");
     assert_eq!(
@@ -354,7 +346,7 @@ fn tts_rewrites_text_or_returns_audio() {
             "one two",
             Some("beep"),
             None,
-        )
+        ).await
         .outcome
     {
         Ok(plugboard_host::TtsOutput::Audio {
@@ -376,25 +368,26 @@ fn tts_rewrites_text_or_returns_audio() {
 #[derive(Default)]
 struct MemKv(std::sync::Mutex<std::collections::HashMap<(String, String), Vec<u8>>>);
 
+#[async_trait::async_trait]
 impl plugboard_core::TenantKv for MemKv {
-    fn kv_get(&self, t: &str, k: &str) -> Result<Option<Vec<u8>>, plugboard_core::Error> {
+    async fn kv_get(&self, t: &str, k: &str) -> Result<Option<Vec<u8>>, plugboard_core::Error> {
         Ok(self.0.lock().unwrap().get(&(t.into(), k.into())).cloned())
     }
-    fn kv_set(&self, t: &str, k: &str, v: &[u8]) -> Result<(), plugboard_core::Error> {
+    async fn kv_set(&self, t: &str, k: &str, v: &[u8]) -> Result<(), plugboard_core::Error> {
         self.0
             .lock()
             .unwrap()
             .insert((t.into(), k.into()), v.to_vec());
         Ok(())
     }
-    fn kv_delete(&self, t: &str, k: &str) -> Result<(), plugboard_core::Error> {
+    async fn kv_delete(&self, t: &str, k: &str) -> Result<(), plugboard_core::Error> {
         self.0.lock().unwrap().remove(&(t.into(), k.into()));
         Ok(())
     }
 }
 
-#[test]
-fn crm_looks_customers_up_in_the_tenants_kv() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crm_looks_customers_up_in_the_tenants_kv() {
     use plugboard_core::TenantKv;
     let h = host();
     let p = h.load(&wasm("kv_crm")).expect("load");
@@ -405,6 +398,7 @@ fn crm_looks_customers_up_in_the_tenants_kv() {
         "crm/customer/37060000001",
         br#"{"id":"c-9","name":"Ona","tier":"gold"}"#,
     )
+    .await
     .unwrap();
     let with_kv = |tenant: &str, kv_granted: bool| PluginEnv {
         tenant: tenant.into(),
@@ -423,7 +417,7 @@ fn crm_looks_customers_up_in_the_tenants_kv() {
             with_kv("t1", true),
             plugboard_core::Channel::Voice,
             "37060000001",
-        )
+        ).await
         .outcome
         .expect("lookup");
     assert_eq!(
@@ -440,14 +434,14 @@ fn crm_looks_customers_up_in_the_tenants_kv() {
         with_kv("t2", true),
         plugboard_core::Channel::Voice,
         "37060000001",
-    );
+    ).await;
     assert_eq!(other.outcome, Ok(None));
     let denied = h.invoke_crm_lookup(
         &p,
         with_kv("t1", false),
         plugboard_core::Channel::Voice,
         "37060000001",
-    );
+    ).await;
     assert_eq!(
         denied.outcome,
         Err(InvokeError::Plugin("not granted: kv".into()))
@@ -459,11 +453,11 @@ fn crm_looks_customers_up_in_the_tenants_kv() {
             from: "37060000001".into(),
             ..Default::default()
         };
-        let r = h.invoke_crm_record(&p, with_kv("t1", true), &summary);
+        let r = h.invoke_crm_record(&p, with_kv("t1", true), &summary).await;
         assert_eq!(r.outcome, Ok(()));
     }
     assert_eq!(
-        kv.kv_get("t1", "crm/history/37060000001").unwrap(),
+        kv.kv_get("t1", "crm/history/37060000001").await.unwrap(),
         Some(br#"["ix-1","ix-2"]"#.to_vec())
     );
 }
@@ -481,8 +475,8 @@ fn polyglot(name: &str) -> Vec<u8> {
     })
 }
 
-#[test]
-fn routers_in_rust_js_and_python_rank_alike() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_in_rust_js_and_python_rank_alike() {
     let h = host();
     let routers: Vec<(&str, LoadedPlugin)> = [
         ("rust", wasm("skills_router")),
@@ -537,16 +531,15 @@ fn routers_in_rust_js_and_python_rank_alike() {
         (RouteTask::default(), vec![]),
     ];
     for (task, agents) in &cases {
-        let decisions: Vec<(&str, RouteDecision)> = routers
-            .iter()
-            .map(|(lang, p)| {
-                let d = h
-                    .invoke_router(p, env(serde_json::Value::Null), task, agents)
-                    .outcome
-                    .unwrap_or_else(|e| panic!("{lang}: {e}"));
-                (*lang, d)
-            })
-            .collect();
+        let mut decisions: Vec<(&str, RouteDecision)> = Vec::new();
+        for (lang, p) in &routers {
+            let d = h
+                .invoke_router(p, env(serde_json::Value::Null), task, agents)
+                .await
+                .outcome
+                .unwrap_or_else(|e| panic!("{lang}: {e}"));
+            decisions.push((*lang, d));
+        }
         for (lang, d) in &decisions[1..] {
             assert_eq!(d, &decisions[0].1, "{lang} differs from rust on {task:?}");
         }

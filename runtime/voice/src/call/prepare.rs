@@ -109,11 +109,7 @@ pub(super) async fn prepare(
             let grant = session.http_grant();
             let fetcher = app.fetcher().clone();
             let tenant = session.interaction.tenant.clone();
-            let clip = tokio::task::spawn_blocking(move || {
-                load_clip(&fetcher, &tenant, &url, grant.as_ref())
-            })
-            .await
-            .unwrap_or_else(|e| Err(ClipError::Failed(e.to_string())));
+            let clip = load_clip(&fetcher, &tenant, &url, grant.as_ref()).await;
             match clip {
                 Ok(a) => Some(a),
                 Err(e) => {
@@ -164,7 +160,7 @@ impl ClipError {
 /// the flow's `http` grant (its allow-list, timeout and size cap; a
 /// redirect is not followed): the server never fetches an address the
 /// tenant was not granted.
-fn load_clip(
+async fn load_clip(
     fetcher: &Fetcher,
     tenant: &str,
     url: &str,
@@ -185,14 +181,21 @@ fn load_clip(
             audio::tone(hz as f32, ms.min(600_000), 0.3)
         }
         "http" | "https" => {
-            let resp = fetcher.fetch(tenant, grant, FetchRequest::get(url))?;
+            let resp = fetcher
+                .fetch(tenant, grant, FetchRequest::get(url))
+                .await?;
             if !(200..300).contains(&resp.status) {
                 return Err(ClipError::Failed(format!(
                     "{url} answered status {}",
                     resp.status
                 )));
             }
-            audio::decode_wav(&resp.body).map_err(|e| ClipError::Failed(e.to_string()))?
+            // Decoding and resampling a long file is CPU work: off the
+            // executor.
+            tokio::task::spawn_blocking(move || audio::decode_wav(&resp.body))
+                .await
+                .map_err(|e| ClipError::Failed(e.to_string()))?
+                .map_err(|e| ClipError::Failed(e.to_string()))?
         }
         _ => return Err(ClipError::Unknown(format!("unknown clip {url:?}"))),
     };
