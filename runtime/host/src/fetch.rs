@@ -643,19 +643,21 @@ fn map_error(e: &reqwest::Error, https: bool) -> FetchError {
         if let Some(t) = c.downcast_ref::<rustls::Error>() {
             return FetchError::Tls(t.to_string());
         }
-        // An I/O error hides the error it wraps from `source()`.
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if let Some(inner) = io.get_ref() {
-                if let Some(t) = inner.downcast_ref::<rustls::Error>() {
-                    return FetchError::Tls(t.to_string());
-                }
-                if let Some(p) = inner.downcast_ref::<PrivateRefused>() {
-                    return FetchError::PrivateAddress(p.0.clone());
-                }
+        // An I/O error hides the error it wraps from `source()`, and the
+        // client nests them (a TLS failure is an I/O error in an I/O error).
+        let mut io = c.downcast_ref::<std::io::Error>();
+        while let Some(e) = io {
+            if e.kind() == std::io::ErrorKind::InvalidData {
+                io_invalid_data = Some(e.to_string());
             }
-            if io.kind() == std::io::ErrorKind::InvalidData {
-                io_invalid_data = Some(io.to_string());
+            let Some(inner) = e.get_ref() else { break };
+            if let Some(t) = inner.downcast_ref::<rustls::Error>() {
+                return FetchError::Tls(t.to_string());
             }
+            if let Some(p) = inner.downcast_ref::<PrivateRefused>() {
+                return FetchError::PrivateAddress(p.0.clone());
+            }
+            io = inner.downcast_ref::<std::io::Error>();
         }
         cause = c.source();
     }
