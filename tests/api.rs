@@ -2,7 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{LOOPBACK, Server, TestCa, TinyHttp, TlsHttp, plugin, polyglot, says};
+use plugboard_tests::{
+    LOOPBACK, Server, SlowHttp, TestCa, TinyHttp, TlsHttp, plugin, polyglot, says,
+};
 use serde_json::Value;
 use serde_json::json;
 use std::time::Instant;
@@ -836,6 +838,86 @@ fn https_lookups_use_the_grants_ca_and_one_pooled_connection() {
     assert_eq!(r.status, 400, "{r:?}");
 }
 
+#[test]
+fn mutual_tls_presents_the_grants_client_certificate_with_its_key_from_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), LOOPBACK).unwrap();
+    let k = s.tenant("mutual");
+    assert_eq!(s.deploy("mutual", &k, "probe", plugin("probe")).status, 201);
+    let (server_ca, client_ca, stranger_ca) = (TestCa::new(), TestCa::new(), TestCa::new());
+    let crm = TlsHttp::start_mutual(&server_ca, &client_ca, mis);
+    let url = format!("https://127.0.0.1:{}/hello", crm.port);
+    let origin = format!("https://127.0.0.1:{}", crm.port);
+    let (cert, key) = client_ca.client("plugboard-mutual");
+    let r = s.json(
+        "PUT",
+        "/v1/tenants/mutual/secrets/crm-key",
+        &k,
+        &json!({ "value": key }),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let grant = |cert: &str| {
+        json!({
+            "http": {"allow": [origin], "ca_pem": server_ca.ca_pem,
+                     "client_cert_pem": cert, "client_key_secret": "crm-key"},
+            "secrets": ["crm-key"],
+        })
+    };
+    // With the certificate the CRM's CA signed: answered, on one connection.
+    for _ in 0..5 {
+        assert_eq!(
+            http_probe(&s, "mutual", &k, &url, &grant(&cert)),
+            "http 200 hi"
+        );
+    }
+    assert_eq!(crm.handshakes.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // The grant as read back names the secret, never the key.
+    let r = s.get("/v1/tenants/mutual/plugins/probe/grants", &k);
+    assert_eq!(r.body["http"]["client_key_secret"], "crm-key");
+    let key_line = key.lines().nth(1).unwrap();
+    assert!(!r.body.to_string().contains(key_line));
+    // Without a client certificate, or with one another CA signed (with
+    // its own key, in another secret), the CRM refuses the handshake: a
+    // typed TLS error, and no request reaches it.
+    let (stranger, stranger_key) = stranger_ca.client("stranger");
+    let r = s.json(
+        "PUT",
+        "/v1/tenants/mutual/secrets/stranger-key",
+        &k,
+        &json!({ "value": stranger_key }),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let without = json!({"http": {"allow": [origin], "ca_pem": server_ca.ca_pem}});
+    let untrusted = json!({
+        "http": {"allow": [origin], "ca_pem": server_ca.ca_pem,
+                 "client_cert_pem": stranger, "client_key_secret": "stranger-key"},
+        "secrets": ["stranger-key"],
+    });
+    for g in [without, untrusted] {
+        let said = http_probe(&s, "mutual", &k, &url, &g);
+        assert!(said.starts_with("http error: failed: tls: "), "{said}");
+    }
+    // A certificate whose key is not the one in the secret never leaves.
+    let said = http_probe(&s, "mutual", &k, &url, &grant(&stranger));
+    assert!(
+        said.starts_with("http error: invalid: client certificate"),
+        "{said}"
+    );
+    assert_eq!(crm.hits.load(std::sync::atomic::Ordering::SeqCst), 5);
+    // A certificate without its key secret, or a key secret not granted,
+    // is refused when set.
+    for bad in [
+        json!({"http": {"allow": [origin], "client_cert_pem": cert}}),
+        json!({"http": {"allow": [origin], "client_cert_pem": cert, "client_key_secret": "crm-key"}}),
+    ] {
+        let r = s.json("PUT", "/v1/tenants/mutual/plugins/probe/grants", &k, &bad);
+        assert_eq!(r.status, 400, "{r:?}");
+    }
+    // Nothing the server wrote shows the key.
+    let log = std::fs::read_to_string(dir.path().join("data.log")).unwrap_or_default();
+    assert!(!log.contains(key_line));
+}
+
 /// A CRM that is down: every request gets 503.
 fn down(path: &str) -> (u16, String) {
     match path {
@@ -1093,6 +1175,188 @@ fn a_tenant_waiting_on_a_slow_service_does_not_hold_up_another() {
         assert_eq!(h.join().unwrap(), "http 200 slow");
     }
     assert_eq!(gate.held.load(SeqCst), 100);
+}
+
+/// Milliseconds of one simulate of `tenant`'s probe answering from config.
+fn timed_simulate(s: &Server, tenant: &str, key: &str) -> f64 {
+    let t0 = std::time::Instant::now();
+    let r = s.simulate(
+        tenant,
+        key,
+        "probe",
+        json!([{"type": "digits", "digits": "4"}]),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The server's threads now (Linux `/proc`).
+fn threads_of(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn two_thousand_interactions_waiting_on_a_slow_service_hold_few_threads() {
+    use std::sync::atomic::Ordering::SeqCst;
+    const FLOOD: usize = 2000;
+    let dir = tempfile::tempdir().unwrap();
+    let s = std::sync::Arc::new(
+        Server::start(
+            &dir.path().join("data"),
+            &[
+                "--allow-network",
+                "127.0.0.1/32",
+                "--max-concurrent",
+                "2100",
+            ],
+        )
+        .unwrap(),
+    );
+    let (ka, kb) = (s.tenant("flooder"), s.tenant("bystander"));
+    for (t, k) in [("flooder", &ka), ("bystander", &kb)] {
+        assert_eq!(s.deploy(t, k, "probe", plugin("probe")).status, 201);
+    }
+    let r = s.json(
+        "PUT",
+        "/v1/tenants/bystander/plugins/probe/config",
+        &kb,
+        &json!({"greeting": "hello"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    // The operator lets the flooder run 2,000 instances at once.
+    let r = s.json(
+        "PUT",
+        "/v1/tenants/flooder/limits",
+        &s.admin,
+        &json!({"max_concurrent": FLOOD}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let slow = SlowHttp::start(&rt, std::time::Duration::from_secs(2));
+    let url = format!("http://127.0.0.1:{}/customer", slow.port);
+    let grant =
+        json!({"http": {"allow": [format!("127.0.0.1:{}", slow.port)], "timeout_ms": 30000}});
+    for (what, body) in [("config", json!({"url": url})), ("grants", grant)] {
+        let r = s.json(
+            "PUT",
+            &format!("/v1/tenants/flooder/plugins/probe/{what}"),
+            &ka,
+            &body,
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    // The bystander alone.
+    for _ in 0..5 {
+        timed_simulate(&s, "bystander", &kb);
+    }
+    let mut alone: Vec<f64> = (0..100)
+        .map(|_| timed_simulate(&s, "bystander", &kb))
+        .collect();
+    alone.sort_by(f64::total_cmp);
+    let threads_before = threads_of(s.pid());
+    // The flood: 2,000 interactions at once, each waiting 2 s on the service.
+    let client = reqwest::Client::new();
+    let flood_t0 = std::time::Instant::now();
+    let flood: Vec<_> = (0..FLOOD)
+        .map(|_| {
+            let req = client
+                .post(format!(
+                    "http://127.0.0.1:{}/v1/tenants/flooder/flows/probe/simulate",
+                    s.port
+                ))
+                .header("authorization", format!("Bearer {ka}"))
+                .header("content-type", "application/json")
+                .body(
+                    json!({"events": [{"type": "digits", "digits": "1"}], "from": "37060000001", "to": "+100"})
+                        .to_string(),
+                )
+                .timeout(std::time::Duration::from_secs(120));
+            rt.spawn(async move {
+                let r = req.send().await.map_err(|e| e.to_string())?;
+                let status = r.status().as_u16();
+                let body: serde_json::Value =
+                    serde_json::from_slice(&r.bytes().await.map_err(|e| e.to_string())?)
+                        .map_err(|e| e.to_string())?;
+                Ok::<_, String>((status, says(&body["steps"][1]).join(" ")))
+            })
+        })
+        .collect();
+    // Wait until most of the flood waits on the service, sampling threads.
+    let mut threads_max = threads_before;
+    for _ in 0..1200 {
+        threads_max = threads_max.max(threads_of(s.pid()));
+        if slow.received.load(SeqCst) >= FLOOD / 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    // The bystander during the flood. A call "did not wait for the flood"
+    // when it was answered before every lookup pending at its start was:
+    // then it queued behind none of them.
+    let mut during = Vec::new();
+    let mut overlapped = 0;
+    let mut ahead_of_lookups = 0;
+    for _ in 0..20 {
+        let received = slow.received.load(SeqCst);
+        let pending = received - slow.answered.load(SeqCst);
+        during.push(timed_simulate(&s, "bystander", &kb));
+        threads_max = threads_max.max(threads_of(s.pid()));
+        if pending > 0 {
+            overlapped += 1;
+            if slow.answered.load(SeqCst) < received {
+                ahead_of_lookups += 1;
+            }
+        }
+    }
+    during.sort_by(f64::total_cmp);
+    let mut wrong = 0;
+    for h in flood {
+        threads_max = threads_max.max(threads_of(s.pid()));
+        match rt.block_on(h).unwrap() {
+            Ok((200, said)) if said == "http 200 slow" => {}
+            other => {
+                wrong += 1;
+                if wrong < 5 {
+                    eprintln!("flood answer: {other:?}");
+                }
+            }
+        }
+    }
+    let flood_s = flood_t0.elapsed().as_secs_f64();
+    println!(
+        "flood: {FLOOD} interactions each waiting 2 s on the service, all done in {flood_s:.1} s; \
+         server threads {threads_before} before, at most {threads_max} during; bystander \
+         alone p50 {:.1} ms p99 {:.1} ms, during the flood p50 {:.1} ms max {:.1} ms \
+         ({overlapped} of 20 while lookups were waiting, {ahead_of_lookups} answered before them)",
+        percentile(&alone, 0.5),
+        percentile(&alone, 0.99),
+        percentile(&during, 0.5),
+        percentile(&during, 1.0),
+    );
+    assert_eq!(wrong, 0, "every interaction of the flood got its answer");
+    assert_eq!(slow.answered.load(SeqCst), FLOOD);
+    // A thread per waiting interaction would be 2,000.
+    assert!(threads_max < 100, "{threads_max} threads");
+    // The bystander's simulations ran while the flood's lookups waited,
+    // and were answered without waiting for them.
+    assert!(
+        overlapped > 0,
+        "the flood was over before the bystander ran"
+    );
+    assert!(ahead_of_lookups > 0, "the bystander waited for the flood");
 }
 
 #[test]

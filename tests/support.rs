@@ -329,6 +329,11 @@ impl Server {
         .unwrap()
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Simulates a flow.
     pub fn simulate(&self, tenant: &str, token: &str, flow: &str, events: Value) -> Answer {
         self.json(
@@ -409,6 +414,7 @@ pub struct TestCa {
     /// The server's certificate chain and key, for [`TlsHttp`].
     pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     key: Vec<u8>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
 impl TestCa {
@@ -431,7 +437,20 @@ impl TestCa {
             ca_pem: ca_cert.pem(),
             chain: vec![leaf.der().clone(), ca_cert.der().clone()],
             key: key.serialize_der(),
+            issuer,
         }
+    }
+
+    /// A client certificate signed by this CA: (certificate PEM, key PEM).
+    pub fn client(&self, name: &str) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
     }
 }
 
@@ -455,19 +474,44 @@ impl TlsHttp {
     /// Serves `respond(path) -> (status, body)` with `ca`'s server
     /// certificate, a thread per connection.
     pub fn start(ca: &TestCa, respond: fn(&str) -> (u16, String)) -> TlsHttp {
+        TlsHttp::serve(ca, None, respond)
+    }
+
+    /// As [`TlsHttp::start`], and a client must present a certificate
+    /// signed by `clients` (mutual TLS); a handshake without one fails.
+    pub fn start_mutual(
+        ca: &TestCa,
+        clients: &TestCa,
+        respond: fn(&str) -> (u16, String),
+    ) -> TlsHttp {
+        TlsHttp::serve(ca, Some(clients), respond)
+    }
+
+    fn serve(ca: &TestCa, clients: Option<&TestCa>, respond: fn(&str) -> (u16, String)) -> TlsHttp {
         use std::io::{BufRead, BufReader, Write};
         use std::sync::atomic::Ordering::SeqCst;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ca.key.clone().into());
-        let config = std::sync::Arc::new(
-            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(ca.chain.clone(), key)
-            .unwrap(),
-        );
+            .unwrap();
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(c) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(c.chain.last().cloned().expect("the CA certificate"))
+                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    std::sync::Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = std::sync::Arc::new(builder.with_single_cert(ca.chain.clone(), key).unwrap());
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let handshakes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -772,5 +816,65 @@ impl Drop for Nats {
     fn drop(&mut self) {
         self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// An HTTP/1.1 service on loopback that answers every request `slow` after
+/// `delay`, on tokio: thousands of requests can wait at once without a
+/// thread each. Counts requests received and answered.
+pub struct SlowHttp {
+    pub port: u16,
+    pub received: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SlowHttp {
+    /// Starts the service on `rt`.
+    pub fn start(rt: &tokio::runtime::Runtime, delay: std::time::Duration) -> SlowHttp {
+        use std::sync::atomic::Ordering::SeqCst;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let received = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (r, a) = (received.clone(), answered.clone());
+        rt.spawn(async move {
+            // Bounded: a test makes at most this many connections.
+            for _ in 0..20_000 {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (r, a) = (r.clone(), a.clone());
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    // Keep-alive: one request after another, at most 10,000.
+                    for _ in 0..10_000 {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match conn.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+                        buf.drain(..end + 4);
+                        r.fetch_add(1, SeqCst);
+                        tokio::time::sleep(delay).await;
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow";
+                        if conn.write_all(reply).await.is_err() {
+                            return;
+                        }
+                        a.fetch_add(1, SeqCst);
+                    }
+                });
+            }
+        });
+        SlowHttp {
+            port,
+            received,
+            answered,
+        }
     }
 }

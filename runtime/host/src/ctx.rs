@@ -91,10 +91,8 @@ impl Ctx {
     /// Time the plugin has run, not counting host calls that wait on I/O
     /// nor time yielded to other tasks.
     pub(crate) fn cpu_time(&self) -> Duration {
-        let yielded = Duration::from_nanos(
-            self.yielded_ns
-                .load(std::sync::atomic::Ordering::Relaxed),
-        );
+        let yielded =
+            Duration::from_nanos(self.yielded_ns.load(std::sync::atomic::Ordering::Relaxed));
         self.started
             .elapsed()
             .saturating_sub(self.blocked)

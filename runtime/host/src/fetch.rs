@@ -321,15 +321,15 @@ impl reqwest::dns::Resolve for GuardedResolver {
         let policy = self.policy.clone();
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0))
-                .await?
-                .collect();
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             // One refused address refuses the name: a name that resolves
             // to a public and a private address is not let through on the
             // public one (the next resolution may differ).
             if let Some(a) = all.iter().find(|a| !policy.permits(a.ip())) {
-                return Err(Box::new(PrivateRefused(format!("{host} resolves to {}", a.ip())))
-                    as Box<dyn std::error::Error + Send + Sync>);
+                return Err(
+                    Box::new(PrivateRefused(format!("{host} resolves to {}", a.ip())))
+                        as Box<dyn std::error::Error + Send + Sync>,
+                );
             }
             Ok(Box::new(all.into_iter()) as reqwest::dns::Addrs)
         })
@@ -490,13 +490,19 @@ impl Fetcher {
     /// The tenant's connection pool for this grant (its TLS roots and
     /// client certificate).
     fn client(&self, tenant: &str, grant: &HttpGrant) -> Result<reqwest::Client, FetchError> {
+        // The pool is per tenant and TLS identity: the roots, the client
+        // certificate and (hashed, so the key is not kept twice) its key.
         let key = (
             tenant.to_string(),
             format!(
                 "{}\u{0}{}\u{0}{}",
                 grant.ca_pem.as_deref().unwrap_or_default(),
                 grant.client_cert_pem.as_deref().unwrap_or_default(),
-                grant.client_key_pem.as_deref().map_or(0, str::len)
+                grant
+                    .client_key_pem
+                    .as_deref()
+                    .map(|k| crate::sha256_hex(k.as_bytes()))
+                    .unwrap_or_default()
             ),
         );
         let mut pools = self
@@ -783,7 +789,10 @@ mod tests {
     fn a_tenant_has_a_bounded_number_of_requests_in_flight() {
         let f = Fetcher::new(NetPolicy::default());
         let held: Vec<InFlight<'_>> = (0..TENANT_IN_FLIGHT)
-            .map(|_| f.enter("a", TENANT_IN_FLIGHT).unwrap_or_else(|e| panic!("{e}")))
+            .map(|_| {
+                f.enter("a", TENANT_IN_FLIGHT)
+                    .unwrap_or_else(|e| panic!("{e}"))
+            })
             .collect();
         assert_eq!(
             f.enter("a", TENANT_IN_FLIGHT).map(|_| ()),

@@ -469,14 +469,26 @@ impl PluginHost {
             .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         // The worlds' own type-only interfaces (e.g. `plugboard:flow/types`).
         linker.allow_shadowing(true);
-        bindings::flow::plugboard::flow::types::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
-            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        bindings::router::plugboard::router::types::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
-            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        bindings::tts::plugboard::tts::types::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
-            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
-        bindings::crm::plugboard::crm::types::add_to_linker::<Ctx, HasSelf<Ctx>>(&mut linker, |c| c)
-            .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        bindings::flow::plugboard::flow::types::add_to_linker::<Ctx, HasSelf<Ctx>>(
+            &mut linker,
+            |c| c,
+        )
+        .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        bindings::router::plugboard::router::types::add_to_linker::<Ctx, HasSelf<Ctx>>(
+            &mut linker,
+            |c| c,
+        )
+        .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        bindings::tts::plugboard::tts::types::add_to_linker::<Ctx, HasSelf<Ctx>>(
+            &mut linker,
+            |c| c,
+        )
+        .map_err(|e| HostError::Engine(format!("{e:#}")))?;
+        bindings::crm::plugboard::crm::types::add_to_linker::<Ctx, HasSelf<Ctx>>(
+            &mut linker,
+            |c| c,
+        )
+        .map_err(|e| HostError::Engine(format!("{e:#}")))?;
         if let Some(dir) = &config.cache_dir {
             std::fs::create_dir_all(dir).map_err(|e| HostError::Cache(e.to_string()))?;
         }

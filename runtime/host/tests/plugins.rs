@@ -59,23 +59,27 @@ async fn hello_ivr_menu() {
     let h = host();
     let p = h.load(&wasm("hello_ivr")).expect("load");
     assert_eq!(p.kind, PluginKind::Flow);
-    let r = h.invoke_flow(&p, env(serde_json::Value::Null), &ix(), "", &Event::Started).await;
+    let r = h
+        .invoke_flow(&p, env(serde_json::Value::Null), &ix(), "", &Event::Started)
+        .await;
     let out = r.outcome.expect("started");
     assert_eq!(out.state.as_deref(), Some("0"));
     assert!(
         matches!(&out.actions[0], Action::Gather { max_digits: 1, .. }),
         "{out:?}"
     );
-    let r = h.invoke_flow(
-        &p,
-        env(serde_json::Value::Null),
-        &ix(),
-        "0",
-        &Event::Digits {
-            digits: "2".into(),
-            terminated: false,
-        },
-    ).await;
+    let r = h
+        .invoke_flow(
+            &p,
+            env(serde_json::Value::Null),
+            &ix(),
+            "0",
+            &Event::Digits {
+                digits: "2".into(),
+                terminated: false,
+            },
+        )
+        .await;
     let out = r.outcome.expect("digits");
     assert!(out.actions.contains(&Action::Enqueue {
         queue: "support".into(),
@@ -114,12 +118,15 @@ async fn router_ranks_by_skill() {
         },
     ];
     let d = h
-        .invoke_router(&p, env(serde_json::Value::Null), &task, &agents).await
+        .invoke_router(&p, env(serde_json::Value::Null), &task, &agents)
+        .await
         .outcome
         .expect("route");
     assert_eq!(d.ranked, vec!["c".to_string(), "b".to_string()]);
     // A router is not a flow.
-    let r = h.invoke_flow(&p, env(serde_json::Value::Null), &ix(), "", &Event::Started).await;
+    let r = h
+        .invoke_flow(&p, env(serde_json::Value::Null), &ix(), "", &Event::Started)
+        .await;
     assert!(matches!(r.outcome, Err(InvokeError::WrongKind { .. })));
 }
 
@@ -176,7 +183,8 @@ async fn hostile_plugins_are_contained() {
             memory_bytes: 64 << 20,
             ..limits.clone()
         },
-    ).await;
+    )
+    .await;
     assert!(
         matches!(r, Err(InvokeError::OutputTooLarge { .. })),
         "{r:?}"
@@ -208,16 +216,18 @@ async fn grants_deny_by_default() {
     let h = host();
     let p = h.load(&wasm("probe")).expect("load");
     let say = async |e: PluginEnv, digits: &str| -> String {
-        let r = h.invoke_flow(
-            &p,
-            e,
-            &ix(),
-            "",
-            &Event::Digits {
-                digits: digits.into(),
-                terminated: false,
-            },
-        ).await;
+        let r = h
+            .invoke_flow(
+                &p,
+                e,
+                &ix(),
+                "",
+                &Event::Digits {
+                    digits: digits.into(),
+                    terminated: false,
+                },
+            )
+            .await;
         match r.outcome.expect("probe").actions.first() {
             Some(Action::Say { text, .. }) => text.clone(),
             other => panic!("{other:?}"),
@@ -231,7 +241,9 @@ async fn grants_deny_by_default() {
         "kv without grant"
     );
     assert!(
-        say(env(cfg.clone()), "3").await.starts_with("socket refused"),
+        say(env(cfg.clone()), "3")
+            .await
+            .starts_with("socket refused"),
         "raw sockets"
     );
     let mut e = env(cfg);
@@ -242,7 +254,11 @@ async fn grants_deny_by_default() {
         }),
         ..Grants::default()
     };
-    assert!(say(e, "1").await.contains("not granted: http to http://127.0.0.1:9"));
+    assert!(
+        say(e, "1")
+            .await
+            .contains("not granted: http to http://127.0.0.1:9")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,8 +312,12 @@ async fn lean_core_module_answers_like_the_wasip2_component() {
         ("2", Event::Timeout),
     ];
     for (state, event) in &script {
-        let a = h.invoke_flow(&lean, env(serde_json::Value::Null), &ix(), state, event).await;
-        let b = h.invoke_flow(&p2, env(serde_json::Value::Null), &ix(), state, event).await;
+        let a = h
+            .invoke_flow(&lean, env(serde_json::Value::Null), &ix(), state, event)
+            .await;
+        let b = h
+            .invoke_flow(&p2, env(serde_json::Value::Null), &ix(), state, event)
+            .await;
         let (a, b) = (a.outcome.expect("lean"), b.outcome.expect("wasip2"));
         assert_eq!(a.actions, b.actions, "{event:?} in state {state:?}");
         assert_eq!(a.state, b.state, "{event:?} in state {state:?}");
@@ -307,7 +327,9 @@ async fn lean_core_module_answers_like_the_wasip2_component() {
     // arena falls back to the system allocator (memory grows).
     let mut big = ix();
     big.attributes = vec![("note".into(), "x".repeat(600 * 1024))];
-    let r = h.invoke_flow(&lean, env(serde_json::Value::Null), &big, "0", &digits("1")).await;
+    let r = h
+        .invoke_flow(&lean, env(serde_json::Value::Null), &big, "0", &digits("1"))
+        .await;
     assert!(r.outcome.is_ok(), "{:?}", r.outcome.err());
     assert!(
         r.memory_bytes > 1024 * 1024 + 600 * 1024,
@@ -328,7 +350,8 @@ async fn tts_rewrites_text_or_returns_audio() {
             "waybill 123 is late",
             None,
             Some("en-US"),
-        ).await
+        )
+        .await
         .outcome
         .expect("text");
     assert_eq!(
@@ -346,7 +369,8 @@ async fn tts_rewrites_text_or_returns_audio() {
             "one two",
             Some("beep"),
             None,
-        ).await
+        )
+        .await
         .outcome
     {
         Ok(plugboard_host::TtsOutput::Audio {
@@ -417,7 +441,8 @@ async fn crm_looks_customers_up_in_the_tenants_kv() {
             with_kv("t1", true),
             plugboard_core::Channel::Voice,
             "37060000001",
-        ).await
+        )
+        .await
         .outcome
         .expect("lookup");
     assert_eq!(
@@ -429,19 +454,23 @@ async fn crm_looks_customers_up_in_the_tenants_kv() {
         })
     );
     // Another tenant does not see t1's customers; without the grant, an error.
-    let other = h.invoke_crm_lookup(
-        &p,
-        with_kv("t2", true),
-        plugboard_core::Channel::Voice,
-        "37060000001",
-    ).await;
+    let other = h
+        .invoke_crm_lookup(
+            &p,
+            with_kv("t2", true),
+            plugboard_core::Channel::Voice,
+            "37060000001",
+        )
+        .await;
     assert_eq!(other.outcome, Ok(None));
-    let denied = h.invoke_crm_lookup(
-        &p,
-        with_kv("t1", false),
-        plugboard_core::Channel::Voice,
-        "37060000001",
-    ).await;
+    let denied = h
+        .invoke_crm_lookup(
+            &p,
+            with_kv("t1", false),
+            plugboard_core::Channel::Voice,
+            "37060000001",
+        )
+        .await;
     assert_eq!(
         denied.outcome,
         Err(InvokeError::Plugin("not granted: kv".into()))

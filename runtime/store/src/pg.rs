@@ -18,6 +18,7 @@ use plugboard_core::{
     Address, Binding, Error, Grants, Interaction, InteractionState, PluginInfo, PluginVersion,
     SipUser, Tenant, TimelineEntry, Trunk,
 };
+use std::sync::Arc;
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{FromSql, ToSql};
@@ -81,6 +82,42 @@ const MIGRATION_LOCK: i64 = 0x706c_7567_626f;
 /// The PostgreSQL store.
 pub struct PgStore {
     pool: Pool,
+    /// Connections each tenant may hold at once for writing interactions
+    /// (half the pool): a tenant flooding the store waits on its own
+    /// share, so another tenant's writes still find a connection.
+    shares: TenantShares,
+}
+
+/// Per-tenant caps on the pool's connections (see [`PgStore`]).
+struct TenantShares {
+    per_tenant: usize,
+    tenants: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+impl TenantShares {
+    fn new(pool_size: usize) -> Self {
+        TenantShares {
+            per_tenant: (pool_size / 2).max(1),
+            tenants: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Waits for one of `tenant`'s connections.
+    async fn acquire(&self, tenant: &str) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        let sem = {
+            let mut m = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+            if m.len() > 4096 {
+                // Forget tenants with nothing held or waiting.
+                m.retain(|_, s| Arc::strong_count(s) > 1);
+            }
+            m.entry(tenant.to_string())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(self.per_tenant)))
+                .clone()
+        };
+        sem.acquire_owned()
+            .await
+            .map_err(|_| Error::Storage("tenant share closed".into()))
+    }
 }
 
 fn pg(e: tokio_postgres::Error) -> Error {
@@ -117,7 +154,10 @@ impl PgStore {
             .max_size(pool_size.max(1))
             .build()
             .map_err(storage)?;
-        let store = PgStore { pool };
+        let store = PgStore {
+            pool,
+            shares: TenantShares::new(pool_size.max(1)),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -170,6 +210,7 @@ impl PgStore {
         stored: usize,
         durable: bool,
     ) -> Result<usize> {
+        let _share = self.shares.acquire(&ix.tenant).await?;
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         if !durable {

@@ -181,9 +181,7 @@ async fn load_clip(
             audio::tone(hz as f32, ms.min(600_000), 0.3)
         }
         "http" | "https" => {
-            let resp = fetcher
-                .fetch(tenant, grant, FetchRequest::get(url))
-                .await?;
+            let resp = fetcher.fetch(tenant, grant, FetchRequest::get(url)).await?;
             if !(200..300).contains(&resp.status) {
                 return Err(ClipError::Failed(format!(
                     "{url} answered status {}",
