@@ -978,6 +978,16 @@ fn grants_limit_methods_and_paths_and_a_failing_service_trips_the_breaker() {
         "{said}"
     );
     assert_eq!(crm.hits.load(std::sync::atomic::Ordering::SeqCst), 5);
+    // The open circuit shows in the metrics, for this tenant only.
+    let metrics = s.call("GET", "/metrics", None, None).unwrap();
+    let text = metrics.body.as_str().unwrap_or_default().to_string();
+    assert!(
+        text.contains(&format!(
+            "plugboard_tenant_http_circuit_open{{tenant=\"lim\",origin=\"http://127.0.0.1:{}\"}} 1",
+            crm.port
+        )),
+        "{text}"
+    );
     // Another tenant's requests to the same service are not held back.
     let k2 = s.tenant("other");
     assert_eq!(s.deploy("other", &k2, "probe", plugin("probe")).status, 201);
@@ -1303,6 +1313,21 @@ fn two_thousand_interactions_waiting_on_a_slow_service_hold_few_threads() {
         }
         std::thread::sleep(std::time::Duration::from_millis(25));
     }
+    // The limits and the load show per tenant in the metrics.
+    let metrics = s.call("GET", "/metrics", None, None).unwrap();
+    let text = metrics.body.as_str().unwrap_or_default().to_string();
+    assert!(
+        text.contains(&format!(
+            "plugboard_tenant_plugins_share{{tenant=\"flooder\"}} {FLOOD}"
+        )),
+        "{text}"
+    );
+    let in_flight: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("plugboard_tenant_http_in_flight{tenant=\"flooder\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(in_flight > 0, "{text}");
     // The bystander during the flood. A call "did not wait for the flood"
     // when it was answered before every lookup pending at its start was:
     // then it queued behind none of them.

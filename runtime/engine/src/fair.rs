@@ -181,6 +181,10 @@ impl FairPermits {
     pub fn encode(&self) -> String {
         let load = self.load();
         let mut out = String::new();
+        let caps: HashMap<String, usize> = {
+            let s = self.lock();
+            s.tenants.iter().map(|(n, t)| (n.clone(), t.cap)).collect()
+        };
         for (metric, help, pick) in [
             (
                 "plugboard_tenant_plugins_running",
@@ -192,10 +196,19 @@ impl FairPermits {
                 "Plugin invocations waiting for the tenant's share, per tenant.",
                 2,
             ),
+            (
+                "plugboard_tenant_plugins_share",
+                "Plugin invocations the tenant may run at once (its share of the pool).",
+                3,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
             for (tenant, running, waiting) in &load {
-                let n = if pick == 1 { running } else { waiting };
+                let n = match pick {
+                    1 => *running,
+                    2 => *waiting,
+                    _ => caps.get(tenant).copied().unwrap_or_default(),
+                };
                 let _ = writeln!(out, "{metric}{{tenant=\"{tenant}\"}} {n}");
             }
         }

@@ -953,7 +953,12 @@ impl Engine {
         let text = self.metrics.encode(self.loaded_count());
         // The fair-share gauges go before the OpenMetrics end marker.
         let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
-        format!("{body}{}{}# EOF\n", self.fair.encode(), self.acd.encode())
+        format!(
+            "{body}{}{}{}# EOF\n",
+            self.fair.encode(),
+            self.host.fetcher().encode(),
+            self.acd.encode()
+        )
     }
 
     /// Runs a flow against scripted events, as `simulate` does, and

@@ -365,6 +365,56 @@ impl Fetcher {
         &self.policy
     }
 
+    /// Requests in flight per tenant (tenants with none are left out),
+    /// and the tenants whose circuit to some origin is open.
+    pub fn load(&self) -> (Vec<(String, usize)>, Vec<(String, String)>) {
+        let mut in_flight: Vec<(String, usize)> = self
+            .in_flight
+            .lock()
+            .map(|m| m.iter().map(|(t, n)| (t.clone(), *n)).collect())
+            .unwrap_or_default();
+        in_flight.sort();
+        let mut open: Vec<(String, String)> = self
+            .breakers
+            .lock()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, b)| matches!(b, Breaker::Open(_) | Breaker::Trying))
+                    .map(|(k, _)| k.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        open.sort();
+        (in_flight, open)
+    }
+
+    /// [`Fetcher::load`] in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        use std::fmt::Write as _;
+        let (in_flight, open) = self.load();
+        let mut out = String::from(
+            "# HELP plugboard_tenant_http_in_flight Outbound HTTP requests in flight, per tenant.\n\
+             # TYPE plugboard_tenant_http_in_flight gauge\n",
+        );
+        for (tenant, n) in in_flight {
+            let _ = writeln!(
+                out,
+                "plugboard_tenant_http_in_flight{{tenant=\"{tenant}\"}} {n}"
+            );
+        }
+        out.push_str(
+            "# HELP plugboard_tenant_http_circuit_open Origins a tenant's circuit breaker holds open (1 each).\n\
+             # TYPE plugboard_tenant_http_circuit_open gauge\n",
+        );
+        for (tenant, origin) in open {
+            let _ = writeln!(
+                out,
+                "plugboard_tenant_http_circuit_open{{tenant=\"{tenant}\",origin=\"{origin}\"}} 1"
+            );
+        }
+        out
+    }
+
     /// [`check`], then [`Fetcher::send`].
     pub async fn fetch(
         &self,
