@@ -336,6 +336,15 @@ impl reqwest::dns::Resolve for GuardedResolver {
     }
 }
 
+/// What the fetcher is doing, per tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchLoad {
+    /// Requests in flight, per tenant that has any.
+    pub in_flight: Vec<(String, usize)>,
+    /// (tenant, origin) pairs whose circuit is open or trying.
+    pub open: Vec<(String, String)>,
+}
+
 /// Outbound HTTP(S) for every tenant: pooled connections per tenant and
 /// grant, the operator's [`NetPolicy`] (see the module documentation).
 /// Async: a request in flight is a parked future, not a blocked thread.
@@ -367,7 +376,7 @@ impl Fetcher {
 
     /// Requests in flight per tenant (tenants with none are left out),
     /// and the tenants whose circuit to some origin is open.
-    pub fn load(&self) -> (Vec<(String, usize)>, Vec<(String, String)>) {
+    pub fn load(&self) -> FetchLoad {
         let mut in_flight: Vec<(String, usize)> = self
             .in_flight
             .lock()
@@ -385,13 +394,13 @@ impl Fetcher {
             })
             .unwrap_or_default();
         open.sort();
-        (in_flight, open)
+        FetchLoad { in_flight, open }
     }
 
     /// [`Fetcher::load`] in the Prometheus text format.
     pub fn encode(&self) -> String {
         use std::fmt::Write as _;
-        let (in_flight, open) = self.load();
+        let FetchLoad { in_flight, open } = self.load();
         let mut out = String::from(
             "# HELP plugboard_tenant_http_in_flight Outbound HTTP requests in flight, per tenant.\n\
              # TYPE plugboard_tenant_http_in_flight gauge\n",
