@@ -1102,18 +1102,7 @@ fn a_tenant_waiting_on_a_slow_service_does_not_hold_up_another() {
         assert_eq!(s.deploy(t, k, "probe", plugin("probe")).status, 201);
     }
     let gate = Gate::start();
-    let url = format!("http://127.0.0.1:{}/customer", gate.port);
-    let grant =
-        json!({"http": {"allow": [format!("127.0.0.1:{}", gate.port)], "timeout_ms": 30000}});
-    for (what, body) in [("config", json!({"url": url})), ("grants", grant)] {
-        let r = s.json(
-            "PUT",
-            &format!("/v1/tenants/flooder/plugins/probe/{what}"),
-            &ka,
-            &body,
-        );
-        assert_eq!(r.status, 200, "{r:?}");
-    }
+    aim_probe_at_customer(&s, "flooder", &ka, gate.port);
     // The flooder fires 100 lookups at a service that does not answer; the
     // pool has 64 instances, a tenant's share is a quarter: 16.
     let flood: Vec<_> = (0..100)
@@ -1187,6 +1176,22 @@ fn a_tenant_waiting_on_a_slow_service_does_not_hold_up_another() {
     assert_eq!(gate.held.load(SeqCst), 100);
 }
 
+/// Points `tenant`'s probe (digit 1) at `/customer` on a local service,
+/// granted with a 30 s timeout.
+fn aim_probe_at_customer(s: &Server, tenant: &str, key: &str, port: u16) {
+    let url = format!("http://127.0.0.1:{port}/customer");
+    let grant = json!({"http": {"allow": [format!("127.0.0.1:{port}")], "timeout_ms": 30000}});
+    for (what, body) in [("config", json!({"url": url})), ("grants", grant)] {
+        let r = s.json(
+            "PUT",
+            &format!("/v1/tenants/{tenant}/plugins/probe/{what}"),
+            key,
+            &body,
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+}
+
 /// Milliseconds of one simulate of `tenant`'s probe answering from config.
 fn timed_simulate(s: &Server, tenant: &str, key: &str) -> f64 {
     let t0 = std::time::Instant::now();
@@ -1256,18 +1261,7 @@ fn two_thousand_interactions_waiting_on_a_slow_service_hold_few_threads() {
         .build()
         .unwrap();
     let slow = SlowHttp::start(&rt, std::time::Duration::from_secs(2));
-    let url = format!("http://127.0.0.1:{}/customer", slow.port);
-    let grant =
-        json!({"http": {"allow": [format!("127.0.0.1:{}", slow.port)], "timeout_ms": 30000}});
-    for (what, body) in [("config", json!({"url": url})), ("grants", grant)] {
-        let r = s.json(
-            "PUT",
-            &format!("/v1/tenants/flooder/plugins/probe/{what}"),
-            &ka,
-            &body,
-        );
-        assert_eq!(r.status, 200, "{r:?}");
-    }
+    aim_probe_at_customer(&s, "flooder", &ka, slow.port);
     // The bystander alone.
     for _ in 0..5 {
         timed_simulate(&s, "bystander", &kb);
