@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use plugboard_tests::{
-    LOOPBACK, Server, SlowHttp, TestCa, TinyHttp, TlsHttp, plugin, polyglot, says,
+    H2Https, LOOPBACK, Server, SlowHttp, TestCa, TinyHttp, TlsHttp, plugin, polyglot, says,
 };
 use serde_json::Value;
 use serde_json::json;
@@ -836,6 +836,33 @@ fn https_lookups_use_the_grants_ca_and_one_pooled_connection() {
         &json!({"http": {"allow": [origin], "ca_pem": "nope"}}),
     );
     assert_eq!(r.status, 400, "{r:?}");
+}
+
+#[test]
+fn https_speaks_http2_on_one_pooled_connection_when_the_service_offers_it() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), LOOPBACK).unwrap();
+    let k = s.tenant("modern");
+    assert_eq!(s.deploy("modern", &k, "probe", plugin("probe")).status, 201);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ca = TestCa::new();
+    let crm = H2Https::start(&rt, &ca);
+    let url = format!("https://127.0.0.1:{}/hello", crm.port);
+    let grant = json!({"http": {"allow": [format!("https://127.0.0.1:{}", crm.port)], "ca_pem": ca.ca_pem}});
+    for _ in 0..20 {
+        assert_eq!(http_probe(&s, "modern", &k, &url, &grant), "http 200 hi");
+    }
+    assert_eq!(
+        crm.http2_requests.load(SeqCst),
+        20,
+        "every request over HTTP/2"
+    );
+    assert_eq!(crm.connections.load(SeqCst), 1, "on one pooled connection");
 }
 
 #[test]

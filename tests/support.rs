@@ -878,3 +878,75 @@ impl SlowHttp {
         }
     }
 }
+
+/// An HTTPS service speaking HTTP/2 only (ALPN `h2`, hyper's server) on
+/// tokio: counts TLS connections and the requests that came over HTTP/2,
+/// and answers `hi`.
+pub struct H2Https {
+    pub port: u16,
+    pub connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub http2_requests: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl H2Https {
+    /// Starts the service on `rt` with `ca`'s server certificate.
+    pub fn start(rt: &tokio::runtime::Runtime, ca: &TestCa) -> H2Https {
+        use std::sync::atomic::Ordering::SeqCst;
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ca.key.clone().into());
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(ca.chain.clone(), key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let http2_requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (c, h) = (connections.clone(), http2_requests.clone());
+        rt.spawn(async move {
+            for _ in 0..1000 {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (acceptor, c, h) = (acceptor.clone(), c.clone(), h.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    c.fetch_add(1, SeqCst);
+                    let service = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            if req.version() == hyper::Version::HTTP_2 {
+                                h.fetch_add(1, SeqCst);
+                            }
+                            async {
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(hyper::body::Bytes::from_static(
+                                        b"hi",
+                                    )),
+                                ))
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+                });
+            }
+        });
+        H2Https {
+            port,
+            connections,
+            http2_requests,
+        }
+    }
+}
