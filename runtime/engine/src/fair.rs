@@ -166,12 +166,21 @@ impl FairPermits {
 
     /// Running and waiting invocations per tenant, busiest first.
     pub fn load(&self) -> Vec<(String, usize, usize)> {
+        self.snapshot()
+            .into_iter()
+            .map(|(name, running, waiting, _)| (name, running, waiting))
+            .collect()
+    }
+
+    /// Running, waiting and share per tenant, busiest first, from one look
+    /// at the state.
+    fn snapshot(&self) -> Vec<(String, usize, usize, usize)> {
         let mut s = self.lock();
         prune(&mut s);
         let mut v: Vec<_> = s
             .tenants
             .iter()
-            .map(|(name, t)| (name.clone(), t.running, t.waiting.len()))
+            .map(|(name, t)| (name.clone(), t.running, t.waiting.len(), t.cap))
             .collect();
         v.sort_by(|a, b| (b.1 + b.2).cmp(&(a.1 + a.2)).then(a.0.cmp(&b.0)));
         v
@@ -179,12 +188,8 @@ impl FairPermits {
 
     /// The per-tenant gauges in the Prometheus text format.
     pub fn encode(&self) -> String {
-        let load = self.load();
+        let load = self.snapshot();
         let mut out = String::new();
-        let caps: HashMap<String, usize> = {
-            let s = self.lock();
-            s.tenants.iter().map(|(n, t)| (n.clone(), t.cap)).collect()
-        };
         for (metric, help, pick) in [
             (
                 "plugboard_tenant_plugins_running",
@@ -203,11 +208,11 @@ impl FairPermits {
             ),
         ] {
             let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} gauge");
-            for (tenant, running, waiting) in &load {
+            for (tenant, running, waiting, share) in &load {
                 let n = match pick {
-                    1 => *running,
-                    2 => *waiting,
-                    _ => caps.get(tenant).copied().unwrap_or_default(),
+                    1 => running,
+                    2 => waiting,
+                    _ => share,
                 };
                 let _ = writeln!(out, "{metric}{{tenant=\"{tenant}\"}} {n}");
             }

@@ -437,25 +437,19 @@ impl Engine {
     ) -> EngineResult<(Value, secrets::Redactor)> {
         let refs = secrets::references(&config);
         let mut values = Vec::new();
-        let granted = grants.secrets.clone();
-        if let Some(http) = grants.http.as_mut()
-            && let Some(name) = http.client_key_secret.clone()
-            && granted.contains(&name)
-            && let Some(sealed) = self.store.secret(tenant, &name).await?
+        let key_secret = grants
+            .http
+            .as_ref()
+            .and_then(|h| h.client_key_secret.clone());
+        if let Some(name) = key_secret
+            && let Some(key) = self.granted_secret(tenant, grants, &name).await?
+            && let Some(http) = grants.http.as_mut()
         {
-            let key = self.secret_key()?.open(tenant, &name, &sealed)?;
             http.client_key_pem = Some(key.clone());
             values.push(key);
         }
         for (key, name) in refs {
-            let value = if grants.secrets.contains(&name) {
-                match self.store.secret(tenant, &name).await? {
-                    Some(sealed) => Some(self.secret_key()?.open(tenant, &name, &sealed)?),
-                    None => None,
-                }
-            } else {
-                None
-            };
+            let value = self.granted_secret(tenant, grants, &name).await?;
             if let Some(o) = config.as_object_mut() {
                 match value {
                     Some(v) => {
@@ -469,6 +463,22 @@ impl Engine {
             }
         }
         Ok((config, secrets::Redactor::new(values)))
+    }
+
+    /// The value of secret `name` if `grants` lists it and it exists.
+    async fn granted_secret(
+        &self,
+        tenant: &str,
+        grants: &Grants,
+        name: &str,
+    ) -> EngineResult<Option<String>> {
+        if !grants.secrets.iter().any(|s| s == name) {
+            return Ok(None);
+        }
+        match self.store.secret(tenant, name).await? {
+            Some(sealed) => Ok(Some(self.secret_key()?.open(tenant, name, &sealed)?)),
+            None => Ok(None),
+        }
     }
 
     /// How many plugin invocations a tenant may run at once: its

@@ -16,8 +16,6 @@ pub mod host {
             "plugboard:host/http": async,
             "plugboard:host/kv": async,
         },
-        // Host calls that wait on I/O are async: a plugin waiting on them
-        // is a parked future, not a blocked thread.
     });
 }
 
