@@ -341,8 +341,9 @@ impl reqwest::dns::Resolve for GuardedResolver {
 pub struct FetchLoad {
     /// Requests in flight, per tenant that has any.
     pub in_flight: Vec<(String, usize)>,
-    /// (tenant, origin) pairs whose circuit is open or trying.
-    pub open: Vec<(String, String)>,
+    /// Origins whose circuit is open or trying, counted per tenant that
+    /// has any (the origins themselves are a tenant's own business).
+    pub open: Vec<(String, usize)>,
 }
 
 /// Outbound HTTP(S) for every tenant: pooled connections per tenant and
@@ -374,8 +375,8 @@ impl Fetcher {
         &self.policy
     }
 
-    /// Requests in flight per tenant (tenants with none are left out),
-    /// and the tenants whose circuit to some origin is open.
+    /// Requests in flight and open circuits per tenant (tenants with none
+    /// are left out).
     pub fn load(&self) -> FetchLoad {
         let mut in_flight: Vec<(String, usize)> = self
             .in_flight
@@ -383,16 +384,15 @@ impl Fetcher {
             .map(|m| m.iter().map(|(t, n)| (t.clone(), *n)).collect())
             .unwrap_or_default();
         in_flight.sort();
-        let mut open: Vec<(String, String)> = self
-            .breakers
-            .lock()
-            .map(|m| {
-                m.iter()
-                    .filter(|(_, b)| matches!(b, Breaker::Open(_) | Breaker::Trying))
-                    .map(|(k, _)| k.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut per_tenant: HashMap<String, usize> = HashMap::new();
+        if let Ok(m) = self.breakers.lock() {
+            for ((tenant, _), b) in m.iter() {
+                if matches!(b, Breaker::Open(_) | Breaker::Trying) {
+                    *per_tenant.entry(tenant.clone()).or_default() += 1;
+                }
+            }
+        }
+        let mut open: Vec<(String, usize)> = per_tenant.into_iter().collect();
         open.sort();
         FetchLoad { in_flight, open }
     }
@@ -411,14 +411,16 @@ impl Fetcher {
                 "plugboard_tenant_http_in_flight{{tenant=\"{tenant}\"}} {n}"
             );
         }
+        // A count, not the origins: the metrics are read without a tenant's
+        // credentials, and which services a tenant calls is its own.
         out.push_str(
-            "# HELP plugboard_tenant_http_circuit_open Origins a tenant's circuit breaker holds open (1 each).\n\
-             # TYPE plugboard_tenant_http_circuit_open gauge\n",
+            "# HELP plugboard_tenant_http_circuits_open Origins whose circuit breaker is open, per tenant.\n\
+             # TYPE plugboard_tenant_http_circuits_open gauge\n",
         );
-        for (tenant, origin) in open {
+        for (tenant, n) in open {
             let _ = writeln!(
                 out,
-                "plugboard_tenant_http_circuit_open{{tenant=\"{tenant}\",origin=\"{origin}\"}} 1"
+                "plugboard_tenant_http_circuits_open{{tenant=\"{tenant}\"}} {n}"
             );
         }
         out
