@@ -10,9 +10,13 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub mod flow;
+pub mod message;
 pub mod origin;
 
 pub use flow::{Action, Event};
+pub use message::{
+    Attachment, Author, Customer, CustomerAddress, Direction, Message, MessageStatus,
+};
 pub use origin::{Origin, Scheme, path_within, url_path};
 
 /// Milliseconds since the Unix epoch.
@@ -663,6 +667,13 @@ pub enum EntryKind {
     TtsFailed,
     /// `ignored_action`: an action the channel does not carry out.
     IgnoredAction,
+    // Digital channels.
+    /// `message`: a message came in or went out (its id, direction and
+    /// author; the text is in the message record).
+    Message,
+    /// `message_status`: an outbound message was sent, delivered, read,
+    /// or failed.
+    MessageStatus,
 }
 
 impl EntryKind {

@@ -33,6 +33,7 @@ pub mod acd;
 pub mod callback;
 pub mod cluster;
 pub mod fair;
+pub mod messaging;
 mod metrics;
 pub mod secrets;
 mod session;
@@ -40,6 +41,7 @@ mod session;
 pub use acd::{TaskNews, TaskWatcher};
 pub use callback::{Callback, CallbackJob, CallbackRunner};
 pub use cluster::{ClusterConfig, ClusterError, random_node_id};
+pub use messaging::{Courier, Delivered, DeliveryError, Inbound, Received};
 pub use metrics::Metrics;
 pub use plugboard_acd::TaskSpec;
 pub use session::{Ending, FlowSession, SessionStart, Step, TTS_PLUGIN};
@@ -205,6 +207,7 @@ pub struct Engine {
     config_trunks: HashMap<String, Vec<Trunk>>,
     settings: Value,
     cluster: std::sync::OnceLock<cluster::Link>,
+    messaging: messaging::Hub,
 }
 
 impl Engine {
@@ -233,6 +236,7 @@ impl Engine {
             config_trunks: HashMap::new(),
             settings: json!({}),
             cluster: std::sync::OnceLock::new(),
+            messaging: Default::default(),
         }
     }
 

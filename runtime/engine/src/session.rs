@@ -90,17 +90,68 @@ impl Engine {
     /// Starts a session on a tenant's flow; the plugin is loaded (from the
     /// compile cache where possible) if it is not yet.
     pub async fn open_session(self: &Arc<Self>, start: SessionStart) -> EngineResult<FlowSession> {
-        let tenant = self.tenant(&start.tenant).await?;
-        let mut info = self.plugin(&start.tenant, &start.flow, "flow").await?;
-        let version = start.version.unwrap_or(info.active_version);
-        let plugin = self.loaded_version(&start.tenant, &info, version).await?;
+        let created = now_ms();
+        let interaction = Interaction {
+            id: plugboard_core::interaction_id(created, crate::interaction_nonce()?),
+            tenant: start.tenant.clone(),
+            channel: start.channel,
+            from: start.from,
+            to: normalize_address(&start.to),
+            flow: Some(FlowRef {
+                name: start.flow.clone(),
+                version: start.version.unwrap_or(0),
+            }),
+            state: InteractionState::InFlow,
+            attributes: start.attributes,
+            simulated: start.simulated,
+            created_ms: created,
+            closed_ms: None,
+            timeline: Vec::new(),
+        };
+        let mut session = self.session_for(interaction, String::new(), 0).await?;
+        session.now_ms = start.now_ms;
+        Ok(session)
+    }
+
+    /// Takes up an interaction again where it was left (a conversation
+    /// on a digital channel, whose next message may come days later):
+    /// the flow version it was pinned to, the flow's state, and the
+    /// record as stored (`stored` timeline entries are in the store). A
+    /// pinned version of 0 means the active one, pinned now.
+    pub async fn resume_session(
+        self: &Arc<Self>,
+        interaction: Interaction,
+        flow_state: String,
+    ) -> EngineResult<FlowSession> {
+        let stored = interaction.timeline.len();
+        self.session_for(interaction, flow_state, stored).await
+    }
+
+    async fn session_for(
+        self: &Arc<Self>,
+        mut interaction: Interaction,
+        flow_state: String,
+        stored: usize,
+    ) -> EngineResult<FlowSession> {
+        let tenant_id = interaction.tenant.clone();
+        let flow = interaction
+            .flow
+            .clone()
+            .ok_or_else(|| CoreError::Invalid(format!("interaction {} has no flow", interaction.id)))?;
+        let tenant = self.tenant(&tenant_id).await?;
+        let mut info = self.plugin(&tenant_id, &flow.name, "flow").await?;
+        let version = match flow.version {
+            0 => info.active_version,
+            v => v,
+        };
+        let plugin = self.loaded_version(&tenant_id, &info, version).await?;
         if plugin.kind != PluginKind::Flow {
             return Err(EngineError::NotAFlow {
-                name: start.flow,
+                name: flow.name,
                 kind: plugin.kind,
             });
         }
-        let mut config = self.store.config(&start.tenant, &start.flow).await?;
+        let mut config = self.store.config(&tenant_id, &flow.name).await?;
         if let Some(doc) = info.version(version).and_then(|v| v.document.as_ref()) {
             // A declarative flow: the flow-graph component reads its document
             // from the reserved config key `flow`, as JSON text (serialised
@@ -111,26 +162,12 @@ impl Engine {
             config["flow"] = Value::String(doc.to_string());
         }
         let (config, redactor) = self
-            .resolve_config(&start.tenant, &mut info.grants, config)
+            .resolve_config(&tenant_id, &mut info.grants, config)
             .await?;
-        let created = now_ms();
-        let interaction = Interaction {
-            id: plugboard_core::interaction_id(created, crate::interaction_nonce()?),
-            tenant: start.tenant.clone(),
-            channel: start.channel,
-            from: start.from,
-            to: normalize_address(&start.to),
-            flow: Some(FlowRef {
-                name: start.flow.clone(),
-                version,
-            }),
-            state: InteractionState::InFlow,
-            attributes: start.attributes,
-            simulated: start.simulated,
-            created_ms: created,
-            closed_ms: None,
-            timeline: Vec::new(),
-        };
+        interaction.flow = Some(FlowRef {
+            name: flow.name,
+            version,
+        });
         Ok(FlowSession {
             limits: self.limits_for(&tenant),
             app: self.clone(),
@@ -138,11 +175,11 @@ impl Engine {
             plugin,
             grants: info.grants,
             config,
-            now_ms: start.now_ms,
-            flow_state: String::new(),
+            now_ms: None,
+            flow_state,
             failed: false,
             redactor,
-            stored: 0,
+            stored,
             interaction,
         })
     }
@@ -247,6 +284,12 @@ impl FlowSession {
     /// flow's behalf (media URLs to play).
     pub fn http_grant(&self) -> Option<plugboard_core::HttpGrant> {
         self.grants.http.clone()
+    }
+
+    /// The flow's state as it last returned it (handed back with the next
+    /// event; a resumed session starts from it).
+    pub fn flow_state(&self) -> &str {
+        &self.flow_state
     }
 
     /// True once the flow has failed; later events are not sent to it.

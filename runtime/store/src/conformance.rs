@@ -2,7 +2,7 @@
 //! same checks run against sled and PostgreSQL (`tests/store.rs`). Each
 //! check returns an error naming what went wrong; [`run`] runs them all.
 
-use crate::{Result as StoreResult, Store, hash_key};
+use crate::{RecordWrite, Result as StoreResult, Store, hash_key};
 use plugboard_core::{
     Address, Binding, Channel, EntryKind, Error, FlowRef, Grants, HttpGrant, Interaction,
     InteractionState, PluginKind, PluginVersion, SipUser, Tenant, TimelineEntry, Trunk,
@@ -518,6 +518,65 @@ pub async fn records(s: &dyn Store) -> Result<(), Failure> {
     ensure!(
         ok(s.records_after("b", "event", "", 10).await, "b")?.is_empty(),
         "b sees a's log"
+    );
+    // Several kinds at once, guarded: the first write wins, a retry
+    // finds it and writes nothing.
+    let writes = [
+        RecordWrite::put("client_id", "c1", json!({"message": "m1"})),
+        RecordWrite::put("msg/ix1", "m1", json!({"text": "hi"})),
+        RecordWrite::put("pending", "m1", json!({"ix": "ix1"})),
+        RecordWrite::delete("queue", "sales"),
+    ];
+    ensure!(
+        ok(
+            s.apply_records("a", &writes, Some(("client_id", "c1"))).await,
+            "apply"
+        )?
+        .is_none(),
+        "a first write finds nothing"
+    );
+    ensure!(
+        ok(s.record("a", "msg/ix1", "m1").await, "get")? == Some(json!({"text": "hi"}))
+            && ok(s.record("a", "pending", "m1").await, "get")?.is_some()
+            && ok(s.record("a", "queue", "sales").await, "get")?.is_none(),
+        "every write of the batch is there"
+    );
+    let retry = [
+        RecordWrite::put("client_id", "c1", json!({"message": "m2"})),
+        RecordWrite::put("msg/ix1", "m2", json!({"text": "hi"})),
+    ];
+    let found = ok(
+        s.apply_records("a", &retry, Some(("client_id", "c1"))).await,
+        "retry",
+    )?;
+    ensure!(
+        found == Some(json!({"message": "m1"})),
+        "a retry finds the first: {found:?}"
+    );
+    ensure!(
+        ok(s.record("a", "msg/ix1", "m2").await, "get")?.is_none(),
+        "a guarded retry writes nothing"
+    );
+    ensure!(
+        ok(s.records("a", "msg/ix1").await, "list")?.len() == 1,
+        "a kind with a slash lists its own records"
+    );
+    ok(
+        s.apply_records("a", &[RecordWrite::delete("pending", "m1")], None)
+            .await,
+        "delete",
+    )?;
+    ensure!(
+        ok(s.record("a", "pending", "m1").await, "get")?.is_none(),
+        "deleted in a batch"
+    );
+    ensure!(
+        ok(s.record("b", "msg/ix1", "m1").await, "b")?.is_none(),
+        "b sees a's batch"
+    );
+    ensure!(
+        s.apply_records("nobody", &writes, None).await.is_err(),
+        "a batch for a missing tenant fails"
     );
     Ok(())
 }

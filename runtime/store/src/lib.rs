@@ -236,10 +236,62 @@ pub trait RecordStore: Send + Sync {
         after: &str,
         limit: usize,
     ) -> Result<Vec<(String, serde_json::Value)>>;
+    /// Applies several writes, of any kinds, atomically (all or none,
+    /// also across a crash) and durably. With `unless_exists` naming a
+    /// record, nothing is written when that record exists, and its value
+    /// is returned instead: an idempotent insert (a retried message finds
+    /// the first one).
+    async fn apply_records(
+        &self,
+        tenant: &str,
+        writes: &[RecordWrite],
+        unless_exists: Option<(&str, &str)>,
+    ) -> Result<Option<serde_json::Value>>;
 }
 
-/// Everything the runtime stores. Messages get their own trait here as
-/// the digital channels arrive.
+/// One write of [`RecordStore::apply_records`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordWrite {
+    /// Stores (or replaces) a record.
+    Put {
+        /// Kind.
+        kind: String,
+        /// Id.
+        id: String,
+        /// The record.
+        record: serde_json::Value,
+    },
+    /// Deletes a record (if it exists).
+    Delete {
+        /// Kind.
+        kind: String,
+        /// Id.
+        id: String,
+    },
+}
+
+impl RecordWrite {
+    /// A put.
+    pub fn put(kind: impl Into<String>, id: impl Into<String>, record: serde_json::Value) -> Self {
+        RecordWrite::Put {
+            kind: kind.into(),
+            id: id.into(),
+            record,
+        }
+    }
+
+    /// A delete.
+    pub fn delete(kind: impl Into<String>, id: impl Into<String>) -> Self {
+        RecordWrite::Delete {
+            kind: kind.into(),
+            id: id.into(),
+        }
+    }
+}
+
+/// Everything the runtime stores. The digital channels' messages,
+/// customers and outbox are records written together with
+/// [`RecordStore::apply_records`].
 pub trait Store:
     TenantStore
     + PluginStore

@@ -9,8 +9,8 @@
 //! lock, so two nodes starting together apply each once.
 
 use crate::{
-    AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RegistrarStore,
-    Result, SecretStore, TenantStore, header, new_entries, plugin_info, rollback_target, storage,
+    AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RecordWrite,
+    RegistrarStore, Result, SecretStore, TenantStore, header, new_entries, plugin_info, rollback_target, storage,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
@@ -877,6 +877,60 @@ impl RecordStore for PgStore {
                 .map_err(pg)?;
         }
         tx.commit().await.map_err(pg)
+    }
+
+    async fn apply_records(
+        &self,
+        tenant: &str,
+        writes: &[RecordWrite],
+        unless_exists: Option<(&str, &str)>,
+    ) -> Result<Option<serde_json::Value>> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        if let Some((kind, id)) = unless_exists {
+            // Two writers racing on the same guard: the second waits for
+            // the first to commit, then finds its record.
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2 || '/' || $3, 0))",
+                &[&tenant, &kind, &id],
+            )
+            .await
+            .map_err(pg)?;
+            if let Some(row) = tx
+                .query_opt(
+                    "SELECT record FROM records WHERE tenant = $1 AND kind = $2 AND id = $3",
+                    &[&tenant, &kind, &id],
+                )
+                .await
+                .map_err(pg)?
+            {
+                return Ok(Some(parse(row.get(0))?));
+            }
+        }
+        for w in writes {
+            match w {
+                RecordWrite::Put { kind, id, record } => {
+                    let text = record.to_string();
+                    tx.execute(
+                        "INSERT INTO records (tenant, kind, id, record) VALUES ($1, $2, $3, $4)
+                         ON CONFLICT (tenant, kind, id) DO UPDATE SET record = EXCLUDED.record",
+                        &[&tenant, kind, id, &text],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+                RecordWrite::Delete { kind, id } => {
+                    tx.execute(
+                        "DELETE FROM records WHERE tenant = $1 AND kind = $2 AND id = $3",
+                        &[&tenant, kind, id],
+                    )
+                    .await
+                    .map_err(pg)?;
+                }
+            }
+        }
+        tx.commit().await.map_err(pg)?;
+        Ok(None)
     }
 
     async fn records_after(

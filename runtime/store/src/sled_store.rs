@@ -27,8 +27,8 @@
 //! since its last flush, flushes once, and wakes them all.
 
 use crate::{
-    AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RegistrarStore,
-    Result, SecretStore, TenantStore, header, new_entries, plugin_info, rollback_target, storage,
+    AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RecordWrite,
+    RegistrarStore, Result, SecretStore, TenantStore, header, new_entries, plugin_info, rollback_target, storage,
 };
 use async_trait::async_trait;
 use plugboard_core::{
@@ -712,6 +712,47 @@ impl RecordStore for SledStore {
                 Ok((id, parse(&v)?))
             })
             .collect()
+    }
+    async fn apply_records(
+        &self,
+        tenant: &str,
+        writes: &[RecordWrite],
+        unless_exists: Option<(&str, &str)>,
+    ) -> Result<Option<serde_json::Value>> {
+        let mut ops = Vec::with_capacity(writes.len());
+        for w in writes {
+            ops.push(match w {
+                RecordWrite::Put { kind, id, record } => {
+                    (format!("rec/{kind}/{id}"), Some(json(record)?))
+                }
+                RecordWrite::Delete { kind, id } => (format!("rec/{kind}/{id}"), None),
+            });
+        }
+        let guard = unless_exists.map(|(kind, id)| format!("rec/{kind}/{id}"));
+        let existing = self
+            .space(tenant)?
+            .transaction(|t| {
+                if let Some(g) = &guard
+                    && let Some(v) = t.get(g.as_bytes())?
+                {
+                    return Ok(Some(v));
+                }
+                for (key, value) in &ops {
+                    match value {
+                        Some(v) => t.insert(key.as_bytes(), v.as_slice())?,
+                        None => t.remove(key.as_bytes())?,
+                    };
+                }
+                Ok(None)
+            })
+            .map_err(tx_error)?;
+        match existing {
+            Some(v) => Ok(Some(parse(&v)?)),
+            None => {
+                self.durable().await?;
+                Ok(None)
+            }
+        }
     }
 }
 

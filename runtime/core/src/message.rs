@@ -1,0 +1,244 @@
+//! Messages of the digital channels (chat, email, SMS) and the customers
+//! who send them.
+//!
+//! A conversation on a digital channel is an [`crate::Interaction`]; its
+//! messages, inbound and outbound, are [`Message`]s kept beside the
+//! interaction's timeline. A [`Customer`] ties the addresses one person
+//! writes or calls from together, so their history across channels is one
+//! query.
+
+use crate::{Channel, Error};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Which way a message went.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// From the customer to the tenant.
+    Inbound,
+    /// From the tenant (its flow, an agent, the API) to the customer.
+    Outbound,
+}
+
+/// Who wrote a message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Author {
+    /// The customer.
+    Customer,
+    /// The tenant's flow (`say`, `reply`, a `gather` prompt).
+    Flow,
+    /// An agent, by id.
+    Agent {
+        /// Agent id.
+        id: String,
+    },
+    /// The tenant's API key (an integration).
+    Api,
+    /// The platform itself (a bounce, an automatic notice).
+    System,
+}
+
+/// Where a message stands. Inbound messages are `received` (durable) and
+/// then `read` when an agent or the flow has seen them; outbound ones go
+/// `queued → sent → delivered` (or `failed`), and `read` where the channel
+/// reports it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageStatus {
+    /// Stored (inbound).
+    Received,
+    /// Waiting in the outbox (outbound).
+    Queued,
+    /// Handed to the channel's next hop (smart host, SMSC, the widget).
+    Sent,
+    /// The far end reported delivery (an SMS receipt, a widget's ack).
+    Delivered,
+    /// The reader saw it.
+    Read,
+    /// It could not be delivered (after the retries, or a permanent
+    /// refusal); `error` says why.
+    Failed,
+}
+
+impl MessageStatus {
+    /// How far along a status is: a status update never moves a message
+    /// back (a late "sent" after "delivered" is ignored). `failed` is final.
+    pub fn rank(self) -> u8 {
+        match self {
+            MessageStatus::Received | MessageStatus::Queued => 0,
+            MessageStatus::Sent => 1,
+            MessageStatus::Delivered => 2,
+            MessageStatus::Read => 3,
+            MessageStatus::Failed => 4,
+        }
+    }
+}
+
+/// A file sent with a message, stored as a blob of the tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Attachment {
+    /// File name as the sender gave it (sanitised).
+    pub name: String,
+    /// MIME type.
+    pub content_type: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The blob id (`GET /v1/tenants/{t}/blobs/{id}`).
+    pub blob: String,
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Message {
+    /// Id, unique within the tenant, sortable by creation time.
+    pub id: String,
+    /// The interaction (conversation) it belongs to.
+    pub interaction: String,
+    /// Channel.
+    pub channel: Channel,
+    /// Inbound or outbound.
+    pub direction: Direction,
+    /// Who wrote it.
+    pub author: Author,
+    /// Sender address (the customer's, or the tenant's for outbound).
+    pub from: String,
+    /// Recipient address.
+    pub to: String,
+    /// Plain text.
+    pub text: String,
+    /// Subject (email).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Attached files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attachments: Vec<Attachment>,
+    /// Status.
+    pub status: MessageStatus,
+    /// Why it failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The sender's own id for it (a chat client's message id): a retry
+    /// with the same id is the same message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// The channel's id for it (an email's Message-ID, an SMSC's message
+    /// id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_id: Option<String>,
+    /// Channel details (email threading headers, authentication results,
+    /// the raw message's blob).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub meta: BTreeMap<String, String>,
+    /// Created, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// Last status change, ms since the Unix epoch.
+    pub updated_ms: u64,
+}
+
+/// A new message id: creation time in ms (zero-padded, so ids sort by
+/// time) and 8 hex digits of randomness from the caller.
+pub fn message_id(now_ms: u64, nonce: u32) -> String {
+    format!("msg-{now_ms:013}-{nonce:08x}")
+}
+
+/// One address of a customer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct CustomerAddress {
+    /// The channel the address is used on (`voice` and `sms` share phone
+    /// numbers: the number is one address for both).
+    pub channel: Channel,
+    /// The address, normalised ([`crate::normalize_address`]).
+    pub address: String,
+}
+
+/// A person who contacts the tenant, on any channel.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Customer {
+    /// Id, unique within the tenant.
+    pub id: String,
+    /// Display name, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Every address known to be theirs.
+    pub addresses: Vec<CustomerAddress>,
+    /// Attributes (from a CRM, a flow, an agent).
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// When this record was merged into another: the one it lives on as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub merged_into: Option<String>,
+    /// Created, ms since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// The key under which an address is indexed to its customer: phone
+/// numbers are one address whether they call or text.
+pub fn customer_address_key(channel: Channel, address: &str) -> String {
+    let address = crate::normalize_address(address);
+    let class = match channel {
+        Channel::Voice | Channel::Sms | Channel::Fax => "tel",
+        Channel::Email => "email",
+        Channel::Chat => "chat",
+    };
+    format!("{class}:{address}")
+}
+
+/// Limits on what a message may carry.
+pub const MAX_TEXT_BYTES: usize = 64 * 1024;
+
+/// Checks text a sender wrote: not empty (unless there are attachments),
+/// at most [`MAX_TEXT_BYTES`].
+pub fn validate_text(text: &str, has_attachments: bool) -> Result<(), Error> {
+    if text.trim().is_empty() && !has_attachments {
+        return Err(Error::Invalid("a message needs text or an attachment".into()));
+    }
+    if text.len() > MAX_TEXT_BYTES {
+        return Err(Error::Invalid(format!(
+            "a message's text is at most {MAX_TEXT_BYTES} bytes, this one has {}",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phone_numbers_are_one_address_across_voice_and_sms() {
+        assert_eq!(
+            customer_address_key(Channel::Voice, "+37060000001"),
+            customer_address_key(Channel::Sms, "37060000001")
+        );
+        assert_ne!(
+            customer_address_key(Channel::Chat, "37060000001"),
+            customer_address_key(Channel::Sms, "37060000001")
+        );
+        assert_eq!(
+            customer_address_key(Channel::Email, "Ann@Example.COM"),
+            "email:ann@example.com"
+        );
+    }
+
+    #[test]
+    fn status_never_goes_back() {
+        assert!(MessageStatus::Delivered.rank() > MessageStatus::Sent.rank());
+        assert!(MessageStatus::Failed.rank() > MessageStatus::Read.rank());
+    }
+
+    #[test]
+    fn text_limits() {
+        assert!(validate_text("hi", false).is_ok());
+        assert!(validate_text("  ", false).is_err());
+        assert!(validate_text("", true).is_ok());
+        assert!(validate_text(&"x".repeat(MAX_TEXT_BYTES + 1), false).is_err());
+    }
+
+    #[test]
+    fn ids_sort_by_time() {
+        assert!(message_id(2, 0) > message_id(1, u32::MAX));
+    }
+}

@@ -1,0 +1,303 @@
+//! The tokio driver of the inbound SMTP server: sockets, STARTTLS,
+//! timeouts and per-address connection limits around [`crate::smtp`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use plugboard_core::{Channel, Error as CoreError, message::MAX_TEXT_BYTES};
+use plugboard_engine::{Engine, EngineError, Inbound};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::mime;
+use crate::smtp::{Envelope, Limits, Output, Session, Verdict};
+
+/// How the SMTP server runs.
+#[derive(Clone)]
+pub struct SmtpConfig {
+    /// Session limits (host name, sizes, STARTTLS offered).
+    pub limits: Limits,
+    /// Connections at once from one IP address.
+    pub max_per_ip: usize,
+    /// Connections at once in all.
+    pub max_connections: usize,
+    /// How long a client may stay silent.
+    pub idle: Duration,
+    /// The TLS configuration for STARTTLS (a certificate and its key).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            limits: Limits::default(),
+            max_per_ip: 20,
+            max_connections: 1000,
+            idle: Duration::from_secs(300),
+            tls: None,
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SmtpError {
+    /// The certificate or key could not be read.
+    #[error("SMTP TLS: {0}")]
+    Tls(String),
+}
+
+/// A TLS configuration from a PEM certificate chain and key.
+pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerConfig>, SmtpError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| SmtpError::Tls(format!("certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(SmtpError::Tls("no certificate in the PEM".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| SmtpError::Tls(format!("key: {e}")))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SmtpError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| SmtpError::Tls(e.to_string()))?;
+    Ok(Arc::new(config))
+}
+
+#[derive(Default)]
+struct Counts {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Releases a connection's place in the counts when it ends.
+struct Slot {
+    counts: Arc<Mutex<Counts>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut c) = self.counts.lock() {
+            c.total = c.total.saturating_sub(1);
+            if let Some(n) = c.per_ip.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    c.per_ip.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+/// Serves SMTP on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, engine: Arc<Engine>, mut config: SmtpConfig) {
+    // STARTTLS is offered exactly when there is a certificate.
+    config.limits.tls = config.tls.is_some();
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let config = Arc::new(config);
+    loop {
+        let (socket, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("smtp accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = socket.set_nodelay(true);
+        let admitted = {
+            let Ok(mut c) = counts.lock() else {
+                continue;
+            };
+            let here = c.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+            if here >= config.max_per_ip {
+                Err("too many connections from your address")
+            } else if c.total >= config.max_connections {
+                Err("too many connections, try again later")
+            } else {
+                c.total += 1;
+                *c.per_ip.entry(peer.ip()).or_default() += 1;
+                Ok(Slot {
+                    counts: counts.clone(),
+                    ip: peer.ip(),
+                })
+            }
+        };
+        let (engine, config) = (engine.clone(), config.clone());
+        tokio::spawn(async move {
+            let session = match &admitted {
+                Ok(_) => Session::new(config.limits.clone()),
+                Err(why) => Session::refuse(config.limits.clone(), why),
+            };
+            if let Err(e) = connection(socket, peer, session, &engine, &config).await {
+                tracing::debug!("smtp {peer}: {e}");
+            }
+            drop(admitted);
+        });
+    }
+}
+
+/// What a stretch of driving ended with.
+enum Next {
+    Upgrade,
+    Done,
+}
+
+async fn connection(
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    mut session: Session,
+    engine: &Arc<Engine>,
+    config: &SmtpConfig,
+) -> std::io::Result<()> {
+    if let Next::Upgrade = drive(&mut socket, peer, &mut session, engine, config).await? {
+        let Some(tls) = config.tls.clone() else {
+            return Ok(());
+        };
+        let mut stream = tokio_rustls::TlsAcceptor::from(tls).accept(socket).await?;
+        session.tls_started();
+        drive(&mut stream, peer, &mut session, engine, config).await?;
+        let _ = stream.shutdown().await;
+    }
+    Ok(())
+}
+
+async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: SocketAddr,
+    session: &mut Session,
+    engine: &Arc<Engine>,
+    config: &SmtpConfig,
+) -> std::io::Result<Next> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        while let Some(out) = session.poll() {
+            match out {
+                Output::Send(bytes) => pending.extend_from_slice(&bytes),
+                Output::Recipient(address) => {
+                    let verdict = recipient(engine, &address).await;
+                    session.recipient(address, verdict);
+                }
+                Output::Message(envelope) => {
+                    // Replies so far go out before the (durable) write.
+                    flush(stream, &mut pending).await?;
+                    let verdict = deliver(engine, peer, session.tls_active(), envelope).await;
+                    session.delivered(verdict);
+                }
+                Output::StartTls => {
+                    flush(stream, &mut pending).await?;
+                    return Ok(Next::Upgrade);
+                }
+                Output::Close => {
+                    flush(stream, &mut pending).await?;
+                    return Ok(Next::Done);
+                }
+            }
+        }
+        flush(stream, &mut pending).await?;
+        match tokio::time::timeout(config.idle, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => return Ok(Next::Done),
+            Ok(Ok(n)) => session.feed(&buf[..n]),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => session.timed_out(),
+        }
+    }
+}
+
+async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, pending: &mut Vec<u8>) -> std::io::Result<()> {
+    if !pending.is_empty() {
+        stream.write_all(pending).await?;
+        stream.flush().await?;
+        pending.clear();
+    }
+    Ok(())
+}
+
+/// Whether a recipient is a tenant's email address. A failing lookup
+/// defers (`451`) rather than refusing mail that may be ours.
+async fn recipient(engine: &Arc<Engine>, address: &str) -> Verdict {
+    match engine.route_address(address).await {
+        Ok(Some((_, a))) if a.channel == Channel::Email => Verdict::Accept(String::new()),
+        Ok(_) => Verdict::Refuse(550, format!("no mailbox {address} here")),
+        Err(e) => {
+            tracing::warn!("smtp recipient {address}: {e}");
+            Verdict::Later(451, "temporary failure, try again later".into())
+        }
+    }
+}
+
+/// Stores a message for each recipient; `250` only when all are durable.
+async fn deliver(engine: &Arc<Engine>, peer: SocketAddr, tls: bool, envelope: Envelope) -> Verdict {
+    let parsed = mime::parse(&envelope.data, &envelope.from);
+    let mut text = parsed.text.clone();
+    let mut meta = BTreeMap::new();
+    meta.insert("envelope_from".to_string(), envelope.from.clone());
+    meta.insert("peer".to_string(), peer.ip().to_string());
+    meta.insert("tls".to_string(), tls.to_string());
+    if parsed.quoted_cut {
+        meta.insert("quoted_cut".into(), "true".into());
+    }
+    if parsed.is_report {
+        meta.insert("report".into(), "delivery-status".into());
+    }
+    if text.len() > MAX_TEXT_BYTES {
+        let mut end = MAX_TEXT_BYTES;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        meta.insert("truncated".into(), "true".into());
+    }
+    if text.trim().is_empty() && parsed.attachments.is_empty() {
+        text = parsed.subject.clone().unwrap_or_default();
+        if text.trim().is_empty() {
+            text = "(empty message)".into();
+        }
+    }
+    let mut first = None;
+    for rcpt in &envelope.recipients {
+        let inbound = Inbound {
+            channel: Channel::Email,
+            from: parsed.from.clone(),
+            name: parsed.name.clone(),
+            to: rcpt.clone(),
+            text: text.clone(),
+            subject: parsed.subject.clone(),
+            files: parsed.attachments.clone(),
+            // A client that retries after losing our 250 sends the same
+            // Message-ID: the same message, stored once.
+            client_id: parsed.message_id.clone(),
+            external_id: parsed.message_id.clone(),
+            thread: parsed.thread.clone(),
+            own_keys: parsed.message_id.clone().into_iter().collect(),
+            meta: meta.clone(),
+            raw: Some(envelope.data.clone()),
+        };
+        match engine.receive(inbound).await {
+            Ok(r) => {
+                first.get_or_insert(r.message.id);
+            }
+            // The address went away since RCPT: nobody to deliver to.
+            Err(EngineError::Core(CoreError::NotFound(_))) => {}
+            Err(EngineError::Core(CoreError::Invalid(why))) => {
+                return Verdict::Refuse(554, format!("message refused: {why}"));
+            }
+            Err(e) => {
+                tracing::warn!("smtp message for {rcpt}: {e}");
+                return Verdict::Later(451, "temporary failure, try again later".into());
+            }
+        }
+    }
+    match first {
+        Some(id) => Verdict::Accept(id),
+        None => Verdict::Refuse(550, "no mailbox here any more".into()),
+    }
+}

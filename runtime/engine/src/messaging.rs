@@ -1,0 +1,1314 @@
+//! Conversations on the digital channels (chat, email, SMS): the part of
+//! the application core the channel drivers share.
+//!
+//! A channel hands every inbound message to [`Engine::receive`], which
+//! makes it durable before it returns (the channel then acknowledges:
+//! SMTP `250`, the widget's ack, SMPP `deliver_sm_resp`). Nothing else
+//! happens before that write, and everything after it can be redone:
+//!
+//! - The message, its thread keys and a `pending` marker are one atomic
+//!   write ([`plugboard_store::RecordStore::apply_records`]); a client
+//!   message id makes a retry find the first write instead of adding a
+//!   second message.
+//! - A worker per conversation (one at a time, in arrival order) runs the
+//!   flow on each pending message. The flow's replies (`say`, `reply`,
+//!   a `gather` prompt) become outbound messages; they, the outbox
+//!   entries, the flow's new state and the removal of the marker are
+//!   again one atomic write. A crash before it leaves the marker, and the
+//!   message is taken up again at start ([`Engine::resume_conversations`]).
+//! - The outbox hands each outbound message to its channel's
+//!   [`Courier`], with retries and backoff, and records what became of
+//!   it. A message the courier took is not sent again, except when the
+//!   server died between the hand-over and that record: then it is sent
+//!   again with the same id (an email's Message-ID), which receivers use
+//!   to drop the duplicate.
+//!
+//! While an agent has the conversation (the flow enqueued it and the ACD
+//! offered it), customer messages go to the agent — on the event stream —
+//! not to the flow; agents reply with [`Engine::reply`].
+//!
+//! A [`Customer`] ties addresses together: every conversation's sender is
+//! linked to one (created on first contact), customers are merged when
+//! someone says two are the same person, and [`Engine::customer_history`]
+//! lists their conversations on every channel.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use plugboard_core::flow::Action;
+use plugboard_core::message::{customer_address_key, message_id, validate_text};
+use plugboard_core::{
+    Address, Attachment, Author, Channel, Customer, CustomerAddress, Direction, EntryKind,
+    Error as CoreError, Event, Interaction, InteractionState, Message, MessageStatus, now_ms,
+};
+use plugboard_store::{RecordWrite, hash_key};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::acd::lock;
+use crate::{Engine, EngineError, EngineResult, FlowSession, TaskNews, TaskSpec};
+
+/// Record kinds.
+const MSG_INDEX: &str = "msg";
+const THREAD: &str = "thread";
+const CLIENT_ID: &str = "client_id";
+const EXTERNAL_ID: &str = "external_id";
+const PENDING_IX: &str = "pending_ix";
+const CONVERSATION: &str = "conversation";
+const OUTBOX: &str = "outbox";
+const CUSTOMER: &str = "customer";
+const CUSTOMER_ADDR: &str = "customer_addr";
+
+/// The record kind of a conversation's messages.
+fn conv_kind(ix: &str) -> String {
+    format!("conv/{ix}")
+}
+
+/// The record kind of a conversation's messages not yet run through its
+/// flow.
+fn pending_kind(ix: &str) -> String {
+    format!("pending/{ix}")
+}
+
+/// Attempts before an outbound message is given up as failed.
+const MAX_ATTEMPTS: u32 = 8;
+
+/// An inbound message as a channel hands it over.
+#[derive(Debug, Clone, Default)]
+pub struct Inbound {
+    /// Channel (the address must be one of this channel).
+    pub channel: Channel,
+    /// The customer's address.
+    pub from: String,
+    /// The customer's display name, if the channel gives one.
+    pub name: Option<String>,
+    /// The tenant's address written to.
+    pub to: String,
+    /// Plain text.
+    pub text: String,
+    /// Subject (email).
+    pub subject: Option<String>,
+    /// Files: name, MIME type, bytes (stored as blobs).
+    pub files: Vec<(String, String, Vec<u8>)>,
+    /// The sender's id for the message: a retry with the same id is the
+    /// same message.
+    pub client_id: Option<String>,
+    /// The channel's id for it (email Message-ID, SMSC message id).
+    pub external_id: Option<String>,
+    /// Keys naming the conversation this message continues, if one has
+    /// them (email: the In-Reply-To and References ids; chat: the
+    /// visitor's session; SMS: the number pair).
+    pub thread: Vec<String>,
+    /// Keys this message adds to its conversation (email: its own
+    /// Message-ID, so replies to it find it).
+    pub own_keys: Vec<String>,
+    /// Channel details kept on the message.
+    pub meta: BTreeMap<String, String>,
+    /// The message exactly as it came (an email's source), kept as a
+    /// blob beside the parsed message (`meta.raw`).
+    pub raw: Option<Vec<u8>>,
+}
+
+/// What [`Engine::receive`] stored.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The tenant the address belongs to.
+    pub tenant: String,
+    /// The stored message (the first one, for a retry).
+    pub message: Message,
+    /// True when this was a retry of a message already stored.
+    pub duplicate: bool,
+}
+
+/// Why a courier could not hand a message over.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliveryError {
+    /// Worth trying again later (the next hop is down or busy).
+    #[error("{0}")]
+    Retry(String),
+    /// It will never go (refused recipient, bad address).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// What a courier reports for a message it handed over.
+#[derive(Debug, Clone, Default)]
+pub struct Delivered {
+    /// The next hop's id for it (SMSC message id), if it gave one.
+    pub external_id: Option<String>,
+    /// Details to keep on the message.
+    pub meta: BTreeMap<String, String>,
+}
+
+/// Carries outbound messages of one channel to the next hop: a channel
+/// driver registers one with [`Engine::set_courier`].
+#[async_trait::async_trait]
+pub trait Courier: Send + Sync {
+    /// Hands `message` over; `history` is its conversation so far, oldest
+    /// first (email threads replies on it).
+    async fn deliver(
+        &self,
+        tenant: &str,
+        message: &Message,
+        history: &[Message],
+    ) -> Result<Delivered, DeliveryError>;
+}
+
+/// A conversation's own record: the flow's state and what holds it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct ConversationRecord {
+    /// The flow's state string.
+    #[serde(default)]
+    flow_state: String,
+    /// The ACD task, while it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    task: Option<String>,
+    /// The customer linked to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    customer: Option<String>,
+    /// Set once closed: later messages start a new conversation.
+    #[serde(default)]
+    closed: bool,
+}
+
+/// An outbox entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct OutboxEntry {
+    interaction: String,
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default)]
+    next_ms: u64,
+}
+
+/// The messaging state of the engine: the conversation workers' locks,
+/// the couriers and the outbox's queue.
+#[derive(Default)]
+pub(crate) struct Hub {
+    /// One lock per conversation being worked on.
+    workers: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    couriers: Mutex<HashMap<Channel, Arc<dyn Courier>>>,
+    outbox: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+}
+
+fn storage_json<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> EngineResult<T> {
+    serde_json::from_value(v).map_err(|e| CoreError::Storage(format!("bad {what} record: {e}")).into())
+}
+
+fn to_json<T: Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// The record id of a thread key (hashed: keys are arbitrary text).
+fn thread_id(channel: Channel, key: &str) -> String {
+    hash_key(&format!("{channel}\n{key}"))
+}
+
+impl Engine {
+    /// Registers the courier of a channel's outbound messages and starts
+    /// the outbox if it is not running.
+    pub fn set_courier(self: &Arc<Self>, channel: Channel, courier: Arc<dyn Courier>) {
+        lock(&self.messaging.couriers).insert(channel, courier);
+        self.outbox_sender();
+    }
+
+    /// Stores an inbound message durably and starts its conversation's
+    /// flow step in the background. `NotFound` when the address is no
+    /// tenant's address on this channel.
+    pub async fn receive(self: &Arc<Self>, inbound: Inbound) -> EngineResult<Received> {
+        let (tenant, address) = self
+            .route_address(&inbound.to)
+            .await?
+            .filter(|(_, a)| a.channel == inbound.channel)
+            .ok_or_else(|| {
+                CoreError::NotFound(format!(
+                    "{} is not a {} address here",
+                    inbound.to, inbound.channel
+                ))
+            })?;
+        validate_text(&inbound.text, !inbound.files.is_empty())?;
+        let received = self.store_inbound(&tenant, &address, inbound).await?;
+        if !received.duplicate {
+            self.kick_conversation(&tenant, &received.message.interaction);
+        }
+        Ok(received)
+    }
+
+    async fn store_inbound(
+        self: &Arc<Self>,
+        tenant: &str,
+        address: &Address,
+        inbound: Inbound,
+    ) -> EngineResult<Received> {
+        let channel = inbound.channel;
+        // The conversation it continues, if an open one has its key.
+        let mut ix = None;
+        for key in &inbound.thread {
+            // A key of an inbound message, or the id a channel gave one
+            // of ours (a reply to our email names our Message-ID).
+            let id = thread_id(channel, key);
+            let found = match self.store.record(tenant, THREAD, &id).await? {
+                Some(t) => Some(t),
+                None => self.store.record(tenant, EXTERNAL_ID, &id).await?,
+            };
+            if let Some(t) = found
+                && let Some(id) = t["interaction"].as_str()
+                && !self.conversation(tenant, id).await?.closed
+            {
+                ix = Some(id.to_string());
+                break;
+            }
+        }
+        let created = now_ms();
+        let ix = match ix {
+            Some(ix) => ix,
+            None => plugboard_core::interaction_id(created, crate::interaction_nonce()?),
+        };
+        let mut attachments = Vec::new();
+        for (name, content_type, bytes) in &inbound.files {
+            let blob = format!("att-{created:013}-{:08x}", crate::interaction_nonce()?);
+            self.store.put_blob(tenant, &blob, bytes).await?;
+            attachments.push(Attachment {
+                name: sanitise_name(name),
+                content_type: content_type.clone(),
+                size: bytes.len() as u64,
+                blob,
+            });
+        }
+        let mut meta = inbound.meta;
+        if let Some(raw) = &inbound.raw {
+            let blob = format!("raw-{created:013}-{:08x}", crate::interaction_nonce()?);
+            self.store.put_blob(tenant, &blob, raw).await?;
+            meta.insert("raw".into(), blob);
+        }
+        if let Some(n) = &inbound.name {
+            meta.insert("name".into(), n.clone());
+        }
+        let message = Message {
+            id: message_id(created, crate::interaction_nonce()?),
+            interaction: ix.clone(),
+            channel,
+            direction: Direction::Inbound,
+            author: Author::Customer,
+            from: plugboard_core::normalize_address(&inbound.from),
+            to: address.address.clone(),
+            text: inbound.text,
+            subject: inbound.subject,
+            attachments,
+            status: MessageStatus::Received,
+            error: None,
+            client_id: inbound.client_id.clone(),
+            external_id: inbound.external_id.clone(),
+            meta,
+            created_ms: created,
+            updated_ms: created,
+        };
+        let mut writes = Vec::new();
+        let guard = inbound
+            .client_id
+            .as_ref()
+            .map(|c| hash_key(&format!("{channel}\n{}\n{c}", message.from)));
+        if let Some(g) = &guard {
+            writes.push(RecordWrite::put(
+                CLIENT_ID,
+                g.clone(),
+                json!({"interaction": ix, "message": message.id}),
+            ));
+        }
+        writes.push(RecordWrite::put(conv_kind(&ix), &message.id, to_json(&message)));
+        writes.push(RecordWrite::put(
+            MSG_INDEX,
+            &message.id,
+            json!({"interaction": ix}),
+        ));
+        for key in inbound.thread.iter().chain(&inbound.own_keys) {
+            writes.push(RecordWrite::put(
+                THREAD,
+                thread_id(channel, key),
+                json!({"interaction": ix}),
+            ));
+        }
+        if let Some(ext) = &message.external_id {
+            writes.push(RecordWrite::put(
+                EXTERNAL_ID,
+                thread_id(channel, ext),
+                json!({"interaction": ix, "message": message.id}),
+            ));
+        }
+        writes.push(RecordWrite::put(
+            pending_kind(&ix),
+            &message.id,
+            json!({"flow": address.flow}),
+        ));
+        writes.push(RecordWrite::put(PENDING_IX, &ix, json!({})));
+        let first = self
+            .store
+            .apply_records(tenant, &writes, guard.as_deref().map(|g| (CLIENT_ID, g)))
+            .await?;
+        if let Some(first) = first {
+            let ix = first["interaction"].as_str().unwrap_or_default();
+            let id = first["message"].as_str().unwrap_or_default();
+            let message = self.message_in(tenant, ix, id).await?;
+            return Ok(Received {
+                tenant: tenant.to_string(),
+                message,
+                duplicate: true,
+            });
+        }
+        self.publish(
+            tenant,
+            json!({"interaction": ix, "kind": "message", "data": message}),
+        );
+        Ok(Received {
+            tenant: tenant.to_string(),
+            message,
+            duplicate: false,
+        })
+    }
+
+    async fn conversation(&self, tenant: &str, ix: &str) -> EngineResult<ConversationRecord> {
+        match self.store.record(tenant, CONVERSATION, ix).await? {
+            Some(v) => storage_json(v, "conversation"),
+            None => Ok(ConversationRecord::default()),
+        }
+    }
+
+    async fn message_in(&self, tenant: &str, ix: &str, id: &str) -> EngineResult<Message> {
+        let v = self
+            .store
+            .record(tenant, &conv_kind(ix), id)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("message {id}")))?;
+        storage_json(v, "message")
+    }
+
+    /// The messages of a conversation, oldest first.
+    pub async fn messages(&self, tenant: &str, ix: &str) -> EngineResult<Vec<Message>> {
+        self.store
+            .records(tenant, &conv_kind(ix))
+            .await?
+            .into_iter()
+            .map(|v| storage_json(v, "message"))
+            .collect()
+    }
+
+    /// One message of the tenant by id.
+    pub async fn message(&self, tenant: &str, id: &str) -> EngineResult<Message> {
+        let ix = self
+            .store
+            .record(tenant, MSG_INDEX, id)
+            .await?
+            .and_then(|v| v["interaction"].as_str().map(str::to_string))
+            .ok_or_else(|| CoreError::NotFound(format!("message {id}")))?;
+        self.message_in(tenant, &ix, id).await
+    }
+
+    /// The message a channel knows by its own id (an SMSC's message id
+    /// in a delivery receipt), if there is one.
+    pub async fn message_by_external_id(
+        &self,
+        tenant: &str,
+        channel: Channel,
+        external_id: &str,
+    ) -> EngineResult<Option<Message>> {
+        let Some(v) = self
+            .store
+            .record(tenant, EXTERNAL_ID, &thread_id(channel, external_id))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let (Some(ix), Some(id)) = (v["interaction"].as_str(), v["message"].as_str()) else {
+            return Ok(None);
+        };
+        Ok(Some(self.message_in(tenant, ix, id).await?))
+    }
+
+    /// Runs the conversation's pending messages through its flow in the
+    /// background (one worker per conversation at a time).
+    fn kick_conversation(self: &Arc<Self>, tenant: &str, ix: &str) {
+        let (engine, tenant, ix) = (self.clone(), tenant.to_string(), ix.to_string());
+        tokio::spawn(async move {
+            if let Err(e) = engine.work_conversation(&tenant, &ix).await {
+                tracing::warn!("conversation {ix} of {tenant}: {e}");
+            }
+        });
+    }
+
+    /// Takes up every conversation with messages not yet run through its
+    /// flow (after a restart), and starts the outbox with what it holds.
+    /// Returns how many conversations were taken up.
+    pub async fn resume_conversations(self: &Arc<Self>) -> EngineResult<usize> {
+        let mut n = 0;
+        let tx = self.outbox_sender();
+        for t in self.tenants().await? {
+            for (ix, _) in self.store.records_after(&t.id, PENDING_IX, "", usize::MAX).await? {
+                self.kick_conversation(&t.id, &ix);
+                n += 1;
+            }
+            for (id, _) in self.store.records_after(&t.id, OUTBOX, "", usize::MAX).await? {
+                let _ = tx.send((t.id.clone(), id));
+            }
+        }
+        Ok(n)
+    }
+
+    async fn work_conversation(self: &Arc<Self>, tenant: &str, ix: &str) -> EngineResult<()> {
+        let key = (tenant.to_string(), ix.to_string());
+        let worker = lock(&self.messaging.workers)
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _turn = worker.lock().await;
+        loop {
+            let pending = self.store.records_after(tenant, &pending_kind(ix), "", 64).await?;
+            if pending.is_empty() {
+                // Removing the index races with a new message's write of
+                // it: look again after removing, and put it back if one came.
+                self.store
+                    .apply_records(tenant, &[RecordWrite::delete(PENDING_IX, ix)], None)
+                    .await?;
+                if self
+                    .store
+                    .records_after(tenant, &pending_kind(ix), "", 1)
+                    .await?
+                    .is_empty()
+                {
+                    break;
+                }
+                self.store
+                    .apply_records(tenant, &[RecordWrite::put(PENDING_IX, ix, json!({}))], None)
+                    .await?;
+                continue;
+            }
+            for (id, p) in pending {
+                let flow = p["flow"].as_str().unwrap_or_default().to_string();
+                self.step_conversation(tenant, ix, &id, &flow).await?;
+            }
+        }
+        let mut workers = lock(&self.messaging.workers);
+        if workers.get(&key).is_some_and(|w| Arc::strong_count(w) <= 2) {
+            workers.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Runs one pending inbound message: through the flow, or to the
+    /// agent who has the conversation.
+    async fn step_conversation(
+        self: &Arc<Self>,
+        tenant: &str,
+        ix: &str,
+        msg_id: &str,
+        flow: &str,
+    ) -> EngineResult<()> {
+        let message = self.message_in(tenant, ix, msg_id).await?;
+        let mut conv = self.conversation(tenant, ix).await?;
+        let existing = self.store.interaction(tenant, ix).await?;
+        let fresh = existing.is_none();
+        let interaction = existing.unwrap_or_else(|| Interaction {
+            id: ix.to_string(),
+            tenant: tenant.to_string(),
+            channel: message.channel,
+            from: message.from.clone(),
+            to: message.to.clone(),
+            flow: Some(plugboard_core::FlowRef {
+                name: flow.to_string(),
+                version: 0,
+            }),
+            state: InteractionState::InFlow,
+            attributes: BTreeMap::new(),
+            simulated: false,
+            created_ms: message.created_ms,
+            closed_ms: None,
+            timeline: Vec::new(),
+        });
+        let mut session = self
+            .resume_session(interaction, conv.flow_state.clone())
+            .await?;
+        let mut writes = Vec::new();
+        if fresh {
+            let customer = self
+                .link_customer(tenant, message.channel, &message.from, message.meta.get("name"))
+                .await?;
+            session
+                .interaction
+                .attributes
+                .insert("customer".into(), customer.clone());
+            conv.customer = Some(customer);
+        }
+        session.note(
+            EntryKind::Message,
+            json!({"id": message.id, "direction": "inbound", "author": message.author}),
+        );
+        let mut outbound = Vec::new();
+        let task = match &conv.task {
+            Some(t) => self.task(tenant, t).ok().filter(|v| {
+                matches!(v.state.as_str(), "waiting" | "offered" | "connected")
+            }),
+            None => None,
+        };
+        if task.is_some() {
+            // An agent has it, or will: the message is theirs (on the
+            // event stream), not the flow's.
+        } else if !conv.closed {
+            conv.task = None;
+            if fresh {
+                let step = session.handle(Event::Started).await;
+                self.carry_out(&mut session, &mut conv, step.actions, &mut outbound)
+                    .await;
+            }
+            if !conv.closed && session.interaction.state == InteractionState::InFlow {
+                let step = session
+                    .handle(Event::Message {
+                        text: message.text.clone(),
+                        subject: message.subject.clone(),
+                        attachments: message.attachments.iter().map(|a| a.name.clone()).collect(),
+                    })
+                    .await;
+                self.carry_out(&mut session, &mut conv, step.actions, &mut outbound)
+                    .await;
+            }
+        }
+        conv.flow_state = session.flow_state().to_string();
+        session.checkpoint().await?;
+        for m in &outbound {
+            self.outbound_writes(m, &mut writes);
+        }
+        writes.push(RecordWrite::put(CONVERSATION, ix, to_json(&conv)));
+        writes.push(RecordWrite::delete(pending_kind(ix), msg_id));
+        self.store.apply_records(tenant, &writes, None).await?;
+        self.sent_outbound(tenant, &outbound);
+        Ok(())
+    }
+
+    /// Carries out a flow's actions on a conversation: text becomes
+    /// outbound messages, `enqueue` hands it to the ACD, `hangup` closes
+    /// it; what a text channel cannot do is noted and skipped.
+    async fn carry_out(
+        self: &Arc<Self>,
+        session: &mut FlowSession,
+        conv: &mut ConversationRecord,
+        actions: Vec<Action>,
+        outbound: &mut Vec<Message>,
+    ) {
+        for action in actions {
+            let text = match &action {
+                Action::Say { text, .. } | Action::Reply { text } => Some(text.clone()),
+                Action::Gather { prompt, .. } => prompt.as_ref().map(|p| p.text.clone()),
+                _ => None,
+            };
+            if let Some(text) = text {
+                match self.new_outbound(&session.interaction, Author::Flow, text, None) {
+                    Ok(m) => {
+                        session.note(
+                            EntryKind::Message,
+                            json!({"id": m.id, "direction": "outbound", "author": m.author}),
+                        );
+                        outbound.push(m);
+                    }
+                    Err(e) => tracing::warn!("no outbound message: {e}"),
+                }
+                if matches!(action, Action::Gather { .. }) {
+                    // The answer is the customer's next message.
+                    break;
+                }
+                continue;
+            }
+            match action {
+                Action::SetAttribute { .. } => {}
+                Action::Enqueue {
+                    queue,
+                    priority,
+                    skills,
+                } => {
+                    self.enqueue_conversation(session, conv, queue, priority, skills)
+                        .await;
+                    break;
+                }
+                Action::Hangup => {
+                    session.set_state(InteractionState::Closed);
+                    session.interaction.closed_ms = Some(now_ms());
+                    conv.closed = true;
+                    break;
+                }
+                Action::Wait { .. } => break,
+                other => {
+                    let data = json!({"action": to_json(&other), "why": "not on a text channel"});
+                    session.note(EntryKind::IgnoredAction, data);
+                }
+            }
+        }
+    }
+
+    async fn enqueue_conversation(
+        self: &Arc<Self>,
+        session: &mut FlowSession,
+        conv: &mut ConversationRecord,
+        queue: String,
+        priority: u32,
+        skills: Vec<String>,
+    ) {
+        let ix = session.interaction.id.clone();
+        let tenant = session.interaction.tenant.clone();
+        let spec = TaskSpec {
+            id: ix.clone(),
+            queue: queue.clone(),
+            channel: session.interaction.channel,
+            priority,
+            skills,
+            agent: None,
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        match self.enqueue_watched(&tenant, spec, tx).await {
+            Ok(_) => {
+                conv.task = Some(ix.clone());
+                session.note(EntryKind::Queued, json!({"queue": queue}));
+                self.watch_conversation_task(tenant, ix, rx);
+            }
+            Err(e) => {
+                session.note(
+                    EntryKind::Parked,
+                    json!({"queue": queue, "error": e.to_string()}),
+                );
+            }
+        }
+    }
+
+    /// Follows a conversation's ACD task: the interaction's state tracks
+    /// offers and acceptance; when the task ends the conversation closes,
+    /// and when it leaves the queue for the flow the flow hears `timeout`.
+    fn watch_conversation_task(
+        self: &Arc<Self>,
+        tenant: String,
+        ix: String,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<TaskNews>,
+    ) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            while let Some(news) = rx.recv().await {
+                let r = match news {
+                    TaskNews::Offer { agent, .. } => {
+                        engine
+                            .conversation_state(&tenant, &ix, InteractionState::Offered, json!({"agent": agent}))
+                            .await
+                    }
+                    TaskNews::Rescind { agent } => {
+                        engine
+                            .conversation_state(&tenant, &ix, InteractionState::Queued, json!({"agent": agent}))
+                            .await
+                    }
+                    TaskNews::BackToFlow { why } => {
+                        engine.conversation_back_to_flow(&tenant, &ix, why).await
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(e) = r {
+                    tracing::warn!("conversation {ix} of {tenant}: {e}");
+                }
+            }
+            // The task ended (completed, abandoned, timed out).
+            if let Err(e) = engine.conversation_task_ended(&tenant, &ix).await {
+                tracing::warn!("conversation {ix} of {tenant}: {e}");
+            }
+        });
+    }
+
+    async fn conversation_state(
+        self: &Arc<Self>,
+        tenant: &str,
+        ix: &str,
+        state: InteractionState,
+        data: Value,
+    ) -> EngineResult<()> {
+        let worker = self.worker(tenant, ix);
+        let _turn = worker.lock().await;
+        let Some(mut interaction) = self.store.interaction(tenant, ix).await? else {
+            return Ok(());
+        };
+        let stored = interaction.timeline.len();
+        let kind = match state {
+            InteractionState::Offered => EntryKind::Offered,
+            _ => EntryKind::AgentMissed,
+        };
+        interaction.push(kind, data);
+        if let Err(e) = interaction.set_state(state) {
+            tracing::debug!("{e}");
+        }
+        self.store.save_interaction(&interaction, stored).await?;
+        self.publish(
+            tenant,
+            json!({"interaction": ix, "kind": "state", "data": {"state": interaction.state}}),
+        );
+        Ok(())
+    }
+
+    async fn conversation_back_to_flow(
+        self: &Arc<Self>,
+        tenant: &str,
+        ix: &str,
+        why: &str,
+    ) -> EngineResult<()> {
+        let worker = self.worker(tenant, ix);
+        let _turn = worker.lock().await;
+        let Some(interaction) = self.store.interaction(tenant, ix).await? else {
+            return Ok(());
+        };
+        let mut conv = self.conversation(tenant, ix).await?;
+        conv.task = None;
+        let mut session = self
+            .resume_session(interaction, conv.flow_state.clone())
+            .await?;
+        session.note(EntryKind::QueueLeft, json!({"why": why}));
+        session.set_state(InteractionState::InFlow);
+        let step = session.handle(Event::Timeout).await;
+        let mut outbound = Vec::new();
+        self.carry_out(&mut session, &mut conv, step.actions, &mut outbound)
+            .await;
+        self.finish_step(session, conv, outbound).await
+    }
+
+    async fn conversation_task_ended(self: &Arc<Self>, tenant: &str, ix: &str) -> EngineResult<()> {
+        let worker = self.worker(tenant, ix);
+        let _turn = worker.lock().await;
+        let mut conv = self.conversation(tenant, ix).await?;
+        let Some(task) = conv.task.clone() else {
+            return Ok(());
+        };
+        let Some(mut interaction) = self.store.interaction(tenant, ix).await? else {
+            return Ok(());
+        };
+        let stored = interaction.timeline.len();
+        let view = self.task(tenant, &task).ok();
+        let end = match view.as_ref().map(|v| v.state.as_str()) {
+            Some("abandoned") | Some("timed_out") => InteractionState::Abandoned,
+            _ => InteractionState::Closed,
+        };
+        if interaction.state == InteractionState::Connected {
+            let _ = interaction.set_state(InteractionState::WrapUp);
+        }
+        if let Err(e) = interaction.set_state(end) {
+            tracing::debug!("{e}");
+        }
+        interaction.closed_ms = Some(now_ms());
+        conv.closed = true;
+        conv.task = None;
+        self.store.save_interaction(&interaction, stored).await?;
+        self.store
+            .apply_records(tenant, &[RecordWrite::put(CONVERSATION, ix, to_json(&conv))], None)
+            .await?;
+        self.publish(
+            tenant,
+            json!({"interaction": ix, "kind": "state", "data": {"state": interaction.state}}),
+        );
+        Ok(())
+    }
+
+    async fn finish_step(
+        self: &Arc<Self>,
+        mut session: FlowSession,
+        mut conv: ConversationRecord,
+        outbound: Vec<Message>,
+    ) -> EngineResult<()> {
+        let tenant = session.interaction.tenant.clone();
+        let ix = session.interaction.id.clone();
+        conv.flow_state = session.flow_state().to_string();
+        session.checkpoint().await?;
+        let mut writes = Vec::new();
+        for m in &outbound {
+            self.outbound_writes(m, &mut writes);
+        }
+        writes.push(RecordWrite::put(CONVERSATION, &ix, to_json(&conv)));
+        self.store.apply_records(&tenant, &writes, None).await?;
+        self.sent_outbound(&tenant, &outbound);
+        Ok(())
+    }
+
+    fn worker(&self, tenant: &str, ix: &str) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.messaging.workers)
+            .entry((tenant.to_string(), ix.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// A new outbound message on a conversation, to its customer.
+    fn new_outbound(
+        &self,
+        ix: &Interaction,
+        author: Author,
+        text: String,
+        subject: Option<String>,
+    ) -> EngineResult<Message> {
+        let now = now_ms();
+        Ok(Message {
+            id: message_id(now, crate::interaction_nonce()?),
+            interaction: ix.id.clone(),
+            channel: ix.channel,
+            direction: Direction::Outbound,
+            author,
+            from: ix.to.clone(),
+            to: ix.from.clone(),
+            text,
+            subject,
+            attachments: Vec::new(),
+            status: MessageStatus::Queued,
+            error: None,
+            client_id: None,
+            external_id: None,
+            meta: BTreeMap::new(),
+            created_ms: now,
+            updated_ms: now,
+        })
+    }
+
+    fn outbound_writes(&self, m: &Message, writes: &mut Vec<RecordWrite>) {
+        writes.push(RecordWrite::put(conv_kind(&m.interaction), &m.id, to_json(m)));
+        writes.push(RecordWrite::put(
+            MSG_INDEX,
+            &m.id,
+            json!({"interaction": m.interaction}),
+        ));
+        writes.push(RecordWrite::put(
+            OUTBOX,
+            &m.id,
+            to_json(&OutboxEntry {
+                interaction: m.interaction.clone(),
+                attempts: 0,
+                next_ms: 0,
+            }),
+        ));
+    }
+
+    /// Publishes stored outbound messages and hands them to the outbox.
+    fn sent_outbound(self: &Arc<Self>, tenant: &str, outbound: &[Message]) {
+        let tx = self.outbox_sender();
+        for m in outbound {
+            self.publish(
+                tenant,
+                json!({"interaction": m.interaction, "kind": "message", "data": m}),
+            );
+            let _ = tx.send((tenant.to_string(), m.id.clone()));
+        }
+    }
+
+    /// An agent (or the tenant's API) writes into a conversation; the
+    /// message leaves on the conversation's channel. An agent must hold
+    /// the conversation's task (or be a supervisor).
+    pub async fn reply(
+        self: &Arc<Self>,
+        tenant: &str,
+        ix: &str,
+        author: Author,
+        text: String,
+        subject: Option<String>,
+    ) -> EngineResult<Message> {
+        validate_text(&text, false)?;
+        let worker = self.worker(tenant, ix);
+        let _turn = worker.lock().await;
+        let mut interaction = self
+            .store
+            .interaction(tenant, ix)
+            .await?
+            .ok_or_else(|| CoreError::NotFound(format!("interaction {ix}")))?;
+        if matches!(interaction.channel, Channel::Voice | Channel::Fax) {
+            return Err(CoreError::Invalid(format!(
+                "interaction {ix} is a {} interaction: it has no messages",
+                interaction.channel
+            ))
+            .into());
+        }
+        let conv = self.conversation(tenant, ix).await?;
+        if conv.closed {
+            return Err(CoreError::Conflict(format!("conversation {ix} is closed")).into());
+        }
+        if let Author::Agent { id } = &author {
+            let holds = conv
+                .task
+                .as_ref()
+                .and_then(|t| self.task(tenant, t).ok())
+                .is_some_and(|v| v.state == "connected" && v.agent.as_deref() == Some(id.as_str()));
+            if !holds {
+                return Err(EngineError::Forbidden(
+                    "the agent does not hold this conversation (accept its task first)",
+                ));
+            }
+            if interaction.state != InteractionState::Connected {
+                let stored = interaction.timeline.len();
+                let _ = interaction.set_state(InteractionState::Connected);
+                interaction.push(EntryKind::AgentConnected, json!({"agent": id}));
+                self.store.save_interaction(&interaction, stored).await?;
+            }
+        }
+        let stored = interaction.timeline.len();
+        let m = self.new_outbound(&interaction, author, text, subject)?;
+        interaction.push(
+            EntryKind::Message,
+            json!({"id": m.id, "direction": "outbound", "author": m.author}),
+        );
+        self.store.save_interaction(&interaction, stored).await?;
+        let mut writes = Vec::new();
+        self.outbound_writes(&m, &mut writes);
+        self.store.apply_records(tenant, &writes, None).await?;
+        self.sent_outbound(tenant, std::slice::from_ref(&m));
+        Ok(m)
+    }
+
+    /// Records a status a channel learnt for an outbound message (an SMS
+    /// delivery receipt, a widget's read receipt). A status never moves a
+    /// message back.
+    pub async fn message_status(
+        &self,
+        tenant: &str,
+        id: &str,
+        status: MessageStatus,
+        error: Option<String>,
+    ) -> EngineResult<Message> {
+        let mut m = self.message(tenant, id).await?;
+        if status.rank() <= m.status.rank() || m.status == MessageStatus::Failed {
+            return Ok(m);
+        }
+        m.status = status;
+        m.error = error;
+        m.updated_ms = now_ms();
+        self.store
+            .apply_records(
+                tenant,
+                &[RecordWrite::put(conv_kind(&m.interaction), &m.id, to_json(&m))],
+                None,
+            )
+            .await?;
+        self.publish(
+            tenant,
+            json!({"interaction": m.interaction, "kind": "message_status",
+                   "data": {"id": m.id, "status": m.status, "error": m.error}}),
+        );
+        Ok(m)
+    }
+
+    // ----- the outbox -----
+
+    fn outbox_sender(self: &Arc<Self>) -> tokio::sync::mpsc::UnboundedSender<(String, String)> {
+        self.messaging
+            .outbox
+            .get_or_init(|| {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                tokio::spawn(run_outbox(Arc::downgrade(self), rx, tx.clone()));
+                tx
+            })
+            .clone()
+    }
+
+    /// Tries to hand one outbox message to its courier; `Some(delay)`
+    /// when it should be tried again then.
+    async fn deliver_one(self: &Arc<Self>, tenant: &str, id: &str) -> EngineResult<Option<Duration>> {
+        let Some(entry) = self.store.record(tenant, OUTBOX, id).await? else {
+            return Ok(None);
+        };
+        let mut entry: OutboxEntry = storage_json(entry, "outbox")?;
+        let wait = entry.next_ms.saturating_sub(now_ms());
+        if wait > 0 {
+            return Ok(Some(Duration::from_millis(wait)));
+        }
+        let mut m = self.message_in(tenant, &entry.interaction, id).await?;
+        let courier = lock(&self.messaging.couriers).get(&m.channel).cloned();
+        let Some(courier) = courier else {
+            // No driver for the channel on this server: it waits (a
+            // server started with the channel will send it).
+            return Ok(Some(Duration::from_secs(60)));
+        };
+        let history = self.messages(tenant, &entry.interaction).await?;
+        let outcome = courier.deliver(tenant, &m, &history).await;
+        entry.attempts += 1;
+        let mut writes = Vec::new();
+        let retry = match outcome {
+            Ok(d) => {
+                m.status = MessageStatus::Sent;
+                m.external_id = d.external_id.or(m.external_id);
+                m.meta.extend(d.meta);
+                if let Some(ext) = &m.external_id {
+                    writes.push(RecordWrite::put(
+                        EXTERNAL_ID,
+                        thread_id(m.channel, ext),
+                        json!({"interaction": m.interaction, "message": m.id}),
+                    ));
+                }
+                None
+            }
+            Err(DeliveryError::Retry(e)) if entry.attempts < MAX_ATTEMPTS => {
+                m.error = Some(e);
+                // 1 s, 2 s, 4 s … at most 5 minutes.
+                let backoff = Duration::from_secs((1u64 << (entry.attempts - 1).min(8)).min(300));
+                entry.next_ms = now_ms() + backoff.as_millis() as u64;
+                Some(backoff)
+            }
+            Err(e) => {
+                m.status = MessageStatus::Failed;
+                m.error = Some(e.to_string());
+                None
+            }
+        };
+        m.updated_ms = now_ms();
+        writes.push(RecordWrite::put(conv_kind(&m.interaction), &m.id, to_json(&m)));
+        match retry {
+            Some(_) => writes.push(RecordWrite::put(OUTBOX, id, to_json(&entry))),
+            None => writes.push(RecordWrite::delete(OUTBOX, id)),
+        }
+        self.store.apply_records(tenant, &writes, None).await?;
+        if retry.is_none() {
+            self.publish(
+                tenant,
+                json!({"interaction": m.interaction, "kind": "message_status",
+                       "data": {"id": m.id, "status": m.status, "error": m.error}}),
+            );
+        }
+        Ok(retry)
+    }
+
+    // ----- customers -----
+
+    /// The customer an address belongs to, created on first contact.
+    async fn link_customer(
+        &self,
+        tenant: &str,
+        channel: Channel,
+        address: &str,
+        name: Option<&String>,
+    ) -> EngineResult<String> {
+        let key = customer_address_key(channel, address);
+        if let Some(c) = self.store.record(tenant, CUSTOMER_ADDR, &key).await?
+            && let Some(id) = c["customer"].as_str()
+        {
+            return Ok(id.to_string());
+        }
+        let now = now_ms();
+        let customer = Customer {
+            id: format!("cu-{now:013}-{:08x}", crate::interaction_nonce()?),
+            name: name.cloned(),
+            addresses: vec![CustomerAddress {
+                channel,
+                address: plugboard_core::normalize_address(address),
+            }],
+            attributes: BTreeMap::new(),
+            merged_into: None,
+            created_ms: now,
+        };
+        let writes = [
+            RecordWrite::put(CUSTOMER_ADDR, &key, json!({"customer": customer.id})),
+            RecordWrite::put(CUSTOMER, &customer.id, to_json(&customer)),
+        ];
+        // Two first contacts at once: the second finds the first's.
+        match self
+            .store
+            .apply_records(tenant, &writes, Some((CUSTOMER_ADDR, &key)))
+            .await?
+        {
+            Some(first) => Ok(first["customer"].as_str().unwrap_or_default().to_string()),
+            None => Ok(customer.id),
+        }
+    }
+
+    /// A customer by id (following merges to the one it lives on as).
+    pub async fn customer(&self, tenant: &str, id: &str) -> EngineResult<Customer> {
+        let mut id = id.to_string();
+        for _ in 0..16 {
+            let v = self
+                .store
+                .record(tenant, CUSTOMER, &id)
+                .await?
+                .ok_or_else(|| CoreError::NotFound(format!("customer {id}")))?;
+            let c: Customer = storage_json(v, "customer")?;
+            match &c.merged_into {
+                Some(next) => id = next.clone(),
+                None => return Ok(c),
+            }
+        }
+        Err(CoreError::Storage(format!("customer {id}: merges go round in a circle")).into())
+    }
+
+    /// The customer an address belongs to, if any.
+    pub async fn customer_by_address(
+        &self,
+        tenant: &str,
+        channel: Channel,
+        address: &str,
+    ) -> EngineResult<Option<Customer>> {
+        let key = customer_address_key(channel, address);
+        match self.store.record(tenant, CUSTOMER_ADDR, &key).await? {
+            Some(v) => match v["customer"].as_str() {
+                Some(id) => Ok(Some(self.customer(tenant, id).await?)),
+                None => Ok(None),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Adds an address to a customer. An address that belongs to another
+    /// customer merges that customer into this one (they are the same
+    /// person): their addresses, attributes and history become this
+    /// customer's.
+    pub async fn add_customer_address(
+        &self,
+        tenant: &str,
+        id: &str,
+        channel: Channel,
+        address: &str,
+    ) -> EngineResult<Customer> {
+        let address = plugboard_core::normalize_address(address);
+        if address.is_empty() {
+            return Err(CoreError::Invalid("an empty address".into()).into());
+        }
+        let keep = self.customer(tenant, id).await?;
+        if let Some(other) = self.customer_by_address(tenant, channel, &address).await? {
+            if other.id == keep.id {
+                return Ok(keep);
+            }
+            return self.merge_customers(tenant, &keep.id, &other.id).await;
+        }
+        let mut keep = keep;
+        keep.addresses.push(CustomerAddress { channel, address: address.clone() });
+        keep.addresses.sort();
+        keep.addresses.dedup();
+        let writes = [
+            RecordWrite::put(
+                CUSTOMER_ADDR,
+                customer_address_key(channel, &address),
+                json!({"customer": keep.id}),
+            ),
+            RecordWrite::put(CUSTOMER, &keep.id, to_json(&keep)),
+        ];
+        self.store.apply_records(tenant, &writes, None).await?;
+        Ok(keep)
+    }
+
+    /// Merges customer `other` into `keep`: one atomic write moves every
+    /// address over and marks `other` as merged.
+    pub async fn merge_customers(
+        &self,
+        tenant: &str,
+        keep: &str,
+        other: &str,
+    ) -> EngineResult<Customer> {
+        let mut keep = self.customer(tenant, keep).await?;
+        let mut other = self.customer(tenant, other).await?;
+        if keep.id == other.id {
+            return Ok(keep);
+        }
+        let mut writes = Vec::new();
+        for a in &other.addresses {
+            writes.push(RecordWrite::put(
+                CUSTOMER_ADDR,
+                customer_address_key(a.channel, &a.address),
+                json!({"customer": keep.id}),
+            ));
+        }
+        keep.addresses.append(&mut other.addresses.clone());
+        keep.addresses.sort();
+        keep.addresses.dedup();
+        for (k, v) in std::mem::take(&mut other.attributes) {
+            keep.attributes.entry(k).or_insert(v);
+        }
+        if keep.name.is_none() {
+            keep.name = other.name.take();
+        }
+        other.merged_into = Some(keep.id.clone());
+        writes.push(RecordWrite::put(CUSTOMER, &keep.id, to_json(&keep)));
+        writes.push(RecordWrite::put(CUSTOMER, &other.id, to_json(&other)));
+        self.store.apply_records(tenant, &writes, None).await?;
+        Ok(keep)
+    }
+
+    /// A customer's interactions on every channel, oldest first (headers:
+    /// the timelines are on each interaction).
+    pub async fn customer_history(
+        &self,
+        tenant: &str,
+        id: &str,
+        limit: usize,
+    ) -> EngineResult<(Customer, Vec<Interaction>)> {
+        let customer = self.customer(tenant, id).await?;
+        let mut all: Vec<Interaction> = Vec::new();
+        for a in &customer.addresses {
+            for ix in self.store.customer_history(tenant, &a.address, limit).await? {
+                let same_class = customer_address_key(ix.channel, &ix.from)
+                    == customer_address_key(a.channel, &a.address);
+                if same_class && !ix.simulated && !all.iter().any(|x| x.id == ix.id) {
+                    all.push(ix);
+                }
+            }
+        }
+        all.sort_by(|a, b| a.created_ms.cmp(&b.created_ms).then(a.id.cmp(&b.id)));
+        let skip = all.len().saturating_sub(limit);
+        Ok((customer, all.split_off(skip)))
+    }
+}
+
+/// Delivers the outbox: each message in its own task, retried with
+/// backoff, until the engine is gone.
+async fn run_outbox(
+    engine: std::sync::Weak<Engine>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    tx: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+) {
+    // At most this many hand-overs at once (each courier may limit
+    // further).
+    let slots = Arc::new(tokio::sync::Semaphore::new(64));
+    while let Some((tenant, id)) = rx.recv().await {
+        let Some(e) = engine.upgrade() else {
+            return;
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            match e.deliver_one(&tenant, &id).await {
+                Ok(Some(delay)) => {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send((tenant, id));
+                    });
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    tracing::warn!("outbox {id} of {tenant}: {err}");
+                    tokio::spawn(async move {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        let _ = tx.send((tenant, id));
+                    });
+                }
+            }
+        });
+    }
+}
+
+/// A file name safe to show and store: no path, no control characters,
+/// at most 200 characters.
+pub fn sanitise_name(name: &str) -> String {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    let clean: String = base
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    if clean.trim().is_empty() || clean == "." || clean == ".." {
+        "attachment".to_string()
+    } else {
+        clean
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_lose_their_paths() {
+        assert_eq!(sanitise_name("../../etc/passwd"), "passwd");
+        assert_eq!(sanitise_name("C:\\x\\report.pdf"), "report.pdf");
+        assert_eq!(sanitise_name("a\u{0}b.txt"), "ab.txt");
+        assert_eq!(sanitise_name(".."), "attachment");
+        assert_eq!(sanitise_name(""), "attachment");
+    }
+}
