@@ -20,10 +20,22 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 # Nodes on one store share events and plugin deploys through NATS; its
 # tests and notice_bench start a nats-server of their own (no service).
 command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=(nats-server)
+# Email: swaks and Python's smtplib send test mail; Postfix's smtp-source
+# sends in parallel (no Postfix service is started).
+command -v swaks >/dev/null 2>&1 || need+=(swaks)
+command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
     echo "installing ${need[*]} (apt-get)" >&2
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+fi
+
+# Python test peers (aiosmtpd: the smart host email replies go to), in a
+# venv of their own under target/, pinned.
+PEERS=target/sdk-tools/peers-venv
+if ! "$PEERS/bin/python" -c 'import aiosmtpd' >/dev/null 2>&1; then
+    python3 -m venv "$PEERS"
+    "$PEERS/bin/pip" install --quiet --disable-pip-version-check aiosmtpd==1.4.6
 fi

@@ -290,6 +290,20 @@ impl Server {
         Ok(Answer { status, body })
     }
 
+    /// A GET whose answer is bytes (a blob, a recording).
+    pub fn get_bytes(&self, path: &str, token: &str) -> (u16, Vec<u8>) {
+        let req = ureq::http::Request::builder()
+            .method("GET")
+            .uri(format!("{}{path}", self.url()))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Vec::new())
+            .unwrap();
+        let mut resp = self.agent.run(req).unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.body_mut().read_to_vec().unwrap();
+        (status, bytes)
+    }
+
     /// A JSON request.
     pub fn json(&self, method: &str, path: &str, token: &str, body: &Value) -> Answer {
         self.call(
@@ -327,6 +341,29 @@ impl Server {
             Some(bytes),
         )
         .unwrap()
+    }
+
+    /// A port the server logged after `marker` (e.g. `SMTP listening on `),
+    /// waiting up to 10 s for the line.
+    pub fn logged(&self, marker: &str) -> u16 {
+        let log = self.data_dir.with_extension("log");
+        let t0 = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(p) = logged_port(&text, marker) {
+                return p;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "no {marker:?} in the log"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
     }
 
     /// The server's process id.
@@ -949,4 +986,102 @@ impl H2Https {
             http2_requests,
         }
     }
+}
+
+/// The Python of the test peers' venv (scripts/setup.sh makes it).
+pub fn peers_python() -> PathBuf {
+    root().join("target/sdk-tools/peers-venv/bin/python")
+}
+
+/// A receiving SMTP server (aiosmtpd, tests/peers/smtp_sink.py): what it
+/// accepts lands in `dir` as NNNN.eml with NNNN.json (the envelope).
+pub struct SmtpSink {
+    child: Child,
+    pub port: u16,
+    pub dir: PathBuf,
+}
+
+impl SmtpSink {
+    /// Starts it; `defer` first messages are answered 451.
+    pub fn start(dir: &Path, defer: u32) -> SmtpSink {
+        let port = free_port();
+        let mut child = Command::new(peers_python())
+            .arg(root().join("tests/peers/smtp_sink.py"))
+            .args([port.to_string(), dir.display().to_string()])
+            .args(["--defer", &defer.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("aiosmtpd (run scripts/setup.sh)");
+        let mut line = String::new();
+        let out = child.stdout.take().unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line).unwrap();
+        assert!(line.starts_with("listening"), "smtp sink: {line:?}");
+        SmtpSink {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The messages received so far, in order (raw text).
+    pub fn messages(&self) -> Vec<String> {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        names.retain(|p| p.extension().is_some_and(|e| e == "eml"));
+        names.sort();
+        names
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
+    }
+
+    /// Waits (at most `limit`) until `n` messages have arrived.
+    pub fn wait_for(&self, n: usize, limit: Duration) -> Vec<String> {
+        let t0 = Instant::now();
+        loop {
+            let m = self.messages();
+            if m.len() >= n || t0.elapsed() > limit {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for SmtpSink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw email's text with quoted-printable soft line breaks undone.
+pub fn unfolded(raw: &str) -> String {
+    raw.replace("=\r\n", "").replace("=\n", "")
+}
+
+/// The value of a header in a raw email (first occurrence, unfolded).
+pub fn header(raw: &str, name: &str) -> Option<String> {
+    let mut lines = raw.split("\r\n").flat_map(|l| l.split('\n'));
+    let prefix = format!("{}:", name.to_ascii_lowercase());
+    let mut value: Option<String> = None;
+    for l in lines.by_ref() {
+        if l.is_empty() {
+            break;
+        }
+        match &mut value {
+            Some(v) if l.starts_with([' ', '\t']) => {
+                v.push(' ');
+                v.push_str(l.trim());
+            }
+            Some(_) => break,
+            None if l.to_ascii_lowercase().starts_with(&prefix) => {
+                value = Some(l[prefix.len()..].trim().to_string());
+            }
+            None => {}
+        }
+    }
+    value
 }

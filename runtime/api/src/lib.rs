@@ -226,6 +226,19 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/tenants/{t}/flows/{name}/simulate", post(simulate))
         .route("/v1/tenants/{t}/interactions", get(list_interactions))
         .route("/v1/tenants/{t}/interactions/{id}", get(get_interaction))
+        .route(
+            "/v1/tenants/{t}/interactions/{id}/messages",
+            get(list_messages).post(post_message),
+        )
+        .route("/v1/tenants/{t}/messages/{id}", get(get_message))
+        .route("/v1/tenants/{t}/blobs/{id}", get(get_blob))
+        .route("/v1/tenants/{t}/customers", get(find_customer))
+        .route("/v1/tenants/{t}/customers/{id}", get(get_customer))
+        .route(
+            "/v1/tenants/{t}/customers/{id}/addresses",
+            post(add_customer_address),
+        )
+        .route("/v1/tenants/{t}/customers/{id}/merge", post(merge_customer))
         .route("/v1/tenants/{t}/events", get(events))
         .route("/v1/events", get(operator_events))
         .route("/v1/tenants/{t}/recordings/{id}", get(get_recording))
@@ -1069,6 +1082,167 @@ async fn get_interaction(
     Path((_, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Interaction>> {
     Ok(Json(s.interaction(&t.id, &id).await?))
+}
+
+/// An agent reaches a conversation's messages only while (or after) its
+/// task is theirs; supervisors and the tenant's key reach every one.
+fn may_see_conversation(s: &Engine, t: &str, role: &AcdRole, ix: &str) -> ApiResult<()> {
+    match role {
+        AcdRole::Agent(a) => allow(
+            s.conversation_agent(t, ix).as_deref() == Some(a.as_str()),
+            "an agent's token reaches only the conversations offered to that agent",
+        ),
+        _ => Ok(()),
+    }
+}
+
+async fn list_messages(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    may_see_conversation(&s, &t.id, &role, &id)?;
+    // The interaction must exist (an unknown id is 404, not an empty list).
+    s.interaction(&t.id, &id).await?;
+    Ok(Json(json!({"messages": s.messages(&t.id, &id).await?})))
+}
+
+/// `POST …/interactions/{id}/messages`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewMessage {
+    text: String,
+    #[serde(default)]
+    subject: Option<String>,
+}
+
+async fn post_message(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<plugboard_core::Message>)> {
+    let m: NewMessage = parse_json(&body)?;
+    let (author, must_hold) = match &role {
+        AcdRole::Tenant => (plugboard_core::Author::Api, false),
+        AcdRole::Supervisor(a) => (plugboard_core::Author::Agent { id: a.clone() }, false),
+        AcdRole::Agent(a) => (plugboard_core::Author::Agent { id: a.clone() }, true),
+    };
+    let msg = s
+        .reply(&t.id, &id, author, must_hold, m.text, m.subject)
+        .await?;
+    Ok((StatusCode::CREATED, Json(msg)))
+}
+
+async fn get_message(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<Json<plugboard_core::Message>> {
+    let m = s.message(&t.id, &id).await?;
+    may_see_conversation(&s, &t.id, &role, &m.interaction)?;
+    Ok(Json(m))
+}
+
+async fn get_blob(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let bytes = s.attachment(&t.id, &id).await?;
+    // Served as a download, never rendered: a customer's file must not
+    // run as a page of ours.
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CONTENT_DISPOSITION, "attachment"),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+struct CustomerQuery {
+    channel: plugboard_core::Channel,
+    address: String,
+}
+
+async fn find_customer(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Query(q): Query<CustomerQuery>,
+) -> ApiResult<Json<plugboard_core::Customer>> {
+    s.customer_by_address(&t.id, q.channel, &q.address)
+        .await?
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "no customer with {} address {}",
+                q.channel, q.address
+            ))
+        })
+}
+
+async fn get_customer(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, id)): Path<(String, String)>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Value>> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let (customer, history) = s.customer_history(&t.id, &id, limit).await?;
+    let mut interactions = Vec::new();
+    for ix in history {
+        let messages = match ix.channel {
+            plugboard_core::Channel::Chat
+            | plugboard_core::Channel::Email
+            | plugboard_core::Channel::Sms => s.messages(&t.id, &ix.id).await?,
+            _ => Vec::new(),
+        };
+        let mut v = serde_json::to_value(&ix).unwrap_or_default();
+        v["messages"] = json!(messages);
+        interactions.push(v);
+    }
+    Ok(Json(
+        json!({"customer": customer, "interactions": interactions}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewCustomerAddress {
+    channel: plugboard_core::Channel,
+    address: String,
+}
+
+async fn add_customer_address(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<plugboard_core::Customer>> {
+    let a: NewCustomerAddress = parse_json(&body)?;
+    Ok(Json(
+        s.add_customer_address(&t.id, &id, a.channel, &a.address)
+            .await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MergeCustomer {
+    from: String,
+}
+
+async fn merge_customer(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<plugboard_core::Customer>> {
+    let m: MergeCustomer = parse_json(&body)?;
+    Ok(Json(s.merge_customers(&t.id, &id, &m.from).await?))
 }
 
 #[derive(Deserialize)]

@@ -192,7 +192,9 @@ pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 /// at most [`MAX_TEXT_BYTES`].
 pub fn validate_text(text: &str, has_attachments: bool) -> Result<(), Error> {
     if text.trim().is_empty() && !has_attachments {
-        return Err(Error::Invalid("a message needs text or an attachment".into()));
+        return Err(Error::Invalid(
+            "a message needs text or an attachment".into(),
+        ));
     }
     if text.len() > MAX_TEXT_BYTES {
         return Err(Error::Invalid(format!(

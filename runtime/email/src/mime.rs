@@ -29,7 +29,10 @@ pub struct ParsedMail {
 }
 
 fn strip_brackets(id: &str) -> String {
-    id.trim().trim_start_matches('<').trim_end_matches('>').to_string()
+    id.trim()
+        .trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_string()
 }
 
 /// Parses a message as received (`envelope_from` stands in for a missing
@@ -51,10 +54,7 @@ pub fn parse(data: &[u8], envelope_from: &str) -> ParsedMail {
         .and_then(|a| a.name())
         .map(str::to_string)
         .filter(|n| !n.trim().is_empty());
-    let full = m
-        .body_text(0)
-        .map(|t| t.into_owned())
-        .unwrap_or_default();
+    let full = m.body_text(0).map(|t| t.into_owned()).unwrap_or_default();
     let (text, quoted_cut) = cut_quoted(&full);
     let mut thread = Vec::new();
     for v in [m.in_reply_to(), m.references()] {
@@ -83,9 +83,11 @@ pub fn parse(data: &[u8], envelope_from: &str) -> ParsedMail {
             (name, ctype, p.contents().to_vec())
         })
         .collect();
-    let is_report = m
-        .content_type()
-        .is_some_and(|c| c.ctype().eq_ignore_ascii_case("multipart") && c.subtype().is_some_and(|s| s.eq_ignore_ascii_case("report")));
+    let is_report = m.content_type().is_some_and(|c| {
+        c.ctype().eq_ignore_ascii_case("multipart")
+            && c.subtype()
+                .is_some_and(|s| s.eq_ignore_ascii_case("report"))
+    });
     ParsedMail {
         from,
         name,
@@ -168,7 +170,11 @@ Content-Type: text/html; charset=utf-8\r\n\r\n<p>Hello <b>there</b></p>\r\n--XX\
 Content-Type: application/pdf; name=\"inv.pdf\"\r\nContent-Disposition: attachment; filename=\"inv.pdf\"\r\n\
 Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--XX--\r\n";
         let p = parse(raw, "");
-        assert!(p.text.contains("Hello") && p.text.contains("there"), "{}", p.text);
+        assert!(
+            p.text.contains("Hello") && p.text.contains("there"),
+            "{}",
+            p.text
+        );
         assert!(!p.text.contains("<b>"));
         assert_eq!(p.attachments.len(), 1);
         assert_eq!(p.attachments[0].0, "inv.pdf");

@@ -27,7 +27,19 @@ pub struct RelayError {
 }
 
 impl SmartHost {
-    /// A smart host from a URL: `smtp://host:port` (plain),
+    /// Checks a smart host URL without connecting (and without a
+    /// runtime: for settings checked at start).
+    pub fn check(url: &str) -> Result<(), RelayError> {
+        AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
+            .map(|_| ())
+            .map_err(|e| RelayError {
+                url: redact(url),
+                why: e.to_string(),
+            })
+    }
+
+    /// A smart host (inside a tokio runtime: its connection pool runs
+    /// there) from a URL: `smtp://host:port` (plain),
     /// `smtp://host:port?tls=required` (STARTTLS), `smtps://host:port`,
     /// with `user:password@` for authentication.
     pub fn new(url: &str) -> Result<SmartHost, RelayError> {
@@ -73,7 +85,11 @@ fn reply_subject(message: &Message, history: &[Message]) -> String {
         .unwrap_or_default();
     let lower = base.to_ascii_lowercase();
     if lower.starts_with("re:") || base.is_empty() {
-        if base.is_empty() { "Re: your message".into() } else { base }
+        if base.is_empty() {
+            "Re: your message".into()
+        } else {
+            base
+        }
     } else {
         format!("Re: {base}")
     }
@@ -113,7 +129,11 @@ pub fn build(message: &Message, history: &[Message]) -> Result<lettre::Message, 
     if !ids.is_empty() {
         // At most the last 20 (RFC 5322 lets us trim the middle).
         let keep = &ids[ids.len().saturating_sub(20)..];
-        let refs = keep.iter().map(|i| format!("<{i}>")).collect::<Vec<_>>().join(" ");
+        let refs = keep
+            .iter()
+            .map(|i| format!("<{i}>"))
+            .collect::<Vec<_>>()
+            .join(" ");
         b = b.references(refs);
     }
     b.header(ContentType::TEXT_PLAIN)
@@ -153,8 +173,18 @@ mod tests {
             channel: Channel::Email,
             direction: dir,
             author: Author::Customer,
-            from: if dir == Direction::Inbound { "ann@example.com" } else { "help@acme.test" }.into(),
-            to: if dir == Direction::Inbound { "help@acme.test" } else { "ann@example.com" }.into(),
+            from: if dir == Direction::Inbound {
+                "ann@example.com"
+            } else {
+                "help@acme.test"
+            }
+            .into(),
+            to: if dir == Direction::Inbound {
+                "help@acme.test"
+            } else {
+                "ann@example.com"
+            }
+            .into(),
             text: "hello".into(),
             subject: (dir == Direction::Inbound).then(|| "Order".to_string()),
             attachments: vec![],

@@ -59,7 +59,8 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerC
     if certs.is_empty() {
         return Err(SmtpError::Tls("no certificate in the PEM".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| SmtpError::Tls(format!("key: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| SmtpError::Tls(format!("key: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -212,7 +213,10 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-async fn flush<S: AsyncWrite + Unpin>(stream: &mut S, pending: &mut Vec<u8>) -> std::io::Result<()> {
+async fn flush<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    pending: &mut Vec<u8>,
+) -> std::io::Result<()> {
     if !pending.is_empty() {
         stream.write_all(pending).await?;
         stream.flush().await?;

@@ -217,9 +217,10 @@ impl Session {
         self.reset_transaction();
         self.phase = Phase::Ready;
         match verdict {
-            Verdict::Accept(id) => self
-                .out
-                .push_back(reply(250, "2.0.0", &format!("queued as {id}"))),
+            Verdict::Accept(id) => {
+                self.out
+                    .push_back(reply(250, "2.0.0", &format!("queued as {id}")))
+            }
             Verdict::Refuse(code, why) => self.out.push_back(reply(code, "5.6.0", &why)),
             Verdict::Later(code, why) => self.out.push_back(reply(code, "4.3.0", &why)),
         }
@@ -410,7 +411,9 @@ impl Session {
                     return self.error(503, "5.5.1", "MAIL first");
                 }
                 if self.recipients.len() >= self.limits.max_recipients {
-                    return self.out.push_back(reply(452, "4.5.3", "too many recipients"));
+                    return self
+                        .out
+                        .push_back(reply(452, "4.5.3", "too many recipients"));
                 }
                 self.phase = Phase::AwaitRecipient;
                 self.out.push_back(Output::Recipient(to.address));
@@ -454,7 +457,8 @@ impl Session {
                 if self.phase != Phase::Ready {
                     return self.error(503, "5.5.1", "EHLO first, no transaction open");
                 }
-                self.out.push_back(reply(220, "2.0.0", "ready to start TLS"));
+                self.out
+                    .push_back(reply(220, "2.0.0", "ready to start TLS"));
                 self.out.push_back(Output::StartTls);
                 // Nothing pipelined after STARTTLS is read (RFC 3207 §4.2,
                 // and the plaintext injection attacks on it).
@@ -500,14 +504,23 @@ mod tests {
         assert_eq!(texts(&mut s), ["220 mx.test ESMTP Plugboard"]);
         s.feed(b"EHLO c\r\n");
         let ehlo = texts(&mut s).join("\n");
-        for cap in ["PIPELINING", "SIZE 100", "8BITMIME", "STARTTLS", "ENHANCEDSTATUSCODES"] {
+        for cap in [
+            "PIPELINING",
+            "SIZE 100",
+            "8BITMIME",
+            "STARTTLS",
+            "ENHANCEDSTATUSCODES",
+        ] {
             assert!(ehlo.contains(cap), "{ehlo}");
         }
         s.feed(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nRCPT TO:<nobody@y>\r\nDATA\r\nSubject: hi\r\n\r\n..dot\r\n.\r\n");
         assert_eq!(texts(&mut s), ["250 2.1.0 sender ok", "?rcpt b@y"]);
         s.recipient("b@y".into(), Verdict::Accept(String::new()));
         assert_eq!(texts(&mut s), ["250 2.1.5 recipient ok", "?rcpt nobody@y"]);
-        s.recipient("nobody@y".into(), Verdict::Refuse(550, "no such mailbox".into()));
+        s.recipient(
+            "nobody@y".into(),
+            Verdict::Refuse(550, "no such mailbox".into()),
+        );
         let t = texts(&mut s);
         assert_eq!(t[0], "550 5.1.1 no such mailbox");
         assert!(t[1].starts_with("354 "), "{t:?}");
@@ -549,7 +562,10 @@ mod tests {
         texts(&mut s);
         s.feed(b"EHLO c\r\nMAIL FROM:<a@x> SIZE=1000\r\n");
         let t = texts(&mut s);
-        assert!(t.last().is_some_and(|l| l.starts_with("552 5.3.4")), "{t:?}");
+        assert!(
+            t.last().is_some_and(|l| l.starts_with("552 5.3.4")),
+            "{t:?}"
+        );
         s.feed(b"MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\n");
         texts(&mut s);
         s.recipient("b@y".into(), Verdict::Accept(String::new()));
@@ -578,7 +594,10 @@ mod tests {
             s.feed(b"BOGUS\r\n");
         }
         let t = texts(&mut s);
-        assert_eq!(t[t.len() - 2..], ["421 4.7.0 too many errors, closing", "!close"]);
+        assert_eq!(
+            t[t.len() - 2..],
+            ["421 4.7.0 too many errors, closing", "!close"]
+        );
     }
 
     #[test]

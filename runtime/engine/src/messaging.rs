@@ -182,18 +182,22 @@ struct OutboxEntry {
     next_ms: u64,
 }
 
+/// A conversation's turn: held while its messages are worked on.
+type Turn = Arc<tokio::sync::Mutex<()>>;
+
 /// The messaging state of the engine: the conversation workers' locks,
 /// the couriers and the outbox's queue.
 #[derive(Default)]
 pub(crate) struct Hub {
     /// One lock per conversation being worked on.
-    workers: Mutex<HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>>,
+    workers: Mutex<HashMap<(String, String), Turn>>,
     couriers: Mutex<HashMap<Channel, Arc<dyn Courier>>>,
     outbox: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
 }
 
 fn storage_json<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> EngineResult<T> {
-    serde_json::from_value(v).map_err(|e| CoreError::Storage(format!("bad {what} record: {e}")).into())
+    serde_json::from_value(v)
+        .map_err(|e| CoreError::Storage(format!("bad {what} record: {e}")).into())
 }
 
 fn to_json<T: Serialize>(v: &T) -> Value {
@@ -316,7 +320,11 @@ impl Engine {
                 json!({"interaction": ix, "message": message.id}),
             ));
         }
-        writes.push(RecordWrite::put(conv_kind(&ix), &message.id, to_json(&message)));
+        writes.push(RecordWrite::put(
+            conv_kind(&ix),
+            &message.id,
+            to_json(&message),
+        ));
         writes.push(RecordWrite::put(
             MSG_INDEX,
             &message.id,
@@ -393,6 +401,21 @@ impl Engine {
             .collect()
     }
 
+    /// The agent who holds (or last held) a conversation's task, if any.
+    pub fn conversation_agent(&self, tenant: &str, ix: &str) -> Option<String> {
+        self.task(tenant, ix).ok().and_then(|v| v.agent)
+    }
+
+    /// An attachment or a raw message of the tenant (a blob named by a
+    /// message).
+    pub async fn attachment(&self, tenant: &str, blob: &str) -> EngineResult<Vec<u8>> {
+        let not_found = || EngineError::from(CoreError::NotFound(format!("blob {blob}")));
+        if !(blob.starts_with("att-") || blob.starts_with("raw-")) {
+            return Err(not_found());
+        }
+        self.store.blob(tenant, blob).await?.ok_or_else(not_found)
+    }
+
     /// One message of the tenant by id.
     pub async fn message(&self, tenant: &str, id: &str) -> EngineResult<Message> {
         let ix = self
@@ -443,11 +466,19 @@ impl Engine {
         let mut n = 0;
         let tx = self.outbox_sender();
         for t in self.tenants().await? {
-            for (ix, _) in self.store.records_after(&t.id, PENDING_IX, "", usize::MAX).await? {
+            for (ix, _) in self
+                .store
+                .records_after(&t.id, PENDING_IX, "", usize::MAX)
+                .await?
+            {
                 self.kick_conversation(&t.id, &ix);
                 n += 1;
             }
-            for (id, _) in self.store.records_after(&t.id, OUTBOX, "", usize::MAX).await? {
+            for (id, _) in self
+                .store
+                .records_after(&t.id, OUTBOX, "", usize::MAX)
+                .await?
+            {
                 let _ = tx.send((t.id.clone(), id));
             }
         }
@@ -462,7 +493,10 @@ impl Engine {
             .clone();
         let _turn = worker.lock().await;
         loop {
-            let pending = self.store.records_after(tenant, &pending_kind(ix), "", 64).await?;
+            let pending = self
+                .store
+                .records_after(tenant, &pending_kind(ix), "", 64)
+                .await?;
             if pending.is_empty() {
                 // Removing the index races with a new message's write of
                 // it: look again after removing, and put it back if one came.
@@ -530,13 +564,28 @@ impl Engine {
         let mut writes = Vec::new();
         if fresh {
             let customer = self
-                .link_customer(tenant, message.channel, &message.from, message.meta.get("name"))
+                .link_customer(
+                    tenant,
+                    message.channel,
+                    &message.from,
+                    message.meta.get("name"),
+                )
                 .await?;
             session
                 .interaction
                 .attributes
                 .insert("customer".into(), customer.clone());
             conv.customer = Some(customer);
+        } else if let (Some(id), Some(name)) = (&conv.customer, message.meta.get("name")) {
+            // A name learnt later (the first message had none).
+            let c = self.customer(tenant, id).await?;
+            if c.name.is_none() {
+                let c = Customer {
+                    name: Some(name.clone()),
+                    ..c
+                };
+                writes.push(RecordWrite::put(CUSTOMER, &c.id, to_json(&c)));
+            }
         }
         session.note(
             EntryKind::Message,
@@ -544,9 +593,10 @@ impl Engine {
         );
         let mut outbound = Vec::new();
         let task = match &conv.task {
-            Some(t) => self.task(tenant, t).ok().filter(|v| {
-                matches!(v.state.as_str(), "waiting" | "offered" | "connected")
-            }),
+            Some(t) => self
+                .task(tenant, t)
+                .ok()
+                .filter(|v| matches!(v.state.as_str(), "waiting" | "offered" | "connected")),
             None => None,
         };
         if task.is_some() {
@@ -572,6 +622,7 @@ impl Engine {
             }
         }
         conv.flow_state = session.flow_state().to_string();
+        let outbound = settle_outbound(&mut session, outbound);
         session.checkpoint().await?;
         for m in &outbound {
             self.outbound_writes(m, &mut writes);
@@ -601,13 +652,7 @@ impl Engine {
             };
             if let Some(text) = text {
                 match self.new_outbound(&session.interaction, Author::Flow, text, None) {
-                    Ok(m) => {
-                        session.note(
-                            EntryKind::Message,
-                            json!({"id": m.id, "direction": "outbound", "author": m.author}),
-                        );
-                        outbound.push(m);
-                    }
+                    Ok(m) => outbound.push(m),
                     Err(e) => tracing::warn!("no outbound message: {e}"),
                 }
                 if matches!(action, Action::Gather { .. }) {
@@ -691,12 +736,22 @@ impl Engine {
                 let r = match news {
                     TaskNews::Offer { agent, .. } => {
                         engine
-                            .conversation_state(&tenant, &ix, InteractionState::Offered, json!({"agent": agent}))
+                            .conversation_state(
+                                &tenant,
+                                &ix,
+                                InteractionState::Offered,
+                                json!({"agent": agent}),
+                            )
                             .await
                     }
                     TaskNews::Rescind { agent } => {
                         engine
-                            .conversation_state(&tenant, &ix, InteractionState::Queued, json!({"agent": agent}))
+                            .conversation_state(
+                                &tenant,
+                                &ix,
+                                InteractionState::Queued,
+                                json!({"agent": agent}),
+                            )
                             .await
                     }
                     TaskNews::BackToFlow { why } => {
@@ -796,7 +851,11 @@ impl Engine {
         conv.task = None;
         self.store.save_interaction(&interaction, stored).await?;
         self.store
-            .apply_records(tenant, &[RecordWrite::put(CONVERSATION, ix, to_json(&conv))], None)
+            .apply_records(
+                tenant,
+                &[RecordWrite::put(CONVERSATION, ix, to_json(&conv))],
+                None,
+            )
             .await?;
         self.publish(
             tenant,
@@ -814,6 +873,7 @@ impl Engine {
         let tenant = session.interaction.tenant.clone();
         let ix = session.interaction.id.clone();
         conv.flow_state = session.flow_state().to_string();
+        let outbound = settle_outbound(&mut session, outbound);
         session.checkpoint().await?;
         let mut writes = Vec::new();
         for m in &outbound {
@@ -825,7 +885,7 @@ impl Engine {
         Ok(())
     }
 
-    fn worker(&self, tenant: &str, ix: &str) -> Arc<tokio::sync::Mutex<()>> {
+    fn worker(&self, tenant: &str, ix: &str) -> Turn {
         lock(&self.messaging.workers)
             .entry((tenant.to_string(), ix.to_string()))
             .or_default()
@@ -863,7 +923,11 @@ impl Engine {
     }
 
     fn outbound_writes(&self, m: &Message, writes: &mut Vec<RecordWrite>) {
-        writes.push(RecordWrite::put(conv_kind(&m.interaction), &m.id, to_json(m)));
+        writes.push(RecordWrite::put(
+            conv_kind(&m.interaction),
+            &m.id,
+            to_json(m),
+        ));
         writes.push(RecordWrite::put(
             MSG_INDEX,
             &m.id,
@@ -900,6 +964,7 @@ impl Engine {
         tenant: &str,
         ix: &str,
         author: Author,
+        must_hold: bool,
         text: String,
         subject: Option<String>,
     ) -> EngineResult<Message> {
@@ -922,7 +987,9 @@ impl Engine {
         if conv.closed {
             return Err(CoreError::Conflict(format!("conversation {ix} is closed")).into());
         }
-        if let Author::Agent { id } = &author {
+        if let Author::Agent { id } = &author
+            && must_hold
+        {
             let holds = conv
                 .task
                 .as_ref()
@@ -974,7 +1041,11 @@ impl Engine {
         self.store
             .apply_records(
                 tenant,
-                &[RecordWrite::put(conv_kind(&m.interaction), &m.id, to_json(&m))],
+                &[RecordWrite::put(
+                    conv_kind(&m.interaction),
+                    &m.id,
+                    to_json(&m),
+                )],
                 None,
             )
             .await?;
@@ -1001,7 +1072,11 @@ impl Engine {
 
     /// Tries to hand one outbox message to its courier; `Some(delay)`
     /// when it should be tried again then.
-    async fn deliver_one(self: &Arc<Self>, tenant: &str, id: &str) -> EngineResult<Option<Duration>> {
+    async fn deliver_one(
+        self: &Arc<Self>,
+        tenant: &str,
+        id: &str,
+    ) -> EngineResult<Option<Duration>> {
         let Some(entry) = self.store.record(tenant, OUTBOX, id).await? else {
             return Ok(None);
         };
@@ -1049,7 +1124,11 @@ impl Engine {
             }
         };
         m.updated_ms = now_ms();
-        writes.push(RecordWrite::put(conv_kind(&m.interaction), &m.id, to_json(&m)));
+        writes.push(RecordWrite::put(
+            conv_kind(&m.interaction),
+            &m.id,
+            to_json(&m),
+        ));
         match retry {
             Some(_) => writes.push(RecordWrite::put(OUTBOX, id, to_json(&entry))),
             None => writes.push(RecordWrite::delete(OUTBOX, id)),
@@ -1166,7 +1245,10 @@ impl Engine {
             return self.merge_customers(tenant, &keep.id, &other.id).await;
         }
         let mut keep = keep;
-        keep.addresses.push(CustomerAddress { channel, address: address.clone() });
+        keep.addresses.push(CustomerAddress {
+            channel,
+            address: address.clone(),
+        });
         keep.addresses.sort();
         keep.addresses.dedup();
         let writes = [
@@ -1229,7 +1311,11 @@ impl Engine {
         let customer = self.customer(tenant, id).await?;
         let mut all: Vec<Interaction> = Vec::new();
         for a in &customer.addresses {
-            for ix in self.store.customer_history(tenant, &a.address, limit).await? {
+            for ix in self
+                .store
+                .customer_history(tenant, &a.address, limit)
+                .await?
+            {
                 let same_class = customer_address_key(ix.channel, &ix.from)
                     == customer_address_key(a.channel, &a.address);
                 if same_class && !ix.simulated && !all.iter().any(|x| x.id == ix.id) {
@@ -1241,6 +1327,28 @@ impl Engine {
         let skip = all.len().saturating_sub(limit);
         Ok((customer, all.split_off(skip)))
     }
+}
+
+/// The flow's replies to one inbound message as they leave: on email one
+/// message (several emails for one question would be noise), elsewhere
+/// one each; each noted on the timeline.
+fn settle_outbound(session: &mut FlowSession, mut outbound: Vec<Message>) -> Vec<Message> {
+    if session.interaction.channel == Channel::Email && outbound.len() > 1 {
+        let text = outbound
+            .iter()
+            .map(|m| m.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n\n");
+        outbound.truncate(1);
+        outbound[0].text = text;
+    }
+    for m in &outbound {
+        session.note(
+            EntryKind::Message,
+            json!({"id": m.id, "direction": "outbound", "author": m.author}),
+        );
+    }
+    outbound
 }
 
 /// Delivers the outbox: each message in its own task, retried with
@@ -1287,11 +1395,7 @@ async fn run_outbox(
 /// at most 200 characters.
 pub fn sanitise_name(name: &str) -> String {
     let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
-    let clean: String = base
-        .chars()
-        .filter(|c| !c.is_control())
-        .take(200)
-        .collect();
+    let clean: String = base.chars().filter(|c| !c.is_control()).take(200).collect();
     if clean.trim().is_empty() || clean == "." || clean == ".." {
         "attachment".to_string()
     } else {

@@ -134,10 +134,9 @@ impl Engine {
         stored: usize,
     ) -> EngineResult<FlowSession> {
         let tenant_id = interaction.tenant.clone();
-        let flow = interaction
-            .flow
-            .clone()
-            .ok_or_else(|| CoreError::Invalid(format!("interaction {} has no flow", interaction.id)))?;
+        let flow = interaction.flow.clone().ok_or_else(|| {
+            CoreError::Invalid(format!("interaction {} has no flow", interaction.id))
+        })?;
         let tenant = self.tenant(&tenant_id).await?;
         let mut info = self.plugin(&tenant_id, &flow.name, "flow").await?;
         let version = match flow.version {

@@ -179,6 +179,14 @@ impl RecordStore for Broken {
     ) -> R<Vec<(String, serde_json::Value)>> {
         gone()
     }
+    async fn apply_records(
+        &self,
+        _: &str,
+        _: &[plugboard_store::RecordWrite],
+        _: Option<(&str, &str)>,
+    ) -> R<Option<serde_json::Value>> {
+        gone()
+    }
 }
 
 #[async_trait]

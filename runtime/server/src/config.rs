@@ -25,6 +25,9 @@ pub struct ConfigFile {
     /// `[sip]`.
     #[serde(default)]
     pub sip: SipSection,
+    /// `[email]`.
+    #[serde(default)]
+    pub email: EmailSection,
     /// `[[trunk]]` tables.
     #[serde(default, rename = "trunk")]
     pub trunks: Vec<TrunkEntry>,
@@ -83,6 +86,29 @@ pub struct SipSection {
     pub rtp_timeout_s: Option<u64>,
     /// Longest call, s.
     pub max_call_s: Option<u64>,
+}
+
+/// The email channel.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailSection {
+    /// Inbound SMTP listen address, or `off`.
+    pub smtp: Option<String>,
+    /// The name the SMTP server greets with.
+    pub hostname: Option<String>,
+    /// Certificate chain (PEM) for STARTTLS.
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Largest message accepted, bytes.
+    pub max_size: Option<usize>,
+    /// Recipients per message.
+    pub max_recipients: Option<usize>,
+    /// Connections at once from one IP address.
+    pub max_per_ip: Option<usize>,
+    /// The smart host replies go out through: `smtp://host:port`,
+    /// `smtp://host:port?tls=required`, `smtps://user:pass@host:port`.
+    pub relay: Option<String>,
 }
 
 /// A `[[trunk]]`: a [`plugboard_core::Trunk`] and the tenant it belongs to.

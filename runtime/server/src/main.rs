@@ -120,12 +120,37 @@ struct ServeArgs {
     /// The espeak-ng program for built-in text-to-speech [default: espeak-ng].
     #[arg(long, env = "PLUGBOARD_ESPEAK")]
     espeak: Option<PathBuf>,
+    /// Inbound SMTP listen address, or `off` for no inbound email
+    /// [default: off].
+    #[arg(long, env = "PLUGBOARD_SMTP")]
+    smtp: Option<String>,
+    /// The host name the SMTP server greets with [default: localhost].
+    #[arg(long, env = "PLUGBOARD_SMTP_HOSTNAME")]
+    smtp_hostname: Option<String>,
+    /// Certificate chain (PEM) offered with STARTTLS [default: none, no
+    /// STARTTLS].
+    #[arg(long, env = "PLUGBOARD_SMTP_CERT")]
+    smtp_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "PLUGBOARD_SMTP_KEY")]
+    smtp_key: Option<PathBuf>,
+    /// Largest inbound message, bytes [default: 26214400].
+    #[arg(long)]
+    smtp_max_size: Option<usize>,
+    /// SMTP connections at once from one IP address [default: 20].
+    #[arg(long)]
+    smtp_max_per_ip: Option<usize>,
+    /// The smart host email replies go out through: `smtp://host:port`,
+    /// `smtp://host:port?tls=required` (STARTTLS), `smtps://user:pass@host:port`
+    /// [default: none: replies wait in the outbox].
+    #[arg(long, env = "PLUGBOARD_SMTP_RELAY", hide_env_values = true)]
+    smtp_relay: Option<String>,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage tenants.
     Tenant {
         #[command(subcommand)]
@@ -301,7 +326,7 @@ fn main() -> std::process::ExitCode {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve(args) => serve(cli.data_dir, args),
+        Cmd::Serve(args) => serve(cli.data_dir, *args),
         Cmd::Plugin {
             cmd:
                 PluginCmd::New {
@@ -428,12 +453,63 @@ fn flow_graph_component(given: Option<PathBuf>) -> Result<Option<(PathBuf, Vec<u
         .find_map(|p| std::fs::read(&p).ok().map(|b| (p, b))))
 }
 
+/// The email channel's settings (flags over `[email]`): where SMTP
+/// listens, its session limits and TLS, and the smart host; `None` when
+/// SMTP is off.
+fn email_settings(
+    file: &config::EmailSection,
+    args: &ServeArgs,
+) -> Result<Option<(SocketAddr, plugboard_email::SmtpConfig, Option<String>)>> {
+    let listen = args
+        .smtp
+        .clone()
+        .or_else(|| file.smtp.clone())
+        .unwrap_or_else(|| "off".into());
+    if listen == "off" {
+        return Ok(None);
+    }
+    let listen: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("SMTP address {listen:?}: expected ADDR:PORT or off"))?;
+    let mut config = plugboard_email::SmtpConfig::default();
+    if let Some(h) = args.smtp_hostname.clone().or_else(|| file.hostname.clone()) {
+        config.limits.hostname = h;
+    }
+    if let Some(n) = args.smtp_max_size.or(file.max_size) {
+        config.limits.max_size = n;
+    }
+    if let Some(n) = file.max_recipients {
+        config.limits.max_recipients = n;
+    }
+    if let Some(n) = args.smtp_max_per_ip.or(file.max_per_ip) {
+        config.max_per_ip = n;
+    }
+    let cert = args.smtp_cert.clone().or_else(|| file.cert.clone());
+    let key = args.smtp_key.clone().or_else(|| file.key.clone());
+    match (cert, key) {
+        (Some(c), Some(k)) => {
+            let cert = std::fs::read(&c).with_context(|| format!("reading {}", c.display()))?;
+            let key = std::fs::read(&k).with_context(|| format!("reading {}", k.display()))?;
+            config.tls = Some(plugboard_email::tls_config(&cert, &key)?);
+        }
+        (None, None) => {}
+        _ => anyhow::bail!("--smtp-cert and --smtp-key go together"),
+    }
+    let relay = args.smtp_relay.clone().or_else(|| file.relay.clone());
+    if let Some(url) = &relay {
+        // Checked now, so a typo stops the start rather than every reply.
+        plugboard_email::SmartHost::check(url)?;
+    }
+    Ok(Some((listen, config, relay)))
+}
+
 fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     let file = match &args.config {
         Some(path) => ConfigFile::load(path)?,
         None => ConfigFile::default(),
     };
     let (server, sip) = (&file.server, &file.sip);
+    let email = email_settings(&file.email, &args)?;
     let data_dir = data_dir
         .or_else(|| server.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from("data"));
@@ -551,6 +627,15 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             "rtp_timeout_s": v.rtp_timeout.as_secs(),
             "max_call_s": v.max_call.as_secs(),
         })),
+        "email": email.as_ref().map(|(listen, c, relay)| json!({
+            "smtp": listen.to_string(),
+            "hostname": c.limits.hostname,
+            "starttls": c.tls.is_some(),
+            "max_size": c.limits.max_size,
+            "max_recipients": c.limits.max_recipients,
+            "max_per_ip": c.max_per_ip,
+            "relay": relay.as_deref().map(redact_url),
+        })),
         "allow_networks": allow_networks,
         "config_trunks": file.trunks.iter().map(|t| format!("{}/{}", t.tenant, t.trunk.name)).collect::<Vec<_>>(),
     });
@@ -617,6 +702,24 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             Some(cfg) => Some(Arc::new(plugboard_voice::start(cfg, state.clone()).await?)),
             None => None,
         };
+        if let Some((listen, config, relay)) = email {
+            if let Some(url) = &relay {
+                let host = plugboard_email::SmartHost::new(url)?;
+                state.set_courier(plugboard_core::Channel::Email, Arc::new(host));
+            }
+            let smtp = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding SMTP {listen}"))?;
+            tracing::info!("SMTP listening on {}", smtp.local_addr()?);
+            tokio::spawn(plugboard_email::serve(smtp, state.clone(), config));
+        }
+        // Conversations whose last messages were not yet run through their
+        // flow, and the outbox, are taken up again.
+        match state.resume_conversations().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("{n} conversations taken up again"),
+            Err(e) => tracing::error!("resuming conversations: {e}"),
+        }
         // Callbacks still to make are back in their queues (after the
         // voice channel, which carries them out).
         match state.preload_callbacks().await {

@@ -529,7 +529,8 @@ pub async fn records(s: &dyn Store) -> Result<(), Failure> {
     ];
     ensure!(
         ok(
-            s.apply_records("a", &writes, Some(("client_id", "c1"))).await,
+            s.apply_records("a", &writes, Some(("client_id", "c1")))
+                .await,
             "apply"
         )?
         .is_none(),
@@ -546,7 +547,8 @@ pub async fn records(s: &dyn Store) -> Result<(), Failure> {
         RecordWrite::put("msg/ix1", "m2", json!({"text": "hi"})),
     ];
     let found = ok(
-        s.apply_records("a", &retry, Some(("client_id", "c1"))).await,
+        s.apply_records("a", &retry, Some(("client_id", "c1")))
+            .await,
         "retry",
     )?;
     ensure!(

@@ -10,7 +10,8 @@
 
 use crate::{
     AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RecordWrite,
-    RegistrarStore, Result, SecretStore, TenantStore, header, new_entries, plugin_info, rollback_target, storage,
+    RegistrarStore, Result, SecretStore, TenantStore, header, new_entries, plugin_info,
+    rollback_target, storage,
 };
 use async_trait::async_trait;
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};

@@ -1,0 +1,594 @@
+//! The email channel end to end: the real server's SMTP port, real mail
+//! clients (swaks, Python's smtplib, Postfix's smtp-source), a real
+//! receiving SMTP server for the replies (aiosmtpd), and the JSON
+//! logistics hotline answering by email with an HTTP lookup.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use plugboard_tests::{LOOPBACK, Server, SmtpSink, TinyHttp, header, root, unfolded};
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn mis(path: &str) -> (u16, String) {
+    if path == "/waybills/123" {
+        (
+            200,
+            r#"{"status":"in transit","location":"near Vilnius"}"#.into(),
+        )
+    } else {
+        (404, r#"{"error":"no such waybill"}"#.into())
+    }
+}
+
+/// A server with SMTP on, replies to `sink`, and tenant `freight` whose
+/// mailbox `help@freight.test` runs the logistics hotline.
+fn setup(
+    dir: &std::path::Path,
+    sink: &SmtpSink,
+    mis_port: u16,
+    extra: &[&str],
+) -> (Server, String, u16) {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let relay = format!("smtp://127.0.0.1:{}", sink.port);
+    let mut flags: Vec<&str> = LOOPBACK.to_vec();
+    flags.extend([
+        "--smtp",
+        "127.0.0.1:0",
+        "--smtp-hostname",
+        "mx.plugboard.test",
+        "--smtp-relay",
+        &relay,
+    ]);
+    flags.extend(extra);
+    let s = Server::start(&data, &flags).unwrap();
+    let smtp = s.logged("SMTP listening on ");
+    let key = s.tenant("freight");
+    wire(&s, &key, mis_port);
+    (s, key, smtp)
+}
+
+fn wire(s: &Server, key: &str, mis_port: u16) {
+    let doc = std::fs::read(root().join("examples/logistics-hotline/flow.json")).unwrap();
+    let d = s
+        .call(
+            "POST",
+            "/v1/tenants/freight/flows/hotline",
+            Some(key),
+            Some(doc),
+        )
+        .unwrap();
+    assert!(d.status == 200 || d.status == 201, "{d:?}");
+    let g = s.json(
+        "PUT",
+        "/v1/tenants/freight/plugins/hotline/grants",
+        key,
+        &json!({"http": {"allow": [format!("127.0.0.1:{mis_port}")]}}),
+    );
+    assert_eq!(g.status, 200, "{g:?}");
+    let c = s.json(
+        "PUT",
+        "/v1/tenants/freight/plugins/hotline/config",
+        key,
+        &json!({"mis_url": format!("http://127.0.0.1:{mis_port}")}),
+    );
+    assert_eq!(c.status, 200, "{c:?}");
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/addresses/help@freight.test",
+        key,
+        &json!({"channel": "email", "flow": "hotline"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+}
+
+fn swaks(port: u16, args: &[&str]) -> (bool, String) {
+    let out = Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{port}"), "--timeout", "20"])
+        .args(args)
+        .output()
+        .expect("swaks (run scripts/setup.sh)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// Runs a Python script with `args`; (success, output).
+fn python(script: &str, args: &[String]) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn interactions(s: &Server, key: &str) -> Vec<Value> {
+    let a = s.get("/v1/tenants/freight/interactions?limit=1000", key);
+    assert_eq!(a.status, 200, "{a:?}");
+    a.body["interactions"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn messages(s: &Server, key: &str, ix: &str) -> Vec<Value> {
+    let a = s.get(
+        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+        key,
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    a.body["messages"].as_array().cloned().unwrap()
+}
+
+/// Waits until `f` holds (at most `limit`).
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn an_email_conversation_is_answered_by_the_flow_threaded_and_continued() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
+
+    // The customer writes "track" (a keyword of the menu).
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "ann@example.com",
+            "--to",
+            "help@freight.test",
+            "--header",
+            "Subject: Where is my cargo?",
+            "--header",
+            "Message-Id: <first@example.com>",
+            "--body",
+            "track",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("250 2.0.0 queued as msg-"), "{out}");
+
+    // The flow's answer (menu, then the waybill prompt) goes out as one
+    // email, threaded on the customer's.
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got.len(), 1, "no reply reached the smart host");
+    let reply = &got[0];
+    assert_eq!(header(reply, "To").as_deref(), Some("ann@example.com"));
+    assert_eq!(header(reply, "From").as_deref(), Some("help@freight.test"));
+    assert_eq!(
+        header(reply, "In-Reply-To").as_deref(),
+        Some("<first@example.com>")
+    );
+    assert_eq!(
+        header(reply, "Subject").as_deref(),
+        Some("Re: Where is my cargo?")
+    );
+    assert!(unfolded(reply).contains("waybill number"), "{reply}");
+    let our_id = header(reply, "Message-ID").unwrap();
+
+    // The customer answers from their mail program: quoting us, naming
+    // our message in In-Reply-To (Python's smtplib this time).
+    let script = r#"
+import smtplib, sys
+from email.message import EmailMessage
+m = EmailMessage()
+m["From"] = "Ann <ann@example.com>"
+m["To"] = "help@freight.test"
+m["Subject"] = "Re: Where is my cargo?"
+m["Message-ID"] = "<second@example.com>"
+m["In-Reply-To"] = sys.argv[2]
+m["References"] = "<first@example.com> " + sys.argv[2]
+m.set_content("123\n\nOn Mon, 1 Dec 2026, help@freight.test wrote:\n> Please enter your waybill number\n")
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
+    c.send_message(m)
+print("sent")
+"#;
+    let (ok, out) = python(script, &[smtp.to_string(), our_id.clone()]);
+    assert!(ok, "{out}");
+
+    let got = sink.wait_for(2, Duration::from_secs(20));
+    assert_eq!(got.len(), 2, "no second reply");
+    let second = &unfolded(&got[1]);
+    assert!(
+        second.contains("in transit") && second.contains("near Vilnius"),
+        "{second}"
+    );
+    assert_eq!(
+        header(second, "In-Reply-To").as_deref(),
+        Some("<second@example.com>")
+    );
+    let refs = header(second, "References").unwrap();
+    for id in [
+        "<first@example.com>",
+        our_id.as_str(),
+        "<second@example.com>",
+    ] {
+        assert!(refs.contains(id), "{refs} lacks {id}");
+    }
+
+    // One conversation, four messages, in order; the customer's text
+    // without the quote; ours sent.
+    let all = interactions(&s, &key);
+    let email: Vec<&Value> = all.iter().filter(|i| i["channel"] == "email").collect();
+    assert_eq!(email.len(), 1, "{all:?}");
+    let ix = email[0]["id"].as_str().unwrap();
+    assert_eq!(email[0]["from"], "ann@example.com");
+    let msgs = messages(&s, &key, ix);
+    let dirs: Vec<&str> = msgs
+        .iter()
+        .map(|m| m["direction"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        dirs,
+        ["inbound", "outbound", "inbound", "outbound"],
+        "{msgs:?}"
+    );
+    assert_eq!(msgs[2]["text"], "123");
+    assert_eq!(msgs[2]["meta"]["quoted_cut"], "true");
+    assert!(
+        eventually(Duration::from_secs(5), || messages(&s, &key, ix)
+            .iter()
+            .filter(|m| m["direction"] == "outbound")
+            .all(|m| m["status"] == "sent")),
+        "{:?}",
+        messages(&s, &key, ix)
+    );
+    // The raw message is kept.
+    let raw = msgs[0]["meta"]["raw"].as_str().unwrap();
+    let r = s
+        .call(
+            "GET",
+            &format!("/v1/tenants/freight/blobs/{raw}"),
+            Some(&key),
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.body.as_str().unwrap().contains("Where is my cargo?"));
+
+    // The timeline has the flow's lookup.
+    let rec = s.get(&format!("/v1/tenants/freight/interactions/{ix}"), &key);
+    let kinds: Vec<&str> = rec.body["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"host_call"), "{kinds:?}");
+    assert_eq!(kinds.iter().filter(|k| **k == "message").count(), 4);
+
+    // The customer is one, with this conversation in their history.
+    let c = s.get(
+        "/v1/tenants/freight/customers?channel=email&address=ANN@example.com",
+        &key,
+    );
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(c.body["name"], "Ann");
+    let h = s.get(
+        &format!(
+            "/v1/tenants/freight/customers/{}",
+            c.body["id"].as_str().unwrap()
+        ),
+        &key,
+    );
+    assert_eq!(h.body["interactions"][0]["id"], ix);
+    assert_eq!(
+        h.body["interactions"][0]["messages"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+
+    // Another tenant sees none of it.
+    let other = s.tenant("other");
+    assert_eq!(
+        s.get(
+            &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+            &other
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        s.get(
+            &format!("/v1/tenants/other/interactions/{ix}/messages"),
+            &other
+        )
+        .status,
+        404
+    );
+}
+
+#[test]
+fn bad_mail_gets_the_right_refusal_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &["--smtp-max-size", "100000"]);
+
+    // Unknown recipient: 550, nothing stored.
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "x@example.com",
+            "--to",
+            "nobody@freight.test",
+            "--body",
+            "hi",
+        ],
+    );
+    assert!(!ok);
+    assert!(out.contains("550 5.1.1"), "{out}");
+
+    // Too big: 552 (smtplib announces SIZE, so at MAIL FROM; sent
+    // without it, at the end of DATA).
+    let script = r#"
+import smtplib, sys
+big = "x" * 200000
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
+    try:
+        c.sendmail("x@example.com", ["help@freight.test"], "Subject: big\r\n\r\n" + big)
+        print("accepted")
+    except smtplib.SMTPSenderRefused as e:
+        print("refused", e.smtp_code)
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
+    c.ehlo()
+    c.esmtp_features.pop("size", None)
+    try:
+        c.sendmail("x@example.com", ["help@freight.test"], "Subject: big\r\n\r\n" + big)
+        print("accepted")
+    except smtplib.SMTPDataError as e:
+        print("data", e.smtp_code)
+    # The session goes on after a refusal.
+    c.sendmail("x@example.com", ["help@freight.test"], "Subject: small\r\n\r\nsmall one")
+    print("small ok")
+"#;
+    let (ok, out) = python(script, &[smtp.to_string()]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("refused 552") && out.contains("data 552"),
+        "{out}"
+    );
+    assert!(out.contains("small ok"), "{out}");
+
+    // A client that drops mid-DATA leaves no half message.
+    let before = interactions(&s, &key).len();
+    let mut c = TcpStream::connect(("127.0.0.1", smtp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = [0u8; 4096];
+    let _ = c.read(&mut buf).unwrap();
+    c.write_all(
+        b"EHLO drop\r\nMAIL FROM:<d@example.com>\r\nRCPT TO:<help@freight.test>\r\nDATA\r\n",
+    )
+    .unwrap();
+    let mut seen = String::new();
+    while !seen.contains("354") {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    c.write_all(b"Subject: half\r\n\r\nthis message never ends")
+        .unwrap();
+    drop(c);
+
+    // Garbage and out-of-order commands get 5xx; the server keeps serving.
+    let mut c = TcpStream::connect(("127.0.0.1", smtp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = c.read(&mut buf).unwrap();
+    c.write_all(b"DATA\r\n\x01\x02\xff garbage\r\n").unwrap();
+    let mut seen = String::new();
+    while seen.matches("\r\n").count() < 2 {
+        let n = c.read(&mut buf).unwrap();
+        assert!(n > 0, "{seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        seen.starts_with("503 ") && seen.contains("\r\n50"),
+        "{seen}"
+    );
+    drop(c);
+
+    // Attachments, HTML and a non-ASCII subject (and the server is up).
+    let script = r#"
+import smtplib, sys
+from email.message import EmailMessage
+m = EmailMessage()
+m["From"] = "Jonas <jonas@example.lt>"
+m["To"] = "help@freight.test"
+m["Subject"] = "Siunta į Kauną — ačiū"
+m.set_content("Plain part: 123")
+m.add_alternative("<p>HTML part: <b>123</b></p>", subtype="html")
+m.add_attachment(bytes(range(256)) * 4, maintype="application", subtype="octet-stream", filename="waybill.bin")
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
+    c.send_message(m)
+print("sent")
+"#;
+    let (ok, out) = python(script, &[smtp.to_string()]);
+    assert!(ok, "{out}");
+    assert!(eventually(Duration::from_secs(10), || {
+        interactions(&s, &key)
+            .iter()
+            .any(|i| i["from"] == "jonas@example.lt")
+    }));
+    let all = interactions(&s, &key);
+    let jonas = all
+        .iter()
+        .find(|i| i["from"] == "jonas@example.lt")
+        .unwrap();
+    let msgs = messages(&s, &key, jonas["id"].as_str().unwrap());
+    assert_eq!(msgs[0]["subject"], "Siunta į Kauną — ačiū");
+    assert_eq!(msgs[0]["text"], "Plain part: 123");
+    let att = &msgs[0]["attachments"][0];
+    assert_eq!(att["name"], "waybill.bin");
+    assert_eq!(att["size"], 1024);
+    let (status, bytes) = s.get_bytes(
+        &format!(
+            "/v1/tenants/freight/blobs/{}",
+            att["blob"].as_str().unwrap()
+        ),
+        &key,
+    );
+    assert_eq!(status, 200);
+    let want: Vec<u8> = (0..4).flat_map(|_| 0u8..=255).collect();
+    assert_eq!(bytes, want, "the attachment comes back byte for byte");
+
+    // Only the small message and Jonas's arrived: no half message, no
+    // oversize one, nothing for the unknown mailbox.
+    let after = interactions(&s, &key);
+    assert_eq!(after.len(), before + 1, "{after:?}");
+    let texts: Vec<String> = after
+        .iter()
+        .flat_map(|i| messages(&s, &key, i["id"].as_str().unwrap()))
+        .filter(|m| m["direction"] == "inbound")
+        .map(|m| m["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(texts.iter().all(|t| !t.contains("never ends")), "{texts:?}");
+    assert!(texts.iter().any(|t| t == "small one"), "{texts:?}");
+}
+
+#[test]
+fn parallel_senders_and_a_kill_lose_and_duplicate_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    // The smart host defers the first replies: the outbox retries them.
+    let sink = SmtpSink::start(&dir.path().join("sink"), 2);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
+
+    // Postfix's smtp-source: 5 sessions in parallel, 40 messages.
+    let out = Command::new("/usr/sbin/smtp-source")
+        .args([
+            "-s",
+            "5",
+            "-m",
+            "40",
+            "-f",
+            "load@example.com",
+            "-t",
+            "help@freight.test",
+            &format!("127.0.0.1:{smtp}"),
+        ])
+        .output()
+        .expect("smtp-source (run scripts/setup.sh)");
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        eventually(Duration::from_secs(30), || interactions(&s, &key).len()
+            == 40),
+        "{} interactions",
+        interactions(&s, &key).len()
+    );
+    // Every one answered through the smart host, the deferred ones too.
+    let got = sink.wait_for(40, Duration::from_secs(60));
+    assert_eq!(got.len(), 40);
+
+    // Now a client sends numbered messages while the server is killed:
+    // every message that got its 250 is stored exactly once after a
+    // restart (a retry with the same Message-ID is the same message).
+    let script = r#"
+import smtplib, sys, time
+port = int(sys.argv[1]); n = int(sys.argv[2])
+acked = []
+for i in range(n):
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=5) as c:
+            msg = "From: kill@example.com\r\nTo: help@freight.test\r\nSubject: n%d\r\nMessage-ID: <k%d@example.com>\r\n\r\nmessage %d\r\n" % (i, i, i)
+            c.sendmail("kill@example.com", ["help@freight.test"], msg)
+            acked.append(i)
+    except Exception as e:
+        break
+print(",".join(map(str, acked)))
+"#;
+    let args = [smtp.to_string(), "400".to_string()];
+    let sender = std::thread::spawn(move || python(script, &args));
+    std::thread::sleep(Duration::from_millis(700));
+    s.kill();
+    let (_, out) = sender.join().unwrap();
+    let acked: Vec<u32> = out
+        .lines()
+        .last()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    assert!(
+        !acked.is_empty(),
+        "nothing was acknowledged before the kill: {out}"
+    );
+    eprintln!("{} messages acknowledged before the kill", acked.len());
+
+    let data = dir.path().join("data");
+    let s = Server::start(&data, &{
+        let mut f = LOOPBACK.to_vec();
+        let relay = format!("smtp://127.0.0.1:{}", sink.port);
+        f.extend(["--smtp", "127.0.0.1:0", "--smtp-relay"]);
+        f.push(Box::leak(relay.into_boxed_str()));
+        f
+    })
+    .unwrap();
+    let smtp = s.logged("SMTP listening on ");
+    // The client retries everything it sent after a failure, the
+    // acknowledged ones included: duplicates must not appear.
+    for i in 0..acked.len() as u32 + 3 {
+        let msg = format!(
+            "From: kill@example.com\r\nTo: help@freight.test\r\nSubject: n{i}\r\nMessage-ID: <k{i}@example.com>\r\n\r\nmessage {i}\r\n"
+        );
+        let script = "import smtplib,sys\nwith smtplib.SMTP('127.0.0.1', int(sys.argv[1]), timeout=10) as c: c.sendmail('kill@example.com', ['help@freight.test'], sys.argv[2])";
+        let (ok, out) = python(script, &[smtp.to_string(), msg]);
+        assert!(ok, "{out}");
+    }
+    let all = interactions(&s, &key);
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for i in all.iter().filter(|i| i["from"] == "kill@example.com") {
+        for m in messages(&s, &key, i["id"].as_str().unwrap()) {
+            if m["direction"] == "inbound" {
+                *seen
+                    .entry(m["text"].as_str().unwrap().to_string())
+                    .or_default() += 1;
+            }
+        }
+    }
+    for i in &acked {
+        assert_eq!(
+            seen.get(&format!("message {i}")),
+            Some(&1),
+            "message {i}: {seen:?}"
+        );
+    }
+    assert!(seen.values().all(|n| *n == 1), "{seen:?}");
+    // Every stored message was run through the flow (the ones waiting at
+    // the kill too): each has its reply.
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            s.get("/v1/tenants/freight/interactions?limit=1000", &key)
+                .body["interactions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|i| i["from"] == "kill@example.com")
+                .all(|i| {
+                    messages(&s, &key, i["id"].as_str().unwrap())
+                        .iter()
+                        .any(|m| m["direction"] == "outbound")
+                })
+        }),
+        "a conversation was left unanswered after the restart"
+    );
+}
