@@ -592,3 +592,142 @@ print(",".join(map(str, acked)))
         "a conversation was left unanswered after the restart"
     );
 }
+
+/// Sends a plain email with smtplib; `reply_to` names the message it
+/// answers.
+fn send(smtp: u16, from: &str, id: &str, reply_to: Option<&str>, body: &str) {
+    let script = r#"
+import smtplib, sys
+from email.message import EmailMessage
+m = EmailMessage()
+m["From"] = sys.argv[2]
+m["To"] = "help@freight.test"
+m["Subject"] = "Cargo"
+m["Message-ID"] = sys.argv[3]
+if sys.argv[4]:
+    m["In-Reply-To"] = sys.argv[4]
+    m["References"] = sys.argv[4]
+m.set_content(sys.argv[5])
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
+    c.send_message(m)
+"#;
+    let args = [
+        smtp.to_string(),
+        from.to_string(),
+        id.to_string(),
+        reply_to.unwrap_or("").to_string(),
+        body.to_string(),
+    ];
+    let (ok, out) = python(script, &args);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
+    assert_eq!(s.json("PUT", "/v1/tenants/freight/queues/agents", &key, &json!({})).status, 200);
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/agents/ann",
+        &key,
+        &json!({"capacity": {"email": 3}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let tok = s.json("POST", "/v1/tenants/freight/agents/ann/token", &key, &json!({}));
+    let ann = tok.body["token"].as_str().unwrap().to_string();
+    let p = s.json(
+        "PUT",
+        "/v1/tenants/freight/agents/ann/presence",
+        &ann,
+        &json!({"state": "available"}),
+    );
+    assert_eq!(p.status, 204, "{p:?}");
+
+    // The tenant's event stream, as an agent desktop would follow it.
+    let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let url = format!("ws://127.0.0.1:{}/v1/tenants/freight/events?token={key}", s.port);
+    let (mut ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
+
+    // "agent": the flow asks to hold and queues the conversation.
+    send(smtp, "bo@example.com", "<a1@example.com>", None, "agent");
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    assert!(unfolded(&got[0]).contains("an agent will be with you"), "{}", got[0]);
+    let ix = interactions(&s, &key)[0]["id"].as_str().unwrap().to_string();
+    // Offered to Ann (the task is the interaction).
+    assert!(eventually(Duration::from_secs(10), || {
+        s.get(&format!("/v1/tenants/freight/tasks/{ix}"), &key).body["state"] == "offered"
+    }));
+    // Not hers yet: she may not write.
+    let early = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+        &ann,
+        &json!({"text": "hello"}),
+    );
+    assert_eq!(early.status, 403, "{early:?}");
+    let acc = s.json("POST", &format!("/v1/tenants/freight/tasks/{ix}/accept"), &ann, &json!({}));
+    assert_eq!(acc.status, 200, "{acc:?}");
+
+    // The customer writes again: the message is the agent's (on the
+    // stream), the flow says nothing.
+    send(smtp, "bo@example.com", "<a2@example.com>", Some("<a1@example.com>"), "Thanks, waiting.");
+    let mut heard = false;
+    let t0 = Instant::now();
+    while !heard && t0.elapsed() < Duration::from_secs(10) {
+        let Ok(msg) = ws.read() else { break };
+        let Ok(text) = msg.to_text() else { continue };
+        let v: Value = serde_json::from_str(text).unwrap_or_default();
+        heard = v["kind"] == "message"
+            && v["interaction"] == ix.as_str()
+            && v["data"]["text"] == "Thanks, waiting.";
+    }
+    assert!(heard, "the customer's message did not reach the event stream");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.messages().len(), 1, "the flow answered a conversation an agent holds");
+
+    // Ann answers; it leaves by email, threaded on the customer's last.
+    let r = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+        &ann,
+        &json!({"text": "Hello Bo, your cargo left Riga this morning."}),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    assert_eq!(r.body["author"], json!({"type": "agent", "id": "ann"}));
+    let got = sink.wait_for(2, Duration::from_secs(20));
+    assert_eq!(got.len(), 2);
+    assert!(unfolded(&got[1]).contains("left Riga"), "{}", got[1]);
+    assert_eq!(header(&got[1], "In-Reply-To").as_deref(), Some("<a2@example.com>"));
+    // An agent without the task sees nothing of it.
+    s.json("PUT", "/v1/tenants/freight/agents/cy", &key, &json!({"capacity": {"email": 1}}));
+    let cy = s.json("POST", "/v1/tenants/freight/agents/cy/token", &key, &json!({}));
+    let cy = cy.body["token"].as_str().unwrap();
+    assert_eq!(s.get(&format!("/v1/tenants/freight/interactions/{ix}/messages"), cy).status, 403);
+    assert_eq!(s.get(&format!("/v1/tenants/freight/interactions/{ix}/messages"), &ann).status, 200);
+
+    // She completes the task: the conversation is closed, and the
+    // customer's next email starts a new one, run by the flow again.
+    let done = s.json("POST", &format!("/v1/tenants/freight/tasks/{ix}/complete"), &ann, &json!({}));
+    assert_eq!(done.status, 200, "{done:?}");
+    assert!(eventually(Duration::from_secs(10), || {
+        s.get(&format!("/v1/tenants/freight/interactions/{ix}"), &key).body["state"] == "closed"
+    }));
+    let closed = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+        &key,
+        &json!({"text": "late"}),
+    );
+    assert_eq!(closed.status, 409, "{closed:?}");
+    send(smtp, "bo@example.com", "<a3@example.com>", Some("<a2@example.com>"), "track");
+    let got = sink.wait_for(3, Duration::from_secs(20));
+    assert!(unfolded(&got[2]).contains("waybill number"), "{}", got[2]);
+    let all = interactions(&s, &key);
+    assert_eq!(all.len(), 2, "{all:?}");
+    let states: Vec<&str> = all.iter().map(|i| i["state"].as_str().unwrap()).collect();
+    assert!(states.contains(&"closed") && states.contains(&"in_flow"), "{states:?}");
+}
