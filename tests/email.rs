@@ -731,3 +731,80 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
     let states: Vec<&str> = all.iter().map(|i| i["state"].as_str().unwrap()).collect();
     assert!(states.contains(&"closed") && states.contains(&"in_flow"), "{states:?}");
 }
+
+#[test]
+fn starttls_with_the_configured_certificate_and_a_cap_on_connections_per_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let ca = plugboard_tests::TestCa::new();
+    let (cert, key_pem) = &ca.server_pem;
+    let cert_file = dir.path().join("smtp.crt");
+    let key_file = dir.path().join("smtp.key");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key_pem).unwrap();
+    std::fs::write(&ca_file, &ca.ca_pem).unwrap();
+    let (cf, kf) = (cert_file.display().to_string(), key_file.display().to_string());
+    let (s, key, smtp) = setup(
+        dir.path(),
+        &sink,
+        mis.port,
+        &["--smtp-cert", &cf, "--smtp-key", &kf, "--smtp-max-per-ip", "3"],
+    );
+
+    // smtplib verifies the certificate against the test CA, upgrades,
+    // and sends; swaks does the same from Perl.
+    let script = r#"
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+with smtplib.SMTP("localhost", int(sys.argv[1]), timeout=20) as c:
+    c.ehlo()
+    assert c.has_extn("starttls"), c.esmtp_features
+    c.starttls(context=ctx)
+    c.ehlo()
+    assert not c.has_extn("starttls"), "offered twice"
+    c.sendmail("tls@example.com", ["help@freight.test"], "Subject: over TLS\r\nMessage-ID: <tls1@example.com>\r\n\r\ntrack\r\n")
+print("sent over", c.sock.version() if c.sock else "closed")
+"#;
+    let (ok, out) = python(script, &[smtp.to_string(), ca_file.display().to_string()]);
+    assert!(ok, "{out}");
+    let (ok, out) = swaks(
+        smtp,
+        &["--tls", "--from", "tls2@example.com", "--to", "help@freight.test", "--body", "track"],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("TLS started"), "{out}");
+    assert!(eventually(Duration::from_secs(10), || {
+        let all = interactions(&s, &key);
+        all.len() == 2
+            && all.iter().all(|i| {
+                messages(&s, &key, i["id"].as_str().unwrap())[0]["meta"]["tls"] == "true"
+            })
+    }));
+
+    // Three connections from one address are served; a fourth is told
+    // 421 at once; when one closes, a new one is served again.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(("127.0.0.1", smtp)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"220 "), "{}", String::from_utf8_lossy(&buf[..n]));
+        held.push(c);
+    }
+    let mut c = TcpStream::connect(("127.0.0.1", smtp)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut text = String::new();
+    c.read_to_string(&mut text).unwrap();
+    assert!(text.starts_with("421 4.7.0"), "{text}");
+    held.pop();
+    assert!(eventually(Duration::from_secs(5), || {
+        let mut c = TcpStream::connect(("127.0.0.1", smtp)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 512];
+        let n = c.read(&mut buf).unwrap_or(0);
+        buf[..n].starts_with(b"220 ")
+    }));
+}

@@ -451,6 +451,9 @@ pub struct TestCa {
     /// The server's certificate chain and key, for [`TlsHttp`].
     pub chain: Vec<rustls::pki_types::CertificateDer<'static>>,
     key: Vec<u8>,
+    /// The server certificate and its key, PEM (for servers that read
+    /// files: SMTP's STARTTLS).
+    pub server_pem: (String, String),
     issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
 }
 
@@ -474,6 +477,7 @@ impl TestCa {
             ca_pem: ca_cert.pem(),
             chain: vec![leaf.der().clone(), ca_cert.der().clone()],
             key: key.serialize_der(),
+            server_pem: (leaf.pem() + &ca_cert.pem(), key.serialize_pem()),
             issuer,
         }
     }
