@@ -297,6 +297,39 @@ print("sent")
         4
     );
 
+    // The second reply bounces (the relay sends a DSN back to our
+    // mailbox, from the null sender): it joins the conversation, marks
+    // that reply failed, and is not answered.
+    let second_id = header(&got[1], "Message-ID").unwrap();
+    let script = r#"
+import smtplib, sys
+dsn = ("From: MAILER-DAEMON@relay.example\r\nTo: help@freight.test\r\nSubject: Undelivered Mail\r\n"
+       "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n"
+       "--B\r\nContent-Type: text/plain\r\n\r\nCould not deliver.\r\n"
+       "--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; relay.example\r\n\r\n"
+       "Final-Recipient: rfc822; ann@example.com\r\nAction: failed\r\nStatus: 5.2.2\r\n"
+       "Diagnostic-Code: smtp; 552 5.2.2 mailbox full\r\n"
+       "--B\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: help@freight.test\r\nTo: ann@example.com\r\n"
+       "Message-ID: " + sys.argv[2] + "\r\n\r\n--B--\r\n")
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
+    c.sendmail("", ["help@freight.test"], dsn)
+"#;
+    let (ok, out) = python(script, &[smtp.to_string(), second_id]);
+    assert!(ok, "{out}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let m = messages(&s, &key, ix);
+            m.len() == 5
+                && m[3]["status"] == "failed"
+                && m[3]["error"].as_str().is_some_and(|e| e.contains("5.2.2"))
+                && m[4]["author"]["type"] == "system"
+        }),
+        "{:?}",
+        messages(&s, &key, ix)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.messages().len(), 2, "a bounce was answered");
+
     // Another tenant sees none of it.
     let other = s.tenant("other");
     assert_eq!(
@@ -628,7 +661,11 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
     let mis = TinyHttp::start(mis);
     let sink = SmtpSink::start(&dir.path().join("sink"), 0);
     let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
-    assert_eq!(s.json("PUT", "/v1/tenants/freight/queues/agents", &key, &json!({})).status, 200);
+    assert_eq!(
+        s.json("PUT", "/v1/tenants/freight/queues/agents", &key, &json!({}))
+            .status,
+        200
+    );
     let a = s.json(
         "PUT",
         "/v1/tenants/freight/agents/ann",
@@ -636,7 +673,12 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
         &json!({"capacity": {"email": 3}}),
     );
     assert_eq!(a.status, 200, "{a:?}");
-    let tok = s.json("POST", "/v1/tenants/freight/agents/ann/token", &key, &json!({}));
+    let tok = s.json(
+        "POST",
+        "/v1/tenants/freight/agents/ann/token",
+        &key,
+        &json!({}),
+    );
     let ann = tok.body["token"].as_str().unwrap().to_string();
     let p = s.json(
         "PUT",
@@ -648,15 +690,27 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
 
     // The tenant's event stream, as an agent desktop would follow it.
     let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let url = format!("ws://127.0.0.1:{}/v1/tenants/freight/events?token={key}", s.port);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/tenants/freight/events?token={key}",
+        s.port
+    );
     let (mut ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
 
     // "agent": the flow asks to hold and queues the conversation.
     send(smtp, "bo@example.com", "<a1@example.com>", None, "agent");
     let got = sink.wait_for(1, Duration::from_secs(20));
-    assert!(unfolded(&got[0]).contains("an agent will be with you"), "{}", got[0]);
-    let ix = interactions(&s, &key)[0]["id"].as_str().unwrap().to_string();
+    assert!(
+        unfolded(&got[0]).contains("an agent will be with you"),
+        "{}",
+        got[0]
+    );
+    let ix = interactions(&s, &key)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     // Offered to Ann (the task is the interaction).
     assert!(eventually(Duration::from_secs(10), || {
         s.get(&format!("/v1/tenants/freight/tasks/{ix}"), &key).body["state"] == "offered"
@@ -669,12 +723,23 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
         &json!({"text": "hello"}),
     );
     assert_eq!(early.status, 403, "{early:?}");
-    let acc = s.json("POST", &format!("/v1/tenants/freight/tasks/{ix}/accept"), &ann, &json!({}));
+    let acc = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/tasks/{ix}/accept"),
+        &ann,
+        &json!({}),
+    );
     assert_eq!(acc.status, 200, "{acc:?}");
 
     // The customer writes again: the message is the agent's (on the
     // stream), the flow says nothing.
-    send(smtp, "bo@example.com", "<a2@example.com>", Some("<a1@example.com>"), "Thanks, waiting.");
+    send(
+        smtp,
+        "bo@example.com",
+        "<a2@example.com>",
+        Some("<a1@example.com>"),
+        "Thanks, waiting.",
+    );
     let mut heard = false;
     let t0 = Instant::now();
     while !heard && t0.elapsed() < Duration::from_secs(10) {
@@ -685,9 +750,16 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
             && v["interaction"] == ix.as_str()
             && v["data"]["text"] == "Thanks, waiting.";
     }
-    assert!(heard, "the customer's message did not reach the event stream");
+    assert!(
+        heard,
+        "the customer's message did not reach the event stream"
+    );
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(sink.messages().len(), 1, "the flow answered a conversation an agent holds");
+    assert_eq!(
+        sink.messages().len(),
+        1,
+        "the flow answered a conversation an agent holds"
+    );
 
     // Ann answers; it leaves by email, threaded on the customer's last.
     let r = s.json(
@@ -701,20 +773,54 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
     let got = sink.wait_for(2, Duration::from_secs(20));
     assert_eq!(got.len(), 2);
     assert!(unfolded(&got[1]).contains("left Riga"), "{}", got[1]);
-    assert_eq!(header(&got[1], "In-Reply-To").as_deref(), Some("<a2@example.com>"));
+    assert_eq!(
+        header(&got[1], "In-Reply-To").as_deref(),
+        Some("<a2@example.com>")
+    );
     // An agent without the task sees nothing of it.
-    s.json("PUT", "/v1/tenants/freight/agents/cy", &key, &json!({"capacity": {"email": 1}}));
-    let cy = s.json("POST", "/v1/tenants/freight/agents/cy/token", &key, &json!({}));
+    s.json(
+        "PUT",
+        "/v1/tenants/freight/agents/cy",
+        &key,
+        &json!({"capacity": {"email": 1}}),
+    );
+    let cy = s.json(
+        "POST",
+        "/v1/tenants/freight/agents/cy/token",
+        &key,
+        &json!({}),
+    );
     let cy = cy.body["token"].as_str().unwrap();
-    assert_eq!(s.get(&format!("/v1/tenants/freight/interactions/{ix}/messages"), cy).status, 403);
-    assert_eq!(s.get(&format!("/v1/tenants/freight/interactions/{ix}/messages"), &ann).status, 200);
+    assert_eq!(
+        s.get(
+            &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+            cy
+        )
+        .status,
+        403
+    );
+    assert_eq!(
+        s.get(
+            &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+            &ann
+        )
+        .status,
+        200
+    );
 
     // She completes the task: the conversation is closed, and the
     // customer's next email starts a new one, run by the flow again.
-    let done = s.json("POST", &format!("/v1/tenants/freight/tasks/{ix}/complete"), &ann, &json!({}));
+    let done = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/tasks/{ix}/complete"),
+        &ann,
+        &json!({}),
+    );
     assert_eq!(done.status, 200, "{done:?}");
     assert!(eventually(Duration::from_secs(10), || {
-        s.get(&format!("/v1/tenants/freight/interactions/{ix}"), &key).body["state"] == "closed"
+        s.get(&format!("/v1/tenants/freight/interactions/{ix}"), &key)
+            .body["state"]
+            == "closed"
     }));
     let closed = s.json(
         "POST",
@@ -723,13 +829,22 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
         &json!({"text": "late"}),
     );
     assert_eq!(closed.status, 409, "{closed:?}");
-    send(smtp, "bo@example.com", "<a3@example.com>", Some("<a2@example.com>"), "track");
+    send(
+        smtp,
+        "bo@example.com",
+        "<a3@example.com>",
+        Some("<a2@example.com>"),
+        "track",
+    );
     let got = sink.wait_for(3, Duration::from_secs(20));
     assert!(unfolded(&got[2]).contains("waybill number"), "{}", got[2]);
     let all = interactions(&s, &key);
     assert_eq!(all.len(), 2, "{all:?}");
     let states: Vec<&str> = all.iter().map(|i| i["state"].as_str().unwrap()).collect();
-    assert!(states.contains(&"closed") && states.contains(&"in_flow"), "{states:?}");
+    assert!(
+        states.contains(&"closed") && states.contains(&"in_flow"),
+        "{states:?}"
+    );
 }
 
 #[test]
@@ -745,12 +860,22 @@ fn starttls_with_the_configured_certificate_and_a_cap_on_connections_per_address
     std::fs::write(&cert_file, cert).unwrap();
     std::fs::write(&key_file, key_pem).unwrap();
     std::fs::write(&ca_file, &ca.ca_pem).unwrap();
-    let (cf, kf) = (cert_file.display().to_string(), key_file.display().to_string());
+    let (cf, kf) = (
+        cert_file.display().to_string(),
+        key_file.display().to_string(),
+    );
     let (s, key, smtp) = setup(
         dir.path(),
         &sink,
         mis.port,
-        &["--smtp-cert", &cf, "--smtp-key", &kf, "--smtp-max-per-ip", "3"],
+        &[
+            "--smtp-cert",
+            &cf,
+            "--smtp-key",
+            &kf,
+            "--smtp-max-per-ip",
+            "3",
+        ],
     );
 
     // smtplib verifies the certificate against the test CA, upgrades,
@@ -771,16 +896,24 @@ print("sent over", c.sock.version() if c.sock else "closed")
     assert!(ok, "{out}");
     let (ok, out) = swaks(
         smtp,
-        &["--tls", "--from", "tls2@example.com", "--to", "help@freight.test", "--body", "track"],
+        &[
+            "--tls",
+            "--from",
+            "tls2@example.com",
+            "--to",
+            "help@freight.test",
+            "--body",
+            "track",
+        ],
     );
     assert!(ok, "{out}");
     assert!(out.contains("TLS started"), "{out}");
     assert!(eventually(Duration::from_secs(10), || {
         let all = interactions(&s, &key);
         all.len() == 2
-            && all.iter().all(|i| {
-                messages(&s, &key, i["id"].as_str().unwrap())[0]["meta"]["tls"] == "true"
-            })
+            && all
+                .iter()
+                .all(|i| messages(&s, &key, i["id"].as_str().unwrap())[0]["meta"]["tls"] == "true")
     }));
 
     // Three connections from one address are served; a fourth is told
@@ -791,7 +924,11 @@ print("sent over", c.sock.version() if c.sock else "closed")
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut buf = [0u8; 512];
         let n = c.read(&mut buf).unwrap();
-        assert!(buf[..n].starts_with(b"220 "), "{}", String::from_utf8_lossy(&buf[..n]));
+        assert!(
+            buf[..n].starts_with(b"220 "),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
         held.push(c);
     }
     let mut c = TcpStream::connect(("127.0.0.1", smtp)).unwrap();

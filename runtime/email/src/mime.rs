@@ -2,7 +2,7 @@
 //! text the customer wrote (without the quoted thread below it), the
 //! threading ids and the attachments. Parsing is `mail-parser`'s.
 
-use mail_parser::{MessageParser, MimeHeaders};
+use mail_parser::{MessageParser, MimeHeaders, PartType};
 
 /// The parts of an email the conversation needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -26,6 +26,12 @@ pub struct ParsedMail {
     pub attachments: Vec<(String, String, Vec<u8>)>,
     /// Whether it is a delivery status notification (a bounce).
     pub is_report: bool,
+    /// For a bounce: the Message-ID of the message that bounced.
+    pub bounced_id: Option<String>,
+    /// For a bounce: why (the report's Status and Diagnostic-Code).
+    pub bounce_reason: Option<String>,
+    /// Sent by a machine (`Auto-Submitted` other than `no`, RFC 3834).
+    pub auto_submitted: bool,
 }
 
 fn strip_brackets(id: &str) -> String {
@@ -88,6 +94,43 @@ pub fn parse(data: &[u8], envelope_from: &str) -> ParsedMail {
             && c.subtype()
                 .is_some_and(|s| s.eq_ignore_ascii_case("report"))
     });
+    let (mut bounced_id, mut bounce_reason) = (None, None);
+    if is_report {
+        for part in &m.parts {
+            let ctype = part
+                .content_type()
+                .map(|c| {
+                    format!("{}/{}", c.ctype(), c.subtype().unwrap_or("")).to_ascii_lowercase()
+                })
+                .unwrap_or_default();
+            match (&part.body, ctype.as_str()) {
+                (PartType::Message(inner), _) => {
+                    bounced_id = bounced_id.or_else(|| inner.message_id().map(strip_brackets));
+                }
+                (_, "text/rfc822-headers") => {
+                    let headers = part.contents();
+                    if let Some(inner) = MessageParser::default().parse(headers) {
+                        bounced_id = bounced_id.or_else(|| inner.message_id().map(strip_brackets));
+                    }
+                }
+                (_, "message/delivery-status") => {
+                    let text = String::from_utf8_lossy(part.contents()).into_owned();
+                    let wanted: Vec<&str> = text
+                        .lines()
+                        .filter(|l| {
+                            let l = l.to_ascii_lowercase();
+                            l.starts_with("status:") || l.starts_with("diagnostic-code:")
+                        })
+                        .map(str::trim)
+                        .collect();
+                    if !wanted.is_empty() {
+                        bounce_reason = Some(wanted.join("; "));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
     ParsedMail {
         from,
         name,
@@ -98,6 +141,11 @@ pub fn parse(data: &[u8], envelope_from: &str) -> ParsedMail {
         thread,
         attachments,
         is_report,
+        bounced_id,
+        bounce_reason,
+        auto_submitted: m
+            .header_raw("Auto-Submitted")
+            .is_some_and(|v| !v.trim().eq_ignore_ascii_case("no")),
     }
 }
 
@@ -180,6 +228,25 @@ Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--XX--\r\n";
         assert_eq!(p.attachments[0].0, "inv.pdf");
         assert_eq!(p.attachments[0].1, "application/pdf");
         assert_eq!(p.attachments[0].2, b"%PDF-");
+    }
+
+    #[test]
+    fn a_bounce_names_the_message_that_bounced() {
+        let raw = b"From: MAILER-DAEMON@relay.test\r\nTo: help@acme.test\r\nSubject: Undelivered\r\n\
+MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=B\r\n\r\n\
+--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\
+--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; relay.test\r\n\r\n\
+Final-Recipient: rfc822; gone@example.com\r\nAction: failed\r\nStatus: 5.1.1\r\n\
+Diagnostic-Code: smtp; 550 5.1.1 no such user\r\n\
+--B\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: help@acme.test\r\nTo: gone@example.com\r\n\
+Message-ID: <msg-1-2@acme.test>\r\nSubject: Re: hi\r\n\r\n--B--\r\n";
+        let p = parse(raw, "");
+        assert!(p.is_report);
+        assert_eq!(p.bounced_id.as_deref(), Some("msg-1-2@acme.test"));
+        assert_eq!(
+            p.bounce_reason.as_deref(),
+            Some("Status: 5.1.1; Diagnostic-Code: smtp; 550 5.1.1 no such user")
+        );
     }
 
     #[test]

@@ -284,6 +284,16 @@ async fn deliver(engine: &Arc<Engine>, peer: SocketAddr, tls: bool, envelope: En
             own_keys: parsed.message_id.clone().into_iter().collect(),
             meta: meta.clone(),
             raw: Some(envelope.data.clone()),
+            // Bounces (a null sender) and auto-replies are kept but never
+            // answered (RFC 3834: no mail loops).
+            automatic: envelope.from.is_empty() || parsed.is_report || parsed.auto_submitted,
+            bounce_of: parsed.bounced_id.clone().map(|id| {
+                let why = parsed
+                    .bounce_reason
+                    .clone()
+                    .unwrap_or_else(|| "delivery failed".into());
+                (id, why)
+            }),
         };
         match engine.receive(inbound).await {
             Ok(r) => {

@@ -108,6 +108,13 @@ pub struct Inbound {
     /// The message exactly as it came (an email's source), kept as a
     /// blob beside the parsed message (`meta.raw`).
     pub raw: Option<Vec<u8>>,
+    /// Written by a machine (a bounce, an auto-reply): stored, but never
+    /// run through the flow, so no answer goes back (no mail loops).
+    pub automatic: bool,
+    /// A delivery failure report for one of our messages: its id on the
+    /// channel (the Message-ID we sent) and why. The report joins that
+    /// message's conversation and marks the message failed.
+    pub bounce_of: Option<(String, String)>,
 }
 
 /// What [`Engine::receive`] stored.
@@ -264,6 +271,14 @@ impl Engine {
                 break;
             }
         }
+        // A bounce joins the conversation of the message that bounced.
+        let mut bounced = None;
+        if let Some((ext, _)) = &inbound.bounce_of
+            && let Some(m) = self.message_by_external_id(tenant, channel, ext).await?
+        {
+            ix = Some(m.interaction.clone());
+            bounced = Some(m);
+        }
         let created = now_ms();
         let ix = match ix {
             Some(ix) => ix,
@@ -294,7 +309,11 @@ impl Engine {
             interaction: ix.clone(),
             channel,
             direction: Direction::Inbound,
-            author: Author::Customer,
+            author: if inbound.automatic || bounced.is_some() {
+                Author::System
+            } else {
+                Author::Customer
+            },
             from: plugboard_core::normalize_address(&inbound.from),
             to: address.address.clone(),
             text: inbound.text,
@@ -344,12 +363,27 @@ impl Engine {
                 json!({"interaction": ix, "message": message.id}),
             ));
         }
-        writes.push(RecordWrite::put(
-            pending_kind(&ix),
-            &message.id,
-            json!({"flow": address.flow}),
-        ));
-        writes.push(RecordWrite::put(PENDING_IX, &ix, json!({})));
+        if !inbound.automatic && bounced.is_none() {
+            writes.push(RecordWrite::put(
+                pending_kind(&ix),
+                &message.id,
+                json!({"flow": address.flow}),
+            ));
+            writes.push(RecordWrite::put(PENDING_IX, &ix, json!({})));
+        }
+        if let (Some(original), Some((_, why))) = (&bounced, &inbound.bounce_of)
+            && original.status != MessageStatus::Failed
+        {
+            let mut failed = original.clone();
+            failed.status = MessageStatus::Failed;
+            failed.error = Some(format!("bounced: {why}"));
+            failed.updated_ms = created;
+            writes.push(RecordWrite::put(
+                conv_kind(&failed.interaction),
+                &failed.id,
+                to_json(&failed),
+            ));
+        }
         let first = self
             .store
             .apply_records(tenant, &writes, guard.as_deref().map(|g| (CLIENT_ID, g)))
@@ -368,6 +402,13 @@ impl Engine {
             tenant,
             json!({"interaction": ix, "kind": "message", "data": message}),
         );
+        if let Some(original) = &bounced {
+            self.publish(
+                tenant,
+                json!({"interaction": ix, "kind": "message_status",
+                       "data": {"id": original.id, "status": MessageStatus::Failed}}),
+            );
+        }
         Ok(Received {
             tenant: tenant.to_string(),
             message,

@@ -171,6 +171,69 @@ enum Cmd {
         #[command(subcommand)]
         cmd: FlowCmd,
     },
+    /// Read and answer conversations (chat, email, SMS).
+    Conversation {
+        #[command(subcommand)]
+        cmd: ConversationCmd,
+    },
+    /// Look up and merge customers.
+    Customer {
+        #[command(subcommand)]
+        cmd: CustomerCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConversationCmd {
+    /// A conversation's messages, oldest first.
+    Messages {
+        /// Tenant id.
+        tenant: String,
+        /// Interaction id.
+        id: String,
+    },
+    /// Write into a conversation; it leaves on the conversation's channel.
+    Reply {
+        /// Tenant id.
+        tenant: String,
+        /// Interaction id.
+        id: String,
+        /// The text.
+        text: String,
+        /// Subject (email).
+        #[arg(long)]
+        subject: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CustomerCmd {
+    /// The customer an address belongs to.
+    Find {
+        /// Tenant id.
+        tenant: String,
+        /// The address (phone number, email address, chat visitor id).
+        address: String,
+        /// Its channel: voice, chat, email, sms or fax.
+        #[arg(long, default_value = "email")]
+        channel: String,
+    },
+    /// A customer and their conversations on every channel, oldest first.
+    History {
+        /// Tenant id.
+        tenant: String,
+        /// Customer id.
+        id: String,
+    },
+    /// Merge customer FROM into ID (they are the same person).
+    Merge {
+        /// Tenant id.
+        tenant: String,
+        /// The customer that stays.
+        id: String,
+        /// The customer merged into it.
+        from: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -949,6 +1012,36 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
             "POST",
             &format!("/v1/tenants/{}/flows/{}/simulate", enc(&tenant), enc(&flow)),
             &json!({"events": parse_arg_json(&events)?, "channel": channel, "from": from, "to": to, "now_ms": now_ms}),
+        )?),
+        Cmd::Conversation { cmd: ConversationCmd::Messages { tenant, id } } => print(&c.call(
+            "GET",
+            &format!("/v1/tenants/{}/interactions/{}/messages", enc(&tenant), enc(&id)),
+            None,
+        )?),
+        Cmd::Conversation { cmd: ConversationCmd::Reply { tenant, id, text, subject } } => print(&c.json(
+            "POST",
+            &format!("/v1/tenants/{}/interactions/{}/messages", enc(&tenant), enc(&id)),
+            &json!({"text": text, "subject": subject}),
+        )?),
+        Cmd::Customer { cmd: CustomerCmd::Find { tenant, address, channel } } => print(&c.call(
+            "GET",
+            &format!(
+                "/v1/tenants/{}/customers?channel={}&address={}",
+                enc(&tenant),
+                enc(&channel),
+                enc(&address)
+            ),
+            None,
+        )?),
+        Cmd::Customer { cmd: CustomerCmd::History { tenant, id } } => print(&c.call(
+            "GET",
+            &format!("/v1/tenants/{}/customers/{}", enc(&tenant), enc(&id)),
+            None,
+        )?),
+        Cmd::Customer { cmd: CustomerCmd::Merge { tenant, id, from } } => print(&c.json(
+            "POST",
+            &format!("/v1/tenants/{}/customers/{}/merge", enc(&tenant), enc(&id)),
+            &json!({"from": from}),
         )?),
         Cmd::Flow { cmd: FlowCmd::Deploy { tenant, file, name } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
