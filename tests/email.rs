@@ -945,3 +945,150 @@ print("sent over", c.sock.version() if c.sock else "closed")
         buf[..n].starts_with(b"220 ")
     }));
 }
+
+/// A request as received: headers (lower-cased names) and body.
+type Received = (Vec<(String, String)>, Vec<u8>);
+
+/// An HTTP receiver that records each request (headers and body) and
+/// answers 500 to the first `fail` of them.
+struct HookReceiver {
+    port: u16,
+    got: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+}
+
+impl HookReceiver {
+    fn start(fail: usize) -> HookReceiver {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            let mut n = 0;
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+                let mut headers = Vec::new();
+                let mut line = String::new();
+                let _ = std::io::BufRead::read_line(&mut reader, &mut line);
+                let mut len = 0;
+                loop {
+                    let mut l = String::new();
+                    if std::io::BufRead::read_line(&mut reader, &mut l).unwrap_or(0) == 0
+                        || l == "\r\n"
+                    {
+                        break;
+                    }
+                    if let Some((k, v)) = l.trim_end().split_once(':') {
+                        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim().to_string());
+                        if k == "content-length" {
+                            len = v.parse().unwrap_or(0);
+                        }
+                        headers.push((k, v));
+                    }
+                }
+                let mut body = vec![0u8; len];
+                let _ = reader.read_exact(&mut body);
+                n += 1;
+                let status = if n <= fail { 500 } else { 200 };
+                if status == 200 {
+                    g.lock().unwrap().push((headers, body));
+                }
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                );
+            }
+        });
+        HookReceiver { port, got }
+    }
+}
+
+#[test]
+fn signed_webhooks_push_messages_to_an_integrators_system_and_retry() {
+    use hmac::Mac;
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
+    let hooks = HookReceiver::start(1);
+    let sec = s.json(
+        "PUT",
+        "/v1/tenants/freight/secrets/hook-key",
+        &key,
+        &json!({"value": "whsec-test-123"}),
+    );
+    assert!(sec.status == 200 || sec.status == 204, "{sec:?}");
+    // A secret the tenant does not have is refused.
+    let bad = s.json(
+        "PUT",
+        "/v1/tenants/freight/webhooks/crm",
+        &key,
+        &json!({"url": format!("http://127.0.0.1:{}/in", hooks.port), "secret": "nope"}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let h = s.json(
+        "PUT",
+        "/v1/tenants/freight/webhooks/crm",
+        &key,
+        &json!({"url": format!("http://127.0.0.1:{}/in", hooks.port), "secret": "hook-key", "events": ["message"]}),
+    );
+    assert_eq!(h.status, 200, "{h:?}");
+
+    send(smtp, "dee@example.com", "<h1@example.com>", None, "track");
+    // The inbound message and the flow's reply; the first POST got a 500
+    // and was retried.
+    assert!(
+        eventually(Duration::from_secs(20), || hooks.got.lock().unwrap().len()
+            >= 2),
+        "{} deliveries",
+        hooks.got.lock().unwrap().len()
+    );
+    let got = hooks.got.lock().unwrap().clone();
+    let mut directions = Vec::new();
+    let mut ids = std::collections::BTreeSet::new();
+    for (headers, body) in &got {
+        let hv = |k: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
+        assert_eq!(hv("x-plugboard-event"), "message");
+        let sig = hv("x-plugboard-signature");
+        let (t, v1) = sig.split_once(",v1=").unwrap();
+        let t = t.strip_prefix("t=").unwrap();
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"whsec-test-123").unwrap();
+        mac.update(format!("{t}.").as_bytes());
+        mac.update(body);
+        assert_eq!(
+            hex::encode(mac.finalize().into_bytes()),
+            v1,
+            "bad signature"
+        );
+        let v: Value = serde_json::from_slice(body).unwrap();
+        assert_eq!(v["tenant"], "freight");
+        assert_eq!(v["id"], hv("x-plugboard-delivery"));
+        ids.insert(v["id"].as_str().unwrap().to_string());
+        directions.push(v["data"]["direction"].as_str().unwrap().to_string());
+    }
+    assert_eq!(ids.len(), got.len(), "a delivery came twice after its 2xx");
+    assert!(
+        directions.contains(&"inbound".to_string()) && directions.contains(&"outbound".to_string()),
+        "{directions:?}"
+    );
+    // Deleting it stops the deliveries.
+    let d = s
+        .call(
+            "DELETE",
+            "/v1/tenants/freight/webhooks/crm",
+            Some(&key),
+            None,
+        )
+        .unwrap();
+    assert_eq!(d.status, 204);
+    assert_eq!(
+        s.get("/v1/tenants/freight/webhooks", &key).body["webhooks"],
+        json!([])
+    );
+}

@@ -239,6 +239,11 @@ pub fn router(state: Arc<Engine>) -> Router {
             post(add_customer_address),
         )
         .route("/v1/tenants/{t}/customers/{id}/merge", post(merge_customer))
+        .route("/v1/tenants/{t}/webhooks", get(list_webhooks))
+        .route(
+            "/v1/tenants/{t}/webhooks/{name}",
+            put(set_webhook).delete(delete_webhook),
+        )
         .route("/v1/tenants/{t}/events", get(events))
         .route("/v1/events", get(operator_events))
         .route("/v1/tenants/{t}/recordings/{id}", get(get_recording))
@@ -1243,6 +1248,36 @@ async fn merge_customer(
 ) -> ApiResult<Json<plugboard_core::Customer>> {
     let m: MergeCustomer = parse_json(&body)?;
     Ok(Json(s.merge_customers(&t.id, &id, &m.from).await?))
+}
+
+async fn list_webhooks(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(json!({"webhooks": s.webhooks(&t.id).await?})))
+}
+
+async fn set_webhook(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<plugboard_engine::webhooks::Webhook>> {
+    let mut hook: plugboard_engine::webhooks::Webhook = parse_json(&body)?;
+    hook.name = name;
+    Ok(Json(s.set_webhook(&t.id, hook).await?))
+}
+
+async fn delete_webhook(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    if s.delete_webhook(&t.id, &name).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::not_found(format!("webhook {name}")))
+    }
 }
 
 #[derive(Deserialize)]

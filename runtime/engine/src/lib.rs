@@ -37,6 +37,7 @@ pub mod messaging;
 mod metrics;
 pub mod secrets;
 mod session;
+pub mod webhooks;
 
 pub use acd::{TaskNews, TaskWatcher};
 pub use callback::{Callback, CallbackJob, CallbackRunner};
@@ -467,6 +468,19 @@ impl Engine {
             }
         }
         Ok((config, secrets::Redactor::new(values)))
+    }
+
+    /// The value of a tenant's secret, if it exists (for the platform's
+    /// own use on the tenant's behalf: webhook signatures).
+    pub(crate) async fn tenant_secret(
+        &self,
+        tenant: &str,
+        name: &str,
+    ) -> EngineResult<Option<String>> {
+        match self.store.secret(tenant, name).await? {
+            Some(sealed) => Ok(Some(self.secret_key()?.open(tenant, name, &sealed)?)),
+            None => Ok(None),
+        }
     }
 
     /// The value of secret `name` if `grants` lists it and it exists.

@@ -384,6 +384,17 @@ impl Engine {
                 to_json(&failed),
             ));
         }
+        let mut hooks = self
+            .hook_writes(tenant, "message", &to_json(&message), &mut writes)
+            .await?;
+        if let Some(original) = &bounced {
+            let status =
+                json!({"id": original.id, "interaction": ix, "status": MessageStatus::Failed});
+            hooks.extend(
+                self.hook_writes(tenant, "message_status", &status, &mut writes)
+                    .await?,
+            );
+        }
         let first = self
             .store
             .apply_records(tenant, &writes, guard.as_deref().map(|g| (CLIENT_ID, g)))
@@ -398,6 +409,7 @@ impl Engine {
                 duplicate: true,
             });
         }
+        self.start_hooks(tenant, hooks);
         self.publish(
             tenant,
             json!({"interaction": ix, "kind": "message", "data": message}),
@@ -522,6 +534,7 @@ impl Engine {
             {
                 let _ = tx.send((t.id.clone(), id));
             }
+            self.resume_hooks(&t.id).await?;
         }
         Ok(n)
     }
@@ -665,12 +678,18 @@ impl Engine {
         conv.flow_state = session.flow_state().to_string();
         let outbound = settle_outbound(&mut session, outbound);
         session.checkpoint().await?;
+        let mut hooks = Vec::new();
         for m in &outbound {
             self.outbound_writes(m, &mut writes);
+            hooks.extend(
+                self.hook_writes(tenant, "message", &to_json(m), &mut writes)
+                    .await?,
+            );
         }
         writes.push(RecordWrite::put(CONVERSATION, ix, to_json(&conv)));
         writes.push(RecordWrite::delete(pending_kind(ix), msg_id));
         self.store.apply_records(tenant, &writes, None).await?;
+        self.start_hooks(tenant, hooks);
         self.sent_outbound(tenant, &outbound);
         Ok(())
     }
@@ -917,11 +936,17 @@ impl Engine {
         let outbound = settle_outbound(&mut session, outbound);
         session.checkpoint().await?;
         let mut writes = Vec::new();
+        let mut hooks = Vec::new();
         for m in &outbound {
             self.outbound_writes(m, &mut writes);
+            hooks.extend(
+                self.hook_writes(&tenant, "message", &to_json(m), &mut writes)
+                    .await?,
+            );
         }
         writes.push(RecordWrite::put(CONVERSATION, &ix, to_json(&conv)));
         self.store.apply_records(&tenant, &writes, None).await?;
+        self.start_hooks(&tenant, hooks);
         self.sent_outbound(&tenant, &outbound);
         Ok(())
     }
@@ -1057,7 +1082,11 @@ impl Engine {
         self.store.save_interaction(&interaction, stored).await?;
         let mut writes = Vec::new();
         self.outbound_writes(&m, &mut writes);
+        let hooks = self
+            .hook_writes(tenant, "message", &to_json(&m), &mut writes)
+            .await?;
         self.store.apply_records(tenant, &writes, None).await?;
+        self.start_hooks(tenant, hooks);
         self.sent_outbound(tenant, std::slice::from_ref(&m));
         Ok(m)
     }
@@ -1066,7 +1095,7 @@ impl Engine {
     /// delivery receipt, a widget's read receipt). A status never moves a
     /// message back.
     pub async fn message_status(
-        &self,
+        self: &Arc<Self>,
         tenant: &str,
         id: &str,
         status: MessageStatus,
@@ -1079,17 +1108,18 @@ impl Engine {
         m.status = status;
         m.error = error;
         m.updated_ms = now_ms();
-        self.store
-            .apply_records(
-                tenant,
-                &[RecordWrite::put(
-                    conv_kind(&m.interaction),
-                    &m.id,
-                    to_json(&m),
-                )],
-                None,
-            )
+        let mut writes = vec![RecordWrite::put(
+            conv_kind(&m.interaction),
+            &m.id,
+            to_json(&m),
+        )];
+        let change =
+            json!({"id": m.id, "interaction": m.interaction, "status": m.status, "error": m.error});
+        let hooks = self
+            .hook_writes(tenant, "message_status", &change, &mut writes)
             .await?;
+        self.store.apply_records(tenant, &writes, None).await?;
+        self.start_hooks(tenant, hooks);
         self.publish(
             tenant,
             json!({"interaction": m.interaction, "kind": "message_status",
@@ -1170,11 +1200,19 @@ impl Engine {
             &m.id,
             to_json(&m),
         ));
+        let mut hooks = Vec::new();
         match retry {
             Some(_) => writes.push(RecordWrite::put(OUTBOX, id, to_json(&entry))),
-            None => writes.push(RecordWrite::delete(OUTBOX, id)),
+            None => {
+                writes.push(RecordWrite::delete(OUTBOX, id));
+                let change = json!({"id": m.id, "interaction": m.interaction, "status": m.status, "error": m.error});
+                hooks = self
+                    .hook_writes(tenant, "message_status", &change, &mut writes)
+                    .await?;
+            }
         }
         self.store.apply_records(tenant, &writes, None).await?;
+        self.start_hooks(tenant, hooks);
         if retry.is_none() {
             self.publish(
                 tenant,
