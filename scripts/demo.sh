@@ -4,8 +4,10 @@
 # the demo MIS answering waybill lookups, addresses mapped.
 #
 # Environment: PLUGBOARD_HTTP (default 127.0.0.1:8080), PLUGBOARD_SIP
-# (default 127.0.0.1:5060), PLUGBOARD_DATA_DIR
-# (default ./data), MIS_PORT (default 8090).
+# (default 127.0.0.1:5060), PLUGBOARD_SMTP (default 127.0.0.1:2525),
+# PLUGBOARD_DATA_DIR (default ./data), MIS_PORT (default 8090), MAIL_PORT
+# (default 2526: a local mail sink standing in for the smart host; the
+# replies it takes land in DATA/sent-mail as .eml files).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -16,18 +18,25 @@ HTTP=${PLUGBOARD_HTTP:-127.0.0.1:8080}
 SIP=${PLUGBOARD_SIP:-127.0.0.1:5060}
 DATA=${PLUGBOARD_DATA_DIR:-data}
 MIS_PORT=${MIS_PORT:-8090}
+SMTP=${PLUGBOARD_SMTP:-127.0.0.1:2525}
+MAIL_PORT=${MAIL_PORT:-2526}
 export PLUGBOARD_URL="http://$HTTP" PLUGBOARD_DATA_DIR="$DATA"
 mkdir -p "$DATA"
 
 python3 examples/demo-mis/mis.py "$MIS_PORT" &
 MIS_PID=$!
+# Email replies go to a smart host: here a local sink (aiosmtpd) that
+# keeps what it is given in $DATA/sent-mail.
+target/sdk-tools/peers-venv/bin/python tests/peers/smtp_sink.py "$MAIL_PORT" "$DATA/sent-mail" >/dev/null &
+MAIL_PID=$!
 # The demo MIS runs on this machine: let tenants' HTTP reach loopback
 # (refused by default).
 # MD5 is offered before SHA-256 for softphones that read only the first
 # digest challenge.
-"$BIN" serve --http "$HTTP" --sip "$SIP" --allow-network 127.0.0.1/32 --digest-md5-first &
+"$BIN" serve --http "$HTTP" --sip "$SIP" --allow-network 127.0.0.1/32 --digest-md5-first \
+    --smtp "$SMTP" --smtp-relay "smtp://127.0.0.1:$MAIL_PORT" &
 SERVER_PID=$!
-trap 'kill $SERVER_PID $MIS_PID 2>/dev/null || true' EXIT INT TERM
+trap 'kill $SERVER_PID $MIS_PID $MAIL_PID 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq 1 100); do
     curl -fsS "http://$HTTP/healthz" >/dev/null 2>&1 && break
     sleep 0.1
@@ -57,6 +66,8 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     "$BIN" plugin config demo logistics-hotline "{\"mis_url\":\"http://127.0.0.1:$MIS_PORT\"}" >/dev/null
     "$BIN" plugin grants demo logistics-hotline "{\"http\":{\"allow\":[\"127.0.0.1:$MIS_PORT\"]}}" >/dev/null
     "$BIN" address set demo +15550142 --channel voice --flow logistics-hotline >/dev/null
+    # The same hotline answers email: write "track", then the waybill.
+    "$BIN" address set demo help@demo.test --channel email --flow logistics-hotline >/dev/null
     # The contact centre: two queues routed by the skills router, three
     # agents with SIP phones, and a front desk that asks sales or support.
     api PUT queues/sales '{"skills":["sales"],"router":"skills-router","offer_timeout":20,"wrap_up":5,"callback_after":60,"announce_every":30,"whisper":true}'
@@ -88,6 +99,11 @@ Register a second softphone as an agent (user ann, bob or carol, domain
 demo, password demo-ann-pass …, outbound proxy $SIP) and call the front
 desk: the agent's phone rings, hears the queue's name, and is connected.
   sipp -sf tests/sipp/logistics.xml -s 15550142 $SIP -m 1 -i 127.0.0.1
+Email the same hotline (SMTP on $SMTP; replies land in $DATA/sent-mail):
+  swaks --server $SMTP --from you@example.com --to help@demo.test --body track
+  then answer the reply with the waybill: 123
+  $BIN customer find demo you@example.com      # the customer, then:
+  $BIN customer history demo CUSTOMER_ID       # every conversation, with messages
 Try:
   $BIN flow simulate demo hello-ivr --events '[{"type":"digits","digits":"1"}]'
   $BIN flow simulate demo cargo-lookup --events '[{"type":"digits","digits":"123","terminated":true}]'
