@@ -244,6 +244,15 @@ impl Session {
         self.phase = Phase::Closed;
     }
 
+    /// `552`: the message is over the size limit.
+    fn too_big(&mut self) {
+        let why = format!(
+            "message exceeds the fixed maximum size of {} bytes",
+            self.limits.max_size
+        );
+        self.out.push_back(reply(552, "5.3.4", &why));
+    }
+
     fn reset_transaction(&mut self) {
         self.from.clear();
         self.recipients.clear();
@@ -275,11 +284,7 @@ impl Session {
             if d.ingest(it) {
                 self.reset_transaction();
                 self.phase = Phase::Ready;
-                let why = format!(
-                    "message exceeds the fixed maximum size of {} bytes",
-                    self.limits.max_size
-                );
-                self.out.push_back(reply(552, "5.3.4", &why));
+                self.too_big();
                 return true;
             }
             return false;
@@ -294,11 +299,7 @@ impl Session {
             if self.body.len() > self.limits.max_size {
                 self.reset_transaction();
                 self.phase = Phase::Ready;
-                let why = format!(
-                    "message exceeds the fixed maximum size of {} bytes",
-                    self.limits.max_size
-                );
-                self.out.push_back(reply(552, "5.3.4", &why));
+                self.too_big();
                 return true;
             }
             self.phase = Phase::AwaitMessage;
@@ -396,11 +397,7 @@ impl Session {
                     return self.error(503, "5.5.1", "a transaction is already open");
                 }
                 if from.size > self.limits.max_size {
-                    let why = format!(
-                        "message exceeds the fixed maximum size of {} bytes",
-                        self.limits.max_size
-                    );
-                    return self.out.push_back(reply(552, "5.3.4", &why));
+                    return self.too_big();
                 }
                 self.from = from.address;
                 self.phase = Phase::Mail;

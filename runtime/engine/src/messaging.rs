@@ -675,23 +675,8 @@ impl Engine {
                     .await;
             }
         }
-        conv.flow_state = session.flow_state().to_string();
-        let outbound = settle_outbound(&mut session, outbound);
-        session.checkpoint().await?;
-        let mut hooks = Vec::new();
-        for m in &outbound {
-            self.outbound_writes(m, &mut writes);
-            hooks.extend(
-                self.hook_writes(tenant, "message", &to_json(m), &mut writes)
-                    .await?,
-            );
-        }
-        writes.push(RecordWrite::put(CONVERSATION, ix, to_json(&conv)));
         writes.push(RecordWrite::delete(pending_kind(ix), msg_id));
-        self.store.apply_records(tenant, &writes, None).await?;
-        self.start_hooks(tenant, hooks);
-        self.sent_outbound(tenant, &outbound);
-        Ok(())
+        self.finish_step(session, conv, outbound, writes).await
     }
 
     /// Carries out a flow's actions on a conversation: text becomes
@@ -881,7 +866,7 @@ impl Engine {
         let mut outbound = Vec::new();
         self.carry_out(&mut session, &mut conv, step.actions, &mut outbound)
             .await;
-        self.finish_step(session, conv, outbound).await
+        self.finish_step(session, conv, outbound, Vec::new()).await
     }
 
     async fn conversation_task_ended(self: &Arc<Self>, tenant: &str, ix: &str) -> EngineResult<()> {
@@ -924,18 +909,22 @@ impl Engine {
         Ok(())
     }
 
+    /// Ends a flow step on a conversation: the flow's state, its replies
+    /// (with their outbox entries and webhook deliveries) and `writes` go
+    /// in one atomic write after the timeline's checkpoint; then the
+    /// replies leave.
     async fn finish_step(
         self: &Arc<Self>,
         mut session: FlowSession,
         mut conv: ConversationRecord,
         outbound: Vec<Message>,
+        mut writes: Vec<RecordWrite>,
     ) -> EngineResult<()> {
         let tenant = session.interaction.tenant.clone();
         let ix = session.interaction.id.clone();
         conv.flow_state = session.flow_state().to_string();
         let outbound = settle_outbound(&mut session, outbound);
         session.checkpoint().await?;
-        let mut writes = Vec::new();
         let mut hooks = Vec::new();
         for m in &outbound {
             self.outbound_writes(m, &mut writes);
