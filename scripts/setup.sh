@@ -32,10 +32,11 @@ if [ ${#need[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
 fi
 
-# Python test peers (aiosmtpd: the smart host email replies go to), in a
-# venv of their own under target/, pinned.
+# Python test peers, in a venv of their own under target/, pinned:
+# aiosmtpd (the smart host email replies go to) and dkimpy (checks the
+# DKIM signatures of our replies).
 PEERS=target/sdk-tools/peers-venv
-if ! "$PEERS/bin/python" -c 'import aiosmtpd' >/dev/null 2>&1; then
-    python3 -m venv "$PEERS"
-    "$PEERS/bin/pip" install --quiet --disable-pip-version-check aiosmtpd==1.4.6
+if ! "$PEERS/bin/python" -c 'import aiosmtpd, dkim' >/dev/null 2>&1; then
+    [ -x "$PEERS/bin/python" ] || python3 -m venv "$PEERS"
+    "$PEERS/bin/pip" install --quiet --disable-pip-version-check aiosmtpd==1.4.6 dkimpy==1.1.8
 fi

@@ -1092,3 +1092,95 @@ fn signed_webhooks_push_messages_to_an_integrators_system_and_retry() {
         json!([])
     );
 }
+
+#[test]
+fn replies_from_a_domain_with_a_dkim_key_are_signed_and_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
+    // An RSA key (PKCS#1 PEM) and its public half, as DNS would publish it.
+    let pem_file = dir.path().join("dkim.pem");
+    let ok = Command::new("openssl")
+        .args(["genrsa", "-traditional", "-out"])
+        .arg(&pem_file)
+        .arg("2048")
+        .output()
+        .unwrap()
+        .status
+        .success();
+    assert!(ok, "openssl genrsa");
+    let der = Command::new("openssl")
+        .args(["rsa", "-pubout", "-outform", "DER", "-in"])
+        .arg(&pem_file)
+        .output()
+        .unwrap();
+    assert!(der.status.success());
+    let public_b64 = {
+        let out = Command::new("base64")
+            .args(["-w0"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = out;
+        out.stdin.take().unwrap().write_all(&der.stdout).unwrap();
+        String::from_utf8(out.wait_with_output().unwrap().stdout).unwrap()
+    };
+    let pem = std::fs::read_to_string(&pem_file).unwrap();
+    let sec = s.json(
+        "PUT",
+        "/v1/tenants/freight/secrets/dkim-key",
+        &key,
+        &json!({"value": pem}),
+    );
+    assert!(sec.status == 200 || sec.status == 204, "{sec:?}");
+    // A domain that is none of the tenant's is refused.
+    let bad = s.json(
+        "PUT",
+        "/v1/tenants/freight/email-domains/other.test",
+        &key,
+        &json!({"dkim_selector": "s1", "dkim_key_secret": "dkim-key"}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let d = s.json(
+        "PUT",
+        "/v1/tenants/freight/email-domains/freight.test",
+        &key,
+        &json!({"dkim_selector": "s1", "dkim_key_secret": "dkim-key"}),
+    );
+    assert_eq!(d.status, 200, "{d:?}");
+
+    send(smtp, "eve@example.com", "<d1@example.com>", None, "track");
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got.len(), 1);
+    let sig = header(&got[0], "DKIM-Signature").expect("no DKIM-Signature");
+    assert!(
+        sig.contains("d=freight.test") && sig.contains("s=s1"),
+        "{sig}"
+    );
+    // dkimpy checks it against the published key (DNS answered here).
+    let script = r#"
+import dkim, sys
+raw = open(sys.argv[1], "rb").read()
+record = ("v=DKIM1; k=rsa; p=" + sys.argv[2]).encode()
+def dns(name, timeout=5):
+    assert name == b"s1._domainkey.freight.test.", name
+    return record
+print("valid" if dkim.verify(raw, dnsfunc=dns) else "invalid")
+tampered = raw.replace(b"Subject: ", b"Subject: Urgent ", 1)
+print("tampered-valid" if dkim.verify(tampered, dnsfunc=dns) else "tampered-invalid")
+"#;
+    let eml = sink.dir.join("0001.eml");
+    let out = Command::new(plugboard_tests::peers_python())
+        .arg("-c")
+        .arg(script)
+        .arg(&eml)
+        .arg(public_b64.trim())
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[..2], ["valid", "tampered-invalid"], "{text}");
+}

@@ -239,6 +239,10 @@ pub fn router(state: Arc<Engine>) -> Router {
             post(add_customer_address),
         )
         .route("/v1/tenants/{t}/customers/{id}/merge", post(merge_customer))
+        .route(
+            "/v1/tenants/{t}/email-domains/{domain}",
+            put(set_email_domain),
+        )
         .route("/v1/tenants/{t}/webhooks", get(list_webhooks))
         .route(
             "/v1/tenants/{t}/webhooks/{name}",
@@ -1248,6 +1252,16 @@ async fn merge_customer(
 ) -> ApiResult<Json<plugboard_core::Customer>> {
     let m: MergeCustomer = parse_json(&body)?;
     Ok(Json(s.merge_customers(&t.id, &id, &m.from).await?))
+}
+
+async fn set_email_domain(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, domain)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<plugboard_engine::EmailDomain>> {
+    let setting: plugboard_engine::EmailDomain = parse_json(&body)?;
+    Ok(Json(s.set_email_domain(&t.id, &domain, setting).await?))
 }
 
 async fn list_webhooks(

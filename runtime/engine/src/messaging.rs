@@ -59,6 +59,18 @@ const CONVERSATION: &str = "conversation";
 const OUTBOX: &str = "outbox";
 const CUSTOMER: &str = "customer";
 const CUSTOMER_ADDR: &str = "customer_addr";
+const EMAIL_DOMAIN: &str = "email_domain";
+
+/// How a tenant's email domain signs what it sends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EmailDomain {
+    /// The DKIM selector (`s1` publishes its key at `s1._domainkey.DOMAIN`).
+    pub dkim_selector: String,
+    /// The tenant secret holding the DKIM private key (PKCS#1 PEM for
+    /// RSA).
+    pub dkim_key_secret: String,
+}
 
 /// The record kind of a conversation's messages.
 fn conv_kind(ix: &str) -> String {
@@ -1210,6 +1222,78 @@ impl Engine {
             );
         }
         Ok(retry)
+    }
+
+    // ----- sending domains -----
+
+    /// Sets how a tenant's email domain signs its mail: a DKIM selector
+    /// and the name of the tenant secret holding the private key (PEM).
+    /// The domain must be the domain of one of the tenant's email
+    /// addresses; the secret must exist.
+    pub async fn set_email_domain(
+        &self,
+        tenant: &str,
+        domain: &str,
+        setting: EmailDomain,
+    ) -> EngineResult<EmailDomain> {
+        let domain = domain.to_ascii_lowercase();
+        let owned = self.addresses(tenant).await?.iter().any(|a| {
+            a.channel == Channel::Email
+                && a.address.rsplit_once('@').is_some_and(|(_, d)| d == domain)
+        });
+        if !owned {
+            return Err(CoreError::Invalid(format!(
+                "{domain} is the domain of none of the tenant's email addresses"
+            ))
+            .into());
+        }
+        if setting.dkim_selector.is_empty()
+            || !setting
+                .dkim_selector
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(CoreError::Invalid(
+                "dkim_selector must be letters, digits, '-' or '.'".into(),
+            )
+            .into());
+        }
+        if !self
+            .secret_names(tenant)
+            .await?
+            .contains(&setting.dkim_key_secret)
+        {
+            return Err(CoreError::Invalid(format!(
+                "dkim_key_secret {:?} is not a secret of the tenant",
+                setting.dkim_key_secret
+            ))
+            .into());
+        }
+        self.store
+            .set_record(tenant, EMAIL_DOMAIN, &domain, &to_json(&setting))
+            .await?;
+        Ok(setting)
+    }
+
+    /// A tenant's email domain settings with the DKIM key opened: for the
+    /// email channel when it signs a message from that domain.
+    pub async fn email_domain_key(
+        &self,
+        tenant: &str,
+        domain: &str,
+    ) -> EngineResult<Option<(EmailDomain, String)>> {
+        let Some(v) = self
+            .store
+            .record(tenant, EMAIL_DOMAIN, &domain.to_ascii_lowercase())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let setting: EmailDomain = storage_json(v, "email domain")?;
+        match self.tenant_secret(tenant, &setting.dkim_key_secret).await? {
+            Some(key) => Ok(Some((setting, key))),
+            None => Ok(None),
+        }
     }
 
     // ----- customers -----

@@ -767,7 +767,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         };
         if let Some((listen, config, relay)) = email {
             if let Some(url) = &relay {
-                let host = plugboard_email::SmartHost::new(url)?;
+                let host = plugboard_email::SmartHost::new(url, &state)?;
                 state.set_courier(plugboard_core::Channel::Email, Arc::new(host));
             }
             let smtp = tokio::net::TcpListener::bind(listen)
