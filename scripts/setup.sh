@@ -23,6 +23,7 @@ command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=
 # Email: swaks and Python's smtplib send test mail; Postfix's smtp-source
 # sends in parallel (no Postfix service is started).
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
