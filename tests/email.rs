@@ -496,6 +496,44 @@ print("sent")
         .collect();
     assert!(texts.iter().all(|t| !t.contains("never ends")), "{texts:?}");
     assert!(texts.iter().any(|t| t == "small one"), "{texts:?}");
+
+    // One email to two of the tenant's mailboxes is two conversations;
+    // sent again (same Message-ID), it is still two.
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/addresses/sales@freight.test",
+        &key,
+        &json!({"channel": "email", "flow": "hotline"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    for _ in 0..2 {
+        let (ok, out) = swaks(
+            smtp,
+            &[
+                "--from",
+                "multi@example.com",
+                "--to",
+                "help@freight.test,sales@freight.test",
+                "--header",
+                "Message-Id: <both@example.com>",
+                "--body",
+                "track",
+            ],
+        );
+        assert!(ok, "{out}");
+    }
+    let multi = || -> Vec<Value> {
+        interactions(&s, &key)
+            .into_iter()
+            .filter(|i| i["from"] == "multi@example.com")
+            .collect()
+    };
+    assert!(eventually(Duration::from_secs(10), || multi().len() >= 2));
+    std::thread::sleep(Duration::from_millis(300));
+    let multi = multi();
+    let mut to: Vec<&str> = multi.iter().map(|i| i["to"].as_str().unwrap()).collect();
+    to.sort();
+    assert_eq!(to, ["help@freight.test", "sales@freight.test"], "{multi:?}");
 }
 
 #[test]

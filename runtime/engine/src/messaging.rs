@@ -340,10 +340,12 @@ impl Engine {
             updated_ms: created,
         };
         let mut writes = Vec::new();
+        // The same sender's id, to the same address: one email to two of
+        // the tenant's mailboxes is two messages, a retry of it is not.
         let guard = inbound
             .client_id
             .as_ref()
-            .map(|c| hash_key(&format!("{channel}\n{}\n{c}", message.from)));
+            .map(|c| hash_key(&format!("{channel}\n{}\n{}\n{c}", message.from, message.to)));
         if let Some(g) = &guard {
             writes.push(RecordWrite::put(
                 CLIENT_ID,
