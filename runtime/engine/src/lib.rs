@@ -471,7 +471,8 @@ impl Engine {
     }
 
     /// The value of a tenant's secret, if it exists (for the platform's
-    /// own use on the tenant's behalf: webhook signatures).
+    /// own use on the tenant's behalf: webhook signatures, DKIM keys; and
+    /// behind `granted_secret` for plugins).
     pub(crate) async fn tenant_secret(
         &self,
         tenant: &str,
@@ -493,10 +494,7 @@ impl Engine {
         if !grants.secrets.iter().any(|s| s == name) {
             return Ok(None);
         }
-        match self.store.secret(tenant, name).await? {
-            Some(sealed) => Ok(Some(self.secret_key()?.open(tenant, name, &sealed)?)),
-            None => Ok(None),
-        }
+        self.tenant_secret(tenant, name).await
     }
 
     /// How many plugin invocations a tenant may run at once: its
