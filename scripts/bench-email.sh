@@ -22,6 +22,7 @@ cargo build --release --bin plugboard >/dev/null 2>&1 || cargo build --release -
 scripts/build-plugins.sh >/dev/null
 BIN=target/release/plugboard
 W=$(mktemp -d)
+chmod 755 "$W" # Postfix's own users walk into its queue under here
 PB_HTTP=127.0.0.1:18480
 PB_SMTP=127.0.0.1:18425
 PF_PORT=18426
@@ -34,7 +35,7 @@ trap cleanup EXIT INT TERM
 
 # --- Plugboard ---
 export PLUGBOARD_ADMIN_TOKEN=bench-admin PLUGBOARD_URL="http://$PB_HTTP"
-"$BIN" --data-dir "$W/pb" serve --http "$PB_HTTP" --sip off --smtp "$PB_SMTP" 2>"$W/pb.log" &
+"$BIN" --data-dir "$W/pb" serve --http "$PB_HTTP" --sip off --smtp "$PB_SMTP" --smtp-max-per-ip 100 2>"$W/pb.log" &
 PB=$!
 for _ in $(seq 1 200); do curl -fsS "http://$PB_HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
 "$BIN" --token bench-admin tenant create bench >/dev/null
@@ -65,7 +66,6 @@ default_transport = discard
 relay_transport = discard
 alias_maps =
 alias_database =
-maillog_file = $W/pf.log
 smtpd_client_connection_count_limit = 0
 smtpd_client_message_rate_limit = 0
 default_process_limit = 100

@@ -299,7 +299,7 @@ impl Engine {
         let mut attachments = Vec::new();
         for (name, content_type, bytes) in &inbound.files {
             let blob = format!("att-{created:013}-{:08x}", crate::interaction_nonce()?);
-            self.store.put_blob(tenant, &blob, bytes).await?;
+            self.store.put_blob_soft(tenant, &blob, bytes).await?;
             attachments.push(Attachment {
                 name: sanitise_name(name),
                 content_type: content_type.clone(),
@@ -310,7 +310,7 @@ impl Engine {
         let mut meta = inbound.meta;
         if let Some(raw) = &inbound.raw {
             let blob = format!("raw-{created:013}-{:08x}", crate::interaction_nonce()?);
-            self.store.put_blob(tenant, &blob, raw).await?;
+            self.store.put_blob_soft(tenant, &blob, raw).await?;
             meta.insert("raw".into(), blob);
         }
         if let Some(n) = &inbound.name {
@@ -568,8 +568,10 @@ impl Engine {
             if pending.is_empty() {
                 // Removing the index races with a new message's write of
                 // it: look again after removing, and put it back if one came.
+                // (Losing the removal in a crash is harmless: the restart
+                // finds nothing pending.)
                 self.store
-                    .apply_records(tenant, &[RecordWrite::delete(PENDING_IX, ix)], None)
+                    .apply_records_soft(tenant, &[RecordWrite::delete(PENDING_IX, ix)])
                     .await?;
                 if self
                     .store
@@ -938,7 +940,8 @@ impl Engine {
         let ix = session.interaction.id.clone();
         conv.flow_state = session.flow_state().to_string();
         let outbound = settle_outbound(&mut session, outbound);
-        session.checkpoint().await?;
+        // On disk with the write below.
+        session.checkpoint_soft().await?;
         let mut hooks = Vec::new();
         for m in &outbound {
             self.outbound_writes(m, &mut writes);

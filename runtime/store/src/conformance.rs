@@ -605,5 +605,51 @@ pub async fn concurrent_writers(s: Arc<dyn Store>) -> Result<(), Failure> {
     let all = ok(s.interactions("b", 1000).await, "list")?;
     ensure!(all.len() == 200, "{} of 200", all.len());
     ensure!(all.iter().all(|i| i.timeline.len() == 1), "timelines");
+    // Guarded record writes at once: 10 ids, each sent by 20 writers.
+    // Exactly one write per id lands; the others get its value.
+    let mut tasks = Vec::new();
+    for n in 0..200u32 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("c{}", n % 10);
+            let writes = [
+                RecordWrite::put("cw_guard", &id, json!({"by": n})),
+                RecordWrite::put("cw_msg", format!("{id}-{n}"), json!({"by": n})),
+            ];
+            let first = s
+                .apply_records("b", &writes, Some(("cw_guard", &id)))
+                .await?;
+            Ok::<_, Error>((n, first))
+        }));
+    }
+    let mut winners = BTreeMap::new();
+    let mut answers = Vec::new();
+    for t in tasks {
+        let (n, first) = ok(t.await.map_err(|e| e.to_string())?, "guarded write")?;
+        match first {
+            None => {
+                ensure!(
+                    winners.insert(n % 10, n).is_none(),
+                    "two writes of c{} landed",
+                    n % 10
+                );
+            }
+            Some(v) => answers.push((n, v)),
+        }
+    }
+    ensure!(
+        winners.len() == 10,
+        "{} of 10 guarded writes landed",
+        winners.len()
+    );
+    for (n, v) in answers {
+        ensure!(v["by"] == winners[&(n % 10)], "writer {n} was answered {v}");
+    }
+    let msgs = ok(s.records("b", "cw_msg").await, "messages")?;
+    ensure!(
+        msgs.len() == 10,
+        "{} messages of the 10 winners",
+        msgs.len()
+    );
     Ok(())
 }

@@ -180,6 +180,12 @@ pub trait KvStore: Send + Sync {
 pub trait BlobStore: Send + Sync {
     /// Stores a blob durably; `Conflict` if the id is taken.
     async fn put_blob(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<()>;
+    /// [`BlobStore::put_blob`] without waiting for the disk: on disk with
+    /// the next durable write, which must name the blob (a message
+    /// stored after its attachments).
+    async fn put_blob_soft(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<()> {
+        self.put_blob(tenant, id, bytes).await
+    }
     /// A blob.
     async fn blob(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>>;
 }
@@ -247,6 +253,13 @@ pub trait RecordStore: Send + Sync {
         writes: &[RecordWrite],
         unless_exists: Option<(&str, &str)>,
     ) -> Result<Option<serde_json::Value>>;
+    /// [`RecordStore::apply_records`] (without a guard) that does not wait
+    /// for the disk: atomic, and on disk with the next durable write or
+    /// flush. For writes whose loss in a crash is harmless (a marker the
+    /// restart recomputes).
+    async fn apply_records_soft(&self, tenant: &str, writes: &[RecordWrite]) -> Result<()> {
+        self.apply_records(tenant, writes, None).await.map(|_| ())
+    }
 }
 
 /// One write of [`RecordStore::apply_records`].

@@ -23,8 +23,17 @@
 //! serialises batches behind one lock, which capped checkpoints at a
 //! quarter of the rate). A write
 //! is acknowledged after a flush that covers it; concurrent writers share
-//! flushes (group commit): a flusher thread takes every waiter queued
+//! flushes (group commit): a writer thread takes every waiter queued
 //! since its last flush, flushes once, and wakes them all.
+//!
+//! Record writes ([`RecordStore::apply_records`]) and interaction
+//! checkpoints are group-committed further: the writer thread applies
+//! every write set queued since its last round in one sled transaction
+//! per tenant, then flushes once. A sled transaction or batch writes the
+//! log's IO buffer out twice whatever its size (it rolls the buffer before
+//! and after), so one transaction per write set capped a message's
+//! several writes at a few hundred messages a second; one per round
+//! shares that cost among every conversation writing at the time.
 
 use crate::{
     AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RecordWrite,
@@ -43,15 +52,37 @@ use tokio::sync::oneshot;
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
 
+/// A key to write (`Some` value) or remove (`None`).
+type Op = (Vec<u8>, Option<Vec<u8>>);
+
+/// What the writer thread is asked to do.
+enum Job {
+    /// Reply once everything written before is on disk.
+    Flush(Waiter),
+    /// Apply a write set atomically (unless its guard key exists).
+    Commit(Commit),
+}
+
+/// One write set for the writer thread.
+struct Commit {
+    tree: sled::Tree,
+    ops: Vec<Op>,
+    /// Nothing is written when this key exists; its value is the answer.
+    guard: Option<Vec<u8>>,
+    /// Reply only after a flush covers it.
+    durable: bool,
+    reply: oneshot::Sender<std::result::Result<Option<sled::IVec>, String>>,
+}
+
 /// The embedded store: sled in a directory, with group commit.
 pub struct SledStore {
     db: sled::Db,
     tenants: sled::Tree,
     keys: sled::Tree,
     owners: sled::Tree,
-    /// Waiters for the flusher thread (`None` once closing).
-    flusher: Option<mpsc::Sender<Waiter>>,
-    /// The flusher thread, joined on drop so the database is closed when
+    /// Jobs for the writer thread (`None` once closing).
+    flusher: Option<mpsc::Sender<Job>>,
+    /// The writer thread, joined on drop so the database is closed when
     /// the store is.
     flush_thread: Option<std::thread::JoinHandle<()>>,
     /// Open tenant keyspaces (a tenant is never deleted while open).
@@ -96,18 +127,86 @@ fn tx_error(e: TransactionError<Error>) -> Error {
     }
 }
 
-/// The flusher thread: one flush for every waiter queued before it.
-fn flusher(db: sled::Db, rx: mpsc::Receiver<Waiter>) {
+/// The writer thread. Each round takes every job queued since the last
+/// one, applies the write sets (one transaction per tenant), flushes once
+/// if any job asks for durability, and answers them all.
+fn writer(db: sled::Db, rx: mpsc::Receiver<Job>) {
+    /// Jobs taken in one round at most (a bound on one transaction).
+    const ROUND: usize = 1024;
     while let Ok(first) = rx.recv() {
-        let mut waiters = vec![first];
-        while let Ok(w) = rx.try_recv() {
-            waiters.push(w);
+        let mut jobs = vec![first];
+        while jobs.len() < ROUND
+            && let Ok(j) = rx.try_recv()
+        {
+            jobs.push(j);
         }
-        let r = db.flush().map(|_| ()).map_err(|e| e.to_string());
+        let mut waiters = Vec::new();
+        let mut commits: Vec<Vec<Commit>> = Vec::new();
+        for job in jobs {
+            match job {
+                Job::Flush(w) => waiters.push(w),
+                Job::Commit(c) => match commits
+                    .iter_mut()
+                    .find(|g| g[0].tree.name() == c.tree.name())
+                {
+                    Some(group) => group.push(c),
+                    None => commits.push(vec![c]),
+                },
+            }
+        }
+        let mut done = Vec::new();
+        for group in commits {
+            match commit_group(&group) {
+                Ok(answers) => done.extend(group.into_iter().zip(answers.into_iter().map(Ok))),
+                Err(e) => done.extend(group.into_iter().map(|c| (c, Err(e.clone())))),
+            }
+        }
+        let flushed = if waiters.is_empty() && !done.iter().any(|(c, r)| c.durable && r.is_ok()) {
+            Ok(())
+        } else {
+            db.flush().map(|_| ()).map_err(|e| e.to_string())
+        };
         for w in waiters {
-            let _ = w.send(r.clone());
+            let _ = w.send(flushed.clone());
+        }
+        for (c, r) in done {
+            let r = match (r, &flushed) {
+                (Ok(_), Err(e)) if c.durable => Err(e.clone()),
+                (r, _) => r,
+            };
+            let _ = c.reply.send(r);
         }
     }
+}
+
+/// Applies a tenant's write sets, in order, in one transaction; the
+/// answer for each is its guard's value if the guard stopped it.
+fn commit_group(group: &[Commit]) -> std::result::Result<Vec<Option<sled::IVec>>, String> {
+    group[0]
+        .tree
+        .transaction(|t| {
+            let mut answers = Vec::with_capacity(group.len());
+            for c in group {
+                if let Some(g) = &c.guard
+                    && let Some(v) = t.get(g)?
+                {
+                    answers.push(Some(v));
+                    continue;
+                }
+                for (key, value) in &c.ops {
+                    match value {
+                        Some(v) => t.insert(key.as_slice(), v.as_slice())?,
+                        None => t.remove(key.as_slice())?,
+                    };
+                }
+                answers.push(None);
+            }
+            Ok::<_, ConflictableTransactionError<()>>(answers)
+        })
+        .map_err(|e| match e {
+            TransactionError::Abort(()) => "aborted".to_string(),
+            TransactionError::Storage(e) => e.to_string(),
+        })
 }
 
 impl SledStore {
@@ -125,7 +224,7 @@ impl SledStore {
         let d = db.clone();
         let thread = std::thread::Builder::new()
             .name("sled-flush".into())
-            .spawn(move || flusher(d, rx))
+            .spawn(move || writer(d, rx))
             .map_err(storage)?;
         let store = SledStore {
             db,
@@ -147,11 +246,56 @@ impl SledStore {
         self.flusher
             .as_ref()
             .ok_or_else(|| Error::Storage("the store is closing".into()))?
-            .send(tx)
+            .send(Job::Flush(tx))
             .map_err(|_| Error::Storage("the flusher has stopped".into()))?;
         rx.await
             .map_err(|_| Error::Storage("the flusher has stopped".into()))?
             .map_err(Error::Storage)
+    }
+
+    /// Writes an interaction: one insert here, or a write set for the
+    /// writer thread's next round; with `durable`, after the flush.
+    async fn save_interaction_as(
+        &self,
+        ix: &Interaction,
+        stored: usize,
+        durable: bool,
+    ) -> Result<usize> {
+        let space = self.space(&ix.tenant)?;
+        match Self::interaction_ops(&space, ix, stored)? {
+            Some(ops) => {
+                self.commit(space, ops, None, durable).await?;
+            }
+            None if durable => self.durable().await?,
+            None => {}
+        }
+        Ok(ix.timeline.len().max(stored))
+    }
+
+    /// Applies a write set on the writer thread, in its next round's
+    /// transaction; with `durable`, answers after the flush that covers it.
+    /// Returns the guard's value if the guard key exists (nothing written).
+    async fn commit(
+        &self,
+        tree: sled::Tree,
+        ops: Vec<Op>,
+        guard: Option<Vec<u8>>,
+        durable: bool,
+    ) -> Result<Option<sled::IVec>> {
+        let (reply, rx) = oneshot::channel();
+        let stopped = || Error::Storage("the store's writer has stopped".into());
+        self.flusher
+            .as_ref()
+            .ok_or_else(|| Error::Storage("the store is closing".into()))?
+            .send(Job::Commit(Commit {
+                tree,
+                ops,
+                guard,
+                durable,
+                reply,
+            }))
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?.map_err(Error::Storage)
     }
 
     /// The tenant's keyspace; `NotFound` if the tenant does not exist.
@@ -292,6 +436,26 @@ impl SledStore {
     /// a checkpoint that only appends one entry is one plain insert, and
     /// the others are one batch.
     fn write_interaction(space: &sled::Tree, ix: &Interaction, stored: usize) -> Result<()> {
+        if let Some(ops) = Self::interaction_ops(space, ix, stored)? {
+            let mut batch = sled::Batch::default();
+            for (k, v) in ops {
+                match v {
+                    Some(v) => batch.insert(k, v),
+                    None => batch.remove(k),
+                }
+            }
+            space.apply_batch(batch).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// [`SledStore::write_interaction`]'s writes, when they are more than
+    /// one insert (which it makes itself).
+    fn interaction_ops(
+        space: &sled::Tree,
+        ix: &Interaction,
+        stored: usize,
+    ) -> Result<Option<Vec<Op>>> {
         use std::hash::{Hash, Hasher};
         let id = &ix.id;
         let head = json(&header(ix))?;
@@ -307,9 +471,9 @@ impl SledStore {
             space
                 .insert(format!("ixt/{id}/{seq:08}"), json(entry)?)
                 .map_err(storage)?;
-            return Ok(());
+            return Ok(None);
         }
-        let mut batch = sled::Batch::default();
+        let mut ops: Vec<Op> = Vec::new();
         let new_index = format!("{}\0{}\0", ix.state.name(), ix.from);
         let index_moves = !old
             .as_deref()
@@ -319,18 +483,21 @@ impl SledStore {
                 let old = String::from_utf8_lossy(old);
                 let mut parts = old.split('\0');
                 let (state, from) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                batch.remove(format!("ixs/{state}/{id}").as_bytes());
-                batch.remove(customer_key(from, id));
+                ops.push((format!("ixs/{state}/{id}").into_bytes(), None));
+                ops.push((customer_key(from, id), None));
             }
-            batch.insert(state_key(ix.state, id).as_bytes(), &[] as &[u8]);
-            batch.insert(customer_key(&ix.from, id), &[] as &[u8]);
+            ops.push((state_key(ix.state, id).into_bytes(), Some(Vec::new())));
+            ops.push((customer_key(&ix.from, id), Some(Vec::new())));
         }
-        batch.insert(meta_key.as_bytes(), meta.as_bytes());
-        batch.insert(format!("ix/{id}").as_bytes(), head);
+        ops.push((meta_key.into_bytes(), Some(meta.into_bytes())));
+        ops.push((format!("ix/{id}").into_bytes(), Some(head)));
         for (seq, entry) in entries {
-            batch.insert(format!("ixt/{id}/{seq:08}").as_bytes(), json(entry)?);
+            ops.push((
+                format!("ixt/{id}/{seq:08}").into_bytes(),
+                Some(json(entry)?),
+            ));
         }
-        space.apply_batch(batch).map_err(storage)
+        Ok(Some(ops))
     }
 }
 
@@ -584,15 +751,11 @@ impl RegistrarStore for SledStore {
 #[async_trait]
 impl InteractionStore for SledStore {
     async fn save_interaction(&self, ix: &Interaction, stored: usize) -> Result<usize> {
-        let n = self.save_interaction_soft(ix, stored).await?;
-        self.durable().await?;
-        Ok(n)
+        self.save_interaction_as(ix, stored, true).await
     }
 
     async fn save_interaction_soft(&self, ix: &Interaction, stored: usize) -> Result<usize> {
-        let space = self.space(&ix.tenant)?;
-        Self::write_interaction(&space, ix, stored)?;
-        Ok(ix.timeline.len().max(stored))
+        self.save_interaction_as(ix, stored, false).await
     }
 
     async fn interaction(&self, tenant: &str, id: &str) -> Result<Option<Interaction>> {
@@ -720,41 +883,32 @@ impl RecordStore for SledStore {
         writes: &[RecordWrite],
         unless_exists: Option<(&str, &str)>,
     ) -> Result<Option<serde_json::Value>> {
-        let mut ops = Vec::with_capacity(writes.len());
-        for w in writes {
-            ops.push(match w {
-                RecordWrite::Put { kind, id, record } => {
-                    (format!("rec/{kind}/{id}"), Some(json(record)?))
-                }
-                RecordWrite::Delete { kind, id } => (format!("rec/{kind}/{id}"), None),
-            });
-        }
-        let guard = unless_exists.map(|(kind, id)| format!("rec/{kind}/{id}"));
-        let existing = self
-            .space(tenant)?
-            .transaction(|t| {
-                if let Some(g) = &guard
-                    && let Some(v) = t.get(g.as_bytes())?
-                {
-                    return Ok(Some(v));
-                }
-                for (key, value) in &ops {
-                    match value {
-                        Some(v) => t.insert(key.as_bytes(), v.as_slice())?,
-                        None => t.remove(key.as_bytes())?,
-                    };
-                }
-                Ok(None)
-            })
-            .map_err(tx_error)?;
-        match existing {
-            Some(v) => Ok(Some(parse(&v)?)),
-            None => {
-                self.durable().await?;
-                Ok(None)
-            }
-        }
+        let guard = unless_exists.map(|(kind, id)| format!("rec/{kind}/{id}").into_bytes());
+        let ops = record_ops(writes)?;
+        let existing = self.commit(self.space(tenant)?, ops, guard, true).await?;
+        existing.map(|v| parse(&v)).transpose()
     }
+
+    async fn apply_records_soft(&self, tenant: &str, writes: &[RecordWrite]) -> Result<()> {
+        let ops = record_ops(writes)?;
+        self.commit(self.space(tenant)?, ops, None, false).await?;
+        Ok(())
+    }
+}
+
+/// The keys and values of record writes.
+fn record_ops(writes: &[RecordWrite]) -> Result<Vec<Op>> {
+    writes
+        .iter()
+        .map(|w| {
+            Ok(match w {
+                RecordWrite::Put { kind, id, record } => {
+                    (format!("rec/{kind}/{id}").into_bytes(), Some(json(record)?))
+                }
+                RecordWrite::Delete { kind, id } => (format!("rec/{kind}/{id}").into_bytes(), None),
+            })
+        })
+        .collect()
 }
 
 #[async_trait]
@@ -815,6 +969,11 @@ impl KvStore for SledStore {
 #[async_trait]
 impl BlobStore for SledStore {
     async fn put_blob(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<()> {
+        self.put_blob_soft(tenant, id, bytes).await?;
+        self.durable().await
+    }
+
+    async fn put_blob_soft(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<()> {
         let r = self
             .space(tenant)?
             .compare_and_swap(format!("rec/{id}"), None::<&[u8]>, Some(bytes))
@@ -822,7 +981,7 @@ impl BlobStore for SledStore {
         if r.is_err() {
             return Err(Error::Conflict(format!("blob {id} exists")));
         }
-        self.durable().await
+        Ok(())
     }
 
     async fn blob(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>> {
