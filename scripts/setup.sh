@@ -25,6 +25,8 @@ command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need+=(postfix)
+# Web chat: the tests drive Debian's headless Chromium.
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO=sudo
@@ -41,3 +43,18 @@ if ! "$PEERS/bin/python" -c 'import aiosmtpd, dkim' >/dev/null 2>&1; then
     [ -x "$PEERS/bin/python" ] || python3 -m venv "$PEERS"
     "$PEERS/bin/pip" install --quiet --disable-pip-version-check aiosmtpd==1.4.6 dkimpy==1.1.8
 fi
+
+# The browser driver of the chat tests: playwright-core (pinned in
+# tests/peers/browser/package-lock.json), pointed at Debian's chromium;
+# it never downloads a browser.
+BROWSER=target/sdk-tools/peers-node
+if ! cmp -s tests/peers/browser/package-lock.json "$BROWSER/package-lock.json" \
+    || [ ! -d "$BROWSER/node_modules/playwright-core" ]; then
+    mkdir -p "$BROWSER"
+    cp tests/peers/browser/package.json tests/peers/browser/package-lock.json "$BROWSER/"
+    (cd "$BROWSER" && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --silent)
+fi
+cp tests/peers/browser/browser.mjs "$BROWSER/"
+
+# The web chat widget (TypeScript → target/web/widget.js).
+scripts/build-web.sh >/dev/null

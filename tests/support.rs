@@ -1089,3 +1089,121 @@ pub fn header(raw: &str, name: &str) -> Option<String> {
     }
     value
 }
+
+/// Headless Chromium (Debian's) driven through playwright-core by
+/// tests/peers/browser/browser.mjs (scripts/setup.sh installs both).
+pub struct Browser {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Browser {
+    /// Starts the browser (no page yet).
+    pub fn start() -> Browser {
+        let dir = root().join("target/sdk-tools/peers-node");
+        let mut child = Command::new("node")
+            .arg(dir.join("browser.mjs"))
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node with playwright-core (run scripts/setup.sh)");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Browser {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Runs one command; its value, or the driver's error.
+    pub fn run(&mut self, cmd: Value) -> Result<Value, String> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{cmd}").map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let v: Value = serde_json::from_str(&line).map_err(|e| format!("{e}: {line:?}"))?;
+        if v["ok"] == true {
+            Ok(v["value"].clone())
+        } else {
+            Err(format!("{} (page log: {})", v["error"], v["log"]))
+        }
+    }
+
+    /// Runs a command that must succeed.
+    pub fn must(&mut self, cmd: Value) -> Value {
+        let what = cmd.to_string();
+        self.run(cmd)
+            .unwrap_or_else(|e| panic!("browser: {what}: {e}"))
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A static web site on loopback (Python's http.server over a temporary
+/// directory): a customer's site that embeds a widget.
+pub struct StaticSite {
+    child: Child,
+    /// Its port.
+    pub port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl StaticSite {
+    /// Serves `files` (name, content).
+    pub fn start(files: &[(&str, String)]) -> StaticSite {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, body) in files {
+            std::fs::write(dir.path().join(name), body).unwrap();
+        }
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "http.server",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "http.server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        StaticSite {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// Its origin.
+    pub fn origin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for StaticSite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

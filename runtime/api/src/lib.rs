@@ -230,7 +230,16 @@ pub fn router(state: Arc<Engine>) -> Router {
             "/v1/tenants/{t}/interactions/{id}/messages",
             get(list_messages).post(post_message),
         )
+        .route(
+            "/v1/tenants/{t}/interactions/{id}/typing",
+            post(post_typing),
+        )
         .route("/v1/tenants/{t}/messages/{id}", get(get_message))
+        .route("/v1/tenants/{t}/messages/{id}/read", post(read_message))
+        .route(
+            "/v1/tenants/{t}/chat-widgets/{address}",
+            put(set_chat_widget).get(get_chat_widget),
+        )
         .route("/v1/tenants/{t}/blobs/{id}", get(get_blob))
         .route("/v1/tenants/{t}/customers", get(find_customer))
         .route("/v1/tenants/{t}/customers/{id}", get(get_customer))
@@ -1141,6 +1150,84 @@ async fn post_message(
         .reply(&t.id, &id, author, must_hold, m.text, m.subject)
         .await?;
     Ok((StatusCode::CREATED, Json(msg)))
+}
+
+/// `POST …/interactions/{id}/typing`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Typing {
+    #[serde(default = "yes")]
+    on: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn role_author(role: &AcdRole) -> plugboard_core::Author {
+    match role {
+        AcdRole::Tenant => plugboard_core::Author::Api,
+        AcdRole::Supervisor(a) | AcdRole::Agent(a) => {
+            plugboard_core::Author::Agent { id: a.clone() }
+        }
+    }
+}
+
+/// An agent is typing in a conversation (the visitor's widget shows it).
+async fn post_typing(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, id)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let typing: Typing = if body.is_empty() {
+        Typing { on: true }
+    } else {
+        parse_json(&body)?
+    };
+    may_see_conversation(&s, &t.id, &role, &id)?;
+    s.interaction(&t.id, &id).await?;
+    s.typing(&t.id, &id, &role_author(&role), typing.on);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// An agent read a customer's message (the widget shows the receipt).
+async fn read_message(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<Json<plugboard_core::Message>> {
+    let m = s.message(&t.id, &id).await?;
+    may_see_conversation(&s, &t.id, &role, &m.interaction)?;
+    if m.direction != plugboard_core::Direction::Inbound {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "only a customer's message is read by an agent",
+        ));
+    }
+    Ok(Json(
+        s.message_status(&t.id, &id, plugboard_core::MessageStatus::Read, None)
+            .await?,
+    ))
+}
+
+async fn set_chat_widget(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, address)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<plugboard_core::ChatWidget>> {
+    let w: plugboard_core::ChatWidget = parse_json(&body)?;
+    Ok(Json(s.set_chat_widget(&t.id, &address, w).await?))
+}
+
+async fn get_chat_widget(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, address)): Path<(String, String)>,
+) -> ApiResult<Json<plugboard_core::ChatWidget>> {
+    Ok(Json(s.chat_widget(&t.id, &address).await?))
 }
 
 async fn get_message(

@@ -15,7 +15,7 @@ pub mod origin;
 
 pub use flow::{Action, Event};
 pub use message::{
-    Attachment, Author, Customer, CustomerAddress, Direction, Message, MessageStatus,
+    Attachment, Author, ChatWidget, Customer, CustomerAddress, Direction, Message, MessageStatus,
 };
 pub use origin::{Origin, Scheme, path_within, url_path};
 

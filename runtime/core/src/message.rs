@@ -185,6 +185,89 @@ pub fn customer_address_key(channel: Channel, address: &str) -> String {
     format!("{class}:{address}")
 }
 
+/// A chat widget's settings (one per chat address).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ChatWidget {
+    /// Origins whose pages may open the widget (`https://shop.example`,
+    /// `http://127.0.0.1:8000`); empty: any. A browser always names the
+    /// page's origin; a client that names none (an agent's tool, a test)
+    /// is let in.
+    #[serde(default)]
+    pub origins: Vec<String>,
+    /// The tenant secret whose value signs verified visitors: the site
+    /// sends `hash = hex(HMAC-SHA256(secret, user_id))` with its user's
+    /// id, as Intercom and Chatwoot do. Unset: visitors are anonymous.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_secret: Option<String>,
+    /// Largest file a visitor may send, bytes.
+    #[serde(default = "default_chat_file")]
+    pub max_file_bytes: u64,
+    /// The widget's title.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+}
+
+/// The default largest chat file: 5 MiB.
+pub const CHAT_FILE_DEFAULT: u64 = 5 * 1024 * 1024;
+/// The largest a widget may allow: 20 MiB.
+pub const CHAT_FILE_MAX: u64 = 20 * 1024 * 1024;
+
+fn default_chat_file() -> u64 {
+    CHAT_FILE_DEFAULT
+}
+
+impl Default for ChatWidget {
+    fn default() -> Self {
+        ChatWidget {
+            origins: Vec::new(),
+            identity_secret: None,
+            max_file_bytes: CHAT_FILE_DEFAULT,
+            title: None,
+        }
+    }
+}
+
+impl ChatWidget {
+    /// Checks the settings: origins are `scheme://host[:port]`, the file
+    /// cap is 1 byte..=[`CHAT_FILE_MAX`].
+    pub fn validate(&self) -> Result<(), Error> {
+        for o in &self.origins {
+            crate::Origin::of_url(o).map_err(|e| Error::Invalid(format!("origin {o:?}: {e}")))?;
+            if crate::url_path(o).is_some_and(|p| p != "/" && !p.is_empty()) {
+                return Err(Error::Invalid(format!(
+                    "origin {o:?}: an origin has no path"
+                )));
+            }
+        }
+        if self.max_file_bytes == 0 || self.max_file_bytes > CHAT_FILE_MAX {
+            return Err(Error::Invalid(format!(
+                "max_file_bytes is 1..={CHAT_FILE_MAX}"
+            )));
+        }
+        if let Some(name) = &self.identity_secret {
+            crate::validate_id("secret", name)?;
+        }
+        if self.title.as_ref().is_some_and(|t| t.len() > 200) {
+            return Err(Error::Invalid("a title is at most 200 bytes".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether a page of `origin` (the browser's `Origin` header) may
+    /// open the widget.
+    pub fn allows(&self, origin: &str) -> bool {
+        if self.origins.is_empty() {
+            return true;
+        }
+        let Ok(o) = crate::Origin::of_url(origin) else {
+            return false;
+        };
+        self.origins
+            .iter()
+            .any(|a| crate::Origin::of_url(a).is_ok_and(|a| a == o))
+    }
+}
+
 /// Limits on what a message may carry.
 pub const MAX_TEXT_BYTES: usize = 64 * 1024;
 

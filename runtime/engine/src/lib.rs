@@ -31,6 +31,7 @@ use tokio::sync::broadcast;
 
 pub mod acd;
 pub mod callback;
+pub mod chat;
 pub mod cluster;
 pub mod fair;
 pub mod messaging;

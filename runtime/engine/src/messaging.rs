@@ -214,6 +214,25 @@ pub(crate) struct Hub {
     outbox: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
 }
 
+/// A new message id for a message created at `now_ms`: ids this process
+/// makes sort in the order it made them, also within one millisecond (a
+/// flow step's replies; a visitor's history is shown in id order), and
+/// stay unique across nodes (16 bits of randomness).
+fn next_message_id(now_ms: u64) -> EngineResult<String> {
+    static LAST: Mutex<(u64, u32)> = Mutex::new((0, 0));
+    let (ms, seq) = {
+        let mut last = lock(&LAST);
+        *last = if now_ms > last.0 {
+            (now_ms, 0)
+        } else {
+            (last.0, last.1.wrapping_add(1) & 0xffff)
+        };
+        *last
+    };
+    let nonce = (seq << 16) | (crate::interaction_nonce()? & 0xffff);
+    Ok(message_id(ms, nonce))
+}
+
 fn storage_json<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> EngineResult<T> {
     serde_json::from_value(v)
         .map_err(|e| CoreError::Storage(format!("bad {what} record: {e}")).into())
@@ -317,7 +336,7 @@ impl Engine {
             meta.insert("name".into(), n.clone());
         }
         let message = Message {
-            id: message_id(created, crate::interaction_nonce()?),
+            id: next_message_id(created)?,
             interaction: ix.clone(),
             channel,
             direction: Direction::Inbound,
@@ -466,6 +485,21 @@ impl Engine {
             .into_iter()
             .map(|v| storage_json(v, "message"))
             .collect()
+    }
+
+    /// The newest conversation a thread key (a chat visitor, an email
+    /// Message-ID) belongs to, open or closed.
+    pub async fn thread_conversation(
+        &self,
+        tenant: &str,
+        channel: Channel,
+        key: &str,
+    ) -> EngineResult<Option<String>> {
+        Ok(self
+            .store
+            .record(tenant, THREAD, &thread_id(channel, key))
+            .await?
+            .and_then(|t| t["interaction"].as_str().map(str::to_string)))
     }
 
     /// The agent who holds (or last held) a conversation's task, if any.
@@ -974,7 +1008,7 @@ impl Engine {
     ) -> EngineResult<Message> {
         let now = now_ms();
         Ok(Message {
-            id: message_id(now, crate::interaction_nonce()?),
+            id: next_message_id(now)?,
             interaction: ix.id.clone(),
             channel: ix.channel,
             direction: Direction::Outbound,

@@ -50,6 +50,21 @@ impl SecretKey {
         Ok((SecretKey(*Key::from_slice(&bytes)), hex::encode(bytes)))
     }
 
+    /// An HMAC-SHA256 of `data` under a key derived from this one for
+    /// `purpose` (tokens the server gives out and checks later).
+    pub fn mac(&self, purpose: &str, data: &[u8]) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut derive = <Hmac<sha2::Sha256> as Mac>::new_from_slice(self.0.as_slice())
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        derive.update(b"plugboard-mac\0");
+        derive.update(purpose.as_bytes());
+        let key = derive.finalize().into_bytes();
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&key)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key length"));
+        mac.update(data);
+        mac.finalize().into_bytes().into()
+    }
+
     fn aad(tenant: &str, name: &str) -> Vec<u8> {
         format!("plugboard-secret\0{tenant}\0{name}").into_bytes()
     }

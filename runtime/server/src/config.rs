@@ -28,6 +28,9 @@ pub struct ConfigFile {
     /// `[email]`.
     #[serde(default)]
     pub email: EmailSection,
+    /// `[chat]`.
+    #[serde(default)]
+    pub chat: ChatSection,
     /// `[[trunk]]` tables.
     #[serde(default, rename = "trunk")]
     pub trunks: Vec<TrunkEntry>,
@@ -109,6 +112,20 @@ pub struct EmailSection {
     /// The smart host replies go out through: `smtp://host:port`,
     /// `smtp://host:port?tls=required`, `smtps://user:pass@host:port`.
     pub relay: Option<String>,
+}
+
+/// `[chat]`: the web chat channel.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatSection {
+    /// The built widget (`widget.js`).
+    pub widget: Option<PathBuf>,
+    /// Widget connections at once from one IP address.
+    pub max_per_ip: Option<usize>,
+    /// Messages a second per visitor (after a burst of 10).
+    pub rate: Option<f64>,
+    /// Messages a second per IP address (after a burst of 100).
+    pub ip_rate: Option<f64>,
 }
 
 /// A `[[trunk]]`: a [`plugboard_core::Trunk`] and the tenant it belongs to.

@@ -145,6 +145,20 @@ struct ServeArgs {
     /// [default: none: replies wait in the outbox].
     #[arg(long, env = "PLUGBOARD_SMTP_RELAY", hide_env_values = true)]
     smtp_relay: Option<String>,
+    /// The built chat widget, `widget.js` [default: `web/widget.js` next to
+    /// this build (`target/`) or under the current directory's `target/`].
+    #[arg(long, env = "PLUGBOARD_CHAT_WIDGET")]
+    chat_widget: Option<PathBuf>,
+    /// Chat widget connections at once from one IP address [default: 50].
+    #[arg(long)]
+    chat_max_per_ip: Option<usize>,
+    /// Chat messages a second per visitor, after a burst of 10 [default: 1].
+    #[arg(long)]
+    chat_rate: Option<f64>,
+    /// Chat messages a second per IP address, after a burst of 100
+    /// [default: 20].
+    #[arg(long)]
+    chat_ip_rate: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -516,6 +530,39 @@ fn flow_graph_component(given: Option<PathBuf>) -> Result<Option<(PathBuf, Vec<u
         .find_map(|p| std::fs::read(&p).ok().map(|b| (p, b))))
 }
 
+/// The chat channel's settings (flags over `[chat]`).
+fn chat_settings(file: &config::ChatSection, args: &ServeArgs) -> plugboard_chat::ChatConfig {
+    let widget_js = args
+        .chat_widget
+        .clone()
+        .or_else(|| file.widget.clone())
+        .or_else(|| {
+            let rel = Path::new("web/widget.js");
+            let mut candidates = Vec::new();
+            if let Ok(exe) = std::env::current_exe()
+                && let Some(target) = exe.parent().and_then(Path::parent)
+            {
+                candidates.push(target.join(rel));
+            }
+            candidates.push(Path::new("target").join(rel));
+            candidates.into_iter().find(|p| p.is_file())
+        });
+    let mut c = plugboard_chat::ChatConfig {
+        widget_js,
+        ..Default::default()
+    };
+    if let Some(n) = args.chat_max_per_ip.or(file.max_per_ip) {
+        c.max_per_ip = n;
+    }
+    if let Some(r) = args.chat_rate.or(file.rate) {
+        c.visitor_rate = r;
+    }
+    if let Some(r) = args.chat_ip_rate.or(file.ip_rate) {
+        c.ip_rate = r;
+    }
+    c
+}
+
 /// The email channel's settings (flags over `[email]`): where SMTP
 /// listens, its session limits and TLS, and the smart host; `None` when
 /// SMTP is off.
@@ -573,6 +620,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     };
     let (server, sip) = (&file.server, &file.sip);
     let email = email_settings(&file.email, &args)?;
+    let chat = chat_settings(&file.chat, &args);
     let data_dir = data_dir
         .or_else(|| server.data_dir.clone())
         .unwrap_or_else(|| PathBuf::from("data"));
@@ -794,6 +842,12 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         // a BYE after their flow's current event and their records are
         // closed; then HTTP stops. At most DRAIN_LIMIT for the calls.
         let draining = voice.clone();
+        match &chat.widget_js {
+            Some(p) => tracing::info!("chat widget from {}", p.display()),
+            None => tracing::warn!("no chat widget built (scripts/build-web.sh)"),
+        }
+        let hub = plugboard_chat::Hub::start(state.clone(), chat);
+        let closing = hub.clone();
         let stop = async move {
             shutdown().await;
             let t0 = Instant::now();
@@ -804,10 +858,15 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
                 tracing::warn!("calls still up after {DRAIN_LIMIT:?}: leaving them");
             }
             tracing::info!("calls drained in {} ms", t0.elapsed().as_millis());
+            closing.close_all();
         };
-        axum::serve(listener, plugboard_api::router(state))
-            .with_graceful_shutdown(stop)
-            .await?;
+        let app = plugboard_api::router(state).merge(plugboard_chat::router(hub));
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop)
+        .await?;
         drop(voice);
         tracing::info!("shut down");
         anyhow::Ok(())

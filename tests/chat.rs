@@ -1,0 +1,673 @@
+//! The web chat channel end to end: the real server, the widget built from
+//! TypeScript, embedded in a page of another origin and driven in headless
+//! Chromium; raw WebSocket clients for the limits, retries and a SIGKILL.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use plugboard_tests::{Browser, LOOPBACK, Server, StaticSite, TinyHttp, root};
+use serde_json::{Value, json};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+type Ws = tungstenite::WebSocket<TcpStream>;
+
+fn mis(path: &str) -> (u16, String) {
+    if path == "/waybills/123" {
+        (
+            200,
+            r#"{"status":"in transit","location":"near Vilnius"}"#.into(),
+        )
+    } else {
+        (404, r#"{"error":"no such waybill"}"#.into())
+    }
+}
+
+fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// Tenant `freight` whose chat address `web-freight` runs the logistics
+/// hotline (keyword menu, HTTP lookup, hand-over to the `agents` queue).
+fn wire(s: &Server, mis_port: u16) -> String {
+    let key = s.tenant("freight");
+    let doc = std::fs::read(root().join("examples/logistics-hotline/flow.json")).unwrap();
+    let d = s
+        .call(
+            "POST",
+            "/v1/tenants/freight/flows/hotline",
+            Some(&key),
+            Some(doc),
+        )
+        .unwrap();
+    assert!(d.status == 200 || d.status == 201, "{d:?}");
+    for (path, body) in [
+        (
+            "plugins/hotline/grants",
+            json!({"http": {"allow": [format!("127.0.0.1:{mis_port}")]}}),
+        ),
+        (
+            "plugins/hotline/config",
+            json!({"mis_url": format!("http://127.0.0.1:{mis_port}")}),
+        ),
+        (
+            "addresses/web-freight",
+            json!({"channel": "chat", "flow": "hotline"}),
+        ),
+    ] {
+        let r = s.json("PUT", &format!("/v1/tenants/freight/{path}"), &key, &body);
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+    key
+}
+
+fn ws_connect(s: &Server, origin: Option<&str>) -> Result<Ws, String> {
+    let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{}/chat/web-freight/ws", s.port);
+    let mut req = tungstenite::client::IntoClientRequest::into_client_request(url.as_str())
+        .map_err(|e| e.to_string())?;
+    if let Some(o) = origin {
+        req.headers_mut().insert("Origin", o.parse().unwrap());
+    }
+    match tungstenite::client(req, stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            Err(format!("HTTP {}", r.status().as_u16()))
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn send(ws: &mut Ws, frame: Value) {
+    ws.send(tungstenite::Message::Text(frame.to_string().into()))
+        .unwrap();
+}
+
+/// The next JSON frame (`None` when the server closed or went quiet).
+fn next(ws: &mut Ws) -> Option<Value> {
+    loop {
+        match ws.read() {
+            Ok(tungstenite::Message::Text(t)) => return serde_json::from_str(&t).ok(),
+            Ok(tungstenite::Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// The next frame of `kind`, skipping others.
+fn next_of(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let f = next(ws).unwrap_or_else(|| panic!("no {kind} frame"));
+        if f["type"] == kind {
+            return f;
+        }
+    }
+}
+
+/// Opens a widget connection and says hello; (socket, welcome, history).
+fn hello(s: &Server, hello: Value) -> (Ws, Value, Value) {
+    let mut ws = ws_connect(s, None).unwrap();
+    send(&mut ws, hello);
+    let welcome = next(&mut ws).unwrap();
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    let history = next(&mut ws).unwrap();
+    assert_eq!(history["type"], "history", "{history}");
+    (ws, welcome, history)
+}
+
+fn messages(s: &Server, key: &str, ix: &str) -> Vec<Value> {
+    let r = s.get(
+        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+        key,
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    r.body["messages"].as_array().unwrap().clone()
+}
+
+/// The widget's messages on the page: (from, text, status) each.
+const SHOWN: &str = r#"Array.from(document.querySelector('[data-pb=root]').shadowRoot
+    .querySelectorAll('[data-pb=msg]')).map(m => [m.dataset.from,
+    m.querySelector('[data-pb=text]').textContent, m.dataset.status || '',
+    Array.from(m.querySelectorAll('[data-pb=file-name]')).map(f => f.textContent).join(',')])"#;
+
+fn shown(b: &mut Browser) -> Vec<(String, String, String, String)> {
+    let v = b.must(json!({"op": "eval", "js": SHOWN}));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m[0].as_str().unwrap().to_string(),
+                m[1].as_str().unwrap().to_string(),
+                m[2].as_str().unwrap().to_string(),
+                m[3].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until a message from `from` containing `text` is on the page.
+fn wait_shown(b: &mut Browser, from: &str, text: &str) {
+    let js = format!(
+        "({SHOWN}).some(m => m[0] === {} && m[1].includes({}))",
+        json!(from),
+        json!(text)
+    );
+    if let Err(e) = b.run(json!({"op": "wait", "js": js, "ms": 20000})) {
+        panic!(
+            "no {from} message with {text:?}: {e}; shown: {:?}",
+            shown(b)
+        );
+    }
+}
+
+fn type_and_send(b: &mut Browser, text: &str) {
+    b.must(json!({"op": "fill", "sel": "[data-pb=input]", "text": text}));
+    b.must(json!({"op": "press", "sel": "[data-pb=input]", "key": "Enter"}));
+}
+
+#[test]
+fn a_visitor_chats_in_chromium_with_the_hotline_reloads_and_is_handed_to_an_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let s = Server::start(dir.path(), LOOPBACK).unwrap();
+    let key = wire(&s, mis.port);
+    // The customer's own site, on another origin, embeds the widget.
+    let page = format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>Baltic Freight</title></head>\
+         <body><h1>Baltic Freight</h1>\
+         <script>window.PlugboardChat = {{name: \"Rita\"}};</script>\
+         <script src=\"http://127.0.0.1:{}/chat/widget.js\" data-address=\"web-freight\" async></script>\
+         </body></html>",
+        s.port
+    );
+    let site = StaticSite::start(&[("index.html", page)]);
+    let w = s.json(
+        "PUT",
+        "/v1/tenants/freight/chat-widgets/web-freight",
+        &key,
+        &json!({"origins": [site.origin()], "title": "Baltic Freight", "max_file_bytes": 100000}),
+    );
+    assert_eq!(w.status, 200, "{w:?}");
+    // An agent, for the hand-over.
+    assert_eq!(
+        s.json("PUT", "/v1/tenants/freight/queues/agents", &key, &json!({}))
+            .status,
+        200
+    );
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/agents/ann",
+        &key,
+        &json!({"capacity": {"chat": 3}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let ann = s.json(
+        "POST",
+        "/v1/tenants/freight/agents/ann/token",
+        &key,
+        &json!({}),
+    );
+    let ann = ann.body["token"].as_str().unwrap().to_string();
+    let p = s.json(
+        "PUT",
+        "/v1/tenants/freight/agents/ann/presence",
+        &ann,
+        &json!({"state": "available"}),
+    );
+    assert_eq!(p.status, 204, "{p:?}");
+
+    let mut b = Browser::start();
+    b.must(json!({"op": "open", "url": format!("{}/index.html", site.origin())}));
+    b.must(json!({"op": "click", "sel": "[data-pb=open]"}));
+    b.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=root]').shadowRoot.querySelector('[data-pb=state]').textContent === ''"}));
+    // The keyword menu, then the waybill looked up over HTTP.
+    type_and_send(&mut b, "track");
+    wait_shown(&mut b, "bot", "waybill number");
+    type_and_send(&mut b, "123");
+    wait_shown(&mut b, "bot", "near Vilnius");
+    let before = shown(&mut b);
+    let mine: Vec<_> = before.iter().filter(|m| m.0 == "visitor").collect();
+    assert_eq!(mine.len(), 2, "{before:?}");
+    assert!(
+        mine.iter().all(|m| m.2 == "received"),
+        "acknowledged: {before:?}"
+    );
+    let ixs = s.get("/v1/tenants/freight/interactions", &key).body["interactions"].clone();
+    let ixs = ixs.as_array().unwrap();
+    assert_eq!(ixs.len(), 1, "{ixs:?}");
+    let ix = ixs[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(ixs[0]["channel"], "chat");
+
+    // A reload: the same visitor, the whole conversation back.
+    b.must(json!({"op": "reload"}));
+    wait_shown(&mut b, "bot", "near Vilnius");
+    let after = shown(&mut b);
+    let texts =
+        |v: &[(String, String, String, String)]| v.iter().map(|m| m.1.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&after), texts(&before), "history after a reload");
+    let stored = messages(&s, &key, &ix);
+    let visitor = stored[0]["from"].as_str().unwrap().to_string();
+    assert!(visitor.starts_with("v-"), "{visitor}");
+
+    // The tenant's event stream, as an agent desktop follows it.
+    let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let url = format!(
+        "ws://127.0.0.1:{}/v1/tenants/freight/events?token={key}",
+        s.port
+    );
+    let (mut events, _) = tungstenite::client(url.as_str(), stream).unwrap();
+
+    // "0" (the menu after a lookup): the flow hands the conversation to
+    // the queue; Ann takes it.
+    type_and_send(&mut b, "0");
+    wait_shown(&mut b, "bot", "an agent will be with you");
+    assert!(eventually(Duration::from_secs(10), || {
+        s.get(&format!("/v1/tenants/freight/tasks/{ix}"), &key).body["state"] == "offered"
+    }));
+    let acc = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/tasks/{ix}/accept"),
+        &ann,
+        &json!({}),
+    );
+    assert_eq!(acc.status, 200, "{acc:?}");
+    // The visitor types: Ann's desktop sees it.
+    b.must(json!({"op": "fill", "sel": "[data-pb=input]", "text": "Hello?"}));
+    let mut typing = false;
+    let t0 = Instant::now();
+    while !typing && t0.elapsed() < Duration::from_secs(10) {
+        let Ok(msg) = events.read() else { break };
+        let Ok(text) = msg.to_text() else { continue };
+        let v: Value = serde_json::from_str(text).unwrap_or_default();
+        typing = v["kind"] == "typing"
+            && v["interaction"] == ix.as_str()
+            && v["data"]["author"]["type"] == "customer";
+    }
+    assert!(typing, "the visitor's typing did not reach the stream");
+    b.must(json!({"op": "press", "sel": "[data-pb=input]", "key": "Enter"}));
+    wait_shown(&mut b, "visitor", "Hello?");
+    // Ann types, then answers: the widget shows both.
+    let t = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/interactions/{ix}/typing"),
+        &ann,
+        &json!({"on": true}),
+    );
+    assert_eq!(t.status, 204, "{t:?}");
+    b.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=root]').shadowRoot.querySelector('[data-pb=typing]').textContent.includes('typing')"}));
+    let r = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+        &ann,
+        &json!({"text": "Hi Rita, Ann here. Your truck is on time."}),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    let reply_id = r.body["id"].as_str().unwrap().to_string();
+    wait_shown(&mut b, "agent", "Ann here");
+    // The open widget reads it: the receipt reaches the message.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            s.get(&format!("/v1/tenants/freight/messages/{reply_id}"), &ann)
+                .body["status"]
+                == "read"
+        }),
+        "the widget's read receipt"
+    );
+    // Ann reads the visitor's message: the widget shows it read.
+    let hello_id = messages(&s, &key, &ix)
+        .iter()
+        .find(|m| m["text"] == "Hello?")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rd = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/messages/{hello_id}/read"),
+        &ann,
+        &json!({}),
+    );
+    assert_eq!(rd.status, 200, "{rd:?}");
+    b.must(json!({"op": "wait", "js": format!("({SHOWN}).some(m => m[1] === 'Hello?' && m[2] === 'read')")}));
+
+    // A file, stored as a blob of the conversation.
+    b.must(json!({"op": "file", "sel": "[data-pb=file]", "name": "waybill.pdf", "mime": "application/pdf", "size": 2048}));
+    b.must(json!({"op": "wait", "js": format!("({SHOWN}).some(m => m[3].includes('waybill.pdf') && m[2] === 'received')")}));
+    let with_file = messages(&s, &key, &ix)
+        .into_iter()
+        .find(|m| m["attachments"].as_array().is_some_and(|a| !a.is_empty()))
+        .expect("the message with the file");
+    let att = &with_file["attachments"][0];
+    assert_eq!(att["name"], "waybill.pdf");
+    assert_eq!(att["size"], 2048);
+    let (status, bytes) = s.get_bytes(
+        &format!(
+            "/v1/tenants/freight/blobs/{}",
+            att["blob"].as_str().unwrap()
+        ),
+        &key,
+    );
+    assert_eq!((status, bytes.len()), (200, 2048));
+    // A file over the widget's cap is refused with a clear message.
+    b.must(json!({"op": "file", "sel": "[data-pb=file]", "name": "huge.bin", "mime": "application/octet-stream", "size": 200000}));
+    let err = b.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=root]').shadowRoot.querySelector('[data-pb=error]').textContent"}));
+    assert!(err.as_str().unwrap().contains("too large"), "{err}");
+
+    // One customer: the chat visitor, with the name the site gave.
+    let c = s.get(
+        &format!("/v1/tenants/freight/customers?channel=chat&address={visitor}"),
+        &key,
+    );
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(c.body["name"], "Rita", "{c:?}");
+    let log = b.must(json!({"op": "log"}));
+    assert!(
+        !log.to_string().contains("pageerror"),
+        "errors on the page: {log}"
+    );
+}
+
+#[test]
+fn origins_tokens_identities_retries_sizes_and_a_flood() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let mut flags: Vec<&str> = LOOPBACK.to_vec();
+    flags.extend(["--chat-max-per-ip", "6"]);
+    let s = Server::start(dir.path(), &flags).unwrap();
+    let key = wire(&s, mis.port);
+    let w = s.json(
+        "PUT",
+        "/v1/tenants/freight/chat-widgets/web-freight",
+        &key,
+        &json!({"origins": ["https://shop.example"], "identity_secret": "site-key"}),
+    );
+    assert_eq!(w.status, 200, "{w:?}");
+    let sec = s.json(
+        "PUT",
+        "/v1/tenants/freight/secrets/site-key",
+        &key,
+        &json!({"value": "k3y-of-the-site"}),
+    );
+    assert_eq!(sec.status, 200, "{sec:?}");
+
+    // Another site's page may not open it; the allowed one may.
+    assert_eq!(
+        ws_connect(&s, Some("https://evil.example"))
+            .err()
+            .as_deref(),
+        Some("HTTP 403")
+    );
+    assert!(ws_connect(&s, Some("https://shop.example")).is_ok());
+    // An address that is not a chat address.
+    let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
+    let url = format!("ws://127.0.0.1:{}/chat/nobody/ws", s.port);
+    assert!(tungstenite::client(url.as_str(), stream).is_err());
+
+    // The first frame must be hello.
+    let mut ws = ws_connect(&s, None).unwrap();
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "x", "text": "hi"}),
+    );
+    assert_eq!(next(&mut ws).unwrap()["code"], "hello_first");
+
+    // An anonymous visitor gets a token; with it, it is the same visitor.
+    let (mut ws, welcome, history) = hello(&s, json!({"type": "hello"}));
+    let visitor = welcome["visitor"].as_str().unwrap().to_string();
+    let token = welcome["token"].as_str().unwrap().to_string();
+    assert_eq!(history["messages"], json!([]));
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "c-1", "text": "track"}),
+    );
+    let ack = next_of(&mut ws, "ack");
+    assert_eq!(ack["duplicate"], false, "{ack}");
+    let ix = ack["conversation"].as_str().unwrap().to_string();
+    // The same message again (a retry after a lost ack): the same one.
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "c-1", "text": "track"}),
+    );
+    let again = next_of(&mut ws, "ack");
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["id"], ack["id"]);
+    drop(ws);
+    let (ws_a, welcome, history) = hello(&s, json!({"type": "hello", "token": token}));
+    assert_eq!(welcome["visitor"], visitor.as_str());
+    let hist = history["messages"].as_array().unwrap();
+    assert!(
+        hist.iter()
+            .any(|m| m["text"] == "track" && m["from"] == "visitor"),
+        "{history}"
+    );
+    let inbound: Vec<Value> = messages(&s, &key, &ix)
+        .into_iter()
+        .filter(|m| m["direction"] == "inbound")
+        .collect();
+    assert_eq!(inbound.len(), 1, "a retry stored twice: {inbound:?}");
+    // A forged token is not that visitor.
+    let forged = format!("{visitor}.{}", "0".repeat(32));
+    let (ws_b, welcome, history) = hello(&s, json!({"type": "hello", "token": forged}));
+    assert_ne!(welcome["visitor"], visitor.as_str());
+    assert_eq!(history["messages"], json!([]));
+
+    // A verified user: the site signs the user's id.
+    let hash = {
+        use hmac::{Hmac, Mac};
+        let mut m = Hmac::<sha2::Sha256>::new_from_slice(b"k3y-of-the-site").unwrap();
+        m.update(b"42");
+        hex::encode(m.finalize().into_bytes())
+    };
+    let (ws_c, welcome, _) = hello(
+        &s,
+        json!({"type": "hello", "user": {"id": "42", "hash": hash}}),
+    );
+    assert_eq!(welcome["visitor"], "u-42");
+    assert_eq!(welcome["verified"], true);
+    assert_eq!(welcome["token"], Value::Null);
+    let mut ws = ws_connect(&s, None).unwrap();
+    send(
+        &mut ws,
+        json!({"type": "hello", "user": {"id": "42", "hash": "00".repeat(32)}}),
+    );
+    assert_eq!(next(&mut ws).unwrap()["code"], "bad_identity");
+    assert!(next(&mut ws).is_none(), "closed after a bad identity");
+
+    // Too much text: a clear error, and the connection goes on.
+    let (mut ws, _, _) = hello(&s, json!({"type": "hello"}));
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "big", "text": "x".repeat(70_000)}),
+    );
+    let e = next_of(&mut ws, "error");
+    assert_eq!(e["code"], "too_large", "{e}");
+    assert_eq!(e["client_id"], "big");
+    send(&mut ws, json!({"type": "ping"}));
+    assert_eq!(next_of(&mut ws, "pong")["type"], "pong");
+    // Not a frame of the protocol.
+    send(&mut ws, json!({"type": "launch"}));
+    assert_eq!(next_of(&mut ws, "error")["code"], "bad_frame");
+
+    // A flood from one visitor: the burst is taken, the rest refused with
+    // when to retry; nothing refused is stored, nothing taken is lost.
+    let mut acked = Vec::new();
+    let mut limited = 0;
+    for n in 0..60 {
+        send(
+            &mut ws,
+            json!({"type": "message", "client_id": format!("f-{n}"), "text": format!("flood {n}")}),
+        );
+    }
+    let mut answers = 0;
+    while answers < 60 {
+        let f = next(&mut ws).expect("an answer for every message");
+        match f["type"].as_str() {
+            Some("ack") => {
+                acked.push(f["client_id"].as_str().unwrap().to_string());
+                answers += 1;
+            }
+            Some("error") => {
+                assert_eq!(f["code"], "rate_limited", "{f}");
+                assert!(f["retry_after_ms"].as_u64().unwrap() > 0, "{f}");
+                limited += 1;
+                answers += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        (10..=14).contains(&acked.len()),
+        "a burst of 10 (and a few refilled): {} acked",
+        acked.len()
+    );
+    assert_eq!(acked.len() + limited, 60);
+    let ix2 = s.get("/v1/tenants/freight/interactions", &key).body["interactions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["id"] != ix.as_str() && i["from"].as_str().unwrap().starts_with("v-"))
+        .map(|i| i["id"].as_str().unwrap().to_string());
+    let flood: Vec<String> = ix2
+        .iter()
+        .flat_map(|ix| messages(&s, &key, ix))
+        .filter(|m| m["text"].as_str().unwrap_or("").starts_with("flood"))
+        .map(|m| m["client_id"].as_str().unwrap().to_string())
+        .collect();
+    let mut want = acked.clone();
+    want.sort();
+    let mut got = flood.clone();
+    got.sort();
+    assert_eq!(got, want, "stored exactly the acknowledged messages");
+    assert_eq!(s.get("/healthz", "").status, 200);
+
+    // Connections per IP address are capped (6 here): more get 429.
+    drop((ws, ws_a, ws_b, ws_c));
+    std::thread::sleep(Duration::from_millis(500));
+    let mut open = Vec::new();
+    for _ in 0..8 {
+        match ws_connect(&s, None) {
+            Ok(w) => open.push(w),
+            Err(e) => {
+                assert_eq!(e, "HTTP 429");
+                break;
+            }
+        }
+    }
+    assert_eq!(open.len(), 6, "the cap is 6 connections per address");
+}
+
+#[test]
+fn acknowledged_chat_messages_survive_a_sigkill_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let mut flags: Vec<&str> = LOOPBACK.to_vec();
+    flags.extend(["--chat-rate", "100000", "--chat-ip-rate", "100000"]);
+    let s = Server::start(dir.path(), &flags).unwrap();
+    let key = wire(&s, mis.port);
+    const N: usize = 300;
+    let (mut ws, welcome, _) = hello(&s, json!({"type": "hello"}));
+    let token = welcome["token"].as_str().unwrap().to_string();
+    // Send everything, read acks as they come, and SIGKILL the server
+    // after the first 100 acks (the rest are in flight or unsent).
+    let mut acked = std::collections::BTreeSet::new();
+    let mut sent = 0;
+    let pid = s.pid();
+    while acked.len() < 100 {
+        while sent < N && sent < acked.len() + 20 {
+            send(
+                &mut ws,
+                json!({"type": "message", "client_id": format!("m-{sent:03}"), "text": format!("message {sent}")}),
+            );
+            sent += 1;
+        }
+        let f = next(&mut ws).expect("acks before the kill");
+        if f["type"] == "ack" {
+            acked.insert(f["client_id"].as_str().unwrap().to_string());
+        }
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    // Whatever else was acknowledged before the socket died counts too.
+    while let Some(f) = next(&mut ws) {
+        if f["type"] == "ack" {
+            acked.insert(f["client_id"].as_str().unwrap().to_string());
+        }
+    }
+    s.kill();
+    let data = dir.path().to_path_buf();
+    let s = Server::start(&data, &flags).unwrap();
+    // The widget reconnects with its token and sends every message it
+    // has no ack for, with the same ids.
+    let (mut ws, welcome, history) = hello(&s, json!({"type": "hello", "token": token}));
+    assert_eq!(welcome["token"], token.as_str());
+    let seen: std::collections::BTreeSet<String> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["client_id"].as_str().map(str::to_string))
+        .collect();
+    for c in &acked {
+        assert!(seen.contains(c), "acknowledged {c} is not in the history");
+    }
+    let mut resend = 0;
+    for n in 0..N {
+        let c = format!("m-{n:03}");
+        if !acked.contains(&c) {
+            send(
+                &mut ws,
+                json!({"type": "message", "client_id": c, "text": format!("message {n}")}),
+            );
+            resend += 1;
+        }
+    }
+    let mut acks = 0;
+    while acks < resend {
+        let f = next(&mut ws).expect("acks after the restart");
+        if f["type"] == "ack" {
+            acks += 1;
+        }
+    }
+    let ix = history["messages"][0]["conversation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let all: Vec<String> = messages(&s, &key, &ix)
+        .into_iter()
+        .filter(|m| m["direction"] == "inbound")
+        .map(|m| m["client_id"].as_str().unwrap().to_string())
+        .collect();
+    let distinct: std::collections::BTreeSet<&String> = all.iter().collect();
+    assert_eq!(
+        all.len(),
+        N,
+        "every message stored once: {} stored",
+        all.len()
+    );
+    assert_eq!(distinct.len(), N);
+    // Every reply the flow wrote leaves the outbox (sent), none twice.
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            messages(&s, &key, &ix)
+                .iter()
+                .filter(|m| m["direction"] == "outbound")
+                .all(|m| m["status"] != "queued")
+        }),
+        "replies still queued after the restart"
+    );
+}
