@@ -68,6 +68,9 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     "$BIN" address set demo +15550142 --channel voice --flow logistics-hotline >/dev/null
     # The same hotline answers email: write "track", then the waybill.
     "$BIN" address set demo help@demo.test --channel email --flow logistics-hotline >/dev/null
+    # … and web chat: the widget page is served at /chat/web-demo.
+    "$BIN" address set demo web-demo --channel chat --flow logistics-hotline >/dev/null
+    api PUT chat-widgets/web-demo '{"title":"Demo Logistics"}'
     # The contact centre: two queues routed by the skills router, three
     # agents with SIP phones, and a front desk that asks sales or support.
     api PUT queues/sales '{"skills":["sales"],"router":"skills-router","offer_timeout":20,"wrap_up":5,"callback_after":60,"announce_every":30,"whisper":true}'
@@ -104,6 +107,11 @@ Email the same hotline (SMTP on $SMTP; replies land in $DATA/sent-mail):
   then answer the reply with the waybill: 123
   $BIN customer find demo you@example.com      # the customer, then:
   $BIN customer history demo CUSTOMER_ID       # every conversation, with messages
+Chat with the same hotline in a browser (write "track", then 123, or "agent"):
+  http://$HTTP/chat/web-demo
+  $BIN customer find demo VISITOR --channel chat    # VISITOR: the chat's "from"
+  $BIN customer merge demo EMAIL_CUSTOMER CHAT_CUSTOMER   # one person:
+  $BIN customer history demo EMAIL_CUSTOMER               # both conversations
 Try:
   $BIN flow simulate demo hello-ivr --events '[{"type":"digits","digits":"1"}]'
   $BIN flow simulate demo cargo-lookup --events '[{"type":"digits","digits":"123","terminated":true}]'
