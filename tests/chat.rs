@@ -416,6 +416,19 @@ fn origins_tokens_identities_retries_sizes_and_a_flood() {
     let url = format!("ws://127.0.0.1:{}/chat/nobody/ws", s.port);
     assert!(tungstenite::client(url.as_str(), stream).is_err());
 
+    // The page to try it, and the widget itself, are public.
+    let (status, page) = s.get_bytes("/chat/web-freight", "");
+    let page = String::from_utf8(page).unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(r#"<script src="/chat/widget.js" data-address="web-freight""#),
+        "{page}"
+    );
+    let (status, js) = s.get_bytes("/chat/widget.js", "");
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&js).contains("/ws"));
+    assert_eq!(s.get_bytes("/chat/nobody", "").0, 404);
+
     // The first frame must be hello.
     let mut ws = ws_connect(&s, None).unwrap();
     send(
