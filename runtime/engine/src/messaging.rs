@@ -746,9 +746,12 @@ impl Engine {
                 _ => None,
             };
             if let Some(text) = text {
-                match self.new_outbound(&session.interaction, Author::Flow, text, None) {
-                    Ok(m) => outbound.push(m),
-                    Err(e) => tracing::warn!("no outbound message: {e}"),
+                // An empty prompt sends nothing (a flow that only listens).
+                if !text.trim().is_empty() {
+                    match self.new_outbound(&session.interaction, Author::Flow, text, None) {
+                        Ok(m) => outbound.push(m),
+                        Err(e) => tracing::warn!("no outbound message: {e}"),
+                    }
                 }
                 if matches!(action, Action::Gather { .. }) {
                     // The answer is the customer's next message.

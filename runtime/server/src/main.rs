@@ -824,6 +824,12 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             tracing::info!("SMTP listening on {}", smtp.local_addr()?);
             tokio::spawn(plugboard_email::serve(smtp, state.clone(), config));
         }
+        // The chat channel (its courier) before the outbox resumes.
+        match &chat.widget_js {
+            Some(p) => tracing::info!("chat widget from {}", p.display()),
+            None => tracing::warn!("no chat widget built (scripts/build-web.sh)"),
+        }
+        let hub = plugboard_chat::Hub::start(state.clone(), chat);
         // Conversations whose last messages were not yet run through their
         // flow, and the outbox, are taken up again.
         match state.resume_conversations().await {
@@ -842,11 +848,6 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         // a BYE after their flow's current event and their records are
         // closed; then HTTP stops. At most DRAIN_LIMIT for the calls.
         let draining = voice.clone();
-        match &chat.widget_js {
-            Some(p) => tracing::info!("chat widget from {}", p.display()),
-            None => tracing::warn!("no chat widget built (scripts/build-web.sh)"),
-        }
-        let hub = plugboard_chat::Hub::start(state.clone(), chat);
         let closing = hub.clone();
         let stop = async move {
             shutdown().await;
@@ -861,6 +862,13 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             closing.close_all();
         };
         let app = plugboard_api::router(state).merge(plugboard_chat::router(hub));
+        // No Nagle delay on small frames (chat acks, events): without it a
+        // widget's ack waited for the peer's delayed ACK, ~40 ms.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!("TCP_NODELAY: {e}");
+            }
+        });
         axum::serve(
             listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
