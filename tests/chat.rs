@@ -684,3 +684,97 @@ fn acknowledged_chat_messages_survive_a_sigkill_exactly_once() {
         "replies still queued after the restart"
     );
 }
+
+#[test]
+fn one_customer_writes_by_chat_then_email_and_the_merged_history_has_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(mis);
+    let mut flags: Vec<&str> = LOOPBACK.to_vec();
+    flags.extend(["--smtp", "127.0.0.1:0"]);
+    let s = Server::start(dir.path(), &flags).unwrap();
+    let smtp = s.logged("SMTP listening on ");
+    let key = wire(&s, mis.port);
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/addresses/help@freight.test",
+        &key,
+        &json!({"channel": "email", "flow": "hotline"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+
+    // First by chat…
+    let (mut ws, welcome, _) = hello(&s, json!({"type": "hello", "name": "Rita Ray"}));
+    let visitor = welcome["visitor"].as_str().unwrap().to_string();
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "r-1", "text": "track"}),
+    );
+    let chat_ix = next_of(&mut ws, "ack")["conversation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // … then by email (swaks, a real SMTP client).
+    let out = std::process::Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{smtp}"), "--timeout", "20"])
+        .args(["--from", "rita@example.com", "--to", "help@freight.test"])
+        .args(["--header", "Subject: my cargo", "--body", "track"])
+        .output()
+        .expect("swaks (run scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let find = |channel: &str, address: &str| {
+        let mut c = Value::Null;
+        assert!(eventually(Duration::from_secs(10), || {
+            let r = s.get(
+                &format!("/v1/tenants/freight/customers?channel={channel}&address={address}"),
+                &key,
+            );
+            c = r.body;
+            r.status == 200
+        }));
+        c
+    };
+    let by_chat = find("chat", &visitor);
+    let by_email = find("email", "rita@example.com");
+    assert_ne!(by_chat["id"], by_email["id"], "two customers until merged");
+    assert_eq!(by_chat["name"], "Rita Ray");
+    // The agent (or the CRM) says they are one person.
+    let m = s.json(
+        "POST",
+        &format!(
+            "/v1/tenants/freight/customers/{}/merge",
+            by_email["id"].as_str().unwrap()
+        ),
+        &key,
+        &json!({"from": by_chat["id"]}),
+    );
+    assert_eq!(m.status, 200, "{m:?}");
+    let h = s.get(
+        &format!(
+            "/v1/tenants/freight/customers/{}",
+            by_email["id"].as_str().unwrap()
+        ),
+        &key,
+    );
+    assert_eq!(h.status, 200, "{h:?}");
+    let list = h.body["interactions"].as_array().unwrap();
+    let channels: Vec<&str> = list
+        .iter()
+        .map(|i| i["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(channels, ["chat", "email"], "oldest first: {h:?}");
+    assert_eq!(list[0]["id"], chat_ix.as_str());
+    assert!(
+        list.iter().all(|i| i["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["text"] == "track")),
+        "each with its messages: {h:?}"
+    );
+    // Looked up by either address, it is the one customer.
+    assert_eq!(find("chat", &visitor)["id"], by_email["id"]);
+}
