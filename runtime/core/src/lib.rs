@@ -17,7 +17,7 @@ pub use flow::{Action, Event};
 pub use message::{
     Attachment, Author, ChatWidget, Customer, CustomerAddress, Direction, Message, MessageStatus,
 };
-pub use origin::{Origin, Scheme, path_within, url_path};
+pub use origin::{Origin, Scheme, path_within, redact_url, url_path};
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

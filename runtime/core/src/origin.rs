@@ -154,6 +154,25 @@ fn split_scheme(s: &str) -> Option<(Scheme, &str)> {
     Some((scheme, rest))
 }
 
+/// A URL without its secret, for logs and settings shown: the password in
+/// its user info masked (`postgres://app:********@db/x`), or all of the user
+/// info when `keep_user` is false (where a user alone is a token, as in
+/// NATS URLs). A URL without user info is returned as it is.
+pub fn redact_url(url: &str, keep_user: bool) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            if keep_user {
+                format!("{}{user}:********{}", &url[..scheme + 3], &url[at..])
+            } else {
+                format!("{}********{}", &url[..scheme + 3], &url[at..])
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,7 +42,7 @@ impl SmartHost {
         AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map(|_| ())
             .map_err(|e| RelayError {
-                url: redact(url),
+                url: plugboard_core::redact_url(url, true),
                 why: e.to_string(),
             })
     }
@@ -54,7 +54,7 @@ impl SmartHost {
     pub fn new(url: &str, engine: &Arc<Engine>) -> Result<SmartHost, RelayError> {
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(url)
             .map_err(|e| RelayError {
-                url: redact(url),
+                url: plugboard_core::redact_url(url, true),
                 why: e.to_string(),
             })?
             .timeout(Some(Duration::from_secs(30)))
@@ -117,14 +117,6 @@ impl SmartHost {
         );
         email.sign(&config);
         Ok(())
-    }
-}
-
-/// A URL with its password masked, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_string(),
     }
 }
 
@@ -286,7 +278,13 @@ mod tests {
 
     #[test]
     fn passwords_stay_out_of_messages() {
-        assert_eq!(redact("smtp://u:secret@relay:25"), "smtp://***@relay:25");
-        assert_eq!(redact("smtp://relay:25"), "smtp://relay:25");
+        assert_eq!(
+            plugboard_core::redact_url("smtp://u:secret@relay:25", true),
+            "smtp://u:********@relay:25"
+        );
+        assert_eq!(
+            plugboard_core::redact_url("smtp://relay:25", true),
+            "smtp://relay:25"
+        );
     }
 }

@@ -204,6 +204,27 @@ struct OutboxEntry {
 /// A conversation's turn: held while its messages are worked on.
 type Turn = Arc<tokio::sync::Mutex<()>>;
 
+/// A conversation's turn, held; on drop, the lock leaves the map unless
+/// someone else holds or waits for it.
+struct TurnGuard<'a> {
+    workers: &'a Mutex<HashMap<(String, String), Turn>>,
+    key: (String, String),
+    held: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for TurnGuard<'_> {
+    fn drop(&mut self) {
+        self.held = None;
+        let mut workers = lock(self.workers);
+        if workers
+            .get(&self.key)
+            .is_some_and(|w| Arc::strong_count(w) == 1)
+        {
+            workers.remove(&self.key);
+        }
+    }
+}
+
 /// The messaging state of the engine: the conversation workers' locks,
 /// the couriers and the outbox's queue.
 #[derive(Default)]
@@ -231,6 +252,11 @@ fn next_message_id(now_ms: u64) -> EngineResult<String> {
     };
     let nonce = (seq << 16) | (crate::interaction_nonce()? & 0xffff);
     Ok(message_id(ms, nonce))
+}
+
+/// A message's status change as webhooks report it.
+fn status_change(m: &Message) -> Value {
+    json!({"id": m.id, "interaction": m.interaction, "status": m.status, "error": m.error})
 }
 
 fn storage_json<T: serde::de::DeserializeOwned>(v: Value, what: &str) -> EngineResult<T> {
@@ -404,27 +430,27 @@ impl Engine {
             ));
             writes.push(RecordWrite::put(PENDING_IX, &ix, json!({})));
         }
+        let mut failed = None;
         if let (Some(original), Some((_, why))) = (&bounced, &inbound.bounce_of)
             && original.status != MessageStatus::Failed
         {
-            let mut failed = original.clone();
-            failed.status = MessageStatus::Failed;
-            failed.error = Some(format!("bounced: {why}"));
-            failed.updated_ms = created;
+            let mut f = original.clone();
+            f.status = MessageStatus::Failed;
+            f.error = Some(format!("bounced: {why}"));
+            f.updated_ms = created;
             writes.push(RecordWrite::put(
-                conv_kind(&failed.interaction),
-                &failed.id,
-                to_json(&failed),
+                conv_kind(&f.interaction),
+                &f.id,
+                to_json(&f),
             ));
+            failed = Some(f);
         }
         let mut hooks = self
             .hook_writes(tenant, "message", &to_json(&message), &mut writes)
             .await?;
-        if let Some(original) = &bounced {
-            let status =
-                json!({"id": original.id, "interaction": ix, "status": MessageStatus::Failed});
+        if let Some(f) = &failed {
             hooks.extend(
-                self.hook_writes(tenant, "message_status", &status, &mut writes)
+                self.hook_writes(tenant, "message_status", &status_change(f), &mut writes)
                     .await?,
             );
         }
@@ -447,12 +473,8 @@ impl Engine {
             tenant,
             json!({"interaction": ix, "kind": "message", "data": message}),
         );
-        if let Some(original) = &bounced {
-            self.publish(
-                tenant,
-                json!({"interaction": ix, "kind": "message_status",
-                       "data": {"id": original.id, "status": MessageStatus::Failed}}),
-            );
+        if let Some(f) = &failed {
+            self.publish_status(tenant, f);
         }
         Ok(Received {
             tenant: tenant.to_string(),
@@ -588,12 +610,7 @@ impl Engine {
     }
 
     async fn work_conversation(self: &Arc<Self>, tenant: &str, ix: &str) -> EngineResult<()> {
-        let key = (tenant.to_string(), ix.to_string());
-        let worker = lock(&self.messaging.workers)
-            .entry(key.clone())
-            .or_default()
-            .clone();
-        let _turn = worker.lock().await;
+        let _turn = self.turn(tenant, ix).await;
         loop {
             let pending = self
                 .store
@@ -624,10 +641,6 @@ impl Engine {
                 let flow = p["flow"].as_str().unwrap_or_default().to_string();
                 self.step_conversation(tenant, ix, &id, &flow).await?;
             }
-        }
-        let mut workers = lock(&self.messaging.workers);
-        if workers.get(&key).is_some_and(|w| Arc::strong_count(w) <= 2) {
-            workers.remove(&key);
         }
         Ok(())
     }
@@ -875,8 +888,7 @@ impl Engine {
         state: InteractionState,
         data: Value,
     ) -> EngineResult<()> {
-        let worker = self.worker(tenant, ix);
-        let _turn = worker.lock().await;
+        let _turn = self.turn(tenant, ix).await;
         let Some(mut interaction) = self.store.interaction(tenant, ix).await? else {
             return Ok(());
         };
@@ -903,8 +915,7 @@ impl Engine {
         ix: &str,
         why: &str,
     ) -> EngineResult<()> {
-        let worker = self.worker(tenant, ix);
-        let _turn = worker.lock().await;
+        let _turn = self.turn(tenant, ix).await;
         let Some(interaction) = self.store.interaction(tenant, ix).await? else {
             return Ok(());
         };
@@ -923,8 +934,7 @@ impl Engine {
     }
 
     async fn conversation_task_ended(self: &Arc<Self>, tenant: &str, ix: &str) -> EngineResult<()> {
-        let worker = self.worker(tenant, ix);
-        let _turn = worker.lock().await;
+        let _turn = self.turn(tenant, ix).await;
         let mut conv = self.conversation(tenant, ix).await?;
         let Some(task) = conv.task.clone() else {
             return Ok(());
@@ -994,11 +1004,20 @@ impl Engine {
         Ok(())
     }
 
-    fn worker(&self, tenant: &str, ix: &str) -> Turn {
-        lock(&self.messaging.workers)
-            .entry((tenant.to_string(), ix.to_string()))
+    /// Waits for the conversation's turn (its messages, replies and task
+    /// news are worked on one at a time); the turn ends when the guard is
+    /// dropped, and the conversation's lock goes once nobody waits for it.
+    async fn turn(&self, tenant: &str, ix: &str) -> TurnGuard<'_> {
+        let key = (tenant.to_string(), ix.to_string());
+        let lock_of = lock(&self.messaging.workers)
+            .entry(key.clone())
             .or_default()
-            .clone()
+            .clone();
+        TurnGuard {
+            workers: &self.messaging.workers,
+            key,
+            held: Some(lock_of.lock_owned().await),
+        }
     }
 
     /// A new outbound message on a conversation, to its customer.
@@ -1078,8 +1097,7 @@ impl Engine {
         subject: Option<String>,
     ) -> EngineResult<Message> {
         validate_text(&text, false)?;
-        let worker = self.worker(tenant, ix);
-        let _turn = worker.lock().await;
+        let _turn = self.turn(tenant, ix).await;
         let mut interaction = self
             .store
             .interaction(tenant, ix)
@@ -1156,19 +1174,22 @@ impl Engine {
             &m.id,
             to_json(&m),
         )];
-        let change =
-            json!({"id": m.id, "interaction": m.interaction, "status": m.status, "error": m.error});
         let hooks = self
-            .hook_writes(tenant, "message_status", &change, &mut writes)
+            .hook_writes(tenant, "message_status", &status_change(&m), &mut writes)
             .await?;
         self.store.apply_records(tenant, &writes, None).await?;
         self.start_hooks(tenant, hooks);
+        self.publish_status(tenant, &m);
+        Ok(m)
+    }
+
+    /// A message's new status on the tenant's event stream.
+    fn publish_status(&self, tenant: &str, m: &Message) {
         self.publish(
             tenant,
             json!({"interaction": m.interaction, "kind": "message_status",
                    "data": {"id": m.id, "status": m.status, "error": m.error}}),
         );
-        Ok(m)
     }
 
     // ----- the outbox -----
@@ -1248,20 +1269,15 @@ impl Engine {
             Some(_) => writes.push(RecordWrite::put(OUTBOX, id, to_json(&entry))),
             None => {
                 writes.push(RecordWrite::delete(OUTBOX, id));
-                let change = json!({"id": m.id, "interaction": m.interaction, "status": m.status, "error": m.error});
                 hooks = self
-                    .hook_writes(tenant, "message_status", &change, &mut writes)
+                    .hook_writes(tenant, "message_status", &status_change(&m), &mut writes)
                     .await?;
             }
         }
         self.store.apply_records(tenant, &writes, None).await?;
         self.start_hooks(tenant, hooks);
         if retry.is_none() {
-            self.publish(
-                tenant,
-                json!({"interaction": m.interaction, "kind": "message_status",
-                       "data": {"id": m.id, "status": m.status, "error": m.error}}),
-            );
+            self.publish_status(tenant, &m);
         }
         Ok(retry)
     }

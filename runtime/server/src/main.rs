@@ -434,27 +434,10 @@ fn run() -> Result<()> {
     }
 }
 
-/// A store URL without its password (for `/v1/settings`).
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let creds = &url[scheme + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:********{}", &url[..scheme + 3], &url[at..])
-        }
-        _ => url.to_string(),
-    }
-}
-
 /// NATS server URLs without their credentials (a user alone is a token).
 fn redact_nats(urls: &str) -> String {
     urls.split(',')
-        .map(|url| match (url.find("://"), url.rfind('@')) {
-            (Some(scheme), Some(at)) if at > scheme => {
-                format!("{}********{}", &url[..scheme + 3], &url[at..])
-            }
-            _ => url.to_string(),
-        })
+        .map(|url| plugboard_core::redact_url(url, false))
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -721,7 +704,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     let settings = json!({
         "config_file": args.config.as_ref().map(|p| p.display().to_string()),
         "data_dir": data_dir.display().to_string(),
-        "store": if store_url == "sled" { "sled".to_string() } else { redact_url(&store_url) },
+        "store": if store_url == "sled" { "sled".to_string() } else { plugboard_core::redact_url(&store_url, true) },
         "nats": nats_url.as_deref().map(redact_nats),
         "node_id": nats_url.as_ref().map(|_| &node_id),
         "http": http.to_string(),
@@ -745,7 +728,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             "max_size": c.limits.max_size,
             "max_recipients": c.limits.max_recipients,
             "max_per_ip": c.max_per_ip,
-            "relay": relay.as_deref().map(redact_url),
+            "relay": relay.as_deref().map(|u| plugboard_core::redact_url(u, true)),
         })),
         "allow_networks": allow_networks,
         "config_trunks": file.trunks.iter().map(|t| format!("{}/{}", t.tenant, t.trunk.name)).collect::<Vec<_>>(),
