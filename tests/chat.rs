@@ -4,66 +4,28 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{Browser, LOOPBACK, Server, StaticSite, TinyHttp, root};
+use plugboard_tests::{
+    Browser, LOOPBACK, Server, StaticSite, TinyHttp, available_agent, deploy_hotline, eventually,
+    waybills,
+};
 use serde_json::{Value, json};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 type Ws = tungstenite::WebSocket<TcpStream>;
 
-fn mis(path: &str) -> (u16, String) {
-    if path == "/waybills/123" {
-        (
-            200,
-            r#"{"status":"in transit","location":"near Vilnius"}"#.into(),
-        )
-    } else {
-        (404, r#"{"error":"no such waybill"}"#.into())
-    }
-}
-
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
-
 /// Tenant `freight` whose chat address `web-freight` runs the logistics
 /// hotline (keyword menu, HTTP lookup, hand-over to the `agents` queue).
 fn wire(s: &Server, mis_port: u16) -> String {
     let key = s.tenant("freight");
-    let doc = std::fs::read(root().join("examples/logistics-hotline/flow.json")).unwrap();
-    let d = s
-        .call(
-            "POST",
-            "/v1/tenants/freight/flows/hotline",
-            Some(&key),
-            Some(doc),
-        )
-        .unwrap();
-    assert!(d.status == 200 || d.status == 201, "{d:?}");
-    for (path, body) in [
-        (
-            "plugins/hotline/grants",
-            json!({"http": {"allow": [format!("127.0.0.1:{mis_port}")]}}),
-        ),
-        (
-            "plugins/hotline/config",
-            json!({"mis_url": format!("http://127.0.0.1:{mis_port}")}),
-        ),
-        (
-            "addresses/web-freight",
-            json!({"channel": "chat", "flow": "hotline"}),
-        ),
-    ] {
-        let r = s.json("PUT", &format!("/v1/tenants/freight/{path}"), &key, &body);
-        assert_eq!(r.status, 200, "{path}: {r:?}");
-    }
+    deploy_hotline(s, "freight", &key, mis_port);
+    let r = s.json(
+        "PUT",
+        "/v1/tenants/freight/addresses/web-freight",
+        &key,
+        &json!({"channel": "chat", "flow": "hotline"}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
     key
 }
 
@@ -178,7 +140,7 @@ fn type_and_send(b: &mut Browser, text: &str) {
 #[test]
 fn a_visitor_chats_in_chromium_with_the_hotline_reloads_and_is_handed_to_an_agent() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let s = Server::start(dir.path(), LOOPBACK).unwrap();
     let key = wire(&s, mis.port);
     // The customer's own site, on another origin, embeds the widget.
@@ -199,32 +161,7 @@ fn a_visitor_chats_in_chromium_with_the_hotline_reloads_and_is_handed_to_an_agen
     );
     assert_eq!(w.status, 200, "{w:?}");
     // An agent, for the hand-over.
-    assert_eq!(
-        s.json("PUT", "/v1/tenants/freight/queues/agents", &key, &json!({}))
-            .status,
-        200
-    );
-    let a = s.json(
-        "PUT",
-        "/v1/tenants/freight/agents/ann",
-        &key,
-        &json!({"capacity": {"chat": 3}}),
-    );
-    assert_eq!(a.status, 200, "{a:?}");
-    let ann = s.json(
-        "POST",
-        "/v1/tenants/freight/agents/ann/token",
-        &key,
-        &json!({}),
-    );
-    let ann = ann.body["token"].as_str().unwrap().to_string();
-    let p = s.json(
-        "PUT",
-        "/v1/tenants/freight/agents/ann/presence",
-        &ann,
-        &json!({"state": "available"}),
-    );
-    assert_eq!(p.status, 204, "{p:?}");
+    let ann = available_agent(&s, "freight", &key, "ann", json!({"chat": 3}));
 
     let mut b = Browser::start();
     b.must(json!({"op": "open", "url": format!("{}/index.html", site.origin())}));
@@ -383,7 +320,7 @@ fn a_visitor_chats_in_chromium_with_the_hotline_reloads_and_is_handed_to_an_agen
 #[test]
 fn origins_tokens_identities_retries_sizes_and_a_flood() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
     flags.extend(["--chat-max-per-ip", "6"]);
     let s = Server::start(dir.path(), &flags).unwrap();
@@ -585,7 +522,7 @@ fn origins_tokens_identities_retries_sizes_and_a_flood() {
 #[test]
 fn acknowledged_chat_messages_survive_a_sigkill_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
     flags.extend(["--chat-rate", "100000", "--chat-ip-rate", "100000"]);
     let s = Server::start(dir.path(), &flags).unwrap();
@@ -688,7 +625,7 @@ fn acknowledged_chat_messages_survive_a_sigkill_exactly_once() {
 #[test]
 fn one_customer_writes_by_chat_then_email_and_the_merged_history_has_both() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
     flags.extend(["--smtp", "127.0.0.1:0"]);
     let s = Server::start(dir.path(), &flags).unwrap();

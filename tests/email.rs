@@ -5,23 +5,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{LOOPBACK, Server, SmtpSink, TinyHttp, header, root, unfolded};
+use plugboard_tests::{
+    LOOPBACK, Server, SmtpSink, TinyHttp, available_agent, deploy_hotline, eventually, header,
+    unfolded, waybills,
+};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn mis(path: &str) -> (u16, String) {
-    if path == "/waybills/123" {
-        (
-            200,
-            r#"{"status":"in transit","location":"near Vilnius"}"#.into(),
-        )
-    } else {
-        (404, r#"{"error":"no such waybill"}"#.into())
-    }
-}
 
 /// A server with SMTP on, replies to `sink`, and tenant `freight` whose
 /// mailbox `help@freight.test` runs the logistics hotline.
@@ -52,30 +44,7 @@ fn setup(
 }
 
 fn wire(s: &Server, key: &str, mis_port: u16) {
-    let doc = std::fs::read(root().join("examples/logistics-hotline/flow.json")).unwrap();
-    let d = s
-        .call(
-            "POST",
-            "/v1/tenants/freight/flows/hotline",
-            Some(key),
-            Some(doc),
-        )
-        .unwrap();
-    assert!(d.status == 200 || d.status == 201, "{d:?}");
-    let g = s.json(
-        "PUT",
-        "/v1/tenants/freight/plugins/hotline/grants",
-        key,
-        &json!({"http": {"allow": [format!("127.0.0.1:{mis_port}")]}}),
-    );
-    assert_eq!(g.status, 200, "{g:?}");
-    let c = s.json(
-        "PUT",
-        "/v1/tenants/freight/plugins/hotline/config",
-        key,
-        &json!({"mis_url": format!("http://127.0.0.1:{mis_port}")}),
-    );
-    assert_eq!(c.status, 200, "{c:?}");
+    deploy_hotline(s, "freight", key, mis_port);
     let a = s.json(
         "PUT",
         "/v1/tenants/freight/addresses/help@freight.test",
@@ -128,21 +97,11 @@ fn messages(s: &Server, key: &str, ix: &str) -> Vec<Value> {
 }
 
 /// Waits until `f` holds (at most `limit`).
-fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let t0 = Instant::now();
-    while t0.elapsed() < limit {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    false
-}
 
 #[test]
 fn an_email_conversation_is_answered_by_the_flow_threaded_and_continued() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let sink = SmtpSink::start(&dir.path().join("sink"), 0);
     let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
 
@@ -353,7 +312,7 @@ with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
 #[test]
 fn bad_mail_gets_the_right_refusal_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let sink = SmtpSink::start(&dir.path().join("sink"), 0);
     let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &["--smtp-max-size", "100000"]);
 
@@ -539,7 +498,7 @@ print("sent")
 #[test]
 fn parallel_senders_and_a_kill_lose_and_duplicate_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     // The smart host defers the first replies: the outbox retries them.
     let sink = SmtpSink::start(&dir.path().join("sink"), 2);
     let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
@@ -696,35 +655,10 @@ with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
 #[test]
 fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let sink = SmtpSink::start(&dir.path().join("sink"), 0);
     let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
-    assert_eq!(
-        s.json("PUT", "/v1/tenants/freight/queues/agents", &key, &json!({}))
-            .status,
-        200
-    );
-    let a = s.json(
-        "PUT",
-        "/v1/tenants/freight/agents/ann",
-        &key,
-        &json!({"capacity": {"email": 3}}),
-    );
-    assert_eq!(a.status, 200, "{a:?}");
-    let tok = s.json(
-        "POST",
-        "/v1/tenants/freight/agents/ann/token",
-        &key,
-        &json!({}),
-    );
-    let ann = tok.body["token"].as_str().unwrap().to_string();
-    let p = s.json(
-        "PUT",
-        "/v1/tenants/freight/agents/ann/presence",
-        &ann,
-        &json!({"state": "available"}),
-    );
-    assert_eq!(p.status, 204, "{p:?}");
+    let ann = available_agent(&s, "freight", &key, "ann", json!({"email": 3}));
 
     // The tenant's event stream, as an agent desktop would follow it.
     let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
@@ -888,7 +822,7 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
 #[test]
 fn starttls_with_the_configured_certificate_and_a_cap_on_connections_per_address() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let sink = SmtpSink::start(&dir.path().join("sink"), 0);
     let ca = plugboard_tests::TestCa::new();
     let (cert, key_pem) = &ca.server_pem;
@@ -1045,7 +979,7 @@ impl HookReceiver {
 fn signed_webhooks_push_messages_to_an_integrators_system_and_retry() {
     use hmac::Mac;
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let sink = SmtpSink::start(&dir.path().join("sink"), 0);
     let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
     let hooks = HookReceiver::start(1);
@@ -1134,7 +1068,7 @@ fn signed_webhooks_push_messages_to_an_integrators_system_and_retry() {
 #[test]
 fn replies_from_a_domain_with_a_dkim_key_are_signed_and_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let mis = TinyHttp::start(mis);
+    let mis = TinyHttp::start(waybills);
     let sink = SmtpSink::start(&dir.path().join("sink"), 0);
     let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
     // An RSA key (PKCS#1 PEM) and its public half, as DNS would publish it.

@@ -1207,3 +1207,102 @@ impl Drop for StaticSite {
         let _ = self.child.wait();
     }
 }
+
+/// Whether `f` comes true within `limit` (checked every 50 ms).
+pub fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// The freight company's MIS/GPS service (for [`TinyHttp`]): waybill 123
+/// is in transit near Vilnius, others are unknown.
+pub fn waybills(path: &str) -> (u16, String) {
+    if path == "/waybills/123" {
+        (
+            200,
+            r#"{"status":"in transit","location":"near Vilnius"}"#.into(),
+        )
+    } else {
+        (404, r#"{"error":"no such waybill"}"#.into())
+    }
+}
+
+/// Deploys the logistics hotline (examples/logistics-hotline) to `tenant`
+/// as flow `hotline`, allowed to reach the MIS on `mis_port`.
+pub fn deploy_hotline(s: &Server, tenant: &str, key: &str, mis_port: u16) {
+    let doc = std::fs::read(root().join("examples/logistics-hotline/flow.json")).unwrap();
+    let d = s
+        .call(
+            "POST",
+            &format!("/v1/tenants/{tenant}/flows/hotline"),
+            Some(key),
+            Some(doc),
+        )
+        .unwrap();
+    assert!(d.status == 200 || d.status == 201, "{d:?}");
+    for (path, body) in [
+        (
+            "grants",
+            serde_json::json!({"http": {"allow": [format!("127.0.0.1:{mis_port}")]}}),
+        ),
+        (
+            "config",
+            serde_json::json!({"mis_url": format!("http://127.0.0.1:{mis_port}")}),
+        ),
+    ] {
+        let r = s.json(
+            "PUT",
+            &format!("/v1/tenants/{tenant}/plugins/hotline/{path}"),
+            key,
+            &body,
+        );
+        assert_eq!(r.status, 200, "{path}: {r:?}");
+    }
+}
+
+/// Queue `agents` and agent `agent` of `tenant` with `capacity` (per
+/// channel), available; returns the agent's token.
+pub fn available_agent(
+    s: &Server,
+    tenant: &str,
+    key: &str,
+    agent: &str,
+    capacity: Value,
+) -> String {
+    let base = format!("/v1/tenants/{tenant}");
+    let q = s.json(
+        "PUT",
+        &format!("{base}/queues/agents"),
+        key,
+        &serde_json::json!({}),
+    );
+    assert_eq!(q.status, 200, "{q:?}");
+    let a = s.json(
+        "PUT",
+        &format!("{base}/agents/{agent}"),
+        key,
+        &serde_json::json!({"capacity": capacity}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let tok = s.json(
+        "POST",
+        &format!("{base}/agents/{agent}/token"),
+        key,
+        &serde_json::json!({}),
+    );
+    let token = tok.body["token"].as_str().unwrap().to_string();
+    let p = s.json(
+        "PUT",
+        &format!("{base}/agents/{agent}/presence"),
+        &token,
+        &serde_json::json!({"state": "available"}),
+    );
+    assert_eq!(p.status, 204, "{p:?}");
+    token
+}
