@@ -222,7 +222,6 @@ impl Courier for ChatCourier {
             .hub
             .upgrade()
             .ok_or_else(|| DeliveryError::Retry("the chat channel is stopping".into()))?;
-        hub.remember(tenant, &message.interaction, &message.to);
         let mut view = visitor_view(message);
         view["status"] = json!(MessageStatus::Sent);
         let live = hub.to_visitor(
@@ -230,6 +229,11 @@ impl Courier for ChatCourier {
             &message.to,
             &json!({"type": "message", "message": view}),
         );
+        // Only a visitor with open widgets is followed (an absent one's
+        // conversation is found again by its history on return).
+        if live {
+            hub.remember(tenant, &message.interaction, &message.to);
+        }
         let mut d = Delivered::default();
         d.meta.insert("live".into(), live.to_string());
         Ok(d)

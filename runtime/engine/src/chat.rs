@@ -68,15 +68,7 @@ impl Engine {
             .await?
             .filter(|(_, a)| a.channel == Channel::Chat)
             .ok_or_else(|| CoreError::NotFound(format!("chat address {address}")))?;
-        let widget = match self
-            .store
-            .record(&tenant, CHAT_WIDGET, &address.address)
-            .await?
-        {
-            Some(v) => serde_json::from_value(v)
-                .map_err(|e| CoreError::Storage(format!("bad chat widget record: {e}")))?,
-            None => ChatWidget::default(),
-        };
+        let widget = self.widget_record(&tenant, &address.address).await?;
         Ok(ChatAddress {
             tenant,
             address,
@@ -87,8 +79,16 @@ impl Engine {
     /// A tenant's widget settings for a chat address.
     pub async fn chat_widget(&self, tenant: &str, address: &str) -> EngineResult<ChatWidget> {
         let a = self.chat_address_of(tenant, address).await?;
-        let c = self.chat_address(&a.address).await?;
-        Ok(c.widget)
+        self.widget_record(tenant, &a.address).await
+    }
+
+    /// The stored settings of a chat address (defaults when none were set).
+    async fn widget_record(&self, tenant: &str, address: &str) -> EngineResult<ChatWidget> {
+        match self.store.record(tenant, CHAT_WIDGET, address).await? {
+            Some(v) => serde_json::from_value(v)
+                .map_err(|e| CoreError::Storage(format!("bad chat widget record: {e}")).into()),
+            None => Ok(ChatWidget::default()),
+        }
     }
 
     fn visitor_mac(&self, address: &str, visitor: &str) -> EngineResult<String> {
