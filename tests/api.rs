@@ -1563,15 +1563,7 @@ fn queues_agents_and_tasks_route_over_the_api_and_settings_survive_a_restart() {
         200,
     );
     // The queue's numbers come on the tenant's event stream as they change.
-    let stream = std::net::TcpStream::connect(("127.0.0.1", s.port)).unwrap();
-    stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
-        .unwrap();
-    let url = format!(
-        "ws://127.0.0.1:{}/v1/tenants/helpdesk/events?token={k}",
-        s.port
-    );
-    let (mut ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
+    let mut ws = s.tenant_stream("helpdesk", &k);
     for (a, body) in [
         ("ann", json!({"skills": {"english": 5}})),
         ("bob", json!({"skills": {"french": 5}})),

@@ -197,15 +197,7 @@ fn a_visitor_chats_in_chromium_with_the_hotline_reloads_and_is_handed_to_an_agen
     assert!(visitor.starts_with("v-"), "{visitor}");
 
     // The tenant's event stream, as an agent desktop follows it.
-    let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let url = format!(
-        "ws://127.0.0.1:{}/v1/tenants/freight/events?token={key}",
-        s.port
-    );
-    let (mut events, _) = tungstenite::client(url.as_str(), stream).unwrap();
+    let mut events = s.tenant_stream("freight", &key);
 
     // "0" (the menu after a lookup): the flow hands the conversation to
     // the queue; Ann takes it.

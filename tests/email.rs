@@ -661,15 +661,7 @@ fn an_agent_takes_the_conversation_replies_by_email_and_closes_it() {
     let ann = available_agent(&s, "freight", &key, "ann", json!({"email": 3}));
 
     // The tenant's event stream, as an agent desktop would follow it.
-    let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let url = format!(
-        "ws://127.0.0.1:{}/v1/tenants/freight/events?token={key}",
-        s.port
-    );
-    let (mut ws, _) = tungstenite::client(url.as_str(), stream).unwrap();
+    let mut ws = s.tenant_stream("freight", &key);
 
     // "agent": the flow asks to hold and queues the conversation.
     send(smtp, "bo@example.com", "<a1@example.com>", None, "agent");

@@ -361,6 +361,24 @@ impl Server {
         }
     }
 
+    /// The tenant's event stream (`?token=`, as a browser opens it),
+    /// reads timing out after 10 s.
+    pub fn tenant_stream(
+        &self,
+        tenant: &str,
+        key: &str,
+    ) -> tungstenite::WebSocket<std::net::TcpStream> {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let url = format!(
+            "ws://127.0.0.1:{}/v1/tenants/{tenant}/events?token={key}",
+            self.port
+        );
+        tungstenite::client(url.as_str(), stream).unwrap().0
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()

@@ -1718,19 +1718,6 @@ fn sigterm_during_50_calls_ends_each_with_a_bye_and_closes_every_record() -> Res
     Ok(())
 }
 
-/// A WebSocket on a tenant's event stream (its key in `?token=`).
-fn tenant_stream(server: &Server, tenant: &str, key: &str) -> tungstenite::WebSocket<TcpStream> {
-    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let url = format!(
-        "ws://127.0.0.1:{}/v1/tenants/{tenant}/events?token={key}",
-        server.port
-    );
-    tungstenite::client(url.as_str(), stream).unwrap().0
-}
-
 /// The next `n` events of a stream, as (interaction, kind).
 fn next_events(ws: &mut tungstenite::WebSocket<TcpStream>, n: usize) -> Vec<(String, String)> {
     (0..n)
@@ -1800,7 +1787,7 @@ fn two_nodes_share_events_and_plugin_deploys_through_nats() -> Result<()> {
         loaded_plugins(&b) == 2.0
     });
     // Streams on A: acme's (its own key) and the operator's.
-    let mut acme = tenant_stream(&a, "acme", &key);
+    let mut acme = a.tenant_stream("acme", &key);
     let mut operator = operator_stream(&a);
     let press_9 = json!([{"type": "digits", "digits": "9"}]);
     let run_a = a.simulate("acme", &key, "hello-ivr", press_9.clone());
@@ -1855,7 +1842,7 @@ fn nodes_serve_and_stream_locally_while_nats_is_down_and_relink_when_it_is_back(
     let key = solo.tenant("acme");
     let d = solo.deploy("acme", &key, "hello-ivr", plugin("hello_ivr"));
     assert_eq!(d.status, 201, "{d:?}");
-    let mut events = tenant_stream(&solo, "acme", &key);
+    let mut events = solo.tenant_stream("acme", &key);
     let run = solo.simulate("acme", &key, "hello-ivr", press_9.clone());
     assert_eq!(run.status, 200, "{run:?}");
     assert_eq!(
@@ -1876,8 +1863,8 @@ fn nodes_serve_and_stream_locally_while_nats_is_down_and_relink_when_it_is_back(
     let key = a.tenant("acme");
     let d = a.deploy("acme", &key, "hello-ivr", plugin("hello_ivr"));
     assert_eq!(d.status, 201, "{d:?}");
-    let mut on_a = tenant_stream(&a, "acme", &key);
-    let mut on_b = tenant_stream(&b, "acme", &key);
+    let mut on_a = a.tenant_stream("acme", &key);
+    let mut on_b = b.tenant_stream("acme", &key);
     let run = b.simulate("acme", &key, "hello-ivr", press_9.clone());
     assert_eq!(run.status, 200, "{run:?}");
     assert_eq!(

@@ -1120,9 +1120,14 @@ async fn list_messages(
     Path((_, id)): Path<(String, String)>,
 ) -> ApiResult<Json<Value>> {
     may_see_conversation(&s, &t.id, &role, &id)?;
-    // The interaction must exist (an unknown id is 404, not an empty list).
-    s.interaction(&t.id, &id).await?;
-    Ok(Json(json!({"messages": s.messages(&t.id, &id).await?})))
+    let messages = s.messages(&t.id, &id).await?;
+    // An unknown id is 404, not an empty list. (A conversation's first
+    // message is stored, and acknowledged, before its flow's worker writes
+    // the interaction record: its messages are there already.)
+    if messages.is_empty() {
+        s.interaction(&t.id, &id).await?;
+    }
+    Ok(Json(json!({"messages": messages})))
 }
 
 /// `POST …/interactions/{id}/messages`.
