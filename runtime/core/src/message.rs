@@ -288,6 +288,162 @@ pub fn validate_text(text: &str, has_attachments: bool) -> Result<(), Error> {
     Ok(())
 }
 
+/// How the SMSC reads `data_coding` 0 ("the SMSC's default alphabet"):
+/// almost always GSM 03.38, one septet per octet; some carriers use
+/// Latin-1 or ASCII.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultAlphabet {
+    /// GSM 03.38, unpacked.
+    #[default]
+    Gsm7,
+    /// ISO 8859-1.
+    Latin1,
+    /// US-ASCII (IA5).
+    Ascii,
+}
+
+/// An SMPP connection to a carrier's SMSC.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SmppLink {
+    /// The SMSC's host name or IP address.
+    pub host: String,
+    /// Its port (2775 is usual).
+    #[serde(default = "default_smpp_port")]
+    pub port: u16,
+    /// The account (`system_id`, at most 15 characters).
+    pub system_id: String,
+    /// The tenant secret holding the password (at most 8 characters, as
+    /// SMPP 3.4 says).
+    pub password_secret: String,
+    /// `system_type`, if the carrier wants one (at most 12 characters).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub system_type: String,
+    /// Short messages in flight at once (the carrier's window).
+    #[serde(default = "default_window")]
+    pub window: u32,
+    /// How the SMSC reads `data_coding` 0.
+    #[serde(default)]
+    pub default_alphabet: DefaultAlphabet,
+    /// Seconds between `enquire_link`s.
+    #[serde(default = "default_enquire_link")]
+    pub enquire_link_secs: u32,
+}
+
+fn default_smpp_port() -> u16 {
+    2775
+}
+
+fn default_window() -> u32 {
+    10
+}
+
+fn default_enquire_link() -> u32 {
+    30
+}
+
+/// A tenant's SMS carrier: how its numbers send and receive texts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SmsCarrier {
+    /// Name, unique within the tenant (set from the URL).
+    #[serde(default)]
+    pub name: String,
+    /// The tenant's SMS addresses (numbers, alphanumeric senders) it
+    /// carries; empty: every SMS address of the tenant not named by
+    /// another carrier.
+    #[serde(default)]
+    pub numbers: Vec<String>,
+    /// The SMPP link.
+    pub smpp: SmppLink,
+}
+
+/// SMPP limits on a bind's fields.
+const SMPP_SYSTEM_ID_MAX: usize = 15;
+const SMPP_PASSWORD_MAX: usize = 8;
+const SMPP_SYSTEM_TYPE_MAX: usize = 12;
+
+impl SmsCarrier {
+    /// Checks the settings: a host, SMPP's field lengths, a window of
+    /// 1..=100, `enquire_link` every 5..=300 s, numbers that are phone
+    /// numbers or alphanumeric senders.
+    pub fn validate(&self) -> Result<(), Error> {
+        crate::validate_id("carrier", &self.name)?;
+        let l = &self.smpp;
+        if l.host.is_empty()
+            || l.host.len() > 253
+            || l.host
+                .chars()
+                .any(|c| c.is_whitespace() || c == '/' || c == '@')
+        {
+            return Err(Error::Invalid(format!(
+                "smpp.host {:?} is not a host",
+                l.host
+            )));
+        }
+        if l.port == 0 {
+            return Err(Error::Invalid("smpp.port is 1..=65535".into()));
+        }
+        let printable = |s: &str| s.chars().all(|c| c.is_ascii_graphic());
+        if l.system_id.is_empty()
+            || l.system_id.len() > SMPP_SYSTEM_ID_MAX
+            || !printable(&l.system_id)
+        {
+            return Err(Error::Invalid(format!(
+                "smpp.system_id is 1..={SMPP_SYSTEM_ID_MAX} printable ASCII characters"
+            )));
+        }
+        if l.system_type.len() > SMPP_SYSTEM_TYPE_MAX || !printable(&l.system_type) {
+            return Err(Error::Invalid(format!(
+                "smpp.system_type is at most {SMPP_SYSTEM_TYPE_MAX} printable ASCII characters"
+            )));
+        }
+        crate::validate_id("secret", &l.password_secret)?;
+        if !(1..=100).contains(&l.window) {
+            return Err(Error::Invalid("smpp.window is 1..=100".into()));
+        }
+        if !(5..=300).contains(&l.enquire_link_secs) {
+            return Err(Error::Invalid("smpp.enquire_link_secs is 5..=300".into()));
+        }
+        for n in &self.numbers {
+            let n = crate::normalize_address(n);
+            if n.is_empty() || n.len() > 20 || !n.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(Error::Invalid(format!(
+                    "{n:?} is not a phone number or an alphanumeric sender"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the password from its secret fits SMPP 3.4.
+    pub fn check_password(password: &str) -> Result<(), Error> {
+        if password.is_empty() || password.len() > SMPP_PASSWORD_MAX || !password.is_ascii() {
+            return Err(Error::Invalid(format!(
+                "an SMPP password is 1..={SMPP_PASSWORD_MAX} ASCII characters"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether it carries `number` (normalised), given every carrier of
+    /// the tenant: named numbers go to the carrier naming them; the rest
+    /// go to a carrier that names none.
+    pub fn carries(&self, number: &str, all: &[SmsCarrier]) -> bool {
+        let named = |c: &SmsCarrier| {
+            c.numbers
+                .iter()
+                .any(|n| crate::normalize_address(n) == number)
+        };
+        if self.numbers.is_empty() {
+            !all.iter().any(named)
+        } else {
+            named(self)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,4 @@
+//! The SMS channel.
+pub mod esme;
+pub mod receipt;
+pub mod text;
