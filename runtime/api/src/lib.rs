@@ -240,6 +240,13 @@ pub fn router(state: Arc<Engine>) -> Router {
             "/v1/tenants/{t}/chat-widgets/{address}",
             put(set_chat_widget).get(get_chat_widget),
         )
+        .route("/v1/tenants/{t}/sms-carriers", get(list_sms_carriers))
+        .route(
+            "/v1/tenants/{t}/sms-carriers/{name}",
+            put(set_sms_carrier)
+                .get(get_sms_carrier)
+                .delete(delete_sms_carrier),
+        )
         .route("/v1/tenants/{t}/blobs/{id}", get(get_blob))
         .route("/v1/tenants/{t}/customers", get(find_customer))
         .route("/v1/tenants/{t}/customers/{id}", get(get_customer))
@@ -1233,6 +1240,54 @@ async fn get_chat_widget(
     Path((_, address)): Path<(String, String)>,
 ) -> ApiResult<Json<plugboard_core::ChatWidget>> {
     Ok(Json(s.chat_widget(&t.id, &address).await?))
+}
+
+/// A carrier as the API shows it: its settings and its link's state on
+/// this server.
+fn carrier_view(s: &Engine, tenant: &str, c: &plugboard_core::SmsCarrier) -> Value {
+    let mut v = serde_json::to_value(c).unwrap_or_default();
+    v["link"] = s.sms_link_state(tenant, &c.name);
+    v
+}
+
+async fn set_sms_carrier(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, name)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let mut c: plugboard_core::SmsCarrier = parse_json(&body)?;
+    c.name = name;
+    let c = s.set_sms_carrier(&t.id, c).await?;
+    Ok(Json(carrier_view(&s, &t.id, &c)))
+}
+
+async fn get_sms_carrier(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, name)): Path<(String, String)>,
+) -> ApiResult<Json<Value>> {
+    let c = s.sms_carrier(&t.id, &name).await?;
+    Ok(Json(carrier_view(&s, &t.id, &c)))
+}
+
+async fn list_sms_carriers(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+) -> ApiResult<Json<Value>> {
+    let all = s.sms_carriers(&t.id).await?;
+    Ok(Json(Value::Array(
+        all.iter().map(|c| carrier_view(&s, &t.id, c)).collect(),
+    )))
+}
+
+async fn delete_sms_carrier(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, name)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.delete_sms_carrier(&t.id, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 async fn get_message(

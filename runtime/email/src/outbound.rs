@@ -212,7 +212,7 @@ impl Courier for SmartHost {
         match self.transport.send(email).await {
             Ok(_) => Ok(Delivered {
                 external_id: Some(our_message_id(message)),
-                meta: Default::default(),
+                ..Delivered::default()
             }),
             Err(e) if e.is_permanent() => Err(DeliveryError::Permanent(e.to_string())),
             Err(e) => Err(DeliveryError::Retry(e.to_string())),

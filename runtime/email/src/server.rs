@@ -270,6 +270,7 @@ async fn deliver(engine: &Arc<Engine>, peer: SocketAddr, tls: bool, envelope: En
     for rcpt in &envelope.recipients {
         let inbound = Inbound {
             channel: Channel::Email,
+            tenant: None,
             from: parsed.from.clone(),
             name: parsed.name.clone(),
             to: rcpt.clone(),

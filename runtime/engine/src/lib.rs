@@ -38,6 +38,7 @@ pub mod messaging;
 mod metrics;
 pub mod secrets;
 mod session;
+pub mod sms;
 pub mod webhooks;
 
 pub use acd::{TaskNews, TaskWatcher};
@@ -210,6 +211,7 @@ pub struct Engine {
     settings: Value,
     cluster: std::sync::OnceLock<cluster::Link>,
     messaging: messaging::Hub,
+    sms: sms::SmsState,
 }
 
 impl Engine {
@@ -239,6 +241,7 @@ impl Engine {
             settings: json!({}),
             cluster: std::sync::OnceLock::new(),
             messaging: Default::default(),
+            sms: Default::default(),
         }
     }
 

@@ -91,6 +91,9 @@ const MAX_ATTEMPTS: u32 = 8;
 pub struct Inbound {
     /// Channel (the address must be one of this channel).
     pub channel: Channel,
+    /// The tenant the channel serves, when it serves one (an SMS
+    /// carrier's link): the address must be that tenant's.
+    pub tenant: Option<String>,
     /// The customer's address.
     pub from: String,
     /// The customer's display name, if the channel gives one.
@@ -156,6 +159,9 @@ pub enum DeliveryError {
 pub struct Delivered {
     /// The next hop's id for it (SMSC message id), if it gave one.
     pub external_id: Option<String>,
+    /// Further ids the next hop gave it (the SMSC's ids of a long text's
+    /// other parts): receipts naming them find the message too.
+    pub aliases: Vec<String>,
     /// Details to keep on the message.
     pub meta: BTreeMap<String, String>,
 }
@@ -288,7 +294,9 @@ impl Engine {
         let (tenant, address) = self
             .route_address(&inbound.to)
             .await?
-            .filter(|(_, a)| a.channel == inbound.channel)
+            .filter(|(t, a)| {
+                a.channel == inbound.channel && inbound.tenant.as_ref().is_none_or(|it| it == t)
+            })
             .ok_or_else(|| {
                 CoreError::NotFound(format!(
                     "{} is not a {} address here",
@@ -1236,7 +1244,7 @@ impl Engine {
                 m.status = MessageStatus::Sent;
                 m.external_id = d.external_id.or(m.external_id);
                 m.meta.extend(d.meta);
-                if let Some(ext) = &m.external_id {
+                for ext in m.external_id.iter().chain(&d.aliases) {
                     writes.push(RecordWrite::put(
                         EXTERNAL_ID,
                         thread_id(m.channel, ext),

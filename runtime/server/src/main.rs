@@ -738,7 +738,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             cache_dir: Some(cache_dir),
             max_concurrent,
             max_memory_bytes: (memory_mib << 20).max(256 << 20),
-            net,
+            net: net.clone(),
             ..HostConfig::default()
         })
         .context("starting the plugin host")?,
@@ -813,6 +813,9 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             None => tracing::warn!("no chat widget built (scripts/build-web.sh)"),
         }
         let hub = plugboard_chat::Hub::start(state.clone(), chat);
+        // SMS: a link per tenant carrier, through the same network policy
+        // as tenants' HTTP.
+        let sms = plugboard_sms::SmsHub::start(&state, net, plugboard_sms::link::Timing::default());
         // Conversations whose last messages were not yet run through their
         // flow, and the outbox, are taken up again.
         match state.resume_conversations().await {
@@ -843,6 +846,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             }
             tracing::info!("calls drained in {} ms", t0.elapsed().as_millis());
             closing.close_all();
+            sms.stop().await;
         };
         let app = plugboard_api::router(state).merge(plugboard_chat::router(hub));
         // No Nagle delay on small frames (chat acks, events): without it a

@@ -38,8 +38,10 @@ pub mod status {
     pub const QUEUE_FULL: u32 = 0x14;
     /// Throttling error: too many messages.
     pub const THROTTLED: u32 = 0x58;
-    /// Temporary application error (deliver_sm_resp).
+    /// Temporary application error (deliver_sm_resp: try again later).
     pub const TEMPORARY: u32 = 0x64;
+    /// Permanent application error (deliver_sm_resp: do not send again).
+    pub const PERMANENT: u32 = 0x65;
 }
 
 /// The session's settings.
@@ -238,6 +240,11 @@ impl Esme {
     /// Bytes to write to the connection.
     pub fn transmit(&mut self) -> Option<BytesMut> {
         (!self.output.is_empty()).then(|| self.output.split())
+    }
+
+    /// Whether bytes wait to be written.
+    pub fn transmit_pending(&self) -> bool {
+        !self.output.is_empty()
     }
 
     /// The next event, if any.

@@ -75,17 +75,31 @@ pub enum TextError {
 /// ends inside an escape pair or a surrogate pair. `reference` ties the
 /// parts together (8-bit concatenation reference).
 pub fn encode(text: &str, reference: u8) -> Result<Vec<Part>, TextError> {
-    let gsm: Option<Vec<[u8; 2]>> = text
+    encode_for(text, reference, DefaultAlphabet::Gsm7)
+}
+
+/// [`encode`] for an SMSC whose default alphabet (`data_coding` 0) is
+/// `default`: with Latin-1 or ASCII, only ASCII text goes in it.
+pub fn encode_for(
+    text: &str,
+    reference: u8,
+    default: DefaultAlphabet,
+) -> Result<Vec<Part>, TextError> {
+    // Each character as its units: septets (or ASCII octets) in the
+    // default alphabet, if every character has them…
+    let plain: Option<Vec<Vec<u8>>> = text
         .chars()
-        .map(|c| gsm_septets(c).map(|(s, n)| if n == 1 { [s[0], 0xFF] } else { s }))
+        .map(|c| match default {
+            DefaultAlphabet::Gsm7 => gsm_septets(c).map(|(s, n)| s[..n].to_vec()),
+            DefaultAlphabet::Latin1 | DefaultAlphabet::Ascii => {
+                c.is_ascii().then(|| vec![c as u8])
+            }
+        })
         .collect();
-    // Each character as its units: septets (GSM) or UTF-16BE bytes.
-    let (units, data_coding, single, per_part): (Vec<Vec<u8>>, u8, usize, usize) = match gsm {
+    // … or else UTF-16BE bytes.
+    let (units, data_coding, single, per_part): (Vec<Vec<u8>>, u8, usize, usize) = match plain {
         Some(chars) => (
-            chars
-                .into_iter()
-                .map(|s| if s[1] == 0xFF { vec![s[0]] } else { s.to_vec() })
-                .collect(),
+            chars,
             DC_DEFAULT,
             160,
             153,
@@ -360,6 +374,14 @@ mod tests {
         assert_eq!(decode(3, &[0x48, 0xE9], DefaultAlphabet::Gsm7), "Hé");
         assert_eq!(decode(0xF1, &[0x48], DefaultAlphabet::Gsm7), "H");
         assert_eq!(decode(4, &[0xDE, 0xAD], DefaultAlphabet::Gsm7), "dead");
+    }
+
+    #[test]
+    fn a_latin1_smsc_gets_ascii_as_is_and_the_rest_as_ucs2() {
+        let p = encode_for("Hi {x}", 0, DefaultAlphabet::Latin1).unwrap();
+        assert_eq!((p[0].data_coding, p[0].bytes.as_slice()), (0, &b"Hi {x}"[..]));
+        let p = encode_for("Hé", 0, DefaultAlphabet::Latin1).unwrap();
+        assert_eq!(p[0].data_coding, DC_UCS2);
     }
 
     #[test]
