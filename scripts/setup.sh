@@ -56,5 +56,16 @@ if ! cmp -s tests/peers/browser/package-lock.json "$BROWSER/package-lock.json" \
 fi
 cp tests/peers/browser/browser.mjs "$BROWSER/"
 
+# The SMSC of the SMS tests: node-smpp's server (pinned in
+# tests/peers/smsc/package-lock.json) scripted by tests/peers/smsc/smsc.js.
+SMSC=target/sdk-tools/peers-smsc
+if ! cmp -s tests/peers/smsc/package-lock.json "$SMSC/package-lock.json" \
+    || [ ! -d "$SMSC/node_modules/smpp" ]; then
+    mkdir -p "$SMSC"
+    cp tests/peers/smsc/package.json tests/peers/smsc/package-lock.json "$SMSC/"
+    (cd "$SMSC" && npm ci --no-audit --no-fund --silent)
+fi
+cp tests/peers/smsc/smsc.js "$SMSC/"
+
 # The web chat widget (TypeScript → target/web/widget.js).
 scripts/build-web.sh >/dev/null

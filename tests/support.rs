@@ -1324,3 +1324,110 @@ pub fn available_agent(
     assert_eq!(p.status, 204, "{p:?}");
     token
 }
+
+/// An SMSC: node-smpp's server scripted by tests/peers/smsc/smsc.js
+/// (scripts/setup.sh installs both). Its events are kept in order.
+pub struct Smsc {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    events: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl Smsc {
+    /// Starts an SMSC accepting binds of `system_id` with `password`.
+    pub fn start(system_id: &str, password: &str) -> Smsc {
+        use std::io::BufRead;
+        let dir = root().join("target/sdk-tools/peers-smsc");
+        let mut child = Command::new("node")
+            .arg(dir.join("smsc.js"))
+            .args([system_id, password])
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node with smpp (run scripts/setup.sh)");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    sink.lock().unwrap().push(v);
+                }
+            }
+        });
+        let mut smsc = Smsc {
+            child,
+            stdin,
+            events,
+            port: 0,
+        };
+        let listening = smsc.wait_for(Duration::from_secs(20), |e| e["ev"] == "listening");
+        smsc.port = listening["port"].as_u64().unwrap() as u16;
+        smsc
+    }
+
+    /// Sends a command (see smsc.js).
+    pub fn send(&mut self, cmd: Value) {
+        use std::io::Write;
+        writeln!(self.stdin, "{cmd}").unwrap();
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// The events named `ev` so far.
+    pub fn named(&self, ev: &str) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["ev"] == ev)
+            .collect()
+    }
+
+    /// Waits for the first event that matches `f`; panics after `limit`.
+    pub fn wait_for(&self, limit: Duration, f: impl Fn(&Value) -> bool) -> Value {
+        let t0 = Instant::now();
+        loop {
+            if let Some(e) = self.events().into_iter().find(&f) {
+                return e;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "the SMSC saw no such event; it saw {:?}",
+                self.events()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until at least `n` events named `ev` were seen; returns them.
+    pub fn wait_count(&self, ev: &str, n: usize, limit: Duration) -> Vec<Value> {
+        let t0 = Instant::now();
+        loop {
+            let got = self.named(ev);
+            if got.len() >= n {
+                return got;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "the SMSC saw {} of {n} {ev} events: {:?}",
+                got.len(),
+                self.events()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Smsc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -190,7 +190,8 @@ impl Engine {
         let kind = parts_kind(key);
         let id = format!("{seq:03}");
         if self.store.record(tenant, &kind, &id).await?.is_none() {
-            let part = json!({"seq": seq, "dc": data_coding, "hex": hex::encode(bytes), "ms": now_ms()});
+            let part =
+                json!({"seq": seq, "dc": data_coding, "hex": hex::encode(bytes), "ms": now_ms()});
             self.store
                 .apply_records(tenant, &[RecordWrite::put(&kind, &id, part)], None)
                 .await?;

@@ -441,9 +441,13 @@ impl Esme {
                     }
                     status::THROTTLED | status::QUEUE_FULL => {
                         // Not taken: it goes again, first, after a pause.
+                        // The answers to one window's submits come together:
+                        // only the first of them lengthens the pause.
                         self.queue.push_front((token, *sm));
-                        self.paused_until = Some(now + self.backoff);
-                        self.backoff = (self.backoff * 2).min(self.cfg.max_backoff);
+                        if self.paused_until.is_none_or(|t| now >= t) {
+                            self.paused_until = Some(now + self.backoff);
+                            self.backoff = (self.backoff * 2).min(self.cfg.max_backoff);
+                        }
                     }
                     st => self
                         .events
@@ -520,6 +524,7 @@ pub fn header(pdu: &[u8]) -> Option<(u32, u32, u32)> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use rusmpp::pdus::{BindTransceiverResp, SubmitSmResp};

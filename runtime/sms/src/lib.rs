@@ -270,10 +270,8 @@ impl Courier for SmsCourier {
         let bad = |what: &str| DeliveryError::Permanent(format!("{what} does not fit SMPP"));
         let mut pdus = Vec::with_capacity(parts.len());
         for p in &parts {
-            let mut esm = EsmClass::default();
-            if p.udhi {
-                esm = esm.with_udhi_indicator();
-            }
+            // Store and forward, a plain message; 0x40 with a UDH.
+            let esm = EsmClass::from(if p.udhi { 0x40u8 } else { 0x00 });
             pdus.push(
                 SubmitSm::builder()
                     .source_addr_ton(src_ton)
@@ -362,7 +360,9 @@ impl DeliverSink for Sink {
         let alphabet = self.carrier.smpp.default_alphabet;
         if esm & 0x3C == 0x04 || esm & 0x3C == 0x20 {
             let text = text::decode(dc, &bytes, alphabet);
-            return self.receipt(&engine, receipted.as_deref(), state, &text).await;
+            return self
+                .receipt(&engine, receipted.as_deref(), state, &text)
+                .await;
         }
         let from = normalize_address(&sm.source_addr.to_string());
         let to = normalize_address(&sm.destination_addr.to_string());
@@ -484,7 +484,11 @@ impl Sink {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Ok(_) => {
-                    tracing::info!("SMS receipt for unknown message {} of {}", r.id, self.tenant);
+                    tracing::info!(
+                        "SMS receipt for unknown message {} of {}",
+                        r.id,
+                        self.tenant
+                    );
                     return status::OK;
                 }
                 Err(e) => {

@@ -278,9 +278,7 @@ async fn session(
                     Err(_) => esme.ack_deliver(sequence, status::QUEUE_FULL),
                 },
                 EsmeEvent::Closed {
-                    reason,
-                    unanswered,
-                    ..
+                    reason, unanswered, ..
                 } => {
                     waiting.carry = unanswered;
                     if let Some(done) = stopping.take() {

@@ -40,7 +40,7 @@ impl Receipt {
             .map(str::to_string)
             .or_else(|| field("stat").map(|s| s.to_ascii_uppercase()))
             .unwrap_or_else(|| "UNKNOWN".into());
-        let err = field("err").filter(|e| !e.is_empty() && e.trim_start_matches('0') != "");
+        let err = field("err").filter(|e| !e.trim_start_matches('0').is_empty());
         Some(Receipt { id, stat, err })
     }
 
@@ -77,6 +77,7 @@ fn state_name(state: u8) -> Option<&'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -91,19 +91,12 @@ pub fn encode_for(
         .chars()
         .map(|c| match default {
             DefaultAlphabet::Gsm7 => gsm_septets(c).map(|(s, n)| s[..n].to_vec()),
-            DefaultAlphabet::Latin1 | DefaultAlphabet::Ascii => {
-                c.is_ascii().then(|| vec![c as u8])
-            }
+            DefaultAlphabet::Latin1 | DefaultAlphabet::Ascii => c.is_ascii().then(|| vec![c as u8]),
         })
         .collect();
     // … or else UTF-16BE bytes.
     let (units, data_coding, single, per_part): (Vec<Vec<u8>>, u8, usize, usize) = match plain {
-        Some(chars) => (
-            chars,
-            DC_DEFAULT,
-            160,
-            153,
-        ),
+        Some(chars) => (chars, DC_DEFAULT, 160, 153),
         None => (
             text.chars()
                 .map(|c| {
@@ -265,6 +258,7 @@ fn decode_gsm(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -379,7 +373,10 @@ mod tests {
     #[test]
     fn a_latin1_smsc_gets_ascii_as_is_and_the_rest_as_ucs2() {
         let p = encode_for("Hi {x}", 0, DefaultAlphabet::Latin1).unwrap();
-        assert_eq!((p[0].data_coding, p[0].bytes.as_slice()), (0, &b"Hi {x}"[..]));
+        assert_eq!(
+            (p[0].data_coding, p[0].bytes.as_slice()),
+            (0, &b"Hi {x}"[..])
+        );
         let p = encode_for("Hé", 0, DefaultAlphabet::Latin1).unwrap();
         assert_eq!(p[0].data_coding, DC_UCS2);
     }
