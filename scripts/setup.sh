@@ -65,7 +65,7 @@ if ! cmp -s tests/peers/smsc/package-lock.json "$SMSC/package-lock.json" \
     cp tests/peers/smsc/package.json tests/peers/smsc/package-lock.json "$SMSC/"
     (cd "$SMSC" && npm ci --no-audit --no-fund --silent)
 fi
-cp tests/peers/smsc/smsc.js "$SMSC/"
+cp tests/peers/smsc/smsc.js tests/peers/smsc/client.js "$SMSC/"
 
 # The web chat widget (TypeScript → target/web/widget.js).
 scripts/build-web.sh >/dev/null

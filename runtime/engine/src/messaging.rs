@@ -178,6 +178,12 @@ pub trait Courier: Send + Sync {
         message: &Message,
         history: &[Message],
     ) -> Result<Delivered, DeliveryError>;
+
+    /// Whether [`Courier::deliver`] reads the conversation's history
+    /// (when not, it gets none and the outbox need not load it).
+    fn needs_history(&self) -> bool {
+        true
+    }
 }
 
 /// A conversation's own record: the flow's state and what holds it.
@@ -1235,7 +1241,11 @@ impl Engine {
             // server started with the channel will send it).
             return Ok(Some(Duration::from_secs(60)));
         };
-        let history = self.messages(tenant, &entry.interaction).await?;
+        let history = if courier.needs_history() {
+            self.messages(tenant, &entry.interaction).await?
+        } else {
+            Vec::new()
+        };
         let outcome = courier.deliver(tenant, &m, &history).await;
         entry.attempts += 1;
         let mut writes = Vec::new();

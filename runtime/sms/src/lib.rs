@@ -239,6 +239,10 @@ struct SmsCourier {
 
 #[async_trait::async_trait]
 impl Courier for SmsCourier {
+    fn needs_history(&self) -> bool {
+        false
+    }
+
     async fn deliver(
         &self,
         tenant: &str,
