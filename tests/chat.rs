@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use plugboard_tests::{
-    Browser, LOOPBACK, Server, StaticSite, TinyHttp, available_agent, deploy_hotline, eventually,
-    waybills,
+    Browser, LOOPBACK, Server, Smsc, SmtpSink, StaticSite, TinyHttp, available_agent,
+    deploy_hotline, eventually, waybills,
 };
 use serde_json::{Value, json};
 use std::net::TcpStream;
@@ -511,15 +511,119 @@ fn origins_tokens_identities_retries_sizes_and_a_flood() {
     assert_eq!(open.len(), 6, "the cap is 6 connections per address");
 }
 
+/// Sends mails over one SMTP session (Python's smtplib) until the server
+/// dies; prints `ok N` for each one answered 250.
+const SMTP_CLIENT: &str = r#"
+import smtplib, sys
+from email.message import EmailMessage
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+for n in range(int(sys.argv[2])):
+    m = EmailMessage()
+    m["From"] = "rita@example.com"; m["To"] = "help@freight.test"
+    m["Subject"] = f"mail {n}"; m.set_content(f"mail {n}")
+    try:
+        s.send_message(m)
+    except Exception:
+        break
+    print(f"ok {n}", flush=True)
+"#;
+
+/// (channel, inbound texts, outbound messages) of a customer's history.
+fn history(s: &Server, key: &str, channel: &str, address: &str) -> (Vec<String>, Vec<Value>) {
+    let c = s.get(
+        &format!("/v1/tenants/freight/customers?channel={channel}&address={address}"),
+        key,
+    );
+    assert_eq!(c.status, 200, "{c:?}");
+    let h = s.get(
+        &format!(
+            "/v1/tenants/freight/customers/{}?limit=500",
+            c.body["id"].as_str().unwrap()
+        ),
+        key,
+    );
+    assert_eq!(h.status, 200, "{h:?}");
+    let mut inbound = Vec::new();
+    let mut outbound = Vec::new();
+    for ix in h.body["interactions"].as_array().unwrap() {
+        for m in ix["messages"].as_array().unwrap() {
+            if m["direction"] == "inbound" {
+                inbound.push(m["text"].as_str().unwrap().trim().to_string());
+            } else {
+                outbound.push(m.clone());
+            }
+        }
+    }
+    (inbound, outbound)
+}
+
 #[test]
-fn acknowledged_chat_messages_survive_a_sigkill_exactly_once() {
+fn acknowledged_chat_email_and_sms_survive_a_sigkill_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let mis = TinyHttp::start(waybills);
+    let sink = SmtpSink::start(&dir.path().join("sent"), 0);
+    let smsc = Smsc::start("test", "secret");
+    let relay = format!("smtp://127.0.0.1:{}", sink.port);
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
     flags.extend(["--chat-rate", "100000", "--chat-ip-rate", "100000"]);
-    let s = Server::start(dir.path(), &flags).unwrap();
+    flags.extend(["--smtp", "127.0.0.1:0", "--smtp-relay", &relay]);
+    let data = dir.path().join("data");
+    let s = Server::start(&data, &flags).unwrap();
+    let smtp = s.logged("SMTP listening on ");
     let key = wire(&s, mis.port);
+    for (address, channel) in [("help@freight.test", "email"), ("37060000001", "sms")] {
+        let a = s.json(
+            "PUT",
+            &format!("/v1/tenants/freight/addresses/{address}"),
+            &key,
+            &json!({"channel": channel, "flow": "hotline"}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    s.json(
+        "PUT",
+        "/v1/tenants/freight/secrets/smpp",
+        &key,
+        &json!({"value": "secret"}),
+    );
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/sms-carriers/smsc",
+        &key,
+        &json!({"smpp": {"host": "127.0.0.1", "port": smsc.port, "system_id": "test", "password_secret": "smpp"}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "bind");
+
     const N: usize = 300;
+    // Mail and texts flow while the chat sends (and after the kill, until
+    // their clients notice).
+    let mailer = std::process::Command::new(plugboard_tests::peers_python())
+        .args(["-c", SMTP_CLIENT, &smtp.to_string(), "1000"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let texter = {
+        let stop = stop.clone();
+        let mut cmds = Vec::new();
+        for n in 0..1000 {
+            cmds.push(
+                json!({"cmd": "mo", "tag": format!("s{n}"), "from": "37069990001",
+                             "to": "37060000001", "text": format!("sms {n}")}),
+            );
+        }
+        let tx = smsc.commands();
+        std::thread::spawn(move || {
+            for c in cmds {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                tx(c);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        })
+    };
     let (mut ws, welcome, _) = hello(&s, json!({"type": "hello"}));
     let token = welcome["token"].as_str().unwrap().to_string();
     // Send everything, read acks as they come, and SIGKILL the server
@@ -545,20 +649,39 @@ fn acknowledged_chat_messages_survive_a_sigkill_exactly_once() {
         .status()
         .unwrap();
     assert!(kill.success());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     // Whatever else was acknowledged before the socket died counts too.
     while let Some(f) = next(&mut ws) {
         if f["type"] == "ack" {
             acked.insert(f["client_id"].as_str().unwrap().to_string());
         }
     }
+    let mailed: Vec<String> = {
+        let out = mailer.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("ok ").map(|n| format!("mail {n}")))
+            .collect()
+    };
+    texter.join().unwrap();
     s.kill();
-    let data = dir.path().to_path_buf();
+    let texted: Vec<String> = smsc
+        .named("deliver_sm_resp")
+        .iter()
+        .filter(|e| e["status"] == 0)
+        .map(|e| format!("sms {}", &e["tag"].as_str().unwrap()[1..]))
+        .collect();
+    assert!(
+        !mailed.is_empty() && !texted.is_empty(),
+        "{mailed:?} {texted:?}"
+    );
+
     let s = Server::start(&data, &flags).unwrap();
     // The widget reconnects with its token and sends every message it
     // has no ack for, with the same ids.
-    let (mut ws, welcome, history) = hello(&s, json!({"type": "hello", "token": token}));
+    let (mut ws, welcome, history_frame) = hello(&s, json!({"type": "hello", "token": token}));
     assert_eq!(welcome["token"], token.as_str());
-    let seen: std::collections::BTreeSet<String> = history["messages"]
+    let seen: std::collections::BTreeSet<String> = history_frame["messages"]
         .as_array()
         .unwrap()
         .iter()
@@ -585,7 +708,7 @@ fn acknowledged_chat_messages_survive_a_sigkill_exactly_once() {
             acks += 1;
         }
     }
-    let ix = history["messages"][0]["conversation"]
+    let ix = history_frame["messages"][0]["conversation"]
         .as_str()
         .unwrap()
         .to_string();
@@ -602,20 +725,73 @@ fn acknowledged_chat_messages_survive_a_sigkill_exactly_once() {
         all.len()
     );
     assert_eq!(distinct.len(), N);
-    // Every reply the flow wrote leaves the outbox (sent), none twice.
+    // Every mail answered 250 and every text answered 0 is stored once.
+    let (mails, _) = history(&s, &key, "email", "rita@example.com");
+    for m in &mailed {
+        assert_eq!(
+            mails.iter().filter(|t| *t == m).count(),
+            1,
+            "{m}: {mails:?}"
+        );
+    }
+    let (texts, _) = history(&s, &key, "sms", "37069990001");
+    for t in &texted {
+        assert_eq!(
+            texts.iter().filter(|x| *x == t).count(),
+            1,
+            "{t}: {texts:?}"
+        );
+    }
+    eprintln!(
+        "acknowledged before the kill: {} chat, {} mail, {} sms",
+        acked.len(),
+        mailed.len(),
+        texted.len()
+    );
+    // Every reply the flow wrote leaves the outbox (sent), none lost.
     assert!(
-        eventually(Duration::from_secs(30), || {
+        eventually(Duration::from_secs(60), || {
             messages(&s, &key, &ix)
                 .iter()
                 .filter(|m| m["direction"] == "outbound")
                 .all(|m| m["status"] != "queued")
+                && history(&s, &key, "email", "rita@example.com")
+                    .1
+                    .iter()
+                    .chain(&history(&s, &key, "sms", "37069990001").1)
+                    .all(|m| m["status"] == "sent")
         }),
         "replies still queued after the restart"
+    );
+    // Each mail reply reached the relay once (by Message-ID); each text
+    // reply reached the SMSC once, but for those in flight at the kill
+    // (SMPP cannot tell whether the SMSC took them): at most a window.
+    let (_, mail_out) = history(&s, &key, "email", "rita@example.com");
+    let relayed: std::collections::BTreeSet<String> = sink
+        .wait_for(mail_out.len(), Duration::from_secs(30))
+        .iter()
+        .filter_map(|m| plugboard_tests::header(m, "Message-ID"))
+        .collect();
+    assert_eq!(relayed.len(), mail_out.len());
+    let (_, sms_out) = history(&s, &key, "sms", "37069990001");
+    let submits = smsc
+        .named("submit_sm")
+        .iter()
+        .filter(|e| e["destination_addr"] == "37069990001")
+        .count();
+    eprintln!(
+        "text replies: {} stored, {submits} submitted",
+        sms_out.len()
+    );
+    assert!(
+        submits >= sms_out.len() && submits <= sms_out.len() + 10,
+        "{submits} submits for {} replies",
+        sms_out.len()
     );
 }
 
 #[test]
-fn one_customer_writes_by_chat_then_email_and_the_merged_history_has_both() {
+fn one_customer_writes_by_chat_then_email_then_sms_and_the_merged_history_has_all_three() {
     let dir = tempfile::tempdir().unwrap();
     let mis = TinyHttp::start(waybills);
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
@@ -630,6 +806,28 @@ fn one_customer_writes_by_chat_then_email_and_the_merged_history_has_both() {
         &json!({"channel": "email", "flow": "hotline"}),
     );
     assert_eq!(a.status, 200, "{a:?}");
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/addresses/37060000001",
+        &key,
+        &json!({"channel": "sms", "flow": "hotline"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let mut smsc = Smsc::start("test", "secret");
+    s.json(
+        "PUT",
+        "/v1/tenants/freight/secrets/smpp",
+        &key,
+        &json!({"value": "secret"}),
+    );
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/sms-carriers/smsc",
+        &key,
+        &json!({"smpp": {"host": "127.0.0.1", "port": smsc.port, "system_id": "test", "password_secret": "smpp"}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "bind");
 
     // First by chat…
     let (mut ws, welcome, _) = hello(&s, json!({"type": "hello", "name": "Rita Ray"}));
@@ -666,6 +864,10 @@ fn one_customer_writes_by_chat_then_email_and_the_merged_history_has_both() {
         }));
         c
     };
+    // … then by SMS (over SMPP from the carrier's SMSC).
+    smsc.send(json!({"cmd": "mo", "tag": "t", "from": "+37069990001", "to": "37060000001", "text": "track"}));
+    let r = smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "deliver_sm_resp");
+    assert_eq!(r["status"], 0);
     let by_chat = find("chat", &visitor);
     let by_email = find("email", "rita@example.com");
     assert_ne!(by_chat["id"], by_email["id"], "two customers until merged");
@@ -681,6 +883,18 @@ fn one_customer_writes_by_chat_then_email_and_the_merged_history_has_both() {
         &json!({"from": by_chat["id"]}),
     );
     assert_eq!(m.status, 200, "{m:?}");
+    let by_sms = find("sms", "37069990001");
+    assert_ne!(by_sms["id"], by_email["id"]);
+    let m = s.json(
+        "POST",
+        &format!(
+            "/v1/tenants/freight/customers/{}/merge",
+            by_email["id"].as_str().unwrap()
+        ),
+        &key,
+        &json!({"from": by_sms["id"]}),
+    );
+    assert_eq!(m.status, 200, "{m:?}");
     let h = s.get(
         &format!(
             "/v1/tenants/freight/customers/{}",
@@ -694,7 +908,7 @@ fn one_customer_writes_by_chat_then_email_and_the_merged_history_has_both() {
         .iter()
         .map(|i| i["channel"].as_str().unwrap())
         .collect();
-    assert_eq!(channels, ["chat", "email"], "oldest first: {h:?}");
+    assert_eq!(channels, ["chat", "email", "sms"], "oldest first: {h:?}");
     assert_eq!(list[0]["id"], chat_ix.as_str());
     assert!(
         list.iter().all(|i| i["messages"]
@@ -706,4 +920,7 @@ fn one_customer_writes_by_chat_then_email_and_the_merged_history_has_both() {
     );
     // Looked up by either address, it is the one customer.
     assert_eq!(find("chat", &visitor)["id"], by_email["id"]);
+    assert_eq!(find("sms", "37069990001")["id"], by_email["id"]);
+    // A phone number is one address whether it texts or calls.
+    assert_eq!(find("voice", "37069990001")["id"], by_email["id"]);
 }

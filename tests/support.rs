@@ -1329,7 +1329,7 @@ pub fn available_agent(
 /// (scripts/setup.sh installs both). Its events are kept in order.
 pub struct Smsc {
     child: Child,
-    stdin: std::process::ChildStdin,
+    stdin: std::sync::Arc<std::sync::Mutex<std::process::ChildStdin>>,
     events: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
     /// Its port on 127.0.0.1.
     pub port: u16,
@@ -1349,7 +1349,7 @@ impl Smsc {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("node with smpp (run scripts/setup.sh)");
-        let stdin = child.stdin.take().unwrap();
+        let stdin = std::sync::Arc::new(std::sync::Mutex::new(child.stdin.take().unwrap()));
         let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = events.clone();
@@ -1373,8 +1373,16 @@ impl Smsc {
 
     /// Sends a command (see smsc.js).
     pub fn send(&mut self, cmd: Value) {
-        use std::io::Write;
-        writeln!(self.stdin, "{cmd}").unwrap();
+        (self.commands())(cmd);
+    }
+
+    /// A sender of commands for another thread.
+    pub fn commands(&self) -> impl Fn(Value) + Send + 'static {
+        let stdin = self.stdin.clone();
+        move |cmd| {
+            use std::io::Write;
+            writeln!(stdin.lock().unwrap(), "{cmd}").unwrap();
+        }
     }
 
     /// Every event so far.
