@@ -355,8 +355,46 @@ pub struct SmsCarrier {
     /// another carrier.
     #[serde(default)]
     pub numbers: Vec<String>,
-    /// The SMPP link.
-    pub smpp: SmppLink,
+    /// An SMPP link to the carrier's SMSC…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smpp: Option<SmppLink>,
+    /// … or the carrier's HTTP API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpSmsApi>,
+}
+
+/// How a carrier's HTTP API speaks.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpSmsDialect {
+    /// Twilio's Messages API: sends are form POSTs with Basic auth
+    /// (`ACCOUNT_SID:AUTH_TOKEN`); inbound and status webhooks are form
+    /// POSTs signed `X-Twilio-Signature` (HMAC-SHA1 with the auth token).
+    Twilio,
+    /// Plugboard's JSON: `{"id","from","to","text"}` both ways and status
+    /// `{"id","status","error"}`, each signed `X-Plugboard-Signature:
+    /// t=UNIX,v1=HEX` (HMAC-SHA256 of `UNIX.BODY`) as our webhooks are.
+    Json,
+}
+
+/// A carrier's HTTP API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSmsApi {
+    /// How it speaks.
+    pub dialect: HttpSmsDialect,
+    /// Where messages are sent (Twilio:
+    /// `https://api.twilio.com/2010-04-01/Accounts/SID/Messages.json`).
+    pub send_url: String,
+    /// The tenant secret with the credentials: `ACCOUNT_SID:AUTH_TOKEN`
+    /// (Twilio) or the signing key (JSON).
+    pub secret: String,
+    /// This server's base URL as the carrier reaches it
+    /// (`https://sms.example.com`): Twilio signs the whole URL of its
+    /// webhooks, and status callbacks are asked for at
+    /// `{public_url}/sms/{tenant}/{carrier}/status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
 }
 
 /// SMPP limits on a bind's fields.
@@ -370,7 +408,30 @@ impl SmsCarrier {
     /// numbers or alphanumeric senders.
     pub fn validate(&self) -> Result<(), Error> {
         crate::validate_id("carrier", &self.name)?;
-        let l = &self.smpp;
+        for n in &self.numbers {
+            let n = crate::normalize_address(n);
+            if n.is_empty() || n.len() > 20 || !n.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(Error::Invalid(format!(
+                    "{n:?} is not a phone number or an alphanumeric sender"
+                )));
+            }
+        }
+        let l = match (&self.smpp, &self.http) {
+            (Some(l), None) => l,
+            (None, Some(h)) => {
+                crate::validate_id("secret", &h.secret)?;
+                for url in std::iter::once(&h.send_url).chain(&h.public_url) {
+                    crate::Origin::of_url(url)
+                        .map_err(|e| Error::Invalid(format!("{url:?}: {e}")))?;
+                }
+                return Ok(());
+            }
+            _ => {
+                return Err(Error::Invalid(
+                    "a carrier has either `smpp` or `http`".into(),
+                ));
+            }
+        };
         if l.host.is_empty()
             || l.host.len() > 253
             || l.host
@@ -406,15 +467,16 @@ impl SmsCarrier {
         if !(5..=300).contains(&l.enquire_link_secs) {
             return Err(Error::Invalid("smpp.enquire_link_secs is 5..=300".into()));
         }
-        for n in &self.numbers {
-            let n = crate::normalize_address(n);
-            if n.is_empty() || n.len() > 20 || !n.chars().all(|c| c.is_ascii_alphanumeric()) {
-                return Err(Error::Invalid(format!(
-                    "{n:?} is not a phone number or an alphanumeric sender"
-                )));
-            }
-        }
         Ok(())
+    }
+
+    /// The tenant secret it needs.
+    pub fn secret_name(&self) -> &str {
+        match (&self.smpp, &self.http) {
+            (Some(l), _) => &l.password_secret,
+            (None, Some(h)) => &h.secret,
+            (None, None) => "",
+        }
     }
 
     /// Whether the password from its secret fits SMPP 3.4.

@@ -5,7 +5,9 @@
 
 use std::collections::HashMap;
 
-use plugboard_core::{Channel, Error as CoreError, SmsCarrier, normalize_address, now_ms};
+use plugboard_core::{
+    Channel, Error as CoreError, HttpSmsDialect, SmsCarrier, normalize_address, now_ms,
+};
 use plugboard_store::{RecordWrite, hash_key};
 use serde_json::{Value, json};
 
@@ -65,17 +67,24 @@ impl Engine {
                 );
             }
         }
-        let Some(password) = self
-            .tenant_secret(tenant, &carrier.smpp.password_secret)
-            .await?
-        else {
+        let Some(secret) = self.tenant_secret(tenant, carrier.secret_name()).await? else {
             return Err(CoreError::Invalid(format!(
                 "secret {} does not exist",
-                carrier.smpp.password_secret
+                carrier.secret_name()
             ))
             .into());
         };
-        SmsCarrier::check_password(&password)?;
+        match carrier.http.as_ref().map(|h| h.dialect) {
+            None => SmsCarrier::check_password(&secret)?,
+            Some(HttpSmsDialect::Twilio) if !secret.contains(':') => {
+                return Err(CoreError::Invalid(format!(
+                    "secret {} must be ACCOUNT_SID:AUTH_TOKEN",
+                    carrier.secret_name()
+                ))
+                .into());
+            }
+            Some(_) => {}
+        }
         self.store
             .set_record(
                 tenant,
@@ -137,20 +146,18 @@ impl Engine {
         self.sms.changes.subscribe()
     }
 
-    /// The password of a carrier's account (from its secret).
-    pub async fn sms_carrier_password(
+    /// The value of a carrier's secret: the SMPP password, Twilio's
+    /// `ACCOUNT_SID:AUTH_TOKEN`, or the JSON dialect's signing key.
+    pub async fn sms_carrier_secret(
         &self,
         tenant: &str,
         carrier: &SmsCarrier,
     ) -> EngineResult<String> {
-        self.tenant_secret(tenant, &carrier.smpp.password_secret)
+        self.tenant_secret(tenant, carrier.secret_name())
             .await?
             .ok_or_else(|| {
-                CoreError::Invalid(format!(
-                    "secret {} does not exist",
-                    carrier.smpp.password_secret
-                ))
-                .into()
+                CoreError::Invalid(format!("secret {} does not exist", carrier.secret_name()))
+                    .into()
             })
     }
 

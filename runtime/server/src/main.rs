@@ -848,7 +848,9 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             closing.close_all();
             sms.stop().await;
         };
-        let app = plugboard_api::router(state).merge(plugboard_chat::router(hub));
+        let app = plugboard_api::router(state.clone())
+            .merge(plugboard_chat::router(hub))
+            .merge(plugboard_sms::http::router(state));
         // No Nagle delay on small frames (chat acks, events): without it a
         // widget's ack waited for the peer's delayed ACK, ~40 ms.
         let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {

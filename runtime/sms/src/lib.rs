@@ -25,6 +25,7 @@
 //! under their own key).
 
 pub mod esme;
+pub mod http;
 pub mod link;
 pub mod receipt;
 pub mod text;
@@ -57,7 +58,8 @@ const SUBMIT_WAIT: Duration = Duration::from_secs(120);
 struct Running {
     carrier: SmsCarrier,
     fingerprint: String,
-    link: Arc<Link>,
+    /// The SMPP link (HTTP carriers have none).
+    link: Option<Arc<Link>>,
 }
 
 /// The SMS links of every tenant's carriers on this server.
@@ -120,7 +122,7 @@ impl SmsHub {
         };
         let mut wanted = HashMap::new();
         for (tenant, carrier) in engine.all_sms_carriers().await? {
-            let password = match engine.sms_carrier_password(&tenant, &carrier).await {
+            let password = match engine.sms_carrier_secret(&tenant, &carrier).await {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!("SMS carrier {} of {tenant}: {e}", carrier.name);
@@ -148,37 +150,48 @@ impl SmsHub {
             for k in gone {
                 if let Some(r) = links.remove(&k) {
                     engine.set_sms_link_state(&k.0, &k.1, None);
-                    stopping.push(r.link);
+                    stopping.extend(r.link);
                 }
             }
             for (key, (carrier, password, fingerprint)) in wanted {
                 if links.contains_key(&key) {
                     continue;
                 }
-                let endpoint = Endpoint {
-                    host: carrier.smpp.host.clone(),
-                    port: carrier.smpp.port,
-                    esme: EsmeConfig {
-                        system_id: carrier.smpp.system_id.clone(),
-                        password,
-                        system_type: carrier.smpp.system_type.clone(),
-                        window: carrier.smpp.window as usize,
-                        enquire_link: Duration::from_secs(carrier.smpp.enquire_link_secs.into()),
-                        ..EsmeConfig::default()
-                    },
-                };
-                let sink = Arc::new(Sink {
-                    engine: self.engine.clone(),
-                    tenant: key.0.clone(),
-                    carrier: carrier.clone(),
+                let link = carrier.smpp.as_ref().map(|smpp| {
+                    let endpoint = Endpoint {
+                        host: smpp.host.clone(),
+                        port: smpp.port,
+                        esme: EsmeConfig {
+                            system_id: smpp.system_id.clone(),
+                            password,
+                            system_type: smpp.system_type.clone(),
+                            window: smpp.window as usize,
+                            enquire_link: Duration::from_secs(smpp.enquire_link_secs.into()),
+                            ..EsmeConfig::default()
+                        },
+                    };
+                    let sink = Arc::new(Sink {
+                        engine: self.engine.clone(),
+                        tenant: key.0.clone(),
+                        carrier: carrier.clone(),
+                        alphabet: smpp.default_alphabet,
+                    });
+                    Arc::new(Link::start(
+                        endpoint,
+                        self.net.clone(),
+                        self.timing.clone(),
+                        sink,
+                    ))
                 });
-                let link = Link::start(endpoint, self.net.clone(), self.timing.clone(), sink);
+                if link.is_none() {
+                    engine.set_sms_link_state(&key.0, &key.1, Some(serde_json::json!({"state": "http"})));
+                }
                 links.insert(
                     key,
                     Running {
                         carrier,
                         fingerprint,
-                        link: Arc::new(link),
+                        link,
                     },
                 );
             }
@@ -194,12 +207,14 @@ impl SmsHub {
     /// Unbinds every link (at shutdown).
     pub async fn stop(&self) {
         let all: Vec<Running> = lock(&self.links).drain().map(|(_, r)| r).collect();
-        let stops = all.into_iter().filter_map(|r| Arc::into_inner(r.link));
+        let stops = all
+            .into_iter()
+            .filter_map(|r| r.link.and_then(Arc::into_inner));
         futures_util::future::join_all(stops.map(Link::stop)).await;
     }
 
-    /// The link of the tenant's carrier that carries `number`.
-    fn link_for(&self, tenant: &str, number: &str) -> Option<(SmsCarrier, Arc<Link>)> {
+    /// The tenant's carrier that carries `number`, and its SMPP link.
+    fn link_for(&self, tenant: &str, number: &str) -> Option<(SmsCarrier, Option<Arc<Link>>)> {
         let links = lock(&self.links);
         let carriers: Vec<SmsCarrier> = links
             .iter()
@@ -261,12 +276,18 @@ impl Courier for SmsCourier {
         if message.text.trim().is_empty() {
             return Err(DeliveryError::Permanent("an SMS carries text only".into()));
         }
+        let (Some(link), Some(smpp)) = (link, &carrier.smpp) else {
+            let (Some(engine), Some(api)) = (hub.engine.upgrade(), &carrier.http) else {
+                return Err(DeliveryError::Retry("the server is stopping".into()));
+            };
+            return http::send(&engine, tenant, &carrier, api, message).await;
+        };
         // The concatenation reference: from the message id, so a resend
         // carries the same one.
         let reference = plugboard_store::hash_key(&message.id)
             .bytes()
             .fold(0u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
-        let parts = text::encode_for(&message.text, reference, carrier.smpp.default_alphabet)
+        let parts = text::encode_for(&message.text, reference, smpp.default_alphabet)
             .map_err(|e| DeliveryError::Permanent(e.to_string()))?;
         let (src_ton, src_npi) = ton_npi(&from);
         let to = normalize_address(&message.to);
@@ -334,6 +355,7 @@ struct Sink {
     engine: Weak<Engine>,
     tenant: String,
     carrier: SmsCarrier,
+    alphabet: plugboard_core::DefaultAlphabet,
 }
 
 #[async_trait::async_trait]
@@ -361,7 +383,7 @@ impl DeliverSink for Sink {
         };
         let esm = u8::from(sm.esm_class);
         let dc = u8::from(sm.data_coding);
-        let alphabet = self.carrier.smpp.default_alphabet;
+        let alphabet = self.alphabet;
         if esm & 0x3C == 0x04 || esm & 0x3C == 0x20 {
             let text = text::decode(dc, &bytes, alphabet);
             return self
