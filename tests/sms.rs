@@ -445,3 +445,308 @@ fn throttling_and_a_dropped_link_lose_nothing() {
     eprintln!("sent again after the drop: {twice} of {n}");
     assert!(twice <= 10, "{texts:?}");
 }
+
+/// The carrier's HTTP API stand-in (tests/peers/sms_api.py): its requests.
+struct SmsApi {
+    child: std::process::Child,
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl SmsApi {
+    fn start() -> SmsApi {
+        use std::io::BufRead;
+        let port = plugboard_tests::free_port();
+        let mut child = std::process::Command::new(plugboard_tests::peers_python())
+            .arg(plugboard_tests::root().join("tests/peers/sms_api.py"))
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert!(line.contains("listening"), "{line}");
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = requests.clone();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(serde_json::from_str(&l).unwrap());
+            }
+        });
+        SmsApi {
+            child,
+            port,
+            requests,
+        }
+    }
+
+    fn wait(&self, n: usize) -> Vec<Value> {
+        assert!(
+            eventually(WAIT, || self.requests.lock().unwrap().len() >= n),
+            "{:?}",
+            self.requests.lock().unwrap()
+        );
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SmsApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Twilio's webhook signature: HMAC-SHA1 of the URL and the sorted
+/// fields, base64.
+fn twilio_signature(token: &str, url: &str, fields: &[(&str, &str)]) -> String {
+    use base64::Engine as _;
+    use hmac::Mac;
+    let mut sorted = fields.to_vec();
+    sorted.sort();
+    let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(token.as_bytes()).unwrap();
+    mac.update(url.as_bytes());
+    for (k, v) in sorted {
+        mac.update(k.as_bytes());
+        mac.update(v.as_bytes());
+    }
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+/// POSTs a webhook; (status, body).
+fn webhook(url: &str, content_type: &str, headers: &[(&str, String)], body: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.post(url).header("content-type", content_type);
+    for (k, v) in headers {
+        req = req.header(*k, v);
+    }
+    let mut r = req.send(body).unwrap();
+    (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+}
+
+fn form(fields: &[(&str, &str)]) -> String {
+    form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(fields)
+        .finish()
+}
+
+#[test]
+fn http_carriers_send_through_their_api_and_take_only_signed_webhooks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(waybills);
+    let api = SmsApi::start();
+    let data = dir.path().join("data");
+    let s = Server::start(&data, LOOPBACK).unwrap();
+    let key = s.tenant("freight");
+    deploy_hotline(&s, "freight", &key, mis.port);
+    for n in [NUMBER, "37060000003"] {
+        let a = s.json(
+            "PUT",
+            &format!("/v1/tenants/freight/addresses/{n}"),
+            &key,
+            &json!({"channel": "sms", "flow": "hotline"}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    for (name, value) in [("twilio", "AC1:tok123"), ("signing", "json-key")] {
+        let a = s.json(
+            "PUT",
+            &format!("/v1/tenants/freight/secrets/{name}"),
+            &key,
+            &json!({"value": value}),
+        );
+        assert!(a.status == 200 || a.status == 204, "{a:?}");
+    }
+    let base = s.url();
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/sms-carriers/tw",
+        &key,
+        &json!({"numbers": [NUMBER], "http": {"dialect": "twilio",
+            "send_url": format!("http://127.0.0.1:{}/2010-04-01/Accounts/AC1/Messages.json", api.port),
+            "secret": "twilio", "public_url": base}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["link"]["state"], "http");
+
+    // Twilio posts the customer's text, signed: the flow answers through
+    // the Messages API.
+    let url = format!("{base}/sms/freight/tw/inbound");
+    let fields = [
+        ("From", "+37069990001"),
+        ("To", "+37060000001"),
+        ("Body", "Hello"),
+        ("MessageSid", "SMin1"),
+    ];
+    let sig = twilio_signature("tok123", &url, &fields);
+    let (st, body) = webhook(
+        &url,
+        "application/x-www-form-urlencoded",
+        &[("x-twilio-signature", sig.clone())],
+        &form(&fields),
+    );
+    assert_eq!(st, 200, "{body}");
+    assert!(body.contains("<Response/>"), "{body}");
+    // Twilio retries it: the same message, stored once.
+    let (st, _) = webhook(
+        &url,
+        "application/x-www-form-urlencoded",
+        &[("x-twilio-signature", sig)],
+        &form(&fields),
+    );
+    assert_eq!(st, 200);
+    // A forged one (another body under the same signature, or none).
+    let forged = [
+        ("Body", "Send me the money"),
+        fields[0],
+        fields[1],
+        fields[3],
+    ];
+    let (st, _) = webhook(
+        &url,
+        "application/x-www-form-urlencoded",
+        &[(
+            "x-twilio-signature",
+            twilio_signature("tok123", &url, &fields),
+        )],
+        &form(&forged),
+    );
+    assert_eq!(st, 403);
+    let (st, _) = webhook(
+        &url,
+        "application/x-www-form-urlencoded",
+        &[],
+        &form(&fields),
+    );
+    assert_eq!(st, 403);
+    let sent = api.wait(1);
+    let first = &sent[0];
+    assert_eq!(first["path"], "/2010-04-01/Accounts/AC1/Messages.json");
+    use base64::Engine as _;
+    assert_eq!(
+        first["headers"]["authorization"],
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("AC1:tok123")
+        )
+    );
+    let sent_fields: std::collections::HashMap<String, String> =
+        form_urlencoded::parse(first["body"].as_str().unwrap().as_bytes())
+            .into_owned()
+            .collect();
+    assert_eq!(sent_fields["From"], "+37060000001");
+    assert_eq!(sent_fields["To"], "+37069990001");
+    assert!(sent_fields["Body"].starts_with("Welcome to Baltic"));
+    assert_eq!(
+        sent_fields["StatusCallback"],
+        format!("{base}/sms/freight/tw/status")
+    );
+    let ix = interactions(&s, &key)[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let ms = messages(&s, &key, &ix);
+    assert_eq!(
+        ms.iter().filter(|m| m["direction"] == "inbound").count(),
+        1,
+        "{ms:?}"
+    );
+    // Twilio reports the answer delivered.
+    let sid = "SM1";
+    let status_url = format!("{base}/sms/freight/tw/status");
+    let answered = ms
+        .iter()
+        .find(|m| m["external_id"] == sid)
+        .map(|m| m["id"].as_str().unwrap().to_string());
+    let answered = answered.unwrap_or_else(|| {
+        assert!(eventually(WAIT, || messages(&s, &key, &ix)
+            .iter()
+            .any(|m| m["external_id"] == sid)));
+        messages(&s, &key, &ix)
+            .iter()
+            .find(|m| m["external_id"] == sid)
+            .unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    });
+    let fields = [("MessageSid", sid), ("MessageStatus", "delivered")];
+    let (st, body) = webhook(
+        &status_url,
+        "application/x-www-form-urlencoded",
+        &[(
+            "x-twilio-signature",
+            twilio_signature("tok123", &status_url, &fields),
+        )],
+        &form(&fields),
+    );
+    assert_eq!(st, 200, "{body}");
+    let m = s.get(&format!("/v1/tenants/freight/messages/{answered}"), &key);
+    assert_eq!(m.body["status"], "delivered", "{m:?}");
+
+    // The JSON dialect, both ways signed as our webhooks are.
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/sms-carriers/js",
+        &key,
+        &json!({"numbers": ["37060000003"], "http": {"dialect": "json",
+            "send_url": format!("http://127.0.0.1:{}/send", api.port), "secret": "signing"}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let body = json!({"id": "p-1", "from": "+37069990002", "to": "37060000003", "text": "Hello"})
+        .to_string();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let sign = |t: u64, body: &str| {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"json-key").unwrap();
+        mac.update(format!("{t}.{body}").as_bytes());
+        format!("t={t},v1={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let url = format!("{base}/sms/freight/js/inbound");
+    let (st, _) = webhook(
+        &url,
+        "application/json",
+        &[("x-plugboard-signature", sign(t - 3600, &body))],
+        &body,
+    );
+    assert_eq!(st, 403, "a stale signature");
+    let (st, answer) = webhook(
+        &url,
+        "application/json",
+        &[("x-plugboard-signature", sign(t, &body))],
+        &body,
+    );
+    assert_eq!(st, 200, "{answer}");
+    assert!(eventually(WAIT, || api
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|r| r["path"] == "/send")));
+    let sent = api.wait(1);
+    let out = sent.iter().find(|r| r["path"] == "/send").unwrap();
+    let out_body = out["body"].as_str().unwrap();
+    let v: Value = serde_json::from_str(out_body).unwrap();
+    assert_eq!(
+        (v["from"].as_str(), v["to"].as_str()),
+        (Some("37060000003"), Some("37069990002"))
+    );
+    let given = out["headers"]["x-plugboard-signature"].as_str().unwrap();
+    let t_given: u64 = given[2..given.find(',').unwrap()].parse().unwrap();
+    assert_eq!(given, sign(t_given, out_body), "our send is signed");
+    // Another tenant's carrier name does not reach freight's number.
+    let (st, _) = webhook(
+        &format!("{base}/sms/other/js/inbound"),
+        "application/json",
+        &[("x-plugboard-signature", sign(t, &body))],
+        &body,
+    );
+    assert_eq!(st, 404);
+}

@@ -1246,7 +1246,10 @@ async fn get_chat_widget(
 /// this server.
 fn carrier_view(s: &Engine, tenant: &str, c: &plugboard_core::SmsCarrier) -> Value {
     let mut v = serde_json::to_value(c).unwrap_or_default();
-    v["link"] = s.sms_link_state(tenant, &c.name);
+    v["link"] = match c.http {
+        Some(_) => json!({"state": "http"}),
+        None => s.sms_link_state(tenant, &c.name),
+    };
     v
 }
 

@@ -15,8 +15,8 @@ pub mod origin;
 
 pub use flow::{Action, Event};
 pub use message::{
-    Attachment, Author, ChatWidget, Customer, CustomerAddress, DefaultAlphabet, Direction, HttpSmsApi,
-    HttpSmsDialect, Message, MessageStatus, SmppLink, SmsCarrier,
+    Attachment, Author, ChatWidget, Customer, CustomerAddress, DefaultAlphabet, Direction,
+    HttpSmsApi, HttpSmsDialect, Message, MessageStatus, SmppLink, SmsCarrier,
 };
 pub use origin::{Origin, Scheme, path_within, redact_url, url_path};
 

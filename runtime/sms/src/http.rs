@@ -104,7 +104,10 @@ pub async fn send(
             (
                 vec![
                     ("content-type".to_string(), "application/json".to_string()),
-                    ("x-plugboard-signature".to_string(), format!("t={t},v1={sig}")),
+                    (
+                        "x-plugboard-signature".to_string(),
+                        format!("t={t},v1={sig}"),
+                    ),
                 ],
                 body,
             )
@@ -170,12 +173,9 @@ impl IntoResponse for Answer {
                 "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response/>",
             )
                 .into_response(),
-            (true, _) => (
-                self.0,
-                [(header::CONTENT_TYPE, "application/json")],
-                self.2,
-            )
-                .into_response(),
+            (true, _) => {
+                (self.0, [(header::CONTENT_TYPE, "application/json")], self.2).into_response()
+            }
             (false, _) => (
                 self.0,
                 [(header::CONTENT_TYPE, "application/json")],
@@ -209,7 +209,12 @@ async fn verified(
     let secret = engine
         .sms_carrier_secret(tenant, &carrier)
         .await
-        .map_err(|_| fail(StatusCode::SERVICE_UNAVAILABLE, "the carrier's secret is missing"))?;
+        .map_err(|_| {
+            fail(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the carrier's secret is missing",
+            )
+        })?;
     let bad = || fail(StatusCode::FORBIDDEN, "bad signature");
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     match api.dialect {
@@ -288,8 +293,10 @@ async fn inbound(
         Ok(v) => v,
         Err(a) => return a,
     };
-    let (Some(from), Some(to)) = (field(&fields, &["From", "from"]), field(&fields, &["To", "to"]))
-    else {
+    let (Some(from), Some(to)) = (
+        field(&fields, &["From", "from"]),
+        field(&fields, &["To", "to"]),
+    ) else {
         return fail(StatusCode::BAD_REQUEST, "from and to are required");
     };
     let (from, to) = (normalize_address(from), normalize_address(to));
@@ -311,9 +318,10 @@ async fn inbound(
             Some(dialect),
             json!({"id": r.message.id, "duplicate": r.duplicate}).to_string(),
         ),
-        Err(EngineError::Core(CoreError::NotFound(_))) => {
-            fail(StatusCode::NOT_FOUND, format!("{to} is not the tenant's SMS number"))
-        }
+        Err(EngineError::Core(CoreError::NotFound(_))) => fail(
+            StatusCode::NOT_FOUND,
+            format!("{to} is not the tenant's SMS number"),
+        ),
         Err(EngineError::Core(CoreError::Invalid(why))) => fail(StatusCode::BAD_REQUEST, why),
         Err(e) => {
             tracing::warn!("SMS webhook of {tenant}: {e}");
@@ -366,7 +374,10 @@ async fn status(
         },
         // Not recorded yet (the send's answer is being written): the
         // carrier tries again.
-        Ok(None) => fail(StatusCode::SERVICE_UNAVAILABLE, format!("message {id} is not known yet")),
+        Ok(None) => fail(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("message {id} is not known yet"),
+        ),
         Err(e) => {
             tracing::warn!("SMS status of {tenant}: {e}");
             fail(StatusCode::SERVICE_UNAVAILABLE, "try again later")

@@ -183,9 +183,6 @@ impl SmsHub {
                         sink,
                     ))
                 });
-                if link.is_none() {
-                    engine.set_sms_link_state(&key.0, &key.1, Some(serde_json::json!({"state": "http"})));
-                }
                 links.insert(
                     key,
                     Running {
