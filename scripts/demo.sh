@@ -7,7 +7,9 @@
 # (default 127.0.0.1:5060), PLUGBOARD_SMTP (default 127.0.0.1:2525),
 # PLUGBOARD_DATA_DIR (default ./data), MIS_PORT (default 8090), MAIL_PORT
 # (default 2526: a local mail sink standing in for the smart host; the
-# replies it takes land in DATA/sent-mail as .eml files).
+# replies it takes land in DATA/sent-mail as .eml files), SMSC_PORT
+# (default 2775: a local SMSC standing in for the carrier, node-smpp's
+# server; scripts/sms.sh texts through it, its log is DATA/smsc.log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -20,6 +22,7 @@ DATA=${PLUGBOARD_DATA_DIR:-data}
 MIS_PORT=${MIS_PORT:-8090}
 SMTP=${PLUGBOARD_SMTP:-127.0.0.1:2525}
 MAIL_PORT=${MAIL_PORT:-2526}
+SMSC_PORT=${SMSC_PORT:-2775}
 export PLUGBOARD_URL="http://$HTTP" PLUGBOARD_DATA_DIR="$DATA"
 mkdir -p "$DATA"
 
@@ -29,6 +32,12 @@ MIS_PID=$!
 # keeps what it is given in $DATA/sent-mail.
 target/sdk-tools/peers-venv/bin/python tests/peers/smtp_sink.py "$MAIL_PORT" "$DATA/sent-mail" >/dev/null &
 MAIL_PID=$!
+# SMS goes through a carrier's SMSC: here a local one (node-smpp's server)
+# fed commands from $DATA/smsc.in (scripts/sms.sh writes there).
+touch "$DATA/smsc.in"
+tail -n0 -F "$DATA/smsc.in" 2>/dev/null \
+    | node target/sdk-tools/peers-smsc/smsc.js demo demo-pw "$SMSC_PORT" > "$DATA/smsc.log" &
+SMSC_PID=$!
 # The demo MIS runs on this machine: let tenants' HTTP reach loopback
 # (refused by default).
 # MD5 is offered before SHA-256 for softphones that read only the first
@@ -36,7 +45,7 @@ MAIL_PID=$!
 "$BIN" serve --http "$HTTP" --sip "$SIP" --allow-network 127.0.0.1/32 --digest-md5-first \
     --smtp "$SMTP" --smtp-relay "smtp://127.0.0.1:$MAIL_PORT" &
 SERVER_PID=$!
-trap 'kill $SERVER_PID $MIS_PID $MAIL_PID 2>/dev/null || true' EXIT INT TERM
+trap 'kill $SERVER_PID $MIS_PID $MAIL_PID $SMSC_PID 2>/dev/null || true' EXIT INT TERM
 for _ in $(seq 1 100); do
     curl -fsS "http://$HTTP/healthz" >/dev/null 2>&1 && break
     sleep 0.1
@@ -71,6 +80,10 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     # … and web chat: the widget page is served at /chat/web-demo.
     "$BIN" address set demo web-demo --channel chat --flow logistics-hotline >/dev/null
     api PUT chat-widgets/web-demo '{"title":"Demo Logistics"}'
+    # … and SMS: +15550160 through the demo carrier's SMSC (SMPP 3.4).
+    "$BIN" address set demo +15550160 --channel sms --flow logistics-hotline >/dev/null
+    api PUT secrets/smpp '{"value":"demo-pw"}'
+    api PUT sms-carriers/demo-smsc "{\"smpp\":{\"host\":\"127.0.0.1\",\"port\":$SMSC_PORT,\"system_id\":\"demo\",\"password_secret\":\"smpp\"}}"
     # The contact centre: two queues routed by the skills router, three
     # agents with SIP phones, and a front desk that asks sales or support.
     api PUT queues/sales '{"skills":["sales"],"router":"skills-router","offer_timeout":20,"wrap_up":5,"callback_after":60,"announce_every":30,"whisper":true}'
@@ -112,6 +125,9 @@ Chat with the same hotline in a browser (write "track", then 123, or "agent"):
   $BIN customer find demo VISITOR --channel chat    # VISITOR: the chat's "from"
   $BIN customer merge demo EMAIL_CUSTOMER CHAT_CUSTOMER   # one person:
   $BIN customer history demo EMAIL_CUSTOMER               # both conversations
+Text the same hotline (the demo SMSC delivers it to +15550160; replies print):
+  scripts/sms.sh track          # then: scripts/sms.sh 123
+  $BIN customer find demo 15550001 --channel sms
 Try:
   $BIN flow simulate demo hello-ivr --events '[{"type":"digits","digits":"1"}]'
   $BIN flow simulate demo cargo-lookup --events '[{"type":"digits","digits":"123","terminated":true}]'

@@ -1,9 +1,9 @@
 // An SMSC for the SMS tests and the benchmark: node-smpp's server
 // (npm `smpp`, pinned in package-lock.json), scripted over stdin.
 //
-//   node smsc.js [system_id] [password]
+//   node smsc.js [system_id] [password] [port]
 //
-// Listens on 127.0.0.1 (a free port); writes one JSON event per line on
+// Listens on 127.0.0.1 (port 0: a free one); writes one JSON event per line on
 // stdout, reads one JSON command per line on stdin:
 //   {"cmd":"mo","tag","from","to","text"|"hex","data_coding","esm_class"}
 //       a deliver_sm to every bound session (hex: the raw short_message,
@@ -18,7 +18,7 @@
 const smpp = require('smpp');
 const readline = require('readline');
 
-const [SYSID = 'test', PASS = 'secret'] = process.argv.slice(2);
+const [SYSID = 'test', PASS = 'secret', PORT = '0'] = process.argv.slice(2);
 const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
 let nextId = 1;
 let throttle = 0;
@@ -106,7 +106,7 @@ const server = smpp.createServer((session) => {
     });
   });
 });
-server.listen(0, '127.0.0.1', () => out({ ev: 'listening', port: server.address().port }));
+server.listen(Number(PORT), '127.0.0.1', () => out({ ev: 'listening', port: server.address().port }));
 
 readline.createInterface({ input: process.stdin }).on('line', (line) => {
   let c;
