@@ -6,7 +6,7 @@
 
 use plugboard_tests::{
     Browser, LOOPBACK, Server, Smsc, SmtpSink, StaticSite, TinyHttp, available_agent,
-    deploy_hotline, eventually, waybills,
+    deploy_hotline, eventually, smpp_carrier, waybills,
 };
 use serde_json::{Value, json};
 use std::net::TcpStream;
@@ -87,12 +87,7 @@ fn hello(s: &Server, hello: Value) -> (Ws, Value, Value) {
 }
 
 fn messages(s: &Server, key: &str, ix: &str) -> Vec<Value> {
-    let r = s.get(
-        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
-        key,
-    );
-    assert_eq!(r.status, 200, "{r:?}");
-    r.body["messages"].as_array().unwrap().clone()
+    s.messages("freight", key, ix)
 }
 
 /// The widget's messages on the page: (from, text, status) each.
@@ -580,29 +575,30 @@ fn acknowledged_chat_email_and_sms_survive_a_sigkill_exactly_once() {
         );
         assert_eq!(a.status, 200, "{a:?}");
     }
-    s.json(
-        "PUT",
-        "/v1/tenants/freight/secrets/smpp",
-        &key,
-        &json!({"value": "secret"}),
-    );
-    let a = s.json(
-        "PUT",
-        "/v1/tenants/freight/sms-carriers/smsc",
-        &key,
-        &json!({"smpp": {"host": "127.0.0.1", "port": smsc.port, "system_id": "test", "password_secret": "smpp"}}),
-    );
-    assert_eq!(a.status, 200, "{a:?}");
+    smpp_carrier(&s, "freight", &key, smsc.port, "secret", &[]);
     smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "bind");
 
     const N: usize = 300;
     // Mail and texts flow while the chat sends (and after the kill, until
     // their clients notice).
-    let mailer = std::process::Command::new(plugboard_tests::peers_python())
+    let mut mailer = std::process::Command::new(plugboard_tests::peers_python())
         .args(["-c", SMTP_CLIENT, &smtp.to_string(), "1000"])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let mailed = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let out = std::io::BufReader::new(mailer.stdout.take().unwrap());
+        let mailed = mailed.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in out.lines().map_while(Result::ok) {
+                if let Some(n) = l.strip_prefix("ok ") {
+                    mailed.lock().unwrap().push(format!("mail {n}"));
+                }
+            }
+        })
+    };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let texter = {
         let stop = stop.clone();
@@ -624,6 +620,14 @@ fn acknowledged_chat_email_and_sms_survive_a_sigkill_exactly_once() {
             }
         })
     };
+    // Mail and texts are going (some already taken) before the chat starts.
+    assert!(eventually(Duration::from_secs(30), || {
+        !mailed.lock().unwrap().is_empty()
+            && smsc
+                .named("deliver_sm_resp")
+                .iter()
+                .any(|e| e["status"] == 0)
+    }));
     let (mut ws, welcome, _) = hello(&s, json!({"type": "hello"}));
     let token = welcome["token"].as_str().unwrap().to_string();
     // Send everything, read acks as they come, and SIGKILL the server
@@ -656,13 +660,9 @@ fn acknowledged_chat_email_and_sms_survive_a_sigkill_exactly_once() {
             acked.insert(f["client_id"].as_str().unwrap().to_string());
         }
     }
-    let mailed: Vec<String> = {
-        let out = mailer.wait_with_output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| l.strip_prefix("ok ").map(|n| format!("mail {n}")))
-            .collect()
-    };
+    mailer.wait().unwrap();
+    reader.join().unwrap();
+    let mailed = mailed.lock().unwrap().clone();
     texter.join().unwrap();
     s.kill();
     let texted: Vec<String> = smsc
@@ -814,19 +814,7 @@ fn one_customer_writes_by_chat_then_email_then_sms_and_the_merged_history_has_al
     );
     assert_eq!(a.status, 200, "{a:?}");
     let mut smsc = Smsc::start("test", "secret");
-    s.json(
-        "PUT",
-        "/v1/tenants/freight/secrets/smpp",
-        &key,
-        &json!({"value": "secret"}),
-    );
-    let a = s.json(
-        "PUT",
-        "/v1/tenants/freight/sms-carriers/smsc",
-        &key,
-        &json!({"smpp": {"host": "127.0.0.1", "port": smsc.port, "system_id": "test", "password_secret": "smpp"}}),
-    );
-    assert_eq!(a.status, 200, "{a:?}");
+    smpp_carrier(&s, "freight", &key, smsc.port, "secret", &[]);
     smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "bind");
 
     // First by chat…

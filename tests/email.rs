@@ -79,21 +79,11 @@ fn python(script: &str, args: &[String]) -> (bool, String) {
 }
 
 fn interactions(s: &Server, key: &str) -> Vec<Value> {
-    let a = s.get("/v1/tenants/freight/interactions?limit=1000", key);
-    assert_eq!(a.status, 200, "{a:?}");
-    a.body["interactions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    s.interactions("freight", key)
 }
 
 fn messages(s: &Server, key: &str, ix: &str) -> Vec<Value> {
-    let a = s.get(
-        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
-        key,
-    );
-    assert_eq!(a.status, 200, "{a:?}");
-    a.body["messages"].as_array().cloned().unwrap()
+    s.messages("freight", key, ix)
 }
 
 /// Waits until `f` holds (at most `limit`).

@@ -5,7 +5,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{LOOPBACK, Server, Smsc, TinyHttp, deploy_hotline, eventually, waybills};
+use plugboard_tests::{
+    LOOPBACK, Server, Smsc, TinyHttp, deploy_hotline, eventually, smpp_carrier, waybills,
+};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -41,40 +43,15 @@ fn setup(dir: &std::path::Path, smsc: &Smsc, mis_port: u16) -> (Server, String) 
 }
 
 fn carrier(s: &Server, key: &str, port: u16, password: &str) {
-    let a = s.json(
-        "PUT",
-        "/v1/tenants/freight/secrets/smpp-password",
-        key,
-        &json!({"value": password}),
-    );
-    assert!(a.status == 200 || a.status == 204, "{a:?}");
-    let a = s.json(
-        "PUT",
-        "/v1/tenants/freight/sms-carriers/smsc",
-        key,
-        &json!({"numbers": [NUMBER], "smpp": {
-            "host": "127.0.0.1", "port": port, "system_id": "test",
-            "password_secret": "smpp-password", "window": 10, "enquire_link_secs": 5}}),
-    );
-    assert_eq!(a.status, 200, "{a:?}");
+    smpp_carrier(s, "freight", key, port, password, &[NUMBER]);
 }
 
 fn interactions(s: &Server, key: &str) -> Vec<Value> {
-    let a = s.get("/v1/tenants/freight/interactions?limit=1000", key);
-    assert_eq!(a.status, 200, "{a:?}");
-    a.body["interactions"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
+    s.interactions("freight", key)
 }
 
 fn messages(s: &Server, key: &str, ix: &str) -> Vec<Value> {
-    let a = s.get(
-        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
-        key,
-    );
-    assert_eq!(a.status, 200, "{a:?}");
-    a.body["messages"].as_array().cloned().unwrap()
+    s.messages("freight", key, ix)
 }
 
 /// Texts the SMSC was asked to send to the customer, in order.
@@ -365,16 +342,25 @@ fn other_tenants_numbers_bad_passwords_and_bad_input_are_refused() {
     assert!(eventually(WAIT, || {
         s.get("/v1/tenants/freight/sms-carriers/smsc", &key).body["link"]["state"] == "bound"
     }));
-    // Deleting the carrier unbinds.
+    // The CLI lists the carriers with their links; deleting one unbinds.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(plugboard_tests::binary())
+            .args(["--url", &s.url(), "--token", &key])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["carrier", "list", "freight"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed[0]["name"], "smsc");
+    assert_eq!(listed[0]["link"]["state"], "bound");
     let unbinds = smsc.named("unbind").len();
-    let a = s.call(
-        "DELETE",
-        "/v1/tenants/freight/sms-carriers/smsc",
-        Some(&key),
-        None,
-    );
-    assert_eq!(a.unwrap().status, 204);
+    let out = cli(&["carrier", "delete", "freight", "smsc"]);
+    assert!(out.status.success(), "{out:?}");
     smsc.wait_count("unbind", unbinds + 1, WAIT);
+    let out = cli(&["carrier", "list", "freight"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "[]");
 }
 
 #[test]

@@ -384,6 +384,29 @@ impl Server {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
     }
 
+    /// A tenant's interactions, newest first (at most 1,000).
+    pub fn interactions(&self, tenant: &str, key: &str) -> Vec<Value> {
+        let a = self.get(
+            &format!("/v1/tenants/{tenant}/interactions?limit=1000"),
+            key,
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body["interactions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// A conversation's messages, oldest first.
+    pub fn messages(&self, tenant: &str, key: &str, ix: &str) -> Vec<Value> {
+        let a = self.get(
+            &format!("/v1/tenants/{tenant}/interactions/{ix}/messages"),
+            key,
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body["messages"].as_array().cloned().unwrap_or_default()
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -1323,6 +1346,41 @@ pub fn available_agent(
     );
     assert_eq!(p.status, 204, "{p:?}");
     token
+}
+
+/// A number from the environment (a benchmark's setting), or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Sets tenant secret `smpp` to `password` and SMS carrier `smsc` bound
+/// to the SMSC on `port` as `test`, carrying `numbers` (empty: all).
+pub fn smpp_carrier(
+    s: &Server,
+    tenant: &str,
+    key: &str,
+    port: u16,
+    password: &str,
+    numbers: &[&str],
+) {
+    let a = s.json(
+        "PUT",
+        &format!("/v1/tenants/{tenant}/secrets/smpp"),
+        key,
+        &serde_json::json!({"value": password}),
+    );
+    assert!(a.status == 200 || a.status == 204, "{a:?}");
+    let a = s.json(
+        "PUT",
+        &format!("/v1/tenants/{tenant}/sms-carriers/smsc"),
+        key,
+        &serde_json::json!({"numbers": numbers, "smpp": {"host": "127.0.0.1", "port": port,
+            "system_id": "test", "password_secret": "smpp", "window": 10, "enquire_link_secs": 5}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
 }
 
 /// An SMSC: node-smpp's server scripted by tests/peers/smsc/smsc.js

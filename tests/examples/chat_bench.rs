@@ -20,19 +20,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use futures_util::{SinkExt, StreamExt};
-use plugboard_tests::{LOOPBACK, Server};
+use plugboard_tests::{LOOPBACK, Server, env_u64};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message as Ws;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn now_us() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
@@ -175,10 +168,10 @@ async fn echo_server() -> String {
 }
 
 fn main() {
-    let idle = env("BENCH_IDLE", 10_000) as usize;
-    let visitors = env("BENCH_VISITORS", 200) as usize;
-    let window = env("BENCH_WINDOW", 4) as usize;
-    let secs = env("BENCH_SECONDS", 5);
+    let idle = env_u64("BENCH_IDLE", 10_000) as usize;
+    let visitors = env_u64("BENCH_VISITORS", 200) as usize;
+    let window = env_u64("BENCH_WINDOW", 4) as usize;
+    let secs = env_u64("BENCH_SECONDS", 5);
     let dir = tempfile::tempdir().unwrap();
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
     let cap = (idle + visitors + 10).to_string();

@@ -18,17 +18,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use futures_util::StreamExt;
+use plugboard_tests::env_u64;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Nanoseconds since the start of the run (publisher and receiver share
 /// the process, so one monotonic clock).
@@ -300,11 +294,11 @@ fn commits_since(what: &str, commits: &AtomicU64, c0: u64, t0: Instant) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let secs = env("BENCH_SECONDS", 5);
-    let n_pub = env("BENCH_PUBLISHERS", 16);
-    let n_writers = env("BENCH_WRITERS", 16);
-    let rate = env("BENCH_RATE", 500);
-    let count = env("BENCH_PACED", 2500);
+    let secs = env_u64("BENCH_SECONDS", 5);
+    let n_pub = env_u64("BENCH_PUBLISHERS", 16);
+    let n_writers = env_u64("BENCH_WRITERS", 16);
+    let rate = env_u64("BENCH_RATE", 500);
+    let count = env_u64("BENCH_PACED", 2500);
     let nats = plugboard_tests::Nats::start().unwrap();
     let db = plugboard_tests::postgres().database();
     pg_session(&db)

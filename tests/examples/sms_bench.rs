@@ -19,17 +19,10 @@
 
 use plugboard_sms::esme::EsmeConfig;
 use plugboard_sms::link::{DeliverSink, Endpoint, Link, SubmitOutcome, Timing};
-use plugboard_tests::{LOOPBACK, Server, Smsc, root};
+use plugboard_tests::{LOOPBACK, Server, Smsc, env_u64, root, smpp_carrier};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct NoSink;
 
@@ -152,20 +145,7 @@ fn end_to_end(smsc: &mut Smsc, n: u64) -> (f64, f64) {
         &json!({"channel": "sms", "flow": "listen"}),
     );
     assert_eq!(a.status, 200, "{a:?}");
-    s.json(
-        "PUT",
-        "/v1/tenants/bench/secrets/smpp",
-        &key,
-        &json!({"value": "secret"}),
-    );
-    let a = s.json(
-        "PUT",
-        "/v1/tenants/bench/sms-carriers/smsc",
-        &key,
-        &json!({"smpp": {"host": "127.0.0.1", "port": smsc.port, "system_id": "test",
-                          "password_secret": "smpp", "window": 10}}),
-    );
-    assert_eq!(a.status, 200, "{a:?}");
+    smpp_carrier(&s, "bench", &key, smsc.port, "secret", &[]);
     let binds = smsc.named("bind").len();
     smsc.wait_count("bind", binds + 1, Duration::from_secs(30));
     // Customers text first: one conversation each.
@@ -224,7 +204,7 @@ fn end_to_end(smsc: &mut Smsc, n: u64) -> (f64, f64) {
 }
 
 fn main() {
-    let n = env("BENCH_MESSAGES", 20_000);
+    let n = env_u64("BENCH_MESSAGES", 20_000);
     let mut smsc = Smsc::start("test", "secret");
     smsc.send(json!({"cmd": "quiet", "on": true}));
     println!("SMS benchmark: {n} submit_sm, window 10, one SMSC (node-smpp) on loopback");
@@ -235,7 +215,7 @@ fn main() {
         "  plugboard link (sans-IO ESME)     {link:>9.0} submit_sm/s   ratio {:.2}",
         link / base
     );
-    let e2e = env("BENCH_E2E_MESSAGES", 4_000);
+    let e2e = env_u64("BENCH_E2E_MESSAGES", 4_000);
     let (api, sent) = end_to_end(&mut smsc, e2e);
     println!(
         "  end to end ({e2e} API replies): posted {api:.0}/s, sent {sent:.0}/s   ratio {:.2}",

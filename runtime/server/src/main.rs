@@ -195,6 +195,38 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CustomerCmd,
     },
+    /// Manage SMS carriers (SMPP or HTTP).
+    Carrier {
+        #[command(subcommand)]
+        cmd: CarrierCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum CarrierCmd {
+    /// Create or replace a carrier from its JSON settings (or @FILE), e.g.
+    /// '{"numbers":["15550160"],"smpp":{"host":"smsc.example","port":2775,
+    /// "system_id":"acme","password_secret":"smpp"}}'.
+    Set {
+        /// Tenant id.
+        tenant: String,
+        /// Carrier name.
+        name: String,
+        /// Its settings.
+        json: String,
+    },
+    /// The tenant's carriers, each with its link's state.
+    List {
+        /// Tenant id.
+        tenant: String,
+    },
+    /// Delete a carrier (its SMPP link unbinds).
+    Delete {
+        /// Tenant id.
+        tenant: String,
+        /// Carrier name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1092,6 +1124,21 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
         Cmd::Customer { cmd: CustomerCmd::History { tenant, id } } => print(&c.call(
             "GET",
             &format!("/v1/tenants/{}/customers/{}", enc(&tenant), enc(&id)),
+            None,
+        )?),
+        Cmd::Carrier { cmd: CarrierCmd::Set { tenant, name, json } } => print(&c.json(
+            "PUT",
+            &format!("/v1/tenants/{}/sms-carriers/{}", enc(&tenant), enc(&name)),
+            &parse_arg_json(&json)?,
+        )?),
+        Cmd::Carrier { cmd: CarrierCmd::List { tenant } } => print(&c.call(
+            "GET",
+            &format!("/v1/tenants/{}/sms-carriers", enc(&tenant)),
+            None,
+        )?),
+        Cmd::Carrier { cmd: CarrierCmd::Delete { tenant, name } } => print(&c.call(
+            "DELETE",
+            &format!("/v1/tenants/{}/sms-carriers/{}", enc(&tenant), enc(&name)),
             None,
         )?),
         Cmd::Customer { cmd: CustomerCmd::Merge { tenant, id, from } } => print(&c.json(

@@ -190,6 +190,12 @@ fn fail(code: StatusCode, why: impl Into<String>) -> Answer {
     Answer(code, None, why.into())
 }
 
+/// A failure of ours (the store): the carrier tries again later.
+fn unavailable(tenant: &str, e: EngineError) -> Answer {
+    tracing::warn!("SMS webhook of {tenant}: {e}");
+    fail(StatusCode::SERVICE_UNAVAILABLE, "try again later")
+}
+
 /// The webhook's fields, once its signature is checked.
 async fn verified(
     engine: &Engine,
@@ -323,10 +329,7 @@ async fn inbound(
             format!("{to} is not the tenant's SMS number"),
         ),
         Err(EngineError::Core(CoreError::Invalid(why))) => fail(StatusCode::BAD_REQUEST, why),
-        Err(e) => {
-            tracing::warn!("SMS webhook of {tenant}: {e}");
-            fail(StatusCode::SERVICE_UNAVAILABLE, "try again later")
-        }
+        Err(e) => unavailable(&tenant, e),
     }
 }
 
@@ -367,10 +370,7 @@ async fn status(
                 Some(dialect),
                 json!({"id": m.id, "status": m.status}).to_string(),
             ),
-            Err(e) => {
-                tracing::warn!("SMS status of {tenant}: {e}");
-                fail(StatusCode::SERVICE_UNAVAILABLE, "try again later")
-            }
+            Err(e) => unavailable(&tenant, e),
         },
         // Not recorded yet (the send's answer is being written): the
         // carrier tries again.
@@ -378,9 +378,6 @@ async fn status(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("message {id} is not known yet"),
         ),
-        Err(e) => {
-            tracing::warn!("SMS status of {tenant}: {e}");
-            fail(StatusCode::SERVICE_UNAVAILABLE, "try again later")
-        }
+        Err(e) => unavailable(&tenant, e),
     }
 }
