@@ -558,6 +558,25 @@ fn http_carriers_send_through_their_api_and_take_only_signed_webhooks() {
     );
     assert_eq!(a.status, 200, "{a:?}");
     assert_eq!(a.body["link"]["state"], "http");
+    // A Twilio secret without its token would let anyone sign webhooks.
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/secrets/no-token",
+        &key,
+        &json!({"value": "AC1:"}),
+    );
+    assert!(a.status == 200 || a.status == 204, "{a:?}");
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/sms-carriers/bad",
+        &key,
+        &json!({"http": {"dialect": "twilio", "send_url": "http://127.0.0.1:1/x", "secret": "no-token"}}),
+    );
+    assert_eq!(a.status, 400, "{a:?}");
+    assert!(
+        a.body.to_string().contains("ACCOUNT_SID:AUTH_TOKEN"),
+        "{a:?}"
+    );
 
     // Twilio posts the customer's text, signed: the flow answers through
     // the Messages API.

@@ -16,7 +16,7 @@ pub mod origin;
 pub use flow::{Action, Event};
 pub use message::{
     Attachment, Author, ChatWidget, Customer, CustomerAddress, DefaultAlphabet, Direction,
-    HttpSmsApi, HttpSmsDialect, Message, MessageStatus, SmppLink, SmsCarrier,
+    HttpSmsApi, HttpSmsDialect, Message, MessageStatus, SmppLink, SmsCarrier, twilio_credentials,
 };
 pub use origin::{Origin, Scheme, path_within, redact_url, url_path};
 

@@ -363,6 +363,15 @@ pub struct SmsCarrier {
     pub http: Option<HttpSmsApi>,
 }
 
+/// Twilio's credentials from a carrier secret `ACCOUNT_SID:AUTH_TOKEN`:
+/// both parts, or `None` when either is missing (an empty token would
+/// let anyone sign webhooks).
+pub fn twilio_credentials(secret: &str) -> Option<(&str, &str)> {
+    secret
+        .split_once(':')
+        .filter(|(sid, token)| !sid.is_empty() && !token.is_empty())
+}
+
 /// How a carrier's HTTP API speaks.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

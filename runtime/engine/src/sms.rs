@@ -7,6 +7,7 @@ use std::collections::HashMap;
 
 use plugboard_core::{
     Channel, Error as CoreError, HttpSmsDialect, SmsCarrier, normalize_address, now_ms,
+    twilio_credentials,
 };
 use plugboard_store::{RecordWrite, hash_key};
 use serde_json::{Value, json};
@@ -76,7 +77,7 @@ impl Engine {
         };
         match carrier.http.as_ref().map(|h| h.dialect) {
             None => SmsCarrier::check_password(&secret)?,
-            Some(HttpSmsDialect::Twilio) if !secret.contains(':') => {
+            Some(HttpSmsDialect::Twilio) if twilio_credentials(&secret).is_none() => {
                 return Err(CoreError::Invalid(format!(
                     "secret {} must be ACCOUNT_SID:AUTH_TOKEN",
                     carrier.secret_name()
@@ -196,13 +197,16 @@ impl Engine {
     ) -> EngineResult<Option<LongText>> {
         let kind = parts_kind(key);
         let id = format!("{seq:03}");
-        if self.store.record(tenant, &kind, &id).await?.is_none() {
-            let part =
-                json!({"seq": seq, "dc": data_coding, "hex": hex::encode(bytes), "ms": now_ms()});
-            self.store
-                .apply_records(tenant, &[RecordWrite::put(&kind, &id, part)], None)
-                .await?;
-        }
+        // Written unless it exists: a part that comes again keeps its first copy.
+        let part =
+            json!({"seq": seq, "dc": data_coding, "hex": hex::encode(bytes), "ms": now_ms()});
+        self.store
+            .apply_records(
+                tenant,
+                &[RecordWrite::put(&kind, &id, part)],
+                Some((&kind, &id)),
+            )
+            .await?;
         let mut parts: Vec<(u8, u8, Vec<u8>, u64)> = self
             .store
             .records(tenant, &kind)

@@ -23,7 +23,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use plugboard_core::{
     Channel, Error as CoreError, HttpGrant, HttpSmsApi, HttpSmsDialect, Message, MessageStatus,
-    Origin, SmsCarrier, normalize_address, now_ms,
+    Origin, SmsCarrier, normalize_address, now_ms, twilio_credentials,
 };
 use plugboard_engine::{Delivered, DeliveryError, Engine, EngineError, Inbound};
 use plugboard_host::fetch::FetchRequest;
@@ -68,7 +68,12 @@ pub async fn send(
     let to = normalize_address(&message.to);
     let (headers, body) = match api.dialect {
         HttpSmsDialect::Twilio => {
-            let (sid, token) = secret.split_once(':').unwrap_or((&secret, ""));
+            let (sid, token) = twilio_credentials(&secret).ok_or_else(|| {
+                DeliveryError::Permanent(format!(
+                    "secret {} is not ACCOUNT_SID:AUTH_TOKEN",
+                    carrier.secret_name()
+                ))
+            })?;
             let mut form = form_urlencoded::Serializer::new(String::new());
             form.append_pair("From", &e164(&from))
                 .append_pair("To", &e164(&to))
@@ -202,9 +207,11 @@ async fn verified(
     tenant: &str,
     name: &str,
     headers: &HeaderMap,
-    path: &str,
+    uri: &axum::http::Uri,
     body: &[u8],
 ) -> Result<(HttpSmsDialect, Vec<(String, String)>), Answer> {
+    // Twilio signs the path with its query.
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
     // Unknown tenants and carriers look alike: nothing to learn here.
     let unknown = || fail(StatusCode::NOT_FOUND, "no such carrier");
     let carrier = engine
@@ -225,7 +232,8 @@ async fn verified(
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     match api.dialect {
         HttpSmsDialect::Twilio => {
-            let token = secret.split_once(':').map(|(_, t)| t).unwrap_or(&secret);
+            // No usable token: nothing can be verified, so nothing is taken.
+            let (_, token) = twilio_credentials(&secret).ok_or_else(bad)?;
             let fields: Vec<(String, String)> = form_urlencoded::parse(body).into_owned().collect();
             let base = match &api.public_url {
                 Some(b) => b.trim_end_matches('/').to_string(),
@@ -294,8 +302,7 @@ async fn inbound(
     uri: axum::http::Uri,
     body: axum::body::Bytes,
 ) -> Answer {
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
-    let (dialect, fields) = match verified(&engine, &tenant, &name, &headers, path, &body).await {
+    let (dialect, fields) = match verified(&engine, &tenant, &name, &headers, &uri, &body).await {
         Ok(v) => v,
         Err(a) => return a,
     };
@@ -340,8 +347,7 @@ async fn status(
     uri: axum::http::Uri,
     body: axum::body::Bytes,
 ) -> Answer {
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("");
-    let (dialect, fields) = match verified(&engine, &tenant, &name, &headers, path, &body).await {
+    let (dialect, fields) = match verified(&engine, &tenant, &name, &headers, &uri, &body).await {
         Ok(v) => v,
         Err(a) => return a,
     };
