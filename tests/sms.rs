@@ -383,9 +383,12 @@ fn throttling_and_a_dropped_link_lose_nothing() {
         .unwrap()
         .to_string();
 
-    // The SMSC throttles the next 15 submits, then drops the link while
-    // the rest are going out.
-    smsc.send(json!({"cmd": "throttle", "n": 15}));
+    // The SMSC throttles the next 6 submits, then drops the link while
+    // the rest are going out. (A conversation's messages go one at a time,
+    // so the same message is throttled again and again: the pauses double,
+    // 200 ms to 6.4 s.)
+    let throttles = 6;
+    smsc.send(json!({"cmd": "throttle", "n": throttles}));
     let n = 60;
     for i in 0..n {
         let a = s.json(
@@ -415,7 +418,7 @@ fn throttling_and_a_dropped_link_lose_nothing() {
             .all(|m| m["status"] == "sent")
     }));
     assert!(smsc.named("bind").len() >= 2, "the link bound again");
-    assert_eq!(smsc.named("throttled").len(), 15);
+    assert_eq!(smsc.named("throttled").len(), throttles);
     // The throttled ones went once; a submit the SMSC took just as the
     // link dropped may go again (SMPP cannot tell): at most the window.
     let texts = sent_texts(&smsc);
@@ -430,6 +433,16 @@ fn throttling_and_a_dropped_link_lose_nothing() {
         .count();
     eprintln!("sent again after the drop: {twice} of {n}");
     assert!(twice <= 10, "{texts:?}");
+    // ... and they went in the order they were written.
+    let mut first_seen: Vec<usize> = Vec::new();
+    for t in &texts {
+        if let Some(i) = t.strip_prefix("update ").and_then(|i| i.parse().ok())
+            && !first_seen.contains(&i)
+        {
+            first_seen.push(i);
+        }
+    }
+    assert_eq!(first_seen, (0..n).collect::<Vec<_>>(), "{texts:?}");
 }
 
 /// The carrier's HTTP API stand-in (tests/peers/sms_api.py): its requests.
@@ -645,7 +658,10 @@ fn http_carriers_send_through_their_api_and_take_only_signed_webhooks() {
             .collect();
     assert_eq!(sent_fields["From"], "+37060000001");
     assert_eq!(sent_fields["To"], "+37069990001");
-    assert!(sent_fields["Body"].starts_with("Welcome to Baltic"));
+    assert!(
+        sent_fields["Body"].starts_with("Welcome to Baltic"),
+        "{sent:?}"
+    );
     assert_eq!(
         sent_fields["StatusCallback"],
         format!("{base}/sms/freight/tw/status")

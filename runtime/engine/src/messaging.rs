@@ -18,7 +18,10 @@
 //!   message is taken up again at start ([`Engine::resume_conversations`]).
 //! - The outbox hands each outbound message to its channel's
 //!   [`Courier`], with retries and backoff, and records what became of
-//!   it. A message the courier took is not sent again, except when the
+//!   it. A conversation's messages are handed over one at a time, in the
+//!   order they were made (a later one waits while an earlier one is
+//!   retried), so customers read replies in order; conversations go out
+//!   side by side. A message the courier took is not sent again, except when the
 //!   server died between the hand-over and that record: then it is sent
 //!   again with the same id (an email's Message-ID), which receivers use
 //!   to drop the duplicate.
@@ -32,7 +35,7 @@
 //! someone says two are the same person, and [`Engine::customer_history`]
 //! lists their conversations on every channel.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -238,13 +241,32 @@ impl Drop for TurnGuard<'_> {
 }
 
 /// The messaging state of the engine: the conversation workers' locks,
-/// the couriers and the outbox's queue.
-#[derive(Default)]
+/// the couriers and the outbox's lanes.
 pub(crate) struct Hub {
     /// One lock per conversation being worked on.
     workers: Mutex<HashMap<(String, String), Turn>>,
     couriers: Mutex<HashMap<Channel, Arc<dyn Courier>>>,
-    outbox: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+    /// The outbox: per (tenant, conversation) with messages to hand over,
+    /// their ids in order. A lane's task hands over its front message and
+    /// removes the lane when it is empty.
+    lanes: Mutex<HashMap<(String, String), VecDeque<String>>>,
+    /// At most this many hand-overs at once (each courier may limit
+    /// further).
+    slots: tokio::sync::Semaphore,
+    /// Wakes lanes waiting for a channel's courier.
+    courier_added: Arc<tokio::sync::Notify>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub {
+            workers: Mutex::default(),
+            couriers: Mutex::default(),
+            lanes: Mutex::default(),
+            slots: tokio::sync::Semaphore::new(64),
+            courier_added: Arc::default(),
+        }
+    }
 }
 
 /// A new message id for a message created at `now_ms`: ids this process
@@ -286,11 +308,11 @@ fn thread_id(channel: Channel, key: &str) -> String {
 }
 
 impl Engine {
-    /// Registers the courier of a channel's outbound messages and starts
-    /// the outbox if it is not running.
+    /// Registers the courier of a channel's outbound messages; messages
+    /// that waited for it go out.
     pub fn set_courier(self: &Arc<Self>, channel: Channel, courier: Arc<dyn Courier>) {
         lock(&self.messaging.couriers).insert(channel, courier);
-        self.outbox_sender();
+        self.messaging.courier_added.notify_waiters();
     }
 
     /// Stores an inbound message durably and starts its conversation's
@@ -601,7 +623,6 @@ impl Engine {
     /// Returns how many conversations were taken up.
     pub async fn resume_conversations(self: &Arc<Self>) -> EngineResult<usize> {
         let mut n = 0;
-        let tx = self.outbox_sender();
         for t in self.tenants().await? {
             for (ix, _) in self
                 .store
@@ -611,12 +632,14 @@ impl Engine {
                 self.kick_conversation(&t.id, &ix);
                 n += 1;
             }
-            for (id, _) in self
+            // Ids sort in the order the messages were made.
+            for (id, entry) in self
                 .store
                 .records_after(&t.id, OUTBOX, "", usize::MAX)
                 .await?
             {
-                let _ = tx.send((t.id.clone(), id));
+                let entry: OutboxEntry = storage_json(entry, "outbox")?;
+                self.to_outbox(&t.id, &entry.interaction, &id);
             }
             self.resume_hooks(&t.id).await?;
         }
@@ -1088,13 +1111,12 @@ impl Engine {
 
     /// Publishes stored outbound messages and hands them to the outbox.
     fn sent_outbound(self: &Arc<Self>, tenant: &str, outbound: &[Message]) {
-        let tx = self.outbox_sender();
         for m in outbound {
             self.publish(
                 tenant,
                 json!({"interaction": m.interaction, "kind": "message", "data": m}),
             );
-            let _ = tx.send((tenant.to_string(), m.id.clone()));
+            self.to_outbox(tenant, &m.interaction, &m.id);
         }
     }
 
@@ -1208,15 +1230,19 @@ impl Engine {
 
     // ----- the outbox -----
 
-    fn outbox_sender(self: &Arc<Self>) -> tokio::sync::mpsc::UnboundedSender<(String, String)> {
-        self.messaging
-            .outbox
-            .get_or_init(|| {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                tokio::spawn(run_outbox(Arc::downgrade(self), rx, tx.clone()));
-                tx
-            })
-            .clone()
+    /// Queues a stored outbox message behind its conversation's earlier
+    /// ones, starting the conversation's lane if it has none.
+    fn to_outbox(self: &Arc<Self>, tenant: &str, ix: &str, id: &str) {
+        let key = (tenant.to_string(), ix.to_string());
+        {
+            let mut lanes = lock(&self.messaging.lanes);
+            if let Some(lane) = lanes.get_mut(&key) {
+                lane.push_back(id.to_string());
+                return;
+            }
+            lanes.insert(key.clone(), VecDeque::from([id.to_string()]));
+        }
+        tokio::spawn(run_lane(Arc::downgrade(self), key));
     }
 
     /// Tries to hand one outbox message to its courier; `Some(delay)`
@@ -1581,41 +1607,52 @@ fn settle_outbound(session: &mut FlowSession, mut outbound: Vec<Message>) -> Vec
 
 /// Delivers the outbox: each message in its own task, retried with
 /// backoff, until the engine is gone.
-async fn run_outbox(
-    engine: std::sync::Weak<Engine>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
-    tx: tokio::sync::mpsc::UnboundedSender<(String, String)>,
-) {
-    // At most this many hand-overs at once (each courier may limit
-    // further).
-    let slots = Arc::new(tokio::sync::Semaphore::new(64));
-    while let Some((tenant, id)) = rx.recv().await {
+/// Hands a conversation's outbox messages to their courier one at a
+/// time, in order, until its lane is empty.
+async fn run_lane(engine: std::sync::Weak<Engine>, key: (String, String)) {
+    let (tenant, ix) = &key;
+    loop {
         let Some(e) = engine.upgrade() else {
             return;
         };
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            match e.deliver_one(&tenant, &id).await {
-                Ok(Some(delay)) => {
-                    tokio::spawn(async move {
-                        tokio::time::sleep(delay).await;
-                        let _ = tx.send((tenant, id));
-                    });
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    tracing::warn!("outbox {id} of {tenant}: {err}");
-                    tokio::spawn(async move {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        let _ = tx.send((tenant, id));
-                    });
+        let id = {
+            let mut lanes = lock(&e.messaging.lanes);
+            match lanes.get(&key).and_then(|lane| lane.front()) {
+                Some(id) => id.clone(),
+                None => {
+                    lanes.remove(&key);
+                    return;
                 }
             }
-        });
+        };
+        let outcome = {
+            let Ok(_slot) = e.messaging.slots.acquire().await else {
+                return;
+            };
+            e.deliver_one(tenant, &id).await
+        };
+        let delay = match outcome {
+            Ok(None) => {
+                if let Some(lane) = lock(&e.messaging.lanes).get_mut(&key) {
+                    lane.pop_front();
+                }
+                continue;
+            }
+            Ok(Some(delay)) => delay,
+            Err(err) => {
+                tracing::warn!("outbox {id} of {tenant} ({ix}): {err}");
+                Duration::from_secs(5)
+            }
+        };
+        // Wait without keeping the engine alive; a new courier ends the
+        // wait early (the message may have waited for it).
+        let courier_added = e.messaging.courier_added.clone();
+        let woken = courier_added.notified();
+        drop(e);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = woken => {}
+        }
     }
 }
 
