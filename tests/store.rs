@@ -54,7 +54,7 @@ async fn sled_keeps_everything_across_a_reopen() -> Result<()> {
         .interaction("a", "ix-0000000000001-00000001")
         .await?
         .unwrap();
-    assert_eq!(ix.timeline.len(), 3);
+    assert_eq!(ix.timeline.len(), 15);
     Ok(())
 }
 

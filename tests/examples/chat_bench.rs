@@ -41,6 +41,16 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
+/// CPU time a process has used (user + system), in ms.
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th, in clock ticks (100 a second).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) * 10
+}
+
 fn pct(v: &mut [u64], p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -248,7 +258,9 @@ fn main() {
                 }
             }
         });
+        let cpu_before = cpu_ms(s.pid());
         let mut chat = load(&url, visitors, window, secs, false).await;
+        let server_cpu_ms = cpu_ms(s.pid()) - cpu_before;
         tokio::time::sleep(Duration::from_millis(500)).await;
         follower.abort();
         let mut agent_us = std::mem::take(&mut *seen.lock().unwrap());
@@ -279,6 +291,11 @@ fn main() {
             "  bare WebSocket echo: {echo_rate:.0} messages/s; p50 {:.2} ms p99 {:.2} ms",
             pct(&mut echo.ack_us, 0.50),
             pct(&mut echo.ack_us, 0.99)
+        );
+        println!(
+            "  server CPU: {:.2} cores during the load, {:.0} us per message",
+            server_cpu_ms as f64 / 1000.0 / chat.secs,
+            server_cpu_ms as f64 * 1000.0 / chat.acked.max(1) as f64
         );
         println!("  ratio chat/echo: {:.2}", chat_rate / echo_rate);
         drop(open);

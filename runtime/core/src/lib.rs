@@ -724,8 +724,14 @@ pub struct Interaction {
     pub created_ms: u64,
     /// Closed, ms since the Unix epoch.
     pub closed_ms: Option<u64>,
-    /// Append-only timeline.
+    /// Append-only timeline: its entries from [`Interaction::timeline_base`]
+    /// on (all of them unless the record was loaded without them).
     pub timeline: Vec<TimelineEntry>,
+    /// How many stored entries come before `timeline` (not serialised): 0
+    /// for a whole record; the stored count for a record loaded with
+    /// `interaction_head`, which then only gathers new entries.
+    #[serde(skip)]
+    pub timeline_base: usize,
 }
 
 /// A pinned flow version.
@@ -757,6 +763,11 @@ impl Interaction {
         );
         self.state = next;
         Ok(())
+    }
+
+    /// How many entries the timeline has, those not loaded included.
+    pub fn timeline_len(&self) -> usize {
+        self.timeline_base + self.timeline.len()
     }
 
     /// Appends a timeline entry stamped now.
@@ -842,6 +853,7 @@ mod tests {
             created_ms: 0,
             closed_ms: None,
             timeline: Vec::new(),
+            timeline_base: 0,
         };
         assert!(ix.set_state(Queued).is_ok());
         assert!(ix.set_state(Queued).is_ok(), "staying is a no-op");

@@ -693,7 +693,7 @@ impl Engine {
     ) -> EngineResult<()> {
         let message = self.message_in(tenant, ix, msg_id).await?;
         let mut conv = self.conversation(tenant, ix).await?;
-        let existing = self.store.interaction(tenant, ix).await?;
+        let existing = self.store.interaction_head(tenant, ix).await?;
         let fresh = existing.is_none();
         let interaction = existing.unwrap_or_else(|| Interaction {
             id: ix.to_string(),
@@ -711,6 +711,7 @@ impl Engine {
             created_ms: message.created_ms,
             closed_ms: None,
             timeline: Vec::new(),
+            timeline_base: 0,
         });
         let mut session = self
             .resume_session(interaction, conv.flow_state.clone())
@@ -926,10 +927,10 @@ impl Engine {
         data: Value,
     ) -> EngineResult<()> {
         let _turn = self.turn(tenant, ix).await;
-        let Some(mut interaction) = self.store.interaction(tenant, ix).await? else {
+        let Some(mut interaction) = self.store.interaction_head(tenant, ix).await? else {
             return Ok(());
         };
-        let stored = interaction.timeline.len();
+        let stored = interaction.timeline_len();
         let kind = match state {
             InteractionState::Offered => EntryKind::Offered,
             _ => EntryKind::AgentMissed,
@@ -953,7 +954,7 @@ impl Engine {
         why: &str,
     ) -> EngineResult<()> {
         let _turn = self.turn(tenant, ix).await;
-        let Some(interaction) = self.store.interaction(tenant, ix).await? else {
+        let Some(interaction) = self.store.interaction_head(tenant, ix).await? else {
             return Ok(());
         };
         let mut conv = self.conversation(tenant, ix).await?;
@@ -976,10 +977,10 @@ impl Engine {
         let Some(task) = conv.task.clone() else {
             return Ok(());
         };
-        let Some(mut interaction) = self.store.interaction(tenant, ix).await? else {
+        let Some(mut interaction) = self.store.interaction_head(tenant, ix).await? else {
             return Ok(());
         };
-        let stored = interaction.timeline.len();
+        let stored = interaction.timeline_len();
         let view = self.task(tenant, &task).ok();
         let end = match view.as_ref().map(|v| v.state.as_str()) {
             Some("abandoned") | Some("timed_out") => InteractionState::Abandoned,
@@ -1136,7 +1137,7 @@ impl Engine {
         let _turn = self.turn(tenant, ix).await;
         let mut interaction = self
             .store
-            .interaction(tenant, ix)
+            .interaction_head(tenant, ix)
             .await?
             .ok_or_else(|| CoreError::NotFound(format!("interaction {ix}")))?;
         if matches!(interaction.channel, Channel::Voice | Channel::Fax) {
@@ -1164,13 +1165,13 @@ impl Engine {
                 ));
             }
             if interaction.state != InteractionState::Connected {
-                let stored = interaction.timeline.len();
+                let stored = interaction.timeline_len();
                 let _ = interaction.set_state(InteractionState::Connected);
                 interaction.push(EntryKind::AgentConnected, json!({"agent": id}));
                 self.store.save_interaction(&interaction, stored).await?;
             }
         }
-        let stored = interaction.timeline.len();
+        let stored = interaction.timeline_len();
         let m = self.new_outbound(&interaction, author, text, subject)?;
         interaction.push(
             EntryKind::Message,

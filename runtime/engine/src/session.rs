@@ -107,6 +107,7 @@ impl Engine {
             created_ms: created,
             closed_ms: None,
             timeline: Vec::new(),
+            timeline_base: 0,
         };
         let mut session = self.session_for(interaction, String::new(), 0).await?;
         session.now_ms = start.now_ms;
@@ -123,7 +124,7 @@ impl Engine {
         interaction: Interaction,
         flow_state: String,
     ) -> EngineResult<FlowSession> {
-        let stored = interaction.timeline.len();
+        let stored = interaction.timeline_len();
         self.session_for(interaction, flow_state, stored).await
     }
 

@@ -67,6 +67,7 @@ pub fn interaction(tenant: &str, id: &str, from: &str, channel: Channel) -> Inte
         created_ms: 1,
         closed_ms: None,
         timeline: Vec::new(),
+        timeline_base: 0,
     }
 }
 
@@ -308,6 +309,44 @@ pub async fn interactions(s: &dyn Store) -> Result<(), Failure> {
     ensure!(stored == 3, "stored {stored}");
     let back = ok(s.interaction("a", &ix.id).await, "load")?;
     ensure!(back.as_ref() == Some(&ix), "round trip: {back:?}");
+    // The header alone knows how many entries are stored; what is pushed
+    // on it is appended after them.
+    let mut head = ok(s.interaction_head("a", &ix.id).await, "head")?.ok_or("no head")?;
+    ensure!(
+        head.timeline.is_empty() && head.timeline_base == 3 && head.attributes == ix.attributes,
+        "head {head:?}"
+    );
+    for n in 4..16 {
+        head.push(EntryKind::Log, serde_json::json!(n));
+    }
+    let appended = ok(
+        s.save_interaction(&head, head.timeline_base).await,
+        "append head",
+    )?;
+    ensure!(appended == 15, "stored {appended}");
+    let whole = ok(s.interaction("a", &ix.id).await, "load")?.ok_or("gone")?;
+    ensure!(
+        whole.timeline[..3] == ix.timeline[..]
+            && whole.timeline[3..]
+                .iter()
+                .map(|e| e.data.clone())
+                .collect::<Vec<_>>()
+                == (4..16).map(|n| serde_json::json!(n)).collect::<Vec<_>>(),
+        "{:?}",
+        whole.timeline
+    );
+    let head = ok(s.interaction_head("a", &ix.id).await, "head")?;
+    ensure!(
+        head.as_ref().map(|h| h.timeline_base) == Some(15),
+        "{head:?}"
+    );
+    ensure!(
+        ok(s.interaction_head("b", &ix.id).await, "b")?.is_none()
+            && ok(s.interaction_head("a", "ix-none").await, "none")?.is_none(),
+        "a head that is not there"
+    );
+    ix.timeline = whole.timeline;
+    let stored = appended;
     // Open interactions are a query on the state index.
     let open = ok(
         s.interactions_in_state("a", InteractionState::InFlow, 10)

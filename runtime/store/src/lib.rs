@@ -143,6 +143,17 @@ pub trait InteractionStore: Send + Sync {
     }
     /// An interaction with its whole timeline.
     async fn interaction(&self, tenant: &str, id: &str) -> Result<Option<Interaction>>;
+    /// An interaction's header without its timeline: `timeline` is empty
+    /// and `timeline_base` is the number of stored entries, so a caller
+    /// that only appends (a conversation's next step) does not read the
+    /// whole history. Saving it writes the header and the new entries.
+    async fn interaction_head(&self, tenant: &str, id: &str) -> Result<Option<Interaction>> {
+        Ok(self.interaction(tenant, id).await?.map(|mut ix| {
+            ix.timeline_base = ix.timeline.len();
+            ix.timeline.clear();
+            ix
+        }))
+    }
     /// The newest `limit` interactions of a tenant, newest first, with
     /// their timelines.
     async fn interactions(&self, tenant: &str, limit: usize) -> Result<Vec<Interaction>>;
@@ -347,15 +358,22 @@ pub(crate) fn header(ix: &Interaction) -> Interaction {
         created_ms: ix.created_ms,
         closed_ms: ix.closed_ms,
         timeline: Vec::new(),
+        timeline_base: 0,
     }
 }
 
-/// The timeline entries of `ix` from `stored` on, numbered.
+/// The timeline entries of `ix` from `stored` on, numbered (entries
+/// before `ix.timeline_base` are not in memory and not written).
 pub(crate) fn new_entries(
     ix: &Interaction,
     stored: usize,
 ) -> impl Iterator<Item = (usize, &TimelineEntry)> {
-    ix.timeline.iter().enumerate().skip(stored)
+    let base = ix.timeline_base;
+    ix.timeline
+        .iter()
+        .enumerate()
+        .map(move |(i, e)| (base + i, e))
+        .skip(stored.saturating_sub(base))
 }
 
 /// The active version of a plugin and its kind, from its versions.

@@ -244,7 +244,7 @@ impl PgStore {
             .map_err(pg)?;
         }
         tx.commit().await.map_err(pg)?;
-        Ok(ix.timeline.len().max(stored))
+        Ok(ix.timeline_len().max(stored))
     }
 
     /// The first column of the row a query finds, if any.
@@ -752,6 +752,26 @@ impl InteractionStore for PgStore {
             .await
             .map_err(pg)?;
         Ok(self.load(&c, tenant, rows, true).await?.pop())
+    }
+
+    async fn interaction_head(&self, tenant: &str, id: &str) -> Result<Option<Interaction>> {
+        let c = self.client().await?;
+        let row = c
+            .query_opt(
+                "SELECT i.header, (SELECT COALESCE(MAX(t.seq) + 1, 0) FROM timeline t
+                    WHERE t.tenant = i.tenant AND t.interaction = i.id)
+                 FROM interactions i WHERE i.tenant = $1 AND i.id = $2",
+                &[&tenant, &id],
+            )
+            .await
+            .map_err(pg)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let mut ix: Interaction = parse(row.get(0))?;
+        let stored: i32 = row.get(1);
+        ix.timeline_base = stored.max(0) as usize;
+        Ok(Some(ix))
     }
 
     async fn interactions(&self, tenant: &str, limit: usize) -> Result<Vec<Interaction>> {

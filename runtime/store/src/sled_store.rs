@@ -269,7 +269,7 @@ impl SledStore {
             None if durable => self.durable().await?,
             None => {}
         }
-        Ok(ix.timeline.len().max(stored))
+        Ok(ix.timeline_len().max(stored))
     }
 
     /// Applies a write set on the writer thread, in its next round's
@@ -764,6 +764,28 @@ impl InteractionStore for SledStore {
             return Ok(None);
         };
         ix.timeline = Self::timeline(&space, id)?;
+        Ok(Some(ix))
+    }
+
+    async fn interaction_head(&self, tenant: &str, id: &str) -> Result<Option<Interaction>> {
+        let space = self.space(tenant)?;
+        let Some(mut ix) = Self::get_json::<Interaction>(&space, format!("ix/{id}"))? else {
+            return Ok(None);
+        };
+        // Entries are numbered from 0 with no gaps: the last one's number
+        // tells how many there are.
+        let prefix = format!("ixt/{id}/");
+        ix.timeline_base = match space.scan_prefix(&prefix).next_back() {
+            Some(kv) => {
+                let (k, _) = kv.map_err(storage)?;
+                let seq = std::str::from_utf8(&k[prefix.len()..])
+                    .ok()
+                    .and_then(|s| s.parse::<usize>().ok())
+                    .ok_or_else(|| Error::Storage(format!("bad timeline key of {id}")))?;
+                seq + 1
+            }
+            None => 0,
+        };
         Ok(Some(ix))
     }
 
