@@ -1482,28 +1482,55 @@ async fn operator_events(
 }
 
 /// Sends the bus's events to a WebSocket: one tenant's, or all (`None`).
+/// Events that are already waiting go out together (one write, not one
+/// per event).
 async fn stream_events(
     mut socket: WebSocket,
     mut rx: broadcast::Receiver<StreamEvent>,
     tenant: Option<String>,
 ) {
+    use futures_util::SinkExt;
+    /// Events sent in one write at most.
+    const BATCH: usize = 256;
     loop {
         tokio::select! {
-            ev = rx.recv() => match ev {
-                Ok(ev) if tenant.as_ref().is_none_or(|t| *t == ev.tenant) => {
-                    if socket.send(Message::Text(ev.payload.to_string().into())).await.is_err() {
-                        return;
+            ev = rx.recv() => {
+                let mut next = Some(ev);
+                let mut fed = 0;
+                while let Some(ev) = next.take() {
+                    let text = match ev {
+                        Ok(ev) if tenant.as_ref().is_none_or(|t| *t == ev.tenant) => {
+                            ev.payload.to_string()
+                        }
+                        Ok(_) => String::new(),
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            json!({"kind": "lagged", "dropped": n}).to_string()
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    };
+                    if !text.is_empty() {
+                        if socket.feed(Message::Text(text.into())).await.is_err() {
+                            return;
+                        }
+                        fed += 1;
+                    }
+                    if fed < BATCH {
+                        next = match rx.try_recv() {
+                            Ok(ev) => Some(Ok(ev)),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Some(Err(broadcast::error::RecvError::Lagged(n)))
+                            }
+                            Err(broadcast::error::TryRecvError::Closed) => {
+                                Some(Err(broadcast::error::RecvError::Closed))
+                            }
+                            Err(broadcast::error::TryRecvError::Empty) => None,
+                        };
                     }
                 }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let msg = json!({"kind": "lagged", "dropped": n}).to_string();
-                    if socket.send(Message::Text(msg.into())).await.is_err() {
-                        return;
-                    }
+                if fed > 0 && socket.flush().await.is_err() {
+                    return;
                 }
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
+            }
             msg = socket.recv() => match msg {
                 Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
                 _ => {}
