@@ -1931,7 +1931,11 @@ fn register_as(server: &Server, dir: &Path, user: &str, port: u16) -> Result<()>
 fn caller_presses(server: &Server, dir: &Path, number: &str, digit: char) -> Result<()> {
     let caller = std::fs::read_to_string(root().join("tests/sipp/ivr_dtmf.xml"))?
         .replace("dtmf_2833_9", &format!("dtmf_2833_{digit}"));
-    let xml = dir.join(format!("caller_{digit}.xml"));
+    // A file per caller: callers pressing the same digit run at once, and
+    // rewriting a shared file while a SIPp reads it fails its parse.
+    static CALLERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let xml = dir.join(format!("caller_{digit}_{n}.xml"));
     std::fs::write(&xml, caller)?;
     run_sipp(server, dir, &xml, number, "u1", &[])
 }

@@ -1490,14 +1490,16 @@ async fn stream_events(
     tenant: Option<String>,
 ) {
     use futures_util::SinkExt;
-    /// Events sent in one write at most.
+    /// Events taken from the bus for one write at most (other tenants'
+    /// included: the loop yields after as many).
     const BATCH: usize = 256;
     loop {
         tokio::select! {
             ev = rx.recv() => {
                 let mut next = Some(ev);
-                let mut fed = 0;
+                let (mut seen, mut fed) = (0, 0);
                 while let Some(ev) = next.take() {
+                    seen += 1;
                     let text = match ev {
                         Ok(ev) if tenant.as_ref().is_none_or(|t| *t == ev.tenant) => {
                             ev.payload.to_string()
@@ -1506,7 +1508,10 @@ async fn stream_events(
                         Err(broadcast::error::RecvError::Lagged(n)) => {
                             json!({"kind": "lagged", "dropped": n}).to_string()
                         }
-                        Err(broadcast::error::RecvError::Closed) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            let _ = socket.flush().await;
+                            return;
+                        }
                     };
                     if !text.is_empty() {
                         if socket.feed(Message::Text(text.into())).await.is_err() {
@@ -1514,7 +1519,7 @@ async fn stream_events(
                         }
                         fed += 1;
                     }
-                    if fed < BATCH {
+                    if seen < BATCH {
                         next = match rx.try_recv() {
                             Ok(ev) => Some(Ok(ev)),
                             Err(broadcast::error::TryRecvError::Lagged(n)) => {

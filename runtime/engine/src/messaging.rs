@@ -35,7 +35,7 @@
 //! someone says two are the same person, and [`Engine::customer_history`]
 //! lists their conversations on every channel.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -247,9 +247,10 @@ pub(crate) struct Hub {
     workers: Mutex<HashMap<(String, String), Turn>>,
     couriers: Mutex<HashMap<Channel, Arc<dyn Courier>>>,
     /// The outbox: per (tenant, conversation) with messages to hand over,
-    /// their ids in order. A lane's task hands over its front message and
-    /// removes the lane when it is empty.
-    lanes: Mutex<HashMap<(String, String), VecDeque<String>>>,
+    /// their ids (which sort in the order the messages were made). A
+    /// lane's task hands over its first message and removes the lane when
+    /// it is empty.
+    lanes: Mutex<HashMap<(String, String), BTreeSet<String>>>,
     /// At most this many hand-overs at once (each courier may limit
     /// further).
     slots: tokio::sync::Semaphore,
@@ -624,6 +625,18 @@ impl Engine {
     pub async fn resume_conversations(self: &Arc<Self>) -> EngineResult<usize> {
         let mut n = 0;
         for t in self.tenants().await? {
+            // The outbox first: a conversation's older replies are queued
+            // before a step taken up below can add newer ones.
+            for (id, entry) in self
+                .store
+                .records_after(&t.id, OUTBOX, "", usize::MAX)
+                .await?
+            {
+                match storage_json::<OutboxEntry>(entry, "outbox") {
+                    Ok(entry) => self.to_outbox(&t.id, &entry.interaction, &id),
+                    Err(e) => tracing::warn!("outbox {id} of {}: {e}", t.id),
+                }
+            }
             for (ix, _) in self
                 .store
                 .records_after(&t.id, PENDING_IX, "", usize::MAX)
@@ -631,15 +644,6 @@ impl Engine {
             {
                 self.kick_conversation(&t.id, &ix);
                 n += 1;
-            }
-            // Ids sort in the order the messages were made.
-            for (id, entry) in self
-                .store
-                .records_after(&t.id, OUTBOX, "", usize::MAX)
-                .await?
-            {
-                let entry: OutboxEntry = storage_json(entry, "outbox")?;
-                self.to_outbox(&t.id, &entry.interaction, &id);
             }
             self.resume_hooks(&t.id).await?;
         }
@@ -1238,10 +1242,10 @@ impl Engine {
         {
             let mut lanes = lock(&self.messaging.lanes);
             if let Some(lane) = lanes.get_mut(&key) {
-                lane.push_back(id.to_string());
+                lane.insert(id.to_string());
                 return;
             }
-            lanes.insert(key.clone(), VecDeque::from([id.to_string()]));
+            lanes.insert(key.clone(), BTreeSet::from([id.to_string()]));
         }
         tokio::spawn(run_lane(Arc::downgrade(self), key));
     }
@@ -1606,26 +1610,40 @@ fn settle_outbound(session: &mut FlowSession, mut outbound: Vec<Message>) -> Vec
     outbound
 }
 
-/// Delivers the outbox: each message in its own task, retried with
-/// backoff, until the engine is gone.
 /// Hands a conversation's outbox messages to their courier one at a
 /// time, in order, until its lane is empty.
 async fn run_lane(engine: std::sync::Weak<Engine>, key: (String, String)) {
+    /// Failures in a row (not a courier's answer: the store's) after which
+    /// a message is left for the next start, so it does not hold up the
+    /// conversation's later ones for ever.
+    const MAX_ERRORS: u32 = 12;
+    // Removes the lane if the task ends early (a panic), so the
+    // conversation's later messages start a new one.
+    let mut guard = LaneGuard {
+        engine: engine.clone(),
+        key: Some(key.clone()),
+    };
     let (tenant, ix) = &key;
+    let mut errors = 0;
     loop {
         let Some(e) = engine.upgrade() else {
             return;
         };
         let id = {
             let mut lanes = lock(&e.messaging.lanes);
-            match lanes.get(&key).and_then(|lane| lane.front()) {
+            match lanes.get(&key).and_then(|lane| lane.first()) {
                 Some(id) => id.clone(),
                 None => {
                     lanes.remove(&key);
+                    guard.key = None;
                     return;
                 }
             }
         };
+        // Listening before looking for the courier: one registered in
+        // between wakes the wait below.
+        let courier_added = e.messaging.courier_added.clone();
+        let woken = courier_added.notified();
         let outcome = {
             let Ok(_slot) = e.messaging.slots.acquire().await else {
                 return;
@@ -1634,25 +1652,50 @@ async fn run_lane(engine: std::sync::Weak<Engine>, key: (String, String)) {
         };
         let delay = match outcome {
             Ok(None) => {
+                errors = 0;
                 if let Some(lane) = lock(&e.messaging.lanes).get_mut(&key) {
-                    lane.pop_front();
+                    lane.remove(&id);
                 }
                 continue;
             }
-            Ok(Some(delay)) => delay,
+            Ok(Some(delay)) => {
+                errors = 0;
+                delay
+            }
             Err(err) => {
+                errors += 1;
                 tracing::warn!("outbox {id} of {tenant} ({ix}): {err}");
+                if errors >= MAX_ERRORS {
+                    tracing::warn!("outbox {id} of {tenant} ({ix}): left for the next start");
+                    errors = 0;
+                    if let Some(lane) = lock(&e.messaging.lanes).get_mut(&key) {
+                        lane.remove(&id);
+                    }
+                    continue;
+                }
                 Duration::from_secs(5)
             }
         };
         // Wait without keeping the engine alive; a new courier ends the
         // wait early (the message may have waited for it).
-        let courier_added = e.messaging.courier_added.clone();
-        let woken = courier_added.notified();
         drop(e);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = woken => {}
+        }
+    }
+}
+
+/// Removes a lane whose task ended without emptying it.
+struct LaneGuard {
+    engine: std::sync::Weak<Engine>,
+    key: Option<(String, String)>,
+}
+
+impl Drop for LaneGuard {
+    fn drop(&mut self) {
+        if let (Some(key), Some(e)) = (self.key.take(), self.engine.upgrade()) {
+            lock(&e.messaging.lanes).remove(&key);
         }
     }
 }

@@ -82,7 +82,8 @@ pub struct FlowSession {
     redactor: crate::secrets::Redactor,
     /// How many timeline entries are in the store.
     stored: usize,
-    /// The interaction record, timeline included.
+    /// The interaction record: its whole timeline, or (resumed from
+    /// `interaction_head`) the entries after `timeline_base`.
     pub interaction: Interaction,
 }
 
