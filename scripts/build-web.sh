@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Builds the web chat widget (TypeScript: checked by tsc, bundled by
-# esbuild, both from npm, pinned in web/widget/package-lock.json) into target/web/widget.js, which
-# the server serves at /chat/widget.js. node_modules stay under target/.
+# Builds the web front ends (TypeScript: checked by tsc, bundled by
+# esbuild, both from npm, pinned in web/widget/package-lock.json; the
+# console uses the same tools):
+# - the chat widget into target/web/widget.js, served at /chat/widget.js;
+# - the console (agent desktop, supervisor wall) into target/web/console/,
+#   served at /console/.
+# node_modules stay under target/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=target/sdk-tools/web-widget
-mkdir -p "$T" target/web
+mkdir -p "$T" target/web/console
 if ! cmp -s web/widget/package-lock.json "$T/package-lock.json" || [ ! -x "$T/node_modules/.bin/esbuild" ]; then
     cp web/widget/package.json web/widget/package-lock.json "$T/"
     (cd "$T" && npm ci --no-audit --no-fund --silent)
@@ -15,3 +19,8 @@ fi
 "$T/node_modules/.bin/esbuild" web/widget/src/widget.ts --bundle --minify --sourcemap \
     --target=es2019 --format=iife --log-level=warning --outfile=target/web/widget.js
 echo "built target/web/widget.js"
+"$T/node_modules/.bin/tsc" --noEmit -p web/console
+"$T/node_modules/.bin/esbuild" web/console/src/console.ts --bundle --minify --sourcemap \
+    --target=es2019 --format=iife --log-level=warning --outfile=target/web/console/console.js
+cp web/console/index.html web/console/console.css target/web/console/
+echo "built target/web/console/"

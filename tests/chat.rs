@@ -6,7 +6,7 @@
 
 use plugboard_tests::{
     Browser, LOOPBACK, Server, Smsc, SmtpSink, StaticSite, TinyHttp, available_agent,
-    deploy_hotline, eventually, smpp_carrier, waybills,
+    deploy_hotline, eventually, plugin, smpp_carrier, waybills,
 };
 use serde_json::{Value, json};
 use std::net::TcpStream;
@@ -302,6 +302,215 @@ fn a_visitor_chats_in_chromium_with_the_hotline_reloads_and_is_handed_to_an_agen
         !log.to_string().contains("pageerror"),
         "errors on the page: {log}"
     );
+}
+
+/// Signs the console in `b` in with `token` and waits for its page.
+fn console_sign_in(b: &mut Browser, s: &Server, token: &str, page: &str) {
+    b.must(json!({"op": "open", "url": format!("http://127.0.0.1:{}/console/", s.port)}));
+    b.must(json!({"op": "fill", "sel": "[data-pb=tenant]", "text": "freight"}));
+    b.must(json!({"op": "fill", "sel": "[data-pb=token]", "text": token}));
+    b.must(json!({"op": "click", "sel": "[data-pb=signin]"}));
+    b.must(json!({"op": "wait", "js": format!("document.querySelector('[data-pb={page}]') && document.querySelector('[data-pb=link]').textContent === 'live'")}));
+}
+
+/// The text of the first element matching `sel` on the console's page.
+fn text_of(b: &mut Browser, sel: &str) -> String {
+    b.must(json!({"op": "eval", "js": format!("(document.querySelector({}) || {{}}).textContent || ''", json!(sel))}))
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(waybills);
+    let s = Server::start(dir.path(), LOOPBACK).unwrap();
+    let key = wire(&s, mis.port);
+    let page = format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>Baltic Freight</title></head>\
+         <body><script>window.PlugboardChat = {{name: \"Rita\"}};</script>\
+         <script src=\"http://127.0.0.1:{}/chat/widget.js\" data-address=\"web-freight\" async></script>\
+         </body></html>",
+        s.port
+    );
+    let site = StaticSite::start(&[("index.html", page)]);
+    let w = s.json(
+        "PUT",
+        "/v1/tenants/freight/chat-widgets/web-freight",
+        &key,
+        &json!({"origins": [site.origin()]}),
+    );
+    assert_eq!(w.status, 200, "{w:?}");
+    // The queue asks the kv-crm plugin (the tenant's customer directory in
+    // its kv) for the screen pop.
+    let d = s.deploy("freight", &key, "kv-crm", plugin("kv_crm"));
+    assert!(d.status == 200 || d.status == 201, "{d:?}");
+    let g = s.json(
+        "PUT",
+        "/v1/tenants/freight/plugins/kv-crm/grants",
+        &key,
+        &json!({"kv": true}),
+    );
+    assert_eq!(g.status, 200, "{g:?}");
+    let q = s.json(
+        "PUT",
+        "/v1/tenants/freight/queues/agents",
+        &key,
+        &json!({"crm": "kv-crm", "offer_timeout": 60}),
+    );
+    assert_eq!(q.status, 200, "{q:?}");
+    let mut tokens = Vec::new();
+    for (agent, role) in [("ann", "agent"), ("bob", "agent"), ("sue", "supervisor")] {
+        let a = s.json(
+            "PUT",
+            &format!("/v1/tenants/freight/agents/{agent}"),
+            &key,
+            &json!({"capacity": {"chat": 3}}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+        let t = s.json(
+            "POST",
+            &format!("/v1/tenants/freight/agents/{agent}/token"),
+            &key,
+            &json!({"role": role}),
+        );
+        tokens.push(t.body["token"].as_str().unwrap().to_string());
+    }
+    let (ann, bob, sue) = (&tokens[0], &tokens[1], &tokens[2]);
+    // Bob is signed in too (to the event stream): he must see nothing of
+    // Ann's chat.
+    let mut bobs = s.tenant_stream("freight", bob);
+
+    // Ann signs in to the console and goes available there.
+    let mut desk = Browser::start();
+    console_sign_in(&mut desk, &s, ann, "desk");
+    assert_eq!(text_of(&mut desk, "[data-pb=whoami]"), "ann (agent)");
+    desk.must(json!({"op": "select", "sel": "[data-pb=presence]", "value": "available"}));
+    desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=state]').textContent === 'available'"}));
+    // A wrong token does not sign in.
+    let mut wrong = Browser::start();
+    wrong.must(json!({"op": "open", "url": format!("http://127.0.0.1:{}/console/", s.port)}));
+    wrong.must(json!({"op": "fill", "sel": "[data-pb=tenant]", "text": "freight"}));
+    wrong.must(json!({"op": "fill", "sel": "[data-pb=token]", "text": "pbt.freight.nope"}));
+    wrong.must(json!({"op": "click", "sel": "[data-pb=signin]"}));
+    let e = wrong
+        .must(json!({"op": "wait", "js": "document.querySelector('[data-pb=error]').textContent"}));
+    assert!(e.as_str().unwrap().contains("Sign-in failed"), "{e}");
+    drop(wrong);
+
+    // The visitor chats: a waybill lookup, then "0" for an agent.
+    let mut b = Browser::start();
+    b.must(json!({"op": "open", "url": format!("{}/index.html", site.origin())}));
+    b.must(json!({"op": "click", "sel": "[data-pb=open]"}));
+    type_and_send(&mut b, "track");
+    wait_shown(&mut b, "bot", "waybill number");
+    let ix = s.get("/v1/tenants/freight/interactions", &key).body["interactions"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let visitor = messages(&s, &key, &ix)[0]["from"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The tenant's directory knows this visitor (the kv the crm reads).
+    let kv = s
+        .call(
+            "PUT",
+            &format!("/v1/tenants/freight/kv/crm/customer/{visitor}"),
+            Some(&key),
+            Some(br#"{"id": "c-77", "name": "Rita Jansen", "tier": "gold"}"#.to_vec()),
+        )
+        .unwrap();
+    assert_eq!(kv.status, 204, "{kv:?}");
+    type_and_send(&mut b, "123");
+    wait_shown(&mut b, "bot", "near Vilnius");
+    type_and_send(&mut b, "0");
+    wait_shown(&mut b, "bot", "an agent will be with you");
+
+    // The offer pops up on Ann's desk with its queue and a countdown; she
+    // accepts it there.
+    let sel = format!("[data-pb=offer][data-task=\"{ix}\"]");
+    desk.must(json!({"op": "wait", "js": format!("document.querySelector({})", json!(sel))}));
+    let offer = text_of(&mut desk, &sel);
+    assert!(offer.contains("chat · agents"), "{offer}");
+    let left = text_of(&mut desk, "[data-pb=countdown]");
+    assert!(
+        left.ends_with('s') && !left.starts_with('0'),
+        "countdown {left:?}"
+    );
+    desk.must(json!({"op": "click", "sel": format!("{sel} [data-pb=accept]")}));
+    assert!(eventually(Duration::from_secs(10), || {
+        s.get(&format!("/v1/tenants/freight/tasks/{ix}"), &key).body["state"] == "connected"
+    }));
+    // The screen pop: the conversation so far, what the flow gathered,
+    // and the CRM's profile.
+    desk.must(json!({"op": "wait", "js": "[...document.querySelectorAll('[data-pb=transcript] [data-pb=msg]')].some(m => m.textContent.includes('near Vilnius'))"}));
+    let transcript = text_of(&mut desk, "[data-pb=transcript]");
+    assert!(transcript.contains("track"), "{transcript}");
+    assert_eq!(
+        text_of(&mut desk, "[data-pb=attributes] [data-attr=waybill]"),
+        "123"
+    );
+    assert_eq!(
+        text_of(&mut desk, "[data-pb=profile] [data-field=name]"),
+        "Rita Jansen"
+    );
+    assert_eq!(
+        text_of(&mut desk, "[data-pb=profile] [data-field=tier]"),
+        "gold"
+    );
+
+    // The visitor writes; Ann sees it live and answers from the desk.
+    type_and_send(&mut b, "Hello?");
+    desk.must(json!({"op": "wait", "js": "[...document.querySelectorAll('[data-pb=msg][data-from=customer]')].some(m => m.textContent.includes('Hello?'))"}));
+    desk.must(json!({"op": "fill", "sel": "[data-pb=reply]", "text": "Hi Rita, Ann here. Your truck is on time."}));
+    desk.must(json!({"op": "click", "sel": "[data-pb=send]"}));
+    wait_shown(&mut b, "agent", "Ann here");
+    desk.must(json!({"op": "wait", "js": "[...document.querySelectorAll('[data-pb=msg][data-from=agent]')].some(m => m.textContent.includes('Ann here'))"}));
+    let shots = plugboard_tests::root().join("target/screenshots");
+    desk.must(json!({"op": "screenshot", "path": shots.join("agent-desktop.png")}));
+
+    // Sue's wall: the queue with Ann's chat connected, Ann busy.
+    let mut wall = Browser::start();
+    console_sign_in(&mut wall, &s, sue, "wall");
+    wall.must(json!({"op": "wait", "js": "document.querySelector('[data-queue=agents] [data-col=connected]')?.textContent === '1'"}));
+    wall.must(json!({"op": "wait", "js": "document.querySelector('[data-agent=ann] [data-col=state]')?.textContent === 'busy'"}));
+    wall.must(json!({"op": "screenshot", "path": shots.join("supervisor-wall.png")}));
+    // Ann completes the chat: the wall follows.
+    desk.must(json!({"op": "click", "sel": "[data-pb=complete]"}));
+    wall.must(json!({"op": "wait", "js": "document.querySelector('[data-queue=agents] [data-col=connected]')?.textContent === '0' && document.querySelector('[data-queue=agents] [data-col=answered]')?.textContent === '1'"}));
+
+    // Bob's stream carried nothing of Ann's chat, and the API refuses him
+    // its screen.
+    let mut seen = Vec::new();
+    bobs.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    while let Ok(m) = bobs.read() {
+        if let Ok(t) = m.to_text() {
+            seen.push(t.to_string());
+        }
+    }
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e.contains(&ix) || e.contains("\"ann\"")),
+        "Bob saw: {seen:?}"
+    );
+    let denied = s.get(&format!("/v1/tenants/freight/tasks/{ix}/screen"), bob);
+    assert_eq!(denied.status, 403, "{denied:?}");
+    for (who, b) in [
+        ("desk", &mut desk),
+        ("wall", &mut wall),
+        ("visitor", &mut b),
+    ] {
+        let log = b.must(json!({"op": "log"}));
+        assert!(
+            !log.to_string().contains("pageerror"),
+            "errors on the {who} page: {log}"
+        );
+    }
 }
 
 #[test]

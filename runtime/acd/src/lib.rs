@@ -114,6 +114,10 @@ pub struct QueueConfig {
     /// often (none: never).
     #[serde(default, with = "opt_secs")]
     pub announce_every: Option<Duration>,
+    /// The tenant's `crm` plugin the agent desktop asks for the customer's
+    /// profile (the screen pop) when a task of this queue is offered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crm: Option<String>,
 }
 
 fn default_service_level() -> Duration {
@@ -147,6 +151,7 @@ impl QueueConfig {
             service_level: default_service_level(),
             whisper: false,
             announce_every: None,
+            crm: None,
         }
     }
 }

@@ -9,6 +9,8 @@
 //! the path's `{t}`; anything else is 403). A failing store during the
 //! check denies. Errors are JSON: `{"error":{"code","message"}}`.
 
+pub mod console;
+
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, RawPathParams, State};
@@ -198,6 +200,11 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/settings", get(get_settings))
         .route("/v1/tenants/{t}", get(get_tenant))
         .route("/v1/tenants/{t}/limits", put(set_limits).get(get_limits))
+        .route("/v1/tenants/{t}/me", get(who_am_i))
+        .route(
+            "/v1/tenants/{t}/kv/{*key}",
+            get(kv_get).put(kv_set).delete(kv_delete),
+        )
         .route("/v1/tenants/{t}/plugins", get(list_plugins))
         .route(
             "/v1/tenants/{t}/plugins/{name}",
@@ -565,6 +572,54 @@ async fn list_queue_events(
     Ok(Json(json!({"events": events, "next": next})))
 }
 
+/// `GET /v1/tenants/{t}/kv/{key}`: a value of the tenant's kv (the
+/// plugins' store; a key may have slashes), as bytes.
+async fn kv_get(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, key)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let v = s
+        .kv_get(&t.id, &key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no kv key {key}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response())
+}
+
+/// `PUT /v1/tenants/{t}/kv/{key}`: the body is the value (64 KiB at
+/// most).
+async fn kv_set(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, key)): Path<(String, String)>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    s.kv_set(&t.id, &key, &body).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `DELETE /v1/tenants/{t}/kv/{key}`.
+async fn kv_delete(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, key)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.kv_delete(&t.id, &key).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/tenants/{t}/me`: who the token is on this tenant (the
+/// console signs in with it): `tenant` (the API key or the operator),
+/// `supervisor` or `agent`, with the agent's id.
+async fn who_am_i(AcdScope(t, role): AcdScope) -> Json<Value> {
+    let (role, agent) = match role {
+        AcdRole::Tenant => ("tenant", None),
+        AcdRole::Supervisor(a) => ("supervisor", Some(a)),
+        AcdRole::Agent(a) => ("agent", Some(a)),
+    };
+    Json(json!({"tenant": t.id, "name": t.name, "role": role, "agent": agent}))
+}
+
 /// `GET /v1/tenants/{t}/tasks[?agent=ID]`: an agent sees only theirs.
 async fn list_tasks(
     State(s): State<Arc<Engine>>,
@@ -702,22 +757,28 @@ async fn task_action(
 }
 
 /// `GET /v1/tenants/{t}/tasks/{id}/interaction`: the task's interaction
-/// (the customer's attributes and timeline: the agent's "screen"), for
-/// the agent it is offered to or connected with, a supervisor or the
-/// tenant.
+/// (the customer's attributes and timeline); `…/screen`: the screen pop
+/// ([`Engine::screen`]: attributes, messages, the customer's history on
+/// every channel, the CRM profile). For the agent the task is offered to
+/// or connected with, a supervisor or the tenant.
 async fn task_detail(
     State(s): State<Arc<Engine>>,
     AcdScope(t, role): AcdScope,
     Path((_, id, what)): Path<(String, String, String)>,
 ) -> ApiResult<Json<Value>> {
-    if what != "interaction" {
-        return Err(ApiError::not_found("no such task resource (interaction)"));
+    if what != "interaction" && what != "screen" {
+        return Err(ApiError::not_found(
+            "no such task resource (interaction, screen)",
+        ));
     }
     let view = s.task(&t.id, &id)?;
     allow(
         role.sees_all() || view.agent.as_deref().is_some_and(|a| role.may_act_for(a)),
         OWN_ONLY,
     )?;
+    if what == "screen" {
+        return Ok(Json(s.screen(&t.id, &id).await?));
+    }
     let ix = s.interaction(&t.id, &id).await?;
     Ok(Json(serde_json::to_value(ix).unwrap_or_default()))
 }
@@ -1350,19 +1411,7 @@ async fn get_customer(
     Query(q): Query<ListQuery>,
 ) -> ApiResult<Json<Value>> {
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
-    let (customer, history) = s.customer_history(&t.id, &id, limit).await?;
-    let mut interactions = Vec::new();
-    for ix in history {
-        let messages = match ix.channel {
-            plugboard_core::Channel::Chat
-            | plugboard_core::Channel::Email
-            | plugboard_core::Channel::Sms => s.messages(&t.id, &ix.id).await?,
-            _ => Vec::new(),
-        };
-        let mut v = serde_json::to_value(&ix).unwrap_or_default();
-        v["messages"] = json!(messages);
-        interactions.push(v);
-    }
+    let (customer, interactions) = s.customer_history_view(&t.id, &id, limit).await?;
     Ok(Json(
         json!({"customer": customer, "interactions": interactions}),
     ))
@@ -1457,12 +1506,15 @@ async fn events(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     // Browsers cannot set headers on a WebSocket: accept `?token=` too.
+    // An agent's or supervisor's token sees what its role may
+    // ([`Engine::event_visible`]).
     let token = bearer(&headers).map(str::to_string).or(q.token);
-    s.tenant_access(token.as_deref(), &t).await?;
+    let (_, role) = s.acd_access(token.as_deref(), &t).await?;
     let ws = ws
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "websocket_required", e.to_string()))?;
     let rx = s.subscribe();
-    Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, Some(t))))
+    let visible = move |ev: &StreamEvent| ev.tenant == t && s.event_visible(&t, &role, &ev.payload);
+    Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, visible)))
 }
 
 /// The operator's stream (admin): every tenant's events and the
@@ -1478,16 +1530,15 @@ async fn operator_events(
     let ws = ws
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "websocket_required", e.to_string()))?;
     let rx = s.subscribe();
-    Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, None)))
+    Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, |_: &StreamEvent| true)))
 }
 
-/// Sends the bus's events to a WebSocket: one tenant's, or all (`None`).
-/// Events that are already waiting go out together (one write, not one
-/// per event).
+/// Sends the bus's events that are `visible` to a WebSocket. Events that
+/// are already waiting go out together (one write, not one per event).
 async fn stream_events(
     mut socket: WebSocket,
     mut rx: broadcast::Receiver<StreamEvent>,
-    tenant: Option<String>,
+    visible: impl Fn(&StreamEvent) -> bool,
 ) {
     use futures_util::SinkExt;
     /// Events taken from the bus for one write at most (other tenants'
@@ -1501,7 +1552,7 @@ async fn stream_events(
                 while let Some(ev) = next.take() {
                     seen += 1;
                     let text = match ev {
-                        Ok(ev) if tenant.as_ref().is_none_or(|t| *t == ev.tenant) => {
+                        Ok(ev) if visible(&ev) => {
                             ev.payload.to_string()
                         }
                         Ok(_) => String::new(),

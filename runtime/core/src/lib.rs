@@ -358,6 +358,14 @@ pub enum Channel {
     Fax,
 }
 
+impl Channel {
+    /// Whether its interactions are conversations of messages (chat,
+    /// email, SMS).
+    pub fn is_text(self) -> bool {
+        matches!(self, Channel::Chat | Channel::Email | Channel::Sms)
+    }
+}
+
 impl fmt::Display for Channel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

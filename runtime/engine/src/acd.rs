@@ -815,7 +815,16 @@ impl Engine {
                     }
                 }
             }
-            self.acd_event(tenant, output_json(&o));
+            let mut event = output_json(&o);
+            if let Output::Offer { task, .. } = &o {
+                // The desktop shows the queue and counts the offer down.
+                let acd = lock(&self.acd.tenants).get(tenant).cloned();
+                if let Some(info) = acd.and_then(|a| lock(&a).task_info(Instant::now(), task)) {
+                    event["queue"] = json!(info.queue.id);
+                    event["timeout_ms"] = json!(info.queue.offer_timeout.as_millis() as u64);
+                }
+            }
+            self.acd_event(tenant, event);
         }
     }
 
@@ -878,33 +887,9 @@ impl Engine {
             .router
             .clone()
             .ok_or_else(|| CoreError::Invalid("the queue has no router".into()))?;
-        let t = self.tenant(tenant).await?;
-        let plugin_info = self.plugin(tenant, &name, "router").await?;
-        let plugin = self
-            .loaded_version(tenant, &plugin_info, plugin_info.active_version)
+        let (plugin, env, t) = self
+            .plugin_call(tenant, &name, plugboard_core::PluginKind::Router)
             .await?;
-        if plugin.kind != plugboard_core::PluginKind::Router {
-            return Err(CoreError::Invalid(format!(
-                "plugin {name} is a {} plugin, not a router",
-                plugin.kind
-            ))
-            .into());
-        }
-        let mut grants = plugin_info.grants.clone();
-        let (config, _) = self
-            .resolve_config(tenant, &mut grants, self.store.config(tenant, &name).await?)
-            .await?;
-        let env = plugboard_host::PluginEnv {
-            tenant: tenant.to_string(),
-            plugin: name.clone(),
-            grants,
-            config,
-            limits: self.limits_for(&t),
-            kv: None,
-            time_zone: t.time_zone.clone(),
-            utc_offset_minutes: 0,
-            now_ms: None,
-        };
         let route_task = plugboard_host::RouteTask {
             id: task.to_string(),
             channel: info.channel.to_string(),

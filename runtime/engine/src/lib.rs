@@ -33,6 +33,7 @@ pub mod acd;
 pub mod callback;
 pub mod chat;
 pub mod cluster;
+pub mod desk;
 pub mod fair;
 pub mod messaging;
 mod metrics;
@@ -702,6 +703,75 @@ impl Engine {
         Ok(n)
     }
 
+    /// A value of the tenant's kv (what its plugins read and write, such
+    /// as the kv-crm plugin's customer directory).
+    pub async fn kv_get(&self, tenant: &str, key: &str) -> EngineResult<Option<Vec<u8>>> {
+        kv_key(key)?;
+        self.tenant(tenant).await?;
+        Ok(self.store.kv_get(tenant, key).await?)
+    }
+
+    /// Writes a value of the tenant's kv, durably.
+    pub async fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> EngineResult<()> {
+        kv_key(key)?;
+        if value.len() > plugboard_host::KV_MAX_VALUE {
+            return Err(CoreError::Invalid(format!(
+                "a kv value is at most {} bytes",
+                plugboard_host::KV_MAX_VALUE
+            ))
+            .into());
+        }
+        self.tenant(tenant).await?;
+        Ok(self.store.kv_set(tenant, key, value).await?)
+    }
+
+    /// Deletes a key of the tenant's kv, durably.
+    pub async fn kv_delete(&self, tenant: &str, key: &str) -> EngineResult<()> {
+        kv_key(key)?;
+        self.tenant(tenant).await?;
+        Ok(self.store.kv_delete(tenant, key).await?)
+    }
+
+    /// A tenant's plugin `name` (its active version), which must be a
+    /// `kind` plugin, ready to call: compiled, with its environment (its
+    /// grants, its config with the secrets it is granted, the tenant's
+    /// limits, kv, time zone), and the tenant.
+    pub(crate) async fn plugin_call(
+        &self,
+        tenant: &str,
+        name: &str,
+        kind: PluginKind,
+    ) -> EngineResult<(Arc<LoadedPlugin>, plugboard_host::PluginEnv, Tenant)> {
+        let t = self.tenant(tenant).await?;
+        let info = self.plugin(tenant, name, "plugin").await?;
+        let plugin = self
+            .loaded_version(tenant, &info, info.active_version)
+            .await?;
+        if plugin.kind != kind {
+            return Err(CoreError::Invalid(format!(
+                "plugin {name} is a {} plugin, not a {kind} plugin",
+                plugin.kind
+            ))
+            .into());
+        }
+        let mut grants = info.grants.clone();
+        let (config, _) = self
+            .resolve_config(tenant, &mut grants, self.store.config(tenant, name).await?)
+            .await?;
+        let env = plugboard_host::PluginEnv {
+            tenant: tenant.to_string(),
+            plugin: name.to_string(),
+            grants,
+            config,
+            limits: self.limits_for(&t),
+            kv: Some(Arc::new(KvAdapter::new(self.store.clone()))),
+            time_zone: t.time_zone.clone(),
+            utc_offset_minutes: utc_offset_minutes(&t.time_zone, now_ms()),
+            now_ms: None,
+        };
+        Ok((plugin, env, t))
+    }
+
     /// A version of a plugin (whose record the caller has just read),
     /// compiled and ready: from memory, else loaded from the store.
     async fn loaded_version(
@@ -1103,6 +1173,19 @@ pub fn random_token(prefix: &str) -> EngineResult<String> {
 
 /// The offset from UTC, in minutes, of time zone `tz` at `at_ms` (0 if the
 /// zone is unknown, which creation refuses).
+/// Checks a kv key as the plugins' kv does (1 to
+/// [`plugboard_host::KV_MAX_KEY`] bytes).
+fn kv_key(key: &str) -> EngineResult<()> {
+    if key.is_empty() || key.len() > plugboard_host::KV_MAX_KEY {
+        return Err(CoreError::Invalid(format!(
+            "a kv key is 1-{} bytes",
+            plugboard_host::KV_MAX_KEY
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 fn utc_offset_minutes(tz: &str, at_ms: u64) -> i32 {
     let Ok(zone) = jiff::tz::TimeZone::get(tz) else {
         return 0;

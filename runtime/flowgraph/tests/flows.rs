@@ -190,6 +190,46 @@ fn chat_channel_replies_and_matches_keywords() {
     );
 }
 
+#[test]
+fn an_enqueue_hands_what_the_flow_gathered_to_the_agent() {
+    let flow = parse(
+        json!({"start": "ask", "nodes": {
+            "ask": {"type": "gather", "prompt": "Your order?", "var": "order", "max_digits": 6, "next": "look"},
+            "look": {"type": "http", "url": "{{config.mis_url}}/orders/{{order}}", "into": "found", "next": "set", "error": "set"},
+            "set": {"type": "set", "vars": {"note": "order {{order}}", "vip": true, "none": null, "tags": ["a", "b"]}, "next": "queue"},
+            "queue": {"type": "enqueue", "queue": "sales"}
+        }})
+        .to_string()
+        .as_bytes(),
+    )
+    .unwrap()
+    .flow;
+    let mut host = Host {
+        now: MONDAY_10,
+        offset: 0,
+        requests: Vec::new(),
+    };
+    let input = Input {
+        channel: Channel::Voice,
+        from: "+37060000000",
+        to: "+37052000000",
+        attributes: &[],
+    };
+    let first = handle(&flow, input, "", &Event::Started, &mut host).unwrap();
+    let step = handle(&flow, input, &first.state, &digits("1234"), &mut host).unwrap();
+    assert_eq!(
+        js(&step.actions),
+        json!([
+            {"type": "set_attribute", "name": "found.status", "value": "out for delivery"},
+            {"type": "set_attribute", "name": "note", "value": "order 1234"},
+            {"type": "set_attribute", "name": "order", "value": "1234"},
+            {"type": "set_attribute", "name": "tags", "value": "[\"a\",\"b\"]"},
+            {"type": "set_attribute", "name": "vip", "value": "true"},
+            {"type": "enqueue", "queue": "sales", "priority": 0, "skills": []}
+        ])
+    );
+}
+
 fn refused(doc: Value) -> (Option<String>, String) {
     let e = parse(doc.to_string().as_bytes()).unwrap_err();
     (e.node, e.reason)

@@ -10,9 +10,9 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 /// Most bytes of a kv key.
-const KV_MAX_KEY: usize = 256;
+pub const KV_MAX_KEY: usize = 256;
 /// Most bytes of a kv value.
-const KV_MAX_VALUE: usize = 64 * 1024;
+pub const KV_MAX_VALUE: usize = 64 * 1024;
 /// Most bytes of an http request body.
 const HTTP_MAX_REQUEST: usize = 1024 * 1024;
 /// Longest log line kept.

@@ -43,7 +43,7 @@ mod export;
 pub mod fetch;
 
 use ctx::Ctx;
-pub use ctx::{HostCall, LogLine};
+pub use ctx::{HostCall, KV_MAX_KEY, KV_MAX_VALUE, LogLine};
 use export::{Export, Exports};
 
 /// Errors loading a plugin.

@@ -149,6 +149,12 @@ struct ServeArgs {
     /// this build (`target/`) or under the current directory's `target/`].
     #[arg(long, env = "PLUGBOARD_CHAT_WIDGET")]
     chat_widget: Option<PathBuf>,
+    /// The built web console (agent desktop, supervisor wall), a
+    /// directory with `index.html` and `console.js`, served at `/console/`
+    /// [default: `web/console` next to this build (`target/`) or under the
+    /// current directory's `target/`].
+    #[arg(long, env = "PLUGBOARD_CONSOLE")]
+    console: Option<PathBuf>,
     /// Chat widget connections at once from one IP address [default: 50].
     #[arg(long)]
     chat_max_per_ip: Option<usize>,
@@ -532,7 +538,15 @@ fn flow_graph_component(given: Option<PathBuf>) -> Result<Option<(PathBuf, Vec<u
         let bytes = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
         return Ok(Some((p, bytes)));
     }
-    let rel = Path::new("wasm32-wasip2/release/flow_graph.wasm");
+    Ok(built("wasm32-wasip2/release/flow_graph.wasm")
+        .into_iter()
+        .find_map(|p| std::fs::read(&p).ok().map(|b| (p, b))))
+}
+
+/// Where a file built by the README's commands may be: `rel` in the
+/// target directory of this build (`target/`, the executable's
+/// grandparent), then under the current directory's `target/`.
+fn built(rel: &str) -> Vec<PathBuf> {
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe()
         && let Some(target) = exe.parent().and_then(Path::parent)
@@ -540,9 +554,7 @@ fn flow_graph_component(given: Option<PathBuf>) -> Result<Option<(PathBuf, Vec<u
         candidates.push(target.join(rel));
     }
     candidates.push(Path::new("target").join(rel));
-    Ok(candidates
-        .into_iter()
-        .find_map(|p| std::fs::read(&p).ok().map(|b| (p, b))))
+    candidates
 }
 
 /// The chat channel's settings (flags over `[chat]`).
@@ -551,17 +563,7 @@ fn chat_settings(file: &config::ChatSection, args: &ServeArgs) -> plugboard_chat
         .chat_widget
         .clone()
         .or_else(|| file.widget.clone())
-        .or_else(|| {
-            let rel = Path::new("web/widget.js");
-            let mut candidates = Vec::new();
-            if let Ok(exe) = std::env::current_exe()
-                && let Some(target) = exe.parent().and_then(Path::parent)
-            {
-                candidates.push(target.join(rel));
-            }
-            candidates.push(Path::new("target").join(rel));
-            candidates.into_iter().find(|p| p.is_file())
-        });
+        .or_else(|| built("web/widget.js").into_iter().find(|p| p.is_file()));
     let mut c = plugboard_chat::ChatConfig {
         widget_js,
         ..Default::default()
@@ -880,7 +882,16 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             closing.close_all();
             sms.stop().await;
         };
+        let console = args
+            .console
+            .clone()
+            .or_else(|| built("web/console").into_iter().find(|p| p.is_dir()));
+        match &console {
+            Some(p) => tracing::info!("web console from {}", p.display()),
+            None => tracing::warn!("no web console built (scripts/build-web.sh)"),
+        }
         let app = plugboard_api::router(state.clone())
+            .merge(plugboard_api::console::router(console))
             .merge(plugboard_chat::router(hub))
             .merge(plugboard_sms::http::router(state));
         // No Nagle delay on small frames (chat acks, events): without it a

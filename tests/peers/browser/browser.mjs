@@ -7,12 +7,16 @@
 //   {"op":"click","sel":S}       click (CSS; open shadow roots pierced)
 //   {"op":"fill","sel":S,"text":T}
 //   {"op":"press","sel":S,"key":K}
+//   {"op":"select","sel":S,"value":V}   choose an option of a <select>
+//   {"op":"screenshot","path":P}  the page as a PNG at P (directories made)
 //   {"op":"file","sel":S,"name":N,"mime":M,"size":B}   a file of B bytes
 //   {"op":"wait","js":E,"ms":T}  until the expression E is truthy; its value
 //   {"op":"eval","js":E}         the expression E
 //   {"op":"close"}
 import { chromium } from "playwright-core";
 import readline from "node:readline";
+import { mkdir } from "node:fs/promises";
+import { dirname } from "node:path";
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
@@ -44,6 +48,13 @@ async function run(cmd) {
     case "press":
       await page.press(cmd.sel, cmd.key, { timeout: 10000 });
       return null;
+    case "select":
+      await page.selectOption(cmd.sel, cmd.value, { timeout: 10000 });
+      return null;
+    case "screenshot":
+      await mkdir(dirname(cmd.path), { recursive: true });
+      await page.screenshot({ path: cmd.path, fullPage: true });
+      return null;
     case "file":
       await page.setInputFiles(cmd.sel, {
         name: cmd.name,
@@ -52,8 +63,16 @@ async function run(cmd) {
       });
       return null;
     case "wait": {
-      const h = await page.waitForFunction(cmd.js, null, { timeout: cmd.ms ?? 15000 });
-      return await h.jsonValue();
+      // Polled with evaluate (over the DevTools protocol), not
+      // waitForFunction, which evaluates in the page with eval and so is
+      // refused by a page whose Content-Security-Policy forbids it.
+      const until = Date.now() + (cmd.ms ?? 15000);
+      for (;;) {
+        const v = await page.evaluate(cmd.js);
+        if (v) return v;
+        if (Date.now() > until) throw new Error(`timed out waiting for ${cmd.js}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
     }
     case "eval":
       return await page.evaluate(cmd.js);

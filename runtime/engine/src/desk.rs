@@ -1,0 +1,167 @@
+//! What the agent desktop (the web console) needs beyond the ACD's own
+//! operations: which events of a tenant's stream a signed-in agent or
+//! supervisor may see, and a task's screen pop (the interaction, what the
+//! flow gathered, the customer's history on every channel and their CRM
+//! profile).
+
+use crate::acd::AcdRole;
+use crate::{Engine, EngineError, EngineResult};
+use plugboard_core::{Channel, PluginKind};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+/// Interactions of the customer's history a screen pop shows at most.
+const HISTORY: usize = 20;
+
+impl Engine {
+    /// Whether `role` may see `payload`, an event of `tenant`'s stream.
+    ///
+    /// The tenant (its API key) sees everything. A supervisor sees the
+    /// ACD's events and the events of interactions that are tasks. An
+    /// agent sees the ACD's events about themselves and their tasks
+    /// (neither queue numbers, routing candidates nor who monitors them),
+    /// and the events of interactions that are their tasks, offered or
+    /// connected. Anything else is denied.
+    pub fn event_visible(&self, tenant: &str, role: &AcdRole, payload: &Value) -> bool {
+        let me = match role {
+            AcdRole::Tenant => return true,
+            AcdRole::Supervisor(_) => None,
+            AcdRole::Agent(a) => Some(a.as_str()),
+        };
+        let task_agent = |id: &Value| {
+            id.as_str()
+                .and_then(|id| self.task(tenant, id).ok())
+                .map(|v| v.agent)
+        };
+        match (payload["kind"].as_str(), me) {
+            (Some("acd"), None) => true,
+            (Some("acd"), Some(me)) => {
+                let d = &payload["data"];
+                if matches!(
+                    d["type"].as_str(),
+                    Some("stats" | "route" | "monitor" | "router_failed")
+                ) {
+                    return false;
+                }
+                d["agent"] == me
+                    || d["target"] == format!("agent:{me}").as_str()
+                    || task_agent(&d["task"]).flatten().as_deref() == Some(me)
+            }
+            (_, None) => task_agent(&payload["interaction"]).is_some(),
+            (_, Some(me)) => task_agent(&payload["interaction"]).flatten().as_deref() == Some(me),
+        }
+    }
+
+    /// A task's screen pop: the task, its interaction (channel, addresses,
+    /// the attributes the flow gathered), its messages (text channels),
+    /// the customer and their other interactions on every channel (newest
+    /// [`HISTORY`], with their messages), and the profile from the queue's
+    /// `crm` plugin (`profile_error` says why there is none when the
+    /// plugin failed). The caller checks the role may see the task.
+    pub async fn screen(self: &Arc<Self>, tenant: &str, task: &str) -> EngineResult<Value> {
+        let view = self.task(tenant, task)?;
+        let ix = self.interaction(tenant, task).await?;
+        let messages = if ix.channel.is_text() {
+            self.messages(tenant, &ix.id).await?
+        } else {
+            Vec::new()
+        };
+        let customer = self
+            .customer_by_address(tenant, ix.channel, &ix.from)
+            .await?;
+        let history = match &customer {
+            Some(c) => self
+                .customer_history_view(tenant, &c.id, HISTORY + 1)
+                .await?
+                .1
+                .into_iter()
+                .filter(|v| v["id"] != ix.id.as_str())
+                .collect(),
+            None => Vec::new(),
+        };
+        let crm = self
+            .queues(tenant)
+            .await?
+            .into_iter()
+            .find(|q| q.id == view.queue)
+            .and_then(|q| q.crm);
+        let (profile, profile_error) = match crm {
+            None => (None, None),
+            Some(name) => match self.crm_lookup(tenant, &name, ix.channel, &ix.from).await {
+                Ok(p) => (p, None),
+                Err(e) => {
+                    tracing::warn!("crm {name} of {tenant} for task {task}: {e}");
+                    (None, Some(e.to_string()))
+                }
+            },
+        };
+        Ok(json!({
+            "task": view,
+            "interaction": {
+                "id": ix.id,
+                "channel": ix.channel,
+                "from": ix.from,
+                "to": ix.to,
+                "state": ix.state,
+                "attributes": ix.attributes,
+                "created_ms": ix.created_ms,
+            },
+            "messages": messages,
+            "customer": customer,
+            "history": history,
+            "profile": profile,
+            "profile_error": profile_error,
+        }))
+    }
+
+    /// A customer and their interactions on every channel, oldest first,
+    /// each with its messages when it is a conversation.
+    pub async fn customer_history_view(
+        &self,
+        tenant: &str,
+        id: &str,
+        limit: usize,
+    ) -> EngineResult<(plugboard_core::Customer, Vec<Value>)> {
+        let (customer, history) = self.customer_history(tenant, id, limit).await?;
+        let mut out = Vec::with_capacity(history.len());
+        for ix in history {
+            let messages = if ix.channel.is_text() {
+                self.messages(tenant, &ix.id).await?
+            } else {
+                Vec::new()
+            };
+            let mut v = serde_json::to_value(&ix).unwrap_or_default();
+            v["messages"] = json!(messages);
+            out.push(v);
+        }
+        Ok((customer, out))
+    }
+
+    /// Asks the tenant's `crm` plugin `name` for the customer at
+    /// `address` (within the tenant's share of the plugin pool).
+    async fn crm_lookup(
+        self: &Arc<Self>,
+        tenant: &str,
+        name: &str,
+        channel: Channel,
+        address: &str,
+    ) -> EngineResult<Option<plugboard_host::CrmProfile>> {
+        let (plugin, env, t) = self.plugin_call(tenant, name, PluginKind::Crm).await?;
+        let permit = self.fair.acquire(tenant, self.share_for(&t)).await;
+        let host = self.host.clone();
+        let address = address.to_string();
+        // A task of its own: the invocation runs to its end even if the
+        // caller stops waiting.
+        let report = tokio::spawn(async move {
+            let _permit = permit;
+            host.invoke_crm_lookup(&plugin, env, channel, &address)
+                .await
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?;
+        self.metrics.observe(tenant, name, "crm", &report);
+        report
+            .outcome
+            .map_err(|e| EngineError::Internal(format!("crm {name}: {e}")))
+    }
+}

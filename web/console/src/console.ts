@@ -1,0 +1,759 @@
+// Plugboard's web console, served at /console/: the agent desktop and the
+// supervisor's wall. It signs in with a token the tenant issued (an
+// agent's or a supervisor's, or the tenant's API key), kept in this tab's
+// session storage, and is a plain client of the API v1: what it shows is
+// what the token may read (GET /v1/tenants/{t}/me says who it is), and
+// it follows the tenant's event stream, which the server filters by role.
+
+interface Session {
+  tenant: string;
+  token: string;
+}
+
+interface Me {
+  tenant: string;
+  name: string;
+  role: "tenant" | "supervisor" | "agent";
+  agent: string | null;
+}
+
+interface TaskView {
+  id: string;
+  queue: string;
+  state: string;
+  agent?: string;
+}
+
+interface Message {
+  id: string;
+  interaction: string;
+  channel: string;
+  direction: string;
+  author: { type: string; id?: string };
+  text: string;
+  subject?: string;
+  status: string;
+  created_ms: number;
+}
+
+interface Screen {
+  task: TaskView;
+  interaction: {
+    id: string;
+    channel: string;
+    from: string;
+    to: string;
+    state: string;
+    attributes: Record<string, string>;
+  };
+  messages: Message[];
+  customer: { id: string; name?: string; addresses: { channel: string; address: string }[] } | null;
+  history: { id: string; channel: string; created_ms: number; state: string; messages: Message[] }[];
+  profile: { id: string; name: string | null; attributes: [string, string][] } | null;
+  profile_error: string | null;
+}
+
+interface Offer {
+  task: string;
+  channel: string;
+  queue: string;
+  deadline: number;
+}
+
+interface StreamEvent {
+  kind: string;
+  interaction?: string;
+  data: any;
+}
+
+const KEY = "plugboard.console";
+
+// ----- small DOM helpers -----
+
+type Child = Node | string | null | undefined | false;
+
+function h(tag: string, attrs: Record<string, string> = {}, ...children: Child[]): HTMLElement {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  for (const c of children) {
+    if (c === null || c === undefined || c === false) continue;
+    el.append(typeof c === "string" ? document.createTextNode(c) : c);
+  }
+  return el;
+}
+
+function button(label: string, pb: string, onClick: () => void): HTMLElement {
+  const b = h("button", { type: "button", "data-pb": pb }, label);
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function time(ms: number): string {
+  return new Date(ms).toLocaleString();
+}
+
+function duration(ms: number): string {
+  const s = Math.max(0, Math.round(ms / 1000));
+  const m = Math.floor(s / 60);
+  return m > 0 ? `${m}m ${s % 60}s` : `${s}s`;
+}
+
+function who(m: Message): string {
+  if (m.author.type === "agent") return m.author.id ?? "agent";
+  if (m.author.type === "customer") return "customer";
+  return m.author.type;
+}
+
+// ----- the API -----
+
+class Api {
+  constructor(readonly s: Session) {}
+
+  url(path: string): string {
+    return `/v1/tenants/${encodeURIComponent(this.s.tenant)}${path}`;
+  }
+
+  async call<T>(method: string, path: string, body?: unknown): Promise<T> {
+    const init: RequestInit = {
+      method,
+      headers: { Authorization: `Bearer ${this.s.token}` },
+    };
+    if (body !== undefined) {
+      (init.headers as Record<string, string>)["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    const r = await fetch(this.url(path), init);
+    const text = await r.text();
+    if (!r.ok) {
+      let msg = `${r.status}`;
+      try {
+        msg = JSON.parse(text).error.message;
+      } catch {
+        // Not our error shape: the status says it.
+      }
+      throw new Error(msg);
+    }
+    return (text ? JSON.parse(text) : null) as T;
+  }
+
+  events(onEvent: (e: StreamEvent) => void, onState: (up: boolean) => void): void {
+    let delay = 500;
+    const open = () => {
+      const proto = location.protocol === "https:" ? "wss" : "ws";
+      const ws = new WebSocket(
+        `${proto}://${location.host}${this.url("/events")}?token=${encodeURIComponent(this.s.token)}`,
+      );
+      ws.onopen = () => {
+        delay = 500;
+        onState(true);
+      };
+      ws.onmessage = (m) => {
+        try {
+          onEvent(JSON.parse(m.data as string));
+        } catch {
+          // Not JSON: not ours.
+        }
+      };
+      ws.onclose = () => {
+        onState(false);
+        setTimeout(open, delay);
+        delay = Math.min(delay * 2, 15000);
+      };
+    };
+    open();
+  }
+}
+
+// ----- sign-in -----
+
+function signIn(root: HTMLElement, error = ""): void {
+  const tenant = h("input", { "data-pb": "tenant", placeholder: "tenant", autocomplete: "organization" }) as HTMLInputElement;
+  const token = h("input", { "data-pb": "token", placeholder: "token", type: "password", autocomplete: "current-password" }) as HTMLInputElement;
+  const err = h("div", { class: "error", "data-pb": "error" }, error);
+  const go = async () => {
+    const s = { tenant: tenant.value.trim(), token: token.value.trim() };
+    if (!s.tenant || !s.token) {
+      err.textContent = "Tenant and token, please.";
+      return;
+    }
+    try {
+      const me = await new Api(s).call<Me>("GET", "/me");
+      sessionStorage.setItem(KEY, JSON.stringify(s));
+      start(root, s, me);
+    } catch (e) {
+      err.textContent = `Sign-in failed: ${(e as Error).message}`;
+    }
+  };
+  const form = h(
+    "form",
+    { class: "signin" },
+    h("h1", {}, "Plugboard console"),
+    h("p", { class: "muted" }, "Sign in with the token your administrator gave you."),
+    tenant,
+    token,
+    h("button", { type: "submit", "data-pb": "signin" }, "Sign in"),
+    err,
+  );
+  form.addEventListener("submit", (e) => {
+    e.preventDefault();
+    void go();
+  });
+  root.replaceChildren(form);
+}
+
+function signOut(root: HTMLElement): void {
+  sessionStorage.removeItem(KEY);
+  // A fresh page: no stream, timers or data of the session left.
+  root.replaceChildren();
+  location.reload();
+}
+
+function start(root: HTMLElement, s: Session, me: Me): void {
+  const api = new Api(s);
+  const desk = me.agent !== null ? new Desk(api, me.agent) : null;
+  const wall = me.role !== "agent" ? new Wall(api) : null;
+  const link = h("span", { class: "muted", "data-pb": "link" }, "connecting…");
+  const header = h(
+    "header",
+    {},
+    h("h1", {}, `Plugboard · ${me.name}`),
+    h("span", { "data-pb": "whoami" }, `${me.agent ?? "administrator"} (${me.role})`),
+    desk ? desk.presenceControl() : null,
+    link,
+    button("Sign out", "signout", () => signOut(root)),
+  );
+  root.replaceChildren(header);
+  // A supervisor's wall comes first; their own desk (if they take tasks)
+  // below it.
+  if (wall) root.append(wall.el);
+  if (desk) root.append(desk.el);
+  api.events(
+    (e) => {
+      desk?.onEvent(e);
+      wall?.onEvent(e);
+    },
+    (up) => {
+      link.textContent = up ? "live" : "reconnecting…";
+      if (up) {
+        // Whatever happened while the stream was down.
+        void desk?.refresh();
+        void wall?.refresh();
+      }
+    },
+  );
+  setInterval(() => {
+    desk?.tick();
+    wall?.tick();
+  }, 1000);
+}
+
+// ----- the agent desktop -----
+
+class Desk {
+  readonly el = h("main", { "data-pb": "desk" });
+  private offersEl = h("div", { "data-pb": "offers" });
+  private tasksEl = h("div", { "data-pb": "tasks" });
+  private screenEl = h("section", { "data-pb": "screen" }, h("p", { class: "muted" }, "No task selected."));
+  private stateEl = h("span", { class: "state", "data-pb": "state" }, "…");
+  private offers = new Map<string, Offer>();
+  private tasks = new Map<string, TaskView>();
+  private selected: string | null = null;
+  private screen: Screen | null = null;
+  private transcript: HTMLElement | null = null;
+  private select = h("select", { "data-pb": "presence" }) as HTMLSelectElement;
+
+  constructor(
+    private api: Api,
+    private agent: string,
+  ) {
+    for (const [value, label] of [
+      ["available", "Available"],
+      ["away:break", "Away: break"],
+      ["away:lunch", "Away: lunch"],
+      ["away:meeting", "Away: meeting"],
+      ["offline", "Offline"],
+    ]) {
+      this.select.append(h("option", { value }, label));
+    }
+    this.select.addEventListener("change", () => void this.setPresence(this.select.value));
+    this.el.append(
+      h(
+        "div",
+        {},
+        h("section", {}, h("h2", {}, "Offers"), this.offersEl),
+        h("section", {}, h("h2", {}, "My tasks"), this.tasksEl),
+      ),
+      this.screenEl,
+    );
+    void this.refresh();
+  }
+
+  presenceControl(): HTMLElement {
+    return h("span", {}, this.select, " ", this.stateEl);
+  }
+
+  async setPresence(value: string): Promise<void> {
+    const [state, reason] = value.split(":");
+    const body = reason ? { state, reason } : { state };
+    try {
+      await this.api.call("PUT", `/agents/${encodeURIComponent(this.agent)}/presence`, body);
+      await this.refreshAgent();
+    } catch (e) {
+      alert(`Presence: ${(e as Error).message}`);
+    }
+  }
+
+  async refresh(): Promise<void> {
+    await this.refreshAgent();
+    try {
+      const r = await this.api.call<{ tasks: TaskView[] }>("GET", `/tasks?agent=${encodeURIComponent(this.agent)}`);
+      this.tasks.clear();
+      for (const t of r.tasks) {
+        if (t.agent === this.agent && (t.state === "connected" || t.state === "offered")) {
+          this.tasks.set(t.id, t);
+        }
+      }
+      for (const id of [...this.offers.keys()]) {
+        if (this.tasks.get(id)?.state !== "offered") this.offers.delete(id);
+      }
+      this.renderTasks();
+      this.renderOffers();
+    } catch (e) {
+      this.tasksEl.textContent = `Tasks: ${(e as Error).message}`;
+    }
+  }
+
+  async refreshAgent(): Promise<void> {
+    try {
+          const a = await this.api.call<any>("GET", `/agents/${encodeURIComponent(this.agent)}`);
+      const st = a.stats?.state ?? "unknown";
+      this.stateEl.textContent = st;
+      this.stateEl.dataset.state = st;
+      const p = a.presence;
+      if (p && typeof p === "object") {
+        const v = p.state === "away" ? `away:${p.reason}` : p.state;
+        if ([...this.select.options].some((o) => o.value === v)) this.select.value = v;
+      }
+    } catch (e) {
+      this.stateEl.textContent = (e as Error).message;
+    }
+  }
+
+  onEvent(e: StreamEvent): void {
+    if (e.kind === "acd") {
+      const d = e.data;
+      if (d.type === "offer" && d.agent === this.agent) {
+        this.offers.set(d.task, {
+          task: d.task,
+          channel: d.channel,
+          queue: d.queue ?? "",
+          deadline: Date.now() + (d.timeout_ms ?? 20000),
+        });
+        this.tasks.set(d.task, { id: d.task, queue: d.queue ?? "", state: "offered", agent: this.agent });
+        this.renderOffers();
+        this.renderTasks();
+      } else if (d.type === "rescind" && d.agent === this.agent) {
+        this.offers.delete(d.task);
+        this.tasks.delete(d.task);
+        this.renderOffers();
+        this.renderTasks();
+      } else if (d.type === "presence" && d.agent === this.agent) {
+        void this.refreshAgent();
+      } else if (d.type === "task" || d.type === "transfer" || d.type === "consult_completed") {
+        void this.refresh();
+        if (this.selected === d.task) void this.open(d.task);
+      }
+      return;
+    }
+    if (e.interaction && e.interaction === this.selected && this.screen) {
+      if (e.kind === "message") {
+        this.addMessage(e.data as Message);
+      } else if (e.kind === "message_status") {
+        const m = this.screen.messages.find((x) => x.id === e.data.id);
+        if (m) m.status = e.data.status;
+      } else if (e.kind === "typing" && this.transcript && e.data.author?.id !== this.agent) {
+        const t = this.screenEl.querySelector("[data-pb=typing]");
+        if (t) t.textContent = e.data.on === false ? "" : `${e.data.author?.type ?? "someone"} is typing…`;
+      }
+    }
+  }
+
+  tick(): void {
+    for (const el of this.offersEl.querySelectorAll<HTMLElement>("[data-pb=countdown]")) {
+      const o = this.offers.get(el.dataset.task ?? "");
+      if (o) el.textContent = duration(o.deadline - Date.now());
+    }
+  }
+
+  renderOffers(): void {
+    this.offersEl.replaceChildren();
+    if (this.offers.size === 0) this.offersEl.append(h("p", { class: "muted" }, "Nothing offered."));
+    for (const o of this.offers.values()) {
+      this.offersEl.append(
+        h(
+          "div",
+          { class: "offer", "data-pb": "offer", "data-task": o.task },
+          h("span", { class: "countdown", "data-pb": "countdown", "data-task": o.task }, duration(o.deadline - Date.now())),
+          h("strong", {}, `${o.channel} · ${o.queue}`),
+          h("div", { class: "muted" }, o.task),
+          button("Accept", "accept", () => void this.act(o.task, "accept")),
+          button("Reject", "reject", () => void this.act(o.task, "reject")),
+        ),
+      );
+    }
+  }
+
+  renderTasks(): void {
+    this.tasksEl.replaceChildren();
+    const connected = [...this.tasks.values()].filter((t) => t.state !== "offered");
+    if (connected.length === 0) this.tasksEl.append(h("p", { class: "muted" }, "No tasks in hand."));
+    for (const t of connected) {
+      const el = h(
+        "div",
+        { class: `task${t.id === this.selected ? " selected" : ""}`, "data-pb": "task", "data-task": t.id },
+        h("strong", {}, t.queue),
+        h("div", { class: "muted" }, `${t.state} · ${t.id}`),
+      );
+      el.addEventListener("click", () => void this.open(t.id));
+      this.tasksEl.append(el);
+    }
+  }
+
+  async act(task: string, action: string, body: unknown = {}): Promise<void> {
+    try {
+      await this.api.call("POST", `/tasks/${encodeURIComponent(task)}/${action}`, body);
+      this.offers.delete(task);
+      if (action === "reject") this.tasks.delete(task);
+      await this.refresh();
+      if (action === "accept") await this.open(task);
+      if (action === "complete" && this.selected === task) {
+        this.selected = null;
+        this.screen = null;
+        this.screenEl.replaceChildren(h("p", { class: "muted" }, "Task completed."));
+      }
+    } catch (e) {
+      alert(`${action}: ${(e as Error).message}`);
+    }
+  }
+
+  async open(task: string): Promise<void> {
+    this.selected = task;
+    this.renderTasks();
+    try {
+      const s = await this.api.call<Screen>("GET", `/tasks/${encodeURIComponent(task)}/screen`);
+      if (this.selected !== task) return;
+      this.screen = s;
+      this.renderScreen();
+    } catch (e) {
+      this.screenEl.replaceChildren(h("p", { class: "error" }, `Screen: ${(e as Error).message}`));
+    }
+  }
+
+  renderScreen(): void {
+    const s = this.screen;
+    if (!s) return;
+    const ix = s.interaction;
+    const attrs = h("dl", { "data-pb": "attributes" });
+    for (const [k, v] of Object.entries(ix.attributes)) {
+      attrs.append(h("dt", {}, k), h("dd", { "data-attr": k }, v));
+    }
+    if (Object.keys(ix.attributes).length === 0) attrs.append(h("dd", { class: "muted" }, "none"));
+    const profile = h("div", { "data-pb": "profile" });
+    if (s.profile) {
+      const dl = h("dl", {}, h("dt", {}, "name"), h("dd", { "data-field": "name" }, s.profile.name ?? "—"), h("dt", {}, "CRM id"), h("dd", {}, s.profile.id));
+      for (const [k, v] of s.profile.attributes) dl.append(h("dt", {}, k), h("dd", { "data-field": k }, v));
+      profile.append(dl);
+    } else {
+      profile.append(h("p", { class: "muted" }, s.profile_error ? `CRM: ${s.profile_error}` : "No CRM profile."));
+    }
+    const history = h("ul", { class: "history", "data-pb": "history" });
+    for (const x of s.history) {
+      const last = x.messages[x.messages.length - 1];
+      history.append(
+        h("li", { "data-interaction": x.id, "data-channel": x.channel }, `${time(x.created_ms)} · ${x.channel} · ${x.state}`, last ? h("div", { class: "muted" }, last.text.slice(0, 80)) : null),
+      );
+    }
+    if (s.history.length === 0) history.append(h("li", { class: "muted" }, "No earlier contact."));
+
+    const main = h("div", {});
+    if (ix.channel === "chat" || ix.channel === "email" || ix.channel === "sms") {
+      this.transcript = h("div", { class: "transcript", "data-pb": "transcript" });
+      for (const m of s.messages) this.transcript.append(this.messageEl(m));
+      const text = h("textarea", { "data-pb": "reply", placeholder: "Reply…" }) as HTMLTextAreaElement;
+      let typing = 0;
+      text.addEventListener("input", () => {
+        const now = Date.now();
+        if (now - typing > 3000) {
+          typing = now;
+          void this.api.call("POST", `/interactions/${encodeURIComponent(ix.id)}/typing`, { on: true }).catch(() => undefined);
+        }
+      });
+      const send = async () => {
+        const body = text.value.trim();
+        if (!body) return;
+        try {
+          const m = await this.api.call<Message>("POST", `/interactions/${encodeURIComponent(ix.id)}/messages`, { text: body });
+          text.value = "";
+          this.addMessage(m);
+        } catch (e) {
+          alert(`Send: ${(e as Error).message}`);
+        }
+      };
+      text.addEventListener("keydown", (e) => {
+        if (e.key === "Enter" && !e.shiftKey) {
+          e.preventDefault();
+          void send();
+        }
+      });
+      main.append(
+        h("h2", {}, `${ix.channel} with ${s.customer?.name ?? ix.from}`),
+        this.transcript,
+        h("div", { class: "muted", "data-pb": "typing" }),
+        h("div", { class: "reply" }, text, button("Send", "send", () => void send())),
+      );
+      this.transcript.scrollTop = this.transcript.scrollHeight;
+    } else {
+      this.transcript = null;
+      main.append(h("h2", {}, `${ix.channel} from ${ix.from}`), h("p", {}, `To ${ix.to} · ${ix.state}`));
+    }
+    const to = h("input", { "data-pb": "transfer-to", placeholder: "agent:ID, queue:NAME or a number" }) as HTMLInputElement;
+    const warm = h("input", { type: "checkbox", "data-pb": "warm" }) as HTMLInputElement;
+    main.append(
+      h(
+        "div",
+        { class: "actions" },
+        button("Complete", "complete", () => void this.act(s.task.id, "complete")),
+        to,
+        h("label", {}, warm, " warm"),
+        button("Transfer", "transfer", () => void this.act(s.task.id, "transfer", { to: to.value.trim(), warm: warm.checked })),
+      ),
+    );
+    this.screenEl.replaceChildren(
+      h(
+        "div",
+        { class: "screen" },
+        main,
+        h(
+          "div",
+          {},
+          h("h2", {}, "Customer"),
+          profile,
+          h("h2", {}, "From the IVR / flow"),
+          attrs,
+          h("h2", {}, "History"),
+          history,
+        ),
+      ),
+    );
+  }
+
+  messageEl(m: Message): HTMLElement {
+    return h(
+      "div",
+      { class: "msg", "data-pb": "msg", "data-id": m.id, "data-from": m.author.type },
+      h("div", { class: "who" }, `${who(m)} · ${time(m.created_ms)}`),
+      m.subject ? h("strong", {}, m.subject) : null,
+      h("div", { "data-pb": "text" }, m.text),
+    );
+  }
+
+  addMessage(m: Message): void {
+    if (!this.screen || !this.transcript || this.screen.messages.some((x) => x.id === m.id)) return;
+    this.screen.messages.push(m);
+    this.transcript.append(this.messageEl(m));
+    this.transcript.scrollTop = this.transcript.scrollHeight;
+    // What the customer wrote is read by the agent who sees it.
+    if (m.author.type === "customer") {
+      void this.api.call("POST", `/messages/${encodeURIComponent(m.id)}/read`).catch(() => undefined);
+    }
+  }
+}
+
+// ----- the supervisor's wall -----
+
+const QUEUE_COLUMNS: [string, string][] = [
+  ["waiting", "Waiting"],
+  ["longest_wait_ms", "Longest wait"],
+  ["offered", "Offered"],
+  ["connected", "Connected"],
+  ["agents_available", "Available"],
+  ["agents_busy", "Busy"],
+  ["agents_away", "Away"],
+  ["answered", "Answered"],
+  ["abandoned", "Abandoned"],
+  ["service_level_percent", "Service level"],
+];
+
+class Wall {
+  readonly el = h("main", { class: "wall", "data-pb": "wall" });
+  private queuesEl = h("tbody", {});
+  private agentsEl = h("tbody", {});
+  private stats = new Map<string, any>();
+  private agents: any[] = [];
+  private agentsDue = false;
+
+  private monitoring: string | null = null;
+
+  constructor(private api: Api) {
+    this.el.append(
+      h(
+        "section",
+        {},
+        h("h2", {}, "Queues"),
+        h("table", { "data-pb": "queues" }, h("thead", {}, h("tr", {}, h("th", {}, "Queue"), ...QUEUE_COLUMNS.map(([, l]) => h("th", {}, l)))), this.queuesEl),
+      ),
+      h(
+        "section",
+        {},
+        h("h2", {}, "Agents"),
+        h(
+          "table",
+          { "data-pb": "agents" },
+          h("thead", {}, h("tr", {}, h("th", {}, "Agent"), h("th", {}, "State"), h("th", {}, "In state"), h("th", {}, "Tasks"), h("th", {}, "Today"), h("th", {}, "Presence"))),
+          this.agentsEl,
+        ),
+      ),
+    );
+    void this.refresh();
+  }
+
+  async refresh(): Promise<void> {
+    try {
+      const q = await this.api.call<{ queues: { id: string }[] }>("GET", "/queues");
+      for (const { id } of q.queues) {
+        this.stats.set(id, await this.api.call("GET", `/queues/${encodeURIComponent(id)}/stats`));
+      }
+      this.renderQueues();
+      await this.refreshAgents();
+    } catch (e) {
+      this.queuesEl.replaceChildren(h("tr", {}, h("td", { class: "error" }, (e as Error).message)));
+    }
+  }
+
+  async refreshAgents(): Promise<void> {
+      const a = await this.api.call<{ agents: any[] }>("GET", "/agents");
+    this.agents = a.agents;
+    this.renderAgents();
+  }
+
+  onEvent(e: StreamEvent): void {
+    if (e.kind !== "acd") return;
+    if (e.data.type === "stats") {
+      this.stats.set(e.data.queue, e.data.stats);
+      this.renderQueues();
+    }
+    if (["presence", "offer", "task", "rescind"].includes(e.data.type)) this.agentsDue = true;
+  }
+
+  tick(): void {
+    if (this.agentsDue) {
+      this.agentsDue = false;
+      void this.refreshAgents().catch(() => undefined);
+    }
+  }
+
+  renderQueues(): void {
+    this.queuesEl.replaceChildren();
+    for (const [id, s] of [...this.stats.entries()].sort()) {
+      const row = h("tr", { "data-queue": id }, h("td", {}, id));
+      for (const [col] of QUEUE_COLUMNS) {
+        const v = s[col];
+        const text =
+          v === null || v === undefined ? "—" : col === "longest_wait_ms" ? duration(v) : col === "service_level_percent" ? `${Math.round(v)} %` : String(v);
+        row.append(h("td", { "data-col": col }, text));
+      }
+      this.queuesEl.append(row);
+    }
+  }
+
+  renderAgents(): void {
+    this.agentsEl.replaceChildren();
+    for (const a of this.agents) {
+      const st = a.stats ?? {};
+      // The supervisor may set an agent's presence.
+      const presence = h("select", { "data-pb": "set-presence" }) as HTMLSelectElement;
+      for (const v of ["", "available", "away:supervisor", "offline"]) {
+        presence.append(h("option", { value: v }, v === "" ? "set…" : v));
+      }
+      presence.addEventListener("change", () => {
+        const [state, reason] = presence.value.split(":");
+        if (!state) return;
+        this.api
+          .call("PUT", `/agents/${encodeURIComponent(a.id)}/presence`, reason ? { state, reason } : { state })
+          .then(() => this.refreshAgents())
+          .catch((e: Error) => alert(`Presence: ${e.message}`));
+      });
+      const tasks = h("td", {});
+      for (const t of (st.tasks ?? []) as string[]) {
+        tasks.append(this.taskControls(t));
+      }
+      this.agentsEl.append(
+        h(
+          "tr",
+          { "data-agent": a.id },
+          h("td", {}, a.id),
+          h("td", { "data-col": "state" }, st.state ?? "—"),
+          h("td", {}, st.in_state_ms !== undefined ? duration(st.in_state_ms) : "—"),
+          tasks,
+          h("td", {}, String(st.tasks_today ?? 0)),
+          h("td", {}, presence),
+        ),
+      );
+    }
+  }
+
+  // A live task on the wall: listen, whisper or barge in on it (the
+  // supervisor's own phone rings), or move it to another agent or queue.
+  taskControls(task: string): HTMLElement {
+    const monitor = (mode: string) =>
+      this.api
+        .call("POST", `/tasks/${encodeURIComponent(task)}/monitor`, { mode })
+        .then(() => {
+          this.monitoring = mode === "stop" ? null : task;
+          this.renderAgents();
+        })
+        .catch((e: Error) => alert(`${mode}: ${e.message}`));
+    const to = h("input", { "data-pb": "move-to", placeholder: "queue:NAME or agent:ID", size: "16" }) as HTMLInputElement;
+    const el = h(
+      "div",
+      { "data-task": task },
+      h("code", {}, task),
+      " ",
+      button("Listen", "listen", () => void monitor("listen")),
+      button("Whisper", "whisper", () => void monitor("whisper")),
+      button("Barge", "barge", () => void monitor("barge")),
+      this.monitoring === task ? button("Stop", "stop", () => void monitor("stop")) : null,
+      " ",
+      to,
+      button("Move", "move", () => {
+        this.api
+          .call("POST", `/tasks/${encodeURIComponent(task)}/transfer`, { to: to.value.trim() })
+          .then(() => this.refreshAgents())
+          .catch((e: Error) => alert(`Move: ${e.message}`));
+      }),
+    );
+    return el;
+  }
+}
+
+// ----- boot -----
+
+function boot(): void {
+  const root = document.getElementById("app");
+  if (!root) return;
+  const saved = sessionStorage.getItem(KEY);
+  if (!saved) {
+    signIn(root);
+    return;
+  }
+  const s = JSON.parse(saved) as Session;
+  new Api(s)
+    .call<Me>("GET", "/me")
+    .then((me) => start(root, s, me))
+    .catch((e: Error) => {
+      sessionStorage.removeItem(KEY);
+      signIn(root, `Signed out: ${e.message}`);
+    });
+}
+
+boot();
