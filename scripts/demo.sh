@@ -91,8 +91,17 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     for a in ann:'{"sales":8,"support":5}' bob:'{"support":9}' carol:'{"sales":6}'; do
         id=${a%%:*}
         api PUT "sip-users/$id" "{\"password\":\"demo-$id-pass\"}"
-        api PUT "agents/$id" "{\"skills\":${a#*:},\"sip_user\":\"$id\"}"
+        api PUT "agents/$id" "{\"skills\":${a#*:},\"sip_user\":\"$id\",\"capacity\":{\"voice\":1,\"chat\":3,\"email\":5,\"sms\":3}}"
     done
+    # Sue supervises (the console's wall); she takes no tasks herself.
+    api PUT agents/sue '{"capacity":{}}'
+    # The hotline's "agent" on chat, email and SMS: the agents queue, with
+    # the screen pop from the kv-crm directory and wrap-up codes.
+    "$BIN" plugin deploy demo kv-crm "$W/kv_crm.wasm" >/dev/null
+    "$BIN" plugin grants demo kv-crm '{"kv":true}' >/dev/null
+    api PUT queues/agents '{"crm":"kv-crm","offer_timeout":30,"wrap_up":5,"dispositions":["resolved","follow-up","escalated"]}'
+    api PUT kv/crm/customer/15550001 '{"id":"c-1001","name":"Rita Jansen","tier":"gold","account":"BF-2291"}'
+    api PUT kv/crm/customer/you@example.com '{"id":"c-1002","name":"Example Customer","tier":"standard"}'
     "$BIN" flow deploy demo examples/front-desk/flow.json --name front-desk >/dev/null
     "$BIN" address set demo +15550150 --channel voice --flow front-desk >/dev/null
     echo "seeded tenant demo; its API key is in $DATA/demo-tenant.json"
@@ -104,9 +113,22 @@ fi
 for id in ann bob carol; do
     api PUT "agents/$id/presence" '{"state":"available"}' || true
 done
+# Console sign-in tokens (new at every start; the old ones stop working).
+token() {
+    KEY=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["api_key"])' "$DATA/demo-tenant.json")
+    curl -fsS -X POST -H "Authorization: Bearer $KEY" -d "{\"role\":\"$2\"}" \
+        "http://$HTTP/v1/tenants/demo/agents/$1/token" \
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])'
+}
+ANN_TOKEN=$(token ann agent)
+SUE_TOKEN=$(token sue supervisor)
+printf 'ann (agent): %s\nsue (supervisor): %s\n' "$ANN_TOKEN" "$SUE_TOKEN" > "$DATA/console-tokens"
+chmod 600 "$DATA/console-tokens"
 cat <<MSG
 
 Plugboard is running on http://$HTTP (admin token: $DATA/admin_token),
+the agents' console on http://$HTTP/console/ (tenant demo; tokens for ann,
+an agent, and sue, a supervisor, in $DATA/console-tokens),
 SIP on $SIP (UDP and TCP). Call from a softphone or SIPp:
   sip:15550142@$SIP   logistics hotline (1, waybill 123#)
   sip:15550100@$SIP   hello IVR

@@ -1790,6 +1790,67 @@ fn queues_agents_and_tasks_route_over_the_api_and_settings_survive_a_restart() {
     let agents = ok(s.get("/v1/tenants/helpdesk/agents", &k), 200);
     assert_eq!(agents["agents"].as_array().map(Vec::len), Some(3));
     assert_eq!(agents["agents"][0]["presence"], json!({"state": "offline"}));
+    // The historical report, from the stored events after the restart:
+    // rows per day summed (the test may cross midnight).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let span = format!("from={}&to={}&interval=1d", now - 2 * 86_400_000, now + 1);
+    let sum = |rows: &Value, name: &str, key: &str, col: &str| -> u64 {
+        rows["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r[key] == name)
+            .map(|r| r[col].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let queues = ok(
+        s.get(&format!("/v1/tenants/helpdesk/reports/queues?{span}"), &k),
+        200,
+    );
+    let q = |col: &str| sum(&queues, "support", "queue", col);
+    assert_eq!(
+        (q("offered"), q("answered"), q("abandoned")),
+        (2, 2, 0),
+        "{queues}"
+    );
+    let agents = ok(
+        s.get(&format!("/v1/tenants/helpdesk/reports/agents?{span}"), &k),
+        200,
+    );
+    let a = |who: &str, col: &str| sum(&agents, who, "agent", col);
+    assert_eq!(
+        (
+            a("ann", "offered"),
+            a("ann", "accepted"),
+            a("ann", "completed")
+        ),
+        (2, 2, 1),
+        "{agents}"
+    );
+    assert_eq!(
+        (a("cat", "offered"), a("cat", "no_answer")),
+        (1, 1),
+        "{agents}"
+    );
+    let (status, csv) = s.get_bytes(
+        &format!("/v1/tenants/helpdesk/reports/queues?{span}&format=csv"),
+        &k,
+    );
+    let csv = String::from_utf8(csv).unwrap();
+    assert_eq!(status, 200);
+    assert!(csv.starts_with("abandoned,aht_ms,answered,"), "{csv}");
+    assert!(csv.contains(",support,"), "{csv}");
+    ok(
+        s.get(&format!("/v1/tenants/helpdesk/reports/queues?{span}"), &ann),
+        403,
+    );
+    ok(
+        s.get("/v1/tenants/helpdesk/reports/queues?interval=5m", &k),
+        400,
+    );
 }
 
 #[test]

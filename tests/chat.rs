@@ -357,7 +357,7 @@ fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
         "PUT",
         "/v1/tenants/freight/queues/agents",
         &key,
-        &json!({"crm": "kv-crm", "offer_timeout": 60}),
+        &json!({"crm": "kv-crm", "offer_timeout": 60, "dispositions": ["resolved", "follow-up"]}),
     );
     assert_eq!(q.status, 200, "{q:?}");
     let mut tokens = Vec::new();
@@ -477,9 +477,56 @@ fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
     wall.must(json!({"op": "wait", "js": "document.querySelector('[data-queue=agents] [data-col=connected]')?.textContent === '1'"}));
     wall.must(json!({"op": "wait", "js": "document.querySelector('[data-agent=ann] [data-col=state]')?.textContent === 'busy'"}));
     wall.must(json!({"op": "screenshot", "path": shots.join("supervisor-wall.png")}));
-    // Ann completes the chat: the wall follows.
+    // Ann completes the chat and wraps up with one of the queue's codes:
+    // the wall follows, and the CRM records the conversation.
     desk.must(json!({"op": "click", "sel": "[data-pb=complete]"}));
+    desk.must(json!({"op": "select", "sel": "[data-pb=disposition]", "value": "follow-up"}));
+    desk.must(json!({"op": "fill", "sel": "[data-pb=notes]", "text": "Call back on Friday."}));
+    desk.must(json!({"op": "click", "sel": "[data-pb=save-wrap-up]"}));
+    desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=wrapped]')"}));
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let (status, body) = s.get_bytes(
+                &format!("/v1/tenants/freight/kv/crm/history/{visitor}"),
+                &key,
+            );
+            status == 200 && String::from_utf8_lossy(&body).contains(&ix)
+        }),
+        "the crm plugin recorded the conversation"
+    );
+    // The wrap-up is on the queue event log (written in the background).
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let events = s.get(&format!("/v1/tenants/freight/queue-events?task={ix}"), &key);
+            events.body["events"].as_array().is_some_and(|v| {
+                v.iter().any(|e| {
+                    e["type"] == "wrap_up"
+                        && e["disposition"] == "follow-up"
+                        && e["notes"] == "Call back on Friday."
+                        && e["agent"] == "ann"
+                })
+            })
+        }),
+        "the wrap-up in the queue event log"
+    );
+    // A code the queue does not list is refused.
+    let bad = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/tasks/{ix}/wrap-up"),
+        ann,
+        &json!({"disposition": "whatever"}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
     wall.must(json!({"op": "wait", "js": "document.querySelector('[data-queue=agents] [data-col=connected]')?.textContent === '0' && document.querySelector('[data-queue=agents] [data-col=answered]')?.textContent === '1'"}));
+    // The report of today, from the stored queue events: the chat
+    // answered, and Ann's.
+    wall.must(json!({"op": "click", "sel": "[data-pb=report-refresh]"}));
+    wall.must(json!({"op": "wait", "js": "[...document.querySelectorAll('[data-pb=report-table] tr[data-row^=\"agents@\"] [data-col=answered]')].some(td => td.textContent === '1')"}));
+    wall.must(json!({"op": "select", "sel": "[data-pb=report-of]", "value": "agents"}));
+    wall.must(json!({"op": "wait", "js": "[...document.querySelectorAll('[data-pb=report-table] tr[data-row^=\"ann@\"] [data-col=completed]')].some(td => td.textContent === '1')"}));
+    wall.must(json!({"op": "select", "sel": "[data-pb=report-of]", "value": "queues"}));
+    wall.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=report-chart] .bar')"}));
+    wall.must(json!({"op": "screenshot", "path": shots.join("report.png")}));
 
     // Bob's stream carried nothing of Ann's chat, and the API refuses him
     // its screen.

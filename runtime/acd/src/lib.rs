@@ -31,6 +31,8 @@
 //!
 //! Written here: no crate models contact-centre routing.
 
+pub mod report;
+
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::ops::Bound;
@@ -118,6 +120,10 @@ pub struct QueueConfig {
     /// profile (the screen pop) when a task of this queue is offered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub crm: Option<String>,
+    /// The disposition codes an agent picks from at wrap-up (none: any
+    /// code, or none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dispositions: Vec<String>,
 }
 
 fn default_service_level() -> Duration {
@@ -152,6 +158,7 @@ impl QueueConfig {
             whisper: false,
             announce_every: None,
             crm: None,
+            dispositions: Vec::new(),
         }
     }
 }

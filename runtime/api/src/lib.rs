@@ -286,6 +286,7 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/tenants/{t}/tasks", post(create_task).get(list_tasks))
         .route("/v1/tenants/{t}/callbacks", get(list_callbacks))
         .route("/v1/tenants/{t}/queue-events", get(list_queue_events))
+        .route("/v1/tenants/{t}/reports/{of}", get(report))
         .route("/v1/tenants/{t}/tasks/{id}", get(get_task))
         .route(
             "/v1/tenants/{t}/tasks/{id}/{action}",
@@ -572,6 +573,96 @@ async fn list_queue_events(
     Ok(Json(json!({"events": events, "next": next})))
 }
 
+/// `GET /v1/tenants/{t}/reports/{queues|agents}?from=MS&to=MS&interval=15m|1h|1d[&format=csv]`:
+/// the historical report (supervisors and the tenant), computed from the
+/// stored queue events. `from` defaults to the start of today (UTC), `to`
+/// to now, `interval` to an hour; intervals are aligned in UTC.
+async fn report(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, of)): Path<(String, String)>,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Response> {
+    allow(role.sees_all(), SUPERVISORS_ONLY)?;
+    let now = now_ms();
+    let ms = |k: &str, default: u64| -> ApiResult<u64> {
+        q.get(k).map_or(Ok(default), |v| {
+            v.parse()
+                .map_err(|_| ApiError::bad_request(format!("{k} is ms since the Unix epoch")))
+        })
+    };
+    let from = ms("from", now - now % 86_400_000)?;
+    let to = ms("to", now + 1)?;
+    let interval = match q.get("interval").map(String::as_str) {
+        None | Some("1h") => 3_600_000,
+        Some("15m") => 900_000,
+        Some("1d") => 86_400_000,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "interval {other:?}: 15m, 1h or 1d"
+            )));
+        }
+    };
+    let r = s.report(&t.id, from, to, interval).await?;
+    let rows = match of.as_str() {
+        "queues" => serde_json::to_value(&r.queues),
+        "agents" => serde_json::to_value(&r.agents),
+        _ => return Err(ApiError::not_found("no such report (queues, agents)")),
+    }
+    .unwrap_or_default();
+    if q.get("format").map(String::as_str) == Some("csv") {
+        return Ok((
+            [
+                (header::CONTENT_TYPE, "text/csv; charset=utf-8"),
+                (
+                    header::CONTENT_DISPOSITION,
+                    &format!("attachment; filename=\"{of}-report.csv\"") as &str,
+                ),
+            ],
+            csv(&rows),
+        )
+            .into_response());
+    }
+    Ok(
+        Json(json!({"from_ms": from, "to_ms": to, "interval_ms": interval, "rows": rows}))
+            .into_response(),
+    )
+}
+
+/// Rows of JSON objects (of the same fields) as CSV with a header line;
+/// a field with a comma, quote or line break is quoted.
+fn csv(rows: &Value) -> String {
+    let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
+    let Some(first) = rows.first().and_then(Value::as_object) else {
+        return String::new();
+    };
+    let columns: Vec<&String> = first.keys().collect();
+    let field = |v: &Value| {
+        let text = match v {
+            Value::Null => String::new(),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        if text.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", text.replace('"', "\"\""))
+        } else {
+            text
+        }
+    };
+    let mut out = columns
+        .iter()
+        .map(|c| field(&json!(c)))
+        .collect::<Vec<_>>()
+        .join(",");
+    out.push_str("\r\n");
+    for row in rows {
+        let line: Vec<String> = columns.iter().map(|c| field(&row[c.as_str()])).collect();
+        out.push_str(&line.join(","));
+        out.push_str("\r\n");
+    }
+    out
+}
+
 /// `GET /v1/tenants/{t}/kv/{key}`: a value of the tenant's kv (the
 /// plugins' store; a key may have slashes), as bytes.
 async fn kv_get(
@@ -647,7 +738,7 @@ async fn get_task(
 }
 
 /// `POST /v1/tenants/{t}/tasks/{id}/{accept|reject}` with `{"agent"}`,
-/// or `{complete|abandon}`.
+/// or `{complete|abandon}`; `wrap-up` with `{"disposition", "notes"}`.
 async fn task_action(
     State(s): State<Arc<Engine>>,
     AcdScope(t, role): AcdScope,
@@ -685,6 +776,19 @@ async fn task_action(
         "accept" => s.accept_task(&t.id, &id, &agent()?).await?,
         "reject" => s.reject_task(&t.id, &id, &agent()?).await?,
         "complete" => s.complete_task(&t.id, &id).await?,
+        "wrap-up" => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct WrapUp {
+                #[serde(default)]
+                disposition: Option<String>,
+                #[serde(default)]
+                notes: Option<String>,
+            }
+            let w: WrapUp = parse_json(&body)?;
+            s.wrap_up(&t.id, &id, w.disposition, w.notes).await?;
+            s.task(&t.id, &id)?
+        }
         "transfer" => {
             let v: Value = parse_json(&body)?;
             let to = v["to"].as_str().ok_or_else(|| {

@@ -204,6 +204,8 @@ type QueueKey = (String, String);
 
 /// Record kind of the queue event log.
 const QUEUE_EVENT: &str = "queue_event";
+/// Queue events a report reads at most.
+pub const REPORT_EVENTS: usize = 1_000_000;
 
 /// An event for the log: tenant, id, the event.
 type Logged = (String, String, Value);
@@ -1086,6 +1088,90 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+
+    /// The historical report of the tenant's queues and agents for the
+    /// intervals of `interval_ms` in `[from_ms, to_ms)`, from the stored
+    /// queue events ([`plugboard_acd::report`]). Events from a day before
+    /// `from_ms` are read too, so that a wait that began earlier counts
+    /// whole. At most [`REPORT_EVENTS`] events are read: a longer span is
+    /// refused (ask for a shorter one).
+    pub async fn report(
+        &self,
+        tenant: &str,
+        from_ms: u64,
+        to_ms: u64,
+        interval_ms: u64,
+    ) -> EngineResult<plugboard_acd::report::Report> {
+        use plugboard_acd::report::{Happened, ReportEvent};
+        if to_ms <= from_ms || interval_ms == 0 || (to_ms - from_ms) / interval_ms > 10_000 {
+            return Err(CoreError::Invalid(
+                "from must be before to, with at most 10,000 intervals between".into(),
+            )
+            .into());
+        }
+        let service: HashMap<String, u64> = self
+            .queues(tenant)
+            .await?
+            .into_iter()
+            .map(|q| (q.id, q.service_level.as_millis() as u64))
+            .collect();
+        let mut cursor = format!("{:013}", from_ms.saturating_sub(86_400_000));
+        let mut events = Vec::new();
+        let mut read = 0usize;
+        'pages: loop {
+            let page = self
+                .store
+                .records_after(tenant, QUEUE_EVENT, &cursor, 1000)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            cursor = last.clone();
+            let last_page = page.len() < 1000;
+            for (_, e) in page {
+                let at_ms = e["at_ms"].as_u64().unwrap_or(0);
+                if at_ms >= to_ms {
+                    break 'pages;
+                }
+                read += 1;
+                if read > REPORT_EVENTS {
+                    return Err(CoreError::Invalid(format!(
+                        "more than {REPORT_EVENTS} queue events in the span: ask for a shorter one"
+                    ))
+                    .into());
+                }
+                let (Some(task), Some(ev)) = (e["task"].as_str(), e["event"].as_object()) else {
+                    continue;
+                };
+                let s = |k: &str| ev.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                let what = match ev.get("kind").and_then(Value::as_str) {
+                    Some("enqueued") => Happened::Enqueued { queue: s("queue") },
+                    Some("overflowed") => Happened::Enqueued { queue: s("to") },
+                    Some("offered") => Happened::Offered { agent: s("agent") },
+                    Some("accepted") => Happened::Accepted { agent: s("agent") },
+                    Some("rejected") => Happened::Rejected { agent: s("agent") },
+                    Some("no_answer") => Happened::NoAnswer { agent: s("agent") },
+                    Some("abandoned") => Happened::Abandoned,
+                    Some("timed_out") => Happened::TimedOut,
+                    Some("completed") => Happened::Completed { agent: s("agent") },
+                    _ => continue,
+                };
+                events.push(ReportEvent {
+                    at_ms,
+                    task: task.to_string(),
+                    what,
+                });
+            }
+            if last_page {
+                break;
+            }
+        }
+        Ok(plugboard_acd::report::build(
+            &events,
+            from_ms,
+            to_ms,
+            interval_ms,
+            |q| service.get(q).copied().unwrap_or(20_000),
+        ))
     }
 
     /// Routes a new task in a queue.

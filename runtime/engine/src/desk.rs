@@ -6,12 +6,15 @@
 
 use crate::acd::AcdRole;
 use crate::{Engine, EngineError, EngineResult};
-use plugboard_core::{Channel, PluginKind};
+use plugboard_acd::QueueConfig;
+use plugboard_core::{Channel, Error as CoreError, PluginKind};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
 /// Interactions of the customer's history a screen pop shows at most.
 const HISTORY: usize = 20;
+/// The longest wrap-up notes, bytes.
+const NOTES: usize = 4000;
 
 impl Engine {
     /// Whether `role` may see `payload`, an event of `tenant`'s stream.
@@ -79,13 +82,9 @@ impl Engine {
                 .collect(),
             None => Vec::new(),
         };
-        let crm = self
-            .queues(tenant)
-            .await?
-            .into_iter()
-            .find(|q| q.id == view.queue)
-            .and_then(|q| q.crm);
-        let (profile, profile_error) = match crm {
+        let queue = self.queue(tenant, &view.queue).await?;
+        let dispositions = queue.as_ref().map(|q| q.dispositions.clone());
+        let (profile, profile_error) = match queue.and_then(|q| q.crm) {
             None => (None, None),
             Some(name) => match self.crm_lookup(tenant, &name, ix.channel, &ix.from).await {
                 Ok(p) => (p, None),
@@ -111,7 +110,81 @@ impl Engine {
             "history": history,
             "profile": profile,
             "profile_error": profile_error,
+            "dispositions": dispositions.unwrap_or_default(),
         }))
+    }
+
+    /// A queue's settings, if it exists.
+    async fn queue(&self, tenant: &str, id: &str) -> EngineResult<Option<QueueConfig>> {
+        Ok(self.queues(tenant).await?.into_iter().find(|q| q.id == id))
+    }
+
+    /// The agent's wrap-up of a task they had (connected or completed):
+    /// a disposition code (one of the queue's, when it lists them) and
+    /// notes, on the queue event log (`wrap_up`) for the reports, and
+    /// handed to the queue's `crm` plugin (`record-interaction`) in the
+    /// background: a failing CRM is logged and counted, and loses the
+    /// wrap-up nothing.
+    pub async fn wrap_up(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        disposition: Option<String>,
+        notes: Option<String>,
+    ) -> EngineResult<()> {
+        let view = self.task(tenant, task)?;
+        if !matches!(view.state.as_str(), "connected" | "completed") {
+            return Err(CoreError::Conflict(format!(
+                "task {task} is {}: only a task an agent had is wrapped up",
+                view.state
+            ))
+            .into());
+        }
+        let queue = self.queue(tenant, &view.queue).await?;
+        if let (Some(q), Some(d)) = (&queue, &disposition)
+            && !q.dispositions.is_empty()
+            && !q.dispositions.contains(d)
+        {
+            return Err(CoreError::Invalid(format!(
+                "disposition {d:?} is not one of the queue's: {}",
+                q.dispositions.join(", ")
+            ))
+            .into());
+        }
+        if disposition.as_ref().is_some_and(|d| d.len() > 100)
+            || notes.as_ref().is_some_and(|n| n.len() > NOTES)
+        {
+            return Err(CoreError::Invalid(format!(
+                "a disposition is at most 100 bytes and notes {NOTES}"
+            ))
+            .into());
+        }
+        self.acd_event(
+            tenant,
+            json!({"type": "wrap_up", "task": task, "agent": view.agent,
+                   "disposition": disposition, "notes": notes}),
+        );
+        if let Some(crm) = queue.and_then(|q| q.crm) {
+            let ix = self.interaction(tenant, task).await?;
+            let summary = plugboard_host::CrmSummary {
+                id: ix.id.clone(),
+                channel: ix.channel,
+                from: ix.from.clone(),
+                to: ix.to.clone(),
+                started_ms: ix.created_ms,
+                ended_ms: ix.closed_ms.unwrap_or_else(plugboard_core::now_ms),
+                agent: view.agent.clone(),
+                disposition,
+                attributes: ix.attributes.into_iter().collect(),
+            };
+            let (engine, tenant) = (self.clone(), tenant.to_string());
+            tokio::spawn(async move {
+                if let Err(e) = engine.crm_record(&tenant, &crm, &summary).await {
+                    tracing::warn!("crm {crm} of {tenant}, recording {}: {e}", summary.id);
+                }
+            });
+        }
+        Ok(())
     }
 
     /// A customer and their interactions on every channel, oldest first,
@@ -135,6 +208,24 @@ impl Engine {
             out.push(v);
         }
         Ok((customer, out))
+    }
+
+    /// Hands a finished interaction to the tenant's `crm` plugin `name`
+    /// (within the tenant's share of the plugin pool).
+    async fn crm_record(
+        self: &Arc<Self>,
+        tenant: &str,
+        name: &str,
+        summary: &plugboard_host::CrmSummary,
+    ) -> EngineResult<()> {
+        let (plugin, env, t) = self.plugin_call(tenant, name, PluginKind::Crm).await?;
+        let permit = self.fair.acquire(tenant, self.share_for(&t)).await;
+        let report = self.host.invoke_crm_record(&plugin, env, summary).await;
+        drop(permit);
+        self.metrics.observe(tenant, name, "crm", &report);
+        report
+            .outcome
+            .map_err(|e| EngineError::Internal(format!("crm {name}: {e}")))
     }
 
     /// Asks the tenant's `crm` plugin `name` for the customer at

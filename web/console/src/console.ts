@@ -51,6 +51,7 @@ interface Screen {
   history: { id: string; channel: string; created_ms: number; state: string; messages: Message[] }[];
   profile: { id: string; name: string | null; attributes: [string, string][] } | null;
   profile_error: string | null;
+  dispositions: string[];
 }
 
 interface Offer {
@@ -426,11 +427,7 @@ class Desk {
       if (action === "reject") this.tasks.delete(task);
       await this.refresh();
       if (action === "accept") await this.open(task);
-      if (action === "complete" && this.selected === task) {
-        this.selected = null;
-        this.screen = null;
-        this.screenEl.replaceChildren(h("p", { class: "muted" }, "Task completed."));
-      }
+      if (action === "complete" && this.selected === task) this.wrapUp(task);
     } catch (e) {
       alert(`${action}: ${(e as Error).message}`);
     }
@@ -547,6 +544,48 @@ class Desk {
     );
   }
 
+  // After the conversation: a disposition code (the queue's list, or
+  // free text) and notes, saved on the task's record and sent to the CRM.
+  wrapUp(task: string): void {
+    const codes = this.screen?.dispositions ?? [];
+    // The task is over: its news no longer redraws the screen.
+    this.selected = null;
+    this.screen = null;
+    this.transcript = null;
+    this.renderTasks();
+    const code: HTMLInputElement | HTMLSelectElement =
+      codes.length > 0
+        ? (h("select", { "data-pb": "disposition" }, ...codes.map((c) => h("option", { value: c }, c))) as HTMLSelectElement)
+        : (h("input", { "data-pb": "disposition", placeholder: "disposition" }) as HTMLInputElement);
+    const notes = h("textarea", { "data-pb": "notes", placeholder: "Notes" }) as HTMLTextAreaElement;
+    const done = (text: string) => {
+      this.screenEl.replaceChildren(h("p", { class: "muted", "data-pb": "wrapped" }, text));
+    };
+    this.screenEl.replaceChildren(
+      h(
+        "div",
+        { "data-pb": "wrap-up" },
+        h("h2", {}, "Wrap-up"),
+        h("div", { class: "actions" }, code),
+        h("div", { class: "reply" }, notes),
+        h(
+          "div",
+          { class: "actions" },
+          button("Save", "save-wrap-up", () => {
+            this.api
+              .call("POST", `/tasks/${encodeURIComponent(task)}/wrap-up`, {
+                disposition: code.value.trim() || null,
+                notes: notes.value.trim() || null,
+              })
+              .then(() => done("Wrapped up."))
+              .catch((e: Error) => alert(`Wrap-up: ${e.message}`));
+          }),
+          button("Skip", "skip-wrap-up", () => done("Task completed.")),
+        ),
+      ),
+    );
+  }
+
   messageEl(m: Message): HTMLElement {
     return h(
       "div",
@@ -593,8 +632,10 @@ class Wall {
   private agentsDue = false;
 
   private monitoring: string | null = null;
+  private reports: Reports;
 
   constructor(private api: Api) {
+    this.reports = new Reports(api);
     this.el.append(
       h(
         "section",
@@ -613,8 +654,10 @@ class Wall {
           this.agentsEl,
         ),
       ),
+      this.reports.el,
     );
     void this.refresh();
+    void this.reports.load();
   }
 
   async refresh(): Promise<void> {
@@ -733,6 +776,137 @@ class Wall {
       }),
     );
     return el;
+  }
+}
+
+// ----- reports -----
+
+const REPORT_COLUMNS: Record<string, [string, string][]> = {
+  queues: [
+    ["queue", "Queue"],
+    ["offered", "Offered"],
+    ["answered", "Answered"],
+    ["abandoned", "Abandoned"],
+    ["timed_out", "Timed out"],
+    ["service_level_percent", "Service level"],
+    ["asa_ms", "Avg. speed of answer"],
+    ["aht_ms", "Avg. handling time"],
+    ["longest_wait_ms", "Longest wait"],
+  ],
+  agents: [
+    ["agent", "Agent"],
+    ["offered", "Offered"],
+    ["accepted", "Accepted"],
+    ["rejected", "Rejected"],
+    ["no_answer", "No answer"],
+    ["completed", "Completed"],
+    ["aht_ms", "Avg. handling time"],
+    ["handle_ms", "Handling time"],
+  ],
+};
+
+class Reports {
+  readonly el = h("section", { "data-pb": "reports" });
+  private of = h("select", { "data-pb": "report-of" }) as HTMLSelectElement;
+  private interval = h("select", { "data-pb": "report-interval" }) as HTMLSelectElement;
+  private span = h("select", { "data-pb": "report-span" }) as HTMLSelectElement;
+  private chart = h("div", { class: "chart", "data-pb": "report-chart" });
+  private table = h("table", { "data-pb": "report-table" });
+
+  constructor(private api: Api) {
+    for (const v of ["queues", "agents"]) this.of.append(h("option", { value: v }, v));
+    for (const [v, l] of [["15m", "15 minutes"], ["1h", "hour"], ["1d", "day"]]) this.interval.append(h("option", { value: v }, l));
+    for (const [v, l] of [["today", "today"], ["7d", "last 7 days"], ["30d", "last 30 days"]]) this.span.append(h("option", { value: v }, l));
+    this.interval.value = "1h";
+    for (const s of [this.of, this.interval, this.span]) s.addEventListener("change", () => void this.load());
+    this.el.append(
+      h("h2", {}, "Reports"),
+      h(
+        "div",
+        { class: "actions" },
+        this.of,
+        " per ",
+        this.interval,
+        " for ",
+        this.span,
+        button("Refresh", "report-refresh", () => void this.load()),
+        button("Download CSV", "report-csv", () => void this.csv()),
+      ),
+      this.chart,
+      this.table,
+    );
+  }
+
+  query(): string {
+    const now = Date.now();
+    const day = 86_400_000;
+    const from = this.span.value === "today" ? now - (now % day) : now - (this.span.value === "7d" ? 7 : 30) * day;
+    return `from=${from}&to=${now + 1}&interval=${this.interval.value}`;
+  }
+
+  async load(): Promise<void> {
+    try {
+      const r = await this.api.call<{ rows: Record<string, unknown>[] }>("GET", `/reports/${this.of.value}?${this.query()}`);
+      this.render(r.rows);
+    } catch (e) {
+      this.table.replaceChildren(h("tr", {}, h("td", { class: "error" }, (e as Error).message)));
+    }
+  }
+
+  async csv(): Promise<void> {
+    const r = await fetch(this.api.url(`/reports/${this.of.value}?${this.query()}&format=csv`), {
+      headers: { Authorization: `Bearer ${this.api.s.token}` },
+    });
+    const url = URL.createObjectURL(await r.blob());
+    const a = h("a", { href: url, download: `${this.of.value}-report.csv` });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    URL.revokeObjectURL(url);
+  }
+
+  render(rows: Record<string, unknown>[]): void {
+    const cols = REPORT_COLUMNS[this.of.value];
+    const name = cols[0][0];
+    const fmt = (k: string, v: unknown): string => {
+      if (v === null || v === undefined) return "—";
+      if (k.endsWith("_ms") && k !== "start_ms") return duration(Number(v));
+      if (k === "service_level_percent") return `${Math.round(Number(v))} %`;
+      return String(v);
+    };
+    this.table.replaceChildren(
+      h("thead", {}, h("tr", {}, h("th", {}, "From"), ...cols.map(([, l]) => h("th", {}, l)))),
+    );
+    const body = h("tbody", {});
+    for (const r of rows) {
+      const tr = h("tr", { "data-row": `${r[name]}@${r.start_ms}` }, h("td", {}, time(Number(r.start_ms))));
+      for (const [k] of cols) tr.append(h("td", { "data-col": k }, fmt(k, r[k])));
+      body.append(tr);
+    }
+    if (rows.length === 0) body.append(h("tr", {}, h("td", { class: "muted" }, "Nothing in this span.")));
+    this.table.append(body);
+    // A bar per interval: answered (or completed) against abandoned (or
+    // rejected and unanswered), summed over the rows of the interval.
+    const [good, bad] = this.of.value === "queues" ? [["answered"], ["abandoned", "timed_out"]] : [["completed"], ["rejected", "no_answer"]];
+    const sums = new Map<number, [number, number]>();
+    for (const r of rows) {
+      const at = Number(r.start_ms);
+      const cur = sums.get(at) ?? [0, 0];
+      cur[0] += good.reduce((n, k) => n + Number(r[k] ?? 0), 0);
+      cur[1] += bad.reduce((n, k) => n + Number(r[k] ?? 0), 0);
+      sums.set(at, cur);
+    }
+    const max = Math.max(1, ...[...sums.values()].map(([a, b]) => a + b));
+    this.chart.replaceChildren();
+    for (const [at, [a, b]] of [...sums.entries()].sort((x, y) => x[0] - y[0])) {
+      const bar = h("div", { class: "bar", title: `${time(at)}: ${a} / ${b}` });
+      const ok = h("div", { class: "bar-good" });
+      const ko = h("div", { class: "bar-bad" });
+      ok.style.height = `${(a / max) * 100}%`;
+      ko.style.height = `${(b / max) * 100}%`;
+      bar.append(ko, ok);
+      this.chart.append(bar);
+    }
   }
 }
 
