@@ -6,7 +6,7 @@
 
 use plugboard_tests::{
     Browser, LOOPBACK, Server, Smsc, SmtpSink, StaticSite, TinyHttp, available_agent,
-    deploy_hotline, eventually, plugin, smpp_carrier, waybills,
+    console_sign_in, deploy_hotline, eventually, plugin, smpp_carrier, text_of, waybills,
 };
 use serde_json::{Value, json};
 use std::net::TcpStream;
@@ -304,23 +304,6 @@ fn a_visitor_chats_in_chromium_with_the_hotline_reloads_and_is_handed_to_an_agen
     );
 }
 
-/// Signs the console in `b` in with `token` and waits for its page.
-fn console_sign_in(b: &mut Browser, s: &Server, token: &str, page: &str) {
-    b.must(json!({"op": "open", "url": format!("http://127.0.0.1:{}/console/", s.port)}));
-    b.must(json!({"op": "fill", "sel": "[data-pb=tenant]", "text": "freight"}));
-    b.must(json!({"op": "fill", "sel": "[data-pb=token]", "text": token}));
-    b.must(json!({"op": "click", "sel": "[data-pb=signin]"}));
-    b.must(json!({"op": "wait", "js": format!("document.querySelector('[data-pb={page}]') && document.querySelector('[data-pb=link]').textContent === 'live'")}));
-}
-
-/// The text of the first element matching `sel` on the console's page.
-fn text_of(b: &mut Browser, sel: &str) -> String {
-    b.must(json!({"op": "eval", "js": format!("(document.querySelector({}) || {{}}).textContent || ''", json!(sel))}))
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[test]
 fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
     let dir = tempfile::tempdir().unwrap();
@@ -384,7 +367,7 @@ fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
 
     // Ann signs in to the console and goes available there.
     let mut desk = Browser::start();
-    console_sign_in(&mut desk, &s, ann, "desk");
+    console_sign_in(&mut desk, &s, "freight", ann, "desk");
     assert_eq!(text_of(&mut desk, "[data-pb=whoami]"), "ann (agent)");
     desk.must(json!({"op": "select", "sel": "[data-pb=presence]", "value": "available"}));
     desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=state]').textContent === 'available'"}));
@@ -473,7 +456,7 @@ fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
 
     // Sue's wall: the queue with Ann's chat connected, Ann busy.
     let mut wall = Browser::start();
-    console_sign_in(&mut wall, &s, sue, "wall");
+    console_sign_in(&mut wall, &s, "freight", sue, "wall");
     wall.must(json!({"op": "wait", "js": "document.querySelector('[data-queue=agents] [data-col=connected]')?.textContent === '1'"}));
     wall.must(json!({"op": "wait", "js": "document.querySelector('[data-agent=ann] [data-col=state]')?.textContent === 'busy'"}));
     wall.must(json!({"op": "screenshot", "path": shots.join("supervisor-wall.png")}));

@@ -1191,6 +1191,26 @@ impl Drop for Browser {
     }
 }
 
+/// Signs the web console in `b` in to `tenant` with `token` and waits
+/// for its `page` (`desk` or `wall`) and its live event stream.
+pub fn console_sign_in(b: &mut Browser, s: &Server, tenant: &str, token: &str, page: &str) {
+    b.must(
+        serde_json::json!({"op": "open", "url": format!("http://127.0.0.1:{}/console/", s.port)}),
+    );
+    b.must(serde_json::json!({"op": "fill", "sel": "[data-pb=tenant]", "text": tenant}));
+    b.must(serde_json::json!({"op": "fill", "sel": "[data-pb=token]", "text": token}));
+    b.must(serde_json::json!({"op": "click", "sel": "[data-pb=signin]"}));
+    b.must(serde_json::json!({"op": "wait", "js": format!("document.querySelector('[data-pb={page}]') && document.querySelector('[data-pb=link]').textContent === 'live'")}));
+}
+
+/// The text of the first element matching `sel` on the page ("" if none).
+pub fn text_of(b: &mut Browser, sel: &str) -> String {
+    b.must(serde_json::json!({"op": "eval", "js": format!("(document.querySelector({}) || {{}}).textContent || ''", serde_json::json!(sel))}))
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// A static web site on loopback (Python's http.server over a temporary
 /// directory): a customer's site that embeds a widget.
 pub struct StaticSite {

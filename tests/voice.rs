@@ -12,7 +12,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use plugboard_tests::{LOOPBACK, Server, free_sip_port, plugin, postgres, root};
+use plugboard_tests::{
+    Browser, LOOPBACK, Server, console_sign_in, free_sip_port, plugin, postgres, root, text_of,
+};
 use serde_json::{Value, json};
 
 /// A free even port for SIPp's RTP.
@@ -2174,6 +2176,139 @@ fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_call
     ] {
         assert!(text.contains(line), "{line} in {text}");
     }
+    Ok(())
+}
+
+#[test]
+fn a_callers_digits_and_crm_profile_pop_up_on_the_agents_console_when_their_phone_rings()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
+    let key = server.tenant("acme");
+    // The queue's screen pop asks the kv-crm directory, which knows the
+    // caller.
+    let d = server.deploy("acme", &key, "kv-crm", plugin("kv_crm"));
+    assert!(d.status == 200 || d.status == 201, "{d:?}");
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/plugins/kv-crm/grants",
+                json!({"kv": true}),
+            ),
+            (
+                "/v1/tenants/acme/queues/sales",
+                json!({"crm": "kv-crm", "offer_timeout": 20}),
+            ),
+            (
+                "/v1/tenants/acme/sip-users/ann",
+                json!({"password": "s3cret-pass"}),
+            ),
+            (
+                "/v1/tenants/acme/agents/ann",
+                json!({"sip_user": "ann", "capacity": {"voice": 1}}),
+            ),
+        ],
+    );
+    let kv = server.call(
+        "PUT",
+        "/v1/tenants/acme/kv/crm/customer/sipp",
+        Some(&key),
+        Some(br#"{"id": "c-9", "name": "Ona Petraitis", "tier": "gold"}"#.to_vec()),
+    )?;
+    assert_eq!(kv.status, 204, "{kv:?}");
+    // The IVR asks for an account digit, then queues the caller.
+    let doc = json!({
+        "name": "account",
+        "start": "ask",
+        "nodes": {
+            "ask": {"type": "gather", "prompt": "Your account digit, please.", "var": "account",
+                    "max_digits": 1, "timeout_ms": 8000, "next": "queue", "no_input": "queue"},
+            "queue": {"type": "enqueue", "queue": "sales"}
+        }
+    });
+    let a = server.json("POST", "/v1/tenants/acme/flows/account", &key, &doc);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    put_all(
+        &server,
+        &key,
+        [(
+            "/v1/tenants/acme/addresses/15550401",
+            json!({"channel": "voice", "flow": "account"}),
+        )],
+    );
+    let port = free_sip_port();
+    register_as(&server, dir.path(), "ann", port)?;
+    // Ann's phone answers and talks 15 s.
+    let phone = std::fs::read_to_string(root().join("tests/sipp/agent.xml"))?.replace(
+        "<pause milliseconds=\"3000\"/>",
+        "<pause milliseconds=\"15000\"/>",
+    );
+    let phone_xml = dir.path().join("agent_long.xml");
+    std::fs::write(&phone_xml, phone)?;
+    let phone = Command::new("sipp")
+        .current_dir(dir.path())
+        .arg("-sf")
+        .arg(&phone_xml)
+        .args(["-m", "1", "-i", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-mp",
+            &free_media_port().to_string(),
+            "-timeout",
+            "60s",
+            "-nostdin",
+        ])
+        .arg("127.0.0.1")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("running sipp")?;
+    let ann = server.json(
+        "POST",
+        "/v1/tenants/acme/agents/ann/token",
+        &key,
+        &json!({}),
+    );
+    let ann = ann.body["token"].as_str().unwrap_or_default().to_string();
+
+    // Ann signs in to the console and goes available there.
+    let mut desk = Browser::start();
+    console_sign_in(&mut desk, &server, "acme", &ann, "desk");
+    desk.must(json!({"op": "select", "sel": "[data-pb=presence]", "value": "available"}));
+    desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=state]').textContent === 'available'"}));
+
+    std::thread::scope(|s| -> Result<()> {
+        let d = dir.path();
+        let srv = &server;
+        let caller = s.spawn(move || caller_presses(srv, d, "15550401", '7'));
+        // The offer shows while her phone rings; once she answers, the
+        // call is her task and its screen pops up by itself: the digit
+        // the caller entered and the CRM's profile.
+        desk.must(json!({"op": "wait", "ms": 20000, "js": "[...document.querySelectorAll('[data-pb=offer]')].some(o => o.textContent.includes('voice · sales'))"}));
+        desk.must(json!({"op": "wait", "ms": 20000, "js": "document.querySelector('[data-pb=attributes] [data-attr=account]')"}));
+        assert!(text_of(&mut desk, "[data-pb=task]").contains("connected"));
+        assert_eq!(
+            text_of(&mut desk, "[data-pb=attributes] [data-attr=account]"),
+            "7"
+        );
+        assert_eq!(
+            text_of(&mut desk, "[data-pb=profile] [data-field=name]"),
+            "Ona Petraitis"
+        );
+        assert_eq!(
+            text_of(&mut desk, "[data-pb=profile] [data-field=tier]"),
+            "gold"
+        );
+        desk.must(json!({"op": "screenshot", "path": root().join("target/screenshots/agent-desktop-call.png")}));
+        caller
+            .join()
+            .map_err(|_| anyhow::anyhow!("the caller panicked"))?
+            .context("the caller")?;
+        Ok(())
+    })?;
+    wait_ok(phone, "ann's phone")?;
+    let log = desk.must(json!({"op": "log"}));
+    assert!(!log.to_string().contains("pageerror"), "{log}");
     Ok(())
 }
 

@@ -362,7 +362,10 @@ class Desk {
         void this.refreshAgent();
       } else if (d.type === "task" || d.type === "transfer" || d.type === "consult_completed") {
         void this.refresh();
-        if (this.selected === d.task) void this.open(d.task);
+        const mine = d.event?.kind === "accepted" && d.event.agent === this.agent;
+        // The screen pops up when a task becomes the agent's (a call is
+        // answered on the phone, a chat accepted) unless another is open.
+        if (this.selected === d.task || (mine && this.selected === null)) void this.open(d.task);
       }
       return;
     }
