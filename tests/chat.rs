@@ -544,6 +544,116 @@ fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
 }
 
 #[test]
+fn an_agent_passes_a_chat_to_another_queue_and_it_goes_on_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(waybills);
+    let s = Server::start(dir.path(), LOOPBACK).unwrap();
+    let key = wire(&s, mis.port);
+    let ann = available_agent(&s, "freight", &key, "ann", json!({"chat": 3}));
+    let (mut ws, _, _) = hello(&s, json!({"type": "hello"}));
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "a-1", "text": "agent"}),
+    );
+    let ix = next_of(&mut ws, "ack")["conversation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let task = format!("/v1/tenants/freight/tasks/{ix}");
+    assert!(eventually(Duration::from_secs(10), || {
+        s.get(&task, &key).body["state"] == "offered"
+    }));
+    let acc = s.json("POST", &format!("{task}/accept"), &ann, &json!({}));
+    assert_eq!(acc.status, 200, "{acc:?}");
+    // Billing has Cat (the only one with the skill).
+    let q = s.json(
+        "PUT",
+        "/v1/tenants/freight/queues/billing",
+        &key,
+        &json!({"skills": ["billing"]}),
+    );
+    assert_eq!(q.status, 200, "{q:?}");
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/agents/cat",
+        &key,
+        &json!({"skills": {"billing": 5}, "capacity": {"chat": 3}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let cat = s.json(
+        "POST",
+        "/v1/tenants/freight/agents/cat/token",
+        &key,
+        &json!({}),
+    );
+    let cat = cat.body["token"].as_str().unwrap().to_string();
+    let p = s.json(
+        "PUT",
+        "/v1/tenants/freight/agents/cat/presence",
+        &cat,
+        &json!({"state": "available"}),
+    );
+    assert_eq!(p.status, 204, "{p:?}");
+    // A chat cannot go to a phone number; the refusal leaves it with Ann.
+    let bad = s.json(
+        "POST",
+        &format!("{task}/transfer"),
+        &ann,
+        &json!({"to": "+37060000000"}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert_eq!(s.get(&task, &key).body["state"], "connected");
+    // Ann passes it to billing: Cat is offered it and answers.
+    let t = s.json(
+        "POST",
+        &format!("{task}/transfer"),
+        &ann,
+        &json!({"to": "queue:billing"}),
+    );
+    assert_eq!(t.status, 200, "{t:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let v = s.get(&task, &key).body;
+            v["state"] == "offered" && v["agent"] == "cat" && v["queue"] == "billing"
+        }),
+        "{:?}",
+        s.get(&task, &key)
+    );
+    let acc = s.json("POST", &format!("{task}/accept"), &cat, &json!({}));
+    assert_eq!(acc.status, 200, "{acc:?}");
+    let r = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+        &cat,
+        &json!({"text": "Cat from billing here."}),
+    );
+    assert_eq!(r.status, 201, "{r:?}");
+    loop {
+        let f = next_of(&mut ws, "message");
+        if f["message"]["text"] == "Cat from billing here." {
+            break;
+        }
+    }
+    // Ann no longer reaches it; the timeline says where it went.
+    let late = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/interactions/{ix}/messages"),
+        &ann,
+        &json!({"text": "still me"}),
+    );
+    assert_eq!(late.status, 403, "{late:?}");
+    let ixv = s.get(&format!("/v1/tenants/freight/interactions/{ix}"), &key);
+    let timeline = ixv.body["timeline"].as_array().unwrap();
+    assert!(
+        timeline
+            .iter()
+            .any(|e| e["kind"] == "transfer" && e["data"]["target"] == "queue:billing"),
+        "{timeline:?}"
+    );
+    assert_ne!(ixv.body["state"], "closed");
+}
+
+#[test]
 fn origins_tokens_identities_retries_sizes_and_a_flood() {
     let dir = tempfile::tempdir().unwrap();
     let mis = TinyHttp::start(waybills);

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Instant;
 
 use plugboard_acd::{Acd, AgentConfig, Output, Presence, QueueConfig, QueueStats, TaskSpec};
-use plugboard_core::{Error as CoreError, validate_id};
+use plugboard_core::{Channel, Error as CoreError, validate_id};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -1339,6 +1339,15 @@ impl Engine {
         Ok(view)
     }
 
+    /// The channel of a task the ACD holds.
+    async fn task_channel(self: &Arc<Self>, tenant: &str, task: &str) -> Option<Channel> {
+        let acd = self.tenant_acd(tenant).await.ok()?;
+        let channel = lock(&acd)
+            .task_info(Instant::now(), task)
+            .map(|i| i.channel);
+        channel
+    }
+
     /// Passes a connected task on, blind: to `queue:Q`, `agent:A` (the
     /// same queue, only that agent), or a number or SIP URI. The agent's
     /// part ends (they wrap up); the channel carries the customer on, and
@@ -1364,6 +1373,15 @@ impl Engine {
         } else if target.trim().is_empty() {
             return Err(CoreError::Invalid(
                 "transfer to queue:NAME, agent:ID, a number or a SIP URI".into(),
+            )
+            .into());
+        } else if self
+            .task_channel(tenant, task)
+            .await
+            .is_some_and(Channel::is_text)
+        {
+            return Err(CoreError::Invalid(
+                "a conversation is passed to queue:NAME or agent:ID".into(),
             )
             .into());
         }

@@ -885,8 +885,14 @@ impl Engine {
     ) {
         let engine = self.clone();
         tokio::spawn(async move {
+            let mut passed_on = false;
             while let Some(news) = rx.recv().await {
                 let r = match news {
+                    TaskNews::Transfer { target } => {
+                        let r = engine.conversation_transfer(&tenant, &ix, &target).await;
+                        passed_on = r.is_ok();
+                        r
+                    }
                     TaskNews::Offer { agent, .. } => {
                         engine
                             .conversation_state(
@@ -916,11 +922,61 @@ impl Engine {
                     tracing::warn!("conversation {ix} of {tenant}: {e}");
                 }
             }
-            // The task ended (completed, abandoned, timed out).
-            if let Err(e) = engine.conversation_task_ended(&tenant, &ix).await {
+            // The task ended (completed, abandoned, timed out), unless it
+            // was passed on: the new task's watcher has the conversation.
+            if !passed_on && let Err(e) = engine.conversation_task_ended(&tenant, &ix).await {
                 tracing::warn!("conversation {ix} of {tenant}: {e}");
             }
         });
+    }
+
+    /// An agent passed the conversation on (blind): to `queue:Q`, or to
+    /// `agent:A` in the queue it was in. It waits again as a new task of
+    /// the same id, with its timeline and attributes; the first agent
+    /// wraps up.
+    async fn conversation_transfer(
+        self: &Arc<Self>,
+        tenant: &str,
+        ix: &str,
+        target: &str,
+    ) -> EngineResult<()> {
+        let _turn = self.turn(tenant, ix).await;
+        let Some(mut interaction) = self.store.interaction_head(tenant, ix).await? else {
+            return Ok(());
+        };
+        let queue = self.task(tenant, ix)?.queue;
+        let (queue, agent) = match (target.strip_prefix("queue:"), target.strip_prefix("agent:")) {
+            (Some(q), _) => (q.to_string(), None),
+            (_, Some(a)) => (queue, Some(a.to_string())),
+            _ => {
+                return Err(CoreError::Invalid(format!(
+                    "a conversation is passed to queue:NAME or agent:ID, not {target}"
+                ))
+                .into());
+            }
+        };
+        let stored = interaction.timeline_len();
+        interaction.push(EntryKind::Transfer, json!({"target": target}));
+        if let Err(e) = interaction.set_state(InteractionState::Queued) {
+            tracing::debug!("{e}");
+        }
+        self.store.save_interaction(&interaction, stored).await?;
+        let spec = TaskSpec {
+            id: ix.to_string(),
+            queue,
+            channel: interaction.channel,
+            priority: 0,
+            skills: Vec::new(),
+            agent,
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.enqueue_watched(tenant, spec, tx).await?;
+        self.watch_conversation_task(tenant.to_string(), ix.to_string(), rx);
+        self.publish(
+            tenant,
+            json!({"interaction": ix, "kind": "state", "data": {"state": interaction.state}}),
+        );
+        Ok(())
     }
 
     async fn conversation_state(
