@@ -1342,10 +1342,9 @@ impl Engine {
     /// The channel of a task the ACD holds.
     async fn task_channel(self: &Arc<Self>, tenant: &str, task: &str) -> Option<Channel> {
         let acd = self.tenant_acd(tenant).await.ok()?;
-        let channel = lock(&acd)
+        lock(&acd)
             .task_info(Instant::now(), task)
-            .map(|i| i.channel);
-        channel
+            .map(|i| i.channel)
     }
 
     /// Passes a connected task on, blind: to `queue:Q`, `agent:A` (the
