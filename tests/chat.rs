@@ -500,6 +500,21 @@ fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
         &json!({"disposition": "whatever"}),
     );
     assert_eq!(bad.status, 400, "{bad:?}");
+    // Once per agent; and not by an agent who never had it.
+    let again = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/tasks/{ix}/wrap-up"),
+        ann,
+        &json!({"disposition": "resolved"}),
+    );
+    assert_eq!(again.status, 409, "{again:?}");
+    let not_his = s.json(
+        "POST",
+        &format!("/v1/tenants/freight/tasks/{ix}/wrap-up"),
+        bob,
+        &json!({"disposition": "resolved"}),
+    );
+    assert_eq!(not_his.status, 403, "{not_his:?}");
     wall.must(json!({"op": "wait", "js": "document.querySelector('[data-queue=agents] [data-col=connected]')?.textContent === '0' && document.querySelector('[data-queue=agents] [data-col=answered]')?.textContent === '1'"}));
     // The report of today, from the stored queue events: the chat
     // answered, and Ann's.
@@ -651,6 +666,14 @@ fn an_agent_passes_a_chat_to_another_queue_and_it_goes_on_there() {
         "{timeline:?}"
     );
     assert_ne!(ixv.body["state"], "closed");
+    // Ann, who passed it on, wraps up her part.
+    let w = s.json(
+        "POST",
+        &format!("{task}/wrap-up"),
+        &ann,
+        &json!({"disposition": "billing question"}),
+    );
+    assert_eq!(w.status, 200, "{w:?}");
 }
 
 #[test]

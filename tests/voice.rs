@@ -2225,7 +2225,7 @@ fn a_callers_digits_and_crm_profile_pop_up_on_the_agents_console_when_their_phon
         "nodes": {
             "ask": {"type": "gather", "prompt": "Your account digit, please.", "var": "account",
                     "max_digits": 1, "timeout_ms": 8000, "next": "queue", "no_input": "queue"},
-            "queue": {"type": "enqueue", "queue": "sales"}
+            "queue": {"type": "enqueue", "queue": "sales", "attributes": ["account"]}
         }
     });
     let a = server.json("POST", "/v1/tenants/acme/flows/account", &key, &doc);

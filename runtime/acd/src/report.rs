@@ -48,6 +48,14 @@ pub enum Happened {
         /// The agent who had it.
         agent: String,
     },
+    /// Passed from one agent to another after a warm transfer: the first
+    /// one's handling ends, the second's begins.
+    HandedOver {
+        /// The agent who passed it on.
+        from: String,
+        /// The agent who has it now.
+        to: String,
+    },
 }
 
 /// One stored event.
@@ -57,6 +65,9 @@ pub struct ReportEvent {
     pub at_ms: u64,
     /// The task.
     pub task: String,
+    /// The queue the event names, if it does (for a task whose enqueue
+    /// is older than what was read).
+    pub queue: Option<String>,
     /// What happened.
     pub what: Happened,
 }
@@ -78,7 +89,8 @@ pub struct QueueRow {
     pub abandoned: u64,
     /// Tasks handed back to their flow.
     pub timed_out: u64,
-    /// Answered within the target over answered and abandoned, percent.
+    /// Answered within the target over answered, abandoned and timed
+    /// out, percent.
     pub service_level_percent: Option<f64>,
     /// Average wait of the answered tasks (average speed of answer), ms.
     pub asa_ms: Option<u64>,
@@ -132,7 +144,11 @@ pub struct Report {
 struct Open {
     queue: Option<String>,
     enqueued_ms: Option<u64>,
+    /// When the agent who has it now took it (accepted, or had it
+    /// handed over).
     accepted_ms: Option<u64>,
+    /// When the first agent accepted it (the queue's handling time).
+    first_accepted_ms: Option<u64>,
 }
 
 /// The row of `queue` for the interval starting at `start`.
@@ -184,11 +200,15 @@ pub fn build(
         let start = e.at_ms - e.at_ms % interval_ms;
         let counted = e.at_ms >= from_ms && e.at_ms < to_ms;
         let t = open.entry(e.task.as_str()).or_default();
+        if t.queue.is_none() {
+            t.queue.clone_from(&e.queue);
+        }
         match &e.what {
             Happened::Enqueued { queue } => {
                 t.queue = Some(queue.clone());
                 t.enqueued_ms = Some(e.at_ms);
                 t.accepted_ms = None;
+                t.first_accepted_ms = None;
                 if counted {
                     queue_row(&mut queues, start, queue).offered += 1;
                 }
@@ -204,6 +224,7 @@ pub fn build(
             }
             Happened::Accepted { agent } => {
                 t.accepted_ms = Some(e.at_ms);
+                t.first_accepted_ms = Some(e.at_ms);
                 if counted {
                     agent_row(&mut agents, start, agent).accepted += 1;
                     if let Some(q) = &t.queue {
@@ -233,16 +254,27 @@ pub fn build(
                 }
                 open.remove(e.task.as_str());
             }
+            Happened::HandedOver { from, .. } => {
+                // The first agent's part ends here; the next one's
+                // begins (the queue's handling goes on).
+                if counted {
+                    let a = agent_row(&mut agents, start, from);
+                    a.completed += 1;
+                    a.handle_ms += t.accepted_ms.map_or(0, |at| e.at_ms.saturating_sub(at));
+                }
+                t.accepted_ms = Some(e.at_ms);
+            }
             Happened::Completed { agent } => {
-                if counted && let Some(accepted) = t.accepted_ms {
-                    let handled = e.at_ms.saturating_sub(accepted);
+                // A completion whose accept was not read still counts,
+                // without a handling time.
+                if counted {
                     let a = agent_row(&mut agents, start, agent);
                     a.completed += 1;
-                    a.handle_ms += handled;
-                    if let Some(q) = &t.queue {
+                    a.handle_ms += t.accepted_ms.map_or(0, |at| e.at_ms.saturating_sub(at));
+                    if let (Some(q), Some(first)) = (&t.queue, t.first_accepted_ms) {
                         let row = queue_row(&mut queues, start, q);
                         row.handled += 1;
-                        row.handled_ms += handled;
+                        row.handled_ms += e.at_ms.saturating_sub(first);
                     }
                 }
                 open.remove(e.task.as_str());
@@ -256,7 +288,7 @@ pub fn build(
         .map(|mut r| {
             r.asa_ms = avg(r.waited_ms, r.answered);
             r.aht_ms = avg(r.handled_ms, r.handled);
-            let base = r.answered + r.abandoned;
+            let base = r.answered + r.abandoned + r.timed_out;
             r.service_level_percent =
                 (base > 0).then(|| r.answered_in_sl as f64 * 100.0 / base as f64);
             r
@@ -269,10 +301,12 @@ pub fn build(
             r
         })
         .collect();
+    // (An agent's completions include the parts they handed over.)
     Report { queues, agents }
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -280,6 +314,7 @@ mod tests {
         ReportEvent {
             at_ms,
             task: task.into(),
+            queue: None,
             what,
         }
     }
@@ -347,7 +382,11 @@ mod tests {
         assert_eq!(second.aht_ms, Some(2 * H + 50_000 - (H + 110_000)));
         let support: Vec<_> = r.queues.iter().filter(|r| r.queue == "support").collect();
         assert_eq!((support[0].offered, support[0].timed_out), (1, 1));
-        assert_eq!(support[0].service_level_percent, None);
+        assert_eq!(
+            support[0].service_level_percent,
+            Some(0.0),
+            "a task handed back to its flow missed the target"
+        );
 
         let ann: Vec<_> = r.agents.iter().filter(|a| a.agent == "ann").collect();
         assert_eq!(
@@ -363,5 +402,53 @@ mod tests {
         let bob: Vec<_> = r.agents.iter().filter(|a| a.agent == "bob").collect();
         assert_eq!(bob.len(), 2, "accepted in one hour, completed in the next");
         assert_eq!((bob[0].accepted, bob[1].completed), (1, 1));
+    }
+
+    #[test]
+    fn a_hand_over_splits_the_handling_and_old_tasks_still_count() {
+        let events = vec![
+            ev(1_000, "t", q("sales")),
+            ev(2_000, "t", Happened::Accepted { agent: by("ann") }),
+            ev(
+                5_000,
+                "t",
+                Happened::HandedOver {
+                    from: by("ann"),
+                    to: by("bob"),
+                },
+            ),
+            ev(9_000, "t", Happened::Completed { agent: by("bob") }),
+            // Enqueued before anything read: its own queue names it.
+            ReportEvent {
+                queue: Some("support".into()),
+                ..ev(3_000, "old", Happened::Abandoned)
+            },
+            ReportEvent {
+                queue: Some("support".into()),
+                ..ev(4_000, "older", Happened::Completed { agent: by("cat") })
+            },
+            ReportEvent {
+                queue: Some("support".into()),
+                ..ev(6_000, "late", Happened::TimedOut)
+            },
+        ];
+        let r = build(&events, 0, 100_000, 100_000, |_| 20_000);
+        let agent = |name: &str| r.agents.iter().find(|a| a.agent == name).unwrap();
+        assert_eq!((agent("ann").completed, agent("ann").handle_ms), (1, 3_000));
+        assert_eq!((agent("bob").completed, agent("bob").handle_ms), (1, 4_000));
+        assert_eq!((agent("cat").completed, agent("cat").aht_ms), (1, Some(0)));
+        let sales = r.queues.iter().find(|q| q.queue == "sales").unwrap();
+        assert_eq!(
+            sales.aht_ms,
+            Some(7_000),
+            "the queue's handling: first accept to the end"
+        );
+        let support = r.queues.iter().find(|q| q.queue == "support").unwrap();
+        assert_eq!((support.abandoned, support.timed_out), (1, 1));
+        assert_eq!(
+            support.service_level_percent,
+            Some(0.0),
+            "timed out counts against"
+        );
     }
 }

@@ -23,7 +23,7 @@ const FILES: &[(&str, &str)] = &[
 
 /// The page may load only its own files and talk only to its own origin
 /// (the API and the event stream), and no other site may frame it.
-const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; \
+const CSP: &str = "default-src 'self'; connect-src 'self'; img-src 'self' data:; \
                    style-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'";
 
 /// The console's routes; `dir` is the built console (`None`: 404 with a

@@ -584,6 +584,9 @@ async fn report(
     Query(q): Query<std::collections::HashMap<String, String>>,
 ) -> ApiResult<Response> {
     allow(role.sees_all(), SUPERVISORS_ONLY)?;
+    if of != "queues" && of != "agents" {
+        return Err(ApiError::not_found("no such report (queues, agents)"));
+    }
     let now = now_ms();
     let ms = |k: &str, default: u64| -> ApiResult<u64> {
         q.get(k).map_or(Ok(default), |v| {
@@ -748,7 +751,10 @@ async fn task_action(
     // An agent acts as themselves (the body's agent may be left out) and
     // only on a task offered to or connected with them; abandoning is for
     // the tenant's systems and supervisors.
-    if let AcdRole::Agent(me) = &role {
+    // (A wrap-up is also for the agent who had it last: the engine checks.)
+    if let AcdRole::Agent(me) = &role
+        && action != "wrap-up"
+    {
         let view = s.task(&t.id, &id)?;
         allow(
             !matches!(action.as_str(), "abandon" | "monitor")
@@ -786,7 +792,11 @@ async fn task_action(
                 notes: Option<String>,
             }
             let w: WrapUp = parse_json(&body)?;
-            s.wrap_up(&t.id, &id, w.disposition, w.notes).await?;
+            let by = match &role {
+                AcdRole::Agent(me) => Some(me.as_str()),
+                _ => None,
+            };
+            s.wrap_up(&t.id, &id, by, w.disposition, w.notes).await?;
             s.task(&t.id, &id)?
         }
         "transfer" => {
@@ -883,7 +893,12 @@ async fn task_detail(
     if what == "screen" {
         return Ok(Json(s.screen(&t.id, &id).await?));
     }
-    let ix = s.interaction(&t.id, &id).await?;
+    let mut ix = s.interaction(&t.id, &id).await?;
+    // Who listens in is not the agent's to know.
+    if matches!(role, AcdRole::Agent(_)) {
+        ix.timeline
+            .retain(|e| e.kind != plugboard_core::EntryKind::Monitor);
+    }
     Ok(Json(serde_json::to_value(ix).unwrap_or_default()))
 }
 

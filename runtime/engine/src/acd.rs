@@ -296,6 +296,9 @@ pub struct AcdHub {
     tasks: Mutex<HashMap<(String, String), TaskView>>,
     /// Ended tasks, oldest first, with when they ended.
     ended: Mutex<std::collections::VecDeque<(Instant, (String, String))>>,
+    /// The agent who last had each task (it completed, passed it on or
+    /// handed it over), for their wrap-up: kept [`ENDED_KEPT`].
+    holders: Mutex<HashMap<(String, String), (String, Instant)>>,
     /// Channels watching their tasks, by tenant and task.
     pub(crate) watchers: Mutex<HashMap<(String, String), TaskWatcher>>,
     /// Each agent's SIP user, by tenant and agent.
@@ -785,6 +788,20 @@ impl Engine {
                 );
                 tokio::spawn(async move { engine.route(&tenant, &task, candidates).await });
             }
+            if let Output::Event {
+                task,
+                event:
+                    plugboard_acd::TaskEvent::Completed { agent }
+                    | plugboard_acd::TaskEvent::HandedOver { from: agent, .. },
+            } = &o
+            {
+                let now = Instant::now();
+                let mut holders = lock(&self.acd.holders);
+                if holders.len() >= ENDED_MAX {
+                    holders.retain(|_, (_, at)| now.saturating_duration_since(*at) < ENDED_KEPT);
+                }
+                holders.insert((tenant.to_string(), task.clone()), (agent.clone(), now));
+            }
             if let Some((task, state, agent, queue)) = view_change(&o) {
                 let key = (tenant.to_string(), task.to_string());
                 let mut tasks = lock(&self.acd.tasks);
@@ -1153,11 +1170,16 @@ impl Engine {
                     Some("abandoned") => Happened::Abandoned,
                     Some("timed_out") => Happened::TimedOut,
                     Some("completed") => Happened::Completed { agent: s("agent") },
+                    Some("handed_over") => Happened::HandedOver {
+                        from: s("from"),
+                        to: s("to"),
+                    },
                     _ => continue,
                 };
                 events.push(ReportEvent {
                     at_ms,
                     task: task.to_string(),
+                    queue: e["queue"].as_str().map(str::to_string),
                     what,
                 });
             }
@@ -1337,6 +1359,15 @@ impl Engine {
             let _ = watcher.send(TaskNews::Whisper { queue: q.id });
         }
         Ok(view)
+    }
+
+    /// The agent who last had `task` (completed it, passed it on or
+    /// handed it over) within [`ENDED_KEPT`].
+    pub fn last_holder(&self, tenant: &str, task: &str) -> Option<String> {
+        lock(&self.acd.holders)
+            .get(&(tenant.to_string(), task.to_string()))
+            .filter(|(_, at)| at.elapsed() < ENDED_KEPT)
+            .map(|(a, _)| a.clone())
     }
 
     /// The channel of a task the ACD holds.

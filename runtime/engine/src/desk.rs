@@ -15,6 +15,8 @@ use std::sync::Arc;
 const HISTORY: usize = 20;
 /// The longest wrap-up notes, bytes.
 const NOTES: usize = 4000;
+/// Record kind of the wrap-ups (`{task}-{agent}`).
+const WRAP_UP: &str = "wrap_up";
 
 impl Engine {
     /// Whether `role` may see `payload`, an event of `tenant`'s stream.
@@ -46,10 +48,18 @@ impl Engine {
                 ) {
                     return false;
                 }
-                d["agent"] == me
+                // Named in it (a task event names its agent inside:
+                // offered, rejected, handed over from or to), or it is
+                // about their task.
+                let e = &d["event"];
+                [&d["agent"], &e["agent"], &e["from"], &e["to"]]
+                    .iter()
+                    .any(|v| **v == me)
                     || d["target"] == format!("agent:{me}").as_str()
                     || task_agent(&d["task"]).flatten().as_deref() == Some(me)
             }
+            // Who listens in is not the agent's to know.
+            (Some("monitor"), Some(_)) => false,
             (_, None) => task_agent(&payload["interaction"]).is_some(),
             (_, Some(me)) => task_agent(&payload["interaction"]).flatten().as_deref() == Some(me),
         }
@@ -58,7 +68,7 @@ impl Engine {
     /// A task's screen pop: the task, its interaction (channel, addresses,
     /// the attributes the flow gathered), its messages (text channels),
     /// the customer and their other interactions on every channel (newest
-    /// [`HISTORY`], with their messages), and the profile from the queue's
+    /// [`HISTORY`], with their last message), and the profile from the queue's
     /// `crm` plugin (`profile_error` says why there is none when the
     /// plugin failed). The caller checks the role may see the task.
     pub async fn screen(self: &Arc<Self>, tenant: &str, task: &str) -> EngineResult<Value> {
@@ -72,6 +82,8 @@ impl Engine {
         let customer = self
             .customer_by_address(tenant, ix.channel, &ix.from)
             .await?;
+        // The customer's other interactions, each with its last message
+        // (the whole conversation is a click away in the API).
         let history = match &customer {
             Some(c) => self
                 .customer_history_view(tenant, &c.id, HISTORY + 1)
@@ -79,6 +91,13 @@ impl Engine {
                 .1
                 .into_iter()
                 .filter(|v| v["id"] != ix.id.as_str())
+                .map(|mut v| {
+                    if let Some(m) = v["messages"].as_array_mut() {
+                        let last = m.pop();
+                        *m = last.into_iter().collect();
+                    }
+                    v
+                })
                 .collect(),
             None => Vec::new(),
         };
@@ -89,8 +108,11 @@ impl Engine {
             Some(name) => match self.crm_lookup(tenant, &name, ix.channel, &ix.from).await {
                 Ok(p) => (p, None),
                 Err(e) => {
+                    // What a plugin says in its error is its own (it may
+                    // quote its config): the log has it, the agent a
+                    // plain word.
                     tracing::warn!("crm {name} of {tenant} for task {task}: {e}");
-                    (None, Some(e.to_string()))
+                    (None, Some(format!("the CRM ({name}) did not answer")))
                 }
             },
         };
@@ -119,27 +141,42 @@ impl Engine {
         Ok(self.queues(tenant).await?.into_iter().find(|q| q.id == id))
     }
 
-    /// The agent's wrap-up of a task they had (connected or completed):
-    /// a disposition code (one of the queue's, when it lists them) and
-    /// notes, on the queue event log (`wrap_up`) for the reports, and
-    /// handed to the queue's `crm` plugin (`record-interaction`) in the
-    /// background: a failing CRM is logged and counted, and loses the
-    /// wrap-up nothing.
+    /// Whether `agent` may wrap `task` up: they have it, or had it last
+    /// (completed, passed on or handed over).
+    pub fn may_wrap_up(&self, tenant: &str, task: &str, agent: &str) -> bool {
+        self.task(tenant, task)
+            .is_ok_and(|v| v.agent.as_deref() == Some(agent) && v.state == "connected")
+            || self.last_holder(tenant, task).as_deref() == Some(agent)
+    }
+
+    /// The wrap-up of a task by the agent who has it or had it last
+    /// (`by`; for the tenant or a supervisor, `None`: that agent): a
+    /// disposition code (one of the queue's, when it lists them) and
+    /// notes, once per agent and task. It is stored, put on the queue
+    /// event log (`wrap_up`) for the reports, and handed to the queue's
+    /// `crm` plugin (`record-interaction`) in the background: a failing
+    /// CRM is logged and counted, and the wrap-up stands.
     pub async fn wrap_up(
         self: &Arc<Self>,
         tenant: &str,
         task: &str,
+        by: Option<&str>,
         disposition: Option<String>,
         notes: Option<String>,
     ) -> EngineResult<()> {
         let view = self.task(tenant, task)?;
-        if !matches!(view.state.as_str(), "connected" | "completed") {
-            return Err(CoreError::Conflict(format!(
-                "task {task} is {}: only a task an agent had is wrapped up",
-                view.state
-            ))
-            .into());
-        }
+        let agent = match by {
+            Some(a) if self.may_wrap_up(tenant, task, a) => a.to_string(),
+            Some(_) => {
+                return Err(EngineError::Forbidden(
+                    "the task is not yours to wrap up (you neither have it nor had it last)",
+                ));
+            }
+            None => self
+                .last_holder(tenant, task)
+                .or(view.agent.clone().filter(|_| view.state == "connected"))
+                .ok_or_else(|| CoreError::Conflict(format!("no agent had task {task}")))?,
+        };
         let queue = self.queue(tenant, &view.queue).await?;
         if let (Some(q), Some(d)) = (&queue, &disposition)
             && !q.dispositions.is_empty()
@@ -159,13 +196,29 @@ impl Engine {
             ))
             .into());
         }
+        let key = format!("{task}-{agent}");
+        if self.store.record(tenant, WRAP_UP, &key).await?.is_some() {
+            return Err(
+                CoreError::Conflict(format!("{agent} wrapped task {task} up already")).into(),
+            );
+        }
+        // Read before anything is written: a failure leaves nothing half
+        // done for a retry to repeat.
+        let crm = match queue.and_then(|q| q.crm) {
+            Some(crm) => Some((crm, self.interaction(tenant, task).await?)),
+            None => None,
+        };
+        let record = json!({"task": task, "agent": agent, "disposition": disposition,
+                            "notes": notes, "at_ms": plugboard_core::now_ms()});
+        self.store
+            .set_record(tenant, WRAP_UP, &key, &record)
+            .await?;
         self.acd_event(
             tenant,
-            json!({"type": "wrap_up", "task": task, "agent": view.agent,
+            json!({"type": "wrap_up", "task": task, "agent": agent,
                    "disposition": disposition, "notes": notes}),
         );
-        if let Some(crm) = queue.and_then(|q| q.crm) {
-            let ix = self.interaction(tenant, task).await?;
+        if let Some((crm, ix)) = crm {
             let summary = plugboard_host::CrmSummary {
                 id: ix.id.clone(),
                 channel: ix.channel,
@@ -173,7 +226,7 @@ impl Engine {
                 to: ix.to.clone(),
                 started_ms: ix.created_ms,
                 ended_ms: ix.closed_ms.unwrap_or_else(plugboard_core::now_ms),
-                agent: view.agent.clone(),
+                agent: Some(agent),
                 disposition,
                 attributes: ix.attributes.into_iter().collect(),
             };

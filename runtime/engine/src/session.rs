@@ -363,7 +363,9 @@ impl FlowSession {
                 for a in &out.actions {
                     match a {
                         Action::SetAttribute { name, value } => {
-                            let value = self.redactor.text(value);
+                            // Masked whole, then cut to size (a cut
+                            // secret would no longer be recognised).
+                            let value = cut(self.redactor.text(value), ATTRIBUTE_BYTES);
                             self.interaction.attributes.insert(name.clone(), value);
                         }
                         // What the flow answers to the customer's hang-up
@@ -492,4 +494,19 @@ impl FlowSession {
         self.interaction.closed_ms = Some(now_ms());
         self.checkpoint().await
     }
+}
+
+/// The longest attribute value a flow sets, bytes.
+const ATTRIBUTE_BYTES: usize = 1024;
+
+/// `text` cut to at most `max` bytes, at a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }

@@ -269,6 +269,13 @@ pub enum Node {
         /// Required skills.
         #[serde(default)]
         skills: Vec<String>,
+        /// Variables handed to the agent with the customer, as the
+        /// interaction's attributes (the screen pop): names, or dotted
+        /// paths into an object (`cargo.location`); an object is
+        /// flattened. None by default: what the caller entered (a PIN, a
+        /// card number) goes to the agent only when the flow says so.
+        #[serde(default)]
+        attributes: Vec<String>,
     },
     /// Blind transfer. Ends the flow.
     Transfer {

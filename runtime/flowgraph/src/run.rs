@@ -377,10 +377,11 @@ impl Run<'_> {
                     queue,
                     priority,
                     skills,
+                    attributes,
                 } => {
-                    // What the flow gathered goes with the customer to
-                    // the agent (the screen pop) as attributes.
-                    for (name, value) in handed_over(&self.st.vars) {
+                    // The variables the flow names go with the customer
+                    // to the agent (the screen pop) as attributes.
+                    for (name, value) in self.handed_over(&attributes) {
                         self.actions.push(Action::SetAttribute { name, value });
                     }
                     self.actions.push(Action::Enqueue {
@@ -550,6 +551,17 @@ impl Run<'_> {
         }
     }
 
+    /// The variables `names` (or dotted paths) as attributes, those set.
+    fn handed_over(&self, names: &[String]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(v) = self.lookup(name) {
+                flatten(name, &v, name.split('.').count(), &mut out);
+            }
+        }
+        out
+    }
+
     fn set_var(&mut self, path: &str, v: Value) {
         self.st.vars.insert(path.to_string(), v);
     }
@@ -716,49 +728,30 @@ fn choose(options: &BTreeMap<String, String>, got: &Input2) -> Option<Option<Str
 }
 
 /// One step down a dotted path: an object key or an array index.
-/// Variables handed over as attributes at an enqueue, at most.
+/// Attributes handed over at an enqueue, at most.
 const HANDED_VARS: usize = 64;
-/// The longest value handed over, bytes (cut at a character boundary).
-const HANDED_VALUE: usize = 1024;
 /// How deep objects are followed (`cargo.truck.plate`).
 const HANDED_DEPTH: usize = 4;
 
-/// Variables the interpreter sets that the interaction already says
-/// (its addresses and channel) or that are its own plumbing.
-const NOT_HANDED: &[&str] = &["caller", "called", "channel", "http_status"];
-
-/// The flow's variables as attributes: scalars as text, objects
-/// flattened with dotted names (`cargo.location`), arrays as JSON, nulls
-/// and [`NOT_HANDED`] left out; the first [`HANDED_VARS`] in name order.
-fn handed_over(vars: &Map<String, Value>) -> Vec<(String, String)> {
-    fn walk(prefix: &str, v: &Value, depth: usize, out: &mut Vec<(String, String)>) {
-        if out.len() >= HANDED_VARS {
+/// `value` as attributes named from `prefix`: scalars as text, objects
+/// flattened with dotted names, arrays as JSON, nulls left out. Values
+/// are whole: the engine masks secrets in them, then cuts them to size.
+fn flatten(prefix: &str, v: &Value, depth: usize, out: &mut Vec<(String, String)>) {
+    if out.len() >= HANDED_VARS {
+        return;
+    }
+    let text = match v {
+        Value::Null => return,
+        Value::Object(m) if depth < HANDED_DEPTH => {
+            for (k, v) in m {
+                flatten(&format!("{prefix}.{k}"), v, depth + 1, out);
+            }
             return;
         }
-        let text = match v {
-            Value::Null => return,
-            Value::Object(m) if depth < HANDED_DEPTH => {
-                for (k, v) in m {
-                    walk(&format!("{prefix}.{k}"), v, depth + 1, out);
-                }
-                return;
-            }
-            Value::String(s) => s.clone(),
-            other => other.to_string(),
-        };
-        let mut end = text.len().min(HANDED_VALUE);
-        while !text.is_char_boundary(end) {
-            end -= 1;
-        }
-        out.push((prefix.to_string(), text[..end].to_string()));
-    }
-    let mut out = Vec::new();
-    for (k, v) in vars {
-        if !NOT_HANDED.contains(&k.as_str()) {
-            walk(k, v, 1, &mut out);
-        }
-    }
-    out
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    out.push((prefix.to_string(), text));
 }
 
 fn descend(v: Value, p: &str) -> Option<Value> {

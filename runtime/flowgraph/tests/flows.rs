@@ -191,13 +191,14 @@ fn chat_channel_replies_and_matches_keywords() {
 }
 
 #[test]
-fn an_enqueue_hands_what_the_flow_gathered_to_the_agent() {
+fn an_enqueue_hands_the_variables_it_names_to_the_agent() {
     let flow = parse(
         json!({"start": "ask", "nodes": {
             "ask": {"type": "gather", "prompt": "Your order?", "var": "order", "max_digits": 6, "next": "look"},
             "look": {"type": "http", "url": "{{config.mis_url}}/orders/{{order}}", "into": "found", "next": "set", "error": "set"},
             "set": {"type": "set", "vars": {"note": "order {{order}}", "vip": true, "none": null, "tags": ["a", "b"]}, "next": "queue"},
-            "queue": {"type": "enqueue", "queue": "sales"}
+            "queue": {"type": "enqueue", "queue": "sales",
+                      "attributes": ["order", "found", "note", "vip", "none", "tags", "missing", "caller"]}
         }})
         .to_string()
         .as_bytes(),
@@ -217,14 +218,17 @@ fn an_enqueue_hands_what_the_flow_gathered_to_the_agent() {
     };
     let first = handle(&flow, input, "", &Event::Started, &mut host).unwrap();
     let step = handle(&flow, input, &first.state, &digits("1234"), &mut host).unwrap();
+    // Only the variables the enqueue names, in its order; an object is
+    // flattened, a null or unset one left out.
     assert_eq!(
         js(&step.actions),
         json!([
+            {"type": "set_attribute", "name": "order", "value": "1234"},
             {"type": "set_attribute", "name": "found.status", "value": "out for delivery"},
             {"type": "set_attribute", "name": "note", "value": "order 1234"},
-            {"type": "set_attribute", "name": "order", "value": "1234"},
-            {"type": "set_attribute", "name": "tags", "value": "[\"a\",\"b\"]"},
             {"type": "set_attribute", "name": "vip", "value": "true"},
+            {"type": "set_attribute", "name": "tags", "value": "[\"a\",\"b\"]"},
+            {"type": "set_attribute", "name": "caller", "value": "+37060000000"},
             {"type": "enqueue", "queue": "sales", "priority": 0, "skills": []}
         ])
     );

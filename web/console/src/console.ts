@@ -364,11 +364,17 @@ class Desk {
       } else if (d.type === "presence" && d.agent === this.agent) {
         void this.refreshAgent();
       } else if (d.type === "task" || d.type === "transfer" || d.type === "consult_completed") {
+        // (A supervisor's stream has every task's news: only their own
+        // redraw this desk.)
+        const e = d.event ?? {};
+        const named = [e.agent, e.from, e.to].includes(this.agent);
+        if (!named && !this.tasks.has(d.task)) return;
         void this.refresh();
-        const mine = d.event?.kind === "accepted" && d.event.agent === this.agent;
+        const mine = (e.kind === "accepted" && e.agent === this.agent) || (e.kind === "handed_over" && e.to === this.agent);
         // The screen pops up when a task becomes the agent's (a call is
-        // answered on the phone, a chat accepted) unless another is open.
-        if (this.selected === d.task || (mine && this.selected === null)) void this.open(d.task);
+        // answered on the phone, a chat accepted, a transfer handed over)
+        // unless another one is open.
+        if (mine && (this.selected === null || this.selected === d.task)) void this.open(d.task);
       }
       return;
     }
@@ -863,6 +869,10 @@ class Reports {
     const r = await fetch(this.api.url(`/reports/${this.of.value}?${this.query()}&format=csv`), {
       headers: { Authorization: `Bearer ${this.api.s.token}` },
     });
+    if (!r.ok) {
+      alert(`CSV: ${r.status}`);
+      return;
+    }
     const url = URL.createObjectURL(await r.blob());
     const a = h("a", { href: url, download: `${this.of.value}-report.csv` });
     document.body.append(a);
