@@ -545,6 +545,34 @@ fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
     );
     let denied = s.get(&format!("/v1/tenants/freight/tasks/{ix}/screen"), bob);
     assert_eq!(denied.status, 403, "{denied:?}");
+    // A new token for Bob revokes the old one: his open stream ends
+    // within the stream's next check (30 s).
+    let t = s.json(
+        "POST",
+        "/v1/tenants/freight/agents/bob/token",
+        &key,
+        &json!({}),
+    );
+    assert_eq!(t.status, 201, "{t:?}");
+    let revoked = Instant::now();
+    let closed = loop {
+        match bobs.read() {
+            Ok(tungstenite::Message::Close(_)) => break true,
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if revoked.elapsed() > Duration::from_secs(45) {
+                    break false;
+                }
+            }
+            Err(_) => break true,
+        }
+    };
+    assert!(closed, "the revoked token's stream stayed open");
     for (who, b) in [
         ("desk", &mut desk),
         ("wall", &mut wall),

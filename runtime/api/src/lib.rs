@@ -1632,9 +1632,29 @@ async fn events(
     let ws = ws
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "websocket_required", e.to_string()))?;
     let rx = s.subscribe();
+    // The token is checked again now and then: a stream ends soon after
+    // its token is revoked (a new one issued) or its role changes.
+    let (engine, tenant, held) = (s.clone(), t.clone(), role.clone());
+    let still_valid = async move {
+        loop {
+            tokio::time::sleep(STREAM_RECHECK).await;
+            match engine.acd_access(token.as_deref(), &tenant).await {
+                Ok((_, r)) if r == held => {}
+                _ => break,
+            }
+        }
+    };
     let visible = move |ev: &StreamEvent| ev.tenant == t && s.event_visible(&t, &role, &ev.payload);
-    Ok(ws.on_upgrade(move |socket| stream_events(socket, rx, visible)))
+    Ok(ws.on_upgrade(move |socket| async move {
+        tokio::select! {
+            () = stream_events(socket, rx, visible) => {}
+            () = still_valid => {}
+        }
+    }))
 }
+
+/// How often a tenant event stream checks its token again.
+const STREAM_RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The operator's stream (admin): every tenant's events and the
 /// operator's own (security events).
