@@ -492,29 +492,20 @@ fn an_agent_answers_a_chat_in_the_console_and_a_supervisor_watches_the_queue() {
         }),
         "the wrap-up in the queue event log"
     );
-    // A code the queue does not list is refused.
-    let bad = s.json(
-        "POST",
-        &format!("/v1/tenants/freight/tasks/{ix}/wrap-up"),
-        ann,
-        &json!({"disposition": "whatever"}),
-    );
-    assert_eq!(bad.status, 400, "{bad:?}");
-    // Once per agent; and not by an agent who never had it.
-    let again = s.json(
-        "POST",
-        &format!("/v1/tenants/freight/tasks/{ix}/wrap-up"),
-        ann,
-        &json!({"disposition": "resolved"}),
-    );
-    assert_eq!(again.status, 409, "{again:?}");
-    let not_his = s.json(
-        "POST",
-        &format!("/v1/tenants/freight/tasks/{ix}/wrap-up"),
-        bob,
-        &json!({"disposition": "resolved"}),
-    );
-    assert_eq!(not_his.status, 403, "{not_his:?}");
+    // A code the queue does not list is refused; a wrap-up is once per
+    // agent, and not for an agent who never had the task.
+    let wrap_up = |token: &str, code: &str| {
+        s.json(
+            "POST",
+            &format!("/v1/tenants/freight/tasks/{ix}/wrap-up"),
+            token,
+            &json!({ "disposition": code }),
+        )
+        .status
+    };
+    assert_eq!(wrap_up(ann, "whatever"), 400);
+    assert_eq!(wrap_up(ann, "resolved"), 409);
+    assert_eq!(wrap_up(bob, "resolved"), 403);
     wall.must(json!({"op": "wait", "js": "document.querySelector('[data-queue=agents] [data-col=connected]')?.textContent === '0' && document.querySelector('[data-queue=agents] [data-col=answered]')?.textContent === '1'"}));
     // The report of today, from the stored queue events: the chat
     // answered, and Ann's.

@@ -205,39 +205,9 @@ impl Engine {
         if info.kind != PluginKind::Tts {
             return None;
         }
-        let t = self.store.tenant(tenant).await.ok().flatten()?;
-        let plugin = match self
-            .loaded_version(tenant, &info, info.active_version)
-            .await
-        {
-            Ok(p) => p,
+        let (plugin, env, t) = match self.plugin_call(tenant, TTS_PLUGIN, PluginKind::Tts).await {
+            Ok(call) => call,
             Err(e) => return Some(Err(e.to_string())),
-        };
-        let mut grants = info.grants.clone();
-        let config = match self
-            .resolve_config(
-                tenant,
-                &mut grants,
-                self.store
-                    .config(tenant, TTS_PLUGIN)
-                    .await
-                    .unwrap_or_default(),
-            )
-            .await
-        {
-            Ok((config, _)) => config,
-            Err(e) => return Some(Err(e.to_string())),
-        };
-        let env = PluginEnv {
-            tenant: tenant.to_string(),
-            plugin: TTS_PLUGIN.to_string(),
-            grants,
-            config,
-            limits: self.limits_for(&t),
-            kv: Some(Arc::new(KvAdapter::new(self.store.clone()))),
-            time_zone: t.time_zone.clone(),
-            utc_offset_minutes: utc_offset_minutes(&t.time_zone, now_ms()),
-            now_ms: None,
         };
         let host = self.host.clone();
         let (text, voice, language) = (

@@ -58,13 +58,18 @@ fn doc() -> Vec<u8> {
     .unwrap()
 }
 
-fn run(channel: Channel, now: u64, offset: i32, events: &[Event]) -> (Vec<Vec<Action>>, Host) {
-    let flow = parse(&doc()).unwrap().flow;
-    let mut host = Host {
+/// A host answering as of `now` (UTC offset in minutes).
+fn host_at(now: u64, offset: i32) -> Host {
+    Host {
         now,
         offset,
         requests: Vec::new(),
-    };
+    }
+}
+
+fn run(channel: Channel, now: u64, offset: i32, events: &[Event]) -> (Vec<Vec<Action>>, Host) {
+    let flow = parse(&doc()).unwrap().flow;
+    let mut host = host_at(now, offset);
     let input = Input {
         channel,
         from: "+37060000000",
@@ -205,11 +210,7 @@ fn an_enqueue_hands_the_variables_it_names_to_the_agent() {
     )
     .unwrap()
     .flow;
-    let mut host = Host {
-        now: MONDAY_10,
-        offset: 0,
-        requests: Vec::new(),
-    };
+    let mut host = host_at(MONDAY_10, 0);
     let input = Input {
         channel: Channel::Voice,
         from: "+37060000000",
@@ -387,11 +388,7 @@ fn http_outcomes_take_their_edges() {
             ("kind".to_string(), kind.to_string()),
             ("id".to_string(), id.to_string()),
         ];
-        let mut host = Host {
-            now: MONDAY_10,
-            offset: 0,
-            requests: Vec::new(),
-        };
+        let mut host = host_at(MONDAY_10, 0);
         let input = Input {
             channel: Channel::Voice,
             from: "1",
