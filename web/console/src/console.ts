@@ -701,7 +701,9 @@ class Wall {
   }
 
   tick(): void {
-    if (this.agentsDue) {
+    // Not while the supervisor is typing or choosing in the table: a
+    // redraw would throw their input away.
+    if (this.agentsDue && !this.agentsEl.contains(document.activeElement)) {
       this.agentsDue = false;
       void this.refreshAgents().catch(() => undefined);
     }
