@@ -49,12 +49,13 @@ impl Engine {
                     return false;
                 }
                 // Named in it (a task event names its agent inside:
-                // offered, rejected, handed over from or to), or it is
-                // about their task.
+                // offered, rejected, handed over from or to — an
+                // overflow's from and to are queues), or it is about
+                // their task.
                 let e = &d["event"];
-                [&d["agent"], &e["agent"], &e["from"], &e["to"]]
-                    .iter()
-                    .any(|v| **v == me)
+                d["agent"] == me
+                    || e["agent"] == me
+                    || (e["kind"] == "handed_over" && (e["from"] == me || e["to"] == me))
                     || d["target"] == format!("agent:{me}").as_str()
                     || task_agent(&d["task"]).flatten().as_deref() == Some(me)
             }
