@@ -1142,9 +1142,30 @@ pub struct Browser {
 impl Browser {
     /// Starts the browser (no page yet).
     pub fn start() -> Browser {
+        Browser::start_with(&[])
+    }
+
+    /// Starts the browser with a microphone that plays `wav` (looped) and
+    /// is granted to pages without asking, and audio that plays without a
+    /// gesture: for the softphone.
+    pub fn with_microphone(wav: &std::path::Path) -> Browser {
+        Browser::start_with(&[
+            "--use-fake-ui-for-media-stream".to_string(),
+            "--use-fake-device-for-media-stream".to_string(),
+            format!("--use-file-for-fake-audio-capture={}", wav.display()),
+            "--autoplay-policy=no-user-gesture-required".to_string(),
+        ])
+    }
+
+    /// Starts the browser with these extra Chromium flags.
+    pub fn start_with(args: &[String]) -> Browser {
         let dir = root().join("target/sdk-tools/peers-node");
         let mut child = Command::new("node")
             .arg(dir.join("browser.mjs"))
+            .env(
+                "BROWSER_ARGS",
+                serde_json::to_string(args).unwrap_or_default(),
+            )
             .current_dir(&dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -2727,6 +2727,11 @@ fn tone_levels(samples: &[i16], hz: f64) -> Vec<f64> {
 /// The share of 100 ms windows in `[from, to)` (seconds since the phone's
 /// call was up) where `hz` is heard (amplitude above 1,000 of 32,767).
 fn heard_share(samples: &[i16], hz: f64, from: f64, to: f64) -> f64 {
+    heard_share_above(samples, hz, from, to, 1000.0)
+}
+
+/// [`heard_share`] with the amplitude `min` the tone must reach.
+fn heard_share_above(samples: &[i16], hz: f64, from: f64, to: f64, min: f64) -> f64 {
     let levels = tone_levels(samples, hz);
     let (a, b) = (
         (from * 10.0) as usize,
@@ -2735,7 +2740,7 @@ fn heard_share(samples: &[i16], hz: f64, from: f64, to: f64) -> f64 {
     if b <= a {
         return 0.0;
     }
-    levels[a..b].iter().filter(|l| **l > 1000.0).count() as f64 / (b - a) as f64
+    levels[a..b].iter().filter(|l| **l > min).count() as f64 / (b - a) as f64
 }
 
 /// Seconds from a phone's call being up to `at`.
@@ -3056,5 +3061,242 @@ fn a_supervisor_listens_whispers_and_barges_and_a_warm_transfer_takes_the_data_a
     assert!(monitor_events.contains(&"joined"), "{monitor_events:?}");
     assert!(!timeline(ix, "whisper").is_empty());
     assert!(!timeline(ix, "consult").is_empty());
+    Ok(())
+}
+
+/// The value of `data-<attr>` on the softphone's level meter, as a number.
+fn softphone_level(b: &mut Browser, attr: &str) -> f64 {
+    b.must(json!({"op": "eval", "js": format!("Number((document.querySelector('[data-pb=softphone-level]') || {{dataset: {{}}}}).dataset.{attr} || 0)")}))
+        .as_f64()
+        .unwrap_or_default()
+}
+
+/// Signs an agent in to the console in a browser whose microphone plays
+/// `wav`, turns the softphone on and waits until it is connected.
+fn softphone_desk(server: &Server, token: &str, wav: &Path) -> Browser {
+    let mut b = Browser::with_microphone(wav);
+    console_sign_in(&mut b, server, "acme", token, "desk");
+    b.must(json!({"op": "click", "sel": "[data-pb=softphone-on]"}));
+    if let Err(e) = b.run(json!({"op": "wait", "ms": 20000, "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'idle'"})) {
+        let why = text_of(&mut b, "[data-pb=softphone-call]");
+        panic!("the softphone did not connect: {why}: {e}");
+    }
+    b
+}
+
+#[test]
+fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_another_agent()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = server.tenant("acme");
+    let d = server.deploy("acme", &key, "kv-crm", plugin("kv_crm"));
+    assert!(d.status == 200 || d.status == 201, "{d:?}");
+    // Neither agent has a SIP phone: the browser is their phone.
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/plugins/kv-crm/grants",
+                json!({"kv": true}),
+            ),
+            (
+                "/v1/tenants/acme/queues/sales",
+                json!({"crm": "kv-crm", "offer_timeout": 30}),
+            ),
+            (
+                "/v1/tenants/acme/agents/ann",
+                json!({"capacity": {"voice": 1}}),
+            ),
+            (
+                "/v1/tenants/acme/agents/bob",
+                json!({"capacity": {"voice": 1}}),
+            ),
+        ],
+    );
+    let kv = server.call(
+        "PUT",
+        "/v1/tenants/acme/kv/crm/customer/customer",
+        Some(&key),
+        Some(br#"{"id": "c-9", "name": "Ona Petraitis", "tier": "gold"}"#.to_vec()),
+    )?;
+    assert_eq!(kv.status, 204, "{kv:?}");
+    let doc = json!({
+        "name": "account",
+        "start": "ask",
+        "nodes": {
+            "ask": {"type": "gather", "prompt": "Your account digit, please.", "var": "account",
+                    "max_digits": 1, "timeout_ms": 8000, "next": "queue", "no_input": "queue"},
+            "queue": {"type": "enqueue", "queue": "sales", "attributes": ["account"]}
+        }
+    });
+    let a = server.json("POST", "/v1/tenants/acme/flows/account", &key, &doc);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    put_all(
+        &server,
+        &key,
+        [(
+            "/v1/tenants/acme/addresses/15550402",
+            json!({"channel": "voice", "flow": "account"}),
+        )],
+    );
+    let token = |who: &str| {
+        let t = server.json(
+            "POST",
+            &format!("/v1/tenants/acme/agents/{who}/token"),
+            &key,
+            &json!({}),
+        );
+        assert_eq!(t.status, 201, "{t:?}");
+        t.body["token"].as_str().unwrap_or_default().to_string()
+    };
+    let (ann, bob) = (token("ann"), token("bob"));
+    // A softphone is its agent's own.
+    let other = server.json(
+        "POST",
+        "/v1/tenants/acme/agents/ann/softphone",
+        &bob,
+        &json!({"sdp": "v=0"}),
+    );
+    assert_eq!(other.status, 403, "{other:?}");
+    let bad = server.json(
+        "POST",
+        "/v1/tenants/acme/agents/ann/softphone",
+        &ann,
+        &json!({"sdp": "not sdp"}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+
+    // Each party's microphone plays its own tone: the caller 500 Hz, Ann
+    // 1,100, Bob 2,300.
+    let wav = |who: &str, hz: f32| -> Result<PathBuf> {
+        let p = dir.path().join(format!("{who}.wav"));
+        std::fs::write(&p, tone_wav(hz, 120))?;
+        Ok(p)
+    };
+    let mut ann_desk = softphone_desk(&server, &ann, &wav("ann", 1100.0)?);
+    ann_desk.must(json!({"op": "select", "sel": "[data-pb=presence]", "value": "available"}));
+    ann_desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=state]').textContent === 'available'"}));
+    let mut bob_desk = softphone_desk(&server, &bob, &wav("bob", 2300.0)?);
+
+    let mut caller = Softphone::start(
+        dir.path(),
+        "caller",
+        &wav("caller", 500.0)?,
+        "<sip:customer@127.0.0.1>;regint=0",
+    )?;
+    caller.ctrl.send(
+        "dial",
+        Some(&format!("sip:15550402@127.0.0.1:{}", server.sip_port)),
+    )?;
+    caller.wait(10, "the call is up", |p| p.established.is_some())?;
+    std::thread::sleep(Duration::from_secs(3));
+    caller.ctrl.send("sndcode", Some("7"))?;
+
+    // The offer shows and the softphone rings; Ann accepts in the page.
+    ann_desk.must(json!({"op": "wait", "ms": 20000, "js": "[...document.querySelectorAll('[data-pb=offer]')].some(o => o.textContent.includes('voice · sales'))"}));
+    ann_desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'ringing'"}));
+    assert!(text_of(&mut ann_desk, "[data-pb=softphone-call]").contains("customer"));
+    ann_desk.must(json!({"op": "click", "sel": "[data-pb=offer] [data-pb=accept]"}));
+    ann_desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'connected'"}));
+    let answered_at = Instant::now();
+    // The screen pops up: the digit the caller entered and the CRM profile.
+    ann_desk.must(json!({"op": "wait", "ms": 20000, "js": "document.querySelector('[data-pb=attributes] [data-attr=account]')"}));
+    assert_eq!(
+        text_of(&mut ann_desk, "[data-pb=attributes] [data-attr=account]"),
+        "7"
+    );
+    assert_eq!(
+        text_of(&mut ann_desk, "[data-pb=profile] [data-field=name]"),
+        "Ona Petraitis"
+    );
+    // The page receives the caller's audio: the line's level rises.
+    ann_desk.must(json!({"op": "wait", "ms": 15000, "js": "Number(document.querySelector('[data-pb=softphone-level]').dataset.inEnergy || 0) > 0.05"}));
+    assert!(softphone_level(&mut ann_desk, "inPackets") > 50.0);
+    ann_desk.must(json!({"op": "screenshot", "path": root().join("target/screenshots/agent-desktop-softphone.png")}));
+    std::thread::sleep(Duration::from_secs(2));
+
+    // A warm transfer to Bob: the caller holds while Ann and Bob talk,
+    // then Bob has the caller and the same data.
+    ann_desk.must(json!({"op": "fill", "sel": "[data-pb=transfer-to]", "text": "agent:bob"}));
+    ann_desk.must(json!({"op": "click", "sel": "[data-pb=warm]"}));
+    ann_desk.must(json!({"op": "click", "sel": "[data-pb=transfer]"}));
+    bob_desk.must(json!({"op": "wait", "ms": 15000, "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'ringing'"}));
+    bob_desk.must(json!({"op": "click", "sel": "[data-pb=softphone-answer]"}));
+    bob_desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'connected'"}));
+    let consult_at = Instant::now();
+    std::thread::sleep(Duration::from_secs(3));
+    ann_desk.must(json!({"op": "click", "sel": "[data-pb=complete-transfer]"}));
+    let handed_at = Instant::now();
+    ann_desk.must(json!({"op": "wait", "ms": 15000, "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'idle'"}));
+    bob_desk.must(json!({"op": "wait", "ms": 20000, "js": "document.querySelector('[data-pb=attributes] [data-attr=account]')"}));
+    assert_eq!(
+        text_of(&mut bob_desk, "[data-pb=attributes] [data-attr=account]"),
+        "7"
+    );
+    assert_eq!(
+        text_of(&mut bob_desk, "[data-pb=profile] [data-field=name]"),
+        "Ona Petraitis"
+    );
+    let bob_energy = softphone_level(&mut bob_desk, "inEnergy");
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        softphone_level(&mut bob_desk, "inEnergy") > bob_energy + 0.02,
+        "Bob hears the caller"
+    );
+    bob_desk.must(json!({"op": "screenshot", "path": root().join("target/screenshots/agent-desktop-softphone-transferred.png")}));
+    // Bob hangs up in the page; the call ends.
+    let end_at = Instant::now();
+    bob_desk.must(json!({"op": "click", "sel": "[data-pb=softphone-hangup]"}));
+    bob_desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'idle'"}));
+    caller.wait(15, "the caller is hung up", |p| p.closed)?;
+    let caller_up = caller.established.unwrap_or(end_at);
+    let (heard, log) = caller.finish()?;
+    // What the caller heard: Ann's microphone once she answered, music
+    // while she consulted, then Bob's. (Chromium's audio processing —
+    // echo cancellation, gain control — brings a microphone's steady
+    // tone down to about a tenth of what the WAV has, ~600 of 6,500.)
+    let voice = 250.0;
+    let ann_share = heard_share_above(
+        &heard,
+        1100.0,
+        since(caller_up, answered_at) + 1.0,
+        since(caller_up, consult_at) - 0.5,
+        voice,
+    );
+    assert!(ann_share > 0.6, "Ann's voice heard {ann_share}:\n{log}");
+    let bob_share = heard_share_above(
+        &heard,
+        2300.0,
+        since(caller_up, handed_at) + 1.5,
+        since(caller_up, end_at) - 0.5,
+        voice,
+    );
+    assert!(bob_share > 0.6, "Bob's voice heard {bob_share}:\n{log}");
+    let during_consult = heard_share_above(
+        &heard,
+        2300.0,
+        since(caller_up, consult_at) + 0.5,
+        since(caller_up, handed_at) - 0.5,
+        voice,
+    );
+    assert!(
+        during_consult < 0.2,
+        "the caller holds while Ann consults Bob: {during_consult}"
+    );
+    // The task went to Bob; the record tells the story.
+    let calls = calls(&server, &key, 1);
+    let ix = &calls[0];
+    assert_eq!(ix["attributes"]["account"], "7");
+    let consult: Vec<_> = timeline(ix, "consult")
+        .iter()
+        .map(|e| e["event"].clone())
+        .collect();
+    assert!(consult.contains(&json!("started")), "{consult:?}");
+    for b in [&mut ann_desk, &mut bob_desk] {
+        let log = b.must(json!({"op": "log"}));
+        assert!(!log.to_string().contains("pageerror"), "{log}");
+    }
     Ok(())
 }

@@ -1454,18 +1454,19 @@ impl Engine {
             })
     }
 
-    /// An agent's phone, as the address of record a call rings: the agent
-    /// must exist (else `NotFound`) and have a SIP user.
+    /// An agent's phone, as the address of record a call rings (their SIP
+    /// user, else `agent:ID`, their softphone): the agent must exist (else
+    /// `NotFound`).
     async fn agent_phone(&self, tenant: &str, agent: &str) -> EngineResult<String> {
         if self.store.record(tenant, AGENT, agent).await?.is_none() {
             return Err(CoreError::NotFound(format!("agent {agent}")).into());
         }
-        lock(&self.acd.sip_users)
+        // An agent without a SIP phone is reached on their softphone (the
+        // voice channel knows whether it is connected).
+        Ok(lock(&self.acd.sip_users)
             .get(&(tenant.to_string(), agent.to_string()))
             .map(|u| format!("sip:{u}@{tenant}"))
-            .ok_or_else(|| {
-                CoreError::Invalid(format!("agent {agent} has no sip_user (their phone)")).into()
-            })
+            .unwrap_or_else(|| format!("agent:{agent}")))
     }
 
     /// Starts a warm transfer of a connected call: the customer holds

@@ -61,6 +61,9 @@ impl Engine {
             }
             // Who listens in is not the agent's to know.
             (Some("monitor"), Some(_)) => false,
+            // An agent's softphone is theirs and their supervisors'.
+            (Some("softphone"), None) => true,
+            (Some("softphone"), Some(me)) => payload["data"]["agent"] == me,
             (_, None) => task_agent(&payload["interaction"]).is_some(),
             (_, Some(me)) => task_agent(&payload["interaction"]).flatten().as_deref() == Some(me),
         }

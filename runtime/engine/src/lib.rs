@@ -1017,6 +1017,12 @@ impl Engine {
         self.events.subscribe()
     }
 
+    /// Tells a tenant's stream what an agent's softphone does (`data`
+    /// names the `agent`): shown to that agent and to supervisors.
+    pub fn softphone_event(&self, tenant: &str, data: Value) {
+        self.publish(tenant, json!({"kind": "softphone", "data": data}));
+    }
+
     fn publish(&self, tenant: &str, payload: Value) {
         let _ = self.events.send(StreamEvent {
             tenant: tenant.to_string(),

@@ -826,8 +826,16 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("binding {http}"))?;
         tracing::info!("plugboard listening on http://{}", listener.local_addr()?);
+        // Agents' browser softphones take media where SIP phones do.
+        let media_ip = voice
+            .as_ref()
+            .map(|v| v.advertised_ip())
+            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        let phones = plugboard_webrtc::Softphones::new(state.clone(), media_ip);
         let voice = match voice {
-            Some(cfg) => Some(Arc::new(plugboard_voice::start(cfg, state.clone()).await?)),
+            Some(cfg) => Some(Arc::new(
+                plugboard_voice::start(cfg, state.clone(), Some(phones.clone())).await?,
+            )),
             None => None,
         };
         if let Some((listen, config, relay)) = email {
@@ -893,6 +901,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         let app = plugboard_api::router(state.clone())
             .merge(plugboard_api::console::router(console))
             .merge(plugboard_chat::router(hub))
+            .merge(plugboard_webrtc::http::router(state.clone(), phones))
             .merge(plugboard_sms::http::router(state));
         // No Nagle delay on small frames (chat acks, events): without it a
         // widget's ack waited for the peer's delayed ACK, ~40 ms.

@@ -205,6 +205,9 @@ pub enum Queue {
         /// How.
         mode: Option<MonitorMode>,
     },
+    /// The agent holds the caller (who hears music; the agent hears
+    /// nothing), or takes them back.
+    Hold(bool),
 }
 
 /// A third party in an agent's conversation.
@@ -424,6 +427,8 @@ pub struct Ivr {
     announcement: Option<Clip>,
     monitor: Option<Monitoring>,
     consult: Option<Consulting>,
+    /// The agent holds the caller.
+    held: bool,
     effects: VecDeque<Effect>,
 }
 
@@ -458,6 +463,7 @@ impl Ivr {
             whisper: None,
             announcement: None,
             monitor: None,
+            held: false,
             consult: None,
             effects: VecDeque::new(),
         }
@@ -714,6 +720,9 @@ impl Ivr {
                         ringback(&mut self.ring_phase, &mut ring);
                         out.leg = Some(ring);
                     }
+                } else if self.held {
+                    music(&self.hold_music, &mut self.moh, &mut frame);
+                    out.leg = Some([0; FRAME]);
                 } else if let Some(mode) = supervised {
                     let h = mix::supervise(mode, Some(heard), sound.leg, sound.supervisor);
                     frame = h.customer;
@@ -907,6 +916,20 @@ impl Ivr {
                     side: Side::Consult,
                     target,
                 });
+            }
+            Queue::Hold(on) => {
+                if t.agent.is_none() || !self.bridged() || self.held == on {
+                    return;
+                }
+                self.held = on;
+                self.note(
+                    if on {
+                        EntryKind::Hold
+                    } else {
+                        EntryKind::Resume
+                    },
+                    json!({"by": "agent"}),
+                );
             }
             Queue::ConsultEnd(true) => self.complete_consult(now),
             Queue::ConsultEnd(false) => {
@@ -1130,6 +1153,8 @@ impl Ivr {
         let Some(c) = self.consult.take() else {
             return;
         };
+        // The consulted party takes the caller off hold.
+        self.held = false;
         if !c.leg.answered {
             self.note(
                 EntryKind::Consult,
@@ -2089,6 +2114,32 @@ mod tests {
                 Effect::Hangup("the agent hung up".into())
             ]
         );
+    }
+
+    #[test]
+    fn an_agent_holds_the_caller_with_music_and_takes_them_back() {
+        let mut sim = connected("ann");
+        let f = all(&mut sim, 1, 10, 0, 0);
+        assert_eq!((f.caller, f.leg), ([10; FRAME], Some([1; FRAME])));
+        sim.ivr.queue(sim.now, Queue::Hold(true));
+        // Holding twice is one hold.
+        sim.ivr.queue(sim.now, Queue::Hold(true));
+        let f = all(&mut sim, 1, 10, 0, 0);
+        assert_eq!(f.caller, [1000; FRAME], "the caller hears music");
+        assert_eq!(f.leg, Some([0; FRAME]), "the agent hears nothing");
+        sim.ivr.queue(sim.now, Queue::Hold(false));
+        let f = all(&mut sim, 1, 10, 0, 0);
+        assert_eq!((f.caller, f.leg), ([10; FRAME], Some([1; FRAME])));
+        let notes: Vec<_> = sim
+            .effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Note(k @ (EntryKind::Hold | EntryKind::Resume), d) => Some((k, d)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert_eq!(notes[0].1["by"], "agent");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! and telephone-event, and hands the call to a call task ([`call`]) that
 //! runs the tenant's flow on real RTP media: it speaks (espeak-ng), plays
 //! tones and WAV, collects DTMF (RFC 4733, SIP INFO, in-band), records to
-//! WAV, parks callers with music on hold, and hangs up. Every call leaves
+//! WAV, parks callers with music on hold, and hangs up. An agent is rung on
+//! their SIP phone or on their browser softphone ([`plugboard_webrtc`]). Every call leaves
 //! an interaction record with its timeline. Every call's RTP leaves on
 //! time from the media clock threads ([`clock`]).
 //!
@@ -105,10 +106,15 @@ pub enum VoiceError {
     Random(#[from] plugboard_sip::RandomError),
 }
 
-/// Starts the voice channel on the current tokio runtime.
-pub async fn start(config: VoiceConfig, app: Arc<Engine>) -> Result<VoiceHandle, VoiceError> {
+/// Starts the voice channel on the current tokio runtime; calls ring
+/// agents' browser softphones through `phones`.
+pub async fn start(
+    config: VoiceConfig,
+    app: Arc<Engine>,
+    phones: Option<Arc<plugboard_webrtc::Softphones>>,
+) -> Result<VoiceHandle, VoiceError> {
     plugboard_sip::seed_random()?;
-    endpoint::start(config, app).await
+    endpoint::start(config, app, phones).await
 }
 
 /// Parses `LO-HI`.

@@ -1,6 +1,8 @@
 // A headless Chromium the tests drive line by line: each line on stdin is
 // a JSON command, each answer one JSON line on stdout. Uses Debian's
 // chromium through playwright-core (nothing downloads a browser).
+// BROWSER_ARGS (a JSON array) adds Chromium flags, such as a fake
+// microphone playing a WAV file.
 //
 //   {"op":"open","url":U}        a fresh browser context, one page at U
 //   {"op":"reload"}              reload the page (storage survives)
@@ -20,7 +22,7 @@ import { dirname } from "node:path";
 
 const browser = await chromium.launch({
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: ["--no-sandbox", "--disable-dev-shm-usage"],
+  args: ["--no-sandbox", "--disable-dev-shm-usage", ...JSON.parse(process.env.BROWSER_ARGS || "[]")],
 });
 let context = null;
 let page = null;

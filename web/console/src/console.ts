@@ -248,6 +248,189 @@ function start(root: HTMLElement, s: Session, me: Me): void {
   }, 1000);
 }
 
+// ----- the softphone -----
+
+// The agent's voice leg in the browser. While it is on, one peer
+// connection stays up (the server answers our offer: ICE-lite, DTLS-SRTP,
+// G.711), and a call offered to the agent rings it with no new handshake.
+// Ringing, answered and ended come as `softphone` events on the stream;
+// answering, hanging up, hold and digits are requests; mute stays in the
+// page (the microphone track is disabled).
+class Softphone {
+  readonly el = h("section", { "data-pb": "softphone" });
+  private stateEl = h("span", { class: "state", "data-pb": "softphone-state" }, "off");
+  private callEl = h("div", { class: "muted", "data-pb": "softphone-call" });
+  private levelEl = h("div", { class: "muted", "data-pb": "softphone-level" });
+  private controls = h("div", { class: "actions" });
+  private audio = h("audio", { autoplay: "" }) as HTMLAudioElement;
+  private pc: RTCPeerConnection | null = null;
+  private mic: MediaStream | null = null;
+  private state = "off";
+  private muted = false;
+
+  constructor(
+    private api: Api,
+    private agent: string,
+  ) {
+    this.el.append(h("h2", {}, "Phone"), h("div", {}, this.stateEl), this.callEl, this.controls, this.levelEl, this.audio);
+    this.render();
+  }
+
+  private path(action = ""): string {
+    return `/agents/${encodeURIComponent(this.agent)}/softphone${action ? `/${action}` : ""}`;
+  }
+
+  /// Whether calls ring here (the connection is up).
+  live(): boolean {
+    return this.state !== "off" && this.state !== "connecting";
+  }
+
+  async on(): Promise<void> {
+    if (this.pc) return;
+    this.show("connecting");
+    try {
+      this.mic = await navigator.mediaDevices.getUserMedia({ audio: true });
+      const pc = new RTCPeerConnection();
+      this.pc = pc;
+      for (const t of this.mic.getAudioTracks()) pc.addTrack(t, this.mic);
+      pc.ontrack = (e) => {
+        this.audio.srcObject = e.streams[0] ?? new MediaStream([e.track]);
+        void this.audio.play().catch(() => undefined);
+      };
+      pc.onconnectionstatechange = () => {
+        if (this.pc !== pc) return;
+        if (pc.connectionState === "connected" && this.state === "connecting") this.show("idle");
+        if (pc.connectionState === "failed" || pc.connectionState === "closed") this.close("the connection was lost");
+      };
+      // The server is ICE-lite: it needs none of our candidates, so the
+      // offer goes at once.
+      await pc.setLocalDescription(await pc.createOffer());
+      const a = await this.api.call<{ sdp: string }>("POST", this.path(), { sdp: pc.localDescription?.sdp ?? "" });
+      await pc.setRemoteDescription({ type: "answer", sdp: a.sdp });
+    } catch (e) {
+      this.close(`Softphone: ${(e as Error).message}`);
+    }
+  }
+
+  async off(): Promise<void> {
+    this.close("");
+    await this.api.call("DELETE", this.path()).catch(() => undefined);
+  }
+
+  private close(why: string): void {
+    this.pc?.close();
+    this.pc = null;
+    for (const t of this.mic?.getTracks() ?? []) t.stop();
+    this.mic = null;
+    this.muted = false;
+    this.show("off");
+    this.callEl.textContent = why;
+  }
+
+  async act(action: string, body?: unknown): Promise<void> {
+    try {
+      await this.api.call("POST", this.path(action), body);
+    } catch (e) {
+      alert(`${action}: ${(e as Error).message}`);
+    }
+  }
+
+  /// Answers the call that rings (the server waits a moment for it).
+  async answer(): Promise<void> {
+    await this.api.call("POST", this.path("answer"));
+  }
+
+  private mute(on: boolean): void {
+    this.muted = on;
+    for (const t of this.mic?.getAudioTracks() ?? []) t.enabled = !on;
+    this.render();
+  }
+
+  onEvent(e: StreamEvent): void {
+    if (e.kind !== "softphone" || e.data.agent !== this.agent) return;
+    const st = e.data.state as string;
+    // The server's "off" is for a connection it closed; ours may be newer.
+    if (st === "off" && this.pc && this.pc.connectionState !== "closed" && this.state === "connecting") return;
+    if (st === "off") {
+      this.close("The softphone was disconnected.");
+      return;
+    }
+    const call = e.data.call;
+    this.callEl.textContent = call && call.from ? `${st === "ringing" ? "Incoming call from" : "On a call with"} ${call.from}` : "";
+    this.show(st);
+  }
+
+  private show(state: string): void {
+    this.state = state;
+    this.stateEl.textContent = state;
+    this.stateEl.dataset.state = state;
+    if (state !== "connected" && state !== "held" && this.muted) this.mute(false);
+    this.render();
+  }
+
+  private render(): void {
+    const c = this.controls;
+    c.replaceChildren();
+    switch (this.state) {
+      case "off":
+        c.append(button("Softphone on", "softphone-on", () => void this.on()));
+        break;
+      case "connecting":
+        break;
+      case "ringing":
+        c.append(
+          button("Answer", "softphone-answer", () => void this.answer().catch((e) => alert(`answer: ${(e as Error).message}`))),
+          button("Decline", "softphone-hangup", () => void this.act("hangup")),
+        );
+        break;
+      case "connected":
+      case "held": {
+        const held = this.state === "held";
+        c.append(
+          button("Hang up", "softphone-hangup", () => void this.act("hangup")),
+          button(held ? "Resume" : "Hold", "softphone-hold", () => void this.act(held ? "resume" : "hold")),
+          button(this.muted ? "Unmute" : "Mute", "softphone-mute", () => this.mute(!this.muted)),
+        );
+        const pad = h("span", { "data-pb": "keypad" });
+        for (const d of "123456789*0#") pad.append(button(d, `dtmf-${d}`, () => void this.act("dtmf", { digits: d })));
+        c.append(pad);
+        break;
+      }
+      default:
+        c.append(button("Softphone off", "softphone-off", () => void this.off()));
+    }
+  }
+
+  /// The levels in and out, from the connection's statistics (the agent
+  /// sees the microphone and the line work).
+  async tick(): Promise<void> {
+    const pc = this.pc;
+    if (!pc) {
+      this.levelEl.textContent = "";
+      return;
+    }
+    let inLevel = 0;
+    let inEnergy = 0;
+    let packets = 0;
+    let outLevel = 0;
+    (await pc.getStats()).forEach((r: any) => {
+      if (r.type === "inbound-rtp" && r.kind === "audio") {
+        inLevel = r.audioLevel ?? 0;
+        inEnergy = r.totalAudioEnergy ?? 0;
+        packets = r.packetsReceived ?? 0;
+      } else if (r.type === "media-source" && r.kind === "audio") {
+        outLevel = r.audioLevel ?? 0;
+      }
+    });
+    const l = this.levelEl;
+    l.dataset.inLevel = String(inLevel);
+    l.dataset.inEnergy = String(inEnergy);
+    l.dataset.inPackets = String(packets);
+    l.dataset.outLevel = String(outLevel);
+    l.textContent = `line ${Math.round(inLevel * 100)} % · microphone ${Math.round(outLevel * 100)} %`;
+  }
+}
+
 // ----- the agent desktop -----
 
 class Desk {
@@ -262,11 +445,14 @@ class Desk {
   private screen: Screen | null = null;
   private transcript: HTMLElement | null = null;
   private select = h("select", { "data-pb": "presence" }) as HTMLSelectElement;
+  private phone: Softphone;
+  private consulting = new Set<string>();
 
   constructor(
     private api: Api,
     private agent: string,
   ) {
+    this.phone = new Softphone(api, agent);
     for (const [value, label] of [
       ["available", "Available"],
       ["away:break", "Away: break"],
@@ -281,6 +467,7 @@ class Desk {
       h(
         "div",
         {},
+        this.phone.el,
         h("section", {}, h("h2", {}, "Offers"), this.offersEl),
         h("section", {}, h("h2", {}, "My tasks"), this.tasksEl),
       ),
@@ -341,6 +528,7 @@ class Desk {
   }
 
   onEvent(e: StreamEvent): void {
+    this.phone.onEvent(e);
     if (e.kind === "acd") {
       const d = e.data;
       if (d.type === "offer" && d.agent === this.agent) {
@@ -392,6 +580,7 @@ class Desk {
   }
 
   tick(): void {
+    void this.phone.tick();
     for (const el of this.offersEl.querySelectorAll<HTMLElement>("[data-pb=countdown]")) {
       const o = this.offers.get(el.dataset.task ?? "");
       if (o) el.textContent = duration(o.deadline - Date.now());
@@ -409,7 +598,9 @@ class Desk {
           h("span", { class: "countdown", "data-pb": "countdown", "data-task": o.task }, duration(o.deadline - Date.now())),
           h("strong", {}, `${o.channel} · ${o.queue}`),
           h("div", { class: "muted" }, o.task),
-          button("Accept", "accept", () => void this.act(o.task, "accept")),
+          // A call is answered on the softphone when it is on (the
+          // ACD hears of it from the call), else on the SIP phone.
+          button("Accept", "accept", () => void (o.channel === "voice" && this.phone.live() ? this.answer(o.task) : this.act(o.task, "accept"))),
           button("Reject", "reject", () => void this.act(o.task, "reject")),
         ),
       );
@@ -429,6 +620,30 @@ class Desk {
       );
       el.addEventListener("click", () => void this.open(t.id));
       this.tasksEl.append(el);
+    }
+  }
+
+  async transfer(task: string, to: string, warm: boolean): Promise<void> {
+    await this.act(task, "transfer", { to, warm });
+    if (warm) {
+      this.consulting.add(task);
+      if (this.selected === task) this.renderScreen();
+    }
+  }
+
+  async endConsult(task: string, action: string): Promise<void> {
+    this.consulting.delete(task);
+    await this.act(task, action);
+    if (this.selected === task) this.renderScreen();
+  }
+
+  async answer(task: string): Promise<void> {
+    try {
+      await this.phone.answer();
+      this.offers.delete(task);
+      this.renderOffers();
+    } catch (e) {
+      alert(`answer: ${(e as Error).message}`);
     }
   }
 
@@ -534,9 +749,22 @@ class Desk {
         button("Complete", "complete", () => void this.act(s.task.id, "complete")),
         to,
         h("label", {}, warm, " warm"),
-        button("Transfer", "transfer", () => void this.act(s.task.id, "transfer", { to: to.value.trim(), warm: warm.checked })),
+        button("Transfer", "transfer", () => void this.transfer(s.task.id, to.value.trim(), warm.checked)),
       ),
     );
+    // A warm transfer: the customer holds while the agent talks to the
+    // other party, then hands over or takes the customer back.
+    if (this.consulting.has(s.task.id)) {
+      main.append(
+        h(
+          "div",
+          { class: "actions", "data-pb": "consulting" },
+          h("span", { class: "muted" }, "Consulting; the customer holds."),
+          button("Complete transfer", "complete-transfer", () => void this.endConsult(s.task.id, "complete-transfer")),
+          button("Cancel transfer", "cancel-transfer", () => void this.endConsult(s.task.id, "cancel-transfer")),
+        ),
+      );
+    }
     this.screenEl.replaceChildren(
       h(
         "div",

@@ -191,8 +191,8 @@ impl Callback {
         let mut customer_deadline = None;
         let (mut abuf, mut cbuf) = (vec![0u8; 2048], vec![0u8; 2048]);
         loop {
-            let a_sock = self.agent_leg.as_ref().map(|l| l.sockets.clone());
-            let c_sock = self.customer.as_ref().map(|l| l.sockets.clone());
+            let a_sock = self.agent_leg.as_ref().and_then(|l| l.sockets.clone());
+            let c_sock = self.customer.as_ref().and_then(|l| l.sockets.clone());
             tokio::select! {
                 cmd = cmds.recv() => {
                     let Some(cmd) = cmd else { return Outcome::Attempt("failed") };

@@ -12,6 +12,7 @@ use plugboard_media::dtmf::{EventDetector, ToneDetector};
 use plugboard_media::g711::Law;
 use plugboard_media::rtp::{self, JitterBuffer, RtpSender};
 use plugboard_media::sdp::Negotiated;
+use plugboard_webrtc::PhoneLeg;
 use serde_json::{Value, json};
 
 use crate::clock::{Frame, Packet};
@@ -197,12 +198,15 @@ pub(super) fn new_leg(
     Some((OutLeg::new(key, sockets), offer))
 }
 
-/// The other leg of a bridged call (dial, transfer).
+/// The other leg of a bridged call (dial, transfer): RTP to a phone or
+/// trunk, or frames to an agent's browser softphone.
 pub(super) struct OutLeg {
     /// Its dialog.
     pub key: DialogKey,
-    /// Its RTP and RTCP sockets.
-    pub sockets: Arc<MediaSockets>,
+    /// Its RTP and RTCP sockets (none for a softphone).
+    pub sockets: Option<Arc<MediaSockets>>,
+    /// The softphone it rings, if it is one.
+    pub phone: Option<PhoneLeg>,
     sender: Option<RtpSender>,
     jitter: JitterBuffer,
     remote: Option<SocketAddr>,
@@ -214,7 +218,22 @@ impl OutLeg {
     pub fn new(key: DialogKey, sockets: MediaSockets) -> OutLeg {
         OutLeg {
             key,
-            sockets: Arc::new(sockets),
+            sockets: Some(Arc::new(sockets)),
+            phone: None,
+            sender: None,
+            jitter: JitterBuffer::new(3),
+            remote: None,
+            payload_type: 0,
+            law: Law::Mu,
+        }
+    }
+
+    /// A leg to an agent's softphone.
+    pub fn softphone(key: DialogKey, phone: PhoneLeg) -> OutLeg {
+        OutLeg {
+            key,
+            sockets: None,
+            phone: Some(phone),
             sender: None,
             jitter: JitterBuffer::new(3),
             remote: None,
@@ -225,6 +244,9 @@ impl OutLeg {
 
     /// The leg answered with this SDP.
     pub fn answered(&mut self, n: &Negotiated) {
+        if self.phone.is_some() {
+            return;
+        }
         self.sender = Some(RtpSender::new(seed(), n.law, n.payload_type, seed()));
         self.remote = Some(n.remote);
         self.payload_type = n.payload_type;
@@ -245,17 +267,26 @@ impl OutLeg {
 
     /// The next frame the leg sent.
     pub fn audio(&mut self) -> Option<Vec<i16>> {
+        if let Some(p) = &self.phone {
+            return p.audio();
+        }
         self.jitter.pop().map(|p| decode(self.law, &p))
     }
 
     /// Sends a frame of the caller's audio to the leg.
     pub fn send(&mut self, heard: &[i16]) {
-        if let (Some(sender), Some(remote)) = (self.sender.as_mut(), self.remote) {
+        if let Some(p) = &self.phone {
+            p.send(heard);
+            return;
+        }
+        if let (Some(sender), Some(remote), Some(sockets)) =
+            (self.sender.as_mut(), self.remote, self.sockets.as_ref())
+        {
             let mut out = [0i16; FRAME];
             let n = heard.len().min(FRAME);
             out[..n].copy_from_slice(&heard[..n]);
             let packet = sender.frame(&out);
-            let _ = self.sockets.rtp.try_send_to(&packet, remote);
+            let _ = sockets.rtp.try_send_to(&packet, remote);
         }
     }
 }

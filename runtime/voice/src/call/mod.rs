@@ -40,6 +40,7 @@ use crate::ivr::{Effect, Ivr, Leg, Prepared, Queue, Saved, Side, Sound, TaskPhas
 use crate::ports::{MediaSockets, PortPair, PortPool};
 use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
 use media::{CallerMedia, OutLeg};
+use plugboard_webrtc::{Notify, PhoneEvent, Softphones};
 
 /// Everything a call task starts with.
 pub(crate) struct CallSpec {
@@ -57,9 +58,28 @@ pub(crate) struct CallSpec {
     pub pool: PortPool,
     pub self_tx: mpsc::UnboundedSender<CallCmd>,
     pub clock: MediaClock,
+    /// Agents' browser softphones on this node.
+    pub phones: Option<Arc<Softphones>>,
 }
 
 type FlowTask = JoinHandle<(FlowSession, Step, Vec<Prepared>)>;
+
+/// How a call names an agent's browser softphone as a leg's target.
+const SOFTPHONE: &str = "softphone:";
+
+/// What a softphone leg carries, as the IVR sees it: G.711 µ-law frames
+/// (the browser's codec is the softphone's business).
+fn softphone_media() -> Negotiated {
+    use plugboard_media::sdp::Direction;
+    Negotiated {
+        law: plugboard_media::g711::Law::Mu,
+        payload_type: 0,
+        dtmf_pt: None,
+        remote: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        remote_direction: Direction::SendRecv,
+        local_direction: Direction::SendRecv,
+    }
+}
 
 /// What a call tells the ACD about its task.
 #[derive(Debug)]
@@ -111,6 +131,7 @@ struct Call {
     /// A warm transfer's consulted party.
     consult: Option<OutLeg>,
     self_tx: mpsc::UnboundedSender<CallCmd>,
+    phones: Option<Arc<Softphones>>,
 }
 
 pub(crate) async fn run(spec: CallSpec) {
@@ -128,6 +149,7 @@ pub(crate) async fn run(spec: CallSpec) {
         pool,
         self_tx,
         clock,
+        phones,
     } = spec;
     // The clock thread sends through a clone of the RTP socket.
     let registered = media
@@ -169,6 +191,7 @@ pub(crate) async fn run(spec: CallSpec) {
         sup: None,
         consult: None,
         self_tx,
+        phones,
     };
     call.main(&sockets, &mut cmds).await;
     call.finish().await;
@@ -225,9 +248,9 @@ impl Call {
                     tracing::warn!("checkpoint of call {}: {e}", self.key.0);
                 }
             }
-            let leg_sockets = self.leg.as_ref().map(|l| l.sockets.clone());
-            let sup_sockets = self.sup.as_ref().map(|l| l.sockets.clone());
-            let consult_sockets = self.consult.as_ref().map(|l| l.sockets.clone());
+            let leg_sockets = self.leg.as_ref().and_then(|l| l.sockets.clone());
+            let sup_sockets = self.sup.as_ref().and_then(|l| l.sockets.clone());
+            let consult_sockets = self.consult.as_ref().and_then(|l| l.sockets.clone());
             tokio::select! {
                 r = recv_leg(leg_sockets.as_deref(), &mut lbuf) => {
                     if let (Ok((n, src)), Some(leg)) = (r, self.leg.as_mut()) {
@@ -354,22 +377,32 @@ impl Call {
         let tenant = self.tenant();
         let news = match news {
             TaskNews::Offer { agent, sip_user } => Queue::Offer {
+                target: self
+                    .softphone_target(&tenant, &agent)
+                    .or_else(|| sip_user.map(|u| format!("sip:{u}@{tenant}"))),
                 agent,
-                target: sip_user.map(|u| format!("sip:{u}@{tenant}")),
             },
             TaskNews::Rescind { agent } => Queue::Rescind(agent),
             TaskNews::BackToFlow { why } => Queue::BackToFlow(why.to_string()),
             TaskNews::Transfer { target } => Queue::Transfer(target),
             TaskNews::CallbackDigit { digit } => Queue::CallbackDigit(digit),
-            TaskNews::Consult { target, agent } => Queue::Consult { target, agent },
+            TaskNews::Consult { target, agent } => Queue::Consult {
+                target: agent
+                    .as_deref()
+                    .and_then(|a| self.softphone_target(&tenant, a))
+                    .unwrap_or(target),
+                agent,
+            },
             TaskNews::ConsultEnd { complete } => Queue::ConsultEnd(complete),
             TaskNews::Monitor {
                 supervisor,
                 sip_user,
                 mode,
             } => Queue::Monitor {
+                target: self
+                    .softphone_target(&tenant, &supervisor)
+                    .unwrap_or(sip_user),
                 supervisor,
-                target: sip_user,
                 mode,
             },
             TaskNews::Whisper { queue } => {
@@ -554,7 +587,16 @@ impl Call {
 
     /// Ends the leg now, if there is one.
     fn drop_leg(&mut self) {
-        if let Some(leg) = self.leg.take() {
+        let leg = self.leg.take();
+        self.hang_up_leg(leg);
+    }
+
+    /// Ends a leg we let go of: BYE (or CANCEL) for a SIP leg; a
+    /// softphone's leg ends as it is dropped.
+    fn hang_up_leg(&self, leg: Option<OutLeg>) {
+        if let Some(leg) = leg
+            && leg.phone.is_none()
+        {
             let _ = self.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
         }
     }
@@ -569,9 +611,16 @@ impl Call {
 
     /// Ends a third party's leg now, if there is one.
     fn drop_side(&mut self, side: Side) {
-        if let Some(leg) = self.side(side).take() {
-            let _ = self.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
-        }
+        let leg = self.side(side).take();
+        self.hang_up_leg(leg);
+    }
+
+    /// Where to ring an agent when their softphone is connected here.
+    fn softphone_target(&self, tenant: &str, agent: &str) -> Option<String> {
+        self.phones
+            .as_ref()
+            .filter(|p| p.connected(tenant, agent))
+            .map(|_| format!("{SOFTPHONE}{agent}"))
     }
 
     /// Carries out what the IVR asks, in order.
@@ -592,11 +641,15 @@ impl Call {
                     };
                     self.start_dial(target, caller_id, Some(kind));
                 }
-                Effect::CancelLeg => {
-                    if let Some(leg) = &self.leg {
+                Effect::CancelLeg => match self.leg.as_ref() {
+                    Some(OutLeg {
+                        phone: Some(phone), ..
+                    }) => phone.cancel(),
+                    Some(leg) => {
                         let _ = self.endpoint.send(CallOut::CancelLeg(leg.key.clone()));
                     }
-                }
+                    None => {}
+                },
                 Effect::DropLeg => self.drop_leg(),
                 Effect::Enqueue {
                     queue,
@@ -708,6 +761,14 @@ impl Call {
         caller_id: Option<String>,
         kind: Option<EntryKind>,
     ) -> Option<OutLeg> {
+        // An agent without a SIP phone (`agent:ID`) is rung on their
+        // softphone, as one whose softphone is connected.
+        if let Some(agent) = target
+            .strip_prefix(SOFTPHONE)
+            .or_else(|| target.strip_prefix("agent:"))
+        {
+            return self.ring_softphone(agent, &target, kind);
+        }
         let (out_leg, offer) = media::new_leg(&self.pool, &self.config)?;
         let key = out_leg.key.clone();
         let interaction = self.session.as_ref().map(|s| &s.interaction);
@@ -730,6 +791,47 @@ impl Call {
             });
         });
         Some(out_leg)
+    }
+
+    /// A leg to an agent's browser softphone; `None` when it is not
+    /// connected on this node. Its news comes back as a SIP leg's would.
+    fn ring_softphone(
+        &mut self,
+        agent: &str,
+        target: &str,
+        kind: Option<EntryKind>,
+    ) -> Option<OutLeg> {
+        let phones = self.phones.clone()?;
+        let key: DialogKey = (
+            format!("{}@softphone", plugboard_sip::random_token()),
+            plugboard_sip::random_token(),
+        );
+        let ix = self.session.as_ref().map(|s| &s.interaction);
+        let tenant = ix.map(|i| i.tenant.clone()).unwrap_or_default();
+        let info = json!({
+            "interaction": ix.map(|i| i.id.clone()),
+            "from": ix.map(|i| i.from.clone()),
+            "to": ix.map(|i| i.to.clone()),
+        });
+        let (tx, leg_key) = (self.self_tx.clone(), key.clone());
+        let notify: Notify = Box::new(move |ev| {
+            let ev = match ev {
+                PhoneEvent::Ringing => LegEvent::Ringing,
+                PhoneEvent::Answered => LegEvent::Answered(softphone_media()),
+                PhoneEvent::Failed(status, reason) => LegEvent::Failed(status, reason),
+                PhoneEvent::Hangup => LegEvent::Hangup,
+                PhoneEvent::Hold(on) => {
+                    let _ = tx.send(CallCmd::Queue(Queue::Hold(on)));
+                    return;
+                }
+            };
+            let _ = tx.send(CallCmd::Leg(leg_key.clone(), ev));
+        });
+        let phone = phones.ring(&tenant, agent, info, notify)?;
+        if let Some(kind) = kind {
+            self.note(kind, json!({"target": target, "leg_call_id": key.0}));
+        }
+        Some(OutLeg::softphone(key, phone))
     }
 
     fn on_leg(&mut self, key: DialogKey, ev: LegEvent) {

@@ -421,6 +421,7 @@ impl Endpoint {
             pool: self.pool.clone(),
             self_tx,
             clock: self.clock.clone(),
+            phones: self.phones.clone(),
         };
         self.live_calls += 1;
         tokio::spawn(call::run(spec));

@@ -166,6 +166,7 @@ fn policy() -> UasPolicy {
 pub(crate) async fn start(
     config: VoiceConfig,
     app: Arc<Engine>,
+    phones: Option<Arc<plugboard_webrtc::Softphones>>,
 ) -> Result<VoiceHandle, VoiceError> {
     let (lo, hi) = config.rtp_ports;
     if lo > hi || (lo == hi && lo % 2 == 1) {
@@ -283,6 +284,7 @@ pub(crate) async fn start(
         app,
         pool,
         clock: MediaClock::start().map_err(|e| VoiceError::Clock(e.to_string()))?,
+        phones,
         inbox: tx,
         calls: calls_tx,
     };
@@ -329,6 +331,8 @@ struct Endpoint {
     app: Arc<Engine>,
     pool: PortPool,
     clock: MediaClock,
+    /// Agents' browser softphones on this node.
+    phones: Option<Arc<plugboard_webrtc::Softphones>>,
     inbox: mpsc::Sender<Input>,
     /// Calls' lifecycle messages (hang up, dial, ended): unbounded, so
     /// that none is ever dropped for a full channel.
