@@ -3141,17 +3141,18 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
             json!({"channel": "voice", "flow": "account"}),
         )],
     );
-    let token = |who: &str| {
+    let token = |who: &str, role: &str| {
         let t = server.json(
             "POST",
             &format!("/v1/tenants/acme/agents/{who}/token"),
             &key,
-            &json!({}),
+            &json!({"role": role}),
         );
         assert_eq!(t.status, 201, "{t:?}");
         t.body["token"].as_str().unwrap_or_default().to_string()
     };
-    let (ann, bob) = (token("ann"), token("bob"));
+    // Bob is a supervisor who also takes calls.
+    let (ann, bob) = (token("ann", "agent"), token("bob", "supervisor"));
     // A softphone is its agent's own.
     let other = server.json(
         "POST",
@@ -3216,6 +3217,18 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
     assert!(softphone_level(&mut ann_desk, "inPackets") > 50.0);
     ann_desk.must(json!({"op": "screenshot", "path": root().join("target/screenshots/agent-desktop-softphone.png")}));
     std::thread::sleep(Duration::from_secs(2));
+
+    // Bob listens in from his wall: his softphone rings, and once he
+    // answers he hears the call; then he stops.
+    bob_desk.must(json!({"op": "wait", "ms": 15000, "js": "document.querySelector('[data-agent=ann] [data-pb=listen]')"}));
+    bob_desk.must(json!({"op": "click", "sel": "[data-agent=ann] [data-pb=listen]"}));
+    bob_desk.must(json!({"op": "wait", "ms": 15000, "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'ringing'"}));
+    bob_desk.must(json!({"op": "click", "sel": "[data-pb=softphone-answer]"}));
+    bob_desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'connected'"}));
+    bob_desk.must(json!({"op": "wait", "ms": 15000, "js": "Number(document.querySelector('[data-pb=softphone-level]').dataset.inEnergy || 0) > 0.02"}));
+    bob_desk.must(json!({"op": "screenshot", "path": root().join("target/screenshots/supervisor-wall-listening.png")}));
+    bob_desk.must(json!({"op": "click", "sel": "[data-agent=ann] [data-pb=stop]"}));
+    bob_desk.must(json!({"op": "wait", "ms": 15000, "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'idle'"}));
 
     // A warm transfer to Bob: the caller holds while Ann and Bob talk,
     // then Bob has the caller and the same data.
@@ -3294,6 +3307,11 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
         .map(|e| e["event"].clone())
         .collect();
     assert!(consult.contains(&json!("started")), "{consult:?}");
+    let listened = timeline(ix, "monitor");
+    assert!(
+        listened.iter().any(|e| e["supervisor"] == "bob"),
+        "{listened:?}"
+    );
     for b in [&mut ann_desk, &mut bob_desk] {
         let log = b.must(json!({"op": "log"}));
         assert!(!log.to_string().contains("pageerror"), "{log}");
