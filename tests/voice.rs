@@ -3216,7 +3216,34 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
     ann_desk.must(json!({"op": "wait", "ms": 15000, "js": "Number(document.querySelector('[data-pb=softphone-level]').dataset.inEnergy || 0) > 0.05"}));
     assert!(softphone_level(&mut ann_desk, "inPackets") > 50.0);
     ann_desk.must(json!({"op": "screenshot", "path": root().join("target/screenshots/agent-desktop-softphone.png")}));
+    std::thread::sleep(Duration::from_secs(1));
+    // Ann holds the caller (music), takes them back, and presses 5.
+    let hold_at = Instant::now();
+    ann_desk.must(json!({"op": "click", "sel": "[data-pb=softphone-hold]"}));
+    ann_desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'held'"}));
+    std::thread::sleep(Duration::from_millis(2500));
+    ann_desk.must(json!({"op": "click", "sel": "[data-pb=softphone-hold]"}));
+    ann_desk.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=softphone-state]').dataset.state === 'connected'"}));
+    let resumed_at = Instant::now();
+    ann_desk.must(json!({"op": "click", "sel": "[data-pb=dtmf-5]"}));
+    let dtmf_at = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
+    // Her softphone is hers: the tenant's key does not connect it, and a
+    // page sends a few digits at a time.
+    let admin = server.json(
+        "POST",
+        "/v1/tenants/acme/agents/ann/softphone",
+        &key,
+        &json!({"sdp": "v=0"}),
+    );
+    assert_eq!(admin.status, 403, "{admin:?}");
+    let many = server.json(
+        "POST",
+        "/v1/tenants/acme/agents/ann/softphone/dtmf",
+        &ann,
+        &json!({"digits": "1".repeat(33)}),
+    );
+    assert_eq!(many.status, 400, "{many:?}");
 
     // Bob listens in from his wall: his softphone rings, and once he
     // answers he hears the call; then he stops.
@@ -3275,10 +3302,40 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
         &heard,
         1100.0,
         since(caller_up, answered_at) + 1.0,
-        since(caller_up, consult_at) - 0.5,
+        since(caller_up, hold_at) - 0.3,
         voice,
     );
     assert!(ann_share > 0.6, "Ann's voice heard {ann_share}:\n{log}");
+    let held = heard_share_above(
+        &heard,
+        1100.0,
+        since(caller_up, hold_at) + 0.8,
+        since(caller_up, resumed_at) - 0.8,
+        voice,
+    );
+    assert!(held < 0.2, "Ann heard while she held the caller: {held}");
+    let after = heard_share_above(
+        &heard,
+        1100.0,
+        since(caller_up, dtmf_at) + 0.5,
+        since(caller_up, consult_at) - 0.5,
+        voice,
+    );
+    assert!(after > 0.6, "Ann heard again after the hold: {after}");
+    // Her 5 reached the caller as the DTMF pair 770 + 1,336 Hz.
+    let five = |hz: f64| {
+        let a = (since(caller_up, dtmf_at) * 10.0) as usize;
+        tone_levels(&heard, hz)[a.saturating_sub(5)..a + 15]
+            .iter()
+            .cloned()
+            .fold(0.0, f64::max)
+    };
+    assert!(
+        five(770.0) > 1000.0 && five(1336.0) > 1000.0,
+        "DTMF 5 not heard: {} {}",
+        five(770.0),
+        five(1336.0)
+    );
     let bob_share = heard_share_above(
         &heard,
         2300.0,

@@ -827,11 +827,14 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             .with_context(|| format!("binding {http}"))?;
         tracing::info!("plugboard listening on http://{}", listener.local_addr()?);
         // Agents' browser softphones take media where SIP phones do.
-        let media_ip = voice
+        let (media_bind, media_ip) = voice
             .as_ref()
-            .map(|v| v.advertised_ip())
-            .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
-        let phones = plugboard_webrtc::Softphones::new(state.clone(), media_ip);
+            .map(|v| (v.sip.ip(), v.advertised_ip()))
+            .unwrap_or((
+                std::net::IpAddr::from([127, 0, 0, 1]),
+                std::net::IpAddr::from([127, 0, 0, 1]),
+            ));
+        let phones = plugboard_webrtc::Softphones::new(state.clone(), media_bind, media_ip);
         let voice = match voice {
             Some(cfg) => Some(Arc::new(
                 plugboard_voice::start(cfg, state.clone(), Some(phones.clone())).await?,

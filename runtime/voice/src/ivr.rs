@@ -593,6 +593,11 @@ impl Ivr {
         if !self.answered {
             return out;
         }
+        // A hold is the bridge's: once the caller is anywhere else (a
+        // transfer, the agent gone, back in the flow) it has lapsed.
+        if self.held && !self.bridged() {
+            self.held = false;
+        }
         let heard = sound.heard;
         let mut finished: Option<Event> = None;
         match &mut self.doing {
@@ -2140,6 +2145,11 @@ mod tests {
             .collect();
         assert_eq!(notes.len(), 2, "{notes:?}");
         assert_eq!(notes[0].1["by"], "agent");
+        // A hold does not outlive its bridge.
+        sim.ivr.queue(sim.now, Queue::Hold(true));
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        all(&mut sim, 1, 10, 0, 0);
+        assert!(!sim.ivr.held);
     }
 
     #[test]

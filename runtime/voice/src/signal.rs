@@ -54,6 +54,8 @@ pub(crate) enum LegEvent {
     Hangup,
     /// The far end asked for a blind transfer (REFER) to this target.
     Refer(String),
+    /// The far end (an agent's softphone) holds the caller, or resumes.
+    Hold(bool),
 }
 
 /// What the endpoint tells a call.

@@ -9,7 +9,7 @@
 //!   with `{"digits": "12#"}`.
 //!
 //! A softphone is the agent's own: only their token (agent or supervisor)
-//! or the tenant's key reaches it.
+//! connects it; the tenant's key may also look, hang up and turn it off.
 
 use std::sync::Arc;
 
@@ -37,7 +37,10 @@ impl From<WebrtcError> for ApiError {
             WebrtcError::Socket(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_media_socket"),
             WebrtcError::NotConnected => (StatusCode::NOT_FOUND, "no_softphone"),
             WebrtcError::NoCall(_) => (StatusCode::CONFLICT, "no_call"),
-            WebrtcError::Digit(_) => (StatusCode::BAD_REQUEST, "bad_digit"),
+            WebrtcError::Digit(_) | WebrtcError::Digits(_) => {
+                (StatusCode::BAD_REQUEST, "bad_digit")
+            }
+            WebrtcError::Busy => (StatusCode::CONFLICT, "busy"),
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -100,6 +103,15 @@ async fn connect(
     Path((_, agent)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> Res<(StatusCode, Json<Value>)> {
+    // Connecting is speaking as the agent: their own token only (the
+    // tenant's key may look, hang up and turn it off).
+    if matches!(role, AcdRole::Tenant) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "a softphone is connected with its agent's own token",
+        ));
+    }
     own(&engine, &t.id, &agent, &role).await?;
     let offer: Offer = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
@@ -108,10 +120,10 @@ async fn connect(
             format!("expected {{\"sdp\": OFFER}}: {e}"),
         )
     })?;
-    let answer = phones.connect(&t.id, &agent, &offer.sdp).await?;
+    let (answer, session) = phones.connect(&t.id, &agent, &offer.sdp).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"type": "answer", "sdp": answer})),
+        Json(json!({"type": "answer", "sdp": answer, "session": session})),
     ))
 }
 

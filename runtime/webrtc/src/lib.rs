@@ -17,17 +17,17 @@
 //! 0.25); [`peer`] maps it to 20 ms G.711 frames, `session` is the thin
 //! tokio driver, one UDP socket per softphone.
 
+#[cfg(feature = "api")]
 pub mod http;
 pub mod peer;
 mod session;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use plugboard_engine::Engine;
 use plugboard_media::audio::FRAME;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -50,6 +50,12 @@ pub enum WebrtcError {
     /// A digit that is not 0-9, *, #, A-D.
     #[error("bad DTMF digit {0:?}")]
     Digit(char),
+    /// More digits than one request may send.
+    #[error("at most {0} digits at a time")]
+    Digits(usize),
+    /// The softphone already has a call up.
+    #[error("the softphone is already on a call")]
+    Busy,
 }
 
 /// What a softphone tells the call that rang it.
@@ -69,6 +75,9 @@ pub enum PhoneEvent {
 
 /// Where a softphone's news for a call goes.
 pub type Notify = Box<dyn Fn(PhoneEvent) + Send + Sync>;
+
+/// Where a softphone's state goes for its agent's page: (tenant, event).
+pub type Publish = Arc<dyn Fn(&str, Value) + Send + Sync>;
 
 /// What the agent does in the page.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +151,8 @@ pub(crate) enum Cmd {
 pub(crate) struct Phone {
     /// Which session (a reconnect replaces the phone).
     pub session: u64,
+    /// Media flows (ICE and DTLS are done): calls may ring it.
+    pub up: Arc<AtomicBool>,
     pub cmds: mpsc::UnboundedSender<Cmd>,
     pub frames: mpsc::Sender<(u64, Vec<i16>)>,
 }
@@ -185,7 +196,10 @@ impl Drop for PhoneLeg {
 
 /// The softphones connected to this node, by tenant and agent.
 pub struct Softphones {
-    engine: Arc<Engine>,
+    publish: Publish,
+    /// Where peers' sockets are bound.
+    bind: IpAddr,
+    /// The address browsers reach them at (the host candidate).
     ip: IpAddr,
     phones: Mutex<HashMap<(String, String), Arc<Phone>>>,
     next: AtomicU64,
@@ -201,12 +215,28 @@ impl std::fmt::Debug for Softphones {
 /// reaches the page a moment before the call rings).
 const ANSWER_WAIT: Duration = Duration::from_secs(3);
 
+/// Digits per request.
+const DTMF_MAX: usize = 32;
+
 impl Softphones {
-    /// A registry whose peers take media on `ip` (the address browsers
-    /// reach the server at).
-    pub fn new(engine: Arc<Engine>, ip: IpAddr) -> Arc<Softphones> {
+    /// A registry whose peers' sockets are bound on `bind` and reached by
+    /// browsers at `ip` (a public address in front of a NAT, or the same);
+    /// what softphones do goes on the tenant's event stream.
+    #[cfg(feature = "api")]
+    pub fn new(engine: Arc<plugboard_engine::Engine>, bind: IpAddr, ip: IpAddr) -> Arc<Softphones> {
+        Softphones::with_publisher(
+            bind,
+            ip,
+            Arc::new(move |tenant: &str, data: Value| engine.softphone_event(tenant, data)),
+        )
+    }
+
+    /// A registry that tells `publish` (tenant, event) what softphones do,
+    /// instead of a tenant's event stream (benchmarks).
+    pub fn with_publisher(bind: IpAddr, ip: IpAddr, publish: Publish) -> Arc<Softphones> {
         Arc::new(Softphones {
-            engine,
+            publish,
+            bind,
             ip,
             phones: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
@@ -224,24 +254,30 @@ impl Softphones {
     }
 
     /// Connects an agent's softphone with the browser's SDP offer; returns
-    /// the answer. A softphone the agent had connected before is closed.
+    /// the answer and the session's id (its events carry it). A softphone
+    /// the agent had connected before is closed.
     pub async fn connect(
         self: &Arc<Self>,
         tenant: &str,
         agent: &str,
         offer: &str,
-    ) -> Result<String, WebrtcError> {
-        let socket = tokio::net::UdpSocket::bind(SocketAddr::new(self.ip, 0))
+    ) -> Result<(String, u64), WebrtcError> {
+        let socket = tokio::net::UdpSocket::bind(SocketAddr::new(self.bind, 0))
             .await
             .map_err(|e| WebrtcError::Socket(e.to_string()))?;
-        let local = socket
+        let port = socket
             .local_addr()
-            .map_err(|e| WebrtcError::Socket(e.to_string()))?;
+            .map_err(|e| WebrtcError::Socket(e.to_string()))?
+            .port();
+        // Datagrams are addressed to the candidate, whatever the socket's
+        // own address.
+        let local = SocketAddr::new(self.ip, port);
         let (peer, answer) = peer::Peer::answer(offer, local, Instant::now())?;
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (frames, frame_rx) = mpsc::channel(32);
         let phone = Arc::new(Phone {
             session: self.id(),
+            up: Arc::new(AtomicBool::new(false)),
             cmds,
             frames,
         });
@@ -251,16 +287,17 @@ impl Softphones {
         }
         tokio::spawn(session::run(session::Session {
             registry: Arc::downgrade(self),
-            engine: self.engine.clone(),
+            publish: self.publish.clone(),
             tenant: tenant.to_string(),
             agent: agent.to_string(),
             session: phone.session,
+            up: phone.up.clone(),
             peer,
             socket,
             cmds: cmd_rx,
             frames: frame_rx,
         }));
-        Ok(answer)
+        Ok((answer, phone.session))
     }
 
     /// Turns an agent's softphone off; false if none was connected.
@@ -283,9 +320,10 @@ impl Softphones {
         }
     }
 
-    /// Whether the agent has a softphone connected here.
+    /// Whether the agent has a softphone connected here (media flows).
     pub fn connected(&self, tenant: &str, agent: &str) -> bool {
-        self.phone(tenant, agent).is_some()
+        self.phone(tenant, agent)
+            .is_some_and(|p| p.up.load(Ordering::Relaxed))
     }
 
     /// Rings the agent's softphone for a call; `info` (the caller, the
@@ -313,10 +351,13 @@ impl Softphones {
     /// What the agent does in the page. An answer waits a moment for the
     /// call to ring.
     pub async fn control(&self, tenant: &str, agent: &str, c: Control) -> Result<(), WebrtcError> {
-        if let Control::Dtmf(d) = &c
-            && let Some(bad) = d.chars().find(|c| !"0123456789*#ABCD".contains(*c))
-        {
-            return Err(WebrtcError::Digit(bad));
+        if let Control::Dtmf(d) = &c {
+            if let Some(bad) = d.chars().find(|c| !"0123456789*#ABCD".contains(*c)) {
+                return Err(WebrtcError::Digit(bad));
+            }
+            if d.chars().count() > DTMF_MAX {
+                return Err(WebrtcError::Digits(DTMF_MAX));
+            }
         }
         let until = Instant::now() + ANSWER_WAIT;
         loop {

@@ -177,10 +177,12 @@ impl Peer {
         }
     }
 
-    /// Ends the connection (the browser sees DTLS close).
+    /// Ends the connection: the DTLS close_notify (and RTCP BYE) come out
+    /// of the next polls, then [`PeerOut::Closed`].
     pub fn close(&mut self) {
-        self.rtc.disconnect();
-        self.closed = true;
+        if self.rtc.close().is_err() {
+            self.rtc.disconnect();
+        }
     }
 
     /// What the peer asks next; call until it returns [`PeerOut::Wait`] or

@@ -2,27 +2,35 @@
 //! sans-IO [`Peer`], and the line (idle, ringing, up) a call rings.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use plugboard_engine::Engine;
 use plugboard_media::audio::FRAME;
 use serde_json::{Value, json};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::peer::{Peer, PeerOut};
-use crate::{Cmd, Control, Notify, PhoneEvent, Playout, Softphones, WebrtcError, lock};
+use crate::{Cmd, Control, Notify, PhoneEvent, Playout, Publish, Softphones, WebrtcError, lock};
 
 /// A browser that never completes ICE and DTLS is given up after this.
 const CONNECT_LIMIT: Duration = Duration::from_secs(30);
 
+/// A call rings a softphone for at most this long (a consultation or a
+/// supervisor's leg has no deadline of its own).
+const RING_LIMIT: Duration = Duration::from_secs(60);
+
+/// DTMF tones waiting for the call, at most (samples: about 10 s).
+const DTMF_QUEUE: usize = 8000 * 10;
+
 pub(crate) struct Session {
     pub registry: Weak<Softphones>,
-    pub engine: Arc<Engine>,
+    pub publish: Publish,
     pub tenant: String,
     pub agent: String,
     pub session: u64,
+    pub up: Arc<AtomicBool>,
     pub peer: Peer,
     pub socket: UdpSocket,
     pub cmds: mpsc::UnboundedReceiver<Cmd>,
@@ -37,6 +45,7 @@ enum Line {
         notify: Notify,
         info: Value,
         playout: Arc<Mutex<Playout>>,
+        until: Instant,
     },
     Up {
         leg: u64,
@@ -61,7 +70,22 @@ pub(crate) async fn run(s: Session) {
         dtmf: VecDeque::new(),
     };
     d.run().await;
+    d.s.up.store(false, Ordering::Relaxed);
     d.hang_up(true);
+    // Whatever was sent after the end is answered: a call that rang now
+    // hears the softphone is gone, a request that it is not connected.
+    d.s.cmds.close();
+    while let Ok(cmd) = d.s.cmds.try_recv() {
+        match cmd {
+            Cmd::Ring { notify, .. } => {
+                notify(PhoneEvent::Failed(480, "Temporarily Unavailable".into()));
+            }
+            Cmd::Control(_, reply) => {
+                let _ = reply.send(Err(WebrtcError::NotConnected));
+            }
+            Cmd::Cancel(_) | Cmd::Gone(_) | Cmd::Close => {}
+        }
+    }
     if let Some(r) = d.s.registry.upgrade() {
         r.ended(&d.s.tenant, &d.s.agent, d.s.session);
     }
@@ -80,15 +104,18 @@ impl Driver {
                         let _ = self.s.socket.try_send_to(&bytes, to);
                     }
                     PeerOut::Wait(at) => break at,
-                    PeerOut::Connected => self.publish("idle", Value::Null),
+                    PeerOut::Connected => {
+                        self.s.up.store(true, Ordering::Relaxed);
+                        self.publish("idle", Value::Null);
+                    }
                     PeerOut::Audio(pcm) => self.heard(&pcm),
                     PeerOut::Closed => return,
                 }
             };
-            let wait = if self.s.peer.connected() {
-                wait
-            } else {
-                wait.min(give_up)
+            let wait = match &self.line {
+                _ if !self.s.peer.connected() => wait.min(give_up),
+                Line::Ringing { until, .. } => wait.min(*until),
+                _ => wait,
             };
             tokio::select! {
                 r = self.s.socket.recv_from(&mut buf) => {
@@ -97,15 +124,22 @@ impl Driver {
                     }
                 }
                 _ = tokio::time::sleep_until(wait.into()) => {
-                    if !self.s.peer.connected() && Instant::now() >= give_up {
+                    let now = Instant::now();
+                    if !self.s.peer.connected() && now >= give_up {
                         tracing::info!("softphone of {}/{} never connected", self.s.tenant, self.s.agent);
                         return;
                     }
-                    self.s.peer.timeout(Instant::now());
+                    if matches!(&self.line, Line::Ringing { until, .. } if now >= *until) {
+                        if let Line::Ringing { notify, .. } = std::mem::replace(&mut self.line, Line::Idle) {
+                            notify(PhoneEvent::Failed(480, "Temporarily Unavailable (not answered)".into()));
+                        }
+                        self.publish("idle", Value::Null);
+                    }
+                    self.s.peer.timeout(now);
                 }
                 cmd = self.s.cmds.recv() => match cmd {
                     None | Some(Cmd::Close) => {
-                        self.s.peer.close();
+                        self.close();
                         return;
                     }
                     Some(cmd) => self.on_cmd(cmd),
@@ -154,6 +188,7 @@ impl Driver {
                     notify,
                     info,
                     playout,
+                    until: Instant::now() + RING_LIMIT,
                 };
             }
             Cmd::Cancel(id) | Cmd::Gone(id) => {
@@ -162,10 +197,18 @@ impl Driver {
                     Line::Idle => false,
                 };
                 if ours {
-                    if let Line::Ringing { notify, .. } = &self.line {
-                        notify(PhoneEvent::Failed(487, "Request Terminated".into()));
+                    match std::mem::replace(&mut self.line, Line::Idle) {
+                        Line::Ringing { notify, .. } => {
+                            notify(PhoneEvent::Failed(487, "Request Terminated".into()));
+                        }
+                        // Given up as the agent answered: the call hears
+                        // the line is down, as with a BYE.
+                        Line::Up { notify, .. } if matches!(cmd, Cmd::Cancel(_)) => {
+                            notify(PhoneEvent::Hangup);
+                        }
+                        _ => {}
                     }
-                    self.line = Line::Idle;
+                    self.dtmf.clear();
                     self.publish("idle", Value::Null);
                 }
             }
@@ -179,11 +222,15 @@ impl Driver {
     fn control(&mut self, c: Control) -> Result<(), WebrtcError> {
         match c {
             Control::Answer => {
+                if matches!(self.line, Line::Up { .. }) {
+                    return Err(WebrtcError::Busy);
+                }
                 let Line::Ringing {
                     leg,
                     notify,
                     info,
                     playout,
+                    ..
                 } = std::mem::replace(&mut self.line, Line::Idle)
                 else {
                     return Err(WebrtcError::NoCall("nothing rings"));
@@ -227,6 +274,9 @@ impl Driver {
                     return Err(WebrtcError::NoCall("no call to send digits to"));
                 }
                 for d in digits.chars() {
+                    if self.dtmf.len() >= DTMF_QUEUE {
+                        break;
+                    }
                     self.dtmf
                         .extend(plugboard_media::dtmf::tone_samples(d, 100, 0.3));
                     self.dtmf.extend(std::iter::repeat_n(0, FRAME * 3 / 2));
@@ -251,11 +301,26 @@ impl Driver {
         self.dtmf.clear();
     }
 
+    /// Closes the connection: the browser hears it (DTLS close_notify),
+    /// as far as a few polls send it.
+    fn close(&mut self) {
+        self.s.peer.close();
+        for _ in 0..50 {
+            match self.s.peer.poll() {
+                PeerOut::Transmit(to, bytes) => {
+                    let _ = self.s.socket.try_send_to(&bytes, to);
+                }
+                PeerOut::Closed | PeerOut::Wait(_) => break,
+                PeerOut::Connected | PeerOut::Audio(_) => {}
+            }
+        }
+    }
+
     /// Tells the agent's page (and supervisors) what the softphone does.
     fn publish(&self, state: &str, call: Value) {
-        self.s.engine.softphone_event(
+        (self.s.publish)(
             &self.s.tenant,
-            json!({"agent": self.s.agent, "state": state, "call": call}),
+            json!({"agent": self.s.agent, "session": self.s.session, "state": state, "call": call}),
         );
     }
 }

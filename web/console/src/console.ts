@@ -267,6 +267,8 @@ class Softphone {
   private mic: MediaStream | null = null;
   private state = "off";
   private muted = false;
+  /// The server's session for this page's connection (its events carry it).
+  private session: number | null = null;
 
   constructor(
     private api: Api,
@@ -305,7 +307,9 @@ class Softphone {
       // The server is ICE-lite: it needs none of our candidates, so the
       // offer goes at once.
       await pc.setLocalDescription(await pc.createOffer());
-      const a = await this.api.call<{ sdp: string }>("POST", this.path(), { sdp: pc.localDescription?.sdp ?? "" });
+      const a = await this.api.call<{ sdp: string; session: number }>("POST", this.path(), { sdp: pc.localDescription?.sdp ?? "" });
+      if (this.pc !== pc) return;
+      this.session = a.session;
       await pc.setRemoteDescription({ type: "answer", sdp: a.sdp });
     } catch (e) {
       this.close(`Softphone: ${(e as Error).message}`);
@@ -320,6 +324,7 @@ class Softphone {
   private close(why: string): void {
     this.pc?.close();
     this.pc = null;
+    this.session = null;
     for (const t of this.mic?.getTracks() ?? []) t.stop();
     this.mic = null;
     this.muted = false;
@@ -348,9 +353,9 @@ class Softphone {
 
   onEvent(e: StreamEvent): void {
     if (e.kind !== "softphone" || e.data.agent !== this.agent) return;
+    // Only this page's connection: not another tab's, nor one replaced.
+    if (this.session === null || e.data.session !== this.session) return;
     const st = e.data.state as string;
-    // The server's "off" is for a connection it closed; ours may be newer.
-    if (st === "off" && this.pc && this.pc.connectionState !== "closed" && this.state === "connecting") return;
     if (st === "off") {
       this.close("The softphone was disconnected.");
       return;

@@ -132,6 +132,10 @@ struct Call {
     consult: Option<OutLeg>,
     self_tx: mpsc::UnboundedSender<CallCmd>,
     phones: Option<Arc<Softphones>>,
+    /// The tenant (known while the session is out handling an event).
+    tenant: String,
+    /// Who calls, as a softphone shows it.
+    caller: Value,
 }
 
 pub(crate) async fn run(spec: CallSpec) {
@@ -165,6 +169,11 @@ pub(crate) async fn run(spec: CallSpec) {
         }
     };
     let now = Instant::now();
+    let ix = &session.interaction;
+    let (tenant, caller) = (
+        ix.tenant.clone(),
+        json!({"interaction": ix.id, "from": ix.from, "to": ix.to}),
+    );
     let mut call = Call {
         key,
         session: Some(session),
@@ -192,6 +201,8 @@ pub(crate) async fn run(spec: CallSpec) {
         consult: None,
         self_tx,
         phones,
+        tenant,
+        caller,
     };
     call.main(&sockets, &mut cmds).await;
     call.finish().await;
@@ -451,10 +462,7 @@ impl Call {
     }
 
     fn tenant(&self) -> String {
-        self.session
-            .as_ref()
-            .map(|s| s.interaction.tenant.clone())
-            .unwrap_or_default()
+        self.tenant.clone()
     }
 
     /// The call's task id in the ACD: its interaction's id.
@@ -665,10 +673,8 @@ impl Call {
                 Effect::RingSide { side, target } => {
                     self.drop_side(side);
                     match self.dial_leg(target, None, None) {
-                        Some(leg) => *self.side(side) = Some(leg),
-                        None => self
-                            .ivr
-                            .side_leg(side, Leg::Unavailable("no free RTP ports".into())),
+                        Ok(leg) => *self.side(side) = Some(leg),
+                        Err(why) => self.ivr.side_leg(side, Leg::Unavailable(why)),
                     }
                 }
                 Effect::DropSide(side) => self.drop_side(side),
@@ -746,34 +752,29 @@ impl Call {
     /// ringback meanwhile, or music when an agent's phone is rung.
     fn start_dial(&mut self, target: String, caller_id: Option<String>, kind: Option<EntryKind>) {
         match self.dial_leg(target, caller_id, kind) {
-            Some(leg) => self.leg = Some(leg),
-            None => self
-                .ivr
-                .leg(Instant::now(), Leg::Unavailable("no free RTP ports".into())),
+            Ok(leg) => self.leg = Some(leg),
+            Err(why) => self.ivr.leg(Instant::now(), Leg::Unavailable(why)),
         }
     }
 
-    /// A new outbound leg calling `target` (noted as `kind`, if any);
-    /// `None` if no media ports are free.
+    /// A new outbound leg calling `target` (noted as `kind`, if any), or
+    /// why there can be none (no free media ports, no softphone).
     fn dial_leg(
         &mut self,
         target: String,
         caller_id: Option<String>,
         kind: Option<EntryKind>,
-    ) -> Option<OutLeg> {
-        // An agent without a SIP phone (`agent:ID`) is rung on their
-        // softphone, as one whose softphone is connected.
-        if let Some(agent) = target
-            .strip_prefix(SOFTPHONE)
-            .or_else(|| target.strip_prefix("agent:"))
-        {
-            return self.ring_softphone(agent, &target, kind);
+    ) -> Result<OutLeg, String> {
+        if let Some(agent) = target.strip_prefix(SOFTPHONE) {
+            return self
+                .ring_softphone(agent, &target, kind)
+                .ok_or_else(|| format!("agent {agent} has no softphone connected"));
         }
-        let (out_leg, offer) = media::new_leg(&self.pool, &self.config)?;
+        let (out_leg, offer) =
+            media::new_leg(&self.pool, &self.config).ok_or("no free RTP ports")?;
         let key = out_leg.key.clone();
-        let interaction = self.session.as_ref().map(|s| &s.interaction);
-        let tenant = interaction.map(|i| i.tenant.clone()).unwrap_or_default();
-        let caller_id = caller_id.or_else(|| interaction.map(|i| i.from.clone()));
+        let tenant = self.tenant.clone();
+        let caller_id = caller_id.or_else(|| self.caller["from"].as_str().map(str::to_string));
         if let Some(kind) = kind {
             self.note(kind, json!({"target": target, "leg_call_id": key.0}));
         }
@@ -790,7 +791,7 @@ impl Call {
                 call,
             });
         });
-        Some(out_leg)
+        Ok(out_leg)
     }
 
     /// A leg to an agent's browser softphone; `None` when it is not
@@ -806,13 +807,7 @@ impl Call {
             format!("{}@softphone", plugboard_sip::random_token()),
             plugboard_sip::random_token(),
         );
-        let ix = self.session.as_ref().map(|s| &s.interaction);
-        let tenant = ix.map(|i| i.tenant.clone()).unwrap_or_default();
-        let info = json!({
-            "interaction": ix.map(|i| i.id.clone()),
-            "from": ix.map(|i| i.from.clone()),
-            "to": ix.map(|i| i.to.clone()),
-        });
+        let (tenant, info) = (self.tenant.clone(), self.caller.clone());
         let (tx, leg_key) = (self.self_tx.clone(), key.clone());
         let notify: Notify = Box::new(move |ev| {
             let ev = match ev {
@@ -820,10 +815,7 @@ impl Call {
                 PhoneEvent::Answered => LegEvent::Answered(softphone_media()),
                 PhoneEvent::Failed(status, reason) => LegEvent::Failed(status, reason),
                 PhoneEvent::Hangup => LegEvent::Hangup,
-                PhoneEvent::Hold(on) => {
-                    let _ = tx.send(CallCmd::Queue(Queue::Hold(on)));
-                    return;
-                }
+                PhoneEvent::Hold(on) => LegEvent::Hold(on),
             };
             let _ = tx.send(CallCmd::Leg(leg_key.clone(), ev));
         });
@@ -846,6 +838,11 @@ impl Call {
             return;
         };
         let news = match ev {
+            // Only the agent who has the caller holds them.
+            LegEvent::Hold(on) => {
+                self.ivr.queue(Instant::now(), Queue::Hold(on));
+                return;
+            }
             LegEvent::Ringing => Leg::Ringing,
             LegEvent::Answered(n) => {
                 leg.answered(&n);
@@ -883,8 +880,9 @@ impl Call {
                 *self.side(side) = None;
                 Leg::Failed(status, reason)
             }
-            // A third party does not transfer the call: their REFER ends
-            // their part.
+            // A third party neither holds the caller nor transfers the
+            // call: their REFER ends their part.
+            LegEvent::Hold(_) => return,
             LegEvent::Refer(_) | LegEvent::Hangup => {
                 *self.side(side) = None;
                 Leg::Hangup
