@@ -3375,3 +3375,85 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
     }
     Ok(())
 }
+
+/// Many agents' softphones connect at once from one Chromium (str0m has
+/// a report of DTLS failing under many concurrent handshakes): every one
+/// connects. `SOFTPHONES` sets how many (default 20); the time it took is
+/// printed, not asserted.
+#[test]
+fn many_softphones_connect_at_once_from_one_chromium() -> Result<()> {
+    let n = std::env::var("SOFTPHONES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20usize);
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let key = server.tenant("acme");
+    let mut tokens = Vec::new();
+    for i in 0..n {
+        let a = server.json(
+            "PUT",
+            &format!("/v1/tenants/acme/agents/a{i}"),
+            &key,
+            &json!({"capacity": {"voice": 1}}),
+        );
+        assert!(a.status == 200 || a.status == 201, "{a:?}");
+        let t = server.json(
+            "POST",
+            &format!("/v1/tenants/acme/agents/a{i}/token"),
+            &key,
+            &json!({}),
+        );
+        tokens.push(json!([format!("a{i}"), t.body["token"]]));
+    }
+    let wav = dir.path().join("mic.wav");
+    std::fs::write(&wav, tone_wav(700.0, 30))?;
+    let mut b = Browser::with_microphone(&wav);
+    b.must(json!({"op": "open", "url": format!("http://127.0.0.1:{}/console/", server.port)}));
+    let js = format!(
+        r#"(async () => {{
+  const tokens = {tokens};
+  const mic = await navigator.mediaDevices.getUserMedia({{ audio: true }});
+  const t0 = performance.now();
+  window.pcs = [];
+  const one = async ([agent, token]) => {{
+    const pc = new RTCPeerConnection();
+    window.pcs.push(pc);
+    pc.addTrack(mic.getAudioTracks()[0], mic);
+    await pc.setLocalDescription(await pc.createOffer());
+    const r = await fetch(`/v1/tenants/acme/agents/${{agent}}/softphone`, {{
+      method: "POST",
+      headers: {{ Authorization: `Bearer ${{token}}`, "Content-Type": "application/json" }},
+      body: JSON.stringify({{ sdp: pc.localDescription.sdp }}),
+    }});
+    if (!r.ok) return ["http " + r.status, 0];
+    await pc.setRemoteDescription({{ type: "answer", sdp: (await r.json()).sdp }});
+    const until = performance.now() + 20000;
+    while (pc.connectionState !== "connected" && pc.connectionState !== "failed" && performance.now() < until) {{
+      await new Promise((res) => setTimeout(res, 20));
+    }}
+    return [pc.connectionState, performance.now() - t0];
+  }};
+  return await Promise.all(tokens.map(one));
+}})()"#,
+        tokens = Value::Array(tokens)
+    );
+    let results = b.must(json!({"op": "eval", "js": js}));
+    let results = results.as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), n);
+    let failed: Vec<&Value> = results.iter().filter(|r| r[0] != "connected").collect();
+    assert!(failed.is_empty(), "not connected: {failed:?}");
+    let mut ms: Vec<f64> = results.iter().filter_map(|r| r[1].as_f64()).collect();
+    ms.sort_by(f64::total_cmp);
+    eprintln!(
+        "{n} softphones connected at once: p50 {:.0} ms, last {:.0} ms",
+        ms[ms.len() / 2],
+        ms[ms.len() - 1]
+    );
+    // The server sees every one of them connected (ready to ring).
+    for i in 0..n {
+        let s = server.get(&format!("/v1/tenants/acme/agents/a{i}/softphone"), &key);
+        assert_eq!(s.body["connected"], true, "a{i}: {s:?}");
+    }
+    Ok(())
+}
