@@ -117,6 +117,11 @@ struct ServeArgs {
     /// challenge names an algorithm they lack, such as baresip 1.0).
     #[arg(long)]
     digest_md5_only: bool,
+    /// Agents' browser softphones speak Opus before G.711 (better on lossy
+    /// networks; each frame is coded, where G.711 goes to the voice core as
+    /// it is).
+    #[arg(long)]
+    softphone_opus: bool,
     /// The espeak-ng program for built-in text-to-speech [default: espeak-ng].
     #[arg(long, env = "PLUGBOARD_ESPEAK")]
     espeak: Option<PathBuf>,
@@ -835,6 +840,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
                 std::net::IpAddr::from([127, 0, 0, 1]),
             ));
         let phones = plugboard_webrtc::Softphones::new(state.clone(), media_bind, media_ip);
+        phones.prefer_opus(args.softphone_opus);
         let voice = match voice {
             Some(cfg) => Some(Arc::new(
                 plugboard_voice::start(cfg, state.clone(), Some(phones.clone())).await?,

@@ -13,7 +13,8 @@
 //! Printed, for this process only: the time for all handshakes, CPU
 //! seconds per second over `BENCH_SECS` (default 10) of steady state (from
 //! /proc/self/stat), and resident memory added (VmRSS), per leg; and the
-//! ratio of a softphone leg to an RTP leg.
+//! ratio of a softphone leg to an RTP leg, with G.711 to the browsers and
+//! with Opus (each frame coded both ways).
 //!
 //! `cargo run --release -p plugboard-webrtc --no-default-features --example softphone_bench`
 
@@ -84,8 +85,9 @@ fn main() {
         let n: usize = args[3].parse().unwrap();
         let secs: u64 = args[4].parse().unwrap();
         rt.block_on(match args[2].as_str() {
-            "webrtc" => Box::pin(webrtc_client(n, secs))
+            "g711" => Box::pin(webrtc_client(n, secs, false))
                 as std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>,
+            "opus" => Box::pin(webrtc_client(n, secs, true)),
             _ => Box::pin(rtp_client(n, secs)),
         });
         return;
@@ -93,7 +95,8 @@ fn main() {
     let n = env("BENCH_LEGS", 200) as usize;
     let secs = env("BENCH_SECS", 10);
     let rtp = rt.block_on(rtp_server(n, secs));
-    let webrtc = rt.block_on(webrtc_server(n, secs));
+    let webrtc = rt.block_on(webrtc_server(n, secs, false));
+    let opus = rt.block_on(webrtc_server(n, secs, true));
     println!("softphone_bench: {n} legs each way, {secs} s steady state, 20 ms G.711 both ways");
     println!(
         "  rtp legs (baseline):  {:.3} ms CPU per leg per second, {:.1} KiB per leg",
@@ -108,17 +111,27 @@ fn main() {
         webrtc.3
     );
     println!(
-        "  ratio softphone/rtp:  CPU {:.2}x, memory {:.2}x",
+        "  softphone legs, Opus: {:.3} ms CPU per leg per second, {:.1} KiB per leg; {} of {n} connected, handshakes {:.2} s",
+        opus.0 * 1000.0,
+        opus.1 / 1024.0,
+        opus.2,
+        opus.3
+    );
+    println!(
+        "  ratio softphone/rtp:  CPU {:.2}x, memory {:.2}x; with Opus CPU {:.2}x, memory {:.2}x",
         webrtc.0 / rtp.0,
-        webrtc.1 / rtp.1
+        webrtc.1 / rtp.1,
+        opus.0 / rtp.0,
+        opus.1 / rtp.1
     );
     // At 80 % of every core, for the softphone legs alone.
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1) as f64;
     println!(
-        "  softphone legs that fit in 80 % of {cores} cores: {:.0}",
-        0.8 * cores / webrtc.0
+        "  softphone legs that fit in 80 % of {cores} cores: {:.0} with G.711, {:.0} with Opus",
+        0.8 * cores / webrtc.0,
+        0.8 * cores / opus.0
     );
 }
 
@@ -151,8 +164,8 @@ async fn steady(n: usize, secs: u64) -> f64 {
 // ----- the server side -----
 
 /// Returns (CPU s per leg per s, bytes per leg, connected, handshake s).
-async fn webrtc_server(n: usize, secs: u64) -> (f64, f64, usize, f64) {
-    let mut c = child("webrtc", n, secs + 8);
+async fn webrtc_server(n: usize, secs: u64, opus: bool) -> (f64, f64, usize, f64) {
+    let mut c = child(if opus { "opus" } else { "g711" }, n, secs + 8);
     let offers = read_line(&mut c);
     let connected = Arc::new(AtomicUsize::new(0));
     let seen = connected.clone();
@@ -165,6 +178,7 @@ async fn webrtc_server(n: usize, secs: u64) -> (f64, f64, usize, f64) {
             }
         }),
     );
+    phones.prefer_opus(opus);
     let m0 = rss();
     let t0 = Instant::now();
     let mut answers = Vec::new();
@@ -233,7 +247,7 @@ async fn webrtc_server(n: usize, secs: u64) -> (f64, f64, usize, f64) {
     let done = read_line(&mut c);
     let _ = c.wait();
     eprintln!(
-        "webrtc: {} answered, server heard {frames} frames, clients heard {} bytes",
+        "webrtc (opus {opus}): {} answered, server heard {frames} frames, clients heard {} bytes",
         answered.load(Ordering::Relaxed),
         done["heard"]
     );
@@ -359,7 +373,7 @@ struct Browser {
     pending: Option<SdpPendingOffer>,
 }
 
-async fn webrtc_client(n: usize, secs: u64) {
+async fn webrtc_client(n: usize, secs: u64, opus: bool) {
     let mut browsers = Vec::new();
     let mut offers = Vec::new();
     for _ in 0..n {
@@ -368,7 +382,8 @@ async fn webrtc_client(n: usize, secs: u64) {
         let mut rtc = RtcConfig::new()
             .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
             .clear_codecs()
-            .enable_pcmu(true, false)
+            .enable_pcmu(!opus, false)
+            .enable_opus(opus, false)
             .build(Instant::now());
         rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
         let mut api = rtc.sdp_api();
@@ -407,6 +422,11 @@ async fn browser(mut b: Browser, heard: Arc<AtomicU64>) {
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     let mut payload = Vec::new();
     Law::Mu.encode(&tone(), &mut payload);
+    // A browser's Opus: 48 kHz, 20 ms frames.
+    let mut enc = opus::Encoder::new(48000, opus::Channels::Mono, opus::Application::Voip).unwrap();
+    let tone48: Vec<i16> = (0..960)
+        .map(|i| ((i as f32 * 0.06).sin() * 6000.0) as i16)
+        .collect();
     let mut n = 0u64;
     let mut up = false;
     loop {
@@ -437,11 +457,20 @@ async fn browser(mut b: Browser, heard: Arc<AtomicU64>) {
             }
             _ = tick.tick() => {
                 if up && let Some(w) = b.rtc.writer(b.mid) {
-                    let pt = w.payload_params().find(|p| p.spec().codec == Codec::PCMU).map(|p| p.pt());
-                    if let Some(pt) = pt {
-                        let _ = w.write(pt, Instant::now(), MediaTime::new(n * 160, Frequency::EIGHT_KHZ), payload.clone());
-                        n += 1;
+                    let p = w.payload_params().next().map(|p| (p.pt(), p.spec().codec));
+                    match p {
+                        Some((pt, Codec::Opus)) => {
+                            let mut out = [0u8; 400];
+                            if let Ok(k) = enc.encode(&tone48, &mut out) {
+                                let _ = w.write(pt, Instant::now(), MediaTime::new(n * 960, Frequency::FORTY_EIGHT_KHZ), out[..k].to_vec());
+                            }
+                        }
+                        Some((pt, _)) => {
+                            let _ = w.write(pt, Instant::now(), MediaTime::new(n * 160, Frequency::EIGHT_KHZ), payload.clone());
+                        }
+                        None => {}
                     }
+                    n += 1;
                 }
             }
         }

@@ -203,6 +203,8 @@ pub struct Softphones {
     ip: IpAddr,
     phones: Mutex<HashMap<(String, String), Arc<Phone>>>,
     next: AtomicU64,
+    /// Offer Opus before G.711.
+    opus: AtomicBool,
 }
 
 impl std::fmt::Debug for Softphones {
@@ -240,7 +242,15 @@ impl Softphones {
             ip,
             phones: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            opus: AtomicBool::new(false),
         })
+    }
+
+    /// Whether browsers are asked for Opus before G.711 (better on lossy
+    /// networks, at the cost of coding every frame; G.711 goes to the
+    /// voice core as it is). Off by default.
+    pub fn prefer_opus(&self, on: bool) {
+        self.opus.store(on, Ordering::Relaxed);
     }
 
     fn id(&self) -> u64 {
@@ -272,7 +282,12 @@ impl Softphones {
         // Datagrams are addressed to the candidate, whatever the socket's
         // own address.
         let local = SocketAddr::new(self.ip, port);
-        let (peer, answer) = peer::Peer::answer(offer, local, Instant::now())?;
+        let (peer, answer) = peer::Peer::answer(
+            offer,
+            local,
+            Instant::now(),
+            self.opus.load(Ordering::Relaxed),
+        )?;
         let (cmds, cmd_rx) = mpsc::unbounded_channel();
         let (frames, frame_rx) = mpsc::channel(32);
         let phone = Arc::new(Phone {

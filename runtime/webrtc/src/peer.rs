@@ -1,7 +1,9 @@
 //! One browser's peer connection, sans-IO: SDP, datagrams and `now` in;
 //! datagrams, a timer and audio out. ICE-lite (the browser checks, we
 //! answer), DTLS-SRTP and RTP are str0m's; this maps its media to the
-//! 20 ms G.711 frames of the voice core.
+//! 20 ms 8 kHz frames of the voice core: G.711 as it is, or Opus
+//! (libopus coding at 8 kHz, so nothing is resampled) when it is
+//! preferred or the browser has nothing else.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -32,14 +34,67 @@ pub enum PeerOut {
     Closed,
 }
 
+/// The codec a softphone's audio travels in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Voice {
+    /// G.711, as the voice core has it.
+    G711(Law),
+    /// Opus (48 kHz RTP clock), coded to and from 8 kHz.
+    Opus,
+}
+
+impl Voice {
+    fn of(codec: Codec) -> Option<Voice> {
+        match codec {
+            Codec::PCMU => Some(Voice::G711(Law::Mu)),
+            Codec::PCMA => Some(Voice::G711(Law::A)),
+            Codec::Opus => Some(Voice::Opus),
+            _ => None,
+        }
+    }
+
+    /// Its name, as SDP has it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Voice::G711(l) => l.name(),
+            Voice::Opus => "opus",
+        }
+    }
+}
+
+/// Opus coding state of a peer.
+struct OpusCodec {
+    enc: opus::Encoder,
+    dec: opus::Decoder,
+}
+
+impl OpusCodec {
+    fn new() -> Result<OpusCodec, opus::Error> {
+        let mut enc = opus::Encoder::new(8000, opus::Channels::Mono, opus::Application::Voip)?;
+        // Lost packets are recovered from the next one's redundancy.
+        enc.set_inband_fec(true)?;
+        enc.set_packet_loss_perc(5)?;
+        Ok(OpusCodec {
+            enc,
+            dec: opus::Decoder::new(8000, opus::Channels::Mono)?,
+        })
+    }
+}
+
 /// A browser's peer connection.
 pub struct Peer {
     rtc: Rtc,
     local: SocketAddr,
     mid: Option<Mid>,
-    pt: Option<(Pt, Law)>,
-    /// RTP time of the next frame we send.
+    pt: Option<(Pt, Voice)>,
+    /// Codecs in the order we prefer them.
+    prefer: [Voice; 3],
+    opus: Option<OpusCodec>,
+    /// Frames sent (their RTP time follows).
     sent: u64,
+    /// Whether the browser's audio is wanted (a call is up): else it is
+    /// not decoded.
+    listening: bool,
     connected: bool,
     closed: bool,
 }
@@ -56,21 +111,35 @@ impl std::fmt::Debug for Peer {
 
 impl Peer {
     /// Answers a browser's offer for a peer whose datagrams arrive at
-    /// `local`: the answer's SDP (G.711 only, our host candidate).
+    /// `local`: the answer's SDP (our host candidate; G.711 first, or Opus
+    /// first when `opus` is preferred — the browser sends the answer's
+    /// first codec).
     pub fn answer(
         offer: &str,
         local: SocketAddr,
         now: Instant,
+        opus: bool,
     ) -> Result<(Peer, String), WebrtcError> {
         let offer =
             SdpOffer::from_sdp_string(offer).map_err(|e| WebrtcError::Sdp(e.to_string()))?;
-        let mut rtc = RtcConfig::new()
+        let g711 = [Voice::G711(Law::Mu), Voice::G711(Law::A)];
+        let prefer = if opus {
+            [Voice::Opus, g711[0], g711[1]]
+        } else {
+            [g711[0], g711[1], Voice::Opus]
+        };
+        let mut config = RtcConfig::new()
             .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
             .set_ice_lite(true)
-            .clear_codecs()
-            .enable_pcmu(true, false)
-            .enable_pcma(true, false)
-            .build(now);
+            .clear_codecs();
+        for v in prefer {
+            config = match v {
+                Voice::G711(Law::Mu) => config.enable_pcmu(true, false),
+                Voice::G711(Law::A) => config.enable_pcma(true, false),
+                Voice::Opus => config.enable_opus(true, false),
+            };
+        }
+        let mut rtc = config.build(now);
         let candidate =
             Candidate::host(local, "udp").map_err(|e| WebrtcError::Sdp(e.to_string()))?;
         rtc.add_local_candidate(candidate);
@@ -83,43 +152,56 @@ impl Peer {
             local,
             mid: None,
             pt: None,
+            prefer,
+            opus: None,
             sent: 0,
+            listening: true,
             connected: false,
             closed: false,
         };
-        // The answer keeps the codecs both sides have: without G.711
-        // there is nothing the voice core could carry. (The audio media
-        // itself is picked when str0m reports it, on the first polls.)
+        // The answer keeps the codecs both sides have: without one of
+        // ours there is no audio. (The audio media itself is picked when
+        // str0m reports it, on the first polls.)
         let answer = answer.to_sdp_string();
-        if !answer.contains("PCMU/8000") && !answer.contains("PCMA/8000") {
+        if !["PCMU/8000", "PCMA/8000", "opus/48000"]
+            .iter()
+            .any(|c| answer.contains(c))
+        {
             return Err(WebrtcError::Sdp(
-                "the offer has no audio with PCMU or PCMA".into(),
+                "the offer has no audio with Opus, PCMU or PCMA".into(),
             ));
         }
         Ok((peer, answer))
     }
 
-    /// Takes this audio media, if it has a G.711 payload type both sides
-    /// agreed (PCMU before PCMA).
+    /// Takes this audio media, in the codec we prefer of those both sides
+    /// agreed.
     fn pick_audio(&mut self, mid: Mid) {
         let Some(w) = self.rtc.writer(mid) else {
             return;
         };
-        let mut found = None;
-        for p in w.payload_params() {
-            let law = match p.spec().codec {
-                Codec::PCMU => Law::Mu,
-                Codec::PCMA => Law::A,
-                _ => continue,
-            };
-            if found.is_none() || law == Law::Mu {
-                found = Some((p.pt(), law));
+        let agreed: Vec<(Pt, Voice)> = w
+            .payload_params()
+            .filter_map(|p| Voice::of(p.spec().codec).map(|v| (p.pt(), v)))
+            .collect();
+        let Some(found) = self
+            .prefer
+            .iter()
+            .find_map(|v| agreed.iter().find(|(_, a)| a == v).copied())
+        else {
+            return;
+        };
+        if found.1 == Voice::Opus && self.opus.is_none() {
+            match OpusCodec::new() {
+                Ok(c) => self.opus = Some(c),
+                Err(e) => {
+                    tracing::warn!("no Opus coder: {e}");
+                    return;
+                }
             }
         }
-        if found.is_some() {
-            self.mid = Some(mid);
-            self.pt = found;
-        }
+        self.mid = Some(mid);
+        self.pt = Some(found);
     }
 
     /// Whether media flows.
@@ -127,9 +209,15 @@ impl Peer {
         self.connected
     }
 
-    /// The codec agreed.
-    pub fn law(&self) -> Law {
-        self.pt.map(|(_, l)| l).unwrap_or(Law::Mu)
+    /// Whether the browser's audio is decoded and handed out (while a call
+    /// is up; an idle softphone's microphone costs nothing).
+    pub fn listen(&mut self, on: bool) {
+        self.listening = on;
+    }
+
+    /// The codec we send in (once the audio is known).
+    pub fn voice(&self) -> Option<Voice> {
+        self.pt.map(|(_, v)| v)
     }
 
     /// A datagram arrived from `source`.
@@ -160,16 +248,41 @@ impl Peer {
 
     /// Sends one 20 ms frame to the browser (dropped before media flows).
     pub fn send(&mut self, now: Instant, pcm: &[i16]) {
-        let (Some(mid), Some((pt, law))) = (self.mid, self.pt) else {
+        let (Some(mid), Some((pt, voice))) = (self.mid, self.pt) else {
             return;
         };
         if !self.connected {
             return;
         }
-        let mut payload = Vec::with_capacity(FRAME);
-        law.encode(pcm, &mut payload);
-        let time = MediaTime::new(self.sent, Frequency::EIGHT_KHZ);
-        self.sent += pcm.len() as u64;
+        let n = self.sent;
+        self.sent += 1;
+        let (payload, time) = match (voice, self.opus.as_mut()) {
+            (Voice::G711(law), _) => {
+                let mut payload = Vec::with_capacity(FRAME);
+                law.encode(pcm, &mut payload);
+                (
+                    payload,
+                    MediaTime::new(n * FRAME as u64, Frequency::EIGHT_KHZ),
+                )
+            }
+            (Voice::Opus, Some(c)) => {
+                let mut frame = [0i16; FRAME];
+                let k = pcm.len().min(FRAME);
+                frame[..k].copy_from_slice(&pcm[..k]);
+                let mut out = [0u8; 400];
+                match c.enc.encode(&frame, &mut out) {
+                    Ok(len) => (
+                        out[..len].to_vec(),
+                        MediaTime::new(n * 960, Frequency::FORTY_EIGHT_KHZ),
+                    ),
+                    Err(e) => {
+                        tracing::debug!("opus encode: {e}");
+                        return;
+                    }
+                }
+            }
+            (Voice::Opus, None) => return,
+        };
         if let Some(w) = self.rtc.writer(mid)
             && let Err(e) = w.write(pt, now, time, payload)
         {
@@ -222,15 +335,27 @@ impl Peer {
                         self.pick_audio(m.mid);
                     }
                 }
+                Output::Event(Event::MediaData(_)) if !self.listening => {}
                 Output::Event(Event::MediaData(d)) => {
-                    let law = match d.params.spec().codec {
-                        Codec::PCMU => Law::Mu,
-                        Codec::PCMA => Law::A,
-                        _ => continue,
-                    };
-                    let mut pcm = Vec::with_capacity(d.data.len());
-                    law.decode(&d.data, &mut pcm);
-                    return PeerOut::Audio(pcm);
+                    match (Voice::of(d.params.spec().codec), self.opus.as_mut()) {
+                        (Some(Voice::G711(law)), _) => {
+                            let mut pcm = Vec::with_capacity(d.data.len());
+                            law.decode(&d.data, &mut pcm);
+                            return PeerOut::Audio(pcm);
+                        }
+                        (Some(Voice::Opus), Some(c)) => {
+                            // Up to 120 ms in one packet, at 8 kHz.
+                            let mut pcm = vec![0i16; FRAME * 6];
+                            match c.dec.decode(&d.data, &mut pcm, false) {
+                                Ok(n) => {
+                                    pcm.truncate(n);
+                                    return PeerOut::Audio(pcm);
+                                }
+                                Err(e) => tracing::debug!("opus decode: {e}"),
+                            }
+                        }
+                        _ => {}
+                    }
                 }
                 Output::Event(_) => {}
             }
@@ -245,16 +370,19 @@ mod tests {
     use std::time::Duration;
     use str0m::media::Direction;
 
-    /// A browser stand-in: a full-ICE str0m peer offering audio.
+    /// A browser stand-in: a full-ICE str0m peer offering audio in these
+    /// codecs.
     fn client(
         now: Instant,
         addr: SocketAddr,
+        opus: bool,
+        g711: bool,
     ) -> (Rtc, String, str0m::change::SdpPendingOffer, Mid) {
         let mut rtc = RtcConfig::new()
             .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
             .clear_codecs()
-            .enable_opus(true, false)
-            .enable_pcmu(true, false)
+            .enable_opus(opus, false)
+            .enable_pcmu(g711, false)
             .build(now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut api = rtc.sdp_api();
@@ -263,39 +391,56 @@ mod tests {
         (rtc, offer.to_sdp_string(), pending, mid)
     }
 
-    #[test]
-    fn a_browser_offer_is_answered_and_g711_flows_both_ways() {
+    /// A browser (offering `opus`/`g711`) and a peer (preferring Opus or
+    /// not) connect in memory and send 100 frames of a tone each way;
+    /// returns the codec and what each side heard (8 kHz samples at the
+    /// peer; the browser's decoded at its codec's rate).
+    fn call(opus: bool, g711: bool, prefer_opus: bool) -> (Voice, Vec<i16>, Vec<i16>) {
         let t0 = Instant::now();
         let (caddr, saddr): (SocketAddr, SocketAddr) = (
             "127.0.0.1:40000".parse().unwrap(),
             "127.0.0.1:40002".parse().unwrap(),
         );
-        let (mut c, offer, pending, mid) = client(t0, caddr);
-        let (mut s, answer) = Peer::answer(&offer, saddr, t0).unwrap();
+        let (mut c, offer, pending, mid) = client(t0, caddr, opus, g711);
+        let (mut s, answer) = Peer::answer(&offer, saddr, t0, prefer_opus).unwrap();
         assert!(answer.contains("a=ice-lite"), "{answer}");
-        assert!(answer.contains("PCMU/8000"), "{answer}");
         c.sdp_api()
             .accept_answer(
                 pending,
                 str0m::change::SdpAnswer::from_sdp_string(&answer).unwrap(),
             )
             .unwrap();
+        let tone = |n: usize, rate: f32| -> Vec<i16> {
+            (0..n)
+                .map(|i| ((i as f32 * 440.0 * std::f32::consts::TAU / rate).sin() * 8000.0) as i16)
+                .collect()
+        };
+        let mut client_enc =
+            opus::Encoder::new(48000, opus::Channels::Mono, opus::Application::Voip).unwrap();
+        let mut client_dec = opus::Decoder::new(48000, opus::Channels::Mono).unwrap();
         let mut now = t0;
         let mut heard = Vec::new();
-        let mut client_heard = 0usize;
+        let mut client_heard = Vec::new();
         let mut n = 0u64;
         for _ in 0..2000 {
             now += Duration::from_millis(5);
-            // Client out → server in.
+            // Browser out → peer in.
             loop {
                 match c.poll_output().unwrap() {
                     Output::Transmit(t) => s.receive(now, t.source, &t.contents),
-                    Output::Event(Event::MediaData(d)) => client_heard += d.data.len(),
+                    Output::Event(Event::MediaData(d)) => match d.params.spec().codec {
+                        Codec::Opus => {
+                            let mut pcm = vec![0i16; 5760];
+                            let k = client_dec.decode(&d.data, &mut pcm, false).unwrap();
+                            client_heard.extend_from_slice(&pcm[..k]);
+                        }
+                        _ => Law::Mu.decode(&d.data, &mut client_heard),
+                    },
                     Output::Event(_) => {}
                     Output::Timeout(_) => break,
                 }
             }
-            // Server out → client in.
+            // Peer out → browser in.
             loop {
                 match s.poll() {
                     PeerOut::Transmit(to, bytes) => {
@@ -310,52 +455,102 @@ mod tests {
             }
             c.handle_input(Input::Timeout(now)).unwrap();
             s.timeout(now);
-            if s.connected() && n < 100 {
-                // 20 ms frames both ways.
-                s.send(now, &[1000; FRAME]);
+            if s.connected() && n < 100 && n * 20 < (now - t0).as_millis() as u64 {
+                // 20 ms frames both ways, in the codec the peer chose.
+                s.send(now, &tone(FRAME, 8000.0));
+                let voice = s.voice().unwrap();
                 let w = c.writer(mid).unwrap();
                 let pt = w
                     .payload_params()
-                    .find(|p| p.spec().codec == Codec::PCMU)
+                    .find(|p| Voice::of(p.spec().codec) == Some(voice))
                     .unwrap()
                     .pt();
-                let mut payload = Vec::new();
-                Law::Mu.encode(&[-2000; FRAME], &mut payload);
-                w.write(
-                    pt,
-                    now,
-                    MediaTime::new(n * 160, Frequency::EIGHT_KHZ),
-                    payload,
-                )
-                .unwrap();
+                let (payload, time) = match voice {
+                    Voice::Opus => {
+                        let mut out = [0u8; 400];
+                        let k = client_enc.encode(&tone(960, 48000.0), &mut out).unwrap();
+                        (
+                            out[..k].to_vec(),
+                            MediaTime::new(n * 960, Frequency::FORTY_EIGHT_KHZ),
+                        )
+                    }
+                    Voice::G711(law) => {
+                        let mut p = Vec::new();
+                        law.encode(&tone(FRAME, 8000.0), &mut p);
+                        (p, MediaTime::new(n * 160, Frequency::EIGHT_KHZ))
+                    }
+                };
+                w.write(pt, now, time, payload).unwrap();
                 n += 1;
             }
         }
         assert!(s.connected());
-        assert_eq!(s.law(), Law::Mu);
-        assert!(heard.len() >= 50 * FRAME, "server heard {}", heard.len());
-        assert!(heard.iter().all(|x| (*x + 2000).abs() < 100));
-        assert!(client_heard >= 50 * FRAME, "client heard {client_heard}");
+        (s.voice().unwrap(), heard, client_heard)
+    }
+
+    fn rms(x: &[i16]) -> f64 {
+        (x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>() / x.len().max(1) as f64).sqrt()
     }
 
     #[test]
-    fn an_offer_without_g711_or_not_sdp_is_refused() {
+    fn a_browser_offer_is_answered_and_g711_flows_both_ways() {
+        let (voice, heard, client_heard) = call(true, true, false);
+        assert_eq!(
+            voice,
+            Voice::G711(Law::Mu),
+            "G.711 first unless Opus is preferred"
+        );
+        assert!(heard.len() >= 90 * FRAME, "peer heard {}", heard.len());
+        assert!(
+            client_heard.len() >= 90 * FRAME,
+            "browser heard {}",
+            client_heard.len()
+        );
+        // G.711 is exact up to its quantization: a tone of 8,000 (RMS
+        // ~5,657) comes through as itself.
+        assert!((rms(&heard) - 5657.0).abs() < 200.0, "{}", rms(&heard));
+    }
+
+    #[test]
+    fn opus_is_coded_both_ways_when_preferred_or_the_only_codec() {
+        for (g711, prefer) in [(true, true), (false, false)] {
+            let (voice, heard, client_heard) = call(true, g711, prefer);
+            assert_eq!(voice, Voice::Opus);
+            assert!(heard.len() >= 90 * FRAME, "peer heard {}", heard.len());
+            // The browser decodes at 48 kHz: six times the samples.
+            assert!(
+                client_heard.len() >= 90 * FRAME * 6,
+                "browser heard {}",
+                client_heard.len()
+            );
+            // Lossy, but the tone's energy comes through both ways (past
+            // the codec's first frames).
+            let level = rms(&heard[heard.len() / 2..]);
+            assert!(level > 3000.0, "peer heard a level of {level}");
+            let level = rms(&client_heard[client_heard.len() / 2..]);
+            assert!(level > 3000.0, "browser heard a level of {level}");
+        }
+    }
+
+    #[test]
+    fn an_offer_without_opus_or_g711_or_not_sdp_is_refused() {
         let now = Instant::now();
         let addr: SocketAddr = "127.0.0.1:40004".parse().unwrap();
         assert!(matches!(
-            Peer::answer("not sdp", addr, now),
+            Peer::answer("not sdp", addr, now, false),
             Err(WebrtcError::Sdp(_))
         ));
         let mut rtc = RtcConfig::new()
             .set_crypto_provider(Arc::new(str0m::crypto::from_feature_flags()))
             .clear_codecs()
-            .enable_opus(true, false)
+            .enable_pcma(false, false)
+            .enable_g722(true, false)
             .build(now);
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
         let mut api = rtc.sdp_api();
         api.add_media(MediaKind::Audio, Direction::SendRecv, None, None, None);
         let (offer, _) = api.apply().unwrap();
-        let e = Peer::answer(&offer.to_sdp_string(), addr, now).unwrap_err();
+        let e = Peer::answer(&offer.to_sdp_string(), addr, now, false).unwrap_err();
         assert!(e.to_string().contains("PCMU"), "{e}");
     }
 }

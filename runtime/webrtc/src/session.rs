@@ -69,6 +69,7 @@ pub(crate) async fn run(s: Session) {
         line: Line::Idle,
         dtmf: VecDeque::new(),
     };
+    d.s.peer.listen(false);
     d.run().await;
     d.s.up.store(false, Ordering::Relaxed);
     d.hang_up(true);
@@ -208,6 +209,7 @@ impl Driver {
                         }
                         _ => {}
                     }
+                    self.s.peer.listen(false);
                     self.dtmf.clear();
                     self.publish("idle", Value::Null);
                 }
@@ -236,6 +238,7 @@ impl Driver {
                     return Err(WebrtcError::NoCall("nothing rings"));
                 };
                 notify(PhoneEvent::Answered);
+                self.s.peer.listen(true);
                 self.publish("connected", info.clone());
                 self.line = Line::Up {
                     leg,
@@ -298,6 +301,7 @@ impl Driver {
             Line::Up { notify, .. } => notify(PhoneEvent::Hangup),
             Line::Idle => {}
         }
+        self.s.peer.listen(false);
         self.dtmf.clear();
     }
 
