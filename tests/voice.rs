@@ -2179,19 +2179,22 @@ fn queued_callers_reach_agents_with_the_skill_a_busy_phone_is_skipped_and_a_call
     Ok(())
 }
 
-#[test]
-fn a_callers_digits_and_crm_profile_pop_up_on_the_agents_console_when_their_phone_rings()
--> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
-    let key = server.tenant("acme");
-    // The queue's screen pop asks the kv-crm directory, which knows the
-    // caller.
-    let d = server.deploy("acme", &key, "kv-crm", plugin("kv_crm"));
+/// Tenant acme's account hotline on `number`: the IVR asks for an account
+/// digit and queues the caller for `sales` (offers ring `offer_timeout`
+/// seconds), whose screen pop asks the kv-crm directory, which knows
+/// `caller` as Ona Petraitis (gold).
+fn account_hotline(
+    server: &Server,
+    key: &str,
+    number: &str,
+    caller: &str,
+    offer_timeout: u64,
+) -> Result<()> {
+    let d = server.deploy("acme", key, "kv-crm", plugin("kv_crm"));
     assert!(d.status == 200 || d.status == 201, "{d:?}");
     put_all(
-        &server,
-        &key,
+        server,
+        key,
         [
             (
                 "/v1/tenants/acme/plugins/kv-crm/grants",
@@ -2199,26 +2202,17 @@ fn a_callers_digits_and_crm_profile_pop_up_on_the_agents_console_when_their_phon
             ),
             (
                 "/v1/tenants/acme/queues/sales",
-                json!({"crm": "kv-crm", "offer_timeout": 20}),
-            ),
-            (
-                "/v1/tenants/acme/sip-users/ann",
-                json!({"password": "s3cret-pass"}),
-            ),
-            (
-                "/v1/tenants/acme/agents/ann",
-                json!({"sip_user": "ann", "capacity": {"voice": 1}}),
+                json!({"crm": "kv-crm", "offer_timeout": offer_timeout}),
             ),
         ],
     );
     let kv = server.call(
         "PUT",
-        "/v1/tenants/acme/kv/crm/customer/sipp",
-        Some(&key),
+        &format!("/v1/tenants/acme/kv/crm/customer/{caller}"),
+        Some(key),
         Some(br#"{"id": "c-9", "name": "Ona Petraitis", "tier": "gold"}"#.to_vec()),
     )?;
     assert_eq!(kv.status, 204, "{kv:?}");
-    // The IVR asks for an account digit, then queues the caller.
     let doc = json!({
         "name": "account",
         "start": "ask",
@@ -2228,15 +2222,39 @@ fn a_callers_digits_and_crm_profile_pop_up_on_the_agents_console_when_their_phon
             "queue": {"type": "enqueue", "queue": "sales", "attributes": ["account"]}
         }
     });
-    let a = server.json("POST", "/v1/tenants/acme/flows/account", &key, &doc);
+    let a = server.json("POST", "/v1/tenants/acme/flows/account", key, &doc);
     assert!(a.status == 200 || a.status == 201, "{a:?}");
+    put_all(
+        server,
+        key,
+        [(
+            &format!("/v1/tenants/acme/addresses/{number}"),
+            json!({"channel": "voice", "flow": "account"}),
+        )],
+    );
+    Ok(())
+}
+
+#[test]
+fn a_callers_digits_and_crm_profile_pop_up_on_the_agents_console_when_their_phone_rings()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
+    let key = server.tenant("acme");
+    account_hotline(&server, &key, "15550401", "sipp", 20)?;
     put_all(
         &server,
         &key,
-        [(
-            "/v1/tenants/acme/addresses/15550401",
-            json!({"channel": "voice", "flow": "account"}),
-        )],
+        [
+            (
+                "/v1/tenants/acme/sip-users/ann",
+                json!({"password": "s3cret-pass"}),
+            ),
+            (
+                "/v1/tenants/acme/agents/ann",
+                json!({"sip_user": "ann", "capacity": {"voice": 1}}),
+            ),
+        ],
     );
     let port = free_sip_port();
     register_as(&server, dir.path(), "ann", port)?;
@@ -3090,21 +3108,12 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
     let dir = tempfile::tempdir()?;
     let server = Server::start(&dir.path().join("data"), &[])?;
     let key = server.tenant("acme");
-    let d = server.deploy("acme", &key, "kv-crm", plugin("kv_crm"));
-    assert!(d.status == 200 || d.status == 201, "{d:?}");
+    account_hotline(&server, &key, "15550402", "customer", 30)?;
     // Neither agent has a SIP phone: the browser is their phone.
     put_all(
         &server,
         &key,
         [
-            (
-                "/v1/tenants/acme/plugins/kv-crm/grants",
-                json!({"kv": true}),
-            ),
-            (
-                "/v1/tenants/acme/queues/sales",
-                json!({"crm": "kv-crm", "offer_timeout": 30}),
-            ),
             (
                 "/v1/tenants/acme/agents/ann",
                 json!({"capacity": {"voice": 1}}),
@@ -3114,32 +3123,6 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
                 json!({"capacity": {"voice": 1}}),
             ),
         ],
-    );
-    let kv = server.call(
-        "PUT",
-        "/v1/tenants/acme/kv/crm/customer/customer",
-        Some(&key),
-        Some(br#"{"id": "c-9", "name": "Ona Petraitis", "tier": "gold"}"#.to_vec()),
-    )?;
-    assert_eq!(kv.status, 204, "{kv:?}");
-    let doc = json!({
-        "name": "account",
-        "start": "ask",
-        "nodes": {
-            "ask": {"type": "gather", "prompt": "Your account digit, please.", "var": "account",
-                    "max_digits": 1, "timeout_ms": 8000, "next": "queue", "no_input": "queue"},
-            "queue": {"type": "enqueue", "queue": "sales", "attributes": ["account"]}
-        }
-    });
-    let a = server.json("POST", "/v1/tenants/acme/flows/account", &key, &doc);
-    assert!(a.status == 200 || a.status == 201, "{a:?}");
-    put_all(
-        &server,
-        &key,
-        [(
-            "/v1/tenants/acme/addresses/15550402",
-            json!({"channel": "voice", "flow": "account"}),
-        )],
     );
     let token = |who: &str, role: &str| {
         let t = server.json(
