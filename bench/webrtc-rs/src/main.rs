@@ -318,6 +318,9 @@ async fn webrtc_server(n: usize, secs: u64, interceptors: &str) -> (f64, f64, us
         legs.push(leg);
     }
     let answered = t0.elapsed().as_secs_f64();
+    if std::env::var_os("BENCH_SHOW_ANSWER").is_some() {
+        eprintln!("first answer:\n{}", answers[0]);
+    }
     {
         let stdin = c.stdin.as_mut().unwrap();
         writeln!(stdin, "{}", json!({ "answers": answers })).unwrap();
