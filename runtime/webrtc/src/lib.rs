@@ -14,8 +14,12 @@
 //!
 //! The WebRTC stack is str0m (sans-IO, ICE-lite, DTLS-SRTP, with the
 //! aws-lc-rs crypto backend: its pure-Rust backend does not resolve at
-//! 0.25); [`peer`] maps it to 20 ms G.711 frames, `session` is the thin
-//! tokio driver, one UDP socket per softphone.
+//! 0.25); [`peer`] maps it to 20 ms 8 kHz frames (G.711, or Opus through
+//! libopus), `session` is the thin tokio driver, one UDP socket per
+//! softphone. It was chosen over webrtc-rs after measuring both
+//! (`examples/softphone_bench.rs`, `bench/webrtc-rs`): the same order of
+//! CPU and memory per leg, str0m a little lighter, and sans-IO like the
+//! project's other protocol engines.
 
 #[cfg(feature = "api")]
 pub mod http;
