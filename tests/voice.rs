@@ -3211,8 +3211,16 @@ fn a_caller_is_answered_on_the_agents_browser_softphone_and_passed_warm_to_anoth
     ann_desk.must(json!({"op": "click", "sel": "[data-pb=dtmf-5]"}));
     let dtmf_at = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
-    // Her softphone is hers: the tenant's key does not connect it, and a
-    // page sends a few digits at a time.
+    // Her softphone is hers: the tenant's key does not connect it; another
+    // tab of hers does not replace it while the call is up; a page sends a
+    // few digits at a time.
+    let again = server.json(
+        "POST",
+        "/v1/tenants/acme/agents/ann/softphone",
+        &ann,
+        &json!({"sdp": "v=0"}),
+    );
+    assert_eq!(again.status, 409, "{again:?}");
     let admin = server.json(
         "POST",
         "/v1/tenants/acme/agents/ann/softphone",

@@ -57,8 +57,8 @@ pub enum WebrtcError {
     /// More digits than one request may send.
     #[error("at most {0} digits at a time")]
     Digits(usize),
-    /// The softphone already has a call up.
-    #[error("the softphone is already on a call")]
+    /// A call rings the softphone or is up on it.
+    #[error("the softphone has a call ringing or up")]
     Busy,
 }
 
@@ -157,6 +157,8 @@ pub(crate) struct Phone {
     pub session: u64,
     /// Media flows (ICE and DTLS are done): calls may ring it.
     pub up: Arc<AtomicBool>,
+    /// A call rings it or is up on it.
+    pub busy: Arc<AtomicBool>,
     pub cmds: mpsc::UnboundedSender<Cmd>,
     pub frames: mpsc::Sender<(u64, Vec<i16>)>,
 }
@@ -269,13 +271,21 @@ impl Softphones {
 
     /// Connects an agent's softphone with the browser's SDP offer; returns
     /// the answer and the session's id (its events carry it). A softphone
-    /// the agent had connected before is closed.
+    /// the agent had connected before is closed — unless a call rings it or
+    /// is up on it ([`WebrtcError::Busy`]: another tab must not cut the
+    /// caller off).
     pub async fn connect(
         self: &Arc<Self>,
         tenant: &str,
         agent: &str,
         offer: &str,
     ) -> Result<(String, u64), WebrtcError> {
+        if self
+            .phone(tenant, agent)
+            .is_some_and(|p| p.busy.load(Ordering::Relaxed))
+        {
+            return Err(WebrtcError::Busy);
+        }
         let socket = tokio::net::UdpSocket::bind(SocketAddr::new(self.bind, 0))
             .await
             .map_err(|e| WebrtcError::Socket(e.to_string()))?;
@@ -297,6 +307,7 @@ impl Softphones {
         let phone = Arc::new(Phone {
             session: self.id(),
             up: Arc::new(AtomicBool::new(false)),
+            busy: Arc::new(AtomicBool::new(false)),
             cmds,
             frames,
         });
@@ -311,6 +322,7 @@ impl Softphones {
             agent: agent.to_string(),
             session: phone.session,
             up: phone.up.clone(),
+            busy: phone.busy.clone(),
             peer,
             socket,
             cmds: cmd_rx,

@@ -31,6 +31,7 @@ pub(crate) struct Session {
     pub agent: String,
     pub session: u64,
     pub up: Arc<AtomicBool>,
+    pub busy: Arc<AtomicBool>,
     pub peer: Peer,
     pub socket: UdpSocket,
     pub cmds: mpsc::UnboundedReceiver<Cmd>,
@@ -98,6 +99,9 @@ impl Driver {
         let mut buf = vec![0u8; 2048];
         let give_up = Instant::now() + CONNECT_LIMIT;
         loop {
+            self.s
+                .busy
+                .store(!matches!(self.line, Line::Idle), Ordering::Relaxed);
             // What the peer has to say, then wait for the next input.
             let wait = loop {
                 match self.s.peer.poll() {
