@@ -1179,6 +1179,24 @@ fn acknowledged_chat_email_and_sms_survive_a_sigkill_exactly_once() {
         "{submits} submits for {} replies",
         sms_out.len()
     );
+    // Usage for billing: every stored message counted once, by channel
+    // and direction, across the kill.
+    let (mails, mail_out) = history(&s, &key, "email", "rita@example.com");
+    let (texts, _) = history(&s, &key, "sms", "37069990001");
+    let chat_out = messages(&s, &key, &ix)
+        .iter()
+        .filter(|m| m["direction"] == "outbound")
+        .count();
+    let a = s.get("/v1/tenants/freight/usage?granularity=total", &key);
+    assert_eq!(a.status, 200, "{a:?}");
+    let used = &a.body["rows"][0]["messages"];
+    eprintln!("usage: {used}");
+    assert_eq!(used["chat/inbound"], N, "{used}");
+    assert_eq!(used["chat/outbound"], chat_out, "{used}");
+    assert_eq!(used["email/inbound"], mails.len(), "{used}");
+    assert_eq!(used["email/outbound"], mail_out.len(), "{used}");
+    assert_eq!(used["sms/inbound"], texts.len(), "{used}");
+    assert_eq!(used["sms/outbound"], sms_out.len(), "{used}");
 }
 
 #[test]
@@ -1294,4 +1312,149 @@ fn one_customer_writes_by_chat_then_email_then_sms_and_the_merged_history_has_al
     assert_eq!(find("sms", "37069990001")["id"], by_email["id"]);
     // A phone number is one address whether it texts or calls.
     assert_eq!(find("voice", "37069990001")["id"], by_email["id"]);
+}
+
+/// Sends `n` mails in one SMTP session as fast as it can; prints `ok N`
+/// or `refused N CODE` for each.
+const SMTP_EACH: &str = r#"
+import smtplib, sys
+from email.message import EmailMessage
+s = smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20)
+for n in range(int(sys.argv[2])):
+    m = EmailMessage()
+    m["From"] = "rita@example.com"; m["To"] = "help@freight.test"
+    m["Subject"] = f"mail {n}"; m.set_content(f"mail {n}")
+    try:
+        s.send_message(m)
+        print(f"ok {n}", flush=True)
+    except smtplib.SMTPRecipientsRefused as e:
+        code = list(e.recipients.values())[0][0]
+        print(f"refused {n} {code}", flush=True)
+        s.rset()
+s.quit()
+"#;
+
+#[test]
+fn a_tenant_over_its_chat_and_message_limits_is_refused_in_each_channels_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(waybills);
+    let smsc = Smsc::start("test", "secret");
+    let mut flags: Vec<&str> = LOOPBACK.to_vec();
+    flags.extend(["--chat-rate", "100000", "--chat-ip-rate", "100000"]);
+    flags.extend(["--smtp", "127.0.0.1:0"]);
+    let s = Server::start(&dir.path().join("data"), &flags).unwrap();
+    let smtp = s.logged("SMTP listening on ");
+    let key = wire(&s, mis.port);
+    for (address, channel) in [("help@freight.test", "email"), ("37060000001", "sms")] {
+        let a = s.json(
+            "PUT",
+            &format!("/v1/tenants/freight/addresses/{address}"),
+            &key,
+            &json!({"channel": channel, "flow": "hotline"}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    smpp_carrier(&s, "freight", &key, smsc.port, "secret", &[]);
+    smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "bind");
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/limits",
+        &s.admin,
+        &json!({"chats": 1, "messages_per_second": 1}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    assert_eq!(a.body["capacity"]["chats"], 1, "{a:?}");
+
+    // Chat: one conversation at once; a second visitor is told why.
+    let (mut ws, _, _) = hello(&s, json!({"type": "hello"}));
+    let mut second = ws_connect(&s, None).unwrap();
+    send(&mut second, json!({"type": "hello"}));
+    let refused = next(&mut second).unwrap();
+    assert_eq!(refused["type"], "error", "{refused}");
+    assert_eq!(refused["code"], "capacity", "{refused}");
+    assert!(refused["retry_after_ms"].as_u64().unwrap() > 0, "{refused}");
+    assert!(next(&mut second).is_none(), "the refused socket closes");
+    assert_eq!(
+        s.get("/v1/tenants/freight/limits", &key).body["in_use"]["chats"],
+        1
+    );
+    // One message a second: of five at once, the first is taken, the
+    // rest are refused with when to try again, and taken when retried.
+    for n in 0..5 {
+        send(
+            &mut ws,
+            json!({"type": "message", "client_id": format!("c{n}"), "text": format!("hi {n}")}),
+        );
+    }
+    let (mut acked, mut limited) = (Vec::new(), Vec::new());
+    while acked.len() + limited.len() < 5 {
+        let f = next(&mut ws).expect("an answer to each message");
+        match f["type"].as_str() {
+            Some("ack") => acked.push(f["client_id"].as_str().unwrap().to_string()),
+            Some("error") if f["code"] == "rate_limited" => {
+                assert_eq!(f["retry_after_ms"], 1000, "{f}");
+                limited.push(f["client_id"].as_str().unwrap().to_string());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(acked, ["c0"], "{limited:?}");
+    assert_eq!(limited.len(), 4);
+    drop(ws);
+    // The place is given back when the visitor leaves.
+    assert!(eventually(Duration::from_secs(10), || {
+        s.get("/v1/tenants/freight/limits", &key).body["in_use"]["chats"] == 0
+    }));
+
+    // Email (a bucket of its own): the mails over the rate are deferred
+    // with 452 at RCPT.
+    let out = std::process::Command::new(plugboard_tests::peers_python())
+        .args(["-c", SMTP_EACH, &smtp.to_string(), "3"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.starts_with("ok 0\n"), "{said}");
+    assert!(
+        said.contains("refused 1 452") && said.contains("refused 2 452"),
+        "{said}"
+    );
+
+    // SMS over SMPP: the SMSC is told to retry (ESME_RTHROTTLED, 0x58).
+    let tx = smsc.commands();
+    for n in 0..3 {
+        tx(
+            json!({"cmd": "mo", "tag": format!("t{n}"), "from": "37069990001",
+                  "to": "37060000001", "text": format!("sms {n}")}),
+        );
+    }
+    assert!(eventually(Duration::from_secs(20), || {
+        smsc.named("deliver_sm_resp").len() >= 3
+    }));
+    let statuses: Vec<u64> = smsc
+        .named("deliver_sm_resp")
+        .iter()
+        .map(|e| e["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 0).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 0x58).count(),
+        2,
+        "{statuses:?}"
+    );
+
+    // Every refusal is counted for the tenant, by limit.
+    let seen = s.get("/v1/tenants/freight/limits", &key).body;
+    assert_eq!(seen["refused"]["chats"], 1, "{seen}");
+    assert_eq!(seen["refused"]["messages_per_second"], 8, "{seen}");
+    let metrics = s.get("/metrics", "").body.to_string();
+    assert!(
+        metrics.contains(
+            r#"plugboard_tenant_refusals_total{tenant=\"freight\",limit=\"messages_per_second\"} 8"#
+        ),
+        "{metrics}"
+    );
 }

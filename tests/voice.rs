@@ -3459,3 +3459,352 @@ fn many_softphones_connect_at_once_from_one_chromium() -> Result<()> {
     }
     Ok(())
 }
+
+/// A second tenant with the hello IVR on `number`; its API key.
+fn tenant_with_ivr(server: &Server, tenant: &str, number: &str) -> String {
+    let key = server.tenant(tenant);
+    let a = server.deploy(tenant, &key, "hello-ivr", plugin("hello_ivr"));
+    assert_eq!(a.status, 201, "{:?}", a.body);
+    let a = server.json(
+        "PUT",
+        &format!("/v1/tenants/{tenant}/addresses/{number}"),
+        &key,
+        &json!({"channel": "voice", "flow": "hello-ivr"}),
+    );
+    assert_eq!(a.status, 200, "{:?}", a.body);
+    key
+}
+
+/// The tenant's limits and what it uses, as the tenant sees them.
+fn limits(server: &Server, tenant: &str, key: &str) -> Value {
+    let a = server.get(&format!("/v1/tenants/{tenant}/limits"), key);
+    assert_eq!(a.status, 200, "{a:?}");
+    a.body
+}
+
+#[test]
+fn a_tenant_at_its_call_limit_is_refused_486_while_another_tenant_keeps_connecting() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let acme = setup(&server);
+    let beta = tenant_with_ivr(&server, "beta", "15550200");
+    // Only the operator sets limits; the tenant sees them.
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/limits",
+        &acme,
+        &json!({"calls": 3}),
+    );
+    assert_eq!(a.status, 403, "{a:?}");
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/limits",
+        &server.admin,
+        &json!({"calls": 3, "agents": 1}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let seen = limits(&server, "acme", &acme);
+    assert_eq!(seen["capacity"]["calls"], 3, "{seen}");
+    // Without a limit of its own, a tenant gets half the node's legs.
+    let node = limits(&server, "beta", &beta)["node"]["calls"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(node, 2000, "the default RTP range holds 2,000 legs");
+    assert_eq!(limits(&server, "beta", &beta)["capacity"]["calls"], 1000);
+    std::thread::scope(|scope| -> Result<()> {
+        // Acme's three lines are busy for 8 s.
+        let held = scope.spawn(|| {
+            sipp_with(
+                &server,
+                dir.path(),
+                "bench_hold",
+                "+15550100",
+                "u1",
+                &["-m", "3", "-l", "3", "-r", "10", "-d", "8000"],
+            )
+        });
+        let t0 = Instant::now();
+        while limits(&server, "acme", &acme)["in_use"]["calls"] != 3 {
+            if t0.elapsed() > Duration::from_secs(20) {
+                bail!("acme's three calls did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Acme's fourth caller hears busy: 486 with a Q.850 Reason and
+        // Retry-After (checked in the scenario).
+        let out = dir.path().join("busy");
+        std::fs::create_dir_all(&out)?;
+        sipp(&server, &out, "busy_limit", "+15550100", "u1")?;
+        // Beta's callers connect meanwhile, all of them.
+        let other = dir.path().join("beta");
+        std::fs::create_dir_all(&other)?;
+        sipp_with(
+            &server,
+            &other,
+            "bench_hold",
+            "15550200",
+            "u1",
+            &["-m", "5", "-l", "5", "-r", "10", "-d", "500"],
+        )
+        .context("beta's calls while acme is at its limit")?;
+        assert_eq!(limits(&server, "acme", &acme)["in_use"]["calls"], 3);
+        held.join()
+            .map_err(|_| anyhow::anyhow!("sipp thread"))?
+            .context("acme's held calls")?;
+        Ok(())
+    })?;
+    // The refusal is on acme's limits, its metrics and nobody else's.
+    let seen = limits(&server, "acme", &acme);
+    assert_eq!(seen["refused"]["calls"], 1, "{seen}");
+    let metrics = server.get("/metrics", "").body.to_string();
+    assert!(
+        metrics.contains(r#"plugboard_tenant_refusals_total{tenant=\"acme\",limit=\"calls\"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains(r#"tenant=\"beta\",limit="#), "{metrics}");
+    // Seats: one agent, and a second is refused.
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/agents/ann",
+        &acme,
+        &json!({"skills": {}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/agents/bob",
+        &acme,
+        &json!({"skills": {}}),
+    );
+    assert_eq!(a.status, 409, "{a:?}");
+    assert!(a.body.to_string().contains("seats"), "{a:?}");
+    // Ann's record can still change.
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/agents/ann",
+        &acme,
+        &json!({"skills": {"billing": 3}}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    Ok(())
+}
+
+#[test]
+fn a_flood_over_one_tenants_call_rate_is_refused_503_and_the_other_tenant_keeps_its_rate()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &[])?;
+    let acme = setup(&server);
+    let beta = tenant_with_ivr(&server, "beta", "15550200");
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/limits",
+        &server.admin,
+        &json!({"calls_per_second": 5}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    // Beta alone: 40 calls at 20/s.
+    let beta_calls = ["-m", "40", "-l", "40", "-r", "20", "-d", "200"];
+    let alone_dir = dir.path().join("alone");
+    std::fs::create_dir_all(&alone_dir)?;
+    let t0 = Instant::now();
+    sipp_with(
+        &server,
+        &alone_dir,
+        "bench_hold",
+        "15550200",
+        "u1",
+        &beta_calls,
+    )
+    .context("beta alone")?;
+    let alone = t0.elapsed();
+    // Acme floods at 50/s, ten times its limit, while beta calls again.
+    let (flood, during) = std::thread::scope(|scope| {
+        let flood = scope.spawn(|| {
+            let d = dir.path().join("flood");
+            std::fs::create_dir_all(&d)?;
+            let t0 = Instant::now();
+            sipp_with(
+                &server,
+                &d,
+                "flood_call",
+                "+15550100",
+                "u1",
+                &["-m", "150", "-l", "150", "-r", "50", "-d", "200"],
+            )?;
+            anyhow::Ok(t0.elapsed())
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let d = dir.path().join("during");
+        std::fs::create_dir_all(&d).unwrap();
+        let t0 = Instant::now();
+        let during = sipp_with(&server, &d, "bench_hold", "15550200", "u1", &beta_calls);
+        (flood.join().unwrap(), during.map(|()| t0.elapsed()))
+    });
+    let flood_took = flood.context("acme's flood: every call answered or refused with 503")?;
+    let during = during.context("beta during the flood: zero failures")?;
+    // Acme got no more than its rate: a second's burst and 5/s after.
+    let acme_calls = calls(&server, &acme, 0).len();
+    let refused = limits(&server, "acme", &acme)["refused"]["calls_per_second"]
+        .as_u64()
+        .unwrap_or(0);
+    eprintln!(
+        "acme: {acme_calls} answered, {refused} refused in {:.1} s; beta's 40 calls took {:.2} s alone, {:.2} s during the flood",
+        flood_took.as_secs_f64(),
+        alone.as_secs_f64(),
+        during.as_secs_f64()
+    );
+    assert_eq!(acme_calls as u64 + refused, 150);
+    assert!(
+        acme_calls as f64 <= 5.0 + 5.0 * flood_took.as_secs_f64() + 1.0,
+        "{acme_calls} calls answered in {flood_took:?}"
+    );
+    assert!(refused >= 100, "{refused}");
+    // Beta's calls were never refused.
+    let seen = limits(&server, "beta", &beta);
+    assert!(
+        seen["refused"].as_object().is_none_or(|r| r.is_empty()),
+        "{seen}"
+    );
+    Ok(())
+}
+
+/// Acme's usage over the last hour, as one row (empty when none).
+fn usage_total(server: &Server, key: &str, tenant: &str) -> Value {
+    let from = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        - 3_600_000;
+    let a = server.get(
+        &format!("/v1/tenants/{tenant}/usage?from={from}&granularity=total"),
+        key,
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    a.body["rows"][0].clone()
+}
+
+#[test]
+fn answered_calls_are_billed_by_the_minute_once_also_across_a_sigkill() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[])?;
+    let acme = setup(&server);
+    let beta = server.tenant("beta");
+    let legs = |server: &Server| {
+        usage_total(server, &acme, "acme")["calls"]["inbound/-"]["legs"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let first = dir.path().join("first");
+    std::fs::create_dir_all(&first)?;
+    sipp_with(
+        &server,
+        &first,
+        "bench_hold",
+        "+15550100",
+        "u1",
+        &["-m", "4", "-l", "4", "-r", "10", "-d", "1500"],
+    )?;
+    assert!(plugboard_tests::eventually(
+        Duration::from_secs(10),
+        || legs(&server) == 4
+    ));
+    // A SIGKILL, then more calls: what was recorded stays, once.
+    server.kill();
+    let server = Server::start(&data, &[])?;
+    assert_eq!(legs(&server), 4);
+    let second = dir.path().join("second");
+    std::fs::create_dir_all(&second)?;
+    sipp_with(
+        &server,
+        &second,
+        "bench_hold",
+        "+15550100",
+        "u1",
+        &["-m", "3", "-l", "3", "-r", "10", "-d", "2500"],
+    )?;
+    assert!(plugboard_tests::eventually(
+        Duration::from_secs(10),
+        || legs(&server) == 7
+    ));
+    let row = usage_total(&server, &acme, "acme");
+    let c = &row["calls"]["inbound/-"];
+    let seconds = c["seconds"].as_f64().unwrap();
+    eprintln!("7 calls billed: {c}");
+    // Each call is under a minute: one started minute each.
+    assert_eq!(c["minutes"], 7, "{row}");
+    // From the 200 to the BYE: the hold, plus signalling on loopback.
+    assert!(
+        (13.5..13.5 + 7.0 * 0.5).contains(&seconds),
+        "{seconds} s for 4 × 1.5 s and 3 × 2.5 s"
+    );
+    // An agent signed in for a while is seat time.
+    let agent = |body: Value, path: &str| {
+        let a = server.json(
+            "PUT",
+            &format!("/v1/tenants/acme/agents/{path}"),
+            &acme,
+            &body,
+        );
+        assert!(a.status == 200 || a.status == 204, "{a:?}");
+    };
+    agent(json!({"skills": {}}), "ann");
+    agent(json!({"state": "available"}), "ann/presence");
+    std::thread::sleep(Duration::from_millis(1500));
+    agent(json!({"state": "offline"}), "ann/presence");
+    // The IVR's plugin work is metered too (written every 10 s).
+    assert!(plugboard_tests::eventually(Duration::from_secs(30), || {
+        let row = usage_total(&server, &acme, "acme");
+        row["plugin_invocations"].as_u64().unwrap_or(0) > 0
+            && row["seat_hours"].as_f64().unwrap_or(0.0) > 0.0
+    }));
+    let seat = usage_total(&server, &acme, "acme")["seat_hours"]
+        .as_f64()
+        .unwrap()
+        * 3600.0;
+    assert!((1.5..3.0).contains(&seat), "{seat} s signed in");
+    // The CSV export, by day.
+    let (status, csv) = server.get_bytes("/v1/tenants/acme/usage?format=csv", &acme);
+    let csv = String::from_utf8(csv)?;
+    assert_eq!(status, 200, "{csv}");
+    assert!(
+        csv.starts_with("tenant,from,kind,detail,quantity,unit\n"),
+        "{csv}"
+    );
+    assert!(csv.contains(",call,inbound/-,7,minutes\n"), "{csv}");
+    // Another tenant's key reads nothing of acme's; the operator reads all.
+    let a = server.get("/v1/tenants/acme/usage", &beta);
+    assert_eq!(a.status, 403, "{a:?}");
+    let a = server.get("/v1/usage?granularity=total", &beta);
+    assert_eq!(a.status, 403, "{a:?}");
+    let a = server.get("/v1/usage?granularity=total", &server.admin.clone());
+    assert_eq!(a.status, 200, "{a:?}");
+    let tenants: Vec<&str> = a.body["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["tenant"].as_str())
+        .collect();
+    assert!(tenants.contains(&"acme"), "{a:?}");
+    // The operator's page in the console: every tenant, its limits, use
+    // and this month's usage; the operator sets beta's seats there.
+    let mut b = Browser::start();
+    b.must(json!({"op": "open", "url": format!("http://127.0.0.1:{}/console/", server.port)}));
+    b.must(json!({"op": "fill", "sel": "[data-pb=token]", "text": server.admin}));
+    b.must(json!({"op": "click", "sel": "[data-pb=signin]"}));
+    b.must(json!({"op": "wait", "js": "(document.querySelector('[data-tenant=acme] [data-col=minutes]') || {}).textContent === '7'"}));
+    assert_eq!(
+        text_of(&mut b, "[data-tenant=acme] [data-col=calls]"),
+        "0 / 1000"
+    );
+    b.must(json!({"op": "eval", "js": "(() => { const s = document.querySelector('[data-pb=limits-tenant]'); s.value = 'beta'; s.dispatchEvent(new Event('change')); return true; })()"}));
+    b.must(json!({"op": "fill", "sel": "[data-pb=limit-agents]", "text": "4"}));
+    b.must(json!({"op": "click", "sel": "[data-pb=limits-save]"}));
+    b.must(json!({"op": "wait", "js": "(document.querySelector('[data-tenant=beta] [data-col=agents]') || {}).textContent === '0 / 4'"}));
+    b.must(
+        json!({"op": "screenshot", "path": root().join("target/screenshots/operator-tenants.png")}),
+    );
+    assert_eq!(limits(&server, "beta", &beta)["capacity"]["agents"], 4);
+    Ok(())
+}

@@ -23,8 +23,8 @@ use plugboard_core::{
     Address, Channel, Error as CoreError, Event, Grants, Interaction, Tenant, TenantLimits, now_ms,
 };
 use plugboard_engine::acd::AcdRole;
+use plugboard_engine::usage::{Granularity, UsageRow};
 use plugboard_engine::{Engine, EngineError, SimulateRequest, StreamEvent};
-use plugboard_host::Limits;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -202,6 +202,8 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/settings", get(get_settings))
         .route("/v1/tenants/{t}", get(get_tenant))
         .route("/v1/tenants/{t}/limits", put(set_limits).get(get_limits))
+        .route("/v1/tenants/{t}/usage", get(tenant_usage))
+        .route("/v1/usage", get(operator_usage))
         .route("/v1/tenants/{t}/me", get(who_am_i))
         .route(
             "/v1/tenants/{t}/kv/{*key}",
@@ -944,7 +946,7 @@ async fn set_limits(
     _: Admin,
     TenantScope(t): TenantScope,
     body: Bytes,
-) -> ApiResult<Json<Limits>> {
+) -> ApiResult<Json<Value>> {
     let limits: TenantLimits = parse_json(&body)?;
     Ok(Json(s.set_limits(&t.id, limits).await?))
 }
@@ -952,8 +954,85 @@ async fn set_limits(
 async fn get_limits(
     State(s): State<Arc<Engine>>,
     TenantScope(t): TenantScope,
-) -> ApiResult<Json<Limits>> {
-    Ok(Json(s.limits_for(&t)))
+) -> ApiResult<Json<Value>> {
+    Ok(Json(s.limits_view(&t).await?))
+}
+
+/// The period and cut of a usage request: `from` and `to` as ms since
+/// the epoch or RFC 3339 times (default: this UTC month so far),
+/// `granularity` hour, day (default) or total, `format` json or csv.
+fn usage_query(
+    q: &std::collections::HashMap<String, String>,
+) -> ApiResult<(u64, u64, Granularity, bool)> {
+    let now = now_ms();
+    let time = |k: &str, default: u64| -> ApiResult<u64> {
+        let Some(v) = q.get(k) else {
+            return Ok(default);
+        };
+        if let Ok(ms) = v.parse::<u64>() {
+            return Ok(ms);
+        }
+        v.parse::<jiff::Timestamp>()
+            .ok()
+            .and_then(|t| u64::try_from(t.as_millisecond()).ok())
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{k} is ms since the Unix epoch or an RFC 3339 time"
+                ))
+            })
+    };
+    let month_start = jiff::Timestamp::from_millisecond(now as i64)
+        .ok()
+        .map(|t| t.to_zoned(jiff::tz::TimeZone::UTC))
+        .and_then(|z| z.first_of_month().ok()?.start_of_day().ok())
+        .and_then(|z| u64::try_from(z.timestamp().as_millisecond()).ok())
+        .unwrap_or(now - now % 86_400_000);
+    let from = time("from", month_start)?;
+    let to = time("to", now + 1)?;
+    let granularity = q
+        .get("granularity")
+        .map_or(Ok(Granularity::Day), |g| g.parse())?;
+    let csv = match q.get("format").map(String::as_str) {
+        None | Some("json") => false,
+        Some("csv") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "format {other:?}: json or csv"
+            )));
+        }
+    };
+    Ok((from, to, granularity, csv))
+}
+
+fn usage_answer(from: u64, to: u64, rows: Vec<UsageRow>, csv: bool) -> Response {
+    if csv {
+        let mut out = plugboard_engine::usage::CSV_HEADER.to_string();
+        for r in &rows {
+            r.csv(&mut out);
+        }
+        return ([(header::CONTENT_TYPE, "text/csv; charset=utf-8")], out).into_response();
+    }
+    Json(json!({"from_ms": from, "to_ms": to, "rows": rows})).into_response()
+}
+
+async fn tenant_usage(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let (from, to, granularity, csv) = usage_query(&q)?;
+    let rows = s.usage(&t.id, from, to, granularity).await?;
+    Ok(usage_answer(from, to, rows, csv))
+}
+
+async fn operator_usage(
+    State(s): State<Arc<Engine>>,
+    _: Admin,
+    Query(q): Query<std::collections::HashMap<String, String>>,
+) -> ApiResult<Response> {
+    let (from, to, granularity, csv) = usage_query(&q)?;
+    let rows = s.usage_all(from, to, granularity).await?;
+    Ok(usage_answer(from, to, rows, csv))
 }
 
 async fn list_plugins(

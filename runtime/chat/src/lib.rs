@@ -430,11 +430,33 @@ async fn send(socket: &mut WebSocket, frame: &Value) -> bool {
 
 /// One widget connection: `hello`, then messages both ways.
 async fn session(mut socket: WebSocket, hub: Arc<Hub>, chat: ChatAddress, ip: IpAddr) {
+    let tenant = chat.tenant.clone();
+    // One place among the tenant's chats at once for as long as the
+    // connection lasts; the tenant's record brings its current limits.
+    let lease = match hub.engine.tenant(&tenant).await {
+        Ok(_) => hub.engine.capacity().lease_chat(&tenant),
+        Err(e) => {
+            tracing::warn!("chat of {tenant}: {e}");
+            send(&mut socket, &error("unavailable", "try again", None)).await;
+            return;
+        }
+    };
+    let _lease = match lease {
+        Ok(l) => l,
+        Err(r) => {
+            let detail = json!({"ip": ip.to_string(), "address": chat.address.address});
+            hub.engine.capacity_refused(&tenant, "chat", &r, detail);
+            let mut e = error("capacity", &r.to_string(), None);
+            e["retry_after_ms"] = json!(r.retry_after_s() * 1000);
+            send(&mut socket, &e).await;
+            let _ = socket.send(WsMessage::Close(None)).await;
+            return;
+        }
+    };
     let Some((visitor, name)) = hello(&mut socket, &hub, &chat).await else {
         let _ = socket.send(WsMessage::Close(None)).await;
         return;
     };
-    let tenant = chat.tenant.clone();
     let (conn, mut rx) = hub.join(&tenant, &visitor);
     if !history(&mut socket, &hub, &chat, &visitor).await {
         hub.leave(&tenant, &visitor, conn);
@@ -668,6 +690,14 @@ async fn message(
             cid,
         );
         e["retry_after_ms"] = json!(wait.as_millis().max(1) as u64);
+        return e;
+    }
+    if let Err(r) = hub.engine.capacity().admit_message(&chat.tenant, "chat") {
+        let detail = json!({"visitor": visitor, "address": chat.address.address});
+        hub.engine
+            .capacity_refused(&chat.tenant, "chat", &r, detail);
+        let mut e = error("rate_limited", &r.to_string(), cid);
+        e["retry_after_ms"] = json!(r.retry_after_s() * 1000);
         return e;
     }
     let mut stored = Vec::new();

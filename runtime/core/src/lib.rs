@@ -100,6 +100,29 @@ pub struct TenantLimits {
     /// server's pool; default a quarter of it, at most all of it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Call legs the tenant may have at once (each inbound call and each
+    /// leg dialled out holds a pair of media ports); default: the
+    /// server's per-tenant share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<u32>,
+    /// New calls per second (inbound calls and calls the platform places
+    /// for the tenant; legs to its agents are not counted), with a burst
+    /// of one second's worth; default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls_per_second: Option<u32>,
+    /// Chat conversations open at once; default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chats: Option<u32>,
+    /// Inbound messages per second on each digital channel (chat, email,
+    /// SMS), with a burst of one second's worth; default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_per_second: Option<u32>,
+    /// Agents (seats); default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agents: Option<u32>,
+    /// Plugins (by name); default: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plugins: Option<u32>,
 }
 
 impl TenantLimits {
@@ -121,6 +144,14 @@ impl TenantLimits {
         }
         if self.max_concurrent == Some(0) {
             return Err(Error::Invalid("max_concurrent must be at least 1".into()));
+        }
+        for (name, v) in [
+            ("calls_per_second", self.calls_per_second),
+            ("messages_per_second", self.messages_per_second),
+        ] {
+            if v.is_some_and(|v| v == 0 || v > 100_000) {
+                return Err(Error::Invalid(format!("{name} must be 1..=100000")));
+            }
         }
         Ok(())
     }

@@ -229,7 +229,25 @@ async fn flush<S: AsyncWrite + Unpin>(
 /// defers (`451`) rather than refusing mail that may be ours.
 async fn recipient(engine: &Arc<Engine>, address: &str) -> Verdict {
     match engine.route_address(address).await {
-        Ok(Some((_, a))) if a.channel == Channel::Email => Verdict::Accept(String::new()),
+        Ok(Some((tenant, a))) if a.channel == Channel::Email => {
+            // The tenant's record brings its current limits.
+            if let Err(e) = engine.tenant(&tenant).await {
+                tracing::warn!("smtp recipient {address}: {e}");
+                return Verdict::Later(451, "temporary failure, try again later".into());
+            }
+            match engine.capacity().admit_message(&tenant, "email") {
+                Ok(()) => Verdict::Accept(String::new()),
+                Err(r) => {
+                    engine.capacity_refused(
+                        &tenant,
+                        "email",
+                        &r,
+                        serde_json::json!({"to": address}),
+                    );
+                    Verdict::Later(452, format!("{r}: try again later"))
+                }
+            }
+        }
         Ok(_) => Verdict::Refuse(550, format!("no mailbox {address} here")),
         Err(e) => {
             tracing::warn!("smtp recipient {address}: {e}");

@@ -31,7 +31,7 @@ use crate::{Caller, Engine, EngineError, EngineResult};
 /// Record kind of queues in the store.
 const QUEUE: &str = "queue";
 /// Record kind of agents in the store.
-const AGENT: &str = "agent";
+pub(crate) const AGENT: &str = "agent";
 /// Record kind of agents' tokens (by the token's hash).
 const TOKEN: &str = "agent_token";
 /// Agents' tokens start with this, then the tenant and a `.`: the tenant
@@ -928,7 +928,7 @@ impl Engine {
         })
         .await
         .map_err(|e| crate::EngineError::Internal(e.to_string()))?;
-        self.metrics.observe(tenant, &name, "router", &report);
+        self.observe(tenant, &name, "router", &report);
         report
             .outcome
             .map_err(|e| crate::EngineError::Internal(format!("router {name}: {e}")))
@@ -993,6 +993,21 @@ impl Engine {
             return Err(CoreError::Invalid("skill levels are 1..=10".into()).into());
         }
         let record = serde_json::to_value(&agent).map_err(|e| CoreError::Invalid(e.to_string()))?;
+        if let Some(seats) = self.capacity().limits(tenant).agents
+            && self
+                .store
+                .record(tenant, AGENT, &agent.config.id)
+                .await?
+                .is_none()
+        {
+            let n = self.store.records(tenant, AGENT).await?.len();
+            if n >= seats as usize {
+                return Err(CoreError::Conflict(format!(
+                    "the tenant has {n} agents, its limit is {seats} seats: remove one or ask the operator for more"
+                ))
+                .into());
+            }
+        }
         self.store
             .set_record(tenant, AGENT, &agent.config.id, &record)
             .await?;
@@ -1046,6 +1061,11 @@ impl Engine {
     /// queue.
     pub(crate) fn acd_event(self: &Arc<Self>, tenant: &str, mut data: Value) {
         self.publish(tenant, json!({"kind": "acd", "data": data.clone()}));
+        if data["type"] == "presence"
+            && let Some(agent) = data["agent"].as_str()
+        {
+            self.meter_seat(tenant, agent, data["presence"]["state"] != "offline");
+        }
         // Offers and rescinds are logged as the task events `offered` and
         // `no_answer`.
         if matches!(

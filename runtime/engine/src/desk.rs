@@ -279,7 +279,7 @@ impl Engine {
         let permit = self.fair.acquire(tenant, self.share_for(&t)).await;
         let report = self.host.invoke_crm_record(&plugin, env, summary).await;
         drop(permit);
-        self.metrics.observe(tenant, name, "crm", &report);
+        self.observe(tenant, name, "crm", &report);
         report
             .outcome
             .map_err(|e| EngineError::Internal(format!("crm {name}: {e}")))
@@ -307,7 +307,7 @@ impl Engine {
         })
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))?;
-        self.metrics.observe(tenant, name, "crm", &report);
+        self.observe(tenant, name, "crm", &report);
         report
             .outcome
             .map_err(|e| EngineError::Internal(format!("crm {name}: {e}")))

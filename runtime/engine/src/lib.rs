@@ -31,6 +31,7 @@ use tokio::sync::broadcast;
 
 pub mod acd;
 pub mod callback;
+pub mod capacity;
 pub mod chat;
 pub mod cluster;
 pub mod desk;
@@ -40,6 +41,7 @@ mod metrics;
 pub mod secrets;
 mod session;
 pub mod sms;
+pub mod usage;
 pub mod webhooks;
 
 pub use acd::{TaskNews, TaskWatcher};
@@ -213,6 +215,8 @@ pub struct Engine {
     cluster: std::sync::OnceLock<cluster::Link>,
     messaging: messaging::Hub,
     sms: sms::SmsState,
+    capacity: Arc<capacity::Capacity>,
+    usage_meter: usage::UsageMeter,
 }
 
 impl Engine {
@@ -243,7 +247,27 @@ impl Engine {
             cluster: std::sync::OnceLock::new(),
             messaging: Default::default(),
             sms: Default::default(),
+            capacity: Default::default(),
+            // This process's name in the ledger: random, else its start.
+            usage_meter: usage::UsageMeter::new(
+                random_token("")
+                    .unwrap_or_else(|_| format!("{:x}", now_ms()))
+                    .chars()
+                    .take(12)
+                    .collect(),
+            ),
         }
+    }
+
+    /// The node's per-tenant capacity bookkeeping.
+    pub fn capacity(&self) -> &Arc<capacity::Capacity> {
+        &self.capacity
+    }
+
+    /// Records a plugin invocation in the metrics and the tenant's usage.
+    pub(crate) fn observe<T>(&self, tenant: &str, plugin: &str, kind: &str, report: &Report<T>) {
+        self.metrics.observe(tenant, plugin, kind, report);
+        self.meter_plugin(tenant, report);
     }
 
     /// The effective settings shown at `GET /v1/settings` (admin).
@@ -373,10 +397,12 @@ impl Engine {
 
     /// A tenant, or `NotFound`.
     pub async fn tenant(&self, tenant: &str) -> EngineResult<Tenant> {
-        self.store
-            .tenant(tenant)
-            .await?
-            .ok_or_else(|| CoreError::NotFound(format!("tenant {tenant}")).into())
+        let t =
+            self.store.tenant(tenant).await?.ok_or_else(|| {
+                EngineError::from(CoreError::NotFound(format!("tenant {tenant}")))
+            })?;
+        self.capacity.remember(&t.id, &t.limits);
+        Ok(t)
     }
 
     /// True if the tenant exists; a failing store answers an error.
@@ -384,13 +410,63 @@ impl Engine {
         Ok(self.store.tenant(tenant).await?.is_some())
     }
 
-    /// Sets a tenant's plugin limits; returns the limits now in effect.
-    pub async fn set_limits(&self, tenant: &str, limits: TenantLimits) -> EngineResult<Limits> {
+    /// Sets a tenant's limits; returns the limits now in effect
+    /// ([`Engine::limits_view`]).
+    pub async fn set_limits(&self, tenant: &str, limits: TenantLimits) -> EngineResult<Value> {
         let mut t = self.tenant(tenant).await?;
         limits.validate((self.host.max_memory_bytes() >> 20) as u32)?;
         t.limits = limits;
         self.store.update_tenant(&t).await?;
-        Ok(self.limits_for(&t))
+        self.capacity.remember(&t.id, &t.limits);
+        self.limits_view(&t).await
+    }
+
+    /// A tenant's limits in effect, as the operator set them or the
+    /// server's defaults: plugin execution, and `capacity` (calls at once
+    /// per node, calls and messages per second, chats at once, agents,
+    /// plugins; `null` for none), with what it uses now (`in_use`; calls
+    /// and chats on this node).
+    pub async fn limits_view(&self, t: &Tenant) -> EngineResult<Value> {
+        let mut v = serde_json::to_value(self.limits_for(t))
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        let l = &t.limits;
+        let (calls, chats) = self.capacity.in_use(&t.id);
+        let agents = self.store.records(&t.id, acd::AGENT).await?.len();
+        let plugins = self.store.plugins(&t.id).await?.len();
+        v["capacity"] = json!({
+            "calls": l.calls.or_else(|| self.capacity.default_calls()),
+            "calls_per_second": l.calls_per_second,
+            "chats": l.chats,
+            "messages_per_second": l.messages_per_second,
+            "agents": l.agents,
+            "plugins": l.plugins,
+        });
+        v["in_use"] = json!({
+            "calls": calls,
+            "chats": chats,
+            "agents": agents,
+            "plugins": plugins,
+        });
+        v["refused"] = json!(self.capacity.refusals(&t.id));
+        v["node"] = json!({"calls": self.capacity.node_calls()});
+        Ok(v)
+    }
+
+    /// Refuses a new plugin name beyond the tenant's plugin limit (a new
+    /// version of one it has is always room).
+    async fn check_plugin_room(&self, tenant: &str, name: &str) -> EngineResult<()> {
+        let Some(max) = self.capacity.limits(tenant).plugins else {
+            return Ok(());
+        };
+        let plugins = self.store.plugins(tenant).await?;
+        if plugins.iter().any(|p| p.name == name) || plugins.len() < max as usize {
+            return Ok(());
+        }
+        Err(CoreError::Conflict(format!(
+            "the tenant has {} plugins, its limit is {max}: remove one or ask the operator for more",
+            plugins.len()
+        ))
+        .into())
     }
 
     /// Seals tenants' secrets with this key (the server's; every node on
@@ -554,6 +630,7 @@ impl Engine {
         document: Option<Value>,
     ) -> EngineResult<Deployed> {
         validate_id("plugin", name)?;
+        self.check_plugin_room(tenant, name).await?;
         if bytes.is_empty() {
             return Err(CoreError::Invalid(
                 "body must be a WebAssembly component (application/wasm)".into(),
@@ -688,6 +765,7 @@ impl Engine {
     pub async fn preload(&self) -> EngineResult<usize> {
         let mut n = 0;
         for t in self.store.tenants().await? {
+            self.capacity.remember(&t.id, &t.limits);
             for p in self.store.plugins(&t.id).await? {
                 match self.loaded_version(&t.id, &p, p.active_version).await {
                     Ok(_) => n += 1,
@@ -967,7 +1045,22 @@ impl Engine {
         for n in 1..1000 {
             let id = format!("rec-{interaction}-{n}");
             match self.store.put_blob(tenant, &id, wav).await {
-                Ok(()) => return Ok(id),
+                Ok(()) => {
+                    // Billed once, by its own guard.
+                    let guard = format!("r-{id}");
+                    let writes = [
+                        plugboard_store::RecordWrite::put(usage::USAGE_KEY, &guard, json!({})),
+                        usage::recording_write(&id, wav.len(), wav_length_ms(wav)),
+                    ];
+                    if let Err(e) = self
+                        .store
+                        .apply_records(tenant, &writes, Some((usage::USAGE_KEY, &guard)))
+                        .await
+                    {
+                        tracing::warn!("recording {id} of {tenant} stored, its usage not: {e}");
+                    }
+                    return Ok(id);
+                }
                 Err(CoreError::Conflict(_)) => continue,
                 Err(e) => return Err(e.into()),
             }
@@ -1060,10 +1153,11 @@ impl Engine {
         // The fair-share gauges go before the OpenMetrics end marker.
         let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
         format!(
-            "{body}{}{}{}# EOF\n",
+            "{body}{}{}{}{}# EOF\n",
             self.fair.encode(),
             self.host.fetcher().encode(),
-            self.acd.encode()
+            self.acd.encode(),
+            self.capacity.encode()
         )
     }
 
@@ -1164,9 +1258,23 @@ impl Engine {
             elapsed_us: 0,
             memory_bytes: 0,
         });
-        self.metrics.observe(&tenant, &name, "flow", &report);
+        self.observe(&tenant, &name, "flow", &report);
         report
     }
+}
+
+/// The length of a WAV file, ms, from its header's byte rate (0 when
+/// the header is not one).
+fn wav_length_ms(wav: &[u8]) -> u64 {
+    let rate = wav
+        .get(28..32)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_le_bytes)
+        .unwrap_or(0);
+    if rate == 0 || wav.len() < 44 {
+        return 0;
+    }
+    (wav.len() as u64 - 44) * 1000 / u64::from(rate)
 }
 
 /// A random token (`prefix` + 48 hex digits) from the operating system's

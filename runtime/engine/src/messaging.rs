@@ -445,6 +445,7 @@ impl Engine {
             &message.id,
             json!({"interaction": ix}),
         ));
+        writes.push(crate::usage::message_write(&message));
         for key in inbound.thread.iter().chain(&inbound.own_keys) {
             writes.push(RecordWrite::put(
                 THREAD,
@@ -1149,6 +1150,7 @@ impl Engine {
     }
 
     fn outbound_writes(&self, m: &Message, writes: &mut Vec<RecordWrite>) {
+        writes.push(crate::usage::message_write(m));
         writes.push(RecordWrite::put(
             conv_kind(&m.interaction),
             &m.id,

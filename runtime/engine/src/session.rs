@@ -223,7 +223,7 @@ impl Engine {
         })
         .await
         .ok()?;
-        self.metrics.observe(tenant, TTS_PLUGIN, "tts", &report);
+        self.observe(tenant, TTS_PLUGIN, "tts", &report);
         Some(report.outcome.map_err(|e| e.to_string()))
     }
 }

@@ -89,6 +89,8 @@ pub struct SipSection {
     pub rtp_timeout_s: Option<u64>,
     /// Longest call, s.
     pub max_call_s: Option<u64>,
+    /// Call legs this node takes at once (default: one per RTP port pair).
+    pub max_calls: Option<usize>,
 }
 
 /// The email channel.
@@ -190,7 +192,7 @@ mod tests {
     fn the_example_file_parses() -> Result<()> {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugboard.example.toml");
         let c = ConfigFile::load(&path)?;
-        assert_eq!(c.sip.rtp_ports.as_deref(), Some("20000-20999"));
+        assert_eq!(c.sip.rtp_ports.as_deref(), Some("20000-23999"));
         let trunks = c.trunks_by_tenant();
         assert_eq!(trunks["demo"][0].name, "default");
         assert_eq!(trunks["demo"][0].transport, "udp");

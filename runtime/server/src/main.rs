@@ -100,9 +100,13 @@ struct ServeArgs {
     /// [default: 127.0.0.1:5060].
     #[arg(long, env = "PLUGBOARD_SIP")]
     sip: Option<String>,
-    /// RTP port range, LO-HI; even ports RTP, odd RTCP [default: 20000-20999].
+    /// RTP port range, LO-HI; even ports RTP, odd RTCP [default: 20000-23999].
     #[arg(long, env = "PLUGBOARD_RTP_PORTS")]
     rtp_ports: Option<String>,
+    /// Call legs this node takes at once, across tenants (each holds an
+    /// RTP port pair) [default: every pair of the RTP range].
+    #[arg(long, env = "PLUGBOARD_MAX_CALLS")]
+    max_calls: Option<usize>,
     /// Address to put in SDP and Contact [default: the SIP address].
     #[arg(long, env = "PLUGBOARD_SIP_PUBLIC_IP")]
     sip_public_ip: Option<std::net::IpAddr>,
@@ -308,13 +312,61 @@ enum TenantCmd {
     },
     /// List tenants (admin).
     List,
-    /// Override a tenant's plugin limits (admin), e.g. '{"deadline_ms":20,"memory_mib":16}'.
+    /// Show a tenant's limits and what it uses now; with JSON, set them
+    /// (admin), e.g. '{"calls":50,"calls_per_second":5,"agents":20}'.
     Limits {
         /// Tenant id.
         id: String,
-        /// Limits JSON: deadline_ms, memory_mib, output_kib.
-        json: String,
+        /// Limits JSON: deadline_ms, memory_mib, output_kib,
+        /// max_concurrent, calls, calls_per_second, chats,
+        /// messages_per_second, agents, plugins.
+        json: Option<String>,
     },
+    /// A tenant's usage for billing (its key or the admin token).
+    Usage {
+        /// Tenant id.
+        id: String,
+        #[command(flatten)]
+        period: UsagePeriod,
+    },
+    /// Every tenant's usage (admin).
+    UsageAll {
+        #[command(flatten)]
+        period: UsagePeriod,
+    },
+}
+
+/// The period of a usage report.
+#[derive(clap::Args)]
+struct UsagePeriod {
+    /// Start: ms since the epoch or an RFC 3339 time [default: this UTC month].
+    #[arg(long)]
+    from: Option<String>,
+    /// End (exclusive) [default: now].
+    #[arg(long)]
+    to: Option<String>,
+    /// hour, day or total [default: day].
+    #[arg(long)]
+    granularity: Option<String>,
+    /// CSV instead of JSON.
+    #[arg(long)]
+    csv: bool,
+}
+
+impl UsagePeriod {
+    fn query(&self) -> String {
+        let mut q = vec![format!("format={}", if self.csv { "csv" } else { "json" })];
+        for (k, v) in [
+            ("from", &self.from),
+            ("to", &self.to),
+            ("granularity", &self.granularity),
+        ] {
+            if let Some(v) = v {
+                q.push(format!("{k}={}", enc(v)));
+            }
+        }
+        q.join("&")
+    }
 }
 
 #[derive(Subcommand)]
@@ -710,6 +762,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
                     .max_call_s
                     .map(Duration::from_secs)
                     .unwrap_or(defaults.max_call),
+                max_calls: args.max_calls.or(sip.max_calls),
             })
         }
     };
@@ -884,8 +937,11 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         // SIGTERM (or Ctrl-C): new calls are refused, live calls end with
         // a BYE after their flow's current event and their records are
         // closed; then HTTP stops. At most DRAIN_LIMIT for the calls.
+        // Plugin usage is written every few seconds; call legs' as they end.
+        state.start_usage_flusher();
         let draining = voice.clone();
         let closing = hub.clone();
+        let metering = state.clone();
         let stop = async move {
             shutdown().await;
             let t0 = Instant::now();
@@ -898,6 +954,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             tracing::info!("calls drained in {} ms", t0.elapsed().as_millis());
             closing.close_all();
             sms.stop().await;
+            metering.flush_usage().await;
         };
         let console = args
             .console
@@ -1043,6 +1100,17 @@ fn enc(s: &str) -> String {
     out
 }
 
+/// A usage answer: CSV as it came, JSON pretty.
+fn print_usage(v: &Value) -> Result<()> {
+    match v {
+        Value::String(csv) => {
+            print!("{csv}");
+            Ok(())
+        }
+        v => print(v),
+    }
+}
+
 fn print(v: &Value) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -1070,11 +1138,19 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
             print(&c.json("POST", "/v1/tenants", &body)?)
         }
         Cmd::Tenant { cmd: TenantCmd::List } => print(&c.call("GET", "/v1/tenants", None)?),
-        Cmd::Tenant { cmd: TenantCmd::Limits { id, json } } => print(&c.json(
-            "PUT",
-            &format!("/v1/tenants/{}/limits", enc(&id)),
-            &parse_arg_json(&json)?,
-        )?),
+        Cmd::Tenant { cmd: TenantCmd::Limits { id, json } } => {
+            let path = format!("/v1/tenants/{}/limits", enc(&id));
+            match json {
+                Some(json) => print(&c.json("PUT", &path, &parse_arg_json(&json)?)?),
+                None => print(&c.call("GET", &path, None)?),
+            }
+        }
+        Cmd::Tenant { cmd: TenantCmd::Usage { id, period } } => print_usage(
+            &c.call("GET", &format!("/v1/tenants/{}/usage?{}", enc(&id), period.query()), None)?,
+        ),
+        Cmd::Tenant { cmd: TenantCmd::UsageAll { period } } => {
+            print_usage(&c.call("GET", &format!("/v1/usage?{}", period.query()), None)?)
+        }
         Cmd::Plugin { cmd: PluginCmd::Deploy { tenant, name, file } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             eprintln!(

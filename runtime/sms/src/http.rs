@@ -181,12 +181,19 @@ impl IntoResponse for Answer {
             (true, _) => {
                 (self.0, [(header::CONTENT_TYPE, "application/json")], self.2).into_response()
             }
-            (false, _) => (
-                self.0,
-                [(header::CONTENT_TYPE, "application/json")],
-                json!({"error": self.2}).to_string(),
-            )
-                .into_response(),
+            (false, _) => {
+                let mut r = (
+                    self.0,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    json!({"error": self.2}).to_string(),
+                )
+                    .into_response();
+                if self.0 == StatusCode::TOO_MANY_REQUESTS {
+                    r.headers_mut()
+                        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+                }
+                r
+            }
         }
     }
 }
@@ -325,6 +332,14 @@ async fn inbound(
     };
     inbound.external_id = inbound.client_id.clone();
     inbound.meta.insert("carrier".into(), name.clone());
+    // The tenant's record brings its current limits.
+    if let Err(e) = engine.tenant(&tenant).await {
+        return unavailable(&tenant, e);
+    }
+    if let Err(r) = engine.capacity().admit_message(&tenant, "sms") {
+        engine.capacity_refused(&tenant, "sms", &r, json!({"from": from, "to": to}));
+        return fail(StatusCode::TOO_MANY_REQUESTS, r.to_string());
+    }
     match engine.receive(inbound).await {
         Ok(r) => Answer(
             StatusCode::OK,

@@ -389,6 +389,18 @@ impl DeliverSink for Sink {
         }
         let from = normalize_address(&sm.source_addr.to_string());
         let to = normalize_address(&sm.destination_addr.to_string());
+        // Over the tenant's messages per second: the SMSC holds it and
+        // delivers it again later (SMPP 3.4 §5.1.3, ESME_RTHROTTLED). The
+        // tenant's record brings its current limits.
+        if let Err(e) = engine.tenant(&self.tenant).await {
+            tracing::warn!("SMS of {}: {e}", self.tenant);
+            return status::TEMPORARY;
+        }
+        if let Err(r) = engine.capacity().admit_message(&self.tenant, "sms") {
+            let detail = serde_json::json!({"from": from, "to": to, "carrier": self.carrier.name});
+            engine.capacity_refused(&self.tenant, "sms", &r, detail);
+            return status::THROTTLED;
+        }
         let (concat, body) = if esm & 0x40 != 0 {
             text::split_udh(&bytes)
         } else {

@@ -965,8 +965,8 @@ impl RecordStore for PgStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = c
             .query(
-                "SELECT id, record FROM records WHERE tenant = $1 AND kind = $2 AND id > $3
-                 ORDER BY id COLLATE \"C\" LIMIT $4",
+                "SELECT id, record FROM records WHERE tenant = $1 AND kind = $2
+                 AND id COLLATE \"C\" > $3 ORDER BY id COLLATE \"C\" LIMIT $4",
                 &[&tenant, &kind, &after, &limit],
             )
             .await

@@ -18,6 +18,7 @@ pub mod call;
 pub mod clock;
 pub mod endpoint;
 pub mod ivr;
+mod meter;
 mod ports;
 mod route;
 mod signal;
@@ -55,13 +56,17 @@ pub struct VoiceConfig {
     /// Offer MD5 alone (for phones that refuse a request when any
     /// challenge names an algorithm they lack).
     pub digest_md5_only: bool,
+    /// Call legs this node takes at once, across tenants (default: one
+    /// per pair of RTP ports); more than the RTP range holds is refused
+    /// at start.
+    pub max_calls: Option<usize>,
 }
 
 impl Default for VoiceConfig {
     fn default() -> VoiceConfig {
         VoiceConfig {
             sip: SocketAddr::from(([127, 0, 0, 1], 5060)),
-            rtp_ports: (20000, 20999),
+            rtp_ports: (20000, 23999),
             public_ip: None,
             answer_delay: Duration::ZERO,
             espeak: PathBuf::from("espeak-ng"),
@@ -69,6 +74,7 @@ impl Default for VoiceConfig {
             max_call: Duration::from_secs(4 * 3600),
             digest_md5_first: false,
             digest_md5_only: false,
+            max_calls: None,
         }
     }
 }
@@ -98,6 +104,22 @@ pub enum VoiceError {
     /// The RTP port range is empty or odd.
     #[error("bad RTP port range {0}-{1}: need LO <= HI with at least one even port")]
     Ports(u16, u16),
+    /// The configured calls at once need more RTP ports than the range has.
+    #[error(
+        "max_calls {calls} needs {needed} RTP ports, the range {lo}-{hi} has {pairs} pairs: widen rtp_ports or lower max_calls"
+    )]
+    Capacity {
+        /// Calls asked for.
+        calls: usize,
+        /// Ports they need.
+        needed: usize,
+        /// Range start.
+        lo: u16,
+        /// Range end.
+        hi: u16,
+        /// Pairs in the range.
+        pairs: usize,
+    },
     /// The media clock thread could not be started.
     #[error("cannot start the media clock thread: {0}")]
     Clock(String),

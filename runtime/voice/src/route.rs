@@ -9,9 +9,9 @@ use plugboard_sip::{Peer, Transport};
 /// Digest user name and password for a trunk.
 pub(crate) type Credentials = (String, String);
 
-/// Where a dial goes: the request URI, the peer, and the trunk's
-/// credentials.
-pub(crate) type Resolved = (String, Peer, Option<Credentials>);
+/// Where a dial goes: the request URI, the peer, the trunk's
+/// credentials, and the trunk's name (for usage).
+pub(crate) type Resolved = (String, Peer, Option<Credentials>, Option<String>);
 
 /// Where a dial target goes: a SIP URI directly, a number through the
 /// tenant's `default` trunk (or its only one), with the trunk's
@@ -43,14 +43,14 @@ pub(crate) async fn resolve(
         target = newest.contact.clone();
     }
     let target = target.as_str();
-    let (uri, hostport, creds, transport) = if target.starts_with("sip:") {
+    let (uri, hostport, creds, transport, trunk) = if target.starts_with("sip:") {
         let u = plugboard_sip::Uri::parse(target).map_err(|e| (400, e.to_string()))?;
         let transport = match u.param("transport").flatten() {
             Some(t) if t.eq_ignore_ascii_case("tcp") => "tcp",
             _ => "udp",
         };
         let hp = format!("{}:{}", u.host, u.port.unwrap_or(5060));
-        (target.to_string(), hp, None, transport.to_string())
+        (target.to_string(), hp, None, transport.to_string(), None)
     } else {
         let number: String = target
             .chars()
@@ -80,6 +80,7 @@ pub(crate) async fn resolve(
             trunk.host.clone(),
             creds,
             trunk.transport.clone(),
+            Some(trunk.name.clone()),
         )
     };
     let transport = if transport.eq_ignore_ascii_case("tcp") {
@@ -93,5 +94,5 @@ pub(crate) async fn resolve(
         .ok()
         .and_then(|mut a| a.next())
         .ok_or((404, format!("cannot resolve {hostport}")))?;
-    Ok((uri, Peer { addr, transport }, creds))
+    Ok((uri, Peer { addr, transport }, creds, trunk))
 }

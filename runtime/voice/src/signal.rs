@@ -7,6 +7,7 @@ use plugboard_media::dtmf::DtmfSource;
 use plugboard_media::sdp::Negotiated;
 use tokio::sync::mpsc;
 
+use crate::meter::LegMeter;
 use crate::route::Resolved;
 
 /// A dialog: Call-ID and our tag.
@@ -35,6 +36,8 @@ pub(crate) enum CallOut {
         offer: String,
         /// Where leg events go.
         call: mpsc::UnboundedSender<CallCmd>,
+        /// Its place in the tenant's capacity, and its usage.
+        meter: Box<LegMeter>,
     },
     /// Give up a leg that has not answered (CANCEL).
     CancelLeg(DialogKey),

@@ -115,6 +115,11 @@ class Api {
   }
 
   async call<T>(method: string, path: string, body?: unknown): Promise<T> {
+    return this.callAt<T>(method, this.url(path), body);
+  }
+
+  /** A call to an absolute API path (the operator's, across tenants). */
+  async callAt<T>(method: string, url: string, body?: unknown): Promise<T> {
     const init: RequestInit = {
       method,
       headers: { Authorization: `Bearer ${this.s.token}` },
@@ -123,7 +128,7 @@ class Api {
       (init.headers as Record<string, string>)["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
     }
-    const r = await fetch(this.url(path), init);
+    const r = await fetch(url, init);
     const text = await r.text();
     if (!r.ok) {
       let msg = `${r.status}`;
@@ -173,8 +178,18 @@ function signIn(root: HTMLElement, error = ""): void {
   const err = h("div", { class: "error", "data-pb": "error" }, error);
   const go = async () => {
     const s = { tenant: tenant.value.trim(), token: token.value.trim() };
-    if (!s.tenant || !s.token) {
-      err.textContent = "Tenant and token, please.";
+    if (!s.token) {
+      err.textContent = "Tenant and token, please (no tenant: the operator's token).";
+      return;
+    }
+    if (!s.tenant) {
+      try {
+        await new Api(s).callAt("GET", "/v1/tenants");
+        sessionStorage.setItem(KEY, JSON.stringify(s));
+        startOperator(root, s);
+      } catch (e) {
+        err.textContent = `Sign-in failed: ${(e as Error).message}`;
+      }
       return;
     }
     try {
@@ -1161,6 +1176,152 @@ class Reports {
   }
 }
 
+// ----- the operator's page -----
+
+interface Tenant {
+  id: string;
+  name: string;
+}
+
+interface LimitsView {
+  capacity: Record<string, number | null>;
+  in_use: Record<string, number>;
+  refused: Record<string, number>;
+}
+
+interface UsageRow {
+  tenant: string;
+  calls: Record<string, { legs: number; seconds: number; minutes: number }>;
+  messages: Record<string, number>;
+  plugin_invocations: number;
+}
+
+const CAPACITY_FIELDS: [string, string][] = [
+  ["calls", "Calls at once"],
+  ["calls_per_second", "Calls/s"],
+  ["chats", "Chats at once"],
+  ["messages_per_second", "Messages/s"],
+  ["agents", "Seats"],
+  ["plugins", "Plugins"],
+];
+
+/** Every tenant with its limits, what it uses now and this month's usage;
+ * the operator sets a tenant's capacity here. */
+class Operator {
+  readonly el = h("section", { "data-pb": "operator" });
+  private table = h("table", { "data-pb": "tenants" });
+  private form = h("form", { class: "actions", "data-pb": "limits-form" }) as HTMLFormElement;
+  private which = h("select", { "data-pb": "limits-tenant" }) as HTMLSelectElement;
+  private inputs = new Map<string, HTMLInputElement>();
+  private status = h("span", { class: "muted", "data-pb": "limits-status" });
+  private limits = new Map<string, LimitsView>();
+
+  constructor(private api: Api) {
+    this.form.append("Set ", this.which);
+    for (const [k, label] of CAPACITY_FIELDS) {
+      const i = h("input", { "data-pb": `limit-${k}`, placeholder: label, inputmode: "numeric", size: "8" }) as HTMLInputElement;
+      this.inputs.set(k, i);
+      this.form.append(i);
+    }
+    this.form.append(h("button", { type: "submit", "data-pb": "limits-save" }, "Save"), this.status);
+    this.form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      void this.save();
+    });
+    this.which.addEventListener("change", () => this.fill());
+    this.el.append(h("h2", {}, "Tenants"), this.table, this.form);
+  }
+
+  async refresh(): Promise<void> {
+    try {
+      const { tenants } = await this.api.callAt<{ tenants: Tenant[] }>("GET", "/v1/tenants");
+      const usage = await this.api.callAt<{ rows: UsageRow[] }>("GET", "/v1/usage?granularity=total");
+      for (const t of tenants) {
+        this.limits.set(t.id, await this.api.callAt<LimitsView>("GET", `/v1/tenants/${encodeURIComponent(t.id)}/limits`));
+      }
+      this.render(tenants, usage.rows);
+    } catch (e) {
+      this.table.replaceChildren(h("tr", {}, h("td", { class: "error" }, (e as Error).message)));
+    }
+  }
+
+  render(tenants: Tenant[], rows: UsageRow[]): void {
+    const cell = (v: number | null | undefined) => (v === null || v === undefined ? "—" : String(v));
+    this.table.replaceChildren(
+      h(
+        "thead",
+        {},
+        h("tr", {}, h("th", {}, "Tenant"), ...CAPACITY_FIELDS.map(([, l]) => h("th", {}, l)), h("th", {}, "Refused"), h("th", {}, "Minutes this month"), h("th", {}, "Messages this month"), h("th", {}, "Plugin runs this month")),
+      ),
+    );
+    const body = h("tbody", {});
+    for (const t of tenants) {
+      const l = this.limits.get(t.id);
+      const u = rows.find((r) => r.tenant === t.id);
+      const used: Record<string, string> = { calls: "calls", chats: "chats", agents: "agents", plugins: "plugins" };
+      const tr = h("tr", { "data-tenant": t.id }, h("td", {}, `${t.name} (${t.id})`));
+      for (const [k] of CAPACITY_FIELDS) {
+        const limit = cell(l?.capacity[k]);
+        tr.append(h("td", { "data-col": k }, used[k] ? `${l?.in_use[used[k]] ?? 0} / ${limit}` : limit));
+      }
+      const refused = Object.entries(l?.refused ?? {}).map(([k, n]) => `${k} ${n}`).join(", ");
+      const minutes = Object.values(u?.calls ?? {}).reduce((n, c) => n + c.minutes, 0);
+      const messages = Object.values(u?.messages ?? {}).reduce((n, c) => n + c, 0);
+      tr.append(
+        h("td", { "data-col": "refused" }, refused || "—"),
+        h("td", { "data-col": "minutes" }, String(minutes)),
+        h("td", { "data-col": "messages" }, String(messages)),
+        h("td", { "data-col": "plugin_invocations" }, String(u?.plugin_invocations ?? 0)),
+      );
+      body.append(tr);
+    }
+    this.table.append(body);
+    const chosen = this.which.value;
+    this.which.replaceChildren(...tenants.map((t) => h("option", { value: t.id }, t.id)));
+    if (chosen) this.which.value = chosen;
+    if (!chosen) this.fill();
+  }
+
+  fill(): void {
+    const l = this.limits.get(this.which.value);
+    for (const [k, i] of this.inputs) {
+      const v = l?.capacity[k];
+      // The calls shown when none is set is the node's default share.
+      i.value = v === null || v === undefined ? "" : String(v);
+    }
+  }
+
+  async save(): Promise<void> {
+    const t = this.which.value;
+    const body: Record<string, number> = {};
+    for (const [k, i] of this.inputs) {
+      const v = i.value.trim();
+      if (v !== "") body[k] = Number(v);
+    }
+    try {
+      await this.api.callAt("PUT", `/v1/tenants/${encodeURIComponent(t)}/limits`, body);
+      this.status.textContent = `saved ${t}`;
+      await this.refresh();
+    } catch (e) {
+      this.status.textContent = `not saved: ${(e as Error).message}`;
+    }
+  }
+}
+
+function startOperator(root: HTMLElement, s: Session): void {
+  const op = new Operator(new Api(s));
+  const header = h(
+    "header",
+    {},
+    h("h1", {}, "Plugboard · operator"),
+    h("span", { "data-pb": "whoami" }, "operator"),
+    button("Sign out", "signout", () => signOut(root)),
+  );
+  root.replaceChildren(header, op.el);
+  void op.refresh();
+  setInterval(() => void op.refresh(), 5000);
+}
+
 // ----- boot -----
 
 function boot(): void {
@@ -1172,6 +1333,10 @@ function boot(): void {
     return;
   }
   const s = JSON.parse(saved) as Session;
+  if (!s.tenant) {
+    startOperator(root, s);
+    return;
+  }
   new Api(s)
     .call<Me>("GET", "/me")
     .then((me) => start(root, s, me))

@@ -128,7 +128,7 @@ impl Callback {
         };
         let target = format!("sip:{user}@{}", self.tenant);
         let caller_id = Some(self.number.clone());
-        match self.dial(&target, caller_id).await {
+        match self.dial(&target, caller_id, false).await {
             Some(leg) => self.agent_leg = Some(leg),
             None => {
                 let _ = self
@@ -163,8 +163,25 @@ impl Callback {
         }
     }
 
-    /// Starts a leg to `target`; `None` if no media ports are free.
-    async fn dial(&self, target: &str, caller_id: Option<String>) -> Option<OutLeg> {
+    /// Starts a leg to `target` (a `new_call` within the tenant's calls
+    /// per second); `None` if the tenant is at its limits or no media
+    /// ports are free.
+    async fn dial(
+        &self,
+        target: &str,
+        caller_id: Option<String>,
+        new_call: bool,
+    ) -> Option<OutLeg> {
+        let detail =
+            serde_json::json!({"direction": "outbound", "to": target, "callback": self.task});
+        let meter = crate::meter::LegMeter::admit(
+            &self.ctx.app,
+            &self.tenant,
+            new_call,
+            plugboard_engine::usage::CallDirection::Outbound,
+            detail,
+        )
+        .ok()?;
         let (leg, offer) = new_leg(&self.ctx.pool, &self.ctx.config)?;
         let route = crate::route::resolve(&self.ctx.app, &self.tenant, target).await;
         let _ = self.ctx.endpoint.send(CallOut::Dial {
@@ -173,6 +190,7 @@ impl Callback {
             caller_id,
             offer,
             call: self.me.clone(),
+            meter: Box::new(meter),
         });
         Some(leg)
     }
@@ -213,7 +231,7 @@ impl Callback {
                                         return Outcome::Rescinded;
                                     }
                                     let number = self.number.clone();
-                                    match self.dial(&number, None).await {
+                                    match self.dial(&number, None, true).await {
                                         Some(leg) => self.customer = Some(leg),
                                         None => return Outcome::Attempt("failed"),
                                     }

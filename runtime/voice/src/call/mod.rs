@@ -37,9 +37,11 @@ use tokio::time::MissedTickBehavior;
 use crate::VoiceConfig;
 use crate::clock::{DEPTH, Frame, MediaClock, PTIME, Stream};
 use crate::ivr::{Effect, Ivr, Leg, Prepared, Queue, Saved, Side, Sound, TaskPhase};
+use crate::meter::LegMeter;
 use crate::ports::{MediaSockets, PortPair, PortPool};
 use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
 use media::{CallerMedia, OutLeg};
+use plugboard_engine::usage::CallDirection;
 use plugboard_webrtc::{Notify, PhoneEvent, Softphones};
 
 /// Everything a call task starts with.
@@ -770,6 +772,15 @@ impl Call {
                 .ring_softphone(agent, &target, kind)
                 .ok_or_else(|| format!("agent {agent} has no softphone connected"));
         }
+        let detail = json!({"direction": "outbound", "to": target});
+        let meter = LegMeter::admit(
+            &self.app,
+            &self.tenant,
+            false,
+            CallDirection::Outbound,
+            detail,
+        )
+        .map_err(|r| r.to_string())?;
         let (out_leg, offer) =
             media::new_leg(&self.pool, &self.config).ok_or("no free RTP ports")?;
         let key = out_leg.key.clone();
@@ -789,6 +800,7 @@ impl Call {
                 caller_id,
                 offer,
                 call,
+                meter: Box::new(meter),
             });
         });
         Ok(out_leg)

@@ -3,6 +3,8 @@
 //! the dialog and its call task.
 
 use super::*;
+use plugboard_engine::capacity::Refusal;
+use plugboard_engine::usage::CallDirection;
 
 /// An INVITE whose address owner and the tenant's trunks are looked up.
 pub(crate) struct Routed {
@@ -30,14 +32,16 @@ pub(crate) struct Opened {
     late_offer: bool,
     tag: String,
     session: Result<plugboard_engine::FlowSession, String>,
+    meter: LegMeter,
 }
 
 impl Endpoint {
-    /// Whether a call to the tenant's numbers from `from` may go on: always
-    /// when no trunk of the tenant restricts inbound calls; else when it
-    /// comes from a trunk's `inbound_ips`, or authenticates with digest as
-    /// a trunk that has `inbound_digest`. Otherwise the INVITE has been
-    /// answered (401 challenge, or 403) and this returns false.
+    /// Whether a call to the tenant's numbers from `from` may go on, and
+    /// through which of its trunks: always when no trunk of the tenant
+    /// restricts inbound calls; else when it comes from a trunk's
+    /// `inbound_ips`, or authenticates with digest as a trunk that has
+    /// `inbound_digest`. Otherwise the INVITE has been answered (401
+    /// challenge, or 403) and this returns `None`.
     pub(super) fn inbound_allowed(
         &mut self,
         id: ServerTxId,
@@ -45,7 +49,7 @@ impl Endpoint {
         tenant: &str,
         trunks: &[plugboard_core::Trunk],
         from: Peer,
-    ) -> bool {
+    ) -> Option<Option<String>> {
         let ips: Vec<std::net::IpAddr> = trunks
             .iter()
             .flat_map(|t| t.inbound_ips.iter().filter_map(|ip| ip.parse().ok()))
@@ -53,7 +57,13 @@ impl Endpoint {
         let digest: Vec<&plugboard_core::Trunk> =
             trunks.iter().filter(|t| t.inbound_digest).collect();
         if (ips.is_empty() && digest.is_empty()) || ips.contains(&from.addr.ip()) {
-            return true;
+            let ip = from.addr.ip();
+            return Some(
+                trunks
+                    .iter()
+                    .find(|t| t.inbound_ips.iter().any(|i| i.parse().ok() == Some(ip)))
+                    .map(|t| t.name.clone()),
+            );
         }
         if digest.is_empty() {
             self.refuse(
@@ -65,7 +75,7 @@ impl Endpoint {
                     from.addr.ip()
                 )),
             );
-            return false;
+            return None;
         }
         let now_s = plugboard_core::now_ms() / 1000;
         let creds = credentials_for(req, tenant);
@@ -74,7 +84,7 @@ impl Endpoint {
             creds.as_ref().map(|c| c.username.as_str()).unwrap_or("")
         );
         if self.throttled(id, req, from, &subject) {
-            return false;
+            return None;
         }
         let verdict = match &creds {
             None => Err(AuthError::Stale),
@@ -97,18 +107,41 @@ impl Endpoint {
             Ok(()) => {
                 self.throttle
                     .success(from.addr.ip(), &subject, Instant::now());
-                true
+                let user = creds.map(|c| c.username);
+                Some(
+                    digest
+                        .iter()
+                        .find(|t| t.username == user)
+                        .map(|t| t.name.clone()),
+                )
             }
             Err(AuthError::Stale) => {
                 self.challenge(id, req, tenant, creds.is_some());
-                false
+                None
             }
             Err(AuthError::Bad) => {
                 self.auth_failed(from, &subject, "invite");
                 self.refuse(id, req, 403, Some("wrong trunk credentials".into()));
-                false
+                None
             }
         }
+    }
+
+    /// Refuses an INVITE of a tenant at one of its limits: 486 at its
+    /// calls at once, 503 over its calls per second or when the node has
+    /// no room for it; with a `Reason` (Q.850 cause) and `Retry-After`.
+    fn refuse_over_limit(&mut self, id: ServerTxId, req: &Request, r: &Refusal) {
+        let (status, cause) = match r {
+            Refusal::Calls(_) => (486, 17),
+            Refusal::CallRate(_) => (503, 42),
+            _ => (503, 34),
+        };
+        let mut resp = reply(req, status, reason_phrase(status), Some(&random_token()));
+        resp.headers
+            .push("Reason", format!("Q.850;cause={cause};text=\"{r}\""));
+        resp.headers
+            .push("Retry-After", r.retry_after_s().to_string());
+        self.respond(id, resp);
     }
 
     /// An INVITE for a new call. The address owner and the tenant's trunks
@@ -126,7 +159,9 @@ impl Endpoint {
                 match app.route_address(&dialled).await? {
                     Some((tenant, address)) if address.channel == Channel::Voice => {
                         // A store error here denies the call: the trunks
-                        // restrict who may call in.
+                        // restrict who may call in. The tenant's record
+                        // brings its current limits.
+                        app.tenant(&tenant).await?;
                         let trunks = app.trunks(&tenant).await?;
                         Ok(Some((tenant, address, trunks)))
                     }
@@ -183,10 +218,20 @@ impl Endpoint {
                 return self.refuse(id, &req, 500, Some("address lookup failed".into()));
             }
         };
-        if !self.inbound_allowed(id, &req, &tenant, &trunks, from) {
+        let Some(trunk) = self.inbound_allowed(id, &req, &tenant, &trunks, from) else {
             self.starting.remove(&id);
             return;
-        }
+        };
+        let detail = json!({"direction": "inbound", "from": info.from.uri, "to": dialled});
+        let mut meter =
+            match LegMeter::admit(&self.app, &tenant, true, CallDirection::Inbound, detail) {
+                Ok(m) => m,
+                Err(r) => {
+                    self.starting.remove(&id);
+                    return self.refuse_over_limit(id, &req, &r);
+                }
+            };
+        meter.trunk = trunk;
         // No SDP in the INVITE is a late offer (RFC 3261 §13.2.1): we offer
         // in the 200 and the answer comes in the ACK.
         let offer = match sdp_body(&req).map(|text| sdp::parse(&text)) {
@@ -294,6 +339,7 @@ impl Endpoint {
                 late_offer: offer.is_none(),
                 tag,
                 session,
+                meter,
             };
             let _ = inbox.send(Input::Opened(Box::new(opened))).await;
         });
@@ -314,6 +360,7 @@ impl Endpoint {
             late_offer,
             tag,
             session,
+            mut meter,
         } = o;
         if !self.still_starting(id, true) || self.draining.is_some() {
             if self.draining.is_some() {
@@ -337,6 +384,7 @@ impl Endpoint {
             }
         };
         let key: DialogKey = (info.call_id.clone(), tag.clone());
+        meter.key = format!("{}/{tag}", info.call_id);
         let mut ok = reply(&req, 200, "OK", Some(&tag));
         let local_party = ok.headers.get("To").unwrap_or("").to_string();
         for rr in req.headers.all("Record-Route") {
@@ -376,6 +424,7 @@ impl Endpoint {
                 retransmit: None,
                 local_party,
                 late_offer,
+                meter,
             },
         );
         self.pending.insert(id, key.clone());
@@ -435,6 +484,7 @@ impl Endpoint {
         };
         let id = d.invite_tx;
         d.state = DialogState::WaitAck;
+        d.meter.answered();
         let peer = d.peer;
         let bytes = ok.to_bytes();
         let retx = (peer.transport == Transport::Udp).then(|| {

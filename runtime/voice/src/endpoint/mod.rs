@@ -38,6 +38,7 @@ use transport::tcp_connection;
 
 use crate::call::{self, CallSpec};
 use crate::clock::MediaClock;
+use crate::meter::LegMeter;
 use crate::ports::{PortPair, PortPool};
 use crate::route::{Credentials, Resolved};
 use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
@@ -80,6 +81,8 @@ struct Leg {
     ringing: bool,
     /// To (with the far end's tag) and Contact, once answered.
     answered: Option<(String, String)>,
+    /// Its place in the tenant's capacity, and its usage.
+    meter: LegMeter,
 }
 
 enum DialogState {
@@ -105,6 +108,8 @@ struct Dialog {
     /// We offered in a 200 (to the INVITE or a re-INVITE); the ACK must
     /// carry the answer.
     late_offer: bool,
+    /// Its place in the tenant's capacity, and its usage.
+    meter: LegMeter,
 }
 
 /// The running voice channel.
@@ -171,6 +176,20 @@ pub(crate) async fn start(
     let (lo, hi) = config.rtp_ports;
     if lo > hi || (lo == hi && lo % 2 == 1) {
         return Err(VoiceError::Ports(lo, hi));
+    }
+    let pool = PortPool::new(config.sip.ip(), lo, hi);
+    let pairs = pool.available();
+    match config.max_calls {
+        Some(calls) if calls > pairs => {
+            return Err(VoiceError::Capacity {
+                calls,
+                needed: calls * 2,
+                lo,
+                hi,
+                pairs,
+            });
+        }
+        calls => app.capacity().set_node_calls(calls.unwrap_or(pairs)),
     }
     let bind_err = |addr: SocketAddr| {
         move |e: std::io::Error| VoiceError::Bind {
@@ -253,7 +272,6 @@ pub(crate) async fn start(
         }));
     }
     let ip = config.advertised_ip();
-    let pool = PortPool::new(config.sip.ip(), lo, hi);
 
     let endpoint = Endpoint {
         tx: Transactions::new(TimerConfig::default()),
@@ -709,7 +727,8 @@ impl Endpoint {
                 caller_id,
                 offer,
                 call,
-            } => self.dial(leg, route, caller_id, offer, call),
+                meter,
+            } => self.dial(leg, route, caller_id, offer, call, *meter),
             CallOut::CancelLeg(key) => self.cancel_leg(&key),
             CallOut::HangupLeg(key) => {
                 let answered = self.legs.get(&key).map(|l| l.answered.is_some());

@@ -32,8 +32,9 @@ impl Endpoint {
         caller_id: Option<String>,
         offer: String,
         call: mpsc::UnboundedSender<CallCmd>,
+        mut meter: LegMeter,
     ) {
-        let (uri, peer, creds) = match route {
+        let (uri, peer, creds, trunk) = match route {
             Ok(r) => r,
             Err((status, why)) => {
                 let _ = call.send(CallCmd::Leg(key, LegEvent::Failed(status, why)));
@@ -71,6 +72,8 @@ impl Endpoint {
         invite.body = offer.into_bytes();
         let tx = self.tx.send_request(Instant::now(), peer, invite.clone());
         self.leg_tx.insert(tx, key.clone());
+        meter.key = format!("{}/{}", key.0, key.1);
+        meter.trunk = trunk;
         self.legs.insert(
             key,
             Leg {
@@ -83,6 +86,7 @@ impl Endpoint {
                 auth_tries: 0,
                 ringing: false,
                 answered: None,
+                meter,
             },
         );
     }
@@ -112,6 +116,7 @@ impl Endpoint {
                 .unwrap_or_else(|| leg.invite.uri.clone());
             let first = leg.answered.is_none();
             leg.answered = Some((to.clone(), target.clone()));
+            leg.meter.answered();
             // The ACK for a 2xx is its own request (RFC 3261 §13.2.2.4),
             // repeated for every retransmitted 2xx.
             let ack = leg_request(self.sip_addr, &key.0, leg, Method::Ack, leg.cseq);
