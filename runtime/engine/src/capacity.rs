@@ -35,9 +35,13 @@ pub enum Refusal {
     /// The tenant starts calls faster than its limit allows.
     #[error("the tenant is over its limit of {0} new calls per second")]
     CallRate(u32),
-    /// The node has no media capacity left for this tenant.
+    /// The node has no media capacity left at all.
     #[error("no media capacity left on this node")]
     NodeFull,
+    /// The node's last places are kept for tenants below their fair
+    /// share, and this tenant is above its own.
+    #[error("the tenant is above its fair share of this node's calls")]
+    FairShare,
     /// The tenant has as many chats open as its limit allows.
     #[error("the tenant is at its limit of {0} chats at once")]
     Chats(u32),
@@ -53,6 +57,7 @@ impl Refusal {
             Refusal::Calls(_) => "calls",
             Refusal::CallRate(_) => "calls_per_second",
             Refusal::NodeFull => "node_full",
+            Refusal::FairShare => "fair_share",
             Refusal::Chats(_) => "chats",
             Refusal::MessageRate(_) => "messages_per_second",
         }
@@ -221,8 +226,11 @@ impl Capacity {
             let fair = node / holders;
             let reserve = (node / 10).max(1);
             let free = node.saturating_sub(total);
-            if free == 0 || (free <= reserve && mine >= fair) {
+            if free == 0 {
                 return Err(Self::refuse(&mut s, tenant, Refusal::NodeFull));
+            }
+            if free <= reserve && mine >= fair {
+                return Err(Self::refuse(&mut s, tenant, Refusal::FairShare));
             }
         }
         *s.calls.entry(tenant.to_string()).or_default() += 1;
@@ -451,7 +459,7 @@ mod tests {
         }
         // With a limit of the whole node, A stops where the reserve starts.
         assert_eq!(a.len(), 18);
-        assert_eq!(c.lease_call("a").unwrap_err(), Refusal::NodeFull);
+        assert_eq!(c.lease_call("a").unwrap_err(), Refusal::FairShare);
         // B, below its fair share, still gets the reserve.
         let b: Vec<_> = (0..2).map(|_| c.lease_call("b").unwrap()).collect();
         assert_eq!(c.lease_call("b").unwrap_err(), Refusal::NodeFull);

@@ -421,11 +421,12 @@ impl Engine {
         self.limits_view(&t).await
     }
 
-    /// A tenant's limits in effect, as the operator set them or the
-    /// server's defaults: plugin execution, and `capacity` (calls at once
-    /// per node, calls and messages per second, chats at once, agents,
-    /// plugins; `null` for none), with what it uses now (`in_use`; calls
-    /// and chats on this node).
+    /// A tenant's limits: plugin execution in effect (the operator's or
+    /// the server's defaults), and `capacity` as the operator set it
+    /// (calls at once per node, calls and messages per second, chats at
+    /// once, agents, plugins; `null` for none set), with `calls_in_effect`
+    /// (the node's default share when none is set), what it uses now
+    /// (`in_use`; calls and chats on this node) and its refusals.
     pub async fn limits_view(&self, t: &Tenant) -> EngineResult<Value> {
         let mut v = serde_json::to_value(self.limits_for(t))
             .map_err(|e| EngineError::Internal(e.to_string()))?;
@@ -434,7 +435,8 @@ impl Engine {
         let agents = self.store.records(&t.id, acd::AGENT).await?.len();
         let plugins = self.store.plugins(&t.id).await?.len();
         v["capacity"] = json!({
-            "calls": l.calls.or_else(|| self.capacity.default_calls()),
+            "calls": l.calls,
+            "calls_in_effect": l.calls.or_else(|| self.capacity.default_calls()),
             "calls_per_second": l.calls_per_second,
             "chats": l.chats,
             "messages_per_second": l.messages_per_second,

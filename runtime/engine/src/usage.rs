@@ -45,6 +45,8 @@ use crate::{Engine, EngineResult};
 pub const USAGE: &str = "usage";
 /// Guards of units that could be written twice (call legs).
 pub const USAGE_KEY: &str = "usage-key";
+/// Tries of a call leg's usage write (200 ms, then doubling, between).
+const CALL_WRITE_TRIES: u32 = 5;
 /// How often plugin usage is written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
 
@@ -126,6 +128,11 @@ pub(crate) struct UsageMeter {
     /// Agents signed in: (tenant, agent) → start of the stretch being
     /// counted.
     seats: Mutex<HashMap<(String, String), u64>>,
+    /// Stretches that ended, to write with the next flush.
+    closed_seats: Mutex<Vec<(String, String, u64, u64)>>,
+    /// One flush at a time: a running stretch's snapshot never lands
+    /// after its final write.
+    flushing: tokio::sync::Mutex<()>,
 }
 
 impl UsageMeter {
@@ -135,31 +142,40 @@ impl UsageMeter {
             hours: Mutex::new(HashMap::new()),
             writing: Arc::default(),
             seats: Mutex::new(HashMap::new()),
+            closed_seats: Mutex::new(Vec::new()),
+            flushing: tokio::sync::Mutex::new(()),
         }
     }
 
     /// An agent's presence changed: signed in (anything but offline) or
-    /// out. Returns the stretch that ended, if one did.
-    pub(crate) fn seat(&self, tenant: &str, agent: &str, online: bool) -> Option<(u64, u64)> {
+    /// out; a stretch that ends is written with the next flush.
+    pub(crate) fn seat(&self, tenant: &str, agent: &str, online: bool) {
         let key = (tenant.to_string(), agent.to_string());
-        let mut s = self.seats.lock().ok()?;
+        let Ok(mut s) = self.seats.lock() else {
+            return;
+        };
         if online {
             s.entry(key).or_insert_with(now_ms);
-            None
-        } else {
-            s.remove(&key).map(|start| (start, now_ms()))
+        } else if let Some(start) = s.remove(&key)
+            && let Ok(mut closed) = self.closed_seats.lock()
+        {
+            closed.push((key.0, key.1, start, now_ms()));
         }
     }
 
-    /// The stretches to write now: each signed-in agent's, cut at hour
-    /// boundaries (the closed ones, then the running one, whose start
-    /// moves to its hour).
+    /// The stretches to write now: those that ended, then each signed-in
+    /// agent's, cut at hour boundaries (the closed hours, then the running
+    /// one, whose start moves to its hour).
     fn seat_stretches(&self) -> Vec<(String, String, u64, u64)> {
         let now = now_ms();
+        let mut out = self
+            .closed_seats
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default();
         let Ok(mut s) = self.seats.lock() else {
-            return Vec::new();
+            return out;
         };
-        let mut out = Vec::new();
         for ((tenant, agent), start) in s.iter_mut() {
             while *start / HOUR_MS < now / HOUR_MS {
                 let end = (*start / HOUR_MS + 1) * HOUR_MS;
@@ -183,30 +199,35 @@ impl UsageMeter {
         }
     }
 
-    /// The totals changed since the last flush; hours before the current
-    /// one are forgotten once taken.
+    /// The totals changed since the last flush (marked clean: a failed
+    /// write marks them again).
     fn take_dirty(&self) -> Vec<(String, u64, PluginHour)> {
-        let now_hour = now_ms() / HOUR_MS * HOUR_MS;
         let Ok(mut h) = self.hours.lock() else {
             return Vec::new();
         };
-        let out = h
-            .iter_mut()
+        h.iter_mut()
             .filter(|(_, (_, dirty))| *dirty)
             .map(|((t, hour), (p, dirty))| {
                 *dirty = false;
                 (t.clone(), *hour, *p)
             })
-            .collect();
-        h.retain(|(_, hour), (_, dirty)| *hour >= now_hour || *dirty);
-        out
+            .collect()
     }
 
+    /// A write of the hour's totals failed: written again next time.
     fn mark_dirty(&self, tenant: &str, hour: u64) {
         if let Ok(mut h) = self.hours.lock()
             && let Some((_, dirty)) = h.get_mut(&(tenant.to_string(), hour))
         {
             *dirty = true;
+        }
+    }
+
+    /// Forgets the hours before the current one whose totals are written.
+    fn forget_written(&self) {
+        let now_hour = now_ms() / HOUR_MS * HOUR_MS;
+        if let Ok(mut h) = self.hours.lock() {
+            h.retain(|(_, hour), (_, dirty)| *hour >= now_hour || *dirty);
         }
     }
 }
@@ -414,12 +435,27 @@ impl Engine {
         writing.fetch_add(1, Ordering::SeqCst);
         let app = self.clone();
         rt.spawn(async move {
-            if let Err(e) = app.record_call_usage(u.clone()).await {
-                tracing::error!(
-                    "usage of call leg {} of {} not recorded: {e}",
-                    u.key,
-                    u.tenant
-                );
+            // The guard makes a retry safe: a write that did land is not
+            // written again.
+            for attempt in 0..CALL_WRITE_TRIES {
+                match app.record_call_usage(u.clone()).await {
+                    Ok(()) => break,
+                    Err(e) if attempt + 1 == CALL_WRITE_TRIES => {
+                        tracing::error!(
+                            "usage of call leg {} of {} not recorded: {e}",
+                            u.key,
+                            u.tenant
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "usage of call leg {} of {} (trying again): {e}",
+                            u.key,
+                            u.tenant
+                        );
+                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                    }
+                }
             }
             writing.fetch_sub(1, Ordering::SeqCst);
         });
@@ -433,16 +469,7 @@ impl Engine {
 
     /// Records an agent's presence change for their seat time.
     pub(crate) fn meter_seat(&self, tenant: &str, agent: &str, online: bool) {
-        if let Some((start, end)) = self.usage_meter.seat(tenant, agent, online) {
-            let (app_store, tenant, agent) =
-                (self.store.clone(), tenant.to_string(), agent.to_string());
-            tokio::spawn(async move {
-                let (id, record) = seat_record(&agent, start, end);
-                if let Err(e) = app_store.set_record(&tenant, USAGE, &id, &record).await {
-                    tracing::warn!("seat time of {agent} of {tenant} not written: {e}");
-                }
-            });
-        }
+        self.usage_meter.seat(tenant, agent, online);
     }
 
     /// Writes the plugin usage counted since the last flush, after the
@@ -454,6 +481,7 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+        let _one = self.usage_meter.flushing.lock().await;
         for (tenant, agent, start, end) in self.usage_meter.seat_stretches() {
             let (id, record) = seat_record(&agent, start, end);
             if let Err(e) = self.store.set_record(&tenant, USAGE, &id, &record).await {
@@ -474,6 +502,7 @@ impl Engine {
                 self.usage_meter.mark_dirty(&tenant, hour);
             }
         }
+        self.usage_meter.forget_written();
     }
 
     /// Writes plugin usage every [`FLUSH_EVERY`] until the engine goes.

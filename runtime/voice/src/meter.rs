@@ -33,12 +33,14 @@ impl LegMeter {
         detail: serde_json::Value,
     ) -> Result<LegMeter, Refusal> {
         let cap = app.capacity();
-        let lease = (if new_call {
-            cap.admit_new_call(tenant)
-        } else {
-            Ok(())
-        })
-        .and_then(|()| cap.lease_call(tenant));
+        // A place first: a call refused for lack of one spends none of
+        // the tenant's calls per second.
+        let lease = cap.lease_call(tenant).and_then(|lease| {
+            if new_call {
+                cap.admit_new_call(tenant)?;
+            }
+            Ok(lease)
+        });
         match lease {
             Ok(lease) => Ok(LegMeter {
                 lease,

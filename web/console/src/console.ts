@@ -1215,6 +1215,7 @@ class Operator {
   private inputs = new Map<string, HTMLInputElement>();
   private status = h("span", { class: "muted", "data-pb": "limits-status" });
   private limits = new Map<string, LimitsView>();
+  private loading = false;
 
   constructor(private api: Api) {
     this.form.append("Set ", this.which);
@@ -1233,6 +1234,9 @@ class Operator {
   }
 
   async refresh(): Promise<void> {
+    // One refresh at a time (the timer does not pile them up).
+    if (this.loading) return;
+    this.loading = true;
     try {
       const { tenants } = await this.api.callAt<{ tenants: Tenant[] }>("GET", "/v1/tenants");
       const usage = await this.api.callAt<{ rows: UsageRow[] }>("GET", "/v1/usage?granularity=total");
@@ -1242,6 +1246,8 @@ class Operator {
       this.render(tenants, usage.rows);
     } catch (e) {
       this.table.replaceChildren(h("tr", {}, h("td", { class: "error" }, (e as Error).message)));
+    } finally {
+      this.loading = false;
     }
   }
 
@@ -1261,7 +1267,7 @@ class Operator {
       const used: Record<string, string> = { calls: "calls", chats: "chats", agents: "agents", plugins: "plugins" };
       const tr = h("tr", { "data-tenant": t.id }, h("td", {}, `${t.name} (${t.id})`));
       for (const [k] of CAPACITY_FIELDS) {
-        const limit = cell(l?.capacity[k]);
+        const limit = cell(k === "calls" ? l?.capacity.calls_in_effect : l?.capacity[k]);
         tr.append(h("td", { "data-col": k }, used[k] ? `${l?.in_use[used[k]] ?? 0} / ${limit}` : limit));
       }
       const refused = Object.entries(l?.refused ?? {}).map(([k, n]) => `${k} ${n}`).join(", ");
@@ -1286,19 +1292,23 @@ class Operator {
     const l = this.limits.get(this.which.value);
     for (const [k, i] of this.inputs) {
       const v = l?.capacity[k];
-      // The calls shown when none is set is the node's default share.
+      // Empty: none set (for calls, the node's default share applies).
       i.value = v === null || v === undefined ? "" : String(v);
     }
   }
 
   async save(): Promise<void> {
     const t = this.which.value;
-    const body: Record<string, number> = {};
-    for (const [k, i] of this.inputs) {
-      const v = i.value.trim();
-      if (v !== "") body[k] = Number(v);
-    }
     try {
+      // The tenant's other limits (plugin execution) stay as they are: a
+      // PUT replaces them all.
+      const tenant = await this.api.callAt<{ limits: Record<string, number> }>("GET", `/v1/tenants/${encodeURIComponent(t)}`);
+      const body: Record<string, number> = { ...tenant.limits };
+      for (const [k, i] of this.inputs) {
+        const v = i.value.trim();
+        if (v === "") delete body[k];
+        else body[k] = Number(v);
+      }
       await this.api.callAt("PUT", `/v1/tenants/${encodeURIComponent(t)}/limits`, body);
       this.status.textContent = `saved ${t}`;
       await this.refresh();

@@ -127,13 +127,16 @@ impl Endpoint {
         }
     }
 
-    /// Refuses an INVITE of a tenant at one of its limits: 486 at its
-    /// calls at once, 503 over its calls per second or when the node has
-    /// no room for it; with a `Reason` (Q.850 cause) and `Retry-After`.
+    /// Refuses an INVITE of a tenant at one of its limits, with a
+    /// `Reason` (Q.850 cause, RFC 3326) and `Retry-After`: 486 at its
+    /// calls at once or above its fair share of the node, 480 over its
+    /// calls per second. Only a node with no room at all answers 503: a
+    /// 503 tells the carrier to send nothing to this server for a while
+    /// (RFC 3261 §21.5.4), which would hold up every tenant's calls.
     fn refuse_over_limit(&mut self, id: ServerTxId, req: &Request, r: &Refusal) {
         let (status, cause) = match r {
-            Refusal::Calls(_) => (486, 17),
-            Refusal::CallRate(_) => (503, 42),
+            Refusal::Calls(_) | Refusal::FairShare => (486, 17),
+            Refusal::CallRate(_) => (480, 42),
             _ => (503, 34),
         };
         let mut resp = reply(req, status, reason_phrase(status), Some(&random_token()));
@@ -484,7 +487,6 @@ impl Endpoint {
         };
         let id = d.invite_tx;
         d.state = DialogState::WaitAck;
-        d.meter.answered();
         let peer = d.peer;
         let bytes = ok.to_bytes();
         let retx = (peer.transport == Transport::Udp).then(|| {

@@ -44,6 +44,9 @@ use crate::route::{Credentials, Resolved};
 use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
 use crate::{VoiceConfig, VoiceError};
 
+/// How many legs given up before their `Dial` are remembered.
+const GIVEN_UP: usize = 1024;
+
 /// What the endpoint task reacts to.
 pub(crate) enum Input {
     /// A UDP datagram.
@@ -286,6 +289,7 @@ pub(crate) async fn start(
         live_calls: 0,
         draining: None,
         legs: HashMap::new(),
+        given_up: std::collections::VecDeque::new(),
         leg_tx: HashMap::new(),
         sip_addr: SocketAddr::new(ip, sip_addr.port()),
         auth: {
@@ -341,6 +345,10 @@ struct Endpoint {
     draining: Option<Option<tokio::sync::oneshot::Sender<()>>>,
     /// Outbound legs, and their INVITE transactions.
     legs: HashMap<DialogKey, Leg>,
+    /// Legs given up (hung up, cancelled) before their `Dial` arrived
+    /// (the route is resolved off the loop): that `Dial` is dropped.
+    /// The oldest are forgotten past [`GIVEN_UP`].
+    given_up: std::collections::VecDeque<DialogKey>,
     leg_tx: HashMap<ClientTxId, DialogKey>,
     sip_addr: SocketAddr,
     auth: Authenticator,
@@ -499,6 +507,9 @@ impl Endpoint {
                         let _ = d.call.send(CallCmd::Answer(answer));
                     }
                     if matches!(d.state, DialogState::WaitAck) {
+                        // Billed from the ACK: an answer never confirmed
+                        // is not a call.
+                        d.meter.answered();
                         d.state = DialogState::Confirmed;
                         let _ = d.call.send(CallCmd::Confirmed);
                     }
@@ -729,13 +740,19 @@ impl Endpoint {
                 call,
                 meter,
             } => self.dial(leg, route, caller_id, offer, call, *meter),
-            CallOut::CancelLeg(key) => self.cancel_leg(&key),
+            CallOut::CancelLeg(key) => {
+                if self.legs.contains_key(&key) {
+                    self.cancel_leg(&key);
+                } else {
+                    self.give_up(key);
+                }
+            }
             CallOut::HangupLeg(key) => {
                 let answered = self.legs.get(&key).map(|l| l.answered.is_some());
                 match answered {
                     Some(true) => self.bye_leg(&key),
                     Some(false) => self.cancel_leg(&key),
-                    None => {}
+                    None => self.give_up(key),
                 }
             }
             CallOut::Ended(key) => {

@@ -34,6 +34,15 @@ impl Endpoint {
         call: mpsc::UnboundedSender<CallCmd>,
         mut meter: LegMeter,
     ) {
+        // Given up while its route was resolved, or its call is over:
+        // nothing is sent (and the leg's place goes back).
+        if let Some(i) = self.given_up.iter().position(|k| *k == key) {
+            self.given_up.remove(i);
+            return;
+        }
+        if call.is_closed() {
+            return;
+        }
         let (uri, peer, creds, trunk) = match route {
             Ok(r) => r,
             Err((status, why)) => {
@@ -132,7 +141,13 @@ impl Endpoint {
                 let answer = String::from_utf8_lossy(&resp.body).into_owned();
                 match sdp::parse(&answer).and_then(|a| sdp::accept_answer(&a)) {
                     Ok(n) => {
-                        let _ = call.send(CallCmd::Leg(key.clone(), LegEvent::Answered(n)));
+                        // Its call is gone: the answered leg is hung up.
+                        if call
+                            .send(CallCmd::Leg(key.clone(), LegEvent::Answered(n)))
+                            .is_err()
+                        {
+                            self.bye_leg(&key);
+                        }
                     }
                     Err(e) => {
                         let _ = call.send(CallCmd::Leg(
@@ -259,6 +274,14 @@ impl Endpoint {
         leg.answered.as_ref()?;
         leg.cseq += 1;
         leg_request(sip_addr, &key.0, leg, method, leg.cseq)
+    }
+
+    /// Remembers a leg given up before its `Dial` arrived.
+    pub(super) fn give_up(&mut self, key: DialogKey) {
+        if self.given_up.len() >= GIVEN_UP {
+            self.given_up.pop_front();
+        }
+        self.given_up.push_back(key);
     }
 
     pub(super) fn cancel_leg(&mut self, key: &DialogKey) {
