@@ -1155,6 +1155,15 @@ password = "trunk-secret"
     // was relayed to it), and the caller's went to the carrier.
     let media = &timeline(ix, "media")[0];
     assert!(media["packets_sent"].as_u64().unwrap() > 150, "{media}");
+    // Usage: the caller's leg in, and the carrier leg out on the trunk.
+    assert!(
+        plugboard_tests::eventually(Duration::from_secs(10), || {
+            let calls = &usage_total(&server, &key, "acme")["calls"];
+            calls["inbound/-"]["legs"] == 1 && calls["outbound/default"]["legs"] == 1
+        }),
+        "{}",
+        usage_total(&server, &key, "acme")
+    );
     Ok(())
 }
 
