@@ -29,6 +29,24 @@ fn wire(s: &Server, mis_port: u16) -> String {
     key
 }
 
+/// [`wire`], with the hotline also on email (`help@freight.test`) and
+/// SMS (`37060000001`, through the SMSC, bound).
+fn wire_all(s: &Server, mis_port: u16, smsc: &Smsc) -> String {
+    let key = wire(s, mis_port);
+    for (address, channel) in [("help@freight.test", "email"), ("37060000001", "sms")] {
+        let a = s.json(
+            "PUT",
+            &format!("/v1/tenants/freight/addresses/{address}"),
+            &key,
+            &json!({"channel": channel, "flow": "hotline"}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    smpp_carrier(s, "freight", &key, smsc.port, "secret", &[]);
+    smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "bind");
+    key
+}
+
 fn ws_connect(s: &Server, origin: Option<&str>) -> Result<Ws, String> {
     let stream = TcpStream::connect(("127.0.0.1", s.port)).unwrap();
     stream
@@ -956,18 +974,7 @@ fn acknowledged_chat_email_and_sms_survive_a_sigkill_exactly_once() {
     let data = dir.path().join("data");
     let s = Server::start(&data, &flags).unwrap();
     let smtp = s.logged("SMTP listening on ");
-    let key = wire(&s, mis.port);
-    for (address, channel) in [("help@freight.test", "email"), ("37060000001", "sms")] {
-        let a = s.json(
-            "PUT",
-            &format!("/v1/tenants/freight/addresses/{address}"),
-            &key,
-            &json!({"channel": channel, "flow": "hotline"}),
-        );
-        assert_eq!(a.status, 200, "{a:?}");
-    }
-    smpp_carrier(&s, "freight", &key, smsc.port, "secret", &[]);
-    smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "bind");
+    let key = wire_all(&s, mis.port, &smsc);
 
     const N: usize = 300;
     // Mail and texts flow while the chat sends (and after the kill, until
@@ -1344,18 +1351,7 @@ fn a_tenant_over_its_chat_and_message_limits_is_refused_in_each_channels_words()
     flags.extend(["--smtp", "127.0.0.1:0"]);
     let s = Server::start(&dir.path().join("data"), &flags).unwrap();
     let smtp = s.logged("SMTP listening on ");
-    let key = wire(&s, mis.port);
-    for (address, channel) in [("help@freight.test", "email"), ("37060000001", "sms")] {
-        let a = s.json(
-            "PUT",
-            &format!("/v1/tenants/freight/addresses/{address}"),
-            &key,
-            &json!({"channel": channel, "flow": "hotline"}),
-        );
-        assert_eq!(a.status, 200, "{a:?}");
-    }
-    smpp_carrier(&s, "freight", &key, smsc.port, "secret", &[]);
-    smsc.wait_for(Duration::from_secs(30), |e| e["ev"] == "bind");
+    let key = wire_all(&s, mis.port, &smsc);
     let a = s.json(
         "PUT",
         "/v1/tenants/freight/limits",

@@ -3727,38 +3727,23 @@ fn answered_calls_are_billed_by_the_minute_once_also_across_a_sigkill() -> Resul
             .as_u64()
             .unwrap_or(0)
     };
-    let first = dir.path().join("first");
-    std::fs::create_dir_all(&first)?;
-    sipp_with(
-        &server,
-        &first,
-        "bench_hold",
-        "+15550100",
-        "u1",
-        &["-m", "4", "-l", "4", "-r", "10", "-d", "1500"],
-    )?;
-    assert!(plugboard_tests::eventually(
-        Duration::from_secs(10),
-        || legs(&server) == 4
-    ));
+    // `n` calls held `hold_ms` each; then `total` legs are billed.
+    let batch = |server: &Server, name: &str, n: &str, hold_ms: &str, total: u64| -> Result<()> {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d)?;
+        let args = ["-m", n, "-l", n, "-r", "10", "-d", hold_ms];
+        sipp_with(server, &d, "bench_hold", "+15550100", "u1", &args)?;
+        assert!(plugboard_tests::eventually(Duration::from_secs(10), || {
+            legs(server) == total
+        }));
+        Ok(())
+    };
+    batch(&server, "first", "4", "1500", 4)?;
     // A SIGKILL, then more calls: what was recorded stays, once.
     server.kill();
     let server = Server::start(&data, &[])?;
     assert_eq!(legs(&server), 4);
-    let second = dir.path().join("second");
-    std::fs::create_dir_all(&second)?;
-    sipp_with(
-        &server,
-        &second,
-        "bench_hold",
-        "+15550100",
-        "u1",
-        &["-m", "3", "-l", "3", "-r", "10", "-d", "2500"],
-    )?;
-    assert!(plugboard_tests::eventually(
-        Duration::from_secs(10),
-        || legs(&server) == 7
-    ));
+    batch(&server, "second", "3", "2500", 7)?;
     let row = usage_total(&server, &acme, "acme");
     let c = &row["calls"]["inbound/-"];
     let seconds = c["seconds"].as_f64().unwrap();
