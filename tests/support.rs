@@ -112,6 +112,8 @@ pub struct Server {
 pub struct Answer {
     pub status: u16,
     pub body: Value,
+    /// The `Retry-After` header, seconds.
+    pub retry_after: Option<u64>,
 }
 
 impl Server {
@@ -285,9 +287,17 @@ impl Server {
         let req = req.body(body.unwrap_or_default())?;
         let mut resp = self.agent.run(req)?;
         let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         let text = resp.body_mut().read_to_string()?;
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Ok(Answer { status, body })
+        Ok(Answer {
+            status,
+            body,
+            retry_after,
+        })
     }
 
     /// A GET whose answer is bytes (a blob, a recording).

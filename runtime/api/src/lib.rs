@@ -38,6 +38,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     extra: Option<Value>,
+    /// Seconds for `Retry-After` (429, 503).
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -49,6 +51,7 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            retry_after: None,
         }
     }
     fn bad_request(message: impl Into<String>) -> Self {
@@ -95,6 +98,12 @@ impl From<EngineError> for ApiError {
             EngineError::NotADocument(_) => (StatusCode::CONFLICT, "not_a_document"),
             EngineError::Random(_) => (StatusCode::INTERNAL_SERVER_ERROR, "random"),
             EngineError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            EngineError::OverLimit(r) => {
+                let mut err = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "over_limit", message);
+                err.retry_after = Some(r.retry_after_s());
+                err.extra = Some(json!({"limit": r.code()}));
+                return err;
+            }
         };
         ApiError::new(status, code, message)
     }
@@ -106,7 +115,12 @@ impl IntoResponse for ApiError {
         if let (Some(Value::Object(extra)), Some(obj)) = (self.extra, body.as_object_mut()) {
             obj.extend(extra);
         }
-        (self.status, Json(body)).into_response()
+        let mut r = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(s));
+        }
+        r
     }
 }
 

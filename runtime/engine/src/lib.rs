@@ -103,6 +103,9 @@ pub enum EngineError {
     /// An internal task failed.
     #[error("{0}")]
     Internal(String),
+    /// The tenant is at one of its limits (try again later).
+    #[error(transparent)]
+    OverLimit(#[from] capacity::Refusal),
 }
 
 /// Result of engine operations.

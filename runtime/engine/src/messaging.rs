@@ -1196,6 +1196,7 @@ impl Engine {
         subject: Option<String>,
     ) -> EngineResult<Message> {
         validate_text(&text, false)?;
+        self.tenant(tenant).await?;
         let _turn = self.turn(tenant, ix).await;
         let mut interaction = self
             .store
@@ -1212,6 +1213,17 @@ impl Engine {
         let conv = self.conversation(tenant, ix).await?;
         if conv.closed {
             return Err(CoreError::Conflict(format!("conversation {ix} is closed")).into());
+        }
+        // Replies from agents and the API keep to the tenant's messages
+        // per second, per channel, as inbound messages do.
+        let bucket = match interaction.channel {
+            Channel::Chat => "chat-out",
+            Channel::Email => "email-out",
+            _ => "sms-out",
+        };
+        if let Err(r) = self.capacity().admit_message(tenant, bucket) {
+            self.capacity_refused(tenant, bucket, &r, json!({"interaction": ix}));
+            return Err(r.into());
         }
         if let Author::Agent { id } = &author
             && must_hold
