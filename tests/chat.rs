@@ -1471,6 +1471,41 @@ fn a_tenant_over_its_chat_and_message_limits_is_refused_in_each_channels_words()
         "{statuses:?}"
     );
 
+    // Storage: a file that would pass the tenant's 1 MiB is refused, and
+    // what is stored shows in its limits and usage.
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/limits",
+        &s.admin,
+        &json!({"storage_mib": 1}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let (mut ws, _, _) = hello(&s, json!({"type": "hello"}));
+    let file = |n: u8| {
+        use base64::Engine as _;
+        let data = base64::engine::general_purpose::STANDARD.encode(vec![n; 700 * 1024]);
+        json!([{"name": format!("scan{n}.pdf"), "type": "application/pdf", "data": data}])
+    };
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "f1", "text": "", "files": file(1)}),
+    );
+    assert_eq!(next_of(&mut ws, "ack")["client_id"], "f1");
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "f2", "text": "", "files": file(2)}),
+    );
+    let full = next_of(&mut ws, "error");
+    assert_eq!(
+        (full["code"].clone(), full["limit"].clone()),
+        (json!("over_limit"), json!("storage_mib")),
+        "{full}"
+    );
+    let used = s.get("/v1/tenants/freight/limits", &key).body["in_use"]["storage_bytes"].clone();
+    assert!(used.as_u64().unwrap() >= 700 * 1024, "{used}");
+    let usage = s.get("/v1/tenants/freight/usage?granularity=total", &key);
+    assert_eq!(usage.body["rows"][0]["stored_bytes"], used, "{usage:?}");
+
     // Every refusal is counted for the tenant, by limit.
     let seen = s.get("/v1/tenants/freight/limits", &key).body;
     assert_eq!(seen["refused"]["chats"], 1, "{seen}");

@@ -763,6 +763,12 @@ async fn message(
             })
         }
         Err(EngineError::Core(plugboard_core::Error::Invalid(m))) => error("invalid", &m, cid),
+        Err(EngineError::OverLimit(r)) => {
+            let mut e = error("over_limit", &r.to_string(), cid);
+            e["limit"] = json!(r.code());
+            e["retry_after_ms"] = json!(r.retry_after_s() * 1000);
+            e
+        }
         Err(e) => {
             tracing::warn!("a chat message of {visitor}: {e}");
             error("unavailable", "not stored: send it again", cid)

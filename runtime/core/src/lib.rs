@@ -123,6 +123,10 @@ pub struct TenantLimits {
     /// Plugins (by name); default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plugins: Option<u32>,
+    /// Stored recordings, attachments and raw mail, MiB; default: no
+    /// limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_mib: Option<u64>,
 }
 
 impl TenantLimits {

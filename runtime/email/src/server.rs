@@ -323,6 +323,10 @@ async fn deliver(engine: &Arc<Engine>, peer: SocketAddr, tls: bool, envelope: En
             Err(EngineError::Core(CoreError::Invalid(why))) => {
                 return Verdict::Refuse(554, format!("message refused: {why}"));
             }
+            // The tenant's storage is full: insufficient storage, for now.
+            Err(EngineError::OverLimit(r)) => {
+                return Verdict::Later(452, format!("{r}: try again later"));
+            }
             Err(e) => {
                 tracing::warn!("smtp message for {rcpt}: {e}");
                 return Verdict::Later(451, "temporary failure, try again later".into());

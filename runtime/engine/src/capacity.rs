@@ -48,6 +48,9 @@ pub enum Refusal {
     /// The tenant receives messages faster than its limit allows.
     #[error("the tenant is over its limit of {0} messages per second")]
     MessageRate(u32),
+    /// What the tenant stores would pass its limit.
+    #[error("the tenant's storage is full (its limit is {0} MiB)")]
+    Storage(u64),
 }
 
 impl Refusal {
@@ -60,6 +63,7 @@ impl Refusal {
             Refusal::FairShare => "fair_share",
             Refusal::Chats(_) => "chats",
             Refusal::MessageRate(_) => "messages_per_second",
+            Refusal::Storage(_) => "storage_mib",
         }
     }
 
@@ -67,10 +71,15 @@ impl Refusal {
     pub fn retry_after_s(&self) -> u64 {
         match self {
             Refusal::CallRate(_) | Refusal::MessageRate(_) => 1,
+            Refusal::Storage(_) => 3600,
             _ => 5,
         }
     }
 }
+
+/// How long a tenant's stored bytes, summed from its ledger, are trusted
+/// (plus what this node adds): other nodes' writes show after that.
+const STORED_FRESH: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// A token bucket: `rate` per second, holding at most one second's worth.
 #[derive(Debug)]
@@ -101,6 +110,9 @@ struct State {
     chats: HashMap<String, usize>,
     buckets: HashMap<(String, &'static str), Bucket>,
     refused: HashMap<(String, &'static str), u64>,
+    /// Bytes each tenant stores, as last summed from its ledger (and
+    /// when), plus what this node stored since.
+    stored: HashMap<String, (u64, Instant)>,
 }
 
 /// The node's capacity bookkeeping (one per engine).
@@ -306,6 +318,38 @@ impl Capacity {
                     map.remove(tenant);
                 }
             }
+        }
+    }
+
+    /// The bytes a tenant stores, if summed less than [`STORED_FRESH`] ago.
+    pub(crate) fn stored(&self, tenant: &str) -> Option<u64> {
+        let s = self.state.lock().ok()?;
+        s.stored
+            .get(tenant)
+            .filter(|(_, at)| at.elapsed() < STORED_FRESH)
+            .map(|(b, _)| *b)
+    }
+
+    /// Sets a tenant's stored bytes, summed now.
+    pub(crate) fn set_stored(&self, tenant: &str, bytes: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            s.stored.insert(tenant.to_string(), (bytes, Instant::now()));
+        }
+    }
+
+    /// Adds bytes this node stored for a tenant.
+    pub(crate) fn add_stored(&self, tenant: &str, bytes: u64) {
+        if let Ok(mut s) = self.state.lock()
+            && let Some((b, _)) = s.stored.get_mut(tenant)
+        {
+            *b += bytes;
+        }
+    }
+
+    /// Counts a refusal made elsewhere (the storage check).
+    pub(crate) fn count_refusal(&self, tenant: &str, r: &Refusal) {
+        if let Ok(mut s) = self.state.lock() {
+            Self::refuse(&mut s, tenant, r.clone());
         }
     }
 

@@ -445,12 +445,14 @@ impl Engine {
             "messages_per_second": l.messages_per_second,
             "agents": l.agents,
             "plugins": l.plugins,
+            "storage_mib": l.storage_mib,
         });
         v["in_use"] = json!({
             "calls": calls,
             "chats": chats,
             "agents": agents,
             "plugins": plugins,
+            "storage_bytes": self.stored_bytes(&t.id).await?,
         });
         v["refused"] = json!(self.capacity.refusals(&t.id));
         v["node"] = json!({"calls": self.capacity.node_calls()});
@@ -1047,10 +1049,12 @@ impl Engine {
         interaction: &str,
         wav: &[u8],
     ) -> EngineResult<String> {
+        self.check_storage(tenant, wav.len() as u64).await?;
         for n in 1..1000 {
             let id = format!("rec-{interaction}-{n}");
             match self.store.put_blob(tenant, &id, wav).await {
                 Ok(()) => {
+                    self.capacity.add_stored(tenant, wav.len() as u64);
                     // Billed once, by its own guard.
                     let guard = format!("r-{id}");
                     let writes = [

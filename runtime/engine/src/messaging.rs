@@ -378,6 +378,16 @@ impl Engine {
             Some(ix) => ix,
             None => plugboard_core::interaction_id(created, crate::interaction_nonce()?),
         };
+        // What it stores counts against the tenant's storage.
+        let stored_bytes = inbound
+            .files
+            .iter()
+            .map(|(_, _, b)| b.len() as u64)
+            .chain(inbound.raw.as_ref().map(|r| r.len() as u64))
+            .sum::<u64>();
+        if stored_bytes > 0 {
+            self.check_storage(tenant, stored_bytes).await?;
+        }
         let mut attachments = Vec::new();
         for (name, content_type, bytes) in &inbound.files {
             let blob = format!("att-{created:013}-{:08x}", crate::interaction_nonce()?);
@@ -445,7 +455,7 @@ impl Engine {
             &message.id,
             json!({"interaction": ix}),
         ));
-        writes.push(crate::usage::message_write(&message));
+        writes.push(crate::usage::message_write(&message, stored_bytes));
         for key in inbound.thread.iter().chain(&inbound.own_keys) {
             writes.push(RecordWrite::put(
                 THREAD,
@@ -506,6 +516,7 @@ impl Engine {
                 duplicate: true,
             });
         }
+        self.capacity().add_stored(tenant, stored_bytes);
         self.start_hooks(tenant, hooks);
         self.publish(
             tenant,
@@ -1150,7 +1161,7 @@ impl Engine {
     }
 
     fn outbound_writes(&self, m: &Message, writes: &mut Vec<RecordWrite>) {
-        writes.push(crate::usage::message_write(m));
+        writes.push(crate::usage::message_write(m, 0));
         writes.push(RecordWrite::put(
             conv_kind(&m.interaction),
             &m.id,

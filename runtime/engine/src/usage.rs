@@ -85,8 +85,9 @@ pub struct CallUsage {
     pub ended_ms: u64,
 }
 
-/// The ledger write for a message (put in the message's own write).
-pub(crate) fn message_write(m: &Message) -> RecordWrite {
+/// The ledger write for a message (put in the message's own write), with
+/// the bytes it stored (attachments, raw mail).
+pub(crate) fn message_write(m: &Message, bytes: u64) -> RecordWrite {
     let direction = match m.direction {
         Direction::Inbound => "inbound",
         Direction::Outbound => "outbound",
@@ -94,7 +95,7 @@ pub(crate) fn message_write(m: &Message) -> RecordWrite {
     RecordWrite::put(
         USAGE,
         ledger_id(m.created_ms, &format!("m-{}", m.id)),
-        json!({"unit": "message", "at_ms": m.created_ms, "channel": m.channel, "direction": direction}),
+        json!({"unit": "message", "at_ms": m.created_ms, "channel": m.channel, "direction": direction, "bytes": bytes}),
     )
 }
 
@@ -291,6 +292,8 @@ pub struct UsageRow {
     pub plugin_http_calls: u64,
     /// Agents' signed-in time, hours.
     pub seat_hours: f64,
+    /// Bytes stored: recordings, attachments, raw mail.
+    pub stored_bytes: u64,
 }
 
 /// Call legs of one direction and trunk.
@@ -327,10 +330,12 @@ impl UsageRow {
                     r["direction"].as_str().unwrap_or("-")
                 );
                 *self.messages.entry(key).or_default() += 1;
+                self.stored_bytes += u64_of("bytes");
             }
             Some("recording") => {
                 self.recordings += 1;
                 self.recording_bytes += u64_of("bytes");
+                self.stored_bytes += u64_of("bytes");
                 self.recording_seconds += u64_of("ms") as f64 / 1000.0;
             }
             Some("seat") => self.seat_hours += u64_of("ms") as f64 / HOUR_MS as f64,
@@ -369,6 +374,9 @@ impl UsageRow {
                 format!("{:.3}", self.recording_seconds),
                 "seconds",
             );
+        }
+        if self.stored_bytes > 0 {
+            line("storage", "-", self.stored_bytes.to_string(), "bytes");
         }
         if self.seat_hours > 0.0 {
             line("seat", "-", format!("{:.4}", self.seat_hours), "hours");
@@ -572,6 +580,48 @@ impl Engine {
             }
         }
         Ok(rows.into_values().collect())
+    }
+
+    /// The bytes a tenant stores (recordings, attachments, raw mail), from
+    /// its ledger, summed at most every 10 minutes and counted up in
+    /// between by what this node stores.
+    pub async fn stored_bytes(&self, tenant: &str) -> EngineResult<u64> {
+        if let Some(b) = self.capacity().stored(tenant) {
+            return Ok(b);
+        }
+        let mut total = 0;
+        let mut after = String::new();
+        loop {
+            let page = self
+                .store
+                .records_after(tenant, USAGE, &after, 1000)
+                .await?;
+            let last = page.len() < 1000;
+            for (id, r) in page {
+                total += r["bytes"].as_u64().unwrap_or(0);
+                after = id;
+            }
+            if last {
+                break;
+            }
+        }
+        self.capacity().set_stored(tenant, total);
+        Ok(total)
+    }
+
+    /// Whether the tenant may store `adding` more bytes within its
+    /// storage limit; a refusal is counted and on its event stream.
+    pub(crate) async fn check_storage(&self, tenant: &str, adding: u64) -> EngineResult<()> {
+        let Some(mib) = self.capacity().limits(tenant).storage_mib else {
+            return Ok(());
+        };
+        if self.stored_bytes(tenant).await? + adding <= mib << 20 {
+            return Ok(());
+        }
+        let r = crate::capacity::Refusal::Storage(mib);
+        self.capacity().count_refusal(tenant, &r);
+        self.capacity_refused(tenant, "storage", &r, json!({"bytes": adding}));
+        Err(r.into())
     }
 
     /// Every tenant's usage over a period (the operator's view).
