@@ -3527,9 +3527,14 @@ fn a_tenant_at_its_call_limit_is_refused_486_while_another_tenant_keeps_connecti
         "PUT",
         "/v1/tenants/acme/limits",
         &server.admin,
-        &json!({"calls": 3, "agents": 1}),
+        &json!({"calls": 3, "agents": 1, "plugins": 1}),
     );
     assert_eq!(a.status, 200, "{a:?}");
+    // One plugin: a new version of it is fine, a second plugin is not.
+    let d = server.deploy("acme", &acme, "hello-ivr", plugin("hello_ivr"));
+    assert_eq!(d.status, 201, "{d:?}");
+    let d = server.deploy("acme", &acme, "another", plugin("hello_ivr"));
+    assert_eq!(d.status, 409, "{d:?}");
     let seen = limits(&server, "acme", &acme);
     assert_eq!(seen["capacity"]["calls"], 3, "{seen}");
     // Without a limit of its own, a tenant gets half the node's legs.

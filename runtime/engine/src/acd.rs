@@ -1003,7 +1003,7 @@ impl Engine {
             let n = self.store.records(tenant, AGENT).await?.len();
             if n >= seats as usize {
                 return Err(CoreError::Conflict(format!(
-                    "the tenant has {n} agents, its limit is {seats} seats: remove one or ask the operator for more"
+                    "the tenant has {n} agents, its limit is {seats} seats: ask the operator for more"
                 ))
                 .into());
             }

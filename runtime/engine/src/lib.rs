@@ -470,7 +470,7 @@ impl Engine {
             return Ok(());
         }
         Err(CoreError::Conflict(format!(
-            "the tenant has {} plugins, its limit is {max}: remove one or ask the operator for more",
+            "the tenant has {} plugins, its limit is {max}: ask the operator for more",
             plugins.len()
         ))
         .into())
