@@ -478,6 +478,35 @@ fn cli_is_a_thin_client() {
     assert!(!ok && err.contains("no version before 1"), "{err}");
     let (ok, _, err) = cli(&["address", "set", "shop", "200", "--flow", "missing"]);
     assert!(!ok && err.contains("404"), "{err}");
+    // The operator sets a tenant's capacity and reads its usage.
+    let (ok, out, err) = cli(&["tenant", "limits", "shop", r#"{"calls": 20, "agents": 5}"#]);
+    assert!(ok && out.contains("\"agents\": 5"), "{out} {err}");
+    let (ok, out, _) = cli(&["tenant", "limits", "shop"]);
+    assert!(ok && out.contains("\"calls\": 20"), "{out}");
+    let (ok, out, err) = cli(&["tenant", "usage", "shop", "--granularity", "total", "--csv"]);
+    assert!(
+        ok && out.starts_with("tenant,from,kind,detail,quantity,unit\n"),
+        "{out} {err}"
+    );
+    let (ok, out, err) = cli(&["tenant", "usage-all", "--from", "2026-01-01T00:00:00Z"]);
+    assert!(ok && out.contains("\"rows\""), "{out} {err}");
+}
+
+#[test]
+fn a_node_configured_for_more_calls_than_its_rtp_ports_hold_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let err = match Server::start(&data, &["--rtp-ports", "30000-30099", "--max-calls", "60"]) {
+        Ok(_) => panic!("started with 60 calls on 50 RTP pairs"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("max_calls 60 needs 120 RTP ports"), "{err}");
+    // Within the range, it starts and says how many legs it holds.
+    let s = Server::start(&data, &["--rtp-ports", "30000-30099", "--max-calls", "40"]).unwrap();
+    let key = s.tenant("shop");
+    let seen = s.get("/v1/tenants/shop/limits", &key).body;
+    assert_eq!(seen["node"]["calls"], 40, "{seen}");
+    assert_eq!(seen["capacity"]["calls_in_effect"], 20, "{seen}");
 }
 
 #[test]
