@@ -149,6 +149,11 @@ impl TenantLimits {
         if self.max_concurrent == Some(0) {
             return Err(Error::Invalid("max_concurrent must be at least 1".into()));
         }
+        if self.storage_mib.is_some_and(|m| m > 1 << 30) {
+            return Err(Error::Invalid(
+                "storage_mib must be at most 2^30 (1 PiB)".into(),
+            ));
+        }
         for (name, v) in [
             ("calls_per_second", self.calls_per_second),
             ("messages_per_second", self.messages_per_second),

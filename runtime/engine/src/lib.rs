@@ -1055,18 +1055,28 @@ impl Engine {
             match self.store.put_blob(tenant, &id, wav).await {
                 Ok(()) => {
                     self.capacity.add_stored(tenant, wav.len() as u64);
-                    // Billed once, by its own guard.
-                    let guard = format!("r-{id}");
-                    let writes = [
-                        plugboard_store::RecordWrite::put(usage::USAGE_KEY, &guard, json!({})),
-                        usage::recording_write(&id, wav.len(), wav_length_ms(wav)),
-                    ];
-                    if let Err(e) = self
-                        .store
-                        .apply_records(tenant, &writes, Some((usage::USAGE_KEY, &guard)))
-                        .await
-                    {
-                        tracing::warn!("recording {id} of {tenant} stored, its usage not: {e}");
+                    // Billed once: a retry writes the same record again.
+                    let write =
+                        usage::recording_write(&id, now_ms(), wav.len(), wav_length_ms(wav));
+                    for attempt in 0..3u32 {
+                        match self
+                            .store
+                            .apply_records(tenant, std::slice::from_ref(&write), None)
+                            .await
+                        {
+                            Ok(_) => break,
+                            Err(e) if attempt == 2 => {
+                                tracing::error!(
+                                    "recording {id} of {tenant} stored, its usage not: {e}"
+                                );
+                            }
+                            Err(_) => {
+                                tokio::time::sleep(std::time::Duration::from_millis(
+                                    200 << attempt,
+                                ))
+                                .await;
+                            }
+                        }
                     }
                     return Ok(id);
                 }

@@ -378,6 +378,19 @@ impl Engine {
             Some(ix) => ix,
             None => plugboard_core::interaction_id(created, crate::interaction_nonce()?),
         };
+        // The same sender's id, to the same address: one email to two of
+        // the tenant's mailboxes is two messages, a retry of it is not.
+        let guard = inbound.client_id.as_ref().map(|c| {
+            let from = plugboard_core::normalize_address(&inbound.from);
+            hash_key(&format!("{channel}\n{from}\n{}\n{c}", address.address))
+        });
+        // A retry of a message already stored is answered with it before
+        // anything is stored again (or refused for a full storage).
+        if let Some(g) = &guard
+            && let Some(first) = self.store.record(tenant, CLIENT_ID, g).await?
+        {
+            return self.duplicate(tenant, &first).await;
+        }
         // What it stores counts against the tenant's storage.
         let stored_bytes = inbound
             .files
@@ -432,12 +445,6 @@ impl Engine {
             updated_ms: created,
         };
         let mut writes = Vec::new();
-        // The same sender's id, to the same address: one email to two of
-        // the tenant's mailboxes is two messages, a retry of it is not.
-        let guard = inbound
-            .client_id
-            .as_ref()
-            .map(|c| hash_key(&format!("{channel}\n{}\n{}\n{c}", message.from, message.to)));
         if let Some(g) = &guard {
             writes.push(RecordWrite::put(
                 CLIENT_ID,
@@ -507,14 +514,7 @@ impl Engine {
             .apply_records(tenant, &writes, guard.as_deref().map(|g| (CLIENT_ID, g)))
             .await?;
         if let Some(first) = first {
-            let ix = first["interaction"].as_str().unwrap_or_default();
-            let id = first["message"].as_str().unwrap_or_default();
-            let message = self.message_in(tenant, ix, id).await?;
-            return Ok(Received {
-                tenant: tenant.to_string(),
-                message,
-                duplicate: true,
-            });
+            return self.duplicate(tenant, &first).await;
         }
         self.capacity().add_stored(tenant, stored_bytes);
         self.start_hooks(tenant, hooks);
@@ -1082,6 +1082,19 @@ impl Engine {
         Ok(())
     }
 
+    /// The answer to a retried message: the one stored first (its client
+    /// id record names it).
+    async fn duplicate(&self, tenant: &str, first: &Value) -> EngineResult<Received> {
+        let ix = first["interaction"].as_str().unwrap_or_default();
+        let id = first["message"].as_str().unwrap_or_default();
+        let message = self.message_in(tenant, ix, id).await?;
+        Ok(Received {
+            tenant: tenant.to_string(),
+            message,
+            duplicate: true,
+        })
+    }
+
     /// Ends a flow step on a conversation: the flow's state, its replies
     /// (with their outbox entries and webhook deliveries) and `writes` go
     /// in one atomic write after the timeline's checkpoint; then the
@@ -1225,17 +1238,6 @@ impl Engine {
         if conv.closed {
             return Err(CoreError::Conflict(format!("conversation {ix} is closed")).into());
         }
-        // Replies from agents and the API keep to the tenant's messages
-        // per second, per channel, as inbound messages do.
-        let bucket = match interaction.channel {
-            Channel::Chat => "chat-out",
-            Channel::Email => "email-out",
-            _ => "sms-out",
-        };
-        if let Err(r) = self.capacity().admit_message(tenant, bucket) {
-            self.capacity_refused(tenant, bucket, &r, json!({"interaction": ix}));
-            return Err(r.into());
-        }
         if let Author::Agent { id } = &author
             && must_hold
         {
@@ -1255,6 +1257,17 @@ impl Engine {
                 interaction.push(EntryKind::AgentConnected, json!({"agent": id}));
                 self.store.save_interaction(&interaction, stored).await?;
             }
+        }
+        // Replies from agents and the API keep to the tenant's messages
+        // per second, per channel, as inbound messages do.
+        let bucket = match interaction.channel {
+            Channel::Chat => "chat-out",
+            Channel::Email => "email-out",
+            _ => "sms-out",
+        };
+        if let Err(r) = self.capacity().admit_message(tenant, bucket) {
+            self.capacity_refused(tenant, bucket, &r, json!({"interaction": ix}));
+            return Err(r.into());
         }
         let stored = interaction.timeline_len();
         let m = self.new_outbound(&interaction, author, text, subject)?;

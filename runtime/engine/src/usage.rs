@@ -6,9 +6,9 @@
 //! range read. What is recorded, and how each is kept to once:
 //!
 //! - **Call legs** (`call`): each answered SIP leg, inbound or outbound,
-//!   with its trunk, when it ends; guarded by a [`USAGE_KEY`] record named
-//!   after the dialog, so a repeated write finds the first. A leg cut by
-//!   a crash of the node is not billed.
+//!   with its trunk, when it ends, under an id made of its end time and
+//!   its dialog, fixed before the first try: a retried write overwrites
+//!   itself. A leg cut by a crash of the node is not billed.
 //! - **Messages** (`message`): each message received or sent on chat,
 //!   email or SMS, in the same atomic write as the message itself.
 //! - **Recordings** (`recording`): bytes and length of each stored call
@@ -43,8 +43,6 @@ use crate::{Engine, EngineResult};
 
 /// The ledger's record kind.
 pub const USAGE: &str = "usage";
-/// Guards of units that could be written twice (call legs).
-pub const USAGE_KEY: &str = "usage-key";
 /// Tries of a call leg's usage write (200 ms, then doubling, between).
 const CALL_WRITE_TRIES: u32 = 5;
 /// How often plugin usage is written.
@@ -100,8 +98,7 @@ pub(crate) fn message_write(m: &Message, bytes: u64) -> RecordWrite {
 }
 
 /// The ledger write for a stored recording.
-pub(crate) fn recording_write(id: &str, bytes: usize, length_ms: u64) -> RecordWrite {
-    let at = now_ms();
+pub(crate) fn recording_write(id: &str, at: u64, bytes: usize, length_ms: u64) -> RecordWrite {
     RecordWrite::put(
         USAGE,
         ledger_id(at, &format!("r-{id}")),
@@ -134,6 +131,8 @@ pub(crate) struct UsageMeter {
     /// One flush at a time: a running stretch's snapshot never lands
     /// after its final write.
     flushing: tokio::sync::Mutex<()>,
+    /// One sum of a ledger's stored bytes at a time.
+    summing: tokio::sync::Mutex<()>,
 }
 
 impl UsageMeter {
@@ -145,6 +144,7 @@ impl UsageMeter {
             seats: Mutex::new(HashMap::new()),
             closed_seats: Mutex::new(Vec::new()),
             flushing: tokio::sync::Mutex::new(()),
+            summing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -407,23 +407,18 @@ const MAX_PERIOD_MS: u64 = 366 * DAY_MS;
 
 impl Engine {
     /// Records an answered call leg that ended (once, however often it
-    /// is called for the same leg).
+    /// is called for the same leg: its id is its end time and dialog).
     pub async fn record_call_usage(&self, u: CallUsage) -> EngineResult<()> {
-        let ms = u.ended_ms.saturating_sub(u.answered_ms);
-        let guard = format!("c-{}", u.key);
         let record = json!({
             "unit": "call",
             "at_ms": u.ended_ms,
             "direction": u.direction,
             "trunk": u.trunk,
-            "ms": ms,
+            "ms": u.ended_ms.saturating_sub(u.answered_ms),
         });
-        let writes = [
-            RecordWrite::put(USAGE_KEY, &guard, json!({"at_ms": u.ended_ms})),
-            RecordWrite::put(USAGE, ledger_id(u.ended_ms, &guard), record),
-        ];
+        let id = ledger_id(u.ended_ms, &format!("c-{}", u.key));
         self.store
-            .apply_records(&u.tenant, &writes, Some((USAGE_KEY, &guard)))
+            .set_record(&u.tenant, USAGE, &id, &record)
             .await?;
         Ok(())
     }
@@ -443,8 +438,7 @@ impl Engine {
         writing.fetch_add(1, Ordering::SeqCst);
         let app = self.clone();
         rt.spawn(async move {
-            // The guard makes a retry safe: a write that did land is not
-            // written again.
+            // A retry writes the same record again (its id is fixed).
             for attempt in 0..CALL_WRITE_TRIES {
                 match app.record_call_usage(u.clone()).await {
                     Ok(()) => break,
@@ -586,6 +580,11 @@ impl Engine {
     /// its ledger, summed at most every 10 minutes and counted up in
     /// between by what this node stores.
     pub async fn stored_bytes(&self, tenant: &str) -> EngineResult<u64> {
+        if let Some(b) = self.capacity().stored(tenant) {
+            return Ok(b);
+        }
+        // One sum at a time; whoever waited finds it done.
+        let _one = self.usage_meter.summing.lock().await;
         if let Some(b) = self.capacity().stored(tenant) {
             return Ok(b);
         }

@@ -332,11 +332,15 @@ async fn inbound(
     };
     inbound.external_id = inbound.client_id.clone();
     inbound.meta.insert("carrier".into(), name.clone());
-    // The tenant's record brings its current limits.
+    // The tenant's record brings its current limits. Twilio does not
+    // send an inbound message again after a 4xx: its messages are taken
+    // whatever the rate (and still counted in the usage).
     if let Err(e) = engine.tenant(&tenant).await {
         return unavailable(&tenant, e);
     }
-    if let Err(r) = engine.capacity().admit_message(&tenant, "sms") {
+    if dialect != HttpSmsDialect::Twilio
+        && let Err(r) = engine.capacity().admit_message(&tenant, "sms")
+    {
         engine.capacity_refused(&tenant, "sms", &r, json!({"from": from, "to": to}));
         return fail(StatusCode::TOO_MANY_REQUESTS, r.to_string());
     }

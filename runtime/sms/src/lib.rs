@@ -396,11 +396,6 @@ impl DeliverSink for Sink {
             tracing::warn!("SMS of {}: {e}", self.tenant);
             return status::TEMPORARY;
         }
-        if let Err(r) = engine.capacity().admit_message(&self.tenant, "sms") {
-            let detail = serde_json::json!({"from": from, "to": to, "carrier": self.carrier.name});
-            engine.capacity_refused(&self.tenant, "sms", &r, detail);
-            return status::THROTTLED;
-        }
         let (concat, body) = if esm & 0x40 != 0 {
             text::split_udh(&bytes)
         } else {
@@ -416,6 +411,14 @@ impl DeliverSink for Sink {
             }
             _ => None,
         });
+        // A long text counts once, at its first part.
+        if concat.as_ref().is_none_or(|c| c.seq <= 1)
+            && let Err(r) = engine.capacity().admit_message(&self.tenant, "sms")
+        {
+            let detail = serde_json::json!({"from": from, "to": to, "carrier": self.carrier.name});
+            engine.capacity_refused(&self.tenant, "sms", &r, detail);
+            return status::THROTTLED;
+        }
         let mut inbound = Inbound {
             channel: Channel::Sms,
             tenant: Some(self.tenant.clone()),

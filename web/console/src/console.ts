@@ -1307,7 +1307,8 @@ class Operator {
       for (const [k, i] of this.inputs) {
         const v = i.value.trim();
         if (v === "") delete body[k];
-        else body[k] = Number(v);
+        else if (/^[0-9]+$/.test(v)) body[k] = Number(v);
+        else throw new Error(`${k}: a whole number, or empty for none`);
       }
       await this.api.callAt("PUT", `/v1/tenants/${encodeURIComponent(t)}/limits`, body);
       this.status.textContent = `saved ${t}`;
@@ -1329,7 +1330,8 @@ function startOperator(root: HTMLElement, s: Session): void {
   );
   root.replaceChildren(header, op.el);
   void op.refresh();
-  setInterval(() => void op.refresh(), 5000);
+  // Every tenant's month is read each time: not too often.
+  setInterval(() => void op.refresh(), 30000);
 }
 
 // ----- boot -----

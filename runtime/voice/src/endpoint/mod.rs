@@ -84,6 +84,8 @@ struct Leg {
     ringing: bool,
     /// To (with the far end's tag) and Contact, once answered.
     answered: Option<(String, String)>,
+    /// We cancelled it: an answer that crosses the CANCEL is hung up.
+    abandoned: bool,
     /// Its place in the tenant's capacity, and its usage.
     meter: LegMeter,
 }

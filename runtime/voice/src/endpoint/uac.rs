@@ -35,9 +35,12 @@ impl Endpoint {
         mut meter: LegMeter,
     ) {
         // Given up while its route was resolved, or its call is over:
-        // nothing is sent (and the leg's place goes back).
+        // nothing is sent (and the leg's place goes back); the call hears
+        // the leg ended as a cancelled one would (487).
         if let Some(i) = self.given_up.iter().position(|k| *k == key) {
             self.given_up.remove(i);
+            let why = "cancelled before it was sent".to_string();
+            let _ = call.send(CallCmd::Leg(key, LegEvent::Failed(487, why)));
             return;
         }
         if call.is_closed() {
@@ -95,6 +98,7 @@ impl Endpoint {
                 auth_tries: 0,
                 ringing: false,
                 answered: None,
+                abandoned: false,
                 meter,
             },
         );
@@ -125,7 +129,12 @@ impl Endpoint {
                 .unwrap_or_else(|| leg.invite.uri.clone());
             let first = leg.answered.is_none();
             leg.answered = Some((to.clone(), target.clone()));
-            leg.meter.answered();
+            // A 200 that crossed our CANCEL: acknowledged, then hung up,
+            // not billed; the call hears it was cancelled.
+            let abandoned = leg.abandoned;
+            if !abandoned {
+                leg.meter.answered();
+            }
             // The ACK for a 2xx is its own request (RFC 3261 §13.2.2.4),
             // repeated for every retransmitted 2xx.
             let ack = leg_request(self.sip_addr, &key.0, leg, Method::Ack, leg.cseq);
@@ -136,6 +145,14 @@ impl Endpoint {
                     to: peer,
                     bytes: ack.to_bytes(),
                 });
+            }
+            if first && abandoned {
+                let _ = call.send(CallCmd::Leg(
+                    key.clone(),
+                    LegEvent::Failed(487, "cancelled (its answer crossed the CANCEL)".into()),
+                ));
+                self.bye_leg(&key);
+                return;
             }
             if first {
                 let answer = String::from_utf8_lossy(&resp.body).into_owned();
@@ -285,9 +302,10 @@ impl Endpoint {
     }
 
     pub(super) fn cancel_leg(&mut self, key: &DialogKey) {
-        if let Some(leg) = self.legs.get(key)
+        if let Some(leg) = self.legs.get_mut(key)
             && leg.answered.is_none()
         {
+            leg.abandoned = true;
             let cancel = plugboard_sip::transaction::cancel_for(&leg.invite);
             let peer = leg.peer;
             self.tx.send_request(Instant::now(), peer, cancel);
