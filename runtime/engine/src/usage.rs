@@ -543,37 +543,52 @@ impl Engine {
             Granularity::Total => from_ms,
         };
         let mut rows: BTreeMap<u64, UsageRow> = BTreeMap::new();
-        // Ids sort by time: start just before the period's first ms.
-        let mut after = format!("{:013}", from_ms.saturating_sub(1)) + "~";
+        // Ids sort by time: from just before the period's first ms.
+        let after = format!("{:013}", from_ms.saturating_sub(1)) + "~";
         let end = format!("{to_ms:013}");
-        'pages: loop {
+        self.read_ledger(tenant, after, Some(&end), |r| {
+            let at = r["at_ms"].as_u64().unwrap_or(0);
+            if at >= from_ms {
+                let from = bucket(at);
+                rows.entry(from)
+                    .or_insert_with(|| UsageRow {
+                        tenant: tenant.to_string(),
+                        from_ms: from,
+                        ..Default::default()
+                    })
+                    .add(r);
+            }
+        })
+        .await?;
+        Ok(rows.into_values().collect())
+    }
+
+    /// Reads a tenant's ledger page by page from after `after` (ids in
+    /// time order) up to `end` (exclusive; the end when `None`).
+    async fn read_ledger(
+        &self,
+        tenant: &str,
+        mut after: String,
+        end: Option<&str>,
+        mut each: impl FnMut(&Value),
+    ) -> EngineResult<()> {
+        loop {
             let page = self
                 .store
                 .records_after(tenant, USAGE, &after, 1000)
                 .await?;
             let last = page.len() < 1000;
             for (id, r) in page {
-                if id.as_str() >= end.as_str() {
-                    break 'pages;
+                if end.is_some_and(|e| id.as_str() >= e) {
+                    return Ok(());
                 }
-                let at = r["at_ms"].as_u64().unwrap_or(0);
-                if at >= from_ms {
-                    let from = bucket(at);
-                    rows.entry(from)
-                        .or_insert_with(|| UsageRow {
-                            tenant: tenant.to_string(),
-                            from_ms: from,
-                            ..Default::default()
-                        })
-                        .add(&r);
-                }
+                each(&r);
                 after = id;
             }
             if last {
-                break;
+                return Ok(());
             }
         }
-        Ok(rows.into_values().collect())
     }
 
     /// The bytes a tenant stores (recordings, attachments, raw mail), from
@@ -589,21 +604,10 @@ impl Engine {
             return Ok(b);
         }
         let mut total = 0;
-        let mut after = String::new();
-        loop {
-            let page = self
-                .store
-                .records_after(tenant, USAGE, &after, 1000)
-                .await?;
-            let last = page.len() < 1000;
-            for (id, r) in page {
-                total += r["bytes"].as_u64().unwrap_or(0);
-                after = id;
-            }
-            if last {
-                break;
-            }
-        }
+        self.read_ledger(tenant, String::new(), None, |r| {
+            total += r["bytes"].as_u64().unwrap_or(0);
+        })
+        .await?;
         self.capacity().set_stored(tenant, total);
         Ok(total)
     }
