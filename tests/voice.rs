@@ -1283,6 +1283,16 @@ fn sip_info_dtmf_and_a_voicemail_recorded_to_wav() -> Result<()> {
         .header("Authorization", format!("Bearer {other}"))
         .call()?;
     assert_eq!(resp.status().as_u16(), 403);
+    // The recording is in acme's usage: one, its bytes, its length.
+    let row = usage_total(&server, &key, "acme");
+    assert_eq!(row["recordings"], 1, "{row}");
+    assert_eq!(row["recording_bytes"], wav.len(), "{row}");
+    assert!(
+        row["stored_bytes"].as_u64().unwrap() >= wav.len() as u64,
+        "{row}"
+    );
+    let secs = row["recording_seconds"].as_f64().unwrap();
+    assert!((secs - duration as f64 / 1000.0).abs() < 0.2, "{row}");
     Ok(())
 }
 

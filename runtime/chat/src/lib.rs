@@ -428,6 +428,15 @@ async fn send(socket: &mut WebSocket, frame: &Value) -> bool {
         .is_ok()
 }
 
+/// An error frame for a tenant at one of its limits: which limit, and
+/// when to try again.
+fn refusal(code: &str, r: &plugboard_engine::capacity::Refusal, cid: Option<&str>) -> Value {
+    let mut e = error(code, &r.to_string(), cid);
+    e["limit"] = json!(r.code());
+    e["retry_after_ms"] = json!(r.retry_after_s() * 1000);
+    e
+}
+
 /// One widget connection: `hello`, then messages both ways.
 async fn session(mut socket: WebSocket, hub: Arc<Hub>, chat: ChatAddress, ip: IpAddr) {
     let tenant = chat.tenant.clone();
@@ -446,9 +455,7 @@ async fn session(mut socket: WebSocket, hub: Arc<Hub>, chat: ChatAddress, ip: Ip
         Err(r) => {
             let detail = json!({"ip": ip.to_string(), "address": chat.address.address});
             hub.engine.capacity_refused(&tenant, "chat", &r, detail);
-            let mut e = error("capacity", &r.to_string(), None);
-            e["retry_after_ms"] = json!(r.retry_after_s() * 1000);
-            send(&mut socket, &e).await;
+            send(&mut socket, &refusal("capacity", &r, None)).await;
             let _ = socket.send(WsMessage::Close(None)).await;
             return;
         }
@@ -696,9 +703,7 @@ async fn message(
         let detail = json!({"visitor": visitor, "address": chat.address.address});
         hub.engine
             .capacity_refused(&chat.tenant, "chat", &r, detail);
-        let mut e = error("rate_limited", &r.to_string(), cid);
-        e["retry_after_ms"] = json!(r.retry_after_s() * 1000);
-        return e;
+        return refusal("rate_limited", &r, cid);
     }
     let mut stored = Vec::new();
     for f in files {
@@ -763,12 +768,7 @@ async fn message(
             })
         }
         Err(EngineError::Core(plugboard_core::Error::Invalid(m))) => error("invalid", &m, cid),
-        Err(EngineError::OverLimit(r)) => {
-            let mut e = error("over_limit", &r.to_string(), cid);
-            e["limit"] = json!(r.code());
-            e["retry_after_ms"] = json!(r.retry_after_s() * 1000);
-            e
-        }
+        Err(EngineError::OverLimit(r)) => refusal("over_limit", &r, cid),
         Err(e) => {
             tracing::warn!("a chat message of {visitor}: {e}");
             error("unavailable", "not stored: send it again", cid)

@@ -1056,28 +1056,8 @@ impl Engine {
                 Ok(()) => {
                     self.capacity.add_stored(tenant, wav.len() as u64);
                     // Billed once: a retry writes the same record again.
-                    let write =
-                        usage::recording_write(&id, now_ms(), wav.len(), wav_length_ms(wav));
-                    for attempt in 0..3u32 {
-                        match self
-                            .store
-                            .apply_records(tenant, std::slice::from_ref(&write), None)
-                            .await
-                        {
-                            Ok(_) => break,
-                            Err(e) if attempt == 2 => {
-                                tracing::error!(
-                                    "recording {id} of {tenant} stored, its usage not: {e}"
-                                );
-                            }
-                            Err(_) => {
-                                tokio::time::sleep(std::time::Duration::from_millis(
-                                    200 << attempt,
-                                ))
-                                .await;
-                            }
-                        }
-                    }
+                    let unit = usage::recording_unit(&id, now_ms(), wav.len(), wav_length_ms(wav));
+                    self.write_unit(tenant, unit).await;
                     return Ok(id);
                 }
                 Err(CoreError::Conflict(_)) => continue,

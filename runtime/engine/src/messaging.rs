@@ -1220,7 +1220,6 @@ impl Engine {
         subject: Option<String>,
     ) -> EngineResult<Message> {
         validate_text(&text, false)?;
-        self.tenant(tenant).await?;
         let _turn = self.turn(tenant, ix).await;
         let mut interaction = self
             .store
@@ -1259,7 +1258,8 @@ impl Engine {
             }
         }
         // Replies from agents and the API keep to the tenant's messages
-        // per second, per channel, as inbound messages do.
+        // per second, per channel, as inbound messages do (the caller's
+        // scope read the tenant's record: its limits are current).
         let bucket = match interaction.channel {
             Channel::Chat => "chat-out",
             Channel::Email => "email-out",

@@ -43,8 +43,8 @@ use crate::{Engine, EngineResult};
 
 /// The ledger's record kind.
 pub const USAGE: &str = "usage";
-/// Tries of a call leg's usage write (200 ms, then doubling, between).
-const CALL_WRITE_TRIES: u32 = 5;
+/// Tries of a call leg's or recording's usage write.
+const WRITE_TRIES: u32 = 5;
 /// How often plugin usage is written.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(10);
 
@@ -98,9 +98,8 @@ pub(crate) fn message_write(m: &Message, bytes: u64) -> RecordWrite {
 }
 
 /// The ledger write for a stored recording.
-pub(crate) fn recording_write(id: &str, at: u64, bytes: usize, length_ms: u64) -> RecordWrite {
-    RecordWrite::put(
-        USAGE,
+pub(crate) fn recording_unit(id: &str, at: u64, bytes: usize, length_ms: u64) -> (String, Value) {
+    (
         ledger_id(at, &format!("r-{id}")),
         json!({"unit": "recording", "at_ms": at, "bytes": bytes, "ms": length_ms}),
     )
@@ -406,25 +405,27 @@ pub const CSV_HEADER: &str = "tenant,from,kind,detail,quantity,unit\n";
 const MAX_PERIOD_MS: u64 = 366 * DAY_MS;
 
 impl Engine {
-    /// Records an answered call leg that ended (once, however often it
-    /// is called for the same leg: its id is its end time and dialog).
-    pub async fn record_call_usage(&self, u: CallUsage) -> EngineResult<()> {
-        let record = json!({
-            "unit": "call",
-            "at_ms": u.ended_ms,
-            "direction": u.direction,
-            "trunk": u.trunk,
-            "ms": u.ended_ms.saturating_sub(u.answered_ms),
-        });
-        let id = ledger_id(u.ended_ms, &format!("c-{}", u.key));
-        self.store
-            .set_record(&u.tenant, USAGE, &id, &record)
-            .await?;
-        Ok(())
+    /// Writes one unit of the ledger, trying again (200 ms, then
+    /// doubling, between) up to [`WRITE_TRIES`] times: its id is fixed,
+    /// so a retry writes the same record again. A last failure is logged.
+    pub(crate) async fn write_unit(&self, tenant: &str, (id, record): (String, Value)) {
+        for attempt in 0..WRITE_TRIES {
+            match self.store.set_record(tenant, USAGE, &id, &record).await {
+                Ok(()) => return,
+                Err(e) if attempt + 1 == WRITE_TRIES => {
+                    tracing::error!("usage {id} of {tenant} not recorded: {e}");
+                }
+                Err(e) => {
+                    tracing::warn!("usage {id} of {tenant} (trying again): {e}");
+                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+                }
+            }
+        }
     }
 
     /// Records an answered call leg that ended, in a task of its own
-    /// ([`Engine::flush_usage`] waits for it); a failure is logged.
+    /// ([`Engine::flush_usage`] waits for it); its id is its end time and
+    /// dialog, so the leg is recorded once.
     pub fn spawn_call_usage(self: &Arc<Self>, u: CallUsage) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             tracing::error!(
@@ -434,31 +435,19 @@ impl Engine {
             );
             return;
         };
+        let record = json!({
+            "unit": "call",
+            "at_ms": u.ended_ms,
+            "direction": u.direction,
+            "trunk": u.trunk,
+            "ms": u.ended_ms.saturating_sub(u.answered_ms),
+        });
+        let unit = (ledger_id(u.ended_ms, &format!("c-{}", u.key)), record);
         let writing = self.usage_meter.writing.clone();
         writing.fetch_add(1, Ordering::SeqCst);
         let app = self.clone();
         rt.spawn(async move {
-            // A retry writes the same record again (its id is fixed).
-            for attempt in 0..CALL_WRITE_TRIES {
-                match app.record_call_usage(u.clone()).await {
-                    Ok(()) => break,
-                    Err(e) if attempt + 1 == CALL_WRITE_TRIES => {
-                        tracing::error!(
-                            "usage of call leg {} of {} not recorded: {e}",
-                            u.key,
-                            u.tenant
-                        );
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            "usage of call leg {} of {} (trying again): {e}",
-                            u.key,
-                            u.tenant
-                        );
-                        tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                    }
-                }
-            }
+            app.write_unit(&u.tenant, unit).await;
             writing.fetch_sub(1, Ordering::SeqCst);
         });
     }
