@@ -1,0 +1,312 @@
+//! Fax for Plugboard.
+//!
+//! - [`Terminal`]: a T.30 fax terminal over G.711 audio, sans-IO — 8 kHz
+//!   samples in, samples out; time is the samples that went by. It is
+//!   spandsp's (Debian's `libspandsp` 0.0.6, LGPL-2.1), reached through a
+//!   thin FFI of our own ([`spandsp`], the crate's only unsafe code) and
+//!   linked dynamically, as FreeSWITCH's `mod_spandsp` and Asterisk's
+//!   `res_fax_spandsp` use it: there is no credible pure-Rust T.30, and
+//!   the `spandsp` crates on crates.io are unmaintained bindings that
+//!   build a static copy.
+//! - [`document`]: what is faxed and what is kept — a PDF or TIFF turned
+//!   into fax pages (TIFF/F at 204×196 dpi, 1728 pixels wide) by
+//!   Ghostscript, text set on a page, received pages turned into a PDF by
+//!   libtiff's `tiff2pdf`. Both run as separate programs (Ghostscript is
+//!   AGPL: never linked).
+
+mod spandsp;
+
+pub mod document;
+
+use std::ffi::CString;
+use std::path::Path;
+
+/// Samples per 20 ms frame at 8 kHz.
+pub const FRAME: usize = 160;
+
+/// spandsp's completion codes this crate reads (`T30_ERR_*`).
+mod code {
+    pub const OK: i32 = 0;
+    pub const T0_EXPIRED: i32 = 2;
+    pub const T1_EXPIRED: i32 = 3;
+    pub const RETRY_DCN: i32 = 48;
+    pub const CALL_DROPPED: i32 = 49;
+}
+
+/// Why a fax could not be set up or a document converted.
+#[derive(Debug, thiserror::Error)]
+pub enum FaxError {
+    /// The document cannot be faxed (not a PDF or TIFF, unreadable, no
+    /// pages).
+    #[error("{0}")]
+    Document(String),
+    /// A helper program is missing or failed.
+    #[error("{0}")]
+    Tool(String),
+    /// spandsp refused to set up a terminal.
+    #[error("cannot set up the fax terminal")]
+    Setup,
+    /// Files around the fax.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Which side of the fax a terminal is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends a TIFF/F file.
+    Send,
+    /// Receives into a TIFF/F file.
+    Receive,
+}
+
+/// Transfer statistics of a fax.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Pages sent or received, whole.
+    pub pages: u32,
+    /// Pages in the file being sent (0 when receiving).
+    pub pages_in_file: u32,
+    /// Modem bit rate of the image transfer (bits/s).
+    pub bit_rate: u32,
+    /// Error correction mode was used.
+    pub ecm: bool,
+    /// Horizontal and vertical resolution of the last page (pixels per
+    /// metre).
+    pub resolution: (u32, u32),
+    /// Width and length of the last page, in pixels.
+    pub size: (u32, u32),
+    /// Rows of the last page received damaged (without ECM).
+    pub bad_rows: u32,
+}
+
+/// How a fax ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Every page went (or came) and the session ended properly.
+    pub ok: bool,
+    /// spandsp's completion code (`T30_ERR_*`).
+    pub code: i32,
+    /// What happened, in words (`OK`, `no fax detected`, spandsp's text).
+    pub text: String,
+    /// The far end's station id (TSI/CSI).
+    pub remote_ident: String,
+    /// What went across.
+    pub stats: Stats,
+}
+
+impl Outcome {
+    /// No fax machine answered or called: the far end never said a
+    /// T.30 word (timers ran out, or our calls for it went unanswered).
+    pub fn no_fax(&self) -> bool {
+        matches!(
+            self.code,
+            code::T0_EXPIRED | code::T1_EXPIRED | code::RETRY_DCN
+        ) && self.stats.pages == 0
+            && self.remote_ident.is_empty()
+    }
+}
+
+/// A T.30 fax terminal over audio: feed it what the far end sends
+/// ([`Terminal::rx`]), send what it makes ([`Terminal::tx`]), frame by
+/// frame, until [`Terminal::outcome`] says it is over.
+pub struct Terminal {
+    fax: spandsp::Fax,
+    role: Role,
+    /// Samples that went by, both ways (the terminal's clock).
+    samples: u64,
+}
+
+impl Terminal {
+    /// A terminal that sends `file` (TIFF/F, see [`document`]) or
+    /// receives into it. `calling` is the side that dialled (it sends
+    /// CNG); `ident` is our station id (up to 20 characters: digits, `+`
+    /// and spaces). ECM (error correction) is offered.
+    pub fn new(role: Role, calling: bool, file: &Path, ident: &str) -> Result<Terminal, FaxError> {
+        let ident: String = ident
+            .chars()
+            .filter(|c| c.is_ascii_digit() || matches!(c, '+' | ' '))
+            .take(20)
+            .collect();
+        let ident = CString::new(ident).map_err(|_| FaxError::Setup)?;
+        let path = CString::new(file.to_string_lossy().as_bytes())
+            .map_err(|_| FaxError::Document("a file name with a NUL".into()))?;
+        let (tx, rx) = match role {
+            Role::Send => (Some(path.as_c_str()), None),
+            Role::Receive => (None, Some(path.as_c_str())),
+        };
+        let fax = spandsp::Fax::new(calling, &ident, tx, rx, true).ok_or(FaxError::Setup)?;
+        Ok(Terminal {
+            fax,
+            role,
+            samples: 0,
+        })
+    }
+
+    /// A frame heard from the far end.
+    pub fn rx(&mut self, heard: &[i16]) {
+        self.fax.rx(heard);
+    }
+
+    /// The next frame to send.
+    pub fn tx(&mut self) -> [i16; FRAME] {
+        let mut out = [0i16; FRAME];
+        self.fax.tx(&mut out);
+        self.samples += FRAME as u64;
+        out
+    }
+
+    /// One frame period: what was heard in, what to send out.
+    pub fn frame(&mut self, heard: &[i16]) -> [i16; FRAME] {
+        self.rx(heard);
+        self.tx()
+    }
+
+    /// Time on the line so far, in milliseconds.
+    pub fn elapsed_ms(&self) -> u64 {
+        self.samples / 8
+    }
+
+    /// What went across so far.
+    pub fn stats(&mut self) -> Stats {
+        let s = self.fax.stats();
+        let u = |v: i32| u32::try_from(v).unwrap_or(0);
+        Stats {
+            pages: match self.role {
+                Role::Send => u(s.pages_tx),
+                Role::Receive => u(s.pages_rx),
+            },
+            pages_in_file: match self.role {
+                Role::Send => u(s.pages_in_file),
+                Role::Receive => 0,
+            },
+            bit_rate: u(s.bit_rate),
+            ecm: s.error_correcting_mode != 0,
+            resolution: (u(s.x_resolution), u(s.y_resolution)),
+            size: (u(s.width), u(s.length)),
+            bad_rows: u(s.bad_rows),
+        }
+    }
+
+    /// How it ended, once it has.
+    pub fn outcome(&mut self) -> Option<Outcome> {
+        let code = self.fax.completion()?;
+        Some(self.outcome_of(code))
+    }
+
+    /// Ends the fax because the call ended; how it went (a fax cut
+    /// mid-page keeps its whole pages and is not `ok`).
+    pub fn hang_up(&mut self) -> Outcome {
+        if let Some(done) = self.outcome() {
+            return done;
+        }
+        self.fax.terminate();
+        let code = self.fax.completion().unwrap_or(code::CALL_DROPPED);
+        // A session that never started has nothing to terminate.
+        let code = if code == code::OK {
+            code::CALL_DROPPED
+        } else {
+            code
+        };
+        self.outcome_of(code)
+    }
+
+    fn outcome_of(&mut self, code: i32) -> Outcome {
+        let stats = self.stats();
+        let mut outcome = Outcome {
+            ok: code == code::OK,
+            code,
+            text: spandsp::completion_text(code),
+            remote_ident: self.fax.remote_ident(),
+            stats,
+        };
+        if outcome.no_fax() {
+            outcome.text = "no fax detected".into();
+        } else if code == code::CALL_DROPPED {
+            outcome.text = "the call ended before the fax did".into();
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two terminals wired back to back, frame by frame, for at most
+    /// `max_frames` (virtual time).
+    fn exchange(a: &mut Terminal, b: &mut Terminal, max_frames: usize) -> usize {
+        let (mut from_a, mut from_b) = ([0i16; FRAME], [0i16; FRAME]);
+        for n in 0..max_frames {
+            let next_a = a.frame(&from_b);
+            let next_b = b.frame(&from_a);
+            from_a = next_a;
+            from_b = next_b;
+            if a.outcome().is_some() && b.outcome().is_some() {
+                return n;
+            }
+        }
+        max_frames
+    }
+
+    #[test]
+    fn a_document_goes_from_one_terminal_to_another_page_for_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiff = dir.path().join("out.tif");
+        let pages = document::text_to_fax(
+            &document::Tools::default(),
+            "Waybill 123\nDelivered to dock 4.\n\x0cPage two.",
+            &tiff,
+        )
+        .unwrap();
+        assert_eq!(pages, 2);
+        let rx = dir.path().join("in.tif");
+        let mut sender = Terminal::new(Role::Send, true, &tiff, "+1 555 0100").unwrap();
+        let mut receiver = Terminal::new(Role::Receive, false, &rx, "+1 555 0200").unwrap();
+        let frames = exchange(&mut sender, &mut receiver, 50 * 300);
+        assert!(frames < 50 * 300, "the fax never ended");
+        let (sent, got) = (sender.outcome().unwrap(), receiver.outcome().unwrap());
+        assert!(sent.ok && got.ok, "{sent:?} {got:?}");
+        assert_eq!((sent.stats.pages, got.stats.pages), (2, 2));
+        assert_eq!(got.remote_ident, "+1 555 0100");
+        assert_eq!(sent.remote_ident, "+1 555 0200");
+        assert!(got.stats.ecm && got.stats.bit_rate >= 9600, "{got:?}");
+        assert_eq!(document::tiff_pages(&std::fs::read(&rx).unwrap()), 2);
+    }
+
+    #[test]
+    fn silence_is_no_fax_and_a_cut_call_is_not_ok() {
+        let dir = tempfile::tempdir().unwrap();
+        let rx = dir.path().join("in.tif");
+        let mut receiver = Terminal::new(Role::Receive, false, &rx, "1").unwrap();
+        let mut n = 0;
+        while receiver.outcome().is_none() && n < 50 * 120 {
+            receiver.frame(&[0i16; FRAME]);
+            n += 1;
+        }
+        let o = receiver.outcome().expect("T.30 gives up on silence");
+        assert!(o.no_fax() && !o.ok, "{o:?}");
+        assert_eq!(o.text, "no fax detected");
+        assert!(receiver.elapsed_ms() < 60_000);
+
+        let tiff = dir.path().join("out.tif");
+        document::text_to_fax(&document::Tools::default(), "one\x0ctwo\x0cthree", &tiff).unwrap();
+        let rx2 = dir.path().join("in2.tif");
+        let mut sender = Terminal::new(Role::Send, true, &tiff, "2").unwrap();
+        let mut receiver = Terminal::new(Role::Receive, false, &rx2, "3").unwrap();
+        // Wire them until the first page is in, then cut the call.
+        let (mut from_a, mut from_b) = ([0i16; FRAME], [0i16; FRAME]);
+        for _ in 0..50 * 300 {
+            let next_a = sender.frame(&from_b);
+            let next_b = receiver.frame(&from_a);
+            (from_a, from_b) = (next_a, next_b);
+            if receiver.stats().pages >= 1 {
+                break;
+            }
+        }
+        let cut = receiver.hang_up();
+        assert!(!cut.ok, "{cut:?}");
+        assert_eq!(cut.stats.pages, 1, "{cut:?}");
+        assert!(!sender.hang_up().ok);
+    }
+}
