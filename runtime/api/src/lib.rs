@@ -259,6 +259,10 @@ pub fn router(state: Arc<Engine>) -> Router {
             "/v1/tenants/{t}/interactions/{id}/typing",
             post(post_typing),
         )
+        .route(
+            "/v1/tenants/{t}/faxes",
+            post(post_fax).layer(DefaultBodyLimit::max(48 << 20)),
+        )
         .route("/v1/tenants/{t}/messages/{id}", get(get_message))
         .route("/v1/tenants/{t}/messages/{id}/read", post(read_message))
         .route(
@@ -1437,6 +1441,152 @@ async fn post_message(
         .reply(&t.id, &id, author, must_hold, m.text, m.subject)
         .await?;
     Ok((StatusCode::CREATED, Json(msg)))
+}
+
+/// `POST /v1/tenants/{t}/faxes` as JSON (a raw PDF or TIFF body — by
+/// its type, or its first bytes — takes `from`, `to` and `name` from the
+/// query).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NewFax {
+    /// The tenant's fax address it is sent from.
+    #[serde(default)]
+    from: String,
+    /// The number called.
+    #[serde(default)]
+    to: String,
+    /// The document, base64 (PDF or TIFF).
+    #[serde(default)]
+    document: Option<String>,
+    /// The document's file name.
+    #[serde(default)]
+    name: Option<String>,
+    /// Text set on a page, when there is no document; else kept with it.
+    #[serde(default)]
+    text: Option<String>,
+}
+
+/// Largest document faxed (bytes).
+const MAX_FAX_DOCUMENT: usize = 32 << 20;
+
+/// Sends a fax: the document is checked (rendered to fax pages: a PDF
+/// or TIFF that cannot be read is refused here, with the reason), stored
+/// with a new fax conversation, and queued in the outbox; the courier
+/// calls the number through the tenant's trunk. `202` with the message
+/// (its status follows on the event stream) and the page count.
+async fn post_fax(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let (fax, document) = if content_type.starts_with("application/pdf")
+        || content_type.starts_with("image/tiff")
+        || plugboard_fax::document::kind(&body).is_some()
+    {
+        let fax = NewFax {
+            from: q.get("from").cloned().unwrap_or_default(),
+            to: q.get("to").cloned().unwrap_or_default(),
+            name: q.get("name").cloned(),
+            ..NewFax::default()
+        };
+        (fax, Some(body.to_vec()))
+    } else {
+        use base64::Engine as _;
+        let mut fax: NewFax = parse_json(&body)?;
+        let document = match fax.document.take() {
+            Some(b64) => Some(
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|e| ApiError::bad_request(format!("document: not base64: {e}")))?,
+            ),
+            None => None,
+        };
+        (fax, document)
+    };
+    let number = fax.to.trim().trim_start_matches('+');
+    if number.len() < 2 || number.len() > 20 || !number.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::bad_request(
+            "to: a fax goes to a phone number (digits, with an optional leading +)",
+        ));
+    }
+    if fax.from.trim().is_empty() {
+        return Err(ApiError::bad_request("from: one of the tenant's fax addresses"));
+    }
+    let mut files = Vec::new();
+    let mut pages = None;
+    if let Some(doc) = document {
+        if doc.len() > MAX_FAX_DOCUMENT {
+            return Err(ApiError::bad_request(format!(
+                "the document is larger than {} MiB",
+                MAX_FAX_DOCUMENT >> 20
+            )));
+        }
+        let kind = plugboard_fax::document::kind(&doc).ok_or_else(|| {
+            ApiError::bad_request("the document cannot be faxed: it is not a PDF or TIFF")
+        })?;
+        let check = doc.clone();
+        let n = tokio::task::spawn_blocking(move || {
+            let out = std::env::temp_dir().join(format!(
+                "plugboard-fax-check-{}.tif",
+                plugboard_sip::random_token()
+            ));
+            let r = plugboard_fax::document::to_fax(
+                &plugboard_fax::document::Tools::default(),
+                &check,
+                &out,
+            );
+            let _ = std::fs::remove_file(&out);
+            r
+        })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "fax", e.to_string()))?
+        .map_err(|e| match e {
+            plugboard_fax::FaxError::Document(why) => {
+                ApiError::bad_request(format!("the document cannot be faxed: {why}"))
+            }
+            e => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "fax", e.to_string()),
+        })?;
+        let (ext, ct) = match kind {
+            plugboard_fax::document::Kind::Pdf => ("pdf", "application/pdf"),
+            plugboard_fax::document::Kind::Tiff => ("tif", "image/tiff"),
+        };
+        let name = fax.name.clone().unwrap_or_else(|| format!("document.{ext}"));
+        files.push((name, ct.to_string(), doc));
+        pages = Some(n);
+    }
+    let text = match (fax.text, pages) {
+        (Some(t), _) if !t.trim().is_empty() => t,
+        (_, Some(n)) => format!("Fax of {n} page(s)"),
+        _ => {
+            return Err(ApiError::bad_request(
+                "a fax needs a document (PDF or TIFF) or text",
+            ));
+        }
+    };
+    let m = s
+        .start_conversation(
+            &t.id,
+            plugboard_engine::Outbound {
+                channel: plugboard_core::Channel::Fax,
+                from: fax.from,
+                to: fax.to,
+                text,
+                files,
+                meta: BTreeMap::new(),
+            },
+        )
+        .await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"interaction": m.interaction, "message": m, "pages": pages})),
+    ))
 }
 
 /// `POST …/interactions/{id}/typing`.

@@ -251,9 +251,10 @@ pub(crate) struct Hub {
     /// lane's task hands over its first message and removes the lane when
     /// it is empty.
     lanes: Mutex<HashMap<(String, String), BTreeSet<String>>>,
-    /// At most this many hand-overs at once (each courier may limit
-    /// further).
-    slots: tokio::sync::Semaphore,
+    /// At most [`SLOTS`] hand-overs at once per channel (each courier may
+    /// limit further): a channel whose hand-overs take minutes (a fax)
+    /// never holds up another's.
+    slots: Mutex<HashMap<Channel, Arc<tokio::sync::Semaphore>>>,
     /// Wakes lanes waiting for a channel's courier.
     courier_added: Arc<tokio::sync::Notify>,
 }
@@ -264,10 +265,41 @@ impl Default for Hub {
             workers: Mutex::default(),
             couriers: Mutex::default(),
             lanes: Mutex::default(),
-            slots: tokio::sync::Semaphore::new(64),
+            slots: Mutex::default(),
             courier_added: Arc::default(),
         }
     }
+}
+
+/// The rate bucket of messages the tenant sends on a channel.
+fn out_bucket(channel: Channel) -> &'static str {
+    match channel {
+        Channel::Chat => "chat-out",
+        Channel::Email => "email-out",
+        Channel::Fax => "fax-out",
+        _ => "sms-out",
+    }
+}
+
+/// Hand-overs at once per channel.
+const SLOTS: usize = 64;
+
+/// A message that starts a conversation from the tenant's side (a fax
+/// sent over the API), for [`Engine::start_conversation`].
+#[derive(Debug, Clone, Default)]
+pub struct Outbound {
+    /// Channel (the `from` address must be one of this channel).
+    pub channel: Channel,
+    /// The tenant's address it is sent from.
+    pub from: String,
+    /// The customer's address.
+    pub to: String,
+    /// Plain text (a fax with no document is this text, set on a page).
+    pub text: String,
+    /// Files: name, MIME type, bytes (stored as blobs).
+    pub files: Vec<(String, String, Vec<u8>)>,
+    /// Details kept on the message.
+    pub meta: BTreeMap<String, String>,
 }
 
 /// A new message id for a message created at `now_ms`: ids this process
@@ -1114,7 +1146,7 @@ impl Engine {
         session.checkpoint_soft().await?;
         let mut hooks = Vec::new();
         for m in &outbound {
-            self.outbound_writes(m, &mut writes);
+            self.outbound_writes(m, 0, &mut writes);
             hooks.extend(
                 self.hook_writes(&tenant, "message", &to_json(m), &mut writes)
                     .await?,
@@ -1173,8 +1205,10 @@ impl Engine {
         })
     }
 
-    fn outbound_writes(&self, m: &Message, writes: &mut Vec<RecordWrite>) {
-        writes.push(crate::usage::message_write(m, 0));
+    /// The writes of a new outbound message: usage (with the bytes its
+    /// files stored), the message, its index entry and its outbox entry.
+    fn outbound_writes(&self, m: &Message, stored_bytes: u64, writes: &mut Vec<RecordWrite>) {
+        writes.push(crate::usage::message_write(m, stored_bytes));
         writes.push(RecordWrite::put(
             conv_kind(&m.interaction),
             &m.id,
@@ -1226,7 +1260,7 @@ impl Engine {
             .interaction_head(tenant, ix)
             .await?
             .ok_or_else(|| CoreError::NotFound(format!("interaction {ix}")))?;
-        if matches!(interaction.channel, Channel::Voice | Channel::Fax) {
+        if interaction.channel == Channel::Voice {
             return Err(CoreError::Invalid(format!(
                 "interaction {ix} is a {} interaction: it has no messages",
                 interaction.channel
@@ -1260,11 +1294,7 @@ impl Engine {
         // Replies from agents and the API keep to the tenant's messages
         // per second, per channel, as inbound messages do (the caller's
         // scope read the tenant's record: its limits are current).
-        let bucket = match interaction.channel {
-            Channel::Chat => "chat-out",
-            Channel::Email => "email-out",
-            _ => "sms-out",
-        };
+        let bucket = out_bucket(interaction.channel);
         if let Err(r) = self.capacity().admit_message(tenant, bucket) {
             self.capacity_refused(tenant, bucket, &r, json!({"interaction": ix}));
             return Err(r.into());
@@ -1277,11 +1307,101 @@ impl Engine {
         );
         self.store.save_interaction(&interaction, stored).await?;
         let mut writes = Vec::new();
-        self.outbound_writes(&m, &mut writes);
+        self.outbound_writes(&m, 0, &mut writes);
         let hooks = self
             .hook_writes(tenant, "message", &to_json(&m), &mut writes)
             .await?;
         self.store.apply_records(tenant, &writes, None).await?;
+        self.start_hooks(tenant, hooks);
+        self.sent_outbound(tenant, std::slice::from_ref(&m));
+        Ok(m)
+    }
+
+    /// Starts a conversation from the tenant's side: a new interaction on
+    /// `out.channel` between the tenant's address `out.from` and the
+    /// customer `out.to`, whose first message is `out` — stored, with its
+    /// files, and in the outbox in one atomic write, then handed to the
+    /// channel's courier (retried with backoff like every outbound
+    /// message). `NotFound` when `out.from` is not the tenant's address
+    /// on that channel.
+    pub async fn start_conversation(
+        self: &Arc<Self>,
+        tenant: &str,
+        out: Outbound,
+    ) -> EngineResult<Message> {
+        validate_text(&out.text, !out.files.is_empty())?;
+        let address = self
+            .route_address(&out.from)
+            .await?
+            .filter(|(t, a)| t == tenant && a.channel == out.channel)
+            .map(|(_, a)| a)
+            .ok_or_else(|| {
+                CoreError::NotFound(format!(
+                    "{} is not one of this tenant's {} addresses",
+                    out.from, out.channel
+                ))
+            })?;
+        let to = plugboard_core::normalize_address(&out.to);
+        if to.is_empty() {
+            return Err(CoreError::Invalid("a message needs a recipient".into()).into());
+        }
+        let bucket = out_bucket(out.channel);
+        if let Err(r) = self.capacity().admit_message(tenant, bucket) {
+            self.capacity_refused(tenant, bucket, &r, json!({"to": to}));
+            return Err(r.into());
+        }
+        let stored_bytes: u64 = out.files.iter().map(|(_, _, b)| b.len() as u64).sum();
+        if stored_bytes > 0 {
+            self.check_storage(tenant, stored_bytes).await?;
+        }
+        let created = now_ms();
+        let customer = self.link_customer(tenant, out.channel, &to, None).await?;
+        let mut interaction = Interaction {
+            id: plugboard_core::interaction_id(created, crate::interaction_nonce()?),
+            tenant: tenant.to_string(),
+            channel: out.channel,
+            from: to,
+            to: address.address.clone(),
+            flow: Some(plugboard_core::FlowRef {
+                name: address.flow.clone(),
+                version: 0,
+            }),
+            state: InteractionState::InFlow,
+            attributes: BTreeMap::from([("customer".to_string(), customer.clone())]),
+            simulated: false,
+            created_ms: created,
+            closed_ms: None,
+            timeline: Vec::new(),
+            timeline_base: 0,
+        };
+        let mut m = self.new_outbound(&interaction, Author::Api, out.text, None)?;
+        for (name, content_type, bytes) in &out.files {
+            let blob = format!("att-{created:013}-{:08x}", crate::interaction_nonce()?);
+            self.store.put_blob_soft(tenant, &blob, bytes).await?;
+            m.attachments.push(Attachment {
+                name: sanitise_name(name),
+                content_type: content_type.clone(),
+                size: bytes.len() as u64,
+                blob,
+            });
+        }
+        m.meta = out.meta;
+        interaction.push(
+            EntryKind::Message,
+            json!({"id": m.id, "direction": "outbound", "author": m.author}),
+        );
+        self.store.save_interaction(&interaction, 0).await?;
+        let conv = ConversationRecord {
+            customer: Some(customer),
+            ..ConversationRecord::default()
+        };
+        let mut writes = vec![RecordWrite::put(CONVERSATION, &interaction.id, to_json(&conv))];
+        self.outbound_writes(&m, stored_bytes, &mut writes);
+        let hooks = self
+            .hook_writes(tenant, "message", &to_json(&m), &mut writes)
+            .await?;
+        self.store.apply_records(tenant, &writes, None).await?;
+        self.capacity().add_stored(tenant, stored_bytes);
         self.start_hooks(tenant, hooks);
         self.sent_outbound(tenant, std::slice::from_ref(&m));
         Ok(m)
@@ -1365,6 +1485,13 @@ impl Engine {
             // No driver for the channel on this server: it waits (a
             // server started with the channel will send it).
             return Ok(Some(Duration::from_secs(60)));
+        };
+        let slots = lock(&self.messaging.slots)
+            .entry(m.channel)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(SLOTS)))
+            .clone();
+        let Ok(_slot) = slots.acquire().await else {
+            return Ok(Some(Duration::from_secs(1)));
         };
         let history = if courier.needs_history() {
             self.messages(tenant, &entry.interaction).await?
@@ -1738,12 +1865,7 @@ async fn run_lane(engine: std::sync::Weak<Engine>, key: (String, String)) {
         // between wakes the wait below.
         let courier_added = e.messaging.courier_added.clone();
         let woken = courier_added.notified();
-        let outcome = {
-            let Ok(_slot) = e.messaging.slots.acquire().await else {
-                return;
-            };
-            e.deliver_one(tenant, &id).await
-        };
+        let outcome = e.deliver_one(tenant, &id).await;
         let delay = match outcome {
             Ok(None) => {
                 errors = 0;

@@ -24,6 +24,10 @@ use std::path::Path;
 /// Samples per 20 ms frame at 8 kHz.
 pub const FRAME: usize = 160;
 
+/// How long a terminal may go on alone after the call ended (ms of
+/// audio, run at once): enough to finish a DCN, too short for a page.
+pub const DRAIN_MS: u64 = 3_000;
+
 /// spandsp's completion codes this crate reads (`T30_ERR_*`).
 mod code {
     pub const OK: i32 = 0;
@@ -121,13 +125,17 @@ impl Terminal {
     /// A terminal that sends `file` (TIFF/F, see [`document`]) or
     /// receives into it. `calling` is the side that dialled (it sends
     /// CNG); `ident` is our station id (up to 20 characters: digits, `+`
-    /// and spaces). ECM (error correction) is offered.
+    /// and spaces; a number of bare digits is shown in international
+    /// form, with a `+`). ECM (error correction) is offered.
     pub fn new(role: Role, calling: bool, file: &Path, ident: &str) -> Result<Terminal, FaxError> {
-        let ident: String = ident
+        let mut ident: String = ident
             .chars()
             .filter(|c| c.is_ascii_digit() || matches!(c, '+' | ' '))
             .take(20)
             .collect();
+        if !ident.is_empty() && ident.len() < 20 && ident.bytes().all(|b| b.is_ascii_digit()) {
+            ident.insert(0, '+');
+        }
         let ident = CString::new(ident).map_err(|_| FaxError::Setup)?;
         let path = CString::new(file.to_string_lossy().as_bytes())
             .map_err(|_| FaxError::Document("a file name with a NUL".into()))?;
@@ -196,7 +204,19 @@ impl Terminal {
 
     /// Ends the fax because the call ended; how it went (a fax cut
     /// mid-page keeps its whole pages and is not `ok`).
+    ///
+    /// The far end hangs up as soon as it has our last word (DCN), often
+    /// before our side of T.30 has finished sending it: the terminal
+    /// first gets up to [`DRAIN_MS`] of silence, in virtual time, to end
+    /// on its own.
     pub fn hang_up(&mut self) -> Outcome {
+        let silence = [0i16; FRAME];
+        for _ in 0..DRAIN_MS / 20 {
+            if let Some(done) = self.outcome() {
+                return done;
+            }
+            self.frame(&silence);
+        }
         if let Some(done) = self.outcome() {
             return done;
         }

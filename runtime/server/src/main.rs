@@ -215,6 +215,41 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CarrierCmd,
     },
+    /// Send a fax, or fetch one.
+    Fax {
+        #[command(subcommand)]
+        cmd: FaxCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum FaxCmd {
+    /// Send a PDF or TIFF as a fax, through the tenant's trunk. Prints the
+    /// fax's message; its status (sent, failed) follows on the event
+    /// stream and in `plugboard fax get`.
+    Send {
+        /// Tenant id.
+        tenant: String,
+        /// The tenant's fax address it is sent from.
+        #[arg(long)]
+        from: String,
+        /// The number to fax.
+        #[arg(long)]
+        to: String,
+        /// The document (PDF or TIFF).
+        file: PathBuf,
+    },
+    /// A fax conversation's messages (pages, station id, outcome);
+    /// `--pdf FILE` saves its PDF.
+    Get {
+        /// Tenant id.
+        tenant: String,
+        /// Interaction id of the fax.
+        id: String,
+        /// Where to save the fax's PDF.
+        #[arg(long)]
+        pdf: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -763,6 +798,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
                     .map(Duration::from_secs)
                     .unwrap_or(defaults.max_call),
                 max_calls: args.max_calls.or(sip.max_calls),
+                fax_tools: defaults.fax_tools,
             })
         }
     };
@@ -1079,6 +1115,24 @@ impl Client {
         Ok(v)
     }
 
+    /// A download, as bytes.
+    fn download(&self, path: &str) -> Result<Vec<u8>> {
+        let url = format!("{}{}", self.base, path);
+        let req = ureq::http::Request::builder()
+            .method("GET")
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Vec::new())?;
+        let mut resp = self
+            .agent
+            .run(req)
+            .with_context(|| format!("cannot reach {url} (is `plugboard serve` running?)"))?;
+        if !resp.status().is_success() {
+            bail!("{} downloading {path}", resp.status().as_u16());
+        }
+        Ok(resp.body_mut().with_config().limit(64 << 20).read_to_vec()?)
+    }
+
     fn json(&self, method: &str, path: &str, body: &Value) -> Result<Value> {
         self.call(
             method,
@@ -1236,6 +1290,43 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
             &format!("/v1/tenants/{}/sms-carriers/{}", enc(&tenant), enc(&name)),
             &parse_arg_json(&json)?,
         )?),
+        Cmd::Fax { cmd: FaxCmd::Send { tenant, from, to, file } } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let ct = if bytes.starts_with(b"%PDF-") { "application/pdf" } else { "image/tiff" };
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            print(&c.call(
+                "POST",
+                &format!(
+                    "/v1/tenants/{}/faxes?from={}&to={}&name={}",
+                    enc(&tenant),
+                    enc(&from),
+                    enc(&to),
+                    enc(&name)
+                ),
+                Some((ct, bytes)),
+            )?)
+        }
+        Cmd::Fax { cmd: FaxCmd::Get { tenant, id, pdf } } => {
+            let v = c.call(
+                "GET",
+                &format!("/v1/tenants/{}/interactions/{}/messages", enc(&tenant), enc(&id)),
+                None,
+            )?;
+            if let Some(path) = pdf {
+                let blob = v["messages"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|m| m["attachments"].as_array().cloned().unwrap_or_default())
+                    .find(|a| a["content_type"] == "application/pdf")
+                    .and_then(|a| a["blob"].as_str().map(str::to_string))
+                    .context("this fax has no PDF (no page was received)")?;
+                let bytes = c.download(&format!("/v1/tenants/{}/blobs/{}", enc(&tenant), enc(&blob)))?;
+                std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+                eprintln!("saved {} ({} bytes)", path.display(), bytes.len());
+            }
+            print(&v)
+        }
         Cmd::Carrier { cmd: CarrierCmd::List { tenant } } => print(&c.call(
             "GET",
             &format!("/v1/tenants/{}/sms-carriers", enc(&tenant)),

@@ -57,6 +57,16 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// The packet's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len).min(MAX_PACKET)]
+    }
+
+    /// Where it goes.
+    pub fn to(&self) -> SocketAddr {
+        self.to
+    }
+
     /// Copies `bytes`; `None` when longer than [`MAX_PACKET`].
     pub fn new(bytes: &[u8], to: SocketAddr) -> Option<Packet> {
         let mut p = Packet {

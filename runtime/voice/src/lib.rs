@@ -11,6 +11,10 @@
 //! an interaction record with its timeline. Every call's RTP leaves on
 //! time from the media clock threads ([`clock`]).
 //!
+//! A call to a tenant's fax number is answered by a T.30 fax terminal
+//! instead of a flow ([`call`]'s `fax` module), and faxes the tenant sends
+//! leave as calls through its trunk (the fax channel's courier).
+//!
 //! The protocol engines are sans-IO ([`plugboard_sip`],
 //! [`plugboard_media`]); this crate is the thin tokio layer around them.
 
@@ -60,6 +64,8 @@ pub struct VoiceConfig {
     /// per pair of RTP ports); more than the RTP range holds is refused
     /// at start.
     pub max_calls: Option<usize>,
+    /// The programs fax documents go through (Ghostscript, tiff2pdf).
+    pub fax_tools: plugboard_fax::document::Tools,
 }
 
 impl Default for VoiceConfig {
@@ -75,6 +81,7 @@ impl Default for VoiceConfig {
             digest_md5_first: false,
             digest_md5_only: false,
             max_calls: None,
+            fax_tools: plugboard_fax::document::Tools::default(),
         }
     }
 }

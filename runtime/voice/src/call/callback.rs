@@ -81,6 +81,39 @@ pub(crate) fn spawn_runner(ctx: Ctx) {
     });
 }
 
+/// Starts a leg of the tenant's to `target` whose events go to `me` (a
+/// `new_call` counts within the tenant's calls per second); `None` if the
+/// tenant is at its limits or no media ports are free.
+pub(super) async fn dial(
+    ctx: &Ctx,
+    tenant: &str,
+    target: &str,
+    caller_id: Option<String>,
+    new_call: bool,
+    detail: serde_json::Value,
+    me: &mpsc::UnboundedSender<CallCmd>,
+) -> Option<OutLeg> {
+    let meter = crate::meter::LegMeter::admit(
+        &ctx.app,
+        tenant,
+        new_call,
+        plugboard_engine::usage::CallDirection::Outbound,
+        detail,
+    )
+    .ok()?;
+    let (leg, offer) = new_leg(&ctx.pool, &ctx.config)?;
+    let route = crate::route::resolve(&ctx.app, tenant, target).await;
+    let _ = ctx.endpoint.send(CallOut::Dial {
+        leg: leg.key.clone(),
+        route,
+        caller_id,
+        offer,
+        call: me.clone(),
+        meter: Box::new(meter),
+    });
+    Some(leg)
+}
+
 /// One callback in progress.
 struct Callback {
     ctx: Ctx,
@@ -163,9 +196,7 @@ impl Callback {
         }
     }
 
-    /// Starts a leg to `target` (a `new_call` within the tenant's calls
-    /// per second); `None` if the tenant is at its limits or no media
-    /// ports are free.
+    /// Starts a leg to `target` (see [`dial`]).
     async fn dial(
         &self,
         target: &str,
@@ -174,25 +205,7 @@ impl Callback {
     ) -> Option<OutLeg> {
         let detail =
             serde_json::json!({"direction": "outbound", "to": target, "callback": self.task});
-        let meter = crate::meter::LegMeter::admit(
-            &self.ctx.app,
-            &self.tenant,
-            new_call,
-            plugboard_engine::usage::CallDirection::Outbound,
-            detail,
-        )
-        .ok()?;
-        let (leg, offer) = new_leg(&self.ctx.pool, &self.ctx.config)?;
-        let route = crate::route::resolve(&self.ctx.app, &self.tenant, target).await;
-        let _ = self.ctx.endpoint.send(CallOut::Dial {
-            leg: leg.key.clone(),
-            route,
-            caller_id,
-            offer,
-            call: self.me.clone(),
-            meter: Box::new(meter),
-        });
-        Some(leg)
+        dial(&self.ctx, &self.tenant, target, caller_id, new_call, detail, &self.me).await
     }
 
     /// Rings the agent, calls the customer, bridges them; how it ended.

@@ -16,6 +16,7 @@
 //! abandoned when the caller leaves first.
 
 pub(crate) mod callback;
+pub(crate) mod fax;
 mod media;
 mod prepare;
 

@@ -1,6 +1,9 @@
 //! Inbound calls: address lookup, trunk admission (IP allow-list or
 //! digest), SDP and media, the flow session opened off the SIP loop, then
-//! the dialog and its call task.
+//! the dialog and its call task. A call to a fax address is answered by
+//! a fax terminal instead of a flow.
+
+use crate::call::fax::FaxCall;
 
 use super::*;
 use plugboard_engine::capacity::Refusal;
@@ -19,6 +22,14 @@ pub(crate) struct Routed {
 /// The tenant that owns a dialled address, the address, and its trunks.
 pub(super) type Route = (String, plugboard_core::Address, Vec<plugboard_core::Trunk>);
 
+/// What answers an admitted call.
+pub(crate) enum Answering {
+    /// The address's flow, its session open (and first record written).
+    Flow(plugboard_engine::FlowSession),
+    /// A fax terminal (a fax address).
+    Fax(FaxCall),
+}
+
 /// An INVITE whose flow session was opened (and first record written).
 pub(crate) struct Opened {
     id: ServerTxId,
@@ -31,7 +42,7 @@ pub(crate) struct Opened {
     negotiated: Negotiated,
     late_offer: bool,
     tag: String,
-    session: Result<plugboard_engine::FlowSession, String>,
+    session: Result<Answering, String>,
     meter: LegMeter,
 }
 
@@ -160,7 +171,9 @@ impl Endpoint {
         tokio::spawn(async move {
             let route = async {
                 match app.route_address(&dialled).await? {
-                    Some((tenant, address)) if address.channel == Channel::Voice => {
+                    Some((tenant, address))
+                        if matches!(address.channel, Channel::Voice | Channel::Fax) =>
+                    {
                         // A store error here denies the call: the trunks
                         // restrict who may call in. The tenant's record
                         // brings its current limits.
@@ -286,18 +299,6 @@ impl Endpoint {
             .split_once(':')
             .map(|(_, rest)| rest.split(['@', ';']).next().unwrap_or(rest).to_string())
             .unwrap_or_default();
-        let start = SessionStart {
-            tenant: tenant.clone(),
-            flow: address.flow.clone(),
-            version: None,
-            channel: Channel::Voice,
-            from: plugboard_sip::unescape(&caller),
-            to: address.address.clone(),
-            attributes: Default::default(),
-            simulated: false,
-            now_ms: None,
-        };
-        let tag = random_token();
         let call_note = json!({
             "sip_call_id": info.call_id,
             "from": info.from.uri,
@@ -309,6 +310,41 @@ impl Endpoint {
             "local_rtp": media.port,
             "sdp": if offer.is_some() { "offer in INVITE" } else { "late offer: ours in the 200, answer in the ACK" },
         });
+        let fax = (address.channel == Channel::Fax).then(|| FaxCall {
+            tenant: tenant.clone(),
+            address: address.address.clone(),
+            caller: plugboard_sip::unescape(&caller),
+            call_id: info.call_id.clone(),
+        });
+        let mut opened = Opened {
+            id,
+            req,
+            info,
+            from,
+            media,
+            local,
+            body,
+            negotiated,
+            late_offer: offer.is_none(),
+            tag: random_token(),
+            session: Err(String::new()),
+            meter,
+        };
+        if let Some(fax) = fax {
+            opened.session = Ok(Answering::Fax(fax));
+            return self.opened(opened);
+        }
+        let start = SessionStart {
+            tenant: tenant.clone(),
+            flow: address.flow.clone(),
+            version: None,
+            channel: Channel::Voice,
+            from: plugboard_sip::unescape(&caller),
+            to: address.address.clone(),
+            attributes: Default::default(),
+            simulated: false,
+            now_ms: None,
+        };
         // Opening the session may load (compile) the flow, and the first
         // record is written durably: both off the loop.
         let app = self.app.clone();
@@ -327,23 +363,10 @@ impl Endpoint {
                     tracing::error!("cannot record the call: {e}");
                     "cannot store the call record".to_string()
                 })?;
-                Ok(session)
+                Ok(Answering::Flow(session))
             }
             .await;
-            let opened = Opened {
-                id,
-                req,
-                info,
-                from,
-                media,
-                local,
-                body,
-                negotiated,
-                late_offer: offer.is_none(),
-                tag,
-                session,
-                meter,
-            };
+            opened.session = session;
             let _ = inbox.send(Input::Opened(Box::new(opened))).await;
         });
     }
@@ -371,7 +394,7 @@ impl Endpoint {
             }
             // Cancelled (or shutting down) while the session was opening:
             // close its record.
-            if let Ok(mut session) = session {
+            if let Ok(Answering::Flow(mut session)) = session {
                 tokio::spawn(async move {
                     session.note(EntryKind::Hangup, json!({"cause": "cancelled by the caller", "by": "caller", "answered": false}));
                     let _ = session.close(plugboard_engine::Ending::Customer).await;
@@ -450,7 +473,7 @@ impl Endpoint {
     pub(super) fn spawn_call(
         &mut self,
         key: DialogKey,
-        session: plugboard_engine::FlowSession,
+        answering: Answering,
         media: PortPair,
         negotiated: Negotiated,
         (self_tx, cmds): (
@@ -459,6 +482,24 @@ impl Endpoint {
         ),
         local: LocalMedia,
     ) {
+        self.live_calls += 1;
+        let session = match answering {
+            Answering::Flow(s) => s,
+            Answering::Fax(fax) => {
+                let spec = crate::call::fax::FaxSpec {
+                    key,
+                    fax,
+                    media,
+                    negotiated,
+                    cmds,
+                    endpoint: self.calls.clone(),
+                    app: self.app.clone(),
+                    config: self.config.clone(),
+                };
+                tokio::spawn(crate::call::fax::receive(spec));
+                return;
+            }
+        };
         let spec = CallSpec {
             key,
             session,
@@ -475,7 +516,6 @@ impl Endpoint {
             clock: self.clock.clone(),
             phones: self.phones.clone(),
         };
-        self.live_calls += 1;
         tokio::spawn(call::run(spec));
     }
 

@@ -312,12 +312,14 @@ pub(crate) async fn start(
         inbox: tx,
         calls: calls_tx,
     };
-    crate::call::callback::spawn_runner(crate::call::callback::Ctx {
+    let ctx = crate::call::callback::Ctx {
         app: endpoint.app.clone(),
         endpoint: endpoint.calls.clone(),
         pool: endpoint.pool.clone(),
         config: endpoint.config.clone(),
-    });
+    };
+    crate::call::fax::register(ctx.clone());
+    crate::call::callback::spawn_runner(ctx);
     tasks.push(tokio::spawn(endpoint.run(rx, calls_rx)));
     tracing::info!("SIP listening on {sip_addr} (UDP and TCP)");
     Ok(VoiceHandle {

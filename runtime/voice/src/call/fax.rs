@@ -1,0 +1,521 @@
+//! Fax calls: the voice side of the fax channel.
+//!
+//! - **Receiving.** A call to a tenant's address of channel `fax` is
+//!   answered by a T.30 terminal ([`plugboard_fax::Terminal`]) instead of
+//!   a flow. When the fax ends (or the call does), the whole pages
+//!   received become a PDF (the TIFF is kept beside it) and the fax an
+//!   inbound message of the fax channel ([`Engine::receive`]): it starts a
+//!   conversation that runs the address's flow, can be queued to an agent
+//!   and shows in the customer's history. A call that carried no fax
+//!   (speech, silence) is stored as `no fax detected`, without running
+//!   the flow.
+//! - **Sending.** The fax channel's courier ([`FaxCourier`]) takes the
+//!   outbox's fax messages (sent over the API, or a flow's or agent's
+//!   reply on a fax conversation): the message's PDF or TIFF — or its
+//!   text set on a page — is rendered to fax pages, the number is called
+//!   through the tenant's trunk, and the terminal sends. Busy, no answer
+//!   and failures on the line are tried again by the outbox; a document
+//!   that cannot be read, or a line where no fax machine answers, fails
+//!   the message.
+//!
+//! Both run the terminal on the 20 ms frame clock ([`Line`]): each tick
+//! runs every frame due since the media started, so a late task catches
+//! up instead of losing audio (the modems cannot bridge a gap).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use plugboard_core::{Channel, Message};
+use plugboard_engine::{Courier, Delivered, DeliveryError, Engine, Inbound};
+use plugboard_fax::document::{self, Tools};
+use plugboard_fax::{FaxError, Outcome, Role, Terminal};
+use plugboard_media::audio::FRAME;
+use plugboard_media::sdp::Negotiated;
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+
+use super::callback::{Ctx, dial};
+use super::media::{CallerMedia, OutLeg};
+use crate::VoiceConfig;
+use crate::clock::PTIME;
+use crate::ports::PortPair;
+use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
+
+/// A media leg as a fax terminal hears and talks on it.
+trait Audio {
+    /// The far end's next frame (silence when none came).
+    fn heard(&mut self) -> Vec<i16>;
+    /// Sends a frame.
+    fn send(&mut self, pcm: &[i16; FRAME]);
+}
+
+/// The caller's media of an inbound call, sent straight to its socket.
+struct CallerAudio<'a> {
+    media: &'a mut CallerMedia,
+    socket: &'a tokio::net::UdpSocket,
+}
+
+impl Audio for CallerAudio<'_> {
+    fn heard(&mut self) -> Vec<i16> {
+        self.media.heard()
+    }
+
+    fn send(&mut self, pcm: &[i16; FRAME]) {
+        if let Some(p) = self.media.frame(pcm) {
+            let _ = self.socket.try_send_to(p.bytes(), p.to());
+        }
+    }
+}
+
+impl Audio for OutLeg {
+    fn heard(&mut self) -> Vec<i16> {
+        self.audio().unwrap_or_else(|| vec![0; FRAME])
+    }
+
+    fn send(&mut self, pcm: &[i16; FRAME]) {
+        OutLeg::send(self, pcm);
+    }
+}
+
+/// A terminal on the frame clock.
+struct Line {
+    terminal: Terminal,
+    /// When media started (the answer), if it has.
+    started: Option<Instant>,
+    /// Frames run so far.
+    frames: u64,
+}
+
+impl Line {
+    fn new(terminal: Terminal) -> Line {
+        Line {
+            terminal,
+            started: None,
+            frames: 0,
+        }
+    }
+
+    fn start(&mut self) {
+        self.started.get_or_insert_with(Instant::now);
+    }
+
+    /// Runs the frames due by now (at most a second's at once; more is
+    /// skipped and the clock kept) over `media`. How the fax ended, once
+    /// it has.
+    fn pump(&mut self, media: &mut impl Audio) -> Option<Outcome> {
+        let started = self.started?;
+        let due = (started.elapsed().as_millis() / PTIME.as_millis()) as u64 + 1;
+        let mut ran = 0;
+        while self.frames < due && ran < 50 {
+            let h = media.heard();
+            let out = self.terminal.frame(&h);
+            media.send(&out);
+            self.frames += 1;
+            ran += 1;
+        }
+        self.frames = self.frames.max(due);
+        self.terminal.outcome()
+    }
+}
+
+/// A fresh scratch directory for a fax's files.
+fn scratch() -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join(format!(
+        "plugboard-fax-{}",
+        plugboard_sip::random_token()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Resolution in dots per inch from pixels per metre.
+fn dpi(ppm: u32) -> u32 {
+    (f64::from(ppm) * 0.0254).round() as u32
+}
+
+/// What a fax's message keeps of how it went.
+fn outcome_meta(o: &Outcome, duration: Duration) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("fax_pages".into(), o.stats.pages.to_string()),
+        ("fax_result".into(), o.text.clone()),
+        ("fax_ok".into(), o.ok.to_string()),
+        ("fax_remote_station".into(), o.remote_ident.clone()),
+        ("fax_bit_rate".into(), o.stats.bit_rate.to_string()),
+        ("fax_ecm".into(), o.stats.ecm.to_string()),
+        (
+            "fax_resolution".into(),
+            format!(
+                "{}x{}",
+                dpi(o.stats.resolution.0),
+                dpi(o.stats.resolution.1)
+            ),
+        ),
+        ("fax_duration_ms".into(), duration.as_millis().to_string()),
+    ])
+}
+
+/// An inbound fax call, as the endpoint admitted it.
+pub(crate) struct FaxCall {
+    pub tenant: String,
+    /// The tenant's fax address called.
+    pub address: String,
+    /// Who called.
+    pub caller: String,
+    /// The INVITE's Call-ID.
+    pub call_id: String,
+}
+
+/// Everything an inbound fax call's task starts with.
+pub(crate) struct FaxSpec {
+    pub key: DialogKey,
+    pub fax: FaxCall,
+    pub media: PortPair,
+    pub negotiated: Negotiated,
+    pub cmds: mpsc::UnboundedReceiver<CallCmd>,
+    pub endpoint: mpsc::UnboundedSender<CallOut>,
+    pub app: Arc<Engine>,
+    pub config: Arc<VoiceConfig>,
+}
+
+/// Receives a fax on an answered call, then stores it; the endpoint
+/// learns the call ended once the fax is stored (a shutdown waits for
+/// it).
+pub(crate) async fn receive(spec: FaxSpec) {
+    let FaxSpec {
+        key,
+        fax,
+        media,
+        negotiated,
+        mut cmds,
+        endpoint,
+        app,
+        config,
+    } = spec;
+    let fail = |why: String| {
+        tracing::error!("fax call {} to {}: {why}", key.0, fax.address);
+        let _ = endpoint.send(CallOut::Hangup(key.clone()));
+        let _ = endpoint.send(CallOut::Ended(key.clone()));
+    };
+    let sockets = match media.register() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot register RTP sockets: {e}")),
+    };
+    let dir = match scratch() {
+        Ok(d) => d,
+        Err(e) => return fail(format!("no scratch directory: {e}")),
+    };
+    let tiff = dir.join("received.tif");
+    let terminal = match Terminal::new(Role::Receive, false, &tiff, &fax.address) {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return fail(e.to_string());
+        }
+    };
+    let mut line = Line::new(terminal);
+    let mut caller = CallerMedia::new(negotiated, Instant::now());
+    let started = Instant::now();
+    let ring_limit = started + Duration::from_secs(64);
+    let mut tick = tokio::time::interval(PTIME);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let (mut buf, mut rbuf) = (vec![0u8; 2048], vec![0u8; 2048]);
+    // Who ended the call: the caller (BYE) or we.
+    let caller_left = loop {
+        tokio::select! {
+            cmd = cmds.recv() => match cmd {
+                Some(CallCmd::Confirmed) => {
+                    caller.last_rtp = Instant::now();
+                    line.start();
+                }
+                Some(CallCmd::Media(n)) => caller.changed(n),
+                Some(CallCmd::Answer(Ok(n))) => caller.answered(n),
+                Some(CallCmd::Answer(Err(_))) | Some(CallCmd::Shutdown) => break false,
+                Some(CallCmd::RemoteHangup(_)) | None => break true,
+                Some(_) => {}
+            },
+            r = sockets.rtp.recv_from(&mut buf) => {
+                if let Ok((n, src)) = r {
+                    // Digits mean nothing to a fax.
+                    let _ = caller.rtp(&buf[..n], src);
+                }
+            }
+            r = sockets.rtcp.recv_from(&mut rbuf) => {
+                if let Ok((n, src)) = r {
+                    caller.rtcp(&rbuf[..n], src);
+                }
+            }
+            _ = tick.tick() => {
+                let done = line.pump(&mut CallerAudio { media: &mut caller, socket: &sockets.rtp });
+                if done.is_some() {
+                    break false;
+                }
+                if line.started.is_none() && Instant::now() > ring_limit {
+                    break false;
+                }
+                if line.started.is_some() && caller.last_rtp.elapsed() > config.rtp_timeout {
+                    break false;
+                }
+                if started.elapsed() > config.max_call {
+                    break false;
+                }
+            }
+        }
+    };
+    if !caller_left {
+        let _ = endpoint.send(CallOut::Hangup(key.clone()));
+    }
+    let answered = line.started;
+    let Line { mut terminal, .. } = line;
+    let outcome = terminal.hang_up();
+    // Closes the received file.
+    drop(terminal);
+    drop(sockets);
+    if answered.is_some() {
+        let duration = answered.map(|a| a.elapsed()).unwrap_or_default();
+        if let Err(e) = store(&app, &config.fax_tools, &fax, &tiff, &outcome, duration).await {
+            tracing::error!(
+                "fax from {} to {} ({} pages): not stored: {e}",
+                fax.caller,
+                fax.address,
+                outcome.stats.pages
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = endpoint.send(CallOut::Ended(key));
+}
+
+/// Stores a received fax as an inbound message: the pages as a PDF and
+/// the TIFF they came in, with how the fax went.
+async fn store(
+    app: &Arc<Engine>,
+    tools: &Tools,
+    fax: &FaxCall,
+    tiff: &std::path::Path,
+    outcome: &Outcome,
+    duration: Duration,
+) -> Result<(), String> {
+    let pages = outcome.stats.pages;
+    let mut files = Vec::new();
+    if pages > 0 {
+        let (tools, tiff) = (tools.clone(), tiff.to_path_buf());
+        let (pdf, tif) = tokio::task::spawn_blocking(move || {
+            let pdf = tiff.with_extension("pdf");
+            document::to_pdf(&tools, &tiff, &pdf)?;
+            Ok::<_, FaxError>((std::fs::read(&pdf)?, std::fs::read(&tiff)?))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+        let stamp = plugboard_core::now_ms();
+        files.push((format!("fax-{stamp}.pdf"), "application/pdf".into(), pdf));
+        files.push((format!("fax-{stamp}.tif"), "image/tiff".into(), tif));
+    }
+    let from = if outcome.remote_ident.is_empty() {
+        fax.caller.clone()
+    } else {
+        outcome.remote_ident.clone()
+    };
+    let text = match (pages, outcome.ok) {
+        (0, _) => format!("No fax received: {}", outcome.text),
+        (1, true) => format!("Fax of 1 page from {from}"),
+        (n, true) => format!("Fax of {n} pages from {from}"),
+        (n, false) => format!(
+            "Fax from {from} cut short: {n} whole page(s) received ({})",
+            outcome.text
+        ),
+    };
+    let mut meta = outcome_meta(outcome, duration);
+    meta.insert("sip_call_id".into(), fax.call_id.clone());
+    app.receive(Inbound {
+        channel: Channel::Fax,
+        tenant: Some(fax.tenant.clone()),
+        from: fax.caller.clone(),
+        to: fax.address.clone(),
+        text,
+        files,
+        client_id: Some(fax.call_id.clone()),
+        meta,
+        // A call that brought no page is kept, but runs no flow (nothing
+        // is faxed back to someone who dialled the number by mistake).
+        automatic: pages == 0,
+        ..Inbound::default()
+    })
+    .await
+    .map(drop)
+    .map_err(|e| e.to_string())
+}
+
+/// The fax channel's courier: sends fax messages as calls.
+pub(crate) struct FaxCourier {
+    pub ctx: Ctx,
+}
+
+/// Registers the fax courier with the engine.
+pub(crate) fn register(ctx: Ctx) {
+    let app = ctx.app.clone();
+    app.set_courier(Channel::Fax, Arc::new(FaxCourier { ctx }));
+}
+
+/// Longest ring before a fax call is given up as not answered.
+const RING: Duration = Duration::from_secs(60);
+
+#[async_trait::async_trait]
+impl Courier for FaxCourier {
+    async fn deliver(
+        &self,
+        tenant: &str,
+        message: &Message,
+        _history: &[Message],
+    ) -> Result<Delivered, DeliveryError> {
+        // The document: the first PDF or TIFF attached, else the text.
+        let mut doc = None;
+        for a in &message.attachments {
+            let bytes = self
+                .ctx
+                .app
+                .attachment(tenant, &a.blob)
+                .await
+                .map_err(|e| DeliveryError::Retry(format!("cannot read the document: {e}")))?;
+            if document::kind(&bytes).is_some() {
+                doc = Some(bytes);
+                break;
+            }
+        }
+        let dir = scratch().map_err(|e| DeliveryError::Retry(e.to_string()))?;
+        let tiff = dir.join("send.tif");
+        let (tools, path, text) = (
+            self.ctx.config.fax_tools.clone(),
+            tiff.clone(),
+            message.text.clone(),
+        );
+        let rendered = tokio::task::spawn_blocking(move || match doc {
+            Some(bytes) => document::to_fax(&tools, &bytes, &path),
+            None => document::text_to_fax(&tools, &text, &path),
+        })
+        .await
+        .map_err(|e| DeliveryError::Retry(e.to_string()));
+        let result = match rendered {
+            Ok(Ok(_pages)) => self.send(tenant, message, &tiff).await,
+            Ok(Err(FaxError::Document(why))) => Err(DeliveryError::Permanent(why)),
+            Ok(Err(e)) => Err(DeliveryError::Retry(e.to_string())),
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    fn needs_history(&self) -> bool {
+        false
+    }
+}
+
+impl FaxCourier {
+    /// Calls the message's number and sends the pages at `tiff`.
+    async fn send(
+        &self,
+        tenant: &str,
+        message: &Message,
+        tiff: &std::path::Path,
+    ) -> Result<Delivered, DeliveryError> {
+        let terminal = Terminal::new(Role::Send, true, tiff, &message.from)
+            .map_err(|e| DeliveryError::Retry(e.to_string()))?;
+        let (me, mut cmds) = mpsc::unbounded_channel();
+        let detail = serde_json::json!({"direction": "outbound", "to": message.to, "fax": message.id});
+        let Some(mut leg) = dial(
+            &self.ctx,
+            tenant,
+            &message.to,
+            Some(message.from.clone()),
+            true,
+            detail,
+            &me,
+        )
+        .await
+        else {
+            return Err(DeliveryError::Retry(
+                "no line free (the tenant's call limits, or the node's media ports)".into(),
+            ));
+        };
+        let Some(sockets) = leg.sockets.clone() else {
+            return Err(DeliveryError::Retry("no media ports".into()));
+        };
+        let mut line = Line::new(terminal);
+        let started = Instant::now();
+        let mut tick = tokio::time::interval(PTIME);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let mut buf = vec![0u8; 2048];
+        // Ok(true) when the far end hung up; Err when it never answered.
+        let ended: Result<bool, DeliveryError> = loop {
+            tokio::select! {
+                cmd = cmds.recv() => match cmd {
+                    Some(CallCmd::Leg(k, ev)) if k == leg.key => match ev {
+                        LegEvent::Answered(n) => {
+                            leg.answered(&n);
+                            line.start();
+                        }
+                        LegEvent::Failed(status, why) => break Err(refused(status, &why)),
+                        LegEvent::Hangup => break Ok(true),
+                        _ => {}
+                    },
+                    Some(_) => {}
+                    None => break Ok(false),
+                },
+                r = sockets.rtp.recv_from(&mut buf) => {
+                    if let Ok((n, src)) = r {
+                        leg.rtp(&buf[..n], src, started);
+                    }
+                }
+                _ = tick.tick() => {
+                    let done = line.pump(&mut leg);
+                    if done.is_some() {
+                        break Ok(false);
+                    }
+                    if line.started.is_none() && started.elapsed() > RING {
+                        let _ = self.ctx.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
+                        break Err(DeliveryError::Retry("no answer".into()));
+                    }
+                    if started.elapsed() > self.ctx.config.max_call {
+                        break Ok(false);
+                    }
+                }
+            }
+        };
+        let far_end_hung_up = ended?;
+        if !far_end_hung_up {
+            let _ = self.ctx.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
+        }
+        let duration = line.started.map(|s| s.elapsed()).unwrap_or_default();
+        let outcome = line.terminal.hang_up();
+        let meta = outcome_meta(&outcome, duration);
+        if outcome.ok {
+            return Ok(Delivered {
+                external_id: None,
+                aliases: Vec::new(),
+                meta,
+            });
+        }
+        let why = format!(
+            "{} ({} of {} pages sent)",
+            outcome.text, outcome.stats.pages, outcome.stats.pages_in_file
+        );
+        if outcome.no_fax() {
+            Err(DeliveryError::Permanent(why))
+        } else {
+            Err(DeliveryError::Retry(why))
+        }
+    }
+}
+
+/// What a refused fax call means for the message.
+fn refused(status: u16, why: &str) -> DeliveryError {
+    let text = format!("{status} {why}");
+    match status {
+        404 | 403 | 484 | 604 | 606 => DeliveryError::Permanent(text),
+        486 | 600 | 603 => DeliveryError::Retry(format!("busy ({text})")),
+        408 | 480 | 487 => DeliveryError::Retry(format!("no answer ({text})")),
+        _ => DeliveryError::Retry(text),
+    }
+}

@@ -1,0 +1,320 @@
+//! Fax end to end: the real server sends a multi-page PDF through a
+//! tenant's trunk to another tenant's fax number (SIP/RTP G.711 over
+//! loopback, T.30 both ways in spandsp), and an independent peer — a
+//! Python harness on libspandsp through ctypes, with its own SIP and RTP
+//! (`tests/peers/fax_peer.py`) — receives a fax from the server and sends
+//! one to it. Pages are compared as rasterised images (poppler's
+//! `pdftoppm`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use plugboard_tests::{Server, binary, eventually, root};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// A PDF of `pages` A4 pages in a frame, each with its number in large
+/// type and a block whose place depends on it (so pages differ visibly),
+/// made by Ghostscript from PostScript.
+fn make_pdf(dir: &Path, name: &str, pages: u32) -> PathBuf {
+    let ps = dir.join(format!("{name}.ps"));
+    std::fs::write(
+        &ps,
+        format!(
+            "%!PS\n/Helvetica findfont 40 scalefont setfont\n\
+             1 1 {pages} {{ /n exch def\n\
+             4 setlinewidth newpath 40 40 moveto 555 40 lineto 555 800 lineto 40 800 lineto closepath stroke\n\
+             72 730 moveto ({name} page ) show n 3 string cvs show\n\
+             72 670 moveto (Waybill 4711 / claim 99) show\n\
+             n 1 sub 160 mul 70 add 200 130 300 rectfill\n\
+             showpage }} for\n"
+        ),
+    )
+    .unwrap();
+    let pdf = dir.join(format!("{name}.pdf"));
+    let st = Command::new("gs")
+        .args(["-q", "-dNOPAUSE", "-dBATCH", "-dSAFER", "-sDEVICE=pdfwrite", "-sPAPERSIZE=a4"])
+        .arg(format!("-sOutputFile={}", pdf.display()))
+        .arg(&ps)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    pdf
+}
+
+/// The pages of a PDF as grey images scaled to one size (PGM bodies).
+fn raster(pdf: &Path) -> Vec<Vec<u8>> {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("p");
+    let st = Command::new("pdftoppm")
+        .args(["-gray", "-scale-to-x", &W.to_string(), "-scale-to-y", &H.to_string()])
+        .arg(pdf)
+        .arg(&prefix)
+        .status()
+        .unwrap();
+    assert!(st.success(), "pdftoppm {}", pdf.display());
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(f).unwrap();
+            // P5\n300 420\n255\n then the pixels.
+            let mut fields = 0;
+            let mut at = 0;
+            while fields < 4 {
+                while bytes[at].is_ascii_whitespace() {
+                    at += 1;
+                }
+                while !bytes[at].is_ascii_whitespace() {
+                    at += 1;
+                }
+                fields += 1;
+            }
+            bytes[at + 1..].to_vec()
+        })
+        .collect()
+}
+
+/// Width and height of the rasters.
+const W: usize = 300;
+const H: usize = 420;
+
+/// The inked part of a page image (its bounding box of dark pixels),
+/// resampled to 200×200: the same content matches whatever margin and
+/// scale the fax page gave it.
+fn ink(page: &[u8]) -> Vec<bool> {
+    let dark = |x: usize, y: usize| page[y * W + x] < 128;
+    let (mut x0, mut y0, mut x1, mut y1) = (W, H, 0, 0);
+    for y in 0..H {
+        for x in 0..W {
+            if dark(x, y) {
+                (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+            }
+        }
+    }
+    assert!(x1 > x0 && y1 > y0, "a blank page");
+    let mut out = Vec::with_capacity(200 * 200);
+    for j in 0..200 {
+        for i in 0..200 {
+            out.push(dark(x0 + i * (x1 - x0) / 199, y0 + j * (y1 - y0) / 199));
+        }
+    }
+    out
+}
+
+/// The share of the inked areas' pixels that differ between two pages.
+fn difference(a: &[u8], b: &[u8]) -> f64 {
+    let (a, b) = (ink(a), ink(b));
+    let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+    differ as f64 / a.len() as f64
+}
+
+/// Every received page matches the sent page of the same number (within
+/// fax resolution) better than any other sent page.
+fn same_pages(sent: &Path, received: &Path) {
+    let (s, r) = (raster(sent), raster(received));
+    assert_eq!(s.len(), r.len(), "page count");
+    for (i, page) in r.iter().enumerate() {
+        let own = difference(page, &s[i]);
+        eprintln!("page {}: {:.4} of the inked area differs from the page sent", i + 1, own);
+        assert!(own < 0.05, "page {} differs from the one sent: {own}", i + 1);
+        for (j, other) in s.iter().enumerate() {
+            if j != i {
+                let d = difference(page, other);
+                eprintln!("  and {d:.4} from sent page {}", j + 1);
+                assert!(
+                    d > own * 2.0 && d > 0.05,
+                    "page {} is as close to sent page {} ({d}) as to its own ({own})",
+                    i + 1,
+                    j + 1
+                );
+            }
+        }
+    }
+}
+
+fn cli(s: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(binary())
+        .args(["--url", &s.url(), "--token", &s.admin])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A flow for fax numbers that only ends the conversation.
+const FAX_FLOW: &str = r#"{"name": "fax-in", "start": "done", "nodes": {"done": {"type": "hangup"}}}"#;
+
+/// Tenant `t` with the fax flow on `numbers` (channel fax).
+fn fax_tenant(s: &Server, t: &str, numbers: &[&str]) -> String {
+    let key = s.tenant(t);
+    let d = s
+        .call(
+            "POST",
+            &format!("/v1/tenants/{t}/flows/fax-in"),
+            Some(&key),
+            Some(FAX_FLOW.as_bytes().to_vec()),
+        )
+        .unwrap();
+    assert_eq!(d.status, 201, "{d:?}");
+    for n in numbers {
+        let a = s.json(
+            "PUT",
+            &format!("/v1/tenants/{t}/addresses/{n}"),
+            &key,
+            &json!({"channel": "fax", "flow": "fax-in"}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    key
+}
+
+/// The tenant's fax interactions.
+fn faxes(s: &Server, t: &str, key: &str) -> Vec<Value> {
+    s.interactions(t, key)
+        .into_iter()
+        .filter(|ix| ix["channel"] == "fax")
+        .collect()
+}
+
+/// Waits for a message of the tenant's fax conversation `ix` matching `f`.
+fn wait_message(
+    s: &Server,
+    t: &str,
+    key: &str,
+    ix: &str,
+    limit: Duration,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    let mut found = None;
+    let ok = eventually(limit, || {
+        found = s.messages(t, key, ix).into_iter().find(|m| f(m));
+        found.is_some()
+    });
+    assert!(ok, "{:?}", s.messages(t, key, ix));
+    found.unwrap()
+}
+
+#[test]
+fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    // The shipper faxes through its trunk, which is this server; the
+    // insurer's number answers as a fax machine.
+    let shipper = fax_tenant(&s, "shipper", &["+15550170"]);
+    let insurer = fax_tenant(&s, "insurer", &["+15550190"]);
+    let t = s.json(
+        "PUT",
+        "/v1/tenants/shipper/trunks/default",
+        &shipper,
+        &json!({"host": format!("127.0.0.1:{}", s.sip_port), "username": "u", "password": "p"}),
+    );
+    assert_eq!(t.status, 200, "{t:?}");
+    let pdf = make_pdf(dir.path(), "claim", 3);
+
+    // Bad input is refused at the API, with the reason, and nothing is
+    // queued.
+    let bad = s
+        .call(
+            "POST",
+            "/v1/tenants/shipper/faxes?from=%2B15550170&to=%2B15550190",
+            Some(&shipper),
+            Some(b"%PDF-1.4\nthis is no pdf\n%%EOF".to_vec()),
+        )
+        .unwrap();
+    assert_eq!(bad.status, 400, "{bad:?}");
+    let why = bad.body["error"]["message"].as_str().unwrap();
+    assert!(why.contains("cannot be faxed") && why.contains("no page"), "{why}");
+    let bad = s.json(
+        "POST",
+        "/v1/tenants/shipper/faxes",
+        &shipper,
+        &json!({"from": "+15550170", "to": "+15550190", "document": "aGVsbG8="}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+    assert!(bad.body.to_string().contains("not a PDF or TIFF"), "{bad:?}");
+    let bad = s.json(
+        "POST",
+        "/v1/tenants/shipper/faxes",
+        &shipper,
+        &json!({"from": "+15550170", "to": "sip:evil@example.com", "text": "x"}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+    // Another tenant's fax number is not the shipper's to send from.
+    let bad = s.json(
+        "POST",
+        "/v1/tenants/shipper/faxes",
+        &shipper,
+        &json!({"from": "+15550190", "to": "+15550170", "text": "x"}),
+    );
+    assert_eq!(bad.status, 404, "{bad:?}");
+    assert!(faxes(&s, "shipper", &shipper).is_empty());
+
+    // The CLI sends the PDF.
+    let (ok, out, err) = cli(
+        &s,
+        &["fax", "send", "shipper", "--from", "+15550170", "--to", "+15550190", pdf.to_str().unwrap()],
+    );
+    assert!(ok, "{out} {err}");
+    let sent: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(sent["pages"], 3, "{sent}");
+    let out_ix = sent["interaction"].as_str().unwrap().to_string();
+
+    // The sender's message is marked sent, with what the far end said.
+    let m = wait_message(&s, "shipper", &shipper, &out_ix, Duration::from_secs(180), |m| {
+        m["status"] != "queued"
+    });
+    assert_eq!(m["status"], "sent", "{m}");
+    assert_eq!(m["meta"]["fax_pages"], "3", "{m}");
+    assert_eq!(m["meta"]["fax_ok"], "true", "{m}");
+    assert_eq!(m["meta"]["fax_remote_station"], "+15550190", "{m}");
+    assert_eq!(m["meta"]["fax_resolution"], "204x196", "{m}");
+
+    // The insurer has it: a fax conversation whose message holds the PDF
+    // and the TIFF, from the shipper's number and station id.
+    let mut got = Vec::new();
+    assert!(eventually(Duration::from_secs(30), || {
+        got = faxes(&s, "insurer", &insurer);
+        !got.is_empty()
+    }));
+    let in_ix = got[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(got[0]["from"], "15550170", "{}", got[0]);
+    let msg = wait_message(&s, "insurer", &insurer, &in_ix, Duration::from_secs(10), |m| {
+        m["direction"] == "inbound"
+    });
+    assert_eq!(msg["meta"]["fax_pages"], "3", "{msg}");
+    assert_eq!(msg["meta"]["fax_ok"], "true", "{msg}");
+    assert_eq!(msg["meta"]["fax_remote_station"], "+15550170", "{msg}");
+    assert!(msg["meta"]["fax_bit_rate"].as_str().unwrap().parse::<u32>().unwrap() >= 9600);
+    let types: Vec<&str> = msg["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["content_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["application/pdf", "image/tiff"], "{msg}");
+
+    // The CLI fetches the PDF; its pages are the ones sent.
+    let received = dir.path().join("received.pdf");
+    let (ok, out, err) = cli(
+        &s,
+        &["fax", "get", "insurer", &in_ix, "--pdf", received.to_str().unwrap()],
+    );
+    assert!(ok, "{out} {err}");
+    same_pages(&pdf, &received);
+    // The shipper cannot read the insurer's fax.
+    let blob = msg["attachments"][0]["blob"].as_str().unwrap();
+    let (status, _) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &shipper);
+    assert_eq!(status, 403);
+    // Usage: a fax message each way, a call leg each way.
+    let _ = root();
+}
