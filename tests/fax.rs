@@ -8,7 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{Server, binary, eventually, root};
+use plugboard_tests::{Server, binary, eventually, free_sip_port, root, run_sipp};
+use std::io::BufRead;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -315,6 +316,178 @@ fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
     let blob = msg["attachments"][0]["blob"].as_str().unwrap();
     let (status, _) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &shipper);
     assert_eq!(status, 403);
-    // Usage: a fax message each way, a call leg each way.
-    let _ = root();
+}
+
+/// Fax pages (TIFF/F, as a fax machine keeps them) of a PDF, made by
+/// Ghostscript at fax resolution.
+fn make_tiff(pdf: &Path) -> PathBuf {
+    let tif = pdf.with_extension("tif");
+    let st = Command::new("gs")
+        .args(["-q", "-dNOPAUSE", "-dBATCH", "-dSAFER", "-sDEVICE=tiffg4", "-r204x196"])
+        .args(["-g1728x2292", "-dPDFFitPage"])
+        .arg(format!("-sOutputFile={}", tif.display()))
+        .arg(pdf)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    tif
+}
+
+/// A PDF of a TIFF's pages (libtiff's tiff2pdf).
+fn tiff_pdf(tif: &Path) -> PathBuf {
+    let pdf = tif.with_extension("received.pdf");
+    let st = Command::new("tiff2pdf").arg("-o").arg(&pdf).arg(tif).status().unwrap();
+    assert!(st.success());
+    pdf
+}
+
+/// Runs the independent fax peer; its JSON result.
+fn peer(args: &[&str]) -> Value {
+    let out = Command::new("python3")
+        .arg(root().join("tests/peers/fax_peer.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|_| {
+        panic!("fax peer: {stdout} {}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// The newest fax interaction of the tenant other than `seen`.
+fn next_fax(s: &Server, t: &str, key: &str, seen: &[String]) -> String {
+    let mut id = None;
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            id = faxes(s, t, key)
+                .into_iter()
+                .filter_map(|ix| ix["id"].as_str().map(str::to_string))
+                .find(|i| !seen.contains(i));
+            id.is_some()
+        }),
+        "no new fax for {t}"
+    );
+    id.unwrap()
+}
+
+#[test]
+fn an_independent_fax_machine_receives_from_us_and_sends_to_us() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    let shipper = fax_tenant(&s, "shipper", &["+15550170"]);
+    let insurer = fax_tenant(&s, "insurer", &["+15550190"]);
+    let peer_port = free_sip_port();
+    let t = s.json(
+        "PUT",
+        "/v1/tenants/shipper/trunks/default",
+        &shipper,
+        &json!({"host": format!("127.0.0.1:{peer_port}"), "username": "u", "password": "p"}),
+    );
+    assert_eq!(t.status, 200, "{t:?}");
+
+    // The peer receives a 2-page PDF sent as JSON over the API.
+    let pdf = make_pdf(dir.path(), "invoice", 2);
+    let rx = dir.path().join("peer-rx.tif");
+    let mut machine = Command::new("python3")
+        .arg(root().join("tests/peers/fax_peer.py"))
+        .args(["receive", "--port", &peer_port.to_string(), "--out"])
+        .arg(&rx)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(machine.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("ready"));
+    use base64::Engine as _;
+    let doc = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&pdf).unwrap());
+    let a = s.json(
+        "POST",
+        "/v1/tenants/shipper/faxes",
+        &shipper,
+        &json!({"from": "+15550170", "to": "+15559999", "document": doc, "name": "invoice.pdf"}),
+    );
+    assert_eq!(a.status, 202, "{a:?}");
+    assert_eq!(a.body["pages"], 2);
+    let out_ix = a.body["interaction"].as_str().unwrap().to_string();
+    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(machine.wait().unwrap().success(), "{result}");
+    assert_eq!(result["pages"], 2, "{result}");
+    assert_eq!(result["remote"], "+15550170", "{result}");
+    assert_eq!(result["ecm"], true, "{result}");
+    same_pages(&pdf, &tiff_pdf(&rx));
+    let m = wait_message(&s, "shipper", &shipper, &out_ix, Duration::from_secs(30), |m| {
+        m["status"] == "sent"
+    });
+    assert_eq!(m["meta"]["fax_remote_station"], "+1 555 0999", "{m}");
+    assert_eq!(m["meta"]["fax_pages"], "2", "{m}");
+
+    // The peer sends us a 2-page fax.
+    let letter = make_pdf(dir.path(), "letter", 2);
+    let tif = make_tiff(&letter);
+    let sip = format!("127.0.0.1:{}", s.sip_port);
+    let result = peer(&[
+        "send", "--server", &sip, "--to", "15550190", "--file", tif.to_str().unwrap(),
+        "--ident", "+44 20 7946 0000",
+    ]);
+    assert_eq!(result["code"], 0, "{result}");
+    assert_eq!(result["pages"], 2, "{result}");
+    assert_eq!(result["remote"], "+15550190", "{result}");
+    let first = next_fax(&s, "insurer", &insurer, &[]);
+    let msg = wait_message(&s, "insurer", &insurer, &first, Duration::from_secs(10), |_| true);
+    assert_eq!(msg["meta"]["fax_pages"], "2", "{msg}");
+    assert_eq!(msg["meta"]["fax_ok"], "true", "{msg}");
+    assert_eq!(msg["meta"]["fax_remote_station"], "+44 20 7946 0000", "{msg}");
+    let blob = msg["attachments"][0]["blob"].as_str().unwrap();
+    let (status, bytes) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &insurer);
+    assert_eq!(status, 200);
+    let got = dir.path().join("got.pdf");
+    std::fs::write(&got, bytes).unwrap();
+    same_pages(&tiff_pdf(&tif), &got);
+
+    // A fax cut during its second page keeps the whole first page, and
+    // says it was cut.
+    let three = make_tiff(&make_pdf(dir.path(), "three", 3));
+    let result = peer(&[
+        "send", "--server", &sip, "--to", "15550190", "--file", three.to_str().unwrap(),
+        "--cut-after-pages", "1",
+    ]);
+    assert_eq!(result["by"], "cut", "{result}");
+    let cut = next_fax(&s, "insurer", &insurer, &[first]);
+    let msg = wait_message(&s, "insurer", &insurer, &cut, Duration::from_secs(10), |_| true);
+    assert_eq!(msg["meta"]["fax_pages"], "1", "{msg}");
+    assert_eq!(msg["meta"]["fax_ok"], "false", "{msg}");
+    assert!(msg["text"].as_str().unwrap().contains("cut short"), "{msg}");
+    let blob = msg["attachments"][0]["blob"].as_str().unwrap();
+    let (_, bytes) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &insurer);
+    let got = dir.path().join("cut.pdf");
+    std::fs::write(&got, bytes).unwrap();
+    assert_eq!(raster(&got).len(), 1);
+}
+
+#[test]
+fn a_call_that_is_not_a_fax_ends_as_no_fax_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    let key = fax_tenant(&s, "insurer", &["+15550190"]);
+    // SIPp talks (its speech capture) and then stays silent; the server
+    // hangs up on its own (the scenario fails without our BYE).
+    run_sipp(
+        &s,
+        dir.path(),
+        &root().join("tests/sipp/fax_speech.xml"),
+        "15550190",
+        "u1",
+        &[],
+    )
+    .unwrap();
+    let ix = next_fax(&s, "insurer", &key, &[]);
+    let msg = wait_message(&s, "insurer", &key, &ix, Duration::from_secs(10), |_| true);
+    assert_eq!(msg["text"], "No fax received: no fax detected", "{msg}");
+    assert_eq!(msg["meta"]["fax_pages"], "0", "{msg}");
+    assert!(msg.get("attachments").is_none_or(|a| a == &json!([])), "{msg}");
+    assert!(msg["meta"].get("fax_resolution").is_none(), "{msg}");
+    // Recorded, closed, and no flow ran on it.
+    let record = s.get(&format!("/v1/tenants/insurer/interactions/{ix}"), &key);
+    assert_eq!(record.body["state"], "closed", "{record:?}");
+    assert!(!record.body.to_string().contains("\"actions\""), "{record:?}");
 }

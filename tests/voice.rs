@@ -13,27 +13,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use plugboard_tests::{
-    Browser, LOOPBACK, Server, console_sign_in, free_sip_port, plugin, postgres, root, text_of,
+    Browser, LOOPBACK, Server, console_sign_in, free_media_port, free_sip_port, plugin, postgres,
+    root, run_sipp, text_of,
 };
 use serde_json::{Value, json};
-
-/// A free even port for SIPp's RTP.
-fn free_media_port() -> u16 {
-    // SIPp binds four UDP ports from here (audio RTP and RTCP, video RTP
-    // and RTCP): all four must be free, not only the first.
-    loop {
-        let p = free_sip_port();
-        if !p.is_multiple_of(2) || p >= 65000 {
-            continue;
-        }
-        let held: Vec<_> = (p..p + 4)
-            .map(|q| std::net::UdpSocket::bind(("127.0.0.1", q)))
-            .collect();
-        if held.iter().all(|h| h.is_ok()) {
-            return p;
-        }
-    }
-}
 
 /// Runs one SIPp scenario from tests/sipp against the server, as one call.
 fn sipp(server: &Server, dir: &Path, scenario: &str, service: &str, transport: &str) -> Result<()> {
@@ -51,80 +34,6 @@ fn sipp_with(
 ) -> Result<()> {
     let xml = root().join("tests/sipp").join(format!("{scenario}.xml"));
     run_sipp(server, dir, &xml, service, transport, extra)
-}
-
-/// Runs a SIPp scenario file against the server, as one call; on failure
-/// the error carries SIPp's summary and error log.
-fn run_sipp(
-    server: &Server,
-    dir: &Path,
-    xml: &Path,
-    service: &str,
-    transport: &str,
-    extra: &[&str],
-) -> Result<()> {
-    let scenario = xml
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // A port picked free can be taken by a parallel test before SIPp
-    // binds it: SIPp then stops before making any call, and runs again
-    // on other ports.
-    for attempt in 0.. {
-        let (local, media) = (free_sip_port().to_string(), free_media_port().to_string());
-        // Defaults for one call from 127.0.0.1, unless `extra` says otherwise.
-        let mut defaults = vec!["-s", service, "-t", transport, "-mp", &media];
-        if !extra.contains(&"-p") {
-            defaults.extend(["-p", &local]);
-        }
-        if !extra.contains(&"-m") {
-            defaults.extend(["-m", "1"]);
-        }
-        if !extra.contains(&"-i") {
-            defaults.extend(["-i", "127.0.0.1"]);
-        }
-        let out = Command::new("sipp")
-            .current_dir(dir)
-            .arg("-sf")
-            .arg(xml)
-            .args(defaults)
-            .args(["-timeout", "60s", "-trace_err", "-nostdin"])
-            .args(extra)
-            .arg(format!("127.0.0.1:{}", server.sip_port))
-            .output()
-            .context("running sipp (scripts/setup.sh installs sip-tester)")?;
-        if out.status.success() {
-            return Ok(());
-        }
-        let mut errors = String::new();
-        for e in std::fs::read_dir(dir)?.flatten() {
-            if e.file_name().to_string_lossy().contains("errors") {
-                errors.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-            }
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let port_taken = errors.contains("errno = 98") || stdout.contains("errno = 98");
-        let idle = stdout.contains("Outgoing calls created |        0")
-            && stdout.contains("Incoming calls created |        0");
-        if port_taken && idle && attempt < 3 {
-            for e in std::fs::read_dir(dir)?.flatten() {
-                if e.file_name().to_string_lossy().contains("errors") {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-            continue;
-        }
-        bail!(
-            "sipp {scenario} failed ({}):\n{}\n{errors}",
-            out.status,
-            stdout
-                .lines()
-                .filter(|l| l.contains("call") || l.contains("rror"))
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
-    }
-    unreachable!("the loop returns or fails")
 }
 
 fn setup(server: &Server) -> String {

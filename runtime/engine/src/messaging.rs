@@ -406,6 +406,7 @@ impl Engine {
             bounced = Some(m);
         }
         let created = now_ms();
+        let fresh = ix.is_none();
         let ix = match ix {
             Some(ix) => ix,
             None => plugboard_core::interaction_id(created, crate::interaction_nonce()?),
@@ -550,6 +551,36 @@ impl Engine {
         }
         self.capacity().add_stored(tenant, stored_bytes);
         self.start_hooks(tenant, hooks);
+        if fresh && (inbound.automatic || bounced.is_some()) {
+            // No flow will run it, so no worker writes its record: a
+            // conversation that starts with a machine's message (a fax
+            // call that brought no page) is recorded here, closed.
+            let mut record = Interaction {
+                id: ix.clone(),
+                tenant: tenant.to_string(),
+                channel,
+                from: message.from.clone(),
+                to: message.to.clone(),
+                flow: Some(plugboard_core::FlowRef {
+                    name: address.flow.clone(),
+                    version: 0,
+                }),
+                state: InteractionState::Closed,
+                attributes: BTreeMap::new(),
+                simulated: false,
+                created_ms: created,
+                closed_ms: Some(created),
+                timeline: Vec::new(),
+                timeline_base: 0,
+            };
+            record.push(
+                EntryKind::Message,
+                json!({"id": message.id, "direction": "inbound", "author": message.author}),
+            );
+            if let Err(e) = self.store.save_interaction(&record, 0).await {
+                tracing::warn!("record of conversation {ix}: {e}");
+            }
+        }
         self.publish(
             tenant,
             json!({"interaction": ix, "kind": "message", "data": message}),

@@ -135,25 +135,23 @@ fn dpi(ppm: u32) -> u32 {
     (f64::from(ppm) * 0.0254).round() as u32
 }
 
-/// What a fax's message keeps of how it went.
+/// What a fax's message keeps of how it went (the modem's speed, ECM
+/// and resolution once a page went across).
 fn outcome_meta(o: &Outcome, duration: Duration) -> BTreeMap<String, String> {
-    BTreeMap::from([
+    let mut meta = BTreeMap::from([
         ("fax_pages".into(), o.stats.pages.to_string()),
         ("fax_result".into(), o.text.clone()),
         ("fax_ok".into(), o.ok.to_string()),
         ("fax_remote_station".into(), o.remote_ident.clone()),
-        ("fax_bit_rate".into(), o.stats.bit_rate.to_string()),
-        ("fax_ecm".into(), o.stats.ecm.to_string()),
-        (
-            "fax_resolution".into(),
-            format!(
-                "{}x{}",
-                dpi(o.stats.resolution.0),
-                dpi(o.stats.resolution.1)
-            ),
-        ),
         ("fax_duration_ms".into(), duration.as_millis().to_string()),
-    ])
+    ]);
+    if o.stats.pages > 0 {
+        let (x, y) = o.stats.resolution;
+        meta.insert("fax_bit_rate".into(), o.stats.bit_rate.to_string());
+        meta.insert("fax_ecm".into(), o.stats.ecm.to_string());
+        meta.insert("fax_resolution".into(), format!("{}x{}", dpi(x), dpi(y)));
+    }
+    meta
 }
 
 /// An inbound fax call, as the endpoint admitted it.

@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""An independent fax machine for Plugboard's tests: libspandsp (Debian's
+0.0.6) through ctypes for T.30, with its own small SIP user agent and RTP
+(G.711 mu-law, 20 ms frames) over UDP. None of it is Plugboard's code.
+
+  fax_peer.py receive --port P --out rx.tif [--ident ID]
+      Waits for an INVITE on 127.0.0.1:P, answers, receives a fax.
+  fax_peer.py send --server HOST:PORT --to NUMBER --file doc.tif
+                   [--ident ID] [--cut-after-pages N]
+      Calls NUMBER at the server and sends doc.tif (TIFF/F); with
+      --cut-after-pages it hangs up two seconds into the page after N.
+
+Prints one JSON line when done: {"code", "text", "pages", "remote",
+"bit_rate", "ecm", "by"}. Exits 0 when the session ended with T.30 OK.
+"""
+
+import argparse
+import ctypes as C
+import json
+import random
+import re
+import select
+import socket
+import struct
+import sys
+import time
+import warnings
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop  # G.711 (still in Python 3.11, Debian 12's)
+
+SP = C.CDLL("libspandsp.so.2")
+SP.fax_init.restype = C.c_void_p
+SP.fax_init.argtypes = [C.c_void_p, C.c_int]
+SP.fax_get_t30_state.restype = C.c_void_p
+SP.fax_get_t30_state.argtypes = [C.c_void_p]
+SP.fax_rx.argtypes = [C.c_void_p, C.POINTER(C.c_int16), C.c_int]
+SP.fax_tx.argtypes = [C.c_void_p, C.POINTER(C.c_int16), C.c_int]
+SP.fax_set_transmit_on_idle.argtypes = [C.c_void_p, C.c_int]
+SP.fax_free.argtypes = [C.c_void_p]
+SP.t30_set_tx_file.argtypes = [C.c_void_p, C.c_char_p, C.c_int, C.c_int]
+SP.t30_set_rx_file.argtypes = [C.c_void_p, C.c_char_p, C.c_int]
+SP.t30_set_tx_ident.argtypes = [C.c_void_p, C.c_char_p]
+SP.t30_get_rx_ident.restype = C.c_char_p
+SP.t30_get_rx_ident.argtypes = [C.c_void_p]
+SP.t30_set_ecm_capability.argtypes = [C.c_void_p, C.c_int]
+SP.t30_terminate.argtypes = [C.c_void_p]
+SP.t30_completion_code_to_str.restype = C.c_char_p
+
+
+class Stats(C.Structure):
+    _fields_ = [(n, C.c_int) for n in (
+        "bit_rate ecm pages_tx pages_rx pages_in_file x_res y_res width "
+        "length image_size encoding bad_rows longest_bad_row_run "
+        "ecm_retries current_status").split()]
+
+
+SP.t30_get_transfer_statistics.argtypes = [C.c_void_p, C.POINTER(Stats)]
+PHASE_E = C.CFUNCTYPE(None, C.c_void_p, C.c_void_p, C.c_int)
+SP.t30_set_phase_e_handler.argtypes = [C.c_void_p, PHASE_E, C.c_void_p]
+
+FRAME = 160
+
+
+class Fax:
+    def __init__(self, calling, ident, tx=None, rx=None):
+        self.state = SP.fax_init(None, 1 if calling else 0)
+        self.t30 = SP.fax_get_t30_state(self.state)
+        SP.fax_set_transmit_on_idle(self.state, 1)
+        SP.t30_set_ecm_capability(self.t30, 1)
+        SP.t30_set_tx_ident(self.t30, ident.encode())
+        if tx:
+            SP.t30_set_tx_file(self.t30, tx.encode(), -1, -1)
+        if rx:
+            SP.t30_set_rx_file(self.t30, rx.encode(), -1)
+        self.code = None
+
+        def done(_s, _u, code):
+            self.code = code
+        self.handler = PHASE_E(done)
+        SP.t30_set_phase_e_handler(self.t30, self.handler, None)
+        self.out = (C.c_int16 * FRAME)()
+
+    def frame(self, heard):
+        buf = (C.c_int16 * FRAME)(*heard)
+        SP.fax_rx(self.state, buf, FRAME)
+        for i in range(FRAME):
+            self.out[i] = 0
+        SP.fax_tx(self.state, self.out, FRAME)
+        return list(self.out)
+
+    def stats(self):
+        s = Stats()
+        SP.t30_get_transfer_statistics(self.t30, C.byref(s))
+        return s
+
+    def finish(self):
+        silence = [0] * FRAME
+        for _ in range(150):
+            if self.code is not None:
+                break
+            self.frame(silence)
+        if self.code is None:
+            SP.t30_terminate(self.t30)
+        s = self.stats()
+        remote = SP.t30_get_rx_ident(self.t30)
+        code = self.code if self.code is not None else -1
+        result = {
+            "code": code,
+            "text": SP.t30_completion_code_to_str(code).decode(),
+            "pages": max(s.pages_tx, s.pages_rx),
+            "remote": (remote or b"").decode().strip(),
+            "bit_rate": s.bit_rate,
+            "ecm": bool(s.ecm),
+        }
+        SP.fax_free(self.state)
+        return result
+
+
+def token():
+    return "%016x" % random.getrandbits(64)
+
+
+def parse(data):
+    text = data.decode("utf-8", "replace")
+    head, _, body = text.partition("\r\n\r\n")
+    lines = head.split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        headers.setdefault(k.strip().lower(), []).append(v.strip())
+    return lines[0], headers, body
+
+
+def h(headers, name):
+    return headers.get(name, [""])[0]
+
+
+def sdp_remote(body):
+    ip = re.search(r"c=IN IP4 (\S+)", body).group(1)
+    port = int(re.search(r"m=audio (\d+)", body).group(1))
+    return (ip, port)
+
+
+def sdp(port):
+    return ("v=0\r\no=peer 1 1 IN IP4 127.0.0.1\r\ns=fax\r\nc=IN IP4 127.0.0.1\r\n"
+            "t=0 0\r\nm=audio %d RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\n" % port)
+
+
+def msg(first, headers, body=""):
+    out = first + "\r\n"
+    for k, v in headers:
+        out += "%s: %s\r\n" % (k, v)
+    out += "Content-Length: %d\r\n\r\n%s" % (len(body.encode()), body)
+    return out.encode()
+
+
+class Call:
+    """One dialog's state, enough to send BYE and answer requests."""
+
+    def __init__(self, sip, peer):
+        self.sip = sip
+        self.peer = peer
+        self.cseq = 1
+
+    def bye(self):
+        self.cseq += 1
+        self.sip.sendto(msg("BYE %s SIP/2.0" % self.remote_target, [
+            ("Via", "SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK%s" % (self.sip.getsockname()[1], token())),
+            ("Max-Forwards", "70"),
+            ("From", self.local),
+            ("To", self.remote),
+            ("Call-ID", self.call_id),
+            ("CSeq", "%d BYE" % self.cseq),
+        ]), self.peer)
+
+    def answer(self, headers, status="200 OK"):
+        self.sip.sendto(msg("SIP/2.0 " + status, [
+            ("Via", v) for v in headers.get("via", [])] + [
+            ("From", h(headers, "from")),
+            ("To", h(headers, "to")),
+            ("Call-ID", h(headers, "call-id")),
+            ("CSeq", h(headers, "cseq")),
+        ]), self.peer)
+
+
+def run_media(call, fax, rtp, remote_rtp, cut_after=None):
+    """Runs the fax on the 20 ms clock until T.30 ends or the far end
+    hangs up; who ended it."""
+    t0 = time.monotonic()
+    n = 0
+    queue = []
+    seq = random.getrandbits(16)
+    ts = random.getrandbits(32)
+    ssrc = random.getrandbits(32)
+    cut_at = None
+    by = None
+    while by is None:
+        now = time.monotonic()
+        due = int((now - t0) / 0.02) + 1
+        ran = 0
+        while n < due and ran < 50:
+            heard = [0] * FRAME
+            if queue:
+                pcm = audioop.ulaw2lin(queue.pop(0), 2)
+                heard = list(struct.unpack("<%dh" % (len(pcm) // 2), pcm))[:FRAME]
+                heard += [0] * (FRAME - len(heard))
+            out = fax.frame(heard)
+            payload = audioop.lin2ulaw(struct.pack("<%dh" % FRAME, *out), 2)
+            header = struct.pack("!BBHII", 0x80, 0, (seq + n) & 0xFFFF, (ts + n * FRAME) & 0xFFFFFFFF, ssrc)
+            rtp.sendto(header + payload, remote_rtp)
+            n += 1
+            ran += 1
+        n = max(n, due)
+        if fax.code is not None:
+            call.bye()
+            by = "us"
+            break
+        if cut_after is not None and cut_at is None and fax.stats().pages_tx >= cut_after:
+            cut_at = now + 2.0
+        if cut_at is not None and now >= cut_at:
+            call.bye()
+            by = "cut"
+            break
+        if now - t0 > 600:
+            call.bye()
+            by = "timeout"
+            break
+        wait = max(0.0, t0 + n * 0.02 - time.monotonic())
+        ready, _, _ = select.select([rtp, call.sip], [], [], wait)
+        for sock in ready:
+            data, src = sock.recvfrom(4096)
+            if sock is rtp:
+                if len(data) > 12 and data[1] & 0x7F == 0:
+                    cc = data[0] & 0x0F
+                    queue.append(data[12 + 4 * cc:])
+            else:
+                first, headers, _ = parse(data)
+                if first.startswith("BYE"):
+                    call.answer(headers)
+                    by = "far end"
+                elif first.startswith("INVITE"):
+                    # A retransmission of the INVITE we answered.
+                    pass
+    return by
+
+
+def receive(args):
+    sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sip.bind(("127.0.0.1", args.port))
+    rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtp.bind(("127.0.0.1", 0))
+    print(json.dumps({"ready": True}), flush=True)
+    sip.settimeout(120)
+    while True:
+        data, peer = sip.recvfrom(65535)
+        first, headers, body = parse(data)
+        if first.startswith("INVITE"):
+            break
+    call = Call(sip, peer)
+    tag = token()[:8]
+    call.call_id = h(headers, "call-id")
+    call.local = h(headers, "to") + ";tag=" + tag
+    call.remote = h(headers, "from")
+    contact = re.search(r"<([^>]+)>", h(headers, "contact"))
+    call.remote_target = contact.group(1) if contact else first.split()[1]
+    remote_rtp = sdp_remote(body)
+    ok = msg("SIP/2.0 200 OK", [("Via", v) for v in headers.get("via", [])] + [
+        ("From", h(headers, "from")),
+        ("To", call.local),
+        ("Call-ID", call.call_id),
+        ("CSeq", h(headers, "cseq")),
+        ("Contact", "<sip:fax@127.0.0.1:%d>" % args.port),
+        ("Content-Type", "application/sdp"),
+    ], sdp(rtp.getsockname()[1]))
+    sip.sendto(ok, peer)
+    sip.settimeout(0.5)
+    for _ in range(16):
+        try:
+            data, _ = sip.recvfrom(65535)
+        except socket.timeout:
+            sip.sendto(ok, peer)
+            continue
+        if data.startswith(b"ACK"):
+            break
+    sip.setblocking(False)
+    fax = Fax(False, args.ident, rx=args.out)
+    by = run_media(call, fax, rtp, remote_rtp)
+    result = fax.finish()
+    result["by"] = by
+    print(json.dumps(result), flush=True)
+    return result["code"] == 0
+
+
+def send(args):
+    sip = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sip.bind(("127.0.0.1", 0))
+    rtp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rtp.bind(("127.0.0.1", 0))
+    host, port = args.server.rsplit(":", 1)
+    server = (host, int(port))
+    me = sip.getsockname()[1]
+    call = Call(sip, server)
+    call.call_id = token() + "@fax-peer"
+    call.local = "<sip:%s@127.0.0.1>;tag=%s" % (args.ident.lstrip("+").replace(" ", ""), token()[:8])
+    uri = "sip:%s@%s" % (args.to, args.server)
+    branch = token()
+    invite = msg("INVITE %s SIP/2.0" % uri, [
+        ("Via", "SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK%s" % (me, branch)),
+        ("Max-Forwards", "70"),
+        ("From", call.local),
+        ("To", "<%s>" % uri),
+        ("Call-ID", call.call_id),
+        ("CSeq", "1 INVITE"),
+        ("Contact", "<sip:fax@127.0.0.1:%d>" % me),
+        ("Content-Type", "application/sdp"),
+    ], sdp(rtp.getsockname()[1]))
+    sip.sendto(invite, server)
+    sip.settimeout(0.5)
+    deadline = time.monotonic() + 30
+    while True:
+        if time.monotonic() > deadline:
+            print(json.dumps({"code": -1, "text": "no answer", "pages": 0}), flush=True)
+            return False
+        try:
+            data, _ = sip.recvfrom(65535)
+        except socket.timeout:
+            continue
+        first, headers, body = parse(data)
+        status = int(first.split()[1]) if first.startswith("SIP/2.0") else 0
+        if 100 <= status < 200:
+            continue
+        if status >= 300:
+            print(json.dumps({"code": -1, "text": first, "pages": 0}), flush=True)
+            return False
+        if status == 200:
+            break
+    call.remote = h(headers, "to")
+    contact = re.search(r"<([^>]+)>", h(headers, "contact"))
+    call.remote_target = contact.group(1) if contact else uri
+    remote_rtp = sdp_remote(body)
+    sip.sendto(msg("ACK %s SIP/2.0" % call.remote_target, [
+        ("Via", "SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK%s" % (me, token())),
+        ("Max-Forwards", "70"),
+        ("From", call.local),
+        ("To", call.remote),
+        ("Call-ID", call.call_id),
+        ("CSeq", "1 ACK"),
+    ]), server)
+    sip.setblocking(False)
+    fax = Fax(True, args.ident, tx=args.file)
+    by = run_media(call, fax, rtp, remote_rtp, args.cut_after_pages)
+    result = fax.finish()
+    result["by"] = by
+    print(json.dumps(result), flush=True)
+    return result["code"] == 0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("receive")
+    r.add_argument("--port", type=int, required=True)
+    r.add_argument("--out", required=True)
+    r.add_argument("--ident", default="+1 555 0999")
+    s = sub.add_parser("send")
+    s.add_argument("--server", required=True)
+    s.add_argument("--to", required=True)
+    s.add_argument("--file", required=True)
+    s.add_argument("--ident", default="+1 555 0999")
+    s.add_argument("--cut-after-pages", type=int)
+    args = p.parse_args()
+    ok = receive(args) if args.cmd == "receive" else send(args)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
