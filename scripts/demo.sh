@@ -91,7 +91,7 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     for a in ann:'{"sales":8,"support":5}' bob:'{"support":9}' carol:'{"sales":6}'; do
         id=${a%%:*}
         api PUT "sip-users/$id" "{\"password\":\"demo-$id-pass\"}"
-        api PUT "agents/$id" "{\"skills\":${a#*:},\"sip_user\":\"$id\",\"capacity\":{\"voice\":1,\"chat\":3,\"email\":5,\"sms\":3}}"
+        api PUT "agents/$id" "{\"skills\":${a#*:},\"sip_user\":\"$id\",\"capacity\":{\"voice\":1,\"chat\":3,\"email\":5,\"sms\":3,\"fax\":5}}"
     done
     # Sue supervises (the console's wall); she takes no tasks herself.
     api PUT agents/sue '{"capacity":{}}'
@@ -104,9 +104,20 @@ if "$BIN" tenant create demo --name "Demo Logistics" > "$DATA/demo-tenant.json" 
     api PUT kv/crm/customer/you@example.com '{"id":"c-1002","name":"Example Customer","tier":"standard"}'
     "$BIN" flow deploy demo examples/front-desk/flow.json --name front-desk >/dev/null
     "$BIN" address set demo +15550150 --channel voice --flow front-desk >/dev/null
+    # Fax: +15550180 answers as a fax machine; received faxes go to the
+    # agents queue. The demo's trunk is this server (standing in for a
+    # carrier), so a fax sent to +15550180 comes back in.
+    "$BIN" flow deploy demo examples/fax-desk/flow.json --name fax-desk >/dev/null
+    "$BIN" address set demo +15550180 --channel fax --flow fax-desk >/dev/null
+    api PUT trunks/default "{\"host\":\"$SIP\",\"username\":\"demo\",\"password\":\"demo-trunk\"}"
     echo "seeded tenant demo; its API key is in $DATA/demo-tenant.json"
 else
     echo "tenant demo already exists (data in $DATA)"
+fi
+# A document to fax (Ghostscript sets two pages).
+if [ ! -s "$DATA/waybill.pdf" ]; then
+    printf '%%!PS\n/Helvetica findfont 28 scalefont setfont\n1 1 2 { /n exch def 72 720 moveto (Demo Logistics waybill 123, page ) show n 2 string cvs show 72 660 moveto (Vilnius - Rotterdam, 12 pallets) show showpage } for\n' > "$DATA/waybill.ps"
+    gs -q -dNOPAUSE -dBATCH -dSAFER -sDEVICE=pdfwrite -sPAPERSIZE=a4 -o "$DATA/waybill.pdf" "$DATA/waybill.ps" || true
 fi
 # Agents are offline after a restart until they say otherwise: the demo's
 # are available at once.
@@ -150,6 +161,11 @@ Chat with the same hotline in a browser (write "track", then 123, or "agent"):
 Text the same hotline (the demo SMSC delivers it to +15550160; replies print):
   scripts/sms.sh track          # then: scripts/sms.sh 123
   $BIN customer find demo 15550001 --channel sms
+Fax a PDF (it goes out through the demo trunk and comes back to the fax
+number +15550180, lands in the agents queue, its PDF on the message):
+  $BIN fax send demo --from +15550180 --to +15550180 $DATA/waybill.pdf
+  $BIN fax list demo                                 # the sent fax and the received one
+  $BIN fax get demo INTERACTION --pdf received.pdf   # INTERACTION: the received fax's id
 Try:
   $BIN flow simulate demo hello-ivr --events '[{"type":"digits","digits":"1"}]'
   $BIN flow simulate demo cargo-lookup --events '[{"type":"digits","digits":"123","terminated":true}]'

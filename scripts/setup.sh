@@ -27,6 +27,13 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need+=(postfix)
 # The softphone's Opus codec links Debian's libopus (found by pkg-config).
 pkg-config --exists opus 2>/dev/null || need+=(libopus-dev pkg-config)
+# Fax: spandsp's T.30 (LGPL, linked dynamically), Ghostscript (AGPL, run
+# as a separate program) renders documents to fax pages, libtiff's
+# tiff2pdf wraps received pages; the tests rasterise pages with poppler.
+pkg-config --exists spandsp 2>/dev/null || need+=(libspandsp-dev pkg-config)
+command -v tiff2pdf >/dev/null 2>&1 || need+=(libtiff-tools)
+command -v gs >/dev/null 2>&1 || need+=(ghostscript)
+command -v pdftoppm >/dev/null 2>&1 || need+=(poppler-utils)
 # Web chat: the tests drive Debian's headless Chromium.
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 if [ ${#need[@]} -gt 0 ]; then

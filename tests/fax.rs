@@ -260,6 +260,30 @@ fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
     assert_eq!(bad.status, 404, "{bad:?}");
     assert!(faxes(&s, "shipper", &shipper).is_empty());
 
+    // The insurer's event stream, read aside until the fax has ended.
+    let mut ws = s.tenant_stream("insurer", &insurer);
+    let watcher = std::thread::spawn(move || {
+        let mut seen = Vec::new();
+        let until = std::time::Instant::now() + Duration::from_secs(200);
+        while std::time::Instant::now() < until {
+            match ws.read() {
+                Ok(tungstenite::Message::Text(t)) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    if v["kind"] == "fax" {
+                        let ended = v["data"]["state"] == "ended";
+                        seen.push(v["data"].clone());
+                        if ended {
+                            break;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(tungstenite::Error::Io(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        seen
+    });
     // The CLI sends the PDF.
     let (ok, out, err) = cli(
         &s,
@@ -304,7 +328,21 @@ fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
         .collect();
     assert_eq!(types, ["application/pdf", "image/tiff"], "{msg}");
 
-    // The CLI fetches the PDF; its pages are the ones sent.
+    // The stream told the fax's progress, page by page.
+    let states: Vec<String> = watcher
+        .join()
+        .unwrap()
+        .iter()
+        .map(|d| format!("{} {}", d["state"].as_str().unwrap(), d["pages"]))
+        .collect();
+    assert_eq!(
+        states,
+        ["receiving null", "page 1", "page 2", "page 3", "ended 3"],
+        "{states:?}"
+    );
+    // The CLI lists it and fetches the PDF; its pages are the ones sent.
+    let (ok, out, _) = cli(&s, &["fax", "list", "insurer"]);
+    assert!(ok && out.contains(&in_ix), "{out}");
     let received = dir.path().join("received.pdf");
     let (ok, out, err) = cli(
         &s,

@@ -1115,6 +1115,18 @@ impl Engine {
         self.publish(tenant, json!({"kind": "softphone", "data": data}));
     }
 
+    /// Tells a tenant's stream how a fax call goes (`data`: its
+    /// `direction`, `state` — `receiving`, `calling`, `sending`, `page`,
+    /// `ended` — pages so far, numbers, and the `interaction` of a fax
+    /// being sent).
+    pub fn fax_event(&self, tenant: &str, data: Value) {
+        let mut payload = json!({"kind": "fax", "data": data});
+        if let Some(ix) = payload["data"].get("interaction").cloned() {
+            payload["interaction"] = ix;
+        }
+        self.publish(tenant, payload);
+    }
+
     fn publish(&self, tenant: &str, payload: Value) {
         let _ = self.events.send(StreamEvent {
             tenant: tenant.to_string(),

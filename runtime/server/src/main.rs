@@ -239,6 +239,11 @@ enum FaxCmd {
         /// The document (PDF or TIFF).
         file: PathBuf,
     },
+    /// The tenant's faxes, sent and received, newest first.
+    List {
+        /// Tenant id.
+        tenant: String,
+    },
     /// A fax conversation's messages (pages, station id, outcome);
     /// `--pdf FILE` saves its PDF.
     Get {
@@ -1305,6 +1310,24 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
                 ),
                 Some((ct, bytes)),
             )?)
+        }
+        Cmd::Fax { cmd: FaxCmd::List { tenant } } => {
+            let v = c.call(
+                "GET",
+                &format!("/v1/tenants/{}/interactions?limit=1000", enc(&tenant)),
+                None,
+            )?;
+            let faxes: Vec<Value> = v["interactions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|ix| ix["channel"] == "fax")
+                .map(|ix| {
+                    json!({"id": ix["id"], "from": ix["from"], "to": ix["to"],
+                           "created_ms": ix["created_ms"], "state": ix["state"]})
+                })
+                .collect();
+            print(&json!({"faxes": faxes}))
         }
         Cmd::Fax { cmd: FaxCmd::Get { tenant, id, pdf } } => {
             let v = c.call(

@@ -86,6 +86,8 @@ struct Line {
     started: Option<Instant>,
     /// Frames run so far.
     frames: u64,
+    /// Whole pages told so far.
+    pages: u32,
 }
 
 impl Line {
@@ -94,7 +96,17 @@ impl Line {
             terminal,
             started: None,
             frames: 0,
+            pages: 0,
         }
+    }
+
+    /// The page count, when a page was completed since last asked.
+    fn new_page(&mut self) -> Option<u32> {
+        let pages = self.terminal.stats().pages;
+        (pages > self.pages).then(|| {
+            self.pages = pages;
+            pages
+        })
     }
 
     fn start(&mut self) {
@@ -225,6 +237,12 @@ pub(crate) async fn receive(spec: FaxSpec) {
             cmd = cmds.recv() => match cmd {
                 Some(CallCmd::Confirmed) => {
                     caller.last_rtp = Instant::now();
+                    if line.started.is_none() {
+                        app.fax_event(&fax.tenant, serde_json::json!({
+                            "direction": "inbound", "state": "receiving", "from": fax.caller,
+                            "to": fax.address, "call_id": fax.call_id,
+                        }));
+                    }
                     line.start();
                 }
                 Some(CallCmd::Media(n)) => caller.changed(n),
@@ -246,6 +264,11 @@ pub(crate) async fn receive(spec: FaxSpec) {
             }
             _ = tick.tick() => {
                 let done = line.pump(&mut CallerAudio { media: &mut caller, socket: &sockets.rtp });
+                if let Some(pages) = line.new_page() {
+                    app.fax_event(&fax.tenant, serde_json::json!({
+                        "direction": "inbound", "state": "page", "pages": pages, "call_id": fax.call_id,
+                    }));
+                }
                 if done.is_some() {
                     break false;
                 }
@@ -269,6 +292,13 @@ pub(crate) async fn receive(spec: FaxSpec) {
     let outcome = terminal.hang_up();
     // Closes the received file.
     drop(terminal);
+    app.fax_event(
+        &fax.tenant,
+        serde_json::json!({
+            "direction": "inbound", "state": "ended", "pages": outcome.stats.pages,
+            "ok": outcome.ok, "result": outcome.text, "call_id": fax.call_id,
+        }),
+    );
     drop(sockets);
     if answered.is_some() {
         let duration = answered.map(|a| a.elapsed()).unwrap_or_default();
@@ -442,6 +472,17 @@ impl FaxCourier {
         };
         let mut line = Line::new(terminal);
         let started = Instant::now();
+        let event = |state: &str, pages: u32| {
+            self.ctx.app.fax_event(
+                tenant,
+                serde_json::json!({
+                    "direction": "outbound", "state": state, "pages": pages,
+                    "interaction": message.interaction, "message": message.id,
+                    "to": message.to,
+                }),
+            );
+        };
+        event("calling", 0);
         let mut tick = tokio::time::interval(PTIME);
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let mut buf = vec![0u8; 2048];
@@ -453,6 +494,7 @@ impl FaxCourier {
                         LegEvent::Answered(n) => {
                             leg.answered(&n);
                             line.start();
+                            event("sending", 0);
                         }
                         LegEvent::Failed(status, why) => break Err(refused(status, &why)),
                         LegEvent::Hangup => break Ok(true),
@@ -468,6 +510,9 @@ impl FaxCourier {
                 }
                 _ = tick.tick() => {
                     let done = line.pump(&mut leg);
+                    if let Some(pages) = line.new_page() {
+                        event("page", pages);
+                    }
                     if done.is_some() {
                         break Ok(false);
                     }
@@ -487,6 +532,7 @@ impl FaxCourier {
         }
         let duration = line.started.map(|s| s.elapsed()).unwrap_or_default();
         let outcome = line.terminal.hang_up();
+        event("ended", outcome.stats.pages);
         let meta = outcome_meta(&outcome, duration);
         if outcome.ok {
             return Ok(Delivered {
