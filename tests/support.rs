@@ -1400,6 +1400,16 @@ pub fn available_agent(
 }
 
 /// A number from the environment (a benchmark's setting), or `default`.
+/// CPU time a process has used (user + system), in ms.
+pub fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and
+    // stime are the 12th and 13th, in clock ticks (100 a second).
+    let rest = stat.rfind(')').map(|i| &stat[i + 2..]).unwrap_or_default();
+    let f: Vec<u64> = rest.split(' ').map(|x| x.parse().unwrap_or(0)).collect();
+    (f.get(11).unwrap_or(&0) + f.get(12).unwrap_or(&0)) * 10
+}
+
 pub fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -1640,4 +1650,3 @@ pub fn run_sipp(
     }
     unreachable!("the loop returns or fails")
 }
-

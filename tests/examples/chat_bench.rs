@@ -20,7 +20,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use futures_util::{SinkExt, StreamExt};
-use plugboard_tests::{LOOPBACK, Server, env_u64};
+use plugboard_tests::{LOOPBACK, Server, cpu_ms, env_u64};
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -39,16 +39,6 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
-}
-
-/// CPU time a process has used (user + system), in ms.
-fn cpu_ms(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the command name (which may hold spaces): utime and
-    // stime are the 12th and 13th, in clock ticks (100 a second).
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    (f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()) * 10
 }
 
 fn pct(v: &mut [u64], p: f64) -> f64 {

@@ -1516,8 +1516,16 @@ async fn post_fax(
             "to: a fax goes to a phone number (digits, with an optional leading +)",
         ));
     }
-    if fax.from.trim().is_empty() {
-        return Err(ApiError::bad_request("from: one of the tenant's fax addresses"));
+    // Whose number it is is checked before any document is rendered.
+    let owned = s
+        .route_address(fax.from.trim())
+        .await?
+        .is_some_and(|(owner, a)| owner == t.id && a.channel == plugboard_core::Channel::Fax);
+    if !owned {
+        return Err(ApiError::not_found(format!(
+            "{} is not one of this tenant's fax addresses",
+            fax.from
+        )));
     }
     let mut files = Vec::new();
     let mut pages = None;
@@ -1531,6 +1539,12 @@ async fn post_fax(
         let kind = plugboard_fax::document::kind(&doc).ok_or_else(|| {
             ApiError::bad_request("the document cannot be faxed: it is not a PDF or TIFF")
         })?;
+        // A few renders at once per node: Ghostscript is the costly part.
+        static RENDERS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+        let _render = RENDERS
+            .acquire()
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "fax", e.to_string()))?;
         let check = doc.clone();
         let n = tokio::task::spawn_blocking(move || {
             let out = std::env::temp_dir().join(format!(
@@ -1557,7 +1571,10 @@ async fn post_fax(
             plugboard_fax::document::Kind::Pdf => ("pdf", "application/pdf"),
             plugboard_fax::document::Kind::Tiff => ("tif", "image/tiff"),
         };
-        let name = fax.name.clone().unwrap_or_else(|| format!("document.{ext}"));
+        let name = fax
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("document.{ext}"));
         files.push((name, ct.to_string(), doc));
         pages = Some(n);
     }

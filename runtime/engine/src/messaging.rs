@@ -155,6 +155,11 @@ pub enum DeliveryError {
     /// It will never go (refused recipient, bad address).
     #[error("{0}")]
     Permanent(String),
+    /// Not tried: this server cannot take it on now (the tenant's call
+    /// limits, no line free). Tried again later without counting as an
+    /// attempt.
+    #[error("{0}")]
+    Deferred(String),
 }
 
 /// What a courier reports for a message it handed over.
@@ -186,6 +191,13 @@ pub trait Courier: Send + Sync {
     /// (when not, it gets none and the outbox need not load it).
     fn needs_history(&self) -> bool {
         true
+    }
+
+    /// The first wait before a message is tried again (doubling after
+    /// each try, to at least five minutes): a fax line that was busy is
+    /// called again minutes later, not seconds.
+    fn first_backoff(&self) -> Duration {
+        Duration::from_secs(1)
     }
 }
 
@@ -242,6 +254,7 @@ impl Drop for TurnGuard<'_> {
 
 /// The messaging state of the engine: the conversation workers' locks,
 /// the couriers and the outbox's lanes.
+#[derive(Default)]
 pub(crate) struct Hub {
     /// One lock per conversation being worked on.
     workers: Mutex<HashMap<(String, String), Turn>>,
@@ -257,18 +270,6 @@ pub(crate) struct Hub {
     slots: Mutex<HashMap<Channel, Arc<tokio::sync::Semaphore>>>,
     /// Wakes lanes waiting for a channel's courier.
     courier_added: Arc<tokio::sync::Notify>,
-}
-
-impl Default for Hub {
-    fn default() -> Self {
-        Hub {
-            workers: Mutex::default(),
-            couriers: Mutex::default(),
-            lanes: Mutex::default(),
-            slots: Mutex::default(),
-            courier_added: Arc::default(),
-        }
-    }
 }
 
 /// The rate bucket of messages the tenant sends on a channel.
@@ -510,6 +511,17 @@ impl Engine {
                 json!({"interaction": ix, "message": message.id}),
             ));
         }
+        // A conversation that starts with a machine's message (a fax call
+        // that brought no page) runs no flow: it is closed as it is made,
+        // so nobody replies into it and later messages start their own.
+        let machine_started = fresh && inbound.automatic;
+        if machine_started {
+            let closed = ConversationRecord {
+                closed: true,
+                ..ConversationRecord::default()
+            };
+            writes.push(RecordWrite::put(CONVERSATION, &ix, to_json(&closed)));
+        }
         if !inbound.automatic && bounced.is_none() {
             writes.push(RecordWrite::put(
                 pending_kind(&ix),
@@ -551,10 +563,8 @@ impl Engine {
         }
         self.capacity().add_stored(tenant, stored_bytes);
         self.start_hooks(tenant, hooks);
-        if fresh && (inbound.automatic || bounced.is_some()) {
-            // No flow will run it, so no worker writes its record: a
-            // conversation that starts with a machine's message (a fax
-            // call that brought no page) is recorded here, closed.
+        if machine_started {
+            // No flow will run it, so no worker writes its record.
             let mut record = Interaction {
                 id: ix.clone(),
                 tenant: tenant.to_string(),
@@ -1426,7 +1436,11 @@ impl Engine {
             customer: Some(customer),
             ..ConversationRecord::default()
         };
-        let mut writes = vec![RecordWrite::put(CONVERSATION, &interaction.id, to_json(&conv))];
+        let mut writes = vec![RecordWrite::put(
+            CONVERSATION,
+            &interaction.id,
+            to_json(&conv),
+        )];
         self.outbound_writes(&m, stored_bytes, &mut writes);
         let hooks = self
             .hook_writes(tenant, "message", &to_json(&m), &mut writes)
@@ -1530,6 +1544,11 @@ impl Engine {
             Vec::new()
         };
         let outcome = courier.deliver(tenant, &m, &history).await;
+        if let Err(DeliveryError::Deferred(why)) = &outcome {
+            // Not an attempt: the entry stays as it is.
+            tracing::debug!("{} of {tenant} deferred: {why}", m.id);
+            return Ok(Some(courier.first_backoff().max(Duration::from_secs(5))));
+        }
         entry.attempts += 1;
         let mut writes = Vec::new();
         let retry = match outcome {
@@ -1548,8 +1567,11 @@ impl Engine {
             }
             Err(DeliveryError::Retry(e)) if entry.attempts < MAX_ATTEMPTS => {
                 m.error = Some(e);
-                // 1 s, 2 s, 4 s … at most 5 minutes.
-                let backoff = Duration::from_secs((1u64 << (entry.attempts - 1).min(8)).min(300));
+                // 1 s, 2 s, 4 s … at most 5 minutes (from the courier's
+                // first wait, doubling, at most four times that).
+                let first = courier.first_backoff();
+                let backoff = (first * (1u32 << (entry.attempts - 1).min(8)))
+                    .min(Duration::from_secs(300).max(first * 4));
                 entry.next_ms = now_ms() + backoff.as_millis() as u64;
                 Some(backoff)
             }

@@ -37,7 +37,9 @@ fn main() {
     let text: String = (1..=3)
         .map(|p| {
             let lines: String = (0..50)
-                .map(|l| format!("Waybill {p}-{l:02}: pallet, 420 kg, Vilnius to Rotterdam, dock {l}\n"))
+                .map(|l| {
+                    format!("Waybill {p}-{l:02}: pallet, 420 kg, Vilnius to Rotterdam, dock {l}\n")
+                })
                 .collect();
             format!("{lines}\x0c")
         })
@@ -70,7 +72,9 @@ fn main() {
 
     // Baseline: the same frames through a plain leg's media work.
     let mut sender = RtpSender::new(1, Law::Mu, 0, 2);
-    let pcm: Vec<i16> = (0..FRAME).map(|i| ((i as f64 * 0.3).sin() * 8000.0) as i16).collect();
+    let pcm: Vec<i16> = (0..FRAME)
+        .map(|i| ((i as f64 * 0.3).sin() * 8000.0) as i16)
+        .collect();
     let mut payload = Vec::with_capacity(FRAME);
     Law::Mu.encode(&pcm, &mut payload);
     let (cpu1, wall1) = (cpu_s(), Instant::now());
@@ -88,7 +92,9 @@ fn main() {
     let base_cpu = (cpu_s() - cpu1).max(0.01) / 20.0;
     let base_wall = wall1.elapsed().as_secs_f64() / 20.0;
 
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     let fax_ms = fax_cpu * 1000.0 / terminal_s;
     let base_ms = base_cpu * 1000.0 / terminal_s;
     println!(
@@ -102,7 +108,10 @@ fn main() {
         "plain leg codec + RTP (same frames):  {base_ms:.4} ms CPU per second ({:.3} s wall)",
         base_wall
     );
-    println!("ratio fax / plain leg codec: {:.0}x", fax_ms / base_ms.max(1e-6));
+    println!(
+        "ratio fax / plain leg codec: {:.0}x",
+        fax_ms / base_ms.max(1e-6)
+    );
     let per_core = 1000.0 / fax_ms;
     println!(
         "one core runs {per_core:.0} fax terminals in real time; at 80 % of {cores} cores: {:.0} fax calls at once (terminals only)",

@@ -63,12 +63,14 @@ pub fn kind(bytes: &[u8]) -> Option<Kind> {
     }
 }
 
-/// Runs a program with a time limit; its standard error on failure.
-fn run(mut cmd: Command, what: &str) -> Result<String, FaxError> {
+/// Runs a program with a time limit; its standard error (written to
+/// `log`, never a pipe it could fill and block on) on failure.
+fn run(mut cmd: Command, what: &str, log: &Path) -> Result<String, FaxError> {
+    let errors = std::fs::File::create(log)?;
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::from(errors))
         .spawn()
         .map_err(|e| FaxError::Tool(format!("cannot run {what}: {e}")))?;
     let started = Instant::now();
@@ -87,9 +89,10 @@ fn run(mut cmd: Command, what: &str) -> Result<String, FaxError> {
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
+    if let Ok(f) = std::fs::File::open(log) {
+        let _ = f.take(64 << 10).read_to_string(&mut stderr);
     }
+    let _ = std::fs::remove_file(log);
     if status.success() {
         Ok(stderr)
     } else {
@@ -127,13 +130,17 @@ fn render(tools: &Tools, input: &Path, out: &Path, pdf: bool) -> Result<u32, Fax
         "-sDEVICE=tiffg4",
         "-r204x196",
         PAGE,
+        "-dFirstPage=1",
     ]);
+    // One page more than a fax may have: enough to refuse a longer one
+    // without rendering all of it.
+    cmd.arg(format!("-dLastPage={}", MAX_PAGES + 1));
     if pdf {
         cmd.arg("-dPDFFitPage");
     }
     cmd.arg(format!("-sOutputFile={}", out.display()))
         .arg(input);
-    let complaint = run(cmd, "ghostscript")?;
+    let complaint = run(cmd, "ghostscript", &out.with_extension("gs.log"))?;
     let pages = std::fs::read(out).map(|b| tiff_pages(&b)).unwrap_or(0);
     if pages == 0 {
         return Err(FaxError::Document(format!(
@@ -143,7 +150,7 @@ fn render(tools: &Tools, input: &Path, out: &Path, pdf: bool) -> Result<u32, Fax
     }
     if pages > MAX_PAGES {
         return Err(FaxError::Document(format!(
-            "{pages} pages: a fax has at most {MAX_PAGES}"
+            "more than {MAX_PAGES} pages: a fax has at most {MAX_PAGES}"
         )));
     }
     Ok(pages)
@@ -237,7 +244,7 @@ fn text_postscript(text: &str) -> String {
 pub fn to_pdf(tools: &Tools, tiff: &Path, out: &Path) -> Result<(), FaxError> {
     let mut cmd = Command::new(&tools.tiff2pdf);
     cmd.arg("-o").arg(out).arg(tiff);
-    run(cmd, "tiff2pdf").map(drop)
+    run(cmd, "tiff2pdf", &out.with_extension("log")).map(drop)
 }
 
 /// The number of pages (image directories) in a TIFF; 0 for what is not

@@ -137,13 +137,25 @@ impl Terminal {
             ident.insert(0, '+');
         }
         let ident = CString::new(ident).map_err(|_| FaxError::Setup)?;
-        let path = CString::new(file.to_string_lossy().as_bytes())
-            .map_err(|_| FaxError::Document("a file name with a NUL".into()))?;
+        // spandsp keeps file names in 256 bytes and would cut a longer
+        // one silently.
+        let bytes = std::os::unix::ffi::OsStrExt::as_bytes(file.as_os_str());
+        if bytes.len() >= 256 {
+            return Err(FaxError::Tool(format!(
+                "the fax file's path is too long for spandsp ({} bytes): {}",
+                bytes.len(),
+                file.display()
+            )));
+        }
+        let path =
+            CString::new(bytes).map_err(|_| FaxError::Document("a file name with a NUL".into()))?;
         let (tx, rx) = match role {
             Role::Send => (Some(path.as_c_str()), None),
             Role::Receive => (None, Some(path.as_c_str())),
         };
-        let fax = spandsp::Fax::new(calling, &ident, tx, rx, true).ok_or(FaxError::Setup)?;
+        let max_pages = i32::try_from(document::MAX_PAGES).unwrap_or(i32::MAX);
+        let fax =
+            spandsp::Fax::new(calling, &ident, tx, rx, true, max_pages).ok_or(FaxError::Setup)?;
         Ok(Terminal {
             fax,
             role,
@@ -220,14 +232,10 @@ impl Terminal {
         if let Some(done) = self.outcome() {
             return done;
         }
+        // spandsp says CALL_DROPPED for a session cut short, and OK for
+        // one whose last page was confirmed and only the goodbye was left.
         self.fax.terminate();
         let code = self.fax.completion().unwrap_or(code::CALL_DROPPED);
-        // A session that never started has nothing to terminate.
-        let code = if code == code::OK {
-            code::CALL_DROPPED
-        } else {
-            code
-        };
         self.outcome_of(code)
     }
 

@@ -91,7 +91,9 @@ extern "C" fn phase_e(_s: *mut T30State, user: *mut c_void, code: c_int) {
 pub(crate) struct Fax {
     state: NonNull<FaxState>,
     t30: NonNull<T30State>,
-    completion: Box<AtomicI32>,
+    /// The phase E slot spandsp writes through (from `Box::into_raw`,
+    /// freed in `Drop` after the state).
+    completion: NonNull<AtomicI32>,
 }
 
 // SAFETY: the state is only reached through `&mut self`; spandsp keeps no
@@ -100,13 +102,16 @@ unsafe impl Send for Fax {}
 
 impl Fax {
     /// A terminal; `calling` sends CNG (the side that dialled), the other
-    /// CED. `tx` is a TIFF/F file to send, `rx` one to write.
+    /// CED. `tx` is a TIFF/F file to send, `rx` one to write, at most
+    /// `max_pages` pages (spandsp copies file names into 256 bytes: the
+    /// caller keeps them shorter).
     pub fn new(
         calling: bool,
         ident: &CStr,
         tx: Option<&CStr>,
         rx: Option<&CStr>,
         ecm: bool,
+        max_pages: c_int,
     ) -> Option<Fax> {
         // SAFETY: a null `s` asks spandsp to allocate the state.
         let state = NonNull::new(unsafe { fax_init(std::ptr::null_mut(), c_int::from(calling)) })?;
@@ -116,7 +121,7 @@ impl Fax {
             unsafe { fax_free(state.as_ptr()) };
             return None;
         };
-        let completion = Box::new(AtomicI32::new(PENDING));
+        let completion = NonNull::from(Box::leak(Box::new(AtomicI32::new(PENDING))));
         let fax = Fax {
             state,
             t30,
@@ -134,9 +139,9 @@ impl Fax {
                 t30_set_tx_file(t, f.as_ptr(), -1, -1);
             }
             if let Some(f) = rx {
-                t30_set_rx_file(t, f.as_ptr(), -1);
+                t30_set_rx_file(t, f.as_ptr(), max_pages);
             }
-            let user = &*fax.completion as *const AtomicI32 as *mut c_void;
+            let user = fax.completion.as_ptr().cast::<c_void>();
             t30_set_phase_e_handler(t, phase_e, user);
         }
         Some(fax)
@@ -161,7 +166,9 @@ impl Fax {
 
     /// The phase E completion code, once the session ended.
     pub fn completion(&self) -> Option<i32> {
-        Some(self.completion.load(Ordering::Relaxed)).filter(|c| *c != PENDING)
+        // SAFETY: the slot lives until `Drop`.
+        let slot = unsafe { self.completion.as_ref() };
+        Some(slot.load(Ordering::Relaxed)).filter(|c| *c != PENDING)
     }
 
     /// Ends the session now (the call is over); phase E runs if it has
@@ -196,8 +203,13 @@ impl Fax {
 
 impl Drop for Fax {
     fn drop(&mut self) {
-        // SAFETY: the state from `fax_init`, freed once.
-        unsafe { fax_free(self.state.as_ptr()) };
+        // SAFETY: the state from `fax_init`, freed once; then the slot its
+        // handler wrote through, from `Box::leak`, freed once, when nothing
+        // can call the handler any more.
+        unsafe {
+            fax_free(self.state.as_ptr());
+            drop(Box::from_raw(self.completion.as_ptr()));
+        }
     }
 }
 

@@ -1135,7 +1135,11 @@ impl Client {
         if !resp.status().is_success() {
             bail!("{} downloading {path}", resp.status().as_u16());
         }
-        Ok(resp.body_mut().with_config().limit(64 << 20).read_to_vec()?)
+        Ok(resp
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()?)
     }
 
     fn json(&self, method: &str, path: &str, body: &Value) -> Result<Value> {

@@ -205,7 +205,16 @@ impl Callback {
     ) -> Option<OutLeg> {
         let detail =
             serde_json::json!({"direction": "outbound", "to": target, "callback": self.task});
-        dial(&self.ctx, &self.tenant, target, caller_id, new_call, detail, &self.me).await
+        dial(
+            &self.ctx,
+            &self.tenant,
+            target,
+            caller_id,
+            new_call,
+            detail,
+            &self.me,
+        )
+        .await
     }
 
     /// Rings the agent, calls the customer, bridges them; how it ended.

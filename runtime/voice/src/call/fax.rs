@@ -132,14 +132,38 @@ impl Line {
     }
 }
 
-/// A fresh scratch directory for a fax's files.
-fn scratch() -> std::io::Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!(
-        "plugboard-fax-{}",
-        plugboard_sip::random_token()
-    ));
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A scratch directory for a fax's files, removed when dropped (also
+/// when its task is dropped at shutdown) unless kept.
+struct Scratch {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Scratch {
+    fn new() -> std::io::Result<Scratch> {
+        let dir =
+            std::env::temp_dir().join(format!("plugboard-fax-{}", plugboard_sip::random_token()));
+        std::fs::create_dir_all(&dir)?;
+        Ok(Scratch { dir, keep: false })
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// Longest fax call (a fax of the most pages at the slowest speed fits).
+const MAX_FAX_CALL: Duration = Duration::from_secs(3600);
+
+/// Whether a fax may be sent to `to`: a phone number, never a SIP URI
+/// (a caller's From can be anything; a reply must not dial it).
+fn is_number(to: &str) -> bool {
+    let digits = to.trim_start_matches('+');
+    (2..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// Resolution in dots per inch from pixels per metre.
@@ -212,17 +236,14 @@ pub(crate) async fn receive(spec: FaxSpec) {
         Ok(s) => s,
         Err(e) => return fail(format!("cannot register RTP sockets: {e}")),
     };
-    let dir = match scratch() {
+    let mut scratch = match Scratch::new() {
         Ok(d) => d,
         Err(e) => return fail(format!("no scratch directory: {e}")),
     };
-    let tiff = dir.join("received.tif");
+    let tiff = scratch.dir.join("received.tif");
     let terminal = match Terminal::new(Role::Receive, false, &tiff, &fax.address) {
         Ok(t) => t,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            return fail(e.to_string());
-        }
+        Err(e) => return fail(e.to_string()),
     };
     let mut line = Line::new(terminal);
     let mut caller = CallerMedia::new(negotiated, Instant::now());
@@ -278,7 +299,7 @@ pub(crate) async fn receive(spec: FaxSpec) {
                 if line.started.is_some() && caller.last_rtp.elapsed() > config.rtp_timeout {
                     break false;
                 }
-                if started.elapsed() > config.max_call {
+                if started.elapsed() > config.max_call.min(MAX_FAX_CALL) {
                     break false;
                 }
             }
@@ -302,16 +323,35 @@ pub(crate) async fn receive(spec: FaxSpec) {
     drop(sockets);
     if answered.is_some() {
         let duration = answered.map(|a| a.elapsed()).unwrap_or_default();
-        if let Err(e) = store(&app, &config.fax_tools, &fax, &tiff, &outcome, duration).await {
-            tracing::error!(
-                "fax from {} to {} ({} pages): not stored: {e}",
-                fax.caller,
-                fax.address,
-                outcome.stats.pages
-            );
+        // The sender was told page by page: a store that fails is tried
+        // again, and a fax that still cannot be stored is kept on disk.
+        let mut wait = Duration::from_secs(1);
+        for attempt in 1..=5 {
+            match store(&app, &config.fax_tools, &fax, &tiff, &outcome, duration).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    tracing::warn!(
+                        "fax from {} to {}: not stored yet: {e}",
+                        fax.caller,
+                        fax.address
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait *= 2;
+                }
+                Err(e) => {
+                    scratch.keep = outcome.stats.pages > 0;
+                    tracing::error!(
+                        "fax from {} to {} ({} pages): not stored: {e}; its pages are kept in {}",
+                        fax.caller,
+                        fax.address,
+                        outcome.stats.pages,
+                        scratch.dir.display()
+                    );
+                }
+            }
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(scratch);
     let _ = endpoint.send(CallOut::Ended(key));
 }
 
@@ -398,6 +438,12 @@ impl Courier for FaxCourier {
         message: &Message,
         _history: &[Message],
     ) -> Result<Delivered, DeliveryError> {
+        if !is_number(&message.to) {
+            return Err(DeliveryError::Permanent(format!(
+                "{} is not a phone number: a fax goes only to a number",
+                message.to
+            )));
+        }
         // The document: the first PDF or TIFF attached, else the text.
         let mut doc = None;
         for a in &message.attachments {
@@ -412,8 +458,8 @@ impl Courier for FaxCourier {
                 break;
             }
         }
-        let dir = scratch().map_err(|e| DeliveryError::Retry(e.to_string()))?;
-        let tiff = dir.join("send.tif");
+        let scratch = Scratch::new().map_err(|e| DeliveryError::Retry(e.to_string()))?;
+        let tiff = scratch.dir.join("send.tif");
         let (tools, path, text) = (
             self.ctx.config.fax_tools.clone(),
             tiff.clone(),
@@ -425,18 +471,20 @@ impl Courier for FaxCourier {
         })
         .await
         .map_err(|e| DeliveryError::Retry(e.to_string()));
-        let result = match rendered {
+        match rendered {
             Ok(Ok(_pages)) => self.send(tenant, message, &tiff).await,
             Ok(Err(FaxError::Document(why))) => Err(DeliveryError::Permanent(why)),
             Ok(Err(e)) => Err(DeliveryError::Retry(e.to_string())),
             Err(e) => Err(e),
-        };
-        let _ = std::fs::remove_dir_all(&dir);
-        result
+        }
     }
 
     fn needs_history(&self) -> bool {
         false
+    }
+
+    fn first_backoff(&self) -> Duration {
+        Duration::from_secs(60)
     }
 }
 
@@ -451,7 +499,8 @@ impl FaxCourier {
         let terminal = Terminal::new(Role::Send, true, tiff, &message.from)
             .map_err(|e| DeliveryError::Retry(e.to_string()))?;
         let (me, mut cmds) = mpsc::unbounded_channel();
-        let detail = serde_json::json!({"direction": "outbound", "to": message.to, "fax": message.id});
+        let detail =
+            serde_json::json!({"direction": "outbound", "to": message.to, "fax": message.id});
         let Some(mut leg) = dial(
             &self.ctx,
             tenant,
@@ -463,7 +512,7 @@ impl FaxCourier {
         )
         .await
         else {
-            return Err(DeliveryError::Retry(
+            return Err(DeliveryError::Deferred(
                 "no line free (the tenant's call limits, or the node's media ports)".into(),
             ));
         };
@@ -520,7 +569,7 @@ impl FaxCourier {
                         let _ = self.ctx.endpoint.send(CallOut::HangupLeg(leg.key.clone()));
                         break Err(DeliveryError::Retry("no answer".into()));
                     }
-                    if started.elapsed() > self.ctx.config.max_call {
+                    if started.elapsed() > self.ctx.config.max_call.min(MAX_FAX_CALL) {
                         break Ok(false);
                     }
                 }
@@ -545,7 +594,9 @@ impl FaxCourier {
             "{} ({} of {} pages sent)",
             outcome.text, outcome.stats.pages, outcome.stats.pages_in_file
         );
-        if outcome.no_fax() {
+        // No fax machine, or pages the receiver already has (sending the
+        // document again would repeat them): not tried again.
+        if outcome.no_fax() || outcome.stats.pages > 0 {
             Err(DeliveryError::Permanent(why))
         } else {
             Err(DeliveryError::Retry(why))
@@ -561,5 +612,26 @@ fn refused(status: u16, why: &str) -> DeliveryError {
         486 | 600 | 603 => DeliveryError::Retry(format!("busy ({text})")),
         408 | 480 | 487 => DeliveryError::Retry(format!("no answer ({text})")),
         _ => DeliveryError::Retry(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fax_goes_only_to_a_number() {
+        assert!(is_number("15550190") && is_number("+15550190"));
+        // What a caller's From could make a conversation's address.
+        for bad in [
+            "sip:evil@169.254.1.1:80",
+            "sip:x@acme",
+            "1555;x",
+            "+",
+            "",
+            "1",
+        ] {
+            assert!(!is_number(bad), "{bad}");
+        }
     }
 }

@@ -25,7 +25,7 @@ pub(super) type Route = (String, plugboard_core::Address, Vec<plugboard_core::Tr
 /// What answers an admitted call.
 pub(crate) enum Answering {
     /// The address's flow, its session open (and first record written).
-    Flow(plugboard_engine::FlowSession),
+    Flow(Box<plugboard_engine::FlowSession>),
     /// A fax terminal (a fax address).
     Fax(FaxCall),
 }
@@ -363,7 +363,7 @@ impl Endpoint {
                     tracing::error!("cannot record the call: {e}");
                     "cannot store the call record".to_string()
                 })?;
-                Ok(Answering::Flow(session))
+                Ok(Answering::Flow(Box::new(session)))
             }
             .await;
             opened.session = session;
@@ -394,7 +394,8 @@ impl Endpoint {
             }
             // Cancelled (or shutting down) while the session was opening:
             // close its record.
-            if let Ok(Answering::Flow(mut session)) = session {
+            if let Ok(Answering::Flow(session)) = session {
+                let mut session = *session;
                 tokio::spawn(async move {
                     session.note(EntryKind::Hangup, json!({"cause": "cancelled by the caller", "by": "caller", "answered": false}));
                     let _ = session.close(plugboard_engine::Ending::Customer).await;
@@ -484,7 +485,7 @@ impl Endpoint {
     ) {
         self.live_calls += 1;
         let session = match answering {
-            Answering::Flow(s) => s,
+            Answering::Flow(s) => *s,
             Answering::Fax(fax) => {
                 let spec = crate::call::fax::FaxSpec {
                     key,
