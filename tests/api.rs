@@ -443,18 +443,7 @@ fn cli_is_a_thin_client() {
     let s = Server::start(&dir.path().join("data"), &[]).unwrap();
     let wasm = dir.path().join("ivr.wasm");
     std::fs::write(&wasm, plugin("hello_ivr")).unwrap();
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(plugboard_tests::binary())
-            .args(["--url", &s.url(), "--token", &s.admin])
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let cli = |args: &[&str]| s.cli(args);
     let (ok, out, _) = cli(&["tenant", "create", "shop", "--name", "Shop"]);
     assert!(ok && out.contains("pbk_"), "{out}");
     let (ok, out, err) = cli(&["plugin", "deploy", "shop", "ivr", wasm.to_str().unwrap()]);

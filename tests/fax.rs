@@ -8,7 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use plugboard_tests::{Server, binary, eventually, free_sip_port, root, run_sipp};
+use plugboard_tests::{Server, eventually, free_sip_port, root, run_sipp};
 use serde_json::{Value, json};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -160,19 +160,6 @@ fn same_pages(sent: &Path, received: &Path) {
     }
 }
 
-fn cli(s: &Server, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(binary())
-        .args(["--url", &s.url(), "--token", &s.admin])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// A flow for fax numbers that only ends the conversation.
 const FAX_FLOW: &str =
     r#"{"name": "fax-in", "start": "done", "nodes": {"done": {"type": "hangup"}}}"#;
@@ -199,6 +186,24 @@ fn fax_tenant(s: &Server, t: &str, numbers: &[&str]) -> String {
         assert_eq!(a.status, 200, "{a:?}");
     }
     key
+}
+
+/// A server with tenant `shipper` (fax number +15550170, its trunk to
+/// `trunk_port`, or this server) and `insurer` (+15550190).
+fn shipper_and_insurer(trunk_port: Option<u16>) -> (tempfile::TempDir, Server, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    let shipper = fax_tenant(&s, "shipper", &["+15550170"]);
+    let insurer = fax_tenant(&s, "insurer", &["+15550190"]);
+    let port = trunk_port.unwrap_or(s.sip_port);
+    let t = s.json(
+        "PUT",
+        "/v1/tenants/shipper/trunks/default",
+        &shipper,
+        &json!({"host": format!("127.0.0.1:{port}"), "username": "u", "password": "p"}),
+    );
+    assert_eq!(t.status, 200, "{t:?}");
+    (dir, s, shipper, insurer)
 }
 
 /// The tenant's fax interactions.
@@ -229,19 +234,9 @@ fn wait_message(
 
 #[test]
 fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
     // The shipper faxes through its trunk, which is this server; the
     // insurer's number answers as a fax machine.
-    let shipper = fax_tenant(&s, "shipper", &["+15550170"]);
-    let insurer = fax_tenant(&s, "insurer", &["+15550190"]);
-    let t = s.json(
-        "PUT",
-        "/v1/tenants/shipper/trunks/default",
-        &shipper,
-        &json!({"host": format!("127.0.0.1:{}", s.sip_port), "username": "u", "password": "p"}),
-    );
-    assert_eq!(t.status, 200, "{t:?}");
+    let (dir, s, shipper, insurer) = shipper_and_insurer(None);
     let pdf = make_pdf(dir.path(), "claim", 3);
 
     // Bad input is refused at the API, with the reason, and nothing is
@@ -313,19 +308,16 @@ fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
         seen
     });
     // The CLI sends the PDF.
-    let (ok, out, err) = cli(
-        &s,
-        &[
-            "fax",
-            "send",
-            "shipper",
-            "--from",
-            "+15550170",
-            "--to",
-            "+15550190",
-            pdf.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, err) = s.cli(&[
+        "fax",
+        "send",
+        "shipper",
+        "--from",
+        "+15550170",
+        "--to",
+        "+15550190",
+        pdf.to_str().unwrap(),
+    ]);
     assert!(ok, "{out} {err}");
     let sent: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(sent["pages"], 3, "{sent}");
@@ -399,20 +391,17 @@ fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
         "{states:?}"
     );
     // The CLI lists it and fetches the PDF; its pages are the ones sent.
-    let (ok, out, _) = cli(&s, &["fax", "list", "insurer"]);
+    let (ok, out, _) = s.cli(&["fax", "list", "insurer"]);
     assert!(ok && out.contains(&in_ix), "{out}");
     let received = dir.path().join("received.pdf");
-    let (ok, out, err) = cli(
-        &s,
-        &[
-            "fax",
-            "get",
-            "insurer",
-            &in_ix,
-            "--pdf",
-            received.to_str().unwrap(),
-        ],
-    );
+    let (ok, out, err) = s.cli(&[
+        "fax",
+        "get",
+        "insurer",
+        &in_ix,
+        "--pdf",
+        received.to_str().unwrap(),
+    ]);
     assert!(ok, "{out} {err}");
     same_pages(&pdf, &received);
     // The shipper cannot read the insurer's fax, by the insurer's path or
@@ -496,18 +485,8 @@ fn next_fax(s: &Server, t: &str, key: &str, seen: &[String]) -> String {
 
 #[test]
 fn an_independent_fax_machine_receives_from_us_and_sends_to_us() {
-    let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
-    let shipper = fax_tenant(&s, "shipper", &["+15550170"]);
-    let insurer = fax_tenant(&s, "insurer", &["+15550190"]);
     let peer_port = free_sip_port();
-    let t = s.json(
-        "PUT",
-        "/v1/tenants/shipper/trunks/default",
-        &shipper,
-        &json!({"host": format!("127.0.0.1:{peer_port}"), "username": "u", "password": "p"}),
-    );
-    assert_eq!(t.status, 200, "{t:?}");
+    let (dir, s, shipper, insurer) = shipper_and_insurer(Some(peer_port));
 
     // The peer receives a 2-page PDF sent as JSON over the API.
     let pdf = make_pdf(dir.path(), "invoice", 2);

@@ -417,6 +417,21 @@ impl Server {
         a.body["messages"].as_array().cloned().unwrap_or_default()
     }
 
+    /// Runs the CLI against this server with the operator's token: whether
+    /// it succeeded, its stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(binary())
+            .args(["--url", &self.url(), "--token", &self.admin])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
