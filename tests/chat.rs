@@ -313,6 +313,28 @@ fn a_visitor_chats_in_chromium_with_the_hotline_reloads_and_is_handed_to_an_agen
         &key,
     );
     assert_eq!((status, bytes.len()), (200, 2048));
+    // Ann, who has the conversation, gets the file as the message's; the
+    // tenant's blobs stay the tenant key's.
+    let file_id = with_file["id"].as_str().unwrap();
+    let (status, got) = s.get_bytes(
+        &format!("/v1/tenants/freight/messages/{file_id}/attachments/0"),
+        &ann,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(got, bytes);
+    let (status, _) = s.get_bytes(
+        &format!("/v1/tenants/freight/messages/{file_id}/attachments/1"),
+        &ann,
+    );
+    assert_eq!(status, 404);
+    let (status, _) = s.get_bytes(
+        &format!(
+            "/v1/tenants/freight/blobs/{}",
+            att["blob"].as_str().unwrap()
+        ),
+        &ann,
+    );
+    assert_eq!(status, 403);
     // A file over the widget's cap is refused with a clear message.
     b.must(json!({"op": "file", "sel": "[data-pb=file]", "name": "huge.bin", "mime": "application/octet-stream", "size": 200000}));
     let err = b.must(json!({"op": "wait", "js": "document.querySelector('[data-pb=root]').shadowRoot.querySelector('[data-pb=error]').textContent"}));

@@ -266,6 +266,10 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/tenants/{t}/messages/{id}", get(get_message))
         .route("/v1/tenants/{t}/messages/{id}/read", post(read_message))
         .route(
+            "/v1/tenants/{t}/messages/{id}/attachments/{n}",
+            get(get_attachment),
+        )
+        .route(
             "/v1/tenants/{t}/chat-widgets/{address}",
             put(set_chat_widget).get(get_chat_widget),
         )
@@ -1743,6 +1747,39 @@ async fn get_message(
     let m = s.message(&t.id, &id).await?;
     may_see_conversation(&s, &t.id, &role, &m.interaction)?;
     Ok(Json(m))
+}
+
+/// A message's file (the `n`th, from 0), to whoever may see the
+/// conversation: an agent reaches the files of conversations offered to
+/// them (a fax's PDF on the fax desk), as they reach its messages.
+async fn get_attachment(
+    State(s): State<Arc<Engine>>,
+    AcdScope(t, role): AcdScope,
+    Path((_, id, n)): Path<(String, String, usize)>,
+) -> ApiResult<Response> {
+    let m = s.message(&t.id, &id).await?;
+    may_see_conversation(&s, &t.id, &role, &m.interaction)?;
+    let a = m
+        .attachments
+        .get(n)
+        .ok_or_else(|| ApiError::not_found(format!("message {id} has no file {n}")))?;
+    let bytes = s.attachment(&t.id, &a.blob).await?;
+    // Served as a download, never rendered (see `get_blob`); the name is
+    // the sanitised one stored.
+    let ascii: String = a
+        .name
+        .chars()
+        .map(|c| if (c.is_ascii_graphic() && c != '"' && c != '\\') || c == ' ' { c } else { '_' })
+        .collect();
+    let disposition = format!("attachment; filename=\"{ascii}\"");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        bytes,
+    )
+        .into_response())
 }
 
 async fn get_blob(

@@ -34,6 +34,7 @@ interface Message {
   subject?: string;
   status: string;
   created_ms: number;
+  attachments?: { name: string; content_type: string; size: number }[];
 }
 
 interface Screen {
@@ -140,6 +141,20 @@ class Api {
       throw new Error(msg);
     }
     return (text ? JSON.parse(text) : null) as T;
+  }
+
+  /** Saves a message's file (a fax's PDF, a chat upload) as a download. */
+  async download(message: string, n: number, name: string): Promise<void> {
+    const r = await fetch(this.url(`/messages/${encodeURIComponent(message)}/attachments/${n}`), {
+      headers: { Authorization: `Bearer ${this.s.token}` },
+    });
+    if (!r.ok) throw new Error(`${r.status}`);
+    const url = URL.createObjectURL(await r.blob());
+    const a = h("a", { href: url, download: name }) as HTMLAnchorElement;
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
   }
 
   events(onEvent: (e: StreamEvent) => void, onState: (up: boolean) => void): void {
@@ -853,6 +868,11 @@ class Desk {
       h("div", { class: "who" }, `${who(m)} · ${time(m.created_ms)}`),
       m.subject ? h("strong", {}, m.subject) : null,
       h("div", { "data-pb": "text" }, m.text),
+      ...(m.attachments ?? []).map((a, n) =>
+        button(`${a.name} (${Math.ceil(a.size / 1024)} KiB)`, "attachment", () =>
+          this.api.download(m.id, n, a.name).catch((e: Error) => alert(`Download: ${e.message}`)),
+        ),
+      ),
     );
   }
 
