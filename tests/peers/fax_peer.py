@@ -196,13 +196,16 @@ def run_media(call, fax, rtp, remote_rtp, cut_after=None):
     ssrc = random.getrandbits(32)
     cut_at = None
     by = None
+    # Playout starts once 4 frames are queued, and again after an underrun.
+    playing = False
     while by is None:
         now = time.monotonic()
         due = int((now - t0) / 0.02) + 1
         ran = 0
         while n < due and ran < 50:
             heard = [0] * FRAME
-            if queue:
+            playing = bool(queue) and (playing or len(queue) >= 4)
+            if playing:
                 pcm = audioop.ulaw2lin(queue.pop(0), 2)
                 heard = list(struct.unpack("<%dh" % (len(pcm) // 2), pcm))[:FRAME]
                 heard += [0] * (FRAME - len(heard))

@@ -156,6 +156,11 @@ impl Drop for Scratch {
     }
 }
 
+/// Frames buffered before a fax call's audio plays out (120 ms: a voice
+/// call's 60 ms, doubled; T.30's timers are seconds, a gap in a modem's
+/// signal is fatal).
+const FAX_JITTER_FRAMES: usize = 6;
+
 /// Longest fax call (a fax of the most pages at the slowest speed fits).
 const MAX_FAX_CALL: Duration = Duration::from_secs(3600);
 
@@ -247,6 +252,7 @@ pub(crate) async fn receive(spec: FaxSpec) {
     };
     let mut line = Line::new(terminal);
     let mut caller = CallerMedia::new(negotiated, Instant::now());
+    caller.buffer_frames(FAX_JITTER_FRAMES);
     let started = Instant::now();
     let ring_limit = started + Duration::from_secs(64);
     let mut tick = tokio::time::interval(PTIME);
@@ -516,6 +522,7 @@ impl FaxCourier {
                 "no line free (the tenant's call limits, or the node's media ports)".into(),
             ));
         };
+        leg.buffer_frames(FAX_JITTER_FRAMES);
         let Some(sockets) = leg.sockets.clone() else {
             return Err(DeliveryError::Retry("no media ports".into()));
         };

@@ -73,6 +73,12 @@ impl CallerMedia {
         }
     }
 
+    /// Plays out only once `depth` frames are buffered (and again after an
+    /// underrun): a fax's modems tolerate delay, not gaps.
+    pub fn buffer_frames(&mut self, depth: usize) {
+        self.jitter = JitterBuffer::new(depth);
+    }
+
     /// A packet on the RTP port; returns a digit when it completes an
     /// RFC 4733 event.
     pub fn rtp(&mut self, bytes: &[u8], src: SocketAddr) -> Option<char> {
@@ -240,6 +246,12 @@ impl OutLeg {
             payload_type: 0,
             law: Law::Mu,
         }
+    }
+
+    /// Plays out only once `depth` frames are buffered (see
+    /// [`CallerMedia::buffer_frames`]).
+    pub fn buffer_frames(&mut self, depth: usize) {
+        self.jitter = JitterBuffer::new(depth);
     }
 
     /// The leg answered with this SDP.
