@@ -1514,23 +1514,14 @@ async fn post_fax(
         };
         (fax, document)
     };
-    let number = fax.to.trim().trim_start_matches('+');
-    if number.len() < 2 || number.len() > 20 || !number.bytes().all(|b| b.is_ascii_digit()) {
+    if !plugboard_fax::is_number(&fax.to) {
         return Err(ApiError::bad_request(
             "to: a fax goes to a phone number (digits, with an optional leading +)",
         ));
     }
     // Whose number it is is checked before any document is rendered.
-    let owned = s
-        .route_address(fax.from.trim())
-        .await?
-        .is_some_and(|(owner, a)| owner == t.id && a.channel == plugboard_core::Channel::Fax);
-    if !owned {
-        return Err(ApiError::not_found(format!(
-            "{} is not one of this tenant's fax addresses",
-            fax.from
-        )));
-    }
+    s.own_address(&t.id, plugboard_core::Channel::Fax, &fax.from)
+        .await?;
     let mut files = Vec::new();
     let mut pages = None;
     if let Some(doc) = document {

@@ -282,6 +282,37 @@ fn out_bucket(channel: Channel) -> &'static str {
     }
 }
 
+/// A conversation's interaction record as it is first made: in its flow
+/// (pinned to the active version when the flow first runs), nothing on
+/// its timeline.
+fn conversation_interaction(
+    id: &str,
+    tenant: &str,
+    channel: Channel,
+    (from, to): (&str, &str),
+    flow: &str,
+    created_ms: u64,
+) -> Interaction {
+    Interaction {
+        id: id.to_string(),
+        tenant: tenant.to_string(),
+        channel,
+        from: from.to_string(),
+        to: to.to_string(),
+        flow: Some(plugboard_core::FlowRef {
+            name: flow.to_string(),
+            version: 0,
+        }),
+        state: InteractionState::InFlow,
+        attributes: BTreeMap::new(),
+        simulated: false,
+        created_ms,
+        closed_ms: None,
+        timeline: Vec::new(),
+        timeline_base: 0,
+    }
+}
+
 /// Hand-overs at once per channel.
 const SLOTS: usize = 64;
 
@@ -565,24 +596,16 @@ impl Engine {
         self.start_hooks(tenant, hooks);
         if machine_started {
             // No flow will run it, so no worker writes its record.
-            let mut record = Interaction {
-                id: ix.clone(),
-                tenant: tenant.to_string(),
+            let mut record = conversation_interaction(
+                &ix,
+                tenant,
                 channel,
-                from: message.from.clone(),
-                to: message.to.clone(),
-                flow: Some(plugboard_core::FlowRef {
-                    name: address.flow.clone(),
-                    version: 0,
-                }),
-                state: InteractionState::Closed,
-                attributes: BTreeMap::new(),
-                simulated: false,
-                created_ms: created,
-                closed_ms: Some(created),
-                timeline: Vec::new(),
-                timeline_base: 0,
-            };
+                (&message.from, &message.to),
+                &address.flow,
+                created,
+            );
+            record.state = InteractionState::Closed;
+            record.closed_ms = Some(created);
             record.push(
                 EntryKind::Message,
                 json!({"id": message.id, "direction": "inbound", "author": message.author}),
@@ -784,23 +807,15 @@ impl Engine {
         let mut conv = self.conversation(tenant, ix).await?;
         let existing = self.store.interaction_head(tenant, ix).await?;
         let fresh = existing.is_none();
-        let interaction = existing.unwrap_or_else(|| Interaction {
-            id: ix.to_string(),
-            tenant: tenant.to_string(),
-            channel: message.channel,
-            from: message.from.clone(),
-            to: message.to.clone(),
-            flow: Some(plugboard_core::FlowRef {
-                name: flow.to_string(),
-                version: 0,
-            }),
-            state: InteractionState::InFlow,
-            attributes: BTreeMap::new(),
-            simulated: false,
-            created_ms: message.created_ms,
-            closed_ms: None,
-            timeline: Vec::new(),
-            timeline_base: 0,
+        let interaction = existing.unwrap_or_else(|| {
+            conversation_interaction(
+                ix,
+                tenant,
+                message.channel,
+                (&message.from, &message.to),
+                flow,
+                message.created_ms,
+            )
         });
         let mut session = self
             .resume_session(interaction, conv.flow_state.clone())
@@ -1358,6 +1373,27 @@ impl Engine {
         Ok(m)
     }
 
+    /// The tenant's address `address` on `channel`; `NotFound` when it is
+    /// no address of the tenant's on that channel (another tenant's, or
+    /// none).
+    pub async fn own_address(
+        &self,
+        tenant: &str,
+        channel: Channel,
+        address: &str,
+    ) -> EngineResult<Address> {
+        self.route_address(address.trim())
+            .await?
+            .filter(|(t, a)| t == tenant && a.channel == channel)
+            .map(|(_, a)| a)
+            .ok_or_else(|| {
+                CoreError::NotFound(format!(
+                    "{address} is not one of this tenant's {channel} addresses"
+                ))
+                .into()
+            })
+    }
+
     /// Starts a conversation from the tenant's side: a new interaction on
     /// `out.channel` between the tenant's address `out.from` and the
     /// customer `out.to`, whose first message is `out` — stored, with its
@@ -1371,17 +1407,7 @@ impl Engine {
         out: Outbound,
     ) -> EngineResult<Message> {
         validate_text(&out.text, !out.files.is_empty())?;
-        let address = self
-            .route_address(&out.from)
-            .await?
-            .filter(|(t, a)| t == tenant && a.channel == out.channel)
-            .map(|(_, a)| a)
-            .ok_or_else(|| {
-                CoreError::NotFound(format!(
-                    "{} is not one of this tenant's {} addresses",
-                    out.from, out.channel
-                ))
-            })?;
+        let address = self.own_address(tenant, out.channel, &out.from).await?;
         let to = plugboard_core::normalize_address(&out.to);
         if to.is_empty() {
             return Err(CoreError::Invalid("a message needs a recipient".into()).into());
@@ -1397,24 +1423,18 @@ impl Engine {
         }
         let created = now_ms();
         let customer = self.link_customer(tenant, out.channel, &to, None).await?;
-        let mut interaction = Interaction {
-            id: plugboard_core::interaction_id(created, crate::interaction_nonce()?),
-            tenant: tenant.to_string(),
-            channel: out.channel,
-            from: to,
-            to: address.address.clone(),
-            flow: Some(plugboard_core::FlowRef {
-                name: address.flow.clone(),
-                version: 0,
-            }),
-            state: InteractionState::InFlow,
-            attributes: BTreeMap::from([("customer".to_string(), customer.clone())]),
-            simulated: false,
-            created_ms: created,
-            closed_ms: None,
-            timeline: Vec::new(),
-            timeline_base: 0,
-        };
+        let id = plugboard_core::interaction_id(created, crate::interaction_nonce()?);
+        let mut interaction = conversation_interaction(
+            &id,
+            tenant,
+            out.channel,
+            (&to, &address.address),
+            &address.flow,
+            created,
+        );
+        interaction
+            .attributes
+            .insert("customer".to_string(), customer.clone());
         let mut m = self.new_outbound(&interaction, Author::Api, out.text, None)?;
         for (name, content_type, bytes) in &out.files {
             let blob = format!("att-{created:013}-{:08x}", crate::interaction_nonce()?);

@@ -37,6 +37,14 @@ mod code {
     pub const CALL_DROPPED: i32 = 49;
 }
 
+/// Whether a fax may be sent to `to`: a phone number (2 to 20 digits,
+/// an optional leading `+`), never a SIP URI — a caller's From can be
+/// anything, and a reply must not dial it.
+pub fn is_number(to: &str) -> bool {
+    let digits = to.trim().trim_start_matches('+');
+    (2..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Why a fax could not be set up or a document converted.
 #[derive(Debug, thiserror::Error)]
 pub enum FaxError {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use plugboard_core::{Channel, Message};
 use plugboard_engine::{Courier, Delivered, DeliveryError, Engine, Inbound};
 use plugboard_fax::document::{self, Tools};
-use plugboard_fax::{FaxError, Outcome, Role, Terminal};
+use plugboard_fax::{FaxError, Outcome, Role, Terminal, is_number};
 use plugboard_media::audio::FRAME;
 use plugboard_media::sdp::Negotiated;
 use tokio::sync::mpsc;
@@ -163,13 +163,6 @@ const FAX_JITTER_FRAMES: usize = 6;
 
 /// Longest fax call (a fax of the most pages at the slowest speed fits).
 const MAX_FAX_CALL: Duration = Duration::from_secs(3600);
-
-/// Whether a fax may be sent to `to`: a phone number, never a SIP URI
-/// (a caller's From can be anything; a reply must not dial it).
-fn is_number(to: &str) -> bool {
-    let digits = to.trim_start_matches('+');
-    (2..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
-}
 
 /// Resolution in dots per inch from pixels per metre.
 fn dpi(ppm: u32) -> u32 {
