@@ -3,7 +3,8 @@
 //! loopback, T.30 both ways in spandsp), and an independent peer — a
 //! Python harness on libspandsp through ctypes, with its own SIP and RTP
 //! (`tests/peers/fax_peer.py`) — receives a fax from the server and sends
-//! one to it. Pages are compared as rasterised images (poppler's
+//! one to it — over G.711, and over T.38 after a re-INVITE either side
+//! sends. Pages are compared as rasterised images (poppler's
 //! `pdftoppm`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -600,6 +601,145 @@ fn an_independent_fax_machine_receives_from_us_and_sends_to_us() {
     let got = dir.path().join("cut.pdf");
     std::fs::write(&got, bytes).unwrap();
     assert_eq!(raster(&got).len(), 1);
+}
+
+/// Starts the peer receiving on `port` into `rx` with `extra` options;
+/// returns it and its output once it is ready.
+fn peer_receiving(
+    port: u16,
+    rx: &Path,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    let mut machine = Command::new("python3")
+        .arg(root().join("tests/peers/fax_peer.py"))
+        .args(["receive", "--port", &port.to_string(), "--out"])
+        .arg(rx)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(machine.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("ready"));
+    (machine, lines)
+}
+
+#[test]
+fn over_t38_after_a_reinvite_from_either_side() {
+    let peer_port = free_sip_port();
+    let (dir, s, shipper, insurer) = shipper_and_insurer(Some(peer_port));
+    let trunk = |t38: bool| {
+        let t = s.json(
+            "PUT",
+            "/v1/tenants/shipper/trunks/default",
+            &shipper,
+            &json!({"host": format!("127.0.0.1:{peer_port}"), "t38": t38}),
+        );
+        assert_eq!(t.status, 200, "{t:?}");
+    };
+    let send = |pdf: &Path| {
+        let a = s.call(
+            "POST",
+            "/v1/tenants/shipper/faxes?from=%2B15550170&to=%2B15559999",
+            Some(&shipper),
+            Some(std::fs::read(pdf).unwrap()),
+        );
+        let a = a.unwrap();
+        assert_eq!(a.status, 202, "{a:?}");
+        a.body["interaction"].as_str().unwrap().to_string()
+    };
+
+    // 1. The trunk asks for T.38: once the peer answers, we re-INVITE to
+    //    image/t38, the peer accepts, and the pages go as IFP packets.
+    trunk(true);
+    let pdf = make_pdf(dir.path(), "manifest", 2);
+    let rx = dir.path().join("peer-t38.tif");
+    let (mut machine, mut lines) = peer_receiving(peer_port, &rx, &["--t38", "accept"]);
+    let out_ix = send(&pdf);
+    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(machine.wait().unwrap().success(), "{result}");
+    assert_eq!(result["t38"], true, "{result}");
+    assert_eq!(result["pages"], 2, "{result}");
+    assert_eq!(result["remote"], "+15550170", "{result}");
+    same_pages(&pdf, &tiff_pdf(&rx));
+    let m = wait_message(
+        &s,
+        "shipper",
+        &shipper,
+        &out_ix,
+        Duration::from_secs(30),
+        |m| m["status"] == "sent",
+    );
+    assert_eq!(m["meta"]["fax_transport"], "t38", "{m}");
+    assert_eq!(m["meta"]["fax_pages"], "2", "{m}");
+
+    // 2. The far end re-INVITEs our outbound leg to T.38 itself (a
+    //    gateway that heard our CNG): accepted, and the fax goes over it.
+    trunk(false);
+    let pdf = make_pdf(dir.path(), "bill", 1);
+    let rx = dir.path().join("peer-offer.tif");
+    let (mut machine, mut lines) = peer_receiving(peer_port, &rx, &["--t38", "offer"]);
+    let out_ix = send(&pdf);
+    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(machine.wait().unwrap().success(), "{result}");
+    assert_eq!(
+        (result["t38"].clone(), result["pages"].clone()),
+        (json!(true), json!(1)),
+        "{result}"
+    );
+    same_pages(&pdf, &tiff_pdf(&rx));
+    let m = wait_message(
+        &s,
+        "shipper",
+        &shipper,
+        &out_ix,
+        Duration::from_secs(30),
+        |m| m["status"] == "sent",
+    );
+    assert_eq!(m["meta"]["fax_transport"], "t38", "{m}");
+
+    // 3. The peer calls our fax number and re-INVITEs to T.38 half a
+    //    second in: our fax call accepts and receives over UDPTL.
+    let letter = make_pdf(dir.path(), "claim", 2);
+    let tif = make_tiff(&letter);
+    let sip = format!("127.0.0.1:{}", s.sip_port);
+    let result = peer(&[
+        "send",
+        "--server",
+        &sip,
+        "--to",
+        "15550190",
+        "--file",
+        tif.to_str().unwrap(),
+        "--t38",
+        "offer",
+    ]);
+    assert_eq!(result["code"], 0, "{result}");
+    assert_eq!(
+        (result["t38"].clone(), result["pages"].clone()),
+        (json!(true), json!(2)),
+        "{result}"
+    );
+    let ix = next_fax(&s, "insurer", &insurer, &[]);
+    let msg = wait_message(
+        &s,
+        "insurer",
+        &insurer,
+        &ix,
+        Duration::from_secs(10),
+        |_| true,
+    );
+    assert_eq!(msg["meta"]["fax_transport"], "t38", "{msg}");
+    assert_eq!(msg["meta"]["fax_pages"], "2", "{msg}");
+    assert_eq!(msg["meta"]["fax_ok"], "true", "{msg}");
+    let blob = msg["attachments"][0]["blob"].as_str().unwrap();
+    let (status, bytes) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &insurer);
+    assert_eq!(status, 200);
+    let got = dir.path().join("got-t38.pdf");
+    std::fs::write(&got, bytes).unwrap();
+    same_pages(&tiff_pdf(&tif), &got);
 }
 
 #[test]

@@ -1,14 +1,20 @@
 #!/usr/bin/env python3
 """An independent fax machine for Plugboard's tests: libspandsp (Debian's
-0.0.6) through ctypes for T.30, with its own small SIP user agent and RTP
-(G.711 mu-law, 20 ms frames) over UDP. None of it is Plugboard's code.
+0.0.6) through ctypes for T.30 (over audio, or over T.38 with its own
+UDPTL framing), with its own small SIP user agent and RTP (G.711 mu-law,
+20 ms frames) over UDP. None of it is Plugboard's code.
 
-  fax_peer.py receive --port P --out rx.tif [--ident ID]
+  fax_peer.py receive --port P --out rx.tif [--ident ID] [--t38 accept|offer]
       Waits for an INVITE on 127.0.0.1:P, answers, receives a fax.
   fax_peer.py send --server HOST:PORT --to NUMBER --file doc.tif
-                   [--ident ID] [--cut-after-pages N]
+                   [--ident ID] [--cut-after-pages N] [--t38 accept|offer]
       Calls NUMBER at the server and sends doc.tif (TIFF/F); with
       --cut-after-pages it hangs up two seconds into the page after N.
+
+  --t38 accept: a re-INVITE to image/t38 from the server is answered and
+  the fax goes on over T.38; --t38 offer: half a second after the call is
+  up, this peer re-INVITEs to T.38 itself (as a gateway that heard the
+  fax tones does). Without it, a re-INVITE to T.38 is refused (488).
 
 Prints one JSON line when done: {"code", "text", "pages", "remote",
 "bit_rate", "ecm", "by"}. Exits 0 when the session ended with T.30 OK.
@@ -59,15 +65,27 @@ class Stats(C.Structure):
 SP.t30_get_transfer_statistics.argtypes = [C.c_void_p, C.POINTER(Stats)]
 PHASE_E = C.CFUNCTYPE(None, C.c_void_p, C.c_void_p, C.c_int)
 SP.t30_set_phase_e_handler.argtypes = [C.c_void_p, PHASE_E, C.c_void_p]
+T38_TX = C.CFUNCTYPE(C.c_int, C.c_void_p, C.c_void_p, C.POINTER(C.c_uint8), C.c_int, C.c_int)
+SP.t38_terminal_init.restype = C.c_void_p
+SP.t38_terminal_init.argtypes = [C.c_void_p, C.c_int, T38_TX, C.c_void_p]
+SP.t38_terminal_get_t30_state.restype = C.c_void_p
+SP.t38_terminal_get_t30_state.argtypes = [C.c_void_p]
+SP.t38_terminal_get_t38_core_state.restype = C.c_void_p
+SP.t38_terminal_get_t38_core_state.argtypes = [C.c_void_p]
+SP.t38_terminal_send_timeout.argtypes = [C.c_void_p, C.c_int]
+SP.t38_terminal_free.argtypes = [C.c_void_p]
+SP.t38_set_t38_version.argtypes = [C.c_void_p, C.c_int]
+SP.t38_set_data_rate_management_method.argtypes = [C.c_void_p, C.c_int]
+SP.t38_set_fastest_image_data_rate.argtypes = [C.c_void_p, C.c_int]
+SP.t38_core_rx_ifp_packet.argtypes = [C.c_void_p, C.c_char_p, C.c_int, C.c_uint16]
 
 FRAME = 160
 
 
-class Fax:
-    def __init__(self, calling, ident, tx=None, rx=None):
-        self.state = SP.fax_init(None, 1 if calling else 0)
-        self.t30 = SP.fax_get_t30_state(self.state)
-        SP.fax_set_transmit_on_idle(self.state, 1)
+class Terminal:
+    """The T.30 side shared by both kinds of terminal."""
+
+    def setup(self, ident, tx, rx):
         SP.t30_set_ecm_capability(self.t30, 1)
         SP.t30_set_tx_ident(self.t30, ident.encode())
         if tx:
@@ -80,15 +98,6 @@ class Fax:
             self.code = code
         self.handler = PHASE_E(done)
         SP.t30_set_phase_e_handler(self.t30, self.handler, None)
-        self.out = (C.c_int16 * FRAME)()
-
-    def frame(self, heard):
-        buf = (C.c_int16 * FRAME)(*heard)
-        SP.fax_rx(self.state, buf, FRAME)
-        for i in range(FRAME):
-            self.out[i] = 0
-        SP.fax_tx(self.state, self.out, FRAME)
-        return list(self.out)
 
     def stats(self):
         s = Stats()
@@ -96,11 +105,10 @@ class Fax:
         return s
 
     def finish(self):
-        silence = [0] * FRAME
         for _ in range(150):
             if self.code is not None:
                 break
-            self.frame(silence)
+            self.idle()
         if self.code is None:
             SP.t30_terminate(self.t30)
         s = self.stats()
@@ -113,9 +121,124 @@ class Fax:
             "remote": (remote or b"").decode().strip(),
             "bit_rate": s.bit_rate,
             "ecm": bool(s.ecm),
+            "t38": isinstance(self, T38),
         }
-        SP.fax_free(self.state)
+        self.free()
         return result
+
+
+class Fax(Terminal):
+    def __init__(self, calling, ident, tx=None, rx=None):
+        self.state = SP.fax_init(None, 1 if calling else 0)
+        self.t30 = SP.fax_get_t30_state(self.state)
+        SP.fax_set_transmit_on_idle(self.state, 1)
+        self.setup(ident, tx, rx)
+        self.out = (C.c_int16 * FRAME)()
+
+    def idle(self):
+        self.frame([0] * FRAME)
+
+    def free(self):
+        SP.fax_free(self.state)
+
+    def frame(self, heard):
+        buf = (C.c_int16 * FRAME)(*heard)
+        SP.fax_rx(self.state, buf, FRAME)
+        for i in range(FRAME):
+            self.out[i] = 0
+        SP.fax_tx(self.state, self.out, FRAME)
+        return list(self.out)
+
+class T38(Terminal):
+    """spandsp's T.38 terminal: IFP packets out through a callback, in
+    with their sequence numbers; time passes 20 ms per tick."""
+
+    def __init__(self, calling, ident, tx=None, rx=None):
+        self.queue = []
+
+        def send(_core, _user, buf, length, count):
+            self.queue.append((C.string_at(buf, length), max(1, min(count, 3))))
+            return 0
+        self.sender = T38_TX(send)
+        self.state = SP.t38_terminal_init(None, 1 if calling else 0, self.sender, None)
+        self.t30 = SP.t38_terminal_get_t30_state(self.state)
+        self.core = SP.t38_terminal_get_t38_core_state(self.state)
+        SP.t38_set_t38_version(self.core, 0)
+        SP.t38_set_data_rate_management_method(self.core, 2)
+        SP.t38_set_fastest_image_data_rate(self.core, 14400)
+        self.setup(ident, tx, rx)
+
+    def tick(self):
+        SP.t38_terminal_send_timeout(self.state, FRAME)
+        out, self.queue = self.queue, []
+        return out
+
+    def rx(self, ifp, seq):
+        SP.t38_core_rx_ifp_packet(self.core, ifp, len(ifp), seq)
+
+    def idle(self):
+        self.tick()
+
+    def free(self):
+        SP.t38_terminal_free(self.state)
+
+
+def per_length(n):
+    """An ASN.1 PER length determinant (T.38's UDPTL needs < 16384)."""
+    return bytes([n]) if n < 0x80 else bytes([0x80 | (n >> 8), n & 0xFF])
+
+
+def read_length(buf, pos):
+    b = buf[pos]
+    if b & 0x80 == 0:
+        return b, pos + 1
+    if b & 0x40 == 0:
+        return ((b & 0x3F) << 8) | buf[pos + 1], pos + 2
+    raise ValueError("fragmented UDPTL")
+
+
+class Udptl:
+    """UDPTL (T.38 section 9.1) with redundancy: each datagram carries its
+    IFP and the two sent before it; a gap is filled from the next one's."""
+
+    def __init__(self):
+        self.seq = 0
+        self.recent = []
+        self.expected = None
+
+    def send(self, ifp):
+        out = struct.pack("!H", self.seq) + per_length(len(ifp)) + ifp
+        out += b"\x00" + per_length(len(self.recent))
+        for old in self.recent:
+            out += per_length(len(old)) + old
+        self.seq = (self.seq + 1) & 0xFFFF
+        self.recent = ([ifp] + self.recent)[:2]
+        return out
+
+    def receive(self, data):
+        seq = struct.unpack("!H", data[:2])[0]
+        n, pos = read_length(data, 2)
+        primary = data[pos:pos + n]
+        pos += n
+        secondary = []
+        if data[pos] & 0x80 == 0:
+            count, pos = read_length(data, pos + 1)
+            for _ in range(count):
+                n, pos = read_length(data, pos)
+                secondary.append(data[pos:pos + n])
+                pos += n
+        if self.expected is not None and (seq - self.expected) & 0xFFFF >= 0x8000:
+            return []
+        out = []
+        if self.expected is not None:
+            # Newest first in the datagram: the oldest missing goes first.
+            for i in range(len(secondary), 0, -1):
+                s = (seq - i) & 0xFFFF
+                if (s - self.expected) & 0xFFFF < 0x8000:
+                    out.append((s, secondary[i - 1]))
+        out.append((seq, primary))
+        self.expected = (seq + 1) & 0xFFFF
+        return out
 
 
 def token():
@@ -139,13 +262,20 @@ def h(headers, name):
 
 def sdp_remote(body):
     ip = re.search(r"c=IN IP4 (\S+)", body).group(1)
-    port = int(re.search(r"m=audio (\d+)", body).group(1))
+    port = int(re.search(r"m=(?:audio|image) (\d+)", body).group(1))
     return (ip, port)
 
 
 def sdp(port):
     return ("v=0\r\no=peer 1 1 IN IP4 127.0.0.1\r\ns=fax\r\nc=IN IP4 127.0.0.1\r\n"
             "t=0 0\r\nm=audio %d RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=ptime:20\r\n" % port)
+
+
+def sdp_t38(port):
+    return ("v=0\r\no=peer 1 2 IN IP4 127.0.0.1\r\ns=fax\r\nc=IN IP4 127.0.0.1\r\n"
+            "t=0 0\r\nm=image %d udptl t38\r\na=T38FaxVersion:0\r\na=T38MaxBitRate:14400\r\n"
+            "a=T38FaxRateManagement:transferredTCF\r\na=T38FaxMaxDatagram:400\r\n"
+            "a=T38FaxUdpEC:t38UDPRedundancy\r\n" % port)
 
 
 def msg(first, headers, body=""):
@@ -157,37 +287,50 @@ def msg(first, headers, body=""):
 
 
 class Call:
-    """One dialog's state, enough to send BYE and answer requests."""
+    """One dialog's state, enough to send BYE and re-INVITE and answer
+    requests."""
 
     def __init__(self, sip, peer):
         self.sip = sip
         self.peer = peer
         self.cseq = 1
 
-    def bye(self):
+    def request(self, method, headers=(), body=""):
         self.cseq += 1
-        self.sip.sendto(msg("BYE %s SIP/2.0" % self.remote_target, [
+        self.sip.sendto(msg("%s %s SIP/2.0" % (method, self.remote_target), [
             ("Via", "SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK%s" % (self.sip.getsockname()[1], token())),
             ("Max-Forwards", "70"),
             ("From", self.local),
             ("To", self.remote),
             ("Call-ID", self.call_id),
-            ("CSeq", "%d BYE" % self.cseq),
-        ]), self.peer)
+            ("CSeq", "%d %s" % (self.cseq, method)),
+        ] + list(headers), body), self.peer)
 
-    def answer(self, headers, status="200 OK"):
+    def bye(self):
+        self.request("BYE")
+
+    def ack(self):
+        # The ACK of a 2xx carries its INVITE's CSeq number.
+        self.cseq -= 1
+        self.request("ACK")
+
+    def answer(self, headers, status="200 OK", extra=(), body=""):
         self.sip.sendto(msg("SIP/2.0 " + status, [
             ("Via", v) for v in headers.get("via", [])] + [
             ("From", h(headers, "from")),
             ("To", h(headers, "to")),
             ("Call-ID", h(headers, "call-id")),
             ("CSeq", h(headers, "cseq")),
-        ]), self.peer)
+        ] + list(extra), body), self.peer)
 
 
-def run_media(call, fax, rtp, remote_rtp, cut_after=None):
+def run_media(call, make, rtp, remote_rtp, cut_after=None, t38=None):
     """Runs the fax on the 20 ms clock until T.30 ends or the far end
-    hangs up; who ended it."""
+    hangs up; the terminal and who ended it. `make(t38)` makes the
+    terminal; with `t38` "accept" or "offer" the call may go over to T.38
+    by re-INVITE, and `make(True)` then starts T.30 again over it."""
+    fax = make(False)
+    udptl = None
     t0 = time.monotonic()
     n = 0
     queue = []
@@ -196,6 +339,7 @@ def run_media(call, fax, rtp, remote_rtp, cut_after=None):
     ssrc = random.getrandbits(32)
     cut_at = None
     by = None
+    offered = False
     # Playout starts once 4 frames are queued, and again after an underrun.
     playing = False
     while by is None:
@@ -203,16 +347,22 @@ def run_media(call, fax, rtp, remote_rtp, cut_after=None):
         due = int((now - t0) / 0.02) + 1
         ran = 0
         while n < due and ran < 50:
-            heard = [0] * FRAME
-            playing = bool(queue) and (playing or len(queue) >= 4)
-            if playing:
-                pcm = audioop.ulaw2lin(queue.pop(0), 2)
-                heard = list(struct.unpack("<%dh" % (len(pcm) // 2), pcm))[:FRAME]
-                heard += [0] * (FRAME - len(heard))
-            out = fax.frame(heard)
-            payload = audioop.lin2ulaw(struct.pack("<%dh" % FRAME, *out), 2)
-            header = struct.pack("!BBHII", 0x80, 0, (seq + n) & 0xFFFF, (ts + n * FRAME) & 0xFFFFFFFF, ssrc)
-            rtp.sendto(header + payload, remote_rtp)
+            if udptl is not None:
+                for ifp, count in fax.tick():
+                    datagram = udptl.send(ifp)
+                    for _ in range(count):
+                        rtp.sendto(datagram, remote_rtp)
+            else:
+                heard = [0] * FRAME
+                playing = bool(queue) and (playing or len(queue) >= 4)
+                if playing:
+                    pcm = audioop.ulaw2lin(queue.pop(0), 2)
+                    heard = list(struct.unpack("<%dh" % (len(pcm) // 2), pcm))[:FRAME]
+                    heard += [0] * (FRAME - len(heard))
+                out = fax.frame(heard)
+                payload = audioop.lin2ulaw(struct.pack("<%dh" % FRAME, *out), 2)
+                header = struct.pack("!BBHII", 0x80, 0, (seq + n) & 0xFFFF, (ts + n * FRAME) & 0xFFFFFFFF, ssrc)
+                rtp.sendto(header + payload, remote_rtp)
             n += 1
             ran += 1
         n = max(n, due)
@@ -220,6 +370,12 @@ def run_media(call, fax, rtp, remote_rtp, cut_after=None):
             call.bye()
             by = "us"
             break
+        if t38 == "offer" and not offered and now - t0 > 0.5:
+            offered = True
+            call.request("INVITE", [
+                ("Contact", "<sip:fax@127.0.0.1:%d>" % call.sip.getsockname()[1]),
+                ("Content-Type", "application/sdp"),
+            ], sdp_t38(rtp.getsockname()[1]))
         if cut_after is not None and cut_at is None and fax.stats().pages_tx >= cut_after:
             cut_at = now + 2.0
         if cut_at is not None and now >= cut_at:
@@ -235,18 +391,39 @@ def run_media(call, fax, rtp, remote_rtp, cut_after=None):
         for sock in ready:
             data, src = sock.recvfrom(4096)
             if sock is rtp:
-                if len(data) > 12 and data[1] & 0x7F == 0:
+                if udptl is not None:
+                    try:
+                        for s, ifp in udptl.receive(data):
+                            fax.rx(ifp, s)
+                    except (ValueError, IndexError, struct.error):
+                        pass
+                elif len(data) > 12 and data[1] & 0x7F == 0:
                     cc = data[0] & 0x0F
                     queue.append(data[12 + 4 * cc:])
-            else:
-                first, headers, _ = parse(data)
-                if first.startswith("BYE"):
-                    call.answer(headers)
-                    by = "far end"
-                elif first.startswith("INVITE"):
-                    # A retransmission of the INVITE we answered.
-                    pass
-    return by
+                continue
+            first, headers, body = parse(data)
+            if first.startswith("BYE"):
+                call.answer(headers)
+                by = "far end"
+            elif first.startswith("INVITE") and ";tag=" in h(headers, "to"):
+                if "m=image" in body and t38 == "accept" and udptl is None:
+                    call.answer(headers, extra=[
+                        ("Contact", "<sip:fax@127.0.0.1:%d>" % call.sip.getsockname()[1]),
+                        ("Content-Type", "application/sdp"),
+                    ], body=sdp_t38(rtp.getsockname()[1]))
+                    fax.free()
+                    fax, udptl, remote_rtp = make(True), Udptl(), sdp_remote(body)
+                elif udptl is None:
+                    call.answer(headers, "488 Not Acceptable Here")
+            elif first.startswith("SIP/2.0") and h(headers, "cseq").endswith("INVITE") and offered:
+                status = int(first.split()[1])
+                if status >= 200 and int(h(headers, "cseq").split()[0]) == call.cseq:
+                    call.ack()
+                    if status < 300 and udptl is None and "m=image" in body:
+                        fax.free()
+                        fax, udptl, remote_rtp = make(True), Udptl(), sdp_remote(body)
+            # Anything else (a retransmitted INVITE, an ACK) needs nothing.
+    return fax, by
 
 
 def receive(args):
@@ -288,8 +465,10 @@ def receive(args):
         if data.startswith(b"ACK"):
             break
     sip.setblocking(False)
-    fax = Fax(False, args.ident, rx=args.out)
-    by = run_media(call, fax, rtp, remote_rtp)
+
+    def make(t38):
+        return (T38 if t38 else Fax)(False, args.ident, rx=args.out)
+    fax, by = run_media(call, make, rtp, remote_rtp, t38=args.t38)
     result = fax.finish()
     result["by"] = by
     print(json.dumps(result), flush=True)
@@ -343,17 +522,12 @@ def send(args):
     contact = re.search(r"<([^>]+)>", h(headers, "contact"))
     call.remote_target = contact.group(1) if contact else uri
     remote_rtp = sdp_remote(body)
-    sip.sendto(msg("ACK %s SIP/2.0" % call.remote_target, [
-        ("Via", "SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK%s" % (me, token())),
-        ("Max-Forwards", "70"),
-        ("From", call.local),
-        ("To", call.remote),
-        ("Call-ID", call.call_id),
-        ("CSeq", "1 ACK"),
-    ]), server)
+    call.ack()
     sip.setblocking(False)
-    fax = Fax(True, args.ident, tx=args.file)
-    by = run_media(call, fax, rtp, remote_rtp, args.cut_after_pages)
+
+    def make(t38):
+        return (T38 if t38 else Fax)(True, args.ident, tx=args.file)
+    fax, by = run_media(call, make, rtp, remote_rtp, args.cut_after_pages, t38=args.t38)
     result = fax.finish()
     result["by"] = by
     print(json.dumps(result), flush=True)
@@ -367,12 +541,14 @@ def main():
     r.add_argument("--port", type=int, required=True)
     r.add_argument("--out", required=True)
     r.add_argument("--ident", default="+1 555 0999")
+    r.add_argument("--t38", choices=["accept", "offer"])
     s = sub.add_parser("send")
     s.add_argument("--server", required=True)
     s.add_argument("--to", required=True)
     s.add_argument("--file", required=True)
     s.add_argument("--ident", default="+1 555 0999")
     s.add_argument("--cut-after-pages", type=int)
+    s.add_argument("--t38", choices=["accept", "offer"])
     args = p.parse_args()
     ok = receive(args) if args.cmd == "receive" else send(args)
     sys.exit(0 if ok else 1)

@@ -477,6 +477,12 @@ pub struct Trunk {
     /// `username` and `password`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub inbound_digest: bool,
+    /// Fax calls out through this trunk go over to T.38 once answered
+    /// (we send the re-INVITE to `image/t38`, as FreeSWITCH's
+    /// `fax_enable_t38_request` does); without it they stay on G.711
+    /// unless the far end asks for T.38.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub t38: bool,
 }
 
 fn default_transport() -> String {

@@ -1,8 +1,8 @@
 //! Fax for Plugboard.
 //!
-//! - [`Terminal`]: a T.30 fax terminal over G.711 audio, sans-IO — 8 kHz
-//!   samples in, samples out; time is the samples that went by. It is
-//!   spandsp's (Debian's `libspandsp` 0.0.6, LGPL-2.1), reached through a
+//! - [`Terminal`]: a T.30 fax terminal, sans-IO — over G.711 audio (8 kHz
+//!   samples in, samples out) or over T.38 (UDPTL datagrams in and out,
+//!   see [`t38`]); time is the samples that went by. It is spandsp's (Debian's `libspandsp` 0.0.6, LGPL-2.1), reached through a
 //!   thin FFI of our own ([`spandsp`], the crate's only unsafe code) and
 //!   linked dynamically, as FreeSWITCH's `mod_spandsp` and Asterisk's
 //!   `res_fax_spandsp` use it: there is no credible pure-Rust T.30, and
@@ -17,8 +17,9 @@
 mod spandsp;
 
 pub mod document;
+pub mod t38;
 
-use std::ffi::CString;
+use std::ffi::{CStr, CString};
 use std::path::Path;
 
 /// Samples per 20 ms frame at 8 kHz.
@@ -121,12 +122,40 @@ impl Outcome {
 
 /// A T.30 fax terminal over audio: feed it what the far end sends
 /// ([`Terminal::rx`]), send what it makes ([`Terminal::tx`]), frame by
-/// frame, until [`Terminal::outcome`] says it is over.
+/// frame, until [`Terminal::outcome`] says it is over. Switched to T.38
+/// ([`Terminal::use_t38`]), it takes and makes UDPTL datagrams instead
+/// ([`Terminal::udptl_in`], [`Terminal::tick`]).
 pub struct Terminal {
-    fax: spandsp::Fax,
+    engine: Engine,
     role: Role,
+    calling: bool,
+    /// Our station id and the file, as spandsp takes them.
+    ident: CString,
+    path: CString,
     /// Samples that went by, both ways (the terminal's clock).
     samples: u64,
+}
+
+/// How spandsp's T.30 engine is set up for `role`, on `path`.
+fn setup<'a>(role: Role, calling: bool, ident: &'a CStr, path: &'a CStr) -> spandsp::Setup<'a> {
+    let (tx, rx) = match role {
+        Role::Send => (Some(path), None),
+        Role::Receive => (None, Some(path)),
+    };
+    spandsp::Setup {
+        calling,
+        ident,
+        tx,
+        rx,
+        ecm: true,
+        max_pages: i32::try_from(document::MAX_PAGES).unwrap_or(i32::MAX),
+    }
+}
+
+/// What the terminal runs over.
+enum Engine {
+    Audio(spandsp::Fax),
+    T38(spandsp::T38, t38::Udptl),
 }
 
 impl Terminal {
@@ -157,37 +186,100 @@ impl Terminal {
         }
         let path =
             CString::new(bytes).map_err(|_| FaxError::Document("a file name with a NUL".into()))?;
-        let (tx, rx) = match role {
-            Role::Send => (Some(path.as_c_str()), None),
-            Role::Receive => (None, Some(path.as_c_str())),
-        };
-        let max_pages = i32::try_from(document::MAX_PAGES).unwrap_or(i32::MAX);
-        let fax =
-            spandsp::Fax::new(calling, &ident, tx, rx, true, max_pages).ok_or(FaxError::Setup)?;
+        let fax = spandsp::Fax::new(&setup(role, calling, &ident, &path)).ok_or(FaxError::Setup)?;
         Ok(Terminal {
-            fax,
+            engine: Engine::Audio(fax),
             role,
+            calling,
+            ident,
+            path,
             samples: 0,
         })
     }
 
-    /// A frame heard from the far end.
-    pub fn rx(&mut self, heard: &[i16]) {
-        self.fax.rx(heard);
+    /// Goes over to T.38 with the parameters both sides agreed (a
+    /// re-INVITE to `image/t38`): T.30 starts again over IFP packets, as
+    /// FreeSWITCH's and Asterisk's terminals do; a page under way over
+    /// audio is lost (the switch comes before the first, in practice).
+    pub fn use_t38(&mut self, params: &t38::Params) -> Result<(), FaxError> {
+        let options = spandsp::T38Options {
+            version: i32::from(params.version),
+            max_bit_rate: i32::try_from(params.max_bit_rate).unwrap_or(14_400),
+            transferred_tcf: params.transferred_tcf,
+            max_datagram: i32::try_from(params.max_datagram).unwrap_or(400),
+        };
+        let setup = setup(self.role, self.calling, &self.ident, &self.path);
+        let engine = spandsp::T38::new(&setup, options).ok_or(FaxError::Setup)?;
+        // spandsp opens the file only when a page starts: the audio engine,
+        // dropped here, closes what it had open before the new one does.
+        self.engine = Engine::T38(engine, t38::Udptl::new(params.redundancy));
+        Ok(())
     }
 
-    /// The next frame to send.
+    /// True once the terminal runs over T.38.
+    pub fn is_t38(&self) -> bool {
+        matches!(self.engine, Engine::T38(..))
+    }
+
+    fn t30(&mut self) -> &mut spandsp::T30 {
+        match &mut self.engine {
+            Engine::Audio(f) => &mut f.t30,
+            Engine::T38(t, _) => &mut t.t30,
+        }
+    }
+
+    /// A frame heard from the far end (ignored over T.38).
+    pub fn rx(&mut self, heard: &[i16]) {
+        if let Engine::Audio(f) = &mut self.engine {
+            f.rx(heard);
+        }
+    }
+
+    /// The next frame to send (silence over T.38, whose time goes by in
+    /// [`Terminal::tick`]).
     pub fn tx(&mut self) -> [i16; FRAME] {
         let mut out = [0i16; FRAME];
-        self.fax.tx(&mut out);
-        self.samples += FRAME as u64;
+        if let Engine::Audio(f) = &mut self.engine {
+            f.tx(&mut out);
+            self.samples += FRAME as u64;
+        }
         out
     }
 
-    /// One frame period: what was heard in, what to send out.
+    /// One frame period over audio: what was heard in, what to send out.
     pub fn frame(&mut self, heard: &[i16]) -> [i16; FRAME] {
         self.rx(heard);
         self.tx()
+    }
+
+    /// A UDPTL datagram from the far end (over T.38; ignored over audio,
+    /// and so is a datagram that is not UDPTL).
+    pub fn udptl_in(&mut self, datagram: &[u8]) {
+        if let Engine::T38(t, udptl) = &mut self.engine {
+            for (seq, ifp) in udptl.receive(datagram) {
+                t.rx(&ifp, seq);
+            }
+        }
+    }
+
+    /// One frame period over T.38: the UDPTL datagrams to send (each
+    /// already repeated as many times as it is to be sent). Nothing over
+    /// audio.
+    pub fn tick(&mut self) -> Vec<Vec<u8>> {
+        let Engine::T38(t, udptl) = &mut self.engine else {
+            return Vec::new();
+        };
+        t.advance(FRAME as i32);
+        self.samples += FRAME as u64;
+        let mut out = Vec::new();
+        for (ifp, count) in t.take() {
+            let datagram = udptl.send(ifp);
+            for _ in 1..count {
+                out.push(datagram.clone());
+            }
+            out.push(datagram);
+        }
+        out
     }
 
     /// Time on the line so far, in milliseconds.
@@ -197,7 +289,7 @@ impl Terminal {
 
     /// What went across so far.
     pub fn stats(&mut self) -> Stats {
-        let s = self.fax.stats();
+        let s = self.t30().stats();
         let u = |v: i32| u32::try_from(v).unwrap_or(0);
         Stats {
             pages: match self.role {
@@ -218,7 +310,7 @@ impl Terminal {
 
     /// How it ended, once it has.
     pub fn outcome(&mut self) -> Option<Outcome> {
-        let code = self.fax.completion()?;
+        let code = self.t30().completion()?;
         Some(self.outcome_of(code))
     }
 
@@ -235,15 +327,19 @@ impl Terminal {
             if let Some(done) = self.outcome() {
                 return done;
             }
-            self.frame(&silence);
+            if self.is_t38() {
+                self.tick();
+            } else {
+                self.frame(&silence);
+            }
         }
         if let Some(done) = self.outcome() {
             return done;
         }
         // spandsp says CALL_DROPPED for a session cut short, and OK for
         // one whose last page was confirmed and only the goodbye was left.
-        self.fax.terminate();
-        let code = self.fax.completion().unwrap_or(code::CALL_DROPPED);
+        self.t30().terminate();
+        let code = self.t30().completion().unwrap_or(code::CALL_DROPPED);
         self.outcome_of(code)
     }
 
@@ -253,7 +349,7 @@ impl Terminal {
             ok: code == code::OK,
             code,
             text: spandsp::completion_text(code),
-            remote_ident: self.fax.remote_ident(),
+            remote_ident: self.t30().remote_ident(),
             stats,
         };
         if outcome.no_fax() {
@@ -308,6 +404,46 @@ mod tests {
         assert_eq!(got.remote_ident, "+1 555 0100");
         assert_eq!(sent.remote_ident, "+1 555 0200");
         assert!(got.stats.ecm && got.stats.bit_rate >= 9600, "{got:?}");
+        assert_eq!(document::tiff_pages(&std::fs::read(&rx).unwrap()), 2);
+    }
+
+    #[test]
+    fn over_t38_a_fax_survives_lost_datagrams() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiff = dir.path().join("out.tif");
+        document::text_to_fax(&document::Tools::default(), "one\x0ctwo", &tiff).unwrap();
+        let rx = dir.path().join("in.tif");
+        let mut sender = Terminal::new(Role::Send, true, &tiff, "+1 555 0100").unwrap();
+        let mut receiver = Terminal::new(Role::Receive, false, &rx, "+1 555 0200").unwrap();
+        // Both went over after a little audio, as after a re-INVITE.
+        for _ in 0..10 {
+            sender.frame(&[0; FRAME]);
+            receiver.frame(&[0; FRAME]);
+        }
+        let params = t38::Params::default();
+        sender.use_t38(&params).unwrap();
+        receiver.use_t38(&params).unwrap();
+        assert!(sender.is_t38() && receiver.is_t38());
+        let (mut n, mut lost) = (0u64, 0);
+        while n < 50 * 300 && (sender.outcome().is_none() || receiver.outcome().is_none()) {
+            for d in sender.tick() {
+                n += 1;
+                // Every seventh datagram is lost; redundancy brings it back.
+                if n % 7 == 0 {
+                    lost += 1;
+                    continue;
+                }
+                receiver.udptl_in(&d);
+            }
+            for d in receiver.tick() {
+                sender.udptl_in(&d);
+            }
+        }
+        let (sent, got) = (sender.outcome().unwrap(), receiver.outcome().unwrap());
+        assert!(sent.ok && got.ok, "{sent:?} {got:?}");
+        assert!(lost > 10, "{lost}");
+        assert_eq!((sent.stats.pages, got.stats.pages), (2, 2));
+        assert_eq!(got.remote_ident, "+1 555 0100");
         assert_eq!(document::tiff_pages(&std::fs::read(&rx).unwrap()), 2);
     }
 

@@ -1,5 +1,6 @@
 //! SDP (RFC 8866) for audio calls, and the RFC 3264 offer/answer rules for
-//! G.711 and telephone-event.
+//! G.711 and telephone-event — and for T.38 fax (`m=image … udptl t38`,
+//! ITU-T T.38 Annex D), which a fax call switches to by re-INVITE.
 //!
 //! Written here rather than taken from the `sdp` crate: that crate pulls in
 //! `url` and the ICU stack for a handful of line types, and it refuses
@@ -88,6 +89,9 @@ pub struct Media {
     pub direction: Option<Direction>,
     /// `a=ptime`.
     pub ptime: Option<u32>,
+    /// Every other media-level attribute, name and value as written
+    /// (e.g. `T38FaxVersion`, `0`).
+    pub attributes: Vec<(String, Option<String>)>,
 }
 
 /// A session description.
@@ -197,6 +201,7 @@ pub fn parse(text: &str) -> Result<Sdp, SdpError> {
                     fmtp: Vec::new(),
                     direction: None,
                     ptime: None,
+                    attributes: Vec::new(),
                 });
             }
             b'a' => {
@@ -241,7 +246,9 @@ pub fn parse(text: &str) -> Result<Sdp, SdpError> {
                         }
                     }
                     ("ptime", Some(v)) => m.ptime = v.trim().parse().ok(),
-                    _ => {}
+                    _ => m
+                        .attributes
+                        .push((name.to_string(), val.map(|v| v.trim().to_string()))),
                 }
             }
             _ => {}
@@ -265,6 +272,23 @@ impl Media {
             8 => Some(("PCMA".into(), 8000)),
             _ => None,
         }
+    }
+
+    /// A media-level attribute's value, by name in any case (`Some("")`
+    /// for a flag).
+    pub fn attribute(&self, name: &str) -> Option<&str> {
+        self.attributes
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_deref().unwrap_or(""))
+    }
+
+    /// True for a T.38 stream that is not disabled.
+    pub fn is_t38(&self) -> bool {
+        self.kind == "image"
+            && self.port != 0
+            && self.proto.eq_ignore_ascii_case("udptl")
+            && self.formats.iter().any(|f| f.eq_ignore_ascii_case("t38"))
     }
 
     /// The payload types of the offer in order, as numbers.
@@ -459,6 +483,165 @@ pub fn accept_answer(answer: &Sdp) -> Result<Negotiated, SdpError> {
     })
 }
 
+/// T.38's error correction over UDPTL (`T38FaxUdpEC`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpEc {
+    /// `t38UDPRedundancy`: each datagram repeats the last IFPs.
+    Redundancy,
+    /// `t38UDPFEC`: parity over the last IFPs.
+    Fec,
+    /// None named.
+    None,
+}
+
+/// What an exchange of T.38 streams settled (ITU-T T.38 Annex D).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct T38Stream {
+    /// Where to send UDPTL.
+    pub remote: SocketAddr,
+    /// `T38FaxVersion`.
+    pub version: u8,
+    /// `T38MaxBitRate` (bits/s).
+    pub max_bit_rate: u32,
+    /// `T38FaxRateManagement:transferredTCF` (else `localTCF`).
+    pub transferred_tcf: bool,
+    /// The far end's `T38FaxMaxDatagram` (bytes; 400 when not said).
+    pub max_datagram: u32,
+    /// The error correction both use.
+    pub ec: UdpEc,
+}
+
+/// The T.38 version (0 only: spandsp's terminal runs any, but version 0
+/// is the one every endpoint speaks), bit rate and datagram size
+/// Plugboard takes.
+const T38_VERSION: u8 = 0;
+const T38_MAX_BIT_RATE: u32 = 14_400;
+const T38_MAX_DATAGRAM: u32 = 400;
+const T38_MAX_BUFFER: u32 = 2_000;
+
+impl T38Stream {
+    /// Reads the T.38 stream `m` of `sdp`.
+    fn of(sdp: &Sdp, m: &Media) -> Result<T38Stream, SdpError> {
+        let number = |name: &str| m.attribute(name).and_then(|v| v.trim().parse::<u32>().ok());
+        let ec = match m.attribute("T38FaxUdpEC") {
+            Some(v) if v.eq_ignore_ascii_case("t38UDPRedundancy") => UdpEc::Redundancy,
+            Some(v) if v.eq_ignore_ascii_case("t38UDPFEC") => UdpEc::Fec,
+            _ => UdpEc::None,
+        };
+        Ok(T38Stream {
+            remote: remote_of(sdp, m)?,
+            version: number("T38FaxVersion")
+                .and_then(|v| u8::try_from(v).ok())
+                .unwrap_or(0),
+            max_bit_rate: number("T38MaxBitRate").unwrap_or(T38_MAX_BIT_RATE),
+            transferred_tcf: m
+                .attribute("T38FaxRateManagement")
+                .is_none_or(|v| !v.eq_ignore_ascii_case("localTCF")),
+            max_datagram: number("T38FaxMaxDatagram").unwrap_or(T38_MAX_DATAGRAM),
+            ec,
+        })
+    }
+}
+
+fn write_image(out: &mut String, port: u16, version: u8, rate: u32, transferred: bool, ec: UdpEc) {
+    let tcf = if transferred {
+        "transferredTCF"
+    } else {
+        "localTCF"
+    };
+    let _ = write!(
+        out,
+        "m=image {port} udptl t38\r\na=T38FaxVersion:{version}\r\na=T38MaxBitRate:{rate}\r\n\
+         a=T38FaxRateManagement:{tcf}\r\na=T38FaxMaxBuffer:{T38_MAX_BUFFER}\r\n\
+         a=T38FaxMaxDatagram:{T38_MAX_DATAGRAM}\r\n"
+    );
+    match ec {
+        UdpEc::Redundancy => out.push_str("a=T38FaxUdpEC:t38UDPRedundancy\r\n"),
+        UdpEc::Fec => out.push_str("a=T38FaxUdpEC:t38UDPFEC\r\n"),
+        UdpEc::None => {}
+    }
+}
+
+/// True when the SDP offers T.38.
+pub fn offers_t38(sdp: &Sdp) -> bool {
+    sdp.media.iter().any(Media::is_t38)
+}
+
+/// An offer to go over to T.38 (a fax call's re-INVITE): version 0,
+/// 14,400 bit/s, transferred TCF, redundancy.
+pub fn offer_t38(local: &LocalMedia) -> String {
+    let mut out = String::new();
+    write_head(&mut out, local);
+    write_image(
+        &mut out,
+        local.port,
+        T38_VERSION,
+        T38_MAX_BIT_RATE,
+        true,
+        UdpEc::Redundancy,
+    );
+    out
+}
+
+/// Answers an offer of T.38: its first T.38 stream is accepted at the
+/// lower version and bit rate of both sides, with the offerer's rate
+/// management; redundancy is answered for redundancy or FEC (we send no
+/// FEC, and take both), as FreeSWITCH does. Every other stream is refused
+/// with port 0. No T.38 stream: [`SdpError::NotAcceptable`].
+pub fn answer_t38(offer: &Sdp, local: &LocalMedia) -> Result<(String, T38Stream), SdpError> {
+    let chosen = offer
+        .media
+        .iter()
+        .position(Media::is_t38)
+        .ok_or_else(|| SdpError::NotAcceptable("no T.38 stream offered".into()))?;
+    let mut stream = T38Stream::of(offer, &offer.media[chosen])?;
+    // Version 0, the lowest, which every T.38 endpoint speaks (an
+    // answer's version is at most the offer's).
+    stream.version = T38_VERSION;
+    stream.max_bit_rate = stream.max_bit_rate.min(T38_MAX_BIT_RATE);
+    if stream.ec == UdpEc::Fec {
+        stream.ec = UdpEc::Redundancy;
+    }
+    let mut out = String::new();
+    write_head(&mut out, local);
+    for (i, media) in offer.media.iter().enumerate() {
+        if i == chosen {
+            write_image(
+                &mut out,
+                local.port,
+                stream.version,
+                stream.max_bit_rate,
+                stream.transferred_tcf,
+                stream.ec,
+            );
+        } else {
+            let _ = write!(
+                out,
+                "m={} 0 {} {}\r\n",
+                media.kind,
+                media.proto,
+                media.formats.join(" ")
+            );
+        }
+    }
+    Ok((out, stream))
+}
+
+/// Reads the answer to our [`offer_t38`].
+pub fn accept_t38_answer(answer: &Sdp) -> Result<T38Stream, SdpError> {
+    let m = answer
+        .media
+        .iter()
+        .find(|m| m.is_t38())
+        .ok_or_else(|| SdpError::NotAcceptable("the answer has no T.38 stream".into()))?;
+    let mut stream = T38Stream::of(answer, m)?;
+    // Version 0, the lowest, which every T.38 endpoint speaks (an
+    // answer's version is at most the offer's).
+    stream.version = T38_VERSION;
+    stream.max_bit_rate = stream.max_bit_rate.min(T38_MAX_BIT_RATE);
+    Ok(stream)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,6 +657,37 @@ mod tests {
             session_id: 7,
             version: 1,
         }
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn t38_offers_and_answers() {
+        let offer = "v=0\r\no=gw 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.2\r\nt=0 0\r\n\
+            m=audio 0 RTP/AVP 0\r\nm=image 4002 udptl t38\r\na=T38FaxVersion:1\r\n\
+            a=T38MaxBitRate:33600\r\na=T38FaxRateManagement:transferredTCF\r\n\
+            a=T38FaxMaxDatagram:300\r\na=T38FaxUdpEC:t38UDPFEC\r\n";
+        let sdp = parse(offer).unwrap();
+        assert!(offers_t38(&sdp));
+        let (answer, stream) = answer_t38(&sdp, &local()).unwrap();
+        assert_eq!(stream.remote, "127.0.0.2:4002".parse().unwrap());
+        assert_eq!((stream.version, stream.max_bit_rate), (0, 14_400));
+        assert_eq!((stream.max_datagram, stream.ec), (300, UdpEc::Redundancy));
+        assert!(stream.transferred_tcf);
+        assert!(answer.contains("m=audio 0 RTP/AVP 0\r\nm=image 20000 udptl t38\r\n"));
+        assert!(answer.contains("a=T38FaxUdpEC:t38UDPRedundancy\r\n"));
+        // Our own offer, answered by us, comes back the same.
+        let ours = parse(&offer_t38(&local())).unwrap();
+        let (back, _) = answer_t38(&ours, &local()).unwrap();
+        let agreed = accept_t38_answer(&parse(&back).unwrap()).unwrap();
+        assert_eq!(agreed.ec, UdpEc::Redundancy);
+        assert_eq!(agreed.remote.port(), 20000);
+        // Audio only: no T.38, and an audio answer is no T.38 answer.
+        assert!(!offers_t38(&parse(SIPP).unwrap()));
+        assert!(matches!(
+            answer_t38(&parse(SIPP).unwrap(), &local()),
+            Err(SdpError::NotAcceptable(_))
+        ));
+        assert!(accept_t38_answer(&parse(SIPP).unwrap()).is_err());
     }
 
     #[test]

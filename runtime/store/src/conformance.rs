@@ -270,6 +270,7 @@ pub async fn registrar(s: &dyn Store) -> Result<(), Failure> {
         password: Some("p".into()),
         inbound_ips: vec!["127.0.0.9".into()],
         inbound_digest: false,
+        t38: false,
     };
     ok(s.set_trunk("a", &trunk).await, "trunk")?;
     ensure!(ok(s.trunks("a").await, "trunks")? == vec![trunk], "trunks");

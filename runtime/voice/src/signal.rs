@@ -4,7 +4,7 @@
 //! each other.
 
 use plugboard_media::dtmf::DtmfSource;
-use plugboard_media::sdp::Negotiated;
+use plugboard_media::sdp::{LocalMedia, Negotiated, T38Stream};
 use tokio::sync::mpsc;
 
 use crate::meter::LegMeter;
@@ -43,6 +43,17 @@ pub(crate) enum CallOut {
     CancelLeg(DialogKey),
     /// End a leg (BYE, or CANCEL if it has not answered).
     HangupLeg(DialogKey),
+    /// The leg is a fax call: a re-INVITE to T.38 from the far end is
+    /// accepted on `local` (its media port); with `offer`, we ask for T.38
+    /// ourselves once it answers.
+    FaxLeg {
+        /// The leg.
+        leg: DialogKey,
+        /// Our side of its media.
+        local: LocalMedia,
+        /// Send the re-INVITE to T.38 ourselves.
+        offer: bool,
+    },
 }
 
 /// What happens on an outbound leg.
@@ -59,6 +70,10 @@ pub(crate) enum LegEvent {
     Refer(String),
     /// The far end (an agent's softphone) holds the caller, or resumes.
     Hold(bool),
+    /// The fax leg went over to T.38 (our re-INVITE or the far end's).
+    T38(T38Stream),
+    /// The far end refused our re-INVITE to T.38: the leg stays on audio.
+    T38Refused(String),
 }
 
 /// What the endpoint tells a call.
@@ -69,6 +84,8 @@ pub(crate) enum CallCmd {
     Dtmf(char, DtmfSource),
     /// A re-INVITE changed the media (hold/resume).
     Media(Negotiated),
+    /// A re-INVITE took the (fax) call over to T.38.
+    T38(T38Stream),
     /// The ACK's answer to the offer we made in our 200 (late offer), or
     /// why there is none we can use.
     Answer(Result<Negotiated, String>),

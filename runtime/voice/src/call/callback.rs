@@ -101,8 +101,9 @@ pub(super) async fn dial(
         detail,
     )
     .ok()?;
-    let (leg, offer) = new_leg(&ctx.pool, &ctx.config)?;
+    let (mut leg, offer) = new_leg(&ctx.pool, &ctx.config)?;
     let route = crate::route::resolve(&ctx.app, tenant, target).await;
+    leg.trunk = route.as_ref().ok().and_then(|r| r.3.clone());
     let _ = ctx.endpoint.send(CallOut::Dial {
         leg: leg.key.clone(),
         route,

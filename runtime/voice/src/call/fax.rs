@@ -21,6 +21,12 @@
 //! Both run the terminal on the 20 ms frame clock ([`Line`]): each tick
 //! runs every frame due since the media started, so a late task catches
 //! up instead of losing audio (the modems cannot bridge a gap).
+//!
+//! **T.38.** A fax call goes over to T.38 when the far end re-INVITEs to
+//! `image/t38` (a gateway that heard the fax tones), and a fax sent
+//! through a trunk configured with `t38` asks for it by re-INVITE once
+//! answered. The terminal then starts T.30 again over IFP packets in
+//! UDPTL datagrams, on the same media port.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -30,9 +36,9 @@ use std::time::{Duration, Instant};
 use plugboard_core::{Channel, Message};
 use plugboard_engine::{Courier, Delivered, DeliveryError, Engine, Inbound};
 use plugboard_fax::document::{self, Tools};
-use plugboard_fax::{FaxError, Outcome, Role, Terminal, is_number};
+use plugboard_fax::{FaxError, Outcome, Role, Terminal, is_number, t38};
 use plugboard_media::audio::FRAME;
-use plugboard_media::sdp::Negotiated;
+use plugboard_media::sdp::{Negotiated, T38Stream, UdpEc};
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
@@ -88,6 +94,8 @@ struct Line {
     frames: u64,
     /// Whole pages told so far.
     pages: u32,
+    /// Where UDPTL goes, once the call went over to T.38.
+    t38: Option<std::net::SocketAddr>,
 }
 
 impl Line {
@@ -97,7 +105,35 @@ impl Line {
             started: None,
             frames: 0,
             pages: 0,
+            t38: None,
         }
+    }
+
+    /// Goes over to T.38 as the re-INVITE agreed.
+    fn use_t38(&mut self, stream: &T38Stream) -> Result<(), FaxError> {
+        let params = t38::Params {
+            version: stream.version,
+            max_bit_rate: stream.max_bit_rate,
+            transferred_tcf: stream.transferred_tcf,
+            max_datagram: stream.max_datagram,
+            redundancy: if stream.ec == UdpEc::Redundancy {
+                t38::REDUNDANCY
+            } else {
+                0
+            },
+        };
+        self.terminal.use_t38(&params)?;
+        self.t38 = Some(stream.remote);
+        Ok(())
+    }
+
+    /// A datagram on the media port once over T.38 (true: it was taken).
+    fn udptl(&mut self, datagram: &[u8]) -> bool {
+        if self.t38.is_none() {
+            return false;
+        }
+        self.terminal.udptl_in(datagram);
+        true
     }
 
     /// The page count, when a page was completed since last asked.
@@ -114,16 +150,25 @@ impl Line {
     }
 
     /// Runs the frames due by now (at most a second's at once; more is
-    /// skipped and the clock kept) over `media`. How the fax ended, once
-    /// it has.
-    fn pump(&mut self, media: &mut impl Audio) -> Option<Outcome> {
+    /// skipped and the clock kept) over `media`, or over UDPTL on `socket`
+    /// once over T.38. How the fax ended, once it has.
+    fn pump(&mut self, media: &mut impl Audio, socket: &tokio::net::UdpSocket) -> Option<Outcome> {
         let started = self.started?;
         let due = (started.elapsed().as_millis() / PTIME.as_millis()) as u64 + 1;
         let mut ran = 0;
         while self.frames < due && ran < 50 {
-            let h = media.heard();
-            let out = self.terminal.frame(&h);
-            media.send(&out);
+            match self.t38 {
+                Some(to) => {
+                    for datagram in self.terminal.tick() {
+                        let _ = socket.try_send_to(&datagram, to);
+                    }
+                }
+                None => {
+                    let h = media.heard();
+                    let out = self.terminal.frame(&h);
+                    media.send(&out);
+                }
+            }
             self.frames += 1;
             ran += 1;
         }
@@ -171,8 +216,10 @@ fn dpi(ppm: u32) -> u32 {
 
 /// What a fax's message keeps of how it went (the modem's speed, ECM
 /// and resolution once a page went across).
-fn outcome_meta(o: &Outcome, duration: Duration) -> BTreeMap<String, String> {
+fn outcome_meta(o: &Outcome, duration: Duration, t38: bool) -> BTreeMap<String, String> {
+    let transport = if t38 { "t38" } else { "g711" };
     let mut meta = BTreeMap::from([
+        ("fax_transport".into(), transport.to_string()),
         ("fax_pages".into(), o.stats.pages.to_string()),
         ("fax_result".into(), o.text.clone()),
         ("fax_ok".into(), o.ok.to_string()),
@@ -266,6 +313,18 @@ pub(crate) async fn receive(spec: FaxSpec) {
                     line.start();
                 }
                 Some(CallCmd::Media(n)) => caller.changed(n),
+                Some(CallCmd::T38(stream)) => match line.use_t38(&stream) {
+                    Ok(()) => {
+                        caller.last_rtp = Instant::now();
+                        app.fax_event(&fax.tenant, serde_json::json!({
+                            "direction": "inbound", "state": "t38", "call_id": fax.call_id,
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::error!("fax call {}: cannot go over to T.38: {e}", key.0);
+                        break false;
+                    }
+                },
                 Some(CallCmd::Answer(Ok(n))) => caller.answered(n),
                 Some(CallCmd::Answer(Err(_))) | Some(CallCmd::Shutdown) => break false,
                 Some(CallCmd::RemoteHangup(_)) | None => break true,
@@ -273,8 +332,12 @@ pub(crate) async fn receive(spec: FaxSpec) {
             },
             r = sockets.rtp.recv_from(&mut buf) => {
                 if let Ok((n, src)) = r {
-                    // Digits mean nothing to a fax.
-                    let _ = caller.rtp(&buf[..n], src);
+                    if line.udptl(&buf[..n]) {
+                        caller.last_rtp = Instant::now();
+                    } else {
+                        // Digits mean nothing to a fax.
+                        let _ = caller.rtp(&buf[..n], src);
+                    }
                 }
             }
             r = sockets.rtcp.recv_from(&mut rbuf) => {
@@ -283,7 +346,10 @@ pub(crate) async fn receive(spec: FaxSpec) {
                 }
             }
             _ = tick.tick() => {
-                let done = line.pump(&mut CallerAudio { media: &mut caller, socket: &sockets.rtp });
+                let done = line.pump(
+                    &mut CallerAudio { media: &mut caller, socket: &sockets.rtp },
+                    &sockets.rtp,
+                );
                 if let Some(pages) = line.new_page() {
                     app.fax_event(&fax.tenant, serde_json::json!({
                         "direction": "inbound", "state": "page", "pages": pages, "call_id": fax.call_id,
@@ -308,6 +374,7 @@ pub(crate) async fn receive(spec: FaxSpec) {
         let _ = endpoint.send(CallOut::Hangup(key.clone()));
     }
     let answered = line.started;
+    let t38 = line.t38.is_some();
     let Line { mut terminal, .. } = line;
     let outcome = terminal.hang_up();
     // Closes the received file.
@@ -326,7 +393,16 @@ pub(crate) async fn receive(spec: FaxSpec) {
         // again, and a fax that still cannot be stored is kept on disk.
         let mut wait = Duration::from_secs(1);
         for attempt in 1..=5 {
-            match store(&app, &config.fax_tools, &fax, &tiff, &outcome, duration).await {
+            match store(
+                &app,
+                &config.fax_tools,
+                &fax,
+                &tiff,
+                &outcome,
+                (duration, t38),
+            )
+            .await
+            {
                 Ok(()) => break,
                 Err(e) if attempt < 5 => {
                     tracing::warn!(
@@ -362,7 +438,7 @@ async fn store(
     fax: &FaxCall,
     tiff: &std::path::Path,
     outcome: &Outcome,
-    duration: Duration,
+    (duration, t38): (Duration, bool),
 ) -> Result<(), String> {
     let pages = outcome.stats.pages;
     let mut files = Vec::new();
@@ -394,7 +470,7 @@ async fn store(
             outcome.text
         ),
     };
-    let mut meta = outcome_meta(outcome, duration);
+    let mut meta = outcome_meta(outcome, duration, t38);
     meta.insert("sip_call_id".into(), fax.call_id.clone());
     app.receive(Inbound {
         channel: Channel::Fax,
@@ -519,6 +595,14 @@ impl FaxCourier {
         let Some(sockets) = leg.sockets.clone() else {
             return Err(DeliveryError::Retry("no media ports".into()));
         };
+        if let Some(local) = leg.local.clone() {
+            let offer = self.trunk_offers_t38(tenant, leg.trunk.as_deref()).await;
+            let _ = self.ctx.endpoint.send(CallOut::FaxLeg {
+                leg: leg.key.clone(),
+                local,
+                offer,
+            });
+        }
         let mut line = Line::new(terminal);
         let started = Instant::now();
         let event = |state: &str, pages: u32| {
@@ -547,18 +631,30 @@ impl FaxCourier {
                         }
                         LegEvent::Failed(status, why) => break Err(refused(status, &why)),
                         LegEvent::Hangup => break Ok(true),
+                        LegEvent::T38(stream) => match line.use_t38(&stream) {
+                            Ok(()) => event("t38", 0),
+                            Err(e) => {
+                                tracing::error!("fax to {}: cannot go over to T.38: {e}", message.to);
+                                break Ok(false);
+                            }
+                        },
+                        LegEvent::T38Refused(why) => {
+                            tracing::info!("fax to {}: T.38 refused ({why}); staying on G.711", message.to);
+                        }
                         _ => {}
                     },
                     Some(_) => {}
                     None => break Ok(false),
                 },
                 r = sockets.rtp.recv_from(&mut buf) => {
-                    if let Ok((n, src)) = r {
+                    if let Ok((n, src)) = r
+                        && !line.udptl(&buf[..n])
+                    {
                         leg.rtp(&buf[..n], src, started);
                     }
                 }
                 _ = tick.tick() => {
-                    let done = line.pump(&mut leg);
+                    let done = line.pump(&mut leg, &sockets.rtp);
                     if let Some(pages) = line.new_page() {
                         event("page", pages);
                     }
@@ -582,7 +678,7 @@ impl FaxCourier {
         let duration = line.started.map(|s| s.elapsed()).unwrap_or_default();
         let outcome = line.terminal.hang_up();
         event("ended", outcome.stats.pages);
-        let meta = outcome_meta(&outcome, duration);
+        let meta = outcome_meta(&outcome, duration, line.t38.is_some());
         if outcome.ok {
             return Ok(Delivered {
                 external_id: None,
@@ -600,6 +696,22 @@ impl FaxCourier {
             Err(DeliveryError::Permanent(why))
         } else {
             Err(DeliveryError::Retry(why))
+        }
+    }
+}
+
+impl FaxCourier {
+    /// Whether the trunk a fax goes through asks for T.38.
+    async fn trunk_offers_t38(&self, tenant: &str, trunk: Option<&str>) -> bool {
+        let Some(name) = trunk else {
+            return false;
+        };
+        match self.ctx.app.trunks(tenant).await {
+            Ok(trunks) => trunks.iter().any(|t| t.name == name && t.t38),
+            Err(e) => {
+                tracing::warn!("fax: trunk lookup failed ({e}); staying on G.711");
+                false
+            }
         }
     }
 }

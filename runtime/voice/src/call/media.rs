@@ -201,7 +201,9 @@ pub(super) fn new_leg(
         format!("{}@plugboard", plugboard_sip::random_token()),
         plugboard_sip::random_token(),
     );
-    Some((OutLeg::new(key, sockets), offer))
+    let mut leg = OutLeg::new(key, sockets);
+    leg.local = Some(local);
+    Some((leg, offer))
 }
 
 /// The other leg of a bridged call (dial, transfer): RTP to a phone or
@@ -213,6 +215,10 @@ pub(super) struct OutLeg {
     pub sockets: Option<Arc<MediaSockets>>,
     /// The softphone it rings, if it is one.
     pub phone: Option<PhoneLeg>,
+    /// Our side of its media, as offered.
+    pub local: Option<plugboard_media::sdp::LocalMedia>,
+    /// The trunk it goes through, once its route is known.
+    pub trunk: Option<String>,
     sender: Option<RtpSender>,
     jitter: JitterBuffer,
     remote: Option<SocketAddr>,
@@ -226,6 +232,8 @@ impl OutLeg {
             key,
             sockets: Some(Arc::new(sockets)),
             phone: None,
+            local: None,
+            trunk: None,
             sender: None,
             jitter: JitterBuffer::new(3),
             remote: None,
@@ -240,6 +248,8 @@ impl OutLeg {
             key,
             sockets: None,
             phone: Some(phone),
+            local: None,
+            trunk: None,
             sender: None,
             jitter: JitterBuffer::new(3),
             remote: None,

@@ -345,6 +345,9 @@ impl Call {
                 }
             }
             Some(CallCmd::Dtmf(d, src)) => self.ivr.digit(Instant::now(), d, src),
+            // Only fax calls accept T.38 (the endpoint refuses it on
+            // others).
+            Some(CallCmd::T38(_)) => {}
             Some(CallCmd::Media(n)) => {
                 let hold = n.on_hold();
                 self.note(
@@ -856,6 +859,8 @@ impl Call {
                 self.ivr.queue(Instant::now(), Queue::Hold(on));
                 return;
             }
+            // Only fax legs go over to T.38.
+            LegEvent::T38(_) | LegEvent::T38Refused(_) => return,
             LegEvent::Ringing => Leg::Ringing,
             LegEvent::Answered(n) => {
                 leg.answered(&n);
@@ -895,7 +900,7 @@ impl Call {
             }
             // A third party neither holds the caller nor transfers the
             // call: their REFER ends their part.
-            LegEvent::Hold(_) => return,
+            LegEvent::Hold(_) | LegEvent::T38(_) | LegEvent::T38Refused(_) => return,
             LegEvent::Refer(_) | LegEvent::Hangup => {
                 *self.side(side) = None;
                 Leg::Hangup

@@ -424,6 +424,7 @@ impl Endpoint {
         ok.headers.push("Content-Type", "application/sdp");
         ok.body = body.into_bytes();
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let fax = matches!(session, Answering::Fax(_));
         self.spawn_call(
             key.clone(),
             session,
@@ -452,6 +453,7 @@ impl Endpoint {
                 local_party,
                 late_offer,
                 meter,
+                fax,
             },
         );
         self.pending.insert(id, key.clone());

@@ -88,6 +88,8 @@ struct Leg {
     abandoned: bool,
     /// Its place in the tenant's capacity, and its usage.
     meter: LegMeter,
+    /// A fax leg: its media, and whether we ask for T.38 once answered.
+    fax: Option<(LocalMedia, bool)>,
 }
 
 enum DialogState {
@@ -115,6 +117,8 @@ struct Dialog {
     late_offer: bool,
     /// Its place in the tenant's capacity, and its usage.
     meter: LegMeter,
+    /// A fax call: a re-INVITE to T.38 is accepted.
+    fax: bool,
 }
 
 /// The running voice channel.
@@ -293,6 +297,7 @@ pub(crate) async fn start(
         legs: HashMap::new(),
         given_up: std::collections::VecDeque::new(),
         leg_tx: HashMap::new(),
+        t38_tx: HashMap::new(),
         sip_addr: SocketAddr::new(ip, sip_addr.port()),
         auth: {
             let mut a = Authenticator::new();
@@ -354,6 +359,8 @@ struct Endpoint {
     /// The oldest are forgotten past [`GIVEN_UP`].
     given_up: std::collections::VecDeque<DialogKey>,
     leg_tx: HashMap<ClientTxId, DialogKey>,
+    /// Our re-INVITEs to T.38 on fax legs.
+    t38_tx: HashMap<ClientTxId, DialogKey>,
     sip_addr: SocketAddr,
     auth: Authenticator,
     tts: Arc<Espeak>,
@@ -535,9 +542,18 @@ impl Endpoint {
                         .send(CallCmd::RemoteHangup("cancelled by the caller".into()));
                 }
             }
+            TxEvent::Response { id, response } if self.t38_tx.contains_key(&id) => {
+                self.t38_response(id, *response)
+            }
             TxEvent::Response { id, response } => self.leg_response(id, *response),
             TxEvent::NoAck { .. } => {}
             TxEvent::Timeout { id } => {
+                if let Some(key) = self.t38_tx.remove(&id)
+                    && let Some(leg) = self.legs.get(&key)
+                {
+                    let why = "no answer to the re-INVITE".to_string();
+                    let _ = leg.call.send(CallCmd::Leg(key, LegEvent::T38Refused(why)));
+                }
                 if let Some(key) = self.leg_tx.remove(&id) {
                     self.fail_leg(key, 408, "no answer from the far end".into());
                 }
@@ -659,6 +675,9 @@ impl Endpoint {
             info.call_id.clone(),
             info.to.tag().unwrap_or("").to_string(),
         );
+        if self.legs.contains_key(&key) {
+            return self.leg_reinvite(id, req, key);
+        }
         let Some(d) = self.dialogs.get_mut(&key) else {
             self.respond(id, reply(&req, 481, reason_phrase(481), None));
             return;
@@ -671,6 +690,22 @@ impl Endpoint {
         let parsed = sdp_body(&req).map(|t| sdp::parse(&t));
         d.local.version += 1;
         let (answer, negotiated) = match parsed {
+            // A fax call goes over to T.38 (a gateway heard the fax tones).
+            Some(Ok(offer)) if d.fax && sdp::offers_t38(&offer) => {
+                match sdp::answer_t38(&offer, &d.local) {
+                    Ok((a, stream)) => {
+                        let _ = d.call.send(CallCmd::T38(stream));
+                        (a, None)
+                    }
+                    Err(e) => {
+                        d.local.version -= 1;
+                        let mut r = reply(&req, 488, reason_phrase(488), None);
+                        r.headers.push("Warning", format!("399 plugboard \"{e}\""));
+                        self.respond(id, r);
+                        return;
+                    }
+                }
+            }
             Some(Ok(offer)) => match sdp::answer(&offer, &d.local) {
                 Ok((a, n)) => (a, Some(n)),
                 Err(e) => {
@@ -749,6 +784,18 @@ impl Endpoint {
                     self.cancel_leg(&key);
                 } else {
                     self.give_up(key);
+                }
+            }
+            CallOut::FaxLeg { leg, local, offer } => {
+                let answered = match self.legs.get_mut(&leg) {
+                    Some(l) => {
+                        l.fax = Some((local, offer));
+                        l.answered.is_some()
+                    }
+                    None => return,
+                };
+                if answered && offer {
+                    self.offer_t38(&leg);
                 }
             }
             CallOut::HangupLeg(key) => {

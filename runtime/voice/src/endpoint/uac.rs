@@ -100,6 +100,7 @@ impl Endpoint {
                 answered: None,
                 abandoned: false,
                 meter,
+                fax: None,
             },
         );
     }
@@ -164,6 +165,12 @@ impl Endpoint {
                             .is_err()
                         {
                             self.bye_leg(&key);
+                        } else if self
+                            .legs
+                            .get(&key)
+                            .is_some_and(|l| l.fax.as_ref().is_some_and(|f| f.1))
+                        {
+                            self.offer_t38(&key);
                         }
                     }
                     Err(e) => {
@@ -321,5 +328,109 @@ impl Endpoint {
         if let Some(bye) = bye {
             self.tx.send_request(Instant::now(), leg.peer, bye);
         }
+    }
+
+    /// Asks the far end of an answered fax leg to go over to T.38
+    /// (re-INVITE with `image/t38`).
+    pub(super) fn offer_t38(&mut self, key: &DialogKey) {
+        let Some(local) = self
+            .legs
+            .get_mut(key)
+            .and_then(|l| l.fax.as_mut())
+            .map(|(local, _)| {
+                local.version += 1;
+                local.clone()
+            })
+        else {
+            return;
+        };
+        let Some(mut invite) = self.in_leg_request(key, Method::Invite) else {
+            return;
+        };
+        let Some(leg) = self.legs.get(key) else {
+            return;
+        };
+        invite.headers.push(
+            "Contact",
+            format!(
+                "<sip:plugboard@{}{}>",
+                self.sip_addr,
+                transport_param(leg.peer.transport)
+            ),
+        );
+        invite.headers.push("Allow", self.policy.allow_header());
+        invite.headers.push("Content-Type", "application/sdp");
+        invite.body = sdp::offer_t38(&local).into_bytes();
+        let peer = leg.peer;
+        let tx = self.tx.send_request(Instant::now(), peer, invite);
+        self.t38_tx.insert(tx, key.clone());
+    }
+
+    /// The far end's answer to our re-INVITE to T.38.
+    pub(super) fn t38_response(&mut self, id: ClientTxId, resp: Response) {
+        if resp.status < 200 {
+            return;
+        }
+        let Some(key) = self.t38_tx.remove(&id) else {
+            return;
+        };
+        let sip_addr = self.sip_addr;
+        let Some(leg) = self.legs.get_mut(&key) else {
+            return;
+        };
+        let event = if resp.status < 300 {
+            // The ACK for the 2xx carries the re-INVITE's CSeq.
+            if let Some(ack) = leg_request(sip_addr, &key.0, leg, Method::Ack, leg.cseq) {
+                let to = leg.peer;
+                self.send(Transmit {
+                    to,
+                    bytes: ack.to_bytes(),
+                });
+            }
+            let answer = String::from_utf8_lossy(&resp.body).into_owned();
+            match sdp::parse(&answer).and_then(|a| sdp::accept_t38_answer(&a)) {
+                Ok(stream) => LegEvent::T38(stream),
+                Err(e) => LegEvent::T38Refused(e.to_string()),
+            }
+        } else {
+            LegEvent::T38Refused(format!("{} {}", resp.status, resp.reason))
+        };
+        if let Some(leg) = self.legs.get(&key) {
+            let _ = leg.call.send(CallCmd::Leg(key, event));
+        }
+    }
+
+    /// A re-INVITE from the far end of one of our legs: a fax leg goes
+    /// over to T.38 when offered; anything else is refused (488), and the
+    /// leg's media stays as it is.
+    pub(super) fn leg_reinvite(&mut self, id: ServerTxId, req: Request, key: DialogKey) {
+        let offer = sdp_body(&req).and_then(|t| sdp::parse(&t).ok());
+        let Some(leg) = self.legs.get_mut(&key) else {
+            return;
+        };
+        let answer = match (&offer, leg.fax.as_mut()) {
+            (Some(offer), Some((local, _))) if sdp::offers_t38(offer) => {
+                local.version += 1;
+                sdp::answer_t38(offer, local).ok()
+            }
+            _ => None,
+        };
+        let Some((answer, stream)) = answer else {
+            let mut r = reply(&req, 488, reason_phrase(488), None);
+            r.headers.push(
+                "Warning",
+                "399 plugboard \"only a fax leg goes over to T.38\"",
+            );
+            self.respond(id, r);
+            return;
+        };
+        let _ = leg.call.send(CallCmd::Leg(key, LegEvent::T38(stream)));
+        let transport = leg.peer.transport;
+        let mut ok = reply(&req, 200, "OK", None);
+        ok.headers
+            .push("Contact", self.contact("plugboard", transport));
+        ok.headers.push("Content-Type", "application/sdp");
+        ok.body = answer.into_bytes();
+        self.respond(id, ok);
     }
 }

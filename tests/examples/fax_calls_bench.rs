@@ -10,7 +10,7 @@
 //! run in this process (the modem's share of a fax call's cost).
 //!
 //! `cargo build --release --bin plugboard && PLUGBOARD_BIN=target/release/plugboard
-//! cargo run --release -p plugboard-tests --example fax_bench`
+//! cargo run --release -p plugboard-tests --example fax_calls_bench`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
