@@ -488,6 +488,15 @@ fn next_fax(s: &Server, t: &str, key: &str, seen: &[String]) -> String {
 fn an_independent_fax_machine_receives_from_us_and_sends_to_us() {
     let peer_port = free_sip_port();
     let (dir, s, shipper, insurer) = shipper_and_insurer(Some(peer_port));
+    // The trunk asks for T.38, which this peer refuses (488): the fax
+    // goes on over G.711.
+    let t = s.json(
+        "PUT",
+        "/v1/tenants/shipper/trunks/default",
+        &shipper,
+        &json!({"host": format!("127.0.0.1:{peer_port}"), "t38": true}),
+    );
+    assert_eq!(t.status, 200, "{t:?}");
 
     // The peer receives a 2-page PDF sent as JSON over the API.
     let pdf = make_pdf(dir.path(), "invoice", 2);
@@ -528,6 +537,8 @@ fn an_independent_fax_machine_receives_from_us_and_sends_to_us() {
     );
     assert_eq!(m["meta"]["fax_remote_station"], "+1 555 0999", "{m}");
     assert_eq!(m["meta"]["fax_pages"], "2", "{m}");
+    assert_eq!(m["meta"]["fax_transport"], "g711", "{m}");
+    assert_eq!(result["t38"], false, "{result}");
 
     // The peer sends us a 2-page fax.
     let letter = make_pdf(dir.path(), "letter", 2);
