@@ -1514,7 +1514,7 @@ async fn post_fax(
         };
         (fax, document)
     };
-    if !plugboard_fax::is_number(&fax.to) {
+    if !plugboard_core::is_phone_number(&fax.to) {
         return Err(ApiError::bad_request(
             "to: a fax goes to a phone number (digits, with an optional leading +)",
         ));
@@ -1591,7 +1591,7 @@ async fn post_fax(
                 to: fax.to,
                 text,
                 files,
-                meta: BTreeMap::new(),
+                ..plugboard_engine::Outbound::default()
             },
         )
         .await?;

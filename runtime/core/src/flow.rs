@@ -191,6 +191,20 @@ pub enum Action {
         /// Milliseconds.
         ms: u32,
     },
+    /// Take the call as a fax (voice): at once, or — with `detect_ms` —
+    /// only if a fax machine's calling tone (CNG) is heard within that
+    /// time while the flow goes on. The fax is filed under the tenant's
+    /// fax address `address` (default: its first), whose flow runs on it.
+    /// JSON flows only for now: not in `wit/flow@0.1.0`.
+    ReceiveFax {
+        /// Listen for CNG this long (ms) while the flow goes on; `None`:
+        /// receive at once.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detect_ms: Option<u32>,
+        /// The tenant's fax address the fax is filed under.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        address: Option<String>,
+    },
     /// Offer a callback.
     OfferCallback {
         /// Queue.

@@ -531,6 +531,14 @@ pub struct Address {
     pub flow: String,
 }
 
+/// Whether `to` is a phone number a call or fax may be placed to (2 to
+/// 20 digits, an optional leading `+`), never a SIP URI — a caller's From
+/// can be anything, and a reply must not dial it.
+pub fn is_phone_number(to: &str) -> bool {
+    let digits = to.trim().trim_start_matches('+');
+    (2..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Normalises an address for lookup: trims, lower-cases emails, drops a leading `+`.
 pub fn normalize_address(a: &str) -> String {
     let a = a.trim();
@@ -729,6 +737,12 @@ pub enum EntryKind {
     /// `message_status`: an outbound message was sent, delivered, read,
     /// or failed.
     MessageStatus,
+    /// `sent`: the flow's `send` started a conversation on another
+    /// channel (its interaction and message ids), or could not (why).
+    Sent,
+    /// `fax`: the call was taken over by a fax terminal (`receive_fax`, or
+    /// the fax tone heard), and how the fax went.
+    Fax,
 }
 
 impl EntryKind {

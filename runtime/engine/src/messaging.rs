@@ -313,11 +313,20 @@ fn conversation_interaction(
     }
 }
 
+/// What a flow's `send` did, for its interaction's timeline.
+pub fn sent_note(channel: Channel, to: &str, sent: &EngineResult<Message>) -> Value {
+    match sent {
+        Ok(m) => json!({"channel": channel, "to": to, "interaction": m.interaction, "message": m.id}),
+        Err(e) => json!({"channel": channel, "to": to, "error": e.to_string()}),
+    }
+}
+
 /// Hand-overs at once per channel.
 const SLOTS: usize = 64;
 
 /// A message that starts a conversation from the tenant's side (a fax
-/// sent over the API), for [`Engine::start_conversation`].
+/// sent over the API, a flow's `send`), for
+/// [`Engine::start_conversation`].
 #[derive(Debug, Clone, Default)]
 pub struct Outbound {
     /// Channel (the `from` address must be one of this channel).
@@ -332,6 +341,10 @@ pub struct Outbound {
     pub files: Vec<(String, String, Vec<u8>)>,
     /// Details kept on the message.
     pub meta: BTreeMap<String, String>,
+    /// Subject (email).
+    pub subject: Option<String>,
+    /// Who sends it (`None`: the tenant's API key).
+    pub author: Option<Author>,
 }
 
 /// A new message id for a message created at `now_ms`: ids this process
@@ -932,6 +945,17 @@ impl Engine {
                     break;
                 }
                 Action::Wait { .. } => break,
+                Action::Send {
+                    channel,
+                    to,
+                    text,
+                    subject,
+                } => {
+                    let sent = self
+                        .flow_send(&session.interaction, channel, &to, text, subject)
+                        .await;
+                    session.note(EntryKind::Sent, sent_note(channel, &to, &sent));
+                }
                 other => {
                     let data = json!({"action": to_json(&other), "why": "not on a text channel"});
                     session.note(EntryKind::IgnoredAction, data);
@@ -1435,7 +1459,8 @@ impl Engine {
         interaction
             .attributes
             .insert("customer".to_string(), customer.clone());
-        let mut m = self.new_outbound(&interaction, Author::Api, out.text, None)?;
+        let author = out.author.unwrap_or(Author::Api);
+        let mut m = self.new_outbound(&interaction, author, out.text, out.subject)?;
         for (name, content_type, bytes) in &out.files {
             let blob = format!("att-{created:013}-{:08x}", crate::interaction_nonce()?);
             self.store.put_blob_soft(tenant, &blob, bytes).await?;
@@ -1470,6 +1495,56 @@ impl Engine {
         self.start_hooks(tenant, hooks);
         self.sent_outbound(tenant, std::slice::from_ref(&m));
         Ok(m)
+    }
+
+    /// Carries out a flow's `send` action for `interaction`: a new
+    /// conversation on `channel` to `to`, sent from the tenant's address
+    /// of that channel — the interaction's own when it came in on that
+    /// channel, else the tenant's first — through that channel's outbox
+    /// (a fax's text is set on a page). The message's meta says which
+    /// interaction's flow sent it.
+    pub async fn flow_send(
+        self: &Arc<Self>,
+        interaction: &Interaction,
+        channel: Channel,
+        to: &str,
+        text: String,
+        subject: Option<String>,
+    ) -> EngineResult<Message> {
+        let tenant = &interaction.tenant;
+        let from = if interaction.channel == channel {
+            interaction.to.clone()
+        } else {
+            let mut own: Vec<Address> = self
+                .addresses(tenant)
+                .await?
+                .into_iter()
+                .filter(|a| a.channel == channel)
+                .collect();
+            own.sort_by(|a, b| a.address.cmp(&b.address));
+            own.into_iter()
+                .next()
+                .map(|a| a.address)
+                .ok_or_else(|| CoreError::NotFound(format!("the tenant has no {channel} address to send from")))?
+        };
+        if channel == Channel::Fax && !plugboard_core::is_phone_number(to) {
+            return Err(CoreError::Invalid(format!("{to} is not a phone number: a fax goes only to a number")).into());
+        }
+        let meta = BTreeMap::from([("sent_by_interaction".to_string(), interaction.id.clone())]);
+        self.start_conversation(
+            tenant,
+            Outbound {
+                channel,
+                from,
+                to: to.to_string(),
+                text,
+                meta,
+                subject,
+                author: Some(Author::Flow),
+                ..Outbound::default()
+            },
+        )
+        .await
     }
 
     /// Records a status a channel learnt for an outbound message (an SMS

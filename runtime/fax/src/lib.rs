@@ -38,12 +38,26 @@ mod code {
     pub const CALL_DROPPED: i32 = 49;
 }
 
-/// Whether a fax may be sent to `to`: a phone number (2 to 20 digits,
-/// an optional leading `+`), never a SIP URI — a caller's From can be
-/// anything, and a reply must not dial it.
-pub fn is_number(to: &str) -> bool {
-    let digits = to.trim().trim_start_matches('+');
-    (2..=20).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
+/// Listens for a fax machine's calling tone (CNG: 1100 Hz in half-second
+/// bursts) on a voice call — spandsp's detector, as FreeSWITCH's
+/// `spandsp_start_fax_detection` and Asterisk's `faxdetect` use.
+pub struct CngDetector {
+    cng: spandsp::Cng,
+}
+
+impl CngDetector {
+    /// A detector.
+    pub fn new() -> Result<CngDetector, FaxError> {
+        Ok(CngDetector {
+            cng: spandsp::Cng::new().ok_or(FaxError::Setup)?,
+        })
+    }
+
+    /// A frame heard from the caller (8 kHz); true once a fax machine's
+    /// calling tone was heard.
+    pub fn heard(&mut self, frame: &[i16]) -> bool {
+        self.cng.heard(frame)
+    }
 }
 
 /// Why a fax could not be set up or a document converted.
@@ -445,6 +459,30 @@ mod tests {
         assert_eq!((sent.stats.pages, got.stats.pages), (2, 2));
         assert_eq!(got.remote_ident, "+1 555 0100");
         assert_eq!(document::tiff_pages(&std::fs::read(&rx).unwrap()), 2);
+    }
+
+    #[test]
+    fn a_calling_fax_machine_is_heard_and_a_voice_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiff = dir.path().join("out.tif");
+        document::text_to_fax(&document::Tools::default(), "x", &tiff).unwrap();
+        let mut caller = Terminal::new(Role::Send, true, &tiff, "1").unwrap();
+        let mut cng = CngDetector::new().unwrap();
+        let heard_after = (0..50 * 5).find(|_| cng.heard(&caller.tx()));
+        let frames = heard_after.expect("no CNG heard in 5 s");
+        assert!(frames <= 50 * 2, "{frames}");
+        // A voice-like mix of tones and silence is no fax.
+        let mut cng = CngDetector::new().unwrap();
+        for n in 0..50 * 10u32 {
+            let frame: Vec<i16> = (0..FRAME as u32)
+                .map(|i| {
+                    let t = f64::from(n * FRAME as u32 + i) / 8000.0;
+                    let f = 300.0 + 200.0 * (t * 3.0).sin();
+                    (8000.0 * (2.0 * std::f64::consts::PI * f * t).sin()) as i16
+                })
+                .collect();
+            assert!(!cng.heard(&frame), "voice taken for CNG at frame {n}");
+        }
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The thin FFI to libspandsp 0.0.6's fax terminals — over audio
-//! ([`Fax`]) and over T.38 ([`T38`]): the only unsafe code of the crate,
-//! kept here.
+//! ([`Fax`]) and over T.38 ([`T38`]) — and its fax tone detector
+//! ([`Cng`]): the only unsafe code of the crate, kept here.
 //!
 //! Only the calls the [`crate::Terminal`] needs are declared, with the
 //! prototypes of Debian's `/usr/include/spandsp/{fax,t30,t30_api,
-//! t30_logging,t38_core,t38_terminal}.h` (0.0.6). The library is linked
+//! t30_logging,t38_core,t38_terminal,modem_connect_tones}.h` (0.0.6). The library is linked
 //! dynamically (see `build.rs`).
 //!
 //! Safety rules kept by [`Fax`] and [`T38`]:
@@ -44,6 +44,13 @@ struct T38TerminalState {
 struct T38CoreState {
     _private: [u8; 0],
 }
+
+#[repr(C)]
+struct ToneRxState {
+    _private: [u8; 0],
+}
+
+type ToneReport = extern "C" fn(*mut c_void, c_int, c_int, c_int);
 
 /// `t30_stats_t` of spandsp 0.0.6 (fifteen `int`s).
 #[repr(C)]
@@ -108,6 +115,59 @@ unsafe extern "C" {
         len: c_int,
         seq_no: u16,
     ) -> c_int;
+    fn modem_connect_tones_rx_init(
+        s: *mut ToneRxState,
+        tone_type: c_int,
+        tone_callback: Option<ToneReport>,
+        user_data: *mut c_void,
+    ) -> *mut ToneRxState;
+    fn modem_connect_tones_rx(s: *mut ToneRxState, amp: *const i16, len: c_int) -> c_int;
+    fn modem_connect_tones_rx_get(s: *mut ToneRxState) -> c_int;
+    fn modem_connect_tones_rx_free(s: *mut ToneRxState) -> c_int;
+}
+
+/// `MODEM_CONNECT_TONES_FAX_CNG`: 1100 Hz in 0.5 s bursts.
+const TONE_FAX_CNG: c_int = 1;
+
+/// spandsp's detector of a fax machine's calling tone (CNG).
+pub(crate) struct Cng {
+    state: NonNull<ToneRxState>,
+}
+
+// SAFETY: as for `Fax`: reached only through `&mut self`.
+unsafe impl Send for Cng {}
+
+impl Cng {
+    pub fn new() -> Option<Cng> {
+        // SAFETY: a null `s` asks spandsp to allocate the state; no
+        // callback (the result is read with `modem_connect_tones_rx_get`).
+        let state = unsafe {
+            modem_connect_tones_rx_init(
+                std::ptr::null_mut(),
+                TONE_FAX_CNG,
+                None,
+                std::ptr::null_mut(),
+            )
+        };
+        NonNull::new(state).map(|state| Cng { state })
+    }
+
+    /// Audio heard; true once the tone was heard.
+    pub fn heard(&mut self, samples: &[i16]) -> bool {
+        let len = c_int::try_from(samples.len()).unwrap_or(c_int::MAX);
+        // SAFETY: live state; `samples` holds `len` samples, only read.
+        unsafe {
+            modem_connect_tones_rx(self.state.as_ptr(), samples.as_ptr(), len);
+            modem_connect_tones_rx_get(self.state.as_ptr()) == TONE_FAX_CNG
+        }
+    }
+}
+
+impl Drop for Cng {
+    fn drop(&mut self) {
+        // SAFETY: the state from `modem_connect_tones_rx_init`, freed once.
+        unsafe { modem_connect_tones_rx_free(self.state.as_ptr()) };
+    }
 }
 
 /// V.27ter, V.29 and V.17 (`T30_SUPPORT_V27TER | T30_SUPPORT_V29 |

@@ -321,6 +321,34 @@ pub enum Node {
         #[serde(default)]
         next: Option<String>,
     },
+    /// Send a fax (the text set on a page) to a number, from the
+    /// tenant's fax address: `send` on the fax channel.
+    SendFax {
+        /// The number, with templates.
+        to: String,
+        /// Text, with templates.
+        text: String,
+        /// Next node.
+        #[serde(default)]
+        next: Option<String>,
+    },
+    /// Take the call as a fax (voice). Without `detect_secs` the call
+    /// becomes a fax at once and the flow ends; with it, the flow goes on
+    /// to `next` while a fax machine's calling tone (CNG) is listened for
+    /// that long, and the call becomes a fax if it is heard. The fax is
+    /// filed under the tenant's fax address `address` (default: its
+    /// first).
+    ReceiveFax {
+        /// Listen for the fax tone this long (s) while the flow goes on.
+        #[serde(default)]
+        detect_secs: Option<u32>,
+        /// The tenant's fax address the fax is filed under.
+        #[serde(default)]
+        address: Option<String>,
+        /// Next node (with `detect_secs`).
+        #[serde(default)]
+        next: Option<String>,
+    },
     /// End the interaction.
     Hangup {},
 }
@@ -386,7 +414,9 @@ impl Node {
             Node::Say { next, .. }
             | Node::Play { next, .. }
             | Node::Set { next, .. }
-            | Node::Send { next, .. } => opt("next", next, &mut e),
+            | Node::Send { next, .. }
+            | Node::SendFax { next, .. }
+            | Node::ReceiveFax { next, .. } => opt("next", next, &mut e),
             Node::Menu {
                 options,
                 no_input,
@@ -467,6 +497,11 @@ impl Node {
                 t.push(text);
                 t.extend(subject.as_deref());
             }
+            Node::SendFax { to, text, .. } => {
+                t.push(to);
+                t.push(text);
+            }
+            Node::ReceiveFax { .. } => {}
             Node::Condition { .. }
             | Node::Enqueue { .. }
             | Node::Transfer { .. }
@@ -605,6 +640,20 @@ fn check_node(id: &str, n: &Node) -> Result<(), FlowError> {
         Node::Transfer { target } if target.is_empty() => {
             return fail("target must not be empty");
         }
+        Node::SendFax { to, .. } if to.is_empty() => return fail("to must not be empty"),
+        Node::ReceiveFax {
+            detect_secs: Some(s),
+            ..
+        } if !(1..=60).contains(s) => return fail("detect_secs must be 1–60"),
+        Node::ReceiveFax {
+            detect_secs: None,
+            next: Some(_),
+            ..
+        } => {
+            return fail(
+                "a receive_fax without detect_secs ends the flow (the call is a fax): it has no next",
+            );
+        }
         _ => {}
     }
     Ok(())
@@ -655,7 +704,7 @@ pub fn parse(text: &[u8]) -> Result<Parsed, FlowError> {
                 Some(t) if msg.starts_with("unknown variant") => FlowError::node(
                     &id,
                     format!(
-                        "unknown node type {t:?} (known: say, play, menu, gather, http, set, condition, language, enqueue, transfer, record, send, hangup)"
+                        "unknown node type {t:?} (known: say, play, menu, gather, http, set, condition, language, enqueue, transfer, record, send, send_fax, receive_fax, hangup)"
                     ),
                 ),
                 Some(t) => FlowError::node(&id, format!("invalid {t} node: {msg}")),

@@ -419,6 +419,30 @@ impl Run<'_> {
                     self.actions.push(action);
                     next
                 }
+                Node::SendFax { to, text, next } => {
+                    let action = Action::Send {
+                        channel: plugboard_core::Channel::Fax,
+                        to: self.render(&to),
+                        text: self.render(&text),
+                        subject: None,
+                    };
+                    self.actions.push(action);
+                    next
+                }
+                Node::ReceiveFax {
+                    detect_secs,
+                    address,
+                    next,
+                } => {
+                    let detect_ms = detect_secs.map(|s| s.clamp(1, 60) * 1000);
+                    self.actions.push(Action::ReceiveFax { detect_ms, address });
+                    if detect_ms.is_none() {
+                        // The call is a fax from here on.
+                        self.st.done = true;
+                        return Ok(());
+                    }
+                    next
+                }
                 // Waiting nodes returned above.
                 Node::Menu { .. }
                 | Node::Gather { .. }

@@ -36,7 +36,8 @@ use std::time::{Duration, Instant};
 use plugboard_core::{Channel, Message};
 use plugboard_engine::{Courier, Delivered, DeliveryError, Engine, Inbound};
 use plugboard_fax::document::{self, Tools};
-use plugboard_fax::{FaxError, Outcome, Role, Terminal, is_number, t38};
+use plugboard_core::is_phone_number as is_number;
+use plugboard_fax::{FaxError, Outcome, Role, Terminal, t38};
 use plugboard_media::audio::FRAME;
 use plugboard_media::sdp::{Negotiated, T38Stream, UdpEc};
 use tokio::sync::mpsc;
@@ -46,7 +47,7 @@ use super::callback::{Ctx, dial};
 use super::media::{CallerMedia, OutLeg};
 use crate::VoiceConfig;
 use crate::clock::PTIME;
-use crate::ports::PortPair;
+use crate::ports::{MediaSockets, PortPair};
 use crate::signal::{CallCmd, CallOut, DialogKey, LegEvent};
 
 /// A media leg as a fax terminal hears and talks on it.
@@ -272,137 +273,174 @@ pub(crate) async fn receive(spec: FaxSpec) {
         app,
         config,
     } = spec;
-    let fail = |why: String| {
-        tracing::error!("fax call {} to {}: {why}", key.0, fax.address);
-        let _ = endpoint.send(CallOut::Hangup(key.clone()));
-        let _ = endpoint.send(CallOut::Ended(key.clone()));
-    };
-    let sockets = match media.register() {
-        Ok(s) => s,
-        Err(e) => return fail(format!("cannot register RTP sockets: {e}")),
-    };
-    let mut scratch = match Scratch::new() {
-        Ok(d) => d,
-        Err(e) => return fail(format!("no scratch directory: {e}")),
-    };
-    let tiff = scratch.dir.join("received.tif");
-    let terminal = match Terminal::new(Role::Receive, false, &tiff, &fax.address) {
-        Ok(t) => t,
-        Err(e) => return fail(e.to_string()),
-    };
-    let mut line = Line::new(terminal);
-    let mut caller = CallerMedia::new(negotiated, Instant::now());
-    caller.buffer_frames(FAX_JITTER_FRAMES);
-    let started = Instant::now();
-    let ring_limit = started + Duration::from_secs(64);
-    let mut tick = tokio::time::interval(PTIME);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
-    let (mut buf, mut rbuf) = (vec![0u8; 2048], vec![0u8; 2048]);
-    // Who ended the call: the caller (BYE) or we.
-    let caller_left = loop {
-        tokio::select! {
-            cmd = cmds.recv() => match cmd {
-                Some(CallCmd::Confirmed) => {
-                    caller.last_rtp = Instant::now();
-                    if line.started.is_none() {
-                        app.fax_event(&fax.tenant, serde_json::json!({
-                            "direction": "inbound", "state": "receiving", "from": fax.caller,
-                            "to": fax.address, "call_id": fax.call_id,
-                        }));
+    match media.register() {
+        Ok(sockets) => {
+            let mut caller = CallerMedia::new(negotiated, Instant::now());
+            let mut line = Taking {
+                key: &key,
+                fax: &fax,
+                sockets: &sockets,
+                caller: &mut caller,
+                cmds: &mut cmds,
+                endpoint: &endpoint,
+                app: &app,
+                config: &config,
+            };
+            line.take(false).await;
+        }
+        Err(e) => {
+            tracing::error!("fax call {} to {}: cannot register RTP sockets: {e}", key.0, fax.address);
+            let _ = endpoint.send(CallOut::Hangup(key.clone()));
+        }
+    }
+    let _ = endpoint.send(CallOut::Ended(key));
+}
+
+/// A call being taken as a fax: an inbound fax call from the start, or a
+/// voice call whose flow said `receive_fax` (or whose caller's fax
+/// machine was heard).
+pub(super) struct Taking<'a> {
+    pub key: &'a DialogKey,
+    pub fax: &'a FaxCall,
+    pub sockets: &'a MediaSockets,
+    pub caller: &'a mut CallerMedia,
+    pub cmds: &'a mut mpsc::UnboundedReceiver<CallCmd>,
+    pub endpoint: &'a mpsc::UnboundedSender<CallOut>,
+    pub app: &'a Arc<Engine>,
+    pub config: &'a Arc<VoiceConfig>,
+}
+
+impl Taking<'_> {
+    /// Runs the fax terminal on the call until the fax or the call ends
+    /// (`answered`: the call is up already), hangs up if the caller has
+    /// not, and stores what came. How the fax went, if the call was up.
+    pub(super) async fn take(&mut self, answered: bool) -> Option<Outcome> {
+        let (key, fax, app, config) = (self.key, self.fax, self.app, self.config);
+        let fail = |why: String| {
+            tracing::error!("fax call {} to {}: {why}", key.0, fax.address);
+            let _ = self.endpoint.send(CallOut::Hangup(key.clone()));
+            None
+        };
+        let mut scratch = match Scratch::new() {
+            Ok(d) => d,
+            Err(e) => return fail(format!("no scratch directory: {e}")),
+        };
+        let tiff = scratch.dir.join("received.tif");
+        let terminal = match Terminal::new(Role::Receive, false, &tiff, &fax.address) {
+            Ok(t) => t,
+            Err(e) => return fail(e.to_string()),
+        };
+        let mut line = Line::new(terminal);
+        self.caller.buffer_frames(FAX_JITTER_FRAMES);
+        let receiving = || {
+            app.fax_event(&fax.tenant, serde_json::json!({
+                "direction": "inbound", "state": "receiving", "from": fax.caller,
+                "to": fax.address, "call_id": fax.call_id,
+            }));
+        };
+        if answered {
+            self.caller.last_rtp = Instant::now();
+            receiving();
+            line.start();
+        }
+        let started = Instant::now();
+        let ring_limit = started + Duration::from_secs(64);
+        let mut tick = tokio::time::interval(PTIME);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let (mut buf, mut rbuf) = (vec![0u8; 2048], vec![0u8; 2048]);
+        let sockets = self.sockets;
+        // Who ended the call: the caller (BYE) or we.
+        let caller_left = loop {
+            tokio::select! {
+                cmd = self.cmds.recv() => match cmd {
+                    Some(CallCmd::Confirmed) => {
+                        self.caller.last_rtp = Instant::now();
+                        if line.started.is_none() {
+                            receiving();
+                        }
+                        line.start();
                     }
-                    line.start();
+                    Some(CallCmd::Media(n)) => self.caller.changed(n),
+                    Some(CallCmd::T38(stream)) => match line.use_t38(&stream) {
+                        Ok(()) => {
+                            self.caller.last_rtp = Instant::now();
+                            app.fax_event(&fax.tenant, serde_json::json!({
+                                "direction": "inbound", "state": "t38", "call_id": fax.call_id,
+                            }));
+                        }
+                        Err(e) => {
+                            tracing::error!("fax call {}: cannot go over to T.38: {e}", key.0);
+                            break false;
+                        }
+                    },
+                    Some(CallCmd::Answer(Ok(n))) => self.caller.answered(n),
+                    Some(CallCmd::Answer(Err(_))) | Some(CallCmd::Shutdown) => break false,
+                    Some(CallCmd::RemoteHangup(_)) | None => break true,
+                    Some(_) => {}
+                },
+                r = sockets.rtp.recv_from(&mut buf) => {
+                    if let Ok((n, src)) = r {
+                        if line.udptl(&buf[..n]) {
+                            self.caller.last_rtp = Instant::now();
+                        } else {
+                            // Digits mean nothing to a fax.
+                            let _ = self.caller.rtp(&buf[..n], src);
+                        }
+                    }
                 }
-                Some(CallCmd::Media(n)) => caller.changed(n),
-                Some(CallCmd::T38(stream)) => match line.use_t38(&stream) {
-                    Ok(()) => {
-                        caller.last_rtp = Instant::now();
+                r = sockets.rtcp.recv_from(&mut rbuf) => {
+                    if let Ok((n, src)) = r {
+                        self.caller.rtcp(&rbuf[..n], src);
+                    }
+                }
+                _ = tick.tick() => {
+                    let done = line.pump(
+                        &mut CallerAudio { media: self.caller, socket: &sockets.rtp },
+                        &sockets.rtp,
+                    );
+                    if let Some(pages) = line.new_page() {
                         app.fax_event(&fax.tenant, serde_json::json!({
-                            "direction": "inbound", "state": "t38", "call_id": fax.call_id,
+                            "direction": "inbound", "state": "page", "pages": pages, "call_id": fax.call_id,
                         }));
                     }
-                    Err(e) => {
-                        tracing::error!("fax call {}: cannot go over to T.38: {e}", key.0);
+                    if done.is_some() {
                         break false;
                     }
-                },
-                Some(CallCmd::Answer(Ok(n))) => caller.answered(n),
-                Some(CallCmd::Answer(Err(_))) | Some(CallCmd::Shutdown) => break false,
-                Some(CallCmd::RemoteHangup(_)) | None => break true,
-                Some(_) => {}
-            },
-            r = sockets.rtp.recv_from(&mut buf) => {
-                if let Ok((n, src)) = r {
-                    if line.udptl(&buf[..n]) {
-                        caller.last_rtp = Instant::now();
-                    } else {
-                        // Digits mean nothing to a fax.
-                        let _ = caller.rtp(&buf[..n], src);
+                    if line.started.is_none() && Instant::now() > ring_limit {
+                        break false;
+                    }
+                    if line.started.is_some() && self.caller.last_rtp.elapsed() > config.rtp_timeout {
+                        break false;
+                    }
+                    if started.elapsed() > config.max_call.min(MAX_FAX_CALL) {
+                        break false;
                     }
                 }
             }
-            r = sockets.rtcp.recv_from(&mut rbuf) => {
-                if let Ok((n, src)) = r {
-                    caller.rtcp(&rbuf[..n], src);
-                }
-            }
-            _ = tick.tick() => {
-                let done = line.pump(
-                    &mut CallerAudio { media: &mut caller, socket: &sockets.rtp },
-                    &sockets.rtp,
-                );
-                if let Some(pages) = line.new_page() {
-                    app.fax_event(&fax.tenant, serde_json::json!({
-                        "direction": "inbound", "state": "page", "pages": pages, "call_id": fax.call_id,
-                    }));
-                }
-                if done.is_some() {
-                    break false;
-                }
-                if line.started.is_none() && Instant::now() > ring_limit {
-                    break false;
-                }
-                if line.started.is_some() && caller.last_rtp.elapsed() > config.rtp_timeout {
-                    break false;
-                }
-                if started.elapsed() > config.max_call.min(MAX_FAX_CALL) {
-                    break false;
-                }
-            }
+        };
+        if !caller_left {
+            let _ = self.endpoint.send(CallOut::Hangup(key.clone()));
         }
-    };
-    if !caller_left {
-        let _ = endpoint.send(CallOut::Hangup(key.clone()));
-    }
-    let answered = line.started;
-    let t38 = line.t38.is_some();
-    let Line { mut terminal, .. } = line;
-    let outcome = terminal.hang_up();
-    // Closes the received file.
-    drop(terminal);
-    app.fax_event(
-        &fax.tenant,
-        serde_json::json!({
-            "direction": "inbound", "state": "ended", "pages": outcome.stats.pages,
-            "ok": outcome.ok, "result": outcome.text, "call_id": fax.call_id,
-        }),
-    );
-    drop(sockets);
-    if answered.is_some() {
-        let duration = answered.map(|a| a.elapsed()).unwrap_or_default();
+        let answered = line.started;
+        let t38 = line.t38.is_some();
+        let Line { mut terminal, .. } = line;
+        let outcome = terminal.hang_up();
+        // Closes the received file.
+        drop(terminal);
+        app.fax_event(
+            &fax.tenant,
+            serde_json::json!({
+                "direction": "inbound", "state": "ended", "pages": outcome.stats.pages,
+                "ok": outcome.ok, "result": outcome.text, "call_id": fax.call_id,
+            }),
+        );
+        let answered = answered?;
+        let duration = answered.elapsed();
         // The sender was told page by page: a store that fails is tried
         // again, and a fax that still cannot be stored is kept on disk.
         let mut wait = Duration::from_secs(1);
         for attempt in 1..=5 {
-            match store(
-                &app,
-                &config.fax_tools,
-                &fax,
-                &tiff,
-                &outcome,
-                (duration, t38),
-            )
-            .await
-            {
+            match store(app, &config.fax_tools, fax, &tiff, &outcome, (duration, t38)).await {
                 Ok(()) => break,
                 Err(e) if attempt < 5 => {
                     tracing::warn!(
@@ -425,9 +463,9 @@ pub(crate) async fn receive(spec: FaxSpec) {
                 }
             }
         }
+        drop(scratch);
+        Some(outcome)
     }
-    drop(scratch);
-    let _ = endpoint.send(CallOut::Ended(key));
 }
 
 /// Stores a received fax as an inbound message: the pages as a PDF and
