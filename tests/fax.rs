@@ -754,6 +754,164 @@ fn over_t38_after_a_reinvite_from_either_side() {
 }
 
 #[test]
+fn a_voice_number_takes_the_fax_it_hears_and_a_flow_faxes_a_receipt() {
+    let peer_port = free_sip_port();
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("data"), &[]).unwrap();
+    let key = s.tenant("depot");
+    // The fax number's flow faxes the sender a receipt; the front desk's
+    // voice flow listens for a fax machine for ten seconds while it
+    // greets the caller.
+    let flows = [
+        (
+            "fax-receipt",
+            json!({"name": "fax-receipt", "start": "ack", "nodes": {
+                "ack": {"type": "send_fax", "to": "{{caller}}",
+                        "text": "Depot: your fax was received. Thank you.", "next": "done"},
+                "done": {"type": "hangup"}}}),
+        ),
+        (
+            "front-desk",
+            json!({"name": "front-desk", "start": "listen", "nodes": {
+                "listen": {"type": "receive_fax", "detect_secs": 10, "next": "menu"},
+                "menu": {"type": "menu", "prompt": "Welcome to the depot. Press 1 for bookings.",
+                         "options": {"1": "bye"}, "timeout_ms": 15000, "no_input": "bye"},
+                "bye": {"type": "hangup"}}}),
+        ),
+    ];
+    for (name, flow) in flows {
+        let d = s
+            .call(
+                "POST",
+                &format!("/v1/tenants/depot/flows/{name}"),
+                Some(&key),
+                Some(flow.to_string().into_bytes()),
+            )
+            .unwrap();
+        assert_eq!(d.status, 201, "{d:?}");
+    }
+    for (number, channel, flow) in [
+        ("+15550175", "fax", "fax-receipt"),
+        ("+15550176", "voice", "front-desk"),
+    ] {
+        let a = s.json(
+            "PUT",
+            &format!("/v1/tenants/depot/addresses/{number}"),
+            &key,
+            &json!({"channel": channel, "flow": flow}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    let t = s.json(
+        "PUT",
+        "/v1/tenants/depot/trunks/default",
+        &key,
+        &json!({"host": format!("127.0.0.1:{peer_port}")}),
+    );
+    assert_eq!(t.status, 200, "{t:?}");
+
+    // The receipt goes to the sender's number, where this peer answers.
+    let rx = dir.path().join("receipt.tif");
+    let (mut receipt_machine, mut lines) = peer_receiving(peer_port, &rx, &[]);
+    // A fax machine calls the voice number.
+    let tif = make_tiff(&make_pdf(dir.path(), "delivery-note", 1));
+    let sip = format!("127.0.0.1:{}", s.sip_port);
+    let result = peer(&[
+        "send",
+        "--server",
+        &sip,
+        "--to",
+        "15550176",
+        "--file",
+        tif.to_str().unwrap(),
+        "--ident",
+        "+1 555 0177",
+    ]);
+    let log = s.log();
+    let tail = &log[log.len().saturating_sub(4000)..];
+    assert_eq!(result["code"], 0, "{result}\n{tail}");
+    assert_eq!(result["pages"], 1, "{result}");
+
+    // The call's timeline says it became a fax, filed under the fax number.
+    let voice: Vec<Value> = s
+        .interactions("depot", &key)
+        .into_iter()
+        .filter(|ix| ix["channel"] == "voice")
+        .collect();
+    assert_eq!(voice.len(), 1, "{voice:?}");
+    let call_id = voice[0]["id"].as_str().unwrap();
+    let mut call = Value::Null;
+    assert!(eventually(Duration::from_secs(20), || {
+        call = s.interaction("depot", &key, call_id);
+        call["closed_ms"].is_u64()
+    }));
+    let fax_entries: Vec<&Value> = call["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "fax")
+        .collect();
+    assert_eq!(fax_entries.len(), 2, "{call}");
+    assert_eq!(fax_entries[0]["data"]["address"], "15550175", "{call}");
+    assert_eq!(fax_entries[1]["data"]["pages"], 1, "{call}");
+    assert!(
+        call["attributes"]["hangup_cause"]
+            .as_str()
+            .unwrap()
+            .contains("calling tone"),
+        "{call}"
+    );
+    // The received fax, and the receipt its flow sent: two fax
+    // conversations.
+    let mut msg = Value::Null;
+    assert!(eventually(Duration::from_secs(20), || {
+        msg = faxes(&s, "depot", &key)
+            .into_iter()
+            .filter_map(|f| f["id"].as_str().map(str::to_string))
+            .flat_map(|i| s.messages("depot", &key, &i))
+            .find(|m| m["direction"] == "inbound")
+            .unwrap_or(Value::Null);
+        !msg.is_null()
+    }));
+    let ix = msg["interaction"].as_str().unwrap().to_string();
+    assert_eq!(msg["meta"]["fax_pages"], "1", "{msg}");
+    assert_eq!(msg["meta"]["fax_ok"], "true", "{msg}");
+
+    // The fax number's flow faxed a receipt back: one page, from the fax
+    // number, marked as sent by that conversation's flow.
+    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(receipt_machine.wait().unwrap().success(), "{result}");
+    assert_eq!(result["pages"], 1, "{result}");
+    assert_eq!(result["remote"], "+15550175", "{result}");
+    let mut receipt = Value::Null;
+    assert!(eventually(Duration::from_secs(30), || {
+        receipt = faxes(&s, "depot", &key)
+            .into_iter()
+            .filter_map(|f| f["id"].as_str().map(str::to_string))
+            .filter(|i| *i != ix)
+            .flat_map(|i| s.messages("depot", &key, &i))
+            .find(|m| m["status"] == "sent")
+            .unwrap_or(Value::Null);
+        !receipt.is_null()
+    }));
+    assert_eq!(
+        receipt["meta"]["sent_by_interaction"],
+        ix.as_str(),
+        "{receipt}"
+    );
+    assert_eq!(receipt["author"]["type"], "flow", "{receipt}");
+    let conv = s.interaction("depot", &key, &ix);
+    assert!(
+        conv["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "sent" && e["data"]["channel"] == "fax"),
+        "{conv}"
+    );
+}
+
+#[test]
 fn a_call_that_is_not_a_fax_ends_as_no_fax_detected() {
     let dir = tempfile::tempdir().unwrap();
     let s = Server::start(&dir.path().join("data"), &[]).unwrap();

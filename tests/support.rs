@@ -407,6 +407,13 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// One interaction record, with its timeline.
+    pub fn interaction(&self, tenant: &str, key: &str, ix: &str) -> Value {
+        let a = self.get(&format!("/v1/tenants/{tenant}/interactions/{ix}"), key);
+        assert_eq!(a.status, 200, "{a:?}");
+        a.body
+    }
+
     /// A conversation's messages, oldest first.
     pub fn messages(&self, tenant: &str, key: &str, ix: &str) -> Vec<Value> {
         let a = self.get(

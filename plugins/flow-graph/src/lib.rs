@@ -184,6 +184,9 @@ fn action_out(a: A) -> Action {
         A::SetAttribute { name, value } => Action::SetAttribute((name, value)),
         A::Wait { ms } => Action::Wait(ms),
         A::OfferCallback { queue, number } => Action::OfferCallback(Callback { queue, number }),
+        A::ReceiveFax { detect_ms, address } => {
+            Action::Transfer(A::fax_target(detect_ms, address.as_deref()))
+        }
     }
 }
 

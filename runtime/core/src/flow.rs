@@ -195,7 +195,8 @@ pub enum Action {
     /// only if a fax machine's calling tone (CNG) is heard within that
     /// time while the flow goes on. The fax is filed under the tenant's
     /// fax address `address` (default: its first), whose flow runs on it.
-    /// JSON flows only for now: not in `wit/flow@0.1.0`.
+    /// A Wasm flow (`wit/flow@0.1.0`) asks for it with a `transfer` to a
+    /// `fax:` target ([`Action::fax_target`]).
     ReceiveFax {
         /// Listen for CNG this long (ms) while the flow goes on; `None`:
         /// receive at once.
@@ -213,6 +214,37 @@ pub enum Action {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         number: Option<String>,
     },
+}
+
+impl Action {
+    /// The `transfer` target that stands for [`Action::ReceiveFax`] in
+    /// `wit/flow@0.1.0` (as `queue:NAME` stands for a queue): `fax:`, then
+    /// the fax address to file under if any, then `?detect_ms=N` to take
+    /// the call only if a fax machine is heard within N ms.
+    pub fn fax_target(detect_ms: Option<u32>, address: Option<&str>) -> String {
+        let mut t = format!("fax:{}", address.unwrap_or(""));
+        if let Some(ms) = detect_ms {
+            t.push_str(&format!("?detect_ms={ms}"));
+        }
+        t
+    }
+
+    /// A `transfer` target read as an action: [`Action::ReceiveFax`] for
+    /// a `fax:` target, else the transfer itself.
+    pub fn transfer(target: String) -> Action {
+        let Some(rest) = target.strip_prefix("fax:") else {
+            return Action::Transfer { target };
+        };
+        let (address, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let detect_ms = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("detect_ms="))
+            .and_then(|v| v.parse().ok());
+        Action::ReceiveFax {
+            detect_ms,
+            address: (!address.is_empty()).then(|| address.to_string()),
+        }
+    }
 }
 
 /// The safe default when a flow fails: apologise, then queue for the
@@ -237,6 +269,27 @@ pub fn fallback_actions() -> Vec<Action> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fax_transfer_target_stands_for_receive_fax() {
+        for (detect_ms, address) in [(None, None), (Some(8000), Some("15550175"))] {
+            let target = Action::fax_target(detect_ms, address);
+            assert_eq!(
+                Action::transfer(target),
+                Action::ReceiveFax {
+                    detect_ms,
+                    address: address.map(str::to_string)
+                }
+            );
+        }
+        assert_eq!(Action::fax_target(Some(5), None), "fax:?detect_ms=5");
+        assert_eq!(
+            Action::transfer("queue:sales".into()),
+            Action::Transfer {
+                target: "queue:sales".into()
+            }
+        );
+    }
 
     #[test]
     fn json_roundtrip() {

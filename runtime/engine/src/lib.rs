@@ -47,7 +47,9 @@ pub mod webhooks;
 pub use acd::{TaskNews, TaskWatcher};
 pub use callback::{Callback, CallbackJob, CallbackRunner};
 pub use cluster::{ClusterConfig, ClusterError, random_node_id};
-pub use messaging::{Courier, Delivered, DeliveryError, EmailDomain, Inbound, Outbound, Received, sent_note};
+pub use messaging::{
+    Courier, Delivered, DeliveryError, EmailDomain, Inbound, Outbound, Received, sent_note,
+};
 pub use metrics::Metrics;
 pub use plugboard_acd::TaskSpec;
 pub use session::{Ending, FlowSession, SessionStart, Step, TTS_PLUGIN};

@@ -316,7 +316,9 @@ fn conversation_interaction(
 /// What a flow's `send` did, for its interaction's timeline.
 pub fn sent_note(channel: Channel, to: &str, sent: &EngineResult<Message>) -> Value {
     match sent {
-        Ok(m) => json!({"channel": channel, "to": to, "interaction": m.interaction, "message": m.id}),
+        Ok(m) => {
+            json!({"channel": channel, "to": to, "interaction": m.interaction, "message": m.id})
+        }
         Err(e) => json!({"channel": channel, "to": to, "error": e.to_string()}),
     }
 }
@@ -951,8 +953,10 @@ impl Engine {
                     text,
                     subject,
                 } => {
+                    let ix = &session.interaction;
+                    let origin = (ix.id.as_str(), ix.channel, ix.to.as_str());
                     let sent = self
-                        .flow_send(&session.interaction, channel, &to, text, subject)
+                        .flow_send(&ix.tenant.clone(), origin, (channel, &to), text, subject)
                         .await;
                     session.note(EntryKind::Sent, sent_note(channel, &to, &sent));
                 }
@@ -1497,40 +1501,56 @@ impl Engine {
         Ok(m)
     }
 
-    /// Carries out a flow's `send` action for `interaction`: a new
-    /// conversation on `channel` to `to`, sent from the tenant's address
-    /// of that channel — the interaction's own when it came in on that
+    /// The tenant's address of `channel` to send from or file under:
+    /// `wanted` when it is one of them, else the first of them.
+    pub async fn channel_address(
+        &self,
+        tenant: &str,
+        channel: Channel,
+        wanted: Option<&str>,
+    ) -> EngineResult<String> {
+        if let Some(w) = wanted {
+            return Ok(self.own_address(tenant, channel, w).await?.address);
+        }
+        self.addresses(tenant)
+            .await?
+            .into_iter()
+            .filter(|a| a.channel == channel)
+            .map(|a| a.address)
+            .min()
+            .ok_or_else(|| {
+                CoreError::NotFound(format!("the tenant has no {channel} address")).into()
+            })
+    }
+
+    /// Carries out a flow's `send` action: a new conversation on
+    /// `channel` to `to`, sent from the tenant's address of that channel —
+    /// the origin interaction's own address when it came in on that
     /// channel, else the tenant's first — through that channel's outbox
-    /// (a fax's text is set on a page). The message's meta says which
-    /// interaction's flow sent it.
+    /// (a fax's text is set on a page). `origin` is the interaction whose
+    /// flow sends it (id, channel, the tenant's address it reached), kept
+    /// in the message's meta.
     pub async fn flow_send(
         self: &Arc<Self>,
-        interaction: &Interaction,
-        channel: Channel,
-        to: &str,
+        tenant: &str,
+        origin: (&str, Channel, &str),
+        (channel, to): (Channel, &str),
         text: String,
         subject: Option<String>,
     ) -> EngineResult<Message> {
-        let tenant = &interaction.tenant;
-        let from = if interaction.channel == channel {
-            interaction.to.clone()
+        let (ix, ix_channel, own) = origin;
+        let from = if ix_channel == channel {
+            own.to_string()
         } else {
-            let mut own: Vec<Address> = self
-                .addresses(tenant)
-                .await?
-                .into_iter()
-                .filter(|a| a.channel == channel)
-                .collect();
-            own.sort_by(|a, b| a.address.cmp(&b.address));
-            own.into_iter()
-                .next()
-                .map(|a| a.address)
-                .ok_or_else(|| CoreError::NotFound(format!("the tenant has no {channel} address to send from")))?
+            self.channel_address(tenant, channel, None).await?
         };
         if channel == Channel::Fax && !plugboard_core::is_phone_number(to) {
-            return Err(CoreError::Invalid(format!("{to} is not a phone number: a fax goes only to a number")).into());
+            return Err(CoreError::Invalid(format!(
+                "{to} is not a phone number: a fax goes only to a number"
+            ))
+            .into());
         }
-        let meta = BTreeMap::from([("sent_by_interaction".to_string(), interaction.id.clone())]);
+        let meta = BTreeMap::from([("sent_by_interaction".to_string(), ix.to_string())]);
         self.start_conversation(
             tenant,
             Outbound {

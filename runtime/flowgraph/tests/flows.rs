@@ -267,6 +267,19 @@ fn bad_documents_are_refused_naming_the_node() {
     assert!(matches!(node.as_deref(), Some("a" | "b" | "c")), "{node:?}");
     assert!(reason.contains("never waits for input"), "{reason}");
 
+    // A fax taken at once ends the flow: it has no next.
+    let (node, reason) = refused(json!({"start": "a", "nodes": {
+        "a": {"type": "receive_fax", "next": "b"},
+        "b": {"type": "hangup"}
+    }}));
+    assert_eq!(node.as_deref(), Some("a"));
+    assert!(reason.contains("no next"), "{reason}");
+    let (_, reason) = refused(json!({"start": "a", "nodes": {
+        "a": {"type": "receive_fax", "detect_secs": 600, "next": "b"},
+        "b": {"type": "hangup"}
+    }}));
+    assert!(reason.contains("detect_secs"), "{reason}");
+
     // A loop through a menu waits for the caller each time round: fine.
     let ok = json!({"start": "m", "nodes": {
         "m": {"type": "menu", "prompt": "1 again", "options": {"1": "s"}},
@@ -369,7 +382,7 @@ fn the_json_schema_accepts_the_example_and_agrees_with_the_parser() {
         .collect();
     known.sort();
     assert_eq!(known, in_schema);
-    assert_eq!(in_schema.len(), 13);
+    assert_eq!(in_schema.len(), 15);
 }
 
 #[test]

@@ -116,7 +116,7 @@ pub(crate) fn action_from_wit(a: w::Action) -> Action {
             priority: q.priority,
             skills: q.skills,
         },
-        w::Action::Transfer(target) => Action::Transfer { target },
+        w::Action::Transfer(target) => Action::transfer(target),
         w::Action::Dial(d) => Action::Dial {
             target: d.target,
             caller_id: d.caller_id,

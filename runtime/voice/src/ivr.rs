@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plugboard_core::flow::{Action, Event};
-use plugboard_core::{EntryKind, InteractionState, MonitorMode};
+use plugboard_core::{Channel, EntryKind, InteractionState, MonitorMode};
 use plugboard_media::audio::{self, FRAME};
 use plugboard_media::dtmf::{DtmfMerger, DtmfSource};
 use plugboard_media::mix;
@@ -130,6 +130,24 @@ pub enum Effect {
     SaveRecording(Vec<i16>),
     /// The flow ends the call, for this reason.
     Hangup(String),
+    /// The flow's `send`: a message on another channel (or a fax).
+    Send {
+        /// Channel.
+        channel: Channel,
+        /// Recipient.
+        to: String,
+        /// Text.
+        text: String,
+        /// Subject (email).
+        subject: Option<String>,
+    },
+    /// Take the call as a fax now, filed under this fax address (default:
+    /// the tenant's first); the IVR is done.
+    ReceiveFax(Option<String>),
+    /// Listen for a fax machine's calling tone until then while the flow
+    /// goes on; take the call as a fax (filed under this address) if it
+    /// is heard.
+    DetectFax(Instant, Option<String>),
 }
 
 /// The dial leg's progress, as the IVR needs to know it.
@@ -1411,6 +1429,33 @@ impl Ivr {
                     timeout_secs,
                 } => self.dial(now, target, caller_id, timeout_secs, false),
                 Action::SetAttribute { .. } => {}
+                Action::Send {
+                    channel,
+                    to,
+                    text,
+                    subject,
+                } => self.effects.push_back(Effect::Send {
+                    channel,
+                    to,
+                    text,
+                    subject,
+                }),
+                Action::ReceiveFax {
+                    detect_ms: None,
+                    address,
+                } => {
+                    // The call is a fax terminal's from here on.
+                    self.ended = true;
+                    self.queue.clear();
+                    self.effects.push_back(Effect::ReceiveFax(address));
+                }
+                Action::ReceiveFax {
+                    detect_ms: Some(ms),
+                    address,
+                } => {
+                    let until = now + Duration::from_millis(u64::from(ms.min(60_000)));
+                    self.effects.push_back(Effect::DetectFax(until, address));
+                }
                 other => {
                     let kind = serde_json::to_value(&other).unwrap_or_default();
                     self.note(

@@ -98,4 +98,6 @@ pub(crate) enum CallCmd {
     /// The server is shutting down: end the call (BYE) once the flow has
     /// finished its event, and close the record.
     Shutdown,
+    /// What the flow's `send` did, for the call's timeline.
+    Sent(serde_json::Value),
 }

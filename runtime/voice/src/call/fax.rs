@@ -33,10 +33,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use plugboard_core::is_phone_number as is_number;
 use plugboard_core::{Channel, Message};
 use plugboard_engine::{Courier, Delivered, DeliveryError, Engine, Inbound};
 use plugboard_fax::document::{self, Tools};
-use plugboard_core::is_phone_number as is_number;
 use plugboard_fax::{FaxError, Outcome, Role, Terminal, t38};
 use plugboard_media::audio::FRAME;
 use plugboard_media::sdp::{Negotiated, T38Stream, UdpEc};
@@ -289,7 +289,11 @@ pub(crate) async fn receive(spec: FaxSpec) {
             line.take(false).await;
         }
         Err(e) => {
-            tracing::error!("fax call {} to {}: cannot register RTP sockets: {e}", key.0, fax.address);
+            tracing::error!(
+                "fax call {} to {}: cannot register RTP sockets: {e}",
+                key.0,
+                fax.address
+            );
             let _ = endpoint.send(CallOut::Hangup(key.clone()));
         }
     }
@@ -333,10 +337,13 @@ impl Taking<'_> {
         let mut line = Line::new(terminal);
         self.caller.buffer_frames(FAX_JITTER_FRAMES);
         let receiving = || {
-            app.fax_event(&fax.tenant, serde_json::json!({
-                "direction": "inbound", "state": "receiving", "from": fax.caller,
-                "to": fax.address, "call_id": fax.call_id,
-            }));
+            app.fax_event(
+                &fax.tenant,
+                serde_json::json!({
+                    "direction": "inbound", "state": "receiving", "from": fax.caller,
+                    "to": fax.address, "call_id": fax.call_id,
+                }),
+            );
         };
         if answered {
             self.caller.last_rtp = Instant::now();
@@ -440,7 +447,16 @@ impl Taking<'_> {
         // again, and a fax that still cannot be stored is kept on disk.
         let mut wait = Duration::from_secs(1);
         for attempt in 1..=5 {
-            match store(app, &config.fax_tools, fax, &tiff, &outcome, (duration, t38)).await {
+            match store(
+                app,
+                &config.fax_tools,
+                fax,
+                &tiff,
+                &outcome,
+                (duration, t38),
+            )
+            .await
+            {
                 Ok(()) => break,
                 Err(e) if attempt < 5 => {
                     tracing::warn!(

@@ -139,6 +139,12 @@ struct Call {
     tenant: String,
     /// Who calls, as a softphone shows it.
     caller: Value,
+    /// Listening for a fax machine's calling tone (the flow's
+    /// `receive_fax` with detection): until when, and the fax address.
+    fax_watch: Option<(Instant, Option<String>, plugboard_fax::CngDetector)>,
+    /// The call is to be taken as a fax, filed under this fax address
+    /// (default: the tenant's first).
+    take_fax: Option<Option<String>>,
 }
 
 pub(crate) async fn run(spec: CallSpec) {
@@ -206,8 +212,13 @@ pub(crate) async fn run(spec: CallSpec) {
         phones,
         tenant,
         caller,
+        fax_watch: None,
+        take_fax: None,
     };
     call.main(&sockets, &mut cmds).await;
+    if let Some(address) = call.take_fax.take() {
+        call.receive_fax(&sockets, &mut cmds, address).await;
+    }
     call.finish().await;
     drop(sockets);
 }
@@ -348,6 +359,7 @@ impl Call {
             // Only fax calls accept T.38 (the endpoint refuses it on
             // others).
             Some(CallCmd::T38(_)) => {}
+            Some(CallCmd::Sent(note)) => self.note(EntryKind::Sent, note),
             Some(CallCmd::Media(n)) => {
                 let hold = n.on_hold();
                 self.note(
@@ -698,8 +710,101 @@ impl Call {
                 Effect::State(state) => self.set_state(state),
                 Effect::SaveRecording(samples) => self.save(samples),
                 Effect::Hangup(why) => self.hang_up(&why, "flow"),
+                Effect::Send {
+                    channel,
+                    to,
+                    text,
+                    subject,
+                } => self.send(channel, to, text, subject),
+                Effect::ReceiveFax(address) => self.take_as_fax(address, "the flow's receive_fax"),
+                Effect::DetectFax(until, address) => match plugboard_fax::CngDetector::new() {
+                    Ok(cng) => self.fax_watch = Some((until, address, cng)),
+                    Err(e) => tracing::error!("no fax tone detector: {e}"),
+                },
             }
         }
+    }
+
+    /// The flow's `send`, in the background; what it did comes back as
+    /// [`CallCmd::Sent`] for the timeline.
+    fn send(&mut self, channel: Channel, to: String, text: String, subject: Option<String>) {
+        let (app, tenant, me) = (self.app.clone(), self.tenant(), self.self_tx.clone());
+        let field = |k: &str| self.caller[k].as_str().unwrap_or_default().to_string();
+        let (ix, own) = (field("interaction"), field("to"));
+        tokio::spawn(async move {
+            let origin = (ix.as_str(), Channel::Voice, own.as_str());
+            let sent = app
+                .flow_send(&tenant, origin, (channel, &to), text, subject)
+                .await;
+            let _ = me.send(CallCmd::Sent(plugboard_engine::sent_note(
+                channel, &to, &sent,
+            )));
+        });
+    }
+
+    /// Ends the call's voice part: a fax terminal takes it over
+    /// ([`Call::receive_fax`]) once the main loop is left.
+    fn take_as_fax(&mut self, address: Option<String>, why: &str) {
+        if self.ended.is_none() {
+            self.fax_watch = None;
+            self.take_fax = Some(address);
+            self.ended = Some((format!("taken as a fax ({why})"), "flow"));
+        }
+    }
+
+    /// Receives a fax on the call (its caller's media, its sockets), filed
+    /// under the tenant's fax address; notes how it went.
+    async fn receive_fax(
+        &mut self,
+        sockets: &MediaSockets,
+        cmds: &mut mpsc::UnboundedReceiver<CallCmd>,
+        address: Option<String>,
+    ) {
+        let tenant = self.tenant();
+        let filed = self
+            .app
+            .channel_address(&tenant, Channel::Fax, address.as_deref())
+            .await;
+        let address = match filed {
+            Ok(a) => a,
+            Err(e) => {
+                self.note(EntryKind::Fax, json!({"error": e.to_string()}));
+                let _ = self.endpoint.send(CallOut::Hangup(self.key.clone()));
+                return;
+            }
+        };
+        self.drop_leg();
+        let fax = fax::FaxCall {
+            tenant,
+            address: address.clone(),
+            caller: self.caller["from"].as_str().unwrap_or_default().to_string(),
+            call_id: self.key.0.clone(),
+        };
+        self.note(
+            EntryKind::Fax,
+            json!({"state": "receiving", "address": address}),
+        );
+        let outcome = fax::Taking {
+            key: &self.key,
+            fax: &fax,
+            sockets,
+            caller: &mut self.media,
+            cmds,
+            endpoint: &self.endpoint,
+            app: &self.app,
+            config: &self.config,
+        }
+        .take(true)
+        .await;
+        let data = match outcome {
+            Some(o) => {
+                json!({"state": "ended", "address": address, "pages": o.stats.pages, "ok": o.ok, "result": o.text})
+            }
+            None => {
+                json!({"state": "ended", "address": address, "error": "the fax could not be received"})
+            }
+        };
+        self.note(EntryKind::Fax, data);
     }
 
     /// Sends an event to the flow in the background; audio for the actions
@@ -970,6 +1075,14 @@ impl Call {
         }
         for d in self.media.inband(&heard) {
             self.ivr.digit(now, d, DtmfSource::InBand);
+        }
+        if let Some((until, address, cng)) = self.fax_watch.as_mut() {
+            if now > *until {
+                self.fax_watch = None;
+            } else if cng.heard(&heard) {
+                let address = address.take();
+                self.take_as_fax(address, "a fax machine's calling tone was heard");
+            }
         }
         self.run_effects();
         if !self.media.negotiated.on_hold()
