@@ -300,6 +300,80 @@ with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
 }
 
 #[test]
+fn a_flow_sends_a_new_email_from_the_address_it_runs_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(waybills);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
+    // Bookings mailed to ops@ are passed on to the carrier's dispatch desk
+    // as a new email (not a reply), and the flow ends the conversation.
+    let flow = json!({"name": "pass-on", "start": "tell", "nodes": {
+        "tell": {"type": "send", "channel": "email", "to": "dispatch@carrier.test",
+                 "subject": "Booking from {{caller}}", "text": "New booking from {{caller}}.",
+                 "next": "done"},
+        "done": {"type": "hangup"}}});
+    let d = s
+        .call(
+            "POST",
+            "/v1/tenants/freight/flows/pass-on",
+            Some(&key),
+            Some(flow.to_string().into_bytes()),
+        )
+        .unwrap();
+    assert_eq!(d.status, 201, "{d:?}");
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/addresses/ops@freight.test",
+        &key,
+        &json!({"channel": "email", "flow": "pass-on"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let (ok, out) = swaks(
+        smtp,
+        &[
+            "--from",
+            "bob@shipper.test",
+            "--to",
+            "ops@freight.test",
+            "--header",
+            "Subject: Booking",
+            "--body",
+            "2 pallets Friday",
+        ],
+    );
+    assert!(ok, "{out}");
+    let got = sink.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got.len(), 1, "nothing reached the smart host");
+    let mail = &got[0];
+    assert_eq!(header(mail, "To").as_deref(), Some("dispatch@carrier.test"));
+    assert_eq!(header(mail, "From").as_deref(), Some("ops@freight.test"));
+    assert_eq!(
+        header(mail, "Subject").as_deref(),
+        Some("Booking from bob@shipper.test")
+    );
+    assert!(header(mail, "In-Reply-To").is_none(), "{mail}");
+    // Two conversations: the booking (closed by the flow, a `sent` entry
+    // on its timeline) and the new one to dispatch, sent by its flow.
+    let all = interactions(&s, &key);
+    let booking = all
+        .iter()
+        .find(|ix| ix["from"] == "bob@shipper.test")
+        .unwrap();
+    let booking = s.interaction("freight", &key, booking["id"].as_str().unwrap());
+    let sent = booking["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "sent")
+        .unwrap_or_else(|| panic!("{booking}"));
+    let out_ix = sent["data"]["interaction"].as_str().unwrap();
+    let m = &messages(&s, &key, out_ix)[0];
+    assert_eq!(m["to"], "dispatch@carrier.test", "{m}");
+    assert_eq!(m["author"]["type"], "flow", "{m}");
+    assert_eq!(m["meta"]["sent_by_interaction"], booking["id"], "{m}");
+}
+
+#[test]
 fn bad_mail_gets_the_right_refusal_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mis = TinyHttp::start(waybills);
