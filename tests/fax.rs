@@ -674,6 +674,8 @@ fn over_t38_after_a_reinvite_from_either_side() {
     assert_eq!(result["t38"], true, "{result}");
     assert_eq!(result["pages"], 2, "{result}");
     assert_eq!(result["remote"], "+15550170", "{result}");
+    // The peer sent its 200 twice: each was acknowledged.
+    assert_eq!(result["reinvite_acks"], 2, "{result}");
     same_pages(&pdf, &tiff_pdf(&rx));
     let m = wait_message(
         &s,
@@ -688,6 +690,7 @@ fn over_t38_after_a_reinvite_from_either_side() {
 
     // 2. The far end re-INVITEs our outbound leg to T.38 itself (a
     //    gateway that heard our CNG): accepted, and the fax goes over it.
+    //    The peer takes no notice of our first 200: the second makes it.
     trunk(false);
     let pdf = make_pdf(dir.path(), "bill", 1);
     let rx = dir.path().join("peer-offer.tif");

@@ -12,9 +12,12 @@ UDPTL framing), with its own small SIP user agent and RTP (G.711 mu-law,
       --cut-after-pages it hangs up two seconds into the page after N.
 
   --t38 accept: a re-INVITE to image/t38 from the server is answered and
-  the fax goes on over T.38; --t38 offer: half a second after the call is
-  up, this peer re-INVITEs to T.38 itself (as a gateway that heard the
-  fax tones does). Without it, a re-INVITE to T.38 is refused (488).
+  the fax goes on over T.38; its 200 is sent twice (as after a lost ACK),
+  and the ACKs that came for it are reported ("reinvite_acks"). --t38
+  offer: half a second after the call is up, this peer re-INVITEs to T.38
+  itself (as a gateway that heard the fax tones does), and takes no notice
+  of the first 200 to it (as if it were lost): the server must send it
+  again. Without --t38, a re-INVITE to T.38 is refused (488).
 
 Prints one JSON line when done: {"code", "text", "pages", "remote",
 "bit_rate", "ecm", "by"}. Exits 0 when the session ended with T.30 OK.
@@ -122,6 +125,7 @@ class Terminal:
             "bit_rate": s.bit_rate,
             "ecm": bool(s.ecm),
             "t38": isinstance(self, T38),
+            "reinvite_acks": getattr(self, "reinvite_acks", 0),
         }
         self.free()
         return result
@@ -315,13 +319,16 @@ class Call:
         self.request("ACK")
 
     def answer(self, headers, status="200 OK", extra=(), body=""):
-        self.sip.sendto(msg("SIP/2.0 " + status, [
+        """Sends the response; its bytes."""
+        data = msg("SIP/2.0 " + status, [
             ("Via", v) for v in headers.get("via", [])] + [
             ("From", h(headers, "from")),
             ("To", h(headers, "to")),
             ("Call-ID", h(headers, "call-id")),
             ("CSeq", h(headers, "cseq")),
-        ] + list(extra), body), self.peer)
+        ] + list(extra), body)
+        self.sip.sendto(data, self.peer)
+        return data
 
 
 def run_media(call, make, rtp, remote_rtp, cut_after=None, t38=None):
@@ -340,6 +347,9 @@ def run_media(call, make, rtp, remote_rtp, cut_after=None, t38=None):
     cut_at = None
     by = None
     offered = False
+    # Our 200 to a re-INVITE, sent again once; the ACKs for it; whether
+    # the first 200 to our own re-INVITE was "lost".
+    again, acks, lost, reinvite_cseq = None, 0, False, None
     # Playout starts once 4 frames are queued, and again after an underrun.
     playing = False
     while by is None:
@@ -370,6 +380,9 @@ def run_media(call, make, rtp, remote_rtp, cut_after=None, t38=None):
             call.bye()
             by = "us"
             break
+        if again is not None and now >= again[0]:
+            call.sip.sendto(again[1], call.peer)
+            again = None
         if t38 == "offer" and not offered and now - t0 > 0.5:
             offered = True
             call.request("INVITE", [
@@ -407,22 +420,31 @@ def run_media(call, make, rtp, remote_rtp, cut_after=None, t38=None):
                 by = "far end"
             elif first.startswith("INVITE") and ";tag=" in h(headers, "to"):
                 if "m=image" in body and t38 == "accept" and udptl is None:
-                    call.answer(headers, extra=[
+                    ok = call.answer(headers, extra=[
                         ("Contact", "<sip:fax@127.0.0.1:%d>" % call.sip.getsockname()[1]),
                         ("Content-Type", "application/sdp"),
                     ], body=sdp_t38(rtp.getsockname()[1]))
+                    again = (time.monotonic() + 0.3, ok)
+                    reinvite_cseq = h(headers, "cseq").split()[0]
                     fax.free()
                     fax, udptl, remote_rtp = make(True), Udptl(), sdp_remote(body)
                 elif udptl is None:
                     call.answer(headers, "488 Not Acceptable Here")
+            elif first.startswith("ACK") and t38 == "accept" and udptl is not None:
+                if h(headers, "cseq").split()[0] == reinvite_cseq:
+                    acks += 1
             elif first.startswith("SIP/2.0") and h(headers, "cseq").endswith("INVITE") and offered:
                 status = int(first.split()[1])
+                if 200 <= status < 300 and udptl is None and not lost:
+                    lost = True
+                    continue
                 if status >= 200 and int(h(headers, "cseq").split()[0]) == call.cseq:
                     call.ack()
                     if status < 300 and udptl is None and "m=image" in body:
                         fax.free()
                         fax, udptl, remote_rtp = make(True), Udptl(), sdp_remote(body)
             # Anything else (a retransmitted INVITE, an ACK) needs nothing.
+    fax.reinvite_acks = acks
     return fax, by
 
 

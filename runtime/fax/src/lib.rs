@@ -235,10 +235,10 @@ impl Terminal {
         matches!(self.engine, Engine::T38(..))
     }
 
-    fn t30(&mut self) -> &mut spandsp::T30 {
-        match &mut self.engine {
-            Engine::Audio(f) => &mut f.t30,
-            Engine::T38(t, _) => &mut t.t30,
+    fn t30(&self) -> &spandsp::T30 {
+        match &self.engine {
+            Engine::Audio(f) => f.t30(),
+            Engine::T38(t, _) => t.t30(),
         }
     }
 

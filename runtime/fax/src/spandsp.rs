@@ -185,7 +185,9 @@ extern "C" fn phase_e(_s: *mut T30State, user: *mut c_void, code: c_int) {
 }
 
 /// The T.30 engine inside either terminal, and the phase E slot it
-/// reports through.
+/// reports through. Only lent out shared (`&T30`, its calls take
+/// `&self`): nothing can swap it out of the terminal whose state it
+/// points into.
 pub(crate) struct T30 {
     t30: NonNull<T30State>,
     /// The phase E slot spandsp writes through (from `Box::leak`, freed in
@@ -245,13 +247,13 @@ impl T30 {
 
     /// Ends the session now (the call is over); phase E runs if it has
     /// not.
-    pub fn terminate(&mut self) {
+    pub fn terminate(&self) {
         // SAFETY: live state.
         unsafe { t30_terminate(self.t30.as_ptr()) };
     }
 
     /// The transfer statistics so far.
-    pub fn stats(&mut self) -> RawStats {
+    pub fn stats(&self) -> RawStats {
         let mut s = RawStats::default();
         // SAFETY: live state; `s` is a `t30_stats_t`.
         unsafe { t30_get_transfer_statistics(self.t30.as_ptr(), &mut s) };
@@ -259,7 +261,7 @@ impl T30 {
     }
 
     /// The far end's identity (TSI or CSI), as it sent it.
-    pub fn remote_ident(&mut self) -> String {
+    pub fn remote_ident(&self) -> String {
         // SAFETY: live state; spandsp returns null or a NUL-terminated
         // string inside the state, copied at once.
         unsafe {
@@ -285,7 +287,7 @@ impl Drop for T30 {
 pub(crate) struct Fax {
     state: NonNull<FaxState>,
     /// Its T.30 engine (dropped after `Drop::drop` freed the state).
-    pub t30: T30,
+    t30: T30,
 }
 
 // SAFETY: the state is only reached through `&mut self`; spandsp keeps no
@@ -312,6 +314,11 @@ impl Fax {
         // SAFETY: live state.
         unsafe { fax_set_transmit_on_idle(state.as_ptr(), 1) };
         Some(Fax { state, t30 })
+    }
+
+    /// Its T.30 engine.
+    pub fn t30(&self) -> &T30 {
+        &self.t30
     }
 
     /// Audio heard from the far end (8 kHz, 16-bit).
@@ -393,7 +400,7 @@ pub(crate) struct T38 {
     /// freed in `Drop` after the state).
     outbox: NonNull<Outbox>,
     /// Its T.30 engine (dropped after `Drop::drop` freed the state).
-    pub t30: T30,
+    t30: T30,
 }
 
 // SAFETY: as for `Fax`; the outbox is a `Mutex`.
@@ -453,6 +460,11 @@ impl T38 {
             outbox,
             t30,
         })
+    }
+
+    /// Its T.30 engine.
+    pub fn t30(&self) -> &T30 {
+        &self.t30
     }
 
     /// An IFP packet from the far end, with its UDPTL sequence number.

@@ -520,7 +520,9 @@ const T38_MAX_DATAGRAM: u32 = 400;
 const T38_MAX_BUFFER: u32 = 2_000;
 
 impl T38Stream {
-    /// Reads the T.38 stream `m` of `sdp`.
+    /// Reads the T.38 stream `m` of `sdp`, held to what we take: version
+    /// 0 (the lowest, which every T.38 endpoint speaks; an answer's
+    /// version is at most the offer's) and at most 14,400 bit/s.
     fn of(sdp: &Sdp, m: &Media) -> Result<T38Stream, SdpError> {
         let number = |name: &str| m.attribute(name).and_then(|v| v.trim().parse::<u32>().ok());
         let ec = match m.attribute("T38FaxUdpEC") {
@@ -530,10 +532,10 @@ impl T38Stream {
         };
         Ok(T38Stream {
             remote: remote_of(sdp, m)?,
-            version: number("T38FaxVersion")
-                .and_then(|v| u8::try_from(v).ok())
-                .unwrap_or(0),
-            max_bit_rate: number("T38MaxBitRate").unwrap_or(T38_MAX_BIT_RATE),
+            version: T38_VERSION,
+            max_bit_rate: number("T38MaxBitRate")
+                .unwrap_or(T38_MAX_BIT_RATE)
+                .min(T38_MAX_BIT_RATE),
             transferred_tcf: m
                 .attribute("T38FaxRateManagement")
                 .is_none_or(|v| !v.eq_ignore_ascii_case("localTCF")),
@@ -595,10 +597,6 @@ pub fn answer_t38(offer: &Sdp, local: &LocalMedia) -> Result<(String, T38Stream)
         .position(Media::is_t38)
         .ok_or_else(|| SdpError::NotAcceptable("no T.38 stream offered".into()))?;
     let mut stream = T38Stream::of(offer, &offer.media[chosen])?;
-    // Version 0, the lowest, which every T.38 endpoint speaks (an
-    // answer's version is at most the offer's).
-    stream.version = T38_VERSION;
-    stream.max_bit_rate = stream.max_bit_rate.min(T38_MAX_BIT_RATE);
     if stream.ec == UdpEc::Fec {
         stream.ec = UdpEc::Redundancy;
     }
@@ -634,12 +632,7 @@ pub fn accept_t38_answer(answer: &Sdp) -> Result<T38Stream, SdpError> {
         .iter()
         .find(|m| m.is_t38())
         .ok_or_else(|| SdpError::NotAcceptable("the answer has no T.38 stream".into()))?;
-    let mut stream = T38Stream::of(answer, m)?;
-    // Version 0, the lowest, which every T.38 endpoint speaks (an
-    // answer's version is at most the offer's).
-    stream.version = T38_VERSION;
-    stream.max_bit_rate = stream.max_bit_rate.min(T38_MAX_BIT_RATE);
-    Ok(stream)
+    T38Stream::of(answer, m)
 }
 
 #[cfg(test)]

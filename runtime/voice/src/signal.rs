@@ -43,6 +43,9 @@ pub(crate) enum CallOut {
     CancelLeg(DialogKey),
     /// End a leg (BYE, or CANCEL if it has not answered).
     HangupLeg(DialogKey),
+    /// The call is now a fax call (a voice call taken as a fax): a
+    /// re-INVITE to T.38 is accepted.
+    FaxDialog(DialogKey),
     /// The leg is a fax call: a re-INVITE to T.38 from the far end is
     /// accepted on `local` (its media port); with `offer`, we ask for T.38
     /// ourselves once it answers.

@@ -110,8 +110,14 @@ impl Line {
         }
     }
 
-    /// Goes over to T.38 as the re-INVITE agreed.
+    /// Goes over to T.38 as the re-INVITE agreed. Already over T.38 (a
+    /// session refresh, or both sides asked at once), only where UDPTL
+    /// goes may change: T.30 is not started again.
     fn use_t38(&mut self, stream: &T38Stream) -> Result<(), FaxError> {
+        if self.t38.is_some() {
+            self.t38 = Some(stream.remote);
+            return Ok(());
+        }
         let params = t38::Params {
             version: stream.version,
             max_bit_rate: stream.max_bit_rate,
@@ -128,12 +134,16 @@ impl Line {
         Ok(())
     }
 
-    /// A datagram on the media port once over T.38 (true: it was taken).
-    fn udptl(&mut self, datagram: &[u8]) -> bool {
-        if self.t38.is_none() {
+    /// A datagram on the media port once over T.38 (true: it was taken
+    /// — fed to the terminal if it came from the far end's address,
+    /// dropped otherwise).
+    fn udptl(&mut self, datagram: &[u8], src: std::net::SocketAddr) -> bool {
+        let Some(remote) = self.t38 else {
             return false;
+        };
+        if src.ip() == remote.ip() {
+            self.terminal.udptl_in(datagram);
         }
-        self.terminal.udptl_in(datagram);
         true
     }
 
@@ -317,13 +327,14 @@ pub(super) struct Taking<'a> {
 impl Taking<'_> {
     /// Runs the fax terminal on the call until the fax or the call ends
     /// (`answered`: the call is up already), hangs up if the caller has
-    /// not, and stores what came. How the fax went, if the call was up.
-    pub(super) async fn take(&mut self, answered: bool) -> Option<Outcome> {
+    /// not, and stores what came. How the fax went, if the call was up,
+    /// and whether the caller hung up.
+    pub(super) async fn take(&mut self, answered: bool) -> (Option<Outcome>, bool) {
         let (key, fax, app, config) = (self.key, self.fax, self.app, self.config);
         let fail = |why: String| {
             tracing::error!("fax call {} to {}: {why}", key.0, fax.address);
             let _ = self.endpoint.send(CallOut::Hangup(key.clone()));
-            None
+            (None, false)
         };
         let mut scratch = match Scratch::new() {
             Ok(d) => d,
@@ -387,7 +398,7 @@ impl Taking<'_> {
                 },
                 r = sockets.rtp.recv_from(&mut buf) => {
                     if let Ok((n, src)) = r {
-                        if line.udptl(&buf[..n]) {
+                        if line.udptl(&buf[..n], src) {
                             self.caller.last_rtp = Instant::now();
                         } else {
                             // Digits mean nothing to a fax.
@@ -441,7 +452,9 @@ impl Taking<'_> {
                 "ok": outcome.ok, "result": outcome.text, "call_id": fax.call_id,
             }),
         );
-        let answered = answered?;
+        let Some(answered) = answered else {
+            return (None, caller_left);
+        };
         let duration = answered.elapsed();
         // The sender was told page by page: a store that fails is tried
         // again, and a fax that still cannot be stored is kept on disk.
@@ -480,7 +493,7 @@ impl Taking<'_> {
             }
         }
         drop(scratch);
-        Some(outcome)
+        (Some(outcome), caller_left)
     }
 }
 
@@ -702,7 +715,7 @@ impl FaxCourier {
                 },
                 r = sockets.rtp.recv_from(&mut buf) => {
                     if let Ok((n, src)) = r
-                        && !line.udptl(&buf[..n])
+                        && !line.udptl(&buf[..n], src)
                     {
                         leg.rtp(&buf[..n], src, started);
                     }

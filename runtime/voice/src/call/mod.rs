@@ -660,6 +660,7 @@ impl Call {
                     caller_id,
                     transfer,
                 } => {
+                    self.fax_watch = None;
                     let kind = if transfer {
                         EntryKind::Transfer
                     } else {
@@ -682,7 +683,11 @@ impl Call {
                     priority,
                     skills,
                     agent,
-                } => self.enqueue(queue, priority, skills, agent),
+                } => {
+                    // A caller who waits for an agent is no fax machine.
+                    self.fax_watch = None;
+                    self.enqueue(queue, priority, skills, agent);
+                }
                 Effect::Ring { target, .. } => {
                     // A leg still being given up is ended first.
                     self.drop_leg();
@@ -749,6 +754,8 @@ impl Call {
             self.fax_watch = None;
             self.take_fax = Some(address);
             self.ended = Some((format!("taken as a fax ({why})"), "flow"));
+            // The gateway that hears the fax may re-INVITE to T.38 now.
+            let _ = self.endpoint.send(CallOut::FaxDialog(self.key.clone()));
         }
     }
 
@@ -784,7 +791,7 @@ impl Call {
             EntryKind::Fax,
             json!({"state": "receiving", "address": address}),
         );
-        let outcome = fax::Taking {
+        let (outcome, caller_left) = fax::Taking {
             key: &self.key,
             fax: &fax,
             sockets,
@@ -805,6 +812,10 @@ impl Call {
             }
         };
         self.note(EntryKind::Fax, data);
+        if caller_left && let Some((why, by)) = self.ended.as_mut() {
+            why.push_str("; the caller hung up after it");
+            *by = "caller";
+        }
     }
 
     /// Sends an event to the flow in the background; audio for the actions

@@ -538,15 +538,7 @@ impl Endpoint {
             let key = key.clone();
             let bytes = bytes.clone();
             tokio::spawn(async move {
-                let t1 = Duration::from_millis(500);
-                let mut wait = t1;
-                let mut total = Duration::ZERO;
-                while total < 64 * t1 {
-                    tokio::time::sleep(wait).await;
-                    total += wait;
-                    let _ = udp.send_to(&bytes, peer.addr).await;
-                    wait = (wait * 2).min(Duration::from_secs(4));
-                }
+                resend_2xx(&udp, &bytes, peer.addr).await;
                 let _ = calls.send(CallOut::NoAck(key));
             })
         });
@@ -555,5 +547,19 @@ impl Endpoint {
         }
         self.pending.remove(&id);
         self.respond(id, ok);
+    }
+}
+
+/// Sends a 2xx to an INVITE again over UDP (T1 doubling to T2) until the
+/// task is aborted (its ACK came) or 64·T1 passed (RFC 3261 §13.3.1.4).
+pub(super) async fn resend_2xx(udp: &UdpSocket, bytes: &[u8], to: SocketAddr) {
+    let t1 = Duration::from_millis(500);
+    let mut wait = t1;
+    let mut total = Duration::ZERO;
+    while total < 64 * t1 {
+        tokio::time::sleep(wait).await;
+        total += wait;
+        let _ = udp.send_to(bytes, to).await;
+        wait = (wait * 2).min(Duration::from_secs(4));
     }
 }

@@ -90,6 +90,16 @@ struct Leg {
     meter: LegMeter,
     /// A fax leg: its media, and whether we ask for T.38 once answered.
     fax: Option<(LocalMedia, bool)>,
+    /// Our 2xx to the far end's re-INVITE, sent again until its ACK.
+    retransmit: Option<JoinHandle<()>>,
+}
+
+impl Drop for Leg {
+    fn drop(&mut self) {
+        if let Some(r) = self.retransmit.take() {
+            r.abort();
+        }
+    }
 }
 
 enum DialogState {
@@ -359,8 +369,9 @@ struct Endpoint {
     /// The oldest are forgotten past [`GIVEN_UP`].
     given_up: std::collections::VecDeque<DialogKey>,
     leg_tx: HashMap<ClientTxId, DialogKey>,
-    /// Our re-INVITEs to T.38 on fax legs.
-    t38_tx: HashMap<ClientTxId, DialogKey>,
+    /// Our re-INVITEs to T.38 on fax legs, and whether each was answered
+    /// (a 2xx repeated is acknowledged again).
+    t38_tx: HashMap<ClientTxId, (DialogKey, bool)>,
     sip_addr: SocketAddr,
     auth: Authenticator,
     tts: Arc<Espeak>,
@@ -503,6 +514,11 @@ impl Endpoint {
                     info.call_id.clone(),
                     info.to.tag().unwrap_or("").to_string(),
                 );
+                if let Some(leg) = self.legs.get_mut(&key)
+                    && let Some(r) = leg.retransmit.take()
+                {
+                    r.abort();
+                }
                 if let Some(d) = self.dialogs.get_mut(&key) {
                     if let Some(r) = d.retransmit.take() {
                         r.abort();
@@ -548,7 +564,7 @@ impl Endpoint {
             TxEvent::Response { id, response } => self.leg_response(id, *response),
             TxEvent::NoAck { .. } => {}
             TxEvent::Timeout { id } => {
-                if let Some(key) = self.t38_tx.remove(&id)
+                if let Some((key, false)) = self.t38_tx.remove(&id)
                     && let Some(leg) = self.legs.get(&key)
                 {
                     let why = "no answer to the re-INVITE".to_string();
@@ -582,6 +598,7 @@ impl Endpoint {
                 );
                 if let Some(leg) = self.legs.remove(&key) {
                     self.leg_tx.remove(&leg.tx);
+                    self.t38_tx.retain(|_, (k, _)| *k != key);
                     self.respond(id, reply(&req, 200, "OK", None));
                     let _ = leg.call.send(CallCmd::Leg(key, LegEvent::Hangup));
                     return;
@@ -784,6 +801,11 @@ impl Endpoint {
                     self.cancel_leg(&key);
                 } else {
                     self.give_up(key);
+                }
+            }
+            CallOut::FaxDialog(key) => {
+                if let Some(d) = self.dialogs.get_mut(&key) {
+                    d.fax = true;
                 }
             }
             CallOut::FaxLeg { leg, local, offer } => {

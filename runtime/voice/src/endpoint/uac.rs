@@ -4,6 +4,17 @@ use super::*;
 
 /// A request inside an answered leg (ACK, BYE, NOTIFY): the leg's From,
 /// the far end's To and Contact, and the given CSeq number.
+/// The ACK for a 2xx of an INVITE on a leg: its CSeq number is the
+/// INVITE's, as the 2xx repeats it (RFC 3261 §13.2.2.4).
+fn ack_for(sip_addr: SocketAddr, call_id: &str, leg: &Leg, ok: &Response) -> Option<Request> {
+    let cseq = ok
+        .headers
+        .get("CSeq")
+        .and_then(|c| c.split_whitespace().next())
+        .and_then(|n| n.parse().ok())?;
+    leg_request(sip_addr, call_id, leg, Method::Ack, cseq)
+}
+
 pub(super) fn leg_request(
     sip_addr: SocketAddr,
     call_id: &str,
@@ -101,6 +112,7 @@ impl Endpoint {
                 abandoned: false,
                 meter,
                 fax: None,
+                retransmit: None,
             },
         );
     }
@@ -138,7 +150,7 @@ impl Endpoint {
             }
             // The ACK for a 2xx is its own request (RFC 3261 §13.2.2.4),
             // repeated for every retransmitted 2xx.
-            let ack = leg_request(self.sip_addr, &key.0, leg, Method::Ack, leg.cseq);
+            let ack = ack_for(self.sip_addr, &key.0, leg, &resp);
             let peer = leg.peer;
             let call = leg.call.clone();
             if let Some(ack) = ack {
@@ -324,6 +336,7 @@ impl Endpoint {
         let Some(leg) = self.legs.remove(key) else {
             return;
         };
+        self.t38_tx.retain(|_, (k, _)| k != key);
         self.leg_tx.remove(&leg.tx);
         if let Some(bye) = bye {
             self.tx.send_request(Instant::now(), leg.peer, bye);
@@ -363,37 +376,44 @@ impl Endpoint {
         invite.body = sdp::offer_t38(&local).into_bytes();
         let peer = leg.peer;
         let tx = self.tx.send_request(Instant::now(), peer, invite);
-        self.t38_tx.insert(tx, key.clone());
+        self.t38_tx.insert(tx, (key.clone(), false));
     }
 
-    /// The far end's answer to our re-INVITE to T.38.
+    /// The far end's answer to our re-INVITE to T.38. Every 2xx is
+    /// acknowledged (a repeat means our ACK was lost); the first tells the
+    /// call.
     pub(super) fn t38_response(&mut self, id: ClientTxId, resp: Response) {
         if resp.status < 200 {
             return;
         }
-        let Some(key) = self.t38_tx.remove(&id) else {
+        let Some((key, answered)) = self.t38_tx.get(&id).cloned() else {
             return;
         };
-        let sip_addr = self.sip_addr;
-        let Some(leg) = self.legs.get_mut(&key) else {
+        let Some(leg) = self.legs.get(&key) else {
+            self.t38_tx.remove(&id);
             return;
         };
-        let event = if resp.status < 300 {
-            // The ACK for the 2xx carries the re-INVITE's CSeq.
-            if let Some(ack) = leg_request(sip_addr, &key.0, leg, Method::Ack, leg.cseq) {
-                let to = leg.peer;
-                self.send(Transmit {
-                    to,
-                    bytes: ack.to_bytes(),
-                });
-            }
-            let answer = String::from_utf8_lossy(&resp.body).into_owned();
-            match sdp::parse(&answer).and_then(|a| sdp::accept_t38_answer(&a)) {
-                Ok(stream) => LegEvent::T38(stream),
-                Err(e) => LegEvent::T38Refused(e.to_string()),
-            }
-        } else {
-            LegEvent::T38Refused(format!("{} {}", resp.status, resp.reason))
+        if resp.status >= 300 {
+            self.t38_tx.remove(&id);
+            let why = format!("{} {}", resp.status, resp.reason);
+            let _ = leg.call.send(CallCmd::Leg(key, LegEvent::T38Refused(why)));
+            return;
+        }
+        if let Some(ack) = ack_for(self.sip_addr, &key.0, leg, &resp) {
+            let to = leg.peer;
+            self.send(Transmit {
+                to,
+                bytes: ack.to_bytes(),
+            });
+        }
+        if answered {
+            return;
+        }
+        self.t38_tx.insert(id, (key.clone(), true));
+        let answer = String::from_utf8_lossy(&resp.body).into_owned();
+        let event = match sdp::parse(&answer).and_then(|a| sdp::accept_t38_answer(&a)) {
+            Ok(stream) => LegEvent::T38(stream),
+            Err(e) => LegEvent::T38Refused(e.to_string()),
         };
         if let Some(leg) = self.legs.get(&key) {
             let _ = leg.call.send(CallCmd::Leg(key, event));
@@ -404,6 +424,15 @@ impl Endpoint {
     /// over to T.38 when offered; anything else is refused (488), and the
     /// leg's media stays as it is.
     pub(super) fn leg_reinvite(&mut self, id: ServerTxId, req: Request, key: DialogKey) {
+        // Ours is pending: the far end tries again later (RFC 3261 §14.2).
+        if self
+            .t38_tx
+            .values()
+            .any(|(k, answered)| *k == key && !answered)
+        {
+            self.respond(id, reply(&req, 491, reason_phrase(491), None));
+            return;
+        }
         let offer = sdp_body(&req).and_then(|t| sdp::parse(&t).ok());
         let Some(leg) = self.legs.get_mut(&key) else {
             return;
@@ -424,13 +453,27 @@ impl Endpoint {
             self.respond(id, r);
             return;
         };
-        let _ = leg.call.send(CallCmd::Leg(key, LegEvent::T38(stream)));
-        let transport = leg.peer.transport;
+        let _ = leg
+            .call
+            .send(CallCmd::Leg(key.clone(), LegEvent::T38(stream)));
+        let peer = leg.peer;
         let mut ok = reply(&req, 200, "OK", None);
         ok.headers
-            .push("Contact", self.contact("plugboard", transport));
+            .push("Contact", self.contact("plugboard", peer.transport));
         ok.headers.push("Content-Type", "application/sdp");
         ok.body = answer.into_bytes();
+        // Sent again until the ACK comes, as for a call's own 200.
+        if peer.transport == Transport::Udp {
+            let (udp, bytes) = (self.udp.clone(), ok.to_bytes());
+            let task = tokio::spawn(async move {
+                super::admission::resend_2xx(&udp, &bytes, peer.addr).await;
+            });
+            if let Some(leg) = self.legs.get_mut(&key)
+                && let Some(old) = leg.retransmit.replace(task)
+            {
+                old.abort();
+            }
+        }
         self.respond(id, ok);
     }
 }
