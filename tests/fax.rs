@@ -468,6 +468,51 @@ fn peer(args: &[&str]) -> Value {
     })
 }
 
+/// The peer calls `to` at the server and sends the TIFF `file`, with
+/// `extra` options; its JSON result.
+fn peer_sends(s: &Server, to: &str, file: &Path, extra: &[&str]) -> Value {
+    let sip = format!("127.0.0.1:{}", s.sip_port);
+    let mut args = vec!["send", "--server", &sip, "--to", to, "--file"];
+    args.push(file.to_str().unwrap());
+    args.extend(extra);
+    peer(&args)
+}
+
+/// The first message of the tenant's newest fax other than `seen`, with
+/// that fax's interaction id.
+fn next_fax_message(s: &Server, t: &str, key: &str, seen: &[String]) -> (String, Value) {
+    let ix = next_fax(s, t, key, seen);
+    let msg = wait_message(s, t, key, &ix, Duration::from_secs(10), |_| true);
+    (ix, msg)
+}
+
+/// A received fax message's PDF, saved as `dir/name`.
+fn fax_pdf(s: &Server, t: &str, key: &str, msg: &Value, dir: &Path, name: &str) -> PathBuf {
+    let blob = msg["attachments"][0]["blob"].as_str().unwrap();
+    let (status, bytes) = s.get_bytes(&format!("/v1/tenants/{t}/blobs/{blob}"), key);
+    assert_eq!(status, 200, "{msg}");
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// The receiving peer's JSON result, once it exited with T.30 OK.
+fn peer_result(
+    mut machine: std::process::Child,
+    mut lines: std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) -> Value {
+    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert!(machine.wait().unwrap().success(), "{result}");
+    result
+}
+
+/// The message of the tenant's outbound fax `ix`, once it was sent.
+fn sent_fax(s: &Server, t: &str, key: &str, ix: &str) -> Value {
+    wait_message(s, t, key, ix, Duration::from_secs(30), |m| {
+        m["status"] == "sent"
+    })
+}
+
 /// The newest fax interaction of the tenant other than `seen`.
 fn next_fax(s: &Server, t: &str, key: &str, seen: &[String]) -> String {
     let mut id = None;
@@ -501,15 +546,7 @@ fn an_independent_fax_machine_receives_from_us_and_sends_to_us() {
     // The peer receives a 2-page PDF sent as JSON over the API.
     let pdf = make_pdf(dir.path(), "invoice", 2);
     let rx = dir.path().join("peer-rx.tif");
-    let mut machine = Command::new("python3")
-        .arg(root().join("tests/peers/fax_peer.py"))
-        .args(["receive", "--port", &peer_port.to_string(), "--out"])
-        .arg(&rx)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(machine.stdout.take().unwrap()).lines();
-    assert!(lines.next().unwrap().unwrap().contains("ready"));
+    let (machine, lines) = peer_receiving(peer_port, &rx, &[]);
     use base64::Engine as _;
     let doc = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&pdf).unwrap());
     let a = s.json(
@@ -521,20 +558,12 @@ fn an_independent_fax_machine_receives_from_us_and_sends_to_us() {
     assert_eq!(a.status, 202, "{a:?}");
     assert_eq!(a.body["pages"], 2);
     let out_ix = a.body["interaction"].as_str().unwrap().to_string();
-    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert!(machine.wait().unwrap().success(), "{result}");
+    let result = peer_result(machine, lines);
     assert_eq!(result["pages"], 2, "{result}");
     assert_eq!(result["remote"], "+15550170", "{result}");
     assert_eq!(result["ecm"], true, "{result}");
     same_pages(&pdf, &tiff_pdf(&rx));
-    let m = wait_message(
-        &s,
-        "shipper",
-        &shipper,
-        &out_ix,
-        Duration::from_secs(30),
-        |m| m["status"] == "sent",
-    );
+    let m = sent_fax(&s, "shipper", &shipper, &out_ix);
     assert_eq!(m["meta"]["fax_remote_station"], "+1 555 0999", "{m}");
     assert_eq!(m["meta"]["fax_pages"], "2", "{m}");
     assert_eq!(m["meta"]["fax_transport"], "g711", "{m}");
@@ -543,74 +572,30 @@ fn an_independent_fax_machine_receives_from_us_and_sends_to_us() {
     // The peer sends us a 2-page fax.
     let letter = make_pdf(dir.path(), "letter", 2);
     let tif = make_tiff(&letter);
-    let sip = format!("127.0.0.1:{}", s.sip_port);
-    let result = peer(&[
-        "send",
-        "--server",
-        &sip,
-        "--to",
-        "15550190",
-        "--file",
-        tif.to_str().unwrap(),
-        "--ident",
-        "+44 20 7946 0000",
-    ]);
+    let result = peer_sends(&s, "15550190", &tif, &["--ident", "+44 20 7946 0000"]);
     assert_eq!(result["code"], 0, "{result}");
     assert_eq!(result["pages"], 2, "{result}");
     assert_eq!(result["remote"], "+15550190", "{result}");
-    let first = next_fax(&s, "insurer", &insurer, &[]);
-    let msg = wait_message(
-        &s,
-        "insurer",
-        &insurer,
-        &first,
-        Duration::from_secs(10),
-        |_| true,
-    );
+    let (first, msg) = next_fax_message(&s, "insurer", &insurer, &[]);
     assert_eq!(msg["meta"]["fax_pages"], "2", "{msg}");
     assert_eq!(msg["meta"]["fax_ok"], "true", "{msg}");
     assert_eq!(
         msg["meta"]["fax_remote_station"], "+44 20 7946 0000",
         "{msg}"
     );
-    let blob = msg["attachments"][0]["blob"].as_str().unwrap();
-    let (status, bytes) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &insurer);
-    assert_eq!(status, 200);
-    let got = dir.path().join("got.pdf");
-    std::fs::write(&got, bytes).unwrap();
+    let got = fax_pdf(&s, "insurer", &insurer, &msg, dir.path(), "got.pdf");
     same_pages(&tiff_pdf(&tif), &got);
 
     // A fax cut during its second page keeps the whole first page, and
     // says it was cut.
     let three = make_tiff(&make_pdf(dir.path(), "three", 3));
-    let result = peer(&[
-        "send",
-        "--server",
-        &sip,
-        "--to",
-        "15550190",
-        "--file",
-        three.to_str().unwrap(),
-        "--cut-after-pages",
-        "1",
-    ]);
+    let result = peer_sends(&s, "15550190", &three, &["--cut-after-pages", "1"]);
     assert_eq!(result["by"], "cut", "{result}");
-    let cut = next_fax(&s, "insurer", &insurer, &[first]);
-    let msg = wait_message(
-        &s,
-        "insurer",
-        &insurer,
-        &cut,
-        Duration::from_secs(10),
-        |_| true,
-    );
+    let (_, msg) = next_fax_message(&s, "insurer", &insurer, &[first]);
     assert_eq!(msg["meta"]["fax_pages"], "1", "{msg}");
     assert_eq!(msg["meta"]["fax_ok"], "false", "{msg}");
     assert!(msg["text"].as_str().unwrap().contains("cut short"), "{msg}");
-    let blob = msg["attachments"][0]["blob"].as_str().unwrap();
-    let (_, bytes) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &insurer);
-    let got = dir.path().join("cut.pdf");
-    std::fs::write(&got, bytes).unwrap();
+    let got = fax_pdf(&s, "insurer", &insurer, &msg, dir.path(), "cut.pdf");
     assert_eq!(raster(&got).len(), 1);
 }
 
@@ -667,24 +652,16 @@ fn over_t38_after_a_reinvite_from_either_side() {
     trunk(true);
     let pdf = make_pdf(dir.path(), "manifest", 2);
     let rx = dir.path().join("peer-t38.tif");
-    let (mut machine, mut lines) = peer_receiving(peer_port, &rx, &["--t38", "accept"]);
+    let (machine, lines) = peer_receiving(peer_port, &rx, &["--t38", "accept"]);
     let out_ix = send(&pdf);
-    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert!(machine.wait().unwrap().success(), "{result}");
+    let result = peer_result(machine, lines);
     assert_eq!(result["t38"], true, "{result}");
     assert_eq!(result["pages"], 2, "{result}");
     assert_eq!(result["remote"], "+15550170", "{result}");
     // The peer sent its 200 twice: each was acknowledged.
     assert_eq!(result["reinvite_acks"], 2, "{result}");
     same_pages(&pdf, &tiff_pdf(&rx));
-    let m = wait_message(
-        &s,
-        "shipper",
-        &shipper,
-        &out_ix,
-        Duration::from_secs(30),
-        |m| m["status"] == "sent",
-    );
+    let m = sent_fax(&s, "shipper", &shipper, &out_ix);
     assert_eq!(m["meta"]["fax_transport"], "t38", "{m}");
     assert_eq!(m["meta"]["fax_pages"], "2", "{m}");
 
@@ -694,65 +671,34 @@ fn over_t38_after_a_reinvite_from_either_side() {
     trunk(false);
     let pdf = make_pdf(dir.path(), "bill", 1);
     let rx = dir.path().join("peer-offer.tif");
-    let (mut machine, mut lines) = peer_receiving(peer_port, &rx, &["--t38", "offer"]);
+    let (machine, lines) = peer_receiving(peer_port, &rx, &["--t38", "offer"]);
     let out_ix = send(&pdf);
-    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert!(machine.wait().unwrap().success(), "{result}");
+    let result = peer_result(machine, lines);
     assert_eq!(
         (result["t38"].clone(), result["pages"].clone()),
         (json!(true), json!(1)),
         "{result}"
     );
     same_pages(&pdf, &tiff_pdf(&rx));
-    let m = wait_message(
-        &s,
-        "shipper",
-        &shipper,
-        &out_ix,
-        Duration::from_secs(30),
-        |m| m["status"] == "sent",
-    );
+    let m = sent_fax(&s, "shipper", &shipper, &out_ix);
     assert_eq!(m["meta"]["fax_transport"], "t38", "{m}");
 
     // 3. The peer calls our fax number and re-INVITEs to T.38 half a
     //    second in: our fax call accepts and receives over UDPTL.
     let letter = make_pdf(dir.path(), "claim", 2);
     let tif = make_tiff(&letter);
-    let sip = format!("127.0.0.1:{}", s.sip_port);
-    let result = peer(&[
-        "send",
-        "--server",
-        &sip,
-        "--to",
-        "15550190",
-        "--file",
-        tif.to_str().unwrap(),
-        "--t38",
-        "offer",
-    ]);
+    let result = peer_sends(&s, "15550190", &tif, &["--t38", "offer"]);
     assert_eq!(result["code"], 0, "{result}");
     assert_eq!(
         (result["t38"].clone(), result["pages"].clone()),
         (json!(true), json!(2)),
         "{result}"
     );
-    let ix = next_fax(&s, "insurer", &insurer, &[]);
-    let msg = wait_message(
-        &s,
-        "insurer",
-        &insurer,
-        &ix,
-        Duration::from_secs(10),
-        |_| true,
-    );
+    let (_, msg) = next_fax_message(&s, "insurer", &insurer, &[]);
     assert_eq!(msg["meta"]["fax_transport"], "t38", "{msg}");
     assert_eq!(msg["meta"]["fax_pages"], "2", "{msg}");
     assert_eq!(msg["meta"]["fax_ok"], "true", "{msg}");
-    let blob = msg["attachments"][0]["blob"].as_str().unwrap();
-    let (status, bytes) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &insurer);
-    assert_eq!(status, 200);
-    let got = dir.path().join("got-t38.pdf");
-    std::fs::write(&got, bytes).unwrap();
+    let got = fax_pdf(&s, "insurer", &insurer, &msg, dir.path(), "got-t38.pdf");
     same_pages(&tiff_pdf(&tif), &got);
 }
 
@@ -815,21 +761,10 @@ fn a_voice_number_takes_the_fax_it_hears_and_a_flow_faxes_a_receipt() {
 
     // The receipt goes to the sender's number, where this peer answers.
     let rx = dir.path().join("receipt.tif");
-    let (mut receipt_machine, mut lines) = peer_receiving(peer_port, &rx, &[]);
+    let (receipt_machine, lines) = peer_receiving(peer_port, &rx, &[]);
     // A fax machine calls the voice number.
     let tif = make_tiff(&make_pdf(dir.path(), "delivery-note", 1));
-    let sip = format!("127.0.0.1:{}", s.sip_port);
-    let result = peer(&[
-        "send",
-        "--server",
-        &sip,
-        "--to",
-        "15550176",
-        "--file",
-        tif.to_str().unwrap(),
-        "--ident",
-        "+1 555 0177",
-    ]);
+    let result = peer_sends(&s, "15550176", &tif, &["--ident", "+1 555 0177"]);
     let log = s.log();
     let tail = &log[log.len().saturating_sub(4000)..];
     assert_eq!(result["code"], 0, "{result}\n{tail}");
@@ -882,8 +817,7 @@ fn a_voice_number_takes_the_fax_it_hears_and_a_flow_faxes_a_receipt() {
 
     // The fax number's flow faxed a receipt back: one page, from the fax
     // number, marked as sent by that conversation's flow.
-    let result: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
-    assert!(receipt_machine.wait().unwrap().success(), "{result}");
+    let result = peer_result(receipt_machine, lines);
     assert_eq!(result["pages"], 1, "{result}");
     assert_eq!(result["remote"], "+15550175", "{result}");
     let mut receipt = Value::Null;
@@ -932,8 +866,7 @@ fn a_call_that_is_not_a_fax_ends_as_no_fax_detected() {
         &[],
     )
     .unwrap();
-    let ix = next_fax(&s, "insurer", &key, &[]);
-    let msg = wait_message(&s, "insurer", &key, &ix, Duration::from_secs(10), |_| true);
+    let (ix, msg) = next_fax_message(&s, "insurer", &key, &[]);
     assert_eq!(msg["text"], "No fax received: no fax detected", "{msg}");
     assert_eq!(msg["meta"]["fax_pages"], "0", "{msg}");
     assert!(

@@ -370,6 +370,34 @@ fn write_audio(out: &mut String, port: u16, law: Law, dtmf_pt: Option<u8>, dir: 
     let _ = write!(out, "a=ptime:20\r\na={}\r\n", dir.attr());
 }
 
+/// An answer to `offer`: the stream `chosen` written by `accept`, every
+/// other one refused with port 0 (RFC 3264 §6).
+fn write_answer(
+    offer: &Sdp,
+    local: &LocalMedia,
+    chosen: usize,
+    accept: impl FnOnce(&mut String),
+) -> String {
+    let mut out = String::new();
+    write_head(&mut out, local);
+    let mut accept = Some(accept);
+    for (i, media) in offer.media.iter().enumerate() {
+        match accept.take_if(|_| i == chosen) {
+            Some(write) => write(&mut out),
+            None => {
+                let _ = write!(
+                    out,
+                    "m={} 0 {} {}\r\n",
+                    media.kind,
+                    media.proto,
+                    media.formats.join(" ")
+                );
+            }
+        }
+    }
+    out
+}
+
 /// An offer of G.711 (both laws, µ-law first) and telephone-event.
 pub fn offer(local: &LocalMedia, dtmf_pt: u8, dir: Direction) -> String {
     let mut out = String::new();
@@ -432,21 +460,9 @@ pub fn answer(offer: &Sdp, local: &LocalMedia) -> Result<(String, Negotiated), S
         .unwrap_or(Direction::SendRecv);
     let local_direction = remote_direction.answer();
     let remote = remote_of(offer, m)?;
-    let mut out = String::new();
-    write_head(&mut out, local);
-    for (i, media) in offer.media.iter().enumerate() {
-        if i == chosen {
-            write_audio(&mut out, local.port, law, dtmf, local_direction);
-        } else {
-            let _ = write!(
-                out,
-                "m={} 0 {} {}\r\n",
-                media.kind,
-                media.proto,
-                media.formats.join(" ")
-            );
-        }
-    }
+    let out = write_answer(offer, local, chosen, |out| {
+        write_audio(out, local.port, law, dtmf, local_direction);
+    });
     Ok((
         out,
         Negotiated {
@@ -600,28 +616,16 @@ pub fn answer_t38(offer: &Sdp, local: &LocalMedia) -> Result<(String, T38Stream)
     if stream.ec == UdpEc::Fec {
         stream.ec = UdpEc::Redundancy;
     }
-    let mut out = String::new();
-    write_head(&mut out, local);
-    for (i, media) in offer.media.iter().enumerate() {
-        if i == chosen {
-            write_image(
-                &mut out,
-                local.port,
-                stream.version,
-                stream.max_bit_rate,
-                stream.transferred_tcf,
-                stream.ec,
-            );
-        } else {
-            let _ = write!(
-                out,
-                "m={} 0 {} {}\r\n",
-                media.kind,
-                media.proto,
-                media.formats.join(" ")
-            );
-        }
-    }
+    let out = write_answer(offer, local, chosen, |out| {
+        write_image(
+            out,
+            local.port,
+            stream.version,
+            stream.max_bit_rate,
+            stream.transferred_tcf,
+            stream.ec,
+        );
+    });
     Ok((out, stream))
 }
 

@@ -706,54 +706,44 @@ impl Endpoint {
         }
         let parsed = sdp_body(&req).map(|t| sdp::parse(&t));
         d.local.version += 1;
-        let (answer, negotiated) = match parsed {
+        // The answer, and what the call learns from it.
+        let answered = match parsed {
             // A fax call goes over to T.38 (a gateway heard the fax tones).
+            // SDP we cannot take: 488.
             Some(Ok(offer)) if d.fax && sdp::offers_t38(&offer) => {
-                match sdp::answer_t38(&offer, &d.local) {
-                    Ok((a, stream)) => {
-                        let _ = d.call.send(CallCmd::T38(stream));
-                        (a, None)
-                    }
-                    Err(e) => {
-                        d.local.version -= 1;
-                        let mut r = reply(&req, 488, reason_phrase(488), None);
-                        r.headers.push("Warning", format!("399 plugboard \"{e}\""));
-                        self.respond(id, r);
-                        return;
-                    }
-                }
+                sdp::answer_t38(&offer, &d.local)
+                    .map(|(a, s)| (a, Some(CallCmd::T38(s))))
+                    .map_err(|e| (488, e))
             }
-            Some(Ok(offer)) => match sdp::answer(&offer, &d.local) {
-                Ok((a, n)) => (a, Some(n)),
-                Err(e) => {
-                    d.local.version -= 1;
-                    let mut r = reply(&req, 488, reason_phrase(488), None);
-                    r.headers.push("Warning", format!("399 plugboard \"{e}\""));
-                    self.respond(id, r);
-                    return;
-                }
-            },
-            Some(Err(e)) => {
-                d.local.version -= 1;
-                let mut r = reply(&req, 400, reason_phrase(400), None);
-                r.headers.push("Warning", format!("399 plugboard \"{e}\""));
-                self.respond(id, r);
-                return;
-            }
+            Some(Ok(offer)) => sdp::answer(&offer, &d.local)
+                .map(|(a, n)| (a, Some(CallCmd::Media(n))))
+                .map_err(|e| (488, e)),
+            // Not SDP: 400.
+            Some(Err(e)) => Err((400, e)),
             None => {
                 // No offer (a session refresh, or a peer asking for ours):
                 // we offer what we have and the answer comes in the ACK
                 // (RFC 3261 §14.2); the media stays as it is until then.
                 d.late_offer = true;
-                (
-                    sdp::offer(&d.local, LATE_OFFER_DTMF_PT, sdp::Direction::SendRecv),
-                    None,
-                )
+                let offer = sdp::offer(&d.local, LATE_OFFER_DTMF_PT, sdp::Direction::SendRecv);
+                Ok((offer, None))
             }
         };
-        if let Some(n) = negotiated {
-            let _ = d.call.send(CallCmd::Media(n));
-        }
+        let answer = match answered {
+            Ok((answer, news)) => {
+                if let Some(cmd) = news {
+                    let _ = d.call.send(cmd);
+                }
+                answer
+            }
+            Err((status, e)) => {
+                d.local.version -= 1;
+                let mut r = reply(&req, status, reason_phrase(status), None);
+                r.headers.push("Warning", format!("399 plugboard \"{e}\""));
+                self.respond(id, r);
+                return;
+            }
+        };
         d.invite_tx = id;
         let mut ok = reply(&req, 200, "OK", None);
         let user = Some(d.invite.uri.clone())
