@@ -414,6 +414,12 @@ fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
     assert_eq!(status, 404);
     let (status, _) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &insurer);
     assert_eq!(status, 200);
+    let file = format!(
+        "/v1/tenants/insurer/messages/{}/attachments/0",
+        msg["id"].as_str().unwrap()
+    );
+    assert_eq!(s.get_bytes(&file, &shipper).0, 403);
+    assert_eq!(s.get_bytes(&file, &insurer).0, 200);
 }
 
 /// Fax pages (TIFF/F, as a fax machine keeps them) of a PDF, made by

@@ -1085,7 +1085,14 @@ impl Client {
         })
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>) -> Result<Value> {
+    /// One request with the client's token; the response, whatever its
+    /// status.
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
         let url = format!("{}{}", self.base, path);
         let mut req = ureq::http::Request::builder()
             .method(method)
@@ -1095,10 +1102,13 @@ impl Client {
             req = req.header("content-type", *ct);
         }
         let req = req.body(body.map(|(_, b)| b).unwrap_or_default())?;
-        let mut resp = self
-            .agent
+        self.agent
             .run(req)
-            .with_context(|| format!("cannot reach {url} (is `plugboard serve` running?)"))?;
+            .with_context(|| format!("cannot reach {url} (is `plugboard serve` running?)"))
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<(&str, Vec<u8>)>) -> Result<Value> {
+        let mut resp = self.request(method, path, body)?;
         let status = resp.status();
         let text = resp.body_mut().read_to_string()?;
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
@@ -1122,16 +1132,7 @@ impl Client {
 
     /// A download, as bytes.
     fn download(&self, path: &str) -> Result<Vec<u8>> {
-        let url = format!("{}{}", self.base, path);
-        let req = ureq::http::Request::builder()
-            .method("GET")
-            .uri(&url)
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(Vec::new())?;
-        let mut resp = self
-            .agent
-            .run(req)
-            .with_context(|| format!("cannot reach {url} (is `plugboard serve` running?)"))?;
+        let mut resp = self.request("GET", path, None)?;
         if !resp.status().is_success() {
             bail!("{} downloading {path}", resp.status().as_u16());
         }
@@ -1340,15 +1341,23 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
                 None,
             )?;
             if let Some(path) = pdf {
-                let blob = v["messages"]
+                // The message's file, as whoever may see the conversation
+                // (an agent's or supervisor's token too) downloads it.
+                let (message, n) = v["messages"]
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .flat_map(|m| m["attachments"].as_array().cloned().unwrap_or_default())
-                    .find(|a| a["content_type"] == "application/pdf")
-                    .and_then(|a| a["blob"].as_str().map(str::to_string))
+                    .find_map(|m| {
+                        let files = m["attachments"].as_array()?;
+                        let n = files.iter().position(|a| a["content_type"] == "application/pdf")?;
+                        Some((m["id"].as_str()?.to_string(), n))
+                    })
                     .context("this fax has no PDF (no page was received)")?;
-                let bytes = c.download(&format!("/v1/tenants/{}/blobs/{}", enc(&tenant), enc(&blob)))?;
+                let bytes = c.download(&format!(
+                    "/v1/tenants/{}/messages/{}/attachments/{n}",
+                    enc(&tenant),
+                    enc(&message)
+                ))?;
                 std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
                 eprintln!("saved {} ({} bytes)", path.display(), bytes.len());
             }

@@ -295,6 +295,7 @@ pub(crate) async fn receive(spec: FaxSpec) {
                 endpoint: &endpoint,
                 app: &app,
                 config: &config,
+                sent: Vec::new(),
             };
             line.take(false).await;
         }
@@ -322,6 +323,9 @@ pub(super) struct Taking<'a> {
     pub endpoint: &'a mpsc::UnboundedSender<CallOut>,
     pub app: &'a Arc<Engine>,
     pub config: &'a Arc<VoiceConfig>,
+    /// What a flow's `send`, still running when the call was taken, did
+    /// (for the call's timeline).
+    pub sent: Vec<serde_json::Value>,
 }
 
 impl Taking<'_> {
@@ -394,6 +398,7 @@ impl Taking<'_> {
                     Some(CallCmd::Answer(Ok(n))) => self.caller.answered(n),
                     Some(CallCmd::Answer(Err(_))) | Some(CallCmd::Shutdown) => break false,
                     Some(CallCmd::RemoteHangup(_)) | None => break true,
+                    Some(CallCmd::Sent(note)) => self.sent.push(note),
                     Some(_) => {}
                 },
                 r = sockets.rtp.recv_from(&mut buf) => {

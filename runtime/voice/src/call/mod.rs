@@ -791,7 +791,7 @@ impl Call {
             EntryKind::Fax,
             json!({"state": "receiving", "address": address}),
         );
-        let (outcome, caller_left) = fax::Taking {
+        let mut taking = fax::Taking {
             key: &self.key,
             fax: &fax,
             sockets,
@@ -800,9 +800,13 @@ impl Call {
             endpoint: &self.endpoint,
             app: &self.app,
             config: &self.config,
+            sent: Vec::new(),
+        };
+        let (outcome, caller_left) = taking.take(true).await;
+        let sent = std::mem::take(&mut taking.sent);
+        for note in sent {
+            self.note(EntryKind::Sent, note);
         }
-        .take(true)
-        .await;
         let data = match outcome {
             Some(o) => {
                 json!({"state": "ended", "address": address, "pages": o.stats.pages, "ok": o.ok, "result": o.text})
