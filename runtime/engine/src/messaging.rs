@@ -956,7 +956,7 @@ impl Engine {
                     let ix = &session.interaction;
                     let origin = (ix.id.as_str(), ix.channel, ix.to.as_str());
                     let sent = self
-                        .flow_send(&ix.tenant.clone(), origin, (channel, &to), text, subject)
+                        .flow_send(&ix.tenant, origin, (channel, &to), text, subject)
                         .await;
                     session.note(EntryKind::Sent, sent_note(channel, &to, &sent));
                 }

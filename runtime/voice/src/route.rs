@@ -9,9 +9,17 @@ use plugboard_sip::{Peer, Transport};
 /// Digest user name and password for a trunk.
 pub(crate) type Credentials = (String, String);
 
+/// The trunk a dial goes through.
+pub(crate) struct TrunkUsed {
+    /// Its name (for usage).
+    pub name: String,
+    /// Fax calls through it ask for T.38.
+    pub t38: bool,
+}
+
 /// Where a dial goes: the request URI, the peer, the trunk's
-/// credentials, and the trunk's name (for usage).
-pub(crate) type Resolved = (String, Peer, Option<Credentials>, Option<String>);
+/// credentials, and the trunk.
+pub(crate) type Resolved = (String, Peer, Option<Credentials>, Option<TrunkUsed>);
 
 /// Where a dial target goes: a SIP URI directly, a number through the
 /// tenant's `default` trunk (or its only one), with the trunk's
@@ -80,7 +88,10 @@ pub(crate) async fn resolve(
             trunk.host.clone(),
             creds,
             trunk.transport.clone(),
-            Some(trunk.name.clone()),
+            Some(TrunkUsed {
+                name: trunk.name.clone(),
+                t38: trunk.t38,
+            }),
         )
     };
     let transport = if transport.eq_ignore_ascii_case("tcp") {

@@ -103,7 +103,9 @@ pub(super) async fn dial(
     .ok()?;
     let (mut leg, offer) = new_leg(&ctx.pool, &ctx.config)?;
     let route = crate::route::resolve(&ctx.app, tenant, target).await;
-    leg.trunk = route.as_ref().ok().and_then(|r| r.3.clone());
+    leg.t38_trunk = route
+        .as_ref()
+        .is_ok_and(|r| r.3.as_ref().is_some_and(|t| t.t38));
     let _ = ctx.endpoint.send(CallOut::Dial {
         leg: leg.key.clone(),
         route,

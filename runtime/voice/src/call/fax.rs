@@ -668,11 +668,10 @@ impl FaxCourier {
             return Err(DeliveryError::Retry("no media ports".into()));
         };
         if let Some(local) = leg.local.clone() {
-            let offer = self.trunk_offers_t38(tenant, leg.trunk.as_deref()).await;
             let _ = self.ctx.endpoint.send(CallOut::FaxLeg {
                 leg: leg.key.clone(),
                 local,
-                offer,
+                offer: leg.t38_trunk,
             });
         }
         let mut line = Line::new(terminal);
@@ -768,22 +767,6 @@ impl FaxCourier {
             Err(DeliveryError::Permanent(why))
         } else {
             Err(DeliveryError::Retry(why))
-        }
-    }
-}
-
-impl FaxCourier {
-    /// Whether the trunk a fax goes through asks for T.38.
-    async fn trunk_offers_t38(&self, tenant: &str, trunk: Option<&str>) -> bool {
-        let Some(name) = trunk else {
-            return false;
-        };
-        match self.ctx.app.trunks(tenant).await {
-            Ok(trunks) => trunks.iter().any(|t| t.name == name && t.t38),
-            Err(e) => {
-                tracing::warn!("fax: trunk lookup failed ({e}); staying on G.711");
-                false
-            }
         }
     }
 }

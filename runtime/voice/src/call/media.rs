@@ -217,8 +217,8 @@ pub(super) struct OutLeg {
     pub phone: Option<PhoneLeg>,
     /// Our side of its media, as offered.
     pub local: Option<plugboard_media::sdp::LocalMedia>,
-    /// The trunk it goes through, once its route is known.
-    pub trunk: Option<String>,
+    /// It goes through a trunk whose fax calls ask for T.38.
+    pub t38_trunk: bool,
     sender: Option<RtpSender>,
     jitter: JitterBuffer,
     remote: Option<SocketAddr>,
@@ -233,7 +233,7 @@ impl OutLeg {
             sockets: Some(Arc::new(sockets)),
             phone: None,
             local: None,
-            trunk: None,
+            t38_trunk: false,
             sender: None,
             jitter: JitterBuffer::new(3),
             remote: None,
@@ -249,7 +249,7 @@ impl OutLeg {
             sockets: None,
             phone: Some(phone),
             local: None,
-            trunk: None,
+            t38_trunk: false,
             sender: None,
             jitter: JitterBuffer::new(3),
             remote: None,

@@ -2,8 +2,6 @@
 
 use super::*;
 
-/// A request inside an answered leg (ACK, BYE, NOTIFY): the leg's From,
-/// the far end's To and Contact, and the given CSeq number.
 /// The ACK for a 2xx of an INVITE on a leg: its CSeq number is the
 /// INVITE's, as the 2xx repeats it (RFC 3261 §13.2.2.4).
 fn ack_for(sip_addr: SocketAddr, call_id: &str, leg: &Leg, ok: &Response) -> Option<Request> {
@@ -15,6 +13,8 @@ fn ack_for(sip_addr: SocketAddr, call_id: &str, leg: &Leg, ok: &Response) -> Opt
     leg_request(sip_addr, call_id, leg, Method::Ack, cseq)
 }
 
+/// A request inside an answered leg (ACK, BYE, NOTIFY): the leg's From,
+/// the far end's To and Contact, and the given CSeq number.
 pub(super) fn leg_request(
     sip_addr: SocketAddr,
     call_id: &str,
@@ -96,7 +96,7 @@ impl Endpoint {
         let tx = self.tx.send_request(Instant::now(), peer, invite.clone());
         self.leg_tx.insert(tx, key.clone());
         meter.key = format!("{}/{}", key.0, key.1);
-        meter.trunk = trunk;
+        meter.trunk = trunk.map(|t| t.name);
         self.legs.insert(
             key,
             Leg {
