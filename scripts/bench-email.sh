@@ -35,7 +35,7 @@ trap cleanup EXIT INT TERM
 
 # --- Plugboard ---
 export PLUGBOARD_ADMIN_TOKEN=bench-admin PLUGBOARD_URL="http://$PB_HTTP"
-"$BIN" --data-dir "$W/pb" serve --http "$PB_HTTP" --sip off --smtp "$PB_SMTP" --smtp-max-per-ip 100 2>"$W/pb.log" &
+"$BIN" --data-dir "$W/pb" serve --http "$PB_HTTP" --sip off --smtp "$PB_SMTP" --smtp-max-per-ip 100 --smtp-auth-dns off 2>"$W/pb.log" &
 PB=$!
 for _ in $(seq 1 200); do curl -fsS "http://$PB_HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
 "$BIN" --token bench-admin tenant create bench >/dev/null

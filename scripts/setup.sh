@@ -25,6 +25,9 @@ command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || need+=
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v smtp-source >/dev/null 2>&1 || [ -x /usr/sbin/smtp-source ] || need+=(postfix)
+# dnsmasq answers the SPF, DKIM and DMARC lookups of the email tests
+# (the binary alone, no service).
+command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || need+=(dnsmasq-base)
 # The softphone's Opus codec links Debian's libopus (found by pkg-config).
 pkg-config --exists opus 2>/dev/null || need+=(libopus-dev pkg-config)
 # Fax: spandsp's T.30 (LGPL, linked dynamically), Ghostscript (AGPL, run

@@ -6,7 +6,7 @@
 
 use plugboard_tests::{
     Browser, LOOPBACK, Server, Smsc, SmtpSink, StaticSite, TinyHttp, available_agent,
-    console_sign_in, deploy_hotline, eventually, plugin, smpp_carrier, text_of, waybills,
+    console_sign_in, deploy_hotline, dns, eventually, plugin, smpp_carrier, text_of, waybills,
 };
 use serde_json::{Value, json};
 use std::net::TcpStream;
@@ -1008,6 +1008,7 @@ fn acknowledged_chat_email_and_sms_survive_a_sigkill_exactly_once() {
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
     flags.extend(["--chat-rate", "100000", "--chat-ip-rate", "100000"]);
     flags.extend(["--smtp", "127.0.0.1:0", "--smtp-relay", &relay]);
+    flags.extend(["--smtp-auth-dns", &dns().addr]);
     let data = dir.path().join("data");
     let s = Server::start(&data, &flags).unwrap();
     let smtp = s.logged("SMTP listening on ");
@@ -1248,7 +1249,7 @@ fn one_customer_writes_by_chat_then_email_then_sms_and_the_merged_history_has_al
     let dir = tempfile::tempdir().unwrap();
     let mis = TinyHttp::start(waybills);
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
-    flags.extend(["--smtp", "127.0.0.1:0"]);
+    flags.extend(["--smtp", "127.0.0.1:0", "--smtp-auth-dns", &dns().addr]);
     let s = Server::start(dir.path(), &flags).unwrap();
     let smtp = s.logged("SMTP listening on ");
     let key = wire(&s, mis.port);
@@ -1365,7 +1366,7 @@ fn a_tenant_over_its_chat_and_message_limits_is_refused_in_each_channels_words()
     let smsc = Smsc::start("test", "secret");
     let mut flags: Vec<&str> = LOOPBACK.to_vec();
     flags.extend(["--chat-rate", "100000", "--chat-ip-rate", "100000"]);
-    flags.extend(["--smtp", "127.0.0.1:0"]);
+    flags.extend(["--smtp", "127.0.0.1:0", "--smtp-auth-dns", &dns().addr]);
     let s = Server::start(&dir.path().join("data"), &flags).unwrap();
     let smtp = s.logged("SMTP listening on ");
     let key = wire_all(&s, mis.port, &smsc);

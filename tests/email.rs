@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use plugboard_tests::{
-    LOOPBACK, Server, SmtpSink, TinyHttp, available_agent, deploy_hotline, eventually, header,
+    LOOPBACK, Server, SmtpSink, TinyHttp, available_agent, deploy_hotline, dns, eventually, header,
     unfolded, waybills,
 };
 use serde_json::{Value, json};
@@ -34,6 +34,9 @@ fn setup(
         "mx.plugboard.test",
         "--smtp-relay",
         &relay,
+        // SPF, DKIM and DMARC are checked against a real DNS server.
+        "--smtp-auth-dns",
+        &dns().addr,
     ]);
     flags.extend(extra);
     let s = Server::start(&data, &flags).unwrap();
@@ -1211,4 +1214,143 @@ print("tampered-valid" if dkim.verify(tampered, dnsfunc=dns) else "tampered-inva
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[..2], ["valid", "tampered-invalid"], "{text}");
+}
+
+#[test]
+fn the_sender_is_checked_with_spf_dkim_and_dmarc_and_spoofed_mail_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(waybills);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
+    // Five senders, each a real SMTP client (smtplib) and, for the signed
+    // ones, a real DKIM signer (dkimpy) with the key DNS publishes for
+    // signed.test. 127.0.0.2 is a loopback address that signed.test's
+    // SPF record does not list.
+    let script = r#"
+import dkim, smtplib, sys
+port, key = int(sys.argv[1]), open(sys.argv[2], "rb").read()
+def message(frm, mid, subject, body):
+    return ("From: %s\r\nTo: help@freight.test\r\nSubject: %s\r\nMessage-ID: <%s>\r\n"
+            "Date: Thu, 03 Dec 2026 10:00:00 +0000\r\n\r\n%s\r\n" % (frm, subject, mid, body)).encode()
+def signed(raw):
+    return dkim.sign(raw, b"pb", b"signed.test", key, include_headers=[b"From", b"To", b"Subject", b"Message-ID"]) + raw
+def send(name, source, mail_from, raw):
+    try:
+        with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test",
+                          source_address=(source, 0), timeout=20) as c:
+            c.sendmail(mail_from, ["help@freight.test"], raw)
+        print(name, "accepted")
+    except smtplib.SMTPDataError as e:
+        print(name, "refused", e.smtp_code, e.smtp_error.decode())
+send("signed", "127.0.0.1", "alice@signed.test",
+     signed(message("Alice <alice@signed.test>", "a1@signed.test", "Where is AB-1001?", "track AB-1001")))
+send("spoofed", "127.0.0.2", "ceo@signed.test",
+     message("CEO <ceo@signed.test>", "s1@signed.test", "Wire the money", "urgent"))
+tampered = signed(message("Alice <alice@signed.test>", "t1@signed.test", "Invoice", "pay 100"))
+send("tampered", "127.0.0.2", "alice@signed.test", tampered.replace(b"pay 100", b"pay 9999"))
+send("relaxed", "127.0.0.2", "bob@relaxed.test",
+     message("Bob <bob@relaxed.test>", "b1@relaxed.test", "Hello", "hello"))
+send("unknown", "127.0.0.1", "carol@nowhere.test",
+     message("Carol <carol@nowhere.test>", "c1@nowhere.test", "Hi", "hi"))
+"#;
+    let out = Command::new(plugboard_tests::peers_python())
+        .arg("-c")
+        .arg(script)
+        .arg(smtp.to_string())
+        .arg(&dns().dkim_key)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines[0], "signed accepted", "{text}");
+    // Spoofed and tampered mail fails DMARC, and signed.test says reject.
+    for (line, name) in [(lines[1], "spoofed"), (lines[2], "tampered")] {
+        assert!(
+            line.starts_with(&format!("{name} refused 550 5.7.1")),
+            "{text}"
+        );
+        assert!(line.contains("dmarc=fail"), "{text}");
+    }
+    // relaxed.test's policy is none: kept, with what failed recorded.
+    assert_eq!(lines[3], "relaxed accepted", "{text}");
+    assert_eq!(lines[4], "unknown accepted", "{text}");
+
+    // What each accepted message keeps.
+    let meta_of = |from: &str| -> Value {
+        let mut found = Value::Null;
+        assert!(
+            eventually(Duration::from_secs(20), || {
+                for ix in interactions(&s, &key) {
+                    for m in messages(&s, &key, ix["id"].as_str().unwrap()) {
+                        if m["meta"]["envelope_from"] == from {
+                            found = m["meta"].clone();
+                            return true;
+                        }
+                    }
+                }
+                false
+            }),
+            "no message from {from}"
+        );
+        found
+    };
+    let alice = meta_of("alice@signed.test");
+    assert_eq!(alice["spf"], "pass", "{alice}");
+    assert_eq!(alice["dkim"], "pass", "{alice}");
+    assert_eq!(alice["dkim_domains"], "signed.test", "{alice}");
+    assert_eq!(alice["dmarc"], "pass", "{alice}");
+    assert_eq!(alice["dmarc_policy"], "reject", "{alice}");
+    let ar = alice["authentication_results"].as_str().unwrap();
+    assert!(ar.starts_with("mx.plugboard.test;"), "{ar}");
+    assert!(
+        ar.contains("dkim=pass") && ar.contains("header.i=@signed.test"),
+        "{ar}"
+    );
+    assert!(ar.contains("spf=pass") && ar.contains("dmarc=pass"), "{ar}");
+    // The stored raw message starts with the same header.
+    let raw = s.get(
+        &format!(
+            "/v1/tenants/freight/blobs/{}",
+            alice["raw"].as_str().unwrap()
+        ),
+        &key,
+    );
+    assert_eq!(raw.status, 200);
+    let raw = raw.body.as_str().unwrap();
+    assert!(
+        raw.starts_with(&format!("Authentication-Results: {ar}\r\n")),
+        "{raw}"
+    );
+    let bob = meta_of("bob@relaxed.test");
+    assert_eq!(
+        (
+            &bob["spf"],
+            &bob["dkim"],
+            &bob["dmarc"],
+            &bob["dmarc_policy"]
+        ),
+        (
+            &json!("softfail"),
+            &json!("none"),
+            &json!("fail"),
+            &json!("none")
+        ),
+        "{bob}"
+    );
+    let carol = meta_of("carol@nowhere.test");
+    assert_eq!(
+        (&carol["spf"], &carol["dkim"], &carol["dmarc"]),
+        (&json!("none"), &json!("none"), &json!("none")),
+        "{carol}"
+    );
+    // Nothing of the refused mail was stored.
+    for ix in interactions(&s, &key) {
+        for m in messages(&s, &key, ix["id"].as_str().unwrap()) {
+            let from = m["meta"]["envelope_from"].as_str().unwrap_or("");
+            assert!(from != "ceo@signed.test", "{m}");
+            assert!(!m["text"].as_str().unwrap_or("").contains("9999"), "{m}");
+        }
+    }
 }

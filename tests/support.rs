@@ -1672,3 +1672,132 @@ pub fn run_sipp(
     }
     unreachable!("the loop returns or fails")
 }
+
+/// A DNS server of this test binary's own for the mail checks (Debian's
+/// dnsmasq, on a free loopback port, started once and stopped by a
+/// watchdog when the binary exits). It answers for one zone and says
+/// NXDOMAIN for every other name:
+///
+/// - `signed.test`: SPF `v=spf1 ip4:127.0.0.1 -all`, DMARC `p=reject`,
+///   and the DKIM key of selector `pb` (an RSA key made at start; its
+///   private half is [`Dns::dkim_key`], for the tests to sign with);
+/// - `relaxed.test`: SPF `~all` and DMARC `p=none`.
+pub struct Dns {
+    /// `127.0.0.1:PORT`, as `--smtp-auth-dns` takes it.
+    pub addr: String,
+    /// The PEM file of `signed.test`'s DKIM key (PKCS#1).
+    pub dkim_key: PathBuf,
+}
+
+static DNS: std::sync::OnceLock<Dns> = std::sync::OnceLock::new();
+
+/// The test binary's DNS server (started on first use).
+pub fn dns() -> &'static Dns {
+    DNS.get_or_init(|| Dns::start().expect("starting dnsmasq"))
+}
+
+impl Dns {
+    fn start() -> Result<Dns> {
+        let dir = std::env::temp_dir().join(format!("plugboard-dns-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let key = dir.join("dkim.pem");
+        run(
+            Command::new("openssl")
+                .args(["genrsa", "-traditional", "-out"])
+                .arg(&key)
+                .arg("2048"),
+            "openssl genrsa",
+        )?;
+        let der = Command::new("openssl")
+            .args(["rsa", "-pubout", "-outform", "DER", "-in"])
+            .arg(&key)
+            .stderr(Stdio::null())
+            .output()
+            .context("openssl rsa")?;
+        let public = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode(&der.stdout)
+        };
+        // TXT strings are at most 255 bytes: the key goes in pieces.
+        let record = format!("v=DKIM1; k=rsa; p={public}");
+        let pieces: Vec<String> = record
+            .as_bytes()
+            .chunks(200)
+            .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+            .collect();
+        let conf = dir.join("zone.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "txt-record=signed.test,\"v=spf1 ip4:127.0.0.1 -all\"\n\
+                 txt-record=_dmarc.signed.test,\"v=DMARC1; p=reject\"\n\
+                 txt-record=pb._domainkey.signed.test,{}\n\
+                 txt-record=relaxed.test,\"v=spf1 ~all\"\n\
+                 txt-record=_dmarc.relaxed.test,\"v=DMARC1; p=none\"\n",
+                pieces.join(",")
+            ),
+        )?;
+        let port = free_port();
+        let user = Command::new("id")
+            .arg("-un")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        // Debian puts it in /usr/sbin, which is not on every PATH.
+        let program = ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("dnsmasq"));
+        let mut child = Command::new(program)
+            .arg("--keep-in-foreground")
+            .arg(format!("--conf-file={}", conf.display()))
+            .arg(format!("--port={port}"))
+            .args([
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--local=/#/",
+            ])
+            .arg(format!("--user={user}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("dnsmasq is not installed (scripts/setup.sh installs it)")?;
+        let watchdog = format!(
+            "while [ -d /proc/{pid} ]; do [ -d /proc/{dns} ] || exit 0; sleep 1; done; kill {dns}; rm -rf {dir}",
+            pid = std::process::id(),
+            dns = child.id(),
+            dir = dir.display(),
+        );
+        Command::new("sh")
+            .args(["-c", &watchdog])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the dnsmasq watchdog")?;
+        // It listens once its TCP port takes connections.
+        let t0 = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait()? {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                bail!("dnsmasq exited at start ({status}): {err}");
+            }
+            if t0.elapsed() > Duration::from_secs(10) {
+                bail!("dnsmasq did not listen on {port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Dns {
+            addr: format!("127.0.0.1:{port}"),
+            dkim_key: key,
+        })
+    }
+}

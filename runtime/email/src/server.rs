@@ -11,6 +11,7 @@ use plugboard_engine::{Engine, EngineError, Inbound};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::auth::MailAuth;
 use crate::mime;
 use crate::smtp::{Envelope, Limits, Output, Session, Verdict};
 
@@ -27,6 +28,8 @@ pub struct SmtpConfig {
     pub idle: Duration,
     /// The TLS configuration for STARTTLS (a certificate and its key).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// SPF, DKIM and DMARC checks of each message; none when off.
+    pub auth: Option<Arc<MailAuth>>,
 }
 
 impl Default for SmtpConfig {
@@ -37,6 +40,7 @@ impl Default for SmtpConfig {
             max_connections: 1000,
             idle: Duration::from_secs(300),
             tls: None,
+            auth: None,
         }
     }
 }
@@ -190,7 +194,8 @@ async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
                 Output::Message(envelope) => {
                     // Replies so far go out before the (durable) write.
                     flush(stream, &mut pending).await?;
-                    let verdict = deliver(engine, peer, session.tls_active(), envelope).await;
+                    let verdict =
+                        deliver(engine, config, peer, session.tls_active(), envelope).await;
                     session.delivered(verdict);
                 }
                 Output::StartTls => {
@@ -257,10 +262,37 @@ async fn recipient(engine: &Arc<Engine>, address: &str) -> Verdict {
 }
 
 /// Stores a message for each recipient; `250` only when all are durable.
-async fn deliver(engine: &Arc<Engine>, peer: SocketAddr, tls: bool, envelope: Envelope) -> Verdict {
+async fn deliver(
+    engine: &Arc<Engine>,
+    config: &SmtpConfig,
+    peer: SocketAddr,
+    tls: bool,
+    mut envelope: Envelope,
+) -> Verdict {
+    let mut meta = BTreeMap::new();
+    if let Some(auth) = &config.auth {
+        let v = auth
+            .check(peer.ip(), &envelope.helo, &envelope.from, &envelope.data)
+            .await;
+        if v.reject {
+            tracing::info!(
+                "smtp {peer}: refused mail from <{}>: DMARC fails and its domain's policy is reject",
+                envelope.from
+            );
+            return Verdict::Denied(format!(
+                "rejected by the DMARC policy of {} (spf={}, dkim={}, dmarc={})",
+                v.domain, v.spf, v.dkim, v.dmarc
+            ));
+        }
+        // The stored message starts with our findings, as a receiving
+        // server writes them (RFC 8601).
+        let mut raw = format!("Authentication-Results: {}\r\n", v.header).into_bytes();
+        raw.extend_from_slice(&envelope.data);
+        envelope.data = raw;
+        meta.extend(v.meta());
+    }
     let parsed = mime::parse(&envelope.data, &envelope.from);
     let mut text = parsed.text.clone();
-    let mut meta = BTreeMap::new();
     meta.insert("envelope_from".to_string(), envelope.from.clone());
     meta.insert("peer".to_string(), peer.ip().to_string());
     meta.insert("tls".to_string(), tls.to_string());

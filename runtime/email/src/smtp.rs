@@ -45,6 +45,8 @@ impl Default for Limits {
 /// A complete message as received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
+    /// The name the client gave in EHLO or HELO.
+    pub helo: String,
     /// MAIL FROM (empty for a bounce).
     pub from: String,
     /// The accepted RCPT TO addresses.
@@ -77,6 +79,8 @@ pub enum Verdict {
     Accept(String),
     /// Refused for good: `550` unknown recipient, `554` refused message.
     Refuse(u16, String),
+    /// Refused by policy (`550 5.7.1`): the sender's domain disowns it.
+    Denied(String),
     /// Refused for now: the client should try again later (`451`, `452`).
     Later(u16, String),
 }
@@ -109,6 +113,7 @@ pub struct Session {
     /// Set when a message outgrew the limit: the rest is read and dropped.
     discard: Option<DummyDataReceiver>,
     body: Vec<u8>,
+    helo: String,
     from: String,
     recipients: Vec<String>,
     tls_active: bool,
@@ -137,6 +142,7 @@ impl Session {
             data: None,
             discard: None,
             body: Vec::new(),
+            helo: String::new(),
             from: String::new(),
             recipients: Vec::new(),
             tls_active: false,
@@ -205,6 +211,7 @@ impl Session {
                 self.out.push_back(reply(250, "2.1.5", "recipient ok"));
             }
             Verdict::Refuse(code, why) => self.out.push_back(reply(code, "5.1.1", &why)),
+            Verdict::Denied(why) => self.out.push_back(reply(550, "5.7.1", &why)),
             Verdict::Later(code, why) => self.out.push_back(reply(code, "4.3.0", &why)),
         }
     }
@@ -222,6 +229,7 @@ impl Session {
                     .push_back(reply(250, "2.0.0", &format!("queued as {id}")))
             }
             Verdict::Refuse(code, why) => self.out.push_back(reply(code, "5.6.0", &why)),
+            Verdict::Denied(why) => self.out.push_back(reply(550, "5.7.1", &why)),
             Verdict::Later(code, why) => self.out.push_back(reply(code, "4.3.0", &why)),
         }
     }
@@ -304,6 +312,7 @@ impl Session {
             }
             self.phase = Phase::AwaitMessage;
             self.out.push_back(Output::Message(Envelope {
+                helo: self.helo.clone(),
                 from: self.from.clone(),
                 recipients: self.recipients.clone(),
                 data: std::mem::take(&mut self.body),
@@ -366,8 +375,9 @@ impl Session {
     fn command(&mut self, request: Request<String>) {
         let greeted = self.phase != Phase::Connected;
         match request {
-            Request::Ehlo { host: _ } => {
+            Request::Ehlo { host } => {
                 self.reset_transaction();
+                self.helo = host;
                 self.phase = Phase::Ready;
                 let mut r = EhloResponse::new(self.limits.hostname.as_str());
                 r.capabilities = smtp_proto::EXT_PIPELINING
@@ -383,8 +393,9 @@ impl Session {
                     self.out.push_back(Output::Send(bytes));
                 }
             }
-            Request::Helo { host: _ } | Request::Lhlo { host: _ } => {
+            Request::Helo { host } | Request::Lhlo { host } => {
                 self.reset_transaction();
+                self.helo = host;
                 self.phase = Phase::Ready;
                 let hello = self.limits.hostname.clone();
                 self.out.push_back(reply(250, "", &hello));
@@ -548,6 +559,7 @@ mod tests {
             }
         }
         let e = got.unwrap_or_else(|| panic!("no message"));
+        assert_eq!(e.helo, "c");
         assert_eq!(e.from, "");
         assert_eq!(e.recipients, ["b@y"]);
         assert_eq!(e.data, b"line\r\n.x\r\n");

@@ -114,6 +114,15 @@ pub struct EmailSection {
     /// The smart host replies go out through: `smtp://host:port`,
     /// `smtp://host:port?tls=required`, `smtps://user:pass@host:port`.
     pub relay: Option<String>,
+    /// DNS for the SPF, DKIM and DMARC checks: `system`, `IP:PORT` or
+    /// `off` (default `system`).
+    pub auth_dns: Option<String>,
+    /// Seconds all of one message's checks may take (default 5); past it
+    /// they are recorded as `temperror`.
+    pub auth_timeout_s: Option<u64>,
+    /// Refuse (`550 5.7.1`) mail that fails DMARC when its domain's policy
+    /// is `reject` (default true).
+    pub dmarc_reject: Option<bool>,
 }
 
 /// `[chat]`: the web chat channel.

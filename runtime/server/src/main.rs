@@ -149,6 +149,11 @@ struct ServeArgs {
     /// SMTP connections at once from one IP address [default: 20].
     #[arg(long)]
     smtp_max_per_ip: Option<usize>,
+    /// Where the DNS answers for the SPF, DKIM and DMARC checks of inbound
+    /// mail come from: `system` (/etc/resolv.conf), a DNS server's
+    /// `IP:PORT`, or `off` for no checks [default: system].
+    #[arg(long, env = "PLUGBOARD_SMTP_AUTH_DNS")]
+    smtp_auth_dns: Option<String>,
     /// The smart host email replies go out through: `smtp://host:port`,
     /// `smtp://host:port?tls=required` (STARTTLS), `smtps://user:pass@host:port`
     /// [default: none: replies wait in the outbox].
@@ -719,6 +724,19 @@ fn email_settings(
         (None, None) => {}
         _ => anyhow::bail!("--smtp-cert and --smtp-key go together"),
     }
+    let dns: plugboard_email::AuthDns = args
+        .smtp_auth_dns
+        .clone()
+        .or_else(|| file.auth_dns.clone())
+        .unwrap_or_else(|| "system".into())
+        .parse()?;
+    config.auth = plugboard_email::MailAuth::new(
+        &dns,
+        &config.limits.hostname,
+        Duration::from_secs(file.auth_timeout_s.unwrap_or(5).clamp(1, 60)),
+        file.dmarc_reject.unwrap_or(true),
+    )?
+    .map(Arc::new);
     let relay = args.smtp_relay.clone().or_else(|| file.relay.clone());
     if let Some(url) = &relay {
         // Checked now, so a typo stops the start rather than every reply.
@@ -861,6 +879,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             "max_size": c.limits.max_size,
             "max_recipients": c.limits.max_recipients,
             "max_per_ip": c.max_per_ip,
+            "sender_checks": c.auth.as_ref().map(|a| a.settings()),
             "relay": relay.as_deref().map(|u| plugboard_core::redact_url(u, true)),
         })),
         "allow_networks": allow_networks,
