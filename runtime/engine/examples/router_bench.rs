@@ -7,6 +7,10 @@
 //! channel watching the task; the agent accepts. Prints decisions per
 //! second and the p50/p99 latency from `complete` to the offer, for each
 //! router in the same process, and the ratio to the built-in rule.
+//! Then the same with `INFLIGHT` (64) agents finishing at once, as in a
+//! busy centre: decisions per second of wall time and per second of the
+//! process's CPU time (decisions per core), p50/p99 from each agent's
+//! `complete` to its offer.
 //!
 //! Build the routers first (`scripts/build-plugins.sh`,
 //! `scripts/build-polyglot.sh`), then
@@ -69,6 +73,32 @@ struct Row {
     p99: f64,
     /// Agents freed with no offer within 5 s.
     idle: usize,
+    /// Many agents finishing at once.
+    busy: Busy,
+}
+
+/// The phase with `INFLIGHT` agents finishing at once.
+struct Busy {
+    inflight: usize,
+    per_s: f64,
+    /// Decisions per second of CPU time of the whole process (sled's
+    /// threads included): decisions per core.
+    per_cpu_s: f64,
+    p50: f64,
+    p99: f64,
+    idle: usize,
+}
+
+/// CPU time of this process so far (all threads), seconds.
+fn cpu_s() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15, in clock ticks (100 a second).
+    (f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0)) as f64 / 100.0
 }
 
 /// One centre with one router: returns decisions per second and latency.
@@ -224,12 +254,60 @@ async fn run(
     }
     let elapsed = start.elapsed();
     lat.sort();
+
+    // Then as in a busy centre: `inflight` agents finish at once, and
+    // each freed agent's offer is timed from its own `complete`.
+    let inflight = std::env::var("INFLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64usize)
+        .max(1);
+    let mut busy_lat = Vec::with_capacity(decisions);
+    let mut busy_idle = 0;
+    let mut done = 0;
+    let (cpu0, wall0) = (cpu_s(), Instant::now());
+    while done < decisions {
+        let n = inflight.min(connected.len()).min(decisions - done);
+        let mut freed: HashMap<String, Instant> = HashMap::with_capacity(n);
+        for _ in 0..n {
+            let i = rng.below(connected.len());
+            let (task, agent) = connected.swap_remove(i);
+            freed.insert(agent, Instant::now());
+            engine.complete_task(t, &task).await?;
+        }
+        while !freed.is_empty() {
+            match tokio::time::timeout(Duration::from_secs(2), news.recv()).await {
+                Ok(Some((offered, TaskNews::Offer { agent, .. }))) => {
+                    if let Some(t0) = freed.remove(&agent) {
+                        busy_lat.push(t0.elapsed());
+                    }
+                    engine.accept_task(t, &offered, &agent).await?;
+                    connected.push((offered, agent));
+                    enqueue(spec(&mut rng, None)).await?;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        busy_idle += freed.len();
+        done += n;
+    }
+    let (cpu, wall) = (cpu_s() - cpu0, wall0.elapsed());
+    busy_lat.sort();
     Ok(Row {
         name,
         per_s: lat.len() as f64 / elapsed.as_secs_f64(),
         p50: pct(&lat, 0.5),
         p99: pct(&lat, 0.99),
         idle,
+        busy: Busy {
+            inflight,
+            per_s: busy_lat.len() as f64 / wall.as_secs_f64(),
+            per_cpu_s: busy_lat.len() as f64 / cpu.max(0.01),
+            p50: pct(&busy_lat, 0.5),
+            p99: pct(&busy_lat, 0.99),
+            idle: busy_idle,
+        },
     })
 }
 
@@ -281,6 +359,29 @@ fn main() -> Result<()> {
             r.p99,
             r.per_s / base,
             r.idle
+        );
+    }
+    if let Some(r) = rows.first() {
+        println!(
+            "{} agents finishing at once (decisions per CPU-second: the whole process, sled's threads included):",
+            r.busy.inflight
+        );
+    }
+    let base_cpu = rows.first().map_or(1.0, |r| r.busy.per_cpu_s);
+    println!(
+        "{:<12} {:>12} {:>14} {:>10} {:>10} {:>12} {:>10}",
+        "router", "decisions/s", "per CPU-s", "p50 µs", "p99 µs", "vs built-in", "no offer"
+    );
+    for r in &rows {
+        println!(
+            "{:<12} {:>12.0} {:>14.0} {:>10.1} {:>10.1} {:>12.2} {:>10}",
+            r.name,
+            r.busy.per_s,
+            r.busy.per_cpu_s,
+            r.busy.p50,
+            r.busy.p99,
+            r.busy.per_cpu_s / base_cpu,
+            r.busy.idle
         );
     }
     for (name, e) in failed {
