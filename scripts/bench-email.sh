@@ -11,6 +11,11 @@
 #   queue, smtpd on loopback; accepted mail is queued, fsynced, then
 #   discarded by the `discard` transport), started and stopped here.
 #
+# - Plugboard with sender checks: a second server that also checks SPF,
+#   DKIM and DMARC of every message against a local DNS server (dnsmasq,
+#   with SPF and DMARC records for the senders' domain), to show what the
+#   checks cost. The first server and Postfix check nothing.
+#
 #   scripts/bench-email.sh [MESSAGES] [SESSIONS] [SIZE]   (default 3000 20 2000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +31,13 @@ chmod 755 "$W" # Postfix's own users walk into its queue under here
 PB_HTTP=127.0.0.1:18480
 PB_SMTP=127.0.0.1:18425
 PF_PORT=18426
+PA_HTTP=127.0.0.1:18481
+PA_SMTP=127.0.0.1:18427
+DNS_PORT=18453
 cleanup() {
     [ -n "${PB:-}" ] && kill "$PB" 2>/dev/null || true
+    [ -n "${PA:-}" ] && kill "$PA" 2>/dev/null || true
+    [ -n "${DNS:-}" ] && kill "$DNS" 2>/dev/null || true
     postfix -c "$W/postfix" stop >/dev/null 2>&1 || true
     rm -rf "$W"
 }
@@ -37,14 +47,29 @@ trap cleanup EXIT INT TERM
 export PLUGBOARD_ADMIN_TOKEN=bench-admin PLUGBOARD_URL="http://$PB_HTTP"
 "$BIN" --data-dir "$W/pb" serve --http "$PB_HTTP" --sip off --smtp "$PB_SMTP" --smtp-max-per-ip 100 --smtp-auth-dns off 2>"$W/pb.log" &
 PB=$!
-for _ in $(seq 1 200); do curl -fsS "http://$PB_HTTP/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
-"$BIN" --token bench-admin tenant create bench >/dev/null
+# The same with sender checks, against dnsmasq on loopback.
+/usr/sbin/dnsmasq --keep-in-foreground --conf-file=/dev/null --port=$DNS_PORT \
+    --listen-address=127.0.0.1 --bind-interfaces --no-resolv --no-hosts --local=/#/ \
+    --user="$(id -un)" \
+    --txt-record=example.com,"v=spf1 ip4:127.0.0.1 -all" \
+    --txt-record=_dmarc.example.com,"v=DMARC1; p=none" 2>"$W/dns.log" &
+DNS=$!
+"$BIN" --data-dir "$W/pa" serve --http "$PA_HTTP" --sip off --smtp "$PA_SMTP" --smtp-max-per-ip 100 \
+    --smtp-auth-dns "127.0.0.1:$DNS_PORT" 2>"$W/pa.log" &
+PA=$!
+for url in "$PB_HTTP" "$PA_HTTP"; do
+    for _ in $(seq 1 200); do curl -fsS "http://$url/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
+done
 cat >"$W/flow.json" <<'FLOW'
 {"name": "ack", "start": "thanks", "nodes": {
   "thanks": {"type": "say", "text": "Thank you, we have your message."}}}
 FLOW
-"$BIN" --token bench-admin flow deploy bench "$W/flow.json" --name ack >/dev/null
-"$BIN" --token bench-admin address set bench help@bench.test --channel email --flow ack >/dev/null
+for url in "$PB_HTTP" "$PA_HTTP"; do
+    export PLUGBOARD_URL="http://$url"
+    "$BIN" --token bench-admin tenant create bench >"$W/tenant.json"
+    "$BIN" --token bench-admin flow deploy bench "$W/flow.json" --name ack >/dev/null
+    "$BIN" --token bench-admin address set bench help@bench.test --channel email --flow ack >/dev/null
+done
 
 # --- Postfix, private instance ---
 mkdir -p "$W/postfix" "$W/pfspool" "$W/pfdata"
@@ -89,12 +114,29 @@ run() {
 # Warm-up, then the measured runs, alternating.
 /usr/sbin/smtp-source -s 4 -m 100 -f w@example.com -t help@bench.test "$PB_SMTP"
 /usr/sbin/smtp-source -s 4 -m 100 -f w@example.com -t help@bench.test "127.0.0.1:$PF_PORT"
+/usr/sbin/smtp-source -s 4 -m 100 -f w@example.com -t help@bench.test "$PA_SMTP"
 pb1=$(run "$PB_SMTP")
+pa1=$(run "$PA_SMTP")
 pf1=$(run "127.0.0.1:$PF_PORT")
 pb2=$(run "$PB_SMTP")
+pa2=$(run "$PA_SMTP")
 pf2=$(run "127.0.0.1:$PF_PORT")
+# The checks did run: what the last message on the checking server keeps.
+checked=$(python3 - "$PA_HTTP" "$W/tenant.json" <<'PY'
+import json, sys, urllib.request
+url, key = "http://" + sys.argv[1], json.load(open(sys.argv[2]))["api_key"]
+def get(path):
+    r = urllib.request.Request(url + path, headers={"Authorization": "Bearer " + key})
+    return json.load(urllib.request.urlopen(r))
+ix = get("/v1/tenants/bench/interactions?limit=1")["interactions"][0]["id"]
+m = get(f"/v1/tenants/bench/interactions/{ix}/messages")["messages"][0]["meta"]
+print(f"spf={m.get('spf')} dkim={m.get('dkim')} dmarc={m.get('dmarc')}")
+PY
+)
 echo
 echo "smtp-source: $N messages of $SIZE bytes, $S sessions in parallel, twice each, alternating"
 echo "  Plugboard: $pb1 and $pb2 messages/s (durable before 250, each run through a flow)"
+echo "  Plugboard with SPF/DKIM/DMARC checks: $pa1 and $pa2 messages/s (local DNS server; $checked)"
 echo "  Postfix:   $pf1 and $pf2 messages/s (queued with fsync before 250, then discarded)"
 python3 -c "print(f'  ratio Plugboard/Postfix: {($pb1+$pb2)/($pf1+$pf2):.2f}')"
+python3 -c "print(f'  ratio with checks/without: {($pa1+$pa2)/($pb1+$pb2):.2f}')"

@@ -637,6 +637,7 @@ print(",".join(map(str, acked)))
         let relay = format!("smtp://127.0.0.1:{}", sink.port);
         f.extend(["--smtp", "127.0.0.1:0", "--smtp-relay"]);
         f.push(Box::leak(relay.into_boxed_str()));
+        f.extend(["--smtp-auth-dns", &dns().addr]);
         f
     })
     .unwrap();
@@ -1252,6 +1253,10 @@ send("relaxed", "127.0.0.2", "bob@relaxed.test",
      message("Bob <bob@relaxed.test>", "b1@relaxed.test", "Hello", "hello"))
 send("unknown", "127.0.0.1", "carol@nowhere.test",
      message("Carol <carol@nowhere.test>", "c1@nowhere.test", "Hi", "hi"))
+send("two-froms", "127.0.0.1", "dave@nowhere.test",
+     message("ceo@signed.test, dave@nowhere.test", "f1@nowhere.test", "Pay", "pay"))
+send("bounce", "127.0.0.1", "",
+     message("MAILER-DAEMON@client.test", "n1@client.test", "Undelivered", "gone"))
 "#;
     let out = Command::new(plugboard_tests::peers_python())
         .arg("-c")
@@ -1263,7 +1268,7 @@ send("unknown", "127.0.0.1", "carol@nowhere.test",
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines.len(), 7, "{text}");
     assert_eq!(lines[0], "signed accepted", "{text}");
     // Spoofed and tampered mail fails DMARC, and signed.test says reject.
     for (line, name) in [(lines[1], "spoofed"), (lines[2], "tampered")] {
@@ -1273,6 +1278,19 @@ send("unknown", "127.0.0.1", "carol@nowhere.test",
         );
         assert!(line.contains("dmarc=fail"), "{text}");
     }
+    // The altered body breaks the signature (mail-auth calls a body that
+    // no longer matches its hash `neutral`).
+    assert!(
+        lines[2].contains("dkim=neutral") || lines[2].contains("dkim=fail"),
+        "{text}"
+    );
+    // Two From domains: no one domain to check DMARC for, refused.
+    assert!(
+        lines[5].starts_with("two-froms refused 550 5.7.1") && lines[5].contains("dmarc=permerror"),
+        "{text}"
+    );
+    // A bounce (null sender): SPF of the HELO name.
+    assert_eq!(lines[6], "bounce accepted", "{text}");
     // relaxed.test's policy is none: kept, with what failed recorded.
     assert_eq!(lines[3], "relaxed accepted", "{text}");
     assert_eq!(lines[4], "unknown accepted", "{text}");

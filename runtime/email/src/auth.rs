@@ -19,9 +19,10 @@ use std::time::Duration;
 
 use mail_auth::dmarc::Policy;
 use mail_auth::hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+use mail_auth::hickory_resolver::system_conf::read_system_conf;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimResult, DmarcResult, MessageAuthenticator,
-    SpfResult, dmarc::verify::DmarcParameters, spf::verify::SpfParameters,
+    SpfOutput, SpfResult, dmarc::verify::DmarcParameters, spf::verify::SpfParameters,
 };
 
 /// Where the DNS answers for the checks come from.
@@ -118,13 +119,18 @@ impl MailAuth {
         timeout: Duration,
         enforce_reject: bool,
     ) -> Result<Option<Self>, AuthError> {
+        // One try per lookup, well inside the checks' own time limits.
         let mut opts = ResolverOpts::default();
-        opts.timeout = timeout.min(Duration::from_secs(2));
+        opts.timeout = (timeout / 3).clamp(Duration::from_millis(300), Duration::from_secs(2));
         opts.attempts = 1;
         let authenticator = match dns {
             AuthDns::Off => return Ok(None),
-            AuthDns::System => MessageAuthenticator::new_system_conf()
-                .map_err(|e| AuthError(format!("mail auth DNS: {e}")))?,
+            AuthDns::System => {
+                let (config, _) =
+                    read_system_conf().map_err(|e| AuthError(format!("mail auth DNS: {e}")))?;
+                MessageAuthenticator::new(config, opts)
+                    .map_err(|e| AuthError(format!("mail auth DNS: {e}")))?
+            }
             AuthDns::Server(addr) => {
                 let mut server = NameServerConfig::udp_and_tcp(addr.ip());
                 for c in &mut server.connections {
@@ -156,33 +162,33 @@ impl MailAuth {
         })
     }
 
-    /// Checks one message from `ip`, which said `helo` and `MAIL FROM:<mail_from>`.
+    /// Checks one message from `ip`, which said `helo` and `MAIL
+    /// FROM:<mail_from>`.
+    ///
+    /// SPF and DKIM run side by side, each within the time limit, and
+    /// DMARC after them within it again: a sender cannot make the DMARC
+    /// verdict time out by pointing SPF or DKIM at a name server that never
+    /// answers (what did not finish is a `temperror`, which does not align,
+    /// so a spoofed From still fails DMARC).
     pub async fn check(&self, ip: IpAddr, helo: &str, mail_from: &str, raw: &[u8]) -> Verdict {
-        match tokio::time::timeout(self.timeout, self.run(ip, helo, mail_from, raw)).await {
-            Ok(v) => v,
-            Err(_) => Verdict {
-                spf: "temperror",
-                dkim: "temperror",
-                dkim_domains: Vec::new(),
-                dmarc: "temperror",
-                policy: "none",
-                domain: String::new(),
-                header: format!(
-                    "{}; spf=temperror; dkim=temperror; dmarc=temperror (lookups took too long)",
-                    self.hostname
-                ),
-                reject: false,
-            },
-        }
-    }
-
-    async fn run(&self, ip: IpAddr, helo: &str, mail_from: &str, raw: &[u8]) -> Verdict {
-        let spf = self
-            .authenticator
-            .verify_spf(SpfParameters::verify(ip, helo, &self.hostname, mail_from))
-            .await;
+        let limit = self.timeout;
+        let spf = async {
+            tokio::time::timeout(
+                limit,
+                self.authenticator
+                    .verify_spf(SpfParameters::verify_mail_from(
+                        ip,
+                        helo,
+                        &self.hostname,
+                        mail_from,
+                    )),
+            )
+            .await
+            .unwrap_or_else(|_| SpfOutput::default().with_result(SpfResult::TempError))
+        };
         let Some(message) = AuthenticatedMessage::parse(raw) else {
             // Not a message mail-auth can read: SPF alone.
+            let spf = spf.await;
             let header = AuthenticationResults::new(&self.hostname)
                 .with_spf_mailfrom_result(&spf, ip, mail_from, helo)
                 .to_string()
@@ -198,21 +204,23 @@ impl MailAuth {
                 reject: false,
             };
         };
-        let dkim = self.authenticator.verify_dkim(&message).await;
-        let from_domain = match mail_from.rsplit_once('@') {
-            Some((_, d)) => d,
-            None => helo,
+        let dkim =
+            async { tokio::time::timeout(limit, self.authenticator.verify_dkim(&message)).await };
+        let (spf, dkim) = tokio::join!(spf, dkim);
+        let (dkim, dkim_late) = match dkim {
+            Ok(d) => (d, false),
+            Err(_) => (Vec::new(), true),
         };
-        let dmarc = self
-            .authenticator
-            .verify_dmarc(DmarcParameters::new(&message, &dkim, from_domain, &spf))
-            .await;
-        let header = AuthenticationResults::new(&self.hostname)
-            .with_dkim_results(&dkim, message.from())
-            .with_spf_mailfrom_result(&spf, ip, mail_from, helo)
-            .with_dmarc_result(&dmarc)
-            .to_string()
-            .replace("\r\n\t", " ");
+        let header_from = message.from();
+        // Several From domains: DMARC has no one domain to check, and the
+        // reader would see only the first (RFC 7489 6.6.1 allows refusing).
+        let mut domains: Vec<&str> = message
+            .froms()
+            .iter()
+            .filter_map(|f| f.rsplit_once('@').map(|(_, d)| d))
+            .collect();
+        domains.sort_unstable_by_key(|d| d.to_ascii_lowercase());
+        domains.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
         let dkim_domains: Vec<String> = dkim
             .iter()
             .filter(|d| d.result() == &DkimResult::Pass)
@@ -220,9 +228,58 @@ impl MailAuth {
             .collect();
         let dkim_word = if !dkim_domains.is_empty() {
             "pass"
+        } else if dkim_late {
+            "temperror"
         } else {
             dkim.first().map_or("none", |d| dkim_word(d.result()))
         };
+        let results = AuthenticationResults::new(&self.hostname)
+            .with_dkim_results(&dkim, header_from)
+            .with_spf_mailfrom_result(&spf, ip, mail_from, helo);
+        if domains.len() > 1 {
+            return Verdict {
+                spf: spf_word(spf.result()),
+                dkim: dkim_word,
+                dkim_domains,
+                dmarc: "permerror",
+                policy: "none",
+                domain: domains.join(","),
+                header: format!("{results}; dmarc=permerror (several From domains)")
+                    .replace("\r\n\t", " "),
+                reject: self.enforce_reject,
+            };
+        }
+        let from_domain = match mail_from.rsplit_once('@') {
+            Some((_, d)) => d,
+            None => helo,
+        };
+        let dmarc = tokio::time::timeout(
+            limit,
+            self.authenticator.verify_dmarc(DmarcParameters::new(
+                &message,
+                &dkim,
+                from_domain,
+                &spf,
+            )),
+        )
+        .await;
+        let Ok(dmarc) = dmarc else {
+            return Verdict {
+                spf: spf_word(spf.result()),
+                dkim: dkim_word,
+                dkim_domains,
+                dmarc: "temperror",
+                policy: "none",
+                domain: String::new(),
+                header: format!("{results}; dmarc=temperror (lookup took too long)")
+                    .replace("\r\n\t", " "),
+                reject: false,
+            };
+        };
+        let header = results
+            .with_dmarc_result(&dmarc)
+            .to_string()
+            .replace("\r\n\t", " ");
         let dmarc_result = dmarc.result();
         let policy = match dmarc.policy() {
             Policy::Reject => "reject",

@@ -239,9 +239,11 @@ impl EventFilter {
 }
 
 /// Events in one stored record of the queue event log at most.
-const LOG_RECORD_EVENTS: usize = 1000;
-/// Records of the queue event log read at a time.
-const LOG_PAGE: usize = 50;
+const LOG_RECORD_EVENTS: usize = 100;
+/// Records of the queue event log read at a time (at most 20,000 events).
+const LOG_PAGE: usize = 200;
+/// Events a filtered read of the queue event log looks at, at most.
+const LOG_SCAN: usize = 10_000;
 
 /// Writes the queue event log in the background, in batches (one flush
 /// for all the events that came meanwhile), until the engine is gone.
@@ -303,8 +305,10 @@ fn spawn_event_writer(engine: Weak<Engine>) -> tokio::sync::mpsc::UnboundedSende
 /// The events of a page of queue event log records, in order, those
 /// whose id sorts after `after` only. A record holds a batch of events
 /// (a JSON array, keyed by its last id), or one event (as written before
-/// batches). Events of one node come in id order; batches written by two
-/// nodes at the same moment may interleave by a few milliseconds.
+/// batches). Events of one node come in id order. Records written by two
+/// nodes sharing a store may overlap in time, and a page that ends inside
+/// one of them can then skip or repeat the other's events in that
+/// stretch (as a node's late write could skip before batches).
 fn logged_events(page: Vec<(String, Value)>, after: &str) -> impl Iterator<Item = Value> + '_ {
     page.into_iter()
         .flat_map(|(_, record)| match record {
@@ -1117,11 +1121,13 @@ impl Engine {
         {
             data["queue"] = json!(v.queue);
         }
+        // The id is taken under the writer's lock, so that ids reach the
+        // writer in order and its records' keys only grow.
+        let mut log = lock(&self.acd.log);
         let at = plugboard_core::now_ms();
         let id = self.acd.event_id(at);
         data["id"] = json!(id);
         data["at_ms"] = json!(at);
-        let mut log = lock(&self.acd.log);
         let tx = log.get_or_insert_with(|| spawn_event_writer(Arc::downgrade(self)));
         let _ = tx.send((tenant.to_string(), id, data));
     }
@@ -1140,8 +1146,10 @@ impl Engine {
         let limit = limit.clamp(1, 1000);
         let mut out = Vec::new();
         let mut cursor = after.to_string();
-        // Filtered pages are read until enough match, at most 20 pages.
-        for _ in 0..20 {
+        // Filtered pages are read until enough match, looking at no more
+        // than LOG_SCAN events (whole records).
+        let mut scanned = 0usize;
+        while scanned < LOG_SCAN {
             let page = self
                 .store
                 .records_after(tenant, QUEUE_EVENT, &cursor, LOG_PAGE)
@@ -1150,6 +1158,7 @@ impl Engine {
             let next = last.clone();
             let last_page = page.len() < LOG_PAGE;
             for e in logged_events(page, after) {
+                scanned += 1;
                 if filter.matches(&e) {
                     out.push(e);
                     if out.len() == limit {
@@ -1195,7 +1204,7 @@ impl Engine {
         let mut cursor = start.clone();
         let mut events = Vec::new();
         let mut read = 0usize;
-        'pages: loop {
+        loop {
             let page = self
                 .store
                 .records_after(tenant, QUEUE_EVENT, &cursor, LOG_PAGE)
@@ -1203,10 +1212,17 @@ impl Engine {
             let Some((last, _)) = page.last() else { break };
             cursor = last.clone();
             let last_page = page.len() < LOG_PAGE;
+            // A record's key starts with its last event's time: once keys
+            // are a minute past the span, no later record holds an event
+            // in it (records of two nodes may overlap by that much).
+            let past = cursor
+                .get(..13)
+                .and_then(|ms| ms.parse::<u64>().ok())
+                .is_some_and(|ms| ms >= to_ms.saturating_add(60_000));
             for e in logged_events(page, &start) {
                 let at_ms = e["at_ms"].as_u64().unwrap_or(0);
                 if at_ms >= to_ms {
-                    break 'pages;
+                    continue;
                 }
                 read += 1;
                 if read > REPORT_EVENTS {
@@ -1242,7 +1258,7 @@ impl Engine {
                     what,
                 });
             }
-            if last_page {
+            if last_page || past {
                 break;
             }
         }
