@@ -878,19 +878,7 @@ impl Nats {
             .spawn()
             .context("nats-server is not installed (scripts/setup.sh installs it)")?;
         // Kill it when this test binary is gone, unless it is gone first.
-        let watchdog = format!(
-            "while [ -d /proc/{pid} ]; do [ -d /proc/{nats} ] || exit 0; sleep 1; done; kill {nats}; rm -rf {dir}",
-            pid = std::process::id(),
-            nats = child.id(),
-            dir = dir.display(),
-        );
-        Command::new("sh")
-            .args(["-c", &watchdog])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the NATS watchdog")?;
+        watch(&child, &dir, "NATS")?;
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if let Some(status) = child.try_wait()? {
@@ -1689,6 +1677,25 @@ pub struct Dns {
     pub dkim_key: PathBuf,
 }
 
+/// Kills `child` and removes `dir` once this test binary is gone (a
+/// watchdog shell), unless the child is gone first.
+fn watch(child: &Child, dir: &Path, what: &str) -> Result<()> {
+    let watchdog = format!(
+        "while [ -d /proc/{pid} ]; do [ -d /proc/{c} ] || exit 0; sleep 1; done; kill {c}; rm -rf {dir}",
+        pid = std::process::id(),
+        c = child.id(),
+        dir = dir.display(),
+    );
+    Command::new("sh")
+        .args(["-c", &watchdog])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting the {what} watchdog"))?;
+    Ok(())
+}
+
 static DNS: std::sync::OnceLock<Dns> = std::sync::OnceLock::new();
 
 /// The test binary's DNS server (started on first use).
@@ -1767,19 +1774,7 @@ impl Dns {
             .stderr(Stdio::piped())
             .spawn()
             .context("dnsmasq is not installed (scripts/setup.sh installs it)")?;
-        let watchdog = format!(
-            "while [ -d /proc/{pid} ]; do [ -d /proc/{dns} ] || exit 0; sleep 1; done; kill {dns}; rm -rf {dir}",
-            pid = std::process::id(),
-            dns = child.id(),
-            dir = dir.display(),
-        );
-        Command::new("sh")
-            .args(["-c", &watchdog])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting the dnsmasq watchdog")?;
+        watch(&child, &dir, "dnsmasq")?;
         // It listens once its TCP port takes connections.
         let t0 = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
