@@ -1004,6 +1004,8 @@ fn transfer_through_a_trunk_with_digest_bridges_media_both_ways() -> Result<()> 
 [server]
 data_dir = "{{data}}"
 http = "127.0.0.1:{{http}}"
+store_cache_mib = 16
+log_format = "json"
 [sip]
 listen = "127.0.0.1:{{sip}}"
 rtp_ports = "24100-24299"
@@ -1024,6 +1026,25 @@ password = "trunk-secret"
     // The file's value: port 0, the server picks one (and logs it).
     assert_eq!(settings.body["sip"]["listen"], "127.0.0.1:0");
     assert_eq!(settings.body["config_trunks"], json!(["acme/default"]));
+    // The store's page cache as the file bounds it, shown in the metrics.
+    assert_eq!(settings.body["store_cache_mib"], 16);
+    let metrics = server.get("/metrics", "");
+    let text = metrics.body.as_str().unwrap_or_default();
+    assert!(
+        text.contains("\nplugboard_store_cache_limit_bytes 16777216\n"),
+        "{text}"
+    );
+    assert!(counter(text, "plugboard_store_disk_bytes ") > 0.0, "{text}");
+    // Log lines are JSON objects.
+    let log = server.log();
+    assert!(log.contains("listening on http://"), "{log}");
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["level"].is_string() && v["fields"]["message"].is_string(),
+            "{line}"
+        );
+    }
     assert!(!settings.body.to_string().contains("trunk-secret"));
     assert_eq!(server.get("/v1/settings", &key).status, 403);
     let a = server.get("/v1/tenants/acme/trunks", &key);
@@ -1632,6 +1653,10 @@ fn sigterm_during_50_calls_ends_each_with_a_bye_and_closes_every_record() -> Res
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Ready while it serves.
+        let ready = server.get("/readyz", "");
+        assert_eq!(ready.status, 200, "{ready:?}");
+        assert_eq!(ready.body["status"], "ready", "{ready:?}");
         // Let every call hear its hold music for a moment, then SIGTERM.
         std::thread::sleep(Duration::from_millis(500));
         server.signal("TERM")?;

@@ -210,6 +210,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
 pub fn router(state: Arc<Engine>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(openapi))
         .route("/v1/tenants", post(create_tenant).get(list_tenants))
@@ -345,6 +346,19 @@ async fn metrics_text(State(s): State<Arc<Engine>>) -> Response {
         s.metrics_text(),
     )
         .into_response()
+}
+
+/// 200 when the node can take traffic; 503 with the reason when it is
+/// stopping or its store does not answer.
+async fn readyz(State(s): State<Arc<Engine>>) -> Response {
+    match s.readiness().await {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": why})),
+        )
+            .into_response(),
+    }
 }
 
 async fn openapi() -> Response {

@@ -222,6 +222,9 @@ pub struct Engine {
     sms: sms::SmsState,
     capacity: Arc<capacity::Capacity>,
     usage_meter: usage::UsageMeter,
+    /// Set when the node stops taking new work (SIGTERM): `/readyz` then
+    /// says so, for a balancer to send traffic elsewhere.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Engine {
@@ -261,6 +264,27 @@ impl Engine {
                     .take(12)
                     .collect(),
             ),
+            draining: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Marks the node as stopping: [`Engine::readiness`] answers
+    /// `draining` from now on.
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether the node can take traffic: not stopping, and its store
+    /// answering (within 2 s). The error says why not.
+    pub async fn readiness(&self) -> Result<(), String> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err("draining".into());
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(2), self.store.check()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("store: {e}")),
+            Err(_) => Err("store: no answer within 2 s".into()),
         }
     }
 
@@ -1165,8 +1189,14 @@ impl Engine {
         let text = self.metrics.encode(self.loaded_count());
         // The fair-share gauges go before the OpenMetrics end marker.
         let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
+        let mut store = String::new();
+        for (name, help, value) in self.store.gauges() {
+            store.push_str(&format!(
+                "# HELP plugboard_store_{name} {help}\n# TYPE plugboard_store_{name} gauge\nplugboard_store_{name} {value}\n"
+            ));
+        }
         format!(
-            "{body}{}{}{}{}# EOF\n",
+            "{body}{}{}{}{}{store}# EOF\n",
             self.fair.encode(),
             self.host.fetcher().encode(),
             self.acd.encode(),

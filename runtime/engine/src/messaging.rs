@@ -735,11 +735,16 @@ impl Engine {
     /// background (one worker per conversation at a time).
     fn kick_conversation(self: &Arc<Self>, tenant: &str, ix: &str) {
         let (engine, tenant, ix) = (self.clone(), tenant.to_string(), ix.to_string());
-        tokio::spawn(async move {
-            if let Err(e) = engine.work_conversation(&tenant, &ix).await {
-                tracing::warn!("conversation {ix} of {tenant}: {e}");
-            }
-        });
+        // Its log lines carry the tenant and interaction.
+        let span = tracing::info_span!("conversation", tenant = %tenant, interaction = %ix);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                if let Err(e) = engine.work_conversation(&tenant, &ix).await {
+                    tracing::warn!("conversation {ix} of {tenant}: {e}");
+                }
+            },
+            span,
+        ));
     }
 
     /// Takes up every conversation with messages not yet run through its

@@ -13,7 +13,7 @@ use plugboard_engine::{Engine, EngineError};
 use plugboard_host::{HostConfig, Limits, PluginHost};
 use plugboard_store::{
     AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RegistrarStore,
-    SecretStore, TenantStore,
+    SecretStore, StoreHealth, TenantStore,
 };
 use std::sync::Arc;
 
@@ -190,6 +190,13 @@ impl RecordStore for Broken {
 }
 
 #[async_trait]
+impl StoreHealth for Broken {
+    async fn check(&self) -> R<()> {
+        gone()
+    }
+}
+
+#[async_trait]
 impl SecretStore for Broken {
     async fn set_secret(&self, _: &str, _: &str, _: &[u8]) -> R<()> {
         gone()
@@ -245,4 +252,18 @@ async fn a_failing_store_denies_every_authorisation() {
     assert!(storage_error(engine.tenant_exists("acme").await));
     assert!(storage_error(engine.sip_user("acme", "alice").await));
     assert!(storage_error(engine.route_address("15550100").await));
+    // Not ready to take traffic.
+    let why = engine.readiness().await.unwrap_err();
+    assert!(why.contains("disk gone"), "{why}");
+}
+
+#[tokio::test]
+async fn a_stopping_node_is_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(plugboard_store::SledStore::open(dir.path()).unwrap());
+    let host = Arc::new(PluginHost::new(HostConfig::default()).unwrap());
+    let engine = Engine::new(store, host, "admin-token", Limits::default());
+    assert_eq!(engine.readiness().await, Ok(()));
+    engine.set_draining();
+    assert_eq!(engine.readiness().await, Err("draining".to_string()));
 }

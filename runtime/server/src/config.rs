@@ -46,6 +46,10 @@ pub struct ServerSection {
     pub http: Option<SocketAddr>,
     /// The store: `sled` or a PostgreSQL URL.
     pub store: Option<String>,
+    /// The embedded store's page cache, MiB.
+    pub store_cache_mib: Option<u64>,
+    /// Log lines as `text` or `json`.
+    pub log_format: Option<String>,
     /// NATS server URL(s) shared by the nodes of one store.
     pub nats: Option<String>,
     /// This node's id on NATS.

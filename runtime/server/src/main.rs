@@ -61,6 +61,14 @@ struct ServeArgs {
     /// [default: sled].
     #[arg(long, env = "PLUGBOARD_STORE")]
     store: Option<String>,
+    /// The embedded store's page cache, MiB: what of the data it keeps in
+    /// memory [default: 64].
+    #[arg(long, env = "PLUGBOARD_STORE_CACHE_MIB")]
+    store_cache_mib: Option<u64>,
+    /// Log lines as `text` or `json` (one object a line, with the span
+    /// fields such as tenant and interaction) [default: text].
+    #[arg(long, env = "PLUGBOARD_LOG_FORMAT")]
+    log_format: Option<String>,
     /// NATS server URL (`nats://host:4222`; several comma-separated) through
     /// which nodes on one PostgreSQL store share their events and plugin
     /// deploys [default: none: this node's events stay on it].
@@ -628,7 +636,7 @@ fn kept_secret(
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     }
-    eprintln!("generated {}", path.display());
+    tracing::info!("generated {}", path.display());
     Ok(value)
 }
 
@@ -825,14 +833,34 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             })
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // The NATS client's own events are logged by the engine.
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        // The NATS client's own events are logged by the engine.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args
+        .log_format
+        .clone()
+        .or_else(|| server.log_format.clone())
+        .as_deref()
+    {
+        None | Some("text") => logs.init(),
+        Some("json") => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+        Some(other) => anyhow::bail!("--log-format must be text or json, got {other:?}"),
+    }
+    let cache_mib = args
+        .store_cache_mib
+        .or(server.store_cache_mib)
+        .unwrap_or(plugboard_store::DEFAULT_CACHE_BYTES >> 20);
+    anyhow::ensure!(
+        (1..=1 << 20).contains(&cache_mib),
+        "--store-cache-mib must be 1 to 1048576, got {cache_mib}"
+    );
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = admin_token(data_dir)?;
@@ -841,7 +869,10 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     let store: Arc<dyn Store> = if store_url == "sled" {
-        Arc::new(SledStore::open(&data_dir.join("store")).context("opening the store")?)
+        Arc::new(
+            SledStore::open_with_cache(&data_dir.join("store"), cache_mib << 20)
+                .context("opening the store")?,
+        )
     } else if store_url.starts_with("postgres://") || store_url.starts_with("postgresql://") {
         let pg = rt
             .block_on(PgStore::connect(&store_url, 16))
@@ -856,6 +887,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         "config_file": args.config.as_ref().map(|p| p.display().to_string()),
         "data_dir": data_dir.display().to_string(),
         "store": if store_url == "sled" { "sled".to_string() } else { plugboard_core::redact_url(&store_url, true) },
+        "store_cache_mib": (store_url == "sled").then_some(cache_mib),
         "nats": nats_url.as_deref().map(redact_nats),
         "node_id": nats_url.as_ref().map(|_| &node_id),
         "http": http.to_string(),
@@ -1006,6 +1038,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             shutdown().await;
             let t0 = Instant::now();
             tracing::info!("shutting down");
+            metering.set_draining();
             if let Some(v) = draining
                 && !v.drain(DRAIN_LIMIT).await
             {

@@ -29,7 +29,7 @@ mod pg;
 mod sled_store;
 
 pub use pg::PgStore;
-pub use sled_store::SledStore;
+pub use sled_store::{DEFAULT_CACHE_BYTES, SledStore};
 
 /// Result with the shared error type.
 pub type Result<T> = std::result::Result<T, Error>;
@@ -313,6 +313,20 @@ impl RecordWrite {
     }
 }
 
+/// What an operator watches of the store: that it answers, and its
+/// bounds.
+#[async_trait]
+pub trait StoreHealth: Send + Sync {
+    /// Ok when the store answers now: a read, and (the embedded store)
+    /// its writer taking a write set and flushing.
+    async fn check(&self) -> Result<()>;
+    /// The store's gauges for `/metrics`: name (after `plugboard_store_`),
+    /// help, value.
+    fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
+}
+
 /// Everything the runtime stores. The digital channels' messages,
 /// customers and outbox are records written together with
 /// [`RecordStore::apply_records`].
@@ -326,6 +340,7 @@ pub trait Store:
     + BlobStore
     + SecretStore
     + RecordStore
+    + StoreHealth
 {
 }
 
@@ -339,6 +354,7 @@ impl<T> Store for T where
         + BlobStore
         + SecretStore
         + RecordStore
+        + StoreHealth
 {
 }
 

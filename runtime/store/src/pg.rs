@@ -984,6 +984,15 @@ impl RecordStore for PgStore {
 }
 
 #[async_trait]
+impl crate::StoreHealth for PgStore {
+    async fn check(&self) -> Result<()> {
+        let c = self.client().await?;
+        c.query_one("SELECT 1", &[]).await.map_err(pg)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl SecretStore for PgStore {
     async fn set_secret(&self, tenant: &str, name: &str, sealed: &[u8]) -> Result<()> {
         self.execute(

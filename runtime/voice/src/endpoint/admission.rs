@@ -519,7 +519,13 @@ impl Endpoint {
             clock: self.clock.clone(),
             phones: self.phones.clone(),
         };
-        tokio::spawn(call::run(spec));
+        // The call's log lines carry its tenant and interaction.
+        let span = tracing::info_span!(
+            "call",
+            tenant = %spec.session.interaction.tenant,
+            interaction = %spec.session.interaction.id
+        );
+        tokio::spawn(tracing::Instrument::instrument(call::run(spec), span));
     }
 
     /// Sends a 2xx on the INVITE transaction and, over UDP, retransmits it
