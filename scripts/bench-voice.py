@@ -21,6 +21,14 @@ baseline for signalling CPU per call. Prints numbers; asserts nothing.
    p50/p99, from the stored queue events; beside it, the same gap for the
    ACD's own decision (offer after completion) without the phone.
 
+5. Soak (BENCH_ONLY=soak): SIPp places the short call at BENCH_SOAK_RATE
+   (150) calls/s for BENCH_SOAK_MINUTES (30); the server's resident memory
+   and data directory are sampled every 10 s. Prints failed calls, memory
+   after the first 5 minutes (the first fifth, for runs shorter than 25
+   minutes) and at the end with their ratio, and disk per call.
+   BENCH_SERVER_ARGS adds server flags (e.g. `--store-cache-mib 1024` for
+   the store's cache as sled's default had it), for before/after runs.
+
 Usage: scripts/bench-voice.sh (builds the release binary, then runs this).
 BENCH_QUICK=1 runs fewer steps; BENCH_ONLY=rate or BENCH_ONLY=concurrency
 runs one part (the Kamailio baseline comes with the rate part);
@@ -108,7 +116,7 @@ def start_server(tmp):
     proc = subprocess.Popen(
         [BIN, "--data-dir", os.path.join(tmp, "data"), "serve", "--http", f"127.0.0.1:{http}",
          "--sip", f"127.0.0.1:{sip}", "--rtp-ports", "20000-29999", "--max-concurrent", "64",
-         "--digest-md5-first", "--config", config],
+         "--digest-md5-first", "--config", config] + os.environ.get("BENCH_SERVER_ARGS", "").split(),
         env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "server.log"), "w"))
     base = f"http://127.0.0.1:{http}"
     for _ in range(300):
@@ -365,6 +373,65 @@ def queue_bench(base, key, sip, tmp, callers=500, agents=50):
               f"p50 {p(0.5)} ms, p99 {p(0.99)} ms")
 
 
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def dir_bytes(path):
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def soak(proc, sip, tmp):
+    rate = int(os.environ.get("BENCH_SOAK_RATE", "150"))
+    minutes = float(os.environ.get("BENCH_SOAK_MINUTES", "30"))
+    calls = int(rate * minutes * 60)
+    data = os.path.join(tmp, "data")
+    warm_s = 300 if minutes >= 25 else minutes * 60 / 5
+    print(f"\n## Soak: {calls} short calls at {rate}/s for {minutes:g} min (server flags: {os.environ.get('BENCH_SERVER_ARGS', '') or 'none'})")
+    disk0 = dir_bytes(data)
+    t0 = time.time()
+    p = subprocess.Popen(
+        ["sipp", "-i", "127.0.0.1", "-nostdin", "-trace_stat", "-fd", "1",
+         "-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000",
+         "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
+         "-p", str(free_port()), "-mp", "41000", "-timeout", f"{int(minutes * 60 + 300)}s",
+         f"127.0.0.1:{sip}"],
+        cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    samples = []
+    print(f"{'t/s':>6} {'RSS MiB':>8} {'data MiB':>9}")
+    while p.poll() is None:
+        time.sleep(10)
+        t = time.time() - t0
+        samples.append((t, rss_kib(proc.pid), dir_bytes(data)))
+        if len(samples) % 6 == 0:
+            print(f"{t:>6.0f} {samples[-1][1] / 1024:>8.1f} {samples[-1][2] / 2**20:>9.1f}", flush=True)
+    out = p.stdout.read().decode(errors="replace")
+    stats = {"success": 0, "failed": 0}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")]
+        if line.strip().startswith("Successful call") and len(cells) >= 3:
+            stats["success"] = int(cells[2].split()[0])
+        if line.strip().startswith("Failed call") and len(cells) >= 3:
+            stats["failed"] = int(cells[2].split()[0])
+    warm = next((s for s in samples if s[0] >= warm_s), samples[-1])
+    end = samples[-1]
+    per_call = (end[2] - disk0) / max(stats["success"], 1)
+    print(f"calls: {stats['success']} ok, {stats['failed']} failed (of {calls})")
+    print(f"RSS after {warm[0]:.0f} s: {warm[1] / 1024:.1f} MiB; at the end ({end[0]:.0f} s): {end[1] / 1024:.1f} MiB; end/warm {end[1] / max(warm[1], 1):.3f}")
+    print(f"data directory: {disk0 / 2**20:.1f} -> {end[2] / 2**20:.1f} MiB, {per_call / 1024:.2f} KiB per call")
+
+
 def main():
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --bin plugboard")
@@ -373,6 +440,14 @@ def main():
     print(f"# Plugboard voice benchmark ({os.cpu_count()} cores, loopback, SIPp {subprocess.run(['sipp', '-v'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout.decode().split()[1]})")
     tmp = tempfile.mkdtemp(prefix="pb-bench-")
     proc, base, key, sip = start_server(tmp)
+    if ONLY == "soak":
+        try:
+            soak(proc, sip, tmp)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=20)
+        print(f"\n(work files in {tmp})")
+        return
     if ONLY == "queue":
         try:
             queue_bench(base, key, sip, tmp)

@@ -39,6 +39,9 @@ pub const DEFAULT_TIMEOUT_MS: u32 = 2000;
 pub const DEFAULT_MAX_RESPONSE: u32 = 1024 * 1024;
 /// Connection pools kept (tenant × grant); the oldest are dropped beyond.
 const MAX_POOLS: usize = 4096;
+/// Breakers kept for origins that failed lately, at most (beyond it,
+/// those no longer open are forgotten).
+const MAX_BREAKERS: usize = 4096;
 /// Idle connections kept per host in a pool.
 const IDLE_PER_HOST: usize = 8;
 /// Requests one tenant may have in flight at once, over all its plugins
@@ -213,6 +216,24 @@ impl Breaker {
             // A late outcome while open changes nothing.
             (open @ Breaker::Open(_), false) => open,
         };
+    }
+}
+
+/// A request the breaker let through: a failure for it unless its
+/// outcome was recorded.
+struct Pending<'a> {
+    fetcher: &'a Fetcher,
+    tenant: &'a str,
+    origin: &'a str,
+    done: bool,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.fetcher
+                .breaker_outcome(self.tenant, self.origin, false);
+        }
     }
 }
 
@@ -480,13 +501,26 @@ impl Fetcher {
             ) => true,
             Err(_) => false,
         };
+        self.breaker_outcome(tenant, origin, ok);
+    }
+
+    /// Records an outcome in the tenant's breaker for `origin`. The table
+    /// keeps origins that failed lately: closed breakers are dropped, and
+    /// past [`MAX_BREAKERS`] so are those whose open time is over.
+    fn breaker_outcome(&self, tenant: &str, origin: &str, ok: bool) {
         if let Ok(mut b) = self.breakers.lock() {
+            let now = Instant::now();
             let entry = b
                 .entry((tenant.to_string(), origin.to_string()))
                 .or_default();
-            entry.record(Instant::now(), ok);
+            entry.record(now, ok);
             if *entry == Breaker::Closed {
                 b.retain(|_, v| *v != Breaker::Closed);
+            }
+            if b.len() > MAX_BREAKERS {
+                b.retain(|_, v| {
+                    matches!(v, Breaker::Open(until) if *until > now) || *v == Breaker::Trying
+                });
             }
         }
     }
@@ -537,6 +571,15 @@ impl Fetcher {
         if !self.breaker_allows(tenant, &origin) {
             return Err(FetchError::CircuitOpen(origin));
         }
+        // A request that ends without an outcome (its caller stopped
+        // waiting, or no client could be made) counts as a failure, so a
+        // breaker's trial slot is never left taken.
+        let mut pending = Pending {
+            fetcher: self,
+            tenant,
+            origin: &origin,
+            done: false,
+        };
         let client = self.client(tenant, grant)?;
         let r = tokio::time::timeout(
             Duration::from_millis(u64::from(timeout)),
@@ -544,6 +587,7 @@ impl Fetcher {
         )
         .await
         .unwrap_or(Err(FetchError::Timeout));
+        pending.done = true;
         self.breaker_record(tenant, &origin, &r);
         r
     }
@@ -844,6 +888,48 @@ mod tests {
         b.record(again, true);
         assert_eq!(b, Breaker::Closed);
         assert!(b.allow(again));
+    }
+
+    /// A trial request whose caller stops waiting (a plugin's deadline, a
+    /// call that ended) counts as a failed trial: the breaker opens again
+    /// instead of failing fast for good.
+    #[test]
+    fn an_abandoned_trial_does_not_leave_the_breaker_stuck() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        rt.block_on(async {
+            // A service that takes connections and never answers.
+            let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let port = silent.local_addr().map(|a| a.port()).unwrap_or_default();
+            let f = Fetcher::new(
+                NetPolicy::allowing(&["127.0.0.1/32".into()]).unwrap_or_else(|e| panic!("{e}")),
+            );
+            let origin = format!("http://127.0.0.1:{port}");
+            let key = ("t".to_string(), origin.clone());
+            // Its open time is over: the next request is the trial.
+            let past = Instant::now();
+            f.breakers
+                .lock()
+                .unwrap_or_else(|e| panic!("{e}"))
+                .insert(key.clone(), Breaker::Open(past));
+            let grant = HttpGrant {
+                allow: vec![origin.clone()],
+                ..HttpGrant::default()
+            };
+            let trial = f.send("t", &grant, FetchRequest::get(&format!("{origin}/x")));
+            let gave_up = tokio::time::timeout(Duration::from_millis(200), trial).await;
+            assert!(gave_up.is_err(), "the silent service answered");
+            let state = f.breakers.lock().unwrap_or_else(|e| panic!("{e}"))[&key];
+            assert!(
+                matches!(state, Breaker::Open(until) if until > past),
+                "{state:?}"
+            );
+            drop(silent);
+        });
     }
 
     #[test]

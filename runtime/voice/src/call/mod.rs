@@ -483,11 +483,14 @@ impl Call {
         self.tenant.clone()
     }
 
-    /// The call's task id in the ACD: its interaction's id.
+    /// The call's task id in the ACD: its interaction's id (also while
+    /// the session is out handling an event: a call that ends then must
+    /// still complete or abandon its task, or the agent stays busy).
     fn task_id(&self) -> String {
         self.session
             .as_ref()
             .map(|s| s.interaction.id.clone())
+            .or_else(|| self.caller["interaction"].as_str().map(str::to_string))
             .unwrap_or_default()
     }
 
