@@ -94,7 +94,11 @@ def api(base, token, method, path, body=None, raw=None):
 def sipp(args, cwd, timeout=300):
     cmd = ["sipp", "-i", "127.0.0.1", "-nostdin", "-trace_stat", "-fd", "1"] + args
     p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
-    out = p.stdout.decode(errors="replace")
+    return sipp_stats(p.stdout.decode(errors="replace")), p.returncode
+
+
+def sipp_stats(out):
+    """Successful and failed calls from SIPp's final statistics."""
     stats = {"success": 0, "failed": 0}
     for line in out.splitlines():
         cells = [c.strip() for c in line.split("|")]
@@ -102,7 +106,7 @@ def sipp(args, cwd, timeout=300):
             stats["success"] = int(cells[2].split()[0])
         if line.strip().startswith("Failed call") and len(cells) >= 3:
             stats["failed"] = int(cells[2].split()[0])
-    return stats, p.returncode
+    return stats
 
 
 def start_server(tmp):
@@ -407,7 +411,7 @@ def soak(proc, sip, tmp):
          "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
          "-p", str(free_port()), "-mp", "41000", "-timeout", f"{int(minutes * 60 + 300)}s",
          f"127.0.0.1:{sip}"],
-        cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        cwd=tmp, stdout=open(os.path.join(tmp, "soak-sipp.out"), "w"), stderr=subprocess.STDOUT)
     samples = []
     print(f"{'t/s':>6} {'RSS MiB':>8} {'data MiB':>9}")
     while p.poll() is None:
@@ -416,14 +420,8 @@ def soak(proc, sip, tmp):
         samples.append((t, rss_kib(proc.pid), dir_bytes(data)))
         if len(samples) % 6 == 0:
             print(f"{t:>6.0f} {samples[-1][1] / 1024:>8.1f} {samples[-1][2] / 2**20:>9.1f}", flush=True)
-    out = p.stdout.read().decode(errors="replace")
-    stats = {"success": 0, "failed": 0}
-    for line in out.splitlines():
-        cells = [c.strip() for c in line.split("|")]
-        if line.strip().startswith("Successful call") and len(cells) >= 3:
-            stats["success"] = int(cells[2].split()[0])
-        if line.strip().startswith("Failed call") and len(cells) >= 3:
-            stats["failed"] = int(cells[2].split()[0])
+    with open(os.path.join(tmp, "soak-sipp.out"), errors="replace") as f:
+        stats = sipp_stats(f.read())
     warm = next((s for s in samples if s[0] >= warm_s), samples[-1])
     end = samples[-1]
     per_call = (end[2] - disk0) / max(stats["success"], 1)
