@@ -422,6 +422,8 @@ def soak(proc, sip, tmp):
             print(f"{t:>6.0f} {samples[-1][1] / 1024:>8.1f} {samples[-1][2] / 2**20:>9.1f}", flush=True)
     with open(os.path.join(tmp, "soak-sipp.out"), errors="replace") as f:
         stats = sipp_stats(f.read())
+    if not samples:
+        sys.exit(f"SIPp ended at once: see {tmp}/soak-sipp.out")
     warm = next((s for s in samples if s[0] >= warm_s), samples[-1])
     end = samples[-1]
     per_call = (end[2] - disk0) / max(stats["success"], 1)

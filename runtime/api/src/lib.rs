@@ -219,6 +219,7 @@ pub fn router(state: Arc<Engine>) -> Router {
         .route("/v1/tenants/{t}/limits", put(set_limits).get(get_limits))
         .route("/v1/tenants/{t}/usage", get(tenant_usage))
         .route("/v1/usage", get(operator_usage))
+        .route("/v1/backup", get(backup))
         .route("/v1/tenants/{t}/me", get(who_am_i))
         .route(
             "/v1/tenants/{t}/kv/{*key}",
@@ -1069,6 +1070,32 @@ async fn operator_usage(
     let (from, to, granularity, csv) = usage_query(&q)?;
     let rows = s.usage_all(from, to, granularity).await?;
     Ok(usage_answer(from, to, rows, csv))
+}
+
+/// A consistent copy of the embedded store, streamed as it is made
+/// (`plugboard restore` brings it back). The admin only.
+async fn backup(State(s): State<Arc<Engine>>, _: Admin) -> ApiResult<Response> {
+    let mut rx = s.backup();
+    // A store that cannot (PostgreSQL) says so before any byte.
+    let first = match rx.recv().await {
+        Some(Ok(chunk)) => chunk,
+        Some(Err(e)) => return Err(EngineError::Core(plugboard_core::Error::Invalid(e)).into()),
+        None => Vec::new(),
+    };
+    let rest = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|item| (item.map(Bytes::from).map_err(std::io::Error::other), rx))
+    });
+    let body = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok(Bytes::from(first)) }),
+        rest,
+    );
+    Ok((
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        axum::body::Body::from_stream(body),
+    )
+        .into_response())
 }
 
 async fn list_plugins(

@@ -1017,7 +1017,7 @@ impl Engine {
         mut rx: tokio::sync::mpsc::UnboundedReceiver<TaskNews>,
     ) {
         let engine = self.clone();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let mut passed_on = false;
             while let Some(news) = rx.recv().await {
                 let r = match news {
@@ -1060,7 +1060,7 @@ impl Engine {
             if !passed_on && let Err(e) = engine.conversation_task_ended(&tenant, &ix).await {
                 tracing::warn!("conversation {ix} of {tenant}: {e}");
             }
-        });
+        }));
     }
 
     /// An agent passed the conversation on (blind): to `queue:Q`, or to
@@ -1626,7 +1626,10 @@ impl Engine {
             }
             lanes.insert(key.clone(), BTreeSet::from([id.to_string()]));
         }
-        tokio::spawn(run_lane(Arc::downgrade(self), key));
+        tokio::spawn(tracing::Instrument::in_current_span(run_lane(
+            Arc::downgrade(self),
+            key,
+        )));
     }
 
     /// Tries to hand one outbox message to its courier; `Some(delay)`

@@ -13,7 +13,7 @@ use plugboard_engine::{Engine, EngineError};
 use plugboard_host::{HostConfig, Limits, PluginHost};
 use plugboard_store::{
     AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RegistrarStore,
-    SecretStore, StoreHealth, TenantStore,
+    SecretStore, StoreOps, TenantStore,
 };
 use std::sync::Arc;
 
@@ -190,7 +190,7 @@ impl RecordStore for Broken {
 }
 
 #[async_trait]
-impl StoreHealth for Broken {
+impl StoreOps for Broken {
     async fn check(&self) -> R<()> {
         gone()
     }

@@ -40,7 +40,7 @@ pub const DEFAULT_MAX_RESPONSE: u32 = 1024 * 1024;
 /// Connection pools kept (tenant × grant); the oldest are dropped beyond.
 const MAX_POOLS: usize = 4096;
 /// Breakers kept for origins that failed lately, at most (beyond it,
-/// those no longer open are forgotten).
+/// the expired ones are forgotten, then those not open).
 const MAX_BREAKERS: usize = 4096;
 /// Idle connections kept per host in a pool.
 const IDLE_PER_HOST: usize = 8;
@@ -219,8 +219,8 @@ impl Breaker {
     }
 }
 
-/// A request the breaker let through: a failure for it unless its
-/// outcome was recorded.
+/// A request the breaker let through: if it was the trial and ends
+/// without an outcome, the trial failed.
 struct Pending<'a> {
     fetcher: &'a Fetcher,
     tenant: &'a str,
@@ -230,9 +230,12 @@ struct Pending<'a> {
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            self.fetcher
-                .breaker_outcome(self.tenant, self.origin, false);
+        if !self.done
+            && let Ok(mut b) = self.fetcher.breakers.lock()
+            && let Some(entry) = b.get_mut(&(self.tenant.to_string(), self.origin.to_string()))
+            && *entry == Breaker::Trying
+        {
+            entry.record(Instant::now(), false);
         }
     }
 }
@@ -518,9 +521,12 @@ impl Fetcher {
                 b.retain(|_, v| *v != Breaker::Closed);
             }
             if b.len() > MAX_BREAKERS {
-                b.retain(|_, v| {
-                    matches!(v, Breaker::Open(until) if *until > now) || *v == Breaker::Trying
-                });
+                // Open ones whose time is over go first, then those only
+                // failing (their count starts again).
+                b.retain(|_, v| !matches!(v, Breaker::Open(until) if *until <= now));
+                if b.len() > MAX_BREAKERS {
+                    b.retain(|_, v| !matches!(v, Breaker::Failing(_)));
+                }
             }
         }
     }
@@ -568,19 +574,21 @@ impl Fetcher {
         }
         let _slot = self.enter(tenant, in_flight)?;
         let origin = origin.to_string();
+        // (A grant whose TLS settings are wrong is its error, not the
+        // service's: it never reaches the breaker.)
+        let client = self.client(tenant, grant)?;
         if !self.breaker_allows(tenant, &origin) {
             return Err(FetchError::CircuitOpen(origin));
         }
-        // A request that ends without an outcome (its caller stopped
-        // waiting, or no client could be made) counts as a failure, so a
-        // breaker's trial slot is never left taken.
+        // A trial that ends without an outcome (its caller stopped
+        // waiting) counts as failed, so the trial slot is never left
+        // taken.
         let mut pending = Pending {
             fetcher: self,
             tenant,
             origin: &origin,
             done: false,
         };
-        let client = self.client(tenant, grant)?;
         let r = tokio::time::timeout(
             Duration::from_millis(u64::from(timeout)),
             send_now(&client, req, cap, https),
@@ -928,6 +936,25 @@ mod tests {
                 matches!(state, Breaker::Open(until) if until > past),
                 "{state:?}"
             );
+            // A caller giving up on a healthy origin is no failure of it.
+            let other = format!("http://localhost:{port}");
+            let grant = HttpGrant {
+                allow: vec![other.clone()],
+                ..HttpGrant::default()
+            };
+            let req = f.send("t", &grant, FetchRequest::get(&format!("{other}/x")));
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), req)
+                    .await
+                    .is_err()
+            );
+            let kept = f.breakers.lock().unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                kept.get(&("t".to_string(), other))
+                    .is_none_or(|b| *b == Breaker::Closed),
+                "{kept:?}"
+            );
+            drop(kept);
             drop(silent);
         });
     }

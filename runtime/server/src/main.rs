@@ -228,6 +228,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CarrierCmd,
     },
+    /// Save a consistent copy of the running server's embedded store (admin
+    /// token; calls and messages go on meanwhile).
+    Backup {
+        /// Where to write it (written as FILE.part, renamed when complete).
+        file: PathBuf,
+    },
+    /// Bring a backup back into a new data directory (`--data-dir`), with
+    /// no server running on it; then start `plugboard serve` there. Tenant
+    /// secrets need the old node's `secret_key` (or PLUGBOARD_SECRET_KEY).
+    Restore {
+        /// The backup file.
+        file: PathBuf,
+    },
     /// Send a fax, or fetch one.
     Fax {
         #[command(subcommand)]
@@ -574,6 +587,22 @@ fn run() -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Restore { file } => {
+            let data_dir = cli.data_dir.unwrap_or_else(|| PathBuf::from("data"));
+            let mut input = std::io::BufReader::new(
+                std::fs::File::open(&file)
+                    .with_context(|| format!("opening {}", file.display()))?,
+            );
+            std::fs::create_dir_all(&data_dir)
+                .with_context(|| format!("creating {}", data_dir.display()))?;
+            let s = SledStore::restore(&data_dir.join("store"), &mut input)
+                .with_context(|| format!("restoring {}", file.display()))?;
+            println!(
+                "{}",
+                json!({"restored": data_dir.join("store").display().to_string(), "trees": s.trees, "keys": s.keys, "bytes": s.bytes})
+            );
+            Ok(())
+        }
         cmd => {
             let data_dir = cli.data_dir.unwrap_or_else(|| PathBuf::from("data"));
             let client = Client::new(&cli.url, cli.token, &data_dir)?;
@@ -888,6 +917,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         "data_dir": data_dir.display().to_string(),
         "store": if store_url == "sled" { "sled".to_string() } else { plugboard_core::redact_url(&store_url, true) },
         "store_cache_mib": (store_url == "sled").then_some(cache_mib),
+        "log_format": args.log_format.clone().or_else(|| server.log_format.clone()).unwrap_or_else(|| "text".into()),
         "nats": nats_url.as_deref().map(redact_nats),
         "node_id": nats_url.as_ref().map(|_| &node_id),
         "http": http.to_string(),
@@ -1195,6 +1225,26 @@ impl Client {
             .read_to_vec()?)
     }
 
+    /// Streams a GET's body into `file` (through `file.part`, renamed when
+    /// it is whole); returns its length.
+    fn save(&self, path: &str, file: &Path) -> Result<u64> {
+        let mut resp = self.request("GET", path, None)?;
+        if !resp.status().is_success() {
+            let text = resp.body_mut().read_to_string().unwrap_or_default();
+            bail!("{} from {path}: {text}", resp.status().as_u16());
+        }
+        let part = file.with_extension("part");
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?,
+        );
+        let n = std::io::copy(&mut resp.body_mut().as_reader(), &mut out)
+            .with_context(|| format!("reading {path}"))?;
+        let f = out.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+        f.sync_all()?;
+        std::fs::rename(&part, file)?;
+        Ok(n)
+    }
+
     fn json(&self, method: &str, path: &str, body: &Value) -> Result<Value> {
         self.call(
             method,
@@ -1242,7 +1292,7 @@ fn parse_arg_json(s: &str) -> Result<Value> {
 
 fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Serve { .. } | Cmd::Plugin { cmd: PluginCmd::New { .. } } => unreachable!("handled in run"),
+        Cmd::Serve { .. } | Cmd::Restore { .. } | Cmd::Plugin { cmd: PluginCmd::New { .. } } => unreachable!("handled in run"),
         Cmd::Tenant { cmd: TenantCmd::Create { id, name, time_zone } } => {
             let mut body = json!({"id": id});
             if let Some(n) = name {
@@ -1352,6 +1402,11 @@ fn run_client(c: &Client, cmd: Cmd) -> Result<()> {
             &format!("/v1/tenants/{}/sms-carriers/{}", enc(&tenant), enc(&name)),
             &parse_arg_json(&json)?,
         )?),
+        Cmd::Backup { file } => {
+            let n = c.save("/v1/backup", &file)?;
+            println!("{}", json!({"backup": file.display().to_string(), "bytes": n}));
+            Ok(())
+        }
         Cmd::Fax { cmd: FaxCmd::Send { tenant, from, to, file } } => {
             let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let ct = if bytes.starts_with(b"%PDF-") { "application/pdf" } else { "image/tiff" };

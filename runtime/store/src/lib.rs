@@ -313,17 +313,36 @@ impl RecordWrite {
     }
 }
 
-/// What an operator watches of the store: that it answers, and its
-/// bounds.
+/// What a backup or a restore copied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct BackupSummary {
+    /// Trees (the global ones and one per tenant).
+    pub trees: u64,
+    /// Keys, over all trees.
+    pub keys: u64,
+    /// Bytes of the backup.
+    pub bytes: u64,
+}
+
+/// What an operator does with the store: checks that it answers, watches
+/// its bounds, backs it up.
 #[async_trait]
-pub trait StoreHealth: Send + Sync {
+pub trait StoreOps: Send + Sync {
     /// Ok when the store answers now: a read, and (the embedded store)
-    /// its writer taking a write set and flushing.
+    /// its writer thread running.
     async fn check(&self) -> Result<()>;
     /// The store's gauges for `/metrics`: name (after `plugboard_store_`),
     /// help, value.
     fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
         Vec::new()
+    }
+    /// Writes a consistent copy of the store to `out` while it serves
+    /// (blocking: run it off the async threads). A store with its own
+    /// backup tools (PostgreSQL: `pg_dump`) refuses.
+    fn backup(&self, _out: &mut dyn std::io::Write) -> Result<BackupSummary> {
+        Err(Error::Invalid(
+            "this store is backed up with its own tools (PostgreSQL: pg_dump)".into(),
+        ))
     }
 }
 
@@ -340,7 +359,7 @@ pub trait Store:
     + BlobStore
     + SecretStore
     + RecordStore
-    + StoreHealth
+    + StoreOps
 {
 }
 
@@ -354,7 +373,7 @@ impl<T> Store for T where
         + BlobStore
         + SecretStore
         + RecordStore
-        + StoreHealth
+        + StoreOps
 {
 }
 

@@ -984,11 +984,27 @@ impl RecordStore for PgStore {
 }
 
 #[async_trait]
-impl crate::StoreHealth for PgStore {
+impl crate::StoreOps for PgStore {
     async fn check(&self) -> Result<()> {
-        let c = self.client().await?;
-        c.query_one("SELECT 1", &[]).await.map_err(pg)?;
-        Ok(())
+        // Every connection busy means the server answers (the pool has
+        // them open): ready. Otherwise one that takes writes.
+        let c = match tokio::time::timeout(std::time::Duration::from_millis(500), self.client())
+            .await
+        {
+            Ok(c) => c?,
+            Err(_) if self.pool.status().size > 0 => return Ok(()),
+            Err(_) => return Err(Error::Storage("no connection to PostgreSQL".into())),
+        };
+        let writable: bool = c
+            .query_one("SELECT NOT pg_is_in_recovery()", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        if writable {
+            Ok(())
+        } else {
+            Err(Error::Storage("PostgreSQL is a read-only standby".into()))
+        }
     }
 }
 

@@ -36,8 +36,8 @@
 //! shares that cost among every conversation writing at the time.
 
 use crate::{
-    AddressStore, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore, RecordWrite,
-    RegistrarStore, Result, SecretStore, StoreHealth, TenantStore, header, new_entries,
+    AddressStore, BackupSummary, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore,
+    RecordWrite, RegistrarStore, Result, SecretStore, StoreOps, TenantStore, header, new_entries,
     plugin_info, rollback_target, storage,
 };
 use async_trait::async_trait;
@@ -61,6 +61,16 @@ enum Job {
     Flush(Waiter),
     /// Apply a write set atomically (unless its guard key exists).
     Commit(Commit),
+    /// Apply no write set from the answer on until the sender is dropped
+    /// (a backup reads meanwhile).
+    Hold(Hold),
+}
+
+/// A hold on the writer thread: it answers `held` once every write set
+/// before it is applied, then waits for `release` to close.
+struct Hold {
+    held: mpsc::SyncSender<()>,
+    release: mpsc::Receiver<()>,
 }
 
 /// One write set for the writer thread.
@@ -149,9 +159,11 @@ fn writer(db: sled::Db, rx: mpsc::Receiver<Job>) {
         }
         let mut waiters = Vec::new();
         let mut commits: Vec<Vec<Commit>> = Vec::new();
+        let mut holds = Vec::new();
         for job in jobs {
             match job {
                 Job::Flush(w) => waiters.push(w),
+                Job::Hold(h) => holds.push(h),
                 Job::Commit(c) => match commits
                     .iter_mut()
                     .find(|g| g[0].tree.name() == c.tree.name())
@@ -183,6 +195,71 @@ fn writer(db: sled::Db, rx: mpsc::Receiver<Job>) {
             };
             let _ = c.reply.send(r);
         }
+        // Write sets queued meanwhile wait for the hold's end.
+        for h in holds {
+            if h.held.send(()).is_ok() {
+                let _ = h.release.recv();
+            }
+        }
+    }
+}
+
+/// The first line of a backup of the embedded store; then, per tree,
+/// `T` name, and per key `K` key value (each a 4-byte big-endian length
+/// and the bytes); then `E` and the SHA-256 of everything before it.
+const BACKUP_MAGIC: &[u8] = b"plugboard-sled-backup 1\n";
+
+/// A writer that hashes and counts what goes through it.
+struct Hashing<'a> {
+    out: &'a mut dyn std::io::Write,
+    hash: sha2::Sha256,
+    bytes: u64,
+}
+
+impl Hashing<'_> {
+    fn put(&mut self, b: &[u8]) -> Result<()> {
+        use sha2::Digest;
+        self.out.write_all(b).map_err(storage)?;
+        self.hash.update(b);
+        self.bytes += b.len() as u64;
+        Ok(())
+    }
+
+    fn field(&mut self, b: &[u8]) -> Result<()> {
+        let n = u32::try_from(b.len()).map_err(|_| storage("a value over 4 GiB"))?;
+        self.put(&n.to_be_bytes())?;
+        self.put(b)
+    }
+}
+
+/// A reader of a backup that hashes what it reads.
+struct Unhashing<'a> {
+    input: &'a mut dyn std::io::Read,
+    hash: sha2::Sha256,
+    bytes: u64,
+}
+
+impl Unhashing<'_> {
+    fn take(&mut self, n: usize) -> Result<Vec<u8>> {
+        use sha2::Digest;
+        let mut b = vec![0u8; n];
+        self.input
+            .read_exact(&mut b)
+            .map_err(|e| Error::Invalid(format!("the backup is damaged or cut short: {e}")))?;
+        self.hash.update(&b);
+        self.bytes += n as u64;
+        Ok(b)
+    }
+
+    fn field(&mut self) -> Result<Vec<u8>> {
+        let n = self.take(4)?;
+        let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
+        if n > 1 << 30 {
+            return Err(Error::Invalid(
+                "the backup is damaged (a field over 1 GiB)".into(),
+            ));
+        }
+        self.take(n)
     }
 }
 
@@ -255,6 +332,129 @@ impl SledStore {
         };
         store.migrate_v1()?;
         Ok(store)
+    }
+
+    /// Writes a copy of the whole store to `out` ([`StoreOps::backup`]). Write sets (messages, interaction checkpoints,
+    /// record sets) wait while it reads, so each is in the copy whole or
+    /// not at all, and everything acknowledged before the call is in it;
+    /// single writes made meanwhile (a kv entry, a blob) are in it if they
+    /// came before the copy reached their key.
+    fn backup_now(&self, out: &mut dyn std::io::Write) -> Result<BackupSummary> {
+        use sha2::Digest;
+        let (held, is_held) = mpsc::sync_channel(1);
+        let (release, released) = mpsc::sync_channel::<()>(0);
+        self.flusher
+            .as_ref()
+            .ok_or_else(|| Error::Storage("the store is closing".into()))?
+            .send(Job::Hold(Hold {
+                held,
+                release: released,
+            }))
+            .map_err(|_| Error::Storage("the store's writer has stopped".into()))?;
+        is_held
+            .recv()
+            .map_err(|_| Error::Storage("the store's writer has stopped".into()))?;
+        let mut w = Hashing {
+            out,
+            hash: sha2::Sha256::new(),
+            bytes: 0,
+        };
+        let mut summary = BackupSummary::default();
+        w.put(BACKUP_MAGIC)?;
+        for name in self.db.tree_names() {
+            let tree = self.db.open_tree(&name).map_err(storage)?;
+            w.put(b"T")?;
+            w.field(&name)?;
+            summary.trees += 1;
+            for kv in tree.iter() {
+                let (k, v) = kv.map_err(storage)?;
+                w.put(b"K")?;
+                w.field(&k)?;
+                w.field(&v)?;
+                summary.keys += 1;
+            }
+        }
+        drop(release);
+        w.put(b"E")?;
+        let digest = w.hash.clone().finalize();
+        w.out.write_all(&digest).map_err(storage)?;
+        w.out.flush().map_err(storage)?;
+        summary.bytes = w.bytes + digest.len() as u64;
+        Ok(summary)
+    }
+
+    /// Restores a backup made by [`StoreOps::backup`] into `dir`, which
+    /// must not exist yet. The copy is checked (its SHA-256) before it is
+    /// moved into place: a damaged or cut backup leaves nothing behind.
+    pub fn restore(dir: &Path, input: &mut dyn std::io::Read) -> Result<BackupSummary> {
+        use sha2::Digest;
+        if dir.exists() {
+            return Err(Error::Conflict(format!(
+                "{} exists: restore into a new data directory",
+                dir.display()
+            )));
+        }
+        let name = dir
+            .file_name()
+            .ok_or_else(|| Error::Invalid(format!("{}: not a directory name", dir.display())))?;
+        let tmp = dir.with_file_name(format!("{}.restoring", name.to_string_lossy()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let result = (|| {
+            let db = sled::Config::new().path(&tmp).open().map_err(storage)?;
+            let mut r = Unhashing {
+                input,
+                hash: sha2::Sha256::new(),
+                bytes: 0,
+            };
+            if r.take(BACKUP_MAGIC.len())? != BACKUP_MAGIC {
+                return Err(Error::Invalid(
+                    "not a Plugboard backup of the embedded store".into(),
+                ));
+            }
+            let mut summary = BackupSummary::default();
+            let mut tree: Option<sled::Tree> = None;
+            loop {
+                match r.take(1)?[0] {
+                    b'T' => {
+                        tree = Some(db.open_tree(r.field()?).map_err(storage)?);
+                        summary.trees += 1;
+                    }
+                    b'K' => {
+                        let t = tree
+                            .as_ref()
+                            .ok_or_else(|| Error::Invalid("the backup is damaged".into()))?;
+                        let (k, v) = (r.field()?, r.field()?);
+                        t.insert(k, v).map_err(storage)?;
+                        summary.keys += 1;
+                    }
+                    b'E' => break,
+                    _ => return Err(Error::Invalid("the backup is damaged".into())),
+                }
+            }
+            let expected = r.hash.clone().finalize();
+            let mut digest = [0u8; 32];
+            r.input
+                .read_exact(&mut digest)
+                .map_err(|e| Error::Invalid(format!("the backup is damaged or cut short: {e}")))?;
+            if digest[..] != expected[..] {
+                return Err(Error::Invalid(
+                    "the backup is damaged (its checksum differs)".into(),
+                ));
+            }
+            db.flush().map_err(storage)?;
+            summary.bytes = r.bytes + 32;
+            Ok(summary)
+        })();
+        match result {
+            Ok(summary) => {
+                std::fs::rename(&tmp, dir).map_err(storage)?;
+                Ok(summary)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&tmp);
+                Err(e)
+            }
+        }
     }
 
     /// Waits until everything written before the call is on disk.
@@ -951,10 +1151,19 @@ fn record_ops(writes: &[RecordWrite]) -> Result<Vec<Op>> {
 }
 
 #[async_trait]
-impl StoreHealth for SledStore {
+impl StoreOps for SledStore {
     async fn check(&self) -> Result<()> {
         self.tenants.first().map_err(storage)?;
-        self.durable().await
+        // The writer thread runs (not waiting on it: a backup holds its
+        // write sets for a while, and the node still serves meanwhile).
+        match &self.flush_thread {
+            Some(t) if !t.is_finished() => Ok(()),
+            _ => Err(Error::Storage("the store's writer has stopped".into())),
+        }
+    }
+
+    fn backup(&self, out: &mut dyn std::io::Write) -> Result<BackupSummary> {
+        self.backup_now(out)
     }
 
     fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {

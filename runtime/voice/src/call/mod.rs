@@ -242,6 +242,16 @@ async fn acd_news(rx: &mut Option<mpsc::UnboundedReceiver<TaskNews>>) -> Option<
 }
 
 /// A background task's result, or never when there is none.
+/// Spawns a task of the call in its span (its log lines carry the
+/// tenant and interaction).
+fn spawn<F>(f: F) -> JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    tokio::spawn(tracing::Instrument::in_current_span(f))
+}
+
 async fn finished<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
     match task {
         Some(t) => t.await,
@@ -469,7 +479,7 @@ impl Call {
     fn speak_then(&self, text: String, news: fn(Arc<Vec<i16>>) -> Queue) {
         let (tts, me) = (self.tts.clone(), self.self_tx.clone());
         let voice = plugboard_media::tts::voice_for(None, None);
-        tokio::spawn(async move {
+        spawn(async move {
             match prepare::espeak(&tts, text, voice).await {
                 Ok(audio) => {
                     let _ = me.send(CallCmd::Queue(news(audio)));
@@ -528,7 +538,7 @@ impl Call {
             agent,
         };
         let (app, tenant, me) = (self.app.clone(), self.tenant(), self.self_tx.clone());
-        tokio::spawn(async move {
+        spawn(async move {
             if let Err(e) = app.enqueue_watched(&tenant, spec, tx).await {
                 let _ = me.send(CallCmd::Queue(Queue::Refused(e.to_string())));
             }
@@ -544,7 +554,7 @@ impl Call {
             self.task_id(),
             self.self_tx.clone(),
         );
-        tokio::spawn(async move {
+        spawn(async move {
             let r = match &news {
                 AcdNews::Accept(a) => app.accept_task(&tenant, &task, a).await.map(drop),
                 AcdNews::Missed(a) => app.missed_task(&tenant, &task, a).await.map(drop),
@@ -581,7 +591,7 @@ impl Call {
             return;
         };
         let (app, tts) = (self.app.clone(), self.tts.clone());
-        self.flow_task = Some(tokio::spawn(async move {
+        self.flow_task = Some(spawn(async move {
             let (tenant, task, number) = (
                 session.interaction.tenant.clone(),
                 session.interaction.id.clone(),
@@ -739,7 +749,7 @@ impl Call {
         let (app, tenant, me) = (self.app.clone(), self.tenant(), self.self_tx.clone());
         let field = |k: &str| self.caller[k].as_str().unwrap_or_default().to_string();
         let (ix, own) = (field("interaction"), field("to"));
-        tokio::spawn(async move {
+        spawn(async move {
             let origin = (ix.as_str(), Channel::Voice, own.as_str());
             let sent = app
                 .flow_send(&tenant, origin, (channel, &to), text, subject)
@@ -833,7 +843,7 @@ impl Call {
         };
         let tts = self.tts.clone();
         let app = self.app.clone();
-        self.flow_task = Some(tokio::spawn(async move {
+        self.flow_task = Some(spawn(async move {
             let step = session.handle(event).await;
             let prepared = prepare::prepare(&tts, &app, &step.actions, &mut session).await;
             (session, step, prepared)
@@ -866,7 +876,7 @@ impl Call {
             return;
         };
         let (tenant, ix, app) = (s.tenant.clone(), s.id.clone(), self.app.clone());
-        self.save_task = Some(tokio::spawn(async move {
+        self.save_task = Some(spawn(async move {
             let wav = audio::encode_wav(&samples);
             let id = app
                 .save_recording(&tenant, &ix, &wav)
@@ -919,7 +929,7 @@ impl Call {
         let call = self.self_tx.clone();
         // The trunk lookup and DNS happen here, off the SIP loop.
         let (app, endpoint, leg) = (self.app.clone(), self.endpoint.clone(), key.clone());
-        tokio::spawn(async move {
+        spawn(async move {
             let route = crate::route::resolve(&app, &tenant, &target).await;
             let _ = endpoint.send(CallOut::Dial {
                 leg,
@@ -1138,6 +1148,7 @@ impl Call {
                     .session
                     .as_ref()
                     .map(|s| s.interaction.from.clone())
+                    .or_else(|| self.caller["from"].as_str().map(str::to_string))
                     .unwrap_or_default();
                 self.tell_acd(AcdNews::Left(number));
             }
