@@ -26,19 +26,21 @@ async fn postgres_passes_the_conformance_suite() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_keeps_everything_across_a_reopen() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    {
-        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path())?);
-        conformance::tenants(&*store)
-            .await
-            .map_err(|e| anyhow!(e))?;
-        conformance::plugins(&*store)
-            .await
-            .map_err(|e| anyhow!(e))?;
-        conformance::interactions(&*store)
-            .await
-            .map_err(|e| anyhow!(e))?;
-    }
-    let store = SledStore::open(dir.path())?;
+    seed(&SledStore::open(dir.path())?).await?;
+    kept(&SledStore::open(dir.path())?).await
+}
+
+/// Tenants, plugins and interactions, as the conformance suite writes them.
+async fn seed(store: &SledStore) -> Result<()> {
+    conformance::tenants(store).await.map_err(|e| anyhow!(e))?;
+    conformance::plugins(store).await.map_err(|e| anyhow!(e))?;
+    conformance::interactions(store)
+        .await
+        .map_err(|e| anyhow!(e))
+}
+
+/// What [`seed`] wrote is there.
+async fn kept(store: &SledStore) -> Result<()> {
     use plugboard_store::{InteractionStore, PluginStore, TenantStore};
     assert_eq!(
         store
@@ -74,18 +76,10 @@ async fn postgres_migrations_run_once_for_two_nodes() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sled_backup_restores_into_a_new_directory_and_a_damaged_one_restores_nothing() -> Result<()>
 {
-    use plugboard_store::{InteractionStore, PluginStore, StoreOps, TenantStore};
+    use plugboard_store::StoreOps;
     let dir = tempfile::tempdir()?;
     let store = Arc::new(SledStore::open(&dir.path().join("a"))?);
-    conformance::tenants(&*store)
-        .await
-        .map_err(|e| anyhow!(e))?;
-    conformance::plugins(&*store)
-        .await
-        .map_err(|e| anyhow!(e))?;
-    conformance::interactions(&*store)
-        .await
-        .map_err(|e| anyhow!(e))?;
+    seed(&store).await?;
     let s = store.clone();
     let (copy, summary) = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
@@ -97,22 +91,7 @@ async fn sled_backup_restores_into_a_new_directory_and_a_damaged_one_restores_no
     assert_eq!(summary.bytes, copy.len() as u64);
     let restored = SledStore::restore(&dir.path().join("b"), &mut copy.as_slice())?;
     assert_eq!(restored, summary);
-    let store = SledStore::open(&dir.path().join("b"))?;
-    assert_eq!(
-        store
-            .tenant_for_key(&plugboard_store::hash_key("kb"))
-            .await?,
-        Some("b".into())
-    );
-    assert_eq!(
-        store.plugin("a", "ivr").await?.map(|p| p.active_version),
-        Some(2)
-    );
-    let ix = store
-        .interaction("a", "ix-0000000000001-00000001")
-        .await?
-        .unwrap();
-    assert_eq!(ix.timeline.len(), 15);
+    kept(&SledStore::open(&dir.path().join("b"))?).await?;
     // Over an existing store: refused.
     assert!(SledStore::restore(&dir.path().join("b"), &mut copy.as_slice()).is_err());
     // Cut short, or one byte changed anywhere: nothing restored.

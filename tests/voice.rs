@@ -1609,13 +1609,10 @@ fn two_nodes_on_one_postgres_serve_one_tenant() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn sigterm_during_50_calls_ends_each_with_a_bye_and_closes_every_record() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    let mut server = Server::start(&data, &[])?;
+/// Tenant `acme` whose number 15550199 parks callers in a queue (music
+/// on hold) until someone ends the call; returns its key.
+fn parking(server: &Server) -> String {
     let key = server.tenant("acme");
-    // Callers are parked in a queue (music on hold) until someone ends it.
     let flow = json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "support"}}});
     let a = server.json("PUT", "/v1/tenants/acme/flows/park", &key, &flow);
     assert_eq!(a.status, 201, "{a:?}");
@@ -1626,34 +1623,46 @@ fn sigterm_during_50_calls_ends_each_with_a_bye_and_closes_every_record() -> Res
         &json!({"channel": "voice", "flow": "park"}),
     );
     assert_eq!(a.status, 200, "{a:?}");
-    let t_term = std::thread::scope(|scope| -> Result<Instant> {
-        // 50 callers at once, each waiting for our BYE (SIPp fails a call
-        // that gets none within 20 s).
-        let callers = scope.spawn(|| {
-            sipp_with(
-                &server,
-                dir.path(),
-                "bench_call",
-                "15550199",
-                "u1",
-                &["-m", "50", "-l", "50", "-r", "50"],
-            )
-        });
-        let t0 = Instant::now();
-        loop {
-            let list = server.get("/v1/tenants/acme/interactions?limit=100", &key);
-            let live = list.body["interactions"]
-                .as_array()
-                .map(|a| a.len())
-                .unwrap_or(0);
-            if live >= 50 {
-                break;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("only {live} of 50 calls up");
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    key
+}
+
+/// 50 SIPp callers at once to the parking number, each waiting for our
+/// BYE (SIPp fails a call that gets none within 20 s).
+fn fifty_parked(server: &Server, dir: &Path) -> Result<()> {
+    sipp_with(
+        server,
+        dir,
+        "bench_call",
+        "15550199",
+        "u1",
+        &["-m", "50", "-l", "50", "-r", "50"],
+    )
+}
+
+/// Waits (30 s at most) until `n` of acme's calls are up; returns them.
+fn calls_up(server: &Server, key: &str, n: usize) -> Result<Vec<Value>> {
+    let t0 = Instant::now();
+    loop {
+        let live = server.interactions("acme", key);
+        if live.len() >= n {
+            return Ok(live);
         }
+        if t0.elapsed() > Duration::from_secs(30) {
+            bail!("only {} of {n} calls up", live.len());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn sigterm_during_50_calls_ends_each_with_a_bye_and_closes_every_record() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let mut server = Server::start(&data, &[])?;
+    let key = parking(&server);
+    let t_term = std::thread::scope(|scope| -> Result<Instant> {
+        let callers = scope.spawn(|| fifty_parked(&server, dir.path()));
+        calls_up(&server, &key, 50)?;
         // Ready while it serves.
         let ready = server.get("/readyz", "");
         assert_eq!(ready.status, 200, "{ready:?}");
@@ -1702,41 +1711,12 @@ fn a_backup_during_50_calls_restores_every_interaction_in_a_new_directory() -> R
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("data");
     let mut server = Server::start(&data, &[])?;
-    let key = server.tenant("acme");
-    let flow = json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "support"}}});
-    let a = server.json("PUT", "/v1/tenants/acme/flows/park", &key, &flow);
-    assert_eq!(a.status, 201, "{a:?}");
-    let a = server.json(
-        "PUT",
-        "/v1/tenants/acme/addresses/15550199",
-        &key,
-        &json!({"channel": "voice", "flow": "park"}),
-    );
-    assert_eq!(a.status, 200, "{a:?}");
+    let key = parking(&server);
     let file = dir.path().join("acme.backup");
     let postgres = std::env::var("PLUGBOARD_TEST_STORE").as_deref() == Ok("postgres");
     let before = std::thread::scope(|scope| -> Result<Vec<Value>> {
-        let callers = scope.spawn(|| {
-            sipp_with(
-                &server,
-                dir.path(),
-                "bench_call",
-                "15550199",
-                "u1",
-                &["-m", "50", "-l", "50", "-r", "50"],
-            )
-        });
-        let t0 = Instant::now();
-        let before = loop {
-            let live = server.interactions("acme", &key);
-            if live.len() >= 50 {
-                break live;
-            }
-            if t0.elapsed() > Duration::from_secs(30) {
-                bail!("only {} of 50 calls up", live.len());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let callers = scope.spawn(|| fifty_parked(&server, dir.path()));
+        let before = calls_up(&server, &key, 50)?;
         let (ok, out, err) = server.cli(&["backup", &file.display().to_string()]);
         if postgres {
             assert!(!ok && err.contains("pg_dump"), "{out} {err}");

@@ -275,52 +275,56 @@ impl Engine {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// A consistent copy of the store, made while it serves, in chunks as
-    /// they are written ([`plugboard_store::StoreOps::backup`]). The last
-    /// item is an error if the copy failed; a receiver dropped early stops
-    /// it. Only the embedded store can (PostgreSQL: `pg_dump`).
+    /// A consistent copy of the store, made while it serves, in chunks
+    /// ([`plugboard_store::StoreOps::backup`]). The copy is first written
+    /// to a temporary file, so the store's write sets wait only as long
+    /// as the local disk takes, however slowly the receiver reads. The
+    /// last item is an error if the copy failed; a receiver dropped early
+    /// stops it. Only the embedded store can (PostgreSQL: `pg_dump`).
     pub fn backup(&self) -> tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>> {
         /// Bytes sent at a time.
         const CHUNK: usize = 256 << 10;
-        struct Chunks {
-            tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, String>>,
-            buf: Vec<u8>,
-        }
-        impl std::io::Write for Chunks {
-            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                self.buf.extend_from_slice(b);
-                if self.buf.len() >= CHUNK {
-                    self.flush()?;
-                }
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                if self.buf.is_empty() {
-                    return Ok(());
-                }
-                let chunk = std::mem::take(&mut self.buf);
-                self.tx
-                    .blocking_send(Ok(chunk))
-                    .map_err(|_| std::io::Error::other("the backup's reader went away"))
-            }
-        }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
-            let mut out = Chunks {
-                tx: tx.clone(),
-                buf: Vec::with_capacity(CHUNK),
-            };
-            match store.backup(&mut out) {
-                Ok(s) => tracing::info!(
+            use std::io::{Read, Seek, Write};
+            let copied = (|| -> Result<std::fs::File, String> {
+                let file = tempfile::tempfile().map_err(|e| format!("a temporary file: {e}"))?;
+                let mut out = std::io::BufWriter::with_capacity(CHUNK, file);
+                let s = store.backup(&mut out).map_err(|e| e.to_string())?;
+                tracing::info!(
                     "backup: {} trees, {} keys, {} bytes",
                     s.trees,
                     s.keys,
                     s.bytes
-                ),
+                );
+                out.flush().map_err(|e| e.to_string())?;
+                let mut file = out.into_inner().map_err(|e| e.to_string())?;
+                file.rewind().map_err(|e| e.to_string())?;
+                Ok(file)
+            })();
+            let mut file = match copied {
+                Ok(f) => f,
                 Err(e) => {
                     tracing::warn!("backup failed: {e}");
-                    let _ = tx.blocking_send(Err(e.to_string()));
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            };
+            loop {
+                let mut chunk = vec![0u8; CHUNK];
+                match file.read(&mut chunk) {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        chunk.truncate(n);
+                        if tx.blocking_send(Ok(chunk)).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.to_string()));
+                        return;
+                    }
                 }
             }
         });
