@@ -27,7 +27,25 @@ async fn postgres_passes_the_conformance_suite() -> Result<()> {
 async fn sled_keeps_everything_across_a_reopen() -> Result<()> {
     let dir = tempfile::tempdir()?;
     seed(&SledStore::open(dir.path())?).await?;
-    kept(&SledStore::open(dir.path())?).await
+    kept(&reopen(dir.path())?).await
+}
+
+/// Opens a store just closed: sled's IO threads can hold its lock for a
+/// moment after the last handle is dropped (up to 5 s here).
+fn reopen(path: &std::path::Path) -> Result<SledStore> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match SledStore::open(path) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && t0.elapsed().as_secs() < 5 =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Tenants, plugins and interactions, as the conformance suite writes them.
@@ -90,8 +108,11 @@ async fn sled_backup_restores_into_a_new_directory_and_a_damaged_one_restores_no
     let summary = summary?;
     assert_eq!(summary.bytes, copy.len() as u64);
     let restored = SledStore::restore(&dir.path().join("b"), &mut copy.as_slice())?;
-    assert_eq!(restored, summary);
-    kept(&SledStore::open(&dir.path().join("b"))?).await?;
+    assert_eq!(
+        (restored.trees, restored.keys, restored.bytes),
+        (summary.trees, summary.keys, summary.bytes)
+    );
+    kept(&reopen(&dir.path().join("b"))?).await?;
     // Over an existing store: refused.
     assert!(SledStore::restore(&dir.path().join("b"), &mut copy.as_slice()).is_err());
     // Cut short, or one byte changed anywhere: nothing restored.
@@ -106,5 +127,68 @@ async fn sled_backup_restores_into_a_new_directory_and_a_damaged_one_restores_no
         assert!(SledStore::restore(&into, &mut &cut[..]).is_err());
         assert!(!into.exists());
     }
+    Ok(())
+}
+
+/// One backup at a time: a second one while the first reads is refused,
+/// and the store's write sets wait for the first (then go through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_backup_meanwhile_is_refused_and_write_sets_wait_for_the_first() -> Result<()> {
+    use plugboard_store::{RecordStore, StoreOps};
+    let dir = tempfile::tempdir()?;
+    let store = Arc::new(SledStore::open(dir.path())?);
+    seed(&store).await?;
+    // A reader that takes its first bytes, says so, then waits to be let
+    // go.
+    struct Slow {
+        started: Option<std::sync::mpsc::Sender<()>>,
+        go: std::sync::mpsc::Receiver<()>,
+    }
+    impl std::io::Write for Slow {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if let Some(s) = self.started.take() {
+                let _ = s.send(());
+                let _ = self.go.recv();
+            }
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let (go, wait) = std::sync::mpsc::channel();
+    let (started, is_started) = std::sync::mpsc::channel();
+    let s = store.clone();
+    let first = tokio::task::spawn_blocking(move || {
+        s.backup(&mut Slow {
+            started: Some(started),
+            go: wait,
+        })
+    });
+    tokio::task::spawn_blocking(move || is_started.recv()).await??;
+    let s = store.clone();
+    let second = tokio::task::spawn_blocking(move || s.backup(&mut Vec::new())).await?;
+    assert!(
+        matches!(second, Err(plugboard_core::Error::Conflict(_))),
+        "{second:?}"
+    );
+    // A write set queued now waits for the first backup's end.
+    let writes = [plugboard_store::RecordWrite::put(
+        "k",
+        "1",
+        serde_json::json!({}),
+    )];
+    let s = store.clone();
+    let write = tokio::spawn(async move { s.apply_records("a", &writes, None).await });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !write.is_finished(),
+        "a write set went through during the backup"
+    );
+    go.send(()).ok();
+    let summary = first.await??;
+    assert!(summary.keys > 0);
+    write.await??;
+    assert!(store.record("a", "k", "1").await?.is_some());
     Ok(())
 }

@@ -1076,16 +1076,22 @@ async fn operator_usage(
 /// (`plugboard restore` brings it back). The admin only.
 async fn backup(State(s): State<Arc<Engine>>, _: Admin) -> ApiResult<Response> {
     let mut rx = s.backup();
-    // A store that cannot (PostgreSQL) says so before any byte.
+    // A store that cannot (PostgreSQL: 400), a backup already being made
+    // (409), a copy that failed (500): said before any byte.
     let first = match rx.recv().await {
         Some(Ok(chunk)) => chunk,
-        Some(Err(e)) => return Err(EngineError::Core(plugboard_core::Error::Invalid(e)).into()),
-        None => Vec::new(),
+        Some(Err(e)) => return Err(EngineError::Core(e).into()),
+        None => {
+            return Err(EngineError::Internal("the backup stopped".into()).into());
+        }
     };
     let rest = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|item| (item.map(Bytes::from).map_err(std::io::Error::other), rx))
+        rx.recv().await.map(|item| {
+            let item = item
+                .map(Bytes::from)
+                .map_err(|e| std::io::Error::other(e.to_string()));
+            (item, rx)
+        })
     });
     let body = futures_util::StreamExt::chain(
         futures_util::stream::once(async move { Ok(Bytes::from(first)) }),

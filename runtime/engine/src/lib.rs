@@ -281,26 +281,47 @@ impl Engine {
     /// as the local disk takes, however slowly the receiver reads. The
     /// last item is an error if the copy failed; a receiver dropped early
     /// stops it. Only the embedded store can (PostgreSQL: `pg_dump`).
-    pub fn backup(&self) -> tokio::sync::mpsc::Receiver<Result<Vec<u8>, String>> {
+    pub fn backup(&self) -> tokio::sync::mpsc::Receiver<Result<Vec<u8>, CoreError>> {
         /// Bytes sent at a time.
         const CHUNK: usize = 256 << 10;
+        /// The copy, written while someone still waits for it.
+        struct Watched {
+            out: std::io::BufWriter<std::fs::File>,
+            tx: tokio::sync::mpsc::Sender<Result<Vec<u8>, CoreError>>,
+        }
+        impl std::io::Write for Watched {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                if self.tx.is_closed() {
+                    return Err(std::io::Error::other("nobody waits for the backup"));
+                }
+                self.out.write(b)
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                self.out.flush()
+            }
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             use std::io::{Read, Seek, Write};
-            let copied = (|| -> Result<std::fs::File, String> {
-                let file = tempfile::tempfile().map_err(|e| format!("a temporary file: {e}"))?;
-                let mut out = std::io::BufWriter::with_capacity(CHUNK, file);
-                let s = store.backup(&mut out).map_err(|e| e.to_string())?;
+            let failed = |e: std::io::Error| CoreError::Storage(e.to_string());
+            let copied = (|| -> Result<std::fs::File, CoreError> {
+                let file = tempfile::tempfile().map_err(failed)?;
+                let mut out = Watched {
+                    out: std::io::BufWriter::with_capacity(CHUNK, file),
+                    tx: tx.clone(),
+                };
+                let s = store.backup(&mut out)?;
                 tracing::info!(
-                    "backup: {} trees, {} keys, {} bytes",
+                    "backup: {} trees, {} keys, {} bytes; writes waited {} ms",
                     s.trees,
                     s.keys,
-                    s.bytes
+                    s.bytes,
+                    s.held_ms
                 );
-                out.flush().map_err(|e| e.to_string())?;
-                let mut file = out.into_inner().map_err(|e| e.to_string())?;
-                file.rewind().map_err(|e| e.to_string())?;
+                out.flush().map_err(failed)?;
+                let mut file = out.out.into_inner().map_err(|e| failed(e.into_error()))?;
+                file.rewind().map_err(failed)?;
                 Ok(file)
             })();
             let mut file = match copied {
@@ -322,7 +343,7 @@ impl Engine {
                         }
                     }
                     Err(e) => {
-                        let _ = tx.blocking_send(Err(e.to_string()));
+                        let _ = tx.blocking_send(Err(failed(e)));
                         return;
                     }
                 }

@@ -219,8 +219,9 @@ impl Breaker {
     }
 }
 
-/// A request the breaker let through: if it was the trial and ends
-/// without an outcome, the trial failed.
+/// The breaker's trial request: if it ends without an outcome, the
+/// trial failed (`done` once its outcome is recorded, or from the start
+/// for a request that is not the trial).
 struct Pending<'a> {
     fetcher: &'a Fetcher,
     tenant: &'a str,
@@ -480,15 +481,23 @@ impl Fetcher {
     }
 
     /// Whether the tenant's breaker for `origin` lets a request go now.
-    fn breaker_allows(&self, tenant: &str, origin: &str) -> bool {
+    /// Whether the tenant's breaker for `origin` lets a request go now,
+    /// and whether that request is the trial.
+    fn breaker_allows(&self, tenant: &str, origin: &str) -> (bool, bool) {
         self.breakers
             .lock()
             .map(|mut b| {
-                b.entry((tenant.to_string(), origin.to_string()))
-                    .or_default()
-                    .allow(Instant::now())
+                let entry = b
+                    .entry((tenant.to_string(), origin.to_string()))
+                    .or_default();
+                let before = *entry;
+                let allowed = entry.allow(Instant::now());
+                (
+                    allowed,
+                    allowed && before != Breaker::Trying && *entry == Breaker::Trying,
+                )
             })
-            .unwrap_or(true)
+            .unwrap_or((true, false))
     }
 
     /// Records a request's outcome in the tenant's breaker for `origin`.
@@ -577,7 +586,8 @@ impl Fetcher {
         // (A grant whose TLS settings are wrong is its error, not the
         // service's: it never reaches the breaker.)
         let client = self.client(tenant, grant)?;
-        if !self.breaker_allows(tenant, &origin) {
+        let (allowed, trial) = self.breaker_allows(tenant, &origin);
+        if !allowed {
             return Err(FetchError::CircuitOpen(origin));
         }
         // A trial that ends without an outcome (its caller stopped
@@ -587,7 +597,7 @@ impl Fetcher {
             fetcher: self,
             tenant,
             origin: &origin,
-            done: false,
+            done: !trial,
         };
         let r = tokio::time::timeout(
             Duration::from_millis(u64::from(timeout)),

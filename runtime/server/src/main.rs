@@ -1140,6 +1140,8 @@ struct Client {
     base: String,
     token: String,
     agent: ureq::Agent,
+    /// Without the overall time limit, for long downloads (a backup).
+    patient: ureq::Agent,
 }
 
 impl Client {
@@ -1160,10 +1162,19 @@ impl Client {
             .timeout_global(Some(Duration::from_secs(600)))
             .build()
             .into();
+        // A backup takes as long as the store is large: no limit on the
+        // whole, an hour for the server to have its copy ready.
+        let patient: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            .timeout_recv_response(Some(Duration::from_secs(3600)))
+            .build()
+            .into();
         Ok(Client {
             base: url.trim_end_matches('/').to_string(),
             token,
             agent,
+            patient,
         })
     }
 
@@ -1228,21 +1239,40 @@ impl Client {
     /// Streams a GET's body into `file` (through `file.part`, renamed when
     /// it is whole); returns its length.
     fn save(&self, path: &str, file: &Path) -> Result<u64> {
-        let mut resp = self.request("GET", path, None)?;
+        let url = format!("{}{}", self.base, path);
+        let req = ureq::http::Request::builder()
+            .method("GET")
+            .uri(&url)
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Vec::new())?;
+        let mut resp = self
+            .patient
+            .run(req)
+            .with_context(|| format!("cannot reach {url} (is `plugboard serve` running?)"))?;
         if !resp.status().is_success() {
             let text = resp.body_mut().read_to_string().unwrap_or_default();
             bail!("{} from {path}: {text}", resp.status().as_u16());
         }
-        let part = file.with_extension("part");
-        let mut out = std::io::BufWriter::new(
-            std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?,
-        );
-        let n = std::io::copy(&mut resp.body_mut().as_reader(), &mut out)
-            .with_context(|| format!("reading {path}"))?;
-        let f = out.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
-        f.sync_all()?;
-        std::fs::rename(&part, file)?;
-        Ok(n)
+        let mut part = file.as_os_str().to_owned();
+        part.push(".part");
+        let part = PathBuf::from(part);
+        let saved = (|| -> Result<u64> {
+            let mut out = std::io::BufWriter::new(
+                std::fs::File::create(&part)
+                    .with_context(|| format!("creating {}", part.display()))?,
+            );
+            let n = std::io::copy(&mut resp.body_mut().as_reader(), &mut out)
+                .with_context(|| format!("reading {path}"))?;
+            let f = out.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
+            f.sync_all()?;
+            std::fs::rename(&part, file)?;
+            Ok(n)
+        })();
+        if saved.is_err() {
+            // A cut copy is not left behind.
+            let _ = std::fs::remove_file(&part);
+        }
+        saved
     }
 
     fn json(&self, method: &str, path: &str, body: &Value) -> Result<Value> {

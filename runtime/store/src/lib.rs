@@ -322,6 +322,9 @@ pub struct BackupSummary {
     pub keys: u64,
     /// Bytes of the backup.
     pub bytes: u64,
+    /// How long the store's several-key writes waited while it was read,
+    /// ms (a backup only).
+    pub held_ms: u64,
 }
 
 /// What an operator does with the store: checks that it answers, watches

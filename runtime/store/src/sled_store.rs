@@ -101,6 +101,14 @@ pub struct SledStore {
     deploys: tokio::sync::Mutex<()>,
     /// The bound of sled's page cache, bytes.
     cache_bytes: u64,
+    /// Writes of several keys made here rather than by the writer thread
+    /// (a tenant with its key, an address with its owner, a plugin
+    /// version with its bytes) hold it shared while they apply; a backup
+    /// holds it alone while it reads, so they are whole in the copy or
+    /// absent.
+    gate: std::sync::RwLock<()>,
+    /// A backup is being made (one at a time).
+    backing_up: std::sync::atomic::AtomicBool,
 }
 
 /// The page cache's bound when none is given: 64 MiB. (sled's own default
@@ -209,6 +217,10 @@ fn writer(db: sled::Db, rx: mpsc::Receiver<Job>) {
 /// and the bytes); then `E` and the SHA-256 of everything before it.
 const BACKUP_MAGIC: &[u8] = b"plugboard-sled-backup 1\n";
 
+/// The largest key or value a backup holds (a damaged length is not
+/// allocated).
+const MAX_FIELD: usize = 1 << 30;
+
 /// A writer that hashes and counts what goes through it.
 struct Hashing<'a> {
     out: &'a mut dyn std::io::Write,
@@ -226,7 +238,10 @@ impl Hashing<'_> {
     }
 
     fn field(&mut self, b: &[u8]) -> Result<()> {
-        let n = u32::try_from(b.len()).map_err(|_| storage("a value over 4 GiB"))?;
+        if b.len() > MAX_FIELD {
+            return Err(storage("a key or value over 1 GiB cannot be backed up"));
+        }
+        let n = u32::try_from(b.len()).map_err(storage)?;
         self.put(&n.to_be_bytes())?;
         self.put(b)
     }
@@ -254,7 +269,7 @@ impl Unhashing<'_> {
     fn field(&mut self) -> Result<Vec<u8>> {
         let n = self.take(4)?;
         let n = u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize;
-        if n > 1 << 30 {
+        if n > MAX_FIELD {
             return Err(Error::Invalid(
                 "the backup is damaged (a field over 1 GiB)".into(),
             ));
@@ -329,6 +344,8 @@ impl SledStore {
             deploys: tokio::sync::Mutex::new(()),
             spaces: Default::default(),
             cache_bytes,
+            gate: std::sync::RwLock::new(()),
+            backing_up: std::sync::atomic::AtomicBool::new(false),
         };
         store.migrate_v1()?;
         Ok(store)
@@ -341,6 +358,22 @@ impl SledStore {
     /// came before the copy reached their key.
     fn backup_now(&self, out: &mut dyn std::io::Write) -> Result<BackupSummary> {
         use sha2::Digest;
+        use std::sync::atomic::Ordering;
+        if self.backing_up.swap(true, Ordering::SeqCst) {
+            return Err(Error::Conflict("a backup is being made".into()));
+        }
+        struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(&self.backing_up);
+        let started = std::time::Instant::now();
+        // Several-key writes made here first, then the writer thread's
+        // write sets (never the other way round: a write set is never
+        // waited for under the gate).
+        let gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let (held, is_held) = mpsc::sync_channel(1);
         let (release, released) = mpsc::sync_channel::<()>(0);
         self.flusher
@@ -375,6 +408,8 @@ impl SledStore {
             }
         }
         drop(release);
+        drop(gate);
+        summary.held_ms = started.elapsed().as_millis() as u64;
         w.put(b"E")?;
         let digest = w.hash.clone().finalize();
         w.out.write_all(&digest).map_err(storage)?;
@@ -397,8 +432,17 @@ impl SledStore {
         let name = dir
             .file_name()
             .ok_or_else(|| Error::Invalid(format!("{}: not a directory name", dir.display())))?;
-        let tmp = dir.with_file_name(format!("{}.restoring", name.to_string_lossy()));
-        let _ = std::fs::remove_dir_all(&tmp);
+        // Its own name: another restore into the same place meanwhile
+        // cannot move this one's half into place.
+        let tmp = dir.with_file_name(format!(
+            "{}.restoring-{}-{}",
+            name.to_string_lossy(),
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        ));
         let result = (|| {
             let db = sled::Config::new().path(&tmp).open().map_err(storage)?;
             let mut r = Unhashing {
@@ -446,14 +490,31 @@ impl SledStore {
             Ok(summary)
         })();
         match result {
-            Ok(summary) => {
-                std::fs::rename(&tmp, dir).map_err(storage)?;
-                Ok(summary)
-            }
+            Ok(summary) => match std::fs::rename(&tmp, dir) {
+                Ok(()) => Ok(summary),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&tmp);
+                    Err(storage(e))
+                }
+            },
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&tmp);
                 Err(e)
             }
+        }
+    }
+
+    /// The gate for a several-key write made here (see `gate`), waited
+    /// for without blocking the thread (a backup can hold it for a while).
+    /// The caller holds it across no `.await`.
+    async fn shared_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        loop {
+            match self.gate.try_read() {
+                Ok(g) => return g,
+                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 
@@ -731,6 +792,7 @@ impl Drop for SledStore {
 impl TenantStore for SledStore {
     async fn create_tenant(&self, tenant: &Tenant, api_key_hash: &str) -> Result<()> {
         let record = json(tenant)?;
+        let gate = self.shared_gate().await;
         (&self.tenants, &self.keys)
             .transaction(|(t, k)| {
                 if t.get(tenant.id.as_bytes())?.is_some() {
@@ -743,6 +805,7 @@ impl TenantStore for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
+        drop(gate);
         self.durable().await
     }
 
@@ -806,6 +869,7 @@ impl PluginStore for SledStore {
                 format!("plugin/{}/active", version.name).as_bytes(),
                 json(&version.version)?,
             );
+            let _gate = self.shared_gate().await;
             space.apply_batch(batch).map_err(storage)?;
         }
         self.durable().await?;
@@ -880,6 +944,7 @@ impl AddressStore for SledStore {
         let space = self.space(tenant)?;
         let record = json(address)?;
         let key = format!("address/{}", address.address);
+        let gate = self.shared_gate().await;
         (&self.owners, &space)
             .transaction(|(o, s)| {
                 if let Some(owner) = o.get(address.address.as_bytes())?
@@ -894,6 +959,7 @@ impl AddressStore for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
+        drop(gate);
         self.durable().await
     }
 
@@ -1080,12 +1146,14 @@ impl RecordStore for SledStore {
         kind: &str,
         records: &[(String, serde_json::Value)],
     ) -> Result<()> {
-        let mut batch = sled::Batch::default();
-        for (id, record) in records {
-            batch.insert(format!("rec/{kind}/{id}").as_bytes(), json(record)?);
-        }
-        self.space(tenant)?.apply_batch(batch).map_err(storage)?;
-        self.durable().await
+        // Through the writer thread, with the other write sets (a backup
+        // then finds a batch whole or absent).
+        let ops = records
+            .iter()
+            .map(|(id, record)| Ok((format!("rec/{kind}/{id}").into_bytes(), Some(json(record)?))))
+            .collect::<Result<Vec<Op>>>()?;
+        self.commit(self.space(tenant)?, ops, None, true).await?;
+        Ok(())
     }
 
     async fn records_after(

@@ -241,7 +241,6 @@ async fn acd_news(rx: &mut Option<mpsc::UnboundedReceiver<TaskNews>>) -> Option<
     }
 }
 
-/// A background task's result, or never when there is none.
 /// Spawns a task of the call in its span (its log lines carry the
 /// tenant and interaction).
 fn spawn<F>(f: F) -> JoinHandle<F::Output>
@@ -252,6 +251,7 @@ where
     tokio::spawn(tracing::Instrument::in_current_span(f))
 }
 
+/// A background task's result, or never when there is none.
 async fn finished<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, JoinError> {
     match task {
         Some(t) => t.await,
