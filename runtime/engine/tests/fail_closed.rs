@@ -138,6 +138,18 @@ impl InteractionStore for Broken {
     async fn customer_history(&self, _: &str, _: &str, _: usize) -> R<Vec<Interaction>> {
         gone()
     }
+    async fn interactions_between(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: usize,
+    ) -> R<Vec<Interaction>> {
+        gone()
+    }
+    async fn delete_interaction(&self, _: &str, _: &str) -> R<bool> {
+        gone()
+    }
 }
 
 #[async_trait]
@@ -149,6 +161,9 @@ impl KvStore for Broken {
         gone()
     }
     async fn kv_delete(&self, _: &str, _: &str) -> R<()> {
+        gone()
+    }
+    async fn kv_delete_prefix(&self, _: &str, _: &str) -> R<u64> {
         gone()
     }
 }
@@ -165,6 +180,9 @@ impl RecordStore for Broken {
         gone()
     }
     async fn delete_record(&self, _: &str, _: &str, _: &str) -> R<bool> {
+        gone()
+    }
+    async fn delete_kind(&self, _: &str, _: &str) -> R<u64> {
         gone()
     }
     async fn set_records(&self, _: &str, _: &str, _: &[(String, serde_json::Value)]) -> R<()> {
@@ -218,6 +236,9 @@ impl BlobStore for Broken {
         gone()
     }
     async fn blob(&self, _: &str, _: &str) -> R<Option<Vec<u8>>> {
+        gone()
+    }
+    async fn delete_blob(&self, _: &str, _: &str) -> R<bool> {
         gone()
     }
 }

@@ -89,6 +89,7 @@ pub async fn run(s: Arc<dyn Store>) -> Result<(), Failure> {
     kv_and_blobs(&*s).await?;
     secrets(&*s).await?;
     records(&*s).await?;
+    deletion(&*s).await?;
     concurrent_writers(s).await?;
     Ok(())
 }
@@ -427,6 +428,167 @@ pub async fn kv_and_blobs(s: &dyn Store) -> Result<(), Failure> {
     ensure!(
         ok(s.blob("b", "rec-1").await, "b")?.is_none(),
         "b sees a's blob"
+    );
+    Ok(())
+}
+
+/// Deletion (retention, erasure): an interaction goes with its timeline
+/// and index keys, kv keys by prefix, blobs, every record of a kind; the
+/// other tenant's data with the same names stays.
+pub async fn deletion(s: &dyn Store) -> Result<(), Failure> {
+    for t in ["da", "db"] {
+        ok(s.create_tenant(&tenant(t), &hash_key(t)).await, "tenant")?;
+    }
+    for t in ["da", "db"] {
+        for (id, from) in [
+            ("ix-0000000000100-00000001", "+4411"),
+            ("ix-0000000000200-00000002", "+4422"),
+            ("ix-0000000000300-00000003", "+4411"),
+        ] {
+            let mut ix = interaction(t, id, from, Channel::Voice);
+            ix.push(EntryKind::Call, json!({}));
+            ix.push(EntryKind::Log, json!({"n": 1}));
+            ok(s.save_interaction(&ix, 0).await, "save")?;
+        }
+    }
+    let ids = |v: Vec<Interaction>| v.into_iter().map(|i| i.id).collect::<Vec<_>>();
+    let old = ok(
+        s.interactions_between("da", "", "ix-0000000000300", 10)
+            .await,
+        "between",
+    )?;
+    ensure!(
+        ids(old) == ["ix-0000000000100-00000001", "ix-0000000000200-00000002"],
+        "created before 300, oldest first"
+    );
+    let page = ok(
+        s.interactions_between("da", "ix-0000000000100-00000001", "ix-9", 1)
+            .await,
+        "page",
+    )?;
+    ensure!(ids(page) == ["ix-0000000000200-00000002"], "the next page");
+    ensure!(
+        ok(
+            s.delete_interaction("da", "ix-0000000000100-00000001")
+                .await,
+            "delete"
+        )?,
+        "there was one"
+    );
+    ensure!(
+        !ok(
+            s.delete_interaction("da", "ix-0000000000100-00000001")
+                .await,
+            "again"
+        )?,
+        "twice"
+    );
+    ensure!(
+        ok(
+            s.interaction("da", "ix-0000000000100-00000001").await,
+            "get"
+        )?
+        .is_none(),
+        "deleted"
+    );
+    let history = ok(s.customer_history("da", "+4411", 10).await, "history")?;
+    ensure!(
+        ids(history) == ["ix-0000000000300-00000003"],
+        "the customer index lost it"
+    );
+    let open = ok(
+        s.interactions_in_state("da", InteractionState::InFlow, 10)
+            .await,
+        "state",
+    )?;
+    ensure!(open.len() == 2, "the state index lost it: {}", open.len());
+    let b = ok(s.interaction("db", "ix-0000000000100-00000001").await, "b")?;
+    ensure!(
+        b.is_some_and(|i| i.timeline.len() == 2),
+        "b's interaction of the same id stays whole"
+    );
+    // A new interaction of the same id starts with an empty timeline.
+    let again = interaction("da", "ix-0000000000100-00000001", "+4433", Channel::Sms);
+    ok(s.save_interaction(&again, 0).await, "save again")?;
+    let got = ok(
+        s.interaction("da", "ix-0000000000100-00000001").await,
+        "get",
+    )?;
+    ensure!(
+        got.is_some_and(|i| i.timeline.is_empty() && i.from == "+4433"),
+        "no old timeline under a new record"
+    );
+
+    for t in ["da", "db"] {
+        for k in ["cust/7/name", "cust/7/notes", "cust/70/name", "other"] {
+            ok(s.kv_set(t, k, b"v").await, "kv")?;
+        }
+    }
+    ensure!(
+        ok(s.kv_delete_prefix("da", "cust/7/").await, "prefix")? == 2,
+        "two keys under cust/7/"
+    );
+    ensure!(
+        ok(s.kv_get("da", "cust/7/name").await, "get")?.is_none(),
+        "gone"
+    );
+    ensure!(
+        ok(s.kv_get("da", "cust/70/name").await, "get")?.is_some(),
+        "cust/70 stays"
+    );
+    ensure!(
+        ok(s.kv_get("da", "other").await, "get")?.is_some(),
+        "other stays"
+    );
+    ensure!(
+        ok(s.kv_get("db", "cust/7/name").await, "get")?.is_some(),
+        "b's stays"
+    );
+    ensure!(
+        matches!(s.kv_delete_prefix("da", "").await, Err(Error::Invalid(_))),
+        "an empty prefix would be every key"
+    );
+
+    ok(s.put_blob("da", "rec-del", b"wav").await, "blob")?;
+    ok(s.put_blob("db", "rec-del", b"wav").await, "blob")?;
+    ensure!(
+        ok(s.delete_blob("da", "rec-del").await, "delete blob")?,
+        "there was one"
+    );
+    ensure!(
+        ok(s.blob("da", "rec-del").await, "get")?.is_none(),
+        "blob gone"
+    );
+    ensure!(
+        ok(s.blob("db", "rec-del").await, "get")?.is_some(),
+        "b's blob stays"
+    );
+    ensure!(!ok(s.delete_blob("da", "rec-del").await, "again")?, "twice");
+
+    for t in ["da", "db"] {
+        for id in ["m1", "m2"] {
+            ok(
+                s.set_record(t, "conv/x", id, &json!({"t": id})).await,
+                "rec",
+            )?;
+        }
+        ok(s.set_record(t, "conv/xy", "m1", &json!({})).await, "rec")?;
+    }
+    ensure!(
+        ok(s.delete_kind("da", "conv/x").await, "kind")? == 2,
+        "two records"
+    );
+    ensure!(
+        ok(s.records("da", "conv/x").await, "list")?.is_empty(),
+        "kind gone"
+    );
+    ensure!(
+        ok(s.records("da", "conv/xy").await, "list")?.len() == 1,
+        "conv/xy stays"
+    );
+    ensure!(
+        ok(s.records("db", "conv/x").await, "list")?.len() == 2,
+        "b's stay"
     );
     Ok(())
 }

@@ -173,6 +173,20 @@ pub trait InteractionStore: Send + Sync {
         customer: &str,
         limit: usize,
     ) -> Result<Vec<Interaction>>;
+    /// Up to `limit` interaction headers whose ids sort after `after`
+    /// (from the first when it is empty) and before `before`, oldest
+    /// first: ids begin with their creation time, so this pages through
+    /// the interactions created in a period (retention).
+    async fn interactions_between(
+        &self,
+        tenant: &str,
+        after: &str,
+        before: &str,
+        limit: usize,
+    ) -> Result<Vec<Interaction>>;
+    /// Deletes an interaction: its header, its timeline and its index
+    /// keys, atomically and durably. False if there was none.
+    async fn delete_interaction(&self, tenant: &str, id: &str) -> Result<bool>;
 }
 
 /// The plugins' tenant-scoped key-value store.
@@ -184,6 +198,9 @@ pub trait KvStore: Send + Sync {
     async fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<()>;
     /// Deletes `key` of `tenant`; durable on return.
     async fn kv_delete(&self, tenant: &str, key: &str) -> Result<()>;
+    /// Deletes every key of `tenant` that starts with `prefix` (not
+    /// empty); durable on return. Returns how many there were.
+    async fn kv_delete_prefix(&self, tenant: &str, prefix: &str) -> Result<u64>;
 }
 
 /// Blobs of a tenant (call recordings), by id.
@@ -199,6 +216,8 @@ pub trait BlobStore: Send + Sync {
     }
     /// A blob.
     async fn blob(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>>;
+    /// Deletes a blob; false if there was none. Durable on return.
+    async fn delete_blob(&self, tenant: &str, id: &str) -> Result<bool>;
 }
 
 /// A tenant's secrets (API tokens for its CRM, …), sealed by the engine
@@ -234,6 +253,9 @@ pub trait RecordStore: Send + Sync {
     async fn records(&self, tenant: &str, kind: &str) -> Result<Vec<serde_json::Value>>;
     /// Deletes a record; false if there was none. Durable on return.
     async fn delete_record(&self, tenant: &str, kind: &str, id: &str) -> Result<bool>;
+    /// Deletes every record of a kind (a conversation's messages);
+    /// durable on return. Returns how many there were.
+    async fn delete_kind(&self, tenant: &str, kind: &str) -> Result<u64>;
     /// Stores several records of a kind at once (a log's batch); durable
     /// on return, with one flush for all.
     async fn set_records(

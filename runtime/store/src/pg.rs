@@ -825,6 +825,46 @@ impl InteractionStore for PgStore {
             .map_err(pg)?;
         self.load(&c, tenant, rows, false).await
     }
+
+    async fn interactions_between(
+        &self,
+        tenant: &str,
+        after: &str,
+        before: &str,
+        limit: usize,
+    ) -> Result<Vec<Interaction>> {
+        let c = self.client().await?;
+        let rows = c
+            .query(
+                "SELECT header FROM interactions WHERE tenant = $1 AND id > $2 AND id < $3
+                 ORDER BY id LIMIT $4",
+                &[&tenant, &after, &before, &(limit as i64)],
+            )
+            .await
+            .map_err(pg)?;
+        self.tenant_if_empty(&c, tenant, rows.is_empty()).await?;
+        self.load(&c, tenant, rows, false).await
+    }
+
+    async fn delete_interaction(&self, tenant: &str, id: &str) -> Result<bool> {
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        tx.execute(
+            "DELETE FROM timeline WHERE tenant = $1 AND interaction = $2",
+            &[&tenant, &id],
+        )
+        .await
+        .map_err(pg)?;
+        let n = tx
+            .execute(
+                "DELETE FROM interactions WHERE tenant = $1 AND id = $2",
+                &[&tenant, &id],
+            )
+            .await
+            .map_err(pg)?;
+        tx.commit().await.map_err(pg)?;
+        Ok(n > 0)
+    }
 }
 
 #[async_trait]
@@ -879,6 +919,14 @@ impl RecordStore for PgStore {
         )
         .await
         .map(|n| n > 0)
+    }
+
+    async fn delete_kind(&self, tenant: &str, kind: &str) -> Result<u64> {
+        self.execute(
+            "DELETE FROM records WHERE tenant = $1 AND kind = $2",
+            &[&tenant, &kind],
+        )
+        .await
     }
 
     async fn set_records(
@@ -1079,6 +1127,17 @@ impl KvStore for PgStore {
         .await
         .map(|_| ())
     }
+
+    async fn kv_delete_prefix(&self, tenant: &str, prefix: &str) -> Result<u64> {
+        if prefix.is_empty() {
+            return Err(Error::Invalid("an empty kv prefix".into()));
+        }
+        self.execute(
+            "DELETE FROM kv WHERE tenant = $1 AND starts_with(key, $2)",
+            &[&tenant, &prefix],
+        )
+        .await
+    }
 }
 
 #[async_trait]
@@ -1102,5 +1161,14 @@ impl BlobStore for PgStore {
             &[&tenant, &id],
         )
         .await
+    }
+
+    async fn delete_blob(&self, tenant: &str, id: &str) -> Result<bool> {
+        self.execute(
+            "DELETE FROM blobs WHERE tenant = $1 AND id = $2",
+            &[&tenant, &id],
+        )
+        .await
+        .map(|n| n > 0)
     }
 }

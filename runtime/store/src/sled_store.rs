@@ -576,6 +576,30 @@ impl SledStore {
         rx.await.map_err(|_| stopped())?.map_err(Error::Storage)
     }
 
+    /// Removes every key of the tenant's keyspace under `prefix` through
+    /// the writer thread, durably, in write sets of a bounded size.
+    /// Returns how many there were.
+    async fn remove_prefix(&self, tenant: &str, prefix: &[u8]) -> Result<u64> {
+        /// Keys in one write set at most.
+        const CHUNK: usize = 4096;
+        let space = self.space(tenant)?;
+        let mut removed = 0u64;
+        loop {
+            let keys = space
+                .scan_prefix(prefix)
+                .keys()
+                .take(CHUNK)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(storage)?;
+            if keys.is_empty() {
+                return Ok(removed);
+            }
+            removed += keys.len() as u64;
+            let ops = keys.into_iter().map(|k| (k.to_vec(), None)).collect();
+            self.commit(space.clone(), ops, None, true).await?;
+        }
+    }
+
     /// The tenant's keyspace; `NotFound` if the tenant does not exist.
     fn space(&self, tenant: &str) -> Result<sled::Tree> {
         if let Some(t) = self.spaces.read().ok().and_then(|m| m.get(tenant).cloned()) {
@@ -1104,6 +1128,54 @@ impl InteractionStore for SledStore {
         let space = self.space(tenant)?;
         Self::headers_by_index(&space, &customer_prefix(customer), limit)
     }
+
+    async fn interactions_between(
+        &self,
+        tenant: &str,
+        after: &str,
+        before: &str,
+        limit: usize,
+    ) -> Result<Vec<Interaction>> {
+        use std::ops::Bound;
+        let start = if after.is_empty() {
+            Bound::Included(b"ix/".to_vec())
+        } else {
+            Bound::Excluded(format!("ix/{after}").into_bytes())
+        };
+        let end = Bound::Excluded(format!("ix/{before}").into_bytes());
+        self.space(tenant)?
+            .range::<Vec<u8>, _>((start, end))
+            .take(limit)
+            .map(|kv| parse(&kv.map_err(storage)?.1))
+            .collect()
+    }
+
+    async fn delete_interaction(&self, tenant: &str, id: &str) -> Result<bool> {
+        let space = self.space(tenant)?;
+        let Some(head) = Self::get_json::<Interaction>(&space, format!("ix/{id}"))? else {
+            return Ok(false);
+        };
+        // The index keys are those the meta record names (what was last
+        // written), and the header's if it differs.
+        let mut ops: Vec<Op> = vec![
+            (format!("ix/{id}").into_bytes(), None),
+            (format!("ixm/{id}").into_bytes(), None),
+            (state_key(head.state, id).into_bytes(), None),
+            (customer_key(&head.from, id), None),
+        ];
+        if let Some(meta) = space.get(format!("ixm/{id}")).map_err(storage)? {
+            let meta = String::from_utf8_lossy(&meta);
+            let mut parts = meta.split('\0');
+            let (state, from) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            ops.push((format!("ixs/{state}/{id}").into_bytes(), None));
+            ops.push((customer_key(from, id), None));
+        }
+        for k in space.scan_prefix(format!("ixt/{id}/")).keys() {
+            ops.push((k.map_err(storage)?.to_vec(), None));
+        }
+        self.commit(space, ops, None, true).await?;
+        Ok(true)
+    }
 }
 
 #[async_trait]
@@ -1138,6 +1210,11 @@ impl RecordStore for SledStore {
             .map_err(storage)?;
         self.durable().await?;
         Ok(old.is_some())
+    }
+
+    async fn delete_kind(&self, tenant: &str, kind: &str) -> Result<u64> {
+        self.remove_prefix(tenant, format!("rec/{kind}/").as_bytes())
+            .await
     }
 
     async fn set_records(
@@ -1303,6 +1380,14 @@ impl KvStore for SledStore {
             .map_err(storage)?;
         self.durable().await
     }
+
+    async fn kv_delete_prefix(&self, tenant: &str, prefix: &str) -> Result<u64> {
+        if prefix.is_empty() {
+            return Err(Error::Invalid("an empty kv prefix".into()));
+        }
+        self.remove_prefix(tenant, format!("kv/{prefix}").as_bytes())
+            .await
+    }
 }
 
 #[async_trait]
@@ -1325,5 +1410,14 @@ impl BlobStore for SledStore {
 
     async fn blob(&self, tenant: &str, id: &str) -> Result<Option<Vec<u8>>> {
         self.bytes(tenant, format!("rec/{id}"))
+    }
+
+    async fn delete_blob(&self, tenant: &str, id: &str) -> Result<bool> {
+        let old = self
+            .space(tenant)?
+            .remove(format!("rec/{id}"))
+            .map_err(storage)?;
+        self.durable().await?;
+        Ok(old.is_some())
     }
 }
