@@ -23,6 +23,7 @@ use plugboard_core::{
     Address, Channel, Error as CoreError, Event, Grants, Interaction, Tenant, TenantLimits, now_ms,
 };
 use plugboard_engine::acd::AcdRole;
+use plugboard_engine::privacy::{Erasure, ErasureTarget, Retention};
 use plugboard_engine::usage::{Granularity, UsageRow};
 use plugboard_engine::{Engine, EngineError, SimulateRequest, StreamEvent};
 use serde::Deserialize;
@@ -258,6 +259,10 @@ pub fn router(state: Arc<Engine>) -> Router {
             get(list_messages).post(post_message),
         )
         .route(
+            "/v1/tenants/{t}/interactions/{id}/close",
+            post(close_conversation),
+        )
+        .route(
             "/v1/tenants/{t}/interactions/{id}/typing",
             post(post_typing),
         )
@@ -283,8 +288,20 @@ pub fn router(state: Arc<Engine>) -> Router {
                 .delete(delete_sms_carrier),
         )
         .route("/v1/tenants/{t}/blobs/{id}", get(get_blob))
-        .route("/v1/tenants/{t}/customers", get(find_customer))
-        .route("/v1/tenants/{t}/customers/{id}", get(get_customer))
+        .route(
+            "/v1/tenants/{t}/customers",
+            get(find_customer).delete(erase_by_address),
+        )
+        .route(
+            "/v1/tenants/{t}/customers/{id}",
+            get(get_customer).delete(erase_customer),
+        )
+        .route("/v1/tenants/{t}/erasures", get(list_erasures))
+        .route(
+            "/v1/tenants/{t}/retention",
+            put(set_retention).get(get_retention),
+        )
+        .route("/v1/retention/run", post(run_retention))
         .route(
             "/v1/tenants/{t}/customers/{id}/addresses",
             post(add_customer_address),
@@ -1864,6 +1881,79 @@ async fn find_customer(
                 q.channel, q.address
             ))
         })
+}
+
+async fn close_conversation(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    s.close_conversation(&t.id, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn erase_by_address(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Query(q): Query<CustomerQuery>,
+) -> ApiResult<Json<Erasure>> {
+    let target = ErasureTarget::Address(q.channel, q.address);
+    Ok(Json(s.erase_customer(&t.id, target).await?))
+}
+
+async fn erase_customer(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Path((_, id)): Path<(String, String)>,
+) -> ApiResult<Json<Erasure>> {
+    let target = ErasureTarget::Customer(id);
+    Ok(Json(s.erase_customer(&t.id, target).await?))
+}
+
+async fn list_erasures(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Json<Vec<Erasure>>> {
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    Ok(Json(s.erasures(&t.id, limit).await?))
+}
+
+async fn set_retention(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let r: Retention = parse_json(&body)?;
+    Ok(Json(s.set_retention(&t.id, r).await?))
+}
+
+async fn get_retention(
+    State(s): State<Arc<Engine>>,
+    TenantScope(t): TenantScope,
+) -> ApiResult<Json<Value>> {
+    Ok(Json(s.retention_view(&t)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RetentionRun {
+    /// Run as of this time, ms since the epoch (default: now).
+    now_ms: Option<u64>,
+}
+
+async fn run_retention(
+    State(s): State<Arc<Engine>>,
+    _: Admin,
+    body: Bytes,
+) -> ApiResult<Json<Value>> {
+    let run: RetentionRun = if body.is_empty() {
+        RetentionRun::default()
+    } else {
+        parse_json(&body)?
+    };
+    let removed = s.run_retention(run.now_ms.unwrap_or_else(now_ms)).await?;
+    Ok(Json(json!({ "removed": removed })))
 }
 
 async fn get_customer(

@@ -81,7 +81,54 @@ pub struct Tenant {
     /// Plugin limits for this tenant; the server's defaults where unset.
     #[serde(default)]
     pub limits: TenantLimits,
+    /// How long this tenant's data is kept; the server's defaults where
+    /// unset.
+    #[serde(default, skip_serializing_if = "Retention::is_unset")]
+    pub retention: Retention,
 }
+
+/// How long a tenant's data is kept, in days (`None`: for good). A
+/// shorter period for a part (recordings) removes it before the rest of
+/// its interaction.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Interactions with everything they hold (timeline, messages,
+    /// recordings, attachments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interactions_days: Option<u32>,
+    /// Call recordings and voicemail.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recordings_days: Option<u32>,
+    /// Conversation messages (with their attachments).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub messages_days: Option<u32>,
+    /// Message attachments and raw email sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attachments_days: Option<u32>,
+    /// Faxes (the documents of fax conversations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub faxes_days: Option<u32>,
+}
+
+impl Retention {
+    /// No period set.
+    pub fn is_unset(&self) -> bool {
+        *self == Retention::default()
+    }
+
+    /// Each period of `self`, or `defaults`' where `self` has none.
+    pub fn or(self, defaults: Retention) -> Retention {
+        Retention {
+            interactions_days: self.interactions_days.or(defaults.interactions_days),
+            recordings_days: self.recordings_days.or(defaults.recordings_days),
+            messages_days: self.messages_days.or(defaults.messages_days),
+            attachments_days: self.attachments_days.or(defaults.attachments_days),
+            faxes_days: self.faxes_days.or(defaults.faxes_days),
+        }
+    }
+}
+
 
 /// Per-tenant overrides of the plugin execution limits (set by the operator).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

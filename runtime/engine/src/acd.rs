@@ -203,7 +203,7 @@ pub type TaskWatcher = tokio::sync::mpsc::UnboundedSender<TaskNews>;
 type QueueKey = (String, String);
 
 /// Record kind of the queue event log.
-const QUEUE_EVENT: &str = "queue_event";
+pub(crate) const QUEUE_EVENT: &str = "queue_event";
 /// Queue events a report reads at most.
 pub const REPORT_EVENTS: usize = 1_000_000;
 

@@ -346,6 +346,15 @@ impl Capacity {
         }
     }
 
+    /// Takes bytes a deletion freed off the tenant's stored count.
+    pub(crate) fn sub_stored(&self, tenant: &str, bytes: u64) {
+        if let Ok(mut s) = self.state.lock()
+            && let Some((b, _)) = s.stored.get_mut(tenant)
+        {
+            *b = b.saturating_sub(bytes);
+        }
+    }
+
     /// Counts a refusal made elsewhere (the storage check).
     pub(crate) fn count_refusal(&self, tenant: &str, r: &Refusal) {
         if let Ok(mut s) = self.state.lock() {

@@ -16,7 +16,7 @@ const HISTORY: usize = 20;
 /// The longest wrap-up notes, bytes.
 const NOTES: usize = 4000;
 /// Record kind of the wrap-ups (`{task}-{agent}`).
-const WRAP_UP: &str = "wrap_up";
+pub(crate) const WRAP_UP: &str = "wrap_up";
 
 impl Engine {
     /// Whether `role` may see `payload`, an event of `tenant`'s stream.

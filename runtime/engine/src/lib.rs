@@ -18,7 +18,7 @@
 
 use plugboard_core::{
     Address, Binding, Channel, Error as CoreError, Event, Grants, Interaction, PluginInfo,
-    PluginKind, PluginVersion, SipUser, Tenant, TenantLimits, Trunk, flow::Action,
+    PluginKind, PluginVersion, Retention, SipUser, Tenant, TenantLimits, Trunk, flow::Action,
     normalize_address, now_ms, validate_id,
 };
 use plugboard_host::{FlowInput, InvokeError, Limits, LoadedPlugin, PluginHost, Report};
@@ -38,6 +38,7 @@ pub mod desk;
 pub mod fair;
 pub mod messaging;
 mod metrics;
+pub mod privacy;
 pub mod secrets;
 mod session;
 pub mod sms;
@@ -225,6 +226,8 @@ pub struct Engine {
     /// Set when the node stops taking new work (SIGTERM): `/readyz` then
     /// says so, for a balancer to send traffic elsewhere.
     draining: std::sync::atomic::AtomicBool,
+    /// Retention periods where a tenant sets none.
+    retention_defaults: Retention,
 }
 
 impl Engine {
@@ -265,6 +268,7 @@ impl Engine {
                     .collect(),
             ),
             draining: std::sync::atomic::AtomicBool::new(false),
+            retention_defaults: Retention::default(),
         }
     }
 
@@ -395,6 +399,17 @@ impl Engine {
         self
     }
 
+    /// The retention periods of tenants that set none of their own.
+    pub fn with_retention_defaults(mut self, defaults: Retention) -> Self {
+        self.retention_defaults = defaults;
+        self
+    }
+
+    /// The retention periods of tenants that set none of their own.
+    pub fn retention_defaults(&self) -> Retention {
+        self.retention_defaults
+    }
+
     /// Where earlier versions kept call recordings (one directory per
     /// tenant): read when a recording is not in the store.
     pub fn with_recordings_dir(mut self, dir: std::path::PathBuf) -> Self {
@@ -490,6 +505,7 @@ impl Engine {
             time_zone,
             created_ms: now_ms(),
             limits: TenantLimits::default(),
+            retention: Retention::default(),
         };
         let key = random_token("pbk_")?;
         self.store.create_tenant(&tenant, &hash_key(&key)).await?;

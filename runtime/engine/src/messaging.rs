@@ -53,15 +53,15 @@ use crate::acd::lock;
 use crate::{Engine, EngineError, EngineResult, FlowSession, TaskNews, TaskSpec};
 
 /// Record kinds.
-const MSG_INDEX: &str = "msg";
+pub(crate) const MSG_INDEX: &str = "msg";
 const THREAD: &str = "thread";
 const CLIENT_ID: &str = "client_id";
 const EXTERNAL_ID: &str = "external_id";
-const PENDING_IX: &str = "pending_ix";
-const CONVERSATION: &str = "conversation";
-const OUTBOX: &str = "outbox";
-const CUSTOMER: &str = "customer";
-const CUSTOMER_ADDR: &str = "customer_addr";
+pub(crate) const PENDING_IX: &str = "pending_ix";
+pub(crate) const CONVERSATION: &str = "conversation";
+pub(crate) const OUTBOX: &str = "outbox";
+pub(crate) const CUSTOMER: &str = "customer";
+pub(crate) const CUSTOMER_ADDR: &str = "customer_addr";
 const EMAIL_DOMAIN: &str = "email_domain";
 
 /// How a tenant's email domain signs what it sends.
@@ -76,14 +76,27 @@ pub struct EmailDomain {
 }
 
 /// The record kind of a conversation's messages.
-fn conv_kind(ix: &str) -> String {
+pub(crate) fn conv_kind(ix: &str) -> String {
     format!("conv/{ix}")
 }
 
 /// The record kind of a conversation's messages not yet run through its
 /// flow.
-fn pending_kind(ix: &str) -> String {
+pub(crate) fn pending_kind(ix: &str) -> String {
     format!("pending/{ix}")
+}
+
+/// The record kind listing the keys that lead to a conversation (thread
+/// keys, channel ids, client ids) as `{kind}/{id}`, so that erasure and
+/// retention find them without a scan.
+pub(crate) fn keys_kind(ix: &str) -> String {
+    format!("ixkeys/{ix}")
+}
+
+/// A write of a key that leads to conversation `ix`, with its listing.
+fn key_writes(writes: &mut Vec<RecordWrite>, ix: &str, kind: &str, id: String, value: Value) {
+    writes.push(RecordWrite::put(keys_kind(ix), format!("{kind}/{id}"), json!({})));
+    writes.push(RecordWrite::put(kind, id, value));
 }
 
 /// Attempts before an outbound message is given up as failed.
@@ -526,11 +539,13 @@ impl Engine {
         };
         let mut writes = Vec::new();
         if let Some(g) = &guard {
-            writes.push(RecordWrite::put(
+            key_writes(
+                &mut writes,
+                &ix,
                 CLIENT_ID,
                 g.clone(),
                 json!({"interaction": ix, "message": message.id}),
-            ));
+            );
         }
         writes.push(RecordWrite::put(
             conv_kind(&ix),
@@ -544,18 +559,22 @@ impl Engine {
         ));
         writes.push(crate::usage::message_write(&message, stored_bytes));
         for key in inbound.thread.iter().chain(&inbound.own_keys) {
-            writes.push(RecordWrite::put(
+            key_writes(
+                &mut writes,
+                &ix,
                 THREAD,
                 thread_id(channel, key),
                 json!({"interaction": ix}),
-            ));
+            );
         }
         if let Some(ext) = &message.external_id {
-            writes.push(RecordWrite::put(
+            key_writes(
+                &mut writes,
+                &ix,
                 EXTERNAL_ID,
                 thread_id(channel, ext),
                 json!({"interaction": ix, "message": message.id}),
-            ));
+            );
         }
         // A conversation that starts with a machine's message (a fax call
         // that brought no page) runs no flow: it is closed as it is made,
@@ -1166,24 +1185,41 @@ impl Engine {
 
     async fn conversation_task_ended(self: &Arc<Self>, tenant: &str, ix: &str) -> EngineResult<()> {
         let _turn = self.turn(tenant, ix).await;
-        let mut conv = self.conversation(tenant, ix).await?;
+        let conv = self.conversation(tenant, ix).await?;
         let Some(task) = conv.task.clone() else {
             return Ok(());
         };
-        let Some(mut interaction) = self.store.interaction_head(tenant, ix).await? else {
+        let Some(interaction) = self.store.interaction_head(tenant, ix).await? else {
             return Ok(());
         };
-        let stored = interaction.timeline_len();
         let view = self.task(tenant, &task).ok();
         let end = match view.as_ref().map(|v| v.state.as_str()) {
             Some("abandoned") | Some("timed_out") => InteractionState::Abandoned,
             _ => InteractionState::Closed,
         };
+        self.end_conversation(interaction, conv, end, None).await
+    }
+
+    /// Closes a conversation in `end` (its turn held), with a timeline
+    /// entry saying why when `why` is given: later messages start a new
+    /// one.
+    async fn end_conversation(
+        &self,
+        mut interaction: Interaction,
+        mut conv: ConversationRecord,
+        end: InteractionState,
+        why: Option<Value>,
+    ) -> EngineResult<()> {
+        let (tenant, ix) = (interaction.tenant.clone(), interaction.id.clone());
+        let stored = interaction.timeline_len();
         if interaction.state == InteractionState::Connected {
             let _ = interaction.set_state(InteractionState::WrapUp);
         }
         if let Err(e) = interaction.set_state(end) {
             tracing::debug!("{e}");
+        }
+        if let Some(why) = why {
+            interaction.push(EntryKind::Log, why);
         }
         interaction.closed_ms = Some(now_ms());
         conv.closed = true;
@@ -1191,16 +1227,43 @@ impl Engine {
         self.store.save_interaction(&interaction, stored).await?;
         self.store
             .apply_records(
-                tenant,
-                &[RecordWrite::put(CONVERSATION, ix, to_json(&conv))],
+                &tenant,
+                &[RecordWrite::put(CONVERSATION, &ix, to_json(&conv))],
                 None,
             )
             .await?;
         self.publish(
-            tenant,
+            &tenant,
             json!({"interaction": ix, "kind": "state", "data": {"state": interaction.state}}),
         );
         Ok(())
+    }
+
+    /// Closes an open conversation (chat, email, SMS, fax) from the API:
+    /// later messages from the customer start a new one. `Conflict` while
+    /// an agent has it (their task ends it), `NotFound` for a call or an
+    /// unknown id; closing a closed one changes nothing.
+    pub async fn close_conversation(self: &Arc<Self>, tenant: &str, ix: &str) -> EngineResult<()> {
+        let _turn = self.turn(tenant, ix).await;
+        let Some(interaction) = self.store.interaction_head(tenant, ix).await? else {
+            return Err(CoreError::NotFound(format!("conversation {ix}")).into());
+        };
+        if interaction.channel == Channel::Voice {
+            return Err(CoreError::NotFound(format!("conversation {ix} (a call ends by hanging up)")).into());
+        }
+        let conv = self.conversation(tenant, ix).await?;
+        if conv.closed || interaction.state.is_final() {
+            return Ok(());
+        }
+        if let Some(task) = &conv.task {
+            return Err(CoreError::Conflict(format!(
+                "an agent has conversation {ix} (task {task}): its task ends it"
+            ))
+            .into());
+        }
+        let why = json!({"message": "closed over the API"});
+        self.end_conversation(interaction, conv, InteractionState::Closed, Some(why))
+            .await
     }
 
     /// The answer to a retried message: the one stored first (its client
@@ -1680,11 +1743,13 @@ impl Engine {
                 m.external_id = d.external_id.or(m.external_id);
                 m.meta.extend(d.meta);
                 for ext in m.external_id.iter().chain(&d.aliases) {
-                    writes.push(RecordWrite::put(
+                    key_writes(
+                        &mut writes,
+                        &m.interaction,
                         EXTERNAL_ID,
                         thread_id(m.channel, ext),
                         json!({"interaction": m.interaction, "message": m.id}),
-                    ));
+                    );
                 }
                 None
             }

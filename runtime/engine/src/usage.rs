@@ -105,6 +105,15 @@ pub(crate) fn recording_unit(id: &str, at: u64, bytes: usize, length_ms: u64) ->
     )
 }
 
+/// The ledger write for a blob deleted (erasure, retention): its bytes
+/// no longer count as stored.
+pub(crate) fn freed_unit(id: &str, at: u64, bytes: u64) -> (String, Value) {
+    (
+        ledger_id(at, &format!("f-{id}")),
+        json!({"unit": "freed", "at_ms": at, "freed": bytes}),
+    )
+}
+
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 struct PluginHour {
     invocations: u64,
@@ -592,11 +601,13 @@ impl Engine {
         if let Some(b) = self.capacity().stored(tenant) {
             return Ok(b);
         }
-        let mut total = 0;
+        let (mut total, mut freed) = (0u64, 0u64);
         self.read_ledger(tenant, String::new(), None, |r| {
             total += r["bytes"].as_u64().unwrap_or(0);
+            freed += r["freed"].as_u64().unwrap_or(0);
         })
         .await?;
+        let total = total.saturating_sub(freed);
         self.capacity().set_stored(tenant, total);
         Ok(total)
     }

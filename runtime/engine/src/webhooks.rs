@@ -32,7 +32,7 @@ use sha2::Sha256;
 use crate::{Engine, EngineResult};
 
 const WEBHOOK: &str = "webhook";
-const HOOK_OUT: &str = "hook_out";
+pub(crate) const HOOK_OUT: &str = "hook_out";
 const MAX_ATTEMPTS: u32 = 12;
 
 /// The events a webhook may ask for.

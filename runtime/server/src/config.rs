@@ -31,6 +31,9 @@ pub struct ConfigFile {
     /// `[chat]`.
     #[serde(default)]
     pub chat: ChatSection,
+    /// `[retention]`.
+    #[serde(default)]
+    pub retention: RetentionSection,
     /// `[[trunk]]` tables.
     #[serde(default, rename = "trunk")]
     pub trunks: Vec<TrunkEntry>,
@@ -141,6 +144,39 @@ pub struct ChatSection {
     pub rate: Option<f64>,
     /// Messages a second per IP address (after a burst of 100).
     pub ip_rate: Option<f64>,
+}
+
+/// `[retention]`: how long tenants' data is kept when a tenant sets no
+/// period of its own (days; unset: for good), and how often the job that
+/// deletes expired data runs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionSection {
+    /// Interactions with everything they hold.
+    pub interactions_days: Option<u32>,
+    /// Call recordings and voicemail.
+    pub recordings_days: Option<u32>,
+    /// Conversation messages.
+    pub messages_days: Option<u32>,
+    /// Attachments and raw email sources.
+    pub attachments_days: Option<u32>,
+    /// Faxes.
+    pub faxes_days: Option<u32>,
+    /// Minutes between two runs of the retention job (default 60).
+    pub every_minutes: Option<u64>,
+}
+
+impl RetentionSection {
+    /// The default periods.
+    pub fn defaults(&self) -> plugboard_core::Retention {
+        plugboard_core::Retention {
+            interactions_days: self.interactions_days,
+            recordings_days: self.recordings_days,
+            messages_days: self.messages_days,
+            attachments_days: self.attachments_days,
+            faxes_days: self.faxes_days,
+        }
+    }
 }
 
 /// A `[[trunk]]`: a [`plugboard_core::Trunk`] and the tenant it belongs to.

@@ -890,6 +890,11 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         (1..=1 << 20).contains(&cache_mib),
         "--store-cache-mib must be 1 to 1048576, got {cache_mib}"
     );
+    let retention_every = Duration::from_secs(60 * file.retention.every_minutes.unwrap_or(60));
+    anyhow::ensure!(
+        !retention_every.is_zero(),
+        "[retention] every_minutes must be at least 1"
+    );
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = admin_token(data_dir)?;
@@ -945,6 +950,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             "relay": relay.as_deref().map(|u| plugboard_core::redact_url(u, true)),
         })),
         "allow_networks": allow_networks,
+        "retention": {"defaults": file.retention.defaults(), "every_minutes": retention_every.as_secs() / 60},
         "config_trunks": file.trunks.iter().map(|t| format!("{}/{}", t.tenant, t.trunk.name)).collect::<Vec<_>>(),
     });
     let host = Arc::new(
@@ -966,6 +972,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         .with_secret_key(secret_key)
         .with_recordings_dir(data_dir.join("recordings"))
         .with_config_trunks(file.trunks_by_tenant())
+        .with_retention_defaults(file.retention.defaults())
         .with_settings(settings);
     if !file.trunks.is_empty() {
         tracing::info!("{} trunks from the config file", file.trunks.len());
@@ -1061,6 +1068,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         // closed; then HTTP stops. At most DRAIN_LIMIT for the calls.
         // Plugin usage is written every few seconds; call legs' as they end.
         state.start_usage_flusher();
+        state.start_retention(retention_every);
         let draining = voice.clone();
         let closing = hub.clone();
         let metering = state.clone();

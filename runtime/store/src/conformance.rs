@@ -34,6 +34,7 @@ pub fn tenant(id: &str) -> Tenant {
         time_zone: "UTC".into(),
         created_ms: 1,
         limits: Default::default(),
+        retention: Default::default(),
     }
 }
 
