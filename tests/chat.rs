@@ -1526,3 +1526,313 @@ fn a_tenant_over_its_chat_and_message_limits_is_refused_in_each_channels_words()
         "{metrics}"
     );
 }
+
+/// One person of the erasure test: their addresses on each channel and a
+/// word only their messages, notes and voicemail's record carry.
+struct Person {
+    name: &'static str,
+    email: &'static str,
+    phone: &'static str,
+    marker: &'static str,
+}
+
+/// Everything the person leaves: a chat, an email, a voicemail (a call
+/// with a recording) and a plugin's kv note under their customer id,
+/// linked into one customer. Returns (customer id, chat visitor, the
+/// recording's URL).
+fn leave_traces(s: &Server, key: &str, smtp: u16, p: &Person) -> (String, String, String) {
+    let (mut ws, welcome, _) = hello(s, json!({"type": "hello", "name": p.name}));
+    let visitor = welcome["visitor"].as_str().unwrap().to_string();
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "1", "text": format!("track {}", p.marker)}),
+    );
+    let chat_ix = next_of(&mut ws, "ack")["conversation"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The flow answered before the conversation is closed.
+    assert!(eventually(Duration::from_secs(20), || {
+        messages(s, key, &chat_ix)
+            .iter()
+            .any(|m| m["direction"] == "outbound")
+    }));
+    let out = std::process::Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{smtp}"), "--timeout", "20"])
+        .args(["--from", p.email, "--to", "help@freight.test"])
+        .args(["--header", &format!("Subject: cargo of {}", p.name)])
+        .args(["--body", &format!("track {}", p.marker)])
+        .output()
+        .expect("swaks (run scripts/setup.sh)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let xml = plugboard_tests::root().join("tests/sipp/voicemail_as.xml");
+    plugboard_tests::run_sipp(
+        s,
+        &s.data_dir.with_extension("sipp"),
+        &xml,
+        "15550155",
+        "u1",
+        &["-key", "caller", p.phone],
+    )
+    .unwrap();
+    // The email's customer takes the chat visitor and the phone number.
+    let mut customer = Value::Null;
+    assert!(eventually(Duration::from_secs(20), || {
+        let r = s.get(
+            &format!(
+                "/v1/tenants/freight/customers?channel=email&address={}",
+                p.email
+            ),
+            key,
+        );
+        customer = r.body;
+        r.status == 200
+    }));
+    let id = customer["id"].as_str().unwrap().to_string();
+    for (channel, address) in [("chat", visitor.as_str()), ("voice", p.phone)] {
+        let a = s.json(
+            "POST",
+            &format!("/v1/tenants/freight/customers/{id}/addresses"),
+            key,
+            &json!({"channel": channel, "address": address}),
+        );
+        assert_eq!(a.status, 200, "{a:?}");
+    }
+    let kv = s.call(
+        "PUT",
+        &format!("/v1/tenants/freight/kv/customers/{id}/notes"),
+        Some(key),
+        Some(format!("prefers mornings, {}", p.marker).into_bytes()),
+    );
+    assert!(kv.is_ok_and(|a| a.status == 204 || a.status == 200));
+    // The recording of the call.
+    let mut url = String::new();
+    assert!(eventually(Duration::from_secs(30), || {
+        let h = s.get(&format!("/v1/tenants/freight/customers/{id}"), key);
+        let calls: Vec<&Value> = h.body["interactions"]
+            .as_array()
+            .map(|l| l.iter().filter(|i| i["channel"] == "voice").collect())
+            .unwrap_or_default();
+        let Some(call) = calls.first() else {
+            return false;
+        };
+        let ix = s.interaction("freight", key, call["id"].as_str().unwrap());
+        let rec = ix["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "recording")
+            .map(|e| e["data"]["url"].as_str().unwrap().to_string());
+        url = rec.unwrap_or_default();
+        !url.is_empty()
+    }));
+    // Their conversations are closed (an erasure refuses open ones).
+    let h = s.get(&format!("/v1/tenants/freight/customers/{id}"), key);
+    let list = h.body["interactions"].as_array().unwrap();
+    let channels: std::collections::BTreeSet<&str> = list
+        .iter()
+        .map(|i| i["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(channels, ["chat", "email", "voice"].into(), "{h:?}");
+    for ix in list.iter().filter(|i| i["channel"] != "voice") {
+        let path = format!(
+            "/v1/tenants/freight/interactions/{}/close",
+            ix["id"].as_str().unwrap()
+        );
+        let a = s.json("POST", &path, key, &json!({}));
+        assert_eq!(a.status, 204, "{a:?}");
+    }
+    (id, visitor, url)
+}
+
+/// The files of a directory tree that contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p)
+                && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
+            {
+                found.push(p.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+/// Erasure on one store: Rita and Bob each chat, email and leave a
+/// voicemail; Rita asks to be forgotten.
+fn erase_one_of_two(postgres: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.with_extension("sipp")).unwrap();
+    let mis = TinyHttp::start(waybills);
+    let db = postgres.then(|| plugboard_tests::postgres().database());
+    let mut flags: Vec<&str> = LOOPBACK.to_vec();
+    flags.extend(["--smtp", "127.0.0.1:0", "--smtp-auth-dns", &dns().addr]);
+    if let Some(db) = &db {
+        flags.extend(["--store", db]);
+    }
+    let s = Server::start(&data, &flags).unwrap();
+    let smtp = s.logged("SMTP listening on ");
+    let key = wire(&s, mis.port);
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/addresses/help@freight.test",
+        &key,
+        &json!({"channel": "email", "flow": "hotline"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+    let doc = json!({
+        "name": "voicemail",
+        "start": "record",
+        "nodes": {
+            "record": {"type": "record", "prompt": "Leave a message.", "max_secs": 2, "next": "end"},
+            "end": {"type": "hangup"}
+        }
+    });
+    let a = s.json("POST", "/v1/tenants/freight/flows/voicemail", &key, &doc);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    let a = s.json(
+        "PUT",
+        "/v1/tenants/freight/addresses/15550155",
+        &key,
+        &json!({"channel": "voice", "flow": "voicemail"}),
+    );
+    assert_eq!(a.status, 200, "{a:?}");
+
+    let rita = Person {
+        name: "Rita Ray",
+        email: "rita.ray@example.com",
+        phone: "447900112233",
+        marker: "RITA7731SECRET",
+    };
+    let bob = Person {
+        name: "Bob Bell",
+        email: "bob.bell@example.com",
+        phone: "447900445566",
+        marker: "BOB5511KEEP",
+    };
+    let (rita_id, rita_visitor, rita_rec) = leave_traces(&s, &key, smtp, &rita);
+    let (bob_id, _, bob_rec) = leave_traces(&s, &key, smtp, &bob);
+    assert_eq!(s.get_bytes(&rita_rec, &key).0, 200);
+
+    // A call in progress would refuse it; none is. Erase Rita.
+    let e = s.json(
+        "DELETE",
+        &format!("/v1/tenants/freight/customers/{rita_id}"),
+        &key,
+        &json!({}),
+    );
+    assert_eq!(e.status, 200, "{e:?}");
+    let removed = &e.body["removed"];
+    assert_eq!(removed["interactions"], 3, "{e:?}");
+    assert_eq!(removed["recordings"], 1, "{e:?}");
+    assert_eq!(removed["kv_keys"], 1, "{e:?}");
+    assert!(removed["messages"].as_u64().unwrap() >= 4, "{e:?}");
+    assert!(
+        removed["files"].as_u64().unwrap() >= 1,
+        "the raw email: {e:?}"
+    );
+    assert_eq!(e.body["more"], false);
+
+    // Nothing of Rita in the API.
+    let gone = s.get(&format!("/v1/tenants/freight/customers/{rita_id}"), &key);
+    assert_eq!(gone.status, 404, "{gone:?}");
+    for (channel, address) in [
+        ("email", rita.email),
+        ("chat", rita_visitor.as_str()),
+        ("voice", rita.phone),
+    ] {
+        let r = s.get(
+            &format!("/v1/tenants/freight/customers?channel={channel}&address={address}"),
+            &key,
+        );
+        assert_eq!(r.status, 404, "{channel}: {r:?}");
+    }
+    assert_eq!(s.get_bytes(&rita_rec, &key).0, 404);
+    let kv = s.get_bytes(
+        &format!("/v1/tenants/freight/kv/customers/{rita_id}/notes"),
+        &key,
+    );
+    assert_eq!(kv.0, 404);
+    let listed = serde_json::to_string(
+        &s.get("/v1/tenants/freight/interactions?limit=500", &key)
+            .body,
+    )
+    .unwrap();
+    for trace in [rita.email, rita.phone, rita.marker, rita_visitor.as_str()] {
+        assert!(!listed.contains(trace), "{trace} still listed");
+    }
+    // The audit record says what and when, not who or what it said.
+    let audit = s.get("/v1/tenants/freight/erasures", &key);
+    assert_eq!(audit.status, 200);
+    assert_eq!(audit.body.as_array().unwrap().len(), 1, "{audit:?}");
+    assert_eq!(audit.body[0]["interactions"].as_array().unwrap().len(), 3);
+    let text = audit.body.to_string();
+    for trace in [rita.email, rita.phone, rita.marker, rita.name] {
+        assert!(!text.contains(trace), "the audit names {trace}");
+    }
+
+    // Bob is untouched.
+    let h = s.get(&format!("/v1/tenants/freight/customers/{bob_id}"), &key);
+    assert_eq!(h.status, 200, "{h:?}");
+    assert_eq!(h.body["interactions"].as_array().unwrap().len(), 3, "{h:?}");
+    assert_eq!(s.get_bytes(&bob_rec, &key).0, 200);
+    assert!(listed.contains(bob.marker) || listed.contains(bob.email));
+    let kv = s.get_bytes(
+        &format!("/v1/tenants/freight/kv/customers/{bob_id}/notes"),
+        &key,
+    );
+    assert_eq!(kv.0, 200);
+
+    // Nothing of Rita where the data lives: the data directory, or the
+    // database (pg_dump); Bob's words are found there, so the search
+    // finds what is there.
+    // The embedded store gives deleted data back to the disk when it is
+    // compacted (a minute after an erasure; here at once).
+    let c = s.json("POST", "/v1/store/compact", &s.admin, &json!({}));
+    assert_eq!(c.status, 200, "{c:?}");
+    assert_eq!(c.body["compacted"].is_null(), postgres, "{c:?}");
+    // Bob is still served, and the server still takes messages.
+    assert_eq!(s.get_bytes(&bob_rec, &key).0, 200);
+    let h = s.get(&format!("/v1/tenants/freight/customers/{bob_id}"), &key);
+    assert_eq!(h.body["interactions"].as_array().unwrap().len(), 3, "{h:?}");
+    let (mut ws, _, _) = hello(&s, json!({"type": "hello"}));
+    send(
+        &mut ws,
+        json!({"type": "message", "client_id": "after", "text": "track"}),
+    );
+    assert_eq!(next_of(&mut ws, "ack")["duplicate"], false);
+    if let Some(db) = &db {
+        let dump = plugboard_tests::postgres().dump(db);
+        assert!(dump.contains(bob.marker), "the dump holds Bob's messages");
+        for trace in [rita.email, rita.phone, rita.marker, rita_visitor.as_str()] {
+            assert!(!dump.contains(trace), "{trace} is still in PostgreSQL");
+        }
+    } else {
+        assert!(!files_containing(&data, bob.marker).is_empty());
+        for trace in [rita.email, rita.phone, rita.marker, rita_visitor.as_str()] {
+            let found = files_containing(&data, trace);
+            assert!(found.is_empty(), "{trace} is still on disk in {found:?}");
+        }
+    }
+}
+
+#[test]
+fn erasing_a_customer_removes_their_calls_chats_emails_and_recordings_on_sled() {
+    erase_one_of_two(false);
+}
+
+#[test]
+fn erasing_a_customer_removes_their_calls_chats_emails_and_recordings_on_postgres() {
+    erase_one_of_two(true);
+}

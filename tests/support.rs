@@ -823,6 +823,20 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
+    /// Everything a database holds, as `pg_dump` writes it (SQL text).
+    pub fn dump(&self, url: &str) -> String {
+        let out = Command::new(self.bin.join("pg_dump"))
+            .args(["--data-only", "--inserts", url])
+            .output()
+            .expect("pg_dump");
+        assert!(
+            out.status.success(),
+            "pg_dump: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// The database of a server's data directory (new the first time).
     pub fn database_for(&self, data_dir: &Path) -> String {
         let mut dbs = self.databases.lock().unwrap();

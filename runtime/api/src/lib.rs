@@ -302,6 +302,7 @@ pub fn router(state: Arc<Engine>) -> Router {
             put(set_retention).get(get_retention),
         )
         .route("/v1/retention/run", post(run_retention))
+        .route("/v1/store/compact", post(compact_store))
         .route(
             "/v1/tenants/{t}/customers/{id}/addresses",
             post(add_customer_address),
@@ -1881,6 +1882,11 @@ async fn find_customer(
                 q.channel, q.address
             ))
         })
+}
+
+async fn compact_store(State(s): State<Arc<Engine>>, _: Admin) -> ApiResult<Json<Value>> {
+    let done = s.compact_store().await?;
+    Ok(Json(json!({ "compacted": done })))
 }
 
 async fn close_conversation(

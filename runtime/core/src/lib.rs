@@ -129,7 +129,6 @@ impl Retention {
     }
 }
 
-
 /// Per-tenant overrides of the plugin execution limits (set by the operator).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -228,6 +228,8 @@ pub struct Engine {
     draining: std::sync::atomic::AtomicBool,
     /// Retention periods where a tenant sets none.
     retention_defaults: Retention,
+    /// Store compactions: one at a time, and whether one is due.
+    compaction: privacy::Compaction,
 }
 
 impl Engine {
@@ -269,6 +271,7 @@ impl Engine {
             ),
             draining: std::sync::atomic::AtomicBool::new(false),
             retention_defaults: Retention::default(),
+            compaction: Default::default(),
         }
     }
 
@@ -402,6 +405,13 @@ impl Engine {
     /// The retention periods of tenants that set none of their own.
     pub fn with_retention_defaults(mut self, defaults: Retention) -> Self {
         self.retention_defaults = defaults;
+        self
+    }
+
+    /// How long after an erasure or a retention run the store is
+    /// compacted (requests meanwhile share it); default a minute.
+    pub fn with_compact_delay(mut self, delay: std::time::Duration) -> Self {
+        self.compaction.delay = delay;
         self
     }
 

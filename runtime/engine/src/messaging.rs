@@ -95,7 +95,11 @@ pub(crate) fn keys_kind(ix: &str) -> String {
 
 /// A write of a key that leads to conversation `ix`, with its listing.
 fn key_writes(writes: &mut Vec<RecordWrite>, ix: &str, kind: &str, id: String, value: Value) {
-    writes.push(RecordWrite::put(keys_kind(ix), format!("{kind}/{id}"), json!({})));
+    writes.push(RecordWrite::put(
+        keys_kind(ix),
+        format!("{kind}/{id}"),
+        json!({}),
+    ));
     writes.push(RecordWrite::put(kind, id, value));
 }
 
@@ -1249,7 +1253,10 @@ impl Engine {
             return Err(CoreError::NotFound(format!("conversation {ix}")).into());
         };
         if interaction.channel == Channel::Voice {
-            return Err(CoreError::NotFound(format!("conversation {ix} (a call ends by hanging up)")).into());
+            return Err(CoreError::NotFound(format!(
+                "conversation {ix} (a call ends by hanging up)"
+            ))
+            .into());
         }
         let conv = self.conversation(tenant, ix).await?;
         if conv.closed || interaction.state.is_final() {

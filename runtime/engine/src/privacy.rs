@@ -29,17 +29,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use plugboard_core::message::customer_address_key;
 pub use plugboard_core::Retention;
+use plugboard_core::message::customer_address_key;
 use plugboard_core::{
-    Channel, EntryKind, Error as CoreError, Interaction, Message,
-    normalize_address, now_ms,
+    Channel, EntryKind, Error as CoreError, Interaction, Message, normalize_address, now_ms,
 };
 use plugboard_store::RecordWrite;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{Engine, EngineResult};
+use crate::{Engine, EngineError, EngineResult};
+use plugboard_store::CompactSummary;
 
 /// Record kind of the erasure audit log.
 const ERASURE: &str = "erasure";
@@ -180,6 +180,24 @@ pub struct Erasure {
     pub removed: Removed,
     /// More interactions are left (erase again).
     pub more: bool,
+}
+
+/// Store compactions after deletions: one at a time, one for the
+/// deletions of a while.
+pub(crate) struct Compaction {
+    one: tokio::sync::Mutex<()>,
+    due: std::sync::atomic::AtomicBool,
+    pub(crate) delay: Duration,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction {
+            one: Default::default(),
+            due: Default::default(),
+            delay: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Prefixes under which plugins keep per-customer kv data, for a
@@ -366,7 +384,63 @@ impl Engine {
             tenant,
             json!({"kind": "erasure", "data": {"id": audit.id, "interactions": audit.interactions}}),
         );
+        // Deleted keys stay in the embedded store's files until it is
+        // compacted.
+        self.compact_soon();
         Ok(audit)
+    }
+
+    /// Compacts the store now, so that deleted data leaves the disk and
+    /// its space comes back (waits for a compaction already running).
+    /// `None` for a store that does it itself (PostgreSQL).
+    pub async fn compact_store(&self) -> EngineResult<Option<CompactSummary>> {
+        let _one = self.compaction.one.lock().await;
+        self.compaction
+            .due
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let store = self.store.clone();
+        let done = tokio::task::spawn_blocking(move || store.compact())
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))??;
+        if let Some(c) = &done {
+            tracing::info!(
+                keys = c.keys,
+                rewritten = c.rewritten,
+                before_bytes = c.before_bytes,
+                after_bytes = c.after_bytes,
+                held_ms = c.held_ms,
+                "store compacted"
+            );
+        }
+        Ok(done)
+    }
+
+    /// Compacts the store after the compaction delay; calls meanwhile
+    /// share that compaction.
+    pub fn compact_soon(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.compaction.due.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let delay = self.compaction.delay;
+        tokio::spawn(async move {
+            // A backup running refuses it: try again a few times.
+            for _ in 0..10 {
+                tokio::time::sleep(delay).await;
+                let Some(app) = weak.upgrade() else { return };
+                if !app.compaction.due.load(Ordering::SeqCst) {
+                    return;
+                }
+                match app.compact_store().await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        app.compaction.due.store(true, Ordering::SeqCst);
+                        tracing::warn!("compacting the store (trying again): {e}");
+                    }
+                }
+            }
+        });
     }
 
     /// The erasure audit log, newest first.
@@ -541,11 +615,7 @@ impl Engine {
 
     /// Removes the free text (`notes`, `disposition`) of the queue events
     /// of the given tasks; the events stay for the reports.
-    async fn redact_queue_events(
-        &self,
-        tenant: &str,
-        tasks: &BTreeSet<&str>,
-    ) -> EngineResult<()> {
+    async fn redact_queue_events(&self, tenant: &str, tasks: &BTreeSet<&str>) -> EngineResult<()> {
         let kind = crate::acd::QUEUE_EVENT;
         let mut after = String::new();
         loop {
@@ -628,7 +698,10 @@ impl Engine {
     /// Runs retention once for every tenant as of `now_ms` (a pinned
     /// clock in tests; the wall clock in the background job). Returns
     /// what it removed, by tenant.
-    pub async fn run_retention(&self, now_ms: u64) -> EngineResult<BTreeMap<String, Removed>> {
+    pub async fn run_retention(
+        self: &Arc<Self>,
+        now_ms: u64,
+    ) -> EngineResult<BTreeMap<String, Removed>> {
         let mut out = BTreeMap::new();
         for tenant in self.store.tenants().await? {
             let r = self.retention_of(&tenant);
@@ -642,6 +715,9 @@ impl Engine {
                 tracing::info!(tenant = %tenant.id, ?removed, "retention removed expired data");
                 out.insert(tenant.id.clone(), removed);
             }
+        }
+        if !out.is_empty() {
+            self.compact_soon();
         }
         Ok(out)
     }
@@ -672,8 +748,7 @@ impl Engine {
                 .interactions_between(tenant, &after, &before, PAGE)
                 .await?;
             for ix in &page {
-                let expired =
-                    ix.state.is_final() && ix.closed_ms.unwrap_or(ix.created_ms) < cutoff;
+                let expired = ix.state.is_final() && ix.closed_ms.unwrap_or(ix.created_ms) < cutoff;
                 if expired {
                     self.purge_interaction(tenant, &ix.id, parts, removed)
                         .await?;
@@ -683,12 +758,7 @@ impl Engine {
                 if !stuck {
                     // Everything up to here is done for this category.
                     self.store
-                        .set_record(
-                            tenant,
-                            RETENTION_CURSOR,
-                            category,
-                            &json!({"after": ix.id}),
-                        )
+                        .set_record(tenant, RETENTION_CURSOR, category, &json!({"after": ix.id}))
                         .await?;
                 }
             }

@@ -164,6 +164,9 @@ pub struct RetentionSection {
     pub faxes_days: Option<u32>,
     /// Minutes between two runs of the retention job (default 60).
     pub every_minutes: Option<u64>,
+    /// Seconds after an erasure or a retention run before the embedded
+    /// store is compacted, so deleted data leaves the disk (default 60).
+    pub compact_delay_s: Option<u64>,
 }
 
 impl RetentionSection {

@@ -950,7 +950,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             "relay": relay.as_deref().map(|u| plugboard_core::redact_url(u, true)),
         })),
         "allow_networks": allow_networks,
-        "retention": {"defaults": file.retention.defaults(), "every_minutes": retention_every.as_secs() / 60},
+        "retention": {"defaults": file.retention.defaults(), "every_minutes": retention_every.as_secs() / 60, "compact_delay_s": file.retention.compact_delay_s.unwrap_or(60)},
         "config_trunks": file.trunks.iter().map(|t| format!("{}/{}", t.tenant, t.trunk.name)).collect::<Vec<_>>(),
     });
     let host = Arc::new(
@@ -973,6 +973,9 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         .with_recordings_dir(data_dir.join("recordings"))
         .with_config_trunks(file.trunks_by_tenant())
         .with_retention_defaults(file.retention.defaults())
+        .with_compact_delay(Duration::from_secs(
+            file.retention.compact_delay_s.unwrap_or(60),
+        ))
         .with_settings(settings);
     if !file.trunks.is_empty() {
         tracing::info!("{} trunks from the config file", file.trunks.len());

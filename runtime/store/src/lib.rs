@@ -349,8 +349,24 @@ pub struct BackupSummary {
     pub held_ms: u64,
 }
 
+/// What a compaction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CompactSummary {
+    /// Keys copied.
+    pub keys: u64,
+    /// Keys written while it copied, copied again before the switch.
+    pub rewritten: u64,
+    /// Bytes of the store's directory before.
+    pub before_bytes: u64,
+    /// Bytes of the store's directory after.
+    pub after_bytes: u64,
+    /// How long writes waited (while the keys written meanwhile were
+    /// copied again and the generations switched), ms.
+    pub held_ms: u64,
+}
+
 /// What an operator does with the store: checks that it answers, watches
-/// its bounds, backs it up.
+/// its bounds, backs it up, compacts it.
 #[async_trait]
 pub trait StoreOps: Send + Sync {
     /// Ok when the store answers now: a read, and (the embedded store)
@@ -361,6 +377,14 @@ pub trait StoreOps: Send + Sync {
     fn gauges(&self) -> Vec<(&'static str, &'static str, u64)> {
         Vec::new()
     }
+    /// Rewrites the store while it serves, so that deleted data leaves
+    /// the disk and its space comes back (blocking: run it off the async
+    /// threads). `None` for a store that does it itself (PostgreSQL's
+    /// autovacuum).
+    fn compact(&self) -> Result<Option<CompactSummary>> {
+        Ok(None)
+    }
+
     /// Writes a consistent copy of the store to `out` while it serves
     /// (blocking: run it off the async threads). A store with its own
     /// backup tools (PostgreSQL: `pg_dump`) refuses.

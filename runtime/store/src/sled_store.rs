@@ -36,9 +36,9 @@
 //! shares that cost among every conversation writing at the time.
 
 use crate::{
-    AddressStore, BackupSummary, BlobStore, InteractionStore, KvStore, PluginStore, RecordStore,
-    RecordWrite, RegistrarStore, Result, SecretStore, StoreOps, TenantStore, header, new_entries,
-    plugin_info, rollback_target, storage,
+    AddressStore, BackupSummary, BlobStore, CompactSummary, InteractionStore, KvStore, PluginStore,
+    RecordStore, RecordWrite, RegistrarStore, Result, SecretStore, StoreOps, TenantStore, header,
+    new_entries, plugin_info, rollback_target, storage,
 };
 use async_trait::async_trait;
 use plugboard_core::{
@@ -47,7 +47,7 @@ use plugboard_core::{
 };
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use tokio::sync::oneshot;
 
 type Waiter = oneshot::Sender<std::result::Result<(), String>>;
@@ -75,7 +75,9 @@ struct Hold {
 
 /// One write set for the writer thread.
 struct Commit {
-    tree: sled::Tree,
+    /// The tree's name: the writer applies it to the store's current
+    /// generation (a compaction may swap it while the set waits).
+    tree: sled::IVec,
     ops: Vec<Op>,
     /// Nothing is written when this key exists; its value is the answer.
     guard: Option<Vec<u8>>,
@@ -84,19 +86,79 @@ struct Commit {
     reply: oneshot::Sender<std::result::Result<Option<sled::IVec>, String>>,
 }
 
-/// The embedded store: sled in a directory, with group commit.
-pub struct SledStore {
+/// One generation of the store: a sled database in a directory of its
+/// own. A compaction copies what is live into the next generation and
+/// swaps it in.
+struct Gen {
     db: sled::Db,
     tenants: sled::Tree,
     keys: sled::Tree,
     owners: sled::Tree,
+    /// Open tenant keyspaces (a tenant is never deleted while open).
+    spaces: std::sync::RwLock<std::collections::HashMap<String, sled::Tree>>,
+    /// Its directory.
+    dir: std::path::PathBuf,
+}
+
+impl Gen {
+    fn open(dir: &Path, cache_bytes: u64) -> Result<Gen> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .cache_capacity(cache_bytes)
+            .open()
+            .map_err(storage)?;
+        Ok(Gen {
+            tenants: db.open_tree("tenants").map_err(storage)?,
+            keys: db.open_tree("api_keys").map_err(storage)?,
+            owners: db.open_tree("address_owners").map_err(storage)?,
+            db,
+            spaces: Default::default(),
+            dir: dir.to_path_buf(),
+        })
+    }
+}
+
+/// What the store's threads share: the current generation, and the keys
+/// written while a compaction copies.
+struct Shared {
+    current: std::sync::RwLock<Arc<Gen>>,
+    /// While a compaction copies: every (tree, key) written since it
+    /// began, copied again before the swap.
+    dirty: std::sync::Mutex<Option<std::collections::HashSet<(sled::IVec, Vec<u8>)>>>,
+    /// Whether `dirty` is on (read without the lock on every write).
+    copying: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn current_gen(&self) -> Arc<Gen> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Notes a key written (after the write), while a compaction copies.
+    fn touched(&self, tree: &sled::IVec, key: &[u8]) {
+        if self.copying.load(std::sync::atomic::Ordering::SeqCst)
+            && let Ok(mut d) = self.dirty.lock()
+            && let Some(set) = d.as_mut()
+        {
+            set.insert((tree.clone(), key.to_vec()));
+        }
+    }
+}
+
+/// The embedded store: sled in a directory, with group commit.
+pub struct SledStore {
+    shared: Arc<Shared>,
+    /// The store's directory (its generations are below it).
+    root: std::path::PathBuf,
     /// Jobs for the writer thread (`None` once closing).
     flusher: Option<mpsc::Sender<Job>>,
     /// The writer thread, joined on drop so the database is closed when
     /// the store is.
     flush_thread: Option<std::thread::JoinHandle<()>>,
-    /// Open tenant keyspaces (a tenant is never deleted while open).
-    spaces: std::sync::RwLock<std::collections::HashMap<String, sled::Tree>>,
     /// Serialises version numbering of plugin deploys.
     deploys: tokio::sync::Mutex<()>,
     /// The bound of sled's page cache, bytes.
@@ -107,7 +169,11 @@ pub struct SledStore {
     /// holds it alone while it reads, so they are whole in the copy or
     /// absent.
     gate: std::sync::RwLock<()>,
-    /// A backup is being made (one at a time).
+    /// Every write made here (not by the writer thread) holds it shared
+    /// from choosing its tree to noting its keys; a compaction holds it
+    /// alone while it swaps generations, so no write lands in the old one.
+    swap: std::sync::RwLock<()>,
+    /// A backup or a compaction is running (one at a time).
     backing_up: std::sync::atomic::AtomicBool,
 }
 
@@ -155,7 +221,7 @@ fn tx_error(e: TransactionError<Error>) -> Error {
 /// The writer thread. Each round takes every job queued since the last
 /// one, applies the write sets (one transaction per tenant), flushes once
 /// if any job asks for durability, and answers them all.
-fn writer(db: sled::Db, rx: mpsc::Receiver<Job>) {
+fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Job>) {
     /// Jobs taken in one round at most (a bound on one transaction).
     const ROUND: usize = 1024;
     while let Ok(first) = rx.recv() {
@@ -172,26 +238,37 @@ fn writer(db: sled::Db, rx: mpsc::Receiver<Job>) {
             match job {
                 Job::Flush(w) => waiters.push(w),
                 Job::Hold(h) => holds.push(h),
-                Job::Commit(c) => match commits
-                    .iter_mut()
-                    .find(|g| g[0].tree.name() == c.tree.name())
-                {
+                Job::Commit(c) => match commits.iter_mut().find(|g| g[0].tree == c.tree) {
                     Some(group) => group.push(c),
                     None => commits.push(vec![c]),
                 },
             }
         }
         let mut done = Vec::new();
+        let g = shared.current_gen();
         for group in commits {
-            match commit_group(&group) {
-                Ok(answers) => done.extend(group.into_iter().zip(answers.into_iter().map(Ok))),
+            let applied =
+                g.db.open_tree(&group[0].tree)
+                    .map_err(|e| e.to_string())
+                    .and_then(|tree| commit_group(&tree, &group));
+            match applied {
+                Ok(answers) => {
+                    for (c, a) in group.iter().zip(&answers) {
+                        if a.is_none() {
+                            for (k, _) in &c.ops {
+                                shared.touched(&c.tree, k);
+                            }
+                        }
+                    }
+                    done.extend(group.into_iter().zip(answers.into_iter().map(Ok)))
+                }
                 Err(e) => done.extend(group.into_iter().map(|c| (c, Err(e.clone())))),
             }
         }
         let flushed = if waiters.is_empty() && !done.iter().any(|(c, r)| c.durable && r.is_ok()) {
             Ok(())
         } else {
-            db.flush().map(|_| ()).map_err(|e| e.to_string())
+            g.db.flush().map(|_| ()).map_err(|e| e.to_string())
         };
         for w in waiters {
             let _ = w.send(flushed.clone());
@@ -207,6 +284,132 @@ fn writer(db: sled::Db, rx: mpsc::Receiver<Job>) {
         for h in holds {
             if h.held.send(()).is_ok() {
                 let _ = h.release.recv();
+            }
+        }
+    }
+}
+
+/// The bytes of the files below `dir`.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// The store's generations: sled databases in `gen-{n}` directories below
+/// the store's directory, the current one named in its `CURRENT` file (a
+/// store from before compaction has its database in the directory itself
+/// and no `CURRENT`). A compaction writes the next generation, flushes it,
+/// then replaces `CURRENT` (written aside, synced, renamed): a crash
+/// before the rename leaves the old generation current, after it the new
+/// one; what the other left is removed at the next open.
+mod generations {
+    use super::{Result, storage};
+    use std::path::{Path, PathBuf};
+
+    const CURRENT: &str = "CURRENT";
+
+    /// The current generation's directory, after removing what an
+    /// interrupted compaction left.
+    pub(super) fn open(root: &Path) -> Result<PathBuf> {
+        std::fs::create_dir_all(root).map_err(storage)?;
+        match std::fs::read_to_string(root.join(CURRENT)) {
+            Ok(name) => {
+                let name = name.trim();
+                if !is_generation(name) {
+                    return Err(storage(format!(
+                        "{}: {CURRENT} names {name:?}, not a generation",
+                        root.display()
+                    )));
+                }
+                let current = root.join(name);
+                remove_old(root, &current);
+                Ok(current)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // The database is the directory's own; a next generation
+                // never switched to is removed.
+                for e in std::fs::read_dir(root).map_err(storage)?.flatten() {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if is_generation(&name) {
+                        std::fs::remove_dir_all(e.path()).map_err(storage)?;
+                    }
+                }
+                let _ = std::fs::remove_file(root.join(format!("{CURRENT}.tmp")));
+                Ok(root.to_path_buf())
+            }
+            Err(e) => Err(storage(e)),
+        }
+    }
+
+    fn is_generation(name: &str) -> bool {
+        name.strip_prefix("gen-")
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    }
+
+    /// The directory of the generation after `current`.
+    pub(super) fn next(root: &Path, current: &Path) -> PathBuf {
+        let n = current
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("gen-"))
+            .and_then(|n| n.parse::<u64>().ok())
+            .filter(|_| current != root)
+            .unwrap_or(0);
+        root.join(format!("gen-{}", n + 1))
+    }
+
+    /// Makes `to` the current generation, durably.
+    pub(super) fn switch(root: &Path, to: &Path) -> Result<()> {
+        use std::io::Write;
+        let name = to
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| storage("a generation without a name"))?;
+        let tmp = root.join(format!("{CURRENT}.tmp"));
+        let mut f = std::fs::File::create(&tmp).map_err(storage)?;
+        f.write_all(name.as_bytes()).map_err(storage)?;
+        f.sync_all().map_err(storage)?;
+        std::fs::rename(&tmp, root.join(CURRENT)).map_err(storage)?;
+        std::fs::File::open(root)
+            .and_then(|d| d.sync_all())
+            .map_err(storage)
+    }
+
+    /// Removes everything below `root` but `CURRENT` and the current
+    /// generation `keep` (earlier generations, and the files of a
+    /// database that was the directory's own).
+    pub(super) fn remove_old(root: &Path, keep: &Path) {
+        let Ok(entries) = std::fs::read_dir(root) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if path == keep || e.file_name() == CURRENT {
+                continue;
+            }
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(err) = removed {
+                tracing::warn!(
+                    "removing the old store generation {}: {err}",
+                    path.display()
+                );
             }
         }
     }
@@ -280,32 +483,33 @@ impl Unhashing<'_> {
 
 /// Applies a tenant's write sets, in order, in one transaction; the
 /// answer for each is its guard's value if the guard stopped it.
-fn commit_group(group: &[Commit]) -> std::result::Result<Vec<Option<sled::IVec>>, String> {
-    group[0]
-        .tree
-        .transaction(|t| {
-            let mut answers = Vec::with_capacity(group.len());
-            for c in group {
-                if let Some(g) = &c.guard
-                    && let Some(v) = t.get(g)?
-                {
-                    answers.push(Some(v));
-                    continue;
-                }
-                for (key, value) in &c.ops {
-                    match value {
-                        Some(v) => t.insert(key.as_slice(), v.as_slice())?,
-                        None => t.remove(key.as_slice())?,
-                    };
-                }
-                answers.push(None);
+fn commit_group(
+    tree: &sled::Tree,
+    group: &[Commit],
+) -> std::result::Result<Vec<Option<sled::IVec>>, String> {
+    tree.transaction(|t| {
+        let mut answers = Vec::with_capacity(group.len());
+        for c in group {
+            if let Some(g) = &c.guard
+                && let Some(v) = t.get(g)?
+            {
+                answers.push(Some(v));
+                continue;
             }
-            Ok::<_, ConflictableTransactionError<()>>(answers)
-        })
-        .map_err(|e| match e {
-            TransactionError::Abort(()) => "aborted".to_string(),
-            TransactionError::Storage(e) => e.to_string(),
-        })
+            for (key, value) in &c.ops {
+                match value {
+                    Some(v) => t.insert(key.as_slice(), v.as_slice())?,
+                    None => t.remove(key.as_slice())?,
+                };
+            }
+            answers.push(None);
+        }
+        Ok::<_, ConflictableTransactionError<()>>(answers)
+    })
+    .map_err(|e| match e {
+        TransactionError::Abort(()) => "aborted".to_string(),
+        TransactionError::Storage(e) => e.to_string(),
+    })
 }
 
 impl SledStore {
@@ -319,32 +523,28 @@ impl SledStore {
     /// `cache_bytes` (what sled keeps of the data in memory; the rest is
     /// read from disk when needed).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(storage)?;
-        let tenants = db.open_tree("tenants").map_err(storage)?;
-        let keys = db.open_tree("api_keys").map_err(storage)?;
-        let owners = db.open_tree("address_owners").map_err(storage)?;
+        let current = generations::open(dir)?;
+        let g = Gen::open(&current, cache_bytes)?;
+        let shared = Arc::new(Shared {
+            current: std::sync::RwLock::new(Arc::new(g)),
+            dirty: std::sync::Mutex::new(None),
+            copying: std::sync::atomic::AtomicBool::new(false),
+        });
         let (tx, rx) = mpsc::channel();
-        let d = db.clone();
+        let w = shared.clone();
         let thread = std::thread::Builder::new()
             .name("sled-flush".into())
-            .spawn(move || writer(d, rx))
+            .spawn(move || writer(w, rx))
             .map_err(storage)?;
         let store = SledStore {
-            db,
-            tenants,
-            keys,
-            owners,
+            shared,
+            root: dir.to_path_buf(),
             flusher: Some(tx),
             flush_thread: Some(thread),
             deploys: tokio::sync::Mutex::new(()),
-            spaces: Default::default(),
             cache_bytes,
             gate: std::sync::RwLock::new(()),
+            swap: std::sync::RwLock::new(()),
             backing_up: std::sync::atomic::AtomicBool::new(false),
         };
         store.migrate_v1()?;
@@ -394,8 +594,9 @@ impl SledStore {
         };
         let mut summary = BackupSummary::default();
         w.put(BACKUP_MAGIC)?;
-        for name in self.db.tree_names() {
-            let tree = self.db.open_tree(&name).map_err(storage)?;
+        let g = self.shared.current_gen();
+        for name in g.db.tree_names() {
+            let tree = g.db.open_tree(&name).map_err(storage)?;
             w.put(b"T")?;
             w.field(&name)?;
             summary.trees += 1;
@@ -416,6 +617,138 @@ impl SledStore {
         w.out.flush().map_err(storage)?;
         summary.bytes = w.bytes + digest.len() as u64;
         Ok(summary)
+    }
+
+    /// Copies what is live into the next generation and swaps it in
+    /// ([`StoreOps::compact`]). Writes go on while it copies (the keys
+    /// they touch are noted and copied again); they wait only while those
+    /// are copied and the generations are switched.
+    fn compact_now(&self) -> Result<CompactSummary> {
+        use std::sync::atomic::Ordering;
+        if self.backing_up.swap(true, Ordering::SeqCst) {
+            return Err(Error::Conflict(
+                "a backup or a compaction is running".into(),
+            ));
+        }
+        struct Done<'a>(&'a SledStore);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                let shared = &self.0.shared;
+                shared.copying.store(false, Ordering::SeqCst);
+                if let Ok(mut d) = shared.dirty.lock() {
+                    *d = None;
+                }
+                self.0.backing_up.store(false, Ordering::SeqCst);
+            }
+        }
+        let _done = Done(self);
+        let old = self.shared.current_gen();
+        let before = dir_bytes(&self.root);
+        let next_dir = generations::next(&self.root, &old.dir);
+        if next_dir.exists() {
+            std::fs::remove_dir_all(&next_dir).map_err(storage)?;
+        }
+        let result = (|| {
+            let new = Gen::open(&next_dir, self.cache_bytes)?;
+            // Writes from now on are noted, then everything is copied.
+            if let Ok(mut d) = self.shared.dirty.lock() {
+                *d = Some(Default::default());
+            }
+            self.shared.copying.store(true, Ordering::SeqCst);
+            let mut keys = 0u64;
+            for name in old.db.tree_names() {
+                let (src, dst) = (
+                    old.db.open_tree(&name).map_err(storage)?,
+                    new.db.open_tree(&name).map_err(storage)?,
+                );
+                let mut batch = sled::Batch::default();
+                let mut n = 0;
+                for kv in src.iter() {
+                    let (k, v) = kv.map_err(storage)?;
+                    batch.insert(k, v);
+                    n += 1;
+                    keys += 1;
+                    if n == 1000 {
+                        dst.apply_batch(std::mem::take(&mut batch))
+                            .map_err(storage)?;
+                        n = 0;
+                    }
+                }
+                dst.apply_batch(batch).map_err(storage)?;
+            }
+            // Writes wait: those made here at the swap gate, the writer
+            // thread's at a hold. Then the keys written meanwhile are
+            // copied again and the new generation takes over.
+            let started = std::time::Instant::now();
+            let swap = self.swap.write().unwrap_or_else(|p| p.into_inner());
+            let (held, is_held) = mpsc::sync_channel(1);
+            let (release, released) = mpsc::sync_channel::<()>(0);
+            self.flusher
+                .as_ref()
+                .ok_or_else(|| Error::Storage("the store is closing".into()))?
+                .send(Job::Hold(Hold {
+                    held,
+                    release: released,
+                }))
+                .map_err(|_| Error::Storage("the store's writer has stopped".into()))?;
+            is_held
+                .recv()
+                .map_err(|_| Error::Storage("the store's writer has stopped".into()))?;
+            self.shared.copying.store(false, Ordering::SeqCst);
+            let dirty = self
+                .shared
+                .dirty
+                .lock()
+                .map_err(|_| Error::Storage("a compaction's notes are lost".into()))?
+                .take()
+                .unwrap_or_default();
+            let again = dirty.len() as u64;
+            for (tree, key) in dirty {
+                let value = old
+                    .db
+                    .open_tree(&tree)
+                    .and_then(|t| t.get(&key))
+                    .map_err(storage)?;
+                let dst = new.db.open_tree(&tree).map_err(storage)?;
+                match value {
+                    Some(v) => dst.insert(key, v),
+                    None => dst.remove(key),
+                }
+                .map_err(storage)?;
+            }
+            new.db.flush().map_err(storage)?;
+            generations::switch(&self.root, &next_dir)?;
+            *self
+                .shared
+                .current
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+            drop(release);
+            drop(swap);
+            Ok((keys, again, started.elapsed().as_millis() as u64))
+        })();
+        let (keys, again, held_ms) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&next_dir);
+                return Err(e);
+            }
+        };
+        // The old generation goes once nobody reads it any more (a read
+        // that began before the swap).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(old);
+        generations::remove_old(&self.root, &next_dir);
+        Ok(CompactSummary {
+            keys,
+            rewritten: again,
+            before_bytes: before,
+            after_bytes: dir_bytes(&self.root),
+            held_ms,
+        })
     }
 
     /// Restores a backup made by [`StoreOps::backup`] into `dir`, which
@@ -504,20 +837,6 @@ impl SledStore {
         }
     }
 
-    /// The gate for a several-key write made here (see `gate`), waited
-    /// for without blocking the thread (a backup can hold it for a while).
-    /// The caller holds it across no `.await`.
-    async fn shared_gate(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        loop {
-            match self.gate.try_read() {
-                Ok(g) => return g,
-                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
-                Err(std::sync::TryLockError::WouldBlock) => {}
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    }
-
     /// Waits until everything written before the call is on disk.
     async fn durable(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
@@ -539,13 +858,21 @@ impl SledStore {
         stored: usize,
         durable: bool,
     ) -> Result<usize> {
-        let space = self.space(&ix.tenant)?;
-        match Self::interaction_ops(&space, ix, stored)? {
-            Some(ops) => {
+        let (space, ops) = {
+            let _w = self.write_guard().await;
+            let space = self.space(&ix.tenant)?;
+            let ops = Self::interaction_ops(&space, ix, stored)?;
+            if let Some((key, _)) = ops.as_ref().err() {
+                self.touched(&space, [key]);
+            }
+            (space, ops)
+        };
+        match ops {
+            Ok(ops) => {
                 self.commit(space, ops, None, durable).await?;
             }
-            None if durable => self.durable().await?,
-            None => {}
+            Err(_) if durable => self.durable().await?,
+            Err(_) => {}
         }
         Ok(ix.timeline_len().max(stored))
     }
@@ -566,7 +893,7 @@ impl SledStore {
             .as_ref()
             .ok_or_else(|| Error::Storage("the store is closing".into()))?
             .send(Job::Commit(Commit {
-                tree,
+                tree: tree.name(),
                 ops,
                 guard,
                 durable,
@@ -602,17 +929,88 @@ impl SledStore {
 
     /// The tenant's keyspace; `NotFound` if the tenant does not exist.
     fn space(&self, tenant: &str) -> Result<sled::Tree> {
-        if let Some(t) = self.spaces.read().ok().and_then(|m| m.get(tenant).cloned()) {
+        let g = self.shared.current_gen();
+        if let Some(t) = g.spaces.read().ok().and_then(|m| m.get(tenant).cloned()) {
             return Ok(t);
         }
-        if !self.tenants.contains_key(tenant).map_err(storage)? {
+        if !g.tenants.contains_key(tenant).map_err(storage)? {
             return Err(Error::NotFound(format!("tenant {tenant}")));
         }
-        let tree = self.db.open_tree(format!("t/{tenant}")).map_err(storage)?;
-        if let Ok(mut m) = self.spaces.write() {
+        let tree = g.db.open_tree(format!("t/{tenant}")).map_err(storage)?;
+        if let Ok(mut m) = g.spaces.write() {
             m.insert(tenant.to_string(), tree.clone());
         }
         Ok(tree)
+    }
+
+    /// Held from choosing a tree to noting the keys written in it, by a
+    /// write made here (see `swap`); waited for without blocking the
+    /// thread. The caller holds it across no `.await`.
+    async fn write_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        loop {
+            match self.swap.try_read() {
+                Ok(g) => return g,
+                Err(std::sync::TryLockError::Poisoned(p)) => return p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Writes (`Some`) or removes (`None`) one key of the tenant's
+    /// keyspace, not waiting for the disk; returns the value before.
+    async fn write_one(
+        &self,
+        tenant: &str,
+        key: impl AsRef<[u8]>,
+        value: Option<Vec<u8>>,
+    ) -> Result<Option<sled::IVec>> {
+        let _w = self.write_guard().await;
+        let space = self.space(tenant)?;
+        let old = match value {
+            Some(v) => space.insert(key.as_ref(), v),
+            None => space.remove(key.as_ref()),
+        }
+        .map_err(storage)?;
+        self.touched(&space, [key.as_ref()]);
+        Ok(old)
+    }
+
+    /// [`SledStore::write_guard`] and the gate of several-key writes
+    /// (see `gate`), both or neither, waited for without blocking.
+    async fn several_keys_guard(
+        &self,
+    ) -> (
+        std::sync::RwLockReadGuard<'_, ()>,
+        std::sync::RwLockReadGuard<'_, ()>,
+    ) {
+        fn take<'a>(lock: &'a std::sync::RwLock<()>) -> Option<std::sync::RwLockReadGuard<'a, ()>> {
+            match lock.try_read() {
+                Ok(g) => Some(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => None,
+            }
+        }
+        loop {
+            if let Some(both) = take(&self.swap).and_then(|s| take(&self.gate).map(|g| (s, g))) {
+                return both;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Notes keys written in `tree` (for a compaction copying meanwhile).
+    fn touched<K: AsRef<[u8]>>(&self, tree: &sled::Tree, keys: impl IntoIterator<Item = K>) {
+        if self
+            .shared
+            .copying
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let name = tree.name();
+            for k in keys {
+                self.shared.touched(&name, k.as_ref());
+            }
+        }
     }
 
     fn get_json<T: serde::de::DeserializeOwned>(
@@ -632,9 +1030,7 @@ impl SledStore {
         key: &str,
         value: &T,
     ) -> Result<()> {
-        self.space(tenant)?
-            .insert(key, json(value)?)
-            .map_err(storage)?;
+        self.write_one(tenant, key, Some(json(value)?)).await?;
         self.durable().await
     }
 
@@ -716,11 +1112,12 @@ impl SledStore {
     /// Converts interactions stored whole by the first store (one JSON
     /// record at `interaction/{id}`) to a header, a timeline and indexes.
     fn migrate_v1(&self) -> Result<()> {
-        for name in self.db.tree_names() {
+        let g = self.shared.current_gen();
+        for name in g.db.tree_names() {
             if !name.starts_with(b"t/") {
                 continue;
             }
-            let space = self.db.open_tree(&name).map_err(storage)?;
+            let space = g.db.open_tree(&name).map_err(storage)?;
             for kv in space.scan_prefix("interaction/") {
                 let (k, v) = kv.map_err(storage)?;
                 let ix: Interaction = parse(&v)?;
@@ -738,7 +1135,7 @@ impl SledStore {
     /// a checkpoint that only appends one entry is one plain insert, and
     /// the others are one batch.
     fn write_interaction(space: &sled::Tree, ix: &Interaction, stored: usize) -> Result<()> {
-        if let Some(ops) = Self::interaction_ops(space, ix, stored)? {
+        if let Ok(ops) = Self::interaction_ops(space, ix, stored)? {
             let mut batch = sled::Batch::default();
             for (k, v) in ops {
                 match v {
@@ -751,13 +1148,14 @@ impl SledStore {
         Ok(())
     }
 
-    /// [`SledStore::write_interaction`]'s writes, when they are more than
-    /// one insert (which it makes itself).
+    /// [`SledStore::write_interaction`]'s writes (`Ok`), or, when they
+    /// are one insert, that insert made here (`Err` with its key).
+    #[allow(clippy::type_complexity)]
     fn interaction_ops(
         space: &sled::Tree,
         ix: &Interaction,
         stored: usize,
-    ) -> Result<Option<Vec<Op>>> {
+    ) -> Result<std::result::Result<Vec<Op>, (Vec<u8>, ())>> {
         use std::hash::{Hash, Hasher};
         let id = &ix.id;
         let head = json(&header(ix))?;
@@ -770,10 +1168,9 @@ impl SledStore {
         if old.as_deref() == Some(meta.as_bytes())
             && let [(seq, entry)] = entries.as_slice()
         {
-            space
-                .insert(format!("ixt/{id}/{seq:08}"), json(entry)?)
-                .map_err(storage)?;
-            return Ok(None);
+            let key = format!("ixt/{id}/{seq:08}").into_bytes();
+            space.insert(&key, json(entry)?).map_err(storage)?;
+            return Ok(Err((key, ())));
         }
         let mut ops: Vec<Op> = Vec::new();
         let new_index = format!("{}\0{}\0", ix.state.name(), ix.from);
@@ -799,7 +1196,7 @@ impl SledStore {
                 Some(json(entry)?),
             ));
         }
-        Ok(Some(ops))
+        Ok(Ok(ops))
     }
 }
 
@@ -816,8 +1213,9 @@ impl Drop for SledStore {
 impl TenantStore for SledStore {
     async fn create_tenant(&self, tenant: &Tenant, api_key_hash: &str) -> Result<()> {
         let record = json(tenant)?;
-        let gate = self.shared_gate().await;
-        (&self.tenants, &self.keys)
+        let guards = self.several_keys_guard().await;
+        let g = self.shared.current_gen();
+        (&g.tenants, &g.keys)
             .transaction(|(t, k)| {
                 if t.get(tenant.id.as_bytes())?.is_some() {
                     return Err(ConflictableTransactionError::Abort(Error::Conflict(
@@ -829,16 +1227,24 @@ impl TenantStore for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        drop(gate);
+        self.touched(&g.tenants, [tenant.id.as_bytes()]);
+        self.touched(&g.keys, [api_key_hash.as_bytes()]);
+        drop(guards);
         self.durable().await
     }
 
     async fn update_tenant(&self, tenant: &Tenant) -> Result<()> {
         let new = json(tenant)?;
-        let updated = self
-            .tenants
-            .fetch_and_update(&tenant.id, |old| old.map(|_| new.clone()))
-            .map_err(storage)?;
+        let updated = {
+            let _w = self.write_guard().await;
+            let g = self.shared.current_gen();
+            let updated = g
+                .tenants
+                .fetch_and_update(&tenant.id, |old| old.map(|_| new.clone()))
+                .map_err(storage)?;
+            self.touched(&g.tenants, [tenant.id.as_bytes()]);
+            updated
+        };
         if updated.is_none() {
             return Err(Error::NotFound(format!("tenant {}", tenant.id)));
         }
@@ -846,11 +1252,13 @@ impl TenantStore for SledStore {
     }
 
     async fn tenant(&self, id: &str) -> Result<Option<Tenant>> {
-        Self::get_json(&self.tenants, id)
+        Self::get_json(&self.shared.current_gen().tenants, id)
     }
 
     async fn tenants(&self) -> Result<Vec<Tenant>> {
-        self.tenants
+        self.shared
+            .current_gen()
+            .tenants
             .iter()
             .map(|kv| kv.map_err(storage).and_then(|(_, v)| parse(&v)))
             .collect()
@@ -858,6 +1266,8 @@ impl TenantStore for SledStore {
 
     async fn tenant_for_key(&self, api_key_hash: &str) -> Result<Option<String>> {
         Ok(self
+            .shared
+            .current_gen()
             .keys
             .get(api_key_hash)
             .map_err(storage)?
@@ -893,8 +1303,15 @@ impl PluginStore for SledStore {
                 format!("plugin/{}/active", version.name).as_bytes(),
                 json(&version.version)?,
             );
-            let _gate = self.shared_gate().await;
+            let keys = [
+                format!("blob/{}", version.sha256),
+                version_key(&version.name, version.version),
+                format!("plugin/{}/active", version.name),
+            ];
+            let _guards = self.several_keys_guard().await;
+            let space = self.space(tenant)?;
             space.apply_batch(batch).map_err(storage)?;
+            self.touched(&space, &keys);
         }
         self.durable().await?;
         Ok(version)
@@ -939,9 +1356,12 @@ impl PluginStore for SledStore {
         let info = Self::plugin_info(&space, name)?
             .ok_or_else(|| Error::NotFound(format!("plugin {name}")))?;
         let target = rollback_target(&info, version)?;
-        space
-            .insert(format!("plugin/{name}/active"), json(&target)?)
-            .map_err(storage)?;
+        self.write_one(
+            tenant,
+            format!("plugin/{name}/active"),
+            Some(json(&target)?),
+        )
+        .await?;
         self.durable().await?;
         Ok(target)
     }
@@ -965,11 +1385,12 @@ impl PluginStore for SledStore {
 #[async_trait]
 impl AddressStore for SledStore {
     async fn set_address(&self, tenant: &str, address: &Address) -> Result<()> {
-        let space = self.space(tenant)?;
         let record = json(address)?;
         let key = format!("address/{}", address.address);
-        let gate = self.shared_gate().await;
-        (&self.owners, &space)
+        let guards = self.several_keys_guard().await;
+        let space = self.space(tenant)?;
+        let g = self.shared.current_gen();
+        (&g.owners, &space)
             .transaction(|(o, s)| {
                 if let Some(owner) = o.get(address.address.as_bytes())?
                     && owner != tenant.as_bytes()
@@ -983,7 +1404,9 @@ impl AddressStore for SledStore {
                 Ok(())
             })
             .map_err(tx_error)?;
-        drop(gate);
+        self.touched(&g.owners, [address.address.as_bytes()]);
+        self.touched(&space, [key.as_bytes()]);
+        drop(guards);
         self.durable().await
     }
 
@@ -996,7 +1419,8 @@ impl AddressStore for SledStore {
     }
 
     async fn address_owner(&self, address: &str) -> Result<Option<(String, Address)>> {
-        let Some(owner) = self.owners.get(address).map_err(storage)? else {
+        let owner = self.shared.current_gen().owners.get(address);
+        let Some(owner) = owner.map_err(storage)? else {
             return Ok(None);
         };
         let tenant = String::from_utf8_lossy(&owner).into_owned();
@@ -1029,13 +1453,12 @@ impl RegistrarStore for SledStore {
     }
 
     async fn set_bindings(&self, tenant: &str, user: &str, bindings: &[Binding]) -> Result<()> {
-        let space = self.space(tenant)?;
-        let key = format!("reg/{user}");
-        if bindings.is_empty() {
-            space.remove(key).map_err(storage)?;
+        let value = if bindings.is_empty() {
+            None
         } else {
-            space.insert(key, json(&bindings)?).map_err(storage)?;
-        }
+            Some(json(&bindings)?)
+        };
+        self.write_one(tenant, format!("reg/{user}"), value).await?;
         Ok(())
     }
 
@@ -1205,9 +1628,8 @@ impl RecordStore for SledStore {
 
     async fn delete_record(&self, tenant: &str, kind: &str, id: &str) -> Result<bool> {
         let old = self
-            .space(tenant)?
-            .remove(format!("rec/{kind}/{id}"))
-            .map_err(storage)?;
+            .write_one(tenant, format!("rec/{kind}/{id}"), None)
+            .await?;
         self.durable().await?;
         Ok(old.is_some())
     }
@@ -1298,13 +1720,17 @@ fn record_ops(writes: &[RecordWrite]) -> Result<Vec<Op>> {
 #[async_trait]
 impl StoreOps for SledStore {
     async fn check(&self) -> Result<()> {
-        self.tenants.first().map_err(storage)?;
+        self.shared.current_gen().tenants.first().map_err(storage)?;
         // The writer thread runs (not waiting on it: a backup holds its
         // write sets for a while, and the node still serves meanwhile).
         match &self.flush_thread {
             Some(t) if !t.is_finished() => Ok(()),
             _ => Err(Error::Storage("the store's writer has stopped".into())),
         }
+    }
+
+    fn compact(&self) -> Result<Option<CompactSummary>> {
+        self.compact_now().map(Some)
     }
 
     fn backup(&self, out: &mut dyn std::io::Write) -> Result<BackupSummary> {
@@ -1321,7 +1747,7 @@ impl StoreOps for SledStore {
             (
                 "disk_bytes",
                 "The embedded store's files.",
-                self.db.size_on_disk().unwrap_or(0),
+                self.shared.current_gen().db.size_on_disk().unwrap_or(0),
             ),
         ]
     }
@@ -1330,9 +1756,8 @@ impl StoreOps for SledStore {
 #[async_trait]
 impl SecretStore for SledStore {
     async fn set_secret(&self, tenant: &str, name: &str, sealed: &[u8]) -> Result<()> {
-        self.space(tenant)?
-            .insert(format!("sec/{name}"), sealed)
-            .map_err(storage)?;
+        self.write_one(tenant, format!("sec/{name}"), Some(sealed.to_vec()))
+            .await?;
         self.durable().await
     }
 
@@ -1352,10 +1777,7 @@ impl SecretStore for SledStore {
     }
 
     async fn delete_secret(&self, tenant: &str, name: &str) -> Result<bool> {
-        let old = self
-            .space(tenant)?
-            .remove(format!("sec/{name}"))
-            .map_err(storage)?;
+        let old = self.write_one(tenant, format!("sec/{name}"), None).await?;
         self.durable().await?;
         Ok(old.is_some())
     }
@@ -1368,16 +1790,13 @@ impl KvStore for SledStore {
     }
 
     async fn kv_set(&self, tenant: &str, key: &str, value: &[u8]) -> Result<()> {
-        self.space(tenant)?
-            .insert(format!("kv/{key}"), value)
-            .map_err(storage)?;
+        self.write_one(tenant, format!("kv/{key}"), Some(value.to_vec()))
+            .await?;
         self.durable().await
     }
 
     async fn kv_delete(&self, tenant: &str, key: &str) -> Result<()> {
-        self.space(tenant)?
-            .remove(format!("kv/{key}"))
-            .map_err(storage)?;
+        self.write_one(tenant, format!("kv/{key}"), None).await?;
         self.durable().await
     }
 
@@ -1398,10 +1817,16 @@ impl BlobStore for SledStore {
     }
 
     async fn put_blob_soft(&self, tenant: &str, id: &str, bytes: &[u8]) -> Result<()> {
-        let r = self
-            .space(tenant)?
-            .compare_and_swap(format!("rec/{id}"), None::<&[u8]>, Some(bytes))
-            .map_err(storage)?;
+        let key = format!("rec/{id}");
+        let r = {
+            let _w = self.write_guard().await;
+            let space = self.space(tenant)?;
+            let r = space
+                .compare_and_swap(&key, None::<&[u8]>, Some(bytes))
+                .map_err(storage)?;
+            self.touched(&space, [&key]);
+            r
+        };
         if r.is_err() {
             return Err(Error::Conflict(format!("blob {id} exists")));
         }
@@ -1413,10 +1838,7 @@ impl BlobStore for SledStore {
     }
 
     async fn delete_blob(&self, tenant: &str, id: &str) -> Result<bool> {
-        let old = self
-            .space(tenant)?
-            .remove(format!("rec/{id}"))
-            .map_err(storage)?;
+        let old = self.write_one(tenant, format!("rec/{id}"), None).await?;
         self.durable().await?;
         Ok(old.is_some())
     }
