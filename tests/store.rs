@@ -192,3 +192,166 @@ async fn a_second_backup_meanwhile_is_refused_and_write_sets_wait_for_the_first(
     assert!(store.record("a", "k", "1").await?.is_some());
     Ok(())
 }
+
+/// Files below `dir` that contain `needle`.
+fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_compaction_keeps_every_write_made_meanwhile_and_gives_deleted_data_back() -> Result<()>
+{
+    use plugboard_core::{Channel, EntryKind};
+    use plugboard_store::{
+        BlobStore, InteractionStore, KvStore, RecordStore, RecordWrite, StoreOps,
+    };
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let store = Arc::new(SledStore::open(&path)?);
+    seed(&store).await?;
+    // Data that is deleted: 100 blobs of 50 kB carrying a marker.
+    let marker = b"GONE-AFTER-COMPACTION-";
+    for i in 0..100 {
+        store
+            .put_blob("a", &format!("big-{i}"), &marker.repeat(2300))
+            .await?;
+    }
+    for i in 0..100 {
+        assert!(store.delete_blob("a", &format!("big-{i}")).await?);
+    }
+    assert!(
+        !files_containing(&path, marker).is_empty(),
+        "sled keeps deleted bytes"
+    );
+    // Four writers keep writing while it compacts: kv keys, record sets
+    // (the writer thread), blobs, and an interaction's checkpoints.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4u32 {
+        let (s, stop) = (store.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut ix =
+                conformance::interaction("b", "ix-9000000000000-00000001", "+1", Channel::Voice);
+            let mut n = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                match w {
+                    0 => s.kv_set("a", &format!("w/{n:06}"), b"v").await?,
+                    1 => {
+                        let put =
+                            RecordWrite::put("wr", format!("{n:06}"), serde_json::json!({"n": n}));
+                        s.apply_records("a", &[put], None).await.map(|_| ())?
+                    }
+                    2 => s.put_blob("b", &format!("w-{n:06}"), b"blob").await?,
+                    _ => {
+                        let stored = ix.timeline_len();
+                        ix.push(EntryKind::Log, serde_json::json!({"n": n}));
+                        s.save_interaction(&ix, stored).await.map(|_| ())?
+                    }
+                }
+                n += 1;
+            }
+            Ok::<usize, anyhow::Error>(n)
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let s = store.clone();
+    let summary = tokio::task::spawn_blocking(move || s.compact())
+        .await??
+        .expect("sled compacts");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut counts = Vec::new();
+    for w in writers {
+        counts.push(w.await??);
+    }
+    assert!(counts.iter().all(|n| *n > 10), "{counts:?}");
+    // Everything acknowledged is there, before and after a reopen.
+    let check = |store: Arc<SledStore>, counts: Vec<usize>| async move {
+        kept(&store).await?;
+        for n in 0..counts[0] {
+            assert!(
+                store.kv_get("a", &format!("w/{n:06}")).await?.is_some(),
+                "kv {n}"
+            );
+        }
+        assert_eq!(store.records("a", "wr").await?.len(), counts[1]);
+        for n in 0..counts[2] {
+            assert!(
+                store.blob("b", &format!("w-{n:06}")).await?.is_some(),
+                "blob {n}"
+            );
+        }
+        let ix = store
+            .interaction("b", "ix-9000000000000-00000001")
+            .await?
+            .unwrap();
+        assert_eq!(ix.timeline.len(), counts[3]);
+        assert!(store.blob("a", "big-0").await?.is_none());
+        Ok::<(), anyhow::Error>(())
+    };
+    check(store.clone(), counts.clone()).await?;
+    assert!(summary.rewritten > 0, "writes came meanwhile: {summary:?}");
+    assert!(
+        summary.after_bytes < summary.before_bytes,
+        "the space came back: {summary:?}"
+    );
+    let found = files_containing(&path, marker);
+    assert!(found.is_empty(), "deleted bytes still in {found:?}");
+    assert_eq!(std::fs::read_to_string(path.join("CURRENT"))?, "gen-1");
+    assert!(
+        !path.join("db").exists(),
+        "the first generation's files are gone"
+    );
+    drop(store);
+    let store = Arc::new(reopen(&path)?);
+    check(store.clone(), counts).await?;
+    // A second compaction makes the next generation.
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.compact()).await??;
+    assert_eq!(std::fs::read_to_string(path.join("CURRENT"))?, "gen-2");
+    assert!(!path.join("gen-1").exists());
+    kept(&store).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_open_removes_what_an_interrupted_compaction_left() -> Result<()> {
+    use plugboard_store::StoreOps;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    {
+        let store = SledStore::open(&path)?;
+        seed(&store).await?;
+    }
+    // Stopped before the switch: a half-written next generation.
+    std::fs::create_dir_all(path.join("gen-1"))?;
+    std::fs::write(path.join("gen-1/db"), b"half")?;
+    let store = reopen(&path)?;
+    kept(&store).await?;
+    assert!(!path.join("gen-1").exists());
+    drop(store);
+    // Stopped after the switch: the old generation's files are left.
+    let store = Arc::new(reopen(&path)?);
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.compact()).await??;
+    drop(store);
+    std::fs::write(path.join("db"), b"left by the old generation")?;
+    std::fs::create_dir_all(path.join("gen-0"))?;
+    let store = reopen(&path)?;
+    kept(&store).await?;
+    assert!(!path.join("db").exists() && !path.join("gen-0").exists());
+    Ok(())
+}

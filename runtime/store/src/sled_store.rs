@@ -119,13 +119,24 @@ impl Gen {
     }
 }
 
+/// An interaction checkpoint's writes.
+enum Checkpoint {
+    /// A write set for the writer thread.
+    Set(Vec<Op>),
+    /// One timeline entry, appended already (its key).
+    Appended(Vec<u8>),
+}
+
+/// Keys written while a compaction copies: (tree, key).
+type Dirty = std::collections::HashSet<(sled::IVec, Vec<u8>)>;
+
 /// What the store's threads share: the current generation, and the keys
 /// written while a compaction copies.
 struct Shared {
     current: std::sync::RwLock<Arc<Gen>>,
     /// While a compaction copies: every (tree, key) written since it
     /// began, copied again before the swap.
-    dirty: std::sync::Mutex<Option<std::collections::HashSet<(sled::IVec, Vec<u8>)>>>,
+    dirty: std::sync::Mutex<Option<Dirty>>,
     /// Whether `dirty` is on (read without the lock on every write).
     copying: std::sync::atomic::AtomicBool,
 }
@@ -862,17 +873,17 @@ impl SledStore {
             let _w = self.write_guard().await;
             let space = self.space(&ix.tenant)?;
             let ops = Self::interaction_ops(&space, ix, stored)?;
-            if let Some((key, _)) = ops.as_ref().err() {
+            if let Checkpoint::Appended(key) = &ops {
                 self.touched(&space, [key]);
             }
             (space, ops)
         };
         match ops {
-            Ok(ops) => {
+            Checkpoint::Set(ops) => {
                 self.commit(space, ops, None, durable).await?;
             }
-            Err(_) if durable => self.durable().await?,
-            Err(_) => {}
+            Checkpoint::Appended(_) if durable => self.durable().await?,
+            Checkpoint::Appended(_) => {}
         }
         Ok(ix.timeline_len().max(stored))
     }
@@ -1135,7 +1146,7 @@ impl SledStore {
     /// a checkpoint that only appends one entry is one plain insert, and
     /// the others are one batch.
     fn write_interaction(space: &sled::Tree, ix: &Interaction, stored: usize) -> Result<()> {
-        if let Ok(ops) = Self::interaction_ops(space, ix, stored)? {
+        if let Checkpoint::Set(ops) = Self::interaction_ops(space, ix, stored)? {
             let mut batch = sled::Batch::default();
             for (k, v) in ops {
                 match v {
@@ -1148,14 +1159,9 @@ impl SledStore {
         Ok(())
     }
 
-    /// [`SledStore::write_interaction`]'s writes (`Ok`), or, when they
-    /// are one insert, that insert made here (`Err` with its key).
-    #[allow(clippy::type_complexity)]
-    fn interaction_ops(
-        space: &sled::Tree,
-        ix: &Interaction,
-        stored: usize,
-    ) -> Result<std::result::Result<Vec<Op>, (Vec<u8>, ())>> {
+    /// [`SledStore::write_interaction`]'s writes, or, when they are one
+    /// insert, that insert made here.
+    fn interaction_ops(space: &sled::Tree, ix: &Interaction, stored: usize) -> Result<Checkpoint> {
         use std::hash::{Hash, Hasher};
         let id = &ix.id;
         let head = json(&header(ix))?;
@@ -1170,7 +1176,7 @@ impl SledStore {
         {
             let key = format!("ixt/{id}/{seq:08}").into_bytes();
             space.insert(&key, json(entry)?).map_err(storage)?;
-            return Ok(Err((key, ())));
+            return Ok(Checkpoint::Appended(key));
         }
         let mut ops: Vec<Op> = Vec::new();
         let new_index = format!("{}\0{}\0", ix.state.name(), ix.from);
@@ -1196,7 +1202,7 @@ impl SledStore {
                 Some(json(entry)?),
             ));
         }
-        Ok(Ok(ops))
+        Ok(Checkpoint::Set(ops))
     }
 }
 
