@@ -3866,3 +3866,198 @@ fn answered_calls_are_billed_by_the_minute_once_also_across_a_sigkill() -> Resul
     assert_eq!(limits(&server, "beta", &beta)["capacity"]["agents"], 4);
     Ok(())
 }
+
+/// ms since the Unix epoch.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn retention_with_a_pinned_clock_removes_old_recordings_then_old_calls_and_the_store_shrinks()
+-> Result<()> {
+    const DAY: u64 = 86_400_000;
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    let server = Server::start(&data, &[])?;
+    let key = server.tenant("acme");
+    let doc = json!({
+        "name": "voicemail",
+        "start": "record",
+        "nodes": {
+            "record": {"type": "record", "prompt": "Leave a message.", "max_secs": 3, "next": "end"},
+            "end": {"type": "hangup"}
+        }
+    });
+    let a = server.json("POST", "/v1/tenants/acme/flows/voicemail", &key, &doc);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    put_all(
+        &server,
+        &key,
+        [(
+            "/v1/tenants/acme/addresses/15550155",
+            json!({"channel": "voice", "flow": "voicemail"}),
+        )],
+    );
+    // Old calls, then (a moment later) new ones.
+    sipp_with(
+        &server,
+        dir.path(),
+        "voicemail",
+        "15550155",
+        "u1",
+        &["-m", "4"],
+    )?;
+    let old = calls(&server, &key, 4);
+    assert_eq!(old.len(), 4);
+    std::thread::sleep(Duration::from_millis(50));
+    let between = wall_ms();
+    std::thread::sleep(Duration::from_millis(50));
+    sipp_with(
+        &server,
+        dir.path(),
+        "voicemail",
+        "15550155",
+        "u1",
+        &["-m", "2"],
+    )?;
+    let all = calls(&server, &key, 6);
+    assert_eq!(all.len(), 6);
+    let url = |ix: &Value| {
+        timeline(ix, "recording")[0]["url"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let full = |ix: &Value| server.interaction("acme", &key, ix["id"].as_str().unwrap());
+    let old_recs: Vec<String> = old.iter().map(|ix| url(&full(ix))).collect();
+    let new: Vec<Value> = all
+        .iter()
+        .filter(|ix| !old.iter().any(|o| o["id"] == ix["id"]))
+        .cloned()
+        .collect();
+    let new_recs: Vec<String> = new.iter().map(|ix| url(&full(ix))).collect();
+    let stored = || {
+        server.get("/v1/tenants/acme/limits", &key).body["in_use"]["storage_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let stored_before = stored();
+    // Recordings are kept a day, calls two.
+    let r = server.json(
+        "PUT",
+        "/v1/tenants/acme/retention",
+        &key,
+        &json!({"recordings_days": 1, "interactions_days": 2}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["in_effect"]["recordings_days"], 1, "{r:?}");
+    let bad = server.json(
+        "PUT",
+        "/v1/tenants/acme/retention",
+        &key,
+        &json!({"recordings_days": 0}),
+    );
+    assert_eq!(bad.status, 400, "{bad:?}");
+    // Only the operator runs it with a pinned clock.
+    let denied = server.json(
+        "POST",
+        "/v1/retention/run",
+        &key,
+        &json!({"now_ms": between + DAY}),
+    );
+    assert_eq!(denied.status, 403, "{denied:?}");
+    // PostgreSQL gives space back itself (autovacuum): no compaction.
+    let c = server.json("POST", "/v1/store/compact", &server.admin, &json!({}));
+    assert_eq!(c.status, 200, "{c:?}");
+    let baseline = c.body["compacted"]["after_bytes"].as_u64();
+    let sled = server.get("/v1/settings", &server.admin).body["store"] == "sled";
+    assert_eq!(baseline.is_some(), sled, "{c:?}");
+
+    // A day after the old calls: their recordings go, the calls stay.
+    let run = server.json(
+        "POST",
+        "/v1/retention/run",
+        &server.admin,
+        &json!({"now_ms": between + DAY}),
+    );
+    assert_eq!(run.status, 200, "{run:?}");
+    let mut removed_bytes = run.body["removed"]["acme"]["bytes"].as_u64().unwrap();
+    assert_eq!(run.body["removed"]["acme"]["recordings"], 4, "{run:?}");
+    assert_eq!(run.body["removed"]["acme"]["interactions"], 0, "{run:?}");
+    for u in &old_recs {
+        assert_eq!(server.get_bytes(u, &key).0, 404, "{u}");
+    }
+    for u in &new_recs {
+        assert_eq!(server.get_bytes(u, &key).0, 200, "{u}");
+    }
+    assert_eq!(calls(&server, &key, 6).len(), 6);
+    let stored_after = stored();
+    assert!(
+        stored_before - stored_after > 4 * 40_000,
+        "{stored_before} → {stored_after}"
+    );
+    let freed = usage_total(&server, &key, "acme")["freed_bytes"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(freed, stored_before - stored_after);
+    // Run again at the same time: nothing more.
+    let again = server.json(
+        "POST",
+        "/v1/retention/run",
+        &server.admin,
+        &json!({"now_ms": between + DAY}),
+    );
+    assert_eq!(again.body["removed"], json!({}), "{again:?}");
+
+    // Two days after the old calls: they go; the new ones (a moment
+    // younger) stay, though their recordings are now over a day old.
+    let run = server.json(
+        "POST",
+        "/v1/retention/run",
+        &server.admin,
+        &json!({"now_ms": between + 2 * DAY}),
+    );
+    assert_eq!(run.body["removed"]["acme"]["interactions"], 4, "{run:?}");
+    assert_eq!(run.body["removed"]["acme"]["recordings"], 2, "{run:?}");
+    removed_bytes += run.body["removed"]["acme"]["bytes"].as_u64().unwrap();
+    assert!(removed_bytes > 6 * 30_000, "{removed_bytes}");
+    let left = calls(&server, &key, 2);
+    let ids: Vec<&Value> = left.iter().map(|ix| &ix["id"]).collect();
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    assert!(new.iter().all(|ix| ids.contains(&&ix["id"])));
+    for ix in &old {
+        let path = format!(
+            "/v1/tenants/acme/interactions/{}",
+            ix["id"].as_str().unwrap()
+        );
+        assert_eq!(server.get(&path, &key).status, 404);
+    }
+    for u in &new_recs {
+        assert_eq!(server.get_bytes(u, &key).0, 404, "{u}");
+    }
+    // The space comes back: the store shrinks by most of the recordings'
+    // bytes (what retention wrote meanwhile, its ledger entries and
+    // cursors, takes a little).
+    let c = server.json("POST", "/v1/store/compact", &server.admin, &json!({}));
+    if let Some(baseline) = baseline {
+        let after = c.body["compacted"]["after_bytes"].as_u64().unwrap();
+        assert!(
+            baseline > after + removed_bytes * 4 / 5,
+            "the store did not shrink by {removed_bytes}: {baseline} → {after}"
+        );
+    }
+    // New calls are still taken.
+    sipp_with(
+        &server,
+        dir.path(),
+        "voicemail",
+        "15550155",
+        "u1",
+        &["-m", "1"],
+    )?;
+    assert_eq!(calls(&server, &key, 3).len(), 3);
+    Ok(())
+}

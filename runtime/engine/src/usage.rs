@@ -302,6 +302,8 @@ pub struct UsageRow {
     pub seat_hours: f64,
     /// Bytes stored: recordings, attachments, raw mail.
     pub stored_bytes: u64,
+    /// Bytes deleted (erasure, retention).
+    pub freed_bytes: u64,
 }
 
 /// Call legs of one direction and trunk.
@@ -347,6 +349,7 @@ impl UsageRow {
                 self.recording_seconds += u64_of("ms") as f64 / 1000.0;
             }
             Some("seat") => self.seat_hours += u64_of("ms") as f64 / HOUR_MS as f64,
+            Some("freed") => self.freed_bytes += u64_of("freed"),
             Some("plugins") => {
                 self.plugin_invocations += u64_of("invocations");
                 self.plugin_ms += u64_of("micros") as f64 / 1000.0;
@@ -385,6 +388,9 @@ impl UsageRow {
         }
         if self.stored_bytes > 0 {
             line("storage", "-", self.stored_bytes.to_string(), "bytes");
+        }
+        if self.freed_bytes > 0 {
+            line("storage", "freed", self.freed_bytes.to_string(), "bytes");
         }
         if self.seat_hours > 0.0 {
             line("seat", "-", format!("{:.4}", self.seat_hours), "hours");
