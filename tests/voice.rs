@@ -4061,3 +4061,133 @@ fn retention_with_a_pinned_clock_removes_old_recordings_then_old_calls_and_the_s
     assert_eq!(calls(&server, &key, 3).len(), 3);
     Ok(())
 }
+
+#[test]
+fn a_recorded_queue_call_is_paused_for_a_card_number_and_its_recording_is_silent_there()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(&dir.path().join("data"), &["--digest-md5-first"])?;
+    let key = server.tenant("acme");
+    let flow = json!({"start": "q", "nodes": {"q": {"type": "enqueue", "queue": "line"}}});
+    let a = server.json("PUT", "/v1/tenants/acme/flows/q", &key, &flow);
+    assert!(a.status == 200 || a.status == 201, "{a:?}");
+    put_all(
+        &server,
+        &key,
+        [
+            (
+                "/v1/tenants/acme/queues/line",
+                json!({"offer_timeout": 10, "record": true}),
+            ),
+            (
+                "/v1/tenants/acme/sip-users/ann",
+                json!({"password": "s3cret-pass"}),
+            ),
+            ("/v1/tenants/acme/agents/ann", json!({"sip_user": "ann"})),
+            ("/v1/tenants/acme/agents/bob", json!({})),
+            (
+                "/v1/tenants/acme/addresses/15550306",
+                json!({"channel": "voice", "flow": "q"}),
+            ),
+        ],
+    );
+    let token = |agent: &str| {
+        let t = server.json(
+            "POST",
+            &format!("/v1/tenants/acme/agents/{agent}/token"),
+            &key,
+            &json!({}),
+        );
+        assert_eq!(t.status, 201, "{t:?}");
+        t.body["token"].as_str().unwrap().to_string()
+    };
+    let (ann_token, bob_token) = (token("ann"), token("bob"));
+    // Ann's phone answers and talks 6 s (SIPp plays speech), then hangs up.
+    let phone = free_sip_port();
+    register_as(&server, dir.path(), "ann", phone)?;
+    let ann = sipp_uas(dir.path(), "agent_long", phone, &[])?;
+    let a = server.json(
+        "PUT",
+        "/v1/tenants/acme/agents/ann/presence",
+        &key,
+        &json!({"state": "available"}),
+    );
+    assert_eq!(a.status, 204, "{a:?}");
+    std::thread::scope(|s| -> Result<()> {
+        let d = dir.path();
+        let caller = s.spawn(|| caller_presses(&server, d, "15550306", '1'));
+        let mut task = String::new();
+        assert!(plugboard_tests::eventually(Duration::from_secs(20), || {
+            let list = server.get("/v1/tenants/acme/tasks", &key).body;
+            let connected = list["tasks"]
+                .as_array()
+                .and_then(|l| l.iter().find(|t| t["state"] == "connected").cloned());
+            task = connected
+                .map(|t| t["id"].as_str().unwrap().to_string())
+                .unwrap_or_default();
+            !task.is_empty()
+        }));
+        std::thread::sleep(Duration::from_millis(1500));
+        let path = |action: &str| format!("/v1/tenants/acme/tasks/{task}/{action}");
+        // Another agent cannot pause Ann's call; Ann can (a card number).
+        let no = server.json("POST", &path("pause-recording"), &bob_token, &json!({}));
+        assert_eq!(no.status, 403, "{no:?}");
+        let p = server.json("POST", &path("pause-recording"), &ann_token, &json!({}));
+        assert_eq!(p.status, 200, "{p:?}");
+        std::thread::sleep(Duration::from_millis(2000));
+        let r = server.json("POST", &path("resume-recording"), &key, &json!({}));
+        assert_eq!(r.status, 200, "{r:?}");
+        caller
+            .join()
+            .map_err(|_| anyhow::anyhow!("the caller panicked"))??;
+        Ok(())
+    })?;
+    wait_ok(ann, "ann's phone")?;
+    let call = &calls(&server, &key, 1)[0];
+    let full = server.interaction("acme", &key, call["id"].as_str().unwrap());
+    let rec = timeline(&full, "recording");
+    assert_eq!(rec.len(), 1, "{full}");
+    let rec = rec[0];
+    assert_eq!(rec["of"], "conversation", "{rec}");
+    let paused_ms = rec["paused_ms"].as_u64().unwrap();
+    assert!((1700..=2300).contains(&paused_ms), "{rec}");
+    let duration = rec["duration_ms"].as_u64().unwrap();
+    assert!((5000..=7000).contains(&duration), "{rec}");
+    let paused_at = timeline(&full, "recording_paused")[0]["at_ms"]
+        .as_u64()
+        .unwrap();
+    let resumed_at = timeline(&full, "recording_resumed")[0]["at_ms"]
+        .as_u64()
+        .unwrap();
+    assert!(resumed_at > paused_at + 1500, "{paused_at} {resumed_at}");
+    // The WAV: speech before and after, silence in between.
+    let (status, wav) = server.get_bytes(rec["url"].as_str().unwrap(), &key);
+    assert_eq!(status, 200);
+    let samples = wav_samples(&wav);
+    assert_eq!(samples.len() as u64, duration * 8);
+    let rms = window_rms(&samples);
+    let frame = |ms: u64| (ms / 20) as usize;
+    let paused = &rms[frame(paused_at) + 1..frame(resumed_at)];
+    assert!(paused.iter().all(|r| *r == 0.0), "silence while paused");
+    // (SIPp's capture has gaps of its own: 4.7 s of packets over 7 s.)
+    let loud = |w: &[f64]| w.iter().filter(|r| **r > 100.0).count();
+    assert!(
+        loud(&rms[..frame(paused_at)]) > 10,
+        "speech before the pause: {:?}",
+        rms.iter().map(|r| *r as i64).collect::<Vec<_>>()
+    );
+    assert!(loud(&rms[frame(resumed_at)..]) > 10, "speech after it");
+    // The queue's event log has both.
+    let events = server.get("/v1/tenants/acme/queue-events", &key);
+    let kinds: Vec<&str> = events.body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"recording_paused") && kinds.contains(&"recording_resumed"),
+        "{kinds:?}"
+    );
+    Ok(())
+}

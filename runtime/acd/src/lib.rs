@@ -112,6 +112,10 @@ pub struct QueueConfig {
     /// alone.
     #[serde(default)]
     pub whisper: bool,
+    /// Record the conversation with the agent (what the customer says
+    /// and hears while bridged); it can be paused and resumed.
+    #[serde(default)]
+    pub record: bool,
     /// Tell a waiting customer their position and expected wait this
     /// often (none: never).
     #[serde(default, with = "opt_secs")]
@@ -156,6 +160,7 @@ impl QueueConfig {
             callback_digit: None,
             service_level: default_service_level(),
             whisper: false,
+            record: false,
             announce_every: None,
             crm: None,
             dispositions: Vec::new(),

@@ -873,6 +873,8 @@ async fn task_action(
             }
         }
         "complete-transfer" => s.end_consult(&t.id, &id, true).await?,
+        "pause-recording" => s.pause_recording(&t.id, &id, true).await?,
+        "resume-recording" => s.pause_recording(&t.id, &id, false).await?,
         "cancel-transfer" => s.end_consult(&t.id, &id, false).await?,
         "monitor" => {
             let v: Value = parse_json(&body)?;
@@ -921,7 +923,8 @@ async fn task_action(
                 "not_found",
                 format!(
                     "no task action {other:?} (accept, reject, complete, transfer, \
-                     complete-transfer, cancel-transfer, monitor, abandon)"
+                     complete-transfer, cancel-transfer, monitor, pause-recording, \
+                     resume-recording, abandon)"
                 ),
             ));
         }

@@ -768,6 +768,11 @@ pub enum EntryKind {
     Recording,
     /// `recording_failed`: a recording could not be stored.
     RecordingFailed,
+    /// `recording_paused`: the conversation's recording is paused (its
+    /// audio is silence until resumed: card numbers, as PCI DSS asks).
+    RecordingPaused,
+    /// `recording_resumed`: the conversation's recording goes on.
+    RecordingResumed,
     /// `tts_plugin`: the tenant's tts plugin spoke or rewrote the text.
     TtsPlugin,
     /// `tts_plugin_failed`: the tenant's tts plugin failed.

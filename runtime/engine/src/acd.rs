@@ -122,6 +122,10 @@ type Column<T> = (&'static str, &'static str, fn(&QueueStats) -> T);
 /// What the channel that enqueued a task is told.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskNews {
+    /// Record the conversation with the agent (the queue's `record`).
+    Record,
+    /// Pause (`true`) or resume the conversation's recording.
+    RecordingPaused(bool),
     /// Offer the task to this agent (on voice: ring their phone).
     Offer {
         /// Agent id.
@@ -1430,6 +1434,9 @@ impl Engine {
         if let Some(digit) = queue.as_ref().and_then(|q| q.callback_digit) {
             let _ = watcher.send(TaskNews::CallbackDigit { digit });
         }
+        if queue.as_ref().is_some_and(|q| q.record) {
+            let _ = watcher.send(TaskNews::Record);
+        }
         if let Some(q) = queue.filter(|q| q.whisper) {
             let _ = watcher.send(TaskNews::Whisper { queue: q.id });
         }
@@ -1609,6 +1616,25 @@ impl Engine {
     ) -> EngineResult<TaskView> {
         self.with_acd(tenant, |a, now| a.hand_over(now, task, to))
             .await?;
+        self.task(tenant, task)
+    }
+
+    /// Pauses (or resumes) the recording of a task's conversation: what
+    /// is recorded meanwhile is silence (a card number read out).
+    pub async fn pause_recording(
+        self: &Arc<Self>,
+        tenant: &str,
+        task: &str,
+        paused: bool,
+    ) -> EngineResult<TaskView> {
+        let watcher = self.live_watcher(tenant, task)?;
+        let _ = watcher.send(TaskNews::RecordingPaused(paused));
+        let kind = if paused {
+            "recording_paused"
+        } else {
+            "recording_resumed"
+        };
+        self.acd_event(tenant, json!({"type": kind, "task": task}));
         self.task(tenant, task)
     }
 

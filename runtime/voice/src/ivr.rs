@@ -128,6 +128,14 @@ pub enum Effect {
     /// Store this recording (8 kHz samples) and answer with
     /// [`Ivr::recorded`].
     SaveRecording(Vec<i16>),
+    /// Store this recording of the conversation with an agent (8 kHz
+    /// samples) and note it on the timeline; the flow is not told.
+    SaveConversation {
+        /// The samples.
+        samples: Vec<i16>,
+        /// How much of it was paused (silence), ms.
+        paused_ms: u64,
+    },
     /// The flow ends the call, for this reason.
     Hangup(String),
     /// The flow's `send`: a message on another channel (or a fax).
@@ -447,8 +455,25 @@ pub struct Ivr {
     consult: Option<Consulting>,
     /// The agent holds the caller.
     held: bool,
+    /// The queue records the conversation with the agent.
+    record_conversation: bool,
+    /// The conversation being recorded.
+    conversation: Option<Conversation>,
+    /// Its recording is paused.
+    recording_paused: bool,
     effects: VecDeque<Effect>,
 }
+
+/// A recording of the conversation with an agent in progress.
+#[derive(Debug)]
+struct Conversation {
+    samples: Vec<i16>,
+    paused_frames: usize,
+}
+
+/// The longest conversation recording: 30 minutes (at 8 kHz, 16-bit:
+/// about 29 MB in memory); a longer conversation's recording stops there.
+pub const CONVERSATION_MAX: Duration = Duration::from_secs(30 * 60);
 
 /// How long an agent who answered waits for the whisper's audio before
 /// the caller is connected without it.
@@ -483,7 +508,76 @@ impl Ivr {
             monitor: None,
             held: false,
             consult: None,
+            record_conversation: false,
+            conversation: None,
+            recording_paused: false,
             effects: VecDeque::new(),
+        }
+    }
+
+    /// Records the conversation with the agent once bridged (the queue's
+    /// `record`).
+    pub fn record_conversation(&mut self) {
+        self.record_conversation = true;
+    }
+
+    /// Pauses (or resumes) the conversation's recording: while paused
+    /// it records silence. Noted on the timeline.
+    pub fn pause_recording(&mut self, paused: bool) {
+        if self.ended || paused == self.recording_paused {
+            return;
+        }
+        self.recording_paused = paused;
+        let at_ms = self
+            .conversation
+            .as_ref()
+            .map(|c| (c.samples.len() / 8) as u64);
+        let kind = if paused {
+            EntryKind::RecordingPaused
+        } else {
+            EntryKind::RecordingResumed
+        };
+        self.note(
+            kind,
+            json!({"recording": self.conversation.is_some(), "at_ms": at_ms}),
+        );
+    }
+
+    /// One frame of the conversation, while bridged to an agent: what the
+    /// caller says and hears. Its end (the bridge's) stores it.
+    fn record_frame(&mut self, heard: &[i16], hears: &[i16; FRAME]) {
+        if !self.bridged() || self.ended {
+            self.finish_conversation();
+            return;
+        }
+        let c = self.conversation.get_or_insert_with(|| Conversation {
+            samples: Vec::with_capacity(FRAME * 50 * 60),
+            paused_frames: 0,
+        });
+        if self.recording_paused {
+            c.samples.extend_from_slice(&[0; FRAME]);
+            c.paused_frames += 1;
+        } else {
+            let m = plugboard_media::mix::mix(&[Some(heard), Some(hears)]);
+            c.samples.extend_from_slice(&m);
+        }
+        if c.samples.len() >= CONVERSATION_MAX.as_millis() as usize * 8 {
+            self.note(
+                EntryKind::Log,
+                json!({"message": "the conversation's recording stopped at its limit", "limit_s": CONVERSATION_MAX.as_secs()}),
+            );
+            self.record_conversation = false;
+            self.finish_conversation();
+        }
+    }
+
+    /// Hands a conversation's recording over to be stored.
+    fn finish_conversation(&mut self) {
+        if let Some(c) = self.conversation.take() {
+            self.effects.push_back(Effect::SaveConversation {
+                paused_ms: c.paused_frames as u64 * 20,
+                samples: c.samples,
+            });
         }
     }
 
@@ -756,6 +850,9 @@ impl Ivr {
                     out.leg = Some(framed(Some(heard)));
                 }
             }
+        }
+        if self.record_conversation && (self.bridged() || self.conversation.is_some()) {
+            self.record_frame(heard, &frame);
         }
         if let Some(ev) = finished {
             self.flow(ev);
@@ -1328,6 +1425,7 @@ impl Ivr {
         if matches!(self.doing, Doing::Record { .. }) {
             self.finish_record();
         }
+        self.finish_conversation();
     }
 
     fn note(&mut self, kind: EntryKind, data: Value) {
@@ -2050,6 +2148,104 @@ mod tests {
         );
         sim.now += PTIME;
         out
+    }
+
+    #[test]
+    fn a_recorded_conversation_is_silence_while_paused_and_stored_when_the_agent_hangs_up() {
+        let mut sim = queued();
+        sim.ivr.record_conversation();
+        // Not recorded while the caller waits with music.
+        for _ in 0..10 {
+            all(&mut sim, 5, 0, 0, 0);
+        }
+        sim.ivr.queue(sim.now, offer("ann"));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        sim.acts();
+        sim.step(vec![]);
+        // 1 s of talk: the caller says 5 and hears 7; the recording has both.
+        for _ in 0..50 {
+            all(&mut sim, 5, 7, 0, 0);
+        }
+        sim.ivr.pause_recording(true);
+        let e = sim.effects();
+        assert!(
+            matches!(&e[..], [Effect::Note(EntryKind::RecordingPaused, d)] if d["at_ms"] == 1000),
+            "{e:?}"
+        );
+        sim.ivr.pause_recording(true);
+        assert!(sim.effects().is_empty(), "paused twice is noted once");
+        for _ in 0..25 {
+            let f = all(&mut sim, 5, 7, 0, 0);
+            assert_eq!(f.caller, [7; FRAME], "the call itself goes on");
+        }
+        sim.ivr.pause_recording(false);
+        let e = sim.effects();
+        assert!(
+            matches!(&e[..], [Effect::Note(EntryKind::RecordingResumed, _)]),
+            "{e:?}"
+        );
+        for _ in 0..25 {
+            all(&mut sim, 5, 7, 0, 0);
+        }
+        sim.ivr.leg(sim.now, Leg::Hangup);
+        all(&mut sim, 5, 0, 0, 0);
+        let saved: Vec<(Vec<i16>, u64)> = sim
+            .effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::SaveConversation { samples, paused_ms } => Some((samples, paused_ms)),
+                _ => None,
+            })
+            .collect();
+        let [(samples, paused_ms)] = &saved[..] else {
+            panic!("one recording: {saved:?}");
+        };
+        assert_eq!(*paused_ms, 500);
+        assert_eq!(
+            samples.len(),
+            100 * FRAME,
+            "2 s, from the bridge to its end"
+        );
+        assert!(samples[..50 * FRAME].iter().all(|s| *s == 12));
+        assert!(samples[50 * FRAME..75 * FRAME].iter().all(|s| *s == 0));
+        assert!(samples[75 * FRAME..].iter().all(|s| *s == 12));
+        // Nothing more is recorded after the bridge.
+        for _ in 0..10 {
+            all(&mut sim, 5, 0, 0, 0);
+        }
+        assert!(
+            !sim.effects()
+                .iter()
+                .any(|e| matches!(e, Effect::SaveConversation { .. }))
+        );
+    }
+
+    #[test]
+    fn an_unrecorded_queue_records_nothing_and_the_end_stores_a_conversation_in_progress() {
+        let mut sim = connected("ann");
+        for _ in 0..10 {
+            all(&mut sim, 5, 7, 0, 0);
+        }
+        sim.ivr.end();
+        assert!(
+            !sim.effects()
+                .iter()
+                .any(|e| matches!(e, Effect::SaveConversation { .. }))
+        );
+        let mut sim = queued();
+        sim.ivr.record_conversation();
+        sim.ivr.queue(sim.now, offer("ann"));
+        sim.ivr.leg(sim.now, Leg::Answered("PCMU"));
+        sim.step(vec![]);
+        for _ in 0..10 {
+            all(&mut sim, 5, 7, 0, 0);
+        }
+        sim.ivr.end();
+        let e = sim.effects();
+        assert!(
+            e.iter().any(|e| matches!(e, Effect::SaveConversation { samples, paused_ms: 0 } if samples.len() == 10 * FRAME)),
+            "{e:?}"
+        );
     }
 
     #[test]

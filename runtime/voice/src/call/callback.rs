@@ -75,7 +75,9 @@ pub(crate) fn spawn_runner(ctx: Ctx) {
                 | TaskNews::ConsultEnd { .. }
                 | TaskNews::Monitor { .. }
                 | TaskNews::Whisper { .. }
-                | TaskNews::Position { .. } => {}
+                | TaskNews::Position { .. }
+                | TaskNews::Record
+                | TaskNews::RecordingPaused(_) => {}
             }
         }
     });

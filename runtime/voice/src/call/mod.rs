@@ -115,6 +115,9 @@ struct Call {
     checkpoint_due: bool,
     flow_task: Option<FlowTask>,
     save_task: Option<SaveTask>,
+    /// Conversation recordings being stored: each, when done, is noted
+    /// with its length and paused time (ms).
+    conversation_saves: Vec<JoinHandle<(Result<Saved, String>, u64, u64)>>,
     endpoint: mpsc::UnboundedSender<CallOut>,
     app: Arc<Engine>,
     tts: Arc<Espeak>,
@@ -192,6 +195,7 @@ pub(crate) async fn run(spec: CallSpec) {
         checkpoint_due: false,
         flow_task: None,
         save_task: None,
+        conversation_saves: Vec::new(),
         endpoint,
         app,
         tts,
@@ -415,6 +419,15 @@ impl Call {
     fn on_task_news(&mut self, news: TaskNews) {
         let tenant = self.tenant();
         let news = match news {
+            TaskNews::Record => {
+                self.ivr.record_conversation();
+                return;
+            }
+            TaskNews::RecordingPaused(paused) => {
+                self.ivr.pause_recording(paused);
+                self.run_effects();
+                return;
+            }
             TaskNews::Offer { agent, sip_user } => Queue::Offer {
                 target: self
                     .softphone_target(&tenant, &agent)
@@ -727,6 +740,9 @@ impl Call {
                 Effect::CallMeBack => self.call_me_back(),
                 Effect::State(state) => self.set_state(state),
                 Effect::SaveRecording(samples) => self.save(samples),
+                Effect::SaveConversation { samples, paused_ms } => {
+                    self.save_conversation(samples, paused_ms)
+                }
                 Effect::Hangup(why) => self.hang_up(&why, "flow"),
                 Effect::Send {
                     channel,
@@ -868,6 +884,29 @@ impl Call {
         }
         self.ivr.step(Instant::now(), prepared);
         self.run_effects();
+    }
+
+    /// Stores a conversation's recording in the background; the call's
+    /// end notes it.
+    fn save_conversation(&mut self, samples: Vec<i16>, paused_ms: u64) {
+        let Some(s) = self.session.as_ref().map(|s| &s.interaction) else {
+            return;
+        };
+        let (tenant, ix, app) = (s.tenant.clone(), s.id.clone(), self.app.clone());
+        let duration_ms = samples.len() as u64 / 8;
+        self.conversation_saves.push(spawn(async move {
+            let wav = audio::encode_wav(&samples);
+            drop(samples);
+            let saved = app
+                .save_recording(&tenant, &ix, &wav)
+                .await
+                .map_err(|e| e.to_string())
+                .map(|id| Saved {
+                    url: format!("/v1/tenants/{tenant}/recordings/{id}"),
+                    id,
+                });
+            (saved, duration_ms, paused_ms)
+        }));
     }
 
     /// Stores a recording in the background.
@@ -1166,6 +1205,23 @@ impl Call {
             self.ivr
                 .recorded(t.await.unwrap_or_else(|e| Err(e.to_string())));
             self.run_effects();
+        }
+        for t in std::mem::take(&mut self.conversation_saves) {
+            match t.await {
+                Ok((Ok(Saved { id, url }), duration_ms, paused_ms)) => self.note(
+                    EntryKind::Recording,
+                    json!({"id": id, "url": url, "duration_ms": duration_ms,
+                           "of": "conversation", "paused_ms": paused_ms}),
+                ),
+                Ok((Err(e), _, _)) => self.note(
+                    EntryKind::RecordingFailed,
+                    json!({"of": "conversation", "error": e}),
+                ),
+                Err(e) => self.note(
+                    EntryKind::RecordingFailed,
+                    json!({"of": "conversation", "error": e.to_string()}),
+                ),
+            }
         }
         let (cause, by) = self
             .ended
