@@ -100,6 +100,9 @@ enum AcdNews {
     HandOver(String),
 }
 type SaveTask = JoinHandle<Result<Saved, String>>;
+/// A conversation's recording being stored: what became of it, its
+/// length and its paused time (ms).
+type ConversationSave = JoinHandle<(Result<Saved, String>, u64, u64)>;
 
 struct Call {
     key: DialogKey,
@@ -117,7 +120,7 @@ struct Call {
     save_task: Option<SaveTask>,
     /// Conversation recordings being stored: each, when done, is noted
     /// with its length and paused time (ms).
-    conversation_saves: Vec<JoinHandle<(Result<Saved, String>, u64, u64)>>,
+    conversation_saves: Vec<ConversationSave>,
     endpoint: mpsc::UnboundedSender<CallOut>,
     app: Arc<Engine>,
     tts: Arc<Espeak>,
