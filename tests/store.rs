@@ -241,7 +241,7 @@ async fn sled_compaction_keeps_every_write_made_meanwhile_and_gives_deleted_data
     // (the writer thread), blobs, and an interaction's checkpoints.
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
-    for w in 0..4u32 {
+    for w in 0..5u32 {
         let (s, stop) = (store.clone(), stop.clone());
         writers.push(tokio::spawn(async move {
             let mut ix =
@@ -256,6 +256,18 @@ async fn sled_compaction_keeps_every_write_made_meanwhile_and_gives_deleted_data
                         s.apply_records("a", &[put], None).await.map(|_| ())?
                     }
                     2 => s.put_blob("b", &format!("w-{n:06}"), b"blob").await?,
+                    // A delete by prefix across the switch ends (and
+                    // deletes in the generation that is current).
+                    4 => {
+                        let prefix = format!("p/{n:06}/");
+                        s.kv_set("a", &format!("{prefix}x"), b"v").await?;
+                        let deleted = tokio::time::timeout(
+                            std::time::Duration::from_secs(20),
+                            s.kv_delete_prefix("a", &prefix),
+                        )
+                        .await??;
+                        anyhow::ensure!(deleted == 1, "{prefix}: {deleted}");
+                    }
                     _ => {
                         let stored = ix.timeline_len();
                         ix.push(EntryKind::Log, serde_json::json!({"n": n}));
@@ -301,6 +313,12 @@ async fn sled_compaction_keeps_every_write_made_meanwhile_and_gives_deleted_data
             .unwrap();
         assert_eq!(ix.timeline.len(), counts[3]);
         assert!(store.blob("a", "big-0").await?.is_none());
+        for n in 0..counts[4] {
+            assert!(
+                store.kv_get("a", &format!("p/{n:06}/x")).await?.is_none(),
+                "p {n}"
+            );
+        }
         Ok::<(), anyhow::Error>(())
     };
     check(store.clone(), counts.clone()).await?;
@@ -354,4 +372,37 @@ async fn sled_open_removes_what_an_interrupted_compaction_left() -> Result<()> {
     kept(&store).await?;
     assert!(!path.join("db").exists() && !path.join("gen-0").exists());
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_refuses_a_lost_generation_and_a_store_open_elsewhere() -> Result<()> {
+    use plugboard_store::StoreOps;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store");
+    let store = Arc::new(SledStore::open(&path)?);
+    seed(&store).await?;
+    // Open in this process: a second open (another server on the same
+    // data directory) is refused before it touches anything.
+    let second = SledStore::open(&path);
+    assert!(
+        matches!(second, Err(plugboard_core::Error::Conflict(_))),
+        "{:?}",
+        second.err()
+    );
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.compact()).await??;
+    drop(store);
+    // CURRENT naming a generation that is not there: refused, and the
+    // generation that is there stays.
+    std::fs::write(path.join("CURRENT"), "gen-7")?;
+    let err = reopen(&path).err().expect("refused");
+    assert!(err.to_string().contains("holds no database"), "{err}");
+    assert!(path.join("gen-1/conf").exists());
+    // CURRENT lost: refused too (nothing is removed).
+    std::fs::remove_file(path.join("CURRENT"))?;
+    let err = reopen(&path).err().expect("refused");
+    assert!(err.to_string().contains("refusing to open"), "{err}");
+    assert!(path.join("gen-1/conf").exists());
+    std::fs::write(path.join("CURRENT"), "gen-1")?;
+    kept(&reopen(&path)?).await
 }

@@ -1200,21 +1200,22 @@ impl Engine {
     /// before they moved into the store are read from the recordings
     /// directory, if one is configured.
     pub async fn recording(&self, tenant: &str, id: &str) -> EngineResult<Vec<u8>> {
-        let valid = id.starts_with("rec-")
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
         let not_found = || EngineError::from(CoreError::NotFound(format!("recording {id}")));
-        if !valid {
+        if !is_recording_id(id) {
             return Err(not_found());
         }
         if let Some(b) = self.store.blob(tenant, id).await? {
             return Ok(b);
         }
-        let dir = self.recordings.as_ref().ok_or_else(not_found)?;
-        tokio::fs::read(dir.join(tenant).join(format!("{id}.wav")))
-            .await
-            .map_err(|_| not_found())
+        let file = self.legacy_recording(tenant, id).ok_or_else(not_found)?;
+        tokio::fs::read(file).await.map_err(|_| not_found())
+    }
+
+    /// Where an earlier version kept a recording, if a recordings
+    /// directory is configured and `id` is a recording's.
+    pub(crate) fn legacy_recording(&self, tenant: &str, id: &str) -> Option<std::path::PathBuf> {
+        let dir = self.recordings.as_ref().filter(|_| is_recording_id(id))?;
+        Some(dir.join(tenant).join(format!("{id}.wav")))
     }
 
     // ----- interactions and events -----
@@ -1421,6 +1422,15 @@ fn wav_length_ms(wav: &[u8]) -> u64 {
         return 0;
     }
     (wav.len() as u64 - 44) * 1000 / u64::from(rate)
+}
+
+/// A recording's id: `rec-` and letters, digits, `-`, `_` (nothing that
+/// names another path).
+fn is_recording_id(id: &str) -> bool {
+    id.starts_with("rec-")
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// A random token (`prefix` + 48 hex digits) from the operating system's

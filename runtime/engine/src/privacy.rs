@@ -52,6 +52,13 @@ const ERASE_MAX: usize = 10_000;
 const PAGE: usize = 100;
 /// The pause between two pages, so that live traffic goes first.
 const PAGE_PAUSE: Duration = Duration::from_millis(20);
+/// Interactions a retention cursor remembers to look at again (created
+/// before the cutoff, but open then) at most.
+const LATER_MAX: usize = 10_000;
+/// A call older than this cannot be live (a call lasts at most the
+/// server's `max_call_s`, which is at most a day): one still open in the
+/// store was left so by a node that died, and counts as ended.
+pub const STALE_CALL: Duration = Duration::from_secs(24 * 3600);
 const DAY_MS: u64 = 86_400_000;
 
 /// The categories of `r` with a period, with the parts each removes.
@@ -182,10 +189,11 @@ pub struct Erasure {
     pub more: bool,
 }
 
-/// Store compactions after deletions: one at a time, one for the
-/// deletions of a while.
+/// Store compactions after deletions (one at a time, one for the
+/// deletions of a while), and retention runs (one at a time).
 pub(crate) struct Compaction {
     one: tokio::sync::Mutex<()>,
+    retention: tokio::sync::Mutex<()>,
     due: std::sync::atomic::AtomicBool,
     pub(crate) delay: Duration,
 }
@@ -194,6 +202,7 @@ impl Default for Compaction {
     fn default() -> Self {
         Compaction {
             one: Default::default(),
+            retention: Default::default(),
             due: Default::default(),
             delay: Duration::from_secs(60),
         }
@@ -276,7 +285,7 @@ impl Engine {
         }
         let open: Vec<&str> = found
             .values()
-            .filter(|ix| !ix.state.is_final())
+            .filter(|ix| !ended(ix, now_ms()))
             .map(|ix| ix.id.as_str())
             .collect();
         if !open.is_empty() {
@@ -304,7 +313,8 @@ impl Engine {
             .collect();
         if let Some(c) = callbacks.iter().find(|c| c.state == "waiting") {
             return Err(CoreError::Conflict(format!(
-                "callback {} still waits for the customer: cancel it or let it finish first",
+                "callback {} still waits for the customer: abandon its task \
+                 (POST …/tasks/{{id}}/abandon) or let it finish first",
                 c.id
             ))
             .into());
@@ -440,6 +450,13 @@ impl Engine {
                     }
                 }
             }
+            // Given up: the next deletion asks again.
+            if let Some(app) = weak.upgrade() {
+                app.compaction.due.store(false, Ordering::SeqCst);
+                tracing::error!(
+                    "the store could not be compacted: deleted data stays on disk until it is"
+                );
+            }
         });
     }
 
@@ -491,8 +508,10 @@ impl Engine {
             .into_iter()
             .filter_map(|v| serde_json::from_value(v).ok())
             .collect();
-        let files = parts.attachments && !fax || parts.faxes && fax;
-        if files || parts.messages {
+        // A fax's document and its message go with the fax period only.
+        let drop_messages = parts.messages && (!fax || parts.faxes);
+        let files = (parts.attachments || parts.messages) && !fax || parts.faxes && fax;
+        if files {
             for m in &messages {
                 let blobs = m
                     .attachments
@@ -507,7 +526,7 @@ impl Engine {
                 }
             }
         }
-        if parts.messages && !messages.is_empty() {
+        if drop_messages && !messages.is_empty() {
             let mut writes = Vec::new();
             for m in &messages {
                 writes.push(RecordWrite::delete(crate::messaging::MSG_INDEX, &m.id));
@@ -567,6 +586,16 @@ impl Engine {
     /// Deletes a blob and tells the usage ledger, so the tenant's stored
     /// bytes go down. Returns its size, or `None` if there was none.
     async fn drop_blob(&self, tenant: &str, id: &str) -> EngineResult<Option<u64>> {
+        // A recording from before recordings moved into the store is a
+        // file of the recordings directory.
+        if let Some(file) = self.legacy_recording(tenant, id)
+            && let Ok(meta) = tokio::fs::metadata(&file).await
+        {
+            tokio::fs::remove_file(&file)
+                .await
+                .map_err(|e| CoreError::Storage(format!("{}: {e}", file.display())))?;
+            return Ok(Some(meta.len()));
+        }
         let Some(bytes) = self.store.blob(tenant, id).await? else {
             return Ok(None);
         };
@@ -702,14 +731,20 @@ impl Engine {
         self: &Arc<Self>,
         now_ms: u64,
     ) -> EngineResult<BTreeMap<String, Removed>> {
+        let _one = self.compaction.retention.lock().await;
         let mut out = BTreeMap::new();
         for tenant in self.store.tenants().await? {
             let r = self.retention_of(&tenant);
             let mut removed = Removed::default();
             for (category, days, parts) in categories(&r) {
                 let cutoff = now_ms.saturating_sub(u64::from(days) * DAY_MS);
-                self.expire(&tenant.id, category, cutoff, parts, &mut removed)
-                    .await?;
+                // One tenant's failure does not stop the others'.
+                if let Err(e) = self
+                    .expire(&tenant.id, category, cutoff, parts, &mut removed)
+                    .await
+                {
+                    tracing::warn!(tenant = %tenant.id, category, "retention: {e}");
+                }
             }
             if removed != Removed::default() {
                 tracing::info!(tenant = %tenant.id, ?removed, "retention removed expired data");
@@ -723,9 +758,10 @@ impl Engine {
     }
 
     /// Removes `parts` of the tenant's interactions closed before
-    /// `cutoff`, from where the category's last run stopped. An
-    /// interaction still open stops the cursor there (it is looked at
-    /// again next time); those after it are still done.
+    /// `cutoff`, from where the category's last run stopped. Those created
+    /// before it but still open (or closed since) are kept in the
+    /// cursor's `later` list and looked at again each run, so the cursor
+    /// itself moves on.
     async fn expire(
         &self,
         tenant: &str,
@@ -735,42 +771,57 @@ impl Engine {
         removed: &mut Removed,
     ) -> EngineResult<()> {
         let before = plugboard_core::interaction_id(cutoff, 0);
-        let mut after = self
+        let cursor = self
             .store
             .record(tenant, RETENTION_CURSOR, category)
             .await?
-            .and_then(|v| v["after"].as_str().map(String::from))
             .unwrap_or_default();
-        let mut stuck = false;
+        let mut after = cursor["after"].as_str().unwrap_or_default().to_string();
+        let expired =
+            |ix: &Interaction| ended(ix, cutoff) && ix.closed_ms.unwrap_or(ix.created_ms) < cutoff;
+        let mut later = Vec::new();
+        for id in cursor["later"].as_array().into_iter().flatten() {
+            let Some(id) = id.as_str() else { continue };
+            match self.store.interaction_head(tenant, id).await? {
+                Some(ix) if expired(&ix) => {
+                    self.purge_interaction(tenant, id, parts, removed).await?
+                }
+                Some(_) => later.push(id.to_string()),
+                None => {}
+            }
+        }
         loop {
             let page = self
                 .store
                 .interactions_between(tenant, &after, &before, PAGE)
                 .await?;
             for ix in &page {
-                let expired = ix.state.is_final() && ix.closed_ms.unwrap_or(ix.created_ms) < cutoff;
-                if expired {
+                if expired(ix) {
                     self.purge_interaction(tenant, &ix.id, parts, removed)
                         .await?;
+                } else if later.len() < LATER_MAX {
+                    later.push(ix.id.clone());
                 } else {
-                    stuck = true;
+                    // Too many to remember: stop here, go on next time.
+                    break;
                 }
-                if !stuck {
-                    // Everything up to here is done for this category.
-                    self.store
-                        .set_record(tenant, RETENTION_CURSOR, category, &json!({"after": ix.id}))
-                        .await?;
-                }
+                after = ix.id.clone();
             }
-            match page.last() {
-                Some(ix) if page.len() == PAGE => after = ix.id.clone(),
-                _ => break,
+            self.store
+                .set_record(
+                    tenant,
+                    RETENTION_CURSOR,
+                    category,
+                    &json!({"after": after, "later": later}),
+                )
+                .await?;
+            if page.len() < PAGE || later.len() >= LATER_MAX {
+                break;
             }
             tokio::time::sleep(PAGE_PAUSE).await;
         }
-        // The queue event log (no personal text beyond what erasure
-        // removes) and old audit records follow the interactions.
-        if parts.whole && !stuck {
+        // The queue event log follows the interactions.
+        if parts.whole {
             self.expire_kind(tenant, crate::acd::QUEUE_EVENT, cutoff, removed)
                 .await?;
         }
@@ -822,6 +873,13 @@ impl Engine {
             }
         });
     }
+}
+
+/// Whether an interaction has ended as of `now_ms`: closed, or a call
+/// older than [`STALE_CALL`] that a node died with.
+fn ended(ix: &Interaction, now_ms: u64) -> bool {
+    ix.state.is_final()
+        || (ix.channel == Channel::Voice && ix.created_ms + STALE_CALL.as_millis() as u64 <= now_ms)
 }
 
 /// The forms an address is stored under: a phone number with and

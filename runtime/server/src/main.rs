@@ -853,10 +853,15 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
                     .rtp_timeout_s
                     .map(Duration::from_secs)
                     .unwrap_or(defaults.rtp_timeout),
-                max_call: sip
-                    .max_call_s
-                    .map(Duration::from_secs)
-                    .unwrap_or(defaults.max_call),
+                max_call: match sip.max_call_s {
+                    // A call older than a day counts as one a dead node
+                    // left open (erasure and retention rely on it).
+                    Some(s) if !(1..=86_400).contains(&s) => {
+                        anyhow::bail!("[sip] max_call_s must be 1 to 86400, got {s}")
+                    }
+                    Some(s) => Duration::from_secs(s),
+                    None => defaults.max_call,
+                },
                 max_calls: args.max_calls.or(sip.max_calls),
                 fax_tools: defaults.fax_tools,
             })
@@ -890,11 +895,27 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         (1..=1 << 20).contains(&cache_mib),
         "--store-cache-mib must be 1 to 1048576, got {cache_mib}"
     );
-    let retention_every = Duration::from_secs(60 * file.retention.every_minutes.unwrap_or(60));
+    let every = file.retention.every_minutes.unwrap_or(60);
     anyhow::ensure!(
-        !retention_every.is_zero(),
-        "[retention] every_minutes must be at least 1"
+        (1..=7 * 24 * 60).contains(&every),
+        "[retention] every_minutes must be 1 to 10080, got {every}"
     );
+    let retention_every = Duration::from_secs(60 * every);
+    let d = file.retention.defaults();
+    for (name, days) in [
+        ("interactions_days", d.interactions_days),
+        ("recordings_days", d.recordings_days),
+        ("messages_days", d.messages_days),
+        ("attachments_days", d.attachments_days),
+        ("faxes_days", d.faxes_days),
+    ] {
+        if let Some(days) = days {
+            anyhow::ensure!(
+                (1..=36_500).contains(&days),
+                "[retention] {name} must be 1 to 36500 days, got {days}"
+            );
+        }
+    }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = admin_token(data_dir)?;

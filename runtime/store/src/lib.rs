@@ -356,6 +356,8 @@ pub struct CompactSummary {
     pub keys: u64,
     /// Keys written while it copied, copied again before the switch.
     pub rewritten: u64,
+    /// Of those, the keys copied while writes waited.
+    pub held_keys: u64,
     /// Bytes of the store's directory before.
     pub before_bytes: u64,
     /// Bytes of the store's directory after.

@@ -165,6 +165,8 @@ pub struct SledStore {
     shared: Arc<Shared>,
     /// The store's directory (its generations are below it).
     root: std::path::PathBuf,
+    /// The directory's lock, held while open.
+    _lock: std::fs::File,
     /// Jobs for the writer thread (`None` once closing).
     flusher: Option<mpsc::Sender<Job>>,
     /// The writer thread, joined on drop so the database is closed when
@@ -300,6 +302,29 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Job>) {
     }
 }
 
+/// How long the old generation stays after a switch, for reads that
+/// began before it.
+const OLD_GENERATION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Copies keys (tree, key) from `old` to `new` as they are in `old` now
+/// (a key gone there is removed).
+fn copy_keys(old: &Gen, new: &Gen, keys: Dirty) -> Result<()> {
+    for (tree, key) in keys {
+        let value = old
+            .db
+            .open_tree(&tree)
+            .and_then(|t| t.get(&key))
+            .map_err(storage)?;
+        let dst = new.db.open_tree(&tree).map_err(storage)?;
+        match value {
+            Some(v) => dst.insert(key, v),
+            None => dst.remove(key),
+        }
+        .map_err(storage)?;
+    }
+    Ok(())
+}
+
 /// The bytes of the files below `dir`.
 fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
@@ -331,6 +356,28 @@ mod generations {
     use std::path::{Path, PathBuf};
 
     const CURRENT: &str = "CURRENT";
+    /// Held (an advisory lock) by the process that has the store open,
+    /// before anything below is cleaned up.
+    pub(super) const LOCK: &str = "LOCK";
+
+    /// Locks the store's directory for this process; `Conflict` if
+    /// another has it.
+    pub(super) fn lock(root: &Path) -> Result<std::fs::File> {
+        std::fs::create_dir_all(root).map_err(storage)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(root.join(LOCK))
+            .map_err(storage)?;
+        match f.try_lock() {
+            Ok(()) => Ok(f),
+            Err(std::fs::TryLockError::WouldBlock) => Err(plugboard_core::Error::Conflict(
+                format!("{} is open in another process", root.display()),
+            )),
+            Err(std::fs::TryLockError::Error(e)) => Err(storage(e)),
+        }
+    }
 
     /// The current generation's directory, after removing what an
     /// interrupted compaction left.
@@ -346,12 +393,32 @@ mod generations {
                     )));
                 }
                 let current = root.join(name);
+                // A generation that is not there is a damaged store: stop
+                // rather than clean up (and lose) what is there.
+                if !current.join("conf").exists() {
+                    return Err(storage(format!(
+                        "{}: {CURRENT} names {name}, which holds no database; \
+                         refusing to open (restore a backup)",
+                        root.display()
+                    )));
+                }
                 remove_old(root, &current);
                 Ok(current)
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // The database is the directory's own; a next generation
-                // never switched to is removed.
+                // never switched to is removed. With no database here but
+                // generations, `CURRENT` was lost: stop.
+                let generations = std::fs::read_dir(root)
+                    .map_err(storage)?
+                    .flatten()
+                    .any(|e| is_generation(&e.file_name().to_string_lossy()));
+                if generations && !root.join("conf").exists() {
+                    return Err(storage(format!(
+                        "{}: generations but no {CURRENT} naming one; refusing to open",
+                        root.display()
+                    )));
+                }
                 for e in std::fs::read_dir(root).map_err(storage)?.flatten() {
                     let name = e.file_name().to_string_lossy().into_owned();
                     if is_generation(&name) {
@@ -394,9 +461,12 @@ mod generations {
         f.write_all(name.as_bytes()).map_err(storage)?;
         f.sync_all().map_err(storage)?;
         std::fs::rename(&tmp, root.join(CURRENT)).map_err(storage)?;
-        std::fs::File::open(root)
-            .and_then(|d| d.sync_all())
-            .map_err(storage)
+        // Renamed: the new generation is current from here on, whatever
+        // happens (it must not be removed as a failed one).
+        if let Err(e) = std::fs::File::open(root).and_then(|d| d.sync_all()) {
+            tracing::warn!("syncing {} after the switch: {e}", root.display());
+        }
+        Ok(())
     }
 
     /// Removes everything below `root` but `CURRENT` and the current
@@ -408,7 +478,7 @@ mod generations {
         };
         for e in entries.flatten() {
             let path = e.path();
-            if path == keep || e.file_name() == CURRENT {
+            if path == keep || e.file_name() == CURRENT || e.file_name() == LOCK {
                 continue;
             }
             let removed = if path.is_dir() {
@@ -534,6 +604,7 @@ impl SledStore {
     /// `cache_bytes` (what sled keeps of the data in memory; the rest is
     /// read from disk when needed).
     pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Self> {
+        let lock = generations::lock(dir)?;
         let current = generations::open(dir)?;
         let g = Gen::open(&current, cache_bytes)?;
         let shared = Arc::new(Shared {
@@ -549,6 +620,7 @@ impl SledStore {
             .map_err(storage)?;
         let store = SledStore {
             shared,
+            _lock: lock,
             root: dir.to_path_buf(),
             flusher: Some(tx),
             flush_thread: Some(thread),
@@ -571,7 +643,9 @@ impl SledStore {
         use sha2::Digest;
         use std::sync::atomic::Ordering;
         if self.backing_up.swap(true, Ordering::SeqCst) {
-            return Err(Error::Conflict("a backup is being made".into()));
+            return Err(Error::Conflict(
+                "a backup or a compaction is running".into(),
+            ));
         }
         struct Done<'a>(&'a std::sync::atomic::AtomicBool);
         impl Drop for Done<'_> {
@@ -672,20 +746,40 @@ impl SledStore {
                     old.db.open_tree(&name).map_err(storage)?,
                     new.db.open_tree(&name).map_err(storage)?,
                 );
+                // Batches of at most 8 MiB (recordings are large values).
                 let mut batch = sled::Batch::default();
-                let mut n = 0;
+                let mut bytes = 0;
                 for kv in src.iter() {
                     let (k, v) = kv.map_err(storage)?;
+                    bytes += k.len() + v.len();
                     batch.insert(k, v);
-                    n += 1;
                     keys += 1;
-                    if n == 1000 {
+                    if bytes >= 8 << 20 {
                         dst.apply_batch(std::mem::take(&mut batch))
                             .map_err(storage)?;
-                        n = 0;
+                        bytes = 0;
                     }
                 }
                 dst.apply_batch(batch).map_err(storage)?;
+            }
+            // The keys written meanwhile are copied again while writes go
+            // on, a few rounds, so that few are left to copy while they
+            // wait.
+            let mut again = 0u64;
+            for _ in 0..4 {
+                let round = self
+                    .shared
+                    .dirty
+                    .lock()
+                    .map_err(|_| Error::Storage("a compaction's notes are lost".into()))?
+                    .replace(Default::default())
+                    .unwrap_or_default();
+                let small = round.len() < 1000;
+                again += round.len() as u64;
+                copy_keys(&old, &new, round)?;
+                if small {
+                    break;
+                }
             }
             // Writes wait: those made here at the swap gate, the writer
             // thread's at a hold. Then the keys written meanwhile are
@@ -713,20 +807,9 @@ impl SledStore {
                 .map_err(|_| Error::Storage("a compaction's notes are lost".into()))?
                 .take()
                 .unwrap_or_default();
-            let again = dirty.len() as u64;
-            for (tree, key) in dirty {
-                let value = old
-                    .db
-                    .open_tree(&tree)
-                    .and_then(|t| t.get(&key))
-                    .map_err(storage)?;
-                let dst = new.db.open_tree(&tree).map_err(storage)?;
-                match value {
-                    Some(v) => dst.insert(key, v),
-                    None => dst.remove(key),
-                }
-                .map_err(storage)?;
-            }
+            let held_keys = dirty.len() as u64;
+            again += held_keys;
+            copy_keys(&old, &new, dirty)?;
             new.db.flush().map_err(storage)?;
             generations::switch(&self.root, &next_dir)?;
             *self
@@ -736,26 +819,31 @@ impl SledStore {
                 .unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
             drop(release);
             drop(swap);
-            Ok((keys, again, started.elapsed().as_millis() as u64))
+            Ok((keys, again, held_keys, started.elapsed().as_millis() as u64))
         })();
-        let (keys, again, held_ms) = match result {
+        let (keys, again, held_keys, held_ms) = match result {
             Ok(r) => r,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&next_dir);
                 return Err(e);
             }
         };
-        // The old generation goes once nobody reads it any more (a read
-        // that began before the swap).
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while Arc::strong_count(&old) > 1 && std::time::Instant::now() < deadline {
+        // The old generation goes once nobody reads it any more: a read
+        // that took its tree before the switch (reads take milliseconds;
+        // large values are files of their own, read by path).
+        let deadline = std::time::Instant::now() + OLD_GENERATION_GRACE;
+        while Arc::strong_count(&old) > 1 || std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(10));
+            if std::time::Instant::now() > deadline + std::time::Duration::from_secs(10) {
+                break;
+            }
         }
         drop(old);
         generations::remove_old(&self.root, &next_dir);
         Ok(CompactSummary {
             keys,
             rewritten: again,
+            held_keys,
             before_bytes: before,
             after_bytes: dir_bytes(&self.root),
             held_ms,
@@ -920,9 +1008,11 @@ impl SledStore {
     async fn remove_prefix(&self, tenant: &str, prefix: &[u8]) -> Result<u64> {
         /// Keys in one write set at most.
         const CHUNK: usize = 4096;
-        let space = self.space(tenant)?;
         let mut removed = 0u64;
         loop {
+            // The current generation's tree each time: a compaction may
+            // switch generations between two rounds.
+            let space = self.space(tenant)?;
             let keys = space
                 .scan_prefix(prefix)
                 .keys()
@@ -934,7 +1024,7 @@ impl SledStore {
             }
             removed += keys.len() as u64;
             let ops = keys.into_iter().map(|k| (k.to_vec(), None)).collect();
-            self.commit(space.clone(), ops, None, true).await?;
+            self.commit(space, ops, None, true).await?;
         }
     }
 
