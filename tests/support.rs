@@ -516,6 +516,83 @@ impl TinyHttp {
     }
 }
 
+/// An OTLP/HTTP trace receiver (what a collector does): keeps the JSON
+/// body of every POST and answers 200.
+pub struct OtlpReceiver {
+    pub port: u16,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl OtlpReceiver {
+    pub fn start() -> OtlpReceiver {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = bodies.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().take(1000) {
+                let Ok(stream) = stream else { continue };
+                let kept = kept.clone();
+                std::thread::spawn(move || {
+                    let mut out = stream.try_clone().unwrap();
+                    let mut reader = BufReader::new(stream);
+                    // Requests one after the other on a kept-alive connection.
+                    for _ in 0..10_000 {
+                        let mut line = String::new();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let mut length = 0usize;
+                        loop {
+                            let mut l = String::new();
+                            if reader.read_line(&mut l).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if l == "\r\n" {
+                                break;
+                            }
+                            if let Some((k, v)) = l.split_once(':')
+                                && k.eq_ignore_ascii_case("content-length")
+                            {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                        let mut body = vec![0u8; length];
+                        if reader.read_exact(&mut body).is_err() {
+                            return;
+                        }
+                        if let Ok(v) = serde_json::from_slice(&body) {
+                            kept.lock().unwrap().push(v);
+                        }
+                        let _ = write!(out, "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                    }
+                });
+            }
+        });
+        OtlpReceiver { port, bodies }
+    }
+
+    /// The traces URL to give the server.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/v1/traces", self.port)
+    }
+
+    /// Every span received so far (the OTLP JSON span objects).
+    pub fn spans(&self) -> Vec<Value> {
+        let bodies = self.bodies.lock().unwrap();
+        let mut out = Vec::new();
+        for b in bodies.iter() {
+            for rs in b["resourceSpans"].as_array().into_iter().flatten() {
+                for ss in rs["scopeSpans"].as_array().into_iter().flatten() {
+                    out.extend(ss["spans"].as_array().into_iter().flatten().cloned());
+                }
+            }
+        }
+        out
+    }
+}
+
 /// A test certificate authority and a server certificate it issued for
 /// `127.0.0.1` and `localhost` (rcgen).
 pub struct TestCa {
@@ -835,6 +912,31 @@ impl Postgres {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `pg_dump -Fc` of a database into `file` (a consistent snapshot
+    /// while it serves).
+    pub fn dump_to(&self, url: &str, file: &Path) -> Result<()> {
+        run(
+            Command::new(self.bin.join("pg_dump"))
+                .args(["-Fc", "-f"])
+                .arg(file)
+                .arg(url),
+            "pg_dump",
+        )
+    }
+
+    /// A new database restored from a `pg_dump -Fc` file with
+    /// `pg_restore`; its URL.
+    pub fn restore(&self, file: &Path) -> Result<String> {
+        let url = self.database();
+        run(
+            Command::new(self.bin.join("pg_restore"))
+                .args(["--no-owner", "--exit-on-error", "-d", &url])
+                .arg(file),
+            "pg_restore",
+        )?;
+        Ok(url)
     }
 
     /// The database of a server's data directory (new the first time).

@@ -4191,3 +4191,109 @@ fn a_recorded_queue_call_is_paused_for_a_card_number_and_its_recording_is_silent
     );
     Ok(())
 }
+
+/// A string attribute of an OTLP JSON span.
+fn span_attr<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
+    span["attributes"]
+        .as_array()?
+        .iter()
+        .find(|a| a["key"] == key)?["value"]["stringValue"]
+        .as_str()
+}
+
+#[test]
+fn a_call_is_one_trace_with_its_flow_events_plugin_calls_and_store_writes_as_timed_spans()
+-> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let receiver = plugboard_tests::OtlpReceiver::start();
+    let url = receiver.url();
+    let server = Server::start(&dir.path().join("data"), &["--otlp-endpoint", &url])?;
+    let key = setup(&server);
+    assert_eq!(
+        server.get("/v1/settings", &server.admin).body["otlp_endpoint"],
+        url.as_str()
+    );
+    // A caller to hello-ivr (a Rust plugin) presses 9 and hangs up.
+    sipp(&server, dir.path(), "info_dtmf", "15550100", "u1")?;
+    let call = &calls(&server, &key, 1)[0];
+    let ix = call["id"].as_str().unwrap();
+    // The call's span ends with the call; the batch goes out within a
+    // second.
+    let mut spans = Vec::new();
+    for _ in 0..100 {
+        spans = receiver.spans();
+        if spans
+            .iter()
+            .any(|s| s["name"] == "call" && span_attr(s, "interaction") == Some(ix))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let root = spans
+        .iter()
+        .find(|s| s["name"] == "call" && span_attr(s, "interaction") == Some(ix))
+        .unwrap_or_else(|| panic!("no call span for {ix}: {spans:?}"));
+    assert_eq!(span_attr(root, "tenant"), Some("acme"));
+    assert!(
+        span_attr(root, "sip_call_id").is_some_and(|c| !c.is_empty()),
+        "the SIP Call-ID: {root}"
+    );
+    let trace = root["traceId"].as_str().unwrap();
+    let ours: Vec<&Value> = spans.iter().filter(|s| s["traceId"] == trace).collect();
+    // Each span's parent is in the trace, up to the call.
+    let by_id = |id: &str| ours.iter().find(|s| s["spanId"] == id).copied();
+    let chain = |s: &Value| -> Vec<String> {
+        let mut names = vec![s["name"].as_str().unwrap().to_string()];
+        let mut at = s.clone();
+        for _ in 0..10 {
+            let parent = at["parentSpanId"].as_str().unwrap_or("");
+            let Some(p) = by_id(parent) else { break };
+            names.push(p["name"].as_str().unwrap().to_string());
+            at = p.clone();
+        }
+        names
+    };
+    let nanos = |s: &Value, k: &str| s[k].as_str().unwrap().parse::<u64>().unwrap();
+    let duration = |s: &Value| nanos(s, "endTimeUnixNano") - nanos(s, "startTimeUnixNano");
+    for name in ["flow_event", "plugin_call", "store_write"] {
+        let found: Vec<&&Value> = ours.iter().filter(|s| s["name"] == name).collect();
+        assert!(
+            !found.is_empty(),
+            "no {name} span in the call's trace: {:?}",
+            spans
+                .iter()
+                .map(|s| (
+                    s["name"].clone(),
+                    s["traceId"].clone(),
+                    s["parentSpanId"].clone()
+                ))
+                .collect::<Vec<_>>()
+        );
+        for s in &found {
+            assert!(duration(s) > 0, "{name} without a duration: {s}");
+            assert_eq!(
+                chain(s).last().map(String::as_str),
+                Some("call"),
+                "{name}: {:?}",
+                chain(s)
+            );
+        }
+    }
+    // A plugin call runs inside the flow event it answers, and names its
+    // plugin.
+    let plugin = ours.iter().find(|s| s["name"] == "plugin_call").unwrap();
+    assert_eq!(chain(plugin)[1], "flow_event");
+    assert_eq!(span_attr(plugin, "plugin"), Some("hello-ivr"));
+    assert_eq!(span_attr(plugin, "world"), Some("flow"));
+    let events: Vec<&str> = ours
+        .iter()
+        .filter(|s| s["name"] == "flow_event")
+        .filter_map(|s| span_attr(s, "event"))
+        .collect();
+    assert!(
+        events.contains(&"started") && events.contains(&"digits"),
+        "{events:?}"
+    );
+    Ok(())
+}

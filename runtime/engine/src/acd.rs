@@ -967,10 +967,10 @@ impl Engine {
         let host = self.host.clone();
         // A task of its own: the invocation runs to its end even if the
         // caller stops waiting.
-        let report = tokio::spawn(async move {
+        let report = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _permit = permit;
             host.invoke_router(&plugin, env, &route_task, &agents).await
-        })
+        }))
         .await
         .map_err(|e| crate::EngineError::Internal(e.to_string()))?;
         self.observe(tenant, &name, "router", &report);

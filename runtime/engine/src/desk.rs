@@ -300,11 +300,11 @@ impl Engine {
         let address = address.to_string();
         // A task of its own: the invocation runs to its end even if the
         // caller stops waiting.
-        let report = tokio::spawn(async move {
+        let report = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _permit = permit;
             host.invoke_crm_lookup(&plugin, env, channel, &address)
                 .await
-        })
+        }))
         .await
         .map_err(|e| EngineError::Internal(e.to_string()))?;
         self.observe(tenant, name, "crm", &report);

@@ -26,8 +26,9 @@ use plugboard_store::{Store, hash_key};
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use tokio::sync::broadcast;
+use tracing::Instrument;
 
 pub mod acd;
 pub mod callback;
@@ -36,6 +37,7 @@ pub mod chat;
 pub mod cluster;
 pub mod desk;
 pub mod fair;
+pub mod loaded;
 pub mod messaging;
 mod metrics;
 pub mod privacy;
@@ -207,7 +209,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     host: Arc<PluginHost>,
     admin_hash: String,
-    loaded: RwLock<HashMap<(String, String, u64), Arc<LoadedPlugin>>>,
+    loaded: loaded::LoadedCache,
     fair: Arc<fair::FairPermits>,
     acd: acd::AcdHub,
     secret_key: Option<secrets::SecretKey>,
@@ -246,7 +248,7 @@ impl Engine {
             store,
             host,
             admin_hash: hash_key(admin_token),
-            loaded: RwLock::new(HashMap::new()),
+            loaded: Default::default(),
             fair,
             acd: acd::AcdHub::default(),
             secret_key: None,
@@ -399,6 +401,13 @@ impl Engine {
     /// replace them.
     pub fn with_config_trunks(mut self, trunks: HashMap<String, Vec<Trunk>>) -> Self {
         self.config_trunks = trunks;
+        self
+    }
+
+    /// Plugin versions kept compiled in memory at most (default
+    /// [`loaded::DEFAULT_MAX_LOADED`]).
+    pub fn with_max_loaded(self, max: usize) -> Self {
+        self.loaded.set_limit(max);
         self
     }
 
@@ -793,12 +802,10 @@ impl Engine {
             .add_plugin_version(tenant, record, &bytes)
             .await?;
         let compile = json!({"source": loaded.source, "ms": loaded.load_ms});
-        if let Ok(mut m) = self.loaded.write() {
-            m.insert(
-                (tenant.to_string(), name.to_string(), version.version),
-                Arc::new(loaded),
-            );
-        }
+        self.loaded.insert(
+            (tenant.to_string(), name.to_string(), version.version),
+            Arc::new(loaded),
+        );
         self.announce_plugin(tenant, name, version.version);
         Ok(Deployed {
             name: name.to_string(),
@@ -996,7 +1003,7 @@ impl Engine {
     ) -> EngineResult<Arc<LoadedPlugin>> {
         let name = &info.name;
         let key = (tenant.to_string(), name.clone(), version);
-        if let Some(p) = self.loaded.read().ok().and_then(|m| m.get(&key).cloned()) {
+        if let Some(p) = self.loaded.get(&key) {
             return Ok(p);
         }
         let v = info
@@ -1017,15 +1024,13 @@ impl Engine {
                 .map_err(|e| EngineError::Internal(e.to_string()))?
                 .map_err(|e| EngineError::PluginLoad(e.to_string()))?,
         );
-        if let Ok(mut m) = self.loaded.write() {
-            m.insert(key, p.clone());
-        }
+        self.loaded.insert(key, p.clone());
         Ok(p)
     }
 
     /// Number of plugin versions loaded and ready.
     pub fn loaded_count(&self) -> usize {
-        self.loaded.read().map(|m| m.len()).unwrap_or(0)
+        self.loaded.len()
     }
 
     // ----- addresses -----
@@ -1300,7 +1305,8 @@ impl Engine {
             ));
         }
         format!(
-            "{body}{}{}{}{}{store}# EOF\n",
+            "{body}{}{}{}{}{}{store}# EOF\n",
+            self.loaded.encode(),
             self.fair.encode(),
             self.host.fetcher().encode(),
             self.acd.encode(),
@@ -1391,10 +1397,13 @@ impl Engine {
         let host = self.host.clone();
         // A task of its own: the invocation runs to its end even if the
         // caller stops waiting.
-        let report = tokio::spawn(async move {
-            let _permit = permit;
-            host.invoke_flow(&plugin, env, &input, &state, &event).await
-        })
+        let report = tokio::spawn(
+            async move {
+                let _permit = permit;
+                host.invoke_flow(&plugin, env, &input, &state, &event).await
+            }
+            .in_current_span(),
+        )
         .await
         .unwrap_or_else(|e| Report {
             outcome: Err(InvokeError::Instantiate(format!(

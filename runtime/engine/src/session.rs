@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use tracing::Instrument;
 
 use plugboard_core::flow::{Action, Event, fallback_actions};
 use plugboard_core::{
@@ -216,11 +217,11 @@ impl Engine {
             language.map(str::to_string),
         );
         let permit = self.fair.acquire(tenant, self.share_for(&t)).await;
-        let report = tokio::spawn(async move {
+        let report = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _permit = permit;
             host.invoke_tts(&plugin, env, &text, voice.as_deref(), language.as_deref())
                 .await
-        })
+        }))
         .await
         .ok()?;
         self.observe(tenant, TTS_PLUGIN, "tts", &report);
@@ -272,6 +273,15 @@ impl FlowSession {
     /// output) the step carries the fallback actions and the error, and
     /// the session stops calling the flow.
     pub async fn handle(&mut self, event: Event) -> Step {
+        let span = tracing::debug_span!(
+            "flow_event",
+            event = event_name(&event),
+            flow = %self.plugin_name()
+        );
+        self.handle_event(event).instrument(span).await
+    }
+
+    async fn handle_event(&mut self, event: Event) -> Step {
         let hangup = event == Event::Hangup;
         let ev_json = serde_json::to_value(&event).unwrap_or_default();
         self.note(EntryKind::Event, ev_json);
@@ -420,6 +430,11 @@ impl FlowSession {
             .app
             .store
             .save_interaction_soft(&self.interaction, self.stored)
+            .instrument(tracing::debug_span!(
+                "store_write",
+                what = "interaction",
+                durable = false
+            ))
             .await?;
         Ok(())
     }
@@ -432,6 +447,11 @@ impl FlowSession {
             .app
             .store
             .save_interaction(&self.interaction, self.stored)
+            .instrument(tracing::debug_span!(
+                "store_write",
+                what = "interaction",
+                durable = true
+            ))
             .await?;
         Ok(())
     }
@@ -479,4 +499,12 @@ fn cut(mut text: String, max: usize) -> String {
         text.truncate(end);
     }
     text
+}
+
+/// An event's name on a trace (`start`, `digits`, `hangup`, …).
+fn event_name(event: &Event) -> String {
+    serde_json::to_value(event)
+        .ok()
+        .and_then(|v| v["type"].as_str().map(String::from))
+        .unwrap_or_else(|| "event".into())
 }

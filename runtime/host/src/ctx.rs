@@ -5,6 +5,7 @@ use crate::bindings::host::plugboard::host::{clock, config, http, kv, log, types
 use crate::fetch::{self, FetchError, FetchRequest};
 use crate::{Limits, PluginEnv};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -236,7 +237,11 @@ impl kv::Host for Ctx {
     async fn get(&mut self, key: String) -> Result<Option<Vec<u8>>, types::Error> {
         let t0 = Instant::now();
         let r = match self.kv_check(&key) {
-            Ok(kv) => kv.kv_get(&self.env.tenant, &key).await.map_err(kv_error),
+            Ok(kv) => kv
+                .kv_get(&self.env.tenant, &key)
+                .instrument(tracing::debug_span!("host_call", call = "kv.get"))
+                .await
+                .map_err(kv_error),
             Err(e) => Err(e),
         };
         self.kv_finish("kv.get", &key, t0, r)
@@ -248,6 +253,7 @@ impl kv::Host for Ctx {
             Ok(_) if value.len() > KV_MAX_VALUE => Err(types::Error::TooLarge),
             Ok(kv) => kv
                 .kv_set(&self.env.tenant, &key, &value)
+                .instrument(tracing::debug_span!("host_call", call = "kv.set"))
                 .await
                 .map_err(kv_error),
             Err(e) => Err(e),
@@ -258,7 +264,11 @@ impl kv::Host for Ctx {
     async fn delete(&mut self, key: String) -> Result<(), types::Error> {
         let t0 = Instant::now();
         let r = match self.kv_check(&key) {
-            Ok(kv) => kv.kv_delete(&self.env.tenant, &key).await.map_err(kv_error),
+            Ok(kv) => kv
+                .kv_delete(&self.env.tenant, &key)
+                .instrument(tracing::debug_span!("host_call", call = "kv.delete"))
+                .await
+                .map_err(kv_error),
             Err(e) => Err(e),
         };
         self.kv_finish("kv.delete", &key, t0, r)
@@ -329,7 +339,12 @@ impl http::Host for Ctx {
     async fn fetch(&mut self, req: http::Request) -> Result<http::Response, types::Error> {
         let t0 = Instant::now();
         let url = req.url.clone();
-        let r = self.http_fetch(req).await;
+        let span = tracing::debug_span!(
+            "host_call",
+            call = "http",
+            url = %plugboard_core::redact_url(&url, true)
+        );
+        let r = self.http_fetch(req).instrument(span).await;
         self.blocked += t0.elapsed();
         let outcome = match &r {
             Ok(resp) => Ok(()).and(if resp.status < 400 {

@@ -33,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
@@ -422,6 +423,17 @@ pub struct PluginHost {
     ticker: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The span of one plugin invocation (exported as a trace span when
+/// traces are on): its world, tenant and plugin.
+fn plugin_span(world: &'static str, env: &PluginEnv) -> tracing::Span {
+    tracing::debug_span!(
+        "plugin_call",
+        world,
+        tenant = %env.tenant,
+        plugin = %env.plugin
+    )
+}
+
 impl PluginHost {
     /// Outbound HTTP(S) on tenants' behalf (plugins, media URLs), with
     /// the operator's network policy and pooled connections.
@@ -764,6 +776,7 @@ impl PluginHost {
             attributes: interaction.attributes.clone(),
         };
         let ev = convert::event_to_wit(event);
+        let span = plugin_span("flow", &env);
         let (mut store, t0) = self.store(env);
         let r = async {
             let inst = plugin.pre.instantiate_async(&mut store).await?;
@@ -796,6 +809,7 @@ impl PluginHost {
                 }
             })
         }
+        .instrument(span)
         .await;
         Self::finish(store, t0, r)
     }
@@ -838,6 +852,7 @@ impl PluginHost {
                 active_tasks: a.active_tasks,
             })
             .collect();
+        let span = plugin_span("router", &env);
         let (mut store, t0) = self.store(env);
         let r = async {
             let inst = plugin.pre.instantiate_async(&mut store).await?;
@@ -860,6 +875,7 @@ impl PluginHost {
                 }
             })
         }
+        .instrument(span)
         .await;
         Self::finish(store, t0, r)
     }
@@ -877,6 +893,7 @@ impl PluginHost {
         };
         let limits = env.limits.clone();
         let channel = channel.to_string();
+        let span = plugin_span("crm.lookup", &env);
         let (mut store, t0) = self.store(env);
         let r = async {
             let inst = plugin.pre.instantiate_async(&mut store).await?;
@@ -908,6 +925,7 @@ impl PluginHost {
                 }
             })
         }
+        .instrument(span)
         .await;
         Self::finish(store, t0, r)
     }
@@ -934,12 +952,14 @@ impl PluginHost {
             disposition: summary.disposition.clone(),
             attributes: summary.attributes.clone(),
         };
+        let span = plugin_span("crm.record", &env);
         let (mut store, t0) = self.store(env);
         let r = async {
             let inst = plugin.pre.instantiate_async(&mut store).await?;
             let (r,) = record.call(&mut store, &inst, (&s,)).await?;
             Ok(r.map_err(|msg| InvokeError::Plugin(truncate(msg, 2000))))
         }
+        .instrument(span)
         .await;
         Self::finish(store, t0, r)
     }
@@ -964,6 +984,7 @@ impl PluginHost {
             voice: voice.map(str::to_string),
             language: language.map(str::to_string),
         };
+        let span = plugin_span("tts", &env);
         let (mut store, t0) = self.store(env);
         let r = async {
             let inst = plugin.pre.instantiate_async(&mut store).await?;
@@ -991,6 +1012,7 @@ impl PluginHost {
                 }),
             })
         }
+        .instrument(span)
         .await;
         Self::finish(store, t0, r)
     }

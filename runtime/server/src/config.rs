@@ -53,6 +53,8 @@ pub struct ServerSection {
     pub store_cache_mib: Option<u64>,
     /// Log lines as `text` or `json`.
     pub log_format: Option<String>,
+    /// Where traces go over OTLP/HTTP (`http://…/v1/traces`).
+    pub otlp_endpoint: Option<String>,
     /// NATS server URL(s) shared by the nodes of one store.
     pub nats: Option<String>,
     /// This node's id on NATS.
@@ -63,6 +65,8 @@ pub struct ServerSection {
     pub memory_mib: Option<usize>,
     /// Plugin instances that may run at once.
     pub max_concurrent: Option<u32>,
+    /// Plugin versions kept compiled in memory at most.
+    pub max_loaded_plugins: Option<usize>,
     /// The flow-graph component.
     pub flow_graph: Option<PathBuf>,
     /// Compiled-component cache directory.

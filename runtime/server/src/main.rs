@@ -3,6 +3,7 @@
 
 mod config;
 mod scaffold;
+mod telemetry;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
@@ -69,6 +70,11 @@ struct ServeArgs {
     /// fields such as tenant and interaction) [default: text].
     #[arg(long, env = "PLUGBOARD_LOG_FORMAT")]
     log_format: Option<String>,
+    /// Export traces (a call's flow events, plugin calls, host calls and
+    /// store writes as spans) over OTLP/HTTP to this URL, e.g.
+    /// `http://127.0.0.1:4318/v1/traces` [default: none].
+    #[arg(long, env = "PLUGBOARD_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
     /// NATS server URL (`nats://host:4222`; several comma-separated) through
     /// which nodes on one PostgreSQL store share their events and plugin
     /// deploys [default: none: this node's events stay on it].
@@ -86,6 +92,10 @@ struct ServeArgs {
     /// Plugin instances that may run at once [default: 64].
     #[arg(long)]
     max_concurrent: Option<u32>,
+    /// Plugin versions kept compiled in memory at most; the one used
+    /// longest ago is dropped past it [default: 256].
+    #[arg(long, env = "PLUGBOARD_MAX_LOADED_PLUGINS")]
+    max_loaded_plugins: Option<usize>,
     /// The flow-graph component that runs flow documents [default:
     /// `flow_graph.wasm` from the build's `wasm32-wasip2/release` directory].
     #[arg(long, env = "PLUGBOARD_FLOW_GRAPH")]
@@ -801,6 +811,14 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
     let deadline_ms = args.deadline_ms.or(server.deadline_ms).unwrap_or(50);
     let memory_mib = args.memory_mib.or(server.memory_mib).unwrap_or(64);
     let max_concurrent = args.max_concurrent.or(server.max_concurrent).unwrap_or(64);
+    let max_loaded = args
+        .max_loaded_plugins
+        .or(server.max_loaded_plugins)
+        .unwrap_or(plugboard_engine::loaded::DEFAULT_MAX_LOADED);
+    anyhow::ensure!(
+        (1..=100_000).contains(&max_loaded),
+        "--max-loaded-plugins must be 1 to 100000, got {max_loaded}"
+    );
     let allow_networks = if args.allow_networks.is_empty() {
         server.allow_networks.clone().unwrap_or_default()
     } else {
@@ -867,25 +885,23 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
             })
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // The NATS client's own events are logged by the engine.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match args
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let log_format = args
         .log_format
         .clone()
-        .or_else(|| server.log_format.clone())
-        .as_deref()
-    {
-        None | Some("text") => logs.init(),
-        Some("json") => logs
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-        Some(other) => anyhow::bail!("--log-format must be text or json, got {other:?}"),
+        .or_else(|| server.log_format.clone());
+    let otlp = args
+        .otlp_endpoint
+        .clone()
+        .or_else(|| server.otlp_endpoint.clone());
+    let tracer = telemetry::init(log_format.as_deref(), otlp.as_deref(), rt.handle())?;
+    if let Some(url) = &otlp {
+        tracing::info!(
+            "traces exported over OTLP to {}",
+            plugboard_core::redact_url(url, true)
+        );
     }
     let cache_mib = args
         .store_cache_mib
@@ -920,9 +936,6 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = admin_token(data_dir)?;
     let secret_key = secret_key(data_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     let store: Arc<dyn Store> = if store_url == "sled" {
         Arc::new(
             SledStore::open_with_cache(&data_dir.join("store"), cache_mib << 20)
@@ -943,12 +956,13 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         "data_dir": data_dir.display().to_string(),
         "store": if store_url == "sled" { "sled".to_string() } else { plugboard_core::redact_url(&store_url, true) },
         "store_cache_mib": (store_url == "sled").then_some(cache_mib),
-        "log_format": args.log_format.clone().or_else(|| server.log_format.clone()).unwrap_or_else(|| "text".into()),
+        "log_format": log_format.clone().unwrap_or_else(|| "text".into()),
+        "otlp_endpoint": otlp.as_deref().map(|u| plugboard_core::redact_url(u, true)),
         "nats": nats_url.as_deref().map(redact_nats),
         "node_id": nats_url.as_ref().map(|_| &node_id),
         "http": http.to_string(),
         "cache_dir": cache_dir.display().to_string(),
-        "plugins": {"deadline_ms": deadline_ms, "memory_mib": memory_mib, "max_concurrent": max_concurrent},
+        "plugins": {"deadline_ms": deadline_ms, "memory_mib": memory_mib, "max_concurrent": max_concurrent, "max_loaded": max_loaded},
         "sip": voice.as_ref().map(|v| json!({
             "listen": v.sip.to_string(),
             "rtp_ports": format!("{}-{}", v.rtp_ports.0, v.rtp_ports.1),
@@ -993,6 +1007,7 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         .with_secret_key(secret_key)
         .with_recordings_dir(data_dir.join("recordings"))
         .with_config_trunks(file.trunks_by_tenant())
+        .with_max_loaded(max_loaded)
         .with_retention_defaults(file.retention.defaults())
         .with_compact_delay(Duration::from_secs(
             file.retention.compact_delay_s.unwrap_or(60),
@@ -1138,6 +1153,10 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         .with_graceful_shutdown(stop)
         .await?;
         drop(voice);
+        if let Some(t) = tracer {
+            // What is left goes out before the runtime stops.
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         tracing::info!("shut down");
         anyhow::Ok(())
     })

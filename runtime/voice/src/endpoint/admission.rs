@@ -523,7 +523,8 @@ impl Endpoint {
         let span = tracing::info_span!(
             "call",
             tenant = %spec.session.interaction.tenant,
-            interaction = %spec.session.interaction.id
+            interaction = %spec.session.interaction.id,
+            sip_call_id = %spec.key.0
         );
         tokio::spawn(tracing::Instrument::instrument(call::run(spec), span));
     }
