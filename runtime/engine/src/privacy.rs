@@ -106,6 +106,16 @@ fn categories(r: &Retention) -> Vec<(&'static str, u32, Parts)> {
     out
 }
 
+/// Interactions whose deletes one write set carries at most.
+const BATCH: usize = 100;
+
+/// Deletes gathered for one write set.
+#[derive(Default)]
+struct Batch {
+    writes: Vec<RecordWrite>,
+    interactions: Vec<String>,
+}
+
 /// What of an interaction to remove.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Parts {
@@ -323,10 +333,12 @@ impl Engine {
         let more = found.len() > ERASE_MAX;
         let ids: Vec<String> = found.keys().take(ERASE_MAX).cloned().collect();
         let mut removed = Removed::default();
+        let mut batch = Batch::default();
         for id in &ids {
-            self.purge_interaction(tenant, id, Parts::WHOLE, &mut removed)
+            self.purge_interaction(tenant, id, Parts::WHOLE, &mut batch, &mut removed)
                 .await?;
         }
+        self.flush_batch(tenant, &mut batch, &mut removed).await?;
         for c in &callbacks {
             if self
                 .store
@@ -480,6 +492,7 @@ impl Engine {
         tenant: &str,
         id: &str,
         parts: Parts,
+        batch: &mut Batch,
         removed: &mut Removed,
     ) -> EngineResult<()> {
         let ix = self.store.interaction(tenant, id).await?;
@@ -526,27 +539,35 @@ impl Engine {
                 }
             }
         }
+        // What goes is gathered into the batch: one write set for a page
+        // of interactions, not several durable writes for each.
+        let writes = &mut batch.writes;
         if drop_messages && !messages.is_empty() {
-            let mut writes = Vec::new();
             for m in &messages {
                 writes.push(RecordWrite::delete(crate::messaging::MSG_INDEX, &m.id));
                 writes.push(RecordWrite::delete(crate::messaging::OUTBOX, &m.id));
+                writes.push(RecordWrite::delete(&conv, &m.id));
             }
-            self.store.apply_records(tenant, &writes, None).await?;
             removed.records += 2 * messages.len() as u64;
-            removed.messages += self.store.delete_kind(tenant, &conv).await?;
-            removed.records += self
+            removed.messages += messages.len() as u64;
+            let pending = crate::messaging::pending_kind(id);
+            for (key, _) in self
                 .store
-                .delete_kind(tenant, &crate::messaging::pending_kind(id))
-                .await?;
+                .records_after(tenant, &pending, "", 100_000)
+                .await?
+            {
+                writes.push(RecordWrite::delete(&pending, key));
+                removed.records += 1;
+            }
         }
         if parts.whole {
             // The keys that led to the conversation (threads, channel
             // ids, client ids), as it listed them.
             let keys = crate::messaging::keys_kind(id);
             let listed = self.store.records_after(tenant, &keys, "", 100_000).await?;
-            let mut writes = Vec::new();
+            let before = writes.len();
             for (key, _) in &listed {
+                writes.push(RecordWrite::delete(&keys, key));
                 // Unless it leads to a later conversation by now (a
                 // number pair's next SMS conversation).
                 if let Some((kind, rid)) = key.split_once('/')
@@ -573,12 +594,35 @@ impl Engine {
             {
                 writes.push(RecordWrite::delete(crate::desk::WRAP_UP, key));
             }
-            removed.records += writes.len() as u64;
-            self.store.apply_records(tenant, &writes, None).await?;
-            self.store.delete_kind(tenant, &keys).await?;
-            if self.store.delete_interaction(tenant, id).await? {
-                removed.interactions += 1;
-            }
+            removed.records += (writes.len() - before - listed.len()) as u64;
+            batch.interactions.push(id.to_string());
+        }
+        if batch.interactions.len() >= BATCH || batch.writes.len() >= 10 * BATCH {
+            self.flush_batch(tenant, batch, removed).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies what a batch of purges gathered: the record deletes in one
+    /// write set, then the interactions.
+    async fn flush_batch(
+        &self,
+        tenant: &str,
+        batch: &mut Batch,
+        removed: &mut Removed,
+    ) -> EngineResult<()> {
+        if !batch.writes.is_empty() {
+            self.store
+                .apply_records(tenant, &batch.writes, None)
+                .await?;
+            batch.writes.clear();
+        }
+        if !batch.interactions.is_empty() {
+            removed.interactions += self
+                .store
+                .delete_interactions(tenant, &batch.interactions)
+                .await?;
+            batch.interactions.clear();
         }
         Ok(())
     }
@@ -780,11 +824,13 @@ impl Engine {
         let expired =
             |ix: &Interaction| ended(ix, cutoff) && ix.closed_ms.unwrap_or(ix.created_ms) < cutoff;
         let mut later = Vec::new();
+        let mut batch = Batch::default();
         for id in cursor["later"].as_array().into_iter().flatten() {
             let Some(id) = id.as_str() else { continue };
             match self.store.interaction_head(tenant, id).await? {
                 Some(ix) if expired(&ix) => {
-                    self.purge_interaction(tenant, id, parts, removed).await?
+                    self.purge_interaction(tenant, id, parts, &mut batch, removed)
+                        .await?
                 }
                 Some(_) => later.push(id.to_string()),
                 None => {}
@@ -797,7 +843,7 @@ impl Engine {
                 .await?;
             for ix in &page {
                 if expired(ix) {
-                    self.purge_interaction(tenant, &ix.id, parts, removed)
+                    self.purge_interaction(tenant, &ix.id, parts, &mut batch, removed)
                         .await?;
                 } else if later.len() < LATER_MAX {
                     later.push(ix.id.clone());
@@ -807,6 +853,8 @@ impl Engine {
                 }
                 after = ix.id.clone();
             }
+            // Done before the cursor moves past it.
+            self.flush_batch(tenant, &mut batch, removed).await?;
             self.store
                 .set_record(
                     tenant,

@@ -147,7 +147,7 @@ impl InteractionStore for Broken {
     ) -> R<Vec<Interaction>> {
         gone()
     }
-    async fn delete_interaction(&self, _: &str, _: &str) -> R<bool> {
+    async fn delete_interactions(&self, _: &str, _: &[String]) -> R<u64> {
         gone()
     }
 }

@@ -508,6 +508,21 @@ pub async fn deletion(s: &dyn Store) -> Result<(), Failure> {
         b.is_some_and(|i| i.timeline.len() == 2),
         "b's interaction of the same id stays whole"
     );
+    // Several at once; one not there is not counted.
+    let batch = [
+        "ix-0000000000200-00000002".to_string(),
+        "ix-0000000000300-00000003".to_string(),
+        "ix-missing".to_string(),
+    ];
+    ensure!(
+        ok(s.delete_interactions("da", &batch).await, "batch")? == 2,
+        "two deleted"
+    );
+    ensure!(
+        ok(s.customer_history("da", "+4411", 10).await, "history")?.is_empty()
+            && ok(s.customer_history("da", "+4422", 10).await, "history")?.is_empty(),
+        "their index keys went too"
+    );
     // A new interaction of the same id starts with an empty timeline.
     let again = interaction("da", "ix-0000000000100-00000001", "+4433", Channel::Sms);
     ok(s.save_interaction(&again, 0).await, "save again")?;

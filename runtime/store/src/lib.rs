@@ -186,7 +186,12 @@ pub trait InteractionStore: Send + Sync {
     ) -> Result<Vec<Interaction>>;
     /// Deletes an interaction: its header, its timeline and its index
     /// keys, atomically and durably. False if there was none.
-    async fn delete_interaction(&self, tenant: &str, id: &str) -> Result<bool>;
+    async fn delete_interaction(&self, tenant: &str, id: &str) -> Result<bool> {
+        Ok(self.delete_interactions(tenant, &[id.to_string()]).await? == 1)
+    }
+    /// Deletes interactions as [`InteractionStore::delete_interaction`]
+    /// does, in one atomic, durable write. Returns how many there were.
+    async fn delete_interactions(&self, tenant: &str, ids: &[String]) -> Result<u64>;
 }
 
 /// The plugins' tenant-scoped key-value store.

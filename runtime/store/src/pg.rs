@@ -846,24 +846,24 @@ impl InteractionStore for PgStore {
         self.load(&c, tenant, rows, false).await
     }
 
-    async fn delete_interaction(&self, tenant: &str, id: &str) -> Result<bool> {
+    async fn delete_interactions(&self, tenant: &str, ids: &[String]) -> Result<u64> {
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(pg)?;
         tx.execute(
-            "DELETE FROM timeline WHERE tenant = $1 AND interaction = $2",
-            &[&tenant, &id],
+            "DELETE FROM timeline WHERE tenant = $1 AND interaction = ANY($2)",
+            &[&tenant, &ids],
         )
         .await
         .map_err(pg)?;
         let n = tx
             .execute(
-                "DELETE FROM interactions WHERE tenant = $1 AND id = $2",
-                &[&tenant, &id],
+                "DELETE FROM interactions WHERE tenant = $1 AND id = ANY($2)",
+                &[&tenant, &ids],
             )
             .await
             .map_err(pg)?;
         tx.commit().await.map_err(pg)?;
-        Ok(n > 0)
+        Ok(n)
     }
 }
 

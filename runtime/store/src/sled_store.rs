@@ -1730,31 +1730,38 @@ impl InteractionStore for SledStore {
             .collect()
     }
 
-    async fn delete_interaction(&self, tenant: &str, id: &str) -> Result<bool> {
+    async fn delete_interactions(&self, tenant: &str, ids: &[String]) -> Result<u64> {
         let space = self.space(tenant)?;
-        let Some(head) = Self::get_json::<Interaction>(&space, format!("ix/{id}"))? else {
-            return Ok(false);
-        };
-        // The index keys are those the meta record names (what was last
-        // written), and the header's if it differs.
-        let mut ops: Vec<Op> = vec![
-            (format!("ix/{id}").into_bytes(), None),
-            (format!("ixm/{id}").into_bytes(), None),
-            (state_key(head.state, id).into_bytes(), None),
-            (customer_key(&head.from, id), None),
-        ];
-        if let Some(meta) = space.get(format!("ixm/{id}")).map_err(storage)? {
-            let meta = String::from_utf8_lossy(&meta);
-            let mut parts = meta.split('\0');
-            let (state, from) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            ops.push((format!("ixs/{state}/{id}").into_bytes(), None));
-            ops.push((customer_key(from, id), None));
+        let mut ops: Vec<Op> = Vec::new();
+        let mut found = 0;
+        for id in ids {
+            let Some(head) = Self::get_json::<Interaction>(&space, format!("ix/{id}"))? else {
+                continue;
+            };
+            found += 1;
+            // The index keys are those the meta record names (what was
+            // last written), and the header's if it differs.
+            ops.extend([
+                (format!("ix/{id}").into_bytes(), None),
+                (format!("ixm/{id}").into_bytes(), None),
+                (state_key(head.state, id).into_bytes(), None),
+                (customer_key(&head.from, id), None),
+            ]);
+            if let Some(meta) = space.get(format!("ixm/{id}")).map_err(storage)? {
+                let meta = String::from_utf8_lossy(&meta);
+                let mut parts = meta.split('\0');
+                let (state, from) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                ops.push((format!("ixs/{state}/{id}").into_bytes(), None));
+                ops.push((customer_key(from, id), None));
+            }
+            for k in space.scan_prefix(format!("ixt/{id}/")).keys() {
+                ops.push((k.map_err(storage)?.to_vec(), None));
+            }
         }
-        for k in space.scan_prefix(format!("ixt/{id}/")).keys() {
-            ops.push((k.map_err(storage)?.to_vec(), None));
+        if !ops.is_empty() {
+            self.commit(space, ops, None, true).await?;
         }
-        self.commit(space, ops, None, true).await?;
-        Ok(true)
+        Ok(found)
     }
 }
 
