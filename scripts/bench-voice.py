@@ -29,6 +29,15 @@ baseline for signalling CPU per call. Prints numbers; asserts nothing.
    BENCH_SERVER_ARGS adds server flags (e.g. `--store-cache-mib 1024` for
    the store's cache as sled's default had it), for before/after runs.
 
+6. Retention (BENCH_ONLY=retention): the server is stopped, its store
+   seeded with BENCH_RETENTION_RECORDS (1000000) calls 40 days old
+   (tests/examples/retention_seed.rs), and started again with a 30-day
+   retention. Short calls at BENCH_RETENTION_RATE (75)/s for a baseline
+   window (BENCH_RETENTION_WINDOW_S, 60), then again while
+   POST /v1/retention/run deletes the old calls (BENCH_RETENTION_BUSY_S,
+   300): failed calls and server CPU per call in each window, their ratio,
+   the job's deletion rate, and the compaction after it.
+
 Usage: scripts/bench-voice.sh (builds the release binary, then runs this).
 BENCH_QUICK=1 runs fewer steps; BENCH_ONLY=rate or BENCH_ONLY=concurrency
 runs one part (the Kamailio baseline comes with the rate part);
@@ -43,6 +52,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -82,12 +92,12 @@ def cpu_ticks(pids):
     return total
 
 
-def api(base, token, method, path, body=None, raw=None):
+def api(base, token, method, path, body=None, raw=None, timeout=60):
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     req = urllib.request.Request(base + path, data=data, method=method)
     req.add_header("Authorization", f"Bearer {token}")
     req.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(req, timeout=60) as r:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read() or b"null")
 
 
@@ -109,7 +119,7 @@ def sipp_stats(out):
     return stats
 
 
-def start_server(tmp):
+def start_server(tmp, setup=True):
     http, sip = free_port(), free_port()
     token = "bench-admin"
     # Queued callers send no RTP (SIPp): they must not be hung up for it.
@@ -129,6 +139,8 @@ def start_server(tmp):
             break
         except OSError:
             time.sleep(0.1)
+    if not setup:
+        return proc, base, None, sip
     key = api(base, token, "POST", "/v1/tenants", {"id": "bench"})["api_key"]
     flows = {
         "short": {"name": "short", "start": "hi", "nodes": {
@@ -432,6 +444,77 @@ def soak(proc, sip, tmp):
     print(f"data directory: {disk0 / 2**20:.1f} -> {end[2] / 2**20:.1f} MiB, {per_call / 1024:.2f} KiB per call")
 
 
+def retention_bench(proc, base, key, sip, tmp):
+    """Calls at BENCH_RETENTION_RATE (75)/s, first alone for a baseline
+    window, then while the retention job deletes BENCH_RETENTION_RECORDS
+    (1000000) old calls seeded into the store: failed calls and server CPU
+    per call in both windows, the job's rate, then the compaction."""
+    n = int(os.environ.get("BENCH_RETENTION_RECORDS", "1000000"))
+    rate = int(os.environ.get("BENCH_RETENTION_RATE", "75"))
+    window = int(os.environ.get("BENCH_RETENTION_WINDOW_S", "60"))
+    seed_bin = os.path.join(ROOT, "target/release/examples/retention_seed")
+    print(f"\n## Retention: {n} old calls deleted while calls come at {rate}/s")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    data = os.path.join(tmp, "data")
+    subprocess.run([seed_bin, os.path.join(data, "store"), "bench", str(n), "40"], check=True)
+    proc, base, _, sip = start_server(tmp, setup=False)
+    api(base, key, "PUT", "/v1/tenants/bench/retention", {"interactions_days": 30})
+
+    def calls_for(seconds, during=None):
+        calls = rate * seconds
+        p = subprocess.Popen(
+            ["sipp", "-i", "127.0.0.1", "-nostdin", "-trace_stat", "-fd", "1",
+             "-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000",
+             "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
+             "-p", str(free_port()), "-mp", "41000", "-timeout", f"{seconds + 300}s",
+             f"127.0.0.1:{sip}"],
+            cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        c0 = cpu_ticks([proc.pid])
+        extra = during() if during else None
+        out, _ = p.communicate(timeout=seconds + 600)
+        ticks = cpu_ticks([proc.pid]) - c0
+        stats = sipp_stats(out.decode(errors="replace"))
+        return stats, ticks, extra
+
+    hz = os.sysconf("SC_CLK_TCK")
+    base_stats, base_ticks, _ = calls_for(window)
+    base_cpu = base_ticks / hz * 1e3 / max(base_stats["success"], 1)
+    print(f"alone:     {base_stats['success']} calls ok, {base_stats['failed']} failed; "
+          f"{base_cpu:.2f} ms server CPU per call")
+    result = {}
+
+    def run_retention():
+        t0 = time.time()
+        r = api(base, "bench-admin", "POST", "/v1/retention/run", {}, timeout=7200)
+        result["s"] = time.time() - t0
+        result["removed"] = r["removed"].get("bench", {})
+
+    def during():
+        th = threading.Thread(target=run_retention)
+        time.sleep(5)
+        th.start()
+        return th
+
+    # The window lasts as long as the deletion is expected to (at least
+    # the baseline's): SIPp's calls run out at its end.
+    ret_window = int(os.environ.get("BENCH_RETENTION_BUSY_S", str(max(window, 300))))
+    stats, ticks, th = calls_for(ret_window, during)
+    th.join()
+    cpu = ticks / hz * 1e3 / max(stats["success"], 1)
+    removed = result["removed"].get("interactions", 0)
+    print(f"deleting:  {stats['success']} calls ok, {stats['failed']} failed; "
+          f"{cpu:.2f} ms server CPU per call (with the job's CPU), ratio {cpu / max(base_cpu, 1e-9):.2f}")
+    print(f"retention: {removed} interactions in {result['s']:.1f} s ({removed / max(result['s'], 1e-9):.0f}/s)"
+          + (" (longer than the calls' window)" if result["s"] > ret_window - 5 else ""))
+    before = dir_bytes(data)
+    t0 = time.time()
+    c = api(base, "bench-admin", "POST", "/v1/store/compact", {}, timeout=7200)["compacted"]
+    print(f"compaction: {before / 2**20:.1f} -> {dir_bytes(data) / 2**20:.1f} MiB in {time.time() - t0:.1f} s, "
+          f"writes held {c['held_ms']} ms, {c['keys']} keys copied, {c['rewritten']} copied again")
+    return proc
+
+
 def main():
     if not os.path.exists(BIN):
         sys.exit(f"{BIN} missing: cargo build --release --bin plugboard")
@@ -440,6 +523,14 @@ def main():
     print(f"# Plugboard voice benchmark ({os.cpu_count()} cores, loopback, SIPp {subprocess.run(['sipp', '-v'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout.decode().split()[1]})")
     tmp = tempfile.mkdtemp(prefix="pb-bench-")
     proc, base, key, sip = start_server(tmp)
+    if ONLY == "retention":
+        try:
+            proc = retention_bench(proc, base, key, sip, tmp)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+        print(f"\n(work files in {tmp})")
+        return
     if ONLY == "soak":
         try:
             soak(proc, sip, tmp)

@@ -10,4 +10,5 @@ command -v kamailio >/dev/null 2>&1 || {
 }
 scripts/build-plugins.sh
 cargo build --release --bin plugboard
+cargo build --release -p plugboard-tests --example retention_seed
 exec python3 scripts/bench-voice.py

@@ -516,6 +516,30 @@ impl TinyHttp {
     }
 }
 
+/// The rest of an HTTP/1.1 request after its request line: the headers
+/// (read past) and the body (`Content-Length` bytes); `None` if the
+/// connection ended.
+fn read_headers_and_body(reader: &mut impl std::io::BufRead) -> Option<Vec<u8>> {
+    let mut length = 0usize;
+    loop {
+        let mut l = String::new();
+        if reader.read_line(&mut l).unwrap_or(0) == 0 {
+            return None;
+        }
+        if l == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(body)
+}
+
 /// An OTLP/HTTP trace receiver (what a collector does): keeps the JSON
 /// body of every POST and answers 200.
 pub struct OtlpReceiver {
@@ -525,7 +549,7 @@ pub struct OtlpReceiver {
 
 impl OtlpReceiver {
     pub fn start() -> OtlpReceiver {
-        use std::io::{BufRead, BufReader, Read, Write};
+        use std::io::{BufRead, BufReader, Write};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -543,25 +567,9 @@ impl OtlpReceiver {
                         if reader.read_line(&mut line).unwrap_or(0) == 0 {
                             return;
                         }
-                        let mut length = 0usize;
-                        loop {
-                            let mut l = String::new();
-                            if reader.read_line(&mut l).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            if l == "\r\n" {
-                                break;
-                            }
-                            if let Some((k, v)) = l.split_once(':')
-                                && k.eq_ignore_ascii_case("content-length")
-                            {
-                                length = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                        let mut body = vec![0u8; length];
-                        if reader.read_exact(&mut body).is_err() {
+                        let Some(body) = read_headers_and_body(&mut reader) else {
                             return;
-                        }
+                        };
                         if let Ok(v) = serde_json::from_slice(&body) {
                             kept.lock().unwrap().push(v);
                         }
@@ -731,23 +739,7 @@ impl TlsHttp {
                             counted = true;
                         }
                         let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
-                        let mut length = 0usize;
-                        loop {
-                            let mut l = String::new();
-                            if reader.read_line(&mut l).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            if l == "\r\n" {
-                                break;
-                            }
-                            if let Some((k, v)) = l.split_once(':')
-                                && k.eq_ignore_ascii_case("content-length")
-                            {
-                                length = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                        let mut body = vec![0u8; length];
-                        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+                        if read_headers_and_body(&mut reader).is_none() {
                             return;
                         }
                         h.fetch_add(1, SeqCst);

@@ -1961,7 +1961,12 @@ async fn run_retention(
     } else {
         parse_json(&body)?
     };
-    let removed = s.run_retention(run.now_ms.unwrap_or_else(now_ms)).await?;
+    // A task of its own: a client that stops waiting does not stop it.
+    let now = run.now_ms.unwrap_or_else(now_ms);
+    let job = s.clone();
+    let removed = tokio::spawn(async move { job.run_retention(now).await })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))??;
     Ok(Json(json!({ "removed": removed })))
 }
 

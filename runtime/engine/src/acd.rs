@@ -1628,7 +1628,20 @@ impl Engine {
         paused: bool,
     ) -> EngineResult<TaskView> {
         let watcher = self.live_watcher(tenant, task)?;
-        let _ = watcher.send(TaskNews::RecordingPaused(paused));
+        // Only a call of a queue that records has a recording to pause.
+        let acd = self.tenant_acd(tenant).await?;
+        let records = lock(&acd)
+            .task_info(Instant::now(), task)
+            .is_some_and(|i| i.queue.record && i.channel == Channel::Voice);
+        if !records {
+            return Err(CoreError::Conflict(format!(
+                "task {task} is not a call of a queue that records its conversations"
+            ))
+            .into());
+        }
+        if watcher.send(TaskNews::RecordingPaused(paused)).is_err() {
+            return Err(CoreError::Conflict(format!("task {task} has no live call")).into());
+        }
         let kind = if paused {
             "recording_paused"
         } else {

@@ -1155,7 +1155,11 @@ fn serve(data_dir: Option<PathBuf>, args: ServeArgs) -> Result<()> {
         drop(voice);
         if let Some(t) = tracer {
             // What is left goes out before the runtime stops.
-            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+            match tokio::task::spawn_blocking(move || t.shutdown()).await {
+                Ok(Err(e)) => tracing::warn!("the last traces were not sent: {e}"),
+                Err(e) => tracing::warn!("the last traces were not sent: {e}"),
+                Ok(Ok(())) => {}
+            }
         }
         tracing::info!("shut down");
         anyhow::Ok(())

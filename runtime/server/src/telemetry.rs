@@ -65,8 +65,10 @@ pub fn init(
         tracing_subscriber::registry().with(logs).init();
         return Ok(None);
     };
-    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
-        bail!("--otlp-endpoint must be an http:// or https:// URL, got {endpoint:?}");
+    // Plain HTTP to a collector beside the node (an OpenTelemetry
+    // collector forwards over TLS where it must).
+    if !endpoint.starts_with("http://") {
+        bail!("--otlp-endpoint must be an http:// URL (a local collector), got {endpoint:?}");
     }
     let exporter = SpanExporter::builder()
         .with_http()

@@ -720,19 +720,7 @@ impl SledStore {
         // write sets (never the other way round: a write set is never
         // waited for under the gate).
         let gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
-        let (held, is_held) = mpsc::sync_channel(1);
-        let (release, released) = mpsc::sync_channel::<()>(0);
-        self.flusher
-            .as_ref()
-            .ok_or_else(|| Error::Storage("the store is closing".into()))?
-            .send(Job::Hold(Hold {
-                held,
-                release: released,
-            }))
-            .map_err(|_| Error::Storage("the store's writer has stopped".into()))?;
-        is_held
-            .recv()
-            .map_err(|_| Error::Storage("the store's writer has stopped".into()))?;
+        let release = self.hold_writer()?;
         let mut w = Hashing {
             out,
             hash: sha2::Sha256::new(),
@@ -763,6 +751,25 @@ impl SledStore {
         w.out.flush().map_err(storage)?;
         summary.bytes = w.bytes + digest.len() as u64;
         Ok(summary)
+    }
+
+    /// Holds the writer thread: it answers once every write set queued
+    /// before is applied, and applies none after until the returned
+    /// sender is dropped.
+    fn hold_writer(&self) -> Result<mpsc::SyncSender<()>> {
+        let stopped = || Error::Storage("the store's writer has stopped".into());
+        let (held, is_held) = mpsc::sync_channel(1);
+        let (release, released) = mpsc::sync_channel::<()>(0);
+        self.flusher
+            .as_ref()
+            .ok_or_else(|| Error::Storage("the store is closing".into()))?
+            .send(Job::Hold(Hold {
+                held,
+                release: released,
+            }))
+            .map_err(|_| stopped())?;
+        is_held.recv().map_err(|_| stopped())?;
+        Ok(release)
     }
 
     /// Copies what is live into the next generation and swaps it in
@@ -847,19 +854,7 @@ impl SledStore {
             // copied again and the new generation takes over.
             let started = std::time::Instant::now();
             let swap = self.swap.write().unwrap_or_else(|p| p.into_inner());
-            let (held, is_held) = mpsc::sync_channel(1);
-            let (release, released) = mpsc::sync_channel::<()>(0);
-            self.flusher
-                .as_ref()
-                .ok_or_else(|| Error::Storage("the store is closing".into()))?
-                .send(Job::Hold(Hold {
-                    held,
-                    release: released,
-                }))
-                .map_err(|_| Error::Storage("the store's writer has stopped".into()))?;
-            is_held
-                .recv()
-                .map_err(|_| Error::Storage("the store's writer has stopped".into()))?;
+            let release = self.hold_writer()?;
             self.shared.copying.store(false, Ordering::SeqCst);
             let dirty = self
                 .shared

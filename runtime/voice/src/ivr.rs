@@ -546,7 +546,9 @@ impl Ivr {
     /// One frame of the conversation, while bridged to an agent: what the
     /// caller says and hears. Its end (the bridge's) stores it.
     fn record_frame(&mut self, heard: &[i16], hears: &[i16; FRAME]) {
-        if !self.bridged() || self.ended {
+        // Recorded while bridged for the queue's task (not after a
+        // transfer out of the ACD).
+        if !self.bridged() || self.ended || self.acd.is_none() {
             self.finish_conversation();
             return;
         }
@@ -578,6 +580,14 @@ impl Ivr {
                 paused_ms: c.paused_frames as u64 * 20,
                 samples: c.samples,
             });
+            // A pause is the recording's: the next one starts unpaused.
+            if self.recording_paused {
+                self.recording_paused = false;
+                self.note(
+                    EntryKind::RecordingResumed,
+                    json!({"why": "the recording ended"}),
+                );
+            }
         }
     }
 
@@ -1608,8 +1618,9 @@ impl Ivr {
             ringing: None,
             agent: None,
         });
-        // The new queue tells whether it whispers.
+        // The new queue tells whether it whispers and records.
         self.whisper = None;
+        self.record_conversation = false;
         self.announcement = None;
         self.doing = Doing::Parked;
         self.effects.push_back(Effect::Enqueue {

@@ -892,10 +892,12 @@ impl Call {
     /// Stores a conversation's recording in the background; the call's
     /// end notes it.
     fn save_conversation(&mut self, samples: Vec<i16>, paused_ms: u64) {
-        let Some(s) = self.session.as_ref().map(|s| &s.interaction) else {
+        // Also while the session is out with the flow (the call's own ids).
+        let (tenant, ix, app) = (self.tenant(), self.task_id(), self.app.clone());
+        if ix.is_empty() {
+            tracing::warn!("a conversation recording without its interaction is dropped");
             return;
-        };
-        let (tenant, ix, app) = (s.tenant.clone(), s.id.clone(), self.app.clone());
+        }
         let duration_ms = samples.len() as u64 / 8;
         self.conversation_saves.push(spawn(async move {
             let wav = audio::encode_wav(&samples);
