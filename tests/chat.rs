@@ -6,7 +6,8 @@
 
 use plugboard_tests::{
     Browser, LOOPBACK, Server, Smsc, SmtpSink, StaticSite, TinyHttp, available_agent,
-    console_sign_in, deploy_hotline, dns, eventually, plugin, smpp_carrier, text_of, waybills,
+    console_sign_in, deploy_hotline, dns, eventually, files_containing, plugin, smpp_carrier,
+    text_of, waybills,
 };
 use serde_json::{Value, json};
 use std::net::TcpStream;
@@ -1649,25 +1650,6 @@ fn leave_traces(s: &Server, key: &str, smtp: u16, p: &Person) -> (String, String
     (id, visitor, url)
 }
 
-/// The files of a directory tree that contain `needle`.
-fn files_containing(dir: &std::path::Path, needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
-            {
-                found.push(p.display().to_string());
-            }
-        }
-    }
-    found
-}
-
 /// Erasure on one store: Rita and Bob each chat, email and leave a
 /// voicemail; Rita asks to be forgotten.
 fn erase_one_of_two(postgres: bool) {
@@ -1819,9 +1801,9 @@ fn erase_one_of_two(postgres: bool) {
             assert!(!dump.contains(trace), "{trace} is still in PostgreSQL");
         }
     } else {
-        assert!(!files_containing(&data, bob.marker).is_empty());
+        assert!(!files_containing(&data, bob.marker.as_bytes()).is_empty());
         for trace in [rita.email, rita.phone, rita.marker, rita_visitor.as_str()] {
-            let found = files_containing(&data, trace);
+            let found = files_containing(&data, trace.as_bytes());
             assert!(found.is_empty(), "{trace} is still on disk in {found:?}");
         }
     }

@@ -6,7 +6,7 @@
 
 use anyhow::{Result, anyhow};
 use plugboard_store::{PgStore, SledStore, Store, conformance};
-use plugboard_tests::postgres;
+use plugboard_tests::{files_containing, postgres};
 use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,24 +191,6 @@ async fn a_second_backup_meanwhile_is_refused_and_write_sets_wait_for_the_first(
     write.await??;
     assert!(store.record("a", "k", "1").await?.is_some());
     Ok(())
-}
-
-/// Files below `dir` that contain `needle`.
-fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if std::fs::read(&p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
-            {
-                found.push(p);
-            }
-        }
-    }
-    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
