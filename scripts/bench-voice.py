@@ -27,7 +27,10 @@ baseline for signalling CPU per call. Prints numbers; asserts nothing.
    after the first 5 minutes (the first fifth, for runs shorter than 25
    minutes) and at the end with their ratio, and disk per call.
    BENCH_SERVER_ARGS adds server flags (e.g. `--store-cache-mib 1024` for
-   the store's cache as sled's default had it), for before/after runs.
+   the store's cache as sled's default had it), for before/after runs;
+   BENCH_STORE=postgres runs the server on a throwaway PostgreSQL cluster
+   instead of the embedded store (the node's own memory without sled's).
+   The /metrics gauges that changed after the warm-up are printed too.
 
 6. Retention (BENCH_ONLY=retention): the server is stopped, its store
    seeded with BENCH_RETENTION_RECORDS (1000000) calls 40 days old
@@ -119,6 +122,33 @@ def sipp_stats(out):
     return stats
 
 
+def start_postgres(tmp):
+    """A throwaway PostgreSQL cluster under tmp (stopped at exit); its URL."""
+    import atexit
+    import glob
+    bins = sorted(b for b in glob.glob("/usr/lib/postgresql/*/bin") if os.path.exists(os.path.join(b, "initdb")))
+    if not bins:
+        sys.exit("PostgreSQL is not installed (scripts/setup.sh installs it)")
+    bin_dir, pg = bins[-1], os.path.join(tmp, "pg")
+    os.makedirs(pg)
+    as_server = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+    if os.getuid() == 0:
+        subprocess.run(["chown", "-R", "postgres", pg], check=True)
+    data, port = os.path.join(pg, "data"), free_port()
+    subprocess.run(as_server + [os.path.join(bin_dir, "initdb"), "-A", "trust", "-U", "postgres",
+                                "-E", "UTF8", "-D", data], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(as_server + [os.path.join(bin_dir, "pg_ctl"), "-D", data, "-o",
+                                f"-p {port} -k {pg} -c listen_addresses=127.0.0.1 -c max_connections=300",
+                                "-l", os.path.join(pg, "log"), "start", "-w"], check=True, stdout=subprocess.DEVNULL)
+    atexit.register(lambda: subprocess.run(as_server + [os.path.join(bin_dir, "pg_ctl"), "-D", data, "stop", "-m", "fast"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    subprocess.run([os.path.join(bin_dir, "createdb"), "-h", "127.0.0.1", "-U", "postgres", "-p", str(port), "bench"], check=True)
+    return f"postgres://postgres@127.0.0.1:{port}/bench"
+
+
+STORE_ARGS = []
+
+
 def start_server(tmp, setup=True):
     http, sip = free_port(), free_port()
     token = "bench-admin"
@@ -130,7 +160,7 @@ def start_server(tmp, setup=True):
     proc = subprocess.Popen(
         [BIN, "--data-dir", os.path.join(tmp, "data"), "serve", "--http", f"127.0.0.1:{http}",
          "--sip", f"127.0.0.1:{sip}", "--rtp-ports", "20000-29999", "--max-concurrent", "64",
-         "--digest-md5-first", "--config", config] + os.environ.get("BENCH_SERVER_ARGS", "").split(),
+         "--digest-md5-first", "--config", config] + STORE_ARGS + os.environ.get("BENCH_SERVER_ARGS", "").split(),
         env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "server.log"), "w"))
     base = f"http://127.0.0.1:{http}"
     for _ in range(300):
@@ -408,7 +438,28 @@ def dir_bytes(path):
     return total
 
 
-def soak(proc, sip, tmp):
+def gauges(base):
+    """The server's /metrics gauges (not counters) as {series: value}."""
+    try:
+        text = urllib.request.urlopen(base + "/metrics", timeout=10).read().decode()
+    except OSError:
+        return {}
+    kinds, out = {}, {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            kinds[name] = kind
+        elif line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            if kinds.get(series.split("{")[0]) == "gauge":
+                try:
+                    out[series] = float(value)
+                except ValueError:
+                    pass
+    return out
+
+
+def soak(proc, base, sip, tmp):
     rate = int(os.environ.get("BENCH_SOAK_RATE", "150"))
     minutes = float(os.environ.get("BENCH_SOAK_MINUTES", "30"))
     calls = int(rate * minutes * 60)
@@ -424,13 +475,14 @@ def soak(proc, sip, tmp):
          "-p", str(free_port()), "-mp", "41000", "-timeout", f"{int(minutes * 60 + 300)}s",
          f"127.0.0.1:{sip}"],
         cwd=tmp, stdout=open(os.path.join(tmp, "soak-sipp.out"), "w"), stderr=subprocess.STDOUT)
-    samples = []
+    samples, metered = [], []
     print(f"{'t/s':>6} {'RSS MiB':>8} {'data MiB':>9}")
     while p.poll() is None:
         time.sleep(10)
         t = time.time() - t0
         samples.append((t, rss_kib(proc.pid), dir_bytes(data)))
         if len(samples) % 6 == 0:
+            metered.append((t, gauges(base)))
             print(f"{t:>6.0f} {samples[-1][1] / 1024:>8.1f} {samples[-1][2] / 2**20:>9.1f}", flush=True)
     with open(os.path.join(tmp, "soak-sipp.out"), errors="replace") as f:
         stats = sipp_stats(f.read())
@@ -442,6 +494,15 @@ def soak(proc, sip, tmp):
     print(f"calls: {stats['success']} ok, {stats['failed']} failed (of {calls})")
     print(f"RSS after {warm[0]:.0f} s: {warm[1] / 1024:.1f} MiB; at the end ({end[0]:.0f} s): {end[1] / 1024:.1f} MiB; end/warm {end[1] / max(warm[1], 1):.3f}")
     print(f"data directory: {disk0 / 2**20:.1f} -> {end[2] / 2**20:.1f} MiB, {per_call / 1024:.2f} KiB per call")
+    # What the server's own gauges say grew after the warm-up (its tables,
+    # its heap): the first sample at or after it against the last.
+    if metered:
+        w = next((m for m in metered if m[0] >= warm_s), metered[-1])[1]
+        e = metered[-1][1]
+        grew = sorted(((e[k] - w.get(k, 0.0), k) for k in e if e[k] != w.get(k, 0.0)), reverse=True)
+        print("gauges that changed after the warm-up (end - warm):")
+        for d, k in grew[:25]:
+            print(f"  {k}: {w.get(k, 0.0):.0f} -> {e[k]:.0f} ({d:+.0f})")
 
 
 def retention_bench(proc, base, key, sip, tmp):
@@ -522,6 +583,8 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     print(f"# Plugboard voice benchmark ({os.cpu_count()} cores, loopback, SIPp {subprocess.run(['sipp', '-v'], stdout=subprocess.PIPE, stderr=subprocess.STDOUT).stdout.decode().split()[1]})")
     tmp = tempfile.mkdtemp(prefix="pb-bench-")
+    if os.environ.get("BENCH_STORE") == "postgres":
+        STORE_ARGS.extend(["--store", start_postgres(tmp)])
     proc, base, key, sip = start_server(tmp)
     if ONLY == "retention":
         try:
@@ -533,7 +596,7 @@ def main():
         return
     if ONLY == "soak":
         try:
-            soak(proc, sip, tmp)
+            soak(proc, base, sip, tmp)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=20)

@@ -136,6 +136,7 @@ impl Hub {
             }),
         );
         tokio::spawn(follow_events(Arc::downgrade(&hub), engine.subscribe()));
+        Hub::register_tables(&hub);
         hub
     }
 
@@ -150,8 +151,35 @@ impl Hub {
         lock(&self.conns).values().map(Vec::len).sum()
     }
 
+    /// Notes the visitor of a conversation while the visitor is
+    /// connected (a visitor who left meanwhile is not noted: `leave`
+    /// has already forgotten them).
     fn remember(&self, tenant: &str, ix: &str, visitor: &str) {
-        lock(&self.visitors).insert((tenant.to_string(), ix.to_string()), visitor.to_string());
+        let conns = lock(&self.conns);
+        if conns.contains_key(&(tenant.to_string(), visitor.to_string())) {
+            lock(&self.visitors).insert((tenant.to_string(), ix.to_string()), visitor.to_string());
+        }
+    }
+
+    /// Registers the hub's tables with the engine's `/metrics`.
+    fn register_tables(hub: &Arc<Hub>) {
+        let tables = hub.engine.tables();
+        let weak = Arc::downgrade(hub);
+        let size = move |f: fn(&Hub) -> usize| {
+            let weak = weak.clone();
+            move || weak.upgrade().map(|h| f(&h)).unwrap_or(0)
+        };
+        tables.register("chat_connections", None, size(Hub::connections));
+        tables.register(
+            "chat_conversation_visitors",
+            None,
+            size(|h| lock(&h.visitors).len()),
+        );
+        tables.register(
+            "chat_rate_buckets",
+            Some(3 * limits::PRUNE_AT),
+            size(|h| lock(&h.by_visitor).len() + lock(&h.by_ip).len() + lock(&h.typing).len()),
+        );
     }
 
     /// Sends a frame to every connection of a visitor; false if none.

@@ -23,7 +23,7 @@ pub struct Limiter {
 }
 
 /// Buckets kept before idle ones are pruned.
-const PRUNE_AT: usize = 50_000;
+pub(crate) const PRUNE_AT: usize = 50_000;
 
 impl Limiter {
     /// `rate` tokens a second, at most `burst` at once.
@@ -35,6 +35,16 @@ impl Limiter {
         }
     }
 
+    /// Buckets held.
+    pub fn len(&self) -> usize {
+        self.buckets.len()
+    }
+
+    /// True when no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.buckets.is_empty()
+    }
+
     /// Takes a token for `key` at `now`: `Ok` or `Err(how long until one
     /// is there)`.
     pub fn take(&mut self, key: &str, now: Instant) -> Result<(), Duration> {
@@ -43,6 +53,11 @@ impl Limiter {
             self.buckets.retain(|_, b| {
                 b.tokens + now.saturating_duration_since(b.at).as_secs_f64() * rate < burst
             });
+            // Still full of busy keys (a flood of new ones): a new key
+            // waits, the table stays bounded.
+            if self.buckets.len() >= PRUNE_AT {
+                return Err(Duration::from_secs_f64(1.0 / rate));
+            }
         }
         let (rate, burst) = (self.rate, self.burst);
         let b = self.buckets.entry(key.to_string()).or_insert(Bucket {
@@ -79,5 +94,22 @@ mod tests {
         // Half a second later, one more.
         assert!(l.take("v", t0 + Duration::from_millis(500)).is_ok());
         assert!(l.take("v", t0 + Duration::from_millis(500)).is_err());
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_stays_within_the_bound() {
+        let mut l = Limiter::new(0.01, 2);
+        let t0 = Instant::now();
+        for i in 0..PRUNE_AT {
+            assert!(l.take(&format!("k{i}"), t0).is_ok());
+        }
+        // All busy: a new key waits, a known one is served.
+        assert!(l.take("new", t0).is_err());
+        assert!(l.take("k1", t0).is_ok());
+        assert_eq!(l.len(), PRUNE_AT);
+        // Once they are idle again, they make room.
+        let later = t0 + Duration::from_secs(1000);
+        assert!(l.take("new", later).is_ok());
+        assert_eq!(l.len(), 1);
     }
 }

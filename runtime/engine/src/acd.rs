@@ -449,6 +449,17 @@ impl AcdHub {
         });
     }
 
+    /// Sizes of the hub's tables for `/metrics`: name, entries, bound.
+    pub(crate) fn table_sizes(&self) -> Vec<(&'static str, usize, Option<usize>)> {
+        vec![
+            ("acd_tasks", lock(&self.tasks).len(), None),
+            ("acd_ended_tasks", lock(&self.ended).len(), Some(ENDED_MAX)),
+            ("acd_task_holders", lock(&self.holders).len(), Some(ENDED_MAX)),
+            ("acd_watchers", lock(&self.watchers).len(), None),
+            ("acd_callbacks", lock(&self.callbacks).len(), None),
+        ]
+    }
+
     /// Every loaded queue's numbers as Prometheus text, labelled by
     /// tenant and queue.
     pub(crate) fn encode(&self) -> String {
@@ -844,6 +855,15 @@ impl Engine {
                 let mut holders = lock(&self.acd.holders);
                 if holders.len() >= ENDED_MAX {
                     holders.retain(|_, (_, at)| now.saturating_duration_since(*at) < ENDED_KEPT);
+                }
+                // Still full within the hour: the oldest goes.
+                if holders.len() >= ENDED_MAX
+                    && let Some(oldest) = holders
+                        .iter()
+                        .min_by_key(|(_, (_, at))| *at)
+                        .map(|(k, _)| k.clone())
+                {
+                    holders.remove(&oldest);
                 }
                 holders.insert((tenant.to_string(), task.clone()), (agent.clone(), now));
             }

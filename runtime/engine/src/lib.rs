@@ -44,6 +44,7 @@ pub mod privacy;
 pub mod secrets;
 mod session;
 pub mod sms;
+pub mod tables;
 pub mod usage;
 pub mod webhooks;
 
@@ -232,6 +233,10 @@ pub struct Engine {
     retention_defaults: Retention,
     /// Store compactions: one at a time, and whether one is due.
     compaction: privacy::Compaction,
+    /// Sizes of the node's in-memory tables, for `/metrics`.
+    tables: tables::Tables,
+    /// Webhook deliveries with a task.
+    hooks: webhooks::Deliveries,
 }
 
 impl Engine {
@@ -274,6 +279,8 @@ impl Engine {
             draining: std::sync::atomic::AtomicBool::new(false),
             retention_defaults: Retention::default(),
             compaction: Default::default(),
+            tables: Default::default(),
+            hooks: Default::default(),
         }
     }
 
@@ -405,9 +412,11 @@ impl Engine {
     }
 
     /// Plugin versions kept compiled in memory at most (default
-    /// [`loaded::DEFAULT_MAX_LOADED`]).
+    /// [`loaded::DEFAULT_MAX_LOADED`]); the host keeps twice as many
+    /// compiled components by their hash.
     pub fn with_max_loaded(self, max: usize) -> Self {
         self.loaded.set_limit(max);
+        self.host.set_max_components(max.saturating_mul(2));
         self
     }
 
@@ -1305,13 +1314,38 @@ impl Engine {
             ));
         }
         format!(
-            "{body}{}{}{}{}{}{store}# EOF\n",
+            "{body}{}{}{}{}{}{store}{}# EOF\n",
             self.loaded.encode(),
             self.fair.encode(),
             self.host.fetcher().encode(),
             self.acd.encode(),
-            self.capacity.encode()
+            self.capacity.encode(),
+            self.tables.encode(&self.own_tables())
         )
+    }
+
+    /// The engine's own in-memory tables: name, entries, bound.
+    fn own_tables(&self) -> Vec<(&'static str, usize, Option<usize>)> {
+        let mut rows = self.acd.table_sizes();
+        rows.extend(self.messaging.table_sizes());
+        rows.extend(self.usage_meter.table_sizes());
+        rows.push((
+            "webhook_deliveries",
+            self.hooks.running(),
+            Some(webhooks::MAX_RUNNING),
+        ));
+        rows.push((
+            "plugin_components",
+            self.host.resident_components(),
+            Some(self.host.max_components()),
+        ));
+        rows
+    }
+
+    /// The registry of in-memory tables `/metrics` shows: channels
+    /// register theirs when they start.
+    pub fn tables(&self) -> &tables::Tables {
+        &self.tables
     }
 
     /// Runs a flow against scripted events, as `simulate` does, and

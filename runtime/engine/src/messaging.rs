@@ -289,6 +289,23 @@ pub(crate) struct Hub {
     courier_added: Arc<tokio::sync::Notify>,
 }
 
+impl Hub {
+    /// Sizes for `/metrics`: conversations being worked on, and outbox
+    /// lanes with their messages (bounded by the durable outbox).
+    pub(crate) fn table_sizes(&self) -> Vec<(&'static str, usize, Option<usize>)> {
+        let lanes = lock(&self.lanes);
+        vec![
+            ("conversation_workers", lock(&self.workers).len(), None),
+            ("outbox_lanes", lanes.len(), None),
+            (
+                "outbox_lane_messages",
+                lanes.values().map(BTreeSet::len).sum(),
+                None,
+            ),
+        ]
+    }
+}
+
 /// The rate bucket of messages the tenant sends on a channel.
 fn out_bucket(channel: Channel) -> &'static str {
     match channel {

@@ -144,6 +144,29 @@ pub(crate) struct UsageMeter {
 }
 
 impl UsageMeter {
+    /// Sizes for `/metrics`: hours of usage not yet written (dropped
+    /// once written, every 10 s), agents signed in, and call usage
+    /// writes under way.
+    pub(crate) fn table_sizes(&self) -> Vec<(&'static str, usize, Option<usize>)> {
+        vec![
+            (
+                "usage_hours",
+                self.hours.lock().map(|h| h.len()).unwrap_or(0),
+                None,
+            ),
+            (
+                "usage_seats",
+                self.seats.lock().map(|s| s.len()).unwrap_or(0),
+                None,
+            ),
+            (
+                "usage_call_writes",
+                self.writing.load(Ordering::Relaxed),
+                None,
+            ),
+        ]
+    }
+
     pub(crate) fn new(run: String) -> Self {
         UsageMeter {
             run,

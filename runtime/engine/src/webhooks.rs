@@ -34,6 +34,31 @@ use crate::{Engine, EngineResult};
 const WEBHOOK: &str = "webhook";
 pub(crate) const HOOK_OUT: &str = "hook_out";
 const MAX_ATTEMPTS: u32 = 12;
+/// Deliveries waiting in memory (a task each) at most; past it they wait
+/// in the store only and are taken up as room comes.
+pub(crate) const MAX_RUNNING: usize = 10_000;
+/// Store errors in a row before a delivery's task gives way (the
+/// delivery stays stored and is taken up again later).
+const MAX_STORE_ERRORS: u32 = 12;
+
+/// The deliveries with a task, and the tenants with stored deliveries
+/// that have none (past [`MAX_RUNNING`], or after store errors).
+#[derive(Default)]
+pub(crate) struct Deliveries {
+    running: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    parked: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl Deliveries {
+    /// Deliveries with a task now.
+    pub(crate) fn running(&self) -> usize {
+        crate::acd::lock(&self.running).len()
+    }
+
+    fn park(&self, tenant: &str) {
+        crate::acd::lock(&self.parked).insert(tenant.to_string());
+    }
+}
 
 /// The events a webhook may ask for.
 pub const EVENTS: &[&str] = &["message", "message_status"];
@@ -155,11 +180,43 @@ impl Engine {
         Ok(ids)
     }
 
-    /// Starts deliveries written by [`Engine::hook_writes`].
+    /// Starts deliveries written by [`Engine::hook_writes`]: a task each,
+    /// unless one runs already or [`MAX_RUNNING`] do (the tenant's
+    /// stored deliveries are then taken up as room comes).
     pub(crate) fn start_hooks(self: &Arc<Self>, tenant: &str, ids: Vec<String>) {
         for id in ids {
+            {
+                let mut running = crate::acd::lock(&self.hooks.running);
+                if running.len() >= MAX_RUNNING {
+                    drop(running);
+                    self.hooks.park(tenant);
+                    return;
+                }
+                if !running.insert((tenant.to_string(), id.clone())) {
+                    continue;
+                }
+            }
             let (engine, tenant) = (self.clone(), tenant.to_string());
             tokio::spawn(async move { engine.deliver_hook_until_done(tenant, id).await });
+        }
+        self.unpark_hooks();
+    }
+
+    /// Takes up the stored deliveries of tenants parked earlier, once
+    /// there is room for half of [`MAX_RUNNING`] again.
+    fn unpark_hooks(self: &Arc<Self>) {
+        if self.hooks.running() > MAX_RUNNING / 2 {
+            return;
+        }
+        let tenants: Vec<String> = crate::acd::lock(&self.hooks.parked).drain().collect();
+        for tenant in tenants {
+            let engine = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = engine.resume_hooks(&tenant).await {
+                    tracing::warn!("webhook deliveries of {tenant}: {e}");
+                    engine.hooks.park(&tenant);
+                }
+            });
         }
     }
 
@@ -175,16 +232,28 @@ impl Engine {
     }
 
     async fn deliver_hook_until_done(self: Arc<Self>, tenant: String, id: String) {
+        let mut errors = 0;
         loop {
             match self.deliver_hook(&tenant, &id).await {
-                Ok(Some(wait)) => tokio::time::sleep(wait).await,
-                Ok(None) => return,
+                Ok(Some(wait)) => {
+                    errors = 0;
+                    tokio::time::sleep(wait).await
+                }
+                Ok(None) => break,
                 Err(e) => {
                     tracing::warn!("webhook delivery {id} of {tenant}: {e}");
+                    errors += 1;
+                    if errors >= MAX_STORE_ERRORS {
+                        // Stored still: taken up again later.
+                        self.hooks.park(&tenant);
+                        break;
+                    }
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }
             }
         }
+        crate::acd::lock(&self.hooks.running).remove(&(tenant, id));
+        self.unpark_hooks();
     }
 
     /// One attempt; `Some(wait)` to try again after it.

@@ -403,6 +403,10 @@ pub enum TtsOutput {
     },
 }
 
+/// Compiled components kept by their hash unless the host is told
+/// otherwise ([`PluginHost::set_max_components`]).
+pub const DEFAULT_MAX_COMPONENTS: usize = 512;
+
 /// SHA-256 of `bytes`, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -414,7 +418,11 @@ pub struct PluginHost {
     engine: Engine,
     linker: Linker<Ctx>,
     cache_dir: Option<PathBuf>,
-    components: Mutex<HashMap<String, Component>>,
+    /// Compiled components by SHA-256, with when each was last used: at
+    /// most `max_components` (the one used longest ago goes first; a
+    /// loaded plugin keeps its own copy).
+    components: Mutex<(HashMap<String, (Component, u64)>, u64)>,
+    max_components: std::sync::atomic::AtomicUsize,
     tick: Duration,
     max_concurrent: u32,
     max_memory_bytes: usize,
@@ -523,7 +531,8 @@ impl PluginHost {
             engine,
             linker,
             cache_dir: config.cache_dir,
-            components: Mutex::new(HashMap::new()),
+            components: Mutex::new((HashMap::new(), 0)),
+            max_components: std::sync::atomic::AtomicUsize::new(DEFAULT_MAX_COMPONENTS),
             tick: config.epoch_tick,
             max_concurrent: n,
             max_memory_bytes: config.max_memory_bytes,
@@ -545,7 +554,19 @@ impl PluginHost {
 
     /// Number of distinct compiled components held in memory.
     pub fn resident_components(&self) -> usize {
-        self.components.lock().map(|m| m.len()).unwrap_or(0)
+        self.components.lock().map(|m| m.0.len()).unwrap_or(0)
+    }
+
+    /// The bound on compiled components kept by their hash
+    /// ([`DEFAULT_MAX_COMPONENTS`] unless set).
+    pub fn max_components(&self) -> usize {
+        self.max_components.load(Ordering::Relaxed)
+    }
+
+    /// Sets the bound on compiled components kept by their hash (at
+    /// least 1); those used longest ago go first.
+    pub fn set_max_components(&self, max: usize) {
+        self.max_components.store(max.max(1), Ordering::Relaxed);
     }
 
     fn cache_path(&self, sha: &str) -> Option<PathBuf> {
@@ -555,13 +576,13 @@ impl PluginHost {
     }
 
     fn component(&self, sha: &str, bytes: &[u8]) -> Result<(Component, LoadSource), HostError> {
-        if let Some(c) = self
-            .components
-            .lock()
-            .ok()
-            .and_then(|m| m.get(sha).cloned())
-        {
-            return Ok((c, LoadSource::Memory));
+        if let Ok(mut guard) = self.components.lock() {
+            let (map, clock) = &mut *guard;
+            *clock += 1;
+            if let Some((c, used)) = map.get_mut(sha) {
+                *used = *clock;
+                return Ok((c.clone(), LoadSource::Memory));
+            }
         }
         let mut source = LoadSource::Compiled;
         let mut component = None;
@@ -601,8 +622,20 @@ impl PluginHost {
                 c
             }
         };
-        if let Ok(mut m) = self.components.lock() {
-            m.insert(sha.to_string(), component.clone());
+        if let Ok(mut guard) = self.components.lock() {
+            let (map, clock) = &mut *guard;
+            *clock += 1;
+            map.insert(sha.to_string(), (component.clone(), *clock));
+            while map.len() > self.max_components() {
+                let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| k.clone())
+                else {
+                    break;
+                };
+                map.remove(&oldest);
+            }
         }
         Ok((component, source))
     }

@@ -91,6 +91,12 @@ impl Espeak {
         }
     }
 
+    /// Samples cached now, and the budget.
+    pub fn cached_samples(&self) -> (usize, usize) {
+        let cached = self.cache.lock().map(|c| c.samples).unwrap_or(0);
+        (cached, self.budget_samples)
+    }
+
     /// Cache hits and misses so far.
     pub fn stats(&self) -> (u64, u64) {
         self.cache

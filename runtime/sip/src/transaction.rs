@@ -82,6 +82,16 @@ impl Default for TimerConfig {
     }
 }
 
+/// How long an INVITE server transaction may wait for the TU's final
+/// response before [`TxEvent::Unanswered`] (a safety net: a TU that
+/// lost track of a call must not hold its transaction for ever).
+pub const UNANSWERED_INVITE: Duration = Duration::from_secs(300);
+
+/// Server transactions held at most unless set otherwise
+/// ([`Transactions::set_max_servers`]); a new request beyond it is
+/// answered 503 without a transaction.
+pub const DEFAULT_MAX_SERVER_TRANSACTIONS: usize = 65_536;
+
 /// Identifies a server transaction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServerTxId(u64);
@@ -119,6 +129,14 @@ pub enum TxEvent {
     Cancelled {
         /// The INVITE's server transaction.
         invite: ServerTxId,
+    },
+    /// An INVITE got no final response within
+    /// [`UNANSWERED_INVITE`]: the TU should answer it now (a 5xx) and
+    /// forget what it holds for it. The transaction is forgotten 64·T1
+    /// later whatever the TU does.
+    Unanswered {
+        /// The INVITE's server transaction.
+        id: ServerTxId,
     },
     /// An INVITE answered with a non-2xx final got no ACK (timer H).
     NoAck {
@@ -245,6 +263,7 @@ pub struct Transactions {
     tx_timers: HashMap<(u64, u8), u64>,
     out: VecDeque<Transmit>,
     events: VecDeque<TxEvent>,
+    max_servers: usize,
 }
 
 impl Transactions {
@@ -262,7 +281,39 @@ impl Transactions {
             tx_timers: HashMap::new(),
             out: VecDeque::new(),
             events: VecDeque::new(),
+            max_servers: DEFAULT_MAX_SERVER_TRANSACTIONS,
         }
+    }
+
+    /// Sets the bound on server transactions (at least 1).
+    pub fn set_max_servers(&mut self, max: usize) {
+        self.max_servers = max.max(1);
+    }
+
+    /// The bound on server transactions.
+    pub fn max_servers(&self) -> usize {
+        self.max_servers
+    }
+
+    /// Timers pending (the heap may also hold cancelled ones until their
+    /// time comes).
+    pub fn timers_len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// True (and a stateless 503 queued) when a new server transaction
+    /// would go past the bound.
+    fn full(&mut self, from: Peer, req: &Request) -> bool {
+        if self.servers.len() < self.max_servers {
+            return false;
+        }
+        let mut resp = reply(req, 503, "Service Unavailable", None);
+        resp.headers.push("Retry-After", "5");
+        self.out.push_back(Transmit {
+            to: from,
+            bytes: resp.to_bytes(),
+        });
+        true
     }
 
     fn id(&mut self) -> u64 {
@@ -420,6 +471,7 @@ impl Transactions {
                 info,
                 from,
             }),
+            _ if self.full(from, &req) => {}
             Method::Cancel => self.on_cancel(now, from, req, info, key),
             _ => {
                 let n = self.id();
@@ -441,6 +493,7 @@ impl Transactions {
                     // caller's INVITE retransmissions early (RFC 3261 §17.2.1).
                     let trying = reply(&req, 100, "Trying", None);
                     self.respond(now, ServerTxId(n), trying);
+                    self.set_timer(TxRef::Server(n), Timer::Timeout, now + UNANSWERED_INVITE);
                 }
                 self.events.push_back(TxEvent::Request {
                     id: ServerTxId(n),
@@ -699,8 +752,20 @@ impl Transactions {
                 self.set_timer(tx, Timer::Retransmit, at);
             }
             (TxRef::Server(n), Timer::Timeout) => {
-                self.remove(tx);
-                self.events.push_back(TxEvent::NoAck { id: ServerTxId(n) });
+                let unanswered = self.servers.get(&n).is_some_and(|s| {
+                    matches!(s.state, ServerState::Trying | ServerState::Proceeding)
+                });
+                if unanswered {
+                    // The TU answers (or not); the transaction goes
+                    // 64·T1 later either way.
+                    let forget = now + 64 * self.timers_cfg.t1;
+                    self.set_timer(tx, Timer::Forget, forget);
+                    self.events
+                        .push_back(TxEvent::Unanswered { id: ServerTxId(n) });
+                } else {
+                    self.remove(tx);
+                    self.events.push_back(TxEvent::NoAck { id: ServerTxId(n) });
+                }
             }
             (TxRef::Client(n), Timer::Retransmit) => {
                 let Some(c) = self.clients.get_mut(&n) else {

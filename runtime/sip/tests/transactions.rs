@@ -287,3 +287,56 @@ fn tcp_never_retransmits() {
     assert!(h.run_until(start, Duration::from_secs(40)).is_empty());
     assert!(matches!(h.events().as_slice(), [TxEvent::NoAck { .. }]));
 }
+
+#[test]
+fn an_invite_the_tu_never_answers_is_reported_then_forgotten() {
+    use plugboard_sip::transaction::UNANSWERED_INVITE;
+    for tu_answers in [true, false] {
+        let mut h = Harness::new();
+        let udp = peer(Transport::Udp);
+        h.receive(udp, &invite(&new_branch()));
+        h.sent();
+        let Some(TxEvent::Request { id, request, .. }) = h.events().pop() else {
+            panic!("no request")
+        };
+        let start = h.now;
+        assert!(h.run_until(start, UNANSWERED_INVITE).is_empty());
+        assert_eq!(h.now - start, UNANSWERED_INVITE);
+        let events = h.events();
+        assert!(
+            matches!(events.as_slice(), [TxEvent::Unanswered { id: i }] if *i == id),
+            "{events:?}"
+        );
+        if tu_answers {
+            h.tx.respond(h.now, id, reply(&request, 500, "Server Internal Error", Some("t")));
+            assert_eq!(h.sent().iter().map(status).collect::<Vec<_>>(), vec![500]);
+        }
+        h.run_until(start, UNANSWERED_INVITE + Duration::from_secs(33));
+        assert_eq!(h.tx.len(), (0, 0), "answered by the TU: {tu_answers}");
+    }
+}
+
+#[test]
+fn past_the_bound_a_new_request_gets_503_and_no_transaction() {
+    let mut h = Harness::new();
+    h.tx.set_max_servers(2);
+    let udp = peer(Transport::Udp);
+    for _ in 0..2 {
+        h.receive(udp, &invite(&new_branch()));
+        assert_eq!(h.sent().iter().map(status).collect::<Vec<_>>(), vec![100]);
+    }
+    assert_eq!(h.events().len(), 2);
+    let third = invite(&new_branch());
+    h.receive(udp, &third);
+    let sent = h.sent();
+    assert_eq!(sent.iter().map(status).collect::<Vec<_>>(), vec![503]);
+    let Message::Response(r) = &sent[0] else {
+        panic!("{sent:?}")
+    };
+    assert_eq!(r.headers.get("Retry-After"), Some("5"));
+    assert!(h.events().is_empty());
+    assert_eq!(h.tx.len(), (2, 0));
+    // An ACK needs no transaction and still goes through.
+    h.receive(udp, &with_method(&third, "ACK", Some("x")));
+    assert!(matches!(h.events().as_slice(), [TxEvent::Ack { .. }]));
+}

@@ -308,7 +308,6 @@ pub(crate) async fn receive(spec: FaxSpec) {
             let _ = endpoint.send(CallOut::Hangup(key.clone()));
         }
     }
-    let _ = endpoint.send(CallOut::Ended(key));
 }
 
 /// A call being taken as a fax: an inbound fax call from the start, or a

@@ -178,8 +178,7 @@ pub(crate) async fn run(spec: CallSpec) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot register RTP sockets: {e}");
-            let _ = endpoint.send(CallOut::Hangup(key.clone()));
-            let _ = endpoint.send(CallOut::Ended(key));
+            let _ = endpoint.send(CallOut::Hangup(key));
             return;
         }
     };
@@ -1233,8 +1232,6 @@ impl Call {
             .clone()
             .unwrap_or_else(|| ("ended".into(), "system"));
         let Some(mut session) = self.session.take() else {
-            // The endpoint still learns that the call is over.
-            let _ = self.endpoint.send(CallOut::Ended(self.key.clone()));
             return;
         };
         if by == "caller" && self.confirmed && !session.failed() {
@@ -1272,6 +1269,5 @@ impl Call {
         if let Err(e) = session.close(ending).await {
             tracing::error!("cannot store the call record: {e}");
         }
-        let _ = self.endpoint.send(CallOut::Ended(self.key.clone()));
     }
 }

@@ -490,7 +490,7 @@ impl Endpoint {
             Answering::Flow(s) => *s,
             Answering::Fax(fax) => {
                 let spec = crate::call::fax::FaxSpec {
-                    key,
+                    key: key.clone(),
                     fax,
                     media,
                     negotiated,
@@ -499,7 +499,7 @@ impl Endpoint {
                     app: self.app.clone(),
                     config: self.config.clone(),
                 };
-                tokio::spawn(crate::call::fax::receive(spec));
+                self.watch_call(key, crate::call::fax::receive(spec));
                 return;
             }
         };
@@ -526,7 +526,26 @@ impl Endpoint {
             interaction = %spec.session.interaction.id,
             sip_call_id = %spec.key.0
         );
-        tokio::spawn(tracing::Instrument::instrument(call::run(spec), span));
+        let key = spec.key.clone();
+        self.watch_call(key, tracing::Instrument::instrument(call::run(spec), span));
+    }
+
+    /// Runs a call's task; when it ends, however it ends (a panic
+    /// included), the endpoint learns it ([`CallOut::Ended`]), so that
+    /// its dialog and its count never outlive it.
+    fn watch_call(
+        &self,
+        key: DialogKey,
+        task: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
+        let endpoint = self.calls.clone();
+        let task = tokio::spawn(task);
+        tokio::spawn(async move {
+            if let Err(e) = task.await {
+                tracing::error!("call {}: its task failed: {e}", key.0);
+            }
+            let _ = endpoint.send(CallOut::Ended(key));
+        });
     }
 
     /// Sends a 2xx on the INVITE transaction and, over UDP, retransmits it

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use plugboard_core::Binding;
@@ -273,14 +274,25 @@ pub(crate) async fn start(
             }
         }));
     }
-    // TCP acceptor.
+    // TCP acceptor: at most MAX_TCP_CONNECTIONS accepted connections at
+    // once (one past it is closed at once; the peer retries or uses UDP).
+    let tcp_open = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
     {
         let tx = tx.clone();
+        let tcp_open = tcp_open.clone();
         tasks.push(tokio::spawn(async move {
             loop {
                 match tcp.accept().await {
                     Ok((stream, addr)) => {
-                        tokio::spawn(tcp_connection(stream, addr, tx.clone()));
+                        let Ok(permit) = tcp_open.clone().try_acquire_owned() else {
+                            tracing::warn!("sip tcp: {addr} refused, {MAX_TCP_CONNECTIONS} connections open");
+                            continue;
+                        };
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            tcp_connection(stream, addr, tx).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!("sip tcp accept: {e}");
@@ -291,8 +303,37 @@ pub(crate) async fn start(
         }));
     }
     let ip = config.advertised_ip();
+    let sizes = Arc::new(Sizes::default());
+    for (i, (name, limit)) in SIZE_TABLES.iter().enumerate() {
+        let limit = match *limit {
+            Bound::Ports => Some(pairs),
+            Bound::Fixed(n) => Some(n),
+            Bound::Other => None,
+        };
+        let sizes = sizes.clone();
+        app.tables()
+            .register(name, limit, move || sizes.0[i].load(Ordering::Relaxed));
+    }
+    {
+        let tcp_open = tcp_open.clone();
+        app.tables().register(
+            "sip_tcp_accepted",
+            Some(MAX_TCP_CONNECTIONS),
+            move || MAX_TCP_CONNECTIONS - tcp_open.available_permits(),
+        );
+    }
 
+    let tts = Arc::new(Espeak::new(config.espeak.clone(), 16 << 20));
+    {
+        let tts = tts.clone();
+        let budget = tts.cached_samples().1;
+        app.tables()
+            .register("tts_cache_samples", Some(budget), move || {
+                tts.cached_samples().0
+            });
+    }
     let endpoint = Endpoint {
+        sizes,
         tx: Transactions::new(TimerConfig::default()),
         policy: policy(),
         throttle: AuthThrottle::new(ThrottleConfig::default()),
@@ -318,7 +359,7 @@ pub(crate) async fn start(
             }
             a
         },
-        tts: Arc::new(Espeak::new(config.espeak.clone(), 16 << 20)),
+        tts: tts.clone(),
         config: Arc::new(config),
         app,
         pool,
@@ -344,7 +385,43 @@ pub(crate) async fn start(
     })
 }
 
+/// Accepted SIP TCP connections open at once, at most.
+const MAX_TCP_CONNECTIONS: usize = 4096;
+
+/// What bounds one of the endpoint's tables.
+enum Bound {
+    /// The RTP port pairs (each entry holds one).
+    Ports,
+    /// A fixed number.
+    Fixed(usize),
+    /// Something else: the transaction bound, the calls' own limits.
+    Other,
+}
+
+/// The endpoint's tables `/metrics` shows, in [`Sizes`]' order.
+const SIZE_TABLES: [(&str, Bound); 9] = [
+    ("sip_dialogs", Bound::Ports),
+    ("sip_invites_pending", Bound::Other),
+    ("sip_invites_starting", Bound::Other),
+    ("sip_outbound_legs", Bound::Ports),
+    ("sip_tcp_senders", Bound::Other),
+    (
+        "sip_server_transactions",
+        Bound::Fixed(plugboard_sip::transaction::DEFAULT_MAX_SERVER_TRANSACTIONS),
+    ),
+    ("sip_client_transactions", Bound::Other),
+    ("sip_timers", Bound::Other),
+    ("voice_call_tasks", Bound::Ports),
+];
+
+/// The sizes of the endpoint's tables as last published (the loop owns
+/// the tables and stores their sizes after each turn).
+#[derive(Default)]
+struct Sizes([AtomicUsize; SIZE_TABLES.len()]);
+
 struct Endpoint {
+    /// Published sizes of the tables below.
+    sizes: Arc<Sizes>,
     tx: Transactions,
     /// Failed digest authentication, throttled per address and per user.
     throttle: AuthThrottle,
@@ -413,6 +490,26 @@ impl Endpoint {
                 _ = sleep => self.tx.handle_timeout(Instant::now()),
             }
             self.drain();
+            self.publish_sizes();
+        }
+    }
+
+    /// Stores the tables' sizes for `/metrics` ([`SIZE_TABLES`]' order).
+    fn publish_sizes(&self) {
+        let (servers, clients) = self.tx.len();
+        let now = [
+            self.dialogs.len(),
+            self.pending.len(),
+            self.starting.len(),
+            self.legs.len(),
+            self.tcp.len() + self.connecting.len(),
+            servers,
+            clients,
+            self.tx.timers_len(),
+            self.live_calls,
+        ];
+        for (slot, n) in self.sizes.0.iter().zip(now) {
+            slot.store(n, Ordering::Relaxed);
         }
     }
 
@@ -543,20 +640,11 @@ impl Endpoint {
                 }
             }
             TxEvent::Cancelled { invite } => {
-                if let Some(req) = self.starting.remove(&invite) {
-                    // Still being looked up or opened: answered now; the
-                    // lookup's answer finds it gone.
-                    let resp = reply(&req, 487, reason_phrase(487), Some(&random_token()));
-                    self.respond(invite, resp);
-                } else if let Some(key) = self.pending.remove(&invite)
-                    && let Some(d) = self.dialogs.remove(&key)
-                {
-                    let resp = reply(&d.invite, 487, reason_phrase(487), Some(&key.1));
-                    self.respond(invite, resp);
-                    let _ = d
-                        .call
-                        .send(CallCmd::RemoteHangup("cancelled by the caller".into()));
-                }
+                self.end_unanswered(invite, 487, "cancelled by the caller")
+            }
+            TxEvent::Unanswered { id } => {
+                tracing::warn!("an INVITE had no final answer in time: ended with 500");
+                self.end_unanswered(id, 500, "no final answer in time")
             }
             TxEvent::Response { id, response } if self.t38_tx.contains_key(&id) => {
                 self.t38_response(id, *response)
@@ -574,6 +662,22 @@ impl Endpoint {
                     self.fail_leg(key, 408, "no answer from the far end".into());
                 }
             }
+        }
+    }
+
+    /// Ends an INVITE not yet answered with `status` (487 when
+    /// cancelled): still being looked up or opened (the lookup's answer
+    /// then finds it gone), or ringing (its call is told).
+    fn end_unanswered(&mut self, invite: ServerTxId, status: u16, why: &str) {
+        if let Some(req) = self.starting.remove(&invite) {
+            let resp = reply(&req, status, reason_phrase(status), Some(&random_token()));
+            self.respond(invite, resp);
+        } else if let Some(key) = self.pending.remove(&invite)
+            && let Some(d) = self.dialogs.remove(&key)
+        {
+            let resp = reply(&d.invite, status, reason_phrase(status), Some(&key.1));
+            self.respond(invite, resp);
+            let _ = d.call.send(CallCmd::RemoteHangup(why.into()));
         }
     }
 
@@ -819,11 +923,12 @@ impl Endpoint {
                 }
             }
             CallOut::Ended(key) => {
-                if let Some(d) = self.dialogs.remove(&key) {
-                    if let Some(r) = d.retransmit {
-                        r.abort();
-                    }
-                    self.pending.remove(&d.invite_tx);
+                // A call that ended without hanging up (an internal
+                // error, a task that failed): the caller is told now,
+                // with a BYE or, still ringing, a 480.
+                if let Some(invite_tx) = self.dialogs.get(&key).map(|d| d.invite_tx) {
+                    self.bye(&key);
+                    self.pending.remove(&invite_tx);
                 }
                 self.live_calls = self.live_calls.saturating_sub(1);
                 self.check_drained();
