@@ -31,6 +31,8 @@ baseline for signalling CPU per call. Prints numbers; asserts nothing.
    BENCH_STORE=postgres runs the server on a throwaway PostgreSQL cluster
    instead of the embedded store (the node's own memory without sled's).
    The /metrics gauges that changed after the warm-up are printed too.
+   BENCH_RTP_PORTS (20000-29999) and BENCH_SIPP_MEDIA_PORT (41000) let two
+   soaks run side by side.
 
 6. Retention (BENCH_ONLY=retention): the server is stopped, its store
    seeded with BENCH_RETENTION_RECORDS (1000000) calls 40 days old
@@ -131,6 +133,7 @@ def start_postgres(tmp):
         sys.exit("PostgreSQL is not installed (scripts/setup.sh installs it)")
     bin_dir, pg = bins[-1], os.path.join(tmp, "pg")
     os.makedirs(pg)
+    os.chmod(tmp, 0o711)  # the server's user must reach its directory
     as_server = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
     if os.getuid() == 0:
         subprocess.run(["chown", "-R", "postgres", pg], check=True)
@@ -159,7 +162,7 @@ def start_server(tmp, setup=True):
     env = dict(os.environ, PLUGBOARD_ADMIN_TOKEN=token, RUST_LOG="warn")
     proc = subprocess.Popen(
         [BIN, "--data-dir", os.path.join(tmp, "data"), "serve", "--http", f"127.0.0.1:{http}",
-         "--sip", f"127.0.0.1:{sip}", "--rtp-ports", "20000-29999", "--max-concurrent", "64",
+         "--sip", f"127.0.0.1:{sip}", "--rtp-ports", os.environ.get("BENCH_RTP_PORTS", "20000-29999"), "--max-concurrent", "64",
          "--digest-md5-first", "--config", config] + STORE_ARGS + os.environ.get("BENCH_SERVER_ARGS", "").split(),
         env=env, stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "server.log"), "w"))
     base = f"http://127.0.0.1:{http}"
@@ -472,7 +475,7 @@ def soak(proc, base, sip, tmp):
         ["sipp", "-i", "127.0.0.1", "-nostdin", "-trace_stat", "-fd", "1",
          "-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000",
          "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
-         "-p", str(free_port()), "-mp", "41000", "-timeout", f"{int(minutes * 60 + 300)}s",
+         "-p", str(free_port()), "-mp", os.environ.get("BENCH_SIPP_MEDIA_PORT", "41000"), "-timeout", f"{int(minutes * 60 + 300)}s",
          f"127.0.0.1:{sip}"],
         cwd=tmp, stdout=open(os.path.join(tmp, "soak-sipp.out"), "w"), stderr=subprocess.STDOUT)
     samples, metered = [], []

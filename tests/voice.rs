@@ -1095,6 +1095,60 @@ password = "trunk-secret"
         "{}",
         usage_total(&server, &key, "acme")
     );
+    // The in-memory tables, their bounds, and nothing left of the call.
+    let text = || {
+        server
+            .get("/metrics", "")
+            .body
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let entries = |t: &str, table: &str| {
+        counter(t, &format!("plugboard_table_entries{{table=\"{table}\"}} "))
+    };
+    assert!(
+        plugboard_tests::eventually(Duration::from_secs(10), || {
+            let t = text();
+            [
+                "sip_dialogs",
+                "voice_call_tasks",
+                "sip_invites_pending",
+                "sip_outbound_legs",
+            ]
+            .iter()
+            .all(|table| t.contains(&format!("{{table=\"{table}\"}} 0\n")))
+        }),
+        "{}",
+        text()
+    );
+    let t = text();
+    // 100 RTP port pairs in 24100-24299.
+    assert_eq!(
+        counter(&t, "plugboard_table_limit{table=\"sip_dialogs\"} "),
+        100.0,
+        "{t}"
+    );
+    assert_eq!(
+        counter(
+            &t,
+            "plugboard_table_limit{table=\"sip_server_transactions\"} "
+        ),
+        65536.0
+    );
+    assert_eq!(
+        counter(&t, "plugboard_table_limit{table=\"plugin_components\"} "),
+        512.0
+    );
+    assert!(
+        entries(&t, "tts_cache_samples") > 0.0,
+        "the prompt was spoken: {t}"
+    );
+    assert!(
+        counter(&t, "plugboard_process_resident_bytes ") > 1e6,
+        "{t}"
+    );
+    assert!(counter(&t, "plugboard_runtime_tasks ") > 0.0, "{t}");
     Ok(())
 }
 

@@ -223,7 +223,8 @@ impl Hub {
             list.retain(|c| c.id != id);
             if list.is_empty() {
                 conns.remove(&key);
-                drop(conns);
+                // Under the connections' lock (the order `remember`
+                // takes too): a tab joining meanwhile is remembered after.
                 lock(&self.visitors).retain(|(t, _), v| !(t == tenant && v == visitor));
             }
         }

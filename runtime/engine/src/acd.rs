@@ -454,7 +454,11 @@ impl AcdHub {
         vec![
             ("acd_tasks", lock(&self.tasks).len(), None),
             ("acd_ended_tasks", lock(&self.ended).len(), Some(ENDED_MAX)),
-            ("acd_task_holders", lock(&self.holders).len(), Some(ENDED_MAX)),
+            (
+                "acd_task_holders",
+                lock(&self.holders).len(),
+                Some(ENDED_MAX),
+            ),
             ("acd_watchers", lock(&self.watchers).len(), None),
             ("acd_callbacks", lock(&self.callbacks).len(), None),
         ]
@@ -856,14 +860,13 @@ impl Engine {
                 if holders.len() >= ENDED_MAX {
                     holders.retain(|_, (_, at)| now.saturating_duration_since(*at) < ENDED_KEPT);
                 }
-                // Still full within the hour: the oldest goes.
-                if holders.len() >= ENDED_MAX
-                    && let Some(oldest) = holders
-                        .iter()
-                        .min_by_key(|(_, (_, at))| *at)
-                        .map(|(k, _)| k.clone())
-                {
-                    holders.remove(&oldest);
+                // Still full within the hour: the oldest tenth goes.
+                if holders.len() >= ENDED_MAX {
+                    let mut ages: Vec<Instant> = holders.values().map(|(_, at)| *at).collect();
+                    let cut = ages.len() / 10;
+                    let (_, nth, _) = ages.select_nth_unstable(cut);
+                    let cut = *nth;
+                    holders.retain(|_, (_, at)| *at > cut);
                 }
                 holders.insert((tenant.to_string(), task.clone()), (agent.clone(), now));
             }

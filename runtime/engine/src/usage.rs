@@ -544,6 +544,8 @@ impl Engine {
                 tick.tick().await;
                 let Some(app) = weak.upgrade() else { return };
                 app.flush_usage().await;
+                // Webhook deliveries that wait in the store only.
+                app.unpark_hooks();
             }
         });
     }

@@ -18,6 +18,7 @@
 //! the tenant's plugins: a webhook cannot reach a private address the
 //! operator has not allowed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,11 +43,12 @@ pub(crate) const MAX_RUNNING: usize = 10_000;
 const MAX_STORE_ERRORS: u32 = 12;
 
 /// The deliveries with a task, and the tenants with stored deliveries
-/// that have none (past [`MAX_RUNNING`], or after store errors).
+/// that may have none (past [`MAX_RUNNING`], or after store errors), with
+/// the id after which to look for them.
 #[derive(Default)]
 pub(crate) struct Deliveries {
     running: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
-    parked: std::sync::Mutex<std::collections::HashSet<String>>,
+    parked: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl Deliveries {
@@ -55,8 +57,17 @@ impl Deliveries {
         crate::acd::lock(&self.running).len()
     }
 
-    fn park(&self, tenant: &str) {
-        crate::acd::lock(&self.parked).insert(tenant.to_string());
+    /// Notes that `tenant` has stored deliveries without a task after
+    /// the id `after` (the earliest such note wins).
+    fn park(&self, tenant: &str, after: &str) {
+        crate::acd::lock(&self.parked)
+            .entry(tenant.to_string())
+            .and_modify(|a| {
+                if after < a.as_str() {
+                    *a = after.to_string();
+                }
+            })
+            .or_insert_with(|| after.to_string());
     }
 }
 
@@ -180,55 +191,77 @@ impl Engine {
         Ok(ids)
     }
 
-    /// Starts deliveries written by [`Engine::hook_writes`]: a task each,
-    /// unless one runs already or [`MAX_RUNNING`] do (the tenant's
-    /// stored deliveries are then taken up as room comes).
+    /// Starts deliveries written by [`Engine::hook_writes`] (ids in
+    /// order): a task each, unless one runs already or [`MAX_RUNNING`] do
+    /// (the tenant's stored deliveries are then taken up as room comes).
     pub(crate) fn start_hooks(self: &Arc<Self>, tenant: &str, ids: Vec<String>) {
+        let mut before = String::new();
         for id in ids {
             {
                 let mut running = crate::acd::lock(&self.hooks.running);
                 if running.len() >= MAX_RUNNING {
                     drop(running);
-                    self.hooks.park(tenant);
+                    self.hooks.park(tenant, &before);
                     return;
                 }
                 if !running.insert((tenant.to_string(), id.clone())) {
+                    before = id;
                     continue;
                 }
             }
+            before.clone_from(&id);
             let (engine, tenant) = (self.clone(), tenant.to_string());
             tokio::spawn(async move { engine.deliver_hook_until_done(tenant, id).await });
         }
-        self.unpark_hooks();
     }
 
-    /// Takes up the stored deliveries of tenants parked earlier, once
-    /// there is room for half of [`MAX_RUNNING`] again.
-    fn unpark_hooks(self: &Arc<Self>) {
-        if self.hooks.running() > MAX_RUNNING / 2 {
+    /// Takes up the stored deliveries of parked tenants, a page at a
+    /// time, once there is room for half of [`MAX_RUNNING`]: when a
+    /// delivery ends, and every few seconds (the usage flusher's tick).
+    pub(crate) fn unpark_hooks(self: &Arc<Self>) {
+        let room = MAX_RUNNING.saturating_sub(self.hooks.running());
+        if room < MAX_RUNNING / 2 {
             return;
         }
-        let tenants: Vec<String> = crate::acd::lock(&self.hooks.parked).drain().collect();
-        for tenant in tenants {
+        let parked: Vec<(String, String)> = crate::acd::lock(&self.hooks.parked).drain().collect();
+        for (tenant, after) in parked {
             let engine = self.clone();
             tokio::spawn(async move {
-                if let Err(e) = engine.resume_hooks(&tenant).await {
+                if let Err(e) = engine.take_up_hooks(&tenant, &after, room).await {
                     tracing::warn!("webhook deliveries of {tenant}: {e}");
-                    engine.hooks.park(&tenant);
+                    engine.hooks.park(&tenant, &after);
                 }
             });
         }
     }
 
-    /// Takes up the deliveries left at a restart.
-    pub(crate) async fn resume_hooks(self: &Arc<Self>, tenant: &str) -> EngineResult<usize> {
-        let left = self
+    /// Starts up to `room` stored deliveries of a tenant after the id
+    /// `after`; parks the tenant at the last one if there may be more.
+    async fn take_up_hooks(
+        self: &Arc<Self>,
+        tenant: &str,
+        after: &str,
+        room: usize,
+    ) -> EngineResult<usize> {
+        let page = self
             .store
-            .records_after(tenant, HOOK_OUT, "", usize::MAX)
+            .records_after(tenant, HOOK_OUT, after, room)
             .await?;
-        let n = left.len();
-        self.start_hooks(tenant, left.into_iter().map(|(id, _)| id).collect());
+        let n = page.len();
+        let last = page.last().map(|(id, _)| id.clone());
+        self.start_hooks(tenant, page.into_iter().map(|(id, _)| id).collect());
+        if n >= room
+            && let Some(last) = last
+        {
+            self.hooks.park(tenant, &last);
+        }
         Ok(n)
+    }
+
+    /// Takes up the deliveries left at a restart (a page now, the rest
+    /// as room comes).
+    pub(crate) async fn resume_hooks(self: &Arc<Self>, tenant: &str) -> EngineResult<usize> {
+        self.take_up_hooks(tenant, "", MAX_RUNNING).await
     }
 
     async fn deliver_hook_until_done(self: Arc<Self>, tenant: String, id: String) {
@@ -244,9 +277,11 @@ impl Engine {
                     tracing::warn!("webhook delivery {id} of {tenant}: {e}");
                     errors += 1;
                     if errors >= MAX_STORE_ERRORS {
-                        // Stored still: taken up again later.
-                        self.hooks.park(&tenant);
-                        break;
+                        // Stored still: taken up again later (the
+                        // flusher's tick), not at once.
+                        crate::acd::lock(&self.hooks.running).remove(&(tenant.clone(), id));
+                        self.hooks.park(&tenant, "");
+                        return;
                     }
                     tokio::time::sleep(Duration::from_secs(5)).await;
                 }

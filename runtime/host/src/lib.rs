@@ -407,6 +407,9 @@ pub enum TtsOutput {
 /// otherwise ([`PluginHost::set_max_components`]).
 pub const DEFAULT_MAX_COMPONENTS: usize = 512;
 
+/// Compiled components by SHA-256, each with when it was last used.
+type Components = HashMap<String, (Component, u64)>;
+
 /// SHA-256 of `bytes`, hex.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -421,7 +424,7 @@ pub struct PluginHost {
     /// Compiled components by SHA-256, with when each was last used: at
     /// most `max_components` (the one used longest ago goes first; a
     /// loaded plugin keeps its own copy).
-    components: Mutex<(HashMap<String, (Component, u64)>, u64)>,
+    components: Mutex<(Components, u64)>,
     max_components: std::sync::atomic::AtomicUsize,
     tick: Duration,
     max_concurrent: u32,

@@ -63,7 +63,7 @@ struct ServeArgs {
     #[arg(long, env = "PLUGBOARD_STORE")]
     store: Option<String>,
     /// The embedded store's page cache, MiB: what of the data it keeps in
-    /// memory [default: 64].
+    /// memory [default: 16].
     #[arg(long, env = "PLUGBOARD_STORE_CACHE_MIB")]
     store_cache_mib: Option<u64>,
     /// Log lines as `text` or `json` (one object a line, with the span

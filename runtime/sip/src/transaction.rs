@@ -295,16 +295,21 @@ impl Transactions {
         self.max_servers
     }
 
-    /// Timers pending (the heap may also hold cancelled ones until their
-    /// time comes).
+    /// Timers pending (cancelled ones wait in the heap until their time
+    /// and are not counted).
     pub fn timers_len(&self) -> usize {
-        self.heap.len()
+        self.timers.len()
     }
 
     /// True (and a stateless 503 queued) when a new server transaction
-    /// would go past the bound.
+    /// would go past the bound. BYE and CANCEL, which end calls and so
+    /// shed load, have a quarter more.
     fn full(&mut self, from: Peer, req: &Request) -> bool {
-        if self.servers.len() < self.max_servers {
+        let bound = match req.method {
+            Method::Bye | Method::Cancel => self.max_servers + self.max_servers / 4,
+            _ => self.max_servers,
+        };
+        if self.servers.len() < bound {
             return false;
         }
         let mut resp = reply(req, 503, "Service Unavailable", None);
@@ -557,12 +562,20 @@ impl Transactions {
         let n = id.0;
         let t1 = self.timers_cfg.t1;
         let t4 = self.timers_cfg.t4;
+        let pending = self
+            .servers
+            .get(&n)
+            .is_some_and(|tx| matches!(tx.state, ServerState::Trying | ServerState::Proceeding));
+        if !pending {
+            return;
+        }
+        if resp.status >= 200 {
+            // A final answer after Unanswered: the RFC timers from here.
+            self.cancel_timer(TxRef::Server(n), Timer::Forget);
+        }
         let Some(tx) = self.servers.get_mut(&n) else {
             return;
         };
-        if !matches!(tx.state, ServerState::Trying | ServerState::Proceeding) {
-            return;
-        }
         let bytes = resp.to_bytes();
         self.out.push_back(Transmit {
             to: tx.peer,

@@ -307,11 +307,24 @@ fn an_invite_the_tu_never_answers_is_reported_then_forgotten() {
             matches!(events.as_slice(), [TxEvent::Unanswered { id: i }] if *i == id),
             "{events:?}"
         );
+        let answered = h.now;
         if tu_answers {
-            h.tx.respond(h.now, id, reply(&request, 500, "Server Internal Error", Some("t")));
+            h.tx.respond(
+                h.now,
+                id,
+                reply(&request, 500, "Server Internal Error", Some("t")),
+            );
             assert_eq!(h.sent().iter().map(status).collect::<Vec<_>>(), vec![500]);
         }
-        h.run_until(start, UNANSWERED_INVITE + Duration::from_secs(33));
+        let sends = h.run_until(answered, Duration::from_secs(33));
+        if tu_answers {
+            // Retransmitted as any final answer until timer H (64·T1).
+            assert_eq!(sends.first(), Some(&500));
+            assert_eq!(sends.last(), Some(&31500), "{sends:?}");
+            assert!(matches!(h.events().as_slice(), [TxEvent::NoAck { .. }]));
+        } else {
+            assert!(sends.is_empty());
+        }
         assert_eq!(h.tx.len(), (0, 0), "answered by the TU: {tu_answers}");
     }
 }
@@ -339,4 +352,34 @@ fn past_the_bound_a_new_request_gets_503_and_no_transaction() {
     // An ACK needs no transaction and still goes through.
     h.receive(udp, &with_method(&third, "ACK", Some("x")));
     assert!(matches!(h.events().as_slice(), [TxEvent::Ack { .. }]));
+}
+
+#[test]
+fn an_invite_answered_in_time_is_never_reported_unanswered() {
+    use plugboard_sip::transaction::UNANSWERED_INVITE;
+    for code in [200u16, 486] {
+        let mut h = Harness::new();
+        let udp = peer(Transport::Udp);
+        let inv = invite(&new_branch());
+        h.receive(udp, &inv);
+        h.sent();
+        let Some(TxEvent::Request { id, request, .. }) = h.events().pop() else {
+            panic!("no request")
+        };
+        let start = h.now;
+        h.tx.respond(h.now, id, reply(&request, code, "Answer", Some("t")));
+        if code >= 300 {
+            h.receive(udp, &with_method(&inv, "ACK", Some("t")));
+        }
+        h.run_until(start, UNANSWERED_INVITE + Duration::from_secs(60));
+        let events = h.events();
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, TxEvent::Unanswered { .. })),
+            "{code}: {events:?}"
+        );
+        assert_eq!(h.tx.len(), (0, 0));
+        assert_eq!(h.tx.timers_len(), 0);
+    }
 }

@@ -94,6 +94,9 @@ pub(crate) enum CallCmd {
     Answer(Result<Negotiated, String>),
     /// The caller left (BYE, CANCEL, no ACK).
     RemoteHangup(String),
+    /// The endpoint ended the call itself (its INVITE had no final answer
+    /// in time): a system ending, already told to the caller.
+    SystemHangup(String),
     /// Something happened on an outbound leg.
     Leg(DialogKey, LegEvent),
     /// The ACD's answer about the call's task (refused, accept failed).

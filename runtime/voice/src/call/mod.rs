@@ -400,6 +400,7 @@ impl Call {
                 self.hang_up(&why, "system");
             }
             Some(CallCmd::RemoteHangup(why)) => self.ended = Some((why, "caller")),
+            Some(CallCmd::SystemHangup(why)) => self.ended = Some((why, "system")),
             Some(CallCmd::Leg(key, ev)) => self.on_leg(key, ev),
             Some(CallCmd::Queue(news)) => self.ivr.queue(Instant::now(), news),
             Some(CallCmd::Shutdown) => self.hang_up("server shutting down", "system"),

@@ -275,22 +275,45 @@ pub(crate) async fn start(
         }));
     }
     // TCP acceptor: at most MAX_TCP_CONNECTIONS accepted connections at
-    // once (one past it is closed at once; the peer retries or uses UDP).
+    // once, MAX_TCP_PER_IP from one address (one past either is closed at
+    // once; the peer retries or uses UDP).
     let tcp_open = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
     {
         let tx = tx.clone();
         let tcp_open = tcp_open.clone();
+        let per_ip: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
+        let mut warned: Option<Instant> = None;
         tasks.push(tokio::spawn(async move {
             loop {
                 match tcp.accept().await {
                     Ok((stream, addr)) => {
-                        let Ok(permit) = tcp_open.clone().try_acquire_owned() else {
-                            tracing::warn!("sip tcp: {addr} refused, {MAX_TCP_CONNECTIONS} connections open");
+                        let ip = addr.ip();
+                        let taken = {
+                            let mut m = per_ip.lock().unwrap_or_else(|p| p.into_inner());
+                            let n = m.entry(ip).or_insert(0);
+                            let ok = *n < MAX_TCP_PER_IP;
+                            if ok {
+                                *n += 1;
+                            }
+                            ok
+                        };
+                        let permit = taken
+                            .then(|| tcp_open.clone().try_acquire_owned().ok())
+                            .flatten();
+                        let Some(permit) = permit else {
+                            if taken {
+                                release_ip(&per_ip, ip);
+                            }
+                            if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
+                                warned = Some(Instant::now());
+                                tracing::warn!("sip tcp: {addr} refused: {MAX_TCP_CONNECTIONS} connections open, or {MAX_TCP_PER_IP} from its address");
+                            }
                             continue;
                         };
-                        let tx = tx.clone();
+                        let (tx, per_ip) = (tx.clone(), per_ip.clone());
                         tokio::spawn(async move {
                             tcp_connection(stream, addr, tx).await;
+                            release_ip(&per_ip, ip);
                             drop(permit);
                         });
                     }
@@ -316,20 +339,19 @@ pub(crate) async fn start(
     }
     {
         let tcp_open = tcp_open.clone();
-        app.tables().register(
-            "sip_tcp_accepted",
-            Some(MAX_TCP_CONNECTIONS),
-            move || MAX_TCP_CONNECTIONS - tcp_open.available_permits(),
-        );
+        app.tables()
+            .register("sip_tcp_accepted", Some(MAX_TCP_CONNECTIONS), move || {
+                MAX_TCP_CONNECTIONS - tcp_open.available_permits()
+            });
     }
 
     let tts = Arc::new(Espeak::new(config.espeak.clone(), 16 << 20));
     {
-        let tts = tts.clone();
         let budget = tts.cached_samples().1;
+        let tts = Arc::downgrade(&tts);
         app.tables()
             .register("tts_cache_samples", Some(budget), move || {
-                tts.cached_samples().0
+                tts.upgrade().map(|t| t.cached_samples().0).unwrap_or(0)
             });
     }
     let endpoint = Endpoint {
@@ -387,6 +409,19 @@ pub(crate) async fn start(
 
 /// Accepted SIP TCP connections open at once, at most.
 const MAX_TCP_CONNECTIONS: usize = 4096;
+/// Accepted SIP TCP connections from one address, at most.
+const MAX_TCP_PER_IP: usize = 256;
+
+/// One accepted connection from `ip` closed.
+fn release_ip(per_ip: &std::sync::Mutex<HashMap<std::net::IpAddr, usize>>, ip: std::net::IpAddr) {
+    let mut m = per_ip.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = m.get_mut(&ip) {
+        *n -= 1;
+        if *n == 0 {
+            m.remove(&ip);
+        }
+    }
+}
 
 /// What bounds one of the endpoint's tables.
 enum Bound {
@@ -639,12 +674,18 @@ impl Endpoint {
                     }
                 }
             }
-            TxEvent::Cancelled { invite } => {
-                self.end_unanswered(invite, 487, "cancelled by the caller")
-            }
+            TxEvent::Cancelled { invite } => self.end_unanswered(
+                invite,
+                487,
+                CallCmd::RemoteHangup("cancelled by the caller".into()),
+            ),
             TxEvent::Unanswered { id } => {
                 tracing::warn!("an INVITE had no final answer in time: ended with 500");
-                self.end_unanswered(id, 500, "no final answer in time")
+                self.end_unanswered(
+                    id,
+                    500,
+                    CallCmd::SystemHangup("no final answer in time".into()),
+                )
             }
             TxEvent::Response { id, response } if self.t38_tx.contains_key(&id) => {
                 self.t38_response(id, *response)
@@ -668,7 +709,7 @@ impl Endpoint {
     /// Ends an INVITE not yet answered with `status` (487 when
     /// cancelled): still being looked up or opened (the lookup's answer
     /// then finds it gone), or ringing (its call is told).
-    fn end_unanswered(&mut self, invite: ServerTxId, status: u16, why: &str) {
+    fn end_unanswered(&mut self, invite: ServerTxId, status: u16, tell: CallCmd) {
         if let Some(req) = self.starting.remove(&invite) {
             let resp = reply(&req, status, reason_phrase(status), Some(&random_token()));
             self.respond(invite, resp);
@@ -677,7 +718,7 @@ impl Endpoint {
         {
             let resp = reply(&d.invite, status, reason_phrase(status), Some(&key.1));
             self.respond(invite, resp);
-            let _ = d.call.send(CallCmd::RemoteHangup(why.into()));
+            let _ = d.call.send(tell);
         }
     }
 
@@ -914,14 +955,7 @@ impl Endpoint {
                     self.offer_t38(&leg);
                 }
             }
-            CallOut::HangupLeg(key) => {
-                let answered = self.legs.get(&key).map(|l| l.answered.is_some());
-                match answered {
-                    Some(true) => self.bye_leg(&key),
-                    Some(false) => self.cancel_leg(&key),
-                    None => self.give_up(key),
-                }
-            }
+            CallOut::HangupLeg(key) => self.hang_up_leg(key),
             CallOut::Ended(key) => {
                 // A call that ended without hanging up (an internal
                 // error, a task that failed): the caller is told now,
@@ -930,9 +964,31 @@ impl Endpoint {
                     self.bye(&key);
                     self.pending.remove(&invite_tx);
                 }
+                // Its outbound legs (an agent's, a consulted party's)
+                // if it left any: nobody is left to bridge them.
+                let orphans: Vec<DialogKey> = self
+                    .legs
+                    .iter()
+                    .filter(|(_, l)| l.call.is_closed())
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for leg in orphans {
+                    self.hang_up_leg(leg);
+                }
                 self.live_calls = self.live_calls.saturating_sub(1);
                 self.check_drained();
             }
+        }
+    }
+
+    /// Ends an outbound leg: BYE once answered, CANCEL while ringing, or
+    /// given up before its `Dial` came.
+    fn hang_up_leg(&mut self, key: DialogKey) {
+        let answered = self.legs.get(&key).map(|l| l.answered.is_some());
+        match answered {
+            Some(true) => self.bye_leg(&key),
+            Some(false) => self.cancel_leg(&key),
+            None => self.give_up(key),
         }
     }
 
