@@ -207,14 +207,18 @@ async fn sled_compaction_keeps_every_write_made_meanwhile_and_gives_deleted_data
     seed(&store).await?;
     // Data that is deleted: 100 blobs of 50 kB carrying a marker.
     let marker = b"GONE-AFTER-COMPACTION-";
-    for i in 0..100 {
-        store
-            .put_blob("a", &format!("big-{i}"), &marker.repeat(2300))
-            .await?;
-    }
-    for i in 0..100 {
-        assert!(store.delete_blob("a", &format!("big-{i}")).await?);
-    }
+    let put_and_delete = |store: Arc<SledStore>| async move {
+        for i in 0..100 {
+            store
+                .put_blob("a", &format!("big-{i}"), &marker.repeat(2300))
+                .await?;
+        }
+        for i in 0..100 {
+            assert!(store.delete_blob("a", &format!("big-{i}")).await?);
+        }
+        Ok::<u64, anyhow::Error>(marker.repeat(2300).len() as u64 * 100)
+    };
+    put_and_delete(store.clone()).await?;
     assert!(
         !files_containing(&path, marker).is_empty(),
         "sled keeps deleted bytes"
@@ -318,15 +322,7 @@ async fn sled_compaction_keeps_every_write_made_meanwhile_and_gives_deleted_data
     // A second compaction, with nothing written meanwhile, makes the next
     // generation and gives the deleted bytes back (the first one's sizes
     // count what the writers added during it).
-    let deleted = marker.repeat(2300).len() as u64 * 100;
-    for i in 0..100 {
-        store
-            .put_blob("a", &format!("big-{i}"), &marker.repeat(2300))
-            .await?;
-    }
-    for i in 0..100 {
-        assert!(store.delete_blob("a", &format!("big-{i}")).await?);
-    }
+    let deleted = put_and_delete(store.clone()).await?;
     let s = store.clone();
     let summary = tokio::task::spawn_blocking(move || s.compact())
         .await??

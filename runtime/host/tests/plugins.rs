@@ -574,3 +574,20 @@ async fn routers_in_rust_js_and_python_rank_alike() {
         }
     }
 }
+
+#[test]
+fn compiled_components_are_kept_up_to_their_bound_the_oldest_going_first() {
+    use plugboard_host::LoadSource;
+    let h = host();
+    assert_eq!(h.max_components(), plugboard_host::DEFAULT_MAX_COMPONENTS);
+    h.set_max_components(2);
+    let (a, b, c) = (wasm("hello_ivr"), wasm("skills_router"), wasm("probe"));
+    h.load(&a).expect("a");
+    h.load(&b).expect("b");
+    // `a` used again: `b` is now the one used longest ago.
+    assert_eq!(h.load(&a).expect("a").source, LoadSource::Memory);
+    h.load(&c).expect("c");
+    assert_eq!(h.resident_components(), 2);
+    assert_eq!(h.load(&a).expect("a").source, LoadSource::Memory);
+    assert_ne!(h.load(&b).expect("b").source, LoadSource::Memory);
+}

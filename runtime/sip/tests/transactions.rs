@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use plugboard_sip::transaction::{ack_for, to_tag};
 use plugboard_sip::{
-    Message, Method, Peer, Request, TimerConfig, Transactions, Transport, TxEvent, UasPolicy,
-    new_branch, parse_datagram, reply, screen,
+    Message, Method, Peer, Request, ServerTxId, TimerConfig, Transactions, Transport, TxEvent,
+    UasPolicy, new_branch, parse_datagram, reply, screen,
 };
 
 fn peer(transport: Transport) -> Peer {
@@ -66,6 +66,18 @@ impl Harness {
 
     fn events(&mut self) -> Vec<TxEvent> {
         std::iter::from_fn(|| self.tx.poll_event()).collect()
+    }
+
+    /// A new INVITE arrives over UDP (its 100 is dropped): its bytes,
+    /// transaction and request.
+    fn new_invite(&mut self) -> (Vec<u8>, ServerTxId, Box<Request>) {
+        let inv = invite(&new_branch());
+        self.receive(peer(Transport::Udp), &inv);
+        self.sent();
+        let Some(TxEvent::Request { id, request, .. }) = self.events().pop() else {
+            panic!("no request")
+        };
+        (inv, id, request)
     }
 
     /// Advances virtual time to `until`, firing timers; returns the offsets
@@ -130,12 +142,7 @@ fn invite_server_retransmits_final_until_ack_over_udp() {
 #[test]
 fn invite_server_without_ack_times_out_after_64_t1() {
     let mut h = Harness::new();
-    let udp = peer(Transport::Udp);
-    h.receive(udp, &invite(&new_branch()));
-    h.sent();
-    let Some(TxEvent::Request { id, request, .. }) = h.events().pop() else {
-        panic!("no request")
-    };
+    let (_, id, request) = h.new_invite();
     let start = h.now;
     h.tx.respond(h.now, id, reply(&request, 603, "Decline", Some("t")));
     h.sent();
@@ -293,12 +300,7 @@ fn an_invite_the_tu_never_answers_is_reported_then_forgotten() {
     use plugboard_sip::transaction::UNANSWERED_INVITE;
     for tu_answers in [true, false] {
         let mut h = Harness::new();
-        let udp = peer(Transport::Udp);
-        h.receive(udp, &invite(&new_branch()));
-        h.sent();
-        let Some(TxEvent::Request { id, request, .. }) = h.events().pop() else {
-            panic!("no request")
-        };
+        let (_, id, request) = h.new_invite();
         let start = h.now;
         assert!(h.run_until(start, UNANSWERED_INVITE).is_empty());
         assert_eq!(h.now - start, UNANSWERED_INVITE);
@@ -359,17 +361,11 @@ fn an_invite_answered_in_time_is_never_reported_unanswered() {
     use plugboard_sip::transaction::UNANSWERED_INVITE;
     for code in [200u16, 486] {
         let mut h = Harness::new();
-        let udp = peer(Transport::Udp);
-        let inv = invite(&new_branch());
-        h.receive(udp, &inv);
-        h.sent();
-        let Some(TxEvent::Request { id, request, .. }) = h.events().pop() else {
-            panic!("no request")
-        };
+        let (inv, id, request) = h.new_invite();
         let start = h.now;
         h.tx.respond(h.now, id, reply(&request, code, "Answer", Some("t")));
         if code >= 300 {
-            h.receive(udp, &with_method(&inv, "ACK", Some("t")));
+            h.receive(peer(Transport::Udp), &with_method(&inv, "ACK", Some("t")));
         }
         h.run_until(start, UNANSWERED_INVITE + Duration::from_secs(60));
         let events = h.events();
