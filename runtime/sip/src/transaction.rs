@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::headers::{CSeq, MAGIC_COOKIE, NameAddr, Via};
-use crate::message::{Method, Request, Response};
+use crate::message::{Message, Method, Request, Response};
 use crate::uas::{Inbound, RequestInfo, reply};
 
 /// How bytes travel to a peer.
@@ -604,6 +604,39 @@ impl Transactions {
             let wait = if reliable { Duration::ZERO } else { 64 * t1 };
             self.forget_after(txr, now, wait);
         }
+    }
+
+    /// Ends a pending server transaction with a final `status` built from
+    /// the provisional response it sent (its Via, From, To with `to_tag`,
+    /// Call-ID and CSeq): for a TU that no longer holds the request (see
+    /// [`TxEvent::Unanswered`]). False if there is nothing to answer.
+    pub fn reject(&mut self, now: Instant, id: ServerTxId, status: u16, to_tag: &str) -> bool {
+        let Some(Ok(Message::Response(last))) = self
+            .servers
+            .get(&id.0)
+            .filter(|tx| matches!(tx.state, ServerState::Trying | ServerState::Proceeding))
+            .and_then(|tx| tx.last.as_deref())
+            .map(crate::parse_datagram)
+        else {
+            return false;
+        };
+        let mut resp = Response::new(status, crate::reason_phrase(status));
+        for via in last.headers.all("Via") {
+            resp.headers.push("Via", via);
+        }
+        for name in ["From", "To", "Call-ID", "CSeq"] {
+            if let Some(v) = last.headers.get(name) {
+                let tagged =
+                    name == "To" && NameAddr::parse("To", v).is_ok_and(|n| n.tag().is_none());
+                if tagged {
+                    resp.headers.push(name, format!("{v};tag={to_tag}"));
+                } else {
+                    resp.headers.push(name, v);
+                }
+            }
+        }
+        self.respond(now, id, resp);
+        true
     }
 
     /// Sends a request in a new client transaction. The request must carry

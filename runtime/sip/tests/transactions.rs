@@ -317,16 +317,25 @@ fn an_invite_the_tu_never_answers_is_reported_then_forgotten() {
                 reply(&request, 500, "Server Internal Error", Some("t")),
             );
             assert_eq!(h.sent().iter().map(status).collect::<Vec<_>>(), vec![500]);
+            assert!(!h.tx.reject(h.now, id, 500, "u"), "answered already");
+        } else {
+            // A TU that lost the request answers from what the layer kept.
+            assert!(h.tx.reject(h.now, id, 500, "u"));
+            let sent = h.sent();
+            let [Message::Response(r)] = sent.as_slice() else {
+                panic!("{sent:?}")
+            };
+            assert_eq!(r.status, 500);
+            assert!(r.headers.get("To").is_some_and(|t| t.ends_with(";tag=u")));
+            for name in ["Via", "From", "Call-ID", "CSeq"] {
+                assert_eq!(r.headers.get(name), request.headers.get(name), "{name}");
+            }
         }
         let sends = h.run_until(answered, Duration::from_secs(33));
-        if tu_answers {
-            // Retransmitted as any final answer until timer H (64·T1).
-            assert_eq!(sends.first(), Some(&500));
-            assert_eq!(sends.last(), Some(&31500), "{sends:?}");
-            assert!(matches!(h.events().as_slice(), [TxEvent::NoAck { .. }]));
-        } else {
-            assert!(sends.is_empty());
-        }
+        // Retransmitted as any final answer until timer H (64·T1).
+        assert_eq!(sends.first(), Some(&500));
+        assert_eq!(sends.last(), Some(&31500), "{sends:?}");
+        assert!(matches!(h.events().as_slice(), [TxEvent::NoAck { .. }]));
         assert_eq!(h.tx.len(), (0, 0), "answered by the TU: {tu_answers}");
     }
 }

@@ -685,7 +685,7 @@ impl Endpoint {
                     id,
                     500,
                     CallCmd::SystemHangup("no final answer in time".into()),
-                )
+                );
             }
             TxEvent::Response { id, response } if self.t38_tx.contains_key(&id) => {
                 self.t38_response(id, *response)
@@ -709,6 +709,8 @@ impl Endpoint {
     /// Ends an INVITE not yet answered with `status` (487 when
     /// cancelled): still being looked up or opened (the lookup's answer
     /// then finds it gone), or ringing (its call is told).
+    /// One this endpoint no longer holds is answered from what the
+    /// transaction layer kept.
     fn end_unanswered(&mut self, invite: ServerTxId, status: u16, tell: CallCmd) {
         if let Some(req) = self.starting.remove(&invite) {
             let resp = reply(&req, status, reason_phrase(status), Some(&random_token()));
@@ -719,6 +721,9 @@ impl Endpoint {
             let resp = reply(&d.invite, status, reason_phrase(status), Some(&key.1));
             self.respond(invite, resp);
             let _ = d.call.send(tell);
+        } else {
+            self.tx
+                .reject(Instant::now(), invite, status, &random_token());
         }
     }
 
