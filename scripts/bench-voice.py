@@ -32,7 +32,8 @@ baseline for signalling CPU per call. Prints numbers; asserts nothing.
    instead of the embedded store (the node's own memory without sled's).
    The /metrics gauges that changed after the warm-up are printed too.
    BENCH_RTP_PORTS (20000-29999) and BENCH_SIPP_MEDIA_PORT (41000) let two
-   soaks run side by side.
+   soaks run side by side; BENCH_BIN runs another build of the server
+   (a copy of the previous commit's, for a before/after pair).
 
 6. Retention (BENCH_ONLY=retention): the server is stopped, its store
    seeded with BENCH_RETENTION_RECORDS (1000000) calls 40 days old
@@ -62,7 +63,7 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.join(ROOT, "target/release/plugboard")
+BIN = os.environ.get("BENCH_BIN") or os.path.join(ROOT, "target/release/plugboard")
 SIPP_DIR = os.path.join(ROOT, "tests/sipp")
 QUICK = os.environ.get("BENCH_QUICK") == "1"
 ONLY = os.environ.get("BENCH_ONLY", "")
@@ -516,7 +517,8 @@ def retention_bench(proc, base, key, sip, tmp):
     n = int(os.environ.get("BENCH_RETENTION_RECORDS", "1000000"))
     rate = int(os.environ.get("BENCH_RETENTION_RATE", "75"))
     window = int(os.environ.get("BENCH_RETENTION_WINDOW_S", "60"))
-    seed_bin = os.path.join(ROOT, "target/release/examples/retention_seed")
+    # From the same build as the server: the seeder writes its store format.
+    seed_bin = os.path.join(os.path.dirname(BIN), "examples/retention_seed")
     print(f"\n## Retention: {n} old calls deleted while calls come at {rate}/s")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)

@@ -72,7 +72,8 @@ pub fn interaction(tenant: &str, id: &str, from: &str, channel: Channel) -> Inte
     }
 }
 
-fn entry(kind: EntryKind, n: u64) -> TimelineEntry {
+/// A timeline entry of `kind` at `n` ms, with `n` in its data.
+pub fn entry(kind: EntryKind, n: u64) -> TimelineEntry {
     TimelineEntry {
         at_ms: n,
         kind,

@@ -12,11 +12,10 @@
 //! | `address/{address}`, `sipuser/{name}`, `trunk/{name}`, `reg/{user}` | records |
 //! | `kv/{key}` | the plugins' kv |
 //! | `rec/{id}` | recordings (blobs) |
-//! | `ix/{id}` | an interaction's header |
-//! | `ixt/{id}/{seq:08}` | its timeline, one key per entry |
+//! | `ix/{id}` | an interaction's header; once it has ended, the whole interaction |
+//! | `ixt/{id}/{seq:08}` | a live interaction's timeline, one key per entry |
 //! | `ixs/{state}/{id}` | index: interactions by state |
 //! | `ixc/{customer}\0{id}` | index: interactions by customer address |
-//! | `ixm/{id}` | where the indexes point and a hash of the stored header |
 //!
 //! Writes that belong together are one sled transaction or batch (a
 //! checkpoint that only appends one timeline entry is one insert: sled
@@ -206,6 +205,45 @@ fn parse<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T> {
     serde_json::from_slice(b).map_err(storage)
 }
 
+/// Adds write operations to a batch.
+fn add_ops(batch: &mut sled::Batch, ops: Vec<Op>) {
+    for (k, v) in ops {
+        match v {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        }
+    }
+}
+
+/// An interaction's stored record (`ix/{id}`): its header's JSON, then,
+/// once the interaction has ended, a newline and its timeline's JSON (an
+/// array). Compact JSON holds no raw newline, so the first one splits
+/// them, and a header is read without parsing the timeline.
+fn split_record(v: &[u8]) -> (&[u8], Option<&[u8]>) {
+    match v.iter().position(|&b| b == b'\n') {
+        Some(i) => (&v[..i], Some(&v[i + 1..])),
+        None => (v, None),
+    }
+}
+
+/// The number of a timeline entry from the end of its key.
+fn entry_seq(tail: &[u8], id: &str) -> Result<usize> {
+    std::str::from_utf8(tail)
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .ok_or_else(|| Error::Storage(format!("bad timeline key of {id}")))
+}
+
+/// Puts `entry` at its number `seq` of `timeline`: it replaces the entry
+/// of that number, or comes last (entries are numbered from 0 with no
+/// gaps, so a number past the end is the next one).
+fn place(timeline: &mut Vec<TimelineEntry>, seq: usize, entry: TimelineEntry) {
+    match timeline.get_mut(seq) {
+        Some(e) => *e = entry,
+        None => timeline.push(entry),
+    }
+}
+
 fn version_key(name: &str, v: u64) -> String {
     format!("plugin/{name}/v/{v:012}")
 }
@@ -305,13 +343,14 @@ fn writer(shared: Arc<Shared>, rx: mpsc::Receiver<Job>) {
     }
 }
 
-/// The format of the data this version writes: 2 (interactions as a
-/// header, a timeline and index keys). Recorded in the `meta` tree.
-pub const FORMAT: u32 = 2;
+/// The format of the data this version writes: 3 (interactions as a
+/// header, a timeline and index keys; an ended one's timeline packed into
+/// its record). Recorded in the `meta` tree.
+pub const FORMAT: u32 = 3;
 
 /// Migrations, by the format they bring the data to.
 type Migration = fn(&SledStore) -> Result<()>;
-const MIGRATIONS: &[(u32, Migration)] = &[(2, SledStore::migrate_v1)];
+const MIGRATIONS: &[(u32, Migration)] = &[(2, SledStore::migrate_v1), (3, SledStore::migrate_v2)];
 
 /// How long the old generation stays after a switch, for reads that
 /// began before it.
@@ -683,7 +722,8 @@ impl SledStore {
     }
 
     /// The format of the store's data (1: interactions stored whole; 2:
-    /// a header, a timeline and indexes).
+    /// a header, a timeline and indexes; 3: as 2, an ended interaction's
+    /// timeline packed into its record).
     pub fn format(&self) -> Result<u32> {
         let meta = self
             .shared
@@ -1241,11 +1281,36 @@ impl SledStore {
         Ok(plugin_info(name, versions, active, grants))
     }
 
-    fn timeline(space: &sled::Tree, id: &str) -> Result<Vec<TimelineEntry>> {
-        space
-            .scan_prefix(format!("ixt/{id}/"))
-            .map(|kv| kv.map_err(storage).and_then(|(_, v)| parse(&v)))
-            .collect()
+    /// An interaction's whole timeline: the entries packed into its
+    /// record (`packed`), then those stored a key each, each at its
+    /// number (a key left beside a packed timeline replaces the entry of
+    /// its number rather than adding one).
+    fn timeline(
+        space: &sled::Tree,
+        id: &str,
+        mut packed: Vec<TimelineEntry>,
+    ) -> Result<Vec<TimelineEntry>> {
+        let prefix = format!("ixt/{id}/");
+        for kv in space.scan_prefix(&prefix) {
+            let (k, v) = kv.map_err(storage)?;
+            place(&mut packed, entry_seq(&k[prefix.len()..], id)?, parse(&v)?);
+        }
+        Ok(packed)
+    }
+
+    /// An interaction's stored record with its whole timeline.
+    fn whole(space: &sled::Tree, v: &[u8]) -> Result<Interaction> {
+        let (head, packed) = split_record(v);
+        let mut ix: Interaction = parse(head)?;
+        let packed = packed.map(parse).transpose()?.unwrap_or_default();
+        ix.timeline = Self::timeline(space, &ix.id, packed)?;
+        Ok(ix)
+    }
+
+    /// An interaction's header from its stored record (the packed
+    /// timeline of an ended one is not read).
+    fn head(v: &[u8]) -> Result<Interaction> {
+        parse(split_record(v).0)
     }
 
     /// Headers of the interactions whose ids an index scan yields, newest
@@ -1262,8 +1327,8 @@ impl SledStore {
             }
             let (k, _) = kv.map_err(storage)?;
             let id = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-            if let Some(h) = Self::get_json(space, format!("ix/{id}"))? {
-                out.push(h);
+            if let Some(v) = space.get(format!("ix/{id}")).map_err(storage)? {
+                out.push(Self::head(&v)?);
             }
         }
         Ok(out)
@@ -1289,18 +1354,44 @@ impl SledStore {
         Ok(())
     }
 
-    /// Writes an interaction's header, its new timeline entries and its
-    /// index keys, atomically. `ixm/{id}` records what the indexes and the
-    /// stored header are (state, customer, a hash of the header), so that
-    /// a checkpoint that only appends one entry is one plain insert, and
-    /// the others are one batch.
-    fn write_interaction(space: &sled::Tree, ix: &Interaction, stored: usize) -> Result<()> {
-        if let Checkpoint::Set(ops) = Self::interaction_ops(space, ix, stored)? {
+    /// Packs the timeline of every ended interaction into its record and
+    /// removes the meta keys (`ixm/{id}`: the indexes' place and a hash
+    /// of the header) that format 2 kept beside each record.
+    fn migrate_v2(&self) -> Result<()> {
+        /// Interactions in one batch at most.
+        const CHUNK: usize = 512;
+        let g = self.shared.current_gen();
+        for name in g.db.tree_names() {
+            if !name.starts_with(b"t/") {
+                continue;
+            }
+            let space = g.db.open_tree(&name).map_err(storage)?;
             let mut batch = sled::Batch::default();
-            for (k, v) in ops {
-                match v {
-                    Some(v) => batch.insert(k, v),
-                    None => batch.remove(k),
+            let mut n = 0usize;
+            for kv in space.scan_prefix("ix/") {
+                let (k, v) = kv.map_err(storage)?;
+                let head = Self::head(&v)?;
+                let mut meta = b"ixm/".to_vec();
+                meta.extend_from_slice(&k[b"ix/".len()..]);
+                batch.remove(meta);
+                // Idempotent: a record packed already is packed again as
+                // it is.
+                if head.state.is_final()
+                    && let Checkpoint::Set(ops) = Self::interaction_ops(&space, &head, 0)?
+                {
+                    add_ops(&mut batch, ops);
+                }
+                n += 1;
+                if n.is_multiple_of(CHUNK) {
+                    space
+                        .apply_batch(std::mem::take(&mut batch))
+                        .map_err(storage)?;
+                    if n.is_multiple_of(CHUNK * 200) {
+                        tracing::info!(
+                            "store format 3: {n} interactions of {} migrated",
+                            String::from_utf8_lossy(&name[2..])
+                        );
+                    }
                 }
             }
             space.apply_batch(batch).map_err(storage)?;
@@ -1308,48 +1399,94 @@ impl SledStore {
         Ok(())
     }
 
-    /// [`SledStore::write_interaction`]'s writes, or, when they are one
-    /// insert, that insert made here.
+    /// Writes an interaction's header, its new timeline entries and its
+    /// index keys, atomically (see [`SledStore::interaction_ops`]).
+    fn write_interaction(space: &sled::Tree, ix: &Interaction, stored: usize) -> Result<()> {
+        if let Checkpoint::Set(ops) = Self::interaction_ops(space, ix, stored)? {
+            let mut batch = sled::Batch::default();
+            add_ops(&mut batch, ops);
+            space.apply_batch(batch).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    /// A checkpoint's writes, or, when they are one insert, that insert
+    /// made here.
+    ///
+    /// While the interaction is live its timeline is a key per entry, so
+    /// that a checkpoint that only appends one entry to an unchanged
+    /// header is one plain insert. Once it has ended, its timeline is
+    /// packed into its record (see [`split_record`]) and the entry keys
+    /// go: an ended call keeps three keys (its record and two index keys)
+    /// instead of one more per entry, and sled keeps memory for every
+    /// page of keys it holds, cached or not. An entry written after the
+    /// end (rare) rewrites the packed timeline.
+    ///
+    /// The writes are built from what is stored now, so checkpoints of one
+    /// interaction must come one after another (each caller has the
+    /// interaction to itself while it saves it).
     fn interaction_ops(space: &sled::Tree, ix: &Interaction, stored: usize) -> Result<Checkpoint> {
-        use std::hash::{Hash, Hasher};
         let id = &ix.id;
+        let key = format!("ix/{id}");
         let head = json(&header(ix))?;
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        head.hash(&mut h);
-        let meta_key = format!("ixm/{id}");
-        let meta = format!("{}\0{}\0{:016x}", ix.state.name(), ix.from, h.finish());
-        let old = space.get(&meta_key).map_err(storage)?;
-        let entries: Vec<(usize, &TimelineEntry)> = new_entries(ix, stored).collect();
-        if old.as_deref() == Some(meta.as_bytes())
-            && let [(seq, entry)] = entries.as_slice()
+        let old = space.get(&key).map_err(storage)?;
+        let mut entries = new_entries(ix, stored).peekable();
+        if !ix.state.is_final()
+            && old.as_deref() == Some(head.as_slice())
+            && let Some((seq, entry)) = entries.next()
+            && entries.peek().is_none()
         {
             let key = format!("ixt/{id}/{seq:08}").into_bytes();
             space.insert(&key, json(entry)?).map_err(storage)?;
             return Ok(Checkpoint::Appended(key));
         }
+        let (old_head, packed) = match &old {
+            Some(v) => {
+                let (h, t) = split_record(v);
+                (Some(parse::<Interaction>(h)?), t)
+            }
+            None => (None, None),
+        };
         let mut ops: Vec<Op> = Vec::new();
-        let new_index = format!("{}\0{}\0", ix.state.name(), ix.from);
-        let index_moves = !old
-            .as_deref()
-            .is_some_and(|o| o.starts_with(new_index.as_bytes()));
-        if index_moves {
-            if let Some(old) = &old {
-                let old = String::from_utf8_lossy(old);
-                let mut parts = old.split('\0');
-                let (state, from) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                ops.push((format!("ixs/{state}/{id}").into_bytes(), None));
-                ops.push((customer_key(from, id), None));
+        let moved = old_head
+            .as_ref()
+            .is_none_or(|o| o.state != ix.state || o.from != ix.from);
+        if moved {
+            if let Some(o) = &old_head {
+                ops.push((state_key(o.state, id).into_bytes(), None));
+                ops.push((customer_key(&o.from, id), None));
             }
             ops.push((state_key(ix.state, id).into_bytes(), Some(Vec::new())));
             ops.push((customer_key(&ix.from, id), Some(Vec::new())));
         }
-        ops.push((meta_key.into_bytes(), Some(meta.into_bytes())));
-        ops.push((format!("ix/{id}").into_bytes(), Some(head)));
-        for (seq, entry) in entries {
-            ops.push((
-                format!("ixt/{id}/{seq:08}").into_bytes(),
-                Some(json(entry)?),
-            ));
+        if ix.state.is_final() || packed.is_some() {
+            let mut timeline: Vec<TimelineEntry> =
+                packed.map(parse).transpose()?.unwrap_or_default();
+            let prefix = format!("ixt/{id}/");
+            for kv in space.scan_prefix(&prefix) {
+                let (k, v) = kv.map_err(storage)?;
+                place(
+                    &mut timeline,
+                    entry_seq(&k[prefix.len()..], id)?,
+                    parse(&v)?,
+                );
+                ops.push((k.to_vec(), None));
+            }
+            for (seq, entry) in new_entries(ix, stored) {
+                place(&mut timeline, seq, entry.clone());
+            }
+            let mut record = head;
+            record.push(b'\n');
+            record.extend(json(&timeline)?);
+            ops.push((key.into_bytes(), Some(record)));
+        } else {
+            ops.push((key.into_bytes(), Some(head)));
+            for (seq, entry) in new_entries(ix, stored) {
+                ops.push((
+                    format!("ixt/{id}/{seq:08}").into_bytes(),
+                    Some(json(entry)?),
+                ));
+            }
         }
         Ok(Checkpoint::Set(ops))
     }
@@ -1645,31 +1782,33 @@ impl InteractionStore for SledStore {
 
     async fn interaction(&self, tenant: &str, id: &str) -> Result<Option<Interaction>> {
         let space = self.space(tenant)?;
-        let Some(mut ix) = Self::get_json::<Interaction>(&space, format!("ix/{id}"))? else {
+        let Some(v) = space.get(format!("ix/{id}")).map_err(storage)? else {
             return Ok(None);
         };
-        ix.timeline = Self::timeline(&space, id)?;
-        Ok(Some(ix))
+        Self::whole(&space, &v).map(Some)
     }
 
     async fn interaction_head(&self, tenant: &str, id: &str) -> Result<Option<Interaction>> {
         let space = self.space(tenant)?;
-        let Some(mut ix) = Self::get_json::<Interaction>(&space, format!("ix/{id}"))? else {
+        let Some(v) = space.get(format!("ix/{id}")).map_err(storage)? else {
             return Ok(None);
         };
-        // Entries are numbered from 0 with no gaps: the last one's number
-        // tells how many there are.
+        let (head, packed) = split_record(&v);
+        let mut ix: Interaction = parse(head)?;
+        // Entries are numbered from 0 with no gaps: those packed into the
+        // record come first, and the last key's number tells how many
+        // there are in all.
+        let packed = match packed {
+            Some(t) => parse::<Vec<serde::de::IgnoredAny>>(t)?.len(),
+            None => 0,
+        };
         let prefix = format!("ixt/{id}/");
         ix.timeline_base = match space.scan_prefix(&prefix).next_back() {
             Some(kv) => {
                 let (k, _) = kv.map_err(storage)?;
-                let seq = std::str::from_utf8(&k[prefix.len()..])
-                    .ok()
-                    .and_then(|s| s.parse::<usize>().ok())
-                    .ok_or_else(|| Error::Storage(format!("bad timeline key of {id}")))?;
-                seq + 1
+                (entry_seq(&k[prefix.len()..], id)? + 1).max(packed)
             }
-            None => 0,
+            None => packed,
         };
         Ok(Some(ix))
     }
@@ -1679,9 +1818,7 @@ impl InteractionStore for SledStore {
         let mut out = Vec::new();
         for kv in space.scan_prefix("ix/").rev().take(limit) {
             let (_, v) = kv.map_err(storage)?;
-            let mut ix: Interaction = parse(&v)?;
-            ix.timeline = Self::timeline(&space, &ix.id)?;
-            out.push(ix);
+            out.push(Self::whole(&space, &v)?);
         }
         Ok(out)
     }
@@ -1724,7 +1861,7 @@ impl InteractionStore for SledStore {
         self.space(tenant)?
             .range::<Vec<u8>, _>((start, end))
             .take(limit)
-            .map(|kv| parse(&kv.map_err(storage)?.1))
+            .map(|kv| Self::head(&kv.map_err(storage)?.1))
             .collect()
     }
 
@@ -1733,25 +1870,17 @@ impl InteractionStore for SledStore {
         let mut ops: Vec<Op> = Vec::new();
         let mut found = 0;
         for id in ids {
-            let Some(head) = Self::get_json::<Interaction>(&space, format!("ix/{id}"))? else {
+            let Some(v) = space.get(format!("ix/{id}")).map_err(storage)? else {
                 continue;
             };
+            let head = Self::head(&v)?;
             found += 1;
-            // The index keys are those the meta record names (what was
-            // last written), and the header's if it differs.
+            // The index keys are the record's: they are written together.
             ops.extend([
                 (format!("ix/{id}").into_bytes(), None),
-                (format!("ixm/{id}").into_bytes(), None),
                 (state_key(head.state, id).into_bytes(), None),
                 (customer_key(&head.from, id), None),
             ]);
-            if let Some(meta) = space.get(format!("ixm/{id}")).map_err(storage)? {
-                let meta = String::from_utf8_lossy(&meta);
-                let mut parts = meta.split('\0');
-                let (state, from) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                ops.push((format!("ixs/{state}/{id}").into_bytes(), None));
-                ops.push((customer_key(from, id), None));
-            }
             for k in space.scan_prefix(format!("ixt/{id}/")).keys() {
                 ops.push((k.map_err(storage)?.to_vec(), None));
             }
@@ -2010,6 +2139,7 @@ impl BlobStore for SledStore {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+    use plugboard_core::{Channel, EntryKind};
 
     /// A store as the first format wrote it: a tenant, its key and an
     /// interaction stored whole at `interaction/{id}`, no format record.
@@ -2041,6 +2171,153 @@ mod tests {
             )
             .unwrap();
         db.flush().unwrap();
+    }
+
+    /// A store as format 2 wrote it: a tenant with an ended call (two
+    /// entries) and a live one (one entry), each a header, a key per
+    /// timeline entry, index keys and a meta key.
+    fn second_format(dir: &Path) {
+        let db = sled::open(dir).unwrap();
+        let tenant = serde_json::json!({"id": "acme", "name": "Acme", "created_ms": 1});
+        db.open_tree("tenants")
+            .unwrap()
+            .insert("acme", serde_json::to_vec(&tenant).unwrap())
+            .unwrap();
+        db.open_tree("meta")
+            .unwrap()
+            .insert("format", &2u32.to_be_bytes())
+            .unwrap();
+        let space = db.open_tree("t/acme").unwrap();
+        for (id, state, entries) in [("ix-1-a", "closed", 2), ("ix-2-b", "in_flow", 1)] {
+            let head = serde_json::json!({
+                "id": id, "tenant": "acme", "channel": "voice", "from": "+4411",
+                "to": "100", "state": state, "created_ms": 1, "closed_ms": null,
+                "attributes": {}, "flow": null, "simulated": false, "timeline": []
+            });
+            space
+                .insert(format!("ix/{id}"), serde_json::to_vec(&head).unwrap())
+                .unwrap();
+            space
+                .insert(
+                    format!("ixm/{id}"),
+                    format!("{state}\0+4411\0{:016x}", 7).as_bytes(),
+                )
+                .unwrap();
+            space.insert(format!("ixs/{state}/{id}"), "").unwrap();
+            space.insert(customer_key("+4411", id), "").unwrap();
+            for n in 0..entries {
+                let e = serde_json::json!({"at_ms": n, "kind": "event", "data": {"n": n}});
+                space
+                    .insert(format!("ixt/{id}/{n:08}"), serde_json::to_vec(&e).unwrap())
+                    .unwrap();
+            }
+        }
+        db.flush().unwrap();
+    }
+
+    /// The keys of a tenant's keyspace under `prefix`.
+    fn keys(store: &SledStore, prefix: &str) -> Vec<String> {
+        store
+            .space("acme")
+            .unwrap()
+            .scan_prefix(prefix)
+            .keys()
+            .map(|k| String::from_utf8_lossy(&k.unwrap()).into_owned())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_second_format_store_is_migrated_to_packed_timelines() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        second_format(&path);
+        let store = SledStore::open(&path).unwrap();
+        assert_eq!(store.format().unwrap(), FORMAT);
+        assert!(keys(&store, "ixm/").is_empty(), "the meta keys are gone");
+        assert_eq!(
+            keys(&store, "ixt/"),
+            ["ixt/ix-2-b/00000000"],
+            "only the live call keeps a key per entry"
+        );
+        let ended = store.interaction("acme", "ix-1-a").await.unwrap().unwrap();
+        assert_eq!(ended.timeline.len(), 2);
+        assert_eq!(ended.timeline[1].data["n"], 1);
+        let head = store
+            .interaction_head("acme", "ix-1-a")
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(head.timeline.is_empty());
+        assert_eq!(head.timeline_base, 2);
+        let history = store.customer_history("acme", "+4411", 10).await.unwrap();
+        assert_eq!(history.len(), 2);
+        assert!(
+            history.iter().all(|h| h.timeline.is_empty()),
+            "headers only"
+        );
+        // The live call goes on where format 2 left it, and ends packed.
+        let mut live = store
+            .interaction_head("acme", "ix-2-b")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(live.timeline_base, 1);
+        let stored = live.timeline_base;
+        live.timeline
+            .push(crate::conformance::entry(EntryKind::Event, 1));
+        live.state = InteractionState::Closed;
+        store.save_interaction(&live, stored).await.unwrap();
+        assert!(keys(&store, "ixt/").is_empty());
+        let whole = store.interaction("acme", "ix-2-b").await.unwrap().unwrap();
+        assert_eq!(whole.timeline.len(), 2);
+        assert_eq!(
+            store
+                .interactions_in_state("acme", InteractionState::Closed, 10)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ended_interaction_keeps_its_record_and_two_index_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path()).unwrap();
+        let tenant: Tenant = serde_json::from_value(
+            serde_json::json!({"id": "acme", "name": "Acme", "created_ms": 1}),
+        )
+        .unwrap();
+        store.create_tenant(&tenant, "k").await.unwrap();
+        let mut ix = crate::conformance::interaction("acme", "ix-5-c", "+4411", Channel::Voice);
+        let mut stored = store.save_interaction(&ix, 0).await.unwrap();
+        for n in 0..6 {
+            ix.timeline
+                .push(crate::conformance::entry(EntryKind::Event, n));
+            stored = store.save_interaction(&ix, stored).await.unwrap();
+        }
+        assert_eq!(keys(&store, "ixt/").len(), 6, "a key per entry while live");
+        ix.state = InteractionState::Closed;
+        ix.timeline
+            .push(crate::conformance::entry(EntryKind::Hangup, 6));
+        store.save_interaction(&ix, stored).await.unwrap();
+        assert_eq!(
+            keys(&store, "ix"),
+            [
+                "ix/ix-5-c".to_string(),
+                String::from_utf8(customer_key("+4411", "ix-5-c")).unwrap(),
+                "ixs/closed/ix-5-c".into()
+            ]
+        );
+        let whole = store.interaction("acme", "ix-5-c").await.unwrap().unwrap();
+        assert_eq!(whole.timeline, ix.timeline);
+        // Written again after its end (a late entry): still packed.
+        ix.timeline
+            .push(crate::conformance::entry(EntryKind::Log, 7));
+        store.save_interaction(&ix, 7).await.unwrap();
+        let whole = store.interaction("acme", "ix-5-c").await.unwrap().unwrap();
+        assert_eq!(whole.timeline, ix.timeline);
+        assert!(keys(&store, "ixt/").is_empty());
     }
 
     #[tokio::test]
