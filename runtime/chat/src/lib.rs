@@ -29,6 +29,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine as _;
+use plugboard_core::conns::ConnectionLimits;
 use plugboard_core::{Author, Channel, Message, MessageStatus};
 use plugboard_engine::chat::ChatAddress;
 use plugboard_engine::messaging::{Courier, Delivered, DeliveryError, Inbound};
@@ -50,6 +51,8 @@ pub struct ChatConfig {
     pub widget_js: Option<PathBuf>,
     /// Open widget connections per IP address at most.
     pub max_per_ip: usize,
+    /// Open widget connections in all at most.
+    pub max_connections: usize,
     /// Messages a second per visitor, after a burst of `visitor_burst`.
     pub visitor_rate: f64,
     /// Messages a visitor may send at once.
@@ -65,6 +68,7 @@ impl Default for ChatConfig {
         ChatConfig {
             widget_js: None,
             max_per_ip: 50,
+            max_connections: 10_000,
             visitor_rate: 1.0,
             visitor_burst: 10,
             ip_rate: 20.0,
@@ -101,7 +105,8 @@ pub struct Hub {
     conns: Mutex<HashMap<(String, String), Vec<Conn>>>,
     /// (tenant, conversation) → visitor, for events by conversation.
     visitors: Mutex<HashMap<(String, String), String>>,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Open widget connections, in all and per address.
+    open: ConnectionLimits,
     by_visitor: Mutex<limits::Limiter>,
     by_ip: Mutex<limits::Limiter>,
     typing: Mutex<limits::Limiter>,
@@ -123,11 +128,11 @@ impl Hub {
             by_ip: Mutex::new(limits::Limiter::new(config.ip_rate, config.ip_burst)),
             typing: Mutex::new(limits::Limiter::new(TYPING_RATE, 4)),
             engine: engine.clone(),
+            open: ConnectionLimits::new(config.max_connections, config.max_per_ip),
             config,
             next_id: AtomicU64::new(1),
             conns: Mutex::default(),
             visitors: Mutex::default(),
-            per_ip: Mutex::default(),
         });
         engine.set_courier(
             Channel::Chat,
@@ -169,7 +174,11 @@ impl Hub {
             let weak = weak.clone();
             move || weak.upgrade().map(|h| f(&h)).unwrap_or(0)
         };
-        tables.register("chat_connections", None, size(Hub::connections));
+        tables.register(
+            "chat_connections",
+            Some(hub.config.max_connections),
+            size(Hub::connections),
+        );
         tables.register(
             "chat_conversation_visitors",
             None,
@@ -400,26 +409,17 @@ async fn connect(
         Ok(ws) => ws,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, "websocket_required", e.to_string()),
     };
-    let ip = peer.ip();
-    {
-        let mut per_ip = lock(&hub.per_ip);
-        let n = per_ip.entry(ip).or_default();
-        if *n >= hub.config.max_per_ip {
+    let slot = match hub.open.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err(e) => {
             return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too_many_connections",
-                format!(
-                    "at most {} chat connections per address",
-                    hub.config.max_per_ip
-                ),
+                format!("chat connections: {e}"),
             );
         }
-        *n += 1;
-    }
-    let slot = IpSlot {
-        hub: hub.clone(),
-        ip,
     };
+    let ip = peer.ip();
     // A frame holds at most the files' base64 and the text.
     let max_frame = (chat.widget.max_file_bytes as usize).saturating_mul(MAX_FILES) / 3 * 4
         + 2 * plugboard_core::message::MAX_TEXT_BYTES;
@@ -430,24 +430,6 @@ async fn connect(
             let _slot = slot;
             session(socket, hub, chat, ip).await;
         })
-}
-
-/// A connection counted against its IP address until dropped.
-struct IpSlot {
-    hub: Arc<Hub>,
-    ip: IpAddr,
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut per_ip = lock(&self.hub.per_ip);
-        if let Some(n) = per_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
 }
 
 async fn send(socket: &mut WebSocket, frame: &Value) -> bool {

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
 
+pub mod conns;
 pub mod flow;
 pub mod message;
 pub mod origin;

@@ -1,11 +1,12 @@
 //! The tokio driver of the inbound SMTP server: sockets, STARTTLS,
 //! timeouts and per-address connection limits around [`crate::smtp`].
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use plugboard_core::conns::{ConnectionLimits, Refused};
 use plugboard_core::{Channel, Error as CoreError, message::MAX_TEXT_BYTES};
 use plugboard_engine::{Engine, EngineError, Inbound};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -75,37 +76,11 @@ pub fn tls_config(cert_pem: &[u8], key_pem: &[u8]) -> Result<Arc<rustls::ServerC
     Ok(Arc::new(config))
 }
 
-#[derive(Default)]
-struct Counts {
-    total: usize,
-    per_ip: HashMap<IpAddr, usize>,
-}
-
-/// Releases a connection's place in the counts when it ends.
-struct Slot {
-    counts: Arc<Mutex<Counts>>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Ok(mut c) = self.counts.lock() {
-            c.total = c.total.saturating_sub(1);
-            if let Some(n) = c.per_ip.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    c.per_ip.remove(&self.ip);
-                }
-            }
-        }
-    }
-}
-
 /// Serves SMTP on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, engine: Arc<Engine>, mut config: SmtpConfig) {
     // STARTTLS is offered exactly when there is a certificate.
     config.limits.tls = config.tls.is_some();
-    let counts = Arc::new(Mutex::new(Counts::default()));
+    let open = ConnectionLimits::new(config.max_connections, config.max_per_ip);
     let config = Arc::new(config);
     loop {
         let (socket, peer) = match listener.accept().await {
@@ -117,24 +92,10 @@ pub async fn serve(listener: TcpListener, engine: Arc<Engine>, mut config: SmtpC
             }
         };
         let _ = socket.set_nodelay(true);
-        let admitted = {
-            let Ok(mut c) = counts.lock() else {
-                continue;
-            };
-            let here = c.per_ip.get(&peer.ip()).copied().unwrap_or(0);
-            if here >= config.max_per_ip {
-                Err("too many connections from your address")
-            } else if c.total >= config.max_connections {
-                Err("too many connections, try again later")
-            } else {
-                c.total += 1;
-                *c.per_ip.entry(peer.ip()).or_default() += 1;
-                Ok(Slot {
-                    counts: counts.clone(),
-                    ip: peer.ip(),
-                })
-            }
-        };
+        let admitted = open.admit(peer.ip()).map_err(|e| match e {
+            Refused::FromAddress(_) => "too many connections from your address",
+            Refused::InAll(_) => "too many connections, try again later",
+        });
         let (engine, config) = (engine.clone(), config.clone());
         tokio::spawn(async move {
             let session = match &admitted {

@@ -144,6 +144,8 @@ pub struct ChatSection {
     pub widget: Option<PathBuf>,
     /// Widget connections at once from one IP address.
     pub max_per_ip: Option<usize>,
+    /// Widget connections at once in all.
+    pub max_connections: Option<usize>,
     /// Messages a second per visitor (after a burst of 10).
     pub rate: Option<f64>,
     /// Messages a second per IP address (after a burst of 100).

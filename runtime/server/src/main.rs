@@ -720,6 +720,9 @@ fn chat_settings(file: &config::ChatSection, args: &ServeArgs) -> plugboard_chat
     if let Some(n) = args.chat_max_per_ip.or(file.max_per_ip) {
         c.max_per_ip = n;
     }
+    if let Some(n) = file.max_connections {
+        c.max_connections = n;
+    }
     if let Some(r) = args.chat_rate.or(file.rate) {
         c.visitor_rate = r;
     }

@@ -277,44 +277,30 @@ pub(crate) async fn start(
     // TCP acceptor: at most MAX_TCP_CONNECTIONS accepted connections at
     // once, MAX_TCP_PER_IP from one address (one past either is closed at
     // once; the peer retries or uses UDP).
-    let tcp_open = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNECTIONS));
+    let tcp_open =
+        plugboard_core::conns::ConnectionLimits::new(MAX_TCP_CONNECTIONS, MAX_TCP_PER_IP);
     {
         let tx = tx.clone();
         let tcp_open = tcp_open.clone();
-        let per_ip: Arc<std::sync::Mutex<HashMap<std::net::IpAddr, usize>>> = Arc::default();
         let mut warned: Option<Instant> = None;
         tasks.push(tokio::spawn(async move {
             loop {
                 match tcp.accept().await {
                     Ok((stream, addr)) => {
-                        let ip = addr.ip();
-                        let taken = {
-                            let mut m = per_ip.lock().unwrap_or_else(|p| p.into_inner());
-                            let n = m.entry(ip).or_insert(0);
-                            let ok = *n < MAX_TCP_PER_IP;
-                            if ok {
-                                *n += 1;
+                        let slot = match tcp_open.admit(addr.ip()) {
+                            Ok(slot) => slot,
+                            Err(e) => {
+                                if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
+                                    warned = Some(Instant::now());
+                                    tracing::warn!("sip tcp: {addr} refused: {e}");
+                                }
+                                continue;
                             }
-                            ok
                         };
-                        let permit = taken
-                            .then(|| tcp_open.clone().try_acquire_owned().ok())
-                            .flatten();
-                        let Some(permit) = permit else {
-                            if taken {
-                                release_ip(&per_ip, ip);
-                            }
-                            if warned.is_none_or(|w| w.elapsed() > Duration::from_secs(10)) {
-                                warned = Some(Instant::now());
-                                tracing::warn!("sip tcp: {addr} refused: {MAX_TCP_CONNECTIONS} connections open, or {MAX_TCP_PER_IP} from its address");
-                            }
-                            continue;
-                        };
-                        let (tx, per_ip) = (tx.clone(), per_ip.clone());
+                        let tx = tx.clone();
                         tokio::spawn(async move {
                             tcp_connection(stream, addr, tx).await;
-                            release_ip(&per_ip, ip);
-                            drop(permit);
+                            drop(slot);
                         });
                     }
                     Err(e) => {
@@ -341,7 +327,7 @@ pub(crate) async fn start(
         let tcp_open = tcp_open.clone();
         app.tables()
             .register("sip_tcp_accepted", Some(MAX_TCP_CONNECTIONS), move || {
-                MAX_TCP_CONNECTIONS - tcp_open.available_permits()
+                tcp_open.open()
             });
     }
 
@@ -411,17 +397,6 @@ pub(crate) async fn start(
 const MAX_TCP_CONNECTIONS: usize = 4096;
 /// Accepted SIP TCP connections from one address, at most.
 const MAX_TCP_PER_IP: usize = 256;
-
-/// One accepted connection from `ip` closed.
-fn release_ip(per_ip: &std::sync::Mutex<HashMap<std::net::IpAddr, usize>>, ip: std::net::IpAddr) {
-    let mut m = per_ip.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(n) = m.get_mut(&ip) {
-        *n -= 1;
-        if *n == 0 {
-            m.remove(&ip);
-        }
-    }
-}
 
 /// What bounds one of the endpoint's tables.
 enum Bound {
