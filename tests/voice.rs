@@ -1838,6 +1838,70 @@ fn a_backup_during_50_calls_restores_every_interaction_in_a_new_directory() -> R
     Ok(())
 }
 
+/// A data directory the previous release wrote opens in this one
+/// (`tests/fixtures/store-format2.tar.gz`: the embedded store's format 2,
+/// made by `scripts/make-store-fixture.py` with the release build of
+/// commit 72e9346): every interaction reads as the old release served it,
+/// whole; the tenant's key and plugin still work, a new call through them
+/// is stored beside the old ones, and a second start (nothing left to
+/// migrate) reads the same.
+#[test]
+fn a_data_directory_of_the_previous_store_format_opens_and_serves() -> Result<()> {
+    if std::env::var("PLUGBOARD_TEST_STORE").as_deref() == Ok("postgres") {
+        // The archive is an embedded store; PostgreSQL has its own
+        // numbered migrations.
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data)?;
+    let archive = root().join("tests/fixtures/store-format2.tar.gz");
+    let out = Command::new("tar")
+        .arg("xzf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&data)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fixture: Value = serde_json::from_slice(&std::fs::read(data.join("fixture.json"))?)?;
+    let key = fixture["api_key"].as_str().expect("key").to_string();
+    let old = fixture["interactions"]
+        .as_array()
+        .expect("interactions")
+        .clone();
+    assert_eq!(old.len(), 5, "three calls, a late offer, a simulation");
+    let same_as_before = |server: &Server| {
+        for ix in &old {
+            let id = ix["id"].as_str().expect("id");
+            assert_eq!(&server.interaction("acme", &key, id), ix, "{id}");
+        }
+    };
+    let server = Server::start(&data, &[])?;
+    same_as_before(&server);
+    sipp(&server, dir.path(), "ivr_dtmf", "15550100", "u1")?;
+    let all = calls(&server, &key, 5);
+    assert_eq!(server.interactions("acme", &key).len(), 6);
+    let new = all
+        .iter()
+        .find(|ix| !old.iter().any(|o| o["id"] == ix["id"]))
+        .expect("the new call");
+    let new = server.interaction("acme", &key, new["id"].as_str().expect("id"));
+    assert_eq!(new["state"], "closed", "{new:#}");
+    assert!(!timeline(&new, "hangup").is_empty(), "{new:#}");
+    drop(server);
+    let server = Server::start(&data, &[])?;
+    same_as_before(&server);
+    assert_eq!(
+        server.interaction("acme", &key, new["id"].as_str().expect("id")),
+        new
+    );
+    Ok(())
+}
+
 /// The next `n` events of a stream, as (interaction, kind).
 fn next_events(ws: &mut tungstenite::WebSocket<TcpStream>, n: usize) -> Vec<(String, String)> {
     (0..n)
