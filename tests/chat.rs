@@ -1610,6 +1610,14 @@ fn leave_traces(s: &Server, key: &str, smtp: u16, p: &Person) -> (String, String
         Some(format!("prefers mornings, {}", p.marker).into_bytes()),
     );
     assert!(kv.is_ok_and(|a| a.status == 204 || a.status == 200));
+    // Plugin data kept under the address, not the customer id.
+    let kv = s.call(
+        "PUT",
+        &format!("/v1/tenants/freight/kv/customers/{}/last-call", p.phone),
+        Some(key),
+        Some(format!("asked about {}", p.marker).into_bytes()),
+    );
+    assert!(kv.is_ok_and(|a| a.status == 204 || a.status == 200));
     // The recording of the call.
     let mut url = String::new();
     assert!(eventually(Duration::from_secs(30), || {
@@ -1707,18 +1715,23 @@ fn erase_one_of_two(postgres: bool) {
     let (bob_id, _, bob_rec) = leave_traces(&s, &key, smtp, &bob);
     assert_eq!(s.get_bytes(&rita_rec, &key).0, 200);
 
-    // A call in progress would refuse it; none is. Erase Rita.
-    let e = s.json(
-        "DELETE",
-        &format!("/v1/tenants/freight/customers/{rita_id}"),
-        &key,
-        &json!({}),
-    );
+    // A call in progress would refuse it; none is. Erase Rita: by her
+    // customer id on one store, by her phone number on the other (the
+    // address leads to her customer, and so to everything).
+    let erase = if postgres {
+        format!(
+            "/v1/tenants/freight/customers?channel=voice&address={}",
+            rita.phone
+        )
+    } else {
+        format!("/v1/tenants/freight/customers/{rita_id}")
+    };
+    let e = s.json("DELETE", &erase, &key, &json!({}));
     assert_eq!(e.status, 200, "{e:?}");
     let removed = &e.body["removed"];
     assert_eq!(removed["interactions"], 3, "{e:?}");
     assert_eq!(removed["recordings"], 1, "{e:?}");
-    assert_eq!(removed["kv_keys"], 1, "{e:?}");
+    assert_eq!(removed["kv_keys"], 2, "under her id and her number: {e:?}");
     assert!(removed["messages"].as_u64().unwrap() >= 4, "{e:?}");
     assert!(
         removed["files"].as_u64().unwrap() >= 1,
@@ -1743,6 +1756,11 @@ fn erase_one_of_two(postgres: bool) {
     assert_eq!(s.get_bytes(&rita_rec, &key).0, 404);
     let kv = s.get_bytes(
         &format!("/v1/tenants/freight/kv/customers/{rita_id}/notes"),
+        &key,
+    );
+    assert_eq!(kv.0, 404);
+    let kv = s.get_bytes(
+        &format!("/v1/tenants/freight/kv/customers/{}/last-call", rita.phone),
         &key,
     );
     assert_eq!(kv.0, 404);
@@ -1775,6 +1793,11 @@ fn erase_one_of_two(postgres: bool) {
         &key,
     );
     assert_eq!(kv.0, 200);
+    let kv = s.get_bytes(
+        &format!("/v1/tenants/freight/kv/customers/{}/last-call", bob.phone),
+        &key,
+    );
+    assert_eq!(kv.0, 200);
 
     // Nothing of Rita where the data lives: the data directory, or the
     // database (pg_dump); Bob's words are found there, so the search
@@ -1796,9 +1819,16 @@ fn erase_one_of_two(postgres: bool) {
     assert_eq!(next_of(&mut ws, "ack")["duplicate"], false);
     if let Some(db) = &db {
         let dump = plugboard_tests::postgres().dump(db);
+        // Binary columns (blobs, kv values, raw emails) are dumped as hex.
+        let hex = |t: &str| t.bytes().map(|b| format!("{b:02x}")).collect::<String>();
         assert!(dump.contains(bob.marker), "the dump holds Bob's messages");
+        assert!(dump.contains(&hex(bob.marker)), "and his binary values");
         for trace in [rita.email, rita.phone, rita.marker, rita_visitor.as_str()] {
             assert!(!dump.contains(trace), "{trace} is still in PostgreSQL");
+            assert!(
+                !dump.contains(&hex(trace)),
+                "{trace} is still in PostgreSQL's binary values"
+            );
         }
     } else {
         assert!(!files_containing(&data, bob.marker.as_bytes()).is_empty());
