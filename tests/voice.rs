@@ -1284,7 +1284,7 @@ fn sip_info_dtmf_and_a_voicemail_recorded_to_wav() -> Result<()> {
 #[test]
 fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let server = Server::start(&dir.path().join("data"), &[])?;
+    let server = Server::start(&dir.path().join("data"), &["--log-format", "json"])?;
     let key = server.tenant("acme");
     let a = server.deploy("acme", &key, "broken", plugin("hostile"));
     assert_eq!(a.status, 201, "{a:?}");
@@ -1335,6 +1335,24 @@ fn a_broken_flow_gets_an_apology_and_the_fallback_not_dead_air() -> Result<()> {
         .map(|s| &s["to"])
         .collect();
     assert_eq!(states, [&json!("queued"), &json!("abandoned")], "{ix}");
+    // The flow's failure is logged (JSON) with the call's tenant and
+    // interaction.
+    let log = server.log();
+    let mut in_calls = 0;
+    for line in log.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if v["span"]["name"] == "call" {
+            assert_eq!(v["span"]["tenant"], "acme", "{line}");
+            assert!(
+                v["span"]["interaction"]
+                    .as_str()
+                    .is_some_and(|i| i == ix["id"]),
+                "{line}"
+            );
+            in_calls += 1;
+        }
+    }
+    assert!(in_calls > 0, "no line logged by a call:\n{log}");
     Ok(())
 }
 
