@@ -496,7 +496,12 @@ def soak(proc, base, sip, tmp):
     end = samples[-1]
     per_call = (end[2] - disk0) / max(stats["success"], 1)
     print(f"calls: {stats['success']} ok, {stats['failed']} failed (of {calls})")
-    print(f"RSS after {warm[0]:.0f} s: {warm[1] / 1024:.1f} MiB; at the end ({end[0]:.0f} s): {end[1] / 1024:.1f} MiB; end/warm {end[1] / max(warm[1], 1):.3f}")
+    ratio = end[1] / max(warm[1], 1)
+    print(f"RSS after {warm[0]:.0f} s: {warm[1] / 1024:.1f} MiB; at the end ({end[0]:.0f} s): {end[1] / 1024:.1f} MiB; end/warm {ratio:.3f}")
+    # Issue 16's must-hold: no failed call, memory within 10 % of its
+    # value after the warm-up.
+    held = stats["failed"] == 0 and ratio <= 1.10
+    print(f"must-hold (0 failed, end/warm <= 1.10): {'held' if held else 'NOT held'}")
     print(f"data directory: {disk0 / 2**20:.1f} -> {end[2] / 2**20:.1f} MiB, {per_call / 1024:.2f} KiB per call")
     # What the server's own gauges say grew after the warm-up (its tables,
     # its heap): the first sample at or after it against the last.
