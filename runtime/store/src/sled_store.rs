@@ -14,7 +14,7 @@
 //! | `rec/{id}` | recordings (blobs) |
 //! | `ix/{id}` | an interaction's header; once it has ended, the whole interaction |
 //! | `ixt/{id}/{seq:08}` | a live interaction's timeline, one key per entry |
-//! | `ixs/{state}/{id}` | index: interactions by state |
+//! | `ixs/{state}/{id}` | index: live interactions by state |
 //! | `ixc/{customer}\0{id}` | index: interactions by customer address |
 //!
 //! Writes that belong together are one sled transaction or batch (a
@@ -1354,9 +1354,10 @@ impl SledStore {
         Ok(())
     }
 
-    /// Packs the timeline of every ended interaction into its record and
-    /// removes the meta keys (`ixm/{id}`: the indexes' place and a hash
-    /// of the header) that format 2 kept beside each record.
+    /// Packs the timeline of every ended interaction into its record,
+    /// removes its key in the index by state, and removes the meta keys
+    /// (`ixm/{id}`: the indexes' place and a hash of the header) that
+    /// format 2 kept beside each record.
     fn migrate_v2(&self) -> Result<()> {
         /// Interactions in one batch at most.
         const CHUNK: usize = 512;
@@ -1371,9 +1372,11 @@ impl SledStore {
             for kv in space.scan_prefix("ix/") {
                 let (k, v) = kv.map_err(storage)?;
                 let head = Self::head(&v)?;
-                let mut meta = b"ixm/".to_vec();
-                meta.extend_from_slice(&k[b"ix/".len()..]);
-                batch.remove(meta);
+                let id = String::from_utf8_lossy(&k[b"ix/".len()..]).into_owned();
+                batch.remove(format!("ixm/{id}").as_bytes());
+                if head.state.is_final() {
+                    batch.remove(state_key(head.state, &id).as_bytes());
+                }
                 // Idempotent: a record packed already is packed again as
                 // it is.
                 if head.state.is_final()
@@ -1417,10 +1420,12 @@ impl SledStore {
     /// that a checkpoint that only appends one entry to an unchanged
     /// header is one plain insert. Once it has ended, its timeline is
     /// packed into its record (see [`split_record`]) and the entry keys
-    /// go: an ended call keeps three keys (its record and two index keys)
-    /// instead of one more per entry, and sled keeps memory for every
-    /// page of keys it holds, cached or not. An entry written after the
-    /// end (rare) rewrites the packed timeline.
+    /// go, with its key in the index by state (which serves live
+    /// interactions; ended ones are found by scanning the records): an
+    /// ended call keeps two keys (its record and its customer's index
+    /// key) instead of three and one more per entry, and sled keeps memory
+    /// for every page of keys it holds, cached or not. An entry written
+    /// after the end (rare) rewrites the packed timeline.
     ///
     /// The writes are built from what is stored now, so checkpoints of one
     /// interaction must come one after another (each caller has the
@@ -1456,7 +1461,9 @@ impl SledStore {
                 ops.push((state_key(o.state, id).into_bytes(), None));
                 ops.push((customer_key(&o.from, id), None));
             }
-            ops.push((state_key(ix.state, id).into_bytes(), Some(Vec::new())));
+            if !ix.state.is_final() {
+                ops.push((state_key(ix.state, id).into_bytes(), Some(Vec::new())));
+            }
             ops.push((customer_key(&ix.from, id), Some(Vec::new())));
         }
         if ix.state.is_final() || packed.is_some() {
@@ -1830,6 +1837,21 @@ impl InteractionStore for SledStore {
         limit: usize,
     ) -> Result<Vec<Interaction>> {
         let space = self.space(tenant)?;
+        if state.is_final() {
+            // Ended interactions are not indexed by state (see
+            // `interaction_ops`): the newest records, filtered.
+            let mut out = Vec::new();
+            for kv in space.scan_prefix("ix/").rev() {
+                if out.len() >= limit {
+                    break;
+                }
+                let head = Self::head(&kv.map_err(storage)?.1)?;
+                if head.state == state {
+                    out.push(head);
+                }
+            }
+            return Ok(out);
+        }
         let prefix = format!("ixs/{}/", state.name());
         Self::headers_by_index(&space, prefix.as_bytes(), limit)
     }
@@ -2235,6 +2257,11 @@ mod tests {
         assert_eq!(store.format().unwrap(), FORMAT);
         assert!(keys(&store, "ixm/").is_empty(), "the meta keys are gone");
         assert_eq!(
+            keys(&store, "ixs/"),
+            ["ixs/in_flow/ix-2-b"],
+            "only the live call is indexed by state"
+        );
+        assert_eq!(
             keys(&store, "ixt/"),
             ["ixt/ix-2-b/00000000"],
             "only the live call keeps a key per entry"
@@ -2281,7 +2308,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_ended_interaction_keeps_its_record_and_two_index_keys() {
+    async fn an_ended_interaction_keeps_its_record_and_its_customer_index_key() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path()).unwrap();
         let tenant: Tenant = serde_json::from_value(
@@ -2306,7 +2333,6 @@ mod tests {
             [
                 "ix/ix-5-c".to_string(),
                 String::from_utf8(customer_key("+4411", "ix-5-c")).unwrap(),
-                "ixs/closed/ix-5-c".into()
             ]
         );
         let whole = store.interaction("acme", "ix-5-c").await.unwrap().unwrap();
