@@ -1372,3 +1372,109 @@ send("bounce", "127.0.0.1", "",
         }
     }
 }
+
+/// Retention by part, with a pinned clock: `attachments_days` takes an
+/// old email's attachment and raw message and leaves its text;
+/// `messages_days` then takes its messages; the conversation itself stays
+/// (no `interactions_days`), and a newer email keeps everything.
+#[test]
+fn retention_takes_old_attachments_then_old_messages_and_keeps_newer_mail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mis = TinyHttp::start(waybills);
+    let sink = SmtpSink::start(&dir.path().join("sink"), 0);
+    let (s, key, smtp) = setup(dir.path(), &sink, mis.port, &[]);
+    let script = r#"
+import smtplib, sys
+from email.message import EmailMessage
+m = EmailMessage()
+m["From"] = sys.argv[2]
+m["To"] = "help@freight.test"
+m["Subject"] = "Papers"
+m.set_content("Papers for " + sys.argv[2])
+m.add_attachment(b"PDF" * 300, maintype="application", subtype="pdf", filename="papers.pdf")
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), timeout=20) as c:
+    c.send_message(m)
+"#;
+    let arrive = |from: &str| -> Value {
+        let (ok, out) = python(script, &[smtp.to_string(), from.to_string()]);
+        assert!(ok, "{out}");
+        let mut found = Value::Null;
+        assert!(eventually(Duration::from_secs(10), || {
+            found = interactions(&s, &key)
+                .into_iter()
+                .find(|i| i["from"] == from)
+                .unwrap_or(Value::Null);
+            !found.is_null()
+        }));
+        let id = found["id"].as_str().unwrap().to_string();
+        let path = format!("/v1/tenants/freight/interactions/{id}/close");
+        assert_eq!(s.json("POST", &path, &key, &json!({})).status, 204);
+        let msgs = messages(&s, &key, &id);
+        let inbound = msgs.iter().find(|m| m["direction"] == "inbound").unwrap();
+        json!({
+            "id": id,
+            "blob": inbound["attachments"][0]["blob"],
+            "raw": inbound["meta"]["raw"],
+        })
+    };
+    let old = arrive("old@example.lt");
+    std::thread::sleep(Duration::from_millis(50));
+    let between = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    std::thread::sleep(Duration::from_millis(50));
+    let new = arrive("new@example.lt");
+    let blob = |ix: &Value, part: &str| {
+        s.get_bytes(
+            &format!("/v1/tenants/freight/blobs/{}", ix[part].as_str().unwrap()),
+            &key,
+        )
+        .0
+    };
+    for ix in [&old, &new] {
+        assert_eq!(blob(ix, "blob"), 200, "{ix}");
+        assert_eq!(blob(ix, "raw"), 200, "{ix}");
+    }
+    let texts = |ix: &Value| -> Vec<String> {
+        messages(&s, &key, ix["id"].as_str().unwrap())
+            .iter()
+            .filter_map(|m| m["text"].as_str().map(String::from))
+            .collect()
+    };
+    let old_texts = texts(&old);
+    assert!(old_texts.iter().any(|t| t.contains("old@example.lt")));
+    let run = |retention: Value| {
+        let r = s.json("PUT", "/v1/tenants/freight/retention", &key, &retention);
+        assert_eq!(r.status, 200, "{r:?}");
+        let r = s.json(
+            "POST",
+            "/v1/retention/run",
+            &s.admin,
+            &json!({"now_ms": between + 86_400_000}),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    };
+
+    // A day for attachments (and raw messages): the old email's go.
+    run(json!({"attachments_days": 1}));
+    assert_eq!(blob(&old, "blob"), 404);
+    assert_eq!(blob(&old, "raw"), 404);
+    assert_eq!(texts(&old), old_texts, "the old text stays");
+    assert_eq!(blob(&new, "blob"), 200);
+    assert_eq!(blob(&new, "raw"), 200);
+
+    // A day for messages: the old conversation's messages go, it stays.
+    run(json!({"messages_days": 1}));
+    assert!(texts(&old).is_empty(), "{:?}", texts(&old));
+    let a = s.get(
+        &format!(
+            "/v1/tenants/freight/interactions/{}",
+            old["id"].as_str().unwrap()
+        ),
+        &key,
+    );
+    assert_eq!(a.status, 200, "the conversation stays: {a:?}");
+    assert!(texts(&new).iter().any(|t| t.contains("new@example.lt")));
+    assert_eq!(blob(&new, "blob"), 200);
+}
