@@ -1015,10 +1015,28 @@ name = "default"
 host = "127.0.0.1:{carrier}"
 username = "acme-trunk"
 password = "trunk-secret"
+[retention]
+recordings_days = 30
+interactions_days = 400
 "#
     );
     let server = Server::start_configured(&dir.path().join("data"), &config)?;
     let key = server.tenant("acme");
+    // The file's retention periods are every tenant's until it sets its own.
+    let r = server.get("/v1/tenants/acme/retention", &key);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body["in_effect"]["recordings_days"], 30, "{r:?}");
+    assert_eq!(r.body["in_effect"]["interactions_days"], 400, "{r:?}");
+    assert!(r.body["in_effect"]["messages_days"].is_null(), "{r:?}");
+    let own = server.json(
+        "PUT",
+        "/v1/tenants/acme/retention",
+        &key,
+        &json!({"recordings_days": 7}),
+    );
+    assert_eq!(own.status, 200, "{own:?}");
+    assert_eq!(own.body["in_effect"]["recordings_days"], 7, "{own:?}");
+    assert_eq!(own.body["defaults"]["recordings_days"], 30, "{own:?}");
     // The effective settings, for the operator only.
     let settings = server.get("/v1/settings", &server.admin);
     assert_eq!(settings.status, 200, "{settings:?}");
