@@ -420,6 +420,37 @@ fn a_pdf_goes_from_one_tenant_to_another_and_arrives_with_the_same_pages() {
     );
     assert_eq!(s.get_bytes(&file, &shipper).0, 403);
     assert_eq!(s.get_bytes(&file, &insurer).0, 200);
+    // The insurer keeps fax documents a day: a day later (a pinned clock)
+    // the document goes, the fax's record stays; the shipper keeps all.
+    let r = s.json(
+        "PUT",
+        "/v1/tenants/insurer/retention",
+        &insurer,
+        &json!({"faxes_days": 1}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let tomorrow = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 86_400_000
+        + 60_000;
+    let r = s.json(
+        "POST",
+        "/v1/retention/run",
+        &s.admin,
+        &json!({"now_ms": tomorrow}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(s.get_bytes(&file, &insurer).0, 404);
+    let (status, _) = s.get_bytes(&format!("/v1/tenants/insurer/blobs/{blob}"), &insurer);
+    assert_eq!(status, 404);
+    let kept = s.get(
+        &format!("/v1/tenants/insurer/interactions/{in_ix}"),
+        &insurer,
+    );
+    assert_eq!(kept.status, 200, "{kept:?}");
+    assert!(!faxes(&s, "shipper", &shipper).is_empty());
 }
 
 /// Fax pages (TIFF/F, as a fax machine keeps them) of a PDF, made by
