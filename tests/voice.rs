@@ -4414,7 +4414,7 @@ fn a_call_is_one_trace_with_its_flow_events_plugin_calls_and_store_writes_as_tim
     };
     let nanos = |s: &Value, k: &str| s[k].as_str().unwrap().parse::<u64>().unwrap();
     let duration = |s: &Value| nanos(s, "endTimeUnixNano") - nanos(s, "startTimeUnixNano");
-    for name in ["flow_event", "plugin_call", "store_write"] {
+    for name in ["sip_invite", "flow_event", "plugin_call", "store_write"] {
         let found: Vec<&&Value> = ours.iter().filter(|s| s["name"] == name).collect();
         assert!(
             !found.is_empty(),

@@ -128,6 +128,9 @@ struct Call {
     media: CallerMedia,
     ivr: Ivr,
     confirmed: bool,
+    /// The caller's INVITE transaction as a trace span, from the call's
+    /// start to the ACK of our answer (dropped then: the span ends).
+    invite_span: Option<tracing::Span>,
     started: Instant,
     answered: Option<Instant>,
     stream: Arc<Stream>,
@@ -205,6 +208,7 @@ pub(crate) async fn run(spec: CallSpec) {
         media: CallerMedia::new(negotiated, now),
         ivr: Ivr::new(now, audio::music_on_hold()),
         confirmed: false,
+        invite_span: Some(tracing::debug_span!("sip_invite", method = "INVITE")),
         started: now,
         answered: None,
         stream,
@@ -362,6 +366,7 @@ impl Call {
             Some(CallCmd::Confirmed) => {
                 if !self.confirmed {
                     self.confirmed = true;
+                    self.invite_span = None;
                     self.answered = Some(Instant::now());
                     self.media.last_rtp = Instant::now();
                     self.note(
