@@ -113,6 +113,18 @@ def sipp(args, cwd, timeout=300):
     return sipp_stats(p.stdout.decode(errors="replace")), p.returncode
 
 
+def short_calls(rate, calls, seconds, sip):
+    """SIPp's command for `calls` short calls (bench_call.xml) at `rate`
+    a second to the server's SIP port, for a load in the background; its
+    media port is BENCH_SIPP_MEDIA_PORT (41000), so that two benchmarks
+    can run side by side."""
+    return ["sipp", "-i", "127.0.0.1", "-nostdin", "-trace_stat", "-fd", "1",
+            "-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000",
+            "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
+            "-p", str(free_port()), "-mp", os.environ.get("BENCH_SIPP_MEDIA_PORT", "41000"),
+            "-timeout", f"{int(seconds + 300)}s", f"127.0.0.1:{sip}"]
+
+
 def sipp_stats(out):
     """Successful and failed calls from SIPp's final statistics."""
     stats = {"success": 0, "failed": 0}
@@ -473,11 +485,7 @@ def soak(proc, base, sip, tmp):
     disk0 = dir_bytes(data)
     t0 = time.time()
     p = subprocess.Popen(
-        ["sipp", "-i", "127.0.0.1", "-nostdin", "-trace_stat", "-fd", "1",
-         "-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000",
-         "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
-         "-p", str(free_port()), "-mp", os.environ.get("BENCH_SIPP_MEDIA_PORT", "41000"), "-timeout", f"{int(minutes * 60 + 300)}s",
-         f"127.0.0.1:{sip}"],
+        short_calls(rate, calls, minutes * 60, sip),
         cwd=tmp, stdout=open(os.path.join(tmp, "soak-sipp.out"), "w"), stderr=subprocess.STDOUT)
     samples, metered = [], []
     print(f"{'t/s':>6} {'RSS MiB':>8} {'data MiB':>9}")
@@ -535,11 +543,7 @@ def retention_bench(proc, base, key, sip, tmp):
     def calls_for(seconds, during=None):
         calls = rate * seconds
         p = subprocess.Popen(
-            ["sipp", "-i", "127.0.0.1", "-nostdin", "-trace_stat", "-fd", "1",
-             "-sf", os.path.join(SIPP_DIR, "bench_call.xml"), "-s", "1000",
-             "-r", str(rate), "-m", str(calls), "-l", str(rate * 10),
-             "-p", str(free_port()), "-mp", "41000", "-timeout", f"{seconds + 300}s",
-             f"127.0.0.1:{sip}"],
+            short_calls(rate, calls, seconds, sip),
             cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         c0 = cpu_ticks([proc.pid])
         extra = during() if during else None
