@@ -2163,15 +2163,21 @@ mod tests {
     use super::*;
     use plugboard_core::{Channel, EntryKind};
 
-    /// A store as the first format wrote it: a tenant, its key and an
-    /// interaction stored whole at `interaction/{id}`, no format record.
-    fn first_format(dir: &Path) {
+    /// A database at `dir` holding tenant `acme`, as every format wrote it.
+    fn old_store(dir: &Path) -> sled::Db {
         let db = sled::open(dir).unwrap();
         let tenant = serde_json::json!({"id": "acme", "name": "Acme", "created_ms": 1});
         db.open_tree("tenants")
             .unwrap()
             .insert("acme", serde_json::to_vec(&tenant).unwrap())
             .unwrap();
+        db
+    }
+
+    /// A store as the first format wrote it: a tenant, its key and an
+    /// interaction stored whole at `interaction/{id}`, no format record.
+    fn first_format(dir: &Path) {
+        let db = old_store(dir);
         db.open_tree("api_keys")
             .unwrap()
             .insert("k", "acme")
@@ -2199,12 +2205,7 @@ mod tests {
     /// entries) and a live one (one entry), each a header, a key per
     /// timeline entry, index keys and a meta key.
     fn second_format(dir: &Path) {
-        let db = sled::open(dir).unwrap();
-        let tenant = serde_json::json!({"id": "acme", "name": "Acme", "created_ms": 1});
-        db.open_tree("tenants")
-            .unwrap()
-            .insert("acme", serde_json::to_vec(&tenant).unwrap())
-            .unwrap();
+        let db = old_store(dir);
         db.open_tree("meta")
             .unwrap()
             .insert("format", &2u32.to_be_bytes())
