@@ -33,7 +33,9 @@ baseline for signalling CPU per call. Prints numbers; asserts nothing.
    The /metrics gauges that changed after the warm-up are printed too.
    BENCH_RTP_PORTS (20000-29999) and BENCH_SIPP_MEDIA_PORT (41000) let two
    soaks run side by side; BENCH_BIN runs another build of the server
-   (a copy of the previous commit's, for a before/after pair).
+   (a copy of the previous commit's, for a before/after pair; the
+   retention benchmark's seeder is taken beside it, in examples/, or from
+   BENCH_SEED_BIN).
 
 6. Retention (BENCH_ONLY=retention): the server is stopped, its store
    seeded with BENCH_RETENTION_RECORDS (1000000) calls 40 days old
@@ -530,8 +532,9 @@ def retention_bench(proc, base, key, sip, tmp):
     n = int(os.environ.get("BENCH_RETENTION_RECORDS", "1000000"))
     rate = int(os.environ.get("BENCH_RETENTION_RATE", "75"))
     window = int(os.environ.get("BENCH_RETENTION_WINDOW_S", "60"))
-    # From the same build as the server: the seeder writes its store format.
-    seed_bin = os.path.join(os.path.dirname(BIN), "examples/retention_seed")
+    # From the same build as the server (the seeder writes its store
+    # format), or BENCH_SEED_BIN.
+    seed_bin = os.environ.get("BENCH_SEED_BIN") or os.path.join(os.path.dirname(BIN), "examples/retention_seed")
     print(f"\n## Retention: {n} old calls deleted while calls come at {rate}/s")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)

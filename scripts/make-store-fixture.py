@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Keeps a data directory written by a build of Plugboard, for the upgrade
-test (`tests/voice.rs`, `a_store_written_by_the_previous_format_opens_…`).
+test (`tests/voice.rs`, `a_data_directory_of_the_previous_store_format_…`).
 
     scripts/make-store-fixture.py PLUGBOARD_BINARY OUT.tar.gz
 
 Run it with the build of the commit before a change of the embedded store's
-format (`git worktree add`, `cargo build --release --bin plugboard`): the
+format (`git worktree add`, `cargo build --release --bin plugboard`), after
+`scripts/build-plugins.sh` in this checkout (it deploys hello_ivr.wasm): the
 server runs on a fresh directory, a tenant deploys the hello IVR on
 +15550100, SIPp places three calls that press 9 (the flow hangs up) and
 a late offer without an answer (hung up at once); one flow run is simulated. The
@@ -88,6 +89,8 @@ def run(tmp, base, sip):
             break
         except OSError:
             time.sleep(0.1)
+    else:
+        sys.exit("the server did not come up in 30 s: see its server.log in " + tmp)
     key = api(base, ADMIN, "POST", "/v1/tenants", {"id": "acme"})["api_key"]
     wasm = open(os.path.join(ROOT, "target/wasm32-wasip2/release/hello_ivr.wasm"), "rb").read()
     api(base, key, "PUT", "/v1/tenants/acme/plugins/hello-ivr", raw=wasm)

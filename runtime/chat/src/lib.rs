@@ -177,7 +177,7 @@ impl Hub {
         tables.register(
             "chat_connections",
             Some(hub.config.max_connections),
-            size(Hub::connections),
+            size(|h| h.open.open()),
         );
         tables.register(
             "chat_conversation_visitors",

@@ -158,7 +158,9 @@ pub trait InteractionStore: Send + Sync {
     /// their timelines.
     async fn interactions(&self, tenant: &str, limit: usize) -> Result<Vec<Interaction>>;
     /// The newest `limit` interactions of a tenant in `state`, newest first
-    /// (headers only: empty timelines).
+    /// (headers only: empty timelines). On the embedded store a final
+    /// state (closed, abandoned, failed) is not indexed: it reads the
+    /// records newest first until it has `limit`.
     async fn interactions_in_state(
         &self,
         tenant: &str,

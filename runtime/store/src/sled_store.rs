@@ -1371,8 +1371,13 @@ impl SledStore {
             let mut n = 0usize;
             for kv in space.scan_prefix("ix/") {
                 let (k, v) = kv.map_err(storage)?;
-                let head = Self::head(&v)?;
                 let id = String::from_utf8_lossy(&k[b"ix/".len()..]).into_owned();
+                let head = Self::head(&v).map_err(|e| {
+                    Error::Storage(format!(
+                        "store format 3: interaction {id} of {}: {e}",
+                        String::from_utf8_lossy(&name[2..])
+                    ))
+                })?;
                 batch.remove(format!("ixm/{id}").as_bytes());
                 if head.state.is_final() {
                     batch.remove(state_key(head.state, &id).as_bytes());
@@ -1423,7 +1428,7 @@ impl SledStore {
     /// go, with its key in the index by state (which serves live
     /// interactions; ended ones are found by scanning the records): an
     /// ended call keeps two keys (its record and its customer's index
-    /// key) instead of three and one more per entry, and sled keeps memory
+    /// key) instead of four and one more per entry, and sled keeps memory
     /// for every page of keys it holds, cached or not. An entry written
     /// after the end (rare) rewrites the packed timeline.
     ///
