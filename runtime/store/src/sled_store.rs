@@ -1282,28 +1282,30 @@ impl SledStore {
     }
 
     /// An interaction's whole timeline: the entries packed into its
-    /// record (`packed`), then those stored a key each, each at its
+    /// record (`packed`, JSON), then those stored a key each, each at its
     /// number (a key left beside a packed timeline replaces the entry of
-    /// its number rather than adding one).
+    /// its number rather than adding one); and the keys of those.
     fn timeline(
         space: &sled::Tree,
         id: &str,
-        mut packed: Vec<TimelineEntry>,
-    ) -> Result<Vec<TimelineEntry>> {
+        packed: Option<&[u8]>,
+    ) -> Result<(Vec<TimelineEntry>, Vec<sled::IVec>)> {
+        let mut packed: Vec<TimelineEntry> = packed.map(parse).transpose()?.unwrap_or_default();
         let prefix = format!("ixt/{id}/");
+        let mut keys = Vec::new();
         for kv in space.scan_prefix(&prefix) {
             let (k, v) = kv.map_err(storage)?;
             place(&mut packed, entry_seq(&k[prefix.len()..], id)?, parse(&v)?);
+            keys.push(k);
         }
-        Ok(packed)
+        Ok((packed, keys))
     }
 
     /// An interaction's stored record with its whole timeline.
     fn whole(space: &sled::Tree, v: &[u8]) -> Result<Interaction> {
         let (head, packed) = split_record(v);
         let mut ix: Interaction = parse(head)?;
-        let packed = packed.map(parse).transpose()?.unwrap_or_default();
-        ix.timeline = Self::timeline(space, &ix.id, packed)?;
+        ix.timeline = Self::timeline(space, &ix.id, packed)?.0;
         Ok(ix)
     }
 
@@ -1472,18 +1474,8 @@ impl SledStore {
             ops.push((customer_key(&ix.from, id), Some(Vec::new())));
         }
         if ix.state.is_final() || packed.is_some() {
-            let mut timeline: Vec<TimelineEntry> =
-                packed.map(parse).transpose()?.unwrap_or_default();
-            let prefix = format!("ixt/{id}/");
-            for kv in space.scan_prefix(&prefix) {
-                let (k, v) = kv.map_err(storage)?;
-                place(
-                    &mut timeline,
-                    entry_seq(&k[prefix.len()..], id)?,
-                    parse(&v)?,
-                );
-                ops.push((k.to_vec(), None));
-            }
+            let (mut timeline, keys) = Self::timeline(space, id, packed)?;
+            ops.extend(keys.into_iter().map(|k| (k.to_vec(), None)));
             for (seq, entry) in new_entries(ix, stored) {
                 place(&mut timeline, seq, entry.clone());
             }
